@@ -1,0 +1,173 @@
+"""Wire constants of SOCKS 6 (draft-olteanu-intarea-socks-6-11) and the limits we enforce.
+
+Every wire code is an IntEnum member; no bare integers appear outside this module.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+#: The version byte of every SOCKS 6 message (section "Requests").
+VERSION = 6
+#: The first byte of a SOCKS 5 greeting (RFC 1928); the same listener serves it (D1).
+SOCKS5_VERSION = 5
+
+#: Options Length "MUST NOT exceed 16KB" (section "Requests", DECISIONS.md D6).
+MAX_OPTIONS_LENGTH = 16384
+#: Initial Data Length "MUST NOT be larger than 2^14" (Authentication Method options, D12).
+MAX_INITIAL_DATA_LENGTH = 2**14
+#: Token window sizes "MUST be less than 2^31" (Idempotence options).
+MAX_WINDOW_SIZE = 2**31 - 1
+#: A domain name is at most 255 bytes: its length field is one byte (D2).
+MAX_DOMAIN_LENGTH = 255
+#: Length of an Association ID (section "Handling UDP ASSOCIATE").
+ASSOCIATION_ID_LENGTH = 8
+#: Message Length of Association Initialization and Confirmation messages.
+ASSOCIATION_MESSAGE_LENGTH = 12
+#: Fixed part of every option: Kind (2 bytes) and Length (2 bytes).
+OPTION_HEADER_LENGTH = 4
+#: Every Stack option defined by draft-11 is 8 bytes long.
+STACK_OPTION_LENGTH = 8
+
+
+class Command(IntEnum):
+    """Command Code of a Request (section "Requests")."""
+
+    NOOP = 0x00
+    CONNECT = 0x01
+    BIND = 0x02
+    UDP_ASSOCIATE = 0x03
+
+
+class AddressType(IntEnum):
+    """Address Type of Requests, Operation Replies and Datagram Headers."""
+
+    IPV4 = 0x01
+    DOMAIN_NAME = 0x03
+    IPV6 = 0x04
+
+
+class AuthReplyType(IntEnum):
+    """Type of an Authentication Reply (section "Authentication Replies")."""
+
+    SUCCESS = 0x00
+    FAILURE = 0x01
+
+
+class ReplyCode(IntEnum):
+    """Reply Code of an Operation Reply (section "Operation Replies")."""
+
+    SUCCESS = 0x00
+    GENERAL_FAILURE = 0x01
+    NOT_ALLOWED_BY_RULESET = 0x02
+    NETWORK_UNREACHABLE = 0x03
+    HOST_UNREACHABLE = 0x04
+    CONNECTION_REFUSED = 0x05
+    TTL_EXPIRED = 0x06
+    COMMAND_NOT_SUPPORTED = 0x07
+    ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+    CONNECTION_TIMED_OUT = 0x09
+
+
+class OptionKind(IntEnum):
+    """Option kinds (section "IANA Considerations")."""
+
+    STACK = 1
+    AUTH_METHOD_ADVERTISEMENT = 2
+    AUTH_METHOD_SELECTION = 3
+    AUTH_DATA = 4
+    SESSION_REQUEST = 5
+    SESSION_ID = 6
+    SESSION_OK = 8
+    SESSION_INVALID = 9
+    SESSION_TEARDOWN = 10
+    IDEMPOTENCE_REQUEST = 11
+    IDEMPOTENCE_WINDOW = 12
+    IDEMPOTENCE_EXPENDITURE = 13
+    IDEMPOTENCE_ACCEPTED = 14
+    IDEMPOTENCE_REJECTED = 15
+
+
+#: First option kind of the experimental range (section "IANA Considerations").
+EXPERIMENTAL_OPTION_KIND_MIN = 64512
+
+
+class AuthMethod(IntEnum):
+    """Authentication method numbers (IANA SOCKS methods, RFC 1928 section 3)."""
+
+    NONE = 0x00
+    GSSAPI = 0x01
+    USERNAME_PASSWORD = 0x02
+    NO_ACCEPTABLE_METHODS = 0xFF
+
+
+class StackLeg(IntEnum):
+    """Leg field of a Stack option (section "Stack options")."""
+
+    CLIENT_PROXY = 1
+    PROXY_REMOTE = 2
+    BOTH = 3
+
+
+class StackLevel(IntEnum):
+    """Level field of a Stack option (section "Stack options")."""
+
+    IP = 1
+    IPV4 = 2
+    IPV6 = 3
+    TCP = 4
+    UDP = 5
+
+
+class StackCode(IntEnum):
+    """(Level, Code) pairs of the Stack options draft-11 defines, packed as level << 8 | code."""
+
+    IP_TOS = (StackLevel.IP << 8) | 1
+    HAPPY_EYEBALLS = (StackLevel.IP << 8) | 2
+    TTL = (StackLevel.IP << 8) | 3
+    NO_FRAGMENTATION = (StackLevel.IP << 8) | 4
+    TFO = (StackLevel.TCP << 8) | 1
+    MULTIPATH = (StackLevel.TCP << 8) | 2
+    LISTEN_BACKLOG = (StackLevel.TCP << 8) | 3
+    UDP_ERROR = (StackLevel.UDP << 8) | 1
+    PORT_PARITY = (StackLevel.UDP << 8) | 2
+
+
+class Availability(IntEnum):
+    """Availability byte of Happy Eyeballs, No Fragmentation, Multipath and UDP Error options."""
+
+    NOT_DESIRED = 0x01
+    DESIRED = 0x02
+
+
+class Parity(IntEnum):
+    """Parity byte of the Port Parity option."""
+
+    NONE = 0x00
+    EVEN = 0x01
+    ODD = 0x02
+
+
+class UDPMessageType(IntEnum):
+    """Message Type of the UDP Association Header (section "Handling UDP ASSOCIATE")."""
+
+    ASSOCIATION_INIT = 0x01
+    ASSOCIATION_CONFIRMATION = 0x02
+    DATAGRAM = 0x03
+    ERROR = 0x04
+
+
+class DatagramErrorCode(IntEnum):
+    """Error Code of a Datagram Error message (section "Reporting ICMP Errors")."""
+
+    NETWORK_UNREACHABLE = 0x01
+    HOST_UNREACHABLE = 0x02
+    TTL_EXPIRED = 0x03
+    DATAGRAM_TOO_BIG = 0x04
+
+
+class UserPassStatus(IntEnum):
+    """STATUS of the RFC 1929 reply: 0 is success, anything else failure."""
+
+    SUCCESS = 0x00
+    FAILURE = 0x01
