@@ -5,6 +5,7 @@ Switches (environment variables):
   SOCKS6FAST_DEBUG=1          -O0 -g3, Cython debug checks on
   SOCKS6FAST_CYTHON_TRACE=1   line tracing for coverage
   SOCKS6FAST_ANNOTATE=1       write Cython's HTML annotation next to the .pyx
+  SOCKS6FAST_BUILD_ONLY=a,b   build only these modules (development)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ NO_EXTENSIONS = bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS")) or sys.implemen
 DEBUG = bool(os.environ.get("SOCKS6FAST_DEBUG"))
 TRACE = bool(os.environ.get("SOCKS6FAST_CYTHON_TRACE"))
 ANNOTATE = bool(os.environ.get("SOCKS6FAST_ANNOTATE"))
+# Developer switch: build only these comma-separated modules (e.g. "_codec_c").
+BUILD_ONLY = {n for n in os.environ.get("SOCKS6FAST_BUILD_ONLY", "").split(",") if n}
 
 # Modules that only make sense on Linux (splice, epoll, recvmmsg).
 LINUX_ONLY = {"_relay_c"}
@@ -36,6 +39,8 @@ def extensions() -> list[Extension]:
     for pyx in sorted((HERE / "src_pyx" / "socks6fast").glob("*.pyx")):
         name = pyx.stem
         if name in LINUX_ONLY and not sys.platform.startswith("linux"):
+            continue
+        if BUILD_ONLY and name not in BUILD_ONLY:
             continue
         exts.append(
             Extension(
