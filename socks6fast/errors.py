@@ -69,3 +69,7 @@ class VersionMismatchError(ProxyError):
 
 class AuthenticationError(ProxyError):
     """The proxy rejected our credentials or offered no acceptable method (AUTH-03)."""
+
+
+class ConfigError(Socks6Error):
+    """The configuration is invalid; the message is one sentence naming the offending key."""
