@@ -1,0 +1,304 @@
+"""Username/password secrets: salted scrypt hashes and a user store (RFC 1929, draft-11 section
+"Username/Password Authentication").
+
+Strategy: secrets are never stored in clear. A configured secret is a self-describing string
+``scrypt$n=16384,r=8,p=1$<salt>$<hash>`` (salt and hash in unpadded standard base64), so
+parameters can be raised later without breaking old entries. Verifying one password costs
+~50 ms of CPU and 16 MiB of memory on purpose (that is what makes a stolen config file
+expensive to attack), which is 250 times the proxy's per-connection CPU budget (200 us). With
+0-RTT authentication every request carries the credentials again (draft-11 section
+"Authentication Data options"), so `UserStore` caches *successful* verifications under an
+HMAC of (user, password) keyed with a per-process random key; see `UserStore` for why that
+is safe.
+
+Pure: no I/O, no clock; only ``cryptography`` (scrypt) and the standard library.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidKey
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+__all__ = [
+    "DEFAULT_SCRYPT_N",
+    "DEFAULT_SCRYPT_P",
+    "DEFAULT_SCRYPT_R",
+    "ScryptHash",
+    "UserStore",
+    "hash_password",
+    "parse_hash",
+    "verify_password",
+]
+
+#: scrypt CPU/memory cost (2^14: the parameter set RFC 7914 section 2 suggests for interactive logins).
+DEFAULT_SCRYPT_N = 2**14
+#: scrypt block size.
+DEFAULT_SCRYPT_R = 8
+#: scrypt parallelisation.
+DEFAULT_SCRYPT_P = 1
+#: Bytes of random salt in a new hash.
+SALT_LENGTH = 16
+#: Bytes of derived key in a new hash.
+HASH_LENGTH = 32
+
+_SCHEME = "scrypt"
+# Bounds on what a config file may ask for: a typo such as n=2**30 must not freeze the proxy
+# (or exhaust memory) on the first login.
+_MIN_SALT_LENGTH = 8
+_MIN_HASH_LENGTH = 16
+_MAX_HASH_LENGTH = 64
+_MAX_SCRYPT_N = 2**20
+_MAX_SCRYPT_R = 32
+_MAX_SCRYPT_P = 16
+_MAX_SCRYPT_MEMORY = 2**28  # bytes: scrypt needs 128 * n * r of them
+_MAX_SCRYPT_WORK = 2**25  # n * r * p; the default is 2**17
+#: RFC 1929: ULEN and PLEN are one byte, so names and passwords are 1-255 bytes.
+MAX_CREDENTIAL_LENGTH = 255
+#: Successful verifications remembered at most (then the cache starts over).
+MAX_CACHE_ENTRIES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ScryptHash:
+    """A parsed ``scrypt$...`` secret."""
+
+    n: int
+    """CPU/memory cost, a power of 2."""
+    r: int
+    """Block size."""
+    p: int
+    """Parallelisation."""
+    salt: bytes
+    """Random salt."""
+    digest: bytes
+    """The derived key to compare with."""
+
+    def encode(self) -> str:
+        """Return the self-describing string form (what config files hold)."""
+        return f"{_SCHEME}$n={self.n},r={self.r},p={self.p}${_b64encode(self.salt)}${_b64encode(self.digest)}"
+
+    def derive(self, password: bytes) -> bytes:
+        """Run scrypt over ``password`` with this hash's salt and parameters."""
+        kdf = Scrypt(salt=self.salt, length=len(self.digest), n=self.n, r=self.r, p=self.p)
+        return kdf.derive(password)
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _b64decode(text: str) -> bytes:
+    # Unpadded standard base64 (the PHC string format convention); padding is restored here.
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def parse_hash(stored: str) -> ScryptHash:
+    """Parse and validate a stored secret.
+
+    Args:
+        stored: a string of the form ``scrypt$n=16384,r=8,p=1$<salt b64>$<hash b64>``.
+
+    Returns:
+        The parsed hash.
+
+    Raises:
+        ValueError: the string is not a valid scrypt hash; the message says what is wrong
+            (and never repeats the string itself, which is secret-ish).
+    """
+    parts = stored.split("$")
+    if len(parts) != 4 or parts[0] != _SCHEME:
+        raise ValueError('is not of the form "scrypt$n=N,r=R,p=P$<salt>$<hash>"')
+    params: dict[str, int] = {}
+    for item in parts[1].split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("n", "r", "p") or key in params or not value.isdigit():
+            raise ValueError('has scrypt parameters that are not exactly "n=N,r=R,p=P"')
+        params[key] = int(value)
+    if len(params) != 3:
+        raise ValueError('has scrypt parameters that are not exactly "n=N,r=R,p=P"')
+    n, r, p = params["n"], params["r"], params["p"]
+    if n < 2 or n & (n - 1) or n > _MAX_SCRYPT_N:
+        raise ValueError(f"has scrypt n={n}, which is not a power of 2 between 2 and {_MAX_SCRYPT_N}")
+    if not 1 <= r <= _MAX_SCRYPT_R or not 1 <= p <= _MAX_SCRYPT_P:
+        raise ValueError(f"has scrypt r={r}, p={p} outside r 1-{_MAX_SCRYPT_R}, p 1-{_MAX_SCRYPT_P}")
+    if 128 * n * r > _MAX_SCRYPT_MEMORY or n * r * p > _MAX_SCRYPT_WORK:
+        raise ValueError(f"has scrypt parameters n={n}, r={r}, p={p} too costly to verify per login")
+    try:
+        salt = _b64decode(parts[2])
+        digest = _b64decode(parts[3])
+    except (binascii.Error, ValueError):
+        raise ValueError("has a salt or hash that is not base64") from None
+    if len(salt) < _MIN_SALT_LENGTH:
+        raise ValueError(f"has a salt shorter than {_MIN_SALT_LENGTH} bytes")
+    if not _MIN_HASH_LENGTH <= len(digest) <= _MAX_HASH_LENGTH:
+        raise ValueError(f"has a hash that is not {_MIN_HASH_LENGTH}-{_MAX_HASH_LENGTH} bytes long")
+    return ScryptHash(n=n, r=r, p=p, salt=salt, digest=digest)
+
+
+def hash_password(
+    password: str | bytes,
+    *,
+    n: int = DEFAULT_SCRYPT_N,
+    r: int = DEFAULT_SCRYPT_R,
+    p: int = DEFAULT_SCRYPT_P,
+) -> str:
+    """Hash a password with a fresh random salt.
+
+    Args:
+        password: the password; text is encoded as UTF-8.
+        n: scrypt cost (power of 2). Lower it only in tests.
+        r: scrypt block size.
+        p: scrypt parallelisation.
+
+    Returns:
+        The self-describing string ``scrypt$n=...,r=...,p=...$<salt>$<hash>``.
+
+    Raises:
+        ValueError: the parameters are outside what `parse_hash` accepts.
+    """
+    if isinstance(password, str):
+        password = password.encode("utf-8")
+    placeholder = ScryptHash(n=n, r=r, p=p, salt=secrets.token_bytes(SALT_LENGTH), digest=bytes(HASH_LENGTH))
+    parse_hash(placeholder.encode())  # same parameter bounds as verification
+    digest = placeholder.derive(password)
+    return ScryptHash(n=n, r=r, p=p, salt=placeholder.salt, digest=digest).encode()
+
+
+def verify_password(stored: str | ScryptHash, password: bytes) -> bool:
+    """Check a password against a stored hash in constant time.
+
+    Args:
+        stored: the stored secret (string or parsed form).
+        password: the password as received.
+
+    Returns:
+        True when the password matches.
+
+    Raises:
+        ValueError: ``stored`` is not a valid hash.
+    """
+    parsed = parse_hash(stored) if isinstance(stored, str) else stored
+    kdf = Scrypt(salt=parsed.salt, length=len(parsed.digest), n=parsed.n, r=parsed.r, p=parsed.p)
+    try:
+        kdf.verify(password, parsed.digest)  # constant-time comparison inside
+    except InvalidKey:
+        return False
+    return True
+
+
+class UserStore:
+    """The configured users (name -> scrypt hash) and the authentication check.
+
+    Cache safety: after a successful scrypt verification the store remembers
+    ``HMAC-SHA256(k, len(user) || user || password)`` where ``k`` is 32 random bytes drawn
+    when the store is created and never leaves this process's memory. That value reveals
+    nothing usable: without ``k`` it cannot be brute-forced offline (unlike a fast unsalted
+    hash), it is never written anywhere, and the clear password is not kept at all. A hit
+    proves the caller knows a password that scrypt accepted before, so it grants exactly
+    what a fresh verification would. Each entry also remembers the hash string it was
+    checked against and is only honoured while the user still has that exact hash, and
+    `reload` drops the whole cache, so a changed or removed user is never let in from the
+    cache. Failures are never cached (a cache must not turn into a password-guessing
+    oracle), and the size is bounded.
+
+    Timing: an unknown user name (or one that is not valid UTF-8) is verified against a
+    random dummy hash with default parameters, so "no such user" costs the same scrypt
+    work as "wrong password" and the timing does not reveal which user names exist.
+    """
+
+    __slots__ = ("_cache", "_cache_key", "_dummy", "_users")
+
+    def __init__(self, users: Mapping[str, str] | None = None) -> None:
+        """Create a store.
+
+        Args:
+            users: user name -> ``scrypt$...`` hash string.
+
+        Raises:
+            ValueError: a hash is malformed (the message names the user).
+        """
+        self._users: dict[str, ScryptHash] = {}
+        self._cache: dict[bytes, tuple[str, ScryptHash]] = {}
+        self._cache_key = secrets.token_bytes(32)
+        # Random salt and digest: no password matches it, and building it costs no scrypt run.
+        self._dummy = ScryptHash(
+            n=DEFAULT_SCRYPT_N,
+            r=DEFAULT_SCRYPT_R,
+            p=DEFAULT_SCRYPT_P,
+            salt=secrets.token_bytes(SALT_LENGTH),
+            digest=secrets.token_bytes(HASH_LENGTH),
+        )
+        self.reload(users or {})
+
+    def reload(self, users: Mapping[str, str]) -> None:
+        """Replace every user and drop the verification cache.
+
+        Args:
+            users: user name -> ``scrypt$...`` hash string.
+
+        Raises:
+            ValueError: a hash is malformed; the store is left unchanged.
+        """
+        parsed: dict[str, ScryptHash] = {}
+        for name, stored in users.items():
+            try:
+                parsed[name] = parse_hash(stored)
+            except ValueError as exc:
+                raise ValueError(f"user {name!r}: the secret {exc}") from None
+        self._users = parsed
+        self._cache = {}
+        self._cache_key = secrets.token_bytes(32)
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._users
+
+    @property
+    def required(self) -> bool:
+        """True when authentication is required: at least one user is configured."""
+        return bool(self._users)
+
+    def authenticate(self, username: bytes, password: bytes) -> str | None:
+        """Check RFC 1929 credentials.
+
+        Args:
+            username: UNAME as received (1-255 bytes, UTF-8 expected).
+            password: PASSWD as received.
+
+        Returns:
+            The user name on success, None otherwise.
+        """
+        key = hmac.new(
+            self._cache_key, len(username).to_bytes(2, "big") + username + password, hashlib.sha256
+        ).digest()
+        cached = self._cache.get(key)
+        if cached is not None:
+            name, verified = cached
+            if self._users.get(name) is verified:
+                return name
+            del self._cache[key]
+        try:
+            name = username.decode("utf-8")
+        except UnicodeDecodeError:
+            name = ""
+        stored = self._users.get(name)
+        if stored is None or not 1 <= len(password) <= MAX_CREDENTIAL_LENGTH:
+            # Same work as a real check: no timing oracle for which user names exist.
+            verify_password(self._dummy, password)
+            return None
+        if not verify_password(stored, password):
+            return None
+        if len(self._cache) >= MAX_CACHE_ENTRIES:
+            self._cache.clear()
+        self._cache[key] = (name, stored)
+        return name

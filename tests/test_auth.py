@@ -1,0 +1,165 @@
+"""Tests for socks6fast.auth: scrypt secrets and the user store (AUTH-05 proxy side)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from socks6fast import auth
+from socks6fast.auth import UserStore, hash_password, parse_hash, verify_password
+
+# Cheap parameters keep the suite fast; one test uses the real defaults.
+FAST = {"n": 2**8, "r": 8, "p": 1}
+
+
+def test_hash_format_is_self_describing() -> None:
+    stored = hash_password("s3cret", **FAST)
+    scheme, params, salt, digest = stored.split("$")
+    assert scheme == "scrypt"
+    assert params == "n=256,r=8,p=1"
+    parsed = parse_hash(stored)
+    assert len(parsed.salt) == auth.SALT_LENGTH
+    assert len(parsed.digest) == auth.HASH_LENGTH
+    assert parsed.encode() == stored
+    assert "=" not in salt + digest  # unpadded base64
+
+
+def test_default_parameters_round_trip() -> None:
+    stored = hash_password(b"hunter2")
+    assert stored.startswith("scrypt$n=16384,r=8,p=1$")
+    assert verify_password(stored, b"hunter2")
+    assert not verify_password(stored, b"hunter3")
+
+
+def test_salt_is_random() -> None:
+    assert hash_password("x", **FAST) != hash_password("x", **FAST)
+
+
+def test_str_password_is_utf8() -> None:
+    stored = hash_password("pässword", **FAST)
+    assert verify_password(stored, "pässword".encode())
+    assert not verify_password(stored, "pässword".encode("latin-1"))
+
+
+@pytest.mark.parametrize(
+    ("stored", "fragment"),
+    [
+        ("", "is not of the form"),
+        ("bcrypt$n=2,r=1,p=1$AAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA", "is not of the form"),
+        ("scrypt$n=256,r=8$AAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA", "n=N,r=R,p=P"),
+        ("scrypt$n=256,r=8,p=1,p=1$AAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA", "n=N,r=R,p=P"),
+        ("scrypt$n=256,r=8,x=1$AAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA", "n=N,r=R,p=P"),
+        ("scrypt$n=-4,r=8,p=1$AAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA", "n=N,r=R,p=P"),
+        ("scrypt$n=255,r=8,p=1$AAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA", "power of 2"),
+        ("scrypt$n=2097152,r=8,p=1$AAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA", "power of 2"),
+        ("scrypt$n=256,r=0,p=1$AAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA", "outside"),
+        ("scrypt$n=1048576,r=32,p=1$AAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA", "too costly"),
+        ("scrypt$n=256,r=8,p=1$!!!$AAAAAAAAAAAAAAAAAAAAAA", "not base64"),
+        ("scrypt$n=256,r=8,p=1$AAAA$AAAAAAAAAAAAAAAAAAAAAA", "salt shorter"),
+        ("scrypt$n=256,r=8,p=1$AAAAAAAAAAA$AAAA", "hash that is not"),
+    ],
+)
+def test_parse_hash_rejects(stored: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        parse_hash(stored)
+
+
+def test_hash_password_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError, match="power of 2"):
+        hash_password("x", n=1000)
+
+
+def test_store_authenticates_known_user() -> None:  # AUTH-05 (proxy-side check)
+    store = UserStore({"alice": hash_password("wonderland", **FAST)})
+    assert store.required
+    assert "alice" in store and len(store) == 1
+    assert store.authenticate(b"alice", b"wonderland") == "alice"
+    assert store.authenticate(b"alice", b"Wonderland") is None
+    assert store.authenticate(b"bob", b"wonderland") is None
+    assert store.authenticate(b"\xff\xfe", b"wonderland") is None
+    assert store.authenticate(b"alice", b"") is None
+
+
+def test_empty_store_requires_nothing() -> None:
+    store = UserStore()
+    assert not store.required
+    assert store.authenticate(b"alice", b"x") is None
+
+
+def test_store_rejects_malformed_hash_naming_user() -> None:
+    with pytest.raises(ValueError, match="user 'alice': the secret is not of the form"):
+        UserStore({"alice": "plaintext"})
+
+
+def test_unknown_user_costs_a_scrypt_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown name is verified against the dummy hash: no timing oracle."""
+    calls: list[int] = []
+    real = auth.verify_password
+
+    def counting(stored: str | auth.ScryptHash, password: bytes) -> bool:
+        calls.append(1)
+        return real(stored, password)
+
+    monkeypatch.setattr(auth, "verify_password", counting)
+    store = UserStore({"alice": hash_password("pw", **FAST)})
+    assert store.authenticate(b"mallory", b"pw") is None
+    assert store.authenticate(b"alice", b"wrong") is None
+    assert len(calls) == 2
+    dummy = store._dummy
+    assert (dummy.n, dummy.r, dummy.p) == (
+        auth.DEFAULT_SCRYPT_N,
+        auth.DEFAULT_SCRYPT_R,
+        auth.DEFAULT_SCRYPT_P,
+    )
+
+
+def test_successful_verification_is_cached() -> None:
+    store = UserStore({"alice": hash_password("pw")})  # real cost: ~50 ms per scrypt run
+    assert store.authenticate(b"alice", b"pw") == "alice"
+    start = time.perf_counter()
+    for _ in range(100):
+        assert store.authenticate(b"alice", b"pw") == "alice"
+    per_call = (time.perf_counter() - start) / 100
+    assert per_call < 0.001  # far below one scrypt run
+    # Only the keyed hash is held, never the password.
+    assert all(b"pw" not in key for key in store._cache)
+
+
+def test_failures_are_not_cached() -> None:
+    store = UserStore({"alice": hash_password("pw", **FAST)})
+    assert store.authenticate(b"alice", b"nope") is None
+    assert store._cache == {}
+
+
+def test_cache_key_separates_user_and_password() -> None:
+    """("ab", "c") and ("a", "bc") must not share a cache entry."""
+    store = UserStore({"ab": hash_password("c", **FAST), "a": hash_password("other", **FAST)})
+    assert store.authenticate(b"ab", b"c") == "ab"
+    assert store.authenticate(b"a", b"bc") is None
+
+
+def test_reload_invalidates_cache() -> None:
+    store = UserStore({"alice": hash_password("old", **FAST)})
+    assert store.authenticate(b"alice", b"old") == "alice"
+    store.reload({"alice": hash_password("new", **FAST)})
+    assert store.authenticate(b"alice", b"old") is None
+    assert store.authenticate(b"alice", b"new") == "alice"
+    store.reload({})
+    assert store.authenticate(b"alice", b"new") is None
+    assert not store.required
+
+
+def test_reload_with_bad_hash_keeps_old_users() -> None:
+    store = UserStore({"alice": hash_password("pw", **FAST)})
+    with pytest.raises(ValueError):
+        store.reload({"alice": "garbage"})
+    assert store.authenticate(b"alice", b"pw") == "alice"
+
+
+def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "MAX_CACHE_ENTRIES", 2)
+    store = UserStore({name: hash_password(name, **FAST) for name in ("a", "b", "c")})
+    for name in (b"a", b"b", b"c"):
+        assert store.authenticate(name, name) == name.decode()
+    assert len(store._cache) <= 2
