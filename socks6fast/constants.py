@@ -171,3 +171,22 @@ class UserPassStatus(IntEnum):
 
     SUCCESS = 0x00
     FAILURE = 0x01
+
+
+# --- SOCKS 5 (RFC 1928) and username/password (RFC 1929) -----------------------
+
+
+class Socks5Command(IntEnum):
+    """CMD of a SOCKS 5 request (RFC 1928 section 4); SOCKS 5 has no NOOP."""
+
+    CONNECT = 0x01
+    BIND = 0x02
+    UDP_ASSOCIATE = 0x03
+
+
+#: VER of the RFC 1929 username/password request and reply (RFC 1929 section 2).
+USERPASS_VERSION = 1
+#: ULEN and PLEN are one byte each: a username or password is at most 255 bytes.
+MAX_USERPASS_LENGTH = 255
+#: NMETHODS is one byte: a SOCKS 5 greeting lists at most 255 methods.
+MAX_SOCKS5_METHODS = 255
