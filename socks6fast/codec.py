@@ -29,6 +29,7 @@ if TYPE_CHECKING or NO_EXTENSIONS:
         encode_operation_reply,
         encode_options,
         encode_request,
+        encode_version_mismatch,
     )
 
     IMPLEMENTATION = "py"
@@ -48,6 +49,7 @@ else:
             encode_operation_reply,
             encode_options,
             encode_request,
+            encode_version_mismatch,
         )
 
         IMPLEMENTATION = "c"
@@ -66,6 +68,7 @@ else:
             encode_operation_reply,
             encode_options,
             encode_request,
+            encode_version_mismatch,
         )
 
         IMPLEMENTATION = "py"
@@ -86,4 +89,5 @@ __all__ = [
     "encode_operation_reply",
     "encode_options",
     "encode_request",
+    "encode_version_mismatch",
 ]

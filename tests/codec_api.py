@@ -24,6 +24,73 @@ This Protocol is the contract. Semantics shared by every function:
   Decoders raise ``WireError`` and nothing else; both twins raise the same class with
   the same ``reply_code`` and the same message text.
 * Encoders validate and raise ``LocalProtocolError`` for values the draft forbids.
+
+Clarifications (made by the reference ``_codec_py``; the twin follows them):
+
+* Public names: the 13 functions below plus ``encode_version_mismatch()`` (returns
+  ``b"\\x06"``). A bad ``offset`` (outside ``0..len(data)``) raises
+  ``WireError("offset N is out of range", reply_code=None)``.
+* Check order is wire order, one check per byte as it arrives:
+  Request/Operation Reply: byte 0 version; byte 1 command (COMMAND_NOT_SUPPORTED)
+  or reply code (unknown: GENERAL_FAILURE); bytes 2-3 Options Length: first
+  "> max_options_length", then "not a multiple of 4" (every option is a multiple
+  of 4, so such a total is malformed; raised early); byte 7 address type; for a
+  domain name byte 8 (a length byte of 0 raises "domain name is empty" at once).
+  The address is decoded (D2 name checks) once its whole field, padding
+  included, is present; the options once all of them are present.
+  Authentication Reply: byte 0, byte 1 Type (0/1, else malformed), bytes 2-3 as above.
+* needed: Request/Operation Reply ``8 + (optlen if bytes 2-3 seen else 0) +
+  (address field length if known else 4) - available``; Authentication Reply
+  ``4 + optlen - available``; association messages ``4 - available`` until bytes 2-3
+  are present, then ``message_length - available``.
+* Association messages: Message Type outside 1..4 is malformed. Types 1/2 need
+  Message Length == 12. Type 3 (Datagram): Message Length >= 20 at bytes 2-3, and
+  >= the header length once the address type (and name length byte 16) is known.
+  Type 4 (Datagram Error): Message Length >= 28 at bytes 2-3; address types must be
+  1 or 4 (3: ADDRESS_TYPE_NOT_SUPPORTED "address type 3 is not allowed in a datagram
+  error"; others: "address type N is not supported"); once the address type is
+  known Message Length >= 16 + addr + 8, once the reporter type is known Message
+  Length must equal the exact total; then the error code (1..4). Padding bytes are
+  never inspected anywhere.
+* ``decode_datagram_header`` uses the same checks as a type 3 message, except a
+  Message Type other than 3 is "message type N is not a datagram" and lack of bytes
+  is "datagram header is truncated".
+* Options: a Stack option shorter than 8 is malformed; Leg 0 or an undefined
+  (Level, Code) gives ``UnknownStackOption`` (data = bytes 6..Length) whatever its
+  length; a defined one must be exactly 8 long. ``AuthData.data`` and
+  ``UnknownOption.data`` include padding. Advertisement: methods = bytes 6..Length
+  with trailing NULs stripped. Idempotence Request accepts any 32-bit size (0 is
+  D15's business); Window size 0 or > 2^31-1 is malformed.
+* Encoders: ``AuthData`` and ``AuthMethodAdvertisement`` are padded minimally;
+  ``UnknownOption.data`` must be a multiple of 4 and ``UnknownStackOption.data``
+  2 modulo 4 (no padding added, so decode(encode(x)) == x), and neither may use a
+  known kind / (Leg 1-3, known Level/Code). Message encoders refuse more than 16384
+  bytes of options. ``encode_association_message(Datagram)`` requires
+  ``header.message_length == header length + len(payload)``; ``DatagramError``'s
+  length is computed. ``datagram_header_length`` checks only the address type and
+  a name's UTF-8 length (1..255), not IP text.
+
+Decoder error messages (``str(exc)``; N, M are decimal ints; reply_code GENERAL_FAILURE
+unless stated):
+
+  "version N is not 6" (None)            "offset N is out of range" (None)
+  "command N is not supported" (COMMAND_NOT_SUPPORTED)
+  "reply code N is unknown"              "authentication reply type N is unknown"
+  "options length N exceeds M"           "options length N is not a multiple of 4"
+  "options length N runs past the end of the data"  (decode_options only)
+  "address type N is not supported" (ADDRESS_TYPE_NOT_SUPPORTED)
+  "address type 3 is not allowed in a datagram error" (ADDRESS_TYPE_NOT_SUPPORTED)
+  "domain name is empty"  "domain name contains a nul byte"  "domain name is not valid utf-8"
+  "option header runs past options length"   "option length N is less than 4"
+  "option length N is not a multiple of 4"   "option length N runs past options length"
+  "option kind K has length N, expected M"   "option kind K has length N, expected at least M"
+  "stack option level L code C has length N, expected 8"
+  "stack option availability N is not 1 or 2"
+  "port parity N is out of range"            "port parity reserve N is out of range"
+  "initial data length N exceeds 16384"      "idempotence window size N is out of range"
+  "message type N is unknown"                "message type N is not a datagram"
+  "message length N is less than M"          "message length N is not M"
+  "datagram error code N is unknown"         "datagram header is truncated"
 """
 
 from __future__ import annotations
@@ -92,4 +159,8 @@ class CodecAPI(Protocol):
 
     def datagram_header_length(self, address_type: int, address: str) -> int:
         """Length of the Datagram Header for this address (for Message Length)."""
+        ...
+
+    def encode_version_mismatch(self) -> bytes:
+        """The Version Mismatch Reply: always ``b"\\x06"`` (REQ-01)."""
         ...
