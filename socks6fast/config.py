@@ -1,0 +1,749 @@
+"""The proxy's configuration: one validated, frozen `Config`, loaded from TOML.
+
+Strategy: `parse_config` checks every key of the parsed TOML document and builds frozen
+dataclasses; anything wrong raises `ConfigError` with one sentence that names the key, such
+as ``server.listen[1]: "localhost:99999" is not HOST:PORT with a port 0-65535``. Unknown keys
+are errors too, so a typo never silently falls back to a default. Without a file the
+embedded `DEFAULT_TOML` applies: listen on 127.0.0.1:1080 only, no authentication, every
+destination allowed, sessions on. Plain-text passwords never appear in a file: ``[users]``
+holds scrypt hashes (`socks6fast.auth`), and the CLI's ``--user NAME:PASSWORD`` is hashed in
+memory by `Config.with_overrides`.
+
+Keys (every one optional; the defaults are in `DEFAULT_TOML`):
+
+``default_action`` (top level, before any table)
+    ``"allow"`` or ``"deny"``: the decision when no rule matches. Default ``"allow"``.
+
+``[server]``
+    ``listen``: array of ``"HOST:PORT"`` to accept plain SOCKS 6 / SOCKS 5 on; IPv6 as
+    ``"[::1]:1080"``; HOST is an IP address or a host name; port 0 picks a free port.
+    Default ``["127.0.0.1:1080"]`` (loopback only: secure by default).
+    ``tls_listen``: array of ``"HOST:PORT"`` for SOCKS over TLS. Default ``[]``.
+    ``tls_certificate``, ``tls_key``: PEM files (relative paths are relative to the config
+    file); both required when ``tls_listen`` or ``udp.dtls_port`` is set; must exist.
+    ``max_connections``: concurrent client connections at most (integer >= 1; 10000).
+    ``handshake_timeout``: seconds for a client to send a complete request (> 0; 10).
+    ``connect_timeout``: seconds to connect to the destination (> 0; 10).
+    ``idle_timeout``: seconds a relayed connection may stay silent both ways (> 0; 300).
+    ``max_options_length``: largest Options Length accepted, 1024-16384 (16384, DECISIONS D6:
+    the draft's cap; it can only be lowered).
+    ``dns_resolver``: ``"HOST:PORT"`` of a DNS server for the draft's DNS service (CONNECT
+    to 0.0.0.0:53, DECISIONS D13); absent: that service is refused.
+    ``relay_workers``: relay worker count, 0 = one per CPU core (0-1024; 0).
+    ``log_level``: ``"debug"``, ``"info"``, ``"warning"``, ``"error"`` or ``"critical"``.
+
+``[users]``
+    ``NAME = "scrypt$n=16384,r=8,p=1$<salt>$<hash>"``, one per user (name 1-255 UTF-8 bytes,
+    not starting with ``@``). Authentication is required iff at least one user is
+    configured (here or with ``--user``).
+
+``[sessions]`` (draft-11 section "Session options")
+    ``enabled``: honour Session Requests (true). ``idle_timeout``: seconds before an unused
+    session expires (> 0; 600). ``max_sessions``, ``max_per_client_ip``, ``max_per_user``:
+    caps on live sessions in total, per client address and per authenticated user
+    (integers >= 1; 100000, 100, 1000). ``max_token_window``: largest idempotence token
+    window issued, 0-2147483647, 0 = none (65536, DECISIONS D15).
+
+``[[rules]]`` (any number, first match wins; see `socks6fast.policy`)
+    ``action``: ``"allow"`` or ``"deny"`` (required). Conditions, each an array that is
+    omitted (or ``["*"]``) to match anything: ``clients`` (CIDR networks or addresses),
+    ``users`` (names, ``"@authenticated"``, ``"@anonymous"``), ``commands`` (``"noop"``,
+    ``"connect"``, ``"bind"``, ``"udp_associate"``), ``destinations`` (CIDR networks,
+    ``".example.com"`` for a domain and its subdomains, ``"example.com"`` for that name
+    only), ``ports`` (integers or ``"LOW-HIGH"`` strings).
+
+``[udp]`` (UDP relay endpoints for UDP ASSOCIATE; off by default)
+    ``port``: UDP port for plain datagrams (1-65535; absent = off). ``dtls_port``: UDP port
+    for DTLS (1-65535; absent = off; needs ``server.tls_certificate`` and ``tls_key``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import math
+import os
+import tomllib
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .auth import UserStore, hash_password, parse_hash
+from .constants import MAX_OPTIONS_LENGTH, MAX_WINDOW_SIZE, Command
+from .errors import ConfigError
+from .policy import (
+    ANONYMOUS,
+    AUTHENTICATED,
+    DomainPattern,
+    IPNetwork,
+    Policy,
+    Rule,
+    parse_command,
+    parse_destination,
+    parse_network,
+    parse_port_range,
+)
+from .sessions import MemorySessionStore
+
+__all__ = [
+    "DEFAULT_TOML",
+    "Config",
+    "ConfigError",
+    "HostPort",
+    "ServerConfig",
+    "SessionsConfig",
+    "UDPConfig",
+    "default_config",
+    "load_config",
+    "parse_config",
+    "parse_listen",
+    "parse_user_option",
+]
+
+#: (host, port); host is an IP address or name, without IPv6 brackets.
+HostPort = tuple[str, int]
+
+#: The configuration that applies without a file; every key at its default.
+DEFAULT_TOML = """\
+default_action = "allow"
+
+[server]
+listen = ["127.0.0.1:1080"]
+tls_listen = []
+max_connections = 10000
+handshake_timeout = 10.0
+connect_timeout = 10.0
+idle_timeout = 300.0
+max_options_length = 16384
+relay_workers = 0
+log_level = "info"
+
+[users]
+
+[sessions]
+enabled = true
+idle_timeout = 600.0
+max_sessions = 100000
+max_per_client_ip = 100
+max_per_user = 1000
+max_token_window = 65536
+
+[udp]
+"""
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_MIN_OPTIONS_LENGTH = 1024  # room for a username/password Authentication Data option
+_MAX_RELAY_WORKERS = 1024
+_MAX_CREDENTIAL_LENGTH = 255  # RFC 1929: ULEN and PLEN are one byte
+_ANY = "*"
+_T = TypeVar("_T")
+_V = TypeVar("_V")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The ``[server]`` table."""
+
+    listen: tuple[HostPort, ...]
+    """Plain listeners."""
+    tls_listen: tuple[HostPort, ...]
+    """TLS listeners."""
+    tls_certificate: str | None
+    """Absolute path of the PEM certificate chain, or None."""
+    tls_key: str | None
+    """Absolute path of the PEM private key, or None."""
+    max_connections: int
+    """Concurrent client connections at most."""
+    handshake_timeout: float
+    """Seconds for a complete request."""
+    connect_timeout: float
+    """Seconds to connect to a destination."""
+    idle_timeout: float
+    """Seconds of silence after which a relayed connection is closed."""
+    max_options_length: int
+    """Largest Options Length accepted (D6)."""
+    dns_resolver: HostPort | None
+    """DNS server for the DNS service (D13), or None."""
+    relay_workers: int
+    """Relay worker count; 0 = one per CPU core."""
+    log_level: str
+    """Lower-case logging level name."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsConfig:
+    """The ``[sessions]`` table."""
+
+    enabled: bool
+    """Whether Session Requests are honoured."""
+    idle_timeout: float
+    """Seconds before an unused session expires."""
+    max_sessions: int
+    """Live sessions at most."""
+    max_per_client_ip: int
+    """Live sessions per client address at most."""
+    max_per_user: int
+    """Live sessions per authenticated user at most."""
+    max_token_window: int
+    """Largest token window issued; 0 = none."""
+
+
+@dataclass(frozen=True, slots=True)
+class UDPConfig:
+    """The ``[udp]`` table."""
+
+    port: int | None
+    """UDP port for plain datagrams, or None (off)."""
+    dtls_port: int | None
+    """UDP port for DTLS, or None (off)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration. Build it with `load_config`, `default_config` or
+    `parse_config`, never directly (nothing is validated here)."""
+
+    server: ServerConfig
+    """The ``[server]`` table."""
+    users: Mapping[str, str]
+    """User name -> scrypt hash string (read-only mapping)."""
+    sessions: SessionsConfig
+    """The ``[sessions]`` table."""
+    rules: tuple[Rule, ...]
+    """The ``[[rules]]``, in order."""
+    default_allow: bool
+    """``default_action == "allow"``."""
+    udp: UDPConfig
+    """The ``[udp]`` table."""
+
+    @property
+    def auth_required(self) -> bool:
+        """True iff at least one user is configured."""
+        return bool(self.users)
+
+    def policy(self) -> Policy:
+        """Build the `Policy` for these rules."""
+        return Policy(self.rules, default_allow=self.default_allow)
+
+    def user_store(self) -> UserStore:
+        """Build the `UserStore` for these users."""
+        return UserStore(self.users)
+
+    def session_store(self) -> MemorySessionStore | None:
+        """Build an in-memory session store, or None when sessions are disabled."""
+        if not self.sessions.enabled:
+            return None
+        s = self.sessions
+        return MemorySessionStore(
+            idle_timeout=s.idle_timeout,
+            max_sessions=s.max_sessions,
+            max_per_client_ip=s.max_per_client_ip,
+            max_per_user=s.max_per_user,
+            max_token_window=s.max_token_window,
+        )
+
+    def with_overrides(
+        self,
+        *,
+        listen: Sequence[str] | None = None,
+        users: Mapping[str, str] | None = None,
+    ) -> Config:
+        """Apply command-line flags.
+
+        Args:
+            listen: ``--listen HOST:PORT`` values; when given (and not empty) they replace
+                ``server.listen``.
+            users: ``--user NAME:PASSWORD`` values as name -> clear-text password; each is
+                hashed here, in memory only (the clear text is never stored or written),
+                and added to (or replaces the same name in) the configured users, which
+                turns authentication on.
+
+        Returns:
+            A new Config.
+
+        Raises:
+            ConfigError: a value is invalid; the message names the flag.
+        """
+        server = self.server
+        if listen:
+            parsed = tuple(_check_listen(value, "--listen") for value in listen)
+            _check_listen_overlap(parsed, server.tls_listen, "--listen", "server.tls_listen")
+            server = dataclasses.replace(server, listen=parsed)
+        merged = dict(self.users)
+        for name, password in (users or {}).items():
+            _check_user_name(name, "--user")
+            if not 1 <= len(password.encode("utf-8")) <= _MAX_CREDENTIAL_LENGTH:
+                raise ConfigError(f"--user: the password of {name!r} must be 1-255 bytes")
+            merged[name] = hash_password(password)
+        return dataclasses.replace(self, server=server, users=types.MappingProxyType(merged))
+
+
+# --- public helpers ---------------------------------------------------------------------
+
+
+def parse_listen(text: str) -> HostPort:
+    """Parse ``"HOST:PORT"`` or ``"[IPV6]:PORT"``; port 0-65535 (0: any free port).
+
+    Raises:
+        ValueError: malformed; the message is the part after the key in a `ConfigError`.
+    """
+    return _parse_host_port(text, min_port=0)
+
+
+def parse_user_option(text: str) -> tuple[str, str]:
+    """Split a ``--user NAME:PASSWORD`` value at its first colon.
+
+    Raises:
+        ConfigError: there is no colon, or name or password is empty.
+    """
+    name, sep, password = text.partition(":")
+    if not sep or not name or not password:
+        raise ConfigError("--user: the value is not NAME:PASSWORD with a non-empty name and password")
+    return name, password
+
+
+def default_config() -> Config:
+    """The configuration that applies without a file (`DEFAULT_TOML`)."""
+    return parse_config(tomllib.loads(DEFAULT_TOML))
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML configuration file.
+
+    Relative ``tls_certificate`` / ``tls_key`` paths are taken relative to the file's
+    directory.
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or a key is invalid; the message
+            starts with the file name.
+    """
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: is not valid TOML ({exc})") from None
+    try:
+        return parse_config(data, base_dir=file.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+
+
+def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | None = None) -> Config:
+    """Validate a parsed TOML document (missing keys take their defaults).
+
+    Args:
+        data: the document, as `tomllib` returns it.
+        base_dir: directory relative paths are resolved against (default: the working
+            directory).
+
+    Raises:
+        ConfigError: a key is invalid or unknown.
+    """
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    _check_keys(data, "", {"default_action", "server", "users", "sessions", "rules", "udp"})
+    default_allow = _action(data.get("default_action", "allow"), "default_action")
+    server = _server(_table(data, "server"), base)
+    users = _users(_table(data, "users"))
+    sessions = _sessions(_table(data, "sessions"))
+    rules_value = data.get("rules", [])
+    if not isinstance(rules_value, list):
+        raise ConfigError("rules: must be an array of tables, written [[rules]]")
+    rules = tuple(_rule(item, f"rules[{i}]") for i, item in enumerate(rules_value))
+    udp = _udp(_table(data, "udp"), server)
+    return Config(
+        server=server,
+        users=types.MappingProxyType(users),
+        sessions=sessions,
+        rules=rules,
+        default_allow=default_allow,
+        udp=udp,
+    )
+
+
+# --- tables -----------------------------------------------------------------------------
+
+_SERVER_KEYS = {
+    "listen",
+    "tls_listen",
+    "tls_certificate",
+    "tls_key",
+    "max_connections",
+    "handshake_timeout",
+    "connect_timeout",
+    "idle_timeout",
+    "max_options_length",
+    "dns_resolver",
+    "relay_workers",
+    "log_level",
+}
+
+
+def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
+    _check_keys(table, "server", _SERVER_KEYS)
+    listen = tuple(
+        _check_listen(v, f"server.listen[{i}]")
+        for i, v in enumerate(_array(table, "listen", "server", ["127.0.0.1:1080"]))
+    )
+    tls_listen = tuple(
+        _check_listen(v, f"server.tls_listen[{i}]")
+        for i, v in enumerate(_array(table, "tls_listen", "server", []))
+    )
+    _check_listen_overlap(listen, tls_listen, "server.listen", "server.tls_listen")
+    certificate = _path(table, "tls_certificate", base)
+    key = _path(table, "tls_key", base)
+    if (certificate is None) != (key is None):
+        raise ConfigError("server.tls_certificate and server.tls_key must be set together")
+    if tls_listen and certificate is None:
+        raise ConfigError("server.tls_listen: needs server.tls_certificate and server.tls_key")
+    if not listen and not tls_listen:
+        raise ConfigError("server.listen: must not be empty when server.tls_listen is empty")
+    resolver_value = table.get("dns_resolver")
+    resolver = None
+    if resolver_value is not None:
+        if not isinstance(resolver_value, str):
+            raise ConfigError(f"server.dns_resolver: {_show(resolver_value)} is not a string HOST:PORT")
+        try:
+            resolver = _parse_host_port(resolver_value, min_port=1)
+        except ValueError as exc:
+            raise ConfigError(f"server.dns_resolver: {_show(resolver_value)} {exc}") from None
+    level = table.get("log_level", "info")
+    if not isinstance(level, str) or level.lower() not in _LOG_LEVELS:
+        raise ConfigError(f"server.log_level: {_show(level)} is not one of {', '.join(_LOG_LEVELS)}")
+    return ServerConfig(
+        listen=listen,
+        tls_listen=tls_listen,
+        tls_certificate=certificate,
+        tls_key=key,
+        max_connections=_int(table, "max_connections", "server", 10000, low=1),
+        handshake_timeout=_seconds(table, "handshake_timeout", "server", 10.0),
+        connect_timeout=_seconds(table, "connect_timeout", "server", 10.0),
+        idle_timeout=_seconds(table, "idle_timeout", "server", 300.0),
+        max_options_length=_int(
+            table,
+            "max_options_length",
+            "server",
+            MAX_OPTIONS_LENGTH,
+            low=_MIN_OPTIONS_LENGTH,
+            high=MAX_OPTIONS_LENGTH,
+        ),
+        dns_resolver=resolver,
+        relay_workers=_int(table, "relay_workers", "server", 0, low=0, high=_MAX_RELAY_WORKERS),
+        log_level=level.lower(),
+    )
+
+
+def _users(table: Mapping[str, Any]) -> dict[str, str]:
+    users: dict[str, str] = {}
+    for name, stored in table.items():
+        key = f"users.{_key_text(name)}"
+        _check_user_name(name, key)
+        if not isinstance(stored, str):
+            raise ConfigError(f'{key}: must be a string "scrypt$...", not {_kind(stored)}')
+        try:
+            parse_hash(stored)
+        except ValueError as exc:
+            # The message describes the problem without echoing the secret.
+            raise ConfigError(f"{key}: the secret {exc}") from None
+        users[name] = stored
+    return users
+
+
+def _sessions(table: Mapping[str, Any]) -> SessionsConfig:
+    _check_keys(
+        table,
+        "sessions",
+        {"enabled", "idle_timeout", "max_sessions", "max_per_client_ip", "max_per_user", "max_token_window"},
+    )
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"sessions.enabled: {_show(enabled)} is not true or false")
+    return SessionsConfig(
+        enabled=enabled,
+        idle_timeout=_seconds(table, "idle_timeout", "sessions", 600.0),
+        max_sessions=_int(table, "max_sessions", "sessions", 100_000, low=1),
+        max_per_client_ip=_int(table, "max_per_client_ip", "sessions", 100, low=1),
+        max_per_user=_int(table, "max_per_user", "sessions", 1000, low=1),
+        max_token_window=_int(table, "max_token_window", "sessions", 2**16, low=0, high=MAX_WINDOW_SIZE),
+    )
+
+
+def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:
+    _check_keys(table, "udp", {"port", "dtls_port"})
+    port = _optional_int(table, "port", "udp", None, low=1, high=65535)
+    dtls_port = _optional_int(table, "dtls_port", "udp", None, low=1, high=65535)
+    if dtls_port is not None and server.tls_certificate is None:
+        raise ConfigError("udp.dtls_port: needs server.tls_certificate and server.tls_key")
+    if port is not None and port == dtls_port:
+        raise ConfigError(f"udp.dtls_port: {dtls_port} is already udp.port")
+    return UDPConfig(port=port, dtls_port=dtls_port)
+
+
+def _rule(item: object, where: str) -> Rule:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: must be a table, written [[rules]]")
+    _check_keys(item, where, {"action", "clients", "users", "commands", "destinations", "ports"})
+    if "action" not in item:
+        raise ConfigError(f'{where}.action: is required ("allow" or "deny")')
+    allow = _action(item["action"], f"{where}.action")
+
+    clients: tuple[IPNetwork, ...] | None = None
+    values = _conditions(item, "clients", where, str)
+    if values is not None:
+        clients = tuple(_parsed(parse_network, v, f"{where}.clients[{i}]") for i, v in enumerate(values))
+
+    users: frozenset[str] | None = None
+    values = _conditions(item, "users", where, str)
+    if values is not None:
+        for i, v in enumerate(values):
+            if v.startswith("@") and v not in (AUTHENTICATED, ANONYMOUS):
+                raise ConfigError(
+                    f'{where}.users[{i}]: {_show(v)} is not a user name, "{AUTHENTICATED}" or "{ANONYMOUS}"'
+                )
+        users = frozenset(values)
+
+    commands: frozenset[Command] | None = None
+    values = _conditions(item, "commands", where, str)
+    if values is not None:
+        commands = frozenset(
+            _parsed(parse_command, v, f"{where}.commands[{i}]") for i, v in enumerate(values)
+        )
+
+    destinations: tuple[IPNetwork | DomainPattern, ...] | None = None
+    values = _conditions(item, "destinations", where, str)
+    if values is not None:
+        destinations = tuple(
+            _parsed(parse_destination, v, f"{where}.destinations[{i}]") for i, v in enumerate(values)
+        )
+
+    ports: tuple[tuple[int, int], ...] | None = None
+    port_values = _conditions(item, "ports", where, (int, str))
+    if port_values is not None:
+        ports = tuple(_parsed(parse_port_range, v, f"{where}.ports[{i}]") for i, v in enumerate(port_values))
+
+    return Rule(
+        allow=allow, clients=clients, users=users, commands=commands, destinations=destinations, ports=ports
+    )
+
+
+# --- value checkers ---------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """A value as the user wrote it in TOML (strings quoted), for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int | float):
+        return str(value)
+    return _kind(value)
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a date or time"
+
+
+def _key_text(name: str) -> str:
+    # Bare TOML keys are written as is; anything else quoted, as in the file.
+    if name and all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
+        return name
+    return json.dumps(name, ensure_ascii=False)
+
+
+def _check_keys(table: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            full = f"{where}.{_key_text(key)}" if where else _key_text(key)
+            raise ConfigError(f"{full}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _table(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a table, written [{name}]")
+    return value
+
+
+def _array(table: Mapping[str, Any], key: str, where: str, default: list[Any]) -> list[Any]:
+    value = table.get(key, default)
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}.{key}: must be an array, not {_kind(value)}")
+    return value
+
+
+def _action(value: object, key: str) -> bool:
+    if value == "allow":
+        return True
+    if value == "deny":
+        return False
+    raise ConfigError(f'{key}: {_show(value)} is not "allow" or "deny"')
+
+
+def _int(
+    table: Mapping[str, Any], key: str, where: str, default: int, *, low: int, high: int | None = None
+) -> int:
+    value = _optional_int(table, key, where, default, low=low, high=high)
+    assert value is not None  # the default is an int
+    return value
+
+
+def _optional_int(
+    table: Mapping[str, Any], key: str, where: str, default: int | None, *, low: int, high: int | None = None
+) -> int | None:
+    value = table.get(key, default)
+    if value is None:
+        return None
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value <= high)
+    ):
+        return value
+    bound = f"{low}-{high}" if high is not None else f">= {low}"
+    raise ConfigError(f"{where}.{key}: {_show(value)} is not an integer {bound}")
+
+
+def _seconds(table: Mapping[str, Any], key: str, where: str, default: float) -> float:
+    value = table.get(key, default)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(f"{where}.{key}: {_show(value)} is not a number of seconds > 0")
+    return float(value)
+
+
+def _path(table: Mapping[str, Any], key: str, base: Path) -> str | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"server.{key}: {_show(value)} is not a file path")
+    path = (base / value).resolve()
+    if not path.is_file():
+        raise ConfigError(f"server.{key}: {_show(value)} does not exist or is not a file")
+    return str(path)
+
+
+def _parse_host_port(text: str, *, min_port: int) -> HostPort:
+    message = f"is not HOST:PORT with a port {min_port}-65535"
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(message)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{message} (inside [] must be an IPv6 address)") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(message)
+        if ":" in host:
+            raise ValueError(f'{message} (write an IPv6 address as "[::1]:1080")')
+        if not _valid_host(host):
+            raise ValueError(f"{message} (the host is not an IPv4 address or host name)")
+    if not port_text.isascii() or not port_text.isdigit() or not min_port <= int(port_text) <= 65535:
+        raise ValueError(message)
+    return host, int(port_text)
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+        return True
+    except ValueError:
+        pass
+    if host[0].isdigit() and all(c.isdigit() or c == "." for c in host):
+        return False  # looks like a broken IPv4 address, e.g. 127.0.0.256
+    labels = host.removesuffix(".").split(".")
+    return len(host) <= 253 and all(
+        0 < len(label) <= 63
+        and label[0] != "-"
+        and label[-1] != "-"
+        and all(c.isascii() and (c.isalnum() or c == "-") for c in label)
+        for label in labels
+    )
+
+
+def _check_listen(value: object, key: str) -> HostPort:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: {_show(value)} is not a string HOST:PORT")
+    try:
+        return parse_listen(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {_show(value)} {exc}") from None
+
+
+def _check_listen_overlap(
+    listen: tuple[HostPort, ...], tls_listen: tuple[HostPort, ...], listen_key: str, tls_key: str
+) -> None:
+    seen: set[HostPort] = set()
+    for i, address in enumerate(listen):
+        if address in seen and address[1] != 0:
+            raise ConfigError(f"{listen_key}[{i}]: {_show(_format_host_port(address))} is listed twice")
+        seen.add(address)
+    for i, address in enumerate(tls_listen):
+        if address in seen and address[1] != 0:
+            raise ConfigError(
+                f"{tls_key}[{i}]: {_show(_format_host_port(address))} is already used by "
+                f"{listen_key} or {tls_key}"
+            )
+        seen.add(address)
+
+
+def _format_host_port(address: HostPort) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_user_name(name: str, key: str) -> None:
+    if not 1 <= len(name.encode("utf-8")) <= _MAX_CREDENTIAL_LENGTH:
+        raise ConfigError(f"{key}: the user name {_show(name)} must be 1-255 bytes of UTF-8")
+    if name.startswith("@") or name == _ANY:
+        raise ConfigError(f'{key}: the user name {_show(name)} is reserved ("*" and names starting with "@")')
+
+
+def _conditions(
+    item: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]
+) -> list[Any] | None:
+    """A rule condition array; None when absent or ``["*"]`` (match anything)."""
+    if key not in item:
+        return None
+    value = item[key]
+    if not isinstance(value, list):
+        raise ConfigError(f'{where}.{key}: must be an array, e.g. ["..."], not {_kind(value)}')
+    if not value:
+        raise ConfigError(f"{where}.{key}: must not be empty (omit the key to match anything)")
+    for i, entry in enumerate(value):
+        if not isinstance(entry, kind) or isinstance(entry, bool):
+            expected = "an integer or a string" if kind is not str else "a string"
+            raise ConfigError(f"{where}.{key}[{i}]: {_show(entry)} is not {expected}")
+        if entry == _ANY:
+            if len(value) != 1:
+                raise ConfigError(f'{where}.{key}[{i}]: "*" must be the only entry')
+            return None
+    return value
+
+
+def _parsed(parser: Callable[[_V], _T], value: _V, key: str) -> _T:
+    try:
+        return parser(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {_show(value)} {exc}") from None
