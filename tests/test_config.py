@@ -1,0 +1,498 @@
+"""Tests for socks6fast.config: defaults, a full file, and one error per mistake naming the key."""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from socks6fast.auth import hash_password
+from socks6fast.config import (
+    DEFAULT_TOML,
+    Config,
+    ConfigError,
+    default_config,
+    load_config,
+    parse_config,
+    parse_listen,
+    parse_user_option,
+)
+from socks6fast.constants import AddressType, Command
+from socks6fast.errors import Socks6Error
+from socks6fast.policy import DomainPattern
+from socks6fast.sessions import MemorySessionStore
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "socks6fast.toml"
+HASH = hash_password("pw", n=2**8)
+
+
+def test_config_error_is_a_socks6_error() -> None:
+    assert issubclass(ConfigError, Socks6Error)
+
+
+# --- defaults: secure by default --------------------------------------------------------
+
+
+def test_defaults_listen_on_loopback_only() -> None:
+    config = default_config()
+    assert config.server.listen == (("127.0.0.1", 1080),)
+    assert config.server.tls_listen == ()
+    for host, _ in config.server.listen:
+        assert ipaddress.ip_address(host).is_loopback
+
+
+def test_defaults_no_auth_everything_allowed() -> None:
+    config = default_config()
+    assert not config.auth_required
+    assert not config.user_store().required
+    assert config.rules == () and config.default_allow
+    assert config.policy().check(
+        "127.0.0.1", None, Command.CONNECT, AddressType.DOMAIN_NAME, "example.com", 443
+    )
+
+
+def test_defaults_values() -> None:
+    server = default_config().server
+    assert server.max_options_length == 16384  # D6
+    assert server.dns_resolver is None  # D13: DNS service off
+    assert server.tls_certificate is None and server.tls_key is None
+    assert server.log_level == "info" and server.relay_workers == 0
+    config = default_config()
+    assert config.sessions.enabled and config.sessions.max_token_window == 65536
+    assert config.udp.port is None and config.udp.dtls_port is None
+
+
+def test_empty_document_equals_embedded_default() -> None:
+    assert parse_config({}) == default_config()
+    assert parse_config(tomllib.loads(DEFAULT_TOML)) == default_config()
+
+
+def test_config_is_frozen() -> None:
+    config = default_config()
+    with pytest.raises(AttributeError):
+        config.default_allow = False  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.users["x"] = "y"  # type: ignore[index]
+
+
+def test_session_store_from_config() -> None:
+    store = default_config().session_store()
+    assert isinstance(store, MemorySessionStore)
+    assert store.idle_timeout == 600.0 and store.max_per_client_ip == 100
+    assert parse_config({"sessions": {"enabled": False}}).session_store() is None
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+def test_example_file_loads() -> None:
+    config = load_config(EXAMPLE)
+    assert config.server.listen == (("127.0.0.1", 1080), ("::1", 1080))
+    assert len(config.rules) == 3
+    policy = config.policy()
+    assert not policy.check("127.0.0.1", "alice", Command.CONNECT, AddressType.IPV4, "169.254.169.254", 80)
+    assert not policy.check("127.0.0.1", None, Command.BIND, AddressType.IPV4, "0.0.0.0", 0)
+    assert policy.check("127.0.0.1", "alice", Command.BIND, AddressType.IPV4, "0.0.0.0", 0)
+    assert not policy.check("127.0.0.1", None, Command.CONNECT, AddressType.DOMAIN_NAME, "LocalHost", 22)
+    assert policy.check("127.0.0.1", None, Command.CONNECT, AddressType.IPV4, "127.0.0.53", 53)
+    assert policy.checks_resolved_addresses
+
+
+def test_full_file(tmp_path: Path) -> None:
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "proxy.pem").write_text("cert")
+    (tmp_path / "proxy.key").write_text("key")
+    path = tmp_path / "full.toml"
+    path.write_text(
+        f"""
+default_action = "deny"
+
+[server]
+listen = ["0.0.0.0:1080", "[::]:1080", "proxy.example:1081"]
+tls_listen = ["127.0.0.1:1443"]
+tls_certificate = "certs/proxy.pem"
+tls_key = "{tmp_path / "proxy.key"}"
+max_connections = 50
+handshake_timeout = 2
+connect_timeout = 3.5
+idle_timeout = 60
+max_options_length = 4096
+dns_resolver = "[::1]:5353"
+relay_workers = 4
+log_level = "DEBUG"
+
+[users]
+alice = "{HASH}"
+"bob smith" = "{HASH}"
+
+[sessions]
+enabled = true
+idle_timeout = 30
+max_sessions = 10
+max_per_client_ip = 2
+max_per_user = 3
+max_token_window = 0
+
+[[rules]]
+action = "allow"
+clients = ["10.0.0.0/8", "::1"]
+users = ["alice", "@authenticated"]
+commands = ["connect", "UDP_ASSOCIATE"]
+destinations = [".example.com", "192.0.2.0/24"]
+ports = [443, "8000-8999"]
+
+[[rules]]
+action = "deny"
+users = ["*"]
+
+[udp]
+port = 1080
+dtls_port = 1081
+"""
+    )
+    config = load_config(path)
+    server = config.server
+    assert server.listen == (("0.0.0.0", 1080), ("::", 1080), ("proxy.example", 1081))
+    assert server.tls_listen == (("127.0.0.1", 1443),)
+    assert server.tls_certificate == str((tmp_path / "certs" / "proxy.pem").resolve())
+    assert server.tls_key == str((tmp_path / "proxy.key").resolve())
+    assert (server.max_connections, server.handshake_timeout, server.connect_timeout) == (50, 2.0, 3.5)
+    assert isinstance(server.handshake_timeout, float)
+    assert (server.idle_timeout, server.max_options_length, server.relay_workers) == (60.0, 4096, 4)
+    assert server.dns_resolver == ("::1", 5353)
+    assert server.log_level == "debug"
+    assert dict(config.users) == {"alice": HASH, "bob smith": HASH}
+    assert config.auth_required
+    assert config.user_store().authenticate(b"bob smith", b"pw") == "bob smith"
+    sessions = config.sessions
+    assert (sessions.idle_timeout, sessions.max_sessions, sessions.max_per_client_ip) == (30.0, 10, 2)
+    assert (sessions.max_per_user, sessions.max_token_window) == (3, 0)
+    assert not config.default_allow
+    first, second = config.rules
+    assert first.allow and not second.allow
+    assert first.clients == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    assert first.users == frozenset({"alice", "@authenticated"})
+    assert first.commands == frozenset({Command.CONNECT, Command.UDP_ASSOCIATE})
+    assert first.destinations == (DomainPattern("example.com", True), ipaddress.ip_network("192.0.2.0/24"))
+    assert first.ports == ((443, 443), (8000, 8999))
+    assert second.users is None and second.clients is None
+    assert config.udp.port == 1080 and config.udp.dtls_port == 1081
+    policy = config.policy()
+    assert policy.check("10.1.1.1", "bob", Command.CONNECT, AddressType.DOMAIN_NAME, "www.example.com", 8080)
+    assert not policy.check(
+        "10.1.1.1", None, Command.CONNECT, AddressType.DOMAIN_NAME, "www.example.com", 8080
+    )
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError, match=r"missing\.toml: cannot be read"):
+        load_config(missing)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\n")
+    with pytest.raises(ConfigError, match=r"broken\.toml: is not valid TOML"):
+        load_config(broken)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"binary\.toml: is not UTF-8"):
+        load_config(binary)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nlisten = ["127.0.0.1:99999"]\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert (
+        str(info.value) == f'{bad}: server.listen[0]: "127.0.0.1:99999" is not HOST:PORT with a port 0-65535'
+    )
+
+
+# --- every mistake names its key --------------------------------------------------------
+
+CASES: list[tuple[str, str]] = [
+    # (TOML text, exact error message)
+    ("typo = 1", "typo: unknown key (allowed: default_action, rules, server, sessions, udp, users)"),
+    ('default_action = "maybe"', 'default_action: "maybe" is not "allow" or "deny"'),
+    ("server = 5", "server: must be a table, written [server]"),
+    (
+        "[server]\nlisen = []",
+        "server.lisen: unknown key (allowed: connect_timeout, dns_resolver, "
+        "handshake_timeout, idle_timeout, listen, log_level, max_connections, max_options_length, "
+        "relay_workers, tls_certificate, tls_key, tls_listen)",
+    ),
+    ('[server]\nlisten = "127.0.0.1:1080"', "server.listen: must be an array, not a string"),
+    (
+        '[server]\nlisten = ["127.0.0.1:1080", "localhost:99999"]',
+        'server.listen[1]: "localhost:99999" is not HOST:PORT with a port 0-65535',
+    ),
+    ("[server]\nlisten = [1080]", "server.listen[0]: 1080 is not a string HOST:PORT"),
+    ('[server]\nlisten = ["1080"]', 'server.listen[0]: "1080" is not HOST:PORT with a port 0-65535'),
+    (
+        '[server]\nlisten = ["::1:1080"]',
+        'server.listen[0]: "::1:1080" is not HOST:PORT with a port 0-65535 '
+        '(write an IPv6 address as "[::1]:1080")',
+    ),
+    (
+        '[server]\nlisten = ["[nope]:1080"]',
+        'server.listen[0]: "[nope]:1080" is not HOST:PORT with a port 0-65535 '
+        "(inside [] must be an IPv6 address)",
+    ),
+    (
+        '[server]\nlisten = ["127.0.0.256:1080"]',
+        'server.listen[0]: "127.0.0.256:1080" is not HOST:PORT with a port 0-65535 '
+        "(the host is not an IPv4 address or host name)",
+    ),
+    (
+        '[server]\nlisten = ["127.0.0.1:-1"]',
+        'server.listen[0]: "127.0.0.1:-1" is not HOST:PORT with a port 0-65535',
+    ),
+    (
+        '[server]\nlisten = ["127.0.0.1:1080", "127.0.0.1:1080"]',
+        'server.listen[1]: "127.0.0.1:1080" is listed twice',
+    ),
+    ("[server]\nlisten = []", "server.listen: must not be empty when server.tls_listen is empty"),
+    (
+        '[server]\ntls_listen = ["127.0.0.1:1443"]',
+        "server.tls_listen: needs server.tls_certificate and server.tls_key",
+    ),
+    ('[server]\ntls_listen = ["x:"]', 'server.tls_listen[0]: "x:" is not HOST:PORT with a port 0-65535'),
+    (
+        '[server]\ntls_certificate = "/nonexistent/cert.pem"',
+        'server.tls_certificate: "/nonexistent/cert.pem" does not exist or is not a file',
+    ),
+    ("[server]\ntls_key = 5", "server.tls_key: 5 is not a file path"),
+    ("[server]\nmax_connections = 0", "server.max_connections: 0 is not an integer >= 1"),
+    ('[server]\nmax_connections = "10"', 'server.max_connections: "10" is not an integer >= 1'),
+    ("[server]\nmax_connections = true", "server.max_connections: true is not an integer >= 1"),
+    ("[server]\nmax_connections = 1.5", "server.max_connections: 1.5 is not an integer >= 1"),
+    ("[server]\nhandshake_timeout = 0", "server.handshake_timeout: 0 is not a number of seconds > 0"),
+    ("[server]\nconnect_timeout = -1.0", "server.connect_timeout: -1.0 is not a number of seconds > 0"),
+    ("[server]\nidle_timeout = inf", "server.idle_timeout: inf is not a number of seconds > 0"),
+    ("[server]\nidle_timeout = nan", "server.idle_timeout: nan is not a number of seconds > 0"),
+    ("[server]\nidle_timeout = [1]", "server.idle_timeout: an array is not a number of seconds > 0"),
+    ("[server]\nmax_options_length = 16388", "server.max_options_length: 16388 is not an integer 1024-16384"),
+    ("[server]\nmax_options_length = 100", "server.max_options_length: 100 is not an integer 1024-16384"),
+    (
+        '[server]\ndns_resolver = "8.8.8.8"',
+        'server.dns_resolver: "8.8.8.8" is not HOST:PORT with a port 1-65535',
+    ),
+    (
+        '[server]\ndns_resolver = "127.0.0.1:0"',
+        'server.dns_resolver: "127.0.0.1:0" is not HOST:PORT with a port 1-65535',
+    ),
+    ("[server]\ndns_resolver = 53", "server.dns_resolver: 53 is not a string HOST:PORT"),
+    ("[server]\nrelay_workers = -1", "server.relay_workers: -1 is not an integer 0-1024"),
+    (
+        '[server]\nlog_level = "verbose"',
+        'server.log_level: "verbose" is not one of debug, info, warning, error, critical',
+    ),
+    ("[users]\nalice = 5", 'users.alice: must be a string "scrypt$...", not a number'),
+    (
+        '[users]\nalice = "hunter2"',
+        'users.alice: the secret is not of the form "scrypt$n=N,r=R,p=P$<salt>$<hash>"',
+    ),
+    (
+        '[users]\nalice = "scrypt$n=100,r=8,p=1$AAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA"',
+        "users.alice: the secret has scrypt n=100, which is not a power of 2 between 2 and 1048576",
+    ),
+    (
+        '[users]\n"@admin" = "x"',
+        'users."@admin": the user name "@admin" is reserved ("*" and names starting with "@")',
+    ),
+    ('[users]\n"*" = "x"', 'users."*": the user name "*" is reserved ("*" and names starting with "@")'),
+    ('[users]\n"" = "x"', 'users."": the user name "" must be 1-255 bytes of UTF-8'),
+    ("[sessions]\nenabled = 1", "sessions.enabled: 1 is not true or false"),
+    ("[sessions]\nidle_timeout = 0", "sessions.idle_timeout: 0 is not a number of seconds > 0"),
+    ("[sessions]\nmax_sessions = 0", "sessions.max_sessions: 0 is not an integer >= 1"),
+    ("[sessions]\nmax_per_client_ip = 0", "sessions.max_per_client_ip: 0 is not an integer >= 1"),
+    ("[sessions]\nmax_per_user = -5", "sessions.max_per_user: -5 is not an integer >= 1"),
+    (
+        "[sessions]\nmax_token_window = 2147483648",
+        "sessions.max_token_window: 2147483648 is not an integer 0-2147483647",
+    ),
+    (
+        "[sessions]\ntoken_window = 1",
+        "sessions.token_window: unknown key (allowed: enabled, idle_timeout, "
+        "max_per_client_ip, max_per_user, max_sessions, max_token_window)",
+    ),
+    ("rules = 5", "rules: must be an array of tables, written [[rules]]"),
+    ("rules = [5]", "rules[0]: must be a table, written [[rules]]"),
+    ("[[rules]]\nclients = []", 'rules[0].action: is required ("allow" or "deny")'),
+    ('[[rules]]\naction = "permit"', 'rules[0].action: "permit" is not "allow" or "deny"'),
+    (
+        '[[rules]]\naction = "deny"\nclient = []',
+        "rules[0].client: unknown key (allowed: action, clients, commands, destinations, ports, users)",
+    ),
+    (
+        '[[rules]]\naction = "deny"\n[[rules]]\naction = "deny"\nclients = "10.0.0.0/8"',
+        'rules[1].clients: must be an array, e.g. ["..."], not a string',
+    ),
+    (
+        '[[rules]]\naction = "deny"\nclients = []',
+        "rules[0].clients: must not be empty (omit the key to match anything)",
+    ),
+    (
+        '[[rules]]\naction = "deny"\nclients = ["10.0.0.1/8"]',
+        'rules[0].clients[0]: "10.0.0.1/8" has host bits set (write the network address, e.g. 10.0.0.0/8)',
+    ),
+    (
+        '[[rules]]\naction = "deny"\nclients = ["example.com"]',
+        'rules[0].clients[0]: "example.com" is not an IP address or CIDR network',
+    ),
+    ('[[rules]]\naction = "deny"\nclients = [10]', "rules[0].clients[0]: 10 is not a string"),
+    (
+        '[[rules]]\naction = "deny"\nusers = ["@admins"]',
+        'rules[0].users[0]: "@admins" is not a user name, "@authenticated" or "@anonymous"',
+    ),
+    ('[[rules]]\naction = "deny"\nusers = ["alice", "*"]', 'rules[0].users[1]: "*" must be the only entry'),
+    (
+        '[[rules]]\naction = "deny"\ncommands = ["associate"]',
+        'rules[0].commands[0]: "associate" is not a command (noop, connect, bind, udp_associate)',
+    ),
+    (
+        '[[rules]]\naction = "deny"\ndestinations = ["*.example.com"]',
+        'rules[0].destinations[0]: "*.example.com" is not a destination; write ".example.com" for a domain '
+        "and its subdomains",
+    ),
+    (
+        '[[rules]]\naction = "deny"\ndestinations = ["bad name"]',
+        'rules[0].destinations[0]: "bad name" is not a CIDR network, ".domain" suffix or domain name',
+    ),
+    (
+        '[[rules]]\naction = "deny"\nports = [70000]',
+        'rules[0].ports[0]: 70000 is not a port 0-65535 or a range like "8000-8999" with low <= high',
+    ),
+    (
+        '[[rules]]\naction = "deny"\nports = ["http"]',
+        'rules[0].ports[0]: "http" is not a port 0-65535 or a range like "8000-8999"',
+    ),
+    ('[[rules]]\naction = "deny"\nports = [1.5]', "rules[0].ports[0]: 1.5 is not an integer or a string"),
+    ("[udp]\nport = 0", "udp.port: 0 is not an integer 1-65535"),
+    ("[udp]\ndtls_port = 70000", "udp.dtls_port: 70000 is not an integer 1-65535"),
+    ("[udp]\ndtls_port = 1081", "udp.dtls_port: needs server.tls_certificate and server.tls_key"),
+    ("[udp]\nports = 1", "udp.ports: unknown key (allowed: dtls_port, port)"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), CASES, ids=[c[1].split(":")[0] for c in CASES])
+def test_error_names_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(tomllib.loads(text))
+    assert str(info.value) == message
+
+
+def test_certificate_and_key_must_come_together(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("x")
+    with pytest.raises(ConfigError, match="^server.tls_certificate and server.tls_key must be set together$"):
+        parse_config({"server": {"tls_certificate": "cert.pem"}}, base_dir=tmp_path)
+
+
+def test_tls_listen_overlap(tmp_path: Path) -> None:
+    (tmp_path / "c").write_text("x")
+    data: dict[str, Any] = {
+        "server": {
+            "listen": ["127.0.0.1:1080"],
+            "tls_listen": ["127.0.0.1:1080"],
+            "tls_certificate": "c",
+            "tls_key": "c",
+        }
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, base_dir=tmp_path)
+    assert (
+        str(info.value)
+        == 'server.tls_listen[0]: "127.0.0.1:1080" is already used by server.listen or server.tls_listen'
+    )
+
+
+def test_same_udp_ports(tmp_path: Path) -> None:
+    (tmp_path / "c").write_text("x")
+    data: dict[str, Any] = {
+        "server": {"tls_certificate": "c", "tls_key": "c"},
+        "udp": {"port": 5000, "dtls_port": 5000},
+    }
+    with pytest.raises(ConfigError, match="^udp.dtls_port: 5000 is already udp.port$"):
+        parse_config(data, base_dir=tmp_path)
+
+
+def test_secret_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"users": {"alice": "scrypt$n=256,r=8,p=1$!!secret!!$AAAAAAAAAAAAAAAAAAAAAA"}})
+    assert "secret!!" not in str(info.value)
+
+
+# --- helpers and CLI overrides ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:1080", ("127.0.0.1", 1080)),
+        ("[::1]:1080", ("::1", 1080)),
+        ("[::]:0", ("::", 0)),
+        ("localhost:65535", ("localhost", 65535)),
+        ("proxy-1.example.:8080", ("proxy-1.example.", 8080)),
+    ],
+)
+def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", ":1080", "127.0.0.1", "127.0.0.1:", "127.0.0.1:65536", "[::1]1080", "a b:1", "-x:1", "host:１２"],
+)
+def test_parse_listen_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        parse_listen(text)
+
+
+def test_parse_user_option() -> None:
+    assert parse_user_option("alice:pa:ss") == ("alice", "pa:ss")
+    for bad in ("alice", ":pw", "alice:"):
+        with pytest.raises(ConfigError, match="^--user: "):
+            parse_user_option(bad)
+
+
+def test_override_listen_replaces_list() -> None:
+    config = default_config().with_overrides(listen=["[::1]:1081", "127.0.0.1:0"])
+    assert config.server.listen == (("::1", 1081), ("127.0.0.1", 0))
+    assert default_config().with_overrides(listen=[]).server.listen == (("127.0.0.1", 1080),)
+
+
+def test_override_listen_error_names_flag() -> None:
+    with pytest.raises(ConfigError) as info:
+        default_config().with_overrides(listen=["127.0.0.1:1080", "nope"])
+    assert str(info.value) == '--listen: "nope" is not HOST:PORT with a port 0-65535'
+
+
+def test_override_users_turns_auth_on_and_hashes() -> None:
+    base = parse_config({"users": {"bob": HASH}})
+    config = base.with_overrides(users={"alice": "wonderland", "bob": "new"})
+    assert config.auth_required
+    assert config.users["alice"].startswith("scrypt$n=16384,r=8,p=1$")
+    assert "wonderland" not in "".join(config.users.values())
+    store = config.user_store()
+    assert store.authenticate(b"alice", b"wonderland") == "alice"
+    assert store.authenticate(b"bob", b"new") == "bob"
+    assert base.users["bob"] == HASH  # the original is untouched
+
+
+@pytest.mark.parametrize(
+    ("users", "message"),
+    [
+        ({"@x": "pw"}, '--user: the user name "@x" is reserved ("*" and names starting with "@")'),
+        ({"x" * 256: "pw"}, "must be 1-255 bytes of UTF-8"),
+        ({"alice": ""}, "--user: the password of 'alice' must be 1-255 bytes"),
+        ({"alice": "p" * 256}, "--user: the password of 'alice' must be 1-255 bytes"),
+    ],
+)
+def test_override_users_errors(users: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        default_config().with_overrides(users=users)
+    assert message in str(info.value)
+
+
+def test_config_type_is_exported() -> None:
+    assert isinstance(default_config(), Config)
