@@ -1,0 +1,767 @@
+"""Sans-IO proxy side of a SOCKS 6 connection (draft-11) and of a SOCKS 5 one (RFC 1928/1929).
+
+Strategy (h11 ``Connection``): the adapter (``socks6fast.asyncio.server``) does I/O and
+nothing else::
+
+    conn = ServerConnection(handshake_timeout=10.0, now=loop.time())
+    conn.receive_data(first_bytes)               # b"" means EOF
+    event = conn.next_event()                    # an event, NEED_DATA or PAUSED
+    write(conn.send(AuthReply(...)))             # every reply goes through send()
+
+Incoming bytes are buffered and parsed incrementally (the codec is stateless and
+tells how many bytes it still needs), so a request that trickles in one byte at a
+time yields the same events as one that arrives whole (REQ-07). The order of
+messages and which reply may follow which lives in ``_state.py``; this module maps
+messages onto those tables, converts ``WireError`` into ``RemoteProtocolError``
+carrying the reply code (STYLE.md section 4), and sorts a Request's options into a
+`RequestOptions` summary the adapter acts on.
+
+What the adapter decides (authentication, sessions, policy, connecting) stays out of
+here; the pieces of it that are pure functions of the request live here too so that
+tests can drive them without sockets: `plan_stack_options` (D9, D10), `noop_address_ok`
+(D11), `is_dns_request` (D13).
+
+Errors: after ``RemoteProtocolError`` the client's half is in ERROR. If ``exc.reply_code``
+is not None the adapter may still ``send`` one failure `OperationReply` (D14), then closes.
+The first byte decides the protocol (D1): 6 is SOCKS 6; 5 goes to
+`Socks5ServerConnection` (see `detect_protocol`); anything else makes `next_event`
+return `VersionMismatch`, answered with `VersionMismatchReply` (the single byte 6, REQ-01).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+from . import codec, socks5
+from ._state import NEED_DATA, PAUSED, NeedData, Paused, ProxyStateMachine, State
+from ._state import Event as T
+from ._state import Protocol as Protocol
+from .constants import (
+    MAX_OPTIONS_LENGTH,
+    SOCKS5_VERSION,
+    VERSION,
+    AddressType,
+    AuthMethod,
+    AuthReplyType,
+    Availability,
+    Command,
+    ReplyCode,
+    Socks5Command,
+    StackLeg,
+    UserPassStatus,
+)
+from .errors import LocalProtocolError, RemoteProtocolError, WireError
+from .messages import (
+    AuthData,
+    AuthMethodAdvertisement,
+    AuthMethodSelection,
+    AuthReply,
+    HappyEyeballsOption,
+    IdempotenceExpenditure,
+    IdempotenceRequest,
+    IPTOSOption,
+    ListenBacklogOption,
+    MultipathOption,
+    NoFragmentationOption,
+    OperationReply,
+    Option,
+    PortParityOption,
+    Request,
+    SessionID,
+    SessionRequest,
+    SessionTeardown,
+    TFOOption,
+    TTLOption,
+    UDPErrorOption,
+    VersionMismatchReply,
+)
+from .socks5 import (
+    Socks5Greeting,
+    Socks5MethodSelection,
+    Socks5Reply,
+    Socks5Request,
+    UserPassReply,
+    UserPassRequest,
+)
+
+__all__ = [
+    "NEED_DATA",
+    "PAUSED",
+    "ConnectionClosed",
+    "InitialData",
+    "LegOptions",
+    "NeedData",
+    "Paused",
+    "Protocol",
+    "RequestOptions",
+    "RequestReceived",
+    "ServerConnection",
+    "ServerEvent",
+    "Socks5ServerConnection",
+    "Socks5ServerEvent",
+    "StackPlan",
+    "State",
+    "VersionMismatch",
+    "detect_protocol",
+    "failure_reply",
+    "is_dns_request",
+    "noop_address_ok",
+    "parse_request_options",
+    "plan_stack_options",
+]
+
+#: The DNS service port (section "DNS provided by SOCKS", D13).
+DNS_PORT: Final = 53
+_UNSPECIFIED = {AddressType.IPV4: "0.0.0.0", AddressType.IPV6: "::"}
+
+
+# --- Events ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """A whole SOCKS 6 Request was read."""
+
+    request: Request
+    """The Request as decoded."""
+    options: RequestOptions
+    """Its options, sorted by purpose (see `parse_request_options`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InitialData:
+    """The initial data announced in the Authentication Method Advertisement (AUTH-06)."""
+
+    data: bytes
+    """Exactly ``initial_data_length`` bytes; to be forwarded once connected, never before
+    authentication succeeded."""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionMismatch:
+    """The first byte was neither 6 nor 5: send `VersionMismatchReply`, then close (REQ-01)."""
+
+    version: int
+    """The byte received."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The client closed the connection (EOF) before sending anything of the next message."""
+
+
+ServerEvent = RequestReceived | InitialData | UserPassRequest | VersionMismatch | ConnectionClosed
+"""What `ServerConnection.next_event` returns besides NEED_DATA and PAUSED."""
+
+Socks5ServerEvent = Socks5Greeting | UserPassRequest | Socks5Request | ConnectionClosed
+"""What `Socks5ServerConnection.next_event` returns besides NEED_DATA and PAUSED."""
+
+
+# --- Sorting a Request's options -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LegOptions:
+    """IP-level Stack options for one leg (section "Stack options")."""
+
+    tos: int | None = None
+    """IP TOS / IPv6 traffic class to set, or None."""
+    ttl: int | None = None
+    """IP TTL / IPv6 hop limit to set, or None."""
+    no_fragmentation: Availability | None = None
+    """DESIRED: enforce don't-fragment; NOT_DESIRED: leave the default; None: not asked."""
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing was asked for this leg."""
+        return self.tos is None and self.ttl is None and self.no_fragmentation is None
+
+
+@dataclass(frozen=True, slots=True)
+class StackPlan:
+    """What the Stack options of a Request ask for, checked for duplicates (D10)."""
+
+    client: LegOptions = LegOptions()
+    """Options for the client-proxy leg."""
+    remote: LegOptions = LegOptions()
+    """Options for the proxy-remote leg."""
+    both_legs: frozenset[str] = frozenset()
+    """Names (``"tos"``, ``"ttl"``, ``"no_fragmentation"``) sent once with Leg 3 (both legs):
+    the reply echoes them the same way if both legs ended up with the same value."""
+    happy_eyeballs: Availability | None = None
+    """Happy Eyeballs option (proxy-remote leg), or None."""
+    tfo_payload_size: int | None = None
+    """TFO option: largest SYN payload (0: any), or None when TFO must not be used (CMD-02)."""
+    multipath: Availability | None = None
+    """Multipath option, or None (then no MPTCP for CONNECT)."""
+    listen_backlog: int | None = None
+    """Listen Backlog option (BIND inside a session, CMD-05), or None."""
+    udp_error: Availability | None = None
+    """UDP Error option (UDP ASSOCIATE only; kept for it)."""
+    port_parity: PortParityOption | None = None
+    """Port Parity option (UDP ASSOCIATE only; kept for it)."""
+
+
+def _legs(leg: int) -> tuple[StackLeg, ...]:
+    if leg == StackLeg.BOTH:
+        return (StackLeg.CLIENT_PROXY, StackLeg.PROXY_REMOTE)
+    if leg in (StackLeg.CLIENT_PROXY, StackLeg.PROXY_REMOTE):
+        return (StackLeg(leg),)
+    return ()
+
+
+def plan_stack_options(options: tuple[Option, ...]) -> StackPlan:
+    """Collect a Request's Stack options into a `StackPlan`.
+
+    Options the proxy does not support (unknown level/code, a proxy-remote-only option
+    sent for the client-proxy leg) are silently ignored (section "Stack options", STK-01).
+
+    Raises:
+        RemoteProtocolError: two options say something about the same thing on the same
+            leg ("MUST NOT contradict one another or contain duplicate information", D10);
+            reply code GENERAL_FAILURE (STK-02).
+    """
+    seen: set[tuple[type, StackLeg]] = set()
+    legs: dict[StackLeg, LegOptions] = {
+        StackLeg.CLIENT_PROXY: LegOptions(),
+        StackLeg.PROXY_REMOTE: LegOptions(),
+    }
+    both: set[str] = set()
+    plan = StackPlan()
+    for option in options:
+        kind = type(option)
+        if isinstance(option, (IPTOSOption, TTLOption, NoFragmentationOption)):
+            applies_to = _legs(option.leg)
+        elif isinstance(option, _REMOTE_ONLY):
+            # These options only exist for the proxy-remote leg (their figures fix Leg = 2).
+            applies_to = (StackLeg.PROXY_REMOTE,) if StackLeg.PROXY_REMOTE in _legs(option.leg) else ()
+        else:
+            continue  # UnknownStackOption, or not a Stack option at all
+        for leg in applies_to:
+            if (kind, leg) in seen:
+                raise RemoteProtocolError(
+                    f"duplicate or contradictory stack options ({kind.__name__})", ReplyCode.GENERAL_FAILURE
+                )
+            seen.add((kind, leg))
+            if isinstance(option, IPTOSOption):
+                legs[leg] = replace(legs[leg], tos=option.tos)
+            elif isinstance(option, TTLOption):
+                legs[leg] = replace(legs[leg], ttl=option.ttl)
+            elif isinstance(option, NoFragmentationOption):
+                legs[leg] = replace(legs[leg], no_fragmentation=option.availability)
+            elif isinstance(option, HappyEyeballsOption):
+                plan = replace(plan, happy_eyeballs=option.availability)
+            elif isinstance(option, TFOOption):
+                plan = replace(plan, tfo_payload_size=option.payload_size)
+            elif isinstance(option, MultipathOption):
+                plan = replace(plan, multipath=option.availability)
+            elif isinstance(option, ListenBacklogOption):
+                plan = replace(plan, listen_backlog=option.backlog)
+            elif isinstance(option, UDPErrorOption):
+                plan = replace(plan, udp_error=option.availability)
+            else:
+                plan = replace(plan, port_parity=option)
+        if applies_to and option.leg == StackLeg.BOTH:
+            both.add(_IP_OPTION_NAMES[kind])
+    return replace(
+        plan,
+        client=legs[StackLeg.CLIENT_PROXY],
+        remote=legs[StackLeg.PROXY_REMOTE],
+        both_legs=frozenset(both),
+    )
+
+
+_REMOTE_ONLY = (
+    HappyEyeballsOption,
+    TFOOption,
+    MultipathOption,
+    ListenBacklogOption,
+    UDPErrorOption,
+    PortParityOption,
+)
+_IP_OPTION_NAMES: dict[type, str] = {
+    IPTOSOption: "tos",
+    TTLOption: "ttl",
+    NoFragmentationOption: "no_fragmentation",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """A Request's options sorted by purpose; unknown and misplaced ones are dropped (REQ-06)."""
+
+    stack: StackPlan = StackPlan()
+    """Stack options (D9, D10)."""
+    advertised_methods: tuple[int, ...] | None = None
+    """Methods of the Authentication Method Advertisement, or None when there was none."""
+    initial_data_length: int = 0
+    """Bytes of initial data after the Request (CONNECT with an advertisement only)."""
+    credentials: UserPassRequest | None = None
+    """The RFC 1929 request of the first method-2 Authentication Data option (0-RTT)."""
+    malformed_credentials: bool = False
+    """A method-2 Authentication Data option was present but did not hold an RFC 1929 request."""
+    session_request: bool = False
+    """Session Request option present."""
+    session_id: bytes | None = None
+    """Session ID option, or None."""
+    session_teardown: bool = False
+    """Session Teardown option present."""
+    token_request: int | None = None
+    """Requested token window size (Token Request), or None."""
+    token: int | None = None
+    """Token being spent (Idempotence Expenditure), or None."""
+    auth_data: dict[int, bytes] = field(default_factory=dict)
+    """Authentication Data by method (first option per method; "MUST only place one")."""
+
+
+def parse_request_options(request: Request) -> RequestOptions:
+    """Sort a Request's options into a `RequestOptions`.
+
+    Raises:
+        RemoteProtocolError: contradictory or duplicate Stack options (D10).
+    """
+    options = request.options
+    advert: AuthMethodAdvertisement | None = None
+    auth_data: dict[int, bytes] = {}
+    session_request = teardown = False
+    session_id: bytes | None = None
+    token_request: int | None = None
+    token: int | None = None
+    for option in options:
+        if isinstance(option, AuthMethodAdvertisement):
+            advert = advert or option
+        elif isinstance(option, AuthData):
+            auth_data.setdefault(option.method, option.data)
+        elif isinstance(option, SessionRequest):
+            session_request = True
+        elif isinstance(option, SessionID):
+            session_id = session_id if session_id is not None else option.session_id
+        elif isinstance(option, SessionTeardown):
+            teardown = True
+        elif isinstance(option, IdempotenceRequest):
+            token_request = option.window_size if token_request is None else token_request
+        elif isinstance(option, IdempotenceExpenditure):
+            token = option.token if token is None else token
+    credentials: UserPassRequest | None = None
+    malformed = False
+    data = auth_data.get(AuthMethod.USERNAME_PASSWORD)
+    if data is not None:
+        try:
+            credentials, _ = socks5.decode_userpass_request(data)
+        except WireError:
+            credentials = None
+        # Only NUL padding may follow the RFC 1929 request inside the option.
+        malformed = credentials is None
+    initial = 0
+    if advert is not None and request.command == Command.CONNECT:
+        # section "Authentication Method options": the length only means something for CONNECT.
+        initial = advert.initial_data_length
+    return RequestOptions(
+        stack=plan_stack_options(options),
+        advertised_methods=advert.methods if advert is not None else None,
+        initial_data_length=initial,
+        credentials=credentials,
+        malformed_credentials=malformed,
+        session_request=session_request,
+        session_id=session_id,
+        session_teardown=teardown,
+        token_request=token_request,
+        token=token,
+        auth_data=auth_data,
+    )
+
+
+def noop_address_ok(request: Request) -> bool:
+    """NOOP: "Address Type MUST be either 0x01 (IPv4) or 0x04 (IPv6)", address and port 0 (D11)."""
+    if request.port != 0 or request.address_type not in _UNSPECIFIED:
+        return False
+    return ipaddress.ip_address(request.address).is_unspecified
+
+
+def is_dns_request(request: Request) -> bool:
+    """CONNECT to 0.0.0.0:53 or [::]:53 asks for the proxy's DNS service (section "DNS
+    provided by SOCKS", D13)."""
+    return (
+        request.command == Command.CONNECT
+        and request.port == DNS_PORT
+        and request.address_type in _UNSPECIFIED
+        and ipaddress.ip_address(request.address).is_unspecified
+    )
+
+
+def failure_reply(code: ReplyCode, options: tuple[Option, ...] = ()) -> OperationReply:
+    """An Operation Reply for a failure: unspecified IPv4 address, port 0."""
+    return OperationReply(code, AddressType.IPV4, "0.0.0.0", 0, options)
+
+
+def detect_protocol(first_byte: int) -> Protocol | None:
+    """Which protocol a connection starting with ``first_byte`` speaks (D1).
+
+    Returns:
+        SOCKS6 for 6, SOCKS5 for 5, None for anything else (Version Mismatch, REQ-01).
+    """
+    if first_byte == VERSION:
+        return Protocol.SOCKS6
+    if first_byte == SOCKS5_VERSION:
+        return Protocol.SOCKS5
+    return None
+
+
+# --- The connections ----------------------------------------------------------------
+
+
+class _ProxyConnection:
+    """Buffering, EOF, the handshake timer and error conversion shared by both protocols."""
+
+    __slots__ = ("_buf", "_deadline", "_eof", "_state")
+
+    def __init__(self, protocol: Protocol, handshake_timeout: float | None, now: float) -> None:
+        self._state = ProxyStateMachine(protocol)
+        self._buf = bytearray()
+        self._eof = False
+        self._deadline = None if handshake_timeout is None else now + handshake_timeout
+
+    @property
+    def their_state(self) -> State:
+        """What the client may send next (see `State`)."""
+        return self._state.their_state
+
+    @property
+    def our_state(self) -> State:
+        """What we may send next (see `State`)."""
+        return self._state.our_state
+
+    @property
+    def client_closed(self) -> bool:
+        """True once EOF was received from the client."""
+        return self._eof
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]:
+        """``(bytes, closed)``: bytes received after the handshake, not yet consumed, and
+        whether the client already sent EOF. Meant for the relay hand-off, when the
+        client's state is DATA: these bytes are application data (false start, CMD-03)
+        and must reach the remote host before anything read later."""
+        return bytes(self._buf), self._eof
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes received from the client.
+
+        Args:
+            data: the bytes; ``b""`` means the client closed its sending side (EOF).
+
+        Raises:
+            RuntimeError: data after EOF.
+        """
+        if data:
+            if self._eof:
+                raise RuntimeError("received data after EOF")
+            self._buf += data
+        else:
+            self._eof = True
+
+    def get_timer(self) -> float | None:
+        """When the handshake times out, while we are still waiting for client bytes.
+
+        Returns:
+            The deadline (same clock as ``now``) or None when no timer is running.
+        """
+        if self._deadline is None or self.their_state not in _READING:
+            return None
+        return self._deadline
+
+    def handle_timer(self, now: float) -> None:
+        """Check the handshake deadline ("the request is not fully received after a
+        certain timeout", section "Large requests"; REQ-08).
+
+        Raises:
+            RemoteProtocolError: the deadline has passed (reply_code None: close without
+                a reply); the client's half is then in ERROR.
+        """
+        deadline = self.get_timer()
+        if deadline is not None and now >= deadline:
+            self._state.process_error()
+            raise RemoteProtocolError("handshake timed out", None)
+
+    def _check_readable(self) -> None:
+        if self.their_state is State.ERROR:
+            raise RemoteProtocolError("cannot read after a protocol error", None)
+
+    def _fail(self, exc: WireError | RemoteProtocolError) -> RemoteProtocolError:
+        self._state.process_error()
+        if isinstance(exc, RemoteProtocolError):
+            return exc
+        return RemoteProtocolError(str(exc), exc.reply_code)
+
+    def _eof_or_need(self, what: str) -> ConnectionClosed | NeedData:
+        # EOF with nothing buffered between messages is a clean close; inside one it is an
+        # error with no reply to give (D14: nothing readable to answer).
+        if not self._eof:
+            return NEED_DATA
+        if self._buf:
+            self._state.process_error()
+            raise RemoteProtocolError(f"connection closed in the middle of {what}", None)
+        self._state.process_client_eof()
+        return ConnectionClosed()
+
+
+# Client states in which we wait for client bytes, so the handshake timer runs.
+_READING = frozenset({State.SEND_GREETING, State.SEND_REQUEST, State.SEND_INITIAL_DATA, State.SEND_USERPASS})
+
+
+class ServerConnection(_ProxyConnection):
+    """Proxy side of one SOCKS 6 connection, sans I/O.
+
+    Args:
+        max_options_length: cap on a Request's Options Length (D6, REQ-03); larger
+            values are rejected from the header, before any option byte is buffered.
+        handshake_timeout: seconds the client has to send its handshake messages
+            (REQ-08), or None for no limit. Read it with `get_timer`.
+        now: the current time on the clock the caller uses for `handle_timer`.
+    """
+
+    __slots__ = ("_command", "_max_options_length", "options", "request")
+
+    def __init__(
+        self,
+        *,
+        max_options_length: int = MAX_OPTIONS_LENGTH,
+        handshake_timeout: float | None = None,
+        now: float = 0.0,
+    ) -> None:
+        super().__init__(Protocol.SOCKS6, handshake_timeout, now)
+        self._max_options_length = max_options_length
+        self._command: Command | None = None
+        self.request: Request | None = None
+        """The Request, once read."""
+        self.options: RequestOptions | None = None
+        """The Request's sorted options, once read."""
+
+    def next_event(self) -> ServerEvent | NeedData | Paused:
+        """Parse the next message the client sent.
+
+        Returns:
+            `RequestReceived`, `InitialData`, ``UserPassRequest`` (slow username/password
+            exchange, D7), `VersionMismatch`, `ConnectionClosed`; NEED_DATA when more bytes
+            are needed; PAUSED when the client waits for us or the rest is application
+            data (then see `trailing_data`).
+
+        Raises:
+            RemoteProtocolError: the client broke the protocol. ``reply_code`` is the code
+                of the failure Operation Reply to send (D14), or None to close silently.
+        """
+        self._check_readable()
+        state = self.their_state
+        try:
+            if state is State.SEND_REQUEST:
+                return self._read_request()
+            if state is State.SEND_INITIAL_DATA:
+                return self._read_initial_data()
+            if state is State.SEND_USERPASS:
+                return self._read_userpass()
+        except (WireError, RemoteProtocolError) as exc:
+            raise self._fail(exc) from exc
+        if state is State.CLOSED:
+            return ConnectionClosed()
+        return PAUSED
+
+    def _read_request(self) -> RequestReceived | VersionMismatch | ConnectionClosed | NeedData:
+        buf = self._buf
+        if not buf:
+            return self._eof_or_need("a request")
+        if buf[0] != VERSION:
+            self._state.process_their_event(T.BAD_VERSION)
+            return VersionMismatch(buf[0])
+        request, n = codec.decode_request(buf, 0, self._max_options_length)
+        if request is None:
+            return self._eof_or_need("a request")
+        options = parse_request_options(request)
+        del buf[:n]
+        self.request, self.options, self._command = request, options, request.command
+        if options.initial_data_length:
+            event = T.REQUEST_WITH_INITIAL_DATA
+        elif options.advertised_methods is not None:
+            event = T.REQUEST_ADVERTISING
+        else:
+            event = T.REQUEST
+        self._state.process_their_event(event)
+        return RequestReceived(request, options)
+
+    def _read_initial_data(self) -> InitialData | NeedData | ConnectionClosed:
+        assert self.options is not None
+        n = self.options.initial_data_length
+        if len(self._buf) < n:
+            if self._eof:
+                raise RemoteProtocolError("connection closed in the middle of the initial data", None)
+            return NEED_DATA
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._state.process_their_event(T.INITIAL_DATA)
+        return InitialData(data)
+
+    def _read_userpass(self) -> UserPassRequest | NeedData | ConnectionClosed:
+        request, n = socks5.decode_userpass_request(self._buf)
+        if request is None:
+            return self._eof_or_need("a username/password request")
+        del self._buf[:n]
+        self._state.process_their_event(T.USERPASS)
+        return request
+
+    def send(self, event: AuthReply | UserPassReply | OperationReply | VersionMismatchReply) -> bytes:
+        """Encode a reply and move the state machine.
+
+        Args:
+            event: `AuthReply` (Type 1 with an Authentication Method Selection naming
+                username/password starts the slow exchange, D7; the second Authentication
+                Reply may not), ``UserPassReply`` (slow exchange), `OperationReply` (twice
+                for BIND), or `VersionMismatchReply` after a `VersionMismatch` event.
+
+        Returns:
+            The bytes to write.
+
+        Raises:
+            LocalProtocolError: the message is not allowed now, or is malformed.
+        """
+        if isinstance(event, AuthReply):
+            transition = _auth_transition(event)
+            if transition is T.AUTH_SELECT_USERPASS and self.our_state is State.SEND_FINAL_AUTH_REPLY:
+                # AUTH-04: "The second Authentication Reply MUST NOT allow for further negotiations".
+                raise LocalProtocolError("the second Authentication Reply cannot select a method")
+            data = codec.encode_auth_reply(event)
+        elif isinstance(event, UserPassReply):
+            ok = event.status == UserPassStatus.SUCCESS
+            transition = T.USERPASS_SUCCESS if ok else T.USERPASS_FAILURE
+            data = socks5.encode_userpass_reply(event)
+        elif isinstance(event, OperationReply):
+            transition = self._operation_transition(event.reply_code)
+            data = codec.encode_operation_reply(event)
+        elif isinstance(event, VersionMismatchReply):
+            transition = T.VERSION_MISMATCH_REPLY
+            data = codec.encode_version_mismatch()
+        else:
+            raise LocalProtocolError(f"cannot send {event!r}")
+        self._state.process_our_event(transition)
+        return data
+
+    def _operation_transition(self, code: ReplyCode) -> T:
+        if code != ReplyCode.SUCCESS:
+            return T.OP_FAILURE
+        if self.our_state is State.SEND_BIND_REPLY:
+            return T.OP_SUCCESS
+        if self._command == Command.NOOP:
+            # section "Operation Replies": the client closes after the reply to NOOP.
+            return T.OP_SUCCESS_FINAL
+        if self._command == Command.BIND:
+            return T.OP_SUCCESS_FIRST_BIND
+        return T.OP_SUCCESS
+
+
+def _auth_transition(reply: AuthReply) -> T:
+    if reply.type == AuthReplyType.SUCCESS:
+        return T.AUTH_SUCCESS
+    for option in reply.options:
+        if isinstance(option, AuthMethodSelection) and option.method == AuthMethod.USERNAME_PASSWORD:
+            return T.AUTH_SELECT_USERPASS
+    return T.AUTH_FAILURE
+
+
+class Socks5ServerConnection(_ProxyConnection):
+    """Proxy side of one SOCKS 5 connection (RFC 1928, RFC 1929 authentication), sans I/O.
+
+    Same shape as `ServerConnection`: greeting, optional RFC 1929 exchange, request,
+    reply (two for BIND), then the bytes belong to the relay.
+
+    Args:
+        handshake_timeout: seconds the client has for its handshake messages, or None.
+        now: the current time on the caller's clock.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, *, handshake_timeout: float | None = None, now: float = 0.0) -> None:
+        super().__init__(Protocol.SOCKS5, handshake_timeout, now)
+        self.request: Socks5Request | None = None
+        """The request, once read."""
+
+    def next_event(self) -> Socks5ServerEvent | NeedData | Paused:
+        """Parse the next message the client sent.
+
+        Returns:
+            ``Socks5Greeting``, ``UserPassRequest``, ``Socks5Request``, `ConnectionClosed`,
+            NEED_DATA or PAUSED (see `ServerConnection.next_event`).
+
+        Raises:
+            RemoteProtocolError: malformed input. ``reply_code`` is set when a SOCKS 5
+                reply with that code can still be sent (a bad request); None otherwise.
+        """
+        self._check_readable()
+        state = self.their_state
+        try:
+            if state is State.SEND_GREETING:
+                greeting, n = socks5.decode_greeting(self._buf)
+                if greeting is None:
+                    return self._eof_or_need("a greeting")
+                del self._buf[:n]
+                self._state.process_their_event(T.GREETING)
+                return greeting
+            if state is State.SEND_USERPASS:
+                userpass, n = socks5.decode_userpass_request(self._buf)
+                if userpass is None:
+                    return self._eof_or_need("a username/password request")
+                del self._buf[:n]
+                self._state.process_their_event(T.USERPASS)
+                return userpass
+            if state is State.SEND_REQUEST:
+                request, n = socks5.decode_request(self._buf)
+                if request is None:
+                    return self._eof_or_need("a request")
+                del self._buf[:n]
+                self.request = request
+                self._state.process_their_event(T.REQUEST)
+                return request
+        except (WireError, RemoteProtocolError) as exc:
+            raise self._fail(exc) from exc
+        if state is State.CLOSED:
+            return ConnectionClosed()
+        return PAUSED
+
+    def send(self, event: Socks5MethodSelection | UserPassReply | Socks5Reply) -> bytes:
+        """Encode a SOCKS 5 message and move the state machine.
+
+        Returns:
+            The bytes to write.
+
+        Raises:
+            LocalProtocolError: the message is not allowed now, or is malformed.
+        """
+        if isinstance(event, Socks5MethodSelection):
+            if event.method == AuthMethod.NONE:
+                transition = T.METHOD_NONE
+            elif event.method == AuthMethod.USERNAME_PASSWORD:
+                transition = T.METHOD_USERPASS
+            elif event.method == AuthMethod.NO_ACCEPTABLE_METHODS:
+                transition = T.METHOD_REJECTED
+            else:
+                raise LocalProtocolError(f"method {event.method} is not implemented")
+            data = socks5.encode_method_selection(event)
+        elif isinstance(event, UserPassReply):
+            ok = event.status == UserPassStatus.SUCCESS
+            transition = T.USERPASS_SUCCESS if ok else T.USERPASS_FAILURE
+            data = socks5.encode_userpass_reply(event)
+        elif isinstance(event, Socks5Reply):
+            if event.reply_code != ReplyCode.SUCCESS:
+                transition = T.OP_FAILURE
+            elif self.our_state is State.SEND_OPERATION_REPLY and self._is_bind():
+                transition = T.OP_SUCCESS_FIRST_BIND
+            else:
+                transition = T.OP_SUCCESS
+            data = socks5.encode_reply(event)
+        else:
+            raise LocalProtocolError(f"cannot send {event!r}")
+        self._state.process_our_event(transition)
+        return data
+
+    def _is_bind(self) -> bool:
+        return self.request is not None and self.request.command == Socks5Command.BIND
