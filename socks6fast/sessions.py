@@ -77,7 +77,9 @@ class TokenWindow:
     * when a "sufficiently high-order" token is spent, here one in the upper half of the
       window (offset > size // 2), the base moves so that token sits at offset size // 2:
       tokens lagging more than half a window behind the newest spend are treated as lost
-      and become ineligible (refusing a token is always safe; accepting one twice is not);
+      and become ineligible (refusing a token is always safe; accepting one twice is not).
+      A client that never uses a token more than size // 2 above its oldest unanswered one
+      never loses a token this way, whatever order its requests arrive in;
     * if a client keeps more than `MAX_SPENT_TRACKED` spent tokens above an unspent base,
       the base moves past the lowest of them, for the same reason;
     * the base never moves past the highest unspent token of the window ("SHOULD NOT shift

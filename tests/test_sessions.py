@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sys
 
 import pytest
@@ -377,4 +378,23 @@ def test_base_never_wraps_onto_spent_tokens() -> None:  # IDM-03, IDM-04
     assert total >= 0
     assert window._advance_left == 0  # ran out of room
     for token in spent:
+        assert not window.spend(token)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 8, 16, 17])
+def test_half_window_spread_never_loses_tokens(size: int) -> None:  # IDM-03, IDM-04
+    """A client that stays within size // 2 of its oldest unanswered token, with its requests
+    arriving in any order, gets every token accepted."""
+    rng = random.Random(size)
+    start = MOD - 20  # crosses the wrap as well
+    window = TokenWindow(start, size)
+    in_flight: list[int] = []
+    next_token = start
+    for _ in range(500):
+        oldest = min(in_flight, default=next_token)
+        while next_token - oldest <= size // 2:
+            in_flight.append(next_token)
+            next_token += 1
+        token = in_flight.pop(rng.randrange(len(in_flight)))
+        assert window.spend(token), (token & (MOD - 1), window.current)
         assert not window.spend(token)
