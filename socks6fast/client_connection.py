@@ -50,10 +50,13 @@ from enum import Enum
 from typing import Final
 
 from . import codec
+from ._state import NEED_DATA, PAUSED, NeedData, Paused
 from .constants import (
     MAX_INITIAL_DATA_LENGTH,
     MAX_OPTIONS_LENGTH,
     MAX_WINDOW_SIZE,
+    OPTION_HEADER_LENGTH,
+    VERSION,
     AddressType,
     AuthMethod,
     AuthReplyType,
@@ -113,36 +116,12 @@ __all__ = [
     "tls_early_data_allowed",
 ]
 
-_VERSION_BYTE: Final = 6  # == constants.VERSION; a bytes literal needs the int
 _TOKEN_MASK: Final = 2**32 - 1
-#: The RFC 1929 reply is VER STATUS.
-_USERPASS_REPLY_LENGTH: Final = 2
 #: Authentication Data option header: Kind (2), Length (2), Method (1).
-_AUTH_DATA_HEADER_LENGTH: Final = 5
+_AUTH_DATA_HEADER_LENGTH: Final = OPTION_HEADER_LENGTH + 1
 #: Methods this connection can carry out when the proxy asks for a negotiation.
 _NEGOTIABLE_METHODS: Final = frozenset({AuthMethod.USERNAME_PASSWORD})
 
-
-class NeedData:
-    """Sentinel type: `next_event` needs more bytes (h11 ``NEED_DATA``)."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-class Paused:
-    """Sentinel type: the handshake is over; bytes that followed are in `trailing_data`."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "PAUSED"
-
-
-NEED_DATA: Final = NeedData()
-PAUSED: Final = Paused()
 
 ClientEvent = AuthReply | UserPassReply | OperationReply | NeedData | Paused
 """What `ClientConnection.next_event` returns."""
@@ -776,11 +755,11 @@ class ClientConnection:
 
     def _read_first_auth_reply(self) -> ClientEvent:
         buffer = self._buffer
-        if buffer and buffer[0] != _VERSION_BYTE:
+        if buffer and buffer[0] != VERSION:
             raise VersionMismatchError(
                 f"the proxy does not speak SOCKS 6 (first reply byte {buffer[0]:#04x})"
             )
-        if self._eof and bytes(buffer) == bytes((_VERSION_BYTE,)):
+        if self._eof and bytes(buffer) == bytes((VERSION,)):
             # REQ-02: the single byte 6 followed by EOF is a Version Mismatch Reply
             # ("A client MUST close the connection after receiving such a reply").
             raise VersionMismatchError("the proxy sent a Version Mismatch Reply")

@@ -6,13 +6,15 @@ encoding). An IPv6 host is written in brackets: ``socks6://[::1]:1080``.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote_to_bytes, urlsplit
 
+from .constants import MAX_USERPASS_LENGTH
 from .socks5 import UserPassRequest
 
-__all__ = ["DEFAULT_PORT", "SCHEMES", "ProxyURL", "parse_proxy_url"]
+__all__ = ["DEFAULT_PORT", "SCHEMES", "ProxyURL", "parse_proxy_url", "proxy_ssl_context"]
 
 #: Port used when the URL names none: the SOCKS port of RFC 1928 (the draft asks IANA for a
 #: SOCKS-over-TLS port but none is assigned, so socks6+tls uses it too).
@@ -81,6 +83,23 @@ def parse_proxy_url(url: str) -> ProxyURL:
     username = None if parts.username is None else unquote_to_bytes(parts.username)
     password = b"" if parts.password is None else unquote_to_bytes(parts.password)
     for what, value in (("username", username), ("password", password)):
-        if value is not None and len(value) > 255:
+        if value is not None and len(value) > MAX_USERPASS_LENGTH:
             raise ValueError(f"the proxy {what} is over 255 bytes (RFC 1929)")
     return ProxyURL(host, DEFAULT_PORT if port is None else port, SCHEMES[scheme], username, password)
+
+
+def proxy_ssl_context(url: ProxyURL, proxy_ssl: ssl.SSLContext | bool | None) -> ssl.SSLContext | None:
+    """The TLS context towards the proxy: verifying by default (TRN-03).
+
+    Raises:
+        ValueError: ``proxy_ssl`` given for a plaintext URL, or False for socks6+tls.
+    """
+    if not url.tls:
+        if proxy_ssl not in (None, False):
+            raise ValueError("proxy_ssl needs a socks6+tls:// proxy URL")
+        return None
+    if proxy_ssl is False:
+        raise ValueError("socks6+tls:// with proxy_ssl=False: use socks6:// for a plaintext proxy")
+    if proxy_ssl is None or proxy_ssl is True:
+        return ssl.create_default_context()
+    return proxy_ssl
