@@ -16,6 +16,9 @@ Out of scope here (connection/server behaviour, tested by their owners):
   D14 (what the proxy replies to an unparsable request).
 """
 
+# Encoder refusal tables pass ill-typed values on purpose.
+# mypy: disable-error-code="arg-type"
+
 from __future__ import annotations
 
 import re
@@ -607,21 +610,23 @@ MESSAGE_VECTORS = [
 
 
 def _decoder(codec: CodecAPI, kind: str) -> Callable[..., tuple[Any, int]]:
-    return {
+    table: dict[str, Callable[..., tuple[Any, int]]] = {
         "request": codec.decode_request,
         "auth_reply": codec.decode_auth_reply,
         "operation_reply": codec.decode_operation_reply,
         "association": codec.decode_association_message,
-    }[kind]
+    }
+    return table[kind]
 
 
 def _encoder(codec: CodecAPI, kind: str) -> Callable[[Any], bytes]:
-    return {
+    table: dict[str, Callable[[Any], bytes]] = {
         "request": codec.encode_request,
         "auth_reply": codec.encode_auth_reply,
         "operation_reply": codec.encode_operation_reply,
         "association": codec.encode_association_message,
-    }[kind]
+    }
+    return table[kind]
 
 
 def expected_needed(kind: str, wire: bytes, n: int) -> int:
@@ -1396,7 +1401,7 @@ def test_datagram_header_errors(
 
 
 def _req(address_type: int, address: Any, port: Any = 80, options: Any = ()) -> Request:
-    return Request(Command.CONNECT, address_type, address, port, options)  # type: ignore[arg-type]
+    return Request(Command.CONNECT, address_type, address, port, options)
 
 
 BAD_ENCODES: list[tuple[str, str, Any, str]] = [
@@ -1424,7 +1429,7 @@ BAD_ENCODES: list[tuple[str, str, Any, str]] = [
     (
         "command-4",
         "request",
-        Request(4, AddressType.IPV4, "1.2.3.4", 1),  # type: ignore[arg-type]
+        Request(4, AddressType.IPV4, "1.2.3.4", 1),
         "command is not supported",
     ),
     (
@@ -1442,10 +1447,10 @@ BAD_ENCODES: list[tuple[str, str, Any, str]] = [
     (
         "reply-code-10",
         "operation_reply",
-        OperationReply(10, AddressType.IPV4, "1.2.3.4", 1),  # type: ignore[arg-type]
+        OperationReply(10, AddressType.IPV4, "1.2.3.4", 1),
         "reply code is unknown",
     ),
-    ("auth-type-2", "auth_reply", AuthReply(2), "authentication reply type is unknown"),  # type: ignore[arg-type]
+    ("auth-type-2", "auth_reply", AuthReply(2), "authentication reply type is unknown"),
 ]
 
 BAD_OPTIONS: list[tuple[str, Any, str]] = [
