@@ -1019,15 +1019,17 @@ def _encode_message_options(options: Sequence[Option]) -> bytes:
 
 
 def _encode_addressed(
-    code: int, address_type: object, address: object, port: object, options: bytes
+    code: int, address_type: object, address: object, port: object, options: Sequence[Option]
 ) -> bytes:
+    # Checked in this order: address type, address, port, options.
     if not _in_table(address_type, _ADDRESS_TYPES):
         raise LocalProtocolError("address type is not supported")
     assert isinstance(address_type, int)
     field = _encode_address(address_type, address)
     port_value = _check_int(port, _U16_MAX, "port")
-    header = _ADDRESSED_HEADER.pack(VERSION, code, len(options), port_value, 0, address_type)
-    return header + field + options
+    encoded = _encode_message_options(options)
+    header = _ADDRESSED_HEADER.pack(VERSION, code, len(encoded), port_value, 0, address_type)
+    return header + field + encoded
 
 
 def encode_request(request: Request) -> bytes:
@@ -1040,8 +1042,9 @@ def encode_request(request: Request) -> bytes:
     """
     if not _in_table(request.command, _COMMANDS):
         raise LocalProtocolError("command is not supported")
-    options = _encode_message_options(request.options)
-    return _encode_addressed(request.command, request.address_type, request.address, request.port, options)
+    return _encode_addressed(
+        request.command, request.address_type, request.address, request.port, request.options
+    )
 
 
 def encode_operation_reply(reply: OperationReply) -> bytes:
@@ -1053,8 +1056,7 @@ def encode_operation_reply(reply: OperationReply) -> bytes:
     """
     if not _in_table(reply.reply_code, _REPLY_CODES):
         raise LocalProtocolError("reply code is unknown")
-    options = _encode_message_options(reply.options)
-    return _encode_addressed(reply.reply_code, reply.address_type, reply.address, reply.port, options)
+    return _encode_addressed(reply.reply_code, reply.address_type, reply.address, reply.port, reply.options)
 
 
 def encode_auth_reply(reply: AuthReply) -> bytes:
@@ -1210,8 +1212,8 @@ def encode_association_message(message: AssociationMessage) -> bytes:
         payload = message.payload
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise LocalProtocolError("datagram payload is not bytes")
-        if type(message.header) is not DatagramHeader:
-            raise LocalProtocolError("datagram header is not a DatagramHeader")
+        if not isinstance(message.header, DatagramHeader):
+            raise LocalProtocolError("datagram header has the wrong type")
         header = _encode_datagram_header(message.header)
         if message.header.message_length != len(header) + len(payload):
             raise LocalProtocolError("message length does not match header and payload")

@@ -91,6 +91,34 @@ unless stated):
   "message type N is unknown"                "message type N is not a datagram"
   "message length N is less than M"          "message length N is not M"
   "datagram error code N is unknown"         "datagram header is truncated"
+
+Encoder errors (``LocalProtocolError``, reply_code GENERAL_FAILURE, no values in the text).
+Check order: message code/type/command first, then address type, address, port,
+options (each option in order, its fields in wire order), then the 16384 cap.
+Datagram Header: association id, address type, address, port, message length.
+Datagram Error: association id, both address types, address, reporter address,
+port, error code. ``X is out of range`` covers non-int values too, with X one of:
+"port", "ip tos", "ttl", "tfo payload size", "listen backlog", "authentication
+method", "initial data length", "idempotence window size", "idempotence window
+base", "idempotence token", "stack leg", "stack level", "stack code", "option kind",
+"message length". Others:
+
+  "command is not supported"  "reply code is unknown"  "authentication reply type is unknown"
+  "address type is not supported"  "address is not a string"  "address is not a valid ip address"
+  "domain name is empty"  "domain name is longer than 255 bytes"  "domain name contains a nul byte"
+  "domain name is not valid unicode"  "options is not a tuple or list"  "options length exceeds 16384"
+  "not a socks 6 option"  "option is longer than 65535 bytes"  "stack option availability is out of range"
+  "port parity is out of range"  "port parity reserve is not a bool"
+  "authentication method 0 is never advertised"  "authentication data is not bytes"
+  "session id is not bytes"  "session id length is not a positive multiple of 4"
+  "unknown option uses a known kind"  "option data is not bytes"
+  "option data length is not a multiple of 4"  "unknown stack option uses a known level and code"
+  "stack option data is not bytes"  "stack option data length is not 2 modulo 4"
+  "association id is not 8 bytes"  "datagram payload is not bytes"  "datagram header has the wrong type"
+  "message length is less than the header length"
+  "message length does not match header and payload"
+  "datagram error address type is not ipv4 or ipv6"  "datagram error code is unknown"
+  "not a udp association message"  "output buffer is too small"
 """
 
 from __future__ import annotations
