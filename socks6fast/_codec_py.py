@@ -842,10 +842,11 @@ def _encode_availability(value: object) -> int:
     return value
 
 
-def _stack(w: Writer, leg: object, code: StackCode, value: bytes) -> None:
+def _stack(w: Writer, leg: int, code: StackCode, value: bytes) -> None:
+    # Every Stack option draft-11 defines: Kind 1, Length 8, Leg|Level, Code, 2 bytes.
     w.push_u16(OptionKind.STACK)
     w.push_u16(STACK_OPTION_LENGTH)
-    w.push_u8((_encode_stack_leg(leg) << _STACK_LEG_SHIFT) | (code >> 8))
+    w.push_u8((leg << _STACK_LEG_SHIFT) | (code >> 8))
     w.push_u8(code & _U8_MAX)
     w.push_bytes(value)
 
@@ -853,33 +854,42 @@ def _stack(w: Writer, leg: object, code: StackCode, value: bytes) -> None:
 def _encode_option(w: Writer, option: Option) -> None:
     match option:
         case IPTOSOption():
-            _stack(w, option.leg, StackCode.IP_TOS, bytes([_check_int(option.tos, _U8_MAX, "ip tos"), 0]))
+            leg = _encode_stack_leg(option.leg)
+            _stack(w, leg, StackCode.IP_TOS, bytes([_check_int(option.tos, _U8_MAX, "ip tos"), 0]))
         case HappyEyeballsOption():
+            leg = _encode_stack_leg(option.leg)
             value = bytes([_encode_availability(option.availability), 0])
-            _stack(w, option.leg, StackCode.HAPPY_EYEBALLS, value)
+            _stack(w, leg, StackCode.HAPPY_EYEBALLS, value)
         case TTLOption():
-            _stack(w, option.leg, StackCode.TTL, bytes([_check_int(option.ttl, _U8_MAX, "ttl"), 0]))
+            leg = _encode_stack_leg(option.leg)
+            _stack(w, leg, StackCode.TTL, bytes([_check_int(option.ttl, _U8_MAX, "ttl"), 0]))
         case NoFragmentationOption():
+            leg = _encode_stack_leg(option.leg)
             value = bytes([_encode_availability(option.availability), 0])
-            _stack(w, option.leg, StackCode.NO_FRAGMENTATION, value)
+            _stack(w, leg, StackCode.NO_FRAGMENTATION, value)
         case TFOOption():
+            leg = _encode_stack_leg(option.leg)
             value = _U16.pack(_check_int(option.payload_size, _U16_MAX, "tfo payload size"))
-            _stack(w, option.leg, StackCode.TFO, value)
+            _stack(w, leg, StackCode.TFO, value)
         case MultipathOption():
+            leg = _encode_stack_leg(option.leg)
             value = bytes([_encode_availability(option.availability), 0])
-            _stack(w, option.leg, StackCode.MULTIPATH, value)
+            _stack(w, leg, StackCode.MULTIPATH, value)
         case ListenBacklogOption():
+            leg = _encode_stack_leg(option.leg)
             value = _U16.pack(_check_int(option.backlog, _U16_MAX, "listen backlog"))
-            _stack(w, option.leg, StackCode.LISTEN_BACKLOG, value)
+            _stack(w, leg, StackCode.LISTEN_BACKLOG, value)
         case UDPErrorOption():
+            leg = _encode_stack_leg(option.leg)
             value = bytes([_encode_availability(option.availability), 0])
-            _stack(w, option.leg, StackCode.UDP_ERROR, value)
+            _stack(w, leg, StackCode.UDP_ERROR, value)
         case PortParityOption():
+            leg = _encode_stack_leg(option.leg)
             if not _in_table(option.parity, _PARITIES):
                 raise LocalProtocolError("port parity is out of range")
             if not isinstance(option.reserve, bool):
                 raise LocalProtocolError("port parity reserve is not a bool")
-            _stack(w, option.leg, StackCode.PORT_PARITY, bytes([option.parity, int(option.reserve)]))
+            _stack(w, leg, StackCode.PORT_PARITY, bytes([option.parity, int(option.reserve)]))
         case UnknownStackOption():
             _encode_unknown_stack(w, option)
         case AuthMethodAdvertisement():
@@ -1209,12 +1219,12 @@ def encode_association_message(message: AssociationMessage) -> bytes:
         return _ASSOC_PREFIX.pack(VERSION, message_type, ASSOCIATION_MESSAGE_LENGTH) + association_id
     if cls is Datagram:
         assert isinstance(message, Datagram)
-        payload = message.payload
-        if not isinstance(payload, bytes | bytearray | memoryview):
-            raise LocalProtocolError("datagram payload is not bytes")
         if not isinstance(message.header, DatagramHeader):
             raise LocalProtocolError("datagram header has the wrong type")
         header = _encode_datagram_header(message.header)
+        payload = message.payload
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise LocalProtocolError("datagram payload is not bytes")
         if message.header.message_length != len(header) + len(payload):
             raise LocalProtocolError("message length does not match header and payload")
         return header + bytes(payload)

@@ -95,7 +95,8 @@ unless stated):
 Encoder errors (``LocalProtocolError``, reply_code GENERAL_FAILURE, no values in the text).
 Check order: message code/type/command first, then address type, address, port,
 options (each option in order, its fields in wire order), then the 16384 cap.
-Datagram Header: association id, address type, address, port, message length.
+Datagram Header: association id, address type, address, port, message length;
+a Datagram: its header, then the payload type, then length == header + payload.
 Datagram Error: association id, both address types, address, reporter address,
 port, error code. ``X is out of range`` covers non-int values too, with X one of:
 "port", "ip tos", "ttl", "tfo payload size", "listen backlog", "authentication
