@@ -1,0 +1,344 @@
+"""Turn the collected samples into medians, the target ratios, a text table, JSON, PNG and README."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ._png import Bar, Color, Panel, render_chart
+from ._ttfb import MODES
+
+SYSTEM_COLORS: dict[str, Color] = {
+    "direct": (150, 150, 150),
+    "socks6fast-s5": (50, 110, 200),
+    "socks6fast-s6": (30, 160, 90),
+    "dante": (230, 140, 30),
+    "microsocks": (140, 80, 170),
+}
+FAST = ("socks6fast-s6", "socks6fast-s5")
+README_BEGIN = "<!-- bench:results:begin -->"
+README_END = "<!-- bench:results:end -->"
+
+Results = dict[str, Any]
+
+
+def median_of(samples: list[dict[str, Any]], key: str) -> float | None:
+    vals = [s[key] for s in samples if s.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(samples: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    """Median of each key over the rounds, plus the raw samples."""
+    out: dict[str, Any] = {k: median_of(samples, k) for k in keys}
+    out["samples"] = samples
+    return out
+
+
+# ------------------------------------------------------------------ targets
+
+
+def _get(d: Any, *path: str) -> float | None:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d if isinstance(d, (int, float)) else None
+
+
+def targets(res: Results) -> list[dict[str, Any]]:
+    """The issue's targets, evaluated for every socks6fast path that was measured."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, op: str, limit: float, unit: str = "") -> None:
+        ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
+        out.append({"target": name, "value": value, "op": op, "limit": limit, "unit": unit, "ok": ok})
+
+    bulk = res.get("bulk", {})
+    for fast in FAST:
+        if fast not in res.get("measured_systems", []):
+            continue
+        one = _get(bulk, "1", fast, "gbps")
+        direct = _get(bulk, "1", "direct", "gbps")
+        dante = _get(bulk, "1", "dante", "gbps")
+        add(f"{fast} single stream / direct", _ratio(one, direct), ">=", 0.75, "x")
+        add(f"{fast} single stream / Dante", _ratio(one, dante), ">=", 3.0, "x")
+        for streams in sorted(bulk, key=int):
+            add(
+                f"{fast} proxy CPU, {streams} stream(s)",
+                _get(bulk, streams, fast, "proxy_cpu_s_per_gib"),
+                "<=",
+                0.25,
+                "s/GiB",
+            )
+        add(
+            f"{fast} proxy CPU per connection",
+            _get(res, "connections", fast, "proxy_us_per_conn"),
+            "<=",
+            200,
+            "us",
+        )
+        add(f"{fast} resident per idle connection", _get(res, "idle", fast, "kib_rss"), "<=", 12, "KiB")
+    ttfb = res.get("ttfb", {})
+    if ttfb:
+        s5 = _get(ttfb, "socks5", "socks6fast-s5", "ms")
+        s5a = _get(ttfb, "socks5-userpass", "socks6fast-s5", "ms")
+        add(
+            "TTFB SOCKS6 / SOCKS5, no auth",
+            _ratio(_get(ttfb, "socks6", "socks6fast-s6", "ms"), s5),
+            "<=",
+            0.5,
+            "x",
+        )
+        add(
+            "TTFB SOCKS6 0-RTT / SOCKS5, username/password",
+            _ratio(_get(ttfb, "socks6-userpass", "socks6fast-s6", "ms"), s5a),
+            "<=",
+            0.4,
+            "x",
+        )
+        add(
+            "TTFB SOCKS6 in a session / SOCKS5 username/password",
+            _ratio(_get(ttfb, "socks6-session", "socks6fast-s6", "ms"), s5a),
+            "<=",
+            0.4,
+            "x",
+        )
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+# ------------------------------------------------------------------ text table
+
+
+def _f(v: float | None, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def markdown_tables(res: Results) -> str:
+    """Markdown tables of the medians (also printed to the terminal)."""
+    systems = [s for s in res["measured_systems"]]
+    lines: list[str] = []
+    bulk = res.get("bulk", {})
+    if bulk:
+        counts = sorted(bulk, key=int)
+        head = ["system"] + [f"{c} stream{'s' if c != '1' else ''} Gbit/s" for c in counts]
+        head += [f"proxy CPU s/GiB ({c})" for c in counts] + [f"machine CPU s/GiB ({c})" for c in counts]
+        lines += ["Bulk throughput through each proxy to a local sink (median of rounds):", ""]
+        lines += _md_table(
+            head,
+            [
+                [s]
+                + [_f(_get(bulk, c, s, "gbps")) for c in counts]
+                + [_f(_get(bulk, c, s, "proxy_cpu_s_per_gib")) for c in counts]
+                + [_f(_get(bulk, c, s, "machine_cpu_s_per_gib")) for c in counts]
+                for s in systems
+                if any(s in bulk[c] for c in counts)
+            ],
+        )
+        lines.append("")
+    conn = res.get("connections", {})
+    lat = res.get("latency", {})
+    if conn or lat:
+        c = res["options"]["concurrency"]
+        lines += [
+            f"Connections: CONNECT, 64 bytes each way, the target closes first; {c} at a time, and 1 at a "
+            "time for the unloaded latency:",
+            "",
+        ]
+        lines += _md_table(
+            [
+                "system",
+                f"conn/s (c={c})",
+                "proxy CPU us/conn",
+                "machine CPU us/conn",
+                f"p50 ms (c={c})",
+                f"p99 ms (c={c})",
+                "p50 ms (c=1)",
+                "p99 ms (c=1)",
+            ],
+            [
+                [
+                    s,
+                    _f(_get(conn, s, "conn_per_s"), 0),
+                    _f(_get(conn, s, "proxy_us_per_conn"), 0),
+                    _f(_get(conn, s, "machine_us_per_conn"), 0),
+                    _f(_get(conn, s, "p50_ms"), 3),
+                    _f(_get(conn, s, "p99_ms"), 3),
+                    _f(_get(lat, s, "p50_ms"), 3),
+                    _f(_get(lat, s, "p99_ms"), 3),
+                ]
+                for s in systems
+                if s in conn or s in lat
+            ],
+        )
+        lines.append("")
+    idle = res.get("idle", {})
+    if idle:
+        n = res["options"]["idle_conns"]
+        lines += [f"Memory per idle relayed connection ({n} open, each confirmed by a 1-byte echo):", ""]
+        lines += _md_table(
+            ["system", "RSS KiB/conn", "PSS KiB/conn"],
+            [[s, _f(_get(idle, s, "kib_rss")), _f(_get(idle, s, "kib_pss"))] for s in systems if s in idle],
+        )
+        lines.append("")
+    ttfb = res.get("ttfb", {})
+    if ttfb:
+        d = res["options"]["delay_ms"]
+        cols = [s for s in systems if any(s in ttfb.get(m, {}) for m, _ in MODES)]
+        lines += [
+            f"Time to first byte, ms (round trips in brackets), client-proxy one-way delay {d:g} ms, "
+            "TCP handshake round trip emulated:",
+            "",
+        ]
+        rows = []
+        for mode, label in MODES:
+            if mode not in ttfb:
+                continue
+            row = [label]
+            for s in cols:
+                v = _get(ttfb, mode, s, "ms")
+                rt = _get(ttfb, mode, s, "round_trips")
+                row.append("" if v is None else f"{v:.1f} ({rt:.2f})" if rt is not None else f"{v:.1f}")
+            rows.append(row)
+        lines += _md_table(["mode"] + cols, rows)
+        lines.append("")
+    tg = res.get("targets", [])
+    if tg:
+        lines += ["Targets (issue #4):", ""]
+        lines += _md_table(
+            ["target", "measured", "goal", "met"],
+            [
+                [
+                    t["target"],
+                    "-" if t["value"] is None else f"{_f(t['value'], 3)} {t['unit']}".strip(),
+                    f"{t['op']} {t['limit']:g} {t['unit']}".strip(),
+                    {True: "yes", False: "NO", None: "n/a"}[t["ok"]],
+                ]
+                for t in tg
+            ],
+        )
+        lines.append("")
+    skipped = [(n, s["reason"]) for n, s in res["systems"].items() if s["reason"]]
+    if skipped:
+        lines += ["Notes:", ""] + [f"- {n}: {r}" for n, r in skipped] + [""]
+    return "\n".join(lines)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = (
+        [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+        if rows
+        else [len(h) for h in head]
+    )
+    fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
+    out = [fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [fmt.format(*r) for r in rows]
+    return out
+
+
+# ------------------------------------------------------------------ chart, README
+
+
+def chart(res: Results, path: Path) -> None:
+    systems = res["measured_systems"]
+    panels: list[Panel] = []
+    bulk = res.get("bulk", {})
+
+    def bars(getter: Any, skip_direct: bool = False) -> list[Bar]:
+        out = []
+        for s in systems:
+            if skip_direct and s == "direct":
+                continue
+            v = getter(s)
+            out.append(Bar(s, v, SYSTEM_COLORS.get(s, (100, 100, 100)), "" if v is not None else "n/a"))
+        return out
+
+    for c in sorted(bulk, key=int):
+        panels.append(
+            Panel(
+                f"Bulk, {c} stream{'s' if c != '1' else ''}",
+                "Gbit/s, higher is better",
+                bars(lambda s, c=c: _get(bulk, c, s, "gbps")),
+            )
+        )
+    if "1" in bulk:
+        panels.append(
+            Panel(
+                "Proxy CPU per GiB relayed, 1 stream",
+                "s/GiB, lower is better",
+                bars(lambda s: _get(bulk, "1", s, "proxy_cpu_s_per_gib"), True),
+                0.25,
+            )
+        )
+    conn = res.get("connections", {})
+    if conn:
+        panels.append(
+            Panel(
+                "Proxy CPU per connection",
+                "us, lower is better",
+                bars(lambda s: _get(conn, s, "proxy_us_per_conn"), True),
+                200,
+            )
+        )
+        panels.append(
+            Panel("Connection rate", "conn/s, higher is better", bars(lambda s: _get(conn, s, "conn_per_s")))
+        )
+    lat = res.get("latency", {})
+    if lat:
+        panels.append(
+            Panel("Latency p99, one at a time", "ms, lower is better", bars(lambda s: _get(lat, s, "p99_ms")))
+        )
+    idle = res.get("idle", {})
+    if idle:
+        panels.append(
+            Panel(
+                "Resident memory per idle connection",
+                "KiB, lower is better",
+                bars(lambda s: _get(idle, s, "kib_rss"), True),
+                12,
+            )
+        )
+    ttfb = res.get("ttfb", {})
+    if ttfb:
+        tb = []
+        for mode, _label in MODES:
+            for s in systems:
+                v = _get(ttfb, mode, s, "ms")
+                if v is not None:
+                    tb.append(Bar(f"{s} {mode}", v, SYSTEM_COLORS.get(s, (100, 100, 100))))
+        panels.append(
+            Panel(f"Time to first byte, {res['options']['delay_ms']:g} ms one way", "ms, lower is better", tb)
+        )
+    meta = res["meta"]
+    render_chart("socks6fast bench", f"{meta['date']}  {meta['machine']['summary']}", panels, path)
+
+
+def update_readme(readme: Path, res: Results, table: str) -> None:
+    """Replace the text between the results markers in ``readme`` (append the block if missing)."""
+    meta = res["meta"]
+    block = "\n".join(
+        [
+            README_BEGIN,
+            f"Produced by `{meta['command']}` on {meta['date']}, {meta['machine']['summary']}.",
+            "",
+            table.rstrip(),
+            README_END,
+        ]
+    )
+    text = readme.read_text() if readme.exists() else ""
+    if README_BEGIN in text and README_END in text:
+        text = re.sub(
+            re.escape(README_BEGIN) + ".*?" + re.escape(README_END), lambda m: block, text, flags=re.S
+        )
+    else:
+        text = text.rstrip() + "\n\n## Latest results\n\n" + block + "\n"
+    readme.write_text(text)
