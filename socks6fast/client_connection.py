@@ -319,6 +319,8 @@ class ClientSession:
             raise LocalProtocolError("the session is being established; wait for it", None)
         if self.state is SessionState.CLOSED:
             raise LocalProtocolError("the session is closed", None)
+        if idempotent and self.state is SessionState.DECLINED:
+            raise LocalProtocolError("the proxy declined the session: no idempotence tokens", None)
         if idempotent and self.state is not SessionState.ACTIVE:
             raise LocalProtocolError("idempotence tokens need an established session", None)
         if self.state is SessionState.NEW:

@@ -760,7 +760,10 @@ class Session:
 
 
 def _proxy_for(
-    proxy_url: str | None, session: Session | None, proxy_ssl: _ssl.SSLContext | bool | None
+    proxy_url: str | None,
+    session: Session | None,
+    proxy_ssl: _ssl.SSLContext | bool | None,
+    proxy_server_hostname: str | None,
 ) -> Proxy:
     if session is not None:
         if proxy_url is not None and parse_proxy_url(proxy_url) != session.proxy.url:
@@ -768,7 +771,7 @@ def _proxy_for(
         return session.proxy
     if proxy_url is None:
         raise ValueError("give a proxy URL or a session")
-    return Proxy.from_url(proxy_url, proxy_ssl=proxy_ssl)
+    return Proxy.from_url(proxy_url, proxy_ssl=proxy_ssl, proxy_server_hostname=proxy_server_hostname)
 
 
 async def open_connection(
@@ -781,6 +784,7 @@ async def open_connection(
     ssl: SSLArg = None,
     server_hostname: str | None = None,
     proxy_ssl: _ssl.SSLContext | bool | None = None,
+    proxy_server_hostname: str | None = None,
     stack_options: Iterable[StackOption] = (),
     idempotent: bool = False,
     tfo: bool = False,
@@ -814,6 +818,8 @@ async def open_connection(
         server_hostname: name checked in the destination's certificate (default
             ``dest_host``).
         proxy_ssl: TLS context towards a ``socks6+tls`` proxy (default: verifying).
+        proxy_server_hostname: name checked in the proxy's certificate (default: the
+            URL's host).
         stack_options: Stack options (``socks6fast.messages``); the proxy's answer is in
             ``writer.get_extra_info("socks6_reply").options``.
         idempotent: spend an idempotence token (needs ``session`` with ``tokens``).
@@ -833,7 +839,7 @@ async def open_connection(
         TimeoutError: ``timeout`` expired.
         OSError: network and TLS errors.
     """
-    proxy = _proxy_for(proxy_url, session, proxy_ssl)
+    proxy = _proxy_for(proxy_url, session, proxy_ssl, proxy_server_hostname)
     return await proxy.open_connection(
         dest_host,
         dest_port,
@@ -856,6 +862,7 @@ async def open_bind(
     *,
     session: Session | None = None,
     proxy_ssl: _ssl.SSLContext | bool | None = None,
+    proxy_server_hostname: str | None = None,
     stack_options: Iterable[StackOption] = (),
     tfo: bool = False,
     timeout: float | None = DEFAULT_TIMEOUT,
@@ -872,7 +879,7 @@ async def open_bind(
     Returns:
         A `StreamBinding` (``address``, ``reply``, ``accept()``, ``peer_address``).
     """
-    proxy = _proxy_for(proxy_url, session, proxy_ssl)
+    proxy = _proxy_for(proxy_url, session, proxy_ssl, proxy_server_hostname)
     return await proxy.open_bind(
         address, port, stack_options=stack_options, session=session, tfo=tfo, timeout=timeout
     )

@@ -1,0 +1,941 @@
+"""The client library end to end on loopback: real sockets, real TLS, asyncio and blocking.
+
+The proxy here is ``ScriptedProxy``: a small asyncio proxy built on the project's sans-IO
+``ServerConnection`` (and ``sessions.TokenWindow``), with switches for the behaviours the
+client must handle (slow authentication, Session ID placement, refusals, TLS). It stands
+in for ``socks6fast.asyncio.server`` until that lands; tests against the real server are
+at the end of the file and skip while it is missing. Destinations are in-process echo /
+banner servers on 127.0.0.1. Loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import secrets
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+import socks6fast.asyncio as s6
+import socks6fast.asyncio.client as aclient
+from socks6fast import client as bclient
+from socks6fast.client_connection import ClientConnection
+from socks6fast.connection import NEED_DATA, ServerConnection
+from socks6fast.constants import (
+    AddressType,
+    AuthMethod,
+    AuthReplyType,
+    Command,
+    ReplyCode,
+    StackLeg,
+    UserPassStatus,
+)
+from socks6fast.errors import AuthenticationError, ProxyError, Socks6Error, VersionMismatchError
+from socks6fast.messages import (
+    AuthMethodSelection,
+    AuthReply,
+    IdempotenceAccepted,
+    IdempotenceExpenditure,
+    IdempotenceRejected,
+    IdempotenceWindow,
+    OperationReply,
+    Option,
+    Request,
+    SessionID,
+    SessionInvalid,
+    SessionOK,
+    TTLOption,
+)
+from socks6fast.server_connection import InitialData, RequestOptions, RequestReceived
+from socks6fast.sessions import TokenWindow
+from socks6fast.socks5 import UserPassReply, UserPassRequest
+
+LOCALHOST = "127.0.0.1"
+
+# --- TLS material (a private CA and a certificate for localhost / 127.0.0.1) ------------------
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    directory = tmp_path_factory.mktemp("tls")
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "socks6fast test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOCALHOST))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TLSFiles(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return files
+
+
+# --- Destinations ---------------------------------------------------------------------------------
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        pass
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _pump(reader, writer)
+    writer.close()
+
+
+async def _banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"BANNER\r\n")  # the destination speaks first
+    await _pump(reader, writer)
+    writer.close()
+
+
+@pytest.fixture
+async def echo_port() -> AsyncIterator[int]:
+    server = await asyncio.start_server(_echo, LOCALHOST, 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+@pytest.fixture
+async def banner_port() -> AsyncIterator[int]:
+    server = await asyncio.start_server(_banner, LOCALHOST, 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+# --- The scripted proxy ------------------------------------------------------------------------------
+
+
+@dataclass
+class ScriptedProxy:
+    """A minimal SOCKS 6 proxy on ServerConnection, for driving the client end to end."""
+
+    users: dict[bytes, bytes] | None = None
+    """None: no authentication required."""
+    slow: bool = False
+    """Ignore 0-RTT credentials; always ask for the RFC 1929 exchange (D7)."""
+    session_id_in_auth_reply: bool = False
+    """D4: put the Session ID in the Authentication Reply instead of the Operation Reply."""
+    grant_sessions: bool = True
+    echo_stack: bool = True
+    first_chunks: list[bytes] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    sessions: dict[bytes, TokenWindow | None] = field(default_factory=dict)
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> ScriptedProxy:
+        self._server = await asyncio.start_server(self._handle, LOCALHOST, 0, ssl=ssl_context)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, userinfo: str = "", scheme: str = "socks6") -> str:
+        return f"{scheme}://{userinfo + '@' if userinfo else ''}{LOCALHOST}:{self.port}"
+
+    async def stop(self) -> None:
+        """Close the listener and every connection, then wait for the handlers to end."""
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        self._closing.set()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, OSError, Socks6Error, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _next(self, conn: ServerConnection, reader: asyncio.StreamReader) -> Any:
+        while (event := conn.next_event()) is NEED_DATA:
+            data = await reader.read(65536)
+            if not self.first_chunks or len(self.first_chunks) < len(self.requests) + 1:
+                self.first_chunks.append(data)
+            conn.receive_data(data)
+        return event
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = ServerConnection()
+        received = await self._next(conn, reader)
+        assert isinstance(received, RequestReceived)
+        request, opts = received.request, received.options
+        self.requests.append(request)
+        initial = b""
+        if opts.initial_data_length:
+            event = await self._next(conn, reader)
+            assert isinstance(event, InitialData)
+            initial = event.data
+        auth_options: list[Option] = []
+        session_id = opts.session_id if not opts.session_teardown else None
+        if opts.session_teardown and opts.session_id is not None:
+            self.sessions.pop(opts.session_id, None)
+        in_session = session_id is not None and session_id in self.sessions
+        if session_id is not None and not in_session:
+            writer.write(conn.send(AuthReply(AuthReplyType.FAILURE, (SessionInvalid(),))))
+            return
+        if not in_session and not await self._authenticate(conn, opts, reader, writer):
+            return
+        new_session: bytes | None = None
+        if in_session:
+            auth_options.append(SessionOK())
+        elif opts.session_request and self.grant_sessions:
+            new_session = secrets.token_bytes(16)
+            window = None
+            if opts.token_request:
+                window = TokenWindow(0xFFFFFFFE, min(opts.token_request, 8))  # base near the wrap
+            self.sessions[new_session] = window
+            if self.session_id_in_auth_reply:
+                auth_options.append(SessionID(new_session))
+        session_key = session_id if in_session else new_session
+        window = self.sessions.get(session_key) if session_key is not None else None
+        if in_session and opts.token is not None:
+            if window is None or not window.spend(opts.token):
+                writer.write(conn.send(AuthReply(AuthReplyType.FAILURE, (IdempotenceRejected(),))))
+                return
+            auth_options.append(IdempotenceAccepted())
+        if window is not None:
+            auth_options.append(IdempotenceWindow(*window.current))
+        writer.write(conn.send(AuthReply(AuthReplyType.SUCCESS, tuple(auth_options))))
+        op_options: list[Option] = []
+        if new_session is not None and not self.session_id_in_auth_reply:
+            op_options.append(SessionID(new_session))  # D4: our choice is the Operation Reply
+        if self.echo_stack:
+            op_options += [o for o in request.options if isinstance(o, TTLOption)]
+        await self._operate(conn, request, initial, tuple(op_options), reader, writer)
+
+    async def _authenticate(
+        self,
+        conn: ServerConnection,
+        opts: RequestOptions,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        if self.users is None:
+            return True
+        creds = opts.credentials
+        if not self.slow and creds is not None:
+            if self.users.get(creds.username) == creds.password:
+                return True
+            writer.write(conn.send(AuthReply(AuthReplyType.FAILURE)))
+            return False
+        if opts.advertised_methods is None or AuthMethod.USERNAME_PASSWORD not in opts.advertised_methods:
+            selection = AuthMethodSelection(AuthMethod.NO_ACCEPTABLE_METHODS)
+            writer.write(conn.send(AuthReply(AuthReplyType.FAILURE, (selection,))))
+            return False
+        select = AuthMethodSelection(AuthMethod.USERNAME_PASSWORD)
+        writer.write(conn.send(AuthReply(AuthReplyType.FAILURE, (select,))))
+        userpass = await self._next(conn, reader)
+        assert isinstance(userpass, UserPassRequest)
+        ok = self.users.get(userpass.username) == userpass.password
+        writer.write(conn.send(UserPassReply(UserPassStatus.SUCCESS if ok else UserPassStatus.FAILURE)))
+        if not ok:
+            return False
+        return True
+
+    async def _operate(
+        self,
+        conn: ServerConnection,
+        request: Request,
+        initial: bytes,
+        options: tuple[Option, ...],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        if request.command is Command.NOOP:
+            writer.write(
+                conn.send(OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, "0.0.0.0", 0, options))
+            )
+            return
+        if request.command is Command.BIND:
+            await self._bind(conn, options, reader, writer)
+            return
+        assert request.address == LOCALHOST, "loopback only"
+        try:
+            up_reader, up_writer = await asyncio.open_connection(request.address, request.port)
+            self._writers.add(up_writer)
+        except ConnectionRefusedError:
+            failure = OperationReply(ReplyCode.CONNECTION_REFUSED, AddressType.IPV4, "0.0.0.0", 0)
+            writer.write(conn.send(failure))
+            return
+        host, port = up_writer.get_extra_info("sockname")[:2]
+        writer.write(conn.send(OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, host, port, options)))
+        trailing, _ = conn.trailing_data
+        up_writer.write(initial + trailing)
+        await self._relay(reader, writer, up_reader, up_writer)
+
+    async def _bind(
+        self,
+        conn: ServerConnection,
+        options: tuple[Option, ...],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        accepted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def on_peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            if accepted.done():
+                w.close()
+            else:
+                self._writers.add(w)
+                accepted.set_result((r, w))
+
+        listener = await asyncio.start_server(on_peer, LOCALHOST, 0)
+        port = listener.sockets[0].getsockname()[1]
+        writer.write(conn.send(OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, LOCALHOST, port, options)))
+        # Wait for a peer, or for the client to give up (EOF: it closed the connection).
+        client_gone: asyncio.Future[Any] = asyncio.ensure_future(reader.read(1))
+        try:
+            await asyncio.wait([accepted, client_gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listener.close()
+        if not accepted.done():
+            return
+        client_gone.cancel()
+        peer_reader, peer_writer = accepted.result()
+        host, peer_port = peer_writer.get_extra_info("peername")[:2]
+        writer.write(conn.send(OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, host, peer_port)))
+        await self._relay(reader, writer, peer_reader, peer_writer)
+
+    async def _relay(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
+        try:
+            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        finally:
+            self._writers.discard(up_writer)
+            up_writer.close()
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[Callable[..., Awaitable[ScriptedProxy]]]:
+    proxies: list[ScriptedProxy] = []
+
+    async def make(ssl_context: ssl.SSLContext | None = None, **kwargs: Any) -> ScriptedProxy:
+        proxy = await ScriptedProxy(**kwargs).start(ssl_context)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        await proxy.stop()
+
+
+MakeProxy = Callable[..., Awaitable[ScriptedProxy]]
+USERS = {b"alice": b"s3cret"}
+
+
+async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> bytes:
+    writer.write(data)
+    await writer.drain()
+    return await reader.readexactly(len(data))
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except (ConnectionError, OSError):
+        pass
+
+
+# --- open_connection ---------------------------------------------------------------------------------
+
+
+async def test_open_connection_zero_rtt_credentials_in_one_flight(
+    make_proxy: MakeProxy, echo_port: int
+) -> None:
+    """CMD-03, AUTH-01 (client side): the Request, the 0-RTT credentials and the initial
+    data arrive at the proxy in one segment, and the initial data reaches the destination
+    first, in order."""
+    proxy = await make_proxy(users=USERS)
+    reader, writer = await s6.open_connection(
+        proxy.url("alice:s3cret"), LOCALHOST, echo_port, initial_data=b"hello "
+    )
+    writer.write(b"world")
+    assert await reader.readexactly(11) == b"hello world"
+    reply = writer.get_extra_info("socks6_reply")
+    assert isinstance(reply, OperationReply) and reply.reply_code is ReplyCode.SUCCESS
+    assert len(writer.get_extra_info("socks6_auth_replies")) == 1  # no extra round trip
+    assert proxy.first_chunks[0].endswith(b"hello ")  # one write: request + initial data
+    await close(writer)
+
+
+async def test_initial_data_then_stream_in_order(make_proxy: MakeProxy, echo_port: int) -> None:
+    """CMD-03: initial data and later writes arrive at the destination in order."""
+    proxy = await make_proxy()
+    reader, writer = await s6.open_connection(proxy.url(), LOCALHOST, echo_port, initial_data=b"one,")
+    writer.write(b"two,")
+    writer.write(b"three")
+    assert await reader.readexactly(13) == b"one,two,three"
+    await close(writer)
+
+
+async def test_slow_username_password_exchange(make_proxy: MakeProxy, echo_port: int) -> None:
+    """D7 (AUTH-05 client side): a proxy that insists on the RFC 1929 exchange."""
+    proxy = await make_proxy(users=USERS, slow=True)
+    reader, writer = await s6.open_connection(
+        proxy.url("alice:s3cret"), LOCALHOST, echo_port, initial_data=b"abc"
+    )
+    assert await reader.readexactly(3) == b"abc"
+    assert [r.type for r in writer.get_extra_info("socks6_auth_replies")] == [
+        AuthReplyType.FAILURE,
+        AuthReplyType.SUCCESS,
+    ]
+    await close(writer)
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["0-rtt", "slow"])
+async def test_wrong_password(make_proxy: MakeProxy, echo_port: int, slow: bool) -> None:
+    """AUTH-03: rejected credentials raise AuthenticationError (reply_code None)."""
+    proxy = await make_proxy(users=USERS, slow=slow)
+    with pytest.raises(AuthenticationError) as info:
+        await s6.open_connection(proxy.url("alice:wrong"), LOCALHOST, echo_port)
+    assert info.value.reply_code is None
+
+
+async def test_no_credentials_but_required(make_proxy: MakeProxy, echo_port: int) -> None:
+    """AUTH-03: Method Selection 0xFF: AuthenticationError, connection closed."""
+    proxy = await make_proxy(users=USERS)
+    with pytest.raises(AuthenticationError, match="0xFF"):
+        await s6.open_connection(proxy.url(), LOCALHOST, echo_port)
+
+
+async def test_refusal_carries_reply_code(make_proxy: MakeProxy) -> None:
+    """REQ-10: CONNECT to a closed port: ProxyError with CONNECTION_REFUSED; closed."""
+    probe = socket.socket()
+    probe.bind((LOCALHOST, 0))
+    closed_port = probe.getsockname()[1]
+    probe.close()
+    proxy = await make_proxy()
+    with pytest.raises(ProxyError) as info:
+        await s6.open_connection(proxy.url(), LOCALHOST, closed_port)
+    assert info.value.reply_code is ReplyCode.CONNECTION_REFUSED
+
+
+async def test_version_mismatch_reply() -> None:
+    """REQ-02: a peer answering the single byte 6 and closing gives VersionMismatchError."""
+
+    async def mismatch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"\x06")
+        writer.close()
+
+    server = await asyncio.start_server(mismatch, LOCALHOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(VersionMismatchError):
+            await s6.open_connection(f"socks6://{LOCALHOST}:{port}", LOCALHOST, 9)
+        with pytest.raises(VersionMismatchError):
+            await asyncio.to_thread(
+                bclient.Proxy.from_url(f"socks6://{LOCALHOST}:{port}").connect, LOCALHOST, 9
+            )
+    finally:
+        server.close()
+
+
+async def test_timeout_is_timeouterror() -> None:
+    """A proxy that never answers: TimeoutError after ``timeout``, in both flavours."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, LOCALHOST, 0)
+    url = f"socks6://{LOCALHOST}:{server.sockets[0].getsockname()[1]}"
+    try:
+        with pytest.raises(TimeoutError):
+            await s6.open_connection(url, LOCALHOST, 9, timeout=0.2)
+        with pytest.raises(TimeoutError):
+            await asyncio.to_thread(bclient.Proxy.from_url(url).connect, LOCALHOST, 9, timeout=0.2)
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+
+
+async def test_stack_options_pass_through(make_proxy: MakeProxy, echo_port: int) -> None:
+    """Stack options reach the proxy as given; its echo is in get_extra_info (D9)."""
+    proxy = await make_proxy()
+    ttl = TTLOption(StackLeg.PROXY_REMOTE, 33)
+    reader, writer = await s6.open_connection(proxy.url(), LOCALHOST, echo_port, stack_options=[ttl])
+    assert ttl in proxy.requests[0].options
+    assert writer.get_extra_info("socks6_reply").options == (ttl,)
+    assert isinstance(writer.get_extra_info("socks6_connection"), ClientConnection)
+    assert writer.get_extra_info("peername") is not None  # transport keys still work
+    await close(writer)
+
+
+async def test_destination_speaks_first_nothing_is_lost(make_proxy: MakeProxy, banner_port: int) -> None:
+    """The handshake reads exactly the replies: the destination's first bytes, sent right
+    behind the Operation Reply, reach the application (socket and stream flavours)."""
+    proxy = await make_proxy()
+    reader, writer = await s6.open_connection(proxy.url(), LOCALHOST, banner_port)
+    assert await reader.readexactly(8) == b"BANNER\r\n"
+    await close(writer)
+    sock = await s6.Proxy.from_url(proxy.url()).connect(LOCALHOST, banner_port)
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < 8:
+        data += await loop.sock_recv(sock, 64)
+    assert data == b"BANNER\r\n"
+    sock.close()
+
+
+# --- TLS (TRN-03) ------------------------------------------------------------------------------------
+
+
+async def test_tls_proxy_verifies_certificates_by_default(
+    make_proxy: MakeProxy, echo_port: int, tls_files: TLSFiles
+) -> None:
+    """TRN-03: socks6+tls checks the proxy certificate by default; a private CA must be
+    trusted explicitly through proxy_ssl."""
+    proxy = await make_proxy(tls_files.server_context())
+    url = proxy.url(scheme="socks6+tls")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await s6.open_connection(url, LOCALHOST, echo_port)
+    reader, writer = await s6.open_connection(
+        url, LOCALHOST, echo_port, proxy_ssl=tls_files.client_context(), initial_data=b"tls!"
+    )
+    assert await reader.readexactly(4) == b"tls!"
+    assert writer.get_extra_info("ssl_object") is not None
+    await close(writer)
+
+
+async def test_tls_proxy_hostname_is_checked(
+    make_proxy: MakeProxy, echo_port: int, tls_files: TLSFiles
+) -> None:
+    """TRN-03: the certificate must name the host we connect to."""
+    proxy = await make_proxy(tls_files.server_context())
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await s6.open_connection(
+            proxy.url(scheme="socks6+tls"),
+            LOCALHOST,
+            echo_port,
+            proxy_ssl=tls_files.client_context(),
+            proxy_server_hostname="not-localhost.test",
+        )
+
+
+def test_tls_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="socks6://"):
+        s6.Proxy.from_url("socks6+tls://127.0.0.1", proxy_ssl=False)
+    with pytest.raises(ValueError, match="socks6\\+tls"):
+        s6.Proxy.from_url("socks6://127.0.0.1", proxy_ssl=ssl.create_default_context())
+    assert bclient.Proxy.from_url("socks6+tls://127.0.0.1").ssl_context is not None
+
+
+async def test_tls_to_destination_inside_tunnel(
+    make_proxy: MakeProxy, tls_files: TLSFiles, echo_port: int
+) -> None:
+    """ssl= is TLS to the destination through the tunnel, verified, also inside socks6+tls."""
+    tls_echo = await asyncio.start_server(_echo, LOCALHOST, 0, ssl=tls_files.server_context())
+    port = tls_echo.sockets[0].getsockname()[1]
+    try:
+        for scheme, proxy_ctx in (("socks6", None), ("socks6+tls", tls_files.client_context())):
+            proxy = await make_proxy(tls_files.server_context() if proxy_ctx else None)
+            reader, writer = await s6.open_connection(
+                proxy.url(scheme=scheme), LOCALHOST, port, ssl=tls_files.client_context(), proxy_ssl=proxy_ctx
+            )
+            assert await roundtrip(reader, writer, b"inner tls") == b"inner tls"
+            assert writer.get_extra_info("socks6_reply").reply_code is ReplyCode.SUCCESS
+            await close(writer)
+        proxy = await make_proxy()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await s6.open_connection(proxy.url(), LOCALHOST, port, ssl=True)
+    finally:
+        tls_echo.close()
+
+
+async def test_asyncio_socket_flavour_refuses_tls_proxy() -> None:
+    with pytest.raises(ValueError, match="open_connection"):
+        await s6.Proxy.from_url("socks6+tls://127.0.0.1:1").connect(LOCALHOST, 9)
+
+
+# --- TFO (TRN-02) ------------------------------------------------------------------------------------
+
+
+def _syn_data_acked(sock: socket.socket) -> bool:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    tcpi_options = info[5]  # struct tcp_info: state, ca_state, retransmits, probes, backoff, options
+    return bool(tcpi_options & 0x20)  # TCPI_OPT_SYN_DATA
+
+
+@pytest.mark.parametrize("token", [False, True], ids=["no-token", "token"])
+async def test_tfo_keeps_initial_data_out_of_the_syn_without_a_token(
+    make_proxy: MakeProxy, echo_port: int, monkeypatch: pytest.MonkeyPatch, token: bool
+) -> None:
+    """TRN-02: with tfo=True the first write (the one the kernel may put in the SYN) is the
+    Request alone unless the Request spends an idempotence token."""
+    proxy = await make_proxy()
+    writes: list[bytes] = []
+    real_write = aclient._StreamChannel.write
+
+    async def spy(self: aclient._StreamChannel, data: bytes) -> None:
+        writes.append(data)
+        await real_write(self, data)
+
+    monkeypatch.setattr(aclient._StreamChannel, "write", spy)
+    async with s6.Session(proxy.url(), tokens=4) as session:
+        if token:
+            await session.proxy.noop(session=session)
+        writes.clear()
+        reader, writer = await session.open_connection(
+            LOCALHOST, echo_port, initial_data=b"DATA", tfo=True, idempotent=token
+        )
+        assert await reader.readexactly(4) == b"DATA"
+        first = list(writes)
+        await close(writer)
+    writes = first
+    if token:
+        assert len(writes) == 1 and writes[0].endswith(b"DATA")  # request + data in one (SYN) write
+    else:
+        assert len(writes) == 2 and writes[1] == b"DATA" and not writes[0].endswith(b"DATA")
+
+
+async def test_tfo_connect_works_and_uses_syn_data_when_the_kernel_allows(
+    make_proxy: MakeProxy, echo_port: int
+) -> None:
+    """TRN-02 with a real TCP_FASTOPEN_CONNECT socket. SYN data needs server-side TFO in
+    net.ipv4.tcp_fastopen (bit 2) and a cached cookie, so it is asserted only then."""
+    proxy = await make_proxy()
+    assert proxy._server is not None
+    listener = proxy._server.sockets[0]
+    try:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+    except OSError:
+        pass
+    server_tfo = int(Path("/proc/sys/net/ipv4/tcp_fastopen").read_text()) & 0x2
+    syn_data = []
+    for _ in range(2):  # the first connection fetches the cookie
+        sock = await s6.Proxy.from_url(proxy.url()).connect(LOCALHOST, echo_port, tfo=True)
+        syn_data.append(_syn_data_acked(sock))
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, b"ping")
+        assert await loop.sock_recv(sock, 4) == b"ping"
+        sock.close()
+    if server_tfo:
+        assert syn_data[-1]
+
+
+# --- Sessions and idempotence -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_auth_reply", [False, True], ids=["id-in-op-reply", "id-in-auth-reply"])
+async def test_session_lifecycle(make_proxy: MakeProxy, echo_port: int, in_auth_reply: bool) -> None:
+    """D4, SES-06, SES-05 (client side): the first request initiates the session with
+    credentials; the next ones carry only the Session ID; closing sends a NOOP with
+    Session ID + Session Teardown."""
+    proxy = await make_proxy(users=USERS, session_id_in_auth_reply=in_auth_reply)
+    async with s6.Session(proxy.url("alice:s3cret")) as session:
+        r1, w1 = await session.open_connection(LOCALHOST, echo_port)
+        assert session.session_id is not None and session.session_id in proxy.sessions
+        r2, w2 = await session.open_connection(LOCALHOST, echo_port, initial_data=b"x")
+        assert await r2.readexactly(1) == b"x"
+        await close(w1)
+        await close(w2)
+    first, second, teardown = proxy.requests
+    kinds = [[type(o).__name__ for o in r.options] for r in proxy.requests]
+    assert kinds[0] == ["AuthMethodAdvertisement", "AuthData", "SessionRequest"]
+    assert kinds[1] == ["SessionID"]  # no credentials, no Session Request (SES-06)
+    assert teardown.command is Command.NOOP
+    assert kinds[2][-2:] == ["SessionID", "SessionTeardown"]
+    assert proxy.sessions == {}
+
+
+async def test_concurrent_requests_wait_for_the_session(make_proxy: MakeProxy, echo_port: int) -> None:
+    """SES-06: requests issued while the session is being set up join it; only one
+    Session Request is ever sent."""
+    proxy = await make_proxy(users=USERS)
+    session = s6.Session(proxy.url("alice:s3cret"))
+    streams = await asyncio.gather(*(session.open_connection(LOCALHOST, echo_port) for _ in range(4)))
+    requests_with_session_request = [
+        r for r in proxy.requests if any(type(o).__name__ == "SessionRequest" for o in r.options)
+    ]
+    assert len(requests_with_session_request) == 1
+    assert len(proxy.sessions) == 1
+    for _, writer in streams:
+        await close(writer)
+    await session.aclose()
+
+
+async def test_idempotent_requests_spend_tokens_in_order(make_proxy: MakeProxy, echo_port: int) -> None:
+    """IDM-05: tokens requested with the session, smallest spent first (across the 2^32
+    wrap the scripted proxy starts its window at)."""
+    proxy = await make_proxy()
+    async with s6.Session(proxy.url(), tokens=4) as session:
+        for _ in range(3):
+            reader, writer = await session.open_connection(LOCALHOST, echo_port, idempotent=True)
+            assert writer.get_extra_info("socks6_connection").token_accepted is True
+            await close(writer)
+    spent = [o.token for r in proxy.requests for o in r.options if isinstance(o, IdempotenceExpenditure)]
+    assert spent == [0xFFFFFFFE, 0xFFFFFFFF, 0]
+    assert proxy.requests[0].command is Command.NOOP  # the session came first, to get a window
+
+
+async def test_session_invalid_starts_a_new_session_and_retries(
+    make_proxy: MakeProxy, echo_port: int
+) -> None:
+    """SES-03 (client side): the proxy forgot the session; the request is retried once in a
+    new session (safe: the proxy did not act on it)."""
+    proxy = await make_proxy(users=USERS)
+    session = s6.Session(proxy.url("alice:s3cret"))
+    _, w1 = await session.open_connection(LOCALHOST, echo_port)
+    old = session.session_id
+    proxy.sessions.clear()  # proxy restart / expiry
+    r2, w2 = await session.open_connection(LOCALHOST, echo_port, initial_data=b"again")
+    assert await r2.readexactly(5) == b"again"
+    assert session.session_id not in (None, old)
+    for writer in (w1, w2):
+        await close(writer)
+    await session.aclose()
+
+
+async def test_session_declined(make_proxy: MakeProxy, echo_port: int) -> None:
+    """A proxy that silently declines sessions: requests keep sending credentials."""
+    proxy = await make_proxy(users=USERS, grant_sessions=False)
+    async with s6.Session(proxy.url("alice:s3cret")) as session:
+        for _ in range(2):
+            _, writer = await session.open_connection(LOCALHOST, echo_port)
+            await close(writer)
+        with pytest.raises(Socks6Error, match="declined"):
+            await session.open_connection(LOCALHOST, echo_port, idempotent=True)
+    assert all(any(type(o).__name__ == "AuthData" for o in r.options) for r in proxy.requests)
+
+
+async def test_session_arguments(make_proxy: MakeProxy, echo_port: int) -> None:
+    proxy = await make_proxy()
+    other = await make_proxy()
+    session = s6.Session(proxy.url())
+    with pytest.raises(ValueError, match="differ"):
+        await s6.open_connection(other.url(), LOCALHOST, echo_port, session=session)
+    with pytest.raises(ValueError, match="session"):
+        await s6.open_connection(proxy.url(), LOCALHOST, echo_port, idempotent=True)
+    reader, writer = await s6.open_connection(None, LOCALHOST, echo_port, session=session)
+    await close(writer)
+    await session.aclose()
+
+
+# --- BIND (CMD-04 client side) ------------------------------------------------------------------------
+
+
+async def test_open_bind_streams(make_proxy: MakeProxy) -> None:
+    """CMD-04: the first reply gives the bound address, accept() the peer; data flows."""
+    proxy = await make_proxy()
+    binding = await s6.open_bind(proxy.url())
+    host, port = binding.address
+    assert binding.peer_address is None
+    peer_reader, peer_writer = await asyncio.open_connection(host, port)
+    reader, writer = await binding.accept(timeout=5)
+    assert binding.peer_address == peer_writer.get_extra_info("sockname")[:2]
+    assert writer.get_extra_info("socks6_peer_reply") == binding.peer_reply
+    peer_writer.write(b"from peer")
+    assert await reader.readexactly(9) == b"from peer"
+    writer.write(b"to peer")
+    assert await peer_reader.readexactly(7) == b"to peer"
+    await close(writer)
+    await close(peer_writer)
+
+
+async def test_bind_socket_flavour(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy()
+    binding = await s6.Proxy.from_url(proxy.url()).bind()
+    _, peer_writer = await asyncio.open_connection(*binding.address)
+    sock = await binding.accept(timeout=5)
+    peer_writer.write(b"hi")
+    assert await asyncio.get_running_loop().sock_recv(sock, 2) == b"hi"
+    sock.close()
+    await close(peer_writer)
+
+
+async def test_bind_accept_timeout(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy()
+    binding = await s6.open_bind(proxy.url())
+    with pytest.raises(TimeoutError):
+        await binding.accept(timeout=0.1)
+
+
+# --- Blocking flavour -----------------------------------------------------------------------------------
+
+
+async def test_blocking_connect_and_session(make_proxy: MakeProxy, echo_port: int, banner_port: int) -> None:
+    """socks6fast.client: connect() returns a blocking socket; sessions work the same."""
+    proxy = await make_proxy(users=USERS, slow=False)
+
+    def work() -> list[bytes]:
+        out = []
+        p = bclient.Proxy.from_url(proxy.url("alice:s3cret"))
+        with p.connect(LOCALHOST, echo_port, initial_data=b"blocking") as sock:
+            assert sock.gettimeout() is None
+            out.append(sock.recv(8))
+        with p.connect(LOCALHOST, banner_port) as sock:
+            out.append(sock.recv(8))
+        with bclient.Session(p, tokens=2) as session:
+            with session.connect(LOCALHOST, echo_port, initial_data=b"s1") as a:
+                out.append(a.recv(2))
+            sock, conn = session.connect_tunnel(LOCALHOST, echo_port, idempotent=True, initial_data=b"s2")
+            with sock:
+                out.append(sock.recv(2))
+            assert conn.token_accepted is True
+        return out
+
+    assert await asyncio.to_thread(work) == [b"blocking", b"BANNER\r\n", b"s1", b"s2"]
+    assert proxy.sessions == {}  # torn down
+
+
+async def test_blocking_tls_and_errors(make_proxy: MakeProxy, echo_port: int, tls_files: TLSFiles) -> None:
+    """TRN-03 and refusals in the blocking flavour."""
+    proxy = await make_proxy(tls_files.server_context())
+    url = proxy.url(scheme="socks6+tls")
+
+    def work() -> bytes:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            bclient.Proxy.from_url(url).connect(LOCALHOST, echo_port)
+        p = bclient.Proxy.from_url(url, proxy_ssl=tls_files.client_context())
+        with p.connect(LOCALHOST, echo_port, initial_data=b"tls", tfo=True) as sock:
+            assert isinstance(sock, ssl.SSLSocket)
+            return sock.recv(3)
+
+    assert await asyncio.to_thread(work) == b"tls"
+    plain = await make_proxy(users=USERS, slow=True)
+
+    def refused() -> None:
+        with pytest.raises(AuthenticationError):
+            bclient.Proxy.from_url(plain.url("alice:nope")).connect(LOCALHOST, echo_port)
+
+    await asyncio.to_thread(refused)
+
+
+async def test_blocking_bind(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy()
+
+    def work() -> bytes:
+        with bclient.Proxy.from_url(proxy.url()).bind() as binding:
+            with socket.create_connection(binding.address) as peer:
+                with binding.accept(timeout=5) as sock:
+                    assert binding.peer_address == peer.getsockname()[:2]
+                    peer.sendall(b"bound")
+                    return sock.recv(5)
+
+    assert await asyncio.to_thread(work) == b"bound"
+
+
+# --- uvloop --------------------------------------------------------------------------------
+
+
+def test_open_connection_under_uvloop() -> None:
+    """The asyncio flavour runs unchanged on uvloop (session, BIND, TFO)."""
+
+    async def main() -> list[bytes]:
+        echo = await asyncio.start_server(_echo, LOCALHOST, 0)
+        echo_port = echo.sockets[0].getsockname()[1]
+        proxy = await ScriptedProxy(users=USERS).start()
+        try:
+            out = []
+            async with s6.Session(proxy.url("alice:s3cret"), tokens=2) as session:
+                for idem in (False, True):
+                    reader, writer = await session.open_connection(
+                        LOCALHOST, echo_port, initial_data=b"uv", tfo=True, idempotent=idem
+                    )
+                    out.append(await reader.readexactly(2))
+                    await close(writer)
+            binding = await s6.open_bind(proxy.url("alice:s3cret"))
+            _, peer = await asyncio.open_connection(*binding.address)
+            reader, writer = await binding.accept(timeout=5)
+            peer.write(b"bd")
+            out.append(await reader.readexactly(2))
+            await close(writer)
+            await close(peer)
+            return out
+        finally:
+            await proxy.stop()
+            echo.close()
+
+    assert uvloop.run(main()) == [b"uv", b"uv", b"bd"]
