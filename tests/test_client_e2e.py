@@ -31,7 +31,9 @@ from cryptography.x509.oid import NameOID
 import socks6fast.asyncio as s6
 import socks6fast.asyncio.client as aclient
 from socks6fast import client as bclient
+from socks6fast.auth import hash_password
 from socks6fast.client_connection import ClientConnection
+from socks6fast.config import parse_config
 from socks6fast.connection import NEED_DATA, ServerConnection
 from socks6fast.constants import (
     AddressType,
@@ -44,6 +46,7 @@ from socks6fast.constants import (
 )
 from socks6fast.errors import AuthenticationError, ProxyError, Socks6Error, VersionMismatchError
 from socks6fast.messages import (
+    AuthMethodAdvertisement,
     AuthMethodSelection,
     AuthReply,
     IdempotenceAccepted,
@@ -939,3 +942,172 @@ def test_open_connection_under_uvloop() -> None:
             echo.close()
 
     assert uvloop.run(main()) == [b"uv", b"uv", b"bd"]
+
+
+# --- Against the real socks6fast server (socks6fast.asyncio.server) -------------------------------------
+
+
+@dataclass
+class RealProxy:
+    server: Any
+    port: int
+    tls_port: int
+
+    def url(self, userinfo: str = "alice:s3cret", scheme: str = "socks6") -> str:
+        port = self.tls_port if scheme == "socks6+tls" else self.port
+        return f"{scheme}://{userinfo + '@' if userinfo else ''}{LOCALHOST}:{port}"
+
+
+@pytest.fixture
+async def real_proxy(tls_files: TLSFiles) -> AsyncIterator[RealProxy]:
+    """The project's proxy in-process on 127.0.0.1:0 (plain and TLS), user alice."""
+    server_module = pytest.importorskip("socks6fast.asyncio.server")
+    config = parse_config(
+        {
+            "server": {
+                "listen": [f"{LOCALHOST}:0"],
+                "tls_listen": [f"{LOCALHOST}:0"],
+                "tls_certificate": str(tls_files.cert),
+                "tls_key": str(tls_files.key),
+            },
+            "users": {"alice": hash_password("s3cret")},
+        }
+    )
+    server = server_module.Server(config)
+    await server.start()
+    try:
+        yield RealProxy(server, server.addresses[0][1], server.tls_addresses[0][1])
+    finally:
+        await server.close(drain_timeout=1.0)
+
+
+async def test_real_server_one_flight_zero_rtt(real_proxy: RealProxy, echo_port: int) -> None:
+    """AUTH-01, CMD-03 against the real proxy: one Authentication Reply (Type 0) carrying
+    the RFC 1929 reply, then the Operation Reply; initial data delivered first."""
+    reader, writer = await s6.open_connection(real_proxy.url(), LOCALHOST, echo_port, initial_data=b"first,")
+    writer.write(b"second")
+    assert await reader.readexactly(12) == b"first,second"
+    (auth,) = writer.get_extra_info("socks6_auth_replies")
+    assert auth.type is AuthReplyType.SUCCESS
+    assert writer.get_extra_info("socks6_reply").reply_code is ReplyCode.SUCCESS
+    await close(writer)
+
+
+async def test_real_server_refusals(real_proxy: RealProxy, echo_port: int) -> None:
+    """REQ-10 / AUTH-03 against the real proxy: refused CONNECT carries its code; wrong or
+    missing credentials raise AuthenticationError."""
+    probe = socket.socket()
+    probe.bind((LOCALHOST, 0))
+    closed_port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(ProxyError) as info:
+        await s6.open_connection(real_proxy.url(), LOCALHOST, closed_port)
+    assert info.value.reply_code is ReplyCode.CONNECTION_REFUSED
+    with pytest.raises(AuthenticationError):
+        await s6.open_connection(real_proxy.url("alice:wrong"), LOCALHOST, echo_port)
+    with pytest.raises(AuthenticationError):
+        await s6.open_connection(real_proxy.url(""), LOCALHOST, echo_port)
+
+
+async def test_real_server_slow_exchange_with_the_sans_io_core(real_proxy: RealProxy, echo_port: int) -> None:
+    """D7 against the real proxy: a Request that only advertises method 2 (no 0-RTT data)
+    goes through the RFC 1929 exchange driven by ClientConnection over a real socket."""
+    loop = asyncio.get_running_loop()
+    sock = await aclient._open_tcp_socket(LOCALHOST, real_proxy.port)
+    try:
+        conn = ClientConnection(credentials=UserPassRequest(b"alice", b"s3cret"))
+        request = Request(
+            Command.CONNECT,
+            AddressType.IPV4,
+            LOCALHOST,
+            echo_port,
+            (AuthMethodAdvertisement(4, (AuthMethod.USERNAME_PASSWORD,)),),
+        )
+        await loop.sock_sendall(sock, conn.send(request, b"slow"))
+        await aclient._drive(aclient._SocketChannel(sock, loop), conn, aclient._FIRST_REPLY)
+        assert [r.type for r in conn.auth_replies] == [AuthReplyType.FAILURE, AuthReplyType.SUCCESS]
+        assert await loop.sock_recv(sock, 4) == b"slow"
+    finally:
+        sock.close()
+
+
+async def test_real_server_session_tokens_and_teardown(real_proxy: RealProxy, echo_port: int) -> None:
+    """D4, SES-06, IDM-05 and the teardown against the real proxy: after aclose(), the old
+    Session ID is answered with Session Invalid."""
+    async with s6.Session(real_proxy.url(), tokens=4) as session:
+        for idempotent in (False, True, True):
+            reader, writer = await session.open_connection(
+                LOCALHOST, echo_port, initial_data=b"s", idempotent=idempotent
+            )
+            assert await reader.readexactly(1) == b"s"
+            conn = writer.get_extra_info("socks6_connection")
+            if idempotent:
+                assert conn.token_accepted is True
+            await close(writer)
+        old_id = session.session_id
+        assert old_id is not None and session.core.window is not None
+    # Reuse the torn-down ID: the proxy answers Session Invalid, the client starts a new
+    # session (with the credentials) and retries; a kept ID would mean no teardown.
+    stale = s6.Session(real_proxy.url())
+    stale.core.request_options()
+    stale.core.on_session_id(old_id)
+    reader, writer = await stale.open_connection(LOCALHOST, echo_port, initial_data=b"z")
+    assert await reader.readexactly(1) == b"z"
+    assert stale.session_id not in (None, old_id)
+    await close(writer)
+    await stale.aclose()
+
+
+async def test_real_server_bind(real_proxy: RealProxy) -> None:
+    """CMD-04 against the real proxy, streams and blocking flavours."""
+    binding = await s6.open_bind(real_proxy.url())
+    _, peer_writer = await asyncio.open_connection(*binding.address)
+    reader, writer = await binding.accept(timeout=5)
+    peer_writer.write(b"real bind")
+    assert await reader.readexactly(9) == b"real bind"
+    assert binding.peer_address == peer_writer.get_extra_info("sockname")[:2]
+    await close(writer)
+    await close(peer_writer)
+
+    def blocking() -> bytes:
+        with bclient.Proxy.from_url(real_proxy.url()).bind() as b:
+            with socket.create_connection(b.address) as peer, b.accept(timeout=5) as sock:
+                peer.sendall(b"blk")
+                return sock.recv(3)
+
+    assert await asyncio.to_thread(blocking) == b"blk"
+
+
+async def test_real_server_tls(real_proxy: RealProxy, echo_port: int, tls_files: TLSFiles) -> None:
+    """TRN-03 against the real proxy's TLS listener: verification on by default."""
+    url = real_proxy.url(scheme="socks6+tls")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await s6.open_connection(url, LOCALHOST, echo_port)
+    reader, writer = await s6.open_connection(
+        url, LOCALHOST, echo_port, proxy_ssl=tls_files.client_context(), initial_data=b"over tls", tfo=True
+    )
+    assert await reader.readexactly(8) == b"over tls"
+    await close(writer)
+
+    def blocking() -> bytes:
+        proxy = bclient.Proxy.from_url(url, proxy_ssl=tls_files.client_context())
+        with proxy.connect(LOCALHOST, echo_port, initial_data=b"blk") as sock:
+            return sock.recv(3)
+
+    assert await asyncio.to_thread(blocking) == b"blk"
+
+
+async def test_real_server_tfo(real_proxy: RealProxy, echo_port: int) -> None:
+    """TRN-02 with the real TFO listener (TRN-01): tfo=True connects; when the kernel's
+    net.ipv4.tcp_fastopen enables server TFO, the second connection's SYN carries data."""
+    server_tfo = int(Path("/proc/sys/net/ipv4/tcp_fastopen").read_text()) & 0x2
+    syn_data = []
+    for _ in range(2):
+        sock = await s6.Proxy.from_url(real_proxy.url()).connect(LOCALHOST, echo_port, tfo=True)
+        syn_data.append(_syn_data_acked(sock))
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, b"tfo")
+        assert await loop.sock_recv(sock, 3) == b"tfo"
+        sock.close()
+    if server_tfo:
+        assert syn_data[-1]
