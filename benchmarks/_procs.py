@@ -301,13 +301,17 @@ def time_wait_count() -> int:
 
 @contextmanager
 def terminate_on_signals() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into KeyboardInterrupt for the block, so ``finally`` clauses run."""
+    """Turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt for the block, so ``finally`` clauses run.
+
+    SIGINT is set explicitly too: a shell starts background jobs with it ignored,
+    and Python then installs no handler of its own.
+    """
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     old: dict[signal.Signals, Any] = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
             old[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread: the caller's own cleanup applies
