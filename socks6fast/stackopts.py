@@ -1,0 +1,297 @@
+"""Stack options applied to real sockets (draft-11 section "Stack options"; D9, STK-01..07).
+
+Strategy: `socks6fast.server_connection.plan_stack_options` turns a Request's options into
+a `StackPlan` (pure, duplicates rejected per D10). This module does the socket half: it
+sets what the plan asks for with ``setsockopt`` on the socket of the leg the option names
+and then *reads the value back* with ``getsockopt``, so the Operation Reply echoes what the
+kernel actually uses, not what was asked (D9: "the behaviour actually applied").
+
+* IP TOS: ``IP_TOS`` / ``IPV6_TCLASS``; TTL: ``IP_TTL`` / ``IPV6_UNICAST_HOPS`` (STK-03).
+  Both are set before ``connect`` on the proxy-remote leg, so the SYN already carries them.
+* No Fragmentation: ``IP_MTU_DISCOVER = IP_PMTUDISC_DO`` (the DF bit, no local
+  fragmentation) / ``IPV6_MTU_DISCOVER = IPV6_PMTUDISC_DO`` plus ``IPV6_DONTFRAG`` (STK-05).
+  NOT_DESIRED leaves the kernel default and is echoed as NOT_DESIRED ("the lack thereof
+  is not enforced").
+* TFO on the proxy-remote leg: ``TCP_FASTOPEN_CONNECT`` so that the first ``send`` carries
+  the initial data in the SYN, and only when the request has a TFO option (CMD-02,
+  STK-06). `tfo_syn_data_acked` reads ``TCP_INFO`` to tell whether the remote host
+  accepted data in the SYN.
+* Multipath: a socket of protocol ``IPPROTO_MPTCP`` (262) when asked and the kernel offers
+  it; `mptcp_in_use` asks ``MPTCP_INFO``, which fails once the connection fell back to
+  plain TCP (STK-07).
+* Listening sockets accept TFO with ``TCP_FASTOPEN`` (queue length), TRN-01.
+
+Linux constants the ``socket`` module of Python 3.11 lacks are defined here with their
+values from the kernel's uapi headers. Elsewhere every function degrades to "not applied"
+(and the reply says so) instead of failing.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from .constants import Availability, StackLeg
+from .messages import (
+    HappyEyeballsOption,
+    IPTOSOption,
+    ListenBacklogOption,
+    MultipathOption,
+    NoFragmentationOption,
+    StackOption,
+    TFOOption,
+    TTLOption,
+)
+from .server_connection import LegOptions, StackPlan
+
+__all__ = [
+    "AppliedLeg",
+    "apply_leg_options",
+    "echo_stack_options",
+    "enable_tfo_connect",
+    "enable_tfo_listener",
+    "mptcp_in_use",
+    "new_stream_socket",
+    "read_leg_options",
+    "tfo_syn_data_acked",
+]
+
+# <linux/tcp.h>, <linux/in.h>, <linux/in6.h>, <linux/mptcp.h>
+TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
+IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62)
+IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
+SOL_MPTCP = 284
+MPTCP_INFO = 1
+#: ``tcp_info.tcpi_options`` bit: "SYN-ACK acked data in SYN" (and, on the accepting
+#: side, data arrived in the SYN).
+TCPI_OPT_SYN_DATA = 0x20
+_TCP_INFO_OPTIONS_OFFSET = 5  # u8 tcpi_state, ca_state, retransmits, probes, backoff, options
+_TCP_INFO_MIN_LENGTH = 8
+_MPTCP_INFO_LENGTH = 256
+#: Listen queue length for pending TFO requests on a listening socket.
+DEFAULT_TFO_QUEUE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedLeg:
+    """What one socket really uses, read back with getsockopt after applying a `LegOptions`."""
+
+    tos: int | None = None
+    """IP TOS / traffic class in use, or None when it was not asked for."""
+    ttl: int | None = None
+    """TTL / hop limit in use, or None when it was not asked for."""
+    no_fragmentation: Availability | None = None
+    """DESIRED when don't-fragment is enforced, NOT_DESIRED when not; None when not asked."""
+
+
+def _is_ipv6(sock: socket.socket) -> bool:
+    return sock.family == socket.AF_INET6
+
+
+def _set(sock: socket.socket, level: int, name: int, value: int) -> None:
+    try:
+        sock.setsockopt(level, name, value)
+    except OSError:
+        pass  # reported through the read-back value
+
+
+def _get(sock: socket.socket, level: int, name: int) -> int | None:
+    try:
+        return sock.getsockopt(level, name)
+    except OSError:
+        return None
+
+
+def apply_leg_options(sock: socket.socket, leg: LegOptions) -> AppliedLeg:
+    """Apply one leg's IP options to ``sock`` and return what the kernel now uses.
+
+    Args:
+        sock: an AF_INET or AF_INET6 socket (before ``connect`` for the remote leg).
+        leg: what the client asked for this leg.
+
+    Returns:
+        The values read back; fields the client did not ask for are None.
+    """
+    v6 = _is_ipv6(sock)
+    if leg.tos is not None:
+        if v6:
+            _set(sock, socket.IPPROTO_IPV6, socket.IPV6_TCLASS, leg.tos)
+        else:
+            _set(sock, socket.IPPROTO_IP, socket.IP_TOS, leg.tos)
+    if leg.ttl is not None:
+        if v6:
+            _set(sock, socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, leg.ttl)
+        else:
+            _set(sock, socket.IPPROTO_IP, socket.IP_TTL, leg.ttl)
+    if leg.no_fragmentation == Availability.DESIRED:
+        if v6:
+            _set(sock, socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
+            _set(sock, socket.IPPROTO_IPV6, IPV6_DONTFRAG, 1)
+        else:
+            _set(sock, socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    return read_leg_options(sock, leg)
+
+
+def read_leg_options(sock: socket.socket, leg: LegOptions) -> AppliedLeg:
+    """Read back the IP options ``leg`` asks about (None for the others)."""
+    v6 = _is_ipv6(sock)
+    tos = ttl = None
+    no_frag = None
+    if leg.tos is not None:
+        if v6:
+            tos = _get(sock, socket.IPPROTO_IPV6, socket.IPV6_TCLASS)
+        else:
+            tos = _get(sock, socket.IPPROTO_IP, socket.IP_TOS)
+    if leg.ttl is not None:
+        if v6:
+            ttl = _get(sock, socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS)
+        else:
+            ttl = _get(sock, socket.IPPROTO_IP, socket.IP_TTL)
+    if leg.no_fragmentation is not None:
+        if v6:
+            enforced = _get(sock, socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER) == IPV6_PMTUDISC_DO
+        else:
+            enforced = _get(sock, socket.IPPROTO_IP, IP_MTU_DISCOVER) == IP_PMTUDISC_DO
+        no_frag = Availability.DESIRED if enforced else Availability.NOT_DESIRED
+    return AppliedLeg(tos=tos, ttl=ttl, no_fragmentation=no_frag)
+
+
+def new_stream_socket(family: int, multipath: bool) -> tuple[socket.socket, bool]:
+    """Create a non-blocking TCP socket, MPTCP when asked and available.
+
+    Returns:
+        ``(sock, is_mptcp_socket)``; the flag is False when MPTCP was not asked for or the
+        kernel refused the protocol (then the socket is plain TCP).
+    """
+    if multipath:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP)
+        except OSError:
+            pass  # EPROTONOSUPPORT / ENOPROTOOPT: no MPTCP in this kernel or netns
+        else:
+            sock.setblocking(False)
+            return sock, True
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    return sock, False
+
+
+def mptcp_in_use(sock: socket.socket) -> bool:
+    """True when a connected socket really runs MPTCP (not a fallback to plain TCP)."""
+    try:
+        sock.getsockopt(SOL_MPTCP, MPTCP_INFO, _MPTCP_INFO_LENGTH)
+    except OSError:
+        return False  # EOPNOTSUPP after fallback, or not an MPTCP socket
+    return True
+
+
+def enable_tfo_connect(sock: socket.socket) -> bool:
+    """Make ``connect`` defer the SYN to the first ``send``, which then carries the data.
+
+    Returns:
+        True when the kernel accepted ``TCP_FASTOPEN_CONNECT``.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+    except OSError:
+        return False
+    return True
+
+
+def tfo_syn_data_acked(sock: socket.socket) -> bool:
+    """True when the SYN of this connection carried data the peer acknowledged.
+
+    On the connecting side this means TFO was used end to end; on an accepted socket it
+    means the client's data arrived in the SYN.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_MIN_LENGTH)
+    except OSError:
+        return False
+    return len(info) > _TCP_INFO_OPTIONS_OFFSET and bool(info[_TCP_INFO_OPTIONS_OFFSET] & TCPI_OPT_SYN_DATA)
+
+
+def enable_tfo_listener(sock: socket.socket, queue: int = DEFAULT_TFO_QUEUE) -> bool:
+    """Let a listening socket accept data in the SYN (TRN-01).
+
+    The kernel also needs server-side TFO enabled (``net.ipv4.tcp_fastopen`` bit 0x2);
+    without it connections simply complete the normal handshake.
+
+    Returns:
+        True when the option was set.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, queue)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _echo_ip(plan: StackPlan, client: AppliedLeg | None, remote: AppliedLeg | None) -> list[StackOption]:
+    out: list[StackOption] = []
+    for name in ("tos", "ttl", "no_fragmentation"):
+        values: dict[StackLeg, object] = {}
+        if client is not None and getattr(plan.client, name) is not None:
+            values[StackLeg.CLIENT_PROXY] = getattr(client, name)
+        if remote is not None and getattr(plan.remote, name) is not None:
+            values[StackLeg.PROXY_REMOTE] = getattr(remote, name)
+        if (
+            name in plan.both_legs
+            and len(values) == 2
+            and values[StackLeg.CLIENT_PROXY] == values[StackLeg.PROXY_REMOTE]
+        ):
+            values = {StackLeg.BOTH: values[StackLeg.CLIENT_PROXY]}
+        for leg, value in values.items():
+            if value is None:
+                continue  # could not even be read back: unsupported here, so not echoed
+            if name == "tos":
+                assert isinstance(value, int)
+                out.append(IPTOSOption(leg, value))
+            elif name == "ttl":
+                assert isinstance(value, int)
+                out.append(TTLOption(leg, value))
+            else:
+                assert isinstance(value, Availability)
+                out.append(NoFragmentationOption(leg, value))
+    return out
+
+
+def echo_stack_options(
+    plan: StackPlan,
+    *,
+    client: AppliedLeg | None = None,
+    remote: AppliedLeg | None = None,
+    happy_eyeballs: Availability | None = None,
+    tfo_payload_size: int | None = None,
+    multipath: Availability | None = None,
+    listen_backlog: int | None = None,
+) -> tuple[StackOption, ...]:
+    """The Stack options of an Operation Reply: one per supported option the client sent,
+    carrying what was actually done (D9, STK-01).
+
+    Args:
+        plan: what the client asked for.
+        client: the client-proxy leg's read-back values, or None if nothing was applied there.
+        remote: the proxy-remote leg's read-back values, or None (no remote socket).
+        happy_eyeballs: DESIRED if Happy Eyeballs was attempted, NOT_DESIRED if not; None
+            to leave the option out (an IP destination: "silently ignore", STK-04).
+        tfo_payload_size: bytes of SYN payload the remote host accepted (0: TFO did not
+            carry data); None to leave the option out.
+        multipath: DESIRED when MPTCP is in use (or will be accepted, first BIND reply).
+        listen_backlog: the backlog actually used (0 without one, CMD-05).
+    """
+    out = _echo_ip(plan, client, remote)
+    remote_leg = StackLeg.PROXY_REMOTE
+    if happy_eyeballs is not None and plan.happy_eyeballs is not None:
+        out.append(HappyEyeballsOption(remote_leg, happy_eyeballs))
+    if tfo_payload_size is not None and plan.tfo_payload_size is not None:
+        out.append(TFOOption(remote_leg, tfo_payload_size))
+    if multipath is not None and plan.multipath is not None:
+        out.append(MultipathOption(remote_leg, multipath))
+    if listen_backlog is not None and plan.listen_backlog is not None:
+        out.append(ListenBacklogOption(remote_leg, listen_backlog))
+    return tuple(out)

@@ -1,0 +1,455 @@
+"""Fixtures for the proxy's end-to-end tests: the server in-process, loopback peers, TLS certs.
+
+Everything here listens on 127.0.0.1 or ::1 only (network safety rule of HELPERS.md):
+
+* `running_server`: a `socks6fast.asyncio.server.Server` on 127.0.0.1:0 (and [::1]:0).
+* `Sink`: a loopback TCP server standing in for the remote host. It echoes (or answers
+  HTTP), and records per connection what only the remote end can see: the TTL / hop
+  limit and TOS / traffic class of the proxy's packets (``IP_PKTOPTIONS`` /
+  ``IPV6_2292PKTOPTIONS``), whether the connection is MPTCP (``MPTCP_INFO``) and whether
+  data arrived in the SYN (``TCP_INFO``).
+* `FakeDNS`: a DNS-over-TCP responder (RFC 7766 framing) answering every query with one
+  fixed A record; no real resolver is ever asked anything.
+* `make_certificates`: a throw-away CA and a server certificate for 127.0.0.1/localhost,
+  made with ``cryptography``.
+* `packet_options`: parses the cmsg list of ``IP_PKTOPTIONS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import socket
+import struct
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from socks6fast import codec
+from socks6fast.asyncio.server import Server
+from socks6fast.auth import hash_password
+from socks6fast.config import Config, parse_config
+from socks6fast.messages import AuthReply, OperationReply
+
+IP_PKTOPTIONS = 9
+IP_RECVTTL = 12
+IP_RECVTOS = 13
+IPV6_2292PKTOPTIONS = 6
+SOL_MPTCP = 284
+MPTCP_INFO = 1
+TCPI_OPT_SYN_DATA = 0x20
+IPPROTO_MPTCP = 262
+#: Cheap scrypt parameters for test users (the server verifies with what the hash says).
+TEST_SCRYPT_N = 2**10
+
+
+def test_hash(password: str) -> str:
+    """An scrypt hash that is fast to verify (tests only)."""
+    return hash_password(password, n=TEST_SCRYPT_N)
+
+
+def make_config(
+    *,
+    users: Mapping[str, str] | None = None,
+    ipv6: bool = False,
+    rules: list[dict[str, Any]] | None = None,
+    server: Mapping[str, Any] | None = None,
+    sessions: Mapping[str, Any] | None = None,
+    default_action: str = "allow",
+) -> Config:
+    """A Config listening on 127.0.0.1:0 (and [::1]:0 with ``ipv6``); ``users`` maps names to
+    clear passwords (hashed here with cheap parameters)."""
+    listen = ["127.0.0.1:0"] + (["[::1]:0"] if ipv6 else [])
+    server_table: dict[str, Any] = {"listen": listen, "handshake_timeout": 5.0, "connect_timeout": 5.0}
+    server_table.update(server or {})
+    data: dict[str, Any] = {
+        "default_action": default_action,
+        "server": server_table,
+        "users": {name: test_hash(pw) for name, pw in (users or {}).items()},
+        "sessions": dict(sessions or {}),
+        "rules": rules or [],
+    }
+    return parse_config(data)
+
+
+@contextlib.asynccontextmanager
+async def running_server(config: Config, **kwargs: Any) -> AsyncIterator[Server]:
+    """Start a Server in the running loop; close it on exit."""
+    server = Server(config, **kwargs)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close(drain_timeout=0)
+
+
+def packet_options(raw: bytes) -> dict[tuple[int, int], int]:
+    """Parse a ``struct cmsghdr`` list (as IP_PKTOPTIONS returns it) into {(level, type): int}."""
+    header = struct.Struct("@Nii")
+    out: dict[tuple[int, int], int] = {}
+    offset = 0
+    while offset + header.size <= len(raw):
+        length, level, type_ = header.unpack_from(raw, offset)
+        if length < header.size:
+            break
+        data = raw[offset + header.size : offset + length]
+        out[(level, type_)] = int.from_bytes(data[:4], "little")
+        offset += (length + 7) & ~7
+    return out
+
+
+def observed_ttl_tos(sock: socket.socket) -> tuple[int | None, int | None]:
+    """TTL / hop limit and TOS / traffic class of packets received on ``sock``.
+
+    IPv4: values of the SYN (accepted sockets only). IPv6: of the last data packet, or
+    of the SYN. Needs IP_RECVTTL/IP_RECVTOS (IPV6_RECVHOPLIMIT/RECVTCLASS) set beforehand.
+    """
+    if sock.family == socket.AF_INET6:
+        opts = packet_options(sock.getsockopt(socket.IPPROTO_IPV6, IPV6_2292PKTOPTIONS, 256))
+        return opts.get((socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT)), opts.get(
+            (socket.IPPROTO_IPV6, socket.IPV6_TCLASS)
+        )
+    opts = packet_options(sock.getsockopt(socket.IPPROTO_IP, IP_PKTOPTIONS, 256))
+    return opts.get((socket.IPPROTO_IP, socket.IP_TTL)), opts.get((socket.IPPROTO_IP, socket.IP_TOS))
+
+
+def enable_packet_options(sock: socket.socket) -> None:
+    """Ask the kernel to keep TTL/TOS (hop limit/traffic class) of received packets."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVTCLASS, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
+
+
+def syn_data(sock: socket.socket) -> bool:
+    """True when data travelled in this connection's SYN (TCP_INFO tcpi_options)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    return bool(info[5] & TCPI_OPT_SYN_DATA)
+
+
+def is_mptcp(sock: socket.socket) -> bool:
+    """True when the connection runs MPTCP (MPTCP_INFO answers)."""
+    try:
+        sock.getsockopt(SOL_MPTCP, MPTCP_INFO, 256)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class SinkConnection:
+    """What the remote host saw of one connection."""
+
+    peer: tuple[str, int]
+    ttl: int | None = None
+    tos: int | None = None
+    mptcp: bool = False
+    syn_data: bool = False
+    received: bytearray = field(default_factory=bytearray)
+    eof: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Sink:
+    """A loopback server standing in for the remote host.
+
+    Args:
+        host: "127.0.0.1" or "::1".
+        mode: "echo" (send back what arrives, half-close on EOF), "http" (answer one
+            HTTP/1.0 request with ``body``), or "hold" (read only).
+        mptcp: listen with IPPROTO_MPTCP.
+        tfo: accept TCP Fast Open.
+        body: the HTTP body in "http" mode.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        *,
+        mode: str = "echo",
+        mptcp: bool = False,
+        tfo: bool = False,
+        body: bytes = b"hello from the sink\n",
+    ) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP if mptcp else 0)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        if tfo:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+        enable_packet_options(self.sock)  # inherited by accepted sockets
+        self.sock.listen(512)
+        self.sock.setblocking(False)
+        self.mode = mode
+        self.body = body
+        self.connections: list[SinkConnection] = []
+        self.accepted: asyncio.Queue[SinkConnection] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accept_task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    async def __aenter__(self) -> Sink:
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *(t for t in [self._accept_task] if t), return_exceptions=True)
+        self.sock.close()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, addr = await loop.sock_accept(self.sock)
+            task = loop.create_task(self._serve(conn, (str(addr[0]), int(addr[1]))))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        record = SinkConnection(peer=peer, mptcp=is_mptcp(conn), syn_data=syn_data(conn))
+        self.connections.append(record)
+        try:
+            first = True
+            while True:
+                try:
+                    data = await loop.sock_recv(conn, 65536)
+                except OSError:
+                    break
+                if first:
+                    record.ttl, record.tos = observed_ttl_tos(conn)
+                    self.accepted.put_nowait(record)
+                    first = False
+                if not data:
+                    record.eof.set()
+                    if self.mode == "echo":
+                        with contextlib.suppress(OSError):
+                            conn.shutdown(socket.SHUT_WR)
+                    break
+                record.received += data
+                if self.mode == "echo":
+                    await loop.sock_sendall(conn, data)
+                elif self.mode == "http" and b"\r\n\r\n" in record.received:
+                    head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(self.body)}\r\n\r\n".encode()
+                    await loop.sock_sendall(conn, head + self.body)
+                    conn.shutdown(socket.SHUT_WR)
+            if first:
+                self.accepted.put_nowait(record)
+            # Keep the socket open until the peer is done (echo mode half-closed already).
+            with contextlib.suppress(OSError):
+                while await loop.sock_recv(conn, 65536):
+                    pass
+        finally:
+            conn.close()
+
+
+class FakeDNS:
+    """A DNS-over-TCP server on loopback (RFC 7766: two-byte length, then the message).
+
+    Answers every query with an A record for ``answer`` so tests can check the bytes
+    went through the proxy's DNS service (D13) unchanged.
+    """
+
+    def __init__(self, answer: str = "127.0.0.7") -> None:
+        self.answer = ipaddress.IPv4Address(answer).packed
+        self.queries: list[bytes] = []
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def __aenter__(self) -> FakeDNS:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    (length,) = struct.unpack(">H", await reader.readexactly(2))
+                    query = await reader.readexactly(length)
+                except asyncio.IncompleteReadError:
+                    break
+                self.queries.append(query)
+                response = self.respond(query)
+                writer.write(struct.pack(">H", len(response)) + response)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def respond(self, query: bytes) -> bytes:
+        """Echo the question with one A answer (RFC 1035 section 4.1)."""
+        ident = query[:2]
+        question = query[12:]
+        header = ident + struct.pack(">HHHHH", 0x8180, 1, 1, 0, 0)
+        answer = struct.pack(">HHHIH", 0xC00C, 1, 1, 60, 4) + self.answer
+        return header + question + answer
+
+
+def dns_query(name: str, ident: int = 0x1234) -> bytes:
+    """A minimal RFC 1035 A query for ``name``."""
+    qname = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    return struct.pack(">HHHHHH", ident, 0x0100, 1, 0, 0, 0) + qname + struct.pack(">HH", 1, 1)
+
+
+@dataclass
+class Certificates:
+    """Paths of a throw-away CA and server certificate."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """Write a self-signed CA and a server certificate for 127.0.0.1, ::1 and localhost."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "socks6fast test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.IPv6Address("::1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = Certificates(ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server.key")
+    paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+class RawClient:
+    """Raw bytes over a real socket to the proxy, with SOCKS 6 reply decoding helpers."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buffer = bytearray()
+
+    @classmethod
+    async def connect(cls, address: tuple[str, int], **kwargs: Any) -> RawClient:
+        reader, writer = await asyncio.open_connection(address[0], address[1], **kwargs)
+        return cls(reader, writer)
+
+    @property
+    def sock(self) -> socket.socket:
+        sock = self.writer.get_extra_info("socket")
+        assert sock is not None
+        return sock  # type: ignore[no-any-return]
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def _fill(self, n: int) -> None:
+        while len(self.buffer) < n:
+            data = await asyncio.wait_for(self.reader.read(65536), 5)
+            if not data:
+                raise EOFError(f"EOF with {len(self.buffer)} bytes buffered, wanted {n}")
+            self.buffer += data
+
+    async def read_exactly(self, n: int) -> bytes:
+        await self._fill(n)
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+    async def auth_reply(self) -> AuthReply:
+        while True:
+            reply, n = codec.decode_auth_reply(self.buffer)
+            if reply is not None:
+                del self.buffer[:n]
+                return reply
+            await self._fill(len(self.buffer) + n)
+
+    async def operation_reply(self) -> OperationReply:
+        while True:
+            reply, n = codec.decode_operation_reply(self.buffer)
+            if reply is not None:
+                del self.buffer[:n]
+                return reply
+            await self._fill(len(self.buffer) + n)
+
+    async def read_until_eof(self, timeout: float = 5.0) -> bytes:
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        while True:
+            chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not chunk:
+                return data
+            data += chunk
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
