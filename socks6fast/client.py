@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import socket
 import ssl as _ssl
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -53,12 +54,34 @@ from .errors import AuthenticationError, Socks6Error
 from .messages import OperationReply, Option, SessionRequest, StackOption
 from .url import ProxyURL, parse_proxy_url, proxy_ssl_context
 
-__all__ = ["DEFAULT_TIMEOUT", "TCP_FASTOPEN_CONNECT", "Binding", "Proxy", "Session"]
+__all__ = ["DEFAULT_TIMEOUT", "TCP_FASTOPEN_CONNECT", "Binding", "Proxy", "Session", "enable_tfo_connect"]
 
 #: Seconds allowed for connecting to the proxy, TLS and the SOCKS handshake.
 DEFAULT_TIMEOUT: Final = 30.0
-#: Linux ``TCP_FASTOPEN_CONNECT`` (include/uapi/linux/tcp.h); Python 3.11 does not export it.
-TCP_FASTOPEN_CONNECT: Final[int] = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
+#: Linux ``TCP_FASTOPEN_CONNECT`` (include/uapi/linux/tcp.h; Python 3.11 does not export
+#: it); None where there is no such option, and ``tfo=True`` then connects normally.
+TCP_FASTOPEN_CONNECT: Final[int | None] = getattr(
+    socket, "TCP_FASTOPEN_CONNECT", 30 if sys.platform.startswith("linux") else None
+)
+
+
+def enable_tfo_connect(sock: socket.socket) -> bool:
+    """Ask the kernel to put the first write into the SYN (RFC 7413, ``TCP_FASTOPEN_CONNECT``).
+
+    The SYN is deferred to the first write and carries it when a TFO cookie is cached;
+    without one the kernel connects normally and fetches a cookie for next time.
+
+    Returns:
+        False when the platform has no such option (a normal connect follows).
+    """
+    if TCP_FASTOPEN_CONNECT is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+    except OSError:
+        return False  # kernel before 4.11
+    return True
+
 
 _FIRST_REPLY: Final = frozenset(
     {ClientState.ESTABLISHED, ClientState.MUST_CLOSE, ClientState.AWAIT_BIND_PEER}
@@ -88,12 +111,7 @@ def _open_tcp_socket(host: str, port: int, *, tfo: bool, deadline: _Deadline) ->
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tfo:
-                try:
-                    # The kernel defers the SYN to the first write (RFC 7413 via Linux
-                    # TCP_FASTOPEN_CONNECT); without a cached cookie it connects normally.
-                    sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
-                except OSError:
-                    pass
+                enable_tfo_connect(sock)
             sock.settimeout(deadline.remaining())
             sock.connect(address)
             return sock

@@ -63,6 +63,7 @@ from socks6fast.messages import (
     SessionRequest,
     SessionTeardown,
     TTLOption,
+    UnknownOption,
 )
 from socks6fast.server_connection import InitialData, RequestReceived
 from socks6fast.socks5 import UserPassReply, UserPassRequest
@@ -916,3 +917,13 @@ def test_client_connection_is_sans_io() -> None:
     )
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_request_options_over_the_cap_are_never_sent() -> None:
+    """REQ-03 (client side of B): a Request whose options exceed 16 KB is refused locally."""
+    big = UnknownOption(0xFC00, bytes(16384))  # 4 + 16384 bytes of options
+    with pytest.raises(LocalProtocolError):
+        ClientConnection().send(build_request(Command.CONNECT, "192.0.2.1", 80, options=[big]))
+    fits = UnknownOption(0xFC00, bytes(16380))  # exactly 16384 bytes of options
+    flight = ClientConnection().send(build_request(Command.CONNECT, "192.0.2.1", 80, options=[fits]))
+    assert flight[2:4] == hx("4000")  # Options Length 16384

@@ -45,6 +45,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Final, Protocol, TypeVar
 
+from ..client import DEFAULT_TIMEOUT, enable_tfo_connect
 from ..client_connection import (
     NEED_DATA,
     ClientConnection,
@@ -69,11 +70,6 @@ __all__ = [
     "open_connection",
 ]
 
-#: Seconds allowed for connecting to the proxy, TLS and the SOCKS handshake.
-DEFAULT_TIMEOUT: Final = 30.0
-#: Linux ``TCP_FASTOPEN_CONNECT`` (include/uapi/linux/tcp.h); Python 3.11 does not export it.
-TCP_FASTOPEN_CONNECT: Final[int] = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
-
 SSLArg = _ssl.SSLContext | bool | None
 
 
@@ -90,9 +86,7 @@ async def _open_tcp_socket(
 ) -> socket.socket:
     """Connect a non-blocking TCP socket (TCP_NODELAY; TCP_FASTOPEN_CONNECT if ``tfo``).
 
-    With ``TCP_FASTOPEN_CONNECT`` the kernel defers the SYN to the first write, so that
-    write travels in the SYN when a TFO cookie is cached (RFC 7413); without a cookie it
-    falls back to a normal handshake by itself.
+    See `socks6fast.client.enable_tfo_connect` for what ``tfo`` does.
     """
     loop = loop or asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
@@ -103,10 +97,7 @@ async def _open_tcp_socket(
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tfo:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
-                except OSError:
-                    pass  # not Linux >= 4.11: plain connect
+                enable_tfo_connect(sock)
             await loop.sock_connect(sock, address)
             return sock
         except OSError as exc:
