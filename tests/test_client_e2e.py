@@ -13,9 +13,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import secrets
+import shlex
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +70,21 @@ from socks6fast.sessions import TokenWindow
 from socks6fast.socks5 import UserPassReply, UserPassRequest
 
 LOCALHOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+#: Linux TCP_SAVE_SYN / TCP_SAVED_SYN (include/uapi/linux/tcp.h): keep the SYN's headers.
+TCP_SAVE_SYN = 27
+TCP_SAVED_SYN = 28
+
+
+def syn_payload_length(sock: Any) -> int:
+    """Bytes of payload the SYN of an accepted connection carried (from its saved IPv4 and
+    TCP headers: IP Total Length - IHL * 4 - TCP Data Offset * 4)."""
+    headers = sock.getsockopt(socket.IPPROTO_TCP, TCP_SAVED_SYN, 512)
+    ip_header = (headers[0] & 0x0F) * 4
+    total = int.from_bytes(headers[2:4], "big")
+    tcp_header = (headers[ip_header + 12] >> 4) * 4
+    return int(total - ip_header - tcp_header)
+
 
 # --- TLS material (a private CA and a certificate for localhost / 127.0.0.1) ------------------
 
@@ -192,6 +211,9 @@ class ScriptedProxy:
     """D4: put the Session ID in the Authentication Reply instead of the Operation Reply."""
     grant_sessions: bool = True
     echo_stack: bool = True
+    save_syn: bool = False
+    """Listen with TFO and TCP_SAVE_SYN; record each connection's SYN payload length."""
+    syn_payloads: list[int] = field(default_factory=list)
     first_chunks: list[bytes] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
     sessions: dict[bytes, TokenWindow | None] = field(default_factory=dict)
@@ -203,7 +225,11 @@ class ScriptedProxy:
 
     async def start(self, ssl_context: ssl.SSLContext | None = None) -> ScriptedProxy:
         self._server = await asyncio.start_server(self._handle, LOCALHOST, 0, ssl=ssl_context)
-        self.port = self._server.sockets[0].getsockname()[1]
+        listener = self._server.sockets[0]
+        self.port = listener.getsockname()[1]
+        if self.save_syn:
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+            listener.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, 1)
         return self
 
     def url(self, userinfo: str = "", scheme: str = "socks6") -> str:
@@ -224,6 +250,8 @@ class ScriptedProxy:
         assert task is not None
         self._tasks.add(task)
         self._writers.add(writer)
+        if self.save_syn:
+            self.syn_payloads.append(syn_payload_length(writer.get_extra_info("socket")))
         try:
             await self._serve(reader, writer)
         except (ConnectionError, OSError, Socks6Error, asyncio.IncompleteReadError):
@@ -1111,3 +1139,73 @@ async def test_real_server_tfo(real_proxy: RealProxy, echo_port: int) -> None:
         sock.close()
     if server_tfo:
         assert syn_data[-1]
+
+
+# --- TRN-02 with real SYN payloads, in a private network namespace ----------------------------------------
+#
+# Server-side TFO needs net.ipv4.tcp_fastopen bit 0x2, which only a private network
+# namespace may set without changing the host (`unshare -n`, as tests/helpers_server.py
+# does). There the scripted proxy saves each SYN's headers (TCP_SAVE_SYN), which tell
+# exactly how many bytes the SYN carried.
+
+
+async def _tfo_syn_scenario() -> dict[str, Any]:
+    echo = await asyncio.start_server(_echo, LOCALHOST, 0)
+    echo_port = echo.sockets[0].getsockname()[1]
+    proxy = await ScriptedProxy(save_syn=True).start()
+    out: dict[str, Any] = {}
+    try:
+        warm = await s6.Proxy.from_url(proxy.url()).connect(LOCALHOST, echo_port, tfo=True)  # TFO cookie
+        warm.close()
+        async with s6.Session(proxy.url(), tokens=4) as session:
+            await session.proxy.noop(session=session)  # the session and its token window
+            for name, idempotent in (("plain", False), ("token", True)):
+                reader, writer = await session.open_connection(
+                    LOCALHOST, echo_port, initial_data=b"DATA", tfo=True, idempotent=idempotent
+                )
+                assert await reader.readexactly(4) == b"DATA"
+                out[name] = {
+                    "syn": proxy.syn_payloads[-1],
+                    "request": writer.get_extra_info("socks6_connection").request_size,
+                    "acked": _syn_data_acked(writer.get_extra_info("socket")),
+                }
+                await close(writer)
+        reader, writer = await s6.open_connection(proxy.url(), LOCALHOST, echo_port, initial_data=b"DATA")
+        out["no_tfo"] = {"syn": proxy.syn_payloads[-1]}
+        await close(writer)
+    finally:
+        await proxy.stop()
+        echo.close()
+    return out
+
+
+def run_tfo_syn_scenario() -> None:
+    """Entry point inside the namespace: print the observations as JSON."""
+    print(json.dumps(asyncio.run(_tfo_syn_scenario())))
+
+
+def test_tfo_syn_payload_follows_trn02() -> None:
+    """TRN-02: in a real TFO SYN the client sends the Request alone when it spends no
+    token, the Request and the initial data when it does, and nothing without tfo=True."""
+    script = (
+        "ip link set lo up && echo 3 > /proc/sys/net/ipv4/tcp_fastopen && "
+        f"{shlex.quote(sys.executable)} -c "
+        + shlex.quote(
+            f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; "
+            "import test_client_e2e; test_client_e2e.run_tfo_syn_scenario()"
+        )
+    )
+    try:
+        result = subprocess.run(
+            ["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=60
+        )
+    except FileNotFoundError:
+        pytest.skip("unshare(1) is not available")
+    if result.returncode != 0 and "unshare" in result.stderr:
+        pytest.skip(f"no private network namespace here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["plain"]["syn"] == seen["plain"]["request"]  # Request only: no application data
+    assert seen["token"]["syn"] == seen["token"]["request"] + len(b"DATA")  # token spent: data too
+    assert seen["plain"]["acked"] and seen["token"]["acked"]
+    assert seen["no_tfo"]["syn"] == 0
