@@ -1,18 +1,17 @@
 """The client library end to end on loopback: real sockets, real TLS, asyncio and blocking.
 
-The proxy here is ``ScriptedProxy``: a small asyncio proxy built on the project's sans-IO
-``ServerConnection`` (and ``sessions.TokenWindow``), with switches for the behaviours the
-client must handle (slow authentication, Session ID placement, refusals, TLS). It stands
-in for ``socks6fast.asyncio.server`` until that lands; tests against the real server are
-at the end of the file and skip while it is missing. Destinations are in-process echo /
-banner servers on 127.0.0.1. Loopback only.
+Two proxies: the real one (``socks6fast.asyncio.server``, through tests/helpers_server.py;
+the ``test_real_server_*`` tests) and ``ScriptedProxy``, a small asyncio proxy built on the
+project's sans-IO ``ServerConnection`` (and ``sessions.TokenWindow``) with switches for
+behaviours the real server never shows but the client must handle (slow authentication
+only, the Session ID in the Authentication Reply (D4), a token window across the 2^32
+wrap, declined sessions, SYN inspection). Destinations are in-process echo / banner
+servers on 127.0.0.1. Loopback only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import secrets
 import shlex
@@ -27,17 +26,13 @@ from typing import Any
 
 import pytest
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from helpers_server import make_certificates, make_config, running_server
 
 import socks6fast.asyncio as s6
 import socks6fast.asyncio.client as aclient
 from socks6fast import client as bclient
-from socks6fast.auth import hash_password
+from socks6fast.asyncio.server import Server
 from socks6fast.client_connection import ClientConnection
-from socks6fast.config import parse_config
 from socks6fast.connection import NEED_DATA, ServerConnection
 from socks6fast.constants import (
     AddressType,
@@ -86,7 +81,7 @@ def syn_payload_length(sock: Any) -> int:
     return int(total - ip_header - tcp_header)
 
 
-# --- TLS material (a private CA and a certificate for localhost / 127.0.0.1) ------------------
+# --- TLS material (helpers_server: a private CA and a certificate for localhost / 127.0.0.1) ---
 
 
 @dataclass(frozen=True)
@@ -106,55 +101,8 @@ class TLSFiles:
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    directory = tmp_path_factory.mktemp("tls")
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "socks6fast test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOCALHOST))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    files = TLSFiles(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
-    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return files
+    certs = make_certificates(tmp_path_factory.mktemp("tls"))
+    return TLSFiles(certs.ca, certs.cert, certs.key)
 
 
 # --- Destinations ---------------------------------------------------------------------------------
@@ -977,7 +925,7 @@ def test_open_connection_under_uvloop() -> None:
 
 @dataclass
 class RealProxy:
-    server: Any
+    server: Server
     port: int
     tls_port: int
 
@@ -989,24 +937,16 @@ class RealProxy:
 @pytest.fixture
 async def real_proxy(tls_files: TLSFiles) -> AsyncIterator[RealProxy]:
     """The project's proxy in-process on 127.0.0.1:0 (plain and TLS), user alice."""
-    server_module = pytest.importorskip("socks6fast.asyncio.server")
-    config = parse_config(
-        {
-            "server": {
-                "listen": [f"{LOCALHOST}:0"],
-                "tls_listen": [f"{LOCALHOST}:0"],
-                "tls_certificate": str(tls_files.cert),
-                "tls_key": str(tls_files.key),
-            },
-            "users": {"alice": hash_password("s3cret")},
-        }
+    config = make_config(
+        users={"alice": "s3cret"},
+        server={
+            "tls_listen": [f"{LOCALHOST}:0"],
+            "tls_certificate": str(tls_files.cert),
+            "tls_key": str(tls_files.key),
+        },
     )
-    server = server_module.Server(config)
-    await server.start()
-    try:
+    async with running_server(config) as server:
         yield RealProxy(server, server.addresses[0][1], server.tls_addresses[0][1])
-    finally:
-        await server.close(drain_timeout=1.0)
 
 
 async def test_real_server_one_flight_zero_rtt(real_proxy: RealProxy, echo_port: int) -> None:
