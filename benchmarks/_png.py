@@ -141,6 +141,13 @@ def render_chart(title: str, subtitle: str, panels: list[Panel], path: Path, wid
         x0 = 16 + label_w
         span = width - x0 - value_w
         vmax = max([b.value for b in panel.bars if b.value is not None] + [panel.target or 0.0, 1e-9])
+        if panel.target is not None:
+            # The target line goes under the bars and their values, so it never hides a number.
+            tx = x0 + round(span * panel.target / vmax)
+            bottom = y0 + len(panel.bars) * (bar_h + gap)
+            for yy in range(y0 - 6, bottom, 6):
+                cv.rect(tx, yy, 2, 4, (220, 30, 30))
+            cv.text(tx + 4, y0 - 16, f"target {_fmt(panel.target)}", (220, 30, 30), scale)
         for i, b in enumerate(panel.bars):
             by = y0 + i * (bar_h + gap)
             cv.text(16, by + 4, b.label, (40, 40, 40), scale)
@@ -150,12 +157,6 @@ def render_chart(title: str, subtitle: str, panels: list[Panel], path: Path, wid
             w = max(1, round(span * b.value / vmax))
             cv.rect(x0, by, w, bar_h, b.color)
             cv.text(x0 + w + 8, by + 4, _fmt(b.value) + (f" {b.note}" if b.note else ""), (0, 0, 0), scale)
-        if panel.target is not None:
-            tx = x0 + round(span * panel.target / vmax)
-            bottom = y0 + len(panel.bars) * (bar_h + gap)
-            for yy in range(y0 - 6, bottom, 6):
-                cv.rect(tx, yy, 2, 4, (220, 30, 30))
-            cv.text(tx + 4, y0 - 16, f"target {_fmt(panel.target)}", (220, 30, 30), scale)
         y += h
     cv.save(path)
 

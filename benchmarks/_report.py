@@ -66,7 +66,7 @@ def targets(res: Results) -> list[dict[str, Any]]:
         add(f"{fast} single stream / Dante", _ratio(one, dante), ">=", 3.0, "x")
         for streams in sorted(bulk, key=int):
             add(
-                f"{fast} proxy CPU, {streams} stream(s)",
+                f"{fast} proxy CPU, {streams} stream{'s' if streams != '1' else ''}",
                 _get(bulk, streams, fast, "proxy_cpu_s_per_gib"),
                 "<=",
                 0.25,
@@ -219,7 +219,7 @@ def markdown_tables(res: Results) -> str:
             [
                 [
                     t["target"],
-                    "-" if t["value"] is None else f"{_f(t['value'], 3)} {t['unit']}".strip(),
+                    "-" if t["value"] is None else f"{_sig(t['value'])} {t['unit']}".strip(),
                     f"{t['op']} {t['limit']:g} {t['unit']}".strip(),
                     {True: "yes", False: "NO", None: "n/a"}[t["ok"]],
                 ]
@@ -231,6 +231,11 @@ def markdown_tables(res: Results) -> str:
     if skipped:
         lines += ["Notes:", ""] + [f"- {n}: {r}" for n, r in skipped] + [""]
     return "\n".join(lines)
+
+
+def _sig(v: float) -> str:
+    """Three significant digits or so: 0.418, 12.8, 267."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:

@@ -53,7 +53,7 @@ TESTS = ("idle", "ttfb", "conn", "bulk")
 
 #: Settings of the three run lengths; the command line overrides any of them.
 PROFILES: dict[str, dict[str, Any]] = {
-    "full": dict(rounds=3, duration=2.0, warmup=0.5, conn_duration=2.0, latency_duration=1.0,
+    "full": dict(rounds=5, duration=1.5, warmup=0.5, conn_duration=1.5, latency_duration=0.7,
                  ttfb_samples=15, idle_conns=1000, streams="1,8,64", delay_ms=20.0),
     "quick": dict(rounds=2, duration=0.7, warmup=0.3, conn_duration=0.8, latency_duration=0.4,
                   ttfb_samples=5, idle_conns=1000, streams="1,8,64", delay_ms=20.0),
