@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from socks6fast import codec
-from socks6fast.asyncio.server import Server
+from socks6fast.asyncio.server import ConnectionRecord, Server
 from socks6fast.auth import hash_password
 from socks6fast.config import Config, parse_config
 from socks6fast.messages import AuthReply, OperationReply
@@ -186,7 +186,8 @@ class Sink:
         self.sock.bind((host, 0))
         if tfo:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
-        enable_packet_options(self.sock)  # inherited by accepted sockets
+        if not mptcp:  # MPTCP sockets do not support these options
+            enable_packet_options(self.sock)  # inherited by accepted sockets
         self.sock.listen(512)
         self.sock.setblocking(False)
         self.mode = mode
@@ -233,7 +234,8 @@ class Sink:
                 except OSError:
                     break
                 if first:
-                    record.ttl, record.tos = observed_ttl_tos(conn)
+                    with contextlib.suppress(OSError):
+                        record.ttl, record.tos = observed_ttl_tos(conn)
                     self.accepted.put_nowait(record)
                     first = False
                 if not data:
@@ -388,6 +390,17 @@ def make_certificates(directory: Path) -> Certificates:
     return paths
 
 
+async def record_for(server: Server, client: RawClient, timeout: float = 5.0) -> ConnectionRecord:
+    """The server's record of ``client``'s connection, once that connection has ended."""
+    local = client.local
+    async with asyncio.timeout(timeout):
+        while True:
+            for record in reversed(server.records):
+                if record.client[:2] == local:
+                    return record
+            await asyncio.sleep(0.01)
+
+
 class RawClient:
     """Raw bytes over a real socket to the proxy, with SOCKS 6 reply decoding helpers."""
 
@@ -395,11 +408,15 @@ class RawClient:
         self.reader = reader
         self.writer = writer
         self.buffer = bytearray()
+        name = writer.get_extra_info("sockname")
+        self.local: tuple[str, int] = (str(name[0]), int(name[1]))
+        """The client's own address and port (what the server records as ``client``)."""
 
     @classmethod
     async def connect(cls, address: tuple[str, int], **kwargs: Any) -> RawClient:
         reader, writer = await asyncio.open_connection(address[0], address[1], **kwargs)
         return cls(reader, writer)
+
 
     @property
     def sock(self) -> socket.socket:
@@ -453,3 +470,141 @@ class RawClient:
         self.writer.close()
         with contextlib.suppress(OSError):
             await self.writer.wait_closed()
+
+
+# --- Scenarios that need a private network namespace ------------------------------------
+#
+# Server-side TCP Fast Open (net.ipv4.tcp_fastopen bit 0x2) and unreachable routes cannot be
+# set up on the host without changing it for everyone. `unshare -n` gives a process its own
+# network namespace with only a loopback interface: there the sysctl and routing rules are
+# private, and nothing can leave the machine. `run_netns_scenarios` is run by
+# tests/test_server_e2e.py in such a namespace; it prints one JSON object of observations.
+
+NETNS_SETUP = """
+set -e
+ip link set lo up
+echo 3 > /proc/sys/net/ipv4/tcp_fastopen
+ip rule del pref 0
+ip rule add from all lookup local pref 100
+ip rule add to 127.66.0.1 unreachable pref 10
+ip route add unreachable 127.77.0.1 table 200
+ip rule add to 127.77.0.1 lookup 200 pref 20
+"""
+#: Destinations that give ENETUNREACH / EHOSTUNREACH inside the namespace.
+NETNS_NET_UNREACHABLE = "127.66.0.1"
+NETNS_HOST_UNREACHABLE = "127.77.0.1"
+TCP_FASTOPEN_CONNECT = 30
+
+
+def tfo_connect(address: tuple[str, int], payload: bytes) -> socket.socket:
+    """Blocking TCP Fast Open connect that puts ``payload`` in the SYN when a cookie is cached."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+    sock.settimeout(5)
+    sock.connect(address)
+    sock.sendall(payload)
+    return sock
+
+
+async def _netns_scenarios() -> dict[str, Any]:
+    from socks6fast.constants import AddressType, Command, StackLeg
+    from socks6fast.messages import Request, TFOOption
+
+    out: dict[str, Any] = {}
+    loop = asyncio.get_running_loop()
+
+    def request(host: str, port: int, *options: Any, command: Command = Command.CONNECT) -> bytes:
+        return codec.encode_request(Request(command, AddressType.IPV4, host, port, tuple(options)))
+
+    async with Sink(tfo=True) as sink, running_server(make_config()) as server:
+        proxy = server.addresses[0]
+        # Warm the TFO cookie caches: client -> sink and client -> proxy listener.
+        for target in (sink.address, proxy):
+            for _ in range(2):
+                warm = await loop.run_in_executor(None, tfo_connect, target, b"\x00")
+                warm.close()
+        await asyncio.sleep(0.1)
+        while not sink.accepted.empty():
+            sink.accepted.get_nowait()
+
+        async def connect_through(
+            options: tuple[Any, ...], data: bytes
+        ) -> tuple[OperationReply, SinkConnection, ConnectionRecord]:
+            client = await RawClient.connect(proxy)
+            await client.send(request(*sink.address, *options) + data)
+            await client.auth_reply()
+            reply = await client.operation_reply()
+            echoed = await client.read_exactly(len(data))
+            assert echoed == data
+            seen = await asyncio.wait_for(sink.accepted.get(), 5)
+            await client.close()
+            return reply, seen, await record_for(server, client)
+
+        # STK-06: TFO option -> data in the SYN to the remote host.
+        reply, seen, record = await connect_through((TFOOption(StackLeg.PROXY_REMOTE, 0),), b"tfo-initial-data")
+        out["tfo_option_syn_data"] = seen.syn_data
+        out["tfo_option_echo"] = [o.payload_size for o in reply.options if isinstance(o, TFOOption)]
+        out["tfo_option_attempted"] = record.tfo_attempted
+        # STK-06: the payload size bound.
+        reply, seen, record = await connect_through((TFOOption(StackLeg.PROXY_REMOTE, 4),), b"0123456789")
+        out["tfo_limited_echo"] = [o.payload_size for o in reply.options if isinstance(o, TFOOption)]
+        out["tfo_limited_syn_data"] = seen.syn_data
+        # CMD-02: no option -> no TFO, even with a cookie cached and data at hand.
+        reply, seen, record = await connect_through((), b"no-tfo-data")
+        out["no_option_syn_data"] = seen.syn_data
+        out["no_option_attempted"] = record.tfo_attempted
+
+        # TRN-01: Request + data in the SYN to the proxy; processed without another round trip.
+        payload = request(*sink.address) + b"in-the-syn"
+
+        def client_side() -> tuple[bool, bytes]:
+            sock = tfo_connect(proxy, payload)
+            try:
+                data = b""
+                expected = 4 + 12 + len(b"in-the-syn")  # auth reply, operation reply (IPv4), echo
+                while len(data) < expected:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                return syn_data(sock), data
+            finally:
+                sock.close()
+
+        acked, data = await loop.run_in_executor(None, client_side)
+        out["trn01_syn_data"] = acked
+        out["trn01_tail"] = data[-len(b"in-the-syn") :].decode()
+
+        # STK-06: BIND accepts TFO only when asked (the cached cookie for 127.0.0.1 is valid
+        # for every TFO listener of this namespace).
+        for name, options in (("bind_tfo", (TFOOption(StackLeg.PROXY_REMOTE, 0),)), ("bind_plain", ())):
+            client = await RawClient.connect(proxy)
+            await client.send(request("0.0.0.0", 0, *options, command=Command.BIND))
+            await client.auth_reply()
+            first = await client.operation_reply()
+            peer = await loop.run_in_executor(None, tfo_connect, (first.address, first.port), b"x")
+            await client.operation_reply()
+            out[name] = syn_data(peer)
+            out[name + "_data"] = (await client.read_exactly(1)).decode()
+            peer.close()
+            await client.close()
+
+        # CMD-01: network / host unreachable from real routing decisions.
+        for name, host in (("net_unreachable", NETNS_NET_UNREACHABLE), ("host_unreachable", NETNS_HOST_UNREACHABLE)):
+            client = await RawClient.connect(proxy)
+            await client.send(request(host, 80))
+            await client.auth_reply()
+            out[name] = int((await client.operation_reply()).reply_code)
+            await client.close()
+    return out
+
+
+def run_netns_scenarios() -> None:
+    """Entry point inside the namespace: print the observations as JSON."""
+    import json
+
+    print(json.dumps(asyncio.run(_netns_scenarios())))
+
+
+if __name__ == "__main__":
+    run_netns_scenarios()

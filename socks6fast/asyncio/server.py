@@ -1312,18 +1312,20 @@ class Server:
             applied = None if plan.remote.empty else apply_leg_options(sock, plan.remote)
             sent = 0
             tfo = bool(tfo_payload) and enable_tfo_connect(sock)
+            # connect() by hand rather than loop.sock_connect(): the latter re-resolves the
+            # address with the socket's protocol, which getaddrinfo refuses for MPTCP (262).
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                # With TCP_FASTOPEN_CONNECT and a cached cookie this sends nothing yet; without
+                # a cookie it starts a normal handshake (EINPROGRESS).
+                sock.connect(sockaddr)
             if tfo:
-                # CMD-02 / STK-06: only with a TFO option; the first send() carries the SYN.
-                with contextlib.suppress(BlockingIOError):
-                    sock.connect(sockaddr)  # EINPROGRESS: no cookie yet, plain handshake started
+                # CMD-02 / STK-06: only with a TFO option: the first send() rides in the SYN.
                 with contextlib.suppress(BlockingIOError):
                     sent = sock.send(tfo_payload)
-                await _wait_writable(loop, sock)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err))
-            else:
-                await loop.sock_connect(sock, sockaddr)
+            await _wait_writable(loop, sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return _Remote(

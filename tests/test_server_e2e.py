@@ -1,0 +1,947 @@
+"""Loopback end-to-end tests of the proxy: raw SOCKS 6 / SOCKS 5 bytes over real sockets.
+
+Each test starts a `socks6fast.asyncio.server.Server` in-process on 127.0.0.1:0 (and
+[::1]:0 where IPv6 matters) and a loopback `Sink` standing in for the remote host. Test
+names and docstrings name the CONFORMANCE.md IDs they prove. Nothing here touches an
+address outside 127.0.0.0/8 and ::1; the scenarios needing server-side TCP Fast Open or
+unreachable routes run in a private network namespace (`unshare -n`, see
+helpers_server.NETNS_SETUP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers_server import (
+    NETNS_SETUP,
+    FakeDNS,
+    RawClient,
+    Sink,
+    dns_query,
+    enable_packet_options,
+    make_certificates,
+    make_config,
+    observed_ttl_tos,
+    record_for,
+    running_server,
+)
+from socks6fast import codec
+from socks6fast.constants import (
+    AddressType,
+    AuthMethod,
+    AuthReplyType,
+    Availability,
+    Command,
+    ReplyCode,
+    StackLeg,
+    UserPassStatus,
+)
+from socks6fast.messages import (
+    AuthData,
+    AuthMethodAdvertisement,
+    AuthMethodSelection,
+    AuthReply,
+    HappyEyeballsOption,
+    IdempotenceAccepted,
+    IdempotenceExpenditure,
+    IdempotenceRejected,
+    IdempotenceRequest,
+    IdempotenceWindow,
+    IPTOSOption,
+    ListenBacklogOption,
+    MultipathOption,
+    NoFragmentationOption,
+    OperationReply,
+    Option,
+    Request,
+    SessionID,
+    SessionInvalid,
+    SessionOK,
+    SessionRequest,
+    SessionTeardown,
+    TFOOption,
+    TTLOption,
+    UDPErrorOption,
+    UnknownOption,
+    UnknownStackOption,
+)
+from socks6fast.socks5 import UserPassRequest, decode_userpass_reply, encode_userpass_request
+
+pytestmark = pytest.mark.timeout(30)
+
+USERS = {"alice": "wonderland"}
+
+
+def atyp(host: str) -> AddressType:
+    if ":" in host:
+        return AddressType.IPV6
+    if host.replace(".", "").isdigit():
+        return AddressType.IPV4
+    return AddressType.DOMAIN_NAME
+
+
+def request(command: Command, host: str, port: int, *options: Option) -> bytes:
+    return codec.encode_request(Request(command, atyp(host), host, port, tuple(options)))
+
+
+def connect(dest: tuple[str, int], *options: Option) -> bytes:
+    return request(Command.CONNECT, dest[0], dest[1], *options)
+
+
+def credentials(user: str = "alice", password: str = "wonderland") -> AuthData:
+    return AuthData(AuthMethod.USERNAME_PASSWORD, encode_userpass_request(UserPassRequest(user.encode(), password.encode())))
+
+
+def option(reply: AuthReply | OperationReply, kind: type) -> Any:
+    found = [o for o in reply.options if isinstance(o, kind)]
+    assert len(found) <= 1, reply
+    return found[0] if found else None
+
+
+async def exchange(proxy: tuple[str, int], data: bytes) -> tuple[RawClient, AuthReply, OperationReply]:
+    client = await RawClient.connect(proxy)
+    await client.send(data)
+    auth = await client.auth_reply()
+    assert auth.type == AuthReplyType.SUCCESS, auth
+    return client, auth, await client.operation_reply()
+
+
+async def echo_roundtrip(client: RawClient, data: bytes = b"ping") -> None:
+    await client.send(data)
+    assert await client.read_exactly(len(data)) == data
+
+
+# --- Messages and framing -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("garbage", [b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00", b"GET / HTTP/1.1\r\n\r\n", b"\x00"])
+async def test_version_mismatch_gets_one_byte_then_close(garbage: bytes) -> None:
+    """REQ-01: a first byte other than 6 (or 5) gets exactly b"\\x06", then EOF (D1)."""
+    async with running_server(make_config()) as server:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(garbage)
+        assert await client.read_until_eof() == b"\x06"
+        await client.close()
+
+
+async def test_options_length_over_cap_rejected_from_header() -> None:
+    """REQ-03, REQ-08: an Options Length over the cap is refused from the header, before any
+    option byte is sent (D6), with General Failure, and the connection closes."""
+    async with running_server(make_config(server={"max_options_length": 1024})) as server:
+        for options_length in (16388, 1028):
+            client = await RawClient.connect(server.addresses[0])
+            header = struct.pack(">BBHHBB", 6, Command.CONNECT, options_length, 80, 0, AddressType.IPV4)
+            await client.send(header)  # no address, no options: nothing more is needed
+            reply = await client.operation_reply()
+            assert reply.reply_code == ReplyCode.GENERAL_FAILURE
+            assert await client.read_until_eof() == b""
+            await client.close()
+
+
+async def test_noop_address_rules() -> None:
+    """REQ-04 (D11): NOOP needs IPv4/IPv6 zero address and port 0; then the proxy closes."""
+    async with running_server(make_config()) as server:
+        proxy = server.addresses[0]
+        for host in ("0.0.0.0", "::"):
+            client, _, reply = await exchange(proxy, request(Command.NOOP, host, 0))
+            assert reply.reply_code == ReplyCode.SUCCESS
+            assert await client.read_until_eof() == b""
+            await client.close()
+        for host, port in (("example.com", 0), ("127.0.0.1", 0), ("0.0.0.0", 80)):
+            client, _, reply = await exchange(proxy, request(Command.NOOP, host, port))
+            assert reply.reply_code == ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, (host, port)
+            await client.close()
+
+
+@pytest.mark.parametrize(
+    "bad_option",
+    [
+        struct.pack(">HH", 0x7777, 6) + b"\0\0",  # length not a multiple of 4
+        struct.pack(">HH", 0x7777, 2),  # length below 4
+        struct.pack(">HH", 0x7777, 12) + b"\0" * 4,  # runs past Options Length
+    ],
+)
+async def test_malformed_option_lengths(bad_option: bytes) -> None:
+    """REQ-05 (D8): option lengths must be multiples of 4, at least 4, and stay inside
+    Options Length; otherwise General Failure and close."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        head = struct.pack(">BBHHBB", 6, Command.CONNECT, len(bad_option), sink.address[1], 0, AddressType.IPV4)
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(head + socket.inet_aton("127.0.0.1") + bad_option)
+        reply = await client.operation_reply()
+        assert reply.reply_code == ReplyCode.GENERAL_FAILURE
+        assert await client.read_until_eof() == b""
+        assert not sink.connections
+        await client.close()
+
+
+async def test_unknown_and_misplaced_options_ignored() -> None:
+    """REQ-06: unknown option kinds (experimental range too), unknown Stack options, and known
+    options that do not belong in a Request are silently ignored."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        options: list[Option] = [
+            UnknownOption(0x7777, b"abcd"),
+            UnknownOption(64512, b""),
+            UnknownStackOption(StackLeg.BOTH, 9, 9, b"\0\0"),
+            SessionOK(),
+            SessionInvalid(),
+            IdempotenceWindow(5, 10),
+            IdempotenceAccepted(),
+            AuthMethodSelection(AuthMethod.USERNAME_PASSWORD),
+            UDPErrorOption(StackLeg.PROXY_REMOTE, Availability.DESIRED),  # UDP only: unsupported here
+        ]
+        client, auth, reply = await exchange(server.addresses[0], connect(sink.address, *options))
+        assert auth.options == ()
+        assert reply.reply_code == ReplyCode.SUCCESS
+        assert reply.options == ()  # nothing supported was asked, nothing is echoed (STK-01)
+        await echo_roundtrip(client)
+        await client.close()
+
+
+async def test_request_one_byte_at_a_time() -> None:
+    """REQ-07: a Request that trickles in byte by byte is handled like a whole one."""
+    async with Sink() as sink, running_server(make_config(users=USERS)) as server:
+        data = connect(sink.address, credentials(), TTLOption(StackLeg.PROXY_REMOTE, 33))
+        client = await RawClient.connect(server.addresses[0])
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(data)):
+            await client.send(data[i : i + 1])
+            await asyncio.sleep(0.002)
+        auth = await client.auth_reply()
+        assert auth.type == AuthReplyType.SUCCESS
+        reply = await client.operation_reply()
+        assert reply.reply_code == ReplyCode.SUCCESS
+        assert option(reply, TTLOption) == TTLOption(StackLeg.PROXY_REMOTE, 33)
+        await echo_roundtrip(client)
+        await client.close()
+
+
+async def test_handshake_timeout_closes() -> None:
+    """REQ-08: a request not complete within the handshake timeout closes the connection."""
+    async with running_server(make_config(server={"handshake_timeout": 0.3})) as server:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(connect(("127.0.0.1", 9))[:5])
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await client.read_until_eof(timeout=3) == b""
+        assert 0.2 < loop.time() - start < 2.5
+        await client.close()
+
+
+async def test_domain_name_padding_forms() -> None:
+    """REQ-09 (D2): both the draft-11 (length without padding) and draft-12 (padding
+    counted) domain-name forms are accepted."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        name = b"localhost"  # 9 bytes: 1 + 9 = 10, padded to 12
+        port = sink.address[1]
+        draft11 = bytes([len(name)]) + name + b"\0\0"
+        draft12 = bytes([len(name) + 2]) + name + b"\0\0"
+        for address in (draft11, draft12):
+            head = struct.pack(">BBHHBB", 6, Command.CONNECT, 0, port, 0, AddressType.DOMAIN_NAME)
+            client, _, reply = await exchange(server.addresses[0], head + address)
+            assert reply.reply_code == ReplyCode.SUCCESS
+            await echo_roundtrip(client)
+            await client.close()
+
+
+# --- Authentication -------------------------------------------------------------------
+
+
+async def test_zero_rtt_username_password() -> None:
+    """AUTH-01, AUTH-05: valid credentials in an Authentication Data option get one
+    Authentication Reply (Type 0, RFC 1929 reply inside) and then the Operation Reply, with
+    no further message from the client."""
+    async with Sink() as sink, running_server(make_config(users=USERS)) as server:
+        client, auth, reply = await exchange(server.addresses[0], connect(sink.address, credentials()))
+        data = option(auth, AuthData)
+        assert data.method == AuthMethod.USERNAME_PASSWORD
+        parsed, _ = decode_userpass_reply(data.data)
+        assert parsed is not None and parsed.status == UserPassStatus.SUCCESS
+        assert reply.reply_code == ReplyCode.SUCCESS
+        await echo_roundtrip(client)
+        await client.close()
+        assert (await record_for(server, client)).user == "alice"
+
+
+async def test_zero_rtt_wrong_password_fails() -> None:
+    """AUTH-05, AUTH-02: wrong 0-RTT credentials get Type 1, the RFC 1929 failure reply and
+    No Acceptable Methods; nothing is connected."""
+    async with Sink() as sink, running_server(make_config(users=USERS)) as server:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(connect(sink.address, credentials(password="wrong")))
+        auth = await client.auth_reply()
+        assert auth.type == AuthReplyType.FAILURE
+        parsed, _ = decode_userpass_reply(option(auth, AuthData).data)
+        assert parsed is not None and parsed.status != UserPassStatus.SUCCESS
+        assert option(auth, AuthMethodSelection).method == AuthMethod.NO_ACCEPTABLE_METHODS
+        assert await client.read_until_eof() == b""
+        assert not sink.connections
+        await client.close()
+
+
+async def test_auth_required_without_credentials() -> None:
+    """AUTH-02: no usable credentials: Type 1 naming the method that must proceed (2, when
+    advertised) or 0xFF."""
+    async with Sink() as sink, running_server(make_config(users=USERS)) as server:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(connect(sink.address))
+        auth = await client.auth_reply()
+        assert auth.type == AuthReplyType.FAILURE
+        assert option(auth, AuthMethodSelection).method == AuthMethod.NO_ACCEPTABLE_METHODS
+        assert await client.read_until_eof() == b""
+        await client.close()
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(connect(sink.address, AuthMethodAdvertisement(0, (AuthMethod.USERNAME_PASSWORD,))))
+        auth = await client.auth_reply()
+        assert auth.type == AuthReplyType.FAILURE
+        assert option(auth, AuthMethodSelection).method == AuthMethod.USERNAME_PASSWORD
+        await client.close()
+
+
+@pytest.mark.parametrize("password, ok", [("wonderland", True), ("wrong", False)])
+async def test_slow_username_password_with_initial_data(password: str, ok: bool) -> None:
+    """AUTH-04, AUTH-05, AUTH-06 (D7): Type 1 selecting method 2; the bare RFC 1929 request;
+    the RFC 1929 reply; exactly one more Authentication Reply, allowing no negotiation. The
+    initial data is read after the Request and reaches the remote host only once
+    authentication succeeded and the connection is up."""
+    async with Sink() as sink, running_server(make_config(users=USERS)) as server:
+        initial = b"initial-data!"
+        advert = AuthMethodAdvertisement(len(initial), (AuthMethod.USERNAME_PASSWORD,))
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(connect(sink.address, advert) + initial)
+        first = await client.auth_reply()
+        assert first.type == AuthReplyType.FAILURE
+        assert option(first, AuthMethodSelection).method == AuthMethod.USERNAME_PASSWORD
+        await asyncio.sleep(0.2)
+        assert not sink.connections  # never before authentication succeeds
+        await client.send(encode_userpass_request(UserPassRequest(b"alice", password.encode())))
+        status = await client.read_exactly(2)
+        assert status[0] == 1 and (status[1] == 0) == ok
+        second = await client.auth_reply()
+        assert option(second, AuthMethodSelection) is None  # no further negotiation (AUTH-04)
+        if not ok:
+            assert second.type == AuthReplyType.FAILURE
+            assert await client.read_until_eof() == b""
+            assert not sink.connections
+        else:
+            assert second.type == AuthReplyType.SUCCESS
+            reply = await client.operation_reply()
+            assert reply.reply_code == ReplyCode.SUCCESS
+            assert await client.read_exactly(len(initial)) == initial
+            await echo_roundtrip(client, b"after")
+            seen = await sink.accepted.get()
+            assert bytes(seen.received).startswith(initial)
+        await client.close()
+
+
+async def test_advertisement_ignored_without_auth() -> None:
+    """AUTH-07, AUTH-06: no authentication needed: the advertisement is ignored (Type 0 at
+    once, no method selection), and its initial data is still relayed first."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        initial = b"0123456789"
+        advert = AuthMethodAdvertisement(len(initial), (AuthMethod.USERNAME_PASSWORD, AuthMethod.GSSAPI))
+        client, auth, reply = await exchange(server.addresses[0], connect(sink.address, advert) + initial)
+        assert auth.options == ()
+        assert reply.reply_code == ReplyCode.SUCCESS
+        assert await client.read_exactly(len(initial)) == initial
+        await echo_roundtrip(client)
+        await client.close()
+
+
+async def test_initial_data_too_long_is_malformed() -> None:
+    """AUTH-06 (D12): Initial Data Length above 2^14 is a malformed request."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        option_bytes = struct.pack(">HHHBB", 2, 8, 2**14 + 1, AuthMethod.USERNAME_PASSWORD, 0)
+        head = struct.pack(">BBHHBB", 6, Command.CONNECT, len(option_bytes), sink.address[1], 0, AddressType.IPV4)
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(head + socket.inet_aton("127.0.0.1") + option_bytes)
+        assert (await client.operation_reply()).reply_code == ReplyCode.GENERAL_FAILURE
+        await client.close()
+
+
+# --- Commands ---------------------------------------------------------------------------
+
+
+async def test_connect_ipv4_ipv6_domain() -> None:
+    """CMD-01: CONNECT to IPv4, IPv6 and domain-name destinations."""
+    async with (
+        Sink("127.0.0.1") as sink4,
+        Sink("::1") as sink6,
+        running_server(make_config(ipv6=True)) as server,
+    ):
+        for proxy in server.addresses:
+            for dest in (sink4.address, sink6.address, ("localhost", sink4.address[1])):
+                client, _, reply = await exchange(proxy, connect(dest))
+                assert reply.reply_code == ReplyCode.SUCCESS, (proxy, dest)
+                await echo_roundtrip(client)
+                await client.close()
+
+
+async def test_connect_refused_and_unsupported_address_type() -> None:
+    """CMD-01: refused -> 0x05; an unknown address type -> 0x08; a name that does not resolve
+    -> 0x04."""
+    async with running_server(make_config()) as server:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+        probe.close()
+        client, _, reply = await exchange(server.addresses[0], connect(("127.0.0.1", closed_port)))
+        assert reply.reply_code == ReplyCode.CONNECTION_REFUSED
+        await client.close()
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(struct.pack(">BBHHBB", 6, Command.CONNECT, 0, 80, 0, 2) + b"\0" * 4)
+        assert (await client.operation_reply()).reply_code == ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
+        await client.close()
+        client, _, reply = await exchange(server.addresses[0], connect(("nonexistent.invalid", 80)))
+        assert reply.reply_code == ReplyCode.HOST_UNREACHABLE
+        await client.close()
+
+
+async def test_connect_timeout() -> None:
+    """CMD-01: a connection attempt that does not complete within the connect timeout -> 0x09.
+
+    The destination is a loopback listener whose accept queue is full, so the kernel drops
+    further SYNs and the connect really hangs."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+            fillers.append(filler)
+        await asyncio.sleep(0.1)
+        async with running_server(make_config(server={"connect_timeout": 0.5})) as server:
+            client, _, reply = await exchange(server.addresses[0], connect(full.getsockname()))
+            assert reply.reply_code == ReplyCode.CONNECTION_TIMED_OUT
+            await client.close()
+    finally:
+        for filler in fillers:
+            filler.close()
+        full.close()
+
+
+async def test_ruleset_refusals() -> None:
+    """CMD-01, CMD-06: requests the ruleset forbids get 0x02, including a domain name that
+    resolves into a denied network; commands the proxy does not support (UDP ASSOCIATE for
+    now) get 0x07."""
+    rules = [
+        {"action": "deny", "commands": ["bind"]},
+        {"action": "deny", "destinations": ["127.0.0.2/32"]},
+        {"action": "deny", "destinations": ["127.0.0.0/8"], "ports": [9]},
+    ]
+    async with Sink() as sink, running_server(make_config(rules=rules)) as server:
+        proxy = server.addresses[0]
+        for data, code in (
+            (request(Command.BIND, "0.0.0.0", 0), ReplyCode.NOT_ALLOWED_BY_RULESET),
+            (connect(("127.0.0.2", sink.address[1])), ReplyCode.NOT_ALLOWED_BY_RULESET),
+            (connect(("localhost", 9)), ReplyCode.NOT_ALLOWED_BY_RULESET),
+            (request(Command.UDP_ASSOCIATE, "0.0.0.0", 0), ReplyCode.COMMAND_NOT_SUPPORTED),
+        ):
+            client, _, reply = await exchange(proxy, data)
+            assert reply.reply_code == code
+            assert await client.read_until_eof() == b""
+            await client.close()
+        client, _, reply = await exchange(proxy, connect(sink.address))
+        assert reply.reply_code == ReplyCode.SUCCESS
+        await client.close()
+
+
+async def test_false_start_data_relayed_in_order() -> None:
+    """CMD-03: data sent right after the Request (no advertisement) and more data sent
+    while the proxy connects all reach the remote host, in order, none lost."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        blob = bytes(range(256)) * 1024  # 256 KiB
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(connect(sink.address) + blob[:1000])
+        await client.send(blob[1000:])
+        assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+        assert (await client.operation_reply()).reply_code == ReplyCode.SUCCESS
+        assert await client.read_exactly(len(blob)) == blob
+        client.writer.write_eof()
+        assert await client.read_until_eof() == b""  # half-close propagated both ways
+        seen = await sink.accepted.get()
+        await asyncio.wait_for(seen.eof.wait(), 5)
+        assert bytes(seen.received) == blob
+        await client.close()
+
+
+async def test_bind_two_replies_then_data() -> None:
+    """CMD-04: the first reply names the bound address, the second the connecting host;
+    then data flows both ways."""
+    async with running_server(make_config()) as server:
+        client, _, first = await exchange(server.addresses[0], request(Command.BIND, "0.0.0.0", 0))
+        assert first.reply_code == ReplyCode.SUCCESS
+        assert first.address == "127.0.0.1" and first.port > 0
+        assert option(first, ListenBacklogOption) is None  # not asked: not echoed
+        peer_reader, peer_writer = await asyncio.open_connection(first.address, first.port)
+        second = await client.operation_reply()
+        local = peer_writer.get_extra_info("sockname")
+        assert (second.reply_code, second.address, second.port) == (ReplyCode.SUCCESS, local[0], local[1])
+        peer_writer.write(b"from peer")
+        assert await client.read_exactly(9) == b"from peer"
+        await client.send(b"from client")
+        assert await peer_reader.readexactly(11) == b"from client"
+        peer_writer.close()
+        await client.close()
+
+
+async def start_session(proxy: tuple[str, int], dest: tuple[str, int], *options: Option) -> tuple[RawClient, bytes]:
+    client, _, reply = await exchange(proxy, connect(dest, SessionRequest(), *options))
+    session = option(reply, SessionID)
+    assert reply.reply_code == ReplyCode.SUCCESS and session is not None
+    return client, session.session_id
+
+
+async def test_bind_listen_backlog_in_session() -> None:
+    """CMD-05: BIND with a Listen Backlog inside a session: the reply carries the backlog
+    used (never longer than asked); the proxy keeps listening while the first connection is
+    open and hands accepted connections to further BINDs of the session naming the address;
+    closing the first connection stops the listener."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        proxy = server.addresses[0]
+        opener, session_id = await start_session(proxy, sink.address)
+        await opener.close()
+        sid = SessionID(session_id)
+        holder, _, first = await exchange(
+            proxy, request(Command.BIND, "0.0.0.0", 0, sid, ListenBacklogOption(StackLeg.PROXY_REMOTE, 3))
+        )
+        assert first.reply_code == ReplyCode.SUCCESS
+        assert option(first, ListenBacklogOption).backlog == 3
+        bound = (first.address, first.port)
+        peers = [await asyncio.open_connection(*bound) for _ in range(2)]
+        for i, (peer_reader, peer_writer) in enumerate(peers):
+            claim, auth, reply1 = await exchange(proxy, request(Command.BIND, bound[0], bound[1], sid))
+            assert option(auth, SessionOK) is not None
+            assert (reply1.address, reply1.port) == bound
+            reply2 = await claim.operation_reply()
+            local = peer_writer.get_extra_info("sockname")
+            assert (reply2.address, reply2.port) == (local[0], local[1])
+            peer_writer.write(b"peer%d" % i)
+            assert await claim.read_exactly(5) == b"peer%d" % i
+            await claim.send(b"back")
+            assert await peer_reader.readexactly(4) == b"back"
+            peer_writer.close()
+            await claim.close()
+        await holder.close()
+        await asyncio.sleep(0.1)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(*bound)
+        # A huge request is capped: the backlog used is never longer than asked.
+        holder, _, first = await exchange(
+            proxy, request(Command.BIND, "0.0.0.0", 0, sid, ListenBacklogOption(StackLeg.PROXY_REMOTE, 60000))
+        )
+        assert 0 < option(first, ListenBacklogOption).backlog <= 60000
+        await holder.close()
+
+
+async def test_bind_listen_backlog_outside_session_says_zero() -> None:
+    """CMD-05: without a session no backlog is issued and the reply says 0; BIND behaves as
+    usual (one connection, second reply)."""
+    async with running_server(make_config()) as server:
+        client, _, first = await exchange(
+            server.addresses[0], request(Command.BIND, "0.0.0.0", 0, ListenBacklogOption(StackLeg.PROXY_REMOTE, 8))
+        )
+        assert option(first, ListenBacklogOption).backlog == 0
+        _, peer_writer = await asyncio.open_connection(first.address, first.port)
+        assert (await client.operation_reply()).reply_code == ReplyCode.SUCCESS
+        peer_writer.close()
+        await client.close()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+async def test_dns_service(host: str) -> None:
+    """CMD-07 (D13): CONNECT to 0.0.0.0:53 or [::]:53 relays DNS over TCP to the configured
+    resolver; the reply carries the unspecified address and port 0."""
+    async with FakeDNS() as dns:
+        resolver = f"{dns.address[0]}:{dns.address[1]}"
+        async with running_server(make_config(server={"dns_resolver": resolver})) as server:
+            client, _, reply = await exchange(server.addresses[0], request(Command.CONNECT, host, 53))
+            assert (reply.reply_code, reply.address, reply.port) == (ReplyCode.SUCCESS, host, 0)
+            query = dns_query("example.test")
+            await client.send(struct.pack(">H", len(query)) + query)
+            (length,) = struct.unpack(">H", await client.read_exactly(2))
+            answer = await client.read_exactly(length)
+            assert answer[:2] == query[:2] and answer.endswith(socket.inet_aton("127.0.0.7"))
+            assert dns.queries == [query]
+            await client.close()
+
+
+async def test_dns_service_without_resolver_refused() -> None:
+    """CMD-07 (D13): without a configured resolver the DNS service is Connection Refused."""
+    async with running_server(make_config()) as server:
+        client, _, reply = await exchange(server.addresses[0], request(Command.CONNECT, "0.0.0.0", 53))
+        assert reply.reply_code == ReplyCode.CONNECTION_REFUSED
+        await client.close()
+
+
+# --- Stack options ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sink_host", ["127.0.0.1", "::1"])
+async def test_tos_ttl_applied_on_remote_leg(sink_host: str) -> None:
+    """STK-01, STK-03: IP TOS and TTL for the proxy-remote leg are set before connect: the
+    remote host sees them on the proxy's packets, and the reply echoes the kernel's values."""
+    async with Sink(sink_host) as sink, running_server(make_config()) as server:
+        options = (IPTOSOption(StackLeg.PROXY_REMOTE, 0x28), TTLOption(StackLeg.PROXY_REMOTE, 17))
+        client, _, reply = await exchange(server.addresses[0], connect(sink.address, *options))
+        assert option(reply, IPTOSOption) == IPTOSOption(StackLeg.PROXY_REMOTE, 0x28)
+        assert option(reply, TTLOption) == TTLOption(StackLeg.PROXY_REMOTE, 17)
+        await echo_roundtrip(client)
+        seen = await sink.accepted.get()
+        assert (seen.ttl, seen.tos) == (17, 0x28)
+        await client.close()
+
+
+async def test_tos_ttl_on_client_leg_and_both_legs() -> None:
+    """STK-03, STK-01: options for the client-proxy leg change the proxy's packets to the
+    client (observed by the client over IPv6); Leg 3 applies to both legs and is echoed once."""
+    async with Sink("::1") as sink, running_server(make_config(ipv6=True)) as server:
+        proxy6 = next(a for a in server.addresses if ":" in a[0])
+        client = await RawClient.connect(proxy6)
+        enable_packet_options(client.sock)
+        await client.send(
+            connect(sink.address, TTLOption(StackLeg.CLIENT_PROXY, 23), IPTOSOption(StackLeg.BOTH, 0x48))
+        )
+        await client.auth_reply()
+        reply = await client.operation_reply()
+        assert option(reply, TTLOption) == TTLOption(StackLeg.CLIENT_PROXY, 23)
+        assert option(reply, IPTOSOption) == IPTOSOption(StackLeg.BOTH, 0x48)
+        await echo_roundtrip(client)
+        assert observed_ttl_tos(client.sock) == (23, 0x48)
+        seen = await sink.accepted.get()
+        assert seen.tos == 0x48 and seen.ttl != 23
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        (TTLOption(StackLeg.PROXY_REMOTE, 5), TTLOption(StackLeg.PROXY_REMOTE, 5)),
+        (IPTOSOption(StackLeg.BOTH, 1), IPTOSOption(StackLeg.CLIENT_PROXY, 2)),
+        (TFOOption(StackLeg.PROXY_REMOTE, 0), TFOOption(StackLeg.PROXY_REMOTE, 100)),
+    ],
+)
+async def test_duplicate_stack_options_rejected(options: tuple[Option, ...]) -> None:
+    """STK-02 (D10): duplicate or contradictory Stack options get General Failure."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(connect(sink.address, *options))
+        assert (await client.operation_reply()).reply_code == ReplyCode.GENERAL_FAILURE
+        assert await client.read_until_eof() == b""
+        assert not sink.connections
+        await client.close()
+
+
+async def test_happy_eyeballs_only_for_domain_names() -> None:
+    """STK-04: Happy Eyeballs runs (and is echoed as attempted) for a domain name; for an IP
+    destination the option is ignored and not echoed. ``localhost`` resolves to ::1 and
+    127.0.0.1; only 127.0.0.1 listens, so the race must fall back to it."""
+    he = HappyEyeballsOption(StackLeg.PROXY_REMOTE, Availability.DESIRED)
+    async with Sink() as sink, running_server(make_config()) as server:
+        client, _, reply = await exchange(server.addresses[0], connect(("localhost", sink.address[1]), he))
+        assert option(reply, HappyEyeballsOption) == HappyEyeballsOption(StackLeg.PROXY_REMOTE, Availability.DESIRED)
+        await echo_roundtrip(client)
+        await client.close()
+        record = await record_for(server, client)
+        assert record.happy_eyeballs and record.remote_address is not None
+        assert record.remote_address[0] == "127.0.0.1"
+        client, _, reply = await exchange(server.addresses[0], connect(sink.address, he))
+        assert option(reply, HappyEyeballsOption) is None
+        await client.close()
+        assert not (await record_for(server, client)).happy_eyeballs
+        not_desired = HappyEyeballsOption(StackLeg.PROXY_REMOTE, Availability.NOT_DESIRED)
+        client, _, reply = await exchange(server.addresses[0], connect(("localhost", sink.address[1]), not_desired))
+        assert option(reply, HappyEyeballsOption).availability == Availability.NOT_DESIRED
+        await client.close()
+
+
+@pytest.mark.parametrize("sink_host", ["127.0.0.1", "::1"])
+async def test_no_fragmentation(sink_host: str) -> None:
+    """STK-05: No Fragmentation sets IP_MTU_DISCOVER=IP_PMTUDISC_DO (IPV6_MTU_DISCOVER and
+    IPV6_DONTFRAG for IPv6) on the proxy-remote socket; read back with getsockopt."""
+    async with Sink(sink_host) as sink, running_server(make_config()) as server:
+        nf = NoFragmentationOption(StackLeg.PROXY_REMOTE, Availability.DESIRED)
+        client, _, reply = await exchange(server.addresses[0], connect(sink.address, nf))
+        assert option(reply, NoFragmentationOption) == nf
+        await echo_roundtrip(client)
+        await client.close()
+        record = await record_for(server, client)
+        assert record.remote_options is not None
+        assert record.remote_options.no_fragmentation == Availability.DESIRED
+
+
+@pytest.mark.parametrize("sink_mptcp", [True, False])
+async def test_multipath(sink_mptcp: bool) -> None:
+    """STK-07: MPTCP on the remote leg only when asked; the reply says whether it is in use
+    (a plain-TCP remote host makes it fall back: NOT_DESIRED)."""
+    mp = MultipathOption(StackLeg.PROXY_REMOTE, Availability.DESIRED)
+    async with Sink(mptcp=sink_mptcp) as sink, running_server(make_config()) as server:
+        client, _, reply = await exchange(server.addresses[0], connect(sink.address, mp))
+        in_use = option(reply, MultipathOption).availability == Availability.DESIRED
+        await echo_roundtrip(client)
+        seen = await sink.accepted.get()
+        assert in_use == seen.mptcp == sink_mptcp
+        await client.close()
+        client, _, reply = await exchange(server.addresses[0], connect(sink.address))
+        assert option(reply, MultipathOption) is None
+        await echo_roundtrip(client)
+        assert not (await sink.accepted.get()).mptcp  # not asked: never MPTCP
+        await client.close()
+
+
+def _netns_available() -> bool:
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def netns_results() -> dict[str, Any]:
+    """Observations of helpers_server.run_netns_scenarios, run in a private network namespace
+    with server-side TFO enabled and unreachable routes for two loopback addresses."""
+    if not _netns_available():
+        pytest.skip("needs unshare -n (root or user namespaces) and iproute2")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    script = NETNS_SETUP + f'\nexec "{sys.executable}" "{root / "tests" / "helpers_server.py"}"\n'
+    done = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_tfo_remote_leg_with_option(netns_results: dict[str, Any]) -> None:
+    """STK-06: with a TFO option CONNECT uses TFO: the remote host gets the initial data in
+    the SYN; a non-zero Payload Size bounds the SYN payload and is echoed."""
+    assert netns_results["tfo_option_attempted"] is True
+    assert netns_results["tfo_option_syn_data"] is True
+    assert netns_results["tfo_option_echo"] == [len(b"tfo-initial-data")]
+    assert netns_results["tfo_limited_echo"] == [4]
+    assert netns_results["tfo_limited_syn_data"] is True
+
+
+def test_no_tfo_without_option(netns_results: dict[str, Any]) -> None:
+    """CMD-02: without a TFO option the remote leg never uses TFO, even with a cached cookie
+    and data at hand: the remote host sees a SYN without data."""
+    assert netns_results["no_option_attempted"] is False
+    assert netns_results["no_option_syn_data"] is False
+
+
+def test_bind_accepts_tfo_only_when_asked(netns_results: dict[str, Any]) -> None:
+    """STK-06: BIND accepts TFO when the request has a TFO option, and only then."""
+    assert netns_results["bind_tfo"] is True
+    assert netns_results["bind_plain"] is False
+    assert netns_results["bind_tfo_data"] == netns_results["bind_plain_data"] == "x"
+
+
+def test_listener_accepts_tfo(netns_results: dict[str, Any]) -> None:
+    """TRN-01: a Request and data carried in the SYN are processed without another round
+    trip: the client's SYN data was acknowledged and the replies and echo came back."""
+    assert netns_results["trn01_syn_data"] is True
+    assert netns_results["trn01_tail"] == "in-the-syn"
+
+
+def test_unreachable_reply_codes(netns_results: dict[str, Any]) -> None:
+    """CMD-01: ENETUNREACH -> 0x03 and EHOSTUNREACH -> 0x04, from real routing decisions."""
+    assert netns_results["net_unreachable"] == ReplyCode.NETWORK_UNREACHABLE
+    assert netns_results["host_unreachable"] == ReplyCode.HOST_UNREACHABLE
+
+
+async def test_listening_socket_has_tfo() -> None:
+    """TRN-01: the listening sockets have TCP_FASTOPEN set (the kernel's sysctl decides
+    whether server-side TFO is on; the netns test proves the effect)."""
+    async with running_server(make_config()) as server:
+        for sock, _ in server._listeners:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN) > 0
+
+
+# --- Sessions and idempotence ---------------------------------------------------------------
+
+
+async def test_session_request_yields_session_id() -> None:
+    """SES-01 (D4): a Session Request on a successful request yields a Session ID in the
+    Operation Reply: non-empty, a multiple of 4, different every time."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        ids = set()
+        for _ in range(3):
+            client, session_id = await start_session(server.addresses[0], sink.address)
+            assert session_id and len(session_id) % 4 == 0 and len(session_id) >= 16
+            ids.add(session_id)
+            await client.close()
+        assert len(ids) == 3
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()
+        probe.close()
+        client, _, reply = await exchange(server.addresses[0], connect(closed, SessionRequest()))
+        assert reply.reply_code == ReplyCode.CONNECTION_REFUSED and option(reply, SessionID) is None
+        await client.close()
+
+
+async def test_session_requests_need_no_authentication() -> None:
+    """SES-02, SES-04: a request with a valid Session ID needs no authentication, any attempt
+    is ignored, Session OK is in the successful Authentication Reply, and the request acts as
+    the user who created the session (the ruleset lets only alice through)."""
+    rules = [{"action": "allow", "users": ["alice"]}]
+    config = make_config(users=USERS, rules=rules, default_action="deny")
+    async with Sink() as sink, running_server(config) as server:
+        proxy = server.addresses[0]
+        opener, session_id = await start_session(proxy, sink.address, credentials())
+        await opener.close()
+        for extra in ((), (credentials(password="wrong"),), (AuthMethodAdvertisement(0, (2,)),)):
+            client, auth, reply = await exchange(proxy, connect(sink.address, SessionID(session_id), *extra))
+            assert option(auth, SessionOK) is not None
+            assert option(auth, AuthData) is None and option(auth, AuthMethodSelection) is None
+            assert reply.reply_code == ReplyCode.SUCCESS
+            await echo_roundtrip(client)
+            await client.close()
+            assert (await record_for(server, client)).user == "alice"
+
+
+async def test_invalid_session_id() -> None:
+    """SES-03: an invalid Session ID gets Type 1 with Session Invalid and no negotiation."""
+    async with Sink() as sink, running_server(make_config(users=USERS)) as server:
+        client = await RawClient.connect(server.addresses[0])
+        advert = AuthMethodAdvertisement(0, (AuthMethod.USERNAME_PASSWORD,))
+        await client.send(connect(sink.address, SessionID(b"nope" * 4), advert))
+        auth = await client.auth_reply()
+        assert auth.type == AuthReplyType.FAILURE
+        assert option(auth, SessionInvalid) is not None and option(auth, AuthMethodSelection) is None
+        assert await client.read_until_eof() == b""
+        await client.close()
+
+
+async def test_session_expiry_and_caps() -> None:
+    """SES-04: sessions expire after inactivity; sessions per client IP are capped (the
+    Session Request is then declined silently)."""
+    sessions = {"idle_timeout": 0.3, "max_per_client_ip": 1}
+    async with Sink() as sink, running_server(make_config(sessions=sessions)) as server:
+        proxy = server.addresses[0]
+        client, session_id = await start_session(proxy, sink.address)
+        await client.close()
+        client, _, reply = await exchange(proxy, connect(sink.address, SessionRequest()))
+        assert reply.reply_code == ReplyCode.SUCCESS and option(reply, SessionID) is None  # cap
+        await client.close()
+        await asyncio.sleep(0.5)
+        client = await RawClient.connect(proxy)
+        await client.send(connect(sink.address, SessionID(session_id)))
+        auth = await client.auth_reply()
+        assert auth.type == AuthReplyType.FAILURE and option(auth, SessionInvalid) is not None
+        await client.close()
+
+
+async def test_session_teardown() -> None:
+    """SES-05: Session Teardown ends the session; the tearing-down request is treated as
+    outside any session (so it must authenticate itself)."""
+    async with Sink() as sink, running_server(make_config(users=USERS)) as server:
+        proxy = server.addresses[0]
+        opener, session_id = await start_session(proxy, sink.address, credentials())
+        await opener.close()
+        sid = SessionID(session_id)
+        client = await RawClient.connect(proxy)
+        await client.send(connect(sink.address, sid, SessionTeardown()))
+        auth = await client.auth_reply()
+        assert auth.type == AuthReplyType.FAILURE and option(auth, SessionOK) is None  # no credentials
+        await client.close()
+        client = await RawClient.connect(proxy)
+        await client.send(connect(sink.address, sid))
+        auth = await client.auth_reply()
+        assert option(auth, SessionInvalid) is not None
+        await client.close()
+        # With credentials, the tearing-down request itself goes through, outside the session.
+        opener, session_id = await start_session(proxy, sink.address, credentials())
+        await opener.close()
+        client, auth, reply = await exchange(
+            proxy, connect(sink.address, SessionID(session_id), SessionTeardown(), credentials())
+        )
+        assert option(auth, SessionOK) is None and reply.reply_code == ReplyCode.SUCCESS
+        await client.close()
+
+
+async def test_idempotence_outside_session_ignored() -> None:
+    """IDM-01: Token Request and Expenditure outside a session are ignored."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        client, auth, reply = await exchange(
+            server.addresses[0], connect(sink.address, IdempotenceRequest(16), IdempotenceExpenditure(7))
+        )
+        assert auth.options == () and reply.reply_code == ReplyCode.SUCCESS
+        await client.close()
+
+
+async def test_token_window_and_spending() -> None:
+    """IDM-02, IDM-03, IDM-04: one window per session, advertised in every successful
+    Authentication Reply; a token is spent once, before the request runs; a replayed or
+    out-of-window token gets Idempotence Rejected with Type 1 and the request never runs;
+    spending the lowest token shifts the window (mod 2^32)."""
+    async with Sink() as sink, running_server(make_config(sessions={"max_token_window": 8})) as server:
+        proxy = server.addresses[0]
+        client, _, reply = await exchange(proxy, connect(sink.address, SessionRequest(), IdempotenceRequest(100)))
+        sid = option(reply, SessionID)
+        await client.close()
+        client, auth, _ = await exchange(proxy, connect(sink.address, sid, IdempotenceRequest(3)))
+        window = option(auth, IdempotenceWindow)
+        assert window is not None and window.size == 8  # min(requested, cap); not re-issued (IDM-02)
+        await client.close()
+        base = window.base
+        connections_before = len(sink.connections)
+        client, auth, reply = await exchange(proxy, connect(sink.address, sid, IdempotenceExpenditure(base)))
+        assert option(auth, IdempotenceAccepted) is not None and reply.reply_code == ReplyCode.SUCCESS
+        shifted = option(auth, IdempotenceWindow)
+        assert shifted.base == (base + 1) % 2**32 and shifted.size == 8  # IDM-04
+        await echo_roundtrip(client)
+        await client.close()
+        await asyncio.sleep(0.05)
+        assert len(sink.connections) == connections_before + 1
+        for token in (base, (base - 1) % 2**32, (base + 100) % 2**32):
+            client = await RawClient.connect(proxy)
+            await client.send(connect(sink.address, sid, IdempotenceExpenditure(token)))
+            auth = await client.auth_reply()
+            assert auth.type == AuthReplyType.FAILURE and option(auth, IdempotenceRejected) is not None
+            assert await client.read_until_eof() == b""
+            await client.close()
+        await asyncio.sleep(0.05)
+        assert len(sink.connections) == connections_before + 1  # the replays never ran (IDM-03)
+        client, auth, _ = await exchange(proxy, connect(sink.address, sid))
+        assert option(auth, IdempotenceWindow) == shifted  # every successful reply carries it
+        await client.close()
+
+
+# --- Transport ------------------------------------------------------------------------------
+
+
+async def test_socks_over_tls(tmp_path: Path) -> None:
+    """TRN-03: SOCKS over TLS: the handshake verifies against the test CA, then CONNECT,
+    false start and relay work over the TLS leg; a client not trusting the CA is refused."""
+    certs = make_certificates(tmp_path)
+    config = make_config(
+        server={"tls_listen": ["127.0.0.1:0"], "tls_certificate": str(certs.cert), "tls_key": str(certs.key)}
+    )
+    async with Sink() as sink, running_server(config) as server:
+        tls_address = server.tls_addresses[0]
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        client = await RawClient.connect(tls_address, ssl=context, server_hostname="localhost")
+        await client.send(connect(sink.address) + b"early")
+        assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+        assert (await client.operation_reply()).reply_code == ReplyCode.SUCCESS
+        assert await client.read_exactly(5) == b"early"
+        await echo_roundtrip(client, b"x" * 100000)
+        await client.close()
+        record = await record_for(server, client)
+        assert record.listener == "tls" and record.relay_path == "asyncio"
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await RawClient.connect(tls_address, ssl=ssl.create_default_context(), server_hostname="localhost")
