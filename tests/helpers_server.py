@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import json
 import socket
 import struct
 from collections.abc import AsyncIterator, Mapping
@@ -37,7 +38,8 @@ from socks6fast import codec
 from socks6fast.asyncio.server import ConnectionRecord, Server
 from socks6fast.auth import hash_password
 from socks6fast.config import Config, parse_config
-from socks6fast.messages import AuthReply, OperationReply
+from socks6fast.constants import AddressType, Command, StackLeg
+from socks6fast.messages import AuthReply, OperationReply, Request, TFOOption
 
 IP_PKTOPTIONS = 9
 IP_RECVTTL = 12
@@ -329,7 +331,7 @@ class Certificates:
 
 def make_certificates(directory: Path) -> Certificates:
     """Write a self-signed CA and a server certificate for 127.0.0.1, ::1 and localhost."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "socks6fast test CA")])
     ca = (
@@ -416,7 +418,6 @@ class RawClient:
     async def connect(cls, address: tuple[str, int], **kwargs: Any) -> RawClient:
         reader, writer = await asyncio.open_connection(address[0], address[1], **kwargs)
         return cls(reader, writer)
-
 
     @property
     def sock(self) -> socket.socket:
@@ -507,9 +508,6 @@ def tfo_connect(address: tuple[str, int], payload: bytes) -> socket.socket:
 
 
 async def _netns_scenarios() -> dict[str, Any]:
-    from socks6fast.constants import AddressType, Command, StackLeg
-    from socks6fast.messages import Request, TFOOption
-
     out: dict[str, Any] = {}
     loop = asyncio.get_running_loop()
 
@@ -541,7 +539,9 @@ async def _netns_scenarios() -> dict[str, Any]:
             return reply, seen, await record_for(server, client)
 
         # STK-06: TFO option -> data in the SYN to the remote host.
-        reply, seen, record = await connect_through((TFOOption(StackLeg.PROXY_REMOTE, 0),), b"tfo-initial-data")
+        reply, seen, record = await connect_through(
+            (TFOOption(StackLeg.PROXY_REMOTE, 0),), b"tfo-initial-data"
+        )
         out["tfo_option_syn_data"] = seen.syn_data
         out["tfo_option_echo"] = [o.payload_size for o in reply.options if isinstance(o, TFOOption)]
         out["tfo_option_attempted"] = record.tfo_attempted
@@ -590,7 +590,10 @@ async def _netns_scenarios() -> dict[str, Any]:
             await client.close()
 
         # CMD-01: network / host unreachable from real routing decisions.
-        for name, host in (("net_unreachable", NETNS_NET_UNREACHABLE), ("host_unreachable", NETNS_HOST_UNREACHABLE)):
+        for name, host in (
+            ("net_unreachable", NETNS_NET_UNREACHABLE),
+            ("host_unreachable", NETNS_HOST_UNREACHABLE),
+        ):
             client = await RawClient.connect(proxy)
             await client.send(request(host, 80))
             await client.auth_reply()
@@ -601,8 +604,6 @@ async def _netns_scenarios() -> dict[str, Any]:
 
 def run_netns_scenarios() -> None:
     """Entry point inside the namespace: print the observations as JSON."""
-    import json
-
     print(json.dumps(asyncio.run(_netns_scenarios())))
 
 

@@ -11,8 +11,10 @@ helpers_server.NETNS_SETUP).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -23,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers_server import (
     NETNS_SETUP,
     FakeDNS,
@@ -37,6 +38,7 @@ from helpers_server import (
     record_for,
     running_server,
 )
+
 from socks6fast import codec
 from socks6fast.constants import (
     AddressType,
@@ -101,7 +103,10 @@ def connect(dest: tuple[str, int], *options: Option) -> bytes:
 
 
 def credentials(user: str = "alice", password: str = "wonderland") -> AuthData:
-    return AuthData(AuthMethod.USERNAME_PASSWORD, encode_userpass_request(UserPassRequest(user.encode(), password.encode())))
+    return AuthData(
+        AuthMethod.USERNAME_PASSWORD,
+        encode_userpass_request(UserPassRequest(user.encode(), password.encode())),
+    )
 
 
 def option(reply: AuthReply | OperationReply, kind: type) -> Any:
@@ -126,7 +131,9 @@ async def echo_roundtrip(client: RawClient, data: bytes = b"ping") -> None:
 # --- Messages and framing -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("garbage", [b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00", b"GET / HTTP/1.1\r\n\r\n", b"\x00"])
+@pytest.mark.parametrize(
+    "garbage", [b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00", b"GET / HTTP/1.1\r\n\r\n", b"\x00"]
+)
 async def test_version_mismatch_gets_one_byte_then_close(garbage: bytes) -> None:
     """REQ-01: a first byte other than 6 (or 5) gets exactly b"\\x06", then EOF (D1)."""
     async with running_server(make_config()) as server:
@@ -177,7 +184,9 @@ async def test_malformed_option_lengths(bad_option: bytes) -> None:
     """REQ-05 (D8): option lengths must be multiples of 4, at least 4, and stay inside
     Options Length; otherwise General Failure and close."""
     async with Sink() as sink, running_server(make_config()) as server:
-        head = struct.pack(">BBHHBB", 6, Command.CONNECT, len(bad_option), sink.address[1], 0, AddressType.IPV4)
+        head = struct.pack(
+            ">BBHHBB", 6, Command.CONNECT, len(bad_option), sink.address[1], 0, AddressType.IPV4
+        )
         client = await RawClient.connect(server.addresses[0])
         await client.send(head + socket.inet_aton("127.0.0.1") + bad_option)
         reply = await client.operation_reply()
@@ -364,7 +373,9 @@ async def test_initial_data_too_long_is_malformed() -> None:
     """AUTH-06 (D12): Initial Data Length above 2^14 is a malformed request."""
     async with Sink() as sink, running_server(make_config()) as server:
         option_bytes = struct.pack(">HHHBB", 2, 8, 2**14 + 1, AuthMethod.USERNAME_PASSWORD, 0)
-        head = struct.pack(">BBHHBB", 6, Command.CONNECT, len(option_bytes), sink.address[1], 0, AddressType.IPV4)
+        head = struct.pack(
+            ">BBHHBB", 6, Command.CONNECT, len(option_bytes), sink.address[1], 0, AddressType.IPV4
+        )
         client = await RawClient.connect(server.addresses[0])
         await client.send(head + socket.inet_aton("127.0.0.1") + option_bytes)
         assert (await client.operation_reply()).reply_code == ReplyCode.GENERAL_FAILURE
@@ -439,7 +450,7 @@ async def test_ruleset_refusals() -> None:
     """CMD-01, CMD-06: requests the ruleset forbids get 0x02, including a domain name that
     resolves into a denied network; commands the proxy does not support (UDP ASSOCIATE for
     now) get 0x07."""
-    rules = [
+    rules: list[dict[str, Any]] = [
         {"action": "deny", "commands": ["bind"]},
         {"action": "deny", "destinations": ["127.0.0.2/32"]},
         {"action": "deny", "destinations": ["127.0.0.0/8"], "ports": [9]},
@@ -500,7 +511,9 @@ async def test_bind_two_replies_then_data() -> None:
         await client.close()
 
 
-async def start_session(proxy: tuple[str, int], dest: tuple[str, int], *options: Option) -> tuple[RawClient, bytes]:
+async def start_session(
+    proxy: tuple[str, int], dest: tuple[str, int], *options: Option
+) -> tuple[RawClient, bytes]:
     client, _, reply = await exchange(proxy, connect(dest, SessionRequest(), *options))
     session = option(reply, SessionID)
     assert reply.reply_code == ReplyCode.SUCCESS and session is not None
@@ -554,7 +567,8 @@ async def test_bind_listen_backlog_outside_session_says_zero() -> None:
     usual (one connection, second reply)."""
     async with running_server(make_config()) as server:
         client, _, first = await exchange(
-            server.addresses[0], request(Command.BIND, "0.0.0.0", 0, ListenBacklogOption(StackLeg.PROXY_REMOTE, 8))
+            server.addresses[0],
+            request(Command.BIND, "0.0.0.0", 0, ListenBacklogOption(StackLeg.PROXY_REMOTE, 8)),
         )
         assert option(first, ListenBacklogOption).backlog == 0
         _, peer_writer = await asyncio.open_connection(first.address, first.port)
@@ -654,7 +668,9 @@ async def test_happy_eyeballs_only_for_domain_names() -> None:
     he = HappyEyeballsOption(StackLeg.PROXY_REMOTE, Availability.DESIRED)
     async with Sink() as sink, running_server(make_config()) as server:
         client, _, reply = await exchange(server.addresses[0], connect(("localhost", sink.address[1]), he))
-        assert option(reply, HappyEyeballsOption) == HappyEyeballsOption(StackLeg.PROXY_REMOTE, Availability.DESIRED)
+        assert option(reply, HappyEyeballsOption) == HappyEyeballsOption(
+            StackLeg.PROXY_REMOTE, Availability.DESIRED
+        )
         await echo_roundtrip(client)
         await client.close()
         record = await record_for(server, client)
@@ -665,7 +681,9 @@ async def test_happy_eyeballs_only_for_domain_names() -> None:
         await client.close()
         assert not (await record_for(server, client)).happy_eyeballs
         not_desired = HappyEyeballsOption(StackLeg.PROXY_REMOTE, Availability.NOT_DESIRED)
-        client, _, reply = await exchange(server.addresses[0], connect(("localhost", sink.address[1]), not_desired))
+        client, _, reply = await exchange(
+            server.addresses[0], connect(("localhost", sink.address[1]), not_desired)
+        )
         assert option(reply, HappyEyeballsOption).availability == Availability.NOT_DESIRED
         await client.close()
 
@@ -720,7 +738,9 @@ def netns_results() -> dict[str, Any]:
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root))
     script = NETNS_SETUP + f'\nexec "{sys.executable}" "{root / "tests" / "helpers_server.py"}"\n'
-    done = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        ["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -890,7 +910,9 @@ async def test_token_window_and_spending() -> None:
     spending the lowest token shifts the window (mod 2^32)."""
     async with Sink() as sink, running_server(make_config(sessions={"max_token_window": 8})) as server:
         proxy = server.addresses[0]
-        client, _, reply = await exchange(proxy, connect(sink.address, SessionRequest(), IdempotenceRequest(100)))
+        client, _, reply = await exchange(
+            proxy, connect(sink.address, SessionRequest(), IdempotenceRequest(100))
+        )
         sid = option(reply, SessionID)
         await client.close()
         client, auth, _ = await exchange(proxy, connect(sink.address, sid, IdempotenceRequest(3)))
@@ -944,4 +966,218 @@ async def test_socks_over_tls(tmp_path: Path) -> None:
         record = await record_for(server, client)
         assert record.listener == "tls" and record.relay_path == "asyncio"
         with pytest.raises(ssl.SSLCertVerificationError):
-            await RawClient.connect(tls_address, ssl=ssl.create_default_context(), server_hostname="localhost")
+            await RawClient.connect(
+                tls_address, ssl=ssl.create_default_context(), server_hostname="localhost"
+            )
+
+
+# --- SOCKS 5 path (RFC 1928 / RFC 1929) on the same listener ---------------------------------
+
+
+def socks5_connect(host: str, port: int) -> bytes:
+    if ":" in host:
+        return b"\x05\x01\x00\x04" + socket.inet_pton(socket.AF_INET6, host) + struct.pack(">H", port)
+    if host.replace(".", "").isdigit():
+        return b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack(">H", port)
+    return b"\x05\x01\x00\x03" + bytes([len(host)]) + host.encode() + struct.pack(">H", port)
+
+
+async def test_socks5_connect_with_and_without_auth() -> None:
+    """D1: a first byte of 5 takes the SOCKS 5 path: RFC 1928 CONNECT, RFC 1929
+    username/password with the same users; pipelined data right after the request is kept."""
+    async with Sink() as sink, running_server(make_config(users=USERS)) as server:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(b"\x05\x01\x02")
+        assert await client.read_exactly(2) == b"\x05\x02"
+        await client.send(
+            b"\x01\x05alice\x0awonderland" + socks5_connect("localhost", sink.address[1]) + b"pipelined"
+        )
+        assert await client.read_exactly(2) == b"\x01\x00"
+        reply = await client.read_exactly(10)
+        assert reply[:4] == b"\x05\x00\x00\x01"
+        assert await client.read_exactly(9) == b"pipelined"
+        await echo_roundtrip(client)
+        await client.close()
+        assert (await record_for(server, client)).user == "alice"
+        # Wrong password: RFC 1929 failure, then close. No username/password offered: 0xFF.
+        for greeting, credentials_ in ((b"\x05\x01\x02", b"\x01\x05alice\x05wrong"), (b"\x05\x01\x00", None)):
+            client = await RawClient.connect(server.addresses[0])
+            await client.send(greeting)
+            selected = await client.read_exactly(2)
+            if credentials_ is None:
+                assert selected == b"\x05\xff"
+            else:
+                await client.send(credentials_)
+                assert (await client.read_exactly(2))[1] != 0
+            assert await client.read_until_eof() == b""
+            await client.close()
+    async with Sink() as sink, running_server(make_config()) as server:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(b"\x05\x01\x00" + socks5_connect(*sink.address))
+        assert await client.read_exactly(2) == b"\x05\x00"
+        assert (await client.read_exactly(10))[:2] == b"\x05\x00"
+        await echo_roundtrip(client)
+        await client.close()
+
+
+async def test_socks5_bind_policy_and_errors() -> None:
+    """SOCKS 5 BIND (two replies), the same ruleset (0x02), refused (0x05), UDP ASSOCIATE
+    not supported (0x07), unknown address type (0x08)."""
+    rules = [{"action": "deny", "destinations": ["127.0.0.2/32"]}]
+    async with running_server(make_config(rules=rules)) as server:
+        proxy = server.addresses[0]
+        client = await RawClient.connect(proxy)
+        await client.send(b"\x05\x01\x00" + b"\x05\x02\x00\x01" + socket.inet_aton("127.0.0.1") + b"\x00\x00")
+        await client.read_exactly(2)
+        first = await client.read_exactly(10)
+        assert first[:4] == b"\x05\x00\x00\x01"
+        bound = (socket.inet_ntoa(first[4:8]), struct.unpack(">H", first[8:10])[0])
+        peer_reader, peer_writer = await asyncio.open_connection(*bound)
+        second = await client.read_exactly(10)
+        assert struct.unpack(">H", second[8:10])[0] == peer_writer.get_extra_info("sockname")[1]
+        peer_writer.write(b"hi")
+        assert await client.read_exactly(2) == b"hi"
+        peer_writer.close()
+        await client.close()
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+        probe.close()
+        for data, code in (
+            (socks5_connect("127.0.0.2", 80), 0x02),
+            (socks5_connect("127.0.0.1", closed), 0x05),
+            (b"\x05\x03\x00\x01" + bytes(6), 0x07),
+            (b"\x05\x01\x00\x02" + bytes(6), 0x08),
+        ):
+            client = await RawClient.connect(proxy)
+            await client.send(b"\x05\x01\x00" + data)
+            await client.read_exactly(2)
+            assert (await client.read_exactly(10))[1] == code, data
+            assert await client.read_until_eof() == b""
+            await client.close()
+
+
+async def _curl(*args: str) -> tuple[int, bytes, bytes]:
+    process = await asyncio.create_subprocess_exec(
+        "/usr/bin/curl",
+        "--silent",
+        "--show-error",
+        "--max-time",
+        "10",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout, stderr
+
+
+@pytest.mark.skipif(not Path("/usr/bin/curl").exists(), reason="needs /usr/bin/curl")
+@pytest.mark.parametrize("auth", [False, True])
+async def test_curl_through_socks5_hostname(auth: bool) -> None:
+    """curl --socks5-hostname fetches a page from a local HTTP server through the proxy, with
+    and without --proxy-user (the proxy requires authentication in the second case)."""
+    body = b"<h1>through the proxy</h1>\n"
+    config = make_config(users=USERS) if auth else make_config()
+    async with Sink(mode="http", body=body) as http, running_server(config) as server:
+        proxy = "{}:{}".format(*server.addresses[0])
+        url = f"http://localhost:{http.address[1]}/"
+        args = ["--socks5-hostname", proxy]
+        if auth:
+            code, _, _ = await _curl(*args, url)
+            assert code != 0  # no credentials: refused
+            args += ["--proxy-user", "alice:wonderland"]
+        code, out, err = await _curl(*args, url)
+        assert code == 0, err
+        assert out == body
+
+
+# --- Load and robustness ------------------------------------------------------------------
+
+
+async def test_200_concurrent_connects() -> None:
+    """200 concurrent CONNECTs (each with false-start data) all succeed and relay."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        proxy = server.addresses[0]
+
+        async def one(i: int) -> None:
+            data = b"client %d" % i
+            client, _, reply = await exchange(proxy, connect(sink.address) + data)
+            assert reply.reply_code == ReplyCode.SUCCESS
+            assert await client.read_exactly(len(data)) == data
+            await client.close()
+
+        await asyncio.gather(*(one(i) for i in range(200)))
+        assert len(sink.connections) == 200
+
+
+def _open_fds(kind: str = "") -> int:
+    """Open file descriptors of this process (only those whose target starts with ``kind``)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(kind):
+                count += 1
+    return count
+
+
+async def test_garbage_resets_and_stalls_leak_nothing() -> None:
+    """300 garbage, reset and stalled connections: the server keeps serving, every socket it
+    opened for them is closed again (REQ-08 for the stalled ones), and after shutdown the
+    process has exactly the descriptors it had before the server started."""
+    before_server = _open_fds()
+    config = make_config(server={"handshake_timeout": 0.5})
+    async with Sink() as sink, running_server(config) as server:
+        proxy = server.addresses[0]
+        client, _, _ = await exchange(proxy, connect(sink.address))  # warm up (executor, engine)
+        await echo_roundtrip(client)
+        await client.close()
+        await asyncio.sleep(0.1)
+        baseline = _open_fds("socket:")
+        rng = random.Random(1234)
+        loop = asyncio.get_running_loop()
+        held: list[socket.socket] = []
+
+        async def garbage(i: int) -> None:
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, proxy)
+            junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+            if i % 2:
+                junk = b"\x06" + junk  # looks like SOCKS 6 at first
+            await loop.sock_sendall(sock, junk)
+            sock.close()
+
+        async def reset(i: int) -> None:
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, proxy)
+            await loop.sock_sendall(sock, connect(sink.address)[: 1 + i % 7])
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # RST
+
+        async def stall(i: int) -> None:
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, proxy)
+            await loop.sock_sendall(sock, connect(sink.address)[: i % 9])
+            held.append(sock)
+
+        await asyncio.gather(*(f(i) for i in range(100) for f in (garbage, reset, stall)))
+        # Still serving while the stalled ones hang.
+        client, _, reply = await exchange(proxy, connect(sink.address))
+        assert reply.reply_code == ReplyCode.SUCCESS
+        await echo_roundtrip(client)
+        await client.close()
+        # The stalled connections time out on the server side (REQ-08): EOF arrives.
+        async with asyncio.timeout(5):
+            for sock in held:
+                with contextlib.suppress(OSError):
+                    while await loop.sock_recv(sock, 100):
+                        pass
+                sock.close()
+        async with asyncio.timeout(5):
+            while _open_fds("socket:") > baseline or server.active_connections:
+                await asyncio.sleep(0.05)
+    assert _open_fds() == before_server
