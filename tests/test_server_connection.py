@@ -270,7 +270,7 @@ def test_bind_needs_two_replies_noop_one() -> None:
     conn.send(SUCCESS)
     assert conn.our_state is State.SEND_BIND_REPLY
     conn.send(SUCCESS)
-    assert conn.our_state is State.RELAY
+    assert conn.our_state in (State.RELAY,)  # (mypy narrowed the property above)
     conn = ServerConnection()
     conn.receive_data(wire(Command.NOOP, host="0.0.0.0", port=0))
     conn.next_event()
@@ -445,4 +445,4 @@ def test_socks5_bind_two_replies() -> None:
     conn.send(reply)
     assert conn.our_state is State.SEND_BIND_REPLY
     conn.send(reply)
-    assert conn.our_state is State.RELAY
+    assert conn.our_state in (State.RELAY,)  # (mypy narrowed the property above)
