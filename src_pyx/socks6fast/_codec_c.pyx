@@ -1394,16 +1394,19 @@ cdef int _push_option(_Out* w, unsigned int kind, object data, Py_ssize_t paddin
     return 0
 
 
-cdef int _stack(_Out* w, object leg, unsigned int key, unsigned int b6, unsigned int b7) except -1:
-    # Section "Stack options": Kind 1, Length 8, Leg << 6 | Level, Code, 2 bytes.
+cdef int _stack_leg(object leg) except -1:
     cdef int leg_value = _table_value(leg, _STACK_LEGS)
-    cdef unsigned char* out
     if leg_value < 0:
         raise LocalProtocolError("stack leg is out of range")
-    out = _out_take(w, _STACK_OPTION_LENGTH)
+    return leg_value
+
+
+cdef int _stack(_Out* w, int leg, unsigned int key, unsigned int b6, unsigned int b7) except -1:
+    # Every Stack option draft-11 defines: Kind 1, Length 8, Leg|Level, Code, 2 bytes.
+    cdef unsigned char* out = _out_take(w, _STACK_OPTION_LENGTH)
     _put_u16(out, _KIND_STACK)
     _put_u16(out + 2, _STACK_OPTION_LENGTH)
-    out[4] = <unsigned char>((leg_value << _STACK_LEG_SHIFT) | (key >> 8))
+    out[4] = <unsigned char>((leg << _STACK_LEG_SHIFT) | (key >> 8))
     out[5] = <unsigned char>(key & 0xFF)
     out[6] = <unsigned char>b6
     out[7] = <unsigned char>b7
@@ -1421,7 +1424,7 @@ cdef int _encode_option(_Out* w, object option) except -1:
     cdef _Layout L = <_Layout>_OPTION_LAYOUT_BY_TYPE.get(type(option))
     cdef bint exact = L is not None
     cdef long long value, size
-    cdef int parity, code
+    cdef int parity, code, leg
     cdef Py_ssize_t n
     cdef unsigned char* out
     if not exact:
@@ -1433,43 +1436,41 @@ cdef int _encode_option(_Out* w, object option) except -1:
         else:
             raise LocalProtocolError("not a socks 6 option")
     code = L.code
-    if code == _OPT_IPTOS or code == _OPT_TTL:
-        leg = _field(option, L, 0, "leg", exact)
+    if code <= _OPT_PORT_PARITY:
+        # A Stack option draft-11 defines: its fields in wire order, Leg first.
+        leg = _stack_leg(_field(option, L, 0, "leg", exact))
         if code == _OPT_IPTOS:
             value = _check_int(_field(option, L, 1, "tos", exact), 0xFF, "ip tos")
             _stack(w, leg, _SC_IP_TOS, <unsigned int>value, 0)
-        else:
+        elif code == _OPT_TTL:
             value = _check_int(_field(option, L, 1, "ttl", exact), 0xFF, "ttl")
             _stack(w, leg, _SC_TTL, <unsigned int>value, 0)
-    elif code == _OPT_HAPPY_EYEBALLS:
-        value = _availability_value(_field(option, L, 1, "availability", exact))
-        _stack(w, _field(option, L, 0, "leg", exact), _SC_HAPPY_EYEBALLS, <unsigned int>value, 0)
-    elif code == _OPT_NO_FRAGMENTATION:
-        value = _availability_value(_field(option, L, 1, "availability", exact))
-        _stack(w, _field(option, L, 0, "leg", exact), _SC_NO_FRAGMENTATION, <unsigned int>value, 0)
-    elif code == _OPT_MULTIPATH:
-        value = _availability_value(_field(option, L, 1, "availability", exact))
-        _stack(w, _field(option, L, 0, "leg", exact), _SC_MULTIPATH, <unsigned int>value, 0)
-    elif code == _OPT_UDP_ERROR:
-        value = _availability_value(_field(option, L, 1, "availability", exact))
-        _stack(w, _field(option, L, 0, "leg", exact), _SC_UDP_ERROR, <unsigned int>value, 0)
-    elif code == _OPT_TFO:
-        value = _check_int(_field(option, L, 1, "payload_size", exact), 0xFFFF, "tfo payload size")
-        _stack(w, _field(option, L, 0, "leg", exact), _SC_TFO, <unsigned int>(value >> 8),
-               <unsigned int>(value & 0xFF))
-    elif code == _OPT_LISTEN_BACKLOG:
-        value = _check_int(_field(option, L, 1, "backlog", exact), 0xFFFF, "listen backlog")
-        _stack(w, _field(option, L, 0, "leg", exact), _SC_LISTEN_BACKLOG, <unsigned int>(value >> 8),
-               <unsigned int>(value & 0xFF))
-    elif code == _OPT_PORT_PARITY:
-        parity = _table_value(_field(option, L, 1, "parity", exact), _PARITIES)
-        if parity < 0:
-            raise LocalProtocolError("port parity is out of range")
-        reserve = _field(option, L, 2, "reserve", exact)
-        if not isinstance(reserve, bool):
-            raise LocalProtocolError("port parity reserve is not a bool")
-        _stack(w, _field(option, L, 0, "leg", exact), _SC_PORT_PARITY, <unsigned int>parity,
-               1 if reserve else 0)
+        elif code == _OPT_HAPPY_EYEBALLS:
+            value = _availability_value(_field(option, L, 1, "availability", exact))
+            _stack(w, leg, _SC_HAPPY_EYEBALLS, <unsigned int>value, 0)
+        elif code == _OPT_NO_FRAGMENTATION:
+            value = _availability_value(_field(option, L, 1, "availability", exact))
+            _stack(w, leg, _SC_NO_FRAGMENTATION, <unsigned int>value, 0)
+        elif code == _OPT_MULTIPATH:
+            value = _availability_value(_field(option, L, 1, "availability", exact))
+            _stack(w, leg, _SC_MULTIPATH, <unsigned int>value, 0)
+        elif code == _OPT_UDP_ERROR:
+            value = _availability_value(_field(option, L, 1, "availability", exact))
+            _stack(w, leg, _SC_UDP_ERROR, <unsigned int>value, 0)
+        elif code == _OPT_TFO:
+            value = _check_int(_field(option, L, 1, "payload_size", exact), 0xFFFF, "tfo payload size")
+            _stack(w, leg, _SC_TFO, <unsigned int>(value >> 8), <unsigned int>(value & 0xFF))
+        elif code == _OPT_LISTEN_BACKLOG:
+            value = _check_int(_field(option, L, 1, "backlog", exact), 0xFFFF, "listen backlog")
+            _stack(w, leg, _SC_LISTEN_BACKLOG, <unsigned int>(value >> 8), <unsigned int>(value & 0xFF))
+        else:  # _OPT_PORT_PARITY
+            parity = _table_value(_field(option, L, 1, "parity", exact), _PARITIES)
+            if parity < 0:
+                raise LocalProtocolError("port parity is out of range")
+            reserve = _field(option, L, 2, "reserve", exact)
+            if not isinstance(reserve, bool):
+                raise LocalProtocolError("port parity reserve is not a bool")
+            _stack(w, leg, _SC_PORT_PARITY, <unsigned int>parity, 1 if reserve else 0)
     elif code == _OPT_UNKNOWN_STACK:
         _encode_unknown_stack(w, option, L, exact)
     elif code == _OPT_ADVERTISEMENT:
@@ -1728,28 +1729,35 @@ cdef Py_ssize_t _encode_address(int atyp, object address, unsigned char* out) ex
     return _encode_ip(_IPV4_MEMBER if atyp == _ATYP_IPV4 else _IPV6_MEMBER, address, out)
 
 
-cdef bytes _encode_addressed(unsigned int code, object address_type, object address, object port, _Out* options):
+cdef bytes _encode_addressed(unsigned int code, object address_type, object address, object port, object options):
+    # Checked in this order: address type, address, port, options (tests/codec_api.py).
     cdef int atyp = _table_value(address_type, _ADDRESS_TYPES)
     cdef unsigned char field[_MAX_DOMAIN_LENGTH + 5]
     cdef Py_ssize_t field_length
     cdef long long port_value
     cdef unsigned char* out
+    cdef _Out w
     if atyp < 0:
         raise LocalProtocolError("address type is not supported")
     field_length = _encode_address(atyp, address, field)
     port_value = _check_int(port, 0xFFFF, "port")
-    result = PyBytes_FromStringAndSize(NULL, _ADDRESSED_HEADER_LENGTH + field_length + options.length)
-    # Cast: a fresh bytes object is writable until it is shared.
-    out = <unsigned char*>PyBytes_AS_STRING(result)
-    out[0] = _VERSION
-    out[1] = <unsigned char>code
-    _put_u16(out + 2, <unsigned int>options.length)
-    _put_u16(out + 4, <unsigned int>port_value)
-    out[6] = 0
-    out[7] = <unsigned char>atyp
-    memcpy(out + _ADDRESSED_HEADER_LENGTH, field, field_length)
-    memcpy(out + _ADDRESSED_HEADER_LENGTH + field_length, options.data, options.length)
-    return result
+    _out_init(&w)
+    try:
+        _encode_message_options(&w, options)
+        result = PyBytes_FromStringAndSize(NULL, _ADDRESSED_HEADER_LENGTH + field_length + w.length)
+        # Cast: a fresh bytes object is writable until it is shared.
+        out = <unsigned char*>PyBytes_AS_STRING(result)
+        out[0] = _VERSION
+        out[1] = <unsigned char>code
+        _put_u16(out + 2, <unsigned int>w.length)
+        _put_u16(out + 4, <unsigned int>port_value)
+        out[6] = 0
+        out[7] = <unsigned char>atyp
+        memcpy(out + _ADDRESSED_HEADER_LENGTH, field, field_length)
+        memcpy(out + _ADDRESSED_HEADER_LENGTH + field_length, w.data, w.length)
+        return result
+    finally:
+        _out_free(&w)
 
 
 def encode_request(request):
@@ -1760,16 +1768,10 @@ def encode_request(request):
             (invalid IP text, name empty/over 255 bytes/with a NUL), a port out of
             range, an illegal option, or more than 16384 bytes of options.
     """
-    cdef _Out w
     cdef int code = _table_value(request.command, _COMMANDS)
     if code < 0:
         raise LocalProtocolError("command is not supported")
-    _out_init(&w)
-    try:
-        _encode_message_options(&w, request.options)
-        return _encode_addressed(code, request.address_type, request.address, request.port, &w)
-    finally:
-        _out_free(&w)
+    return _encode_addressed(code, request.address_type, request.address, request.port, request.options)
 
 
 def encode_operation_reply(reply):
@@ -1779,16 +1781,10 @@ def encode_operation_reply(reply):
         LocalProtocolError: an unknown reply code or address type, a bad address,
             a port out of range, an illegal option, or options over 16384 bytes.
     """
-    cdef _Out w
     cdef int code = _table_value(reply.reply_code, _REPLY_CODES)
     if code < 0:
         raise LocalProtocolError("reply code is unknown")
-    _out_init(&w)
-    try:
-        _encode_message_options(&w, reply.options)
-        return _encode_addressed(code, reply.address_type, reply.address, reply.port, &w)
-    finally:
-        _out_free(&w)
+    return _encode_addressed(code, reply.address_type, reply.address, reply.port, reply.options)
 
 
 def encode_auth_reply(reply):
@@ -2078,13 +2074,14 @@ def encode_association_message(message):
         memcpy(out + _ASSOC_PREFIX_LENGTH, aid, _ASSOCIATION_ID_LENGTH)
         return result
     if cls is Datagram:
+        # Its header, then the payload type, then length == header + payload.
+        header = message.header
+        if not isinstance(header, DatagramHeader):
+            raise LocalProtocolError("datagram header has the wrong type")
+        n = _encode_datagram_header(header, encoded)
         payload = message.payload
         if not _is_buffer(payload):
             raise LocalProtocolError("datagram payload is not bytes")
-        header = message.header
-        if type(header) is not DatagramHeader:
-            raise LocalProtocolError("datagram header is not a DatagramHeader")
-        n = _encode_datagram_header(header, encoded)
         if message.header.message_length != n + len(payload):
             raise LocalProtocolError("message length does not match header and payload")
         return _bytes(encoded, n) + (payload if type(payload) is bytes else bytes(payload))
