@@ -53,7 +53,7 @@ IPPROTO_MPTCP = 262
 TEST_SCRYPT_N = 2**10
 
 
-def test_hash(password: str) -> str:
+def cheap_hash(password: str) -> str:
     """An scrypt hash that is fast to verify (tests only)."""
     return hash_password(password, n=TEST_SCRYPT_N)
 
@@ -75,7 +75,7 @@ def make_config(
     data: dict[str, Any] = {
         "default_action": default_action,
         "server": server_table,
-        "users": {name: test_hash(pw) for name, pw in (users or {}).items()},
+        "users": {name: cheap_hash(pw) for name, pw in (users or {}).items()},
         "sessions": dict(sessions or {}),
         "rules": rules or [],
     }

@@ -1,0 +1,194 @@
+"""The ``socks6fast`` command: ``serve``, ``check-config``, ``hash-password``.
+
+``socks6fast serve`` runs the proxy. Without flags it uses the embedded default
+(`socks6fast.config.DEFAULT_TOML`: 127.0.0.1:1080, no authentication, every destination
+allowed). ``--config FILE`` loads a TOML file, ``--listen HOST:PORT`` (repeatable) replaces
+the listeners, ``--user NAME:PASSWORD`` (repeatable) adds users and so turns
+authentication on. The event loop is uvloop's when it is installed.
+
+Signals: SIGTERM (and SIGINT) stop accepting, let relayed connections finish for at most
+``--drain-timeout`` seconds, then exit 0. SIGHUP re-reads the configuration file (users,
+rules, limits, sessions settings) and keeps every established connection; a broken file
+is reported and the running configuration stays.
+
+Every configuration mistake is one sentence naming the key, on stderr, with exit code 2
+and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from .asyncio.server import Server
+from .auth import hash_password
+from .config import Config, ConfigError, default_config, load_config, parse_user_option
+
+try:  # uvloop is a dependency on POSIX; the proxy still runs without it
+    import uvloop
+except ImportError:  # pragma: no cover
+    uvloop = None  # type: ignore[assignment]
+
+__all__ = ["EXIT_CONFIG", "build_parser", "main"]
+
+#: Exit status for a configuration or usage error (the argparse convention).
+EXIT_CONFIG = 2
+#: Default seconds SIGTERM waits for relayed connections to finish.
+DEFAULT_DRAIN_TIMEOUT = 10.0
+
+log = logging.getLogger("socks6fast")
+
+
+class _Fail(Exception):
+    """A one-sentence error for the user; main() prints it and exits 2."""
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """The configuration from --config (or the default) with --listen/--user applied."""
+    try:
+        config = load_config(args.config) if args.config else default_config()
+        users = dict(parse_user_option(value) for value in args.user or ())
+        return config.with_overrides(listen=args.listen or None, users=users or None)
+    except ConfigError as exc:
+        raise _Fail(str(exc)) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _serve(args: argparse.Namespace, config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    server = Server(config)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise _Fail(f"cannot listen: {exc.strerror or exc}") from None
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        if not args.config:
+            log.info("SIGHUP: no --config file to reload")
+            return
+        try:
+            new = _load(args)
+        except _Fail as exc:
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        server.reload(new)
+
+    handlers: list[tuple[signal.Signals, Callable[[], None]]] = [
+        (signal.SIGTERM, stop.set),
+        (signal.SIGINT, stop.set),
+        (signal.SIGHUP, reload),
+    ]
+    for signum, handler in handlers:
+        loop.add_signal_handler(signum, handler)
+    try:
+        await stop.wait()
+        log.info("stopping: no new connections; draining for at most %.1fs", args.drain_timeout)
+        server.stop_accepting()
+        await server.close(drain_timeout=args.drain_timeout)
+    finally:
+        for signum, _ in handlers:
+            loop.remove_signal_handler(signum)
+    log.info("stopped")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args)
+    _setup_logging(args.log_level or config.server.log_level)
+    factory = uvloop.new_event_loop if uvloop is not None else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(_serve(args, config))
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        raise _Fail(str(exc)) from None
+    server = config.server
+    print(
+        f"{args.file}: OK ({len(server.listen)} plain and {len(server.tls_listen)} TLS listeners, "
+        f"{len(config.users)} users, {len(config.rules)} rules)"
+    )
+    return 0
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat: ") != first:
+            raise _Fail("the passwords do not match")
+        return first
+    line = sys.stdin.readline()
+    return line.removesuffix("\n").removesuffix("\r")
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    password = _read_password()
+    if not 1 <= len(password.encode("utf-8")) <= 255:
+        raise _Fail("the password must be 1-255 bytes (RFC 1929)")
+    print(hash_password(password))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; other commands (``bench``) register with ``add_subparsers``."""
+    parser = argparse.ArgumentParser(prog="socks6fast", description="SOCKS 6 (and SOCKS 5) proxy.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file (default: built in)")
+    serve.add_argument(
+        "--listen", metavar="HOST:PORT", action="append", help="listen here instead (repeatable)"
+    )
+    serve.add_argument(
+        "--user", metavar="NAME:PASSWORD", action="append", help="add a user; turns authentication on"
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        help=f"on SIGTERM, wait this long for connections (default {DEFAULT_DRAIN_TIMEOUT:g})",
+    )
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
+    serve.set_defaults(handler=_cmd_serve)
+
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(handler=_cmd_check_config)
+
+    hashing = commands.add_parser("hash-password", help="print the scrypt hash of a password read from stdin")
+    hashing.set_defaults(handler=_cmd_hash_password)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except _Fail as exc:
+        print(f"socks6fast: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

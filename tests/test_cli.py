@@ -1,0 +1,238 @@
+"""The ``socks6fast`` command line, run as a real subprocess (``python -m socks6fast``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from helpers_server import RawClient, Sink, cheap_hash
+
+from socks6fast import codec
+from socks6fast.auth import verify_password
+from socks6fast.constants import AddressType, AuthMethod, AuthReplyType, Command, ReplyCode
+from socks6fast.messages import AuthData, Option, Request
+from socks6fast.socks5 import UserPassRequest, encode_userpass_request
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+COMMAND = [sys.executable, "-m", "socks6fast"]
+
+
+def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args], input=stdin, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30
+    )
+
+
+def test_check_config_ok(tmp_path: Path) -> None:
+    config = tmp_path / "ok.toml"
+    config.write_text('[server]\nlisten = ["127.0.0.1:1080", "[::1]:1080"]\n')
+    done = run("check-config", str(config))
+    assert done.returncode == 0
+    assert "OK" in done.stdout and "2 plain" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('[server]\nlisten = ["127.0.0.1:99999"]\n', "server.listen[0]"),
+        ("[server]\nmax_connections = 0\n", "server.max_connections"),
+        ("[server]\nlisen = []\n", "server.lisen"),
+        ('[[rules]]\naction = "maybe"\n', "rules[0].action"),
+        ('[users]\nbob = "plaintext"\n', "users.bob"),
+        ("not toml [", "is not valid TOML"),
+    ],
+)
+def test_config_errors_are_one_sentence(tmp_path: Path, text: str, key: str) -> None:
+    """Every mistake: one line naming the key, exit code 2, no traceback (check-config and serve)."""
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    for args in (("check-config", str(config)), ("serve", "--config", str(config))):
+        done = run(*args)
+        assert done.returncode == 2, done
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and key in lines[0], done.stderr
+        assert "Traceback" not in done.stderr and "plaintext" not in done.stderr
+
+
+def test_bad_flags_exit_2() -> None:
+    for args in (
+        ("serve", "--listen", "nowhere"),
+        ("serve", "--user", "bob"),
+        ("check-config", "/nonexistent"),
+    ):
+        done = run(*args)
+        assert done.returncode == 2
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_hash_password_from_stdin() -> None:
+    done = run("hash-password", stdin="s3cret pass\n")
+    assert done.returncode == 0
+    stored = done.stdout.strip()
+    assert stored.startswith("scrypt$") and verify_password(stored, b"s3cret pass")
+    assert not verify_password(stored, b"s3cret pass\n")
+    assert run("hash-password", stdin="\n").returncode == 2
+
+
+class ServeProcess:
+    """A ``socks6fast serve`` subprocess whose stderr is collected line by line."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._new = asyncio.Event()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            self.lines.append(raw.decode(errors="replace").rstrip())
+            self._new.set()
+
+    async def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        regex = re.compile(pattern)
+        seen = 0
+        async with asyncio.timeout(timeout):
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                self._new.clear()
+                await self._new.wait()
+
+    async def address(self) -> tuple[str, int]:
+        match = await self.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
+        return "127.0.0.1", int(match.group(1))
+
+
+@contextlib.asynccontextmanager
+async def serve(*args: str) -> AsyncIterator[ServeProcess]:
+    process = await asyncio.create_subprocess_exec(
+        *COMMAND, "serve", *args, env=ENV, cwd=ROOT, stderr=asyncio.subprocess.PIPE
+    )
+    proc = ServeProcess(process)
+    try:
+        yield proc
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        proc._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await proc._reader
+
+
+def connect_request(dest: tuple[str, int], user: str | None = None) -> bytes:
+    options: tuple[Option, ...] = ()
+    if user is not None:
+        data = encode_userpass_request(UserPassRequest(user.encode(), b"wonderland"))
+        options = (AuthData(AuthMethod.USERNAME_PASSWORD, data),)
+    return codec.encode_request(Request(Command.CONNECT, AddressType.IPV4, dest[0], dest[1], options))
+
+
+async def open_relay(proxy: tuple[str, int], dest: tuple[str, int], user: str | None = None) -> RawClient:
+    client = await RawClient.connect(proxy)
+    await client.send(connect_request(dest, user))
+    assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+    assert (await client.operation_reply()).reply_code == ReplyCode.SUCCESS
+    return client
+
+
+async def echo(client: RawClient, data: bytes = b"ping") -> None:
+    await client.send(data)
+    assert await client.read_exactly(len(data)) == data
+
+
+async def test_serve_reload_and_drain(tmp_path: Path) -> None:
+    """serve: one log line per finished connection; SIGHUP reloads users and rules without
+    dropping established connections; SIGTERM stops accepting, drains, exits 0."""
+    config = tmp_path / "proxy.toml"
+    config.write_text('[server]\nlisten = ["127.0.0.1:0"]\n')
+    async with Sink() as sink, serve("--config", str(config), "--drain-timeout", "5") as proc:
+        proxy = await proc.address()
+        first = await open_relay(proxy, sink.address)
+        await echo(first)
+        short = await open_relay(proxy, sink.address)
+        await echo(short, b"12345")
+        await short.close()
+        line = (await proc.wait_for(rf"client=127\.0\.0\.1:{short.local[1]} ")).string
+        for field in (
+            "proto=socks6",
+            "user=-",
+            "cmd=CONNECT",
+            f"dst=127.0.0.1:{sink.address[1]}",
+            "reply=0x00",
+        ):
+            assert field in line
+        assert re.search(r"up=5 down=5 dur=\d+\.\d+s relay=(splice|asyncio)", line), line
+
+        # SIGHUP: authentication on from now on; the established connection stays.
+        config.write_text(
+            f'[server]\nlisten = ["127.0.0.1:0"]\n[users]\nalice = "{cheap_hash("wonderland")}"\n'
+        )
+        proc.process.send_signal(signal.SIGHUP)
+        await proc.wait_for("configuration reloaded: 1 users")
+        await echo(first, b"still here")
+        refused = await RawClient.connect(proxy)
+        await refused.send(connect_request(sink.address))
+        assert (await refused.auth_reply()).type == AuthReplyType.FAILURE
+        await refused.close()
+        second = await open_relay(proxy, sink.address, user="alice")
+        await echo(second)
+        await second.close()
+        # A broken file on SIGHUP: reported, and the running configuration stays.
+        config.write_text("[server]\nmax_connections = -1\n")
+        proc.process.send_signal(signal.SIGHUP)
+        await proc.wait_for("not reloaded.*server.max_connections")
+        await echo(first, b"still")
+
+        # SIGTERM: no new connections, the open one drains, then exit 0.
+        proc.process.send_signal(signal.SIGTERM)
+        await proc.wait_for("stopping")
+        with pytest.raises(OSError):
+            await asyncio.open_connection(*proxy)
+        await echo(first, b"draining")
+        await first.close()
+        assert await asyncio.wait_for(proc.process.wait(), 5) == 0
+
+
+async def test_serve_drain_is_bounded() -> None:
+    """SIGTERM with a connection that never ends: exit 0 once the drain timeout has passed."""
+    async with Sink() as sink, serve("--listen", "127.0.0.1:0", "--drain-timeout", "0.5") as proc:
+        proxy = await proc.address()
+        client = await open_relay(proxy, sink.address)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        proc.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.process.wait(), 10) == 0
+        assert loop.time() - start < 5
+        assert await client.read_until_eof() == b""  # closed by the proxy
+        await client.close()
+
+
+async def test_serve_user_flag_turns_auth_on() -> None:
+    """--user NAME:PASSWORD turns authentication on (the password is hashed in memory)."""
+    async with Sink() as sink, serve("--listen", "127.0.0.1:0", "--user", "alice:wonderland") as proc:
+        proxy = await proc.address()
+        client = await RawClient.connect(proxy)
+        await client.send(connect_request(sink.address))
+        assert (await client.auth_reply()).type == AuthReplyType.FAILURE
+        await client.close()
+        client = await open_relay(proxy, sink.address, user="alice")
+        await echo(client)
+        await client.close()
+        proc.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.process.wait(), 10) == 0
