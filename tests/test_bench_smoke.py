@@ -1,0 +1,148 @@
+"""The benchmark suite still runs: ``socks6fast bench --smoke`` against direct loopback and socks6fast.
+
+The smoke profile runs every test of the suite (idle memory, time to first
+byte, connections, one-stream bulk) for a fraction of a second each, against
+direct loopback and a local ``socks6fast serve`` (SOCKS5 and SOCKS6 paths, and
+the username/password instance). It needs a C compiler for benchmarks/loadgen.c,
+which building the package's extensions needs anyway. Loopback only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import struct
+import sys
+import zlib
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from socks6fast import _codec_py
+from socks6fast.constants import AddressType, Command
+from socks6fast.messages import (
+    AuthData,
+    AuthMethodAdvertisement,
+    Request,
+    SessionID,
+    SessionRequest,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str) -> ModuleType:
+    """Import ``benchmarks.<name>`` from this checkout (the repo root need not be on sys.path)."""
+    if "benchmarks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "benchmarks",
+            REPO / "benchmarks" / "__init__.py",
+            submodule_search_locations=[str(REPO / "benchmarks")],
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def _live_children() -> list[int]:
+    me = str(os.getpid())
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[1] == me and fields[0] not in ("Z", "X"):
+            out.append(int(entry))
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_bench_smoke_runs_end_to_end(tmp_path: Path) -> None:
+    """Every test of the suite produces figures for direct and both socks6fast paths, then cleans up."""
+    bench = _load("bench")
+    lines: list[str] = []
+    out = tmp_path / "latest.json"
+    before = set(_live_children())
+    status = bench.main(["--smoke", "--systems", "direct,s5,s6", "--json", str(out)], out=lines.append)
+    log = "\n".join(lines)
+    assert status == 0, log
+    res = json.loads(out.read_text())
+    assert res["measured_systems"] == ["direct", "socks6fast-s5", "socks6fast-s6"], log
+    for system in res["measured_systems"]:
+        assert res["bulk"]["1"][system]["gbps"] > 0, log
+        conn = res["connections"][system]
+        assert conn["conn_per_s"] > 0 and conn["failed"] == 0, log
+        assert res["latency"][system]["p99_ms"] > 0, log
+    for system in ("socks6fast-s5", "socks6fast-s6"):
+        assert res["bulk"]["1"][system]["proxy_cpu_s_per_gib"] is not None, log
+        assert res["connections"][system]["proxy_us_per_conn"] is not None, log
+        assert res["idle"][system]["kib_rss"] is not None, log
+    ttfb = res["ttfb"]
+    assert ttfb["direct"]["direct"]["ms"] > 0, log
+    for mode in ("socks5", "socks5-userpass"):
+        assert ttfb[mode]["socks6fast-s5"]["ms"] > 0, log
+    for mode in ("socks6", "socks6-userpass", "socks6-session"):
+        assert ttfb[mode]["socks6fast-s6"]["ms"] > 0, log
+    # Every target has a measured value in this configuration except those against Dante.
+    missing = [t["target"] for t in res["targets"] if t["value"] is None and "Dante" not in t["target"]]
+    assert not missing, log
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # Every process the suite started has been stopped.
+    assert set(_live_children()) <= before, log
+
+
+def test_bench_socks6_bytes_match_the_codec() -> None:
+    """The suite's hand-built SOCKS 6 requests are what socks6fast's reference codec encodes."""
+    t = _load("_ttfb")
+    # Authentication Data (method 2): the RFC 1929 request, then zero padding to a 4-byte multiple.
+    auth = AuthData(2, t._pad4(bytes([2]) + t.rfc1929_request("bench", "pw"))[1:])
+    cases = [
+        (t.socks6_connect_request(4242), ()),
+        (
+            t.socks6_connect_request(4242, t.socks6_userpass_options("bench", "pw", 64)),
+            (AuthMethodAdvertisement(64, (2,)), auth),
+        ),
+        (
+            t.socks6_connect_request(4242, t.socks6_option(t.OPT_SESSION_REQUEST, b"")),
+            (SessionRequest(),),
+        ),
+        (
+            t.socks6_connect_request(4242, t.socks6_option(t.OPT_SESSION_ID, b"abcdefgh")),
+            (SessionID(b"abcdefgh"),),
+        ),
+    ]
+    for wire, options in cases:
+        request = Request(Command.CONNECT, AddressType.IPV4, "127.0.0.1", 4242, options)
+        assert _codec_py.encode_request(request) == wire
+        assert _codec_py.decode_request(wire) == (request, len(wire))
+
+
+def test_png_writer_and_table_render(tmp_path: Path) -> None:
+    """The pure-Python PNG writer emits a valid image (signature, IHDR size, CRCs) for a chart."""
+    png = _load("_png")
+    path = tmp_path / "c.png"
+    png.render_chart("t", "sub", [png.Panel("p", "u", [png.Bar("a", 1.0, (1, 2, 3))], 0.5)], path, width=300)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, kinds = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack_from("!I", data, pos)
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack_from("!I", data, pos + 8 + length)
+        assert crc == zlib.crc32(kind + body)
+        kinds.append(kind)
+        pos += 12 + length
+    assert kinds == [b"IHDR", b"IDAT", b"IEND"]
+    width, height = struct.unpack_from("!II", data, 16)
+    assert width == 300 and len(zlib.decompress(data[41 : 41 + struct.unpack_from("!I", data, 33)[0]])) == (
+        height * (1 + 3 * width)
+    )
