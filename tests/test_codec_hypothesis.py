@@ -698,3 +698,41 @@ def test_ipv6_text_matches_ipaddress(packed: bytes) -> None:
     """IPv6 text equals str(ipaddress.IPv6Address(packed)) (glibc inet_ntop differs for ::ffff:0:0/96)."""
     header = b"\x06\x03\x00\x20" + bytes(8) + b"\x04\x00\x00\x35" + packed
     same("decode_datagram_header", header)
+
+
+class _SubHeader(DatagramHeader):
+    """A subclass: the C twin reads its fields by getattr, not from the slots."""
+
+
+class _SubTTL(TTLOption):
+    """An option subclass: matched by isinstance like the reference's match/case."""
+
+
+class _DuckHeader:
+    """Not a DatagramHeader; its association_id is a fresh object on every read."""
+
+    address_type = AddressType.IPV4
+    address = "192.0.2.1"
+    port = 9
+    message_length = 40
+
+    @property
+    def association_id(self) -> bytes:
+        return bytes(bytearray(b"ABCDEFGH"))
+
+
+def test_subclasses_and_duck_types_agree() -> None:
+    """Encoders accept what the reference accepts beyond the exact message classes."""
+    for header in (
+        _SubHeader(b"12345678", AddressType.DOMAIN_NAME, "example.org", 53, 40),
+        _DuckHeader(),
+    ):
+        outs = [bytearray(64), bytearray(64)]
+        expected = _outcome(_codec_py.encode_datagram_header, header, outs[0])
+        assert _outcome(_codec_c.encode_datagram_header, header, outs[1]) == expected
+        assert outs[0] == outs[1]
+    sub = _SubHeader(b"12345678", AddressType.IPV4, "192.0.2.1", 53, 20 + 3)
+    same("encode_association_message", Datagram(sub, b"abc"))
+    same("encode_association_message", Datagram(_DuckHeader(), b"abc"))  # type: ignore[arg-type]
+    same("encode_options", (_SubTTL(StackLeg.BOTH, 7), TTLOption(StackLeg.BOTH, 7)))
+    same("encode_options", [_SubTTL(StackLeg.BOTH, 300)])

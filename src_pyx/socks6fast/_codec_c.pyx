@@ -1687,6 +1687,7 @@ cdef int _encode_ip(object address_type, object address, unsigned char* out) exc
         except ValueError:
             pass
         else:
+            # Cast: bytes' char* data; IPv6Address.packed is always 16 bytes.
             memcpy(out, <const unsigned char*>PyBytes_AS_STRING(packed), _IPV6_LENGTH)
             return _IPV6_LENGTH
     raise LocalProtocolError("address is not a valid ip address")
@@ -1876,7 +1877,12 @@ cdef Py_ssize_t write_datagram_header(
 
 
 cdef const unsigned char* _check_association_id(object association_id, unsigned char* copy) except NULL:
-    """The 8 bytes of an Association ID (reference _check_association_id)."""
+    """The 8 bytes of an Association ID (reference _check_association_id).
+
+    Points into association_id (the caller keeps it alive) or into copy. A
+    memoryview of 8 wider items (16+ bytes) is refused here; the reference
+    would write all its bytes into the header.
+    """
     if type(association_id) is bytes:
         if PyBytes_GET_SIZE(association_id) == _ASSOCIATION_ID_LENGTH:
             # Cast: bytes' char* data, borrowed while association_id is alive.
@@ -1884,6 +1890,7 @@ cdef const unsigned char* _check_association_id(object association_id, unsigned 
     elif _is_buffer(association_id) and len(association_id) == _ASSOCIATION_ID_LENGTH:
         raw = bytes(association_id)
         if PyBytes_GET_SIZE(raw) == _ASSOCIATION_ID_LENGTH:
+            # Cast: bytes' char* data, 8 bytes as just checked.
             memcpy(copy, <const unsigned char*>PyBytes_AS_STRING(raw), _ASSOCIATION_ID_LENGTH)
             return copy
     raise LocalProtocolError("association id is not 8 bytes")
@@ -1894,9 +1901,9 @@ cdef Py_ssize_t _encode_datagram_header(object header, unsigned char* out) excep
     cdef bint exact = type(header) is DatagramHeader
     cdef unsigned char association_id[_ASSOCIATION_ID_LENGTH]
     cdef unsigned char field[_MAX_DOMAIN_LENGTH + 5]
-    cdef const unsigned char* aid = _check_association_id(
-        _field(header, _L_DATAGRAM_HEADER, 0, "association_id", exact), association_id
-    )
+    # Held in a local: aid may point into it (a property could return a fresh object).
+    aid_object = _field(header, _L_DATAGRAM_HEADER, 0, "association_id", exact)
+    cdef const unsigned char* aid = _check_association_id(aid_object, association_id)
     cdef int atyp = _table_value(_field(header, _L_DATAGRAM_HEADER, 1, "address_type", exact), _ADDRESS_TYPES)
     cdef Py_ssize_t field_length, header_length
     cdef long long port, message_length
@@ -2004,7 +2011,9 @@ cdef bytes _encode_datagram_error(object message):
     cdef unsigned char association_id[_ASSOCIATION_ID_LENGTH]
     cdef unsigned char address[_IPV6_LENGTH]
     cdef unsigned char reporter[_IPV6_LENGTH]
-    cdef const unsigned char* aid = _check_association_id(message.association_id, association_id)
+    # Held in a local: aid may point into it.
+    aid_object = message.association_id
+    cdef const unsigned char* aid = _check_association_id(aid_object, association_id)
     cdef Py_ssize_t address_length, reporter_length, total
     cdef long long port
     cdef int error_code
@@ -2064,7 +2073,9 @@ def encode_association_message(message):
     cdef Py_ssize_t n
     cls = type(message)
     if cls is AssociationInit or cls is AssociationConfirmation:
-        aid = _check_association_id(message.association_id, association_id)
+        # Held in a local: aid may point into it.
+        aid_object = message.association_id
+        aid = _check_association_id(aid_object, association_id)
         result = PyBytes_FromStringAndSize(NULL, _ASSOCIATION_MESSAGE_LENGTH)
         # Cast: a fresh bytes object is writable until it is shared.
         out = <unsigned char*>PyBytes_AS_STRING(result)
