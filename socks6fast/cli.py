@@ -95,8 +95,8 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
         loop.add_signal_handler(signum, handler)
     try:
         await stop.wait()
-        log.info("stopping: no new connections; draining for at most %.1fs", args.drain_timeout)
         server.stop_accepting()
+        log.info("stopping: no new connections; draining for at most %.1fs", args.drain_timeout)
         await server.close(drain_timeout=args.drain_timeout)
     finally:
         for signum, _ in handlers:

@@ -1181,3 +1181,53 @@ async def test_garbage_resets_and_stalls_leak_nothing() -> None:
             while _open_fds("socket:") > baseline or server.active_connections:
                 await asyncio.sleep(0.05)
     assert _open_fds() == before_server
+
+
+async def test_max_connections_pauses_accepting() -> None:
+    """Limits: at max_connections the server stops accepting; the kernel backlog holds the
+    next client, which is served as soon as a slot frees."""
+    async with Sink() as sink, running_server(make_config(server={"max_connections": 2})) as server:
+        proxy = server.addresses[0]
+        held = [await exchange(proxy, connect(sink.address)) for _ in range(2)]
+        waiting = await RawClient.connect(proxy)  # completes in the kernel's backlog
+        await waiting.send(connect(sink.address))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(waiting.reader.read(1), 0.3)
+        await held[0][0].close()
+        assert (await waiting.auth_reply()).type == AuthReplyType.SUCCESS
+        assert (await waiting.operation_reply()).reply_code == ReplyCode.SUCCESS
+        await echo_roundtrip(waiting)
+        await waiting.close()
+        await held[1][0].close()
+
+
+async def test_idle_relay_closed() -> None:
+    """Limits: a relayed connection silent both ways for the idle timeout is closed."""
+    async with Sink() as sink, running_server(make_config(server={"idle_timeout": 0.4})) as server:
+        client, _, _ = await exchange(server.addresses[0], connect(sink.address))
+        await echo_roundtrip(client)
+        assert await client.read_until_eof(timeout=5) == b""
+        await client.close()
+        assert (await record_for(server, client)).relay_end == "idle_timeout"
+
+
+def test_under_uvloop(tmp_path: Path) -> None:
+    """The server on uvloop (what ``socks6fast serve`` uses): CONNECT with false start and
+    stack options, BIND, SOCKS 5, TLS and the garbage/fd test, on a uvloop event loop."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenarios() -> None:
+        await test_false_start_data_relayed_in_order()
+        await test_tos_ttl_applied_on_remote_leg("127.0.0.1")
+        await test_multipath(True)
+        await test_bind_two_replies_then_data()
+        await test_bind_listen_backlog_in_session()
+        await test_socks5_connect_with_and_without_auth()
+        await test_socks_over_tls(tmp_path)
+        await test_slow_username_password_with_initial_data("wonderland", True)
+        await test_happy_eyeballs_only_for_domain_names()
+        await test_garbage_resets_and_stalls_leak_nothing()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert isinstance(runner.get_loop(), uvloop.Loop)
+        runner.run(scenarios())

@@ -44,9 +44,9 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, cast
 
 from ..auth import UserStore
 from ..config import Config
@@ -106,6 +106,7 @@ from ..socks5 import (
     encode_userpass_reply,
 )
 from ..stackopts import (
+    IPPROTO_MPTCP,
     AppliedLeg,
     apply_leg_options,
     echo_stack_options,
@@ -342,8 +343,8 @@ class _TLSProtocol(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport: no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -429,13 +430,9 @@ class _TLSStream(_ClientStream):
             remote.close()
             transport.abort()
             raise
-        assert isinstance(remote_transport, asyncio.Transport)
         if client_eof or self._proto.eof:
-            # The relay cannot see an EOF our protocol already consumed: pass it on.
-            to_remote_eof = True
-        else:
-            to_remote_eof = False
-        if to_remote_eof:
+            # Our protocol already consumed the client's EOF, which the relay's protocol will
+            # never see: deliver the early bytes and the EOF to the remote host ourselves.
             if to_remote:
                 remote_transport.write(to_remote)
                 to_remote = b""
@@ -448,8 +445,7 @@ class _PausedProtocol(asyncio.Protocol):
     """Placeholder protocol of a remote transport until the relay takes it over."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
+        cast(asyncio.Transport, transport).pause_reading()
 
 
 # --- BIND listeners kept by sessions (CMD-05) ----------------------------------------
@@ -514,7 +510,6 @@ class _Remote:
     tfo_attempted: bool
     syn_sent: int
     """Bytes of the payload accepted by the socket during connect (TFO)."""
-    extra_options: tuple[Option, ...] = field(default=())
 
 
 class _ConnectFailed(Exception):
@@ -872,6 +867,7 @@ class Server:
     async def _serve(self, stream: _ClientStream, record: ConnectionRecord) -> None:
         loop = asyncio.get_running_loop()
         timeout = self._config.server.handshake_timeout
+        started = loop.time()  # one handshake deadline from here on, whatever the protocol
         try:
             async with asyncio.timeout(timeout):
                 first = await stream.recv()
@@ -882,7 +878,7 @@ class Server:
             return
         if detect_protocol(first[0]) is Protocol.SOCKS5:
             record.protocol = "socks5"
-            conn5 = Socks5ServerConnection(handshake_timeout=timeout, now=loop.time())
+            conn5 = Socks5ServerConnection(handshake_timeout=timeout, now=started)
             conn5.receive_data(first)
             await self._serve_socks5(stream, conn5, record)
             return
@@ -890,7 +886,7 @@ class Server:
         conn = ServerConnection(
             max_options_length=self._config.server.max_options_length,
             handshake_timeout=timeout,
-            now=loop.time(),
+            now=started,
         )
         conn.receive_data(first)
         try:
@@ -1497,7 +1493,7 @@ class Server:
         await stream.send(conn.send(first))
         record.reply_code = ReplyCode.SUCCESS
         peer, peer_addr = await self._wait_for_peer(stream, conn, listener.queue.get())
-        is_mptcp = listener.sock.proto == socket.IPPROTO_TCP + 256  # IPPROTO_MPTCP
+        is_mptcp = listener.sock.proto == IPPROTO_MPTCP
         await self._bind_second_reply(stream, conn, peer, peer_addr, plan, is_mptcp, session, record)
 
     async def _bind_second_reply(
@@ -1666,14 +1662,18 @@ class Server:
 # --- helpers ---------------------------------------------------------------------------
 
 
+_Attempt = Callable[[], Coroutine[Any, Any, _Remote]]
+"""One connection attempt to one resolved address, not started yet."""
+
+
 def _bind_attempt(
-    attempt: Callable[[int, tuple[Any, ...], StackPlan, bool, bytes], Awaitable[_Remote]],
+    attempt: Callable[[int, tuple[Any, ...], StackPlan, bool, bytes], Coroutine[Any, Any, _Remote]],
     family: int,
     sockaddr: tuple[Any, ...],
     plan: StackPlan,
     multipath: bool,
     tfo_payload: bytes,
-) -> Callable[[], Awaitable[_Remote]]:
+) -> _Attempt:
     return lambda: attempt(family, sockaddr, plan, multipath, tfo_payload)
 
 
@@ -1692,7 +1692,7 @@ def _interleave(targets: list[tuple[int, tuple[Any, ...]]]) -> list[tuple[int, t
     return out
 
 
-async def _one_by_one(attempts: list[Callable[[], Awaitable[_Remote]]]) -> _Remote:
+async def _one_by_one(attempts: list[_Attempt]) -> _Remote:
     last: BaseException | None = None
     for attempt in attempts:
         try:
@@ -1702,9 +1702,7 @@ async def _one_by_one(attempts: list[Callable[[], Awaitable[_Remote]]]) -> _Remo
     raise last if last is not None else OSError(errno.EHOSTUNREACH, "no address to connect to")
 
 
-async def _happy_eyeballs(
-    loop: asyncio.AbstractEventLoop, attempts: list[Callable[[], Awaitable[_Remote]]], delay: float
-) -> _Remote:
+async def _happy_eyeballs(loop: asyncio.AbstractEventLoop, attempts: list[_Attempt], delay: float) -> _Remote:
     """RFC 8305 section 5: start one attempt, then the next after ``delay`` or as soon as
     the previous one failed; the first connection wins and every other one is closed."""
     pending: set[asyncio.Task[_Remote]] = set()
@@ -1714,7 +1712,7 @@ async def _happy_eyeballs(
     try:
         while winner is None:
             if index < len(attempts):
-                pending.add(loop.create_task(attempts[index]()))  # type: ignore[arg-type]
+                pending.add(loop.create_task(attempts[index]()))
                 index += 1
             if not pending:
                 break
