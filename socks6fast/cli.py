@@ -22,6 +22,7 @@ import asyncio
 import getpass
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 
@@ -80,11 +81,11 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
             log.info("SIGHUP: no --config file to reload")
             return
         try:
-            new = _load(args)
+            server.reload(_load(args))
         except _Fail as exc:
             log.error("SIGHUP: configuration not reloaded: %s", exc)
-            return
-        server.reload(new)
+        except (OSError, ssl.SSLError, ValueError) as exc:  # e.g. an unreadable new certificate
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
 
     handlers: list[tuple[signal.Signals, Callable[[], None]]] = [
         (signal.SIGTERM, stop.set),

@@ -40,6 +40,7 @@ from helpers_server import (
 )
 
 from socks6fast import codec
+from socks6fast.asyncio import client as s6client
 from socks6fast.constants import (
     AddressType,
     AuthMethod,
@@ -1231,3 +1232,26 @@ def test_under_uvloop(tmp_path: Path) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert isinstance(runner.get_loop(), uvloop.Loop)
         runner.run(scenarios())
+
+
+async def test_client_library_through_the_server(tmp_path: Path) -> None:
+    """The project's own client (socks6fast.asyncio.open_connection) against this server:
+    0-RTT username/password with initial data, plain and over TLS (TRN-03)."""
+    certs = make_certificates(tmp_path)
+    config = make_config(
+        users=USERS,
+        server={"tls_listen": ["127.0.0.1:0"], "tls_certificate": str(certs.cert), "tls_key": str(certs.key)},
+    )
+    async with Sink() as sink, running_server(config) as server:
+        plain = "socks6://alice:wonderland@{}:{}".format(*server.addresses[0])
+        tls = f"socks6+tls://alice:wonderland@localhost:{server.tls_addresses[0][1]}"
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        for url, proxy_ssl in ((plain, None), (tls, context)):
+            reader, writer = await s6client.open_connection(
+                url, *sink.address, initial_data=b"hello", proxy_ssl=proxy_ssl
+            )
+            assert await reader.readexactly(5) == b"hello"
+            writer.write(b" world")
+            assert await reader.readexactly(6) == b" world"
+            writer.close()
+            await writer.wait_closed()
