@@ -190,3 +190,18 @@ USERPASS_VERSION = 1
 MAX_USERPASS_LENGTH = 255
 #: NMETHODS is one byte: a SOCKS 5 greeting lists at most 255 methods.
 MAX_SOCKS5_METHODS = 255
+
+
+class RelayEnd(IntEnum):
+    """Why a relayed connection ended (the data plane's report, socks6fast.relay)."""
+
+    #: Both directions finished normally: EOF forwarded each way.
+    EOF = 0
+    #: A leg was reset (ECONNRESET / EPIPE); the other leg is reset too.
+    RESET = 1
+    #: No byte moved either way for the idle timeout.
+    IDLE_TIMEOUT = 2
+    #: Any other error (no pipe available, unexpected errno); both legs are reset.
+    ERROR = 3
+    #: Ended by the proxy: engine/relayer closed or the relay cancelled.
+    SHUTDOWN = 4

@@ -1,0 +1,516 @@
+"""The one place the proxy hands a relayed connection to the data plane.
+
+Strategy: once a CONNECT or BIND succeeded, the server calls
+:meth:`Relayer.relay_sockets` (plain sockets) or :meth:`Relayer.relay_transports`
+(e.g. a TLS client leg the kernel cannot splice) and awaits a
+:class:`~socks6fast.relay.RelayResult`.
+
+* "splice" path: on Linux with the compiled extension, sockets go to the C
+  :class:`~socks6fast.relay.RelayEngine` (worker threads, splice(2), no GIL). The
+  engine's eventfd is watched with ``loop.add_reader``; each finished pair resolves
+  the future its ``relay_sockets`` call awaits.
+* "asyncio" path: elsewhere, and always for ``relay_transports``, two
+  :class:`asyncio.Protocol` legs forward ``data_received`` chunks to the other
+  transport. Backpressure is real: when a destination's write buffer passes the
+  high-water mark (``buffer_size``) its ``pause_writing`` pauses reading on the
+  source, and ``resume_writing`` resumes it. Works on plain asyncio and uvloop.
+
+Half-close on the asyncio path: EOF from one leg becomes ``write_eof()`` on the
+other, and the relay ends once both directions saw EOF. TLS transports cannot
+half-close (``can_write_eof()`` is False and an SSL transport closes itself after
+EOF), so when either leg of a pair is TLS, an EOF from either side closes both legs
+once the data already forwarded is flushed (``transport.close()`` flushes first);
+bytes the other side sends after that point are not relayed.
+
+Resets: a leg lost with ConnectionResetError / BrokenPipeError ends the pair with
+``RelayEnd.RESET`` and the other leg is aborted with SO_LINGER 0, so its peer sees a
+reset too (a clean FIN would make a truncated transfer look complete); other
+errors end it with ``RelayEnd.ERROR`` the same way. Byte counts are the bytes handed
+to the destination transport minus what was still in its write buffer when it was
+aborted; after a reset the kernel may still have dropped a tail of them.
+
+Cancelling a ``relay_*`` call (server shutdown) closes both legs (reason SHUTDOWN)
+and re-raises CancelledError. :meth:`Relayer.close` ends every relay; their calls
+return results with ``RelayEnd.SHUTDOWN``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import struct
+from typing import cast
+
+from ..constants import RelayEnd
+from ..relay import ENGINE_AVAILABLE, PATH_ASYNCIO, PATH_SPLICE, RelayEngine, RelayPath, RelayResult
+
+#: Default seconds without a byte either way before a relayed connection is closed.
+DEFAULT_IDLE_TIMEOUT = 300.0
+#: Default write high-water mark of the asyncio path (bytes per leg).
+DEFAULT_BUFFER_SIZE = 256 * 1024
+#: Default splice pipe capacity of the engine (bytes).
+DEFAULT_PIPE_SIZE = 1 << 20
+
+# Exceptions that mean "the peer reset the connection" rather than a local error.
+_RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+# struct linger {l_onoff=1, l_linger=0}: close() sends RST.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _set_reset_on_close(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:  # already dead: nothing to reset
+        pass
+
+
+class _Leg(asyncio.Protocol):
+    """One transport of an asyncio-path relay; forwards what it reads to the other leg."""
+
+    def __init__(self, relay: _PairRelay) -> None:
+        self.relay = relay
+        self.peer: _Leg = self
+        self.transport: asyncio.Transport | None = None
+        self.pending: list[bytes] = []  # read before the relay started
+        self.eof = False  # our transport's reader saw EOF
+        self.lost = False
+        self.throttled = False  # reading paused: the other leg's write buffer is full
+        self.forwarded = 0  # bytes handed to the other leg's transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.relay.attach(self, cast(asyncio.Transport, transport))
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.on_data(self, data)
+
+    def eof_received(self) -> bool:
+        return self.relay.on_eof(self)
+
+    def pause_writing(self) -> None:
+        # Our write buffer passed the high-water mark: stop reading the source feeding it.
+        self.peer.throttled = True
+        self.relay.pause(self.peer)
+
+    def resume_writing(self) -> None:
+        self.peer.throttled = False
+        self.relay.maybe_resume(self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.on_lost(self, exc)
+
+
+class _PairRelay:
+    """State of one asyncio-path relay: two legs, flow control, idle timer, result."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float, buffer_size: int) -> None:
+        self._loop = loop
+        self._idle_timeout = idle_timeout
+        self._buffer_size = buffer_size
+        self.client = _Leg(self)
+        self.remote = _Leg(self)
+        self.client.peer = self.remote
+        self.remote.peer = self.client
+        self.started = False
+        self.end: RelayEnd | None = None
+        self.done: asyncio.Future[RelayResult] = loop.create_future()
+        self._last = loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- leg callbacks -------------------------------------------------------------
+
+    def attach(self, leg: _Leg, transport: asyncio.Transport) -> None:
+        leg.transport = transport
+        transport.set_write_buffer_limits(high=self._buffer_size, low=self._buffer_size // 4)
+
+    def on_data(self, leg: _Leg, data: bytes) -> None:
+        if not self.started:
+            # The other leg is not there yet (relay_sockets builds them one by one).
+            leg.pending.append(data)
+            self.pause(leg)
+            return
+        self._last = self._loop.time()
+        self._send(leg, data)
+
+    def on_eof(self, leg: _Leg) -> bool:
+        leg.eof = True
+        if not self.started:
+            return True  # plain sockets only before start(); start() forwards it
+        return self._forward_eof(leg)
+
+    def on_lost(self, leg: _Leg, exc: Exception | None) -> None:
+        leg.lost = True
+        if exc is not None and self.end is None:
+            self.end = RelayEnd.RESET if isinstance(exc, _RESET_ERRORS) else RelayEnd.ERROR
+        if self.started:
+            self._after_lost(leg, exc is not None)
+        self._maybe_finish()
+
+    # -- relay logic ---------------------------------------------------------------
+
+    def start(self, to_remote: bytes, to_client: bytes) -> None:
+        """Wire the legs together once both transports exist."""
+        self.started = True
+        self._last = self._loop.time()
+        if self._idle_timeout > 0:
+            self._timer = self._loop.call_at(self._last + self._idle_timeout, self._check_idle)
+        # Control-plane leftovers first, then anything read before start, in order.
+        if to_remote:
+            self._send(self.client, to_remote)
+        if to_client:
+            self._send(self.remote, to_client)
+        for leg in (self.client, self.remote):
+            for chunk in leg.pending:
+                self._send(leg, chunk)
+            leg.pending.clear()
+        for leg in (self.client, self.remote):
+            if leg.lost:
+                self._after_lost(leg, self.end is not None)
+        for leg in (self.client, self.remote):
+            if leg.eof and not leg.lost and not self._forward_eof(leg) and leg.transport is not None:
+                # eof_received() already returned True for it: closing is ours now.
+                leg.transport.close()
+        for leg in (self.client, self.remote):
+            self.maybe_resume(leg)
+        self._maybe_finish()
+
+    def _send(self, leg: _Leg, data: bytes) -> None:
+        dst = leg.peer.transport
+        if dst is None or leg.peer.lost or dst.is_closing():
+            return  # the relay is ending; nothing can be delivered any more
+        dst.write(data)
+        leg.forwarded += len(data)
+
+    def _forward_eof(self, leg: _Leg) -> bool:
+        """Direction leg -> peer got EOF. Returns eof_received()'s keep-open answer."""
+        src = leg.transport
+        dst = leg.peer.transport
+        if src is None or dst is None:
+            return False
+        half_close = src.can_write_eof() and dst.can_write_eof()
+        if leg.peer.eof or leg.peer.lost or not half_close:
+            # Both directions finished, or a TLS leg that cannot half-close: close both;
+            # close() sends what is buffered first.
+            self._close_leg(leg.peer)
+            if not src.can_write_eof():
+                return False  # an SSL transport closes itself (True only draws a warning)
+            self._close_leg(leg)
+            return True
+        if not dst.is_closing():
+            dst.write_eof()  # sent once the write buffer is flushed
+        return True
+
+    def _after_lost(self, leg: _Leg, by_error: bool) -> None:
+        peer = leg.peer
+        if peer.lost or peer.transport is None:
+            return
+        if by_error:
+            self._abort_leg(peer, reset=True)
+        else:
+            # Closed cleanly (e.g. a TLS leg after EOF): deliver what we forwarded, then close.
+            self._close_leg(peer)
+
+    def _close_leg(self, leg: _Leg) -> None:
+        if leg.transport is not None and not leg.lost and not leg.transport.is_closing():
+            leg.transport.close()
+
+    def _abort_leg(self, leg: _Leg, *, reset: bool) -> None:
+        transport = leg.transport
+        if transport is None or leg.lost:
+            return
+        # Bytes still in our write buffer will never reach the peer: don't count them.
+        leg.peer.forwarded -= transport.get_write_buffer_size()
+        if reset:
+            _set_reset_on_close(transport)
+        transport.abort()
+
+    def pause(self, leg: _Leg) -> None:
+        if leg.transport is not None and not leg.lost and not leg.transport.is_closing():
+            leg.transport.pause_reading()
+
+    def maybe_resume(self, leg: _Leg) -> None:
+        transport = leg.transport
+        if (
+            self.started
+            and transport is not None
+            and not (leg.eof or leg.lost or leg.throttled)
+            and not transport.is_closing()
+        ):
+            transport.resume_reading()
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        deadline = self._last + self._idle_timeout
+        if self._loop.time() >= deadline:
+            self.abort(RelayEnd.IDLE_TIMEOUT)
+        else:
+            self._timer = self._loop.call_at(deadline, self._check_idle)
+
+    def abort(self, reason: RelayEnd) -> None:
+        """End the relay now: both legs closed without flushing."""
+        if self.end is None:
+            self.end = reason
+        for leg in (self.client, self.remote):
+            self._abort_leg(leg, reset=False)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.done.done():
+            return
+        if not (self.client.lost and self.remote.lost):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.done.set_result(
+            RelayResult(
+                bytes_client_to_remote=self.client.forwarded,
+                bytes_remote_to_client=self.remote.forwarded,
+                end=self.end if self.end is not None else RelayEnd.EOF,
+                path=PATH_ASYNCIO,
+            )
+        )
+
+
+class Relayer:
+    """Hands relayed connections to the data plane and reports how each one ended.
+
+    Args:
+        loop: the event loop the server runs on (asyncio or uvloop).
+        use_engine: True requires the C splice engine, False forces the asyncio path,
+            None (default) uses the engine when :data:`socks6fast.relay.ENGINE_AVAILABLE`.
+        workers: engine worker threads; 0 = one per usable CPU.
+        idle_timeout: seconds without a byte either way before a connection is closed
+            (``RelayEnd.IDLE_TIMEOUT``); 0 disables it.
+        buffer_size: write high-water mark per leg on the asyncio path.
+        pipe_size: splice pipe capacity requested by the engine.
+
+    Raises:
+        RuntimeError: ``use_engine=True`` but the engine is not available.
+        OSError: the engine could not start its threads.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        use_engine: bool | None = None,
+        workers: int = 0,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        pipe_size: int = DEFAULT_PIPE_SIZE,
+    ) -> None:
+        if idle_timeout < 0:
+            raise ValueError(f"idle_timeout must be >= 0, got {idle_timeout}")
+        if buffer_size < 1024:
+            raise ValueError(f"buffer_size must be >= 1024, got {buffer_size}")
+        if use_engine is None:
+            use_engine = ENGINE_AVAILABLE
+        if use_engine and RelayEngine is None:
+            raise RuntimeError("the splice relay engine is not available (not Linux, or no extensions)")
+        self._loop = loop
+        self._idle_timeout = idle_timeout
+        self._buffer_size = buffer_size
+        self._closed = False
+        self._idents = itertools.count(1)
+        # ident -> (future, bytes sent to remote before the engine took over, ... to client)
+        self._waiters: dict[int, tuple[asyncio.Future[RelayResult], int, int]] = {}
+        self._relays: set[_PairRelay] = set()
+        self._engine = (
+            RelayEngine(workers=workers, idle_timeout=idle_timeout, pipe_size=pipe_size)
+            if use_engine and RelayEngine is not None
+            else None
+        )
+        if self._engine is not None:
+            loop.add_reader(self._engine.fileno(), self._on_engine_done)
+
+    @property
+    def path(self) -> RelayPath:
+        """Where ``relay_sockets`` sends connections: "splice" (C engine) or "asyncio"."""
+        return PATH_SPLICE if self._engine is not None else PATH_ASYNCIO
+
+    @property
+    def active(self) -> int:
+        """Connections currently relayed, both paths together."""
+        return len(self._waiters) + len(self._relays)
+
+    async def relay_sockets(
+        self,
+        client: socket.socket,
+        remote: socket.socket,
+        *,
+        to_remote: bytes = b"",
+        to_client: bytes = b"",
+    ) -> RelayResult:
+        """Relay between two connected stream sockets until the connection ends.
+
+        Takes ownership of both sockets: they are closed when this returns or raises.
+
+        Args:
+            client: the client leg.
+            remote: the remote (destination or BIND peer) leg.
+            to_remote: bytes the control plane already read from the client (e.g. data
+                sent right after the Request, draft-11 section "Requests"); sent to the
+                remote before anything else and counted in ``bytes_client_to_remote``.
+            to_client: likewise, bytes already read from the remote.
+
+        Returns:
+            The byte counts and the reason the relay ended.
+
+        Raises:
+            RuntimeError: the relayer is closed.
+            asyncio.CancelledError: cancelled; both legs are closed.
+        """
+        if self._closed:
+            client.close()
+            remote.close()
+            raise RuntimeError("Relayer is closed")
+        if self._engine is None:
+            return await self._relay_sockets_asyncio(client, remote, to_remote, to_client)
+        try:
+            client.setblocking(False)
+            remote.setblocking(False)
+            if to_remote:
+                await self._loop.sock_sendall(remote, to_remote)
+            if to_client:
+                await self._loop.sock_sendall(client, to_client)
+            if self._closed:
+                raise RuntimeError("Relayer is closed")
+        except BaseException:
+            client.close()
+            remote.close()
+            raise
+        ident = next(self._idents)
+        fd_client = client.detach()
+        fd_remote = remote.detach()
+        try:
+            self._engine.add(fd_client, fd_remote, ident)
+        except BaseException:
+            # add() failed: the fds are still ours.
+            socket.close(fd_client)
+            socket.close(fd_remote)
+            raise
+        future: asyncio.Future[RelayResult] = self._loop.create_future()
+        self._waiters[ident] = (future, len(to_remote), len(to_client))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._waiters.pop(ident, None) is not None and self._engine is not None:
+                self._engine.cancel(ident)  # the worker closes both sockets
+            raise
+
+    async def _relay_sockets_asyncio(
+        self, client: socket.socket, remote: socket.socket, to_remote: bytes, to_client: bytes
+    ) -> RelayResult:
+        relay = _PairRelay(self._loop, self._idle_timeout, self._buffer_size)
+        try:
+            await self._loop.connect_accepted_socket(lambda: relay.client, client)
+        except BaseException:
+            client.close()
+            remote.close()
+            raise
+        try:
+            await self._loop.connect_accepted_socket(lambda: relay.remote, remote)
+        except BaseException:
+            remote.close()
+            relay.abort(RelayEnd.SHUTDOWN)
+            raise
+        return await self._run(relay, to_remote, to_client)
+
+    async def relay_transports(
+        self,
+        client_transport: asyncio.Transport,
+        remote_transport: asyncio.Transport,
+        *,
+        to_remote: bytes = b"",
+        to_client: bytes = b"",
+    ) -> RelayResult:
+        """Relay between two open asyncio transports (always the asyncio path).
+
+        Use it for legs the kernel cannot splice, such as a TLS client leg. Takes the
+        transports over with ``transport.set_protocol()``; they are closed when this
+        returns or raises. Bytes the previous protocols already read are the caller's
+        to pass as ``to_remote`` / ``to_client``.
+
+        Args:
+            client_transport: the client leg (may be TLS).
+            remote_transport: the remote leg (may be TLS).
+            to_remote: bytes already read from the client, sent to the remote first.
+            to_client: bytes already read from the remote, sent to the client first.
+
+        Returns:
+            The byte counts and the reason the relay ended (``path == "asyncio"``).
+
+        Raises:
+            RuntimeError: the relayer is closed.
+            asyncio.CancelledError: cancelled; both legs are closed.
+        """
+        if self._closed:
+            client_transport.abort()
+            remote_transport.abort()
+            raise RuntimeError("Relayer is closed")
+        relay = _PairRelay(self._loop, self._idle_timeout, self._buffer_size)
+        for leg, transport in ((relay.client, client_transport), (relay.remote, remote_transport)):
+            relay.attach(leg, transport)
+            transport.set_protocol(leg)
+        return await self._run(relay, to_remote, to_client)
+
+    async def _run(self, relay: _PairRelay, to_remote: bytes, to_client: bytes) -> RelayResult:
+        self._relays.add(relay)
+        try:
+            if self._closed:
+                relay.abort(RelayEnd.SHUTDOWN)
+            else:
+                relay.start(to_remote, to_client)
+            return await asyncio.shield(relay.done)
+        except asyncio.CancelledError:
+            relay.abort(RelayEnd.SHUTDOWN)
+            raise
+        finally:
+            self._relays.discard(relay)
+
+    def _on_engine_done(self) -> None:
+        if self._engine is None:
+            return
+        for ident, a_to_b, b_to_a, end in self._engine.drain():
+            self._resolve(ident, a_to_b, b_to_a, end)
+
+    def _resolve(self, ident: int, a_to_b: int, b_to_a: int, end: RelayEnd) -> None:
+        entry = self._waiters.pop(ident, None)
+        if entry is None:
+            return  # cancelled meanwhile
+        future, extra_to_remote, extra_to_client = entry
+        if not future.done():
+            future.set_result(
+                RelayResult(
+                    bytes_client_to_remote=a_to_b + extra_to_remote,
+                    bytes_remote_to_client=b_to_a + extra_to_client,
+                    end=end,
+                    path=PATH_SPLICE,
+                )
+            )
+
+    async def close(self) -> None:
+        """End every relay (``RelayEnd.SHUTDOWN``), stop the engine, release its fds.
+
+        Pending ``relay_*`` calls return their results. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        relays = list(self._relays)
+        for relay in relays:
+            relay.abort(RelayEnd.SHUTDOWN)
+        engine = self._engine
+        if engine is not None:
+            self._loop.remove_reader(engine.fileno())
+            # Joins the worker threads (milliseconds); they close every pair first.
+            engine.close()
+            for ident, a_to_b, b_to_a, end in engine.drain():
+                self._resolve(ident, a_to_b, b_to_a, end)
+        if relays:
+            # Aborted transports report connection_lost on the next loop iterations.
+            await asyncio.wait([r.done for r in relays], timeout=5.0)

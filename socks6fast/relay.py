@@ -1,0 +1,79 @@
+"""Data plane selector: the C splice engine when available, else the asyncio path.
+
+Strategy: once a CONNECT or BIND succeeded, the control plane hands both sockets to
+the data plane (:class:`socks6fast.asyncio.relay.Relayer`) and forgets them. On
+Linux, the compiled :class:`RelayEngine` (``socks6fast._relay_c``) relays them in C
+worker threads with splice(2), outside the GIL; elsewhere, or with
+``SOCKS6FAST_NO_EXTENSIONS=1``, the Relayer falls back to asyncio protocols.
+
+The engine's Python API (documented in full in ``_relay_c.pyx``)::
+
+    engine = RelayEngine(workers=0, idle_timeout=0.0, pipe_size=1 << 20)
+    engine.fileno() -> int          # readable while finished pairs wait in drain()
+    engine.add(fd_a, fd_b, ident)   # takes ownership of both fds
+    engine.cancel(ident)            # end one pair now (RelayEnd.SHUTDOWN)
+    engine.drain() -> list[tuple[int, int, int, RelayEnd]]  # ident, a->b, b->a, why
+    engine.active -> int
+    engine.close()                  # idempotent; ends every pair (SHUTDOWN)
+
+This module imports neither asyncio nor socket.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from .constants import RelayEnd
+
+if TYPE_CHECKING:
+    from ._relay_c import RelayEngine as _RelayEngineType
+
+NO_EXTENSIONS = bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS")) or sys.implementation.name != "cpython"
+
+#: The splice engine class, or None where it cannot run (not Linux, no extensions).
+RelayEngine: type[_RelayEngineType] | None = None
+
+if not NO_EXTENSIONS and sys.platform.startswith("linux"):
+    try:
+        from ._relay_c import RelayEngine as _LoadedEngine
+    except ImportError:  # pragma: no cover - a broken build; test_relay.py flags it
+        pass
+    else:
+        RelayEngine = _LoadedEngine
+
+#: True when relayed sockets go through the C splice engine.
+ENGINE_AVAILABLE = RelayEngine is not None
+
+#: Which data path relayed a connection: the C engine or asyncio protocols.
+RelayPath = Literal["splice", "asyncio"]
+PATH_SPLICE: RelayPath = "splice"
+PATH_ASYNCIO: RelayPath = "asyncio"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    """What happened to one relayed connection once both legs were closed."""
+
+    #: Bytes delivered from the client leg to the remote leg.
+    bytes_client_to_remote: int
+    #: Bytes delivered from the remote leg to the client leg.
+    bytes_remote_to_client: int
+    #: Why the relay ended.
+    end: RelayEnd
+    #: "splice" (C engine) or "asyncio" (protocol fallback).
+    path: RelayPath
+
+
+__all__ = [
+    "ENGINE_AVAILABLE",
+    "NO_EXTENSIONS",
+    "PATH_ASYNCIO",
+    "PATH_SPLICE",
+    "RelayEnd",
+    "RelayEngine",
+    "RelayPath",
+    "RelayResult",
+]
