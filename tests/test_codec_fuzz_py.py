@@ -144,7 +144,7 @@ ip_addresses = st.one_of(
 )
 addresses = st.one_of(
     ip_addresses,
-    st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=70)
+    st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=70)
     .filter(lambda s: len(s.encode("utf-8")) <= 255)
     .map(lambda s: (AddressType.DOMAIN_NAME, s)),
 )
