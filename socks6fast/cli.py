@@ -20,11 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import importlib
+import importlib.util
 import logging
 import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .asyncio.server import Server
 from .auth import hash_password
@@ -174,11 +177,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     hashing = commands.add_parser("hash-password", help="print the scrypt hash of a password read from stdin")
     hashing.set_defaults(handler=_cmd_hash_password)
+
+    # Listed for --help only: main() hands `bench ...` to benchmarks/bench.py, which parses its own options.
+    bench = commands.add_parser(
+        "bench", add_help=False, help="benchmark against direct loopback, Dante and microsocks (benchmarks/)"
+    )
+    bench.set_defaults(handler=lambda args: run_bench([]))
     return parser
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    """``socks6fast bench``: run the benchmark suite of a source checkout (benchmarks/bench.py).
+
+    The suite is not part of the installed package; it is looked up next to the package
+    source, then in the current directory, and imported only now.
+    """
+    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        directory = base / "benchmarks"
+        if (directory / "bench.py").is_file() and (directory / "__init__.py").is_file():
+            break
+    else:
+        print("socks6fast: error: bench needs a source checkout (benchmarks/bench.py)", file=sys.stderr)
+        return EXIT_CONFIG
+    if "benchmarks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "benchmarks", directory / "__init__.py", submodule_search_locations=[str(directory)]
+        )
+        assert spec is not None and spec.loader is not None
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = package
+        spec.loader.exec_module(package)
+    status: int = importlib.import_module("benchmarks.bench").main(list(argv))
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["bench"]:
+        return run_bench(raw[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
