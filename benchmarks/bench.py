@@ -143,6 +143,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages: how busy the machine was besides this run."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 class Run:
     """One benchmark run: options, started systems, collected samples, progress output."""
 
@@ -181,6 +189,7 @@ class Run:
                 "command": "socks6fast bench " + " ".join(shlex.quote(a) for a in args.argv),
                 "profile": args.profile,
                 "machine": machine_info(),
+                "loadavg_start": loadavg(),
             },
             "options": {
                 "rounds": args.rounds,
@@ -211,6 +220,7 @@ class Run:
                 self.bulk(lg, procs, streams)
         self.results["targets"] = _report.targets(self.results)
         self.results["meta"]["elapsed_s"] = round(time.monotonic() - t_begin, 1)
+        self.results["meta"]["loadavg_end"] = loadavg()
         return self.results
 
     # -------------------------------------------------------------- tests
