@@ -672,7 +672,7 @@ def test_message_vector_byte_by_byte_req07(codec: CodecAPI, vector: Vector) -> N
 
 @pytest.mark.parametrize("vector", MESSAGE_VECTORS, ids=[v.name for v in MESSAGE_VECTORS])
 def test_message_vector_needed_never_overshoots_req07(codec: CodecAPI, vector: Vector) -> None:
-    """A reader that reads exactly ``needed`` more bytes each time lands on the end, never past it."""
+    """REQ-07: reading exactly ``needed`` more bytes each time lands on the end, never past it."""
     data = h(vector.wire)
     decode = _decoder(codec, vector.kind)
     n = 0
@@ -710,6 +710,7 @@ def test_two_messages_back_to_back(codec: CodecAPI) -> None:
 
 
 def test_version_mismatch_reply_req01(codec: CodecAPI) -> None:
+    """REQ-01: the Version Mismatch Reply is exactly one byte, 6."""
     assert codec.encode_version_mismatch() == b"\x06"
 
 
@@ -1150,6 +1151,7 @@ BAD_VECTORS = [
 
 @pytest.mark.parametrize("bad", BAD_VECTORS, ids=[b.name for b in BAD_VECTORS])
 def test_malformed_vector(codec: CodecAPI, bad: Bad) -> None:
+    """Malformed input: D2/REQ-09, D3, D6/REQ-03, D8/REQ-05, D12, D15 vectors among others."""
     data = h(bad.wire)
     assert len(data) >= bad.raise_at
     decode = _decoder(codec, bad.kind)
@@ -1255,6 +1257,7 @@ def test_d8_unknown_kinds_are_opaque_req06(codec: CodecAPI) -> None:
 
 
 def test_d8_unsupported_stack_options_are_opaque_req06(codec: CodecAPI) -> None:
+    """D8/REQ-06: Leg 0 or an undefined (Level, Code) decodes as UnknownStackOption."""
     # Level 2/3 (IPv4/IPv6) define no codes; Level 1 code 5, Level 4 code 4, Level 63
     for leg_level, code in ((0x82, 1), (0xC3, 1), (0x41, 5), (0x84, 4), (0xFF, 0xFF), (0x05, 2)):
         wire = h("0001 000c") + bytes([leg_level, code]) + b"\xaa" * 6
