@@ -636,10 +636,15 @@ class _Holder(asyncio.Protocol):
         self.transport.pause_reading()
 
 
+@pytest.mark.parametrize("remote_as", ["socket", "transport"])
 def test_relay_transports_tls_client_leg(
-    loop_factory: LoopFactory, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+    loop_factory: LoopFactory, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], remote_as: str
 ) -> None:
-    """TLS client leg: remote answers and closes; the TLS leg is closed after the answer."""
+    """TLS client leg, server-speaks-first remote (banner waiting before the hand-off).
+
+    The remote's banner must reach the client; the remote then answers and closes, and
+    the TLS leg (which cannot half-close) is closed after the answer is flushed.
+    """
     server_ctx, client_ctx = tls_contexts
 
     async def main() -> RelayResult:
@@ -656,17 +661,24 @@ def test_relay_transports_tls_client_leg(
         tls_client = await tls_client_fut
         tls_client.settimeout(TIMEOUT)
         proxy_remote, remote_end = tcp_pair()
-        remote_transport, remote_holder = await loop.connect_accepted_socket(_Holder, proxy_remote)
-        task = asyncio.ensure_future(
-            relayer.relay_transports(
-                client_transport,
-                remote_transport,
-                to_remote=holder.buffered,
-                to_client=remote_holder.buffered,
+        remote_end.sendall(b"220 hi\r\n")
+        await asyncio.sleep(0.05)  # the banner is waiting in proxy_remote before the hand-off
+        if remote_as == "socket":
+            task = asyncio.ensure_future(relayer.relay_transports(client_transport, proxy_remote))
+        else:
+            remote_transport, remote_holder = await loop.connect_accepted_socket(_Holder, proxy_remote)
+            await asyncio.sleep(0.05)
+            task = asyncio.ensure_future(
+                relayer.relay_transports(
+                    client_transport,
+                    remote_transport,
+                    to_remote=holder.buffered,
+                    to_client=remote_holder.buffered,
+                )
             )
-        )
 
         def scenario() -> bytes:
+            assert recv_exact(tls_client, 8) == b"220 hi\r\n"
             tls_client.sendall(b"GET /")
             assert recv_exact(remote_end, 5) == b"GET /"
             remote_end.sendall(b"200 OK")
@@ -684,7 +696,7 @@ def test_relay_transports_tls_client_leg(
         await relayer.close()
         return result
 
-    assert run(loop_factory, main()) == RelayResult(5, 6, RelayEnd.EOF, "asyncio")
+    assert run(loop_factory, main()) == RelayResult(5, 14, RelayEnd.EOF, "asyncio")
 
 
 def test_relay_transports_cancel_closes_legs(loop_factory: LoopFactory) -> None:

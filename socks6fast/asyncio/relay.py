@@ -81,6 +81,10 @@ class _Leg(asyncio.Protocol):
         self.throttled = False  # reading paused: the other leg's write buffer is full
         self.forwarded = 0  # bytes handed to the other leg's transport
 
+    def as_factory(self) -> _Leg:
+        """Protocol factory for ``loop.connect_accepted_socket`` that returns this leg."""
+        return self
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.relay.attach(self, cast(asyncio.Transport, transport))
 
@@ -138,7 +142,9 @@ class _PairRelay:
     def on_eof(self, leg: _Leg) -> bool:
         leg.eof = True
         if not self.started:
-            return True  # plain sockets only before start(); start() forwards it
+            # start() forwards it. Keep the transport open where it can half-close; an
+            # SSL transport closes itself whatever we answer (True only draws a warning).
+            return leg.transport is not None and leg.transport.can_write_eof()
         return self._forward_eof(leg)
 
     def on_lost(self, leg: _Leg, exc: Exception | None) -> None:
@@ -407,13 +413,13 @@ class Relayer:
     ) -> RelayResult:
         relay = _PairRelay(self._loop, self._idle_timeout, self._buffer_size)
         try:
-            await self._loop.connect_accepted_socket(lambda: relay.client, client)
+            await self._loop.connect_accepted_socket(relay.client.as_factory, client)
         except BaseException:
             client.close()
             remote.close()
             raise
         try:
-            await self._loop.connect_accepted_socket(lambda: relay.remote, remote)
+            await self._loop.connect_accepted_socket(relay.remote.as_factory, remote)
         except BaseException:
             remote.close()
             relay.abort(RelayEnd.SHUTDOWN)
@@ -422,8 +428,8 @@ class Relayer:
 
     async def relay_transports(
         self,
-        client_transport: asyncio.Transport,
-        remote_transport: asyncio.Transport,
+        client_transport: asyncio.Transport | socket.socket,
+        remote_transport: asyncio.Transport | socket.socket,
         *,
         to_remote: bytes = b"",
         to_client: bytes = b"",
@@ -435,9 +441,15 @@ class Relayer:
         returns or raises. Bytes the previous protocols already read are the caller's
         to pass as ``to_remote`` / ``to_client``.
 
+        Either leg may also be a connected socket (e.g. the remote leg next to a TLS
+        client leg): the relayer wraps it itself with its own protocol, which keeps
+        whatever arrives before the relay starts. Prefer that over wrapping it with a
+        placeholder protocol first: uvloop starts reading right after
+        ``connection_made()``, so a placeholder may see (and drop) early bytes.
+
         Args:
-            client_transport: the client leg (may be TLS).
-            remote_transport: the remote leg (may be TLS).
+            client_transport: the client leg (may be TLS), or its socket.
+            remote_transport: the remote leg (may be TLS), or its socket.
             to_remote: bytes already read from the client, sent to the remote first.
             to_client: bytes already read from the remote, sent to the client first.
 
@@ -448,14 +460,37 @@ class Relayer:
             RuntimeError: the relayer is closed.
             asyncio.CancelledError: cancelled; both legs are closed.
         """
+        legs_in = (client_transport, remote_transport)
         if self._closed:
-            client_transport.abort()
-            remote_transport.abort()
+            for item in legs_in:
+                if isinstance(item, socket.socket):
+                    item.close()
+                else:
+                    item.abort()
             raise RuntimeError("Relayer is closed")
         relay = _PairRelay(self._loop, self._idle_timeout, self._buffer_size)
-        for leg, transport in ((relay.client, client_transport), (relay.remote, remote_transport)):
-            relay.attach(leg, transport)
-            transport.set_protocol(leg)
+        pairs = ((relay.client, client_transport), (relay.remote, remote_transport))
+        # Sockets first: their legs buffer anything read before start(). The transports
+        # are switched over afterwards, with no await before start().
+        for i, (leg, item) in enumerate(pairs):
+            if not isinstance(item, socket.socket):
+                continue
+            try:
+                await self._loop.connect_accepted_socket(leg.as_factory, item)
+            except BaseException:
+                item.close()
+                relay.abort(RelayEnd.SHUTDOWN)
+                for _, other in pairs[i + 1 :]:
+                    if isinstance(other, socket.socket):
+                        other.close()
+                for _, other in pairs:
+                    if not isinstance(other, socket.socket):
+                        other.abort()
+                raise
+        for leg, item in pairs:
+            if not isinstance(item, socket.socket):
+                relay.attach(leg, item)
+                item.set_protocol(leg)
         return await self._run(relay, to_remote, to_client)
 
     async def _run(self, relay: _PairRelay, to_remote: bytes, to_client: bytes) -> RelayResult:
