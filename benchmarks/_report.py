@@ -351,8 +351,8 @@ def update_readme(readme: Path, res: Results, table: str) -> None:
         [
             README_BEGIN,
             f"Produced by `{meta['command']}` on {meta['date']}, {meta['machine']['summary']}; "
-            f"load average {meta['loadavg_start']} at the start, {meta['loadavg_end']} at the end "
-            f"(other work on the machine shows there); {meta['elapsed_s']:.0f} s.",
+            f"load average before the run {meta['loadavg_start']} (1, 5, 15 min: other work on this "
+            f"shared machine); the run took {meta['elapsed_s']:.0f} s.",
             "",
             table.rstrip(),
             README_END,
