@@ -31,6 +31,7 @@ return `VersionMismatch`, answered with `VersionMismatchReply` (the single byte 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -286,6 +287,8 @@ _IP_OPTION_NAMES: dict[type, str] = {
     TTLOption: "ttl",
     NoFragmentationOption: "no_fragmentation",
 }
+_STACK_TYPES = (IPTOSOption, TTLOption, NoFragmentationOption, *_REMOTE_ONLY)
+_NO_STACK_OPTIONS = StackPlan()
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +315,7 @@ class RequestOptions:
     """Requested token window size (Token Request), or None."""
     token: int | None = None
     """Token being spent (Idempotence Expenditure), or None."""
-    auth_data: dict[int, bytes] = field(default_factory=dict)
+    auth_data: Mapping[int, bytes] = field(default_factory=dict)
     """Authentication Data by method (first option per method; "MUST only place one")."""
 
 
@@ -323,6 +326,8 @@ def parse_request_options(request: Request) -> RequestOptions:
         RemoteProtocolError: contradictory or duplicate Stack options (D10).
     """
     options = request.options
+    if not options:
+        return _NO_OPTIONS  # the common case; RequestOptions is frozen, so one can be shared
     advert: AuthMethodAdvertisement | None = None
     auth_data: dict[int, bytes] = {}
     session_request = teardown = False
@@ -371,6 +376,9 @@ def parse_request_options(request: Request) -> RequestOptions:
         token=token,
         auth_data=auth_data,
     )
+
+
+_NO_OPTIONS = RequestOptions()
 
 
 def noop_address_ok(request: Request) -> bool:

@@ -258,12 +258,23 @@ class _ClientStream:
     """The client leg during the handshake: plain socket or TLS transport."""
 
     sock: socket.socket | None
+    _pending = b""  # replaced per instance by queue()
 
     async def recv(self) -> bytes:
         raise NotImplementedError
 
     async def send(self, data: bytes) -> None:
+        """Write ``data`` (after anything queued) and wait until it is handed to the kernel."""
         raise NotImplementedError
+
+    def queue(self, data: bytes) -> None:
+        """Hold ``data`` back; it leaves in front of the next `send`, in the same write."""
+        self._pending += data
+
+    def _take(self, data: bytes) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        return data
 
     def close(self) -> None:
         raise NotImplementedError
@@ -292,7 +303,7 @@ class _SocketStream(_ClientStream):
 
     async def send(self, data: bytes) -> None:
         assert self.sock is not None
-        await self._loop.sock_sendall(self.sock, data)
+        await self._loop.sock_sendall(self.sock, self._take(data))
 
     def close(self) -> None:
         if self._owned and self.sock is not None:
@@ -410,7 +421,7 @@ class _TLSStream(_ClientStream):
     async def send(self, data: bytes) -> None:
         if self._proto.lost:
             raise ConnectionResetError("TLS client connection lost")
-        self._transport.write(data)
+        self._transport.write(self._take(data))
         await self._proto.drain()
 
     def close(self) -> None:
@@ -1016,7 +1027,7 @@ class Server:
                 reply_options.append(IdempotenceAccepted())
             if session.window is not None:
                 reply_options.append(IdempotenceWindow(*session.window.current))
-            await stream.send(conn.send(AuthReply(AuthReplyType.SUCCESS, tuple(reply_options))))
+            await self._send_auth_success(stream, conn, options, tuple(reply_options))
             return _Authenticated(user=session.user, session=session)
 
         user: str | None = None
@@ -1079,8 +1090,23 @@ class Server:
                     store.request_window(new, options.token_request)
                 if new.window is not None:
                     reply_options.append(IdempotenceWindow(*new.window.current))
-        await stream.send(conn.send(AuthReply(AuthReplyType.SUCCESS, tuple(reply_options))))
+        await self._send_auth_success(stream, conn, options, tuple(reply_options))
         return result
+
+    @staticmethod
+    async def _send_auth_success(
+        stream: _ClientStream,
+        conn: ServerConnection,
+        options: RequestOptions,
+        reply_options: tuple[Option, ...],
+    ) -> None:
+        data = conn.send(AuthReply(AuthReplyType.SUCCESS, reply_options))
+        if options.advertised_methods is None and conn.their_state is State.DATA:
+            # Without an advertisement the client does not wait for this reply before sending
+            # data (section "False Starts"): it leaves with the Operation Reply, in one write.
+            stream.queue(data)
+        else:
+            await stream.send(data)
 
     # -- operations (SOCKS 6) ----------------------------------------------------------
 
@@ -1116,7 +1142,8 @@ class Server:
             await self._fail6(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record)  # CMD-06
             return
         if command == Command.NOOP:
-            reply = OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, "0.0.0.0", 0, extra)
+            echo = echo_stack_options(options.stack, client=client_applied)  # STK-01: client-leg options
+            reply = OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, "0.0.0.0", 0, echo + extra)
             await stream.send(conn.send(reply))
             record.reply_code = ReplyCode.SUCCESS
             await stream.linger_close()
