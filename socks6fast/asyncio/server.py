@@ -950,7 +950,7 @@ class Server:
         if not options.stack.client.empty and stream.sock is not None:
             client_applied = apply_leg_options(stream.sock, options.stack.client)
             record.client_options = client_applied
-        auth = await self._authenticate(stream, conn, request, options, record)
+        auth = await self._authenticate(stream, conn, options, record)
         if auth is None:
             await stream.linger_close()
             return
@@ -984,7 +984,6 @@ class Server:
         self,
         stream: _ClientStream,
         conn: ServerConnection,
-        request: Request,
         options: RequestOptions,
         record: ConnectionRecord,
     ) -> _Authenticated | None:
@@ -1010,18 +1009,16 @@ class Server:
                     record.error = "invalid session"
                     return None
         if session is not None:
+            assert store is not None
             # SES-02: inside a session no authentication is required; attempts are ignored.
             reply_options.append(SessionOK())
             if options.token_request is not None:
-                store_ = self._sessions
-                assert store_ is not None
-                store_.request_window(session, options.token_request)  # IDM-02: at most one
+                store.request_window(session, options.token_request)  # IDM-02: at most one
             if options.token is not None:
-                assert store is not None
                 # IDM-03: spent before the request is honoured; an ineligible token fails it.
                 if not store.spend(session, options.token):
-                    reject: list[Option] = [IdempotenceRejected()]
-                    await stream.send(conn.send(AuthReply(AuthReplyType.FAILURE, tuple(reject))))
+                    rejected = AuthReply(AuthReplyType.FAILURE, (IdempotenceRejected(),))
+                    await stream.send(conn.send(rejected))
                     record.error = "idempotence token rejected"
                     return None
                 reply_options.append(IdempotenceAccepted())
