@@ -166,11 +166,13 @@ class Sink:
 
     Args:
         host: "127.0.0.1" or "::1".
-        mode: "echo" (send back what arrives, half-close on EOF), "http" (answer one
-            HTTP/1.0 request with ``body``), or "hold" (read only).
+        mode: "echo" (send back what arrives, half-close on EOF), "banner" (send ``body``
+            as soon as the connection is accepted, before reading anything, then echo, as an
+            SMTP or SSH server greets first), "http" (answer one HTTP/1.0 request with
+            ``body``), or "hold" (read only).
         mptcp: listen with IPPROTO_MPTCP.
         tfo: accept TCP Fast Open.
-        body: the HTTP body in "http" mode.
+        body: the HTTP body in "http" mode, the greeting in "banner" mode.
     """
 
     def __init__(
@@ -229,6 +231,9 @@ class Sink:
         record = SinkConnection(peer=peer, mptcp=is_mptcp(conn), syn_data=syn_data(conn))
         self.connections.append(record)
         try:
+            if self.mode == "banner":
+                await loop.sock_sendall(conn, self.body)
+            echo = self.mode in ("echo", "banner")
             first = True
             while True:
                 try:
@@ -242,12 +247,12 @@ class Sink:
                     first = False
                 if not data:
                     record.eof.set()
-                    if self.mode == "echo":
+                    if echo:
                         with contextlib.suppress(OSError):
                             conn.shutdown(socket.SHUT_WR)
                     break
                 record.received += data
-                if self.mode == "echo":
+                if echo:
                     await loop.sock_sendall(conn, data)
                 elif self.mode == "http" and b"\r\n\r\n" in record.received:
                     head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(self.body)}\r\n\r\n".encode()

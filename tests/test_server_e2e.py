@@ -972,6 +972,47 @@ async def test_socks_over_tls(tmp_path: Path) -> None:
             )
 
 
+async def test_remote_banner_before_client_data(tmp_path: Path) -> None:
+    """CMD-01: a destination that speaks first (an SMTP or SSH greeting, sent the moment it
+    accepts) has its banner delivered intact, before the client sent any data: SOCKS 6 and
+    SOCKS 5 on the plain listener (splice engine and asyncio relay) and SOCKS 6 over TLS."""
+    banner = b"220 sink.test ESMTP ready\r\n" + bytes(range(256)) * 8
+    certs = make_certificates(tmp_path)
+    config = make_config(
+        server={"tls_listen": ["127.0.0.1:0"], "tls_certificate": str(certs.cert), "tls_key": str(certs.key)}
+    )
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    for engine in (None, False):
+        async with (
+            Sink(mode="banner", body=banner) as sink,
+            running_server(config, use_relay_engine=engine) as server,
+        ):
+            plain, tls = server.addresses[0], server.tls_addresses[0]
+            # SOCKS 6, plain listener.
+            client, _, reply = await exchange(plain, connect(sink.address))
+            assert reply.reply_code == ReplyCode.SUCCESS
+            assert await client.read_exactly(len(banner)) == banner
+            await echo_roundtrip(client)
+            await client.close()
+            # SOCKS 5, plain listener.
+            client = await RawClient.connect(plain)
+            await client.send(b"\x05\x01\x00" + socks5_connect(*sink.address))
+            assert await client.read_exactly(2) == b"\x05\x00"
+            assert (await client.read_exactly(10))[:2] == b"\x05\x00"
+            assert await client.read_exactly(len(banner)) == banner
+            await echo_roundtrip(client)
+            await client.close()
+            # SOCKS 6 over TLS (relay_transports with a socket leg).
+            client = await RawClient.connect(tls, ssl=context, server_hostname="localhost")
+            await client.send(connect(sink.address))
+            assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+            assert (await client.operation_reply()).reply_code == ReplyCode.SUCCESS
+            assert await client.read_exactly(len(banner)) == banner
+            await echo_roundtrip(client)
+            await client.close()
+            assert [bytes(c.received) for c in sink.connections] == [b"ping"] * 3
+
+
 # --- SOCKS 5 path (RFC 1928 / RFC 1929) on the same listener ---------------------------------
 
 
@@ -1225,6 +1266,7 @@ def test_under_uvloop(tmp_path: Path) -> None:
         await test_bind_listen_backlog_in_session()
         await test_socks5_connect_with_and_without_auth()
         await test_socks_over_tls(tmp_path)
+        await test_remote_banner_before_client_data(tmp_path)
         await test_slow_username_password_with_initial_data("wonderland", True)
         await test_happy_eyeballs_only_for_domain_names()
         await test_garbage_resets_and_stalls_leak_nothing()

@@ -435,28 +435,22 @@ class _TLSStream(_ClientStream):
         transport.pause_reading()
         to_remote += bytes(self._proto.buffer)  # read by our protocol, not yet consumed
         self._proto.buffer.clear()
-        try:
-            remote_transport, _ = await self._loop.connect_accepted_socket(_PausedProtocol, remote)
-        except BaseException:
-            remote.close()
-            transport.abort()
-            raise
         if client_eof or self._proto.eof:
             # Our protocol already consumed the client's EOF, which the relay's protocol will
             # never see: deliver the early bytes and the EOF to the remote host ourselves.
-            if to_remote:
-                remote_transport.write(to_remote)
-                to_remote = b""
-            if remote_transport.can_write_eof():
-                remote_transport.write_eof()
-        return await relayer.relay_transports(transport, remote_transport, to_remote=to_remote)
-
-
-class _PausedProtocol(asyncio.Protocol):
-    """Placeholder protocol of a remote transport until the relay takes it over."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        cast(asyncio.Transport, transport).pause_reading()
+            try:
+                if to_remote:
+                    await self._loop.sock_sendall(remote, to_remote)
+                    to_remote = b""
+                remote.shutdown(socket.SHUT_WR)
+            except BaseException:
+                remote.close()
+                transport.abort()
+                raise
+        # The remote socket goes to the relayer as it is: the relay's own protocol wraps it
+        # and keeps whatever the remote host sent first (a banner). A placeholder protocol
+        # would not do: uvloop starts reading right after connection_made().
+        return await relayer.relay_transports(transport, remote, to_remote=to_remote)
 
 
 # --- BIND listeners kept by sessions (CMD-05) ----------------------------------------
