@@ -1026,7 +1026,7 @@ cdef Py_ssize_t parse_datagram_header(
     larger than ``length`` is not an error here (UDP-05 is the caller's).
     """
     cdef Py_ssize_t header_length
-    cdef unsigned int message_length, atyp, name_length
+    cdef unsigned int message_length, atyp, name_length = 0
     cdef Py_ssize_t n
     if length < 1:
         return DGRAM_E_TRUNCATED
@@ -1717,7 +1717,7 @@ cdef Py_ssize_t _encode_address(int atyp, object address, unsigned char* out) ex
 
     atyp was checked to be 1, 3 or 4. Returns the field length.
     """
-    cdef Py_ssize_t n, field
+    cdef Py_ssize_t n = 0, field
     cdef const unsigned char* name
     if atyp == _ATYP_DOMAIN:
         name = _encode_name(address, &n)
@@ -1971,7 +1971,7 @@ def encode_datagram_header(header, out, offset=0):
 
 cdef Py_ssize_t _address_field_length(object address_type, object address) except -1:
     # The reference compares with == (so any object equal to 1, 3 or 4 passes).
-    cdef Py_ssize_t n
+    cdef Py_ssize_t n = 0
     if address_type == _IPV4_MEMBER:
         return _IPV4_LENGTH
     if address_type == _IPV6_MEMBER:
