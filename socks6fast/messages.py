@@ -12,7 +12,7 @@ Construction does not validate (it is on hot paths); the encoders do, and raise
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 from .constants import (
     AddressType,
@@ -174,18 +174,18 @@ class UnknownStackOption:
     """Option Data after the Code byte, padding included."""
 
 
-StackOption = Union[
-    IPTOSOption,
-    HappyEyeballsOption,
-    TTLOption,
-    NoFragmentationOption,
-    TFOOption,
-    MultipathOption,
-    ListenBacklogOption,
-    UDPErrorOption,
-    PortParityOption,
-    UnknownStackOption,
-]
+StackOption: TypeAlias = (
+    IPTOSOption
+    | HappyEyeballsOption
+    | TTLOption
+    | NoFragmentationOption
+    | TFOOption
+    | MultipathOption
+    | ListenBacklogOption
+    | UDPErrorOption
+    | PortParityOption
+    | UnknownStackOption
+)
 
 
 # --- Authentication options -----------------------------------------------------
@@ -306,32 +306,32 @@ class UnknownOption:
     """Option Data (Length - 4 bytes)."""
 
 
-Option = Union[
-    IPTOSOption,
-    HappyEyeballsOption,
-    TTLOption,
-    NoFragmentationOption,
-    TFOOption,
-    MultipathOption,
-    ListenBacklogOption,
-    UDPErrorOption,
-    PortParityOption,
-    UnknownStackOption,
-    AuthMethodAdvertisement,
-    AuthMethodSelection,
-    AuthData,
-    SessionRequest,
-    SessionID,
-    SessionOK,
-    SessionInvalid,
-    SessionTeardown,
-    IdempotenceRequest,
-    IdempotenceWindow,
-    IdempotenceExpenditure,
-    IdempotenceAccepted,
-    IdempotenceRejected,
-    UnknownOption,
-]
+Option: TypeAlias = (
+    IPTOSOption
+    | HappyEyeballsOption
+    | TTLOption
+    | NoFragmentationOption
+    | TFOOption
+    | MultipathOption
+    | ListenBacklogOption
+    | UDPErrorOption
+    | PortParityOption
+    | UnknownStackOption
+    | AuthMethodAdvertisement
+    | AuthMethodSelection
+    | AuthData
+    | SessionRequest
+    | SessionID
+    | SessionOK
+    | SessionInvalid
+    | SessionTeardown
+    | IdempotenceRequest
+    | IdempotenceWindow
+    | IdempotenceExpenditure
+    | IdempotenceAccepted
+    | IdempotenceRejected
+    | UnknownOption
+)
 
 
 # --- Messages --------------------------------------------------------------------
@@ -449,4 +449,4 @@ class DatagramError:
     """What went wrong."""
 
 
-AssociationMessage = Union[AssociationInit, AssociationConfirmation, Datagram, DatagramError]
+AssociationMessage: TypeAlias = AssociationInit | AssociationConfirmation | Datagram | DatagramError
