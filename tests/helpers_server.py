@@ -173,6 +173,7 @@ class Sink:
         mptcp: listen with IPPROTO_MPTCP.
         tfo: accept TCP Fast Open.
         body: the HTTP body in "http" mode, the greeting in "banner" mode.
+        port: the port to listen on (0: any free port).
     """
 
     def __init__(
@@ -183,11 +184,12 @@ class Sink:
         mptcp: bool = False,
         tfo: bool = False,
         body: bytes = b"hello from the sink\n",
+        port: int = 0,
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP if mptcp else 0)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
         if tfo:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
         if not mptcp:  # MPTCP sockets do not support these options

@@ -473,6 +473,50 @@ async def test_ruleset_refusals() -> None:
         await client.close()
 
 
+async def test_names_resolving_into_denied_networks() -> None:
+    """CMD-06: with ``deny 127.0.0.0/8``, a domain name is checked again with every address it
+    resolves to: the proxy connects only to the addresses that pass (here ::1, never the
+    listener on 127.0.0.1 with the same port), and a name resolving only into the denied
+    network gets 0x02, on the SOCKS 6 and the SOCKS 5 paths. Names resolve through an
+    injected local resolver (no DNS)."""
+    rules: list[dict[str, Any]] = [{"action": "deny", "destinations": ["127.0.0.0/8"]}]
+    names = {"mixed.test": ["127.0.0.1", "::1"], "inside.test": ["127.0.0.1"]}
+
+    async def resolver(host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+        if host not in names:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown name")
+        return [
+            (socket.AF_INET6, (a, port, 0, 0)) if ":" in a else (socket.AF_INET, (a, port))
+            for a in names[host]
+        ]
+
+    async with contextlib.AsyncExitStack() as stack:
+        denied = await stack.enter_async_context(Sink("127.0.0.1"))
+        allowed = await stack.enter_async_context(Sink("::1", port=denied.address[1]))
+        server = await stack.enter_async_context(running_server(make_config(rules=rules), resolver=resolver))
+        proxy, port = server.addresses[0], denied.address[1]
+        client, _, reply = await exchange(proxy, connect(("mixed.test", port)))
+        assert reply.reply_code == ReplyCode.SUCCESS
+        await echo_roundtrip(client)
+        await client.close()
+        assert (await record_for(server, client)).remote_address == ("::1", port)
+        client, _, reply = await exchange(proxy, connect(("inside.test", port)))
+        assert reply.reply_code == ReplyCode.NOT_ALLOWED_BY_RULESET
+        await client.close()
+        for name, code in (("mixed.test", 0x00), ("inside.test", 0x02), ("unknown.test", 0x04)):
+            client = await RawClient.connect(proxy)
+            await client.send(b"\x05\x01\x00" + socks5_connect(name, port))
+            assert await client.read_exactly(2) == b"\x05\x00"
+            head = await client.read_exactly(4)
+            assert head[1] == code, name
+            await client.read_exactly(18 if head[3] == 0x04 else 6)  # BND.ADDR, BND.PORT
+            if code == 0:
+                await echo_roundtrip(client)
+            await client.close()
+        assert len(allowed.connections) == 2
+        assert denied.connections == []
+
+
 async def test_false_start_data_relayed_in_order() -> None:
     """CMD-03: data sent right after the Request (no advertisement) and more data sent
     while the proxy connects all reach the remote host, in order, none lost."""

@@ -118,7 +118,7 @@ from ..stackopts import (
 )
 from .relay import Relayer
 
-__all__ = ["ConnectionRecord", "Server", "serve"]
+__all__ = ["ConnectionRecord", "Resolver", "Server", "serve"]
 
 log = logging.getLogger("socks6fast.server")
 
@@ -142,6 +142,9 @@ LINGER_TIMEOUT = 1.0
 LINGER_BYTES = 65536
 #: Finished-connection records kept for inspection (`Server.records`).
 MAX_RECORDS = 1024
+
+Resolver = Callable[[str, int], Awaitable[list[tuple[int, tuple[Any, ...]]]]]
+"""A name resolver for CONNECT destinations: (host, port) -> [(family, sockaddr), ...]."""
 
 # connect() errno -> Operation Reply code (CMD-01).
 _ERRNO_REPLY = {
@@ -535,6 +538,9 @@ class Server:
             idle timeout and worker count.
         use_relay_engine: passed to `Relayer` when the server creates it (None: the splice
             engine when available).
+        resolver: resolves a destination domain name: ``await resolver(host, port)`` returns
+            ``(family, sockaddr)`` pairs in preference order, or raises `socket.gaierror`.
+            None (default): ``loop.getaddrinfo``. Tests pass a local fake here.
 
     Use::
 
@@ -551,8 +557,10 @@ class Server:
         *,
         relayer: Relayer | None = None,
         use_relay_engine: bool | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self._config = config
+        self._resolver = resolver
         self._users: UserStore = config.user_store()
         self._policy: Policy = config.policy()
         self._sessions: MemorySessionStore | None = config.session_store()
@@ -1248,14 +1256,17 @@ class Server:
             return [(socket.AF_INET, (host, port))]
         if address_type == AddressType.IPV6:
             return [(socket.AF_INET6, (host, port))]
+        targets: list[tuple[int, tuple[Any, ...]]] = []
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+            if self._resolver is not None:
+                targets = list(await self._resolver(host, port))
+            else:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+                for family, _, _, _, sockaddr in infos:
+                    if (family, sockaddr) not in targets:
+                        targets.append((family, sockaddr))
         except socket.gaierror as exc:
             raise _ConnectFailed(ReplyCode.HOST_UNREACHABLE, f"cannot resolve {host!r}: {exc}") from None
-        targets: list[tuple[int, tuple[Any, ...]]] = []
-        for family, _, _, _, sockaddr in infos:
-            if (family, sockaddr) not in targets:
-                targets.append((family, sockaddr))
         policy = self._policy
         if policy.checks_resolved_addresses:
             # A CIDR rule must also stop names that resolve into the network (policy.py).
