@@ -30,6 +30,11 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     ``dns_resolver``: ``"HOST:PORT"`` of a DNS server for the draft's DNS service (CONNECT
     to 0.0.0.0:53, DECISIONS D13); absent: that service is refused.
     ``relay_workers``: relay worker count, 0 = one per CPU core (0-1024; 0).
+    ``auth_failure_burst``: failed username/password checks a client address may make in a
+    row before further attempts fail at once, without checking the password (scrypt costs
+    ~50 ms of CPU each); 0 = no limit (integer >= 0; 10).
+    ``auth_failure_interval``: seconds after which one more failed attempt is allowed again
+    (a token bucket refilled one token per interval, up to the burst; > 0; 5).
     ``log_level``: ``"debug"``, ``"info"``, ``"warning"``, ``"error"`` or ``"critical"``.
 
 ``[users]``
@@ -119,6 +124,8 @@ connect_timeout = 10.0
 idle_timeout = 300.0
 max_options_length = 16384
 relay_workers = 0
+auth_failure_burst = 10
+auth_failure_interval = 5.0
 log_level = "info"
 
 [users]
@@ -169,6 +176,10 @@ class ServerConfig:
     """DNS server for the DNS service (D13), or None."""
     relay_workers: int
     """Relay worker count; 0 = one per CPU core."""
+    auth_failure_burst: int
+    """Failed password checks per client address before attempts fail unchecked; 0 = no limit."""
+    auth_failure_interval: float
+    """Seconds per failed attempt regained (token bucket refill)."""
     log_level: str
     """Lower-case logging level name."""
 
@@ -381,6 +392,8 @@ _SERVER_KEYS = {
     "max_options_length",
     "dns_resolver",
     "relay_workers",
+    "auth_failure_burst",
+    "auth_failure_interval",
     "log_level",
 }
 
@@ -435,6 +448,8 @@ def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
         ),
         dns_resolver=resolver,
         relay_workers=_int(table, "relay_workers", "server", 0, low=0, high=_MAX_RELAY_WORKERS),
+        auth_failure_burst=_int(table, "auth_failure_burst", "server", 10, low=0),
+        auth_failure_interval=_seconds(table, "auth_failure_interval", "server", 5.0),
         log_level=level.lower(),
     )
 

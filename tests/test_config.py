@@ -60,6 +60,7 @@ def test_defaults_values() -> None:
     assert server.dns_resolver is None  # D13: DNS service off
     assert server.tls_certificate is None and server.tls_key is None
     assert server.log_level == "info" and server.relay_workers == 0
+    assert (server.auth_failure_burst, server.auth_failure_interval) == (10, 5.0)
     config = default_config()
     assert config.sessions.enabled and config.sessions.max_token_window == 65536
     assert config.udp.port is None and config.udp.dtls_port is None
@@ -217,7 +218,8 @@ CASES: list[tuple[str, str]] = [
     ("server = 5", "server: must be a table, written [server]"),
     (
         "[server]\nlisen = []",
-        "server.lisen: unknown key (allowed: connect_timeout, dns_resolver, "
+        "server.lisen: unknown key (allowed: auth_failure_burst, auth_failure_interval, "
+        "connect_timeout, dns_resolver, "
         "handshake_timeout, idle_timeout, listen, log_level, max_connections, max_options_length, "
         "relay_workers, tls_certificate, tls_key, tls_listen)",
     ),
@@ -283,6 +285,8 @@ CASES: list[tuple[str, str]] = [
     ),
     ("[server]\ndns_resolver = 53", "server.dns_resolver: 53 is not a string HOST:PORT"),
     ("[server]\nrelay_workers = -1", "server.relay_workers: -1 is not an integer 0-1024"),
+    ("[server]\nauth_failure_burst = -1", "server.auth_failure_burst: -1 is not an integer >= 0"),
+    ("[server]\nauth_failure_interval = 0", "server.auth_failure_interval: 0 is not a number of seconds > 0"),
     (
         '[server]\nlog_level = "verbose"',
         'server.log_level: "verbose" is not one of debug, info, warning, error, critical',

@@ -28,8 +28,10 @@ a TFO option and only with data to carry (CMD-02, STK-06).
 
 Limits: ``max_connections`` (accepting pauses at the cap), the handshake timeout (REQ-08,
 through the connection's timer), the connect timeout (0x09), the relay idle timeout, the
-options cap (D6). Every finished connection logs one line: client, user, command,
-destination, reply code, bytes each way, duration and relay path.
+options cap (D6), failed password checks per client address (`FailedAuthLimiter`: past
+the allowance an attempt fails without running scrypt). Every finished connection logs
+one line: client, user, command, destination, reply code, bytes each way, duration and
+relay path.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ from ..stackopts import (
 )
 from .relay import Relayer
 
-__all__ = ["ConnectionRecord", "Resolver", "Server", "serve"]
+__all__ = ["ConnectionRecord", "FailedAuthLimiter", "Resolver", "Server", "serve"]
 
 log = logging.getLogger("socks6fast.server")
 
@@ -248,6 +250,87 @@ class ConnectionRecord:
             f"down={self.bytes_down} dur={self.duration:.3f}s relay={self.relay_path} end={self.relay_end}"
         )
         return f"{text} error={self.error!r}" if self.error else text
+
+
+class FailedAuthLimiter:
+    """Failed password checks per client address: a token bucket each, so that a client
+    guessing passwords cannot make the proxy burn ~50 ms of scrypt per guess.
+
+    Every check takes a token before scrypt runs (so parallel guesses cannot overdraw) and
+    a successful one gives it back: only failures count. A bucket holds at most ``burst``
+    tokens and regains one every ``interval`` seconds; with no token left the check fails
+    at once. IPv6 clients share a bucket per /64, the block one host usually controls.
+
+    Args:
+        burst: failures in a row allowed per address; 0 disables the limiter.
+        interval: seconds per token regained.
+        max_clients: buckets kept at most; full buckets are forgotten first, then the
+            oldest (memory stays bounded whatever the number of client addresses).
+    """
+
+    __slots__ = ("_buckets", "burst", "interval", "max_clients")
+
+    def __init__(self, burst: int, interval: float, max_clients: int = 65536) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.max_clients = max_clients
+        self._buckets: dict[str, list[float]] = {}  # key -> [tokens, time of last update]
+
+    def configure(self, burst: int, interval: float) -> None:
+        """Change the limits (configuration reload); the buckets are kept."""
+        self.burst, self.interval = burst, interval
+
+    @staticmethod
+    def _key(client_ip: str) -> str:
+        if ":" not in client_ip:
+            return client_ip
+        try:
+            address = ipaddress.IPv6Address(client_ip.split("%", 1)[0])
+        except ValueError:
+            return client_ip
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+    def acquire(self, client_ip: str, now: float) -> bool:
+        """Take a token for one password check; False when none is left (fail at once)."""
+        if self.burst <= 0:
+            return True
+        key = self._key(client_ip)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_clients:
+                self._prune(now)
+            bucket = self._buckets[key] = [float(self.burst), now]
+        else:
+            bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) / self.interval)
+            bucket[1] = now
+        if bucket[0] < 1.0:
+            return False
+        bucket[0] -= 1.0
+        return True
+
+    def refund(self, client_ip: str) -> None:
+        """Give back the token of a check that succeeded."""
+        if self.burst <= 0:
+            return
+        key = self._key(client_ip)
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket[0] += 1.0
+            if bucket[0] >= self.burst:
+                del self._buckets[key]  # full again: nothing to remember
+
+    def _prune(self, now: float) -> None:
+        burst, interval = float(self.burst), self.interval
+        for key, (tokens, last) in list(self._buckets.items()):
+            if tokens + (now - last) / interval >= burst:
+                del self._buckets[key]
+        while len(self._buckets) >= self.max_clients:
+            del self._buckets[next(iter(self._buckets))]  # the oldest entry
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class _Closed(Exception):
@@ -565,6 +648,9 @@ class Server:
         self._policy: Policy = config.policy()
         self._sessions: MemorySessionStore | None = config.session_store()
         self._tls: ssl.SSLContext | None = self._tls_context(config)
+        self._auth_limiter = FailedAuthLimiter(
+            config.server.auth_failure_burst, config.server.auth_failure_interval
+        )
         self._relayer = relayer
         self._own_relayer = relayer is None
         self._use_engine = use_relay_engine
@@ -759,6 +845,7 @@ class Server:
             log.warning("reload: the relay idle timeout takes effect after a restart")
         self._users = users
         self._policy = config.policy()
+        self._auth_limiter.configure(config.server.auth_failure_burst, config.server.auth_failure_interval)
         if tls is not None:
             self._tls = tls
         sessions = config.sessions
@@ -972,15 +1059,24 @@ class Server:
                 if ended is not None:
                     _close_session_listeners(ended)
 
-    async def _verify(self, credentials: UserPassRequest | None) -> str | None:
+    async def _verify(self, credentials: UserPassRequest | None, record: ConnectionRecord) -> str | None:
         if credentials is None:
             return None
         loop = asyncio.get_running_loop()
         users = self._users
+        limiter = self._auth_limiter
+        client_ip = record.client[0]
+        if not limiter.acquire(client_ip, loop.time()):
+            # Too many failures from this address: fail without paying for scrypt.
+            record.error = "too many failed authentications from this address"
+            return None
         # scrypt costs ~50 ms of CPU: keep it off the event loop.
-        return await loop.run_in_executor(
+        user = await loop.run_in_executor(
             None, users.authenticate, credentials.username, credentials.password
         )
+        if user is not None:
+            limiter.refund(client_ip)  # only failures count
+        return user
 
     async def _authenticate(
         self,
@@ -1035,7 +1131,7 @@ class Server:
             if options.credentials is not None or options.malformed_credentials:
                 # AUTH-01 / AUTH-05: 0-RTT username/password in an Authentication Data option;
                 # the RFC 1929 reply goes into an Authentication Data option of the reply.
-                user = await self._verify(options.credentials)
+                user = await self._verify(options.credentials, record)
                 status = UserPassStatus.SUCCESS if user is not None else UserPassStatus.FAILURE
                 reply_options.append(
                     AuthData(AuthMethod.USERNAME_PASSWORD, encode_userpass_reply(UserPassReply(status)))
@@ -1043,7 +1139,7 @@ class Server:
                 if user is None:
                     reply_options.append(AuthMethodSelection(AuthMethod.NO_ACCEPTABLE_METHODS))
                     await stream.send(conn.send(AuthReply(AuthReplyType.FAILURE, tuple(reply_options))))
-                    record.error = "authentication failed"
+                    record.error = record.error or "authentication failed"
                     return None
             elif AuthMethod.USERNAME_PASSWORD in (options.advertised_methods or ()):
                 # D7 slow exchange: Type 1 selecting method 2; the client answers with a bare
@@ -1062,12 +1158,12 @@ class Server:
                         initial = event.data  # sent before the RFC 1929 request
                     else:
                         raise _Closed()
-                user = await self._verify(credentials)
+                user = await self._verify(credentials, record)
                 status = UserPassStatus.SUCCESS if user is not None else UserPassStatus.FAILURE
                 await stream.send(conn.send(UserPassReply(status)))
                 if user is None:
                     await stream.send(conn.send(AuthReply(AuthReplyType.FAILURE)))
-                    record.error = "authentication failed"
+                    record.error = record.error or "authentication failed"
                     return None
             else:
                 # AUTH-02: nothing usable and nothing we can negotiate.
@@ -1611,13 +1707,13 @@ class Server:
             assert isinstance(event, UserPassRequest)
             ok = True
             if self._users.required:
-                user = await self._verify(event)
+                user = await self._verify(event, record)
                 ok = user is not None
             await stream.send(
                 conn.send(UserPassReply(UserPassStatus.SUCCESS if ok else UserPassStatus.FAILURE))
             )
             if not ok:
-                record.error = "authentication failed"
+                record.error = record.error or "authentication failed"
                 await stream.linger_close()
                 return
         record.user = user
