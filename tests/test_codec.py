@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from codec_api import CodecAPI
 
 from socks6fast.constants import (
     AddressType,
@@ -75,7 +76,6 @@ from socks6fast.messages import (
     UnknownOption,
     UnknownStackOption,
 )
-from tests.codec_api import CodecAPI
 
 GF = ReplyCode.GENERAL_FAILURE
 ATNS = ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from codec_api import CodecAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -69,7 +70,6 @@ from socks6fast.messages import (
     UnknownOption,
     UnknownStackOption,
 )
-from tests.codec_api import CodecAPI
 
 # SOCKS6FAST_FUZZ_EXAMPLES raises the budget for a long local run.
 FUZZ = settings(

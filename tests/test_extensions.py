@@ -16,9 +16,9 @@ import sys
 from types import ModuleType
 
 import pytest
+from codec_api import CodecAPI
 
 from socks6fast import _codec_py, codec
-from tests.codec_api import CodecAPI
 
 NO_EXTENSIONS = bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS")) or sys.implementation.name != "cpython"
 
