@@ -114,6 +114,24 @@ def targets(res: Results) -> list[dict[str, Any]]:
             0.4,
             "x",
         )
+        # The same goals met by SOCKS6's best mode for each authentication case: TCP Fast Open
+        # with the Request and the payload in the SYN, which draft-11 allows when the request
+        # spends an idempotence token inside a session (rows present when TFO could be used).
+        if "socks6-tfo-token" in ttfb or "socks6-tfo-token-userpass" in ttfb:
+            add(
+                "TTFB best SOCKS6 (TFO + token in a session) / SOCKS5, no auth",
+                _ratio(_get(ttfb, "socks6-tfo-token", "socks6fast-s6", "ms"), s5),
+                "<=",
+                0.5,
+                "x",
+            )
+            add(
+                "TTFB best SOCKS6 (TFO + token in a session, username/password) / SOCKS5 username/password",
+                _ratio(_get(ttfb, "socks6-tfo-token-userpass", "socks6fast-s6", "ms"), s5a),
+                "<=",
+                0.4,
+                "x",
+            )
     return out
 
 
@@ -220,6 +238,7 @@ def markdown_tables(res: Results) -> str:
             rows.append(row)
         lines += _md_table(["mode"] + cols, rows)
         lines.append("")
+        lines += _tfo_lines(res)
     tg = res.get("targets", [])
     if tg:
         lines += ["Targets (issue #4):", ""]
@@ -240,6 +259,39 @@ def markdown_tables(res: Results) -> str:
     if skipped:
         lines += ["Notes:", ""] + [f"- {n}: {r}" for n, r in skipped] + [""]
     return "\n".join(lines)
+
+
+def _tfo_lines(res: Results) -> list[str]:
+    """One line on what the TFO rows proved (or why they are missing), below the TTFB table."""
+    info = res.get("ttfb_tfo", {})
+    if info and not info.get("enabled"):
+        return [f"{info.get('note') or 'TFO rows skipped'}.", ""]
+    checks = [
+        (label, s, row["tfo"])
+        for mode, label in MODES
+        for s, row in res.get("ttfb", {}).get(mode, {}).items()
+        if isinstance(row, dict) and "tfo" in row
+    ]
+    if not checks:
+        return []
+    parts = []
+    for label, _system, c in checks:
+        if "requests" not in c:
+            parts.append(f"{label}: NOT VERIFIED: {c['problems']}")
+            continue
+        tokens = f", {c['tokens_accepted']}/{c['requests']} tokens accepted" if "tokens_accepted" in c else ""
+        verdict = "" if c["verified"] else f" (NOT VERIFIED: {c['problems']})"
+        parts.append(
+            f"{label}: first bytes in the SYN in {c['timed_in_syn']}/{c['timed_samples']} timed samples, "
+            f"proxy took data in the SYN {c['proxy_syn_data']}/{c['proxy_tfo']}, "
+            f"{c['target_connections']} target connections for {c['requests']} requests"
+            f"{' + 1 session setup' if 'tokens_accepted' in c else ''}{tokens}{verdict}"
+        )
+    out = ["TFO rows, checked on every request (the client's, the shim's and the target's counters):", ""]
+    out += [f"- {p}" for p in parts]
+    if info.get("note"):
+        out.append(f"- {info['note']}")
+    return out + [""]
 
 
 def _sig(v: float) -> str:

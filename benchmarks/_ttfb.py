@@ -4,14 +4,13 @@ Strategy: a userspace delay shim (``loadgen shim``, in loadgen.c: a timerfd
 wakes it on each deadline, so deliveries are late by microseconds, not by the
 millisecond of an event-loop timer) sits between the client and the proxy on
 loopback and holds every chunk for ``delay`` in each direction, so one
-client-proxy round trip costs ``2 * delay``. A real client also pays one round
-trip for the TCP handshake before it may send (no TCP Fast Open: draft-11
-section "TCP Fast Open on the Client-Proxy Leg" allows TFO only when the SYN
-carries no application data, which does not shorten the exchange here), and a
-loopback connect() completes at once; so the shim delivers the first client
-bytes no earlier than ``3 * delay`` after the connection was accepted (SYN,
-SYN-ACK, then the data), which adds that round trip back. The proxy-target leg
-stays plain loopback.
+client-proxy round trip costs ``2 * delay``. A loopback connect() completes at
+once, so the shim also charges the TCP handshake: client bytes that came after
+the handshake are delivered no earlier than ``3 * delay`` after the accept
+(SYN, SYN-ACK, then the data). Bytes that rode in the SYN (TCP Fast Open: the
+shim's listener sets TCP_FASTOPEN and reads the SYN's length back from the
+kernel) are delivered one ``delay`` after the accept, as the SYN would be. The
+proxy-target leg stays plain loopback.
 
 The clients speak raw bytes built here with ``struct`` (independently of the
 socks6fast codec, so a codec bug cannot hide in both ends): SOCKS5 no-auth and
@@ -21,8 +20,20 @@ username/password (Authentication Data option, method 2, with the payload as
 announced initial data), and inside a session (Session ID option). TTFB is
 measured from the start of connect() to the first byte of the target's answer.
 
+Three more SOCKS6 rows use TCP Fast Open to the proxy (draft-11 section "TCP
+Fast Open on the Client-Proxy Leg", conformance TRN-01/TRN-02): with the
+Request alone in the SYN (no application data in it, so TFO is allowed without
+a token; the payload follows the handshake), and with the Request, a Session ID,
+an Idempotence Expenditure and the payload in the SYN (allowed because the
+request spends a token; section "Idempotence options"). The session and its
+token window are set up beforehand over a normal connection (untimed); every
+sample spends a fresh token, and each sample checks that the kernel's SYN carried
+its bytes (TCP_INFO ``TCPI_OPT_SYN_DATA``).
+
 Expected round trips with the handshake counted: direct 2, SOCKS5 no-auth 4,
-SOCKS5 username/password 5, SOCKS6 (any of the three) 2.
+SOCKS5 username/password 5, SOCKS6 (no TFO, any of the three) 2, SOCKS6 TFO with
+the Request alone in the SYN 2, SOCKS6 TFO with a token and the payload in the
+SYN 1.
 """
 
 from __future__ import annotations
@@ -51,6 +62,19 @@ OPT_AUTH_METHOD_ADVERTISEMENT = 2
 OPT_AUTH_DATA = 4
 OPT_SESSION_REQUEST = 5
 OPT_SESSION_ID = 6
+OPT_SESSION_OK = 8
+OPT_IDEMPOTENCE_REQUEST = 11
+OPT_IDEMPOTENCE_WINDOW = 12
+OPT_IDEMPOTENCE_EXPENDITURE = 13
+OPT_IDEMPOTENCE_ACCEPTED = 14
+OPT_IDEMPOTENCE_REJECTED = 15
+#: Tokens asked for when a TFO row sets up its session: one per sample, and more to spare.
+TOKEN_WINDOW = 1024
+TOKEN_MODULUS = 2**32
+#: Linux TCP_INFO: ``tcpi_options`` is the sixth byte; TCPI_OPT_SYN_DATA (include/uapi/linux/tcp.h)
+#: says the SYN's data was acknowledged (client side) or accepted (listener side).
+TCPI_OPTIONS_OFFSET = 5
+TCPI_OPT_SYN_DATA = 0x20
 
 #: TTFB modes: (key, human label).
 MODES = (
@@ -60,7 +84,14 @@ MODES = (
     ("socks6", "SOCKS6 no-auth"),
     ("socks6-userpass", "SOCKS6 0-RTT username/password"),
     ("socks6-session", "SOCKS6 inside a session"),
+    ("socks6-tfo", "SOCKS6 TFO, request in SYN (no auth)"),
+    ("socks6-tfo-token", "SOCKS6 TFO + idempotence token in a session (no auth)"),
+    ("socks6-tfo-token-userpass", "SOCKS6 TFO + idempotence token in a session (username/password)"),
 )
+#: The modes that connect with TCP Fast Open (they need net.ipv4.tcp_fastopen bits 1 and 2).
+TFO_MODES = ("socks6-tfo", "socks6-tfo-token", "socks6-tfo-token-userpass")
+#: The TFO modes that spend an idempotence token inside a session.
+TOKEN_MODES = ("socks6-tfo-token", "socks6-tfo-token-userpass")
 
 
 class HandshakeError(Exception):
@@ -102,6 +133,17 @@ def socks6_userpass_options(user: str, password: str, initial_data: int) -> byte
     )
     data = socks6_option(OPT_AUTH_DATA, _pad4(bytes([METHOD_USERPASS]) + rfc1929_request(user, password)))
     return advert + data
+
+
+def socks6_token_request(window_size: int) -> bytes:
+    """Token Request option: ask for a window of ``window_size`` tokens (section "Requesting a
+    token window")."""
+    return socks6_option(OPT_IDEMPOTENCE_REQUEST, struct.pack("!I", window_size))
+
+
+def socks6_token_expenditure(token: int) -> bytes:
+    """Idempotence Expenditure option (section "Spending a token"; Length 8 per DECISIONS D3)."""
+    return socks6_option(OPT_IDEMPOTENCE_EXPENDITURE, struct.pack("!I", token))
 
 
 def socks5_connect_request(port: int) -> bytes:
@@ -171,12 +213,69 @@ class Target:
     session_id: bytes = b""
     samples: list[float] = field(default_factory=list)
     error: str = ""
+    shim_port: int = 0
+    """Port of the delay shim in front of ``port``, which the timed samples connect to."""
+    next_token: int = 0
+    """Smallest token not yet spent (token modes; modulo 2^32)."""
+    tokens_left: int = 0
+    """Tokens of the known window from ``next_token`` on (token modes)."""
+    window_known: bool = False
+    """An Idempotence Window has been seen (token modes)."""
+    requests: int = 0
+    """SOCKS requests this row sent through its shim (warm-up included)."""
+    syn_data: int = 0
+    """Requests whose SYN data the shim's kernel acknowledged (TFO modes; TCP_INFO)."""
+    last_in_syn: bool = False
+    """Whether the latest request's first bytes rode in the SYN (TFO modes)."""
+    timed_in_syn: int = 0
+    """Timed samples whose first bytes rode in the SYN (TFO modes)."""
+    tokens_accepted: int = 0
+    """Requests whose token the proxy accepted (Idempotence Accepted; token modes)."""
+
+    @property
+    def tfo(self) -> bool:
+        return self.mode in TFO_MODES
+
+
+def syn_data_acked(sock: socket.socket) -> bool:
+    """Did the peer acknowledge the data this socket sent in its SYN (TCP_INFO, Linux)?"""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    return bool(info[TCPI_OPTIONS_OFFSET] & TCPI_OPT_SYN_DATA)
+
+
+async def _tfo_connect(
+    port: int, in_syn: bytes, after: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, socket.socket]:
+    """Connect with TCP Fast Open: ``in_syn`` rides in the SYN (sendto with MSG_FASTOPEN; the
+    kernel needs a TFO cookie for 127.0.0.1, which the first, untimed, sample fetches), ``after``
+    follows the handshake."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sent = sock.sendto(in_syn, socket.MSG_FASTOPEN, (LOOPBACK, port))
+        except BlockingIOError:
+            sent = 0  # no cookie yet: the SYN asked for one and carried nothing
+        # In SYN_SENT a send() waits for the handshake (EAGAIN, then writable): what is left
+        # leaves after the SYN-ACK, which the shim charges as such.
+        rest = in_syn[sent:] + after
+        if rest:
+            await loop.sock_sendall(sock, rest)
+        r, w = await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return r, w, sock
 
 
 async def _sample(t: Target) -> float:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    r, w = await asyncio.open_connection(LOOPBACK, t.port)
+    if t.tfo:
+        return await _tfo_sample(t, t0)
+    r, w = await asyncio.open_connection(LOOPBACK, t.shim_port)
     try:
         w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if t.mode == "direct":
@@ -216,16 +315,72 @@ async def _sample(t: Target) -> float:
         w.close()
 
 
-async def open_session(
-    proxy_port: int, target_port: int, user: str, password: str
-) -> tuple[bytes, asyncio.StreamWriter]:
-    """Start a SOCKS6 session with 0-RTT username/password (directly, no shim).
+async def _tfo_sample(t: Target, t0: float) -> float:
+    """One TFO request. TRN-02: application data rides in the SYN only when a token is spent."""
+    loop = asyncio.get_running_loop()
+    if t.mode == "socks6-tfo":
+        # The SYN carries the Request alone; the payload follows the handshake.
+        in_syn, after = socks6_connect_request(t.target_port), PAYLOAD
+    else:
+        token = t.next_token
+        if t.tokens_left <= 0:
+            raise HandshakeError("token window used up")
+        # Spent whatever the answer: a token is never offered twice.
+        t.next_token, t.tokens_left = (token + 1) % TOKEN_MODULUS, t.tokens_left - 1
+        opts = socks6_option(OPT_SESSION_ID, t.session_id) + socks6_token_expenditure(token)
+        in_syn, after = socks6_connect_request(t.target_port, opts) + PAYLOAD, b""
+    t.requests += 1
+    r, w, sock = await _tfo_connect(t.shim_port, in_syn, after)
+    try:
+        options = await read_socks6_replies(r)
+        await r.readexactly(1)
+        elapsed = loop.time() - t0
+        t.last_in_syn = syn_data_acked(sock)
+        t.syn_data += t.last_in_syn
+        if t.mode in TOKEN_MODES:
+            if OPT_IDEMPOTENCE_ACCEPTED not in options:
+                raise HandshakeError(f"token {token} not accepted (reply options {sorted(options)})")
+            t.tokens_accepted += 1
+            _note_window(t, options)
+        await r.read(65536)
+        return elapsed
+    finally:
+        w.close()
 
-    Returns (Session ID, the writer to close afterwards): the session's first
-    connection stays open while the session is used.
+
+def _note_window(t: Target, options: dict[int, bytes]) -> None:
+    """Track the Idempotence Window; older advertisements are ignored (IDM-05)."""
+    window = options.get(OPT_IDEMPOTENCE_WINDOW, b"")
+    if len(window) < 8:
+        return
+    base, size = struct.unpack_from("!II", window)
+    if not t.window_known:  # the first window this row hears of
+        t.next_token, t.tokens_left, t.window_known = base, size, True
+        return
+    # Token order is modular (section "Idempotence options"): x < y iff 0 < y - x < 2^31.
+    ahead = (base - t.next_token) % TOKEN_MODULUS
+    if 0 < ahead < 2**31:  # the proxy shifted past tokens we have not spent: skip them
+        t.next_token = base
+    t.tokens_left = (base + size - t.next_token) % TOKEN_MODULUS
+    if t.tokens_left >= 2**31:  # the advertisement is older than what we spent
+        t.tokens_left = 0
+
+
+async def open_session(
+    proxy_port: int, target_port: int, user: str, password: str, token_window: int = 0
+) -> tuple[bytes, dict[int, bytes], asyncio.StreamWriter]:
+    """Start a SOCKS6 session (directly, no shim): 0-RTT username/password when ``user`` is set,
+    and a Token Request for ``token_window`` tokens when it is not 0.
+
+    Returns (Session ID, the options of the replies, the writer to close afterwards): the
+    session's first connection stays open while the session is used.
     """
     r, w = await asyncio.open_connection(LOOPBACK, proxy_port)
-    opts = socks6_option(OPT_SESSION_REQUEST, b"") + socks6_userpass_options(user, password, len(PAYLOAD))
+    opts = socks6_option(OPT_SESSION_REQUEST, b"")
+    if token_window:
+        opts += socks6_token_request(token_window)
+    if user:
+        opts += socks6_userpass_options(user, password, len(PAYLOAD))
     w.write(socks6_connect_request(target_port, opts) + PAYLOAD)
     options = await read_socks6_replies(r)
     session_id = options.get(OPT_SESSION_ID, b"")
@@ -233,30 +388,33 @@ async def open_session(
         w.close()
         raise HandshakeError("no Session ID option in the replies to a Session Request")
     await r.readexactly(len(PAYLOAD))
-    return session_id, w
+    return session_id, options, w
 
 
-async def run_ttfb(
-    targets: list[Target], shim_ports: dict[int, int], samples: int, progress: Callable[[str], None]
-) -> None:
+async def run_ttfb(targets: list[Target], samples: int, progress: Callable[[str], None]) -> None:
     """Fill ``targets[i].samples`` (seconds), interleaving the targets sample by sample.
 
-    Each target's ``port`` is its upstream (proxy or target) port; ``shim_ports`` maps
-    it to the port of the delay shim in front of it. One untimed sample per target
-    comes first (connection caches, lazy imports, first-connection costs).
+    Each target's ``port`` is its upstream (proxy or target) port, used directly to set up
+    sessions; ``shim_port`` is the delay shim in front of it, used by the samples. One
+    untimed sample per target comes first (connection caches, lazy imports, first-connection
+    costs, and the TFO cookie for 127.0.0.1).
     """
     keep: list[asyncio.StreamWriter] = []
     try:
         for t in targets:
-            if t.mode == "socks6-session":
+            if t.mode == "socks6-session" or t.mode in TOKEN_MODES:
+                window = TOKEN_WINDOW if t.mode in TOKEN_MODES else 0
                 try:
-                    t.session_id, writer = await asyncio.wait_for(
-                        open_session(t.port, t.target_port, t.user, t.password), 10
+                    t.session_id, options, writer = await asyncio.wait_for(
+                        open_session(t.port, t.target_port, t.user, t.password, window), 10
                     )
                     keep.append(writer)
+                    if window:
+                        _note_window(t, options)
+                        if t.tokens_left <= 0:
+                            raise HandshakeError("no Idempotence Window in the replies to a Token Request")
                 except (OSError, HandshakeError, asyncio.IncompleteReadError, TimeoutError) as exc:
                     t.error = f"session setup failed: {exc!r}"
-            t.port = shim_ports[t.port]
         for i in range(-1, samples):
             for t in targets:
                 if t.error:
@@ -269,6 +427,7 @@ async def run_ttfb(
                     continue
                 if i >= 0:
                     t.samples.append(elapsed)
+                    t.timed_in_syn += t.tfo and t.last_in_syn
             if i < 0:
                 continue
             line = "  ".join(

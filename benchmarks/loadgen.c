@@ -17,9 +17,11 @@
  *            accept N streams, discard their bytes with splice(2) into
  *            /dev/null; once all N are flowing wait `warmup`, print "start",
  *            count bytes for `seconds`, print "done BYTES NANOSECONDS", exit.
- *   rrserver --port P --max-seconds S
+ *   rrserver --port P --max-seconds S [--stats 1]
  *            per connection: read 64 bytes, write 64 bytes, close (the server
  *            closes first so TIME_WAIT lands on this side, see peers/README.md).
+ *            With --stats 1, each line read on stdin is answered with
+ *            "stats ACCEPTED" (connections accepted so far).
  *   echo     --port P --max-seconds S    echo every byte back; never closes first.
  *   bulk     --proxy PORT|0 --proto none|5|6 --target PORT --streams N --max-seconds S
  *            open N streams, print "connected", then sendfile(2) from a memfd
@@ -32,9 +34,14 @@
  *   hold     ... --conns N --max-seconds S
  *            open N connections, confirm each with a 1-byte echo through the
  *            proxy, print "ready N", hold them until stdin closes or max-seconds.
- *   shim     --port P --target PORT --delay-us D --handshake 0|1 --max-seconds S
+ *   shim     --port P --target PORT --delay-us D --handshake 0|1 --max-seconds S [--stats 1]
  *            forward to 127.0.0.1:PORT adding D microseconds one way in each
- *            direction (see cmd_shim).
+ *            direction; the listener accepts TCP Fast Open (see cmd_shim). With
+ *            --stats 1, each line read on stdin is answered with
+ *            "stats ACCEPTED SYN_DATA SYN_BYTES UP_TFO UP_SYN_ACKED": connections,
+ *            those whose SYN carried data the kernel accepted, the bytes of those
+ *            SYNs, upstream connections opened with TFO, and of those the ones whose
+ *            SYN data the upstream (the proxy) accepted.
  * Servers given --port 0 bind an ephemeral port and print "port P" first.
  */
 #define _GNU_SOURCE
@@ -59,6 +66,23 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Older libc headers may lack these (include/uapi/linux/tcp.h). */
+#ifndef TCP_FASTOPEN
+#define TCP_FASTOPEN 23
+#endif
+#ifndef TCP_SAVE_SYN
+#define TCP_SAVE_SYN 27
+#endif
+#ifndef TCP_SAVED_SYN
+#define TCP_SAVED_SYN 28
+#endif
+#ifndef TCP_FASTOPEN_CONNECT
+#define TCP_FASTOPEN_CONNECT 30
+#endif
+#ifndef TCPI_OPT_SYN_DATA
+#define TCPI_OPT_SYN_DATA 32
+#endif
+
 #define PAYLOAD_LEN 64
 #define INBUF_LEN 1024
 #define MAX_EVENTS 256
@@ -70,7 +94,8 @@ enum state { S_CONNECTING, S5_METHOD, S5_REPLY, S6_AUTH, S6_OP, S_DATA, S_EOF, S
 static int opt_port = 0, opt_proxy = 0, opt_target = 0, opt_streams = 1, opt_conns = 1;
 static int opt_concurrency = 1, opt_count = 1;
 static double opt_warmup = 0.3, opt_seconds = 1.0, opt_max_seconds = 30.0;
-static int opt_splice = 1, opt_handshake = 1;
+static int opt_splice = 1, opt_handshake = 1, opt_stats = 0;
+static int listen_tfo = 0; /* listen_on: accept TCP Fast Open and keep each SYN's headers */
 static double opt_delay_us = 20000;
 static enum proto opt_proto = P_NONE;
 
@@ -123,6 +148,13 @@ static int listen_on(int port) {
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_in sa = loopback(port);
     if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
+    if (listen_tfo) {
+        /* RFC 7413 server side (needs net.ipv4.tcp_fastopen bit 2), and the SYN's IP and TCP
+         * headers kept for getsockopt(TCP_SAVED_SYN), to learn how many bytes it carried. */
+        int qlen = 256;
+        if (setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN, &qlen, sizeof qlen) < 0) die("TCP_FASTOPEN");
+        if (setsockopt(fd, IPPROTO_TCP, TCP_SAVE_SYN, &one, sizeof one) < 0) die("TCP_SAVE_SYN");
+    }
     if (listen(fd, 4096) < 0) die("listen");
     socklen_t len = sizeof sa;
     getsockname(fd, (struct sockaddr *)&sa, &len);
@@ -132,6 +164,23 @@ static int listen_on(int port) {
     }
     set_nonblock(fd);
     return fd;
+}
+
+/* With --stats 1: watch stdin; every line read there is answered by report(). */
+static void stats_watch(int ep) {
+    if (!opt_stats) return;
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = 0};
+    epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);
+}
+
+/* Returns 1 if fd was stdin (handled), 0 otherwise. */
+static int stats_event(int ep, int fd, void (*report)(void)) {
+    if (!opt_stats || fd != 0) return 0;
+    char b[256];
+    ssize_t r = read(0, b, sizeof b);
+    if (r <= 0) epoll_ctl(ep, EPOLL_CTL_DEL, 0, NULL); /* the harness closed it: stop watching */
+    else report();
+    return 1;
 }
 
 /* ---------------------------------------------------------------- servers */
@@ -223,6 +272,13 @@ struct srvconn {
     int got;
 };
 
+static long long server_accepted;
+
+static void server_report(void) {
+    printf("stats %lld\n", server_accepted);
+    fflush(stdout);
+}
+
 static int cmd_server(int echo) {
     int lfd = listen_on(opt_port);
     printf("listening\n");
@@ -230,6 +286,7 @@ static int cmd_server(int echo) {
     int ep = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = lfd};
     epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
+    stats_watch(ep);
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
     size_t maxfd = rl.rlim_cur > 1048576 ? 1048576 : rl.rlim_cur;
@@ -242,9 +299,11 @@ static int cmd_server(int echo) {
         int n = epoll_wait(ep, evs, MAX_EVENTS, 200);
         for (int i = 0; i < n; i++) {
             int fd = evs[i].data.fd;
+            if (stats_event(ep, fd, server_report)) continue;
             if (fd == lfd) {
                 int c;
                 while ((c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >= 0) {
+                    server_accepted++;
                     if ((size_t)c >= maxfd) {
                         close(c);
                         continue;
@@ -618,9 +677,16 @@ static int cmd_rr(void) {
  * time-to-first-byte test. Deadlines are kept in nanoseconds and a timerfd
  * (an hrtimer) wakes the loop exactly at the earliest one, so deliveries are
  * late by tens of microseconds rather than the millisecond of an epoll timeout.
- * With --handshake 1 the first client bytes are delivered no earlier than
- * three one-way delays after the accept (SYN, SYN-ACK, then the data), which
- * charges the TCP handshake round trip that a loopback connect() skips. */
+ * With --handshake 1 client bytes are delivered no earlier than three one-way
+ * delays after the accept (SYN, SYN-ACK, then the data), which charges the TCP
+ * handshake round trip that a loopback connect() skips; except the bytes that
+ * rode in the SYN (TCP Fast Open, RFC 7413), which are delivered one delay after
+ * the accept, as the SYN itself would be. Whether the SYN carried data the
+ * kernel accepted is TCP_INFO's TCPI_OPT_SYN_DATA; how many bytes, the SYN's IPv4
+ * total length less its IP and TCP headers (TCP_SAVED_SYN). Such a connection is
+ * forwarded with TFO too (TCP_FASTOPEN_CONNECT: the first write, those same
+ * bytes, rides in the SYN to the proxy), so the proxy sees what the client sent,
+ * and whether the proxy accepted the SYN's data is counted (--stats 1). */
 
 #define SHIM_EARLY_NS 300000
 
@@ -634,6 +700,9 @@ struct chunk {
 struct dir {
     int src, dst;
     int64_t floor;
+    size_t syn_left;   /* bytes still to read that came in the SYN (client side, TFO) */
+    int64_t syn_floor; /* earliest delivery of those */
+    int check_tfo;     /* upstream side: read TCPI_OPT_SYN_DATA at the first answer */
     struct chunk *head, *tail;
     int reading, finished;
 };
@@ -644,6 +713,33 @@ struct pair {
 
 static struct dir **shim_by_fd; /* the direction each fd is the source of */
 static size_t shim_maxfd;
+static long long st_accepted, st_syn_data, st_syn_bytes, st_up_tfo, st_up_acked;
+
+static void shim_report(void) {
+    printf("stats %lld %lld %lld %lld %lld\n", st_accepted, st_syn_data, st_syn_bytes, st_up_tfo, st_up_acked);
+    fflush(stdout);
+}
+
+/* Did the SYN of fd carry data that was acknowledged (connecting side) or accepted (listening side)? */
+static int syn_data_flag(int fd) {
+    struct tcp_info ti;
+    socklen_t len = sizeof ti;
+    memset(&ti, 0, sizeof ti);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0) return 0;
+    return (ti.tcpi_options & TCPI_OPT_SYN_DATA) != 0;
+}
+
+/* Payload bytes of the SYN that opened fd (the listener set TCP_SAVE_SYN): IPv4 total length
+ * less the IP header and the TCP header (data offset). 0 when unknown. */
+static size_t saved_syn_payload(int fd) {
+    unsigned char h[512];
+    socklen_t len = sizeof h;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_SAVED_SYN, h, &len) < 0 || len < 40 || (h[0] >> 4) != 4) return 0;
+    size_t ihl = (size_t)(h[0] & 15) * 4, total = ((size_t)h[2] << 8) | h[3];
+    if (len < ihl + 20) return 0;
+    size_t doff = (size_t)(h[ihl + 12] >> 4) * 4;
+    return total > ihl + doff ? total - ihl - doff : 0;
+}
 
 static void shim_enqueue(struct dir *d, int64_t due, const char *p, size_t n) {
     struct chunk *c = malloc(sizeof *c + n);
@@ -677,6 +773,7 @@ static void shim_close_pair(int ep, struct pair *pr) {
 }
 
 static int cmd_shim(void) {
+    listen_tfo = 1;
     int lfd = listen_on(opt_port);
     int ep = epoll_create1(EPOLL_CLOEXEC);
     int tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -684,6 +781,7 @@ static int cmd_shim(void) {
     epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
     ev.data.fd = tfd;
     epoll_ctl(ep, EPOLL_CTL_ADD, tfd, &ev);
+    stats_watch(ep);
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
     shim_maxfd = rl.rlim_cur > 65536 ? 65536 : rl.rlim_cur;
@@ -700,25 +798,42 @@ static int cmd_shim(void) {
         int n = epoll_wait(ep, evs, MAX_EVENTS, 500);
         for (int k = 0; k < n; k++) {
             int fd = evs[k].data.fd;
+            if (stats_event(ep, fd, shim_report)) continue;
             if (fd == lfd) {
                 int c;
                 while ((c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >= 0) {
                     int64_t accepted = now_ns();
+                    st_accepted++;
+                    /* Data the kernel accepted in the SYN (TFO) is already readable at accept. */
+                    size_t syn_len = syn_data_flag(c) ? saved_syn_payload(c) : 0;
                     int u = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
                     struct sockaddr_in sa = loopback(opt_target);
+                    int up_tfo = 0;
+                    if (u >= 0 && syn_len > 0) {
+                        /* connect() returns at once; the first write (the SYN's bytes) opens it. */
+                        int one = 1;
+                        up_tfo = setsockopt(u, IPPROTO_TCP, TCP_FASTOPEN_CONNECT, &one, sizeof one) == 0;
+                    }
                     if (u < 0 || (size_t)u >= shim_maxfd || (size_t)c >= shim_maxfd ||
                         connect(u, (struct sockaddr *)&sa, sizeof sa) < 0) {
                         if (u >= 0) close(u);
                         close(c);
                         continue;
                     }
+                    if (syn_len > 0) {
+                        st_syn_data++;
+                        st_syn_bytes += (long long)syn_len;
+                    }
+                    st_up_tfo += up_tfo;
                     set_nonblock(u);
                     set_nodelay(u);
                     set_nodelay(c);
                     struct pair *pr = calloc(1, sizeof *pr);
                     pr->d[0] = (struct dir){.src = c, .dst = u, .reading = 1,
-                                            .floor = opt_handshake ? accepted + 3 * delay : 0};
-                    pr->d[1] = (struct dir){.src = u, .dst = c, .reading = 1};
+                                            .floor = opt_handshake ? accepted + 3 * delay : 0,
+                                            .syn_left = syn_len,
+                                            .syn_floor = opt_handshake ? accepted + delay : 0};
+                    pr->d[1] = (struct dir){.src = u, .dst = c, .reading = 1, .check_tfo = up_tfo};
                     active[nactive++] = pr;
                     shim_by_fd[c] = &pr->d[0];
                     shim_by_fd[u] = &pr->d[1];
@@ -739,10 +854,21 @@ static int cmd_shim(void) {
             if (!d || !d->reading) continue;
             ssize_t r = read(fd, buf, sizeof buf);
             if (r < 0 && (errno == EAGAIN || errno == EINTR)) continue;
-            int64_t due = now_ns() + delay;
-            if (due < d->floor) due = d->floor;
+            if (d->check_tfo) {
+                /* The proxy answered, so the handshake is over: did it take the SYN's data? */
+                d->check_tfo = 0;
+                st_up_acked += syn_data_flag(fd);
+            }
+            int64_t arrived = now_ns() + delay, due = arrived < d->floor ? d->floor : arrived;
             if (r > 0) {
-                shim_enqueue(d, due, buf, (size_t)r);
+                size_t off = 0;
+                if (d->syn_left > 0) {
+                    /* The SYN's bytes: one delay after the accept, not three. */
+                    off = (size_t)r < d->syn_left ? (size_t)r : d->syn_left;
+                    d->syn_left -= off;
+                    shim_enqueue(d, arrived < d->syn_floor ? d->syn_floor : arrived, buf, off);
+                }
+                if ((size_t)r > off) shim_enqueue(d, due, buf + off, (size_t)r - off);
             } else {
                 shim_enqueue(d, due, NULL, 0);
                 d->reading = 0;
@@ -769,7 +895,8 @@ static int cmd_shim(void) {
                         d->finished = 1;
                     } else {
                         ssize_t w = write(d->dst, c->data + c->off, c->len - c->off);
-                        if (w < 0 && errno == EAGAIN) {
+                        /* EINPROGRESS: a TFO connect without a cookie yet sent a plain SYN. */
+                        if (w < 0 && (errno == EAGAIN || errno == EINPROGRESS)) {
                             c->due = t + 1000000; /* retry in 1 ms; never happens at this volume */
                             break;
                         }
@@ -855,6 +982,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--sink-mode")) opt_splice = strcmp(v, "read") != 0;
         else if (!strcmp(k, "--delay-us")) opt_delay_us = atof(v);
         else if (!strcmp(k, "--handshake")) opt_handshake = atoi(v);
+        else if (!strcmp(k, "--stats")) opt_stats = atoi(v);
         else if (!strcmp(k, "--proto")) {
             opt_proto = !strcmp(v, "5") ? P_SOCKS5 : !strcmp(v, "6") ? P_SOCKS6 : P_NONE;
         } else {

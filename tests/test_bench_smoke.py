@@ -5,6 +5,10 @@ byte, connections, one-stream bulk) for a fraction of a second each, against
 direct loopback and a local ``socks6fast serve`` (SOCKS5 and SOCKS6 paths, and
 the username/password instance). It needs a C compiler for benchmarks/loadgen.c,
 which building the package's extensions needs anyway. Loopback only.
+
+The TCP Fast Open rows of the TTFB test (TRN-01, TRN-02, IDM-03) need
+net.ipv4.tcp_fastopen bits 1 and 2: CI runs as root and sets it to 3 (.ci/run),
+and the suite itself sets it when run as root; elsewhere they are skipped with a note.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 import zlib
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -26,6 +31,8 @@ from socks6fast.constants import AddressType, Command
 from socks6fast.messages import (
     AuthData,
     AuthMethodAdvertisement,
+    IdempotenceExpenditure,
+    IdempotenceRequest,
     Request,
     SessionID,
     SessionRequest,
@@ -92,12 +99,46 @@ def test_bench_smoke_runs_end_to_end(tmp_path: Path) -> None:
         assert ttfb[mode]["socks6fast-s5"]["ms"] > 0, log
     for mode in ("socks6", "socks6-userpass", "socks6-session"):
         assert ttfb[mode]["socks6fast-s6"]["ms"] > 0, log
+    _check_tfo_rows(res, log)
     # Every target has a measured value in this configuration except those against Dante.
     missing = [t["target"] for t in res["targets"] if t["value"] is None and "Dante" not in t["target"]]
     assert not missing, log
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     # Every process the suite started has been stopped.
     assert set(_live_children()) <= before, log
+
+
+def _check_tfo_rows(res: dict[str, Any], log: str) -> None:
+    """TRN-01/TRN-02/IDM-03: the TFO rows carried their bytes in the SYN, the proxy accepted every
+    SYN's data, each request reached the target once and every token was accepted."""
+    t = _load("_ttfb")
+    tfo = res["ttfb_tfo"]
+    if not tfo["enabled"]:
+        # CI runs as root with net.ipv4.tcp_fastopen=3: there the rows must run.
+        assert not os.environ.get("CI"), log
+        assert "skipped" in tfo["note"], log
+        return
+    syn_lengths = {
+        # The Request alone: 8 fixed bytes and the IPv4 address.
+        "socks6-tfo": len(t.socks6_connect_request(1)),
+        # Request, Session ID (16 bytes), Idempotence Expenditure and the payload.
+        "socks6-tfo-token": len(t.socks6_connect_request(1, bytes(20 + 8))) + len(t.PAYLOAD),
+        "socks6-tfo-token-userpass": len(t.socks6_connect_request(1, bytes(20 + 8))) + len(t.PAYLOAD),
+    }
+    for mode, syn_length in syn_lengths.items():
+        row = res["ttfb"][mode]["socks6fast-s6"]
+        check = row["tfo"]
+        assert row["ms"] > 0 and check["verified"], log
+        assert check["timed_in_syn"] == check["timed_samples"] == len(row["samples_ms"]), log
+        # The shim read each SYN's length back from the kernel: exactly what the client put in it.
+        assert check["syn_bytes"] == check["syn_data"] * syn_length and check["syn_data"] >= 1, log
+        assert check["proxy_syn_data"] == check["proxy_tfo"] == check["syn_data"], log
+        setup = 1 if "token" in mode else 0
+        assert check["target_connections"] == check["requests"] + setup, log
+        if setup:
+            assert check["tokens_accepted"] == check["requests"], log
+    best = [x for x in res["targets"] if x["target"].startswith("TTFB best SOCKS6")]
+    assert len(best) == 2 and all(x["value"] is not None for x in best), log
 
 
 def test_bench_socks6_bytes_match_the_codec() -> None:
@@ -118,6 +159,21 @@ def test_bench_socks6_bytes_match_the_codec() -> None:
         (
             t.socks6_connect_request(4242, t.socks6_option(t.OPT_SESSION_ID, b"abcdefgh")),
             (SessionID(b"abcdefgh"),),
+        ),
+        (
+            t.socks6_connect_request(
+                4242,
+                t.socks6_option(t.OPT_SESSION_REQUEST, b"")
+                + t.socks6_token_request(1024)
+                + t.socks6_userpass_options("bench", "pw", 64),
+            ),
+            (SessionRequest(), IdempotenceRequest(1024), AuthMethodAdvertisement(64, (2,)), auth),
+        ),
+        (
+            t.socks6_connect_request(
+                4242, t.socks6_option(t.OPT_SESSION_ID, b"abcdefgh") + t.socks6_token_expenditure(2**32 - 1)
+            ),
+            (SessionID(b"abcdefgh"), IdempotenceExpenditure(2**32 - 1)),
         ),
     ]
     for wire, options in cases:
