@@ -233,6 +233,8 @@ def enable_tfo_listener(sock: socket.socket, queue: int = DEFAULT_TFO_QUEUE) -> 
 
 def _echo_ip(plan: StackPlan, client: AppliedLeg | None, remote: AppliedLeg | None) -> list[StackOption]:
     out: list[StackOption] = []
+    if client is None and remote is None:
+        return out  # nothing was applied on either leg (the common request without options)
     for name in ("tos", "ttl", "no_fragmentation"):
         values: dict[StackLeg, object] = {}
         if client is not None and getattr(plan.client, name) is not None:

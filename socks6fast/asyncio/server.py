@@ -43,6 +43,7 @@ import errno
 import ipaddress
 import logging
 import os
+import select
 import socket
 import ssl
 import time
@@ -349,6 +350,10 @@ class _ClientStream:
     async def recv(self) -> bytes:
         raise NotImplementedError
 
+    def recv_now(self) -> bytes | None:
+        """What `recv` would return without waiting, or None when it would have to wait."""
+        raise NotImplementedError
+
     async def send(self, data: bytes) -> None:
         """Write ``data`` (after anything queued) and wait until it is handed to the kernel."""
         raise NotImplementedError
@@ -387,9 +392,25 @@ class _SocketStream(_ClientStream):
         assert self.sock is not None
         return await self._loop.sock_recv(self.sock, RECV_SIZE)
 
-    async def send(self, data: bytes) -> None:
+    def recv_now(self) -> bytes | None:
+        # The bytes are usually there already (a client writes its request right after
+        # connecting): one recv() instead of a reader registered and removed again.
         assert self.sock is not None
-        await self._loop.sock_sendall(self.sock, self._take(data))
+        try:
+            return self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    async def send(self, data: bytes) -> None:
+        sock = self.sock
+        assert sock is not None
+        data = self._take(data)
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            await self._loop.sock_sendall(sock, data[sent:])
 
     def close(self) -> None:
         if self._owned and self.sock is not None:
@@ -504,6 +525,16 @@ class _TLSStream(_ClientStream):
         proto.buffer.clear()
         return data
 
+    def recv_now(self) -> bytes | None:
+        proto = self._proto
+        if not proto.buffer and not proto.eof:
+            return None
+        data = bytes(proto.buffer)
+        proto.buffer.clear()
+        if self._proto.transport is not None and not proto.lost:
+            self._proto.transport.resume_reading()
+        return data
+
     async def send(self, data: bytes) -> None:
         if self._proto.lost:
             raise ConnectionResetError("TLS client connection lost")
@@ -595,6 +626,8 @@ class _Authenticated:
 @dataclass(slots=True)
 class _Remote:
     sock: socket.socket
+    address: tuple[str, int]
+    """The address connected to (no getpeername needed)."""
     applied: AppliedLeg | None
     mptcp: bool
     happy_eyeballs: bool
@@ -678,6 +711,14 @@ class Server:
         return context
 
     @property
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        # asyncio.get_running_loop() costs a getpid() syscall on every call in Python 3.11
+        # (its fork check); the server runs on the loop start() saw.
+        loop = self._loop
+        assert loop is not None, "start() the server first"
+        return loop
+
+    @property
     def config(self) -> Config:
         """The configuration in effect."""
         return self._config
@@ -758,6 +799,9 @@ class Server:
                     # "::" and "0.0.0.0" can then be listened on side by side.
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(sockaddr)
+                # Accepted sockets inherit it: no setsockopt per connection.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 enable_tfo_listener(sock)  # TRN-01
                 sock.listen(LISTEN_BACKLOG)
                 sock.setblocking(False)
@@ -804,9 +848,7 @@ class Server:
                     return
                 log.debug("accept failed: %s", exc)  # ECONNABORTED and the like
                 continue
-            sock.setblocking(False)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)  # TCP_NODELAY comes from the listener (inherited)
             task = loop.create_task(self._handle(sock, (str(addr[0]), int(addr[1])), tls))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
@@ -914,7 +956,7 @@ class Server:
     # -- one client connection ---------------------------------------------------------
 
     async def _handle(self, sock: socket.socket, addr: tuple[str, int], tls: bool) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         record = ConnectionRecord(client=addr, listener="tls" if tls else "tcp", started=time.monotonic())
         stream: _ClientStream | None = None
         try:
@@ -945,7 +987,8 @@ class Server:
                 sock.close()
             record.duration = time.monotonic() - record.started
             self.records.append(record)
-            log.info("%s", record.log_line())
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s", record.log_line())
             for callback in self.on_connection_closed:
                 callback(record)
 
@@ -965,15 +1008,17 @@ class Server:
         return _TLSStream(loop, proto)
 
     async def _serve(self, stream: _ClientStream, record: ConnectionRecord) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         timeout = self._config.server.handshake_timeout
         started = loop.time()  # one handshake deadline from here on, whatever the protocol
-        try:
-            async with asyncio.timeout(timeout):
-                first = await stream.recv()
-        except TimeoutError:
-            record.error = "handshake timed out"
-            return
+        first = stream.recv_now()
+        if first is None:
+            try:
+                async with asyncio.timeout(timeout):
+                    first = await stream.recv()
+            except TimeoutError:
+                record.error = "handshake timed out"
+                return
         if not first:
             return
         if detect_protocol(first[0]) is Protocol.SOCKS5:
@@ -1003,11 +1048,15 @@ class Server:
     async def _next_event(
         self, conn: ServerConnection | Socks5ServerConnection, stream: _ClientStream
     ) -> Any:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         while True:
             event = conn.next_event()
             if event is not NEED_DATA:
                 return event
+            data = stream.recv_now()
+            if data is not None:
+                conn.receive_data(data)
+                continue
             deadline = conn.get_timer()
             try:
                 async with asyncio.timeout_at(deadline):
@@ -1062,7 +1111,7 @@ class Server:
     async def _verify(self, credentials: UserPassRequest | None, record: ConnectionRecord) -> str | None:
         if credentials is None:
             return None
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         users = self._users
         limiter = self._auth_limiter
         client_ip = record.client[0]
@@ -1086,7 +1135,7 @@ class Server:
         record: ConnectionRecord,
     ) -> _Authenticated | None:
         """Send the Authentication Reply (or replies); None when the connection must close."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         now = loop.time()
         store = self._sessions
         reply_options: list[Option] = []
@@ -1347,7 +1396,7 @@ class Server:
         command: Command,
         client_ip: str,
     ) -> list[tuple[int, tuple[Any, ...]]]:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         if address_type == AddressType.IPV4:
             return [(socket.AF_INET, (host, port))]
         if address_type == AddressType.IPV6:
@@ -1394,9 +1443,23 @@ class Server:
         Raises:
             _ConnectFailed: with the reply code for the failure (CMD-01).
         """
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         happy = address_type == AddressType.DOMAIN_NAME and plan.happy_eyeballs == Availability.DESIRED
         multipath = plan.multipath == Availability.DESIRED
+        if address_type != AddressType.DOMAIN_NAME:
+            # One address, nothing to resolve: the connect timeout is the wait for the
+            # handshake itself (a timer on that wait, no timeout scope around the call).
+            family = socket.AF_INET6 if address_type == AddressType.IPV6 else socket.AF_INET
+            sockaddr: tuple[Any, ...] = (host, port)
+            deadline = loop.time() + self._config.server.connect_timeout
+            try:
+                remote = await self._attempt(family, sockaddr, plan, multipath, tfo_payload, deadline)
+            except (OSError, TimeoutError) as exc:
+                raise _ConnectFailed(
+                    reply_code_for(exc), f"connect to {_format(host, port)}: {exc}"
+                ) from None
+            self._note_remote(remote, False, record)
+            return remote
         try:
             async with asyncio.timeout(self._config.server.connect_timeout):
                 targets = await self._resolve(
@@ -1414,23 +1477,35 @@ class Server:
             raise
         except (OSError, TimeoutError) as exc:
             raise _ConnectFailed(reply_code_for(exc), f"connect to {_format(host, port)}: {exc}") from None
+        self._note_remote(remote, happy, record)
+        return remote
+
+    @staticmethod
+    def _note_remote(remote: _Remote, happy: bool, record: ConnectionRecord) -> None:
         remote.happy_eyeballs = happy
-        record.remote_address = (str(remote.sock.getpeername()[0]), int(remote.sock.getpeername()[1]))
+        record.remote_address = remote.address
         record.remote_options = remote.applied
         record.happy_eyeballs = happy
         record.tfo_attempted = remote.tfo_attempted
         record.tfo_syn_acked = remote.tfo_attempted and tfo_syn_data_acked(remote.sock)
         record.mptcp = remote.mptcp
-        return remote
 
     async def _attempt(
-        self, family: int, sockaddr: tuple[Any, ...], plan: StackPlan, multipath: bool, tfo_payload: bytes
+        self,
+        family: int,
+        sockaddr: tuple[Any, ...],
+        plan: StackPlan,
+        multipath: bool,
+        tfo_payload: bytes,
+        deadline: float | None = None,
     ) -> _Remote:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         sock, is_mptcp = new_stream_socket(family, multipath)
         try:
             # Set before connect() so that the SYN already carries them (STK-03, STK-05).
             applied = None if plan.remote.empty else apply_leg_options(sock, plan.remote)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sent = 0
             tfo = bool(tfo_payload) and enable_tfo_connect(sock)
             # connect() by hand rather than loop.sock_connect(): the latter re-resolves the
@@ -1443,14 +1518,14 @@ class Server:
                 # CMD-02 / STK-06: only with a TFO option: the first send() rides in the SYN.
                 with contextlib.suppress(BlockingIOError):
                     sent = sock.send(tfo_payload)
-            await _wait_writable(loop, sock)
+            if not _ready_now(sock):
+                await _wait_writable(loop, sock, deadline)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return _Remote(
                 sock=sock,
+                address=(str(sockaddr[0]), int(sockaddr[1])),
                 applied=applied,
                 mptcp=is_mptcp and mptcp_in_use(sock),
                 happy_eyeballs=False,
@@ -1497,7 +1572,7 @@ class Server:
         accept: Awaitable[tuple[socket.socket, tuple[str, int]]],
     ) -> tuple[socket.socket, tuple[str, int]]:
         """Wait for the remote host to connect, while noticing the client going away."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         accept_task = asyncio.ensure_future(accept)
         watch: asyncio.Future[bytes] | None = None
         try:
@@ -1538,7 +1613,7 @@ class Server:
         extra: tuple[Option, ...],
         record: ConnectionRecord,
     ) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         plan = options.stack
         session = auth.session
         if request.address_type == AddressType.DOMAIN_NAME:
@@ -1679,7 +1754,7 @@ class Server:
     async def _socks5_handshake(
         self, stream: _ClientStream, conn: Socks5ServerConnection, record: ConnectionRecord
     ) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop
         event = await self._next_event(conn, stream)
         if isinstance(event, ConnectionClosed):
             return
@@ -1862,19 +1937,49 @@ async def _happy_eyeballs(loop: asyncio.AbstractEventLoop, attempts: list[_Attem
     raise errors[-1] if errors else OSError(errno.EHOSTUNREACH, "no address to connect to")
 
 
-async def _wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    future: asyncio.Future[None] = loop.create_future()
+_POLL = select.poll()
+_POLL_DONE = select.POLLOUT | select.POLLERR | select.POLLHUP
 
-    def ready() -> None:
-        if not future.done():
-            future.set_result(None)
 
+def _ready_now(sock: socket.socket) -> bool:
+    """True when a connect in progress has already finished (or failed).
+
+    On loopback and nearby hosts the handshake is often over by the time connect()
+    returns: one poll() then replaces a writer registered with the event loop and
+    removed again (several epoll_ctl calls on uvloop).
+    """
     fd = sock.fileno()
-    loop.add_writer(fd, ready)
+    _POLL.register(fd, select.POLLOUT)
+    try:
+        return bool(_POLL.poll(0))
+    finally:
+        _POLL.unregister(fd)
+
+
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if not future.done():
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)
+
+
+async def _wait_writable(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, deadline: float | None = None
+) -> None:
+    """Wait until ``sock`` is writable (a connect finished); TimeoutError at ``deadline``."""
+    future: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _settle, future, None)
+    timer = None
+    if deadline is not None:
+        timer = loop.call_at(deadline, _settle, future, TimeoutError())
     try:
         await future
     finally:
         loop.remove_writer(fd)
+        if timer is not None:
+            timer.cancel()
 
 
 async def serve(config: Config, *, stop: asyncio.Event | None = None, drain_timeout: float = 10.0) -> None:
