@@ -377,8 +377,11 @@ class Relayer:
         if self._engine is None:
             return await self._relay_sockets_asyncio(client, remote, to_remote, to_client)
         try:
-            client.setblocking(False)
-            remote.setblocking(False)
+            # Usually non-blocking already (the server's sockets are): skip the ioctl then.
+            if client.gettimeout() != 0.0:
+                client.setblocking(False)
+            if remote.gettimeout() != 0.0:
+                remote.setblocking(False)
             if to_remote:
                 await self._loop.sock_sendall(remote, to_remote)
             if to_client:
