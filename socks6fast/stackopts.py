@@ -160,6 +160,9 @@ def read_leg_options(sock: socket.socket, leg: LegOptions) -> AppliedLeg:
     return AppliedLeg(tos=tos, ttl=ttl, no_fragmentation=no_frag)
 
 
+_SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
+
+
 def new_stream_socket(family: int, multipath: bool) -> tuple[socket.socket, bool]:
     """Create a non-blocking TCP socket, MPTCP when asked and available.
 
@@ -167,16 +170,20 @@ def new_stream_socket(family: int, multipath: bool) -> tuple[socket.socket, bool
         ``(sock, is_mptcp_socket)``; the flag is False when MPTCP was not asked for or the
         kernel refused the protocol (then the socket is plain TCP).
     """
+    # SOCK_NONBLOCK: created non-blocking by socket() itself, no ioctl afterwards (Linux).
+    kind = socket.SOCK_STREAM | _SOCK_NONBLOCK
     if multipath:
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP)
+            sock = socket.socket(family, kind, IPPROTO_MPTCP)
         except OSError:
             pass  # EPROTONOSUPPORT / ENOPROTOOPT: no MPTCP in this kernel or netns
         else:
-            sock.setblocking(False)
+            if not _SOCK_NONBLOCK:
+                sock.setblocking(False)
             return sock, True
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
+    sock = socket.socket(family, kind)
+    if not _SOCK_NONBLOCK:
+        sock.setblocking(False)
     return sock, False
 
 
