@@ -171,7 +171,11 @@ async def test_noop_address_rules() -> None:
             assert await client.read_until_eof() == b""
             await client.close()
         for host, port in (("example.com", 0), ("127.0.0.1", 0), ("0.0.0.0", 80)):
-            client, _, reply = await exchange(proxy, request(Command.NOOP, host, port))
+            # Built by hand: the codec's encoder refuses such NOOPs (a CONNECT with the
+            # command byte, the second one of the header, changed).
+            raw = bytearray(request(Command.CONNECT, host, port))
+            raw[1] = Command.NOOP
+            client, _, reply = await exchange(proxy, bytes(raw))
             assert reply.reply_code == ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, (host, port)
             await client.close()
 
