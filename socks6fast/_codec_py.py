@@ -12,10 +12,18 @@ needs is available, so a peer sending garbage one byte at a time is rejected
 at the same byte as a peer sending it whole (REQ-07), and an oversized Options
 Length is rejected before a single option byte is buffered (REQ-03, D6).
 
-Addresses follow DECISIONS.md D2 everywhere: a domain name is sent with its
-unpadded length and padded so the whole field is a multiple of 4; on receipt
-the trailing NULs of the ``len`` bytes are stripped and padding up to the next
-4-byte boundary of the field is skipped without being inspected.
+Addresses follow DECISIONS.md D2 everywhere (the Datagram Header included): a
+domain name is sent with its unpadded length and padded with NULs so the whole
+field is a multiple of 4; on receipt the trailing NULs of the ``len`` bytes are
+stripped and the padding up to the next 4-byte boundary of the field must be
+NULs ("skip NULs"), so a peer that does not pad gets an error instead of
+silently losing the first payload bytes.
+
+Options are checked against the message that carries them (REQ-06): a known
+kind in a message where draft-11 does not place it is kept opaque as an
+``UnknownOption``, without any check, so the caller ignores it. Stack options
+with a value draft-11 does not define are unsupported, not malformed: they
+decode as ``UnknownStackOption``.
 
 Encoders validate every field and raise ``LocalProtocolError`` for anything
 draft-11 forbids; decoders raise ``WireError`` and nothing else.
@@ -163,6 +171,48 @@ _PARITIES = {p.value: p for p in Parity}
 _DGRAM_ERROR_CODES = {c.value: c for c in DatagramErrorCode}
 _KNOWN_STACK_CODES = frozenset(c.value for c in StackCode)
 _KNOWN_KINDS = frozenset(k.value for k in OptionKind)
+# Datagram Error addresses: "Either 0x01 (IPv4) or 0x04 (IPv6)".
+_IP_ADDRESS_TYPES = {a.value: a for a in (AddressType.IPV4, AddressType.IPV6)}
+# Stack options whose figures fix Leg = 2 (proxy-remote): Happy Eyeballs, TFO,
+# Multipath, Listen Backlog, UDP Error, Port Parity.
+_AVAILABILITY_CODES = frozenset(
+    (StackCode.HAPPY_EYEBALLS, StackCode.NO_FRAGMENTATION, StackCode.MULTIPATH, StackCode.UDP_ERROR)
+)
+
+# Where draft-11 places each known option (REQ-06): anything else in that message
+# is ignored, i.e. decoded as an opaque UnknownOption. Stack: "Clients can only
+# place Stack options inside SOCKS Requests", proxies in Operation Replies.
+# Authentication: advertisement and data from the client, selection and data
+# from the proxy (section "Authentication"). Session options: "placed in
+# Requests and Authentication Replies", plus the Session ID in the Operation
+# Reply (D4; clients accept it in the Authentication Reply too). Idempotence:
+# request and expenditure from the client, window/accepted/rejected in
+# Authentication Replies.
+_REQUEST_KINDS = frozenset(
+    (
+        OptionKind.STACK,
+        OptionKind.AUTH_METHOD_ADVERTISEMENT,
+        OptionKind.AUTH_DATA,
+        OptionKind.SESSION_REQUEST,
+        OptionKind.SESSION_ID,
+        OptionKind.SESSION_TEARDOWN,
+        OptionKind.IDEMPOTENCE_REQUEST,
+        OptionKind.IDEMPOTENCE_EXPENDITURE,
+    )
+)
+_AUTH_REPLY_KINDS = frozenset(
+    (
+        OptionKind.AUTH_METHOD_SELECTION,
+        OptionKind.AUTH_DATA,
+        OptionKind.SESSION_OK,
+        OptionKind.SESSION_INVALID,
+        OptionKind.SESSION_ID,
+        OptionKind.IDEMPOTENCE_WINDOW,
+        OptionKind.IDEMPOTENCE_ACCEPTED,
+        OptionKind.IDEMPOTENCE_REJECTED,
+    )
+)
+_OPERATION_REPLY_KINDS = frozenset((OptionKind.STACK, OptionKind.SESSION_ID))
 
 _NUL = b"\x00"
 _VERSION_MISMATCH = bytes([VERSION])
@@ -174,7 +224,10 @@ def _pad4(n: int) -> int:
 
 
 def _view(data: Buffer, offset: int) -> memoryview:
+    # A non-buffer raises TypeError here (a caller bug, as in the twin).
     view = memoryview(data)
+    if not view.c_contiguous:
+        raise WireError("data is not a contiguous buffer", None)
     if view.ndim != 1 or view.itemsize != 1:
         view = view.cast("B")
     if not 0 <= offset <= len(view):
@@ -209,14 +262,21 @@ def _address_type(atyp: int) -> AddressType:
     return address_type
 
 
-def _decode_name(view: memoryview, pos: int, name_length: int) -> str:
+def _decode_name(view: memoryview, pos: int) -> str:
+    """Decode the whole name field at ``pos`` (length byte, name, padding; already present)."""
     # D2: strip trailing NULs (draft-12 counts padding in the length byte);
-    # anything left that is empty, holds a NUL or is not UTF-8 is malformed.
-    raw = bytes(view[pos : pos + name_length]).rstrip(_NUL)
+    # anything left that is empty or holds a NUL is malformed. Then "skip NULs
+    # up to the next 4-byte boundary": a non-NUL there is malformed too (a peer
+    # that does not pad would otherwise lose its first payload bytes unnoticed).
+    name_length = view[pos]
+    end = pos + 1 + name_length
+    raw = bytes(view[pos + 1 : end]).rstrip(_NUL)
     if not raw:
         raise WireError("domain name is empty")
     if _NUL in raw:
         raise WireError("domain name contains a nul byte")
+    if any(view[end : pos + _pad4(1 + name_length)]):
+        raise WireError("domain name padding is not zero")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -232,7 +292,7 @@ def _decode_ip(view: memoryview, pos: int, atyp: int) -> str:
 def _decode_address(view: memoryview, pos: int, atyp: int) -> str:
     """Decode a complete address field starting at ``pos`` (its length already checked)."""
     if atyp == AddressType.DOMAIN_NAME:
-        return _decode_name(view, pos + 1, view[pos])
+        return _decode_name(view, pos)
     return _decode_ip(view, pos, atyp)
 
 
@@ -249,17 +309,23 @@ def _expect_min_length(kind: int, length: int, minimum: int) -> None:
         raise WireError(f"option kind {kind} has length {length}, expected at least {minimum}")
 
 
-def _availability(value: int) -> Availability:
-    availability = _AVAILABILITY.get(value)
-    if availability is None:
-        raise WireError(f"stack option availability {value} is not 1 or 2")
-    return availability
+def _stack_value_defined(key: int, b6: int, b7: int) -> bool:
+    """Whether draft-11 defines the 2 value bytes of the Stack option ``key`` (Level << 8 | Code)."""
+    if key in _AVAILABILITY_CODES:
+        return b6 in _AVAILABILITY
+    if key == StackCode.PORT_PARITY:
+        return b6 in _PARITIES and b7 <= 1
+    # IP TOS, TTL (a byte), TFO payload size, listen backlog (16 bits): any value.
+    return True
 
 
 def _decode_stack(view: memoryview, pos: int, length: int) -> Option:
     # Section "Stack options": byte 4 is Leg (top 2 bits) | Level (low 6 bits),
-    # byte 5 the Code. Leg 0 or a (Level, Code) draft-11 does not define is an
-    # unsupported option: kept opaque so the caller can ignore it (REQ-06).
+    # byte 5 the Code. Leg 0, a (Level, Code) draft-11 does not define, a length
+    # other than its figure's 8, or a value it does not define (availability not
+    # 1/2, parity > 2, reserve > 1) make an unsupported option, which "MUST be
+    # silently ignored": kept opaque so the caller can ignore it (REQ-06). Only a
+    # Stack option too short to hold Leg/Level/Code and its figure's value is malformed.
     _expect_min_length(OptionKind.STACK, length, STACK_OPTION_LENGTH)
     leg_level = view[pos + 4]
     leg_value = leg_level >> _STACK_LEG_SHIFT
@@ -267,36 +333,33 @@ def _decode_stack(view: memoryview, pos: int, length: int) -> Option:
     code = view[pos + 5]
     key = (level << 8) | code
     leg = _STACK_LEGS.get(leg_value)
-    if leg is None or key not in _KNOWN_STACK_CODES:
-        return UnknownStackOption(leg_value, level, code, bytes(view[pos + 6 : pos + length]))
-    # Every Stack option draft-11 defines is exactly 8 bytes long.
-    if length != STACK_OPTION_LENGTH:
-        raise WireError(f"stack option level {level} code {code} has length {length}, expected 8")
     b6 = view[pos + 6]
+    b7 = view[pos + 7]
+    if (
+        leg is None
+        or key not in _KNOWN_STACK_CODES
+        or length != STACK_OPTION_LENGTH
+        or not _stack_value_defined(key, b6, b7)
+    ):
+        return UnknownStackOption(leg_value, level, code, bytes(view[pos + 6 : pos + length]))
     if key == StackCode.IP_TOS:
         return IPTOSOption(leg, b6)
     if key == StackCode.HAPPY_EYEBALLS:
-        return HappyEyeballsOption(leg, _availability(b6))
+        return HappyEyeballsOption(leg, _AVAILABILITY[b6])
     if key == StackCode.TTL:
         return TTLOption(leg, b6)
     if key == StackCode.NO_FRAGMENTATION:
-        return NoFragmentationOption(leg, _availability(b6))
+        return NoFragmentationOption(leg, _AVAILABILITY[b6])
     if key == StackCode.TFO:
         return TFOOption(leg, _U16.unpack_from(view, pos + 6)[0])
     if key == StackCode.MULTIPATH:
-        return MultipathOption(leg, _availability(b6))
+        return MultipathOption(leg, _AVAILABILITY[b6])
     if key == StackCode.LISTEN_BACKLOG:
         return ListenBacklogOption(leg, _U16.unpack_from(view, pos + 6)[0])
     if key == StackCode.UDP_ERROR:
-        return UDPErrorOption(leg, _availability(b6))
+        return UDPErrorOption(leg, _AVAILABILITY[b6])
     # StackCode.PORT_PARITY
-    parity = _PARITIES.get(b6)
-    if parity is None:
-        raise WireError(f"port parity {b6} is out of range")
-    reserve = view[pos + 7]
-    if reserve > 1:
-        raise WireError(f"port parity reserve {reserve} is out of range")
-    return PortParityOption(leg, parity, reserve == 1)
+    return PortParityOption(leg, _PARITIES[b6], b7 == 1)
 
 
 def _decode_auth_method_advertisement(view: memoryview, pos: int, length: int) -> Option:
@@ -380,9 +443,12 @@ _OPTION_DECODERS: dict[int, Callable[[memoryview, int, int], Option]] = {
 }
 
 
-def _walk_options(view: memoryview, pos: int, end: int) -> tuple[Option, ...]:
+def _walk_options(
+    view: memoryview, pos: int, end: int, placed: frozenset[int] = _KNOWN_KINDS
+) -> tuple[Option, ...]:
     # D8 / REQ-05: every Length is >= 4, a multiple of 4, and stays inside
-    # Options Length; unknown kinds are skipped by Length, kept opaque (REQ-06).
+    # Options Length; unknown kinds, and known kinds outside ``placed`` (the
+    # kinds this message may carry), are skipped by Length, kept opaque (REQ-06).
     options: list[Option] = []
     while pos < end:
         if end - pos < OPTION_HEADER_LENGTH:
@@ -394,7 +460,7 @@ def _walk_options(view: memoryview, pos: int, end: int) -> tuple[Option, ...]:
             raise WireError(f"option length {length} is not a multiple of 4")
         if length > end - pos:
             raise WireError(f"option length {length} runs past options length")
-        decoder = _OPTION_DECODERS.get(kind)
+        decoder = _OPTION_DECODERS.get(kind) if kind in placed else None
         if decoder is None:
             options.append(UnknownOption(kind, bytes(view[pos + 4 : pos + length])))
         else:
@@ -403,29 +469,51 @@ def _walk_options(view: memoryview, pos: int, end: int) -> tuple[Option, ...]:
     return tuple(options)
 
 
-def decode_options(data: Buffer, offset: int = 0, length: int = -1) -> tuple[Option, ...]:
+def _placed_kinds(context: object) -> frozenset[int]:
+    if context is None:
+        return _KNOWN_KINDS
+    if context is Request:
+        return _REQUEST_KINDS
+    if context is AuthReply:
+        return _AUTH_REPLY_KINDS
+    if context is OperationReply:
+        return _OPERATION_REPLY_KINDS
+    raise WireError("options context is not Request, AuthReply or OperationReply", None)
+
+
+def decode_options(
+    data: Buffer,
+    offset: int = 0,
+    length: int = -1,
+    context: type[Request] | type[AuthReply] | type[OperationReply] | None = None,
+) -> tuple[Option, ...]:
     """Decode a run of options.
 
     Args:
         data: the bytes holding the options.
         offset: where the first option starts.
         length: the Options Length; -1 means every byte up to the end of ``data``.
+        context: the message class carrying the options (``Request``,
+            ``AuthReply`` or ``OperationReply``): known kinds draft-11 does not
+            place in it decode as ``UnknownOption``, unchecked (REQ-06). None
+            (the default) decodes every known kind.
 
     Returns:
         The options in wire order; unknown kinds as ``UnknownOption`` and
         unsupported Stack options as ``UnknownStackOption`` (REQ-06).
 
     Raises:
-        WireError: a malformed option (GENERAL_FAILURE), or ``length`` running
-            past the end of ``data``.
+        WireError: a malformed option (GENERAL_FAILURE), ``length`` running
+            past the end of ``data``, or a bad ``context`` (reply_code None).
     """
+    placed = _placed_kinds(context)
     view = _view(data, offset)
     available = len(view) - offset
     if length == -1:
         length = available
     elif length < 0 or length > available:
         raise WireError(f"options length {length} runs past the end of the data")
-    return _walk_options(view, offset, offset + length)
+    return _walk_options(view, offset, offset + length, placed)
 
 
 # --- Request / Operation Reply (same layout, section "Requests") ------------------
@@ -483,7 +571,8 @@ def _decode_addressed(
     if available < total:
         return None, total - available
     port = _U16.unpack_from(view, offset + 4)[0]
-    options = _walk_options(view, offset + options_start, offset + total)
+    placed = _REQUEST_KINDS if is_request else _OPERATION_REPLY_KINDS
+    options = _walk_options(view, offset + options_start, offset + total, placed)
     if command is not None:
         return Request(command, address_type, address, port, options), total
     assert reply_code is not None
@@ -571,7 +660,7 @@ def decode_auth_reply(
     total = _AUTH_REPLY_HEADER_LENGTH + options_length
     if available < total:
         return None, total - available
-    options = _walk_options(view, offset + _AUTH_REPLY_HEADER_LENGTH, offset + total)
+    options = _walk_options(view, offset + _AUTH_REPLY_HEADER_LENGTH, offset + total, _AUTH_REPLY_KINDS)
     return AuthReply(reply_type, options), total
 
 
@@ -768,20 +857,21 @@ def decode_datagram_header(data: Buffer, offset: int = 0) -> tuple[DatagramHeade
 
 
 def _check_int(value: object, maximum: int, what: str) -> int:
-    # bool is an int subclass and is accepted (True == 1); everything else that
-    # is not an int, or out of 0..maximum, is refused.
-    if not isinstance(value, int) or not 0 <= value <= maximum:
+    # An int (IntEnum members included) in 0..maximum. bool is an int subclass
+    # but never a wire value: True is refused, not sent as 1 (as socks5 does).
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
         raise LocalProtocolError(f"{what} is out of range")
     return value
 
 
 def _in_table(value: object, table: Mapping[int, object]) -> bool:
     # Membership by int value (enum members and plain ints alike); an
-    # unhashable or non-int value is simply not a member.
-    return isinstance(value, int) and value in table
+    # unhashable or non-int value, 1.0 or True, is simply not a member.
+    return isinstance(value, int) and not isinstance(value, bool) and value in table
 
 
 def _check_bytes(value: object, what: str) -> bytes:
+    # bytes() of a memoryview copies all its bytes (nbytes), not len() items.
     if not isinstance(value, bytes | bytearray | memoryview):
         raise LocalProtocolError(f"{what} is not bytes")
     return bytes(value)
@@ -835,6 +925,15 @@ def _encode_stack_leg(leg: object) -> int:
     return leg
 
 
+def _encode_remote_leg(leg: object) -> int:
+    # Happy Eyeballs, TFO, Multipath, Listen Backlog, UDP Error and Port Parity:
+    # their figures fix Leg = 2 (proxy-remote).
+    value = _encode_stack_leg(leg)
+    if value != StackLeg.PROXY_REMOTE:
+        raise LocalProtocolError("stack option leg is not proxy-remote")
+    return value
+
+
 def _encode_availability(value: object) -> int:
     if not _in_table(value, _AVAILABILITY):
         raise LocalProtocolError("stack option availability is out of range")
@@ -857,7 +956,7 @@ def _encode_option(w: Writer, option: Option) -> None:
             leg = _encode_stack_leg(option.leg)
             _stack(w, leg, StackCode.IP_TOS, bytes([_check_int(option.tos, _U8_MAX, "ip tos"), 0]))
         case HappyEyeballsOption():
-            leg = _encode_stack_leg(option.leg)
+            leg = _encode_remote_leg(option.leg)
             value = bytes([_encode_availability(option.availability), 0])
             _stack(w, leg, StackCode.HAPPY_EYEBALLS, value)
         case TTLOption():
@@ -868,23 +967,23 @@ def _encode_option(w: Writer, option: Option) -> None:
             value = bytes([_encode_availability(option.availability), 0])
             _stack(w, leg, StackCode.NO_FRAGMENTATION, value)
         case TFOOption():
-            leg = _encode_stack_leg(option.leg)
+            leg = _encode_remote_leg(option.leg)
             value = _U16.pack(_check_int(option.payload_size, _U16_MAX, "tfo payload size"))
             _stack(w, leg, StackCode.TFO, value)
         case MultipathOption():
-            leg = _encode_stack_leg(option.leg)
+            leg = _encode_remote_leg(option.leg)
             value = bytes([_encode_availability(option.availability), 0])
             _stack(w, leg, StackCode.MULTIPATH, value)
         case ListenBacklogOption():
-            leg = _encode_stack_leg(option.leg)
+            leg = _encode_remote_leg(option.leg)
             value = _U16.pack(_check_int(option.backlog, _U16_MAX, "listen backlog"))
             _stack(w, leg, StackCode.LISTEN_BACKLOG, value)
         case UDPErrorOption():
-            leg = _encode_stack_leg(option.leg)
+            leg = _encode_remote_leg(option.leg)
             value = bytes([_encode_availability(option.availability), 0])
             _stack(w, leg, StackCode.UDP_ERROR, value)
         case PortParityOption():
-            leg = _encode_stack_leg(option.leg)
+            leg = _encode_remote_leg(option.leg)
             if not _in_table(option.parity, _PARITIES):
                 raise LocalProtocolError("port parity is out of range")
             if not isinstance(option.reserve, bool):
@@ -949,16 +1048,17 @@ def _encode_unknown_stack(w: Writer, option: UnknownStackOption) -> None:
     leg = _check_int(option.leg, _STACK_LEG_MAX, "stack leg")
     level = _check_int(option.level, _STACK_LEVEL_MAX, "stack level")
     code = _check_int(option.code, _U8_MAX, "stack code")
-    # It must decode back as unknown, or the round trip would change its type.
-    if leg != 0 and ((level << 8) | code) in _KNOWN_STACK_CODES:
+    data = _check_bytes(option.data, "stack option data")
+    # It must decode back as unknown, or the round trip would change its type:
+    # a known (Leg, Level, Code) is unknown only with a length or value
+    # draft-11 does not define.
+    key = (level << 8) | code
+    if leg != 0 and key in _KNOWN_STACK_CODES and len(data) == 2 and _stack_value_defined(key, *data):
         raise LocalProtocolError("unknown stack option uses a known level and code")
-    data = option.data
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise LocalProtocolError("stack option data is not bytes")
     # Leg/Level and Code take 2 bytes; the data (padding included) ends the option.
     if (2 + len(data)) & 3:
         raise LocalProtocolError("stack option data length is not 2 modulo 4")
-    _push_option(w, OptionKind.STACK, bytes([(leg << _STACK_LEG_SHIFT) | level, code]) + bytes(data))
+    _push_option(w, OptionKind.STACK, bytes([(leg << _STACK_LEG_SHIFT) | level, code]) + data)
 
 
 def _encode_advertisement(w: Writer, option: AuthMethodAdvertisement) -> None:
@@ -978,10 +1078,7 @@ def _encode_advertisement(w: Writer, option: AuthMethodAdvertisement) -> None:
 
 def _encode_auth_data(w: Writer, option: AuthData) -> None:
     method = _check_int(option.method, _U8_MAX, "authentication method")
-    data = option.data
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise LocalProtocolError("authentication data is not bytes")
-    body = bytes([method]) + bytes(data)
+    body = bytes([method]) + _check_bytes(option.data, "authentication data")
     _push_option(w, OptionKind.AUTH_DATA, body + bytes(_pad4(len(body)) - len(body)))
 
 
@@ -990,12 +1087,10 @@ def _encode_unknown(w: Writer, option: UnknownOption) -> None:
     # It must decode back as unknown, or the round trip would change its type.
     if kind in _KNOWN_KINDS:
         raise LocalProtocolError("unknown option uses a known kind")
-    data = option.data
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise LocalProtocolError("option data is not bytes")
+    data = _check_bytes(option.data, "option data")
     if len(data) & 3:
         raise LocalProtocolError("option data length is not a multiple of 4")
-    _push_option(w, kind, bytes(data))
+    _push_option(w, kind, data)
 
 
 def encode_options(options: tuple[Option, ...] | list[Option]) -> bytes:
@@ -1029,14 +1124,25 @@ def _encode_message_options(options: Sequence[Option]) -> bytes:
 
 
 def _encode_addressed(
-    code: int, address_type: object, address: object, port: object, options: Sequence[Option]
+    code: int,
+    address_type: object,
+    address: object,
+    port: object,
+    options: Sequence[Option],
+    noop: bool = False,
 ) -> bytes:
     # Checked in this order: address type, address, port, options.
     if not _in_table(address_type, _ADDRESS_TYPES):
         raise LocalProtocolError("address type is not supported")
     assert isinstance(address_type, int)
+    # Section "Requests", NOOP: "The Address Type field MUST be either 0x01
+    # (IPv4) or 0x04 (IPv6). The Address and Port fields MUST be 0."
+    if noop and address_type == AddressType.DOMAIN_NAME:
+        raise LocalProtocolError("noop address type is not ipv4 or ipv6")
     field = _encode_address(address_type, address)
     port_value = _check_int(port, _U16_MAX, "port")
+    if noop and (port_value != 0 or any(field)):
+        raise LocalProtocolError("noop address or port is not zero")
     encoded = _encode_message_options(options)
     header = _ADDRESSED_HEADER.pack(VERSION, code, len(encoded), port_value, 0, address_type)
     return header + field + encoded
@@ -1048,12 +1154,18 @@ def encode_request(request: Request) -> bytes:
     Raises:
         LocalProtocolError: an unknown command or address type, a bad address
             (invalid IP text, name empty/over 255 bytes/with a NUL), a port out of
-            range, an illegal option, or more than 16384 bytes of options.
+            range, a NOOP whose address is not the zero IPv4/IPv6 address or whose
+            port is not 0, an illegal option, or more than 16384 bytes of options.
     """
     if not _in_table(request.command, _COMMANDS):
         raise LocalProtocolError("command is not supported")
     return _encode_addressed(
-        request.command, request.address_type, request.address, request.port, request.options
+        request.command,
+        request.address_type,
+        request.address,
+        request.port,
+        request.options,
+        request.command == Command.NOOP,
     )
 
 
@@ -1088,14 +1200,18 @@ def encode_version_mismatch() -> bytes:
 
 
 def _check_association_id(association_id: object) -> bytes:
-    if not isinstance(association_id, bytes | bytearray | memoryview) or len(association_id) != (
-        ASSOCIATION_ID_LENGTH
-    ):
+    # Counted in bytes, not items: a memoryview of 8 wider items is not 8 bytes.
+    if not isinstance(association_id, bytes | bytearray | memoryview):
         raise LocalProtocolError("association id is not 8 bytes")
-    return bytes(association_id)
+    raw = bytes(association_id)
+    if len(raw) != ASSOCIATION_ID_LENGTH:
+        raise LocalProtocolError("association id is not 8 bytes")
+    return raw
 
 
 def _address_field_length(address_type: object, address: object) -> int:
+    if not _in_table(address_type, _ADDRESS_TYPES):
+        raise LocalProtocolError("address type is not supported")
     if address_type == AddressType.IPV4:
         return _IPV4_LENGTH
     if address_type == AddressType.IPV6:
@@ -1164,26 +1280,41 @@ def encode_datagram_header(header: DatagramHeader, out: bytearray | memoryview, 
 
     Raises:
         LocalProtocolError: an illegal field (see ``encode_request``), a bad
-            Association ID or Message Length, or ``out`` too small.
+            Association ID or Message Length, ``out`` not a writable contiguous
+            buffer, or too small.
     """
     encoded = _encode_datagram_header(header)
     n = len(encoded)
-    if offset < 0 or len(out) - offset < n:
+    try:
+        view = memoryview(out)
+    except TypeError:
+        raise LocalProtocolError("output buffer is not writable") from None
+    if view.readonly or not view.c_contiguous:
+        raise LocalProtocolError("output buffer is not writable")
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    # Counted in bytes (nbytes), whatever the item size of ``out``.
+    if offset < 0 or len(view) - offset < n:
         raise LocalProtocolError("output buffer is too small")
-    out[offset : offset + n] = encoded
+    view[offset : offset + n] = encoded
     return n
 
 
 def _encode_datagram_error(message: DatagramError) -> bytes:
     association_id = _check_association_id(message.association_id)
     for address_type in (message.address_type, message.reporter_address_type):
-        if address_type != AddressType.IPV4 and address_type != AddressType.IPV6:
+        if not _in_table(address_type, _IP_ADDRESS_TYPES):
             raise LocalProtocolError("datagram error address type is not ipv4 or ipv6")
     address = _encode_ip(message.address_type, message.address)
     reporter = _encode_ip(message.reporter_address_type, message.reporter_address)
     port = _check_int(message.port, _U16_MAX, "port")
     if not _in_table(message.error_code, _DGRAM_ERROR_CODES):
         raise LocalProtocolError("datagram error code is unknown")
+    # Section "Reporting ICMP Errors": "0x04: Datagram too big (IPv6 only)".
+    if message.error_code == DatagramErrorCode.DATAGRAM_TOO_BIG and (
+        message.address_type != AddressType.IPV6 or message.reporter_address_type != AddressType.IPV6
+    ):
+        raise LocalProtocolError("datagram too big is for ipv6 only")
     total = _DGRAM_ADDRESS_OFFSET + len(address) + _REPORTER_PREFIX_LENGTH + len(reporter)
     return (
         _ASSOC_PREFIX.pack(VERSION, UDPMessageType.ERROR, total)
@@ -1222,12 +1353,10 @@ def encode_association_message(message: AssociationMessage) -> bytes:
         if not isinstance(message.header, DatagramHeader):
             raise LocalProtocolError("datagram header has the wrong type")
         header = _encode_datagram_header(message.header)
-        payload = message.payload
-        if not isinstance(payload, bytes | bytearray | memoryview):
-            raise LocalProtocolError("datagram payload is not bytes")
+        payload = _check_bytes(message.payload, "datagram payload")
         if message.header.message_length != len(header) + len(payload):
             raise LocalProtocolError("message length does not match header and payload")
-        return header + bytes(payload)
+        return header + payload
     if cls is DatagramError:
         assert isinstance(message, DatagramError)
         return _encode_datagram_error(message)

@@ -10,7 +10,8 @@ buffers, so any split of the input gives the same result. Bytes after the messag
 are not looked at: they are the next message, pipelined data, or (for RFC 1929
 inside a SOCKS 6 Authentication Data option) the NUL padding.
 
-Errors are ``WireError`` only, raised as soon as the offending byte is present:
+Errors are ``WireError`` only (a bad ``offset`` too: reply_code None, as in the
+SOCKS 6 codec), raised as soon as the offending byte is present:
 a wrong version byte (reply_code None: there is nobody to answer in SOCKS 5 terms),
 an unknown CMD (COMMAND_NOT_SUPPORTED), an unknown ATYP (ADDRESS_TYPE_NOT_SUPPORTED),
 and a malformed domain name (GENERAL_FAILURE) once all of it is present. SOCKS 5
@@ -21,8 +22,9 @@ We send the strict form and accept what real peers send:
 * RSV bytes are sent as zero and ignored on input (RFC 1928 only says "reserved").
 * A greeting with NMETHODS 0 decodes to an empty method list; the proxy then
   answers NO_ACCEPTABLE_METHODS instead of dropping the connection.
-* ULEN and PLEN 0 are accepted on input and output: RFC 1929 says 1 to 255, but
-  curl and others send PLEN 0 for an empty password (and ULEN 0 for an empty user).
+* ULEN and PLEN 0 are accepted on input: RFC 1929 says 1 to 255, but curl and
+  others send PLEN 0 for an empty password (and ULEN 0 for an empty user). We
+  never send them: the encoder refuses an empty username or password.
 * Unassigned METHOD, REP and STATUS values decode to plain ints (known values to
   their enum member), so a client can still report them (e.g. Tor's 0xF0-0xF6).
 
@@ -144,9 +146,9 @@ class UserPassRequest:
     """RFC 1929 username/password request (also the data of a SOCKS 6 method 2 option)."""
 
     username: bytes
-    """UNAME, 0-255 bytes (0 accepted although RFC 1929 says 1-255)."""
+    """UNAME, 1-255 bytes (0 accepted on input although RFC 1929 says 1-255; never sent)."""
     password: bytes
-    """PASSWD, 0-255 bytes (0 accepted: clients send it for an empty password)."""
+    """PASSWD, 1-255 bytes (0 accepted on input: clients send it for an empty password; never sent)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +192,9 @@ _REPLY_CODES = {c.value: c for c in ReplyCode if c <= ReplyCode.ADDRESS_TYPE_NOT
 
 
 def _available(data: Buffer, offset: int) -> int:
+    # A caller bug, reported like the SOCKS 6 codec does (tests/codec_api.py).
     if not 0 <= offset <= len(data):
-        raise ValueError(f"offset {offset} outside a buffer of {len(data)} bytes")
+        raise WireError(f"offset {offset} is out of range", reply_code=None)
     return len(data) - offset
 
 
@@ -503,12 +506,13 @@ def encode_userpass_request(request: UserPassRequest) -> bytes:
     """Encode an RFC 1929 request (no padding: the SOCKS 6 option encoder adds it).
 
     Raises:
-        LocalProtocolError: username or password not bytes, or over 255 bytes.
+        LocalProtocolError: username or password not bytes, empty, or over 255
+            bytes (RFC 1929: ULEN and PLEN are 1 to 255).
     """
     out = bytearray((USERPASS_VERSION,))
     for what, value in (("username", request.username), ("password", request.password)):
-        if not isinstance(value, bytes) or len(value) > MAX_USERPASS_LENGTH:
-            raise LocalProtocolError(f"{what} must be bytes of length 0-255")
+        if not isinstance(value, bytes) or not 1 <= len(value) <= MAX_USERPASS_LENGTH:
+            raise LocalProtocolError(f"{what} must be bytes of length 1-255")
         out.append(len(value))
         out += value
     return bytes(out)

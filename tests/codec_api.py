@@ -2,8 +2,11 @@
 
 This Protocol is the contract. Semantics shared by every function:
 
-* ``data`` is any buffer-protocol object (bytes, bytearray, memoryview); decoding
-  starts at ``offset`` and never copies more than the fields it returns.
+* ``data`` is any C-contiguous buffer-protocol object (bytes, bytearray, memoryview of
+  any item size: offsets and lengths count bytes); decoding starts at ``offset`` and
+  never copies more than the fields it returns. A non-contiguous buffer raises
+  ``WireError("data is not a contiguous buffer", reply_code=None)``; an object that is
+  not a buffer raises ``TypeError`` (a caller bug, not a wire error).
 * Stream decoders (``decode_request``, ``decode_auth_reply``,
   ``decode_operation_reply``, ``decode_association_message``) are incremental and
   stateless: they return ``(message, consumed)`` when a whole message is present,
@@ -20,7 +23,8 @@ This Protocol is the contract. Semantics shared by every function:
   ``max_options_length`` (``WireError``, GENERAL_FAILURE; D6, REQ-03), an
   unknown Command Code in a Request (COMMAND_NOT_SUPPORTED), an unknown Address Type
   (ADDRESS_TYPE_NOT_SUPPORTED), a malformed domain name (D2: empty after stripping,
-  NUL inside, not UTF-8: GENERAL_FAILURE), malformed options (GENERAL_FAILURE).
+  NUL inside, a non-NUL padding byte, not UTF-8: GENERAL_FAILURE), malformed options
+  (GENERAL_FAILURE).
   Decoders raise ``WireError`` and nothing else; both twins raise the same class with
   the same ``reply_code`` and the same message text.
 * Encoders validate and raise ``LocalProtocolError`` for values the draft forbids.
@@ -36,8 +40,10 @@ Clarifications (made by the reference ``_codec_py``; the twin follows them):
   "> max_options_length", then "not a multiple of 4" (every option is a multiple
   of 4, so such a total is malformed; raised early); byte 7 address type; for a
   domain name byte 8 (a length byte of 0 raises "domain name is empty" at once).
-  The address is decoded (D2 name checks) once its whole field, padding
-  included, is present; the options once all of them are present.
+  The address is decoded (D2 name checks, in this order: empty after stripping the
+  trailing NULs of the ``len`` bytes, NUL inside, padding up to the field's 4-byte
+  boundary not all NUL, not UTF-8) once its whole field, padding included, is
+  present; the options once all of them are present.
   Authentication Reply: byte 0, byte 1 Type (0/1, else malformed), bytes 2-3 as above.
 * needed: Request/Operation Reply ``8 + (optlen if bytes 2-3 seen else 0) +
   (address field length if known else 4) - available``; Authentication Reply
@@ -51,24 +57,48 @@ Clarifications (made by the reference ``_codec_py``; the twin follows them):
   error"; others: "address type N is not supported"); once the address type is
   known Message Length >= 16 + addr + 8, once the reporter type is known Message
   Length must equal the exact total; then the error code (1..4). Padding bytes are
-  never inspected anywhere.
+  never inspected, except a domain name's padding (D2: it must be NULs, in
+  Requests, Operation Replies and Datagram Headers alike).
 * ``decode_datagram_header`` uses the same checks as a type 3 message, except a
   Message Type other than 3 is "message type N is not a datagram" and lack of bytes
   is "datagram header is truncated".
-* Options: a Stack option shorter than 8 is malformed; Leg 0 or an undefined
-  (Level, Code) gives ``UnknownStackOption`` (data = bytes 6..Length) whatever its
-  length; a defined one must be exactly 8 long. ``AuthData.data`` and
+* Options are placed (REQ-06): a known kind in a message where draft-11 does not put
+  it decodes as ``UnknownOption(kind, data)`` with no check beyond D8's Length rules.
+  Request: Stack, Advertisement, Authentication Data, Session Request, Session ID,
+  Session Teardown, Idempotence Request, Idempotence Expenditure. Authentication
+  Reply: Method Selection, Authentication Data, Session OK, Session Invalid, Session
+  ID (D4), Idempotence Window, Accepted, Rejected. Operation Reply: Stack, Session ID.
+  ``decode_options`` decodes every known kind unless given ``context`` (``Request``,
+  ``AuthReply`` or ``OperationReply``, the class itself; anything else raises
+  ``WireError("options context is not Request, AuthReply or OperationReply",
+  reply_code=None)``).
+* Options: a Stack option shorter than 8 is malformed. Leg 0, an undefined (Level,
+  Code), a defined one whose Length is not 8, or whose value draft-11 does not
+  define (Availability not 1/2, Parity > 2, Reserve > 1) is unsupported and gives
+  ``UnknownStackOption`` (data = bytes 6..Length). Padding is not inspected.
+  ``AuthData.data`` and
   ``UnknownOption.data`` include padding. Advertisement: methods = bytes 6..Length
   with trailing NULs stripped. Idempotence Request accepts any 32-bit size (0 is
   D15's business); Window size 0 or > 2^31-1 is malformed.
 * Encoders: ``AuthData`` and ``AuthMethodAdvertisement`` are padded minimally;
   ``UnknownOption.data`` must be a multiple of 4 and ``UnknownStackOption.data``
-  2 modulo 4 (no padding added, so decode(encode(x)) == x), and neither may use a
-  known kind / (Leg 1-3, known Level/Code). Message encoders refuse more than 16384
-  bytes of options. ``encode_association_message(Datagram)`` requires
+  2 modulo 4 (no padding added, so decode_options(encode_options(x)) == x), and neither
+  may encode something that decodes as a known option: no known kind, and no Leg 1-3
+  with a known Level/Code, 2 data bytes and a defined value. Byte fields (data,
+  payload, Association ID, the ``out`` buffer) are counted in bytes, not items.
+  Integer fields refuse ``bool`` (and anything that is not an ``int``); enum fields
+  are looked up in the same tables everywhere (1.0 is not an address type).
+  Happy Eyeballs, TFO, Multipath, Listen Backlog, UDP Error and Port Parity must have
+  Leg 2 (their figures fix it; decoders accept any leg). A NOOP Request must have
+  address type IPv4/IPv6 (checked after the address type), the zero address and port
+  0 (checked after the port). Message encoders refuse more than 16384 bytes of
+  options. ``encode_association_message(Datagram)`` requires
   ``header.message_length == header length + len(payload)``; ``DatagramError``'s
-  length is computed. ``datagram_header_length`` checks only the address type and
-  a name's UTF-8 length (1..255), not IP text.
+  length is computed, and error code 4 (datagram too big) needs IPv6 for both
+  addresses (checked after the error code). ``datagram_header_length`` checks only
+  the address type and a name's UTF-8 length (1..255), not IP text.
+  ``encode_datagram_header`` validates the header first, then ``out`` (a writable
+  C-contiguous buffer, else "output buffer is not writable"), then its room.
 
 Decoder error messages (``str(exc)``; N, M are decimal ints; reply_code GENERAL_FAILURE
 unless stated):
@@ -84,9 +114,8 @@ unless stated):
   "option header runs past options length"   "option length N is less than 4"
   "option length N is not a multiple of 4"   "option length N runs past options length"
   "option kind K has length N, expected M"   "option kind K has length N, expected at least M"
-  "stack option level L code C has length N, expected 8"
-  "stack option availability N is not 1 or 2"
-  "port parity N is out of range"            "port parity reserve N is out of range"
+  "domain name padding is not zero"          "data is not a contiguous buffer" (None)
+  "options context is not Request, AuthReply or OperationReply" (None)
   "initial data length N exceeds 16384"      "idempotence window size N is out of range"
   "message type N is unknown"                "message type N is not a datagram"
   "message length N is less than M"          "message length N is not M"
@@ -119,7 +148,9 @@ base", "idempotence token", "stack leg", "stack level", "stack code", "option ki
   "message length is less than the header length"
   "message length does not match header and payload"
   "datagram error address type is not ipv4 or ipv6"  "datagram error code is unknown"
-  "not a udp association message"  "output buffer is too small"
+  "not a udp association message"  "output buffer is too small"  "output buffer is not writable"
+  "stack option leg is not proxy-remote"  "noop address type is not ipv4 or ipv6"
+  "noop address or port is not zero"  "datagram too big is for ipv6 only"
 """
 
 from __future__ import annotations
@@ -157,8 +188,14 @@ class CodecAPI(Protocol):
 
     def encode_operation_reply(self, reply: OperationReply) -> bytes: ...
 
-    def decode_options(self, data: Buffer, offset: int = 0, length: int = -1) -> tuple[Option, ...]:
-        """Walk ``length`` bytes of options (-1: to the end of data)."""
+    def decode_options(
+        self,
+        data: Buffer,
+        offset: int = 0,
+        length: int = -1,
+        context: type[Request] | type[AuthReply] | type[OperationReply] | None = None,
+    ) -> tuple[Option, ...]:
+        """Walk ``length`` bytes of options (-1: to the end of data), placed per ``context``."""
         ...
 
     def encode_options(self, options: tuple[Option, ...] | list[Option]) -> bytes: ...

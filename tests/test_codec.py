@@ -308,6 +308,7 @@ class Vector:
     wire: str
     message: Any
     encodes: bool = True  # False: accepted form that we do not send (D2 draft-12 form)
+    encodable: bool = True  # False: accepted, but our encoder refuses to send it (D11 / REQ-04)
 
 
 MESSAGE_VECTORS = [
@@ -344,14 +345,6 @@ MESSAGE_VECTORS = [
         "request",
         """06 01 0000 0016 00 03
            07 612e696f 000000      # length 7 counts the padding (draft-12): accepted (D2)""",
-        Request(Command.CONNECT, AddressType.DOMAIN_NAME, "a.io", 22),
-        encodes=False,
-    ),
-    Vector(
-        "request-connect-domain-dirty-padding",
-        "request",
-        """06 01 0000 0016 00 03
-           04 612e696f ffffff      # padding content is not inspected (D2)""",
         Request(Command.CONNECT, AddressType.DOMAIN_NAME, "a.io", 22),
         encodes=False,
     ),
@@ -421,6 +414,8 @@ MESSAGE_VECTORS = [
         "request",
         """06 00 0000 0035 00 03 03 646e73   # NOOP to domain "dns", port 53""",
         Request(Command.NOOP, AddressType.DOMAIN_NAME, "dns", 53),
+        encodes=False,
+        encodable=False,
     ),
     Vector(
         "request-connect-session-spend-token",
@@ -650,7 +645,10 @@ def test_message_vector(codec: CodecAPI, vector: Vector) -> None:
     data = h(vector.wire)
     decode = _decoder(codec, vector.kind)
     assert decode(data) == (vector.message, len(data))
-    if vector.encodes:
+    if not vector.encodable:
+        with pytest.raises(LocalProtocolError):
+            _encoder(codec, vector.kind)(vector.message)
+    elif vector.encodes:
         assert _encoder(codec, vector.kind)(vector.message) == data
     else:
         reencoded = _encoder(codec, vector.kind)(vector.message)
@@ -835,6 +833,33 @@ BAD_VECTORS = [
         "domain name is not valid utf-8",
     ),
     Bad(
+        "d2-dirty-padding-req09",
+        "request",
+        """06 01 0000 0016 00 03
+           04 612e696f 0000ff      # a non-NUL padding byte: D2 says "skip NULs" """,
+        16,
+        GF,
+        "domain name padding is not zero",
+    ),
+    Bad(
+        "d2-unpadded-name-req09",
+        "operation_reply",
+        """06 00 0004 0016 00 03
+           02 6162                 # "ab" sent without its NUL padding byte...
+           fc00 0004               # ...so the field swallows the next option's first byte""",
+        12,
+        GF,
+        "domain name padding is not zero",
+    ),
+    Bad(
+        "d2-datagram-dirty-padding-req09",
+        "association",
+        "06 03 001c " + AID.hex() + " 03 00 0035 05 612e622e63 0078 78787878",  # 'x' in the padding
+        24,
+        GF,
+        "domain name padding is not zero",
+    ),
+    Bad(
         "d8-option-length-2-req05",
         "request",
         REQ_V4.format(ol="0004") + "0005 0002",
@@ -913,46 +938,6 @@ BAD_VECTORS = [
         16,
         GF,
         "option kind 1 has length 4, expected at least 8",
-    ),
-    Bad(
-        "known-stack-option-length-12",
-        "request",
-        REQ_V4.format(ol="000c") + "0001 000c 4103 4000 00000000",
-        24,
-        GF,
-        "stack option level 1 code 3 has length 12, expected 8",
-    ),
-    Bad(
-        "availability-3",
-        "request",
-        REQ_V4.format(ol="0008") + "0001 0008 8102 0300",
-        20,
-        GF,
-        "stack option availability 3 is not 1 or 2",
-    ),
-    Bad(
-        "availability-0",
-        "operation_reply",
-        "06 00 0008 0050 00 01 7f000001 0001 0008 8402 0000",
-        20,
-        GF,
-        "stack option availability 0 is not 1 or 2",
-    ),
-    Bad(
-        "port-parity-3",
-        "request",
-        REQ_V4.format(ol="0008") + "0001 0008 8502 0300",
-        20,
-        GF,
-        "port parity 3 is out of range",
-    ),
-    Bad(
-        "port-reserve-2",
-        "request",
-        REQ_V4.format(ol="0008") + "0001 0008 8502 0102",
-        20,
-        GF,
-        "port parity reserve 2 is out of range",
     ),
     Bad(
         "d12-initial-data-length-over-2-14",
@@ -1269,9 +1254,332 @@ def test_d8_unsupported_stack_options_are_opaque_req06(codec: CodecAPI) -> None:
 
 def test_d11_noop_address_is_data(codec: CodecAPI) -> None:
     """D11 is the proxy's rule; the codec decodes NOOP with any address so the proxy can reply 0x08."""
-    for address_type, address in ((AddressType.IPV4, "1.2.3.4"), (AddressType.DOMAIN_NAME, "x")):
-        request = Request(Command.NOOP, address_type, address, 7)
-        assert codec.decode_request(codec.encode_request(request))[0] == request
+    wire = h("06 00 0000 0007 00 01 01020304")  # NOOP to 1.2.3.4:7
+    assert codec.decode_request(wire) == (Request(Command.NOOP, AddressType.IPV4, "1.2.3.4", 7), len(wire))
+
+
+# =================================================================================
+# Review decisions (/tmp/notes/codec_review.md items 1-10)
+# =================================================================================
+
+
+def _connect(address_type: int, address: Any, port: Any = 80, options: Any = ()) -> Request:
+    return Request(Command.CONNECT, address_type, address, port, options)
+
+
+# Where draft-11 places each known option kind (item 1): Request, AuthReply, OperationReply.
+PLACEMENT: dict[int, tuple[bool, bool, bool]] = {
+    1: (True, False, True),  # Stack: client in Requests, proxy in Operation Replies
+    2: (True, False, False),  # Authentication Method Advertisement
+    3: (False, True, False),  # Authentication Method Selection
+    4: (True, True, False),  # Authentication Data
+    5: (True, False, False),  # Session Request
+    6: (True, True, True),  # Session ID (D4: clients accept it in the Authentication Reply)
+    8: (False, True, False),  # Session OK
+    9: (False, True, False),  # Session Invalid
+    10: (True, False, False),  # Session Teardown
+    11: (True, False, False),  # Idempotence Request
+    12: (False, True, False),  # Idempotence Window
+    13: (True, False, False),  # Idempotence Expenditure
+    14: (False, True, False),  # Idempotence Accepted
+    15: (False, True, False),  # Idempotence Rejected
+}
+
+
+def test_req06_misplaced_session_ok_in_request_is_ignored(codec: CodecAPI) -> None:
+    """REQ-06 (item 1): the reviewer's repro, a Session OK with a bad length inside a Request."""
+    wire = h("""06 01 0008 0050 00 01 7f000001   # CONNECT 127.0.0.1:80, Options Length 8
+                0008 0008 00000000               # Session OK (an Authentication Reply option), Length 8""")
+    assert codec.decode_request(wire) == (
+        Request(Command.CONNECT, AddressType.IPV4, "127.0.0.1", 80, (UnknownOption(8, b"\0\0\0\0"),)),
+        len(wire),
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(PLACEMENT))
+def test_req06_misplaced_known_options_decode_as_unknown(codec: CodecAPI, kind: int) -> None:
+    """REQ-06 (item 1): a known kind where draft-11 does not place it is opaque and unchecked."""
+    # A length that is malformed for this kind, so a placed kind must raise: 12 for
+    # the empty options, 4 for the others (each needs at least 8, or exactly 12).
+    data = b"\xff" * 8 if kind in (5, 8, 9, 10, 14, 15) else b""
+    option = kind.to_bytes(2, "big") + (4 + len(data)).to_bytes(2, "big") + data
+    length = len(option).to_bytes(2, "big")
+    request_wire = b"\x06\x01" + length + h("0050 00 01 7f000001") + option
+    op_reply_wire = b"\x06\x00" + length + h("0050 00 01 7f000001") + option
+    auth_wire = b"\x06\x00" + length + option
+    unknown = (UnknownOption(kind, data),)
+    decoders: list[tuple[Callable[..., tuple[Any, int]], bytes, type]] = [
+        (codec.decode_request, request_wire, Request),
+        (codec.decode_auth_reply, auth_wire, AuthReply),
+        (codec.decode_operation_reply, op_reply_wire, OperationReply),
+    ]
+    for placed, (decode, wire, context) in zip(PLACEMENT[kind], decoders, strict=True):
+        if placed:
+            with pytest.raises(WireError):
+                decode(wire)
+            with pytest.raises(WireError):
+                codec.decode_options(option, 0, -1, context)
+        else:
+            message, used = decode(wire)
+            assert used == len(wire) and message.options == unknown
+            assert codec.decode_options(option, 0, -1, context) == unknown
+    # Without a context every known kind is decoded (and checked).
+    with pytest.raises(WireError):
+        codec.decode_options(option)
+
+
+def test_req06_misplaced_options_keep_d8_framing(codec: CodecAPI) -> None:
+    """REQ-06 / D8 (item 1): an ignored option still needs a sane Length; the rest still decodes."""
+    with pytest.raises(WireError, match="^option length 6 is not a multiple of 4$"):
+        codec.decode_operation_reply(h("06 00 0008 0050 00 01 7f000001 0005 0006 0000 0000"))
+    wire = h("06 00 0010 0050 00 01 7f000001 0005 0004 0006 000c 0102030405060708")
+    reply, _ = codec.decode_operation_reply(wire)
+    assert reply is not None
+    assert reply.options == (UnknownOption(5, b""), SessionID(bytes(range(1, 9))))
+    # Stack options in an Authentication Reply are ignored as a whole (not UnknownStackOption).
+    assert codec.decode_auth_reply(h("06 00 0008 0001 0008 4103 4000")) == (
+        AuthReply(AuthReplyType.SUCCESS, (UnknownOption(1, h("4103 4000")),)),
+        12,
+    )
+
+
+def test_req06_decode_options_context_is_checked(codec: CodecAPI) -> None:
+    """REQ-06 (item 1): decode_options accepts only the three message classes as context."""
+    for context in (Datagram, "request", 1):
+        with pytest.raises(
+            WireError, match="^options context is not Request, AuthReply or OperationReply$"
+        ) as info:
+            codec.decode_options(b"", 0, -1, context)
+        assert info.value.reply_code is None
+
+
+@pytest.mark.parametrize(
+    ("wire", "option"),
+    [
+        ("0001 000c 4103 4000 00000000", UnknownStackOption(1, 1, 3, h("4000 00000000"))),  # TTL, Length 12
+        ("0001 0008 8102 0300", UnknownStackOption(2, 1, 2, h("0300"))),  # Happy Eyeballs availability 3
+        ("0001 0008 c104 0000", UnknownStackOption(3, 1, 4, h("0000"))),  # No Fragmentation availability 0
+        ("0001 0008 8402 ff00", UnknownStackOption(2, 4, 2, h("ff00"))),  # Multipath availability 255
+        ("0001 0008 8501 0000", UnknownStackOption(2, 5, 1, h("0000"))),  # UDP Error availability 0
+        ("0001 0008 8502 0300", UnknownStackOption(2, 5, 2, h("0300"))),  # Port Parity parity 3
+        ("0001 0008 8502 0102", UnknownStackOption(2, 5, 2, h("0102"))),  # Port Parity reserve 2
+        ("0001 0010 8401 0000 0000 0000 0000 0000", UnknownStackOption(2, 4, 1, bytes(10))),  # TFO, Length 16
+    ],
+)
+def test_req06_unsupported_stack_values_are_ignored(codec: CodecAPI, wire: str, option: Option) -> None:
+    """REQ-06 (item 2): undefined Stack values or lengths are unsupported, not malformed; they round-trip."""
+    data = h(wire)
+    assert codec.decode_options(data) == (option,)
+    request = h(f"06 01 {len(data):04x} 0050 00 01 7f000001") + data
+    assert codec.decode_request(request)[0] == Request(
+        Command.CONNECT, AddressType.IPV4, "127.0.0.1", 80, (option,)
+    )
+    assert codec.encode_options((option,)) == data
+
+
+def test_req05_stack_option_too_short_stays_malformed(codec: CodecAPI) -> None:
+    """REQ-05 / D8 (item 2): Length < 4 or not a multiple of 4 is malformed; so is a Stack option of 4."""
+    for wire, message in (
+        ("0001 0002", "option length 2 is less than 4"),
+        ("0001 0006 4103", "option length 6 is not a multiple of 4"),
+        ("0001 0004", "option kind 1 has length 4, expected at least 8"),
+        ("0001 000c 4103 4000", "option length 12 runs past options length"),
+    ):
+        with pytest.raises(WireError) as info:
+            codec.decode_options(h(wire))
+        assert (str(info.value), info.value.reply_code) == (message, GF)
+
+
+REMOTE_ONLY_OPTIONS: list[Callable[[int], Option]] = [
+    lambda leg: HappyEyeballsOption(leg, Availability.DESIRED),
+    lambda leg: TFOOption(leg, 0),
+    lambda leg: MultipathOption(leg, Availability.DESIRED),
+    lambda leg: ListenBacklogOption(leg, 5),
+    lambda leg: UDPErrorOption(leg, Availability.DESIRED),
+    lambda leg: PortParityOption(leg, Parity.EVEN, False),
+]
+
+
+@pytest.mark.parametrize("make", REMOTE_ONLY_OPTIONS)
+def test_stk_remote_only_options_must_use_leg_2(codec: CodecAPI, make: Callable[[int], Option]) -> None:
+    """Item 3: the figures fix Leg = 2 for these; encoders refuse Leg 1 and 3, decoders accept any leg."""
+    wire = codec.encode_options((make(StackLeg.PROXY_REMOTE),))
+    for leg in (StackLeg.CLIENT_PROXY, StackLeg.BOTH):
+        with pytest.raises(LocalProtocolError, match="^stack option leg is not proxy-remote$"):
+            codec.encode_options((make(leg),))
+        other_leg = wire[:4] + bytes([leg << 6 | wire[4] & 0x3F]) + wire[5:]
+        assert codec.decode_options(other_leg) == (make(leg),)
+    with pytest.raises(LocalProtocolError, match="^stack leg is out of range$"):
+        codec.encode_options((make(0),))
+
+
+@pytest.mark.parametrize(
+    ("address_type", "address", "port", "error"),
+    [
+        (AddressType.DOMAIN_NAME, "x", 0, "noop address type is not ipv4 or ipv6"),
+        (AddressType.IPV4, "1.2.3.4", 0, "noop address or port is not zero"),
+        (AddressType.IPV4, "0.0.0.0", 1, "noop address or port is not zero"),
+        (AddressType.IPV6, "::1", 0, "noop address or port is not zero"),
+        (AddressType.IPV6, "::", 53, "noop address or port is not zero"),
+        (AddressType.IPV4, "0.0.0.256", 0, "address is not a valid ip address"),  # checked before
+    ],
+)
+def test_req04_noop_encoder_refuses_nonzero_address(
+    codec: CodecAPI, address_type: AddressType, address: str, port: int, error: str
+) -> None:
+    """REQ-04 / D11 (item 4): a NOOP is sent only to 0.0.0.0:0 or [::]:0 (section "Requests")."""
+    with pytest.raises(LocalProtocolError) as info:
+        codec.encode_request(Request(Command.NOOP, address_type, address, port))
+    assert str(info.value) == error
+
+
+def test_req04_noop_encoder_accepts_zero_addresses(codec: CodecAPI) -> None:
+    """REQ-04 (item 4): the zero IPv4 and IPv6 addresses (any spelling) with port 0 are sent."""
+    for address_type, address, expected in (
+        (AddressType.IPV4, "0.0.0.0", "0.0.0.0"),
+        (AddressType.IPV6, "::", "::"),
+        (AddressType.IPV6, "0:0:0:0:0:0:0:0", "::"),
+    ):
+        wire = codec.encode_request(Request(Command.NOOP, address_type, address, 0))
+        assert codec.decode_request(wire)[0] == Request(Command.NOOP, address_type, expected, 0)
+    # CONNECT to a nonzero address is not affected, nor an Operation Reply's code 0 (success).
+    codec.encode_request(Request(Command.CONNECT, AddressType.DOMAIN_NAME, "x", 1))
+    codec.encode_operation_reply(OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, "1.2.3.4", 1))
+
+
+@pytest.mark.parametrize(
+    ("address_type", "reporter_type"),
+    [
+        (AddressType.IPV4, AddressType.IPV4),
+        (AddressType.IPV4, AddressType.IPV6),
+        (AddressType.IPV6, AddressType.IPV4),
+    ],
+)
+def test_udp09_datagram_too_big_is_ipv6_only(
+    codec: CodecAPI, address_type: AddressType, reporter_type: AddressType
+) -> None:
+    """UDP-09 (item 5): error code 4 ("Datagram too big (IPv6 only)") needs IPv6 on both addresses."""
+    address = {AddressType.IPV4: "192.0.2.1", AddressType.IPV6: "2001:db8::1"}
+    message = DatagramError(
+        AID,
+        address_type,
+        address[address_type],
+        53,
+        reporter_type,
+        address[reporter_type],
+        DatagramErrorCode.DATAGRAM_TOO_BIG,
+    )
+    with pytest.raises(LocalProtocolError, match="^datagram too big is for ipv6 only$"):
+        codec.encode_association_message(message)
+    # The decoder stays lenient: an IPv4 "too big" from a peer decodes.
+    wire = h("06 04 001c " + AID.hex() + " 01 00 0035 c0000201 01 04 0000 c0000201")
+    assert codec.decode_association_message(wire)[0] == DatagramError(
+        AID,
+        AddressType.IPV4,
+        "192.0.2.1",
+        53,
+        AddressType.IPV4,
+        "192.0.2.1",
+        DatagramErrorCode.DATAGRAM_TOO_BIG,
+    )
+
+
+def test_req09_d2_padding_must_be_nul_everywhere(codec: CodecAPI) -> None:
+    """REQ-09 / D2 (item 6): the Datagram Header checks the padding too; an unpadded peer errors."""
+    # "ab" without padding followed by payload "xyz": the 'x' would be skipped as padding.
+    unpadded = h("06 03 0018 1122334455667788 03 00 0035 02 6162 78797a")
+    with pytest.raises(WireError, match="^domain name padding is not zero$") as info:
+        codec.decode_datagram_header(unpadded)
+    assert info.value.reply_code == GF
+    with pytest.raises(WireError, match="^domain name padding is not zero$"):
+        codec.decode_association_message(unpadded)
+    # NUL padding, in either D2 form, still decodes.
+    padded = h("06 03 0018 1122334455667788 03 00 0035 02 6162 00 78797a00")
+    assert codec.decode_datagram_header(padded)[0].address == "ab"
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        (_connect(AddressType.IPV4, "1.2.3.4", True), "port is out of range"),
+        (Request(True, AddressType.IPV4, "1.2.3.4", 1), "command is not supported"),
+        (_connect(True, "1.2.3.4"), "address type is not supported"),
+        (_connect(AddressType.IPV4, "1.2.3.4", 1, (TTLOption(StackLeg.BOTH, True),)), "ttl is out of range"),
+        (_connect(AddressType.IPV4, "1.2.3.4", 1, (TTLOption(True, 1),)), "stack leg is out of range"),
+        (
+            _connect(AddressType.IPV4, "1.2.3.4", 1, (MultipathOption(StackLeg.PROXY_REMOTE, True),)),
+            "stack option availability is out of range",
+        ),
+        (
+            _connect(AddressType.IPV4, "1.2.3.4", 1, (AuthMethodAdvertisement(0, (True,)),)),
+            "authentication method is out of range",
+        ),
+        (
+            _connect(AddressType.IPV4, "1.2.3.4", 1, (UnknownOption(False, b""),)),
+            "option kind is out of range",
+        ),
+    ],
+)
+def test_encoders_refuse_bool_integers(codec: CodecAPI, message: Request, error: str) -> None:
+    """Item 9: True/False are not wire integers (socks5 already refuses them)."""
+    with pytest.raises(LocalProtocolError) as info:
+        codec.encode_request(message)
+    assert str(info.value) == error
+
+
+def test_encoders_count_bytes_not_items(codec: CodecAPI) -> None:
+    """Item 10: lengths of buffer fields are in bytes, whatever the memoryview's item size."""
+    wide_id = memoryview(bytes(16)).cast("I")  # 4 items, 16 bytes
+    assert len(wide_id) == 4
+    with pytest.raises(LocalProtocolError, match="^association id is not 8 bytes$"):
+        codec.encode_association_message(AssociationInit(wide_id))
+    two_words = memoryview(AID).cast("I")  # 2 items, 8 bytes
+    assert codec.encode_association_message(AssociationInit(two_words)) == h("06 01 000c") + AID
+    one_word = memoryview(b"abcd").cast("I")  # 1 item, 4 bytes: a valid option data length
+    assert codec.encode_options((UnknownOption(64512, one_word),)) == h("fc00 0008") + b"abcd"
+    stack_data = memoryview(b"abcdef").cast("H")  # 3 items, 6 bytes: 2 modulo 4
+    assert codec.encode_options((UnknownStackOption(0, 1, 1, stack_data),)) == h("0001 000c 0101") + b"abcdef"
+    payload = memoryview(b"wxyz").cast("H")  # 2 items, 4 bytes
+    header = DatagramHeader(AID, AddressType.IPV4, "192.0.2.1", 9, 24)
+    assert codec.encode_association_message(Datagram(header, payload))[-4:] == b"wxyz"
+    # A wide writable out buffer: the room is counted in bytes.
+    out = memoryview(bytearray(20)).cast("I")  # 5 items, 20 bytes
+    assert codec.encode_datagram_header(DatagramHeader(AID, AddressType.IPV4, "192.0.2.1", 9, 20), out) == 20
+    assert bytes(out)[12:16] == h("01 00 0009")
+
+
+def test_address_types_use_the_table_everywhere(codec: CodecAPI) -> None:
+    """Item 10: 1.0 or True is not an address type, in datagram_header_length and Datagram Error too."""
+    for address_type in (1.0, 4.0, True):
+        with pytest.raises(LocalProtocolError, match="^address type is not supported$"):
+            codec.datagram_header_length(address_type, "192.0.2.1")
+        with pytest.raises(LocalProtocolError, match="^datagram error address type is not ipv4 or ipv6$"):
+            codec.encode_association_message(
+                DatagramError(AID, address_type, "192.0.2.1", 1, AddressType.IPV4, "192.0.2.1", 1)
+            )
+
+
+def test_non_contiguous_and_read_only_buffers(codec: CodecAPI) -> None:
+    """Item 10: a non-contiguous input is WireError (reply_code None); out must be writable."""
+    strided = memoryview(h("06 00 0000") * 2)[::2]
+    decoders: list[Callable[..., object]] = [
+        codec.decode_request,
+        codec.decode_auth_reply,
+        codec.decode_operation_reply,
+        codec.decode_association_message,
+        codec.decode_datagram_header,
+        codec.decode_options,
+    ]
+    for decode in decoders:
+        with pytest.raises(WireError, match="^data is not a contiguous buffer$") as info:
+            decode(strided)
+        assert info.value.reply_code is None
+        with pytest.raises(TypeError):
+            decode("06 00 0000")
+    header = DatagramHeader(AID, AddressType.IPV4, "192.0.2.1", 9, 20)
+    for out in (bytes(20), memoryview(bytes(20)), memoryview(bytearray(40))[::2], [0] * 20, None):
+        with pytest.raises(LocalProtocolError, match="^output buffer is not writable$"):
+            codec.encode_datagram_header(header, out)
 
 
 def test_d12_initial_data_length(codec: CodecAPI) -> None:
@@ -1388,6 +1696,8 @@ def test_datagram_header_d2_accepts_draft12_padding(codec: CodecAPI) -> None:
         ("06 03 0014 1122334455667788 05 00 0035 7f000001", ATNS, "address type 5 is not supported"),
         ("06 03 0014 1122334455667788 03 00 0035 00 000000", GF, "domain name is empty"),
         ("06 03 0014 1122334455667788 03 00 0035 03 ff0000", GF, "domain name is not valid utf-8"),
+        # D2 / REQ-09: an unpadded name ("ab" then payload "xyz") is refused, not truncated
+        ("06 03 0018 1122334455667788 03 00 0035 02 6162 78797a", GF, "domain name padding is not zero"),
     ],
 )
 def test_datagram_header_errors(

@@ -85,6 +85,8 @@ u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 legs = st.sampled_from(list(StackLeg))
+# Happy Eyeballs, TFO, Multipath, Listen Backlog, UDP Error, Port Parity: Leg 2 only (review item 3).
+remote = st.just(StackLeg.PROXY_REMOTE)
 availability = st.sampled_from(list(Availability))
 
 
@@ -105,14 +107,14 @@ unknown_stack = st.builds(
 
 options: st.SearchStrategy[Option] = st.one_of(
     st.builds(IPTOSOption, legs, u8),
-    st.builds(HappyEyeballsOption, legs, availability),
+    st.builds(HappyEyeballsOption, remote, availability),
     st.builds(TTLOption, legs, u8),
     st.builds(NoFragmentationOption, legs, availability),
-    st.builds(TFOOption, legs, u16),
-    st.builds(MultipathOption, legs, availability),
-    st.builds(ListenBacklogOption, legs, u16),
-    st.builds(UDPErrorOption, legs, availability),
-    st.builds(PortParityOption, legs, st.sampled_from(list(Parity)), st.booleans()),
+    st.builds(TFOOption, remote, u16),
+    st.builds(MultipathOption, remote, availability),
+    st.builds(ListenBacklogOption, remote, u16),
+    st.builds(UDPErrorOption, remote, availability),
+    st.builds(PortParityOption, remote, st.sampled_from(list(Parity)), st.booleans()),
     unknown_stack,
     st.builds(
         AuthMethodAdvertisement,
@@ -150,21 +152,59 @@ addresses = st.one_of(
 )
 option_lists = st.lists(options, max_size=6).map(tuple)
 
-requests = st.builds(
-    lambda c, a, p, o: Request(c, a[0], a[1], p, o),
-    st.sampled_from(list(Command)),
-    addresses,
-    u16,
-    option_lists,
+
+def _kind(option: Option) -> int:
+    return int.from_bytes(_codec_py.encode_options((option,))[:2], "big")
+
+
+def placed_lists(*kinds: OptionKind) -> st.SearchStrategy[tuple[Option, ...]]:
+    """Option runs of the kinds a message may carry (REQ-06: others decode as UnknownOption)."""
+    allowed = {int(k) for k in kinds}
+    return st.lists(
+        options.filter(lambda o: _kind(o) in allowed or _kind(o) not in KNOWN_KINDS), max_size=6
+    ).map(tuple)
+
+
+request_options = placed_lists(
+    OptionKind.STACK,
+    OptionKind.AUTH_METHOD_ADVERTISEMENT,
+    OptionKind.AUTH_DATA,
+    OptionKind.SESSION_REQUEST,
+    OptionKind.SESSION_ID,
+    OptionKind.SESSION_TEARDOWN,
+    OptionKind.IDEMPOTENCE_REQUEST,
+    OptionKind.IDEMPOTENCE_EXPENDITURE,
 )
+auth_reply_options = placed_lists(
+    OptionKind.AUTH_METHOD_SELECTION,
+    OptionKind.AUTH_DATA,
+    OptionKind.SESSION_OK,
+    OptionKind.SESSION_INVALID,
+    OptionKind.SESSION_ID,
+    OptionKind.IDEMPOTENCE_WINDOW,
+    OptionKind.IDEMPOTENCE_ACCEPTED,
+    OptionKind.IDEMPOTENCE_REJECTED,
+)
+operation_reply_options = placed_lists(OptionKind.STACK, OptionKind.SESSION_ID)
+
+
+def _request(
+    command: Command, address: tuple[AddressType, str], port: int, opts: tuple[Option, ...]
+) -> Request:
+    if command == Command.NOOP:  # REQ-04: a NOOP is sent to the zero address and port 0
+        return Request(command, AddressType.IPV4, "0.0.0.0", 0, opts)
+    return Request(command, address[0], address[1], port, opts)
+
+
+requests = st.builds(_request, st.sampled_from(list(Command)), addresses, u16, request_options)
 operation_replies = st.builds(
     lambda c, a, p, o: OperationReply(c, a[0], a[1], p, o),
     st.sampled_from(list(ReplyCode)),
     addresses,
     u16,
-    option_lists,
+    operation_reply_options,
 )
-auth_replies = st.builds(AuthReply, st.sampled_from(list(AuthReplyType)), option_lists)
+auth_replies = st.builds(AuthReply, st.sampled_from(list(AuthReplyType)), auth_reply_options)
 association_ids = st.binary(min_size=8, max_size=8)
 
 
@@ -184,6 +224,11 @@ association_messages = st.one_of(
         u16,
         ip_addresses,
         st.sampled_from(list(DatagramErrorCode)),
+    ).filter(  # "Datagram too big (IPv6 only)" (review item 5)
+        lambda e: (
+            e.error_code != DatagramErrorCode.DATAGRAM_TOO_BIG
+            or e.address_type == e.reporter_address_type == AddressType.IPV6
+        )
     ),
 )
 

@@ -141,10 +141,14 @@ def _buffer(data: bytes, kind: str) -> bytes | bytearray | memoryview:
         return bytearray(data)
     if kind == "memoryview":
         return memoryview(data)
+    if kind == "wide":  # items of 4 bytes when the length allows: offsets stay in bytes
+        return memoryview(data).cast("I") if len(data) % 4 == 0 else memoryview(data)
+    if kind == "strided":  # not contiguous: WireError with reply_code None (review item 10)
+        return memoryview(bytes(x for b in data for x in (b, 0)))[::2]
     return data
 
 
-buffer_kinds = st.sampled_from(["bytes", "bytearray", "memoryview"])
+buffer_kinds = st.sampled_from(["bytes", "bytearray", "memoryview", "wide", "bytes", "strided"])
 
 
 def decode_everything(data: bytes, offset: int = 0, cap: int | None = None, kind: str = "bytes") -> None:
@@ -158,6 +162,9 @@ def decode_everything(data: bytes, offset: int = 0, cap: int | None = None, kind
     # decode_options with an explicit length, in range or not.
     same("decode_options", buf, offset, len(data) - offset)
     same("decode_options", buf, offset, len(data) - offset + 4)
+    # ... and in the context of each message (REQ-06: misplaced kinds are opaque).
+    for context in (Request, AuthReply, OperationReply):
+        same("decode_options", buf, offset, -1, context)
 
 
 # --- Strategies: valid fields ----------------------------------------------------
@@ -166,6 +173,8 @@ u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 legs = st.sampled_from(list(StackLeg))
+# Happy Eyeballs, TFO, Multipath, Listen Backlog, UDP Error, Port Parity: Leg 2 only (review item 3).
+remote = st.just(StackLeg.PROXY_REMOTE)
 availabilities = st.sampled_from(list(Availability))
 ipv4_text = st.ip_addresses(v=4).map(str)
 # Includes IPv4-mapped (::ffff:a.b.c.d) and other special ranges.
@@ -196,16 +205,38 @@ def _aligned(n: int) -> st.SearchStrategy[bytes]:
 
 valid_options: st.SearchStrategy[Option] = st.one_of(
     st.builds(IPTOSOption, legs, u8),
-    st.builds(HappyEyeballsOption, legs, availabilities),
+    st.builds(HappyEyeballsOption, remote, availabilities),
     st.builds(TTLOption, legs, u8),
     st.builds(NoFragmentationOption, legs, availabilities),
-    st.builds(TFOOption, legs, u16),
-    st.builds(MultipathOption, legs, availabilities),
-    st.builds(ListenBacklogOption, legs, u16),
-    st.builds(UDPErrorOption, legs, availabilities),
-    st.builds(PortParityOption, legs, st.sampled_from(list(Parity)), st.booleans()),
+    st.builds(TFOOption, remote, u16),
+    st.builds(MultipathOption, remote, availabilities),
+    st.builds(ListenBacklogOption, remote, u16),
+    st.builds(UDPErrorOption, remote, availabilities),
+    st.builds(PortParityOption, remote, st.sampled_from(list(Parity)), st.booleans()),
     st.builds(UnknownStackOption, st.just(0), st.integers(0, 63), u8, _aligned(2)),
     st.builds(UnknownStackOption, st.integers(1, 3), st.sampled_from([0, 2, 3, 6, 63]), u8, _aligned(2)),
+    # A known (Level, Code) with a value or length draft-11 does not define (review item 2).
+    st.builds(
+        UnknownStackOption,
+        st.integers(1, 3),
+        st.just(1),
+        st.just(2),
+        st.sampled_from([b"\x00\x00", b"\x03\x00"]),
+    ),
+    st.builds(
+        UnknownStackOption,
+        st.integers(1, 3),
+        st.just(5),
+        st.just(2),
+        st.sampled_from([b"\x03\x00", b"\x01\x02"]),
+    ),
+    st.builds(
+        UnknownStackOption,
+        st.integers(1, 3),
+        st.just(1),
+        st.just(3),
+        _aligned(2).filter(lambda d: len(d) > 2),
+    ),
     st.builds(
         AuthMethodAdvertisement,
         st.integers(0, 2**14),
@@ -230,8 +261,12 @@ option_runs = st.lists(valid_options, max_size=6).map(tuple)
 
 @st.composite
 def requests(draw: st.DrawFn) -> Request:
+    command = draw(st.sampled_from(list(Command)))
+    if command == Command.NOOP:  # REQ-04: only the zero address and port 0
+        zero = draw(st.sampled_from([(AddressType.IPV4, "0.0.0.0"), (AddressType.IPV6, "::")]))
+        return Request(command, zero[0], zero[1], 0, draw(option_runs))
     address_type, address = draw(addresses())
-    return Request(draw(st.sampled_from(list(Command))), address_type, address, draw(u16), draw(option_runs))
+    return Request(command, address_type, address, draw(u16), draw(option_runs))
 
 
 @st.composite
@@ -267,6 +302,9 @@ def datagram_errors(draw: st.DrawFn) -> DatagramError:
         return AddressType.IPV6, draw(ipv6_text)
 
     (address_type, address), (reporter_type, reporter) = ip(), ip()
+    codes = list(DatagramErrorCode)
+    if not address_type == reporter_type == AddressType.IPV6:  # "Datagram too big (IPv6 only)"
+        codes.remove(DatagramErrorCode.DATAGRAM_TOO_BIG)
     return DatagramError(
         draw(association_ids),
         address_type,
@@ -274,7 +312,7 @@ def datagram_errors(draw: st.DrawFn) -> DatagramError:
         draw(u16),
         reporter_type,
         reporter,
-        draw(st.sampled_from(list(DatagramErrorCode))),
+        draw(st.sampled_from(codes)),
     )
 
 

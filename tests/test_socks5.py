@@ -255,11 +255,20 @@ STREAM_VECTORS: list[tuple[str, Decoder, Encoder, bytes, object]] = [
     ),
 ]
 _IDS = [v[0] for v in STREAM_VECTORS]
+# Accepted on input, never sent: RFC 1929 says ULEN and PLEN are 1 to 255 (review item 7).
+_ACCEPTED_NOT_SENT = {
+    "username/password request with an empty password (PLEN 0, as curl sends)",
+    "username/password request with empty username and password",
+}
 
 
 @pytest.mark.parametrize(("name", "decode", "encode", "wire", "message"), STREAM_VECTORS, ids=_IDS)
 def test_golden_vector(name: str, decode: Decoder, encode: Encoder, wire: bytes, message: object) -> None:
-    assert encode(message) == wire
+    if name in _ACCEPTED_NOT_SENT:
+        with pytest.raises(LocalProtocolError):
+            encode(message)
+    else:
+        assert encode(message) == wire
     # Whole, with the next message behind it, at an offset, and from each buffer type.
     n = len(wire)
     assert decode(wire) == (message, n)
@@ -489,7 +498,8 @@ def test_userpass_reply_inside_auth_data_option() -> None:
         (socks5.encode_reply, Socks5Reply(ReplyCode.CONNECTION_TIMED_OUT, AddressType.IPV4, "0.0.0.0", 0)),
         (socks5.encode_reply, Socks5Reply(0xF0, AddressType.IPV4, "0.0.0.0", 0)),
         (socks5.encode_udp_header, Socks5UDPHeader(AddressType.IPV4, "127.0.0.1", 1, fragment=256)),
-        (socks5.encode_userpass_request, UserPassRequest(b"u" * 256, b"")),
+        (socks5.encode_userpass_request, UserPassRequest(b"u" * 256, b"p")),
+        (socks5.encode_userpass_request, UserPassRequest(b"u", b"p" * 256)),
         (socks5.encode_userpass_request, UserPassRequest(b"u", "p")),  # type: ignore[arg-type]
         (socks5.encode_userpass_reply, UserPassReply(256)),
     ],
@@ -585,8 +595,8 @@ _ports = st.integers(0, 0xFFFF)
     code=st.sampled_from([c for c in ReplyCode if c != ReplyCode.CONNECTION_TIMED_OUT]),
     address=_addresses,
     port=_ports,
-    username=st.binary(max_size=255),
-    password=st.binary(max_size=255),
+    username=st.binary(min_size=1, max_size=255),
+    password=st.binary(min_size=1, max_size=255),
 )
 def test_round_trip(
     command: Socks5Command,
@@ -613,3 +623,25 @@ def test_round_trip(
 def test_offset_outside_buffer_is_a_caller_bug() -> None:
     with pytest.raises(ValueError):
         socks5.decode_request(b"\x05", 2)
+
+
+@pytest.mark.parametrize("decode", [v[1] for v in STREAM_VECTORS] + [socks5.decode_udp_header])
+@pytest.mark.parametrize("offset", [-1, 3])
+def test_bad_offset_is_wire_error_like_socks6(decode: Decoder, offset: int) -> None:
+    """Review item 8: a bad offset is WireError(reply_code=None), as in the SOCKS 6 codec."""
+    with pytest.raises(WireError) as info:
+        decode(b"\x05\x01", offset)
+    assert type(info.value) is WireError
+    assert (str(info.value), info.value.reply_code) == (f"offset {offset} is out of range", None)
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "what"),
+    [(b"", b"pw", "username"), (b"alice", b"", "password"), (b"", b"", "username")],
+)
+def test_userpass_encoder_refuses_empty_credentials(username: bytes, password: bytes, what: str) -> None:
+    """Review item 7 (AUTH-05): RFC 1929 ULEN/PLEN are 1-255 on send; 0 is still accepted on input."""
+    with pytest.raises(LocalProtocolError, match=f"^{what} must be bytes of length 1-255$"):
+        socks5.encode_userpass_request(UserPassRequest(username, password))
+    wire = b"\x01" + bytes([len(username)]) + username + bytes([len(password)]) + password
+    assert socks5.decode_userpass_request(wire) == (UserPassRequest(username, password), len(wire))

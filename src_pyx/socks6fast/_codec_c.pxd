@@ -19,6 +19,7 @@ cdef enum:
     DGRAM_E_ADDRESS_TYPE = -5  # "address type N is not supported"
     DGRAM_E_NAME_EMPTY = -6    # "domain name is empty"
     DGRAM_E_NAME_NUL = -7      # "domain name contains a nul byte"
+    DGRAM_E_NAME_PADDING = -8  # "domain name padding is not zero" (D2: padding must be NULs)
 
 
 cdef struct DatagramHeaderView:

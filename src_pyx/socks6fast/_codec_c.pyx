@@ -29,6 +29,7 @@ on random, mutated and generated input. Only the machinery differs:
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_AsTuple
 from cpython.long cimport PyLong_FromLong, PyLong_FromSsize_t, PyLong_FromUnsignedLong
@@ -155,6 +156,9 @@ cdef extern from *:
     long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
     # exc NULL: clamp to PY_SSIZE_T_MIN/MAX instead of raising OverflowError.
     Py_ssize_t PyNumber_AsSsize_t(object value, PyObject* exc) except? -1
+    # PyObject_GetBuffer without Cython's automatic raise: the caller maps
+    # BufferError (a non-contiguous exporter) to the reference's WireError.
+    int s6_get_buffer "PyObject_GetBuffer"(object obj, Py_buffer* view, int flags)
 
 
 # --- Wire sizes (the draft's figures; same names as in _codec_py) ---------------
@@ -222,6 +226,25 @@ cdef enum:
     _SC_LISTEN_BACKLOG = 0x403
     _SC_UDP_ERROR = 0x501
     _SC_PORT_PARITY = 0x502
+    # Stack Leg 2 (constants.StackLeg.PROXY_REMOTE), DatagramErrorCode.DATAGRAM_TOO_BIG.
+    _LEG_PROXY_REMOTE = 2
+    _DGRAM_TOO_BIG = 4
+    _CMD_NOOP = 0  # constants.Command.NOOP
+
+# Where draft-11 places each known option (REQ-06), as bit masks over the kind:
+# a known kind whose bit is clear is decoded as an opaque UnknownOption. Same
+# sets as the reference's _REQUEST_KINDS, _AUTH_REPLY_KINDS, _OPERATION_REPLY_KINDS
+# (tests/test_codec.py test_req06_placement_tables_agree compares them).
+cdef enum:
+    _ALL_KINDS = 0xFFFE  # bits 1-15: every kind draft-11 defines (7 is not one; _known_kind says so)
+    _REQUEST_KINDS = ((1 << _KIND_STACK) | (1 << _KIND_ADVERTISEMENT) | (1 << _KIND_AUTH_DATA)
+                      | (1 << _KIND_SESSION_REQUEST) | (1 << _KIND_SESSION_ID) | (1 << _KIND_SESSION_TEARDOWN)
+                      | (1 << _KIND_IDEMPOTENCE_REQUEST) | (1 << _KIND_IDEMPOTENCE_EXPENDITURE))
+    _AUTH_REPLY_KINDS = ((1 << _KIND_SELECTION) | (1 << _KIND_AUTH_DATA) | (1 << _KIND_SESSION_OK)
+                         | (1 << _KIND_SESSION_INVALID) | (1 << _KIND_SESSION_ID)
+                         | (1 << _KIND_IDEMPOTENCE_WINDOW) | (1 << _KIND_IDEMPOTENCE_ACCEPTED)
+                         | (1 << _KIND_IDEMPOTENCE_REJECTED))
+    _OPERATION_REPLY_KINDS = (1 << _KIND_STACK) | (1 << _KIND_SESSION_ID)
 
 cdef unsigned long _U32_MAX = 0xFFFFFFFF
 cdef long long _MAX_WINDOW_SIZE = MAX_WINDOW_SIZE
@@ -265,6 +288,9 @@ def _check_constants():
             raise ImportError(f"_codec_c is out of date with constants.py: {member!r} is not {value}")
     if len(OptionKind) != 14 or len(StackCode) != 9:
         raise ImportError("_codec_c is out of date with constants.py: new option kinds or stack codes")
+    if (_LEG_PROXY_REMOTE != StackLeg.PROXY_REMOTE or _DGRAM_TOO_BIG != DatagramErrorCode.DATAGRAM_TOO_BIG
+            or _CMD_NOOP != Command.NOOP):
+        raise ImportError("_codec_c is out of date with constants.py: legs, error codes or commands")
 
 
 _check_constants()
@@ -499,8 +525,14 @@ cdef Py_ssize_t _start(object offset, Py_ssize_t size) except -1:
 
 cdef inline int _acquire(object data, Py_buffer* view) except -1:
     # PyBUF_SIMPLE: the contiguous bytes of any exporter, whatever its format
-    # (the reference's memoryview(data).cast("B")); no copy.
-    return PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
+    # (the reference's memoryview(data).cast("B")); no copy. A non-buffer keeps
+    # its TypeError; a non-contiguous buffer is the reference's WireError.
+    if s6_get_buffer(data, view, PyBUF_SIMPLE) == 0:
+        return 0
+    if PyErr_ExceptionMatches(BufferError):
+        PyErr_Clear()
+        raise WireError("data is not a contiguous buffer", None)
+    return -1  # the exception set by PyObject_GetBuffer propagates
 
 
 cdef int _check_options_length(unsigned int options_length, object max_options_length) except -1:
@@ -528,15 +560,31 @@ cdef object _address_type(unsigned int atyp):
     return address_type
 
 
-cdef str _decode_name(const unsigned char* p, Py_ssize_t n):
+cdef inline bint _padding_is_zero(const unsigned char* field, Py_ssize_t name_length) noexcept nogil:
+    """D2: the bytes after a name up to the field's 4-byte boundary are NULs."""
+    cdef Py_ssize_t i
+    for i in range(1 + name_length, _pad4(1 + name_length)):
+        if field[i] != 0:
+            return False
+    return True
+
+
+cdef str _decode_name(const unsigned char* field):
+    # field points at the length byte of a whole name field (padding included).
     # D2: strip trailing NULs (draft-12 counts padding in the length byte);
-    # anything left that is empty, holds a NUL or is not UTF-8 is malformed.
+    # anything left that is empty or holds a NUL is malformed; then "skip NULs
+    # up to the next 4-byte boundary": anything else there is malformed; then UTF-8.
+    cdef Py_ssize_t name_length = field[0]
+    cdef Py_ssize_t n = name_length
+    cdef const unsigned char* p = field + 1
     while n > 0 and p[n - 1] == 0:
         n -= 1
     if n == 0:
         raise WireError("domain name is empty")
     if memchr(p, 0, n) != NULL:
         raise WireError("domain name contains a nul byte")
+    if not _padding_is_zero(field, name_length):
+        raise WireError("domain name padding is not zero")
     try:
         # Cast: the C API takes char*; strict decoding, as bytes.decode("utf-8").
         return PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
@@ -630,7 +678,7 @@ cdef inline str _decode_ip(const unsigned char* p, unsigned int atyp):
 cdef inline str _decode_address(const unsigned char* p, unsigned int atyp):
     """Decode a complete address field at p (its length already checked)."""
     if atyp == _ATYP_DOMAIN:
-        return _decode_name(p + 1, p[0])
+        return _decode_name(p)
     return _decode_ip(p, atyp)
 
 
@@ -651,13 +699,6 @@ cdef int _expect_min_length(unsigned int kind, Py_ssize_t length, Py_ssize_t min
     return 0
 
 
-cdef object _availability(unsigned int value):
-    availability = _member(_AVAILABILITY, value)
-    if availability is None:
-        raise WireError(f"stack option availability {value} is not 1 or 2")
-    return availability
-
-
 cdef inline bint _known_stack_key(unsigned int key) noexcept nogil:
     return (key == _SC_IP_TOS or key == _SC_HAPPY_EYEBALLS or key == _SC_TTL
             or key == _SC_NO_FRAGMENTATION or key == _SC_TFO or key == _SC_MULTIPATH
@@ -668,56 +709,68 @@ cdef inline bint _known_kind(unsigned long kind) noexcept nogil:
     return 1 <= kind <= 15 and kind != 7
 
 
+cdef inline bint _stack_value_defined(unsigned int key, unsigned int b6, unsigned int b7) noexcept nogil:
+    """Whether draft-11 defines the 2 value bytes of the Stack option key (reference twin)."""
+    if key == _SC_HAPPY_EYEBALLS or key == _SC_NO_FRAGMENTATION or key == _SC_MULTIPATH \
+            or key == _SC_UDP_ERROR:
+        return b6 == 1 or b6 == 2  # Availability
+    if key == _SC_PORT_PARITY:
+        return b6 <= 2 and b7 <= 1  # Parity none/even/odd, Reserve 0/1
+    # IP TOS, TTL (a byte), TFO payload size, listen backlog (16 bits): any value.
+    return True
+
+
 cdef object _decode_stack(const unsigned char* p, Py_ssize_t length):
     # Section "Stack options": byte 4 is Leg (top 2 bits) | Level (low 6 bits),
-    # byte 5 the Code. Leg 0 or a (Level, Code) draft-11 does not define is an
-    # unsupported option: kept opaque so the caller can ignore it (REQ-06).
+    # byte 5 the Code. Leg 0, a (Level, Code) draft-11 does not define, a length
+    # other than its figure's 8, or a value it does not define (availability not
+    # 1/2, parity > 2, reserve > 1) make an unsupported option, which "MUST be
+    # silently ignored": kept opaque so the caller can ignore it (REQ-06).
     # p points at the option's Kind; the walker checked that length bytes are there.
     _expect_min_length(_KIND_STACK, length, _STACK_OPTION_LENGTH)
     cdef unsigned int leg_value = p[4] >> _STACK_LEG_SHIFT
     cdef unsigned int level = p[4] & _STACK_LEVEL_MASK
     cdef unsigned int code = p[5]
     cdef unsigned int key = (level << 8) | code
-    cdef unsigned int b6, reserve
+    # length >= 8 was checked: bytes 6 and 7 are there.
+    cdef unsigned int b6 = p[6], b7 = p[7]
     leg = _member(_STACK_LEGS, leg_value)
-    if leg is None or not _known_stack_key(key):
+    if leg is None or not _known_stack_key(key) or length != _STACK_OPTION_LENGTH \
+            or not _stack_value_defined(key, b6, b7):
         return _new4(_L_UNKNOWN_STACK, PyLong_FromLong(leg_value), PyLong_FromLong(level),
                      PyLong_FromLong(code), _bytes(p + 6, length - 6))
-    # Every Stack option draft-11 defines is exactly 8 bytes long.
-    if length != _STACK_OPTION_LENGTH:
-        raise WireError(f"stack option level {level} code {code} has length {length}, expected 8")
-    b6 = p[6]
     if key == _SC_IP_TOS:
         return _new2(_L_IPTOS, leg, PyLong_FromLong(b6))
     if key == _SC_HAPPY_EYEBALLS:
-        return _new2(_L_HAPPY_EYEBALLS, leg, _availability(b6))
+        return _new2(_L_HAPPY_EYEBALLS, leg, _member(_AVAILABILITY, b6))
     if key == _SC_TTL:
         return _new2(_L_TTL, leg, PyLong_FromLong(b6))
     if key == _SC_NO_FRAGMENTATION:
-        return _new2(_L_NO_FRAGMENTATION, leg, _availability(b6))
+        return _new2(_L_NO_FRAGMENTATION, leg, _member(_AVAILABILITY, b6))
     if key == _SC_TFO:
         return _new2(_L_TFO, leg, PyLong_FromLong(_u16(p + 6)))
     if key == _SC_MULTIPATH:
-        return _new2(_L_MULTIPATH, leg, _availability(b6))
+        return _new2(_L_MULTIPATH, leg, _member(_AVAILABILITY, b6))
     if key == _SC_LISTEN_BACKLOG:
         return _new2(_L_LISTEN_BACKLOG, leg, PyLong_FromLong(_u16(p + 6)))
     if key == _SC_UDP_ERROR:
-        return _new2(_L_UDP_ERROR, leg, _availability(b6))
+        return _new2(_L_UDP_ERROR, leg, _member(_AVAILABILITY, b6))
     # _SC_PORT_PARITY
-    parity = _member(_PARITIES, b6)
-    if parity is None:
-        raise WireError(f"port parity {b6} is out of range")
-    reserve = p[7]
-    if reserve > 1:
-        raise WireError(f"port parity reserve {reserve} is out of range")
-    return _new3(_L_PORT_PARITY, leg, parity, reserve == 1)
+    return _new3(_L_PORT_PARITY, leg, _member(_PARITIES, b6), b7 == 1)
 
 
-cdef object _decode_option(const unsigned char* p, unsigned int kind, Py_ssize_t length):
-    """One option of a known or unknown kind; p points at its Kind, length bytes present."""
+cdef object _decode_option(const unsigned char* p, unsigned int kind, Py_ssize_t length,
+                           unsigned int placed):
+    """One option of a known or unknown kind; p points at its Kind, length bytes present.
+
+    placed: bit mask of the known kinds this message may carry; any other kind
+    is kept opaque (REQ-06).
+    """
     cdef unsigned int initial_data_length
     cdef unsigned long size
     cdef Py_ssize_t n
+    if kind > 15 or not (placed >> kind) & 1:
+        return _new2(_L_UNKNOWN, PyLong_FromLong(kind), _bytes(p + 4, length - 4))
     if kind == _KIND_STACK:
         return _decode_stack(p, length)
     if kind == _KIND_AUTH_DATA:
@@ -783,9 +836,10 @@ cdef object _decode_option(const unsigned char* p, unsigned int kind, Py_ssize_t
     return _new2(_L_UNKNOWN, PyLong_FromLong(kind), _bytes(p + 4, length - 4))
 
 
-cdef tuple _walk_options(const unsigned char* p, Py_ssize_t n):
+cdef tuple _walk_options(const unsigned char* p, Py_ssize_t n, unsigned int placed):
     # D8 / REQ-05: every Length is >= 4, a multiple of 4, and stays inside
-    # Options Length; unknown kinds are skipped by Length, kept opaque (REQ-06).
+    # Options Length; unknown kinds, and known kinds outside placed (the kinds
+    # this message may carry), are skipped by Length, kept opaque (REQ-06).
     # p points at the first option; the caller checked that n bytes are there.
     cdef Py_ssize_t pos = 0
     cdef unsigned int kind, length
@@ -803,29 +857,46 @@ cdef tuple _walk_options(const unsigned char* p, Py_ssize_t n):
             raise WireError(f"option length {length} is not a multiple of 4")
         if length > n - pos:
             raise WireError(f"option length {length} runs past options length")
-        options.append(_decode_option(p + pos, kind, length))
+        options.append(_decode_option(p + pos, kind, length, placed))
         pos += length
     return PyList_AsTuple(options)
 
 
-def decode_options(data, offset=0, length=-1):
+cdef unsigned int _placed_kinds(object context) except 0:
+    if context is None:
+        return _ALL_KINDS
+    if context is Request:
+        return _REQUEST_KINDS
+    if context is AuthReply:
+        return _AUTH_REPLY_KINDS
+    if context is OperationReply:
+        return _OPERATION_REPLY_KINDS
+    raise WireError("options context is not Request, AuthReply or OperationReply", None)
+
+
+def decode_options(data, offset=0, length=-1, context=None):
     """Decode a run of options.
 
     Args:
         data: the bytes holding the options.
         offset: where the first option starts.
         length: the Options Length; -1 means every byte up to the end of ``data``.
+        context: the message class carrying the options (``Request``,
+            ``AuthReply`` or ``OperationReply``): known kinds draft-11 does not
+            place in it decode as ``UnknownOption``, unchecked (REQ-06). None
+            (the default) decodes every known kind.
 
     Returns:
         The options in wire order; unknown kinds as ``UnknownOption`` and
         unsupported Stack options as ``UnknownStackOption`` (REQ-06).
 
     Raises:
-        WireError: a malformed option (GENERAL_FAILURE), or ``length`` running
-            past the end of ``data``.
+        WireError: a malformed option (GENERAL_FAILURE), ``length`` running
+            past the end of ``data``, or a bad ``context`` (reply_code None).
     """
     cdef Py_buffer view
     cdef Py_ssize_t start, available, n
+    cdef unsigned int placed = _placed_kinds(context)
     _acquire(data, &view)
     try:
         start = _start(offset, view.len)
@@ -837,7 +908,7 @@ def decode_options(data, offset=0, length=-1):
         else:
             n = length
         # Cast: the buffer's bytes; start + n <= view.len was checked above.
-        return _walk_options(<const unsigned char*>view.buf + start, n)
+        return _walk_options(<const unsigned char*>view.buf + start, n, placed)
     finally:
         PyBuffer_Release(&view)
 
@@ -898,7 +969,8 @@ cdef tuple _parse_addressed(
     if available < total:
         return None, total - available
     port = PyLong_FromLong(_u16(p + 4))
-    options = _walk_options(p + options_start, options_length)
+    options = _walk_options(p + options_start, options_length,
+                            _REQUEST_KINDS if is_request else _OPERATION_REPLY_KINDS)
     if is_request:
         return _new5(_L_REQUEST, message_code, address_type, address, port, options), total
     return _new5(_L_OPERATION_REPLY, message_code, address_type, address, port, options), total
@@ -980,7 +1052,7 @@ cdef tuple _parse_auth_reply(const unsigned char* p, Py_ssize_t available, objec
     total = _AUTH_REPLY_HEADER_LENGTH + options_length
     if available < total:
         return None, total - available
-    options = _walk_options(p + _AUTH_REPLY_HEADER_LENGTH, options_length)
+    options = _walk_options(p + _AUTH_REPLY_HEADER_LENGTH, options_length, _AUTH_REPLY_KINDS)
     return _new2(_L_AUTH_REPLY, reply_type, options), total
 
 
@@ -1067,8 +1139,9 @@ cdef Py_ssize_t parse_datagram_header(
     if length < header_length:
         return DGRAM_E_TRUNCATED
     if atyp == _ATYP_DOMAIN:
-        # D2: trailing NULs of the name's bytes are padding; padding after them
-        # up to the 4-byte boundary is skipped without being inspected.
+        # D2: trailing NULs of the name's bytes are padding; after them "skip
+        # NULs up to the next 4-byte boundary": a non-NUL there is malformed
+        # (an unpadded peer's first payload bytes would otherwise be lost).
         n = name_length
         while n > 0 and data[DGRAM_ADDRESS_OFFSET + n] == 0:
             n -= 1
@@ -1076,6 +1149,8 @@ cdef Py_ssize_t parse_datagram_header(
             return DGRAM_E_NAME_EMPTY
         if memchr(data + DGRAM_ADDRESS_OFFSET + 1, 0, n) != NULL:
             return DGRAM_E_NAME_NUL
+        if not _padding_is_zero(data + DGRAM_ADDRESS_OFFSET, name_length):
+            return DGRAM_E_NAME_PADDING
         out.address = data + DGRAM_ADDRESS_OFFSET + 1
         out.address_length = n
     else:
@@ -1127,6 +1202,8 @@ cdef int _raise_datagram_error(Py_ssize_t result, const unsigned char* p, Datagr
         raise WireError("domain name is empty")
     if result == DGRAM_E_NAME_NUL:
         raise WireError("domain name contains a nul byte")
+    if result == DGRAM_E_NAME_PADDING:
+        raise WireError("domain name padding is not zero")
     raise WireError("datagram header is truncated")
 
 
@@ -1353,10 +1430,10 @@ cdef inline void _put_u32(unsigned char* p, unsigned long value) noexcept nogil:
 
 
 cdef long long _check_int(object value, long long maximum, str what) except -1:
-    # The reference's _check_int: any int (bool and IntEnum included) in 0..maximum.
+    # The reference's _check_int: any int (IntEnum included, bool refused) in 0..maximum.
     cdef int overflow = 0
     cdef long long result
-    if isinstance(value, int):
+    if isinstance(value, int) and type(value) is not bool:
         result = PyLong_AsLongLongAndOverflow(value, &overflow)
         if overflow == 0 and 0 <= result <= maximum:
             return result
@@ -1364,10 +1441,10 @@ cdef long long _check_int(object value, long long maximum, str what) except -1:
 
 
 cdef int _table_value(object value, tuple table) except -2:
-    """The reference's _in_table: value's int value if it is in the table, else -1."""
+    """The reference's _in_table: value's int value if it is in the table, else -1 (bool: -1)."""
     cdef int overflow = 0
     cdef long long result
-    if isinstance(value, int):
+    if isinstance(value, int) and type(value) is not bool:
         result = PyLong_AsLongLongAndOverflow(value, &overflow)
         if overflow == 0 and 0 <= result < 256 and _member(table, <unsigned int>result) is not None:
             return <int>result
@@ -1398,6 +1475,15 @@ cdef int _stack_leg(object leg) except -1:
     cdef int leg_value = _table_value(leg, _STACK_LEGS)
     if leg_value < 0:
         raise LocalProtocolError("stack leg is out of range")
+    return leg_value
+
+
+cdef int _remote_leg(object leg) except -1:
+    # Happy Eyeballs, TFO, Multipath, Listen Backlog, UDP Error and Port Parity:
+    # their figures fix Leg = 2 (proxy-remote).
+    cdef int leg_value = _stack_leg(leg)
+    if leg_value != _LEG_PROXY_REMOTE:
+        raise LocalProtocolError("stack option leg is not proxy-remote")
     return leg_value
 
 
@@ -1438,7 +1524,10 @@ cdef int _encode_option(_Out* w, object option) except -1:
     code = L.code
     if code <= _OPT_PORT_PARITY:
         # A Stack option draft-11 defines: its fields in wire order, Leg first.
-        leg = _stack_leg(_field(option, L, 0, "leg", exact))
+        if code == _OPT_IPTOS or code == _OPT_TTL or code == _OPT_NO_FRAGMENTATION:
+            leg = _stack_leg(_field(option, L, 0, "leg", exact))
+        else:
+            leg = _remote_leg(_field(option, L, 0, "leg", exact))
         if code == _OPT_IPTOS:
             value = _check_int(_field(option, L, 1, "tos", exact), 0xFF, "ip tos")
             _stack(w, leg, _SC_IP_TOS, <unsigned int>value, 0)
@@ -1550,16 +1639,26 @@ cdef int _encode_unknown_stack(_Out* w, object option, _Layout L, bint exact) ex
     cdef long long leg = _check_int(_field(option, L, 0, "leg", exact), _STACK_LEG_MAX, "stack leg")
     cdef long long level = _check_int(_field(option, L, 1, "level", exact), _STACK_LEVEL_MASK, "stack level")
     cdef long long code = _check_int(_field(option, L, 2, "code", exact), 0xFF, "stack code")
-    # It must decode back as unknown, or the round trip would change its type.
-    if leg != 0 and _known_stack_key(<unsigned int>((level << 8) | code)):
-        raise LocalProtocolError("unknown stack option uses a known level and code")
+    cdef unsigned int key = <unsigned int>((level << 8) | code)
+    cdef const unsigned char* raw
     data = _field(option, L, 3, "data", exact)
     if not _is_buffer(data):
         raise LocalProtocolError("stack option data is not bytes")
+    # bytes() copies every byte of a memoryview (nbytes), not len() items.
+    if type(data) is not bytes:
+        data = bytes(data)
+    # It must decode back as unknown, or the round trip would change its type:
+    # a known (Leg, Level, Code) is unknown only with a length or value
+    # draft-11 does not define.
+    # Cast: bytes' char* data, read only when it holds 2 bytes.
+    raw = <const unsigned char*>PyBytes_AS_STRING(data)
+    if leg != 0 and _known_stack_key(key) and PyBytes_GET_SIZE(data) == 2 \
+            and _stack_value_defined(key, raw[0], raw[1]):
+        raise LocalProtocolError("unknown stack option uses a known level and code")
     # Leg/Level and Code take 2 bytes; the data (padding included) ends the option.
-    if (2 + len(data)) & 3:
+    if (2 + PyBytes_GET_SIZE(data)) & 3:
         raise LocalProtocolError("stack option data length is not 2 modulo 4")
-    body = bytes(((leg << _STACK_LEG_SHIFT) | level, code)) + (data if type(data) is bytes else bytes(data))
+    body = bytes(((leg << _STACK_LEG_SHIFT) | level, code)) + data
     _push_option(w, _KIND_STACK, body, 0)
     return 0
 
@@ -1593,9 +1692,12 @@ cdef int _encode_unknown(_Out* w, object option, _Layout L, bint exact) except -
     data = _field(option, L, 1, "data", exact)
     if not _is_buffer(data):
         raise LocalProtocolError("option data is not bytes")
-    if len(data) & 3:
+    # bytes() copies every byte of a memoryview (nbytes), not len() items.
+    if type(data) is not bytes:
+        data = bytes(data)
+    if PyBytes_GET_SIZE(data) & 3:
         raise LocalProtocolError("option data length is not a multiple of 4")
-    _push_option(w, <unsigned int>kind, data if type(data) is bytes else bytes(data), 0)
+    _push_option(w, <unsigned int>kind, data, 0)
     return 0
 
 
@@ -1730,18 +1832,29 @@ cdef Py_ssize_t _encode_address(int atyp, object address, unsigned char* out) ex
     return _encode_ip(_IPV4_MEMBER if atyp == _ATYP_IPV4 else _IPV6_MEMBER, address, out)
 
 
-cdef bytes _encode_addressed(unsigned int code, object address_type, object address, object port, object options):
+cdef bytes _encode_addressed(unsigned int code, object address_type, object address, object port, object options,
+                             bint noop=False):
     # Checked in this order: address type, address, port, options (tests/codec_api.py).
     cdef int atyp = _table_value(address_type, _ADDRESS_TYPES)
     cdef unsigned char field[_MAX_DOMAIN_LENGTH + 5]
-    cdef Py_ssize_t field_length
+    cdef Py_ssize_t field_length, i
     cdef long long port_value
     cdef unsigned char* out
     cdef _Out w
     if atyp < 0:
         raise LocalProtocolError("address type is not supported")
+    # Section "Requests", NOOP: "The Address Type field MUST be either 0x01
+    # (IPv4) or 0x04 (IPv6). The Address and Port fields MUST be 0."
+    if noop and atyp == _ATYP_DOMAIN:
+        raise LocalProtocolError("noop address type is not ipv4 or ipv6")
     field_length = _encode_address(atyp, address, field)
     port_value = _check_int(port, 0xFFFF, "port")
+    if noop:
+        for i in range(field_length):
+            if field[i] != 0:
+                port_value = -1
+        if port_value != 0:
+            raise LocalProtocolError("noop address or port is not zero")
     _out_init(&w)
     try:
         _encode_message_options(&w, options)
@@ -1767,12 +1880,14 @@ def encode_request(request):
     Raises:
         LocalProtocolError: an unknown command or address type, a bad address
             (invalid IP text, name empty/over 255 bytes/with a NUL), a port out of
-            range, an illegal option, or more than 16384 bytes of options.
+            range, a NOOP whose address is not the zero IPv4/IPv6 address or whose
+            port is not 0, an illegal option, or more than 16384 bytes of options.
     """
     cdef int code = _table_value(request.command, _COMMANDS)
     if code < 0:
         raise LocalProtocolError("command is not supported")
-    return _encode_addressed(code, request.address_type, request.address, request.port, request.options)
+    return _encode_addressed(code, request.address_type, request.address, request.port, request.options,
+                             code == _CMD_NOOP)
 
 
 def encode_operation_reply(reply):
@@ -1879,15 +1994,14 @@ cdef Py_ssize_t write_datagram_header(
 cdef const unsigned char* _check_association_id(object association_id, unsigned char* copy) except NULL:
     """The 8 bytes of an Association ID (reference _check_association_id).
 
-    Points into association_id (the caller keeps it alive) or into copy. A
-    memoryview of 8 wider items (16+ bytes) is refused here; the reference
-    would write all its bytes into the header.
+    Points into association_id (the caller keeps it alive) or into copy. Counted
+    in bytes, not items, as the reference does.
     """
     if type(association_id) is bytes:
         if PyBytes_GET_SIZE(association_id) == _ASSOCIATION_ID_LENGTH:
             # Cast: bytes' char* data, borrowed while association_id is alive.
             return <const unsigned char*>PyBytes_AS_STRING(association_id)
-    elif _is_buffer(association_id) and len(association_id) == _ASSOCIATION_ID_LENGTH:
+    elif _is_buffer(association_id):
         raw = bytes(association_id)
         if PyBytes_GET_SIZE(raw) == _ASSOCIATION_ID_LENGTH:
             # Cast: bytes' char* data, 8 bytes as just checked.
@@ -1929,6 +2043,18 @@ cdef Py_ssize_t _encode_datagram_header(object header, unsigned char* out) excep
     return header_length
 
 
+cdef int _acquire_writable(object out, Py_buffer* view) except -1:
+    # PyBUF_WRITABLE: the contiguous bytes of a writable exporter (nbytes,
+    # whatever its item size), like the reference's memoryview checks; a
+    # non-buffer, read-only or non-contiguous out is refused the same way.
+    if s6_get_buffer(out, view, PyBUF_WRITABLE) == 0:
+        return 0
+    if PyErr_ExceptionMatches(BufferError) or PyErr_ExceptionMatches(TypeError):
+        PyErr_Clear()
+        raise LocalProtocolError("output buffer is not writable")
+    return -1  # any other error of PyObject_GetBuffer propagates
+
+
 def encode_datagram_header(header, out, offset=0):
     """Write a Datagram Header into a preallocated buffer.
 
@@ -1943,21 +2069,14 @@ def encode_datagram_header(header, out, offset=0):
 
     Raises:
         LocalProtocolError: an illegal field (see ``encode_request``), a bad
-            Association ID or Message Length, or ``out`` too small.
+            Association ID or Message Length, ``out`` not a writable contiguous
+            buffer, or too small.
     """
     cdef unsigned char encoded[DGRAM_HEADER_MAX_LENGTH]
     cdef Py_ssize_t n = _encode_datagram_header(header, encoded)
     cdef Py_ssize_t start
     cdef Py_buffer view
-    try:
-        PyObject_GetBuffer(out, &view, PyBUF_WRITABLE)
-    except (BufferError, TypeError):
-        # Not a writable buffer: do exactly what the reference does, which
-        # raises its own error for bytes, read-only views and the like.
-        if offset < 0 or len(out) - offset < n:
-            raise LocalProtocolError("output buffer is too small")
-        out[offset : offset + n] = _bytes(encoded, n)
-        return n
+    _acquire_writable(out, &view)
     try:
         start = PyNumber_AsSsize_t(offset, NULL)  # clamped: a huge offset is too large anyway
         if start < 0 or view.len - start < n:
@@ -1970,13 +2089,14 @@ def encode_datagram_header(header, out, offset=0):
 
 
 cdef Py_ssize_t _address_field_length(object address_type, object address) except -1:
-    # The reference compares with == (so any object equal to 1, 3 or 4 passes).
+    # The same table lookup as every encoder (an int, not bool or 1.0).
     cdef Py_ssize_t n = 0
-    if address_type == _IPV4_MEMBER:
+    cdef int atyp = _table_value(address_type, _ADDRESS_TYPES)
+    if atyp == _ATYP_IPV4:
         return _IPV4_LENGTH
-    if address_type == _IPV6_MEMBER:
+    if atyp == _ATYP_IPV6:
         return _IPV6_LENGTH
-    if address_type == _DOMAIN_MEMBER:
+    if atyp == _ATYP_DOMAIN:
         if not isinstance(address, str):
             raise LocalProtocolError("address is not a string")
         try:
@@ -2018,22 +2138,24 @@ cdef bytes _encode_datagram_error(object message):
     cdef long long port
     cdef int error_code
     cdef unsigned char* out
-    for address_type in (message.address_type, message.reporter_address_type):
-        if address_type != _IPV4_MEMBER and address_type != _IPV6_MEMBER:
-            raise LocalProtocolError("datagram error address type is not ipv4 or ipv6")
-    address_type = message.address_type
-    reporter_type = message.reporter_address_type
-    address_length = _encode_ip(address_type, message.address, address)
-    reporter_length = _encode_ip(reporter_type, message.reporter_address, reporter)
+    cdef int atyp = _table_value(message.address_type, _ADDRESS_TYPES)
+    cdef int reporter_atyp
+    # Section "Reporting ICMP Errors": both address types "Either 0x01 (IPv4) or 0x04 (IPv6)".
+    if atyp != _ATYP_IPV4 and atyp != _ATYP_IPV6:
+        raise LocalProtocolError("datagram error address type is not ipv4 or ipv6")
+    reporter_atyp = _table_value(message.reporter_address_type, _ADDRESS_TYPES)
+    if reporter_atyp != _ATYP_IPV4 and reporter_atyp != _ATYP_IPV6:
+        raise LocalProtocolError("datagram error address type is not ipv4 or ipv6")
+    address_length = _encode_ip(_IPV4_MEMBER if atyp == _ATYP_IPV4 else _IPV6_MEMBER, message.address, address)
+    reporter_length = _encode_ip(_IPV4_MEMBER if reporter_atyp == _ATYP_IPV4 else _IPV6_MEMBER,
+                                 message.reporter_address, reporter)
     port = _check_int(message.port, 0xFFFF, "port")
     error_code = _table_value(message.error_code, _DGRAM_ERROR_CODES)
     if error_code < 0:
         raise LocalProtocolError("datagram error code is unknown")
-    if not isinstance(address_type, int) or not isinstance(reporter_type, int):
-        # Equal to 1 or 4 without being an int (1.0...): the reference fails in
-        # bytes([...]) here; fail the same way.
-        bytes([address_type, 0])
-        bytes([reporter_type, error_code, 0, 0])
+    # "0x04: Datagram too big (IPv6 only)".
+    if error_code == _DGRAM_TOO_BIG and (atyp != _ATYP_IPV6 or reporter_atyp != _ATYP_IPV6):
+        raise LocalProtocolError("datagram too big is for ipv6 only")
     total = DGRAM_ADDRESS_OFFSET + address_length + _REPORTER_PREFIX_LENGTH + reporter_length
     result = PyBytes_FromStringAndSize(NULL, total)
     # Cast: a fresh bytes object is writable until it is shared.
@@ -2093,9 +2215,12 @@ def encode_association_message(message):
         payload = message.payload
         if not _is_buffer(payload):
             raise LocalProtocolError("datagram payload is not bytes")
-        if message.header.message_length != n + len(payload):
+        # bytes() copies every byte of a memoryview (nbytes), not len() items.
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        if message.header.message_length != n + PyBytes_GET_SIZE(payload):
             raise LocalProtocolError("message length does not match header and payload")
-        return _bytes(encoded, n) + (payload if type(payload) is bytes else bytes(payload))
+        return _bytes(encoded, n) + payload
     if cls is DatagramError:
         return _encode_datagram_error(message)
     raise LocalProtocolError("not a udp association message")
