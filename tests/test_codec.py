@@ -8,7 +8,11 @@ DECISIONS.md coverage. In scope for the codec, each with a test named after it:
   D2 (domain name padding, REQ-09), D3 (Expenditure length 8), D5 (Datagram
   Header field order), D6 (options cap, REQ-03), D8 (option lengths, unknown
   kinds, REQ-05/REQ-06), D11 as data (NOOP addresses decode; the check is the
-  proxy's), D12 (initial data length), D15 as data (a Token Request for 0 decodes).
+  proxy's, while our encoder sends only the zero address, REQ-04), D12 (initial
+  data length), D15 as data (a Token Request for 0 decodes).
+The decisions of the codec review (option placement, unsupported Stack values,
+Leg 2, NOOP, datagram too big, D2 padding, bool, byte counts) have a section of
+their own, each test naming its conformance ID and review item.
 Out of scope here (connection/server behaviour, tested by their owners):
   D1 (SOCKS 5 on the same listener), D4 (which reply carries the Session ID),
   D7 (username/password exchange), D9 (echoing Stack options), D10 (contradictory

@@ -1832,12 +1832,20 @@ cdef Py_ssize_t _encode_address(int atyp, object address, unsigned char* out) ex
     return _encode_ip(_IPV4_MEMBER if atyp == _ATYP_IPV4 else _IPV6_MEMBER, address, out)
 
 
+cdef inline bint _all_zero(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if p[i] != 0:
+            return False
+    return True
+
+
 cdef bytes _encode_addressed(unsigned int code, object address_type, object address, object port, object options,
                              bint noop=False):
     # Checked in this order: address type, address, port, options (tests/codec_api.py).
     cdef int atyp = _table_value(address_type, _ADDRESS_TYPES)
     cdef unsigned char field[_MAX_DOMAIN_LENGTH + 5]
-    cdef Py_ssize_t field_length, i
+    cdef Py_ssize_t field_length
     cdef long long port_value
     cdef unsigned char* out
     cdef _Out w
@@ -1849,12 +1857,8 @@ cdef bytes _encode_addressed(unsigned int code, object address_type, object addr
         raise LocalProtocolError("noop address type is not ipv4 or ipv6")
     field_length = _encode_address(atyp, address, field)
     port_value = _check_int(port, 0xFFFF, "port")
-    if noop:
-        for i in range(field_length):
-            if field[i] != 0:
-                port_value = -1
-        if port_value != 0:
-            raise LocalProtocolError("noop address or port is not zero")
+    if noop and (port_value != 0 or not _all_zero(field, field_length)):
+        raise LocalProtocolError("noop address or port is not zero")
     _out_init(&w)
     try:
         _encode_message_options(&w, options)
