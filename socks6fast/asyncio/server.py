@@ -51,6 +51,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
+from .. import codec
 from ..auth import UserStore
 from ..config import Config
 from ..constants import (
@@ -332,6 +333,10 @@ class FailedAuthLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+#: Our half's states in which no reply has gone out yet (D14: only General Failure may go).
+_NOTHING_SENT = frozenset({State.IDLE, State.SEND_AUTH_REPLY})
 
 
 class _Closed(Exception):
@@ -977,9 +982,10 @@ class Server:
         except asyncio.CancelledError:
             record.error = "server shutting down"
             raise
-        except Exception as exc:  # a bug: keep serving, but say so loudly
+        except Exception as exc:  # a bug: keep serving; one line, the traceback only at DEBUG
             record.error = f"internal error: {exc!r}"
-            log.exception("internal error while serving %s", _format(*addr))
+            log.warning("internal error while serving %s: %r", _format(*addr), exc)
+            log.debug("traceback of the internal error", exc_info=True)
         finally:
             if stream is not None:
                 stream.close()
@@ -1039,11 +1045,26 @@ class Server:
         except RemoteProtocolError as exc:
             record.error = str(exc)
             if exc.reply_code is not None:
-                # D14: the header was readable, answer with the reply code, then close.
+                # D14: the header was readable, answer, then close. Before the Authentication
+                # Reply only General Failure works: a client reads the first 4 bytes of the
+                # reply as an Authentication Reply, and 06 01 00 00 is Type 1 (failure).
+                code = exc.reply_code if conn.our_state not in _NOTHING_SENT else ReplyCode.GENERAL_FAILURE
                 with contextlib.suppress(LocalProtocolError, OSError):
-                    await stream.send(conn.send(failure_reply(exc.reply_code)))
-                    record.reply_code = exc.reply_code
+                    await stream.send(conn.send(failure_reply(code)))
+                    record.reply_code = code
             await stream.linger_close()
+        except (_Closed, OSError, TimeoutError, EOFError):
+            raise
+        except Exception:
+            # A bug: answer General Failure if nothing conclusive was sent, close, let _handle log.
+            with contextlib.suppress(Exception):
+                if conn.our_state in _NOTHING_SENT:
+                    data = codec.encode_operation_reply(failure_reply(ReplyCode.GENERAL_FAILURE))  # D14 form
+                else:
+                    data = conn.send(failure_reply(ReplyCode.GENERAL_FAILURE))
+                await stream.send(data)
+                record.reply_code = ReplyCode.GENERAL_FAILURE
+            raise
 
     async def _next_event(
         self, conn: ServerConnection | Socks5ServerConnection, stream: _ClientStream
@@ -1054,6 +1075,14 @@ class Server:
             if event is not NEED_DATA:
                 return event
             data = stream.recv_now()
+            if data is None and len(self._tasks) > 1:
+                # The client is answering a reply we just sent (SOCKS 5 method selection, D7
+                # slow authentication). With other connections in progress, give the loop
+                # one turn (it has work) and look again before paying for a reader
+                # registered and removed (several epoll_ctl calls on uvloop). Alone, the
+                # turn would only add an empty poll.
+                await asyncio.sleep(0)
+                data = stream.recv_now()
             if data is not None:
                 conn.receive_data(data)
                 continue
@@ -1082,7 +1111,8 @@ class Server:
             return
         assert isinstance(event, RequestReceived)
         request, options = event.request, event.options
-        record.command = request.command.name
+        command = request.command
+        record.command = command.name if isinstance(command, Command) else f"unknown ({command})"
         record.destination = _format(request.address, request.port)
         client_applied: AppliedLeg | None = None
         if not options.stack.client.empty and stream.sock is not None:
@@ -1276,6 +1306,11 @@ class Server:
         extra: tuple[Option, ...] = ()
         if auth.new_session and auth.session is not None:
             extra = (SessionID(auth.session.session_id),)  # SES-01, D4
+        if not isinstance(command, Command):
+            # A Command Code we do not know (the codec passes it as a plain int) is answered
+            # after the normal authentication flow, like any unsupported command (CMD-06).
+            await self._fail6(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record)
+            return
         if command == Command.NOOP and not noop_address_ok(request):
             await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record)  # REQ-04, D11
             return
@@ -1331,7 +1366,9 @@ class Server:
                 await self._fail6(stream, conn, exc.code, record)
                 return
             unspecified = "::" if request.address_type == AddressType.IPV6 else "0.0.0.0"
-            reply = OperationReply(ReplyCode.SUCCESS, request.address_type, unspecified, 0, extra)
+            # STK-01, D9: the client-leg options were applied; the resolver leg gets none.
+            echo = echo_stack_options(plan, client=client_applied) if client_applied is not None else ()
+            reply = OperationReply(ReplyCode.SUCCESS, request.address_type, unspecified, 0, echo + extra)
         else:
             tfo_payload = b""
             if plan.tfo_payload_size is not None:
@@ -1410,7 +1447,9 @@ class Server:
                 for family, _, _, _, sockaddr in infos:
                     if (family, sockaddr) not in targets:
                         targets.append((family, sockaddr))
-        except socket.gaierror as exc:
+        except (socket.gaierror, UnicodeError) as exc:
+            # UnicodeError: a name the idna codec rejects (a label over 63 bytes, an empty
+            # label) fails in getaddrinfo before any lookup; it names no host either.
             raise _ConnectFailed(ReplyCode.HOST_UNREACHABLE, f"cannot resolve {host!r}: {exc}") from None
         policy = self._policy
         if policy.checks_resolved_addresses:
@@ -1538,16 +1577,23 @@ class Server:
 
     # -- BIND --------------------------------------------------------------------------
 
-    def _bind_host(self, stream: _ClientStream, address_type: AddressType, address: str) -> str:
-        # An unspecified bind address means "any": use the address the client reached us
-        # on, which is the one it can tell the remote host (RFC 1928 BIND semantics).
+    def _bind_host(
+        self, stream: _ClientStream, address_type: AddressType, address: str
+    ) -> tuple[AddressType, str]:
+        # draft-11 section "Requests" (BIND fields): "If the client does not require a certain
+        # address, it can set the Address Type field to 0x01 (IPv4) or 0x04 (IPv6), and the
+        # Address field to 0". So an unspecified address of either family means "no particular
+        # address", not "every interface": bind where the client reached us (the address it
+        # can tell the remote host, RFC 1928 BIND semantics), in that address's family, so a
+        # proxy listening on loopback never opens a listener on other interfaces (CMD-04).
         if not ipaddress.ip_address(address).is_unspecified or stream.sock is None:
-            return address
+            return address_type, address
         with contextlib.suppress(OSError):
-            local = str(stream.sock.getsockname()[0])
-            if _address_type_of(local) == address_type:
-                return local
-        return address
+            local = ipaddress.ip_address(str(stream.sock.getsockname()[0]).split("%", 1)[0])
+            if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped is not None:
+                local = local.ipv4_mapped  # a dual-stack listener reached over IPv4
+            return _address_type_of(str(local)), str(local)
+        return address_type, address
 
     def _open_listener(
         self, address_type: AddressType, host: str, port: int, plan: StackPlan, backlog: int
@@ -1629,10 +1675,10 @@ class Server:
         if plan.listen_backlog is not None and session is not None:
             # "The proxy SHOULD NOT use a backlog longer than requested" (CMD-05).
             backlog = min(plan.listen_backlog, MAX_BIND_BACKLOG)
-        host = self._bind_host(stream, request.address_type, request.address)
+        bind_type, host = self._bind_host(stream, request.address_type, request.address)
         try:
             lsock, applied, is_mptcp = self._open_listener(
-                request.address_type, host, request.port, plan, max(backlog, 1)
+                bind_type, host, request.port, plan, max(backlog, 1)
             )
         except _ConnectFailed as exc:
             record.error = str(exc)
@@ -1742,6 +1788,14 @@ class Server:
                     await stream.send(conn.send(failure))
                     record.reply_code = failure.reply_code
             await stream.linger_close()
+        except (_Closed, OSError, TimeoutError, EOFError):
+            raise
+        except Exception:
+            # A bug: RFC 1928 general failure (REP 0x01) if a reply is still due, then _handle logs.
+            with contextlib.suppress(Exception):
+                await stream.send(conn.send(Socks5Reply(ReplyCode.GENERAL_FAILURE, AddressType.IPV4, "0.0.0.0", 0)))
+                record.reply_code = ReplyCode.GENERAL_FAILURE
+            raise
 
     async def _fail5(
         self, stream: _ClientStream, conn: Socks5ServerConnection, code: ReplyCode, record: ConnectionRecord
@@ -1828,9 +1882,9 @@ class Server:
             # RFC 1928 BIND: DST.ADDR is the expected peer, not a bind address; we bind where
             # the client reached us.
             unspecified = "::" if event.address_type == AddressType.IPV6 else "0.0.0.0"
-            host = self._bind_host(stream, event.address_type, unspecified)
+            bind_type, host = self._bind_host(stream, event.address_type, unspecified)
             try:
-                lsock, _, _ = self._open_listener(event.address_type, host, 0, StackPlan(), 1)
+                lsock, _, _ = self._open_listener(bind_type, host, 0, StackPlan(), 1)
             except _ConnectFailed as exc:
                 await self._fail5(stream, conn, exc.code, record)
                 return
