@@ -12,8 +12,9 @@ The python-socks shape::
 ``connect`` returns a connected blocking socket (an ``ssl.SSLSocket`` for
 ``socks6+tls://``, which stays TLS to the proxy). The Request, the 0-RTT credentials and
 ``initial_data`` leave in one write (CMD-03); ``tfo=True`` puts that write into the TCP
-SYN where TRN-02 allows it. The handshake reads exactly what each reply needs, so bytes
-the destination sends right away are still in the socket for you.
+SYN where TRN-02 allows it (plain ``socks6://`` only: see `Proxy.connect`). The handshake
+reads exactly what each reply needs, so bytes the destination sends right away are still
+in the socket for you.
 
 TLS to the proxy (``socks6+tls://``) verifies the certificate by default
 (``ssl.create_default_context()``); pass ``proxy_ssl=`` your own ``ssl.SSLContext`` to
@@ -31,6 +32,8 @@ httpcore keeps ``_sync`` beside ``_async``); the protocol itself lives once, in
 
 from __future__ import annotations
 
+import errno
+import select
 import socket
 import ssl as _ssl
 import sys
@@ -103,6 +106,9 @@ class _Deadline:
 
 
 def _open_tcp_socket(host: str, port: int, *, tfo: bool, deadline: _Deadline) -> socket.socket:
+    # With tfo and a cached TFO cookie, connect() returns at once and the kernel defers
+    # the SYN to the first write: the socket is not connected yet (getpeername() says
+    # ENOTCONN) until then. `_Channel.write` copes; `ssl` cannot (see `_wrap_tls`).
     last: OSError | None = None
     for family, type_, proto, _, address in socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
@@ -126,6 +132,46 @@ def _open_tcp_socket(host: str, port: int, *, tfo: bool, deadline: _Deadline) ->
     raise last or OSError(f"cannot resolve {host!r}")
 
 
+def _close_orphaned_ssl_socket(exc: BaseException) -> None:
+    # SSLContext.wrap_socket detaches the plain socket's descriptor into a new SSLSocket
+    # first, and some of its later failures (the peer reset the connection before the
+    # handshake: "not connected" checks in ssl.SSLSocket._create) propagate without
+    # closing that SSLSocket. Nothing else refers to it but the traceback's frames, so
+    # close it from there rather than leave the descriptor to the garbage collector
+    # (a ResourceWarning, and an fd held until then).
+    tb = exc.__traceback__
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        if isinstance(candidate, _ssl.SSLSocket):
+            candidate.close()
+        tb = tb.tb_next
+
+
+def _wrap_tls(
+    sock: socket.socket, context: _ssl.SSLContext, server_hostname: str, deadline: _Deadline
+) -> _ssl.SSLSocket:
+    """TLS client handshake on a connected socket, within ``deadline``; closes on failure."""
+    try:
+        # ssl.SSLSocket needs a socket the kernel calls connected; a TFO-deferred one is
+        # not (its wrap raises BlockingIOError), hence `_open_tcp_socket(tfo=False)` for TLS.
+        sock.getpeername()
+        sock.settimeout(deadline.remaining())
+        tls = context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+    except BaseException as exc:
+        _close_orphaned_ssl_socket(exc)
+        sock.close()  # a no-op once wrap_socket has detached it
+        raise
+    try:
+        # The handshake runs in timeout mode (Python's ssl polls for the socket), so a
+        # partial read cannot surface as SSLWantReadError; timing out raises TimeoutError.
+        tls.settimeout(deadline.remaining())
+        tls.do_handshake()
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
 class _Channel:
     def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
         self.sock = sock
@@ -133,7 +179,24 @@ class _Channel:
 
     def write(self, data: bytes) -> None:
         self.sock.settimeout(self.deadline.remaining())
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError as exc:
+            # TCP_FASTOPEN_CONNECT with a cached cookie: the first write starts the
+            # connection. When the kernel cannot put the data into the SYN it sends a
+            # bare SYN and a non-blocking send fails with EINPROGRESS having queued
+            # nothing (tcp_sendmsg_fastopen): wait for the connection, then send it all.
+            if exc.errno != errno.EINPROGRESS:
+                raise
+            self._wait_writable()
+            self.sock.sendall(data)
+
+    def _wait_writable(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        remaining = self.deadline.remaining()
+        if not poller.poll(None if remaining is None else remaining * 1000):  # ms
+            raise TimeoutError("SOCKS 6 handshake timed out")
 
     def read(self, n: int) -> bytes:
         self.sock.settimeout(self.deadline.remaining())
@@ -200,15 +263,17 @@ class Proxy:
         return f"<Proxy {scheme}://{self.url.host}:{self.url.port}>"
 
     def _open_channel(self, tfo: bool, deadline: _Deadline) -> _Channel:
-        sock = _open_tcp_socket(self.url.host, self.url.port, tfo=tfo, deadline=deadline)
-        if self.ssl_context is not None:
-            try:
-                sock.settimeout(deadline.remaining())
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname)
-            except BaseException:
-                sock.close()
-                raise
-        return _Channel(sock, deadline)
+        if self.ssl_context is None:
+            return _Channel(
+                _open_tcp_socket(self.url.host, self.url.port, tfo=tfo, deadline=deadline), deadline
+            )
+        # TLS: no TFO. A TFO connect is only completed by the first write, and ssl.SSLSocket
+        # refuses a socket that is not connected yet (BlockingIOError from wrap_socket
+        # whenever the kernel holds a TFO cookie for the proxy); the blocking flavour cannot
+        # hand the ClientHello to the SYN itself. TRN-02 allows TFO here; it is an
+        # optimisation the asyncio flavour (memory-BIO TLS) keeps.
+        sock = _open_tcp_socket(self.url.host, self.url.port, tfo=False, deadline=deadline)
+        return _Channel(_wrap_tls(sock, self.ssl_context, self.server_hostname, deadline), deadline)
 
     def _request(
         self,
@@ -298,7 +363,8 @@ class Proxy:
                 for the proxy's answer.
             session: a `Session` of this proxy.
             idempotent: spend an idempotence token (needs ``session`` with ``tokens``).
-            tfo: TCP Fast Open to the proxy where TRN-02 allows.
+            tfo: TCP Fast Open to the proxy where TRN-02 allows (ignored for ``socks6+tls``:
+                ``ssl.SSLSocket`` needs a connected socket before its handshake).
             timeout: seconds for connecting, TLS and the handshake (None: no limit).
 
         Raises:

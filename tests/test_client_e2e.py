@@ -12,13 +12,19 @@ servers on 127.0.0.1. Loopback only.
 from __future__ import annotations
 
 import asyncio
+import errno
+import gc
 import json
+import os
 import secrets
+import select
 import shlex
 import socket
 import ssl
+import struct
 import subprocess
 import sys
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -884,6 +890,132 @@ async def test_blocking_bind(make_proxy: MakeProxy) -> None:
                     return sock.recv(5)
 
     assert await asyncio.to_thread(work) == b"bound"
+
+
+def _tfo_connect_is_deferred() -> bool:
+    """Have the kernel cache a TFO cookie for 127.0.0.1 (cookies are per address, not per
+    port) and tell whether a TCP_FASTOPEN_CONNECT connect() is now deferred to the first
+    write. Needs client and server TFO in net.ipv4.tcp_fastopen (bits 0x1 and 0x2)."""
+    with socket.socket() as listener:
+        listener.settimeout(5)
+        listener.bind((LOCALHOST, 0))
+        try:
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+        except OSError:
+            return False
+        listener.listen()
+        deferred = False
+        for _ in range(2):  # the first connection fetches the cookie
+            with socket.socket() as client:
+                client.settimeout(5)
+                if not bclient.enable_tfo_connect(client):
+                    return False
+                client.connect(listener.getsockname())
+                try:
+                    client.getpeername()
+                    deferred = False
+                except OSError:  # ENOTCONN: no SYN yet
+                    deferred = True
+                client.sendall(b"x")
+                peer, _ = listener.accept()
+                peer.close()
+        return deferred
+
+
+async def test_blocking_tfo_when_the_kernel_defers_connect(
+    make_proxy: MakeProxy, echo_port: int, tls_files: TLSFiles
+) -> None:
+    """TRN-02, TRN-03 (regression): with a TFO cookie cached for the proxy's address,
+    TCP_FASTOPEN_CONNECT makes connect() return before any SYN. ssl.SSLSocket refused such
+    a socket (BlockingIOError from wrap_socket, plus a leaked SSLSocket), so the TLS proxy
+    is reached without TFO; plain sockets start the connection with the Request."""
+    tls_proxy = await make_proxy(tls_files.server_context())
+    plain_proxy = await make_proxy()
+    tfo_sysctl = int(Path("/proc/sys/net/ipv4/tcp_fastopen").read_text())
+
+    def work() -> tuple[bool, list[bytes]]:
+        deferred = _tfo_connect_is_deferred()
+        tls = bclient.Proxy.from_url(tls_proxy.url(scheme="socks6+tls"), proxy_ssl=tls_files.client_context())
+        plain = bclient.Proxy.from_url(plain_proxy.url())
+        out = []
+        for proxy in (tls, plain, tls, plain):
+            with proxy.connect(LOCALHOST, echo_port, initial_data=b"tfo", tfo=True) as sock:
+                assert sock.gettimeout() is None
+                out.append(sock.recv(3))
+        return deferred, out
+
+    deferred, out = await asyncio.to_thread(work)
+    assert out == [b"tfo"] * 4
+    if tfo_sysctl & 0x3 == 0x3:
+        assert deferred  # the scenario really ran
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _reset_connection(listener: socket.socket) -> socket.socket:
+    """Connect to ``listener`` and have it reset (RST) the connection at once."""
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+    select.select([client], [], [], 5)  # the RST has arrived
+    return client
+
+
+def test_blocking_tls_failures_close_every_socket(tls_files: TLSFiles) -> None:
+    """TRN-03: a proxy that resets or closes before the TLS handshake ends gives OSError and
+    leaves no descriptor open, including the SSLSocket that ssl.SSLContext.wrap_socket
+    itself leaves unclosed when the connection is gone before it wraps."""
+    ctx = tls_files.client_context()
+    deadline = bclient._Deadline(5)
+    with socket.socket() as listener, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        listener.settimeout(5)
+        listener.bind((LOCALHOST, 0))
+        listener.listen()
+        before = _open_fds()
+        # What the stdlib does: the orphaned SSLSocket lives on in the traceback.
+        raw = _reset_connection(listener)
+        try:
+            ctx.wrap_socket(raw, server_hostname="localhost")
+        except OSError as exc:
+            assert _open_fds() == before + 1
+            bclient._close_orphaned_ssl_socket(exc)
+        assert _open_fds() == before
+        # _wrap_tls on a reset connection, and on one closed during the handshake.
+        with pytest.raises(OSError):
+            bclient._wrap_tls(_reset_connection(listener), ctx, "localhost", deadline)
+        assert _open_fds() == before
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        listener.accept()[0].close()
+        with pytest.raises(OSError):
+            bclient._wrap_tls(client, ctx, "localhost", deadline)
+        assert _open_fds() == before
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_blocking_write_waits_out_einprogress() -> None:
+    """TRN-02: a TFO first write that the kernel could not put into the SYN fails with
+    EINPROGRESS having queued nothing; the channel waits for the connection, sends it all."""
+    a, b = socket.socketpair()
+
+    class BareSYN(socket.socket):
+        attempts = 0
+
+        def sendall(self, data: Any, flags: int = 0) -> None:
+            self.attempts += 1
+            if self.attempts == 1:
+                raise BlockingIOError(errno.EINPROGRESS, os.strerror(errno.EINPROGRESS))
+            super().sendall(data, flags)
+
+    sock = BareSYN(a.family, a.type, fileno=a.detach())
+    with sock, b:
+        bclient._Channel(sock, bclient._Deadline(5)).write(b"request")
+        assert b.recv(7) == b"request"
+        assert sock.attempts == 2
 
 
 # --- uvloop --------------------------------------------------------------------------------
