@@ -532,12 +532,14 @@ def _decode_addressed(
     if available < 2:
         return None, smallest - available
     code = view[offset + 1]
-    command: Command | None = None
+    command: Command | int | None = None
     reply_code: ReplyCode | None = None
     if is_request:
-        command = _COMMANDS.get(code)
-        if command is None:
-            raise WireError(f"command {code} is not supported", ReplyCode.COMMAND_NOT_SUPPORTED)
+        # An unknown Command Code is kept as a plain int: the request is still
+        # well-formed, so the proxy can authenticate it and answer Command Not
+        # Supported (0x07) in a real Operation Reply (CMD-06, section "Operation
+        # Replies": proxies MAY support any subset of the commands).
+        command = _COMMANDS.get(code, code)
     else:
         reply_code = _REPLY_CODES.get(code)
         if reply_code is None:

@@ -341,8 +341,9 @@ Option: TypeAlias = (
 class Request:
     """SOCKS 6 Request (figure "SOCKS 6 Request")."""
 
-    command: Command
-    """Command Code."""
+    command: Command | int
+    """Command Code; a code draft-11 does not define is kept as a plain int (the proxy
+    answers Command Not Supported, CMD-06)."""
     address_type: AddressType
     """Address Type of ``address``."""
     address: str

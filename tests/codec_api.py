@@ -21,7 +21,7 @@ This Protocol is the contract. Semantics shared by every function:
 * Errors are raised as soon as the offending byte is available: a version byte other
   than 6 (``WireError``, reply_code None), an Options Length over
   ``max_options_length`` (``WireError``, GENERAL_FAILURE; D6, REQ-03), an
-  unknown Command Code in a Request (COMMAND_NOT_SUPPORTED), an unknown Address Type
+  unknown Address Type
   (ADDRESS_TYPE_NOT_SUPPORTED), a malformed domain name (D2: empty after stripping,
   NUL inside, a non-NUL padding byte, not UTF-8: GENERAL_FAILURE), malformed options
   (GENERAL_FAILURE).
@@ -35,8 +35,9 @@ Clarifications (made by the reference ``_codec_py``; the twin follows them):
   ``b"\\x06"``). A bad ``offset`` (outside ``0..len(data)``) raises
   ``WireError("offset N is out of range", reply_code=None)``.
 * Check order is wire order, one check per byte as it arrives:
-  Request/Operation Reply: byte 0 version; byte 1 command (COMMAND_NOT_SUPPORTED)
-  or reply code (unknown: GENERAL_FAILURE); bytes 2-3 Options Length: first
+  Request/Operation Reply: byte 0 version; byte 1 reply code (unknown: GENERAL_FAILURE;
+  an unknown Request Command Code is not an error: it is kept as a plain int so that the
+  proxy can answer Command Not Supported in a real Operation Reply, CMD-06); bytes 2-3 Options Length: first
   "> max_options_length", then "not a multiple of 4" (every option is a multiple
   of 4, so such a total is malformed; raised early); byte 7 address type; for a
   domain name byte 8 (a length byte of 0 raises "domain name is empty" at once).
@@ -104,7 +105,6 @@ Decoder error messages (``str(exc)``; N, M are decimal ints; reply_code GENERAL_
 unless stated):
 
   "version N is not 6" (None)            "offset N is out of range" (None)
-  "command N is not supported" (COMMAND_NOT_SUPPORTED)
   "reply code N is unknown"              "authentication reply type N is unknown"
   "options length N exceeds M"           "options length N is not a multiple of 4"
   "options length N runs past the end of the data"  (decode_options only)

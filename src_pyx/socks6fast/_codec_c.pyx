@@ -317,7 +317,6 @@ cdef tuple _PARITIES = _byte_table(Parity)
 cdef tuple _DGRAM_ERROR_CODES = _byte_table(DatagramErrorCode)
 
 cdef object _ADDRESS_TYPE_NOT_SUPPORTED = ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
-cdef object _COMMAND_NOT_SUPPORTED = ReplyCode.COMMAND_NOT_SUPPORTED
 cdef object _IPV4_MEMBER = AddressType.IPV4
 cdef object _IPV6_MEMBER = AddressType.IPV6
 cdef object _DOMAIN_MEMBER = AddressType.DOMAIN_NAME
@@ -935,7 +934,8 @@ cdef tuple _parse_addressed(
     if is_request:
         message_code = _member(_COMMANDS, code)
         if message_code is None:
-            raise WireError(f"command {code} is not supported", _COMMAND_NOT_SUPPORTED)
+            # Unknown Command Code: kept as a plain int, as the reference does (CMD-06).
+            message_code = code
     else:
         message_code = _member(_REPLY_CODES, code)
         if message_code is None:
