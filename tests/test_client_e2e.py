@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gc
 import json
 import os
 import secrets
@@ -24,7 +23,6 @@ import ssl
 import struct
 import subprocess
 import sys
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -475,10 +473,9 @@ async def test_no_credentials_but_required(make_proxy: MakeProxy, echo_port: int
 
 async def test_refusal_carries_reply_code(make_proxy: MakeProxy) -> None:
     """REQ-10: CONNECT to a closed port: ProxyError with CONNECTION_REFUSED; closed."""
-    probe = socket.socket()
-    probe.bind((LOCALHOST, 0))
-    closed_port = probe.getsockname()[1]
-    probe.close()
+    with socket.socket() as probe:
+        probe.bind((LOCALHOST, 0))
+        closed_port = probe.getsockname()[1]
     proxy = await make_proxy()
     with pytest.raises(ProxyError) as info:
         await s6.open_connection(proxy.url(), LOCALHOST, closed_port)
@@ -545,13 +542,12 @@ async def test_destination_speaks_first_nothing_is_lost(make_proxy: MakeProxy, b
     reader, writer = await s6.open_connection(proxy.url(), LOCALHOST, banner_port)
     assert await reader.readexactly(8) == b"BANNER\r\n"
     await close(writer)
-    sock = await s6.Proxy.from_url(proxy.url()).connect(LOCALHOST, banner_port)
     loop = asyncio.get_running_loop()
-    data = b""
-    while len(data) < 8:
-        data += await loop.sock_recv(sock, 64)
+    with await s6.Proxy.from_url(proxy.url()).connect(LOCALHOST, banner_port) as sock:
+        data = b""
+        while len(data) < 8:
+            data += await loop.sock_recv(sock, 64)
     assert data == b"BANNER\r\n"
-    sock.close()
 
 
 # --- TLS (TRN-03) ------------------------------------------------------------------------------------
@@ -679,13 +675,12 @@ async def test_tfo_connect_works_and_uses_syn_data_when_the_kernel_allows(
         pass
     server_tfo = int(Path("/proc/sys/net/ipv4/tcp_fastopen").read_text()) & 0x2
     syn_data = []
+    loop = asyncio.get_running_loop()
     for _ in range(2):  # the first connection fetches the cookie
-        sock = await s6.Proxy.from_url(proxy.url()).connect(LOCALHOST, echo_port, tfo=True)
-        syn_data.append(_syn_data_acked(sock))
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, b"ping")
-        assert await loop.sock_recv(sock, 4) == b"ping"
-        sock.close()
+        with await s6.Proxy.from_url(proxy.url()).connect(LOCALHOST, echo_port, tfo=True) as sock:
+            syn_data.append(_syn_data_acked(sock))
+            await loop.sock_sendall(sock, b"ping")
+            assert await loop.sock_recv(sock, 4) == b"ping"
     if server_tfo:
         assert syn_data[-1]
 
@@ -813,11 +808,12 @@ async def test_bind_socket_flavour(make_proxy: MakeProxy) -> None:
     proxy = await make_proxy()
     binding = await s6.Proxy.from_url(proxy.url()).bind()
     _, peer_writer = await asyncio.open_connection(*binding.address)
-    sock = await binding.accept(timeout=5)
-    peer_writer.write(b"hi")
-    assert await asyncio.get_running_loop().sock_recv(sock, 2) == b"hi"
-    sock.close()
-    await close(peer_writer)
+    try:
+        with await binding.accept(timeout=5) as sock:
+            peer_writer.write(b"hi")
+            assert await asyncio.get_running_loop().sock_recv(sock, 2) == b"hi"
+    finally:
+        await close(peer_writer)
 
 
 async def test_bind_accept_timeout(make_proxy: MakeProxy) -> None:
@@ -950,17 +946,32 @@ async def test_blocking_tfo_when_the_kernel_defers_connect(
         assert deferred  # the scenario really ran
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _fd_still_open(sock: socket.socket) -> Callable[[], bool]:
+    """Whether ``sock``'s descriptor (as it is now) stays open, even once detached (fd and
+    inode, so a reused descriptor number does not count)."""
+    fd = sock.fileno()
+    inode = os.fstat(fd).st_ino
+
+    def still_open() -> bool:
+        try:
+            return os.fstat(fd).st_ino == inode
+        except OSError:
+            return False
+
+    return still_open
 
 
 def _reset_connection(listener: socket.socket) -> socket.socket:
     """Connect to ``listener`` and have it reset (RST) the connection at once."""
     client = socket.create_connection(listener.getsockname(), timeout=5)
-    conn, _ = listener.accept()
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.close()
-    select.select([client], [], [], 5)  # the RST has arrived
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        select.select([client], [], [], 5)  # the RST has arrived
+    except BaseException:
+        client.close()
+        raise
     return client
 
 
@@ -970,31 +981,30 @@ def test_blocking_tls_failures_close_every_socket(tls_files: TLSFiles) -> None:
     itself leaves unclosed when the connection is gone before it wraps."""
     ctx = tls_files.client_context()
     deadline = bclient._Deadline(5)
-    with socket.socket() as listener, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ResourceWarning)
+    with socket.socket() as listener:
         listener.settimeout(5)
         listener.bind((LOCALHOST, 0))
         listener.listen()
-        before = _open_fds()
-        # What the stdlib does: the orphaned SSLSocket lives on in the traceback.
+        # What the stdlib does: the orphaned SSLSocket lives on in the traceback only.
         raw = _reset_connection(listener)
-        try:
+        still_open = _fd_still_open(raw)
+        with pytest.raises(OSError) as info:
             ctx.wrap_socket(raw, server_hostname="localhost")
-        except OSError as exc:
-            assert _open_fds() == before + 1
-            bclient._close_orphaned_ssl_socket(exc)
-        assert _open_fds() == before
+        assert raw.fileno() == -1 and still_open()
+        bclient._close_orphaned_ssl_socket(info.value)
+        assert not still_open()
         # _wrap_tls on a reset connection, and on one closed during the handshake.
+        raw = _reset_connection(listener)
+        still_open = _fd_still_open(raw)
         with pytest.raises(OSError):
-            bclient._wrap_tls(_reset_connection(listener), ctx, "localhost", deadline)
-        assert _open_fds() == before
-        client = socket.create_connection(listener.getsockname(), timeout=5)
+            bclient._wrap_tls(raw, ctx, "localhost", deadline)
+        assert not still_open()
+        raw = socket.create_connection(listener.getsockname(), timeout=5)
+        still_open = _fd_still_open(raw)
         listener.accept()[0].close()
         with pytest.raises(OSError):
-            bclient._wrap_tls(client, ctx, "localhost", deadline)
-        assert _open_fds() == before
-        gc.collect()
-    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+            bclient._wrap_tls(raw, ctx, "localhost", deadline)
+        assert not still_open()
 
 
 def test_blocking_write_waits_out_einprogress() -> None:
@@ -1096,10 +1106,9 @@ async def test_real_server_one_flight_zero_rtt(real_proxy: RealProxy, echo_port:
 async def test_real_server_refusals(real_proxy: RealProxy, echo_port: int) -> None:
     """REQ-10 / AUTH-03 against the real proxy: refused CONNECT carries its code; wrong or
     missing credentials raise AuthenticationError."""
-    probe = socket.socket()
-    probe.bind((LOCALHOST, 0))
-    closed_port = probe.getsockname()[1]
-    probe.close()
+    with socket.socket() as probe:
+        probe.bind((LOCALHOST, 0))
+        closed_port = probe.getsockname()[1]
     with pytest.raises(ProxyError) as info:
         await s6.open_connection(real_proxy.url(), LOCALHOST, closed_port)
     assert info.value.reply_code is ReplyCode.CONNECTION_REFUSED
@@ -1202,13 +1211,12 @@ async def test_real_server_tfo(real_proxy: RealProxy, echo_port: int) -> None:
     net.ipv4.tcp_fastopen enables server TFO, the second connection's SYN carries data."""
     server_tfo = int(Path("/proc/sys/net/ipv4/tcp_fastopen").read_text()) & 0x2
     syn_data = []
+    loop = asyncio.get_running_loop()
     for _ in range(2):
-        sock = await s6.Proxy.from_url(real_proxy.url()).connect(LOCALHOST, echo_port, tfo=True)
-        syn_data.append(_syn_data_acked(sock))
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, b"tfo")
-        assert await loop.sock_recv(sock, 3) == b"tfo"
-        sock.close()
+        with await s6.Proxy.from_url(real_proxy.url()).connect(LOCALHOST, echo_port, tfo=True) as sock:
+            syn_data.append(_syn_data_acked(sock))
+            await loop.sock_sendall(sock, b"tfo")
+            assert await loop.sock_recv(sock, 3) == b"tfo"
     if server_tfo:
         assert syn_data[-1]
 
