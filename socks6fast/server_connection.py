@@ -323,7 +323,8 @@ def parse_request_options(request: Request) -> RequestOptions:
     """Sort a Request's options into a `RequestOptions`.
 
     Raises:
-        RemoteProtocolError: contradictory or duplicate Stack options (D10).
+        RemoteProtocolError: contradictory or duplicate Stack options (D10), or more than one
+            Token Request or Idempotence Expenditure option.
     """
     options = request.options
     if not options:
@@ -346,9 +347,19 @@ def parse_request_options(request: Request) -> RequestOptions:
         elif isinstance(option, SessionTeardown):
             teardown = True
         elif isinstance(option, IdempotenceRequest):
-            token_request = option.window_size if token_request is None else token_request
+            if token_request is not None:
+                # draft-11 section "Requesting a token window": one window per request; two requests are
+                # contradictory, treated like duplicate Stack options (D10): malformed.
+                raise RemoteProtocolError("more than one Token Request option", ReplyCode.GENERAL_FAILURE)
+            token_request = option.window_size
         elif isinstance(option, IdempotenceExpenditure):
-            token = option.token if token is None else token
+            if token is not None:
+                # draft-11 section "Spending a token": a request spends one token; spending only the first
+                # of several would silently honour a request the client meant differently (D10).
+                raise RemoteProtocolError(
+                    "more than one Idempotence Expenditure option", ReplyCode.GENERAL_FAILURE
+                )
+            token = option.token
     credentials: UserPassRequest | None = None
     malformed = False
     data = auth_data.get(AuthMethod.USERNAME_PASSWORD)
@@ -541,7 +552,7 @@ class ServerConnection(_ProxyConnection):
     ) -> None:
         super().__init__(Protocol.SOCKS6, handshake_timeout, now)
         self._max_options_length = max_options_length
-        self._command: Command | None = None
+        self._command: Command | int | None = None  # an unknown Command Code is a plain int
         self.request: Request | None = None
         """The Request, once read."""
         self.options: RequestOptions | None = None

@@ -3,12 +3,67 @@
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
+import socket
+from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 NO_EXTENSIONS = bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS"))
+
+#: Names the guard lets through: /etc/hosts answers them, no DNS packet leaves the machine.
+_LOCAL_NAMES = frozenset({"localhost", "localhost."})
+
+
+def _is_local_host(host: object) -> bool:
+    """True for None, "", "localhost" and IP literals (with or without an IPv6 scope)."""
+    if host is None:
+        return True
+    if isinstance(host, bytes | bytearray):
+        try:
+            host = bytes(host).decode("ascii")
+        except UnicodeDecodeError:
+            return False
+    if not isinstance(host, str):
+        return False
+    if host == "" or host.lower() in _LOCAL_NAMES:
+        return True
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_system_dns() -> Iterator[None]:
+    """Network safety (HELPERS.md): no test may resolve a name through the system resolver,
+    which would send DNS packets off the machine. ``socket.getaddrinfo`` (which asyncio's
+    default loop and ``socket.create_connection`` use too) refuses any host that is not an
+    IP literal or "localhost"; tests that need names pass a local fake resolver (e.g. the
+    server's ``resolver=``). uvloop resolves through libuv and bypasses this guard: tests on
+    uvloop pass only IP literals and "localhost"."""
+    real = socket.getaddrinfo
+
+    def guarded(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str):
+            host.encode("idna")  # the real function starts so: names it rejects raise UnicodeError
+        if not _is_local_host(host):
+            raise socket.gaierror(
+                socket.EAI_NONAME,
+                f"test tried to resolve {host!r} through the system resolver: "
+                "tests must use a local fake resolver (network safety rule)",
+            )
+        return real(host, *args, **kwargs)
+
+    socket.getaddrinfo = guarded
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = real
 
 
 def _impls() -> list[object]:

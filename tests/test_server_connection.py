@@ -154,12 +154,16 @@ def test_options_length_cap_from_header() -> None:
 
 
 def test_unknown_command_reply_code() -> None:
-    """CMD-06: an unknown Command Code is answered with Command Not Supported."""
+    """CMD-06: an unknown Command Code is a parseable Request (the command a plain int): the
+    proxy authenticates as usual, then answers Command Not Supported in the Operation Reply."""
     conn = ServerConnection()
-    conn.receive_data(b"\x06\x09")
-    with pytest.raises(RemoteProtocolError) as info:
-        conn.next_event()
-    assert info.value.reply_code == ReplyCode.COMMAND_NOT_SUPPORTED
+    conn.receive_data(bytes.fromhex("0609000055f000017f000001"))
+    event = conn.next_event()
+    assert isinstance(event, RequestReceived)
+    assert event.request.command == 9 and not isinstance(event.request.command, Command)
+    assert conn.send(AuthReply(AuthReplyType.SUCCESS)) == b"\x06\x00\x00\x00"
+    data = conn.send(failure_reply(ReplyCode.COMMAND_NOT_SUPPORTED))
+    assert data[:2] == b"\x06\x07"
 
 
 def test_eof_between_and_inside_messages() -> None:

@@ -474,10 +474,16 @@ async def test_connect_ipv4_ipv6_domain() -> None:
                 await client.close()
 
 
-async def test_connect_refused_and_unsupported_address_type() -> None:
-    """CMD-01: refused -> 0x05; an unknown address type -> 0x08; a name that does not resolve
-    -> 0x04."""
-    async with running_server(make_config()) as server:
+async def test_connect_refused_unknown_address_type_unknown_name() -> None:
+    """CMD-01: refused -> 0x05; a name that does not resolve -> 0x04 (through the server's
+    injected local resolver, which knows no name: no DNS query leaves the machine). D14: an
+    unknown address type makes the request unparseable, so the very first bytes are the
+    Operation Reply with General Failure (a client reads Authentication Reply Type 1)."""
+
+    async def no_names(host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async with running_server(make_config(), resolver=no_names) as server:
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
@@ -487,7 +493,9 @@ async def test_connect_refused_and_unsupported_address_type() -> None:
         await client.close()
         client = await RawClient.connect(server.addresses[0])
         await client.send(struct.pack(">BBHHBB", 6, Command.CONNECT, 0, 80, 0, 2) + b"\0" * 4)
-        assert (await client.operation_reply()).reply_code == ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
+        assert await client.read_until_eof() == codec.encode_operation_reply(
+            OperationReply(ReplyCode.GENERAL_FAILURE, AddressType.IPV4, "0.0.0.0", 0)
+        )
         await client.close()
         client, _, reply = await exchange(server.addresses[0], connect(("nonexistent.invalid", 80)))
         assert reply.reply_code == ReplyCode.HOST_UNREACHABLE

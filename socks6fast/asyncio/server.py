@@ -1793,7 +1793,9 @@ class Server:
         except Exception:
             # A bug: RFC 1928 general failure (REP 0x01) if a reply is still due, then _handle logs.
             with contextlib.suppress(Exception):
-                await stream.send(conn.send(Socks5Reply(ReplyCode.GENERAL_FAILURE, AddressType.IPV4, "0.0.0.0", 0)))
+                await stream.send(
+                    conn.send(Socks5Reply(ReplyCode.GENERAL_FAILURE, AddressType.IPV4, "0.0.0.0", 0))
+                )
                 record.reply_code = ReplyCode.GENERAL_FAILURE
             raise
 

@@ -1,0 +1,272 @@
+"""End-to-end checks over raw sockets for what a strict external prober found: replies that
+must come (and in which form) for requests the proxy cannot parse or cannot serve, the DNS
+service's Stack option echo, BIND's address choice, and duplicate idempotence options.
+
+Every test talks to the in-process server over loopback; names are resolved by the server's
+default resolver only when Python's idna codec rejects them before any lookup, otherwise by
+an injected local resolver (tests/conftest.py refuses any other name)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from typing import Any
+
+import pytest
+from helpers_server import FakeDNS, RawClient, make_config, record_for, running_server
+
+from socks6fast import codec
+from socks6fast.asyncio.server import Server
+from socks6fast.constants import AddressType, AuthReplyType, Command, ReplyCode, StackLeg
+from socks6fast.messages import (
+    IdempotenceExpenditure,
+    IdempotenceRequest,
+    IdempotenceWindow,
+    Option,
+    Request,
+    SessionID,
+    SessionRequest,
+    TTLOption,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+#: D14: the Operation Reply with General Failure (0x01), unspecified IPv4 address, port 0.
+#: Its first 4 bytes read as an Authentication Reply of Type 1 (failure) to a client.
+D14_GENERAL_FAILURE = bytes.fromhex("060100000000000100000000")
+
+
+def raw_connect(name: bytes, port: int = 0x55F0) -> bytes:
+    """A CONNECT Request to domain ``name``, built by hand (the encoder refuses bad names)."""
+    field = bytes([len(name)]) + name
+    field += b"\0" * (-len(field) % 4)  # D2: the address field is padded to 4 bytes
+    return struct.pack(">BBHHBB", 6, Command.CONNECT, 0, port, 0, AddressType.DOMAIN_NAME) + field
+
+
+def socks5_connect(name: bytes, port: int) -> bytes:
+    return b"\x05\x01\x00\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack(">H", port)
+
+
+def request(command: Command, host: str, port: int, *options: Option) -> bytes:
+    address_type = AddressType.IPV6 if ":" in host else AddressType.IPV4
+    return codec.encode_request(Request(command, address_type, host, port, tuple(options)))
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# --- names the idna codec rejects (CMD-01) ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", [b"a" * 64 + b".x", b"a..b"], ids=["64-byte-label", "empty-label"])
+async def test_idna_rejected_name_is_host_unreachable(name: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """CMD-01: a domain name Python's idna codec rejects (getaddrinfo raises UnicodeError
+    before any lookup) gets the normal Authentication Reply, then Host Unreachable (0x04),
+    then a close; SOCKS 5 gets REP 0x04. The server's default resolver runs here: the name
+    never reaches a DNS server because the codec refuses it first."""
+    caplog.set_level(logging.INFO, logger="socks6fast")
+    async with running_server(make_config()) as server:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(raw_connect(name))
+        auth = await client.auth_reply()
+        assert auth.type == AuthReplyType.SUCCESS
+        reply = await client.operation_reply()
+        assert reply.reply_code == ReplyCode.HOST_UNREACHABLE
+        assert await client.read_until_eof() == b""
+        await client.close()
+
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(socks5_connect(name, 80))
+        assert await client.read_exactly(2) == b"\x05\x00"
+        head = await client.read_exactly(4)
+        assert head[1] == ReplyCode.HOST_UNREACHABLE
+        await client.read_exactly(6)  # BND.ADDR (IPv4), BND.PORT
+        assert await client.read_until_eof() == b""
+        await client.close()
+    assert errors_logged(caplog) == []
+
+
+# --- unexpected exceptions: General Failure, one WARNING line, clean close ---------------
+
+
+async def test_internal_error_after_auth_reply_general_failure(caplog: pytest.LogCaptureFixture) -> None:
+    """D14 / CMD-01: an unexpected exception while serving (here a resolver with a bug) gives
+    the normal Authentication Reply and an Operation Reply with General Failure (0x01), a
+    one-line WARNING (the traceback only at DEBUG) and a close, never a hang."""
+
+    async def broken(host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+        raise RuntimeError("resolver bug")
+
+    caplog.set_level(logging.DEBUG, logger="socks6fast")
+    async with running_server(make_config(), resolver=broken) as server:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(raw_connect(b"example.test"))
+        assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+        assert (await client.operation_reply()).reply_code == ReplyCode.GENERAL_FAILURE
+        assert await client.read_until_eof() == b""
+        await client.close()
+    assert errors_logged(caplog) == []
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "internal error" in r.message]
+    assert len(warnings) == 1 and warnings[0].exc_info is None
+    assert "\n" not in warnings[0].getMessage()
+    assert any(r.levelno == logging.DEBUG and r.exc_info for r in caplog.records)
+
+
+async def test_internal_error_before_any_reply_d14(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """D14: an unexpected exception before anything was sent gets exactly the D14 General
+    Failure reply (read by a client as Authentication Reply Type 1), then a close."""
+
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("authentication bug")
+
+    caplog.set_level(logging.INFO, logger="socks6fast")
+    async with running_server(make_config()) as server:
+        monkeypatch.setattr(server, "_authenticate", broken)
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(request(Command.CONNECT, "127.0.0.1", 9))
+        assert await client.read_until_eof() == D14_GENERAL_FAILURE
+        await client.close()
+    assert errors_logged(caplog) == []
+
+
+# --- requests that cannot be parsed (D14) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(bytes.fromhex("0601000055f000027f000001"), id="unknown-address-type"),
+        pytest.param(bytes.fromhex("0601000455f000017f000001") + b"\x00\x01\x00\x03", id="option-length-3"),
+        pytest.param(
+            bytes.fromhex("0601000855f000017f000001") + b"\x00\x01\x00\x10" + bytes(4), id="option-past-end"
+        ),
+        pytest.param(bytes.fromhex("0601ffff55f000017f000001"), id="options-over-cap"),
+        pytest.param(raw_connect(b""), id="empty-name"),
+        pytest.param(raw_connect(b"a\0b"), id="nul-in-name"),
+    ],
+)
+async def test_unparseable_request_gets_d14_general_failure(data: bytes) -> None:
+    """D14 (REQ-05, REQ-09, D6): a request that cannot be parsed gets exactly the Operation
+    Reply with General Failure as the very first bytes (never Type 0x07/0x08 where a client
+    expects an Authentication Reply), then a close."""
+    async with running_server(make_config()) as server:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(data)
+        assert await client.read_until_eof() == D14_GENERAL_FAILURE
+        await client.close()
+
+
+async def test_unknown_command_after_authentication() -> None:
+    """CMD-06: a Command Code the proxy does not know (the codec passes it as a plain int)
+    goes through the normal authentication flow, then gets Command Not Supported (0x07) in
+    the Operation Reply (never as the first bytes, where a client expects the
+    Authentication Reply), then a close."""
+    async with running_server(make_config()) as server:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(bytes.fromhex("0604000055f000017f000001"))
+        assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+        assert (await client.operation_reply()).reply_code == ReplyCode.COMMAND_NOT_SUPPORTED
+        assert await client.read_until_eof() == b""
+        await client.close()
+        record = await record_for(server, client)
+        assert record.command == "unknown (4)"
+
+
+# --- DNS service echoes Stack options (STK-01, D9, CMD-07) -------------------------------
+
+
+async def test_dns_service_echoes_client_leg_stack_options() -> None:
+    """STK-01 / D9 on the DNS service path (CMD-07): a client-leg TTL option is applied to
+    the client connection and echoed in the Operation Reply, as on the normal CONNECT path."""
+    async with FakeDNS() as dns:
+        resolver = "{}:{}".format(*dns.address)
+        async with running_server(make_config(server={"dns_resolver": resolver})) as server:
+            client = await RawClient.connect(server.addresses[0])
+            await client.send(request(Command.CONNECT, "0.0.0.0", 53, TTLOption(StackLeg.CLIENT_PROXY, 23)))
+            assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+            reply = await client.operation_reply()
+            assert reply.reply_code == ReplyCode.SUCCESS
+            assert [o for o in reply.options if isinstance(o, TTLOption)] == [
+                TTLOption(StackLeg.CLIENT_PROXY, 23)
+            ]
+            assert client.sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL) != 23  # ours untouched
+            await client.close()
+
+
+# --- BIND with an unspecified address of the other family (CMD-04) ----------------------
+
+
+async def _bind_and_connect(server: Server, proxy: tuple[str, int], data: bytes, expect: str) -> None:
+    client = await RawClient.connect(proxy)
+    await client.send(data)
+    assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+    first = await client.operation_reply()
+    assert first.reply_code == ReplyCode.SUCCESS
+    assert first.address == expect, first  # never the wildcard of the other family
+    _, writer = await asyncio.open_connection(first.address, first.port)
+    second = await client.operation_reply()
+    assert second.reply_code == ReplyCode.SUCCESS
+    writer.close()
+    await client.close()
+
+
+async def test_bind_unspecified_other_family_binds_client_local_address() -> None:
+    """CMD-04: BIND naming the unspecified address of the other family than the client's
+    connection binds the local address of that connection (its family), not ``*:port``,
+    and the first Operation Reply names it; SOCKS 5 BIND likewise."""
+    async with running_server(make_config(ipv6=True)) as server:
+        v4 = next(a for a in server.addresses if ":" not in a[0])
+        v6 = next(a for a in server.addresses if ":" in a[0])
+        await _bind_and_connect(server, v4, request(Command.BIND, "::", 0), "127.0.0.1")
+        await _bind_and_connect(server, v6, request(Command.BIND, "0.0.0.0", 0), "::1")
+        # SOCKS 5 (RFC 1928 BIND with an IPv6 DST.ADDR) over an IPv4 connection.
+        client = await RawClient.connect(v4)
+        await client.send(b"\x05\x01\x00\x05\x02\x00\x04" + bytes(16) + b"\x00\x00")
+        assert await client.read_exactly(2) == b"\x05\x00"
+        head = await client.read_exactly(4)
+        assert head[1] == 0 and head[3] == AddressType.IPV4
+        address = socket.inet_ntoa(await client.read_exactly(4))
+        (port,) = struct.unpack(">H", await client.read_exactly(2))
+        assert address == "127.0.0.1"
+        _, writer = await asyncio.open_connection(address, port)
+        assert (await client.read_exactly(10))[1] == 0
+        writer.close()
+        await client.close()
+
+
+# --- duplicate idempotence options (IDM-03, D10 spirit) -----------------------------------
+
+
+async def test_duplicate_idempotence_options_are_malformed() -> None:
+    """IDM-03 (D10's rule applied to idempotence options): a request with two Idempotence
+    Expenditure options, or two Token Requests, is malformed: exactly the D14 General
+    Failure reply and a close; no token is spent, so the first one still spends afterwards."""
+    async with running_server(make_config(sessions={"max_token_window": 8})) as server:
+        proxy = server.addresses[0]
+        client = await RawClient.connect(proxy)
+        await client.send(request(Command.NOOP, "0.0.0.0", 0, SessionRequest(), IdempotenceRequest(4)))
+        auth = await client.auth_reply()
+        window = next(o for o in auth.options if isinstance(o, IdempotenceWindow))
+        reply = await client.operation_reply()
+        sid = next(o for o in reply.options if isinstance(o, SessionID))
+        await client.close()
+        base = window.base
+        for options in (
+            (sid, IdempotenceExpenditure(base), IdempotenceExpenditure((base + 1) % 2**32)),
+            (sid, IdempotenceRequest(4), IdempotenceRequest(8)),
+            (IdempotenceExpenditure(1), IdempotenceExpenditure(2)),
+        ):
+            client = await RawClient.connect(proxy)
+            await client.send(request(Command.NOOP, "0.0.0.0", 0, *options))
+            assert await client.read_until_eof() == D14_GENERAL_FAILURE, options
+            await client.close()
+        client = await RawClient.connect(proxy)
+        await client.send(request(Command.NOOP, "0.0.0.0", 0, sid, IdempotenceExpenditure(base)))
+        auth = await client.auth_reply()
+        assert auth.type == AuthReplyType.SUCCESS  # the token was not spent by the rejected request
+        await client.close()
