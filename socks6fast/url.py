@@ -58,7 +58,7 @@ def parse_proxy_url(url: str) -> ProxyURL:
 
     Raises:
         ValueError: another scheme, no host, a bad port, a path, query or fragment, or a
-            username or password over 255 bytes (RFC 1929).
+            username or password that is empty or over 255 bytes (RFC 1929).
 
     Example:
         >>> u = parse_proxy_url("socks6+tls://alice:p%40ss@[::1]:1081")
@@ -82,9 +82,14 @@ def parse_proxy_url(url: str) -> ProxyURL:
         raise ValueError("proxy port 0 cannot be connected to")
     username = None if parts.username is None else unquote_to_bytes(parts.username)
     password = b"" if parts.password is None else unquote_to_bytes(parts.password)
-    for what, value in (("username", username), ("password", password)):
-        if value is not None and len(value) > MAX_USERPASS_LENGTH:
-            raise ValueError(f"the proxy {what} is over 255 bytes (RFC 1929)")
+    if username is not None:
+        # RFC 1929: ULEN and PLEN are both 1-255; say so here rather than fail later in
+        # the encoder, when the first connection is already being made.
+        for what, value in (("username", username), ("password", password)):
+            if not value:
+                raise ValueError(f"the proxy URL has an empty {what}: RFC 1929 needs user:password@")
+            if len(value) > MAX_USERPASS_LENGTH:
+                raise ValueError(f"the proxy {what} is over 255 bytes (RFC 1929)")
     return ProxyURL(host, DEFAULT_PORT if port is None else port, SCHEMES[scheme], username, password)
 
 

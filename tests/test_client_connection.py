@@ -874,7 +874,6 @@ def test_address_of(host: str, expected: tuple[AddressType, str]) -> None:
         ("socks6://u:p@127.0.0.1:1081", ("127.0.0.1", 1081, False, b"u", b"p")),
         ("SOCKS6+TLS://[::1]:443", ("::1", 443, True, None, b"")),
         ("socks6://us%3Aer:p%40ss%C3%A9@localhost/", ("localhost", 1080, False, b"us:er", "p@ssé".encode())),
-        ("socks6://user@h", ("h", 1080, False, b"user", b"")),
     ],
 )
 def test_parse_proxy_url(url: str, fields: tuple[object, ...]) -> None:
@@ -893,11 +892,16 @@ def test_parse_proxy_url(url: str, fields: tuple[object, ...]) -> None:
         "socks6://h:0",
         "socks6://h/path",
         "socks6://h?x=1",
-        "socks6://" + "u" * 256 + "@h",
+        "socks6://" + "u" * 256 + ":p@h",
+        "socks6://u:" + "p" * 256 + "@h",
+        # RFC 1929: username and password are both 1-255 bytes.
+        "socks6://user@h",
+        "socks6://user:@h",
+        "socks6://:pass@h",
     ],
 )
 def test_parse_proxy_url_rejects(url: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="proxy"):
         parse_proxy_url(url)
 
 
