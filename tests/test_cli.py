@@ -15,15 +15,20 @@ from pathlib import Path
 import pytest
 from helpers_server import RawClient, Sink, cheap_hash
 
+import socks6fast
 from socks6fast import codec
 from socks6fast.auth import verify_password
 from socks6fast.constants import AddressType, AuthMethod, AuthReplyType, Command, ReplyCode
 from socks6fast.messages import AuthData, Option, Request
+from socks6fast.relay import ENGINE_AVAILABLE
 from socks6fast.socks5 import UserPassRequest, encode_userpass_request
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parent.parent
+# The subprocess runs the very package these tests import (the installed one, with its
+# compiled modules, under scripts/test.sh), not the source tree beside them; its working
+# directory is that package's parent too, because ``python -m`` puts the cwd first on sys.path.
+ROOT = Path(socks6fast.__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 COMMAND = [sys.executable, "-m", "socks6fast"]
 
@@ -163,6 +168,9 @@ async def test_serve_reload_and_drain(tmp_path: Path) -> None:
     config.write_text('[server]\nlisten = ["127.0.0.1:0"]\n')
     async with Sink() as sink, serve("--config", str(config), "--drain-timeout", "5") as proc:
         proxy = await proc.address()
+        # The startup log says which data plane relays (issue 4: "say at startup").
+        startup = (await proc.wait_for(r"relay path: (.*)")).group(1)
+        assert startup.startswith("splice engine" if ENGINE_AVAILABLE else "asyncio ("), startup
         first = await open_relay(proxy, sink.address)
         await echo(first)
         short = await open_relay(proxy, sink.address)
@@ -177,7 +185,8 @@ async def test_serve_reload_and_drain(tmp_path: Path) -> None:
             "reply=0x00",
         ):
             assert field in line
-        assert re.search(r"up=5 down=5 dur=\d+\.\d+s relay=(splice|asyncio)", line), line
+        relay = "splice" if ENGINE_AVAILABLE else "asyncio"
+        assert re.search(rf"up=5 down=5 dur=\d+\.\d+s relay={relay} ", line), line
 
         # SIGHUP: authentication on from now on; the established connection stays.
         config.write_text(

@@ -40,6 +40,7 @@ from helpers_server import (
     running_server,
 )
 
+import socks6fast
 from socks6fast import codec
 from socks6fast.asyncio import client as s6client
 from socks6fast.asyncio.server import FailedAuthLimiter
@@ -861,9 +862,10 @@ def netns_results() -> dict[str, Any]:
     with server-side TFO enabled and unreachable routes for two loopback addresses."""
     if not _netns_available():
         pytest.skip("needs unshare -n (root or user namespaces) and iproute2")
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(root))
-    script = NETNS_SETUP + f'\nexec "{sys.executable}" "{root / "tests" / "helpers_server.py"}"\n'
+    # The package these tests import (installed, compiled), not the source tree.
+    env = dict(os.environ, PYTHONPATH=str(Path(socks6fast.__file__).resolve().parent.parent))
+    helpers = Path(__file__).resolve().parent / "helpers_server.py"
+    script = NETNS_SETUP + f'\nexec "{sys.executable}" "{helpers}"\n'
     done = subprocess.run(
         ["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=60
     )

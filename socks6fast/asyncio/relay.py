@@ -339,6 +339,11 @@ class Relayer:
         return PATH_SPLICE if self._engine is not None else PATH_ASYNCIO
 
     @property
+    def workers(self) -> int:
+        """Engine worker threads (0 on the asyncio path)."""
+        return self._engine.workers if self._engine is not None else 0
+
+    @property
     def active(self) -> int:
         """Connections currently relayed, both paths together."""
         return len(self._waiters) + len(self._relays)

@@ -81,7 +81,7 @@ from ..messages import (
     VersionMismatchReply,
 )
 from ..policy import Policy
-from ..relay import RelayResult
+from ..relay import ENGINE_AVAILABLE, NO_EXTENSIONS, PATH_SPLICE, RelayResult
 from ..server_connection import (
     NEED_DATA,
     ConnectionClosed,
@@ -784,6 +784,19 @@ class Server:
             log.info("listening on %s (SOCKS 6 and SOCKS 5)", _format(host, port))
         for host, port in self.tls_addresses:
             log.info("listening on %s (SOCKS over TLS)", _format(host, port))
+        log.info("relay path: %s", self._describe_relay())
+
+    def _describe_relay(self) -> str:
+        """One phrase for the startup log: which data plane relays connections and why."""
+        assert self._relayer is not None
+        if self._relayer.path == PATH_SPLICE:
+            tls = " (TLS client legs: asyncio, the kernel cannot splice them)" if self.tls_addresses else ""
+            return f"splice engine, {self._relayer.workers} worker thread(s){tls}"
+        if ENGINE_AVAILABLE:
+            return "asyncio (the splice engine is turned off)"
+        if NO_EXTENSIONS:
+            return "asyncio (SOCKS6FAST_NO_EXTENSIONS is set)"
+        return "asyncio (the splice engine needs Linux and the compiled extension)"
 
     async def _bind_listeners(self, host: str, port: int) -> list[socket.socket]:
         loop = asyncio.get_running_loop()
