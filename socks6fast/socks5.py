@@ -35,6 +35,7 @@ address type is kept. Credentials are bytes: RFC 1929 names no encoding.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -265,19 +266,30 @@ def _check_int(value: object, maximum: int, what: str) -> int:
     return value
 
 
+@functools.lru_cache(maxsize=1024)
+def _pack_ip(address_type: AddressType, address: str) -> bytes:
+    """The 4 or 16 bytes of an IP literal, strictly parsed.
+
+    Cached: a proxy answers every CONNECT with one of a handful of local addresses, and
+    ``ipaddress`` parsing (about 2.4 us) was a visible share of a SOCKS 5 connection's
+    CPU (benchmarks/README.md, "Per-connection CPU"). Errors are raised, never cached.
+    """
+    if address_type == AddressType.IPV4:
+        return ipaddress.IPv4Address(address).packed
+    ip6 = ipaddress.IPv6Address(address)
+    if ip6.scope_id is not None:
+        raise LocalProtocolError(f"a scope id cannot be sent: {address!r}")
+    return ip6.packed
+
+
 def _encode_address(address_type: AddressType, address: str, port: int) -> bytes:
     """ATYP + ADDR + PORT, validated."""
     _check_int(port, _U16_MAX, "port")
     if not isinstance(address, str):
         raise LocalProtocolError(f"address must be text, got {address!r}")
     try:
-        if address_type == AddressType.IPV4:
-            packed = ipaddress.IPv4Address(address).packed
-        elif address_type == AddressType.IPV6:
-            ip6 = ipaddress.IPv6Address(address)
-            if ip6.scope_id is not None:
-                raise LocalProtocolError(f"a scope id cannot be sent: {address!r}")
-            packed = ip6.packed
+        if address_type == AddressType.IPV4 or address_type == AddressType.IPV6:
+            packed = _pack_ip(address_type, address)
         elif address_type == AddressType.DOMAIN_NAME:
             name = address.encode("utf-8")
             if not 1 <= len(name) <= MAX_DOMAIN_LENGTH or b"\0" in name:
