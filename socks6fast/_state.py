@@ -66,6 +66,11 @@ PAUSED: Final = Paused()
 class State(Enum):
     """Where one half of a connection is."""
 
+    # Members are singletons compared by identity, so the identity hash is exact, and
+    # a C slot instead of Enum.__hash__ (a Python call on hash(name)): every transition
+    # hashes (state, event) pairs (benchmarks/README.md, "Per-connection CPU").
+    __hash__ = object.__hash__
+
     # --- What the client may send next (the peer's half) -----------------------
     SEND_GREETING = "SEND_GREETING"
     """SOCKS 5: the version identifier / method selection message (RFC 1928 section 3)."""
@@ -116,12 +121,22 @@ class State(Enum):
 class Protocol(Enum):
     """Which protocol a connection speaks (chosen by the first byte, D1)."""
 
+    # Members are singletons compared by identity, so the identity hash is exact, and
+    # a C slot instead of Enum.__hash__ (a Python call on hash(name)): every transition
+    # hashes (state, event) pairs (benchmarks/README.md, "Per-connection CPU").
+    __hash__ = object.__hash__
+
     SOCKS6 = 6
     SOCKS5 = 5
 
 
 class Event(Enum):
     """What moves a half from one state to the next."""
+
+    # Members are singletons compared by identity, so the identity hash is exact, and
+    # a C slot instead of Enum.__hash__ (a Python call on hash(name)): every transition
+    # hashes (state, event) pairs (benchmarks/README.md, "Per-connection CPU").
+    __hash__ = object.__hash__
 
     # From the client.
     GREETING = "GREETING"
