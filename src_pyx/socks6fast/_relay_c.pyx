@@ -995,7 +995,10 @@ cdef class RelayEngine:
         fds[1] = fd_b
         for i in range(2):
             flags = fcntl(fds[i], F_GETFL)
-            if flags < 0 or fcntl(fds[i], F_SETFL, flags | O_NONBLOCK) < 0:
+            if flags < 0:
+                raise OSError(errno, os.strerror(errno))
+            # The server's sockets are non-blocking already: one syscall, not two.
+            if not (flags & O_NONBLOCK) and fcntl(fds[i], F_SETFL, flags | O_NONBLOCK) < 0:
                 raise OSError(errno, os.strerror(errno))
         # calloc: list pointers NULL, counters 0, flags False.
         p = <Pair*>calloc(1, sizeof(Pair))
