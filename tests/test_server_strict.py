@@ -19,15 +19,18 @@ from helpers_server import FakeDNS, RawClient, make_config, record_for, running_
 
 from socks6fast import codec
 from socks6fast.asyncio.server import Server
-from socks6fast.constants import AddressType, AuthReplyType, Command, ReplyCode, StackLeg
+from socks6fast.constants import AddressType, AuthReplyType, Availability, Command, ReplyCode, StackLeg
 from socks6fast.messages import (
     IdempotenceExpenditure,
     IdempotenceRequest,
     IdempotenceWindow,
+    ListenBacklogOption,
+    MultipathOption,
     Option,
     Request,
     SessionID,
     SessionRequest,
+    TFOOption,
     TTLOption,
 )
 
@@ -270,3 +273,46 @@ async def test_duplicate_idempotence_options_are_malformed() -> None:
         auth = await client.auth_reply()
         assert auth.type == AuthReplyType.SUCCESS  # the token was not spent by the rejected request
         await client.close()
+
+
+# --- BIND claiming a backlog listener echoes its Stack options (STK-01, CMD-05) ------------
+
+
+async def test_bind_claim_echoes_supported_stack_options() -> None:
+    """STK-01 / D9 (CMD-05): a further BIND of the session that claims a connection from a
+    Listen Backlog listener gets, in its first Operation Reply, every supported Stack option
+    it sent: the proxy-remote TTL the listener really uses (read back from it), Multipath
+    ("whether an MPTCP connection will be accepted, when first replying to a BIND"), the
+    client-leg TTL and a backlog of 0; TFO only if the listener accepts it (here it was
+    opened without a TFO option, so the claim's TFO option is not echoed)."""
+    async with running_server(make_config()) as server:
+        proxy = server.addresses[0]
+        client = await RawClient.connect(proxy)
+        await client.send(request(Command.NOOP, "0.0.0.0", 0, SessionRequest()))
+        await client.auth_reply()
+        sid = next(o for o in (await client.operation_reply()).options if isinstance(o, SessionID))
+        await client.close()
+        holder = await RawClient.connect(proxy)
+        remote_ttl = TTLOption(StackLeg.PROXY_REMOTE, 33)
+        backlog = ListenBacklogOption(StackLeg.PROXY_REMOTE, 2)
+        await holder.send(request(Command.BIND, "0.0.0.0", 0, sid, backlog, remote_ttl))
+        await holder.auth_reply()
+        first = await holder.operation_reply()
+        assert first.reply_code == ReplyCode.SUCCESS and remote_ttl in first.options
+        _, peer_writer = await asyncio.open_connection(first.address, first.port)
+        claim = await RawClient.connect(proxy)
+        multipath = MultipathOption(StackLeg.PROXY_REMOTE, Availability.NOT_DESIRED)
+        client_ttl = TTLOption(StackLeg.CLIENT_PROXY, 44)
+        tfo = TFOOption(StackLeg.PROXY_REMOTE, 0)
+        await claim.send(
+            request(Command.BIND, first.address, first.port, sid, remote_ttl, multipath, client_ttl, tfo)
+        )
+        assert (await claim.auth_reply()).type == AuthReplyType.SUCCESS
+        reply = await claim.operation_reply()
+        assert (reply.reply_code, reply.address, reply.port) == (ReplyCode.SUCCESS, first.address, first.port)
+        assert sorted(map(repr, reply.options)) == sorted(map(repr, (remote_ttl, multipath, client_ttl)))
+        second = await claim.operation_reply()
+        assert second.reply_code == ReplyCode.SUCCESS and second.options == (multipath,)
+        peer_writer.close()
+        await claim.close()
+        await holder.close()

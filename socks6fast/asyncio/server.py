@@ -110,7 +110,6 @@ from ..socks5 import (
     encode_userpass_reply,
 )
 from ..stackopts import (
-    IPPROTO_MPTCP,
     AppliedLeg,
     apply_leg_options,
     echo_stack_options,
@@ -118,6 +117,7 @@ from ..stackopts import (
     enable_tfo_listener,
     mptcp_in_use,
     new_stream_socket,
+    read_leg_options,
     tfo_syn_data_acked,
 )
 from .relay import Relayer
@@ -585,9 +585,15 @@ class _BacklogListener:
     BIND request of the same session claims one (draft-11 "Listen Backlog options").
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, backlog: int) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, backlog: int, tfo: bool, mptcp: bool
+    ) -> None:
         self.sock = sock
         self.backlog = backlog
+        self.tfo = tfo
+        """The listener accepts TFO (the BIND that opened it carried a TFO option)."""
+        self.mptcp = mptcp
+        """The listener is an MPTCP socket (accepts MPTCP connections)."""
         self.queue: asyncio.Queue[tuple[socket.socket, tuple[str, int]]] = asyncio.Queue(backlog)
         self._loop = loop
         self._task = loop.create_task(self._accept_loop())
@@ -1711,7 +1717,9 @@ class Server:
         )
         if backlog:
             assert session is not None
-            backlog_listener = _BacklogListener(loop, lsock, backlog)
+            backlog_listener = _BacklogListener(
+                loop, lsock, backlog, tfo=plan.tfo_payload_size is not None, mptcp=is_mptcp
+            )
             session.listeners[(bound_host, bound_port)] = backlog_listener
             try:
                 await stream.send(conn.send(first))
@@ -1745,15 +1753,27 @@ class Server:
         record: ConnectionRecord,
     ) -> None:
         bound_host, bound_port = _sockname(listener.sock)
-        echo = echo_stack_options(plan, client=client_applied, listen_backlog=0)
+        # STK-01 / D9: "MUST do so for every supported Stack option sent by the client", the
+        # claiming BIND too (draft-11 "Stack options"). The listener exists already, so its
+        # proxy-remote options are what accepted connections get: read them back from it.
+        # Multipath says "whether an MPTCP connection will be accepted, when first replying to
+        # a BIND command". TFO is accepted only if the BIND that opened the listener asked; the
+        # TFO option has no field to say "not accepted", so it is echoed only when it is.
+        echo = echo_stack_options(
+            plan,
+            client=client_applied,
+            remote=None if plan.remote.empty else read_leg_options(listener.sock, plan.remote),
+            tfo_payload_size=0 if listener.tfo else None,
+            multipath=Availability.DESIRED if listener.mptcp else Availability.NOT_DESIRED,
+            listen_backlog=0,
+        )
         first = OperationReply(
             ReplyCode.SUCCESS, _address_type_of(bound_host), bound_host, bound_port, echo + extra
         )
         await stream.send(conn.send(first))
         record.reply_code = ReplyCode.SUCCESS
         peer, peer_addr = await self._wait_for_peer(stream, conn, listener.queue.get())
-        is_mptcp = listener.sock.proto == IPPROTO_MPTCP
-        await self._bind_second_reply(stream, conn, peer, peer_addr, plan, is_mptcp, session, record)
+        await self._bind_second_reply(stream, conn, peer, peer_addr, plan, listener.mptcp, session, record)
 
     async def _bind_second_reply(
         self,
