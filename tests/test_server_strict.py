@@ -30,6 +30,7 @@ from socks6fast.messages import (
     Request,
     SessionID,
     SessionRequest,
+    SessionTeardown,
     TFOOption,
     TTLOption,
 )
@@ -315,4 +316,33 @@ async def test_bind_claim_echoes_supported_stack_options() -> None:
         assert second.reply_code == ReplyCode.SUCCESS and second.options == (multipath,)
         peer_writer.close()
         await claim.close()
+        await holder.close()
+
+
+async def test_backlog_initial_connection_closed_when_session_ends() -> None:
+    """CMD-05 ("the proxy listens for incoming connections for as long as the initial
+    connection stays open"): when the session ends (here a Session Teardown, SES-05) and its
+    backlog listener is closed, the initial BIND connection is closed too, instead of staying
+    open while nothing listens any more."""
+    async with running_server(make_config()) as server:
+        proxy = server.addresses[0]
+        client = await RawClient.connect(proxy)
+        await client.send(request(Command.NOOP, "0.0.0.0", 0, SessionRequest()))
+        await client.auth_reply()
+        sid = next(o for o in (await client.operation_reply()).options if isinstance(o, SessionID))
+        await client.close()
+        holder = await RawClient.connect(proxy)
+        await holder.send(
+            request(Command.BIND, "0.0.0.0", 0, sid, ListenBacklogOption(StackLeg.PROXY_REMOTE, 2))
+        )
+        await holder.auth_reply()
+        first = await holder.operation_reply()
+        assert first.reply_code == ReplyCode.SUCCESS
+        client = await RawClient.connect(proxy)
+        await client.send(request(Command.NOOP, "0.0.0.0", 0, sid, SessionTeardown()))
+        assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+        await client.close()
+        assert await holder.read_until_eof(timeout=5.0) == b""
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(first.address, first.port)
         await holder.close()

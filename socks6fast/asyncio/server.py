@@ -598,6 +598,8 @@ class _BacklogListener:
         self._loop = loop
         self._task = loop.create_task(self._accept_loop())
         self.closed = False
+        self.ended: asyncio.Future[None] = loop.create_future()
+        """Done once the listener is closed (its session ended, or its first connection did)."""
 
     async def _accept_loop(self) -> None:
         while True:
@@ -608,6 +610,8 @@ class _BacklogListener:
         if self.closed:
             return
         self.closed = True
+        if not self.ended.done():
+            self.ended.set_result(None)
         self._task.cancel()
         self.sock.close()
         while not self.queue.empty():
@@ -1726,8 +1730,11 @@ class Server:
                 record.reply_code = ReplyCode.SUCCESS
                 # "the proxy listens for incoming connections for as long as the initial
                 # connection stays open. The initial connection is not used to relay data."
-                while await stream.recv():
-                    pass
+                # The other way round too: when the session ends (Session Teardown, idle
+                # expiry) and closes the listener, the initial connection is closed ("the
+                # proxy MAY close all connections associated with said session"), so an
+                # open initial connection always means a listening proxy (CMD-05).
+                await self._hold_backlog(stream, backlog_listener)
             finally:
                 backlog_listener.close()
                 if session.listeners.get((bound_host, bound_port)) is backlog_listener:
@@ -1740,6 +1747,23 @@ class Server:
         finally:
             lsock.close()
         await self._bind_second_reply(stream, conn, peer, peer_addr, plan, is_mptcp, session, record)
+
+    async def _hold_backlog(self, stream: _ClientStream, listener: _BacklogListener) -> None:
+        """Read and drop what the initial connection sends until it ends or the listener closes."""
+        loop = self._running_loop
+        while not listener.closed:
+            watch = loop.create_task(stream.recv())
+            try:
+                await asyncio.wait((watch, listener.ended), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not watch.done():
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, OSError):
+                        await watch
+            if watch.cancelled():
+                return  # the listener closed first
+            if not watch.result():
+                return  # EOF from the client (an OSError propagates as before)
 
     async def _bind_claim(
         self,
