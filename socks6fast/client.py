@@ -50,6 +50,7 @@ from .client_connection import (
     ClientState,
     SessionState,
     build_request,
+    raise_reset,
     tfo_syn_may_carry_data,
 )
 from .constants import Command
@@ -214,7 +215,11 @@ def _drive(channel: _Channel, conn: ClientConnection, stop: frozenset[ClientStat
         if out:
             channel.write(out)
         if event is NEED_DATA:
-            conn.receive_data(channel.read(conn.bytes_needed))
+            try:
+                data = channel.read(conn.bytes_needed)
+            except ConnectionResetError as exc:
+                raise_reset(conn, exc)
+            conn.receive_data(data)
         elif isinstance(event, OperationReply) and conn.state in stop:
             return event
 

@@ -11,7 +11,7 @@ does this, and nothing else::
         if out := conn.data_to_send():                         # RFC 1929 request, late data
             write(out)
         if event is NEED_DATA:
-            conn.receive_data(read(conn.bytes_needed))         # b"" is EOF
+            conn.receive_data(read(conn.bytes_needed))         # b"" is EOF (a reset: raise_reset)
         elif conn.state in (ClientState.ESTABLISHED, ClientState.MUST_CLOSE):
             break                                              # event is the last OperationReply
 
@@ -47,7 +47,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from enum import Enum
-from typing import Final
+from typing import Final, NoReturn
 
 from . import codec
 from ._state import NEED_DATA, PAUSED, NeedData, Paused
@@ -69,6 +69,7 @@ from .errors import (
     LocalProtocolError,
     ProxyError,
     RemoteProtocolError,
+    Socks6Error,
     VersionMismatchError,
     WireError,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "address_of",
     "build_request",
     "noop_request",
+    "raise_reset",
     "tfo_syn_may_carry_data",
     "tls_early_data_allowed",
 ]
@@ -427,6 +429,28 @@ def _refusal(value: int) -> ProxyError:
         # A code draft-11 does not define: still a refusal; report the raw value.
         return ProxyError(f"the proxy refused the request with unknown reply code {value:#04x}", None)
     return ProxyError(f"the proxy refused the request: {code.name} ({int(code):#04x})", code)
+
+
+def raise_reset(conn: ClientConnection, exc: ConnectionResetError) -> NoReturn:
+    """Judge a connection reset in the middle of a reply like EOF, for adapters.
+
+    A proxy that closes with part of our Request unread makes the kernel send a reset
+    instead of a FIN, right behind its last bytes: a Version Mismatch Reply (the byte 6)
+    or a truncated reply. The core judges what arrived before the reset as it judges an
+    EOF, so the caller gets the typed error (REQ-02 `VersionMismatchError`, or
+    `RemoteProtocolError` for a truncated reply), chained to ``exc``. Call it only when
+    `ClientConnection.next_event` returned NEED_DATA: EOF then always ends in an error.
+
+    Raises:
+        Socks6Error: the typed error, ``from exc``.
+        ConnectionResetError: ``exc`` itself, if the core did not object (a bug).
+    """
+    conn.receive_data(b"")
+    try:
+        conn.next_event()
+    except Socks6Error as error:
+        raise error from exc
+    raise exc
 
 
 # --- The connection ------------------------------------------------------------------

@@ -23,6 +23,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,13 @@ from socks6fast.constants import (
     StackLeg,
     UserPassStatus,
 )
-from socks6fast.errors import AuthenticationError, ProxyError, Socks6Error, VersionMismatchError
+from socks6fast.errors import (
+    AuthenticationError,
+    ProxyError,
+    RemoteProtocolError,
+    Socks6Error,
+    VersionMismatchError,
+)
 from socks6fast.messages import (
     AuthMethodAdvertisement,
     AuthMethodSelection,
@@ -501,6 +508,111 @@ async def test_version_mismatch_reply() -> None:
             )
     finally:
         server.close()
+
+
+class ResettingProxy:
+    """A raw-socket proxy on 127.0.0.1 (a thread, bytes by hand) that sends ``replies`` and
+    then ends the connection with a reset (RST), the way a proxy does that closes with part
+    of the Request still unread. ``read`` is how many Request bytes it reads first."""
+
+    def __init__(self, replies: bytes, *, read: int) -> None:
+        self.replies = replies
+        self.read = read
+        self.listener = socket.create_server((LOCALHOST, 0))
+        self.listener.settimeout(0.2)
+        self.url = f"socks6://{LOCALHOST}:{self.listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        for _ in range(100):  # bounded: 100 x 0.2 s
+            if self._stop.is_set():
+                return
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                conn.recv(self.read)
+                conn.sendall(self.replies)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
+
+
+async def _all_flavours_raise(url: str, expected: type[Socks6Error], *, bind: bool = False) -> None:
+    """The error of a request through ``url`` in the three flavours: ``expected``, chained to
+    the ConnectionResetError, and the client's socket closed (no descriptor left behind)."""
+    before = len(os.listdir("/proc/self/fd"))
+
+    async def blocking() -> object:
+        proxy = bclient.Proxy.from_url(url)
+        if bind:
+            return await asyncio.to_thread(lambda: proxy.bind(timeout=5).accept(timeout=5))
+        return await asyncio.to_thread(proxy.connect, LOCALHOST, 9, initial_data=b"x" * 64, timeout=5)
+
+    async def streams() -> object:
+        if bind:
+            return await (await s6.open_bind(url, timeout=5)).accept(timeout=5)
+        return await s6.open_connection(url, LOCALHOST, 9, initial_data=b"x" * 64, timeout=5)
+
+    async def sockets() -> object:
+        proxy = s6.Proxy.from_url(url)
+        if bind:
+            return await (await proxy.bind(timeout=5)).accept(timeout=5)
+        return await proxy.connect(LOCALHOST, 9, initial_data=b"x" * 64, timeout=5)
+
+    for flavour in (blocking, streams, sockets):
+        with pytest.raises(expected) as info:
+            await flavour()
+        assert isinstance(info.value.__cause__, ConnectionResetError), flavour.__name__
+    await asyncio.sleep(0.05)  # the stream flavour's transport closes on the next loop turn
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_version_mismatch_reply_followed_by_a_reset() -> None:
+    """REQ-02: a proxy that reads only the version byte, answers 6 and closes leaves the
+    rest of the Request unread, so its kernel sends RST right behind the 6. The client
+    still reports VersionMismatchError (it used to let ConnectionResetError out)."""
+    proxy = ResettingProxy(b"\x06", read=1)
+    try:
+        await _all_flavours_raise(proxy.url, VersionMismatchError)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        pytest.param(b"", id="nothing"),
+        pytest.param(bytes.fromhex("060000"), id="auth-reply-cut"),
+        pytest.param(bytes.fromhex("06000000 06000000 04d20001 7f00"), id="operation-reply-cut"),
+    ],
+)
+async def test_reset_in_the_middle_of_a_reply_is_a_remote_protocol_error(replies: bytes) -> None:
+    """REQ-02 / REQ-10: a proxy that resets the connection before its reply is complete
+    gives RemoteProtocolError (chained to the reset) in every flavour, and no socket left."""
+    proxy = ResettingProxy(replies, read=65536)
+    try:
+        await _all_flavours_raise(proxy.url, RemoteProtocolError)
+    finally:
+        proxy.close()
+
+
+async def test_reset_before_the_second_bind_reply_is_a_remote_protocol_error() -> None:
+    """CMD-04: a reset where the second Operation Reply of BIND should be gives
+    RemoteProtocolError from accept(), in every flavour."""
+    first = bytes.fromhex("06000000 06000000 04d20001 7f000001")  # Auth OK, bound 127.0.0.1:1234
+    proxy = ResettingProxy(first + bytes.fromhex("060000"), read=65536)
+    try:
+        await _all_flavours_raise(proxy.url, RemoteProtocolError, bind=True)
+    finally:
+        proxy.close()
 
 
 async def test_timeout_is_timeouterror() -> None:

@@ -33,7 +33,10 @@ Errors: `socks6fast.ProxyError` (``.reply_code`` is the `socks6fast.ReplyCode` t
 sent), `socks6fast.AuthenticationError`, `socks6fast.VersionMismatchError`,
 `socks6fast.RemoteProtocolError` (the proxy broke the protocol), ``TimeoutError``
 (``timeout`` covers connecting, TLS and the SOCKS handshake), and ``OSError`` subclasses
-for the network (e.g. ``ConnectionRefusedError``, ``ssl.SSLCertVerificationError``).
+for the network (e.g. ``ConnectionRefusedError``, ``ssl.SSLCertVerificationError``). A
+proxy that resets the connection in the middle of a reply is judged like one that closes
+it: ``VersionMismatchError`` after a lone byte 6 (REQ-02), else ``RemoteProtocolError``,
+with the ``ConnectionResetError`` as ``__cause__`` (`client_connection.raise_reset`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from ..client_connection import (
     ClientState,
     SessionState,
     build_request,
+    raise_reset,
     tfo_syn_may_carry_data,
 )
 from ..constants import Command
@@ -188,7 +192,11 @@ async def _drive(channel: _Channel, conn: ClientConnection, stop: frozenset[Clie
         if out:
             await channel.write(out)
         if event is NEED_DATA:
-            conn.receive_data(await channel.read(conn.bytes_needed))
+            try:
+                data = await channel.read(conn.bytes_needed)
+            except ConnectionResetError as exc:
+                raise_reset(conn, exc)
+            conn.receive_data(data)
         elif isinstance(event, OperationReply) and conn.state in stop:
             return event
 
