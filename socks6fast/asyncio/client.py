@@ -190,7 +190,12 @@ async def _drive(channel: _Channel, conn: ClientConnection, stop: frozenset[Clie
         event = conn.next_event()
         out = conn.data_to_send()
         if out:
-            await channel.write(out)
+            try:
+                await channel.write(out)
+            except (BrokenPipeError, ConnectionResetError):
+                # The proxy is gone. What it sent before (a refusal) is still to be read,
+                # and the read ends at once, in a typed error (raise_reset).
+                pass
         if event is NEED_DATA:
             try:
                 data = await channel.read(conn.bytes_needed)
