@@ -34,6 +34,11 @@
  *   hold     ... --conns N --max-seconds S
  *            open N connections, confirm each with a 1-byte echo through the
  *            proxy, print "ready N", hold them until stdin closes or max-seconds.
+ *   splicerelay --port P --target PORT --max-seconds S
+ *            the floor of a user-space relay, for benchmarks/relay_ceiling.py:
+ *            no SOCKS, one connection at a time, client -> target only, with
+ *            blocking splice(2) through one 1 MiB pipe (no epoll, no second
+ *            direction, no bookkeeping). Prints "port P" once listening.
  *   shim     --port P --target PORT --delay-us D --handshake 0|1 --max-seconds S [--stats 1]
  *            forward to 127.0.0.1:PORT adding D microseconds one way in each
  *            direction; the listener accepts TCP Fast Open (see cmd_shim). With
@@ -960,9 +965,50 @@ static int cmd_hold(void) {
     return 0;
 }
 
+/* The least a user-space relay can do per byte: what socks6fast's engine is compared
+ * with in benchmarks/relay_ceiling.py. Blocking splice(2) wakes only when the kernel
+ * has bytes or room, so this is also the fewest wake-ups. The process ends by
+ * alarm() at --max-seconds whatever happens (bounded by time). */
+static int cmd_splicerelay(void) {
+    alarm((unsigned)opt_max_seconds + 1);
+    int lfd = listen_on(opt_port);
+    fcntl(lfd, F_SETFL, fcntl(lfd, F_GETFL) & ~O_NONBLOCK); /* listen_on() made it non-blocking */
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC) < 0) die("pipe2");
+    int cap = fcntl(pfd[1], F_SETPIPE_SZ, 1 << 20);
+    if (cap < 0) cap = 1 << 16;
+    for (int served = 0; served < 1000; served++) {
+        int c = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (c < 0) die("accept");
+        int t = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        struct sockaddr_in sa = loopback(opt_target);
+        if (t < 0 || connect(t, (struct sockaddr *)&sa, sizeof sa) < 0) die("connect target");
+        size_t in_pipe = 0;
+        for (;;) {
+            ssize_t n = splice(c, NULL, pfd[1], NULL, (size_t)cap, SPLICE_F_MOVE);
+            if (n <= 0) break;
+            in_pipe = (size_t)n;
+            while (in_pipe > 0) {
+                ssize_t w = splice(pfd[0], NULL, t, NULL, in_pipe, SPLICE_F_MOVE);
+                if (w <= 0) goto done;
+                in_pipe -= (size_t)w;
+            }
+        }
+    done:
+        /* A broken pair may leave bytes in the pipe: start the next one empty. */
+        close(pfd[0]);
+        close(pfd[1]);
+        if (pipe2(pfd, O_CLOEXEC) < 0) die("pipe2");
+        fcntl(pfd[1], F_SETPIPE_SZ, cap);
+        close(c);
+        close(t);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: loadgen sink|rrserver|echo|bulk|rr|hold|shim [options]\n");
+        fprintf(stderr, "usage: loadgen sink|rrserver|echo|bulk|rr|hold|shim|splicerelay [options]\n");
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -1002,6 +1048,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "rr")) return cmd_rr();
     if (!strcmp(cmd, "hold")) return cmd_hold();
     if (!strcmp(cmd, "shim")) return cmd_shim();
+    if (!strcmp(cmd, "splicerelay")) return cmd_splicerelay();
     fprintf(stderr, "loadgen: unknown command %s\n", cmd);
     return 2;
 }

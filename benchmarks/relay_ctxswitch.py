@@ -21,12 +21,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks._measure import build_loadgen
+from benchmarks._systems import socks6fast_command
 
 GIB = 1 << 30
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -69,6 +69,17 @@ def cpu_seconds(pid: int) -> float:
             continue
         ticks += int(fields[11]) + int(fields[12])
     return ticks / CLOCK_TICKS
+
+
+def relay_path(log: Path) -> str:
+    """The proxy's startup line naming its relay path (splice engine or asyncio), from its log."""
+    # The port accepts as soon as listen() ran, a moment before the line is logged.
+    for _ in range(50):
+        for line in log.read_text(errors="replace").splitlines():
+            if "relay path:" in line:
+                return "socks6fast " + line[line.index("relay path:") :]
+        time.sleep(0.1)
+    return "socks6fast: no 'relay path' line in its log (is this socks6fast older than the line?)"
 
 
 def _read_field(proc: subprocess.Popen[str], prefix: str, deadline: float) -> list[str]:
@@ -132,11 +143,11 @@ def main() -> int:
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         loadgen = build_loadgen(Path(tmp))
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "socks6fast", "serve", "--listen", f"127.0.0.1:{port}"],
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        # The same socks6fast as `socks6fast bench` runs: the package this interpreter imports.
+        argv, env = socks6fast_command(port, user=False)
+        log = Path(tmp) / "socks6fast.log"
+        with log.open("wb") as stderr:
+            proxy = subprocess.Popen(argv, env=env, stderr=stderr, start_new_session=True)
         try:
             deadline = time.monotonic() + 10
             while True:  # until the proxy listens (bounded)
@@ -147,6 +158,7 @@ def main() -> int:
                     if time.monotonic() > deadline or proxy.poll() is not None:
                         raise RuntimeError("socks6fast serve did not start") from None
                     time.sleep(0.1)
+            print(relay_path(log), flush=True)
             for i in range(args.rounds):
                 result = one_round(loadgen, proxy.pid, port, args.proto, args.seconds)
                 print(f"round {i + 1}/{args.rounds}: {result}", flush=True)

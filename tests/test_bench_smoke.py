@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+import socks6fast
 from socks6fast import _codec_py
 from socks6fast.constants import AddressType, Command
 from socks6fast.messages import (
@@ -139,6 +141,41 @@ def _check_tfo_rows(res: dict[str, Any], log: str) -> None:
             assert check["tokens_accepted"] == check["requests"], log
     best = [x for x in res["targets"] if x["target"].startswith("TTFB best SOCKS6")]
     assert len(best) == 2 and all(x["value"] is not None for x in best), log
+
+
+@pytest.mark.timeout(90)
+def test_relay_ceiling_script_runs(tmp_path: Path) -> None:
+    """benchmarks/relay_ceiling.py (engine beside loadgen's minimal splice relay) runs a round.
+
+    It runs the installed package these tests import (PYTHONPATH first, from a directory
+    without a socks6fast/ of its own), so with extensions the proxy relays with the splice
+    engine and the script says so; the floor relay (``loadgen splicerelay``) moves bytes.
+    """
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join((str(Path(socks6fast.__file__).parent.parent), str(REPO)))
+    )
+    before = set(_live_children())
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.relay_ceiling", "--rounds", "1", "--seconds", "0.5"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    no_ext = bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS"))
+    expected = "asyncio (SOCKS6FAST_NO_EXTENSIONS is set)" if no_ext else "splice engine"
+    assert f"socks6fast relay path: {expected}" in out, out
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines() if line.startswith("| ")
+    }
+    for name in ("direct", "splice-floor", "socks6fast-s6"):
+        assert float(rows[name][0]) > 0, out
+    assert "socks6fast-s6 / splice-floor:" in out, out
+    assert set(_live_children()) <= before, out
 
 
 def test_bench_socks6_bytes_match_the_codec() -> None:
