@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -79,6 +80,20 @@ def test_bad_flags_exit_2() -> None:
         done = run(*args)
         assert done.returncode == 2
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_listen_failure_names_the_address() -> None:
+    """A port already taken: one sentence naming the address that failed, exit code 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run("serve", "--listen", "127.0.0.1:0", "--listen", f"127.0.0.1:{port}")
+    assert done.returncode == 2, done
+    lines = [line for line in done.stderr.strip().splitlines() if "error" in line]
+    expected = f"socks6fast: error: cannot listen: 127.0.0.1:{port}: Address already in use"
+    assert lines == [expected], done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_hash_password_from_stdin() -> None:

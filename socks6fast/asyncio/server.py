@@ -809,6 +809,14 @@ class Server:
         return "asyncio (the splice engine needs Linux and the compiled extension)"
 
     async def _bind_listeners(self, host: str, port: int) -> list[socket.socket]:
+        try:
+            return await self._bind_listeners_at(host, port)
+        except OSError as exc:
+            # Name the address: with several --listen entries "Address already in use"
+            # alone does not say which one failed.
+            raise OSError(exc.errno, f"{_format(host, port)}: {exc.strerror or exc}") from exc
+
+    async def _bind_listeners_at(self, host: str, port: int) -> list[socket.socket]:
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
