@@ -399,12 +399,14 @@ def chart(res: Results, path: Path) -> None:
 def update_readme(readme: Path, res: Results, table: str) -> None:
     """Replace the text between the results markers in ``readme`` (append the block if missing)."""
     meta = res["meta"]
+    relays = {s.get("relay") for s in res.get("systems", {}).values() if s.get("relay")}
+    relay = f" socks6fast relay path: {', '.join(sorted(relays))}." if relays else ""
     block = "\n".join(
         [
             README_BEGIN,
             f"Produced by `{meta['command']}` on {meta['date']}, {meta['machine']['summary']}; "
             f"load average before the run {meta['loadavg_start']} (1, 5, 15 min: other work on this "
-            f"shared machine); the run took {meta['elapsed_s']:.0f} s.",
+            f"shared machine); the run took {meta['elapsed_s']:.0f} s.{relay}",
             "",
             table.rstrip(),
             README_END,

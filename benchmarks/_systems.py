@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,8 @@ class System:
     reason: str = ""
     """Why it is skipped, when it is."""
     version: str = ""
+    relay: str = ""
+    """socks6fast only: the relay path its startup log names (splice engine or asyncio, and why)."""
 
 
 def parse_systems(spec: str) -> list[str]:
@@ -133,6 +136,17 @@ def _start_and_wait(
     return child
 
 
+def _relay_path(child: Child) -> str:
+    """The ``relay path: ...`` phrase of socks6fast's startup log (bounded wait: it follows listen())."""
+    for _ in range(50):
+        if child.log is not None and child.log.exists():
+            for line in child.log.read_text(errors="replace").splitlines():
+                if "relay path:" in line:
+                    return line.split("relay path:", 1)[1].strip()
+        time.sleep(0.1)
+    return "unknown (no 'relay path' line in its log)"
+
+
 def _version(argv: list[str]) -> str:
     try:
         out = subprocess.run(argv, capture_output=True, timeout=5, check=False)
@@ -195,8 +209,9 @@ def _start_socks6fast(
             _start_and_wait(procs, "socks6fast-auth", argv, auth_port, env)
         except BenchError as exc:
             auth_port, auth_reason = 0, f"`socks6fast serve --user` did not start: {exc}"
+    relay = _relay_path(child)
     for s in systems.values():
-        s.port, s.pids, s.auth_port, s.version = port, [child.pid], auth_port, version
+        s.port, s.pids, s.auth_port, s.version, s.relay = port, [child.pid], auth_port, version, relay
         if auth_reason:
             s.reason = auth_reason
     return systems

@@ -196,7 +196,8 @@ class Run:
             port = f" port {s.port}" if s.port else ""
             auth = f", username/password instance on {s.auth_port}" if s.auth_port else ""
             why = f" ({s.reason})" if s.reason else ""
-            self.progress(f"[setup] {s.name:14} {state}{port}{auth}{why}")
+            relay = f"; relay path: {s.relay}" if s.relay else ""
+            self.progress(f"[setup] {s.name:14} {state}{port}{auth}{why}{relay}")
         self.measured = [s for s in self.systems.values() if s.available]
         self.results = {
             "meta": {
@@ -218,7 +219,13 @@ class Run:
                 "tests": args.test_list,
             },
             "systems": {
-                n: {"available": s.available, "reason": s.reason, "version": s.version, "proto": s.proto}
+                n: {
+                    "available": s.available,
+                    "reason": s.reason,
+                    "version": s.version,
+                    "proto": s.proto,
+                    "relay": s.relay,
+                }
                 for n, s in self.systems.items()
             },
             "measured_systems": [s.name for s in self.measured],
@@ -532,7 +539,13 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] | None = 
         return status
     # Refresh the systems' notes (failures found during the tests) before reporting.
     results["systems"] = {
-        n: {"available": s.available, "reason": s.reason, "version": s.version, "proto": s.proto}
+        n: {
+            "available": s.available,
+            "reason": s.reason,
+            "version": s.version,
+            "proto": s.proto,
+            "relay": s.relay,
+        }
         for n, s in run.systems.items()
     }
     table = _report.markdown_tables(results)

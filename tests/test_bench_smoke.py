@@ -86,6 +86,11 @@ def test_bench_smoke_runs_end_to_end(tmp_path: Path) -> None:
     assert status == 0, log
     res = json.loads(out.read_text())
     assert res["measured_systems"] == ["direct", "socks6fast-s5", "socks6fast-s6"], log
+    # The run says which data plane it measured (issue #4: "say at startup which path is used").
+    no_ext = bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS"))
+    relay = "asyncio (SOCKS6FAST_NO_EXTENSIONS is set)" if no_ext else "splice engine, "
+    assert res["systems"]["socks6fast-s6"]["relay"].startswith(relay), log
+    assert f"relay path: {relay}" in log, log
     for system in res["measured_systems"]:
         assert res["bulk"]["1"][system]["gbps"] > 0, log
         conn = res["connections"][system]
