@@ -264,7 +264,11 @@ def plan_stack_options(options: tuple[Option, ...]) -> StackPlan:
                 plan = replace(plan, udp_error=option.availability)
             else:
                 plan = replace(plan, port_parity=option)
-        if applies_to and option.leg == StackLeg.BOTH:
+        # Only IP-level options (TOS, TTL, No Fragmentation) can really cover both legs; a
+        # proxy-remote-only option (Happy Eyeballs, TFO, Multipath, Listen Backlog, UDP
+        # Error, Port Parity) sent with Leg 3 applies to its one leg and is echoed with Leg 2
+        # (section "Stack options": their figures fix Leg = 2), so it is not recorded here.
+        if applies_to and option.leg == StackLeg.BOTH and kind in _IP_OPTION_NAMES:
             both.add(_IP_OPTION_NAMES[kind])
     return replace(
         plan,

@@ -15,12 +15,13 @@ import struct
 from typing import Any
 
 import pytest
-from helpers_server import FakeDNS, RawClient, make_config, record_for, running_server
+from helpers_server import FakeDNS, RawClient, Sink, make_config, record_for, running_server
 
 from socks6fast import codec
 from socks6fast.asyncio.server import Server
 from socks6fast.constants import AddressType, AuthReplyType, Availability, Command, ReplyCode, StackLeg
 from socks6fast.messages import (
+    HappyEyeballsOption,
     IdempotenceExpenditure,
     IdempotenceRequest,
     IdempotenceWindow,
@@ -346,3 +347,58 @@ async def test_backlog_initial_connection_closed_when_session_ends() -> None:
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection(first.address, first.port)
         await holder.close()
+
+
+# --- proxy-remote-only Stack options sent with Leg 3 (STK-01, D9) ------------------------
+
+
+def leg3_stack(level: int, code: int, value: bytes) -> bytes:
+    """A Stack option with Leg 3 (both legs), built by hand: the encoder only sends Leg 2
+    for the options whose figures fix it."""
+    return struct.pack(">HHBB", 1, 8, (StackLeg.BOTH << 6) | level, code) + value
+
+
+@pytest.mark.parametrize(
+    ("command", "atyp_name", "option", "echoed"),
+    [
+        (Command.CONNECT, False, leg3_stack(4, 2, b"\x02\x00"), MultipathOption),
+        (Command.CONNECT, False, leg3_stack(4, 1, b"\x00\x00"), TFOOption),
+        (Command.CONNECT, True, leg3_stack(1, 2, b"\x02\x00"), HappyEyeballsOption),
+        (Command.CONNECT, False, leg3_stack(5, 1, b"\x02\x00"), None),  # UDP Error: UDP only
+        (Command.BIND, False, leg3_stack(4, 3, b"\x00\x05"), ListenBacklogOption),
+    ],
+    ids=["multipath", "tfo", "happy-eyeballs", "udp-error", "listen-backlog"],
+)
+async def test_remote_only_stack_option_with_leg_both(
+    command: Command, atyp_name: bool, option: bytes, echoed: type[Option] | None
+) -> None:
+    """STK-01 / D9: a Stack option that only exists for the proxy-remote leg (Multipath,
+    TFO, Happy Eyeballs, Listen Backlog, UDP Error) but arrives with Leg 3 (both legs) is
+    applied to the proxy-remote leg and echoed there with Leg 2 (or ignored where it does
+    not belong); it used to raise KeyError inside the proxy, which answered General Failure."""
+    async with Sink() as sink, running_server(make_config()) as server:
+        if command == Command.BIND:
+            head = struct.pack(">BBHHBB", 6, command, len(option), 0, 0, AddressType.IPV4) + bytes(4)
+        elif atyp_name:
+            name = b"\x09localhost\x00\x00"  # D2: the address field padded to 12 bytes
+            head = (
+                struct.pack(">BBHHBB", 6, command, len(option), sink.address[1], 0, AddressType.DOMAIN_NAME)
+                + name
+            )
+        else:
+            addr = socket.inet_aton(sink.address[0])
+            head = (
+                struct.pack(">BBHHBB", 6, command, len(option), sink.address[1], 0, AddressType.IPV4) + addr
+            )
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(head + option)
+        assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+        reply = await client.operation_reply()
+        assert reply.reply_code == ReplyCode.SUCCESS
+        stack = [o for o in reply.options if not isinstance(o, SessionID)]
+        if echoed is None:
+            assert stack == []
+        else:
+            assert [type(o) for o in stack] == [echoed]
+            assert stack[0].leg == StackLeg.PROXY_REMOTE  # type: ignore[attr-defined]
+        await client.close()
