@@ -369,10 +369,14 @@ def parse_request_options(request: Request) -> RequestOptions:
     data = auth_data.get(AuthMethod.USERNAME_PASSWORD)
     if data is not None:
         try:
-            credentials, _ = socks5.decode_userpass_request(data)
+            credentials, end = socks5.decode_userpass_request(data)
         except WireError:
+            credentials, end = None, 0
+        # Section "Username/Password Authentication" (figure "Password authentication via a
+        # SOCKS Option"): only NUL padding may follow the RFC 1929 request inside the option;
+        # anything else makes the option malformed, so the credentials are not used.
+        if credentials is not None and any(data[end:]):
             credentials = None
-        # Only NUL padding may follow the RFC 1929 request inside the option.
         malformed = credentials is None
     initial = 0
     if advert is not None and request.command == Command.CONNECT:

@@ -19,8 +19,18 @@ from helpers_server import FakeDNS, RawClient, Sink, make_config, record_for, ru
 
 from socks6fast import codec
 from socks6fast.asyncio.server import Server
-from socks6fast.constants import AddressType, AuthReplyType, Availability, Command, ReplyCode, StackLeg
+from socks6fast.constants import (
+    AddressType,
+    AuthMethod,
+    AuthReplyType,
+    Availability,
+    Command,
+    ReplyCode,
+    StackLeg,
+)
 from socks6fast.messages import (
+    AuthData,
+    AuthMethodSelection,
     HappyEyeballsOption,
     IdempotenceExpenditure,
     IdempotenceRequest,
@@ -401,4 +411,39 @@ async def test_remote_only_stack_option_with_leg_both(
         else:
             assert [type(o) for o in stack] == [echoed]
             assert stack[0].leg == StackLeg.PROXY_REMOTE  # type: ignore[attr-defined]
+        await client.close()
+
+
+# --- 0-RTT username/password: only NUL padding after the RFC 1929 request (AUTH-05) -----
+
+
+@pytest.mark.parametrize(
+    ("tail", "accepted"),
+    [(b"", True), (b"\0\0\0\0\0", True), (b"\x01\x02\x03\x04\x05", False), (b"\0\0x", False)],
+    ids=["minimal-padding", "extra-nul-padding", "junk", "junk-after-nul"],
+)
+async def test_auth_data_only_nul_padding_after_userpass_request(tail: bytes, accepted: bool) -> None:
+    """AUTH-05 / AUTH-01: in the Authentication Data option (method 2) the RFC 1929 request
+    may only be followed by NUL padding (figure "Password authentication via a SOCKS
+    Option"). Valid credentials followed by other bytes make the option malformed: the
+    Authentication Reply is Type 1 with the RFC 1929 failure status and No Acceptable
+    Methods, then a close, instead of authenticating as before."""
+    data = b"\x02" + b"\x01\x05alice\x06secret" + tail
+    data += b"\0" * (-len(data) % 4)
+    option = struct.pack(">HH", 4, 4 + len(data)) + data
+    async with running_server(make_config(users={"alice": "secret"})) as server:
+        client = await RawClient.connect(server.addresses[0])
+        head = struct.pack(">BBHHBB", 6, Command.NOOP, len(option), 0, 0, AddressType.IPV4) + bytes(4)
+        await client.send(head + option)
+        auth = await client.auth_reply()
+        if accepted:
+            assert auth.type == AuthReplyType.SUCCESS
+            assert (await client.operation_reply()).reply_code == ReplyCode.SUCCESS
+        else:
+            assert auth.type == AuthReplyType.FAILURE
+            assert auth.options == (
+                AuthData(AuthMethod.USERNAME_PASSWORD, b"\x01\x01\x00"),  # status 1, NUL padding
+                AuthMethodSelection(AuthMethod.NO_ACCEPTABLE_METHODS),
+            )
+        assert await client.read_until_eof() == b""
         await client.close()
