@@ -447,3 +447,38 @@ async def test_auth_data_only_nul_padding_after_userpass_request(tail: bytes, ac
             )
         assert await client.read_until_eof() == b""
         await client.close()
+
+
+# --- Failed operations still echo the client leg's Stack options (STK-01, D9) -------------
+
+
+@pytest.mark.parametrize("failure", ["refused", "not-allowed", "command-not-supported"])
+async def test_failure_reply_echoes_client_leg_stack_options(failure: str) -> None:
+    """STK-01 / D9: "MUST do so for every supported Stack option sent by the client" has no
+    exception for failures. A CONNECT refused by the destination (0x05), one refused by the
+    rules (0x02) and an unsupported command (0x07) are answered after the client-proxy
+    leg's options were applied, so the failure reply echoes them with the values applied
+    (read back from the socket); the proxy-remote leg was never set up and is not echoed."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connect() is refused
+        port = closed.getsockname()[1]
+        rules: dict[str, Any] = {}
+        command = Command.UDP_ASSOCIATE if failure == "command-not-supported" else Command.CONNECT
+        expected = {
+            "refused": ReplyCode.CONNECTION_REFUSED,
+            "not-allowed": ReplyCode.NOT_ALLOWED_BY_RULESET,
+            "command-not-supported": ReplyCode.COMMAND_NOT_SUPPORTED,
+        }[failure]
+        if failure == "not-allowed":
+            rules = {"rules": [{"action": "deny", "destinations": ["127.0.0.0/8"]}]}
+        options = (TTLOption(StackLeg.CLIENT_PROXY, 41), TTLOption(StackLeg.PROXY_REMOTE, 33))
+        data = codec.encode_request(Request(command, AddressType.IPV4, "127.0.0.1", port, options))
+        async with running_server(make_config(**rules)) as server:
+            client = await RawClient.connect(server.addresses[0])
+            await client.send(data)
+            assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+            reply = await client.operation_reply()
+            assert reply.reply_code == expected
+            assert (reply.address_type, reply.address, reply.port) == (AddressType.IPV4, "0.0.0.0", 0)
+            assert reply.options == (TTLOption(StackLeg.CLIENT_PROXY, 41),)
+            await client.close()

@@ -1316,11 +1316,30 @@ class Server:
     # -- operations (SOCKS 6) ----------------------------------------------------------
 
     async def _fail6(
-        self, stream: _ClientStream, conn: ServerConnection, code: ReplyCode, record: ConnectionRecord
+        self,
+        stream: _ClientStream,
+        conn: ServerConnection,
+        code: ReplyCode,
+        record: ConnectionRecord,
+        echo: tuple[Option, ...] = (),
     ) -> None:
-        await stream.send(conn.send(failure_reply(code)))
+        await stream.send(conn.send(failure_reply(code, echo)))
         record.reply_code = code
         await stream.linger_close()
+
+    @staticmethod
+    def _client_echo(plan: StackPlan, client_applied: AppliedLeg | None) -> tuple[Option, ...]:
+        """Stack options of a failed Operation Reply: the client-proxy leg's, as applied.
+
+        "Proxies ... MUST [include Stack options in their Operation Replies] for every
+        supported Stack option sent by the client" (draft-11, "Stack Options"; STK-01, D9)
+        says nothing to exempt failures. The client leg's options were applied before the
+        operation failed, so they are echoed with their read-back values; the proxy-remote
+        leg never came to be, so nothing was done there and nothing is claimed.
+        """
+        if client_applied is None:
+            return ()
+        return echo_stack_options(plan, client=client_applied)
 
     async def _operate(
         self,
@@ -1334,22 +1353,24 @@ class Server:
         record: ConnectionRecord,
     ) -> None:
         command = request.command
+        failed_echo = self._client_echo(options.stack, client_applied)
         extra: tuple[Option, ...] = ()
         if auth.new_session and auth.session is not None:
             extra = (SessionID(auth.session.session_id),)  # SES-01, D4
         if not isinstance(command, Command):
             # A Command Code we do not know (the codec passes it as a plain int) is answered
             # after the normal authentication flow, like any unsupported command (CMD-06).
-            await self._fail6(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record)
+            await self._fail6(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record, failed_echo)
             return
         if command == Command.NOOP and not noop_address_ok(request):
-            await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record)  # REQ-04, D11
+            # REQ-04, D11
+            await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record, failed_echo)
             return
         allowed = self._policy.check(
             record.client[0], auth.user, command, request.address_type, request.address, request.port
         )
         if not allowed:
-            await self._fail6(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record)  # CMD-06
+            await self._fail6(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record, failed_echo)  # CMD-06
             return
         if command == Command.NOOP:
             echo = echo_stack_options(options.stack, client=client_applied)  # STK-01: client-leg options
@@ -1363,7 +1384,7 @@ class Server:
             await self._bind6(stream, conn, request, options, auth, client_applied, extra, record)
         else:
             # UDP ASSOCIATE is a later issue; the draft lets proxies support any subset (CMD-06).
-            await self._fail6(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record)
+            await self._fail6(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record, failed_echo)
 
     async def _connect6(
         self,
@@ -1378,6 +1399,7 @@ class Server:
         record: ConnectionRecord,
     ) -> None:
         plan = options.stack
+        failed_echo = self._client_echo(plan, client_applied)
         trailing, client_eof = conn.trailing_data
         # Initial data (AUTH-06) comes first on the wire, then what was sent after it.
         payload = initial + trailing
@@ -1386,7 +1408,7 @@ class Server:
             # the configured resolver; the reply carries the unspecified address and port 0.
             resolver = self._config.server.dns_resolver
             if resolver is None:
-                await self._fail6(stream, conn, ReplyCode.CONNECTION_REFUSED, record)
+                await self._fail6(stream, conn, ReplyCode.CONNECTION_REFUSED, record, failed_echo)
                 return
             try:
                 remote = await self._dial(
@@ -1394,7 +1416,7 @@ class Server:
                 )
             except _ConnectFailed as exc:
                 record.error = str(exc)
-                await self._fail6(stream, conn, exc.code, record)
+                await self._fail6(stream, conn, exc.code, record, failed_echo)
                 return
             unspecified = "::" if request.address_type == AddressType.IPV6 else "0.0.0.0"
             # STK-01, D9: the client-leg options were applied; the resolver leg gets none.
@@ -1411,7 +1433,7 @@ class Server:
                 )
             except _ConnectFailed as exc:
                 record.error = str(exc)
-                await self._fail6(stream, conn, exc.code, record)
+                await self._fail6(stream, conn, exc.code, record, failed_echo)
                 return
             happy: Availability | None = None
             if request.address_type == AddressType.DOMAIN_NAME:
@@ -1692,9 +1714,10 @@ class Server:
     ) -> None:
         loop = self._running_loop
         plan = options.stack
+        failed_echo = self._client_echo(plan, client_applied)
         session = auth.session
         if request.address_type == AddressType.DOMAIN_NAME:
-            await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record)
+            await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record, failed_echo)
             return
         if session is not None:
             # CMD-05: a further BIND of the same session naming a backlog listener's address.
@@ -1713,7 +1736,7 @@ class Server:
             )
         except _ConnectFailed as exc:
             record.error = str(exc)
-            await self._fail6(stream, conn, exc.code, record)
+            await self._fail6(stream, conn, exc.code, record, failed_echo)
             return
         bound_host, bound_port = _sockname(lsock)
         echo = echo_stack_options(
