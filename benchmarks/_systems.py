@@ -89,7 +89,11 @@ def socks6fast_command(listen_port: int, user: bool) -> tuple[list[str], dict[st
     if root is not None:
         # Run exactly the package the harness would import (dev tree or installed), first on the path.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    argv = [sys.executable, "-m", "socks6fast", "serve", "--listen", f"127.0.0.1:{listen_port}"]
+    # -P (Python 3.11+): do not put the working directory first on sys.path. Run from a
+    # source checkout, `python -m socks6fast` would otherwise import the checkout's
+    # socks6fast/ (no compiled modules unless built in place) instead of the installed
+    # package, and the suite would measure the asyncio fallback, not the splice engine.
+    argv = [sys.executable, "-P", "-m", "socks6fast", "serve", "--listen", f"127.0.0.1:{listen_port}"]
     if user:
         argv += ["--user", f"{BENCH_USER}:{BENCH_PASSWORD}"]
     return argv, env
