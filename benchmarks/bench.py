@@ -198,6 +198,11 @@ class Run:
             why = f" ({s.reason})" if s.reason else ""
             relay = f"; relay path: {s.relay}" if s.relay else ""
             self.progress(f"[setup] {s.name:14} {state}{port}{auth}{why}{relay}")
+        if any(s.relay.startswith("asyncio") for s in self.systems.values()):
+            self.progress(
+                "[setup] WARNING: socks6fast relays with its asyncio fallback, not the splice engine:"
+                " its figures are not the native data plane's (see benchmarks/README.md)"
+            )
         self.measured = [s for s in self.systems.values() if s.available]
         self.results = {
             "meta": {

@@ -91,6 +91,7 @@ def test_bench_smoke_runs_end_to_end(tmp_path: Path) -> None:
     relay = "asyncio (SOCKS6FAST_NO_EXTENSIONS is set)" if no_ext else "splice engine, "
     assert res["systems"]["socks6fast-s6"]["relay"].startswith(relay), log
     assert f"relay path: {relay}" in log, log
+    assert ("WARNING: socks6fast relays with its asyncio fallback" in log) == no_ext, log
     for system in res["measured_systems"]:
         assert res["bulk"]["1"][system]["gbps"] > 0, log
         conn = res["connections"][system]
