@@ -139,8 +139,12 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _read_password() -> str:
     if sys.stdin.isatty():
-        first = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat: ") != first:
+        try:
+            first = getpass.getpass("Password: ")
+            again = getpass.getpass("Repeat: ")
+        except EOFError:  # Ctrl-D at the prompt
+            raise _Fail("no password given (end of input at the prompt)") from None
+        if again != first:
             raise _Fail("the passwords do not match")
         return first
     line = sys.stdin.readline()
@@ -153,6 +157,17 @@ def _cmd_hash_password(args: argparse.Namespace) -> int:
         raise _Fail("the password must be 1-255 bytes (RFC 1929)")
     print(hash_password(password))
     return 0
+
+
+def _seconds(text: str) -> float:
+    """argparse type of ``--drain-timeout``: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--drain-timeout",
         metavar="SECONDS",
-        type=float,
+        type=_seconds,
         default=DEFAULT_DRAIN_TIMEOUT,
         help=f"on SIGTERM, wait this long for connections (default {DEFAULT_DRAIN_TIMEOUT:g})",
     )

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -75,6 +78,8 @@ def test_bad_flags_exit_2() -> None:
     for args in (
         ("serve", "--listen", "nowhere"),
         ("serve", "--user", "bob"),
+        ("serve", "--drain-timeout", "-1"),
+        ("serve", "--drain-timeout", "nan"),
         ("check-config", "/nonexistent"),
     ):
         done = run(*args)
@@ -103,6 +108,48 @@ def test_hash_password_from_stdin() -> None:
     assert stored.startswith("scrypt$") and verify_password(stored, b"s3cret pass")
     assert not verify_password(stored, b"s3cret pass\n")
     assert run("hash-password", stdin="\n").returncode == 2
+
+
+def _at_a_terminal(*args: str, keys: list[bytes], timeout: float = 20.0) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as its controlling tty (getpass reads /dev/tty);
+    each time it prints a prompt ending in ": ", type the next of ``keys``. Returns
+    (exit status, everything it printed)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: becomes the CLI
+        os.chdir(ROOT)
+        os.execve(sys.executable, [*COMMAND, *args], ENV)
+    out = b""
+    pending = list(keys)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+            if pending and out.rstrip(b" ").endswith(b":"):
+                os.write(fd, pending.pop(0))
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+def test_hash_password_at_a_terminal() -> None:
+    """At a terminal: prompt twice; a mismatch, or Ctrl-D at the prompt, is one sentence
+    and exit code 2 (Ctrl-D raised EOFError with a traceback before)."""
+    code, out = _at_a_terminal("hash-password", keys=[b"s3cret\n", b"s3cret\n"])
+    assert code == 0 and "scrypt$" in out, out
+    code, out = _at_a_terminal("hash-password", keys=[b"s3cret\n", b"other\n"])
+    assert code == 2 and "the passwords do not match" in out, out
+    code, out = _at_a_terminal("hash-password", keys=[b"\x04"])
+    assert code == 2 and "no password given" in out and "Traceback" not in out, out
 
 
 class ServeProcess:
