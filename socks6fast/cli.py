@@ -117,6 +117,7 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    args.drain_timeout = _seconds("--drain-timeout", args.drain_timeout)
     config = _load(args)
     _setup_logging(args.log_level or config.server.log_level)
     factory = uvloop.new_event_loop if uvloop is not None else None
@@ -159,14 +160,14 @@ def _cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds(text: str) -> float:
-    """argparse type of ``--drain-timeout``: a finite number of seconds, 0 or more."""
+def _seconds(flag: str, text: str) -> float:
+    """A finite number of seconds, 0 or more; one sentence otherwise (like ``--listen``)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        raise _Fail(f"{flag}: {text!r} is not a number of seconds") from None
     if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more seconds")
+        raise _Fail(f"{flag}: {text!r} is not 0 or more seconds")
     return value
 
 
@@ -186,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--drain-timeout",
         metavar="SECONDS",
-        type=_seconds,
-        default=DEFAULT_DRAIN_TIMEOUT,
+        default=str(DEFAULT_DRAIN_TIMEOUT),
         help=f"on SIGTERM, wait this long for connections (default {DEFAULT_DRAIN_TIMEOUT:g})",
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
