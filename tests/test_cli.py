@@ -285,6 +285,7 @@ async def test_serve_drain_is_bounded() -> None:
     async with Sink() as sink, serve("--listen", "127.0.0.1:0", "--drain-timeout", "0.5") as proc:
         proxy = await proc.address()
         client = await open_relay(proxy, sink.address)
+        await echo(client, b"x" * 1000)
         loop = asyncio.get_running_loop()
         start = loop.time()
         proc.process.send_signal(signal.SIGTERM)
@@ -292,6 +293,11 @@ async def test_serve_drain_is_bounded() -> None:
         assert loop.time() - start < 5
         assert await client.read_until_eof() == b""  # closed by the proxy
         await client.close()
+        # The connection cut at the deadline still gets its exact line (issue 4: the engine
+        # reports bytes per direction when a pair ends, shutdown included).
+        path = "splice" if ENGINE_AVAILABLE else "asyncio"
+        line = (await proc.wait_for(r"cmd=CONNECT .*")).group(0)
+        assert "reply=0x00 up=1000 down=1000" in line and f"relay={path} end=shutdown" in line, line
 
 
 async def test_serve_user_flag_turns_auth_on() -> None:

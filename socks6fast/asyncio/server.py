@@ -963,7 +963,12 @@ class Server:
         if self._tasks and drain_timeout > 0:
             await asyncio.wait(set(self._tasks), timeout=drain_timeout)
         if self._relayer is not None and self._own_relayer:
+            # Ends every relay with RelayEnd.SHUTDOWN and its exact byte counts; give the
+            # connection tasks a moment to take those results and log their lines before
+            # the rest (handshakes still in progress) is cancelled.
             await self._relayer.close()
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=0.5)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
