@@ -247,7 +247,22 @@ class Policy:
         dest_port: int,
         resolved_address: str | None = None,
     ) -> bool:
-        """Decide whether a request is allowed.
+        """Decide whether a request is allowed: ``decide(...)[0]``."""
+        return self.decide(
+            client_ip, user, command, dest_address_type, dest_address, dest_port, resolved_address
+        )[0]
+
+    def decide(
+        self,
+        client_ip: str,
+        user: str | None,
+        command: Command,
+        dest_address_type: AddressType,
+        dest_address: str,
+        dest_port: int,
+        resolved_address: str | None = None,
+    ) -> tuple[bool, int | None]:
+        """Decide whether a request is allowed, and say which rule decided.
 
         Args:
             client_ip: the client's address as text (IPv4-mapped IPv6 is unmapped).
@@ -260,10 +275,13 @@ class Policy:
                 to; CIDR destination entries are then matched against it.
 
         Returns:
-            True to allow, False to refuse with NOT_ALLOWED_BY_RULESET.
+            (True to allow or False to refuse with NOT_ALLOWED_BY_RULESET, the index in
+            ``rules`` of the first rule that matched, or None when ``default_action``
+            decided). The index goes into the access log, so an operator can tell which
+            rule refused a request.
         """
         if not self.rules:
-            return self.default_allow
+            return self.default_allow, None
         client = _parse_address(client_ip) if self._any_clients else None
         name: str | None = None
         dest_ip: _IPAddress | None = None
@@ -273,7 +291,7 @@ class Policy:
                 dest_ip = _parse_address(resolved_address)
         else:
             dest_ip = _parse_address(dest_address)
-        for rule in self.rules:
+        for index, rule in enumerate(self.rules):
             if rule.commands is not None and command not in rule.commands:
                 continue
             if rule.users is not None:
@@ -294,5 +312,5 @@ class Policy:
                     matched = _in_networks(dest_ip, rule.destinations)
                 if not matched:
                     continue
-            return rule.allow
-        return self.default_allow
+            return rule.allow, index
+        return self.default_allow, None

@@ -540,16 +540,26 @@ async def test_ruleset_refusals() -> None:
     ]
     async with Sink() as sink, running_server(make_config(rules=rules)) as server:
         proxy = server.addresses[0]
-        for data, code in (
-            (request(Command.BIND, "0.0.0.0", 0), ReplyCode.NOT_ALLOWED_BY_RULESET),
-            (connect(("127.0.0.2", sink.address[1])), ReplyCode.NOT_ALLOWED_BY_RULESET),
-            (connect(("localhost", 9)), ReplyCode.NOT_ALLOWED_BY_RULESET),
-            (request(Command.UDP_ASSOCIATE, "0.0.0.0", 0), ReplyCode.COMMAND_NOT_SUPPORTED),
+        for data, code, why in (
+            (request(Command.BIND, "0.0.0.0", 0), ReplyCode.NOT_ALLOWED_BY_RULESET, "denied by rules[0]"),
+            (connect(("127.0.0.2", sink.address[1])), ReplyCode.NOT_ALLOWED_BY_RULESET, "denied by rules[1]"),
+            (connect(("localhost", 9)), ReplyCode.NOT_ALLOWED_BY_RULESET, "resolves only to denied"),
+            (request(Command.UDP_ASSOCIATE, "0.0.0.0", 0), ReplyCode.COMMAND_NOT_SUPPORTED, None),
         ):
             client, _, reply = await exchange(proxy, data)
             assert reply.reply_code == code
             assert await client.read_until_eof() == b""
             await client.close()
+            if why is not None:  # the access log says which rule refused
+                assert why in (await record_for(server, client)).error
+        # SOCKS 5 too, and a refusal by default_action.
+        async with running_server(make_config(default_action="deny")) as strict:
+            client = await RawClient.connect(strict.addresses[0])
+            await client.send(b"\x05\x01\x00" + socks5_connect("127.0.0.1", sink.address[1]))
+            assert await client.read_exactly(2) == b"\x05\x00"
+            assert (await client.read_exactly(10))[1] == 0x02
+            await client.close()
+            assert (await record_for(strict, client)).error == "denied by default_action"
         client, _, reply = await exchange(proxy, connect(sink.address))
         assert reply.reply_code == ReplyCode.SUCCESS
         await client.close()

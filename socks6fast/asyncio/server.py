@@ -1371,10 +1371,11 @@ class Server:
             # REQ-04, D11
             await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record, failed_echo)
             return
-        allowed = self._policy.check(
+        allowed, rule = self._policy.decide(
             record.client[0], auth.user, command, request.address_type, request.address, request.port
         )
         if not allowed:
+            record.error = _denied_by(rule)
             await self._fail6(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record, failed_echo)  # CMD-06
             return
         if command == Command.NOOP:
@@ -1948,9 +1949,11 @@ class Server:
         command = Command(int(event.command))
         record.command = command.name
         record.destination = _format(event.address, event.port)
-        if not self._policy.check(
+        allowed, rule = self._policy.decide(
             record.client[0], user, command, event.address_type, event.address, event.port
-        ):
+        )
+        if not allowed:
+            record.error = _denied_by(rule)
             await self._fail5(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record)
             return
         if event.command == Socks5Command.CONNECT:
@@ -2009,6 +2012,12 @@ class Server:
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _denied_by(rule: int | None) -> str:
+    """The access log's reason for a refusal by the rules: which one decided (0-based, as
+    ``[[rules]]`` entries are counted in config errors)."""
+    return f"denied by rules[{rule}]" if rule is not None else "denied by default_action"
 
 
 _Attempt = Callable[[], Coroutine[Any, Any, _Remote]]
