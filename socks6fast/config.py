@@ -57,7 +57,8 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     ``".example.com"`` for a domain and its subdomains, ``"example.com"`` for that name
     only), ``ports`` (integers or ``"LOW-HIGH"`` strings).
 
-``[udp]`` (UDP relay endpoints for UDP ASSOCIATE; off by default)
+``[udp]`` (UDP relay endpoints for UDP ASSOCIATE; off by default. Not implemented yet: the
+    keys are validated, and ``serve`` logs a warning and opens no UDP socket when they are set)
     ``port``: UDP port for plain datagrams (1-65535; absent = off). ``dtls_port``: UDP port
     for DTLS (1-65535; absent = off; needs ``server.tls_certificate`` and ``tls_key``).
 """

@@ -300,6 +300,17 @@ async def test_serve_drain_is_bounded() -> None:
         assert "reply=0x00 up=1000 down=1000" in line and f"relay={path} end=shutdown" in line, line
 
 
+async def test_serve_says_udp_is_not_implemented(tmp_path: Path) -> None:
+    """A [udp] table is accepted (validated for the UDP issue) but serve says plainly that
+    nothing listens on it yet and UDP ASSOCIATE gets 0x07."""
+    config = tmp_path / "udp.toml"
+    config.write_text('[server]\nlisten = ["127.0.0.1:0"]\n[udp]\nport = 1090\n')
+    async with serve("--config", str(config)) as proc:
+        await proc.address()
+        line = (await proc.wait_for(r"WARNING .*\[udp\] is configured.*")).group(0)
+        assert "not implemented yet" in line and "0x07" in line, line
+
+
 async def test_serve_user_flag_turns_auth_on() -> None:
     """--user NAME:PASSWORD turns authentication on (the password is hashed in memory)."""
     async with Sink() as sink, serve("--listen", "127.0.0.1:0", "--user", "alice:wonderland") as proc:

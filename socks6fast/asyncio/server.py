@@ -795,6 +795,14 @@ class Server:
         for host, port in self.tls_addresses:
             log.info("listening on %s (SOCKS over TLS)", _format(host, port))
         log.info("relay path: %s", self._describe_relay())
+        udp = self._config.udp
+        if udp.port is not None or udp.dtls_port is not None:
+            # The [udp] table is parsed and validated already so that configs written for
+            # the UDP issue keep working; say plainly that nothing listens on it yet.
+            log.warning(
+                "[udp] is configured, but UDP ASSOCIATE is not implemented yet: no UDP socket is "
+                "opened and UDP ASSOCIATE requests get Command Not Supported (0x07)"
+            )
 
     def _describe_relay(self) -> str:
         """One phrase for the startup log: which data plane relays connections and why."""
