@@ -22,8 +22,10 @@ import asyncio
 import getpass
 import importlib
 import importlib.util
+import ipaddress
 import logging
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -131,11 +133,34 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise _Fail(str(exc)) from None
     server = config.server
+    for key, entries in (("server.listen", server.listen), ("server.tls_listen", server.tls_listen)):
+        for i, (host, _) in enumerate(entries):
+            problem = _unassignable(host)
+            if problem:
+                raise _Fail(f"{args.file}: {key}[{i}]: {host} {problem}")
     print(
         f"{args.file}: OK ({len(server.listen)} plain and {len(server.tls_listen)} TLS listeners, "
         f"{len(config.users)} users, {len(config.rules)} rules)"
     )
     return 0
+
+
+def _unassignable(host: str) -> str:
+    """Why ``serve`` could not listen on IP literal ``host`` (empty when it can, or for names).
+
+    check-config binds port 0 on the address, not the configured port: the proxy the
+    file is meant for may be running on that port already (a check before SIGHUP).
+    """
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return ""  # a name: resolved by serve; check-config does not look names up
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError as exc:
+        return f"cannot be listened on here ({exc.strerror or exc})"
+    return ""
 
 
 def _read_password() -> str:

@@ -74,6 +74,19 @@ def test_config_errors_are_one_sentence(tmp_path: Path, text: str, key: str) -> 
         assert "Traceback" not in done.stderr and "plaintext" not in done.stderr
 
 
+def test_check_config_catches_an_address_not_of_this_host(tmp_path: Path) -> None:
+    """check-config binds port 0 on each listen address (only binds: 192.0.2.1 is TEST-NET,
+    never assigned here), so a foreign address fails before serve, naming the key."""
+    config = tmp_path / "foreign.toml"
+    config.write_text('[server]\nlisten = ["127.0.0.1:1080", "192.0.2.1:1080"]\n')
+    done = run("check-config", str(config))
+    assert done.returncode == 2, done
+    assert done.stderr.strip().splitlines() == [
+        f"socks6fast: error: {config}: server.listen[1]: 192.0.2.1 cannot be listened on here "
+        "(Cannot assign requested address)"
+    ]
+
+
 def test_bad_flags_exit_2() -> None:
     for args in (
         ("serve", "--listen", "nowhere"),
