@@ -216,20 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"on SIGTERM, wait this long for connections (default {DEFAULT_DRAIN_TIMEOUT:g})",
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
-    serve.set_defaults(handler=_cmd_serve)
+    serve.set_defaults(handler=_cmd_serve, command_parser=serve)
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", metavar="FILE")
-    check.set_defaults(handler=_cmd_check_config)
+    check.set_defaults(handler=_cmd_check_config, command_parser=check)
 
     hashing = commands.add_parser("hash-password", help="print the scrypt hash of a password read from stdin")
-    hashing.set_defaults(handler=_cmd_hash_password)
+    hashing.set_defaults(handler=_cmd_hash_password, command_parser=hashing)
 
     # Listed for --help only: main() hands `bench ...` to benchmarks/bench.py, which parses its own options.
     bench = commands.add_parser(
         "bench", add_help=False, help="benchmark against direct loopback, Dante and microsocks (benchmarks/)"
     )
-    bench.set_defaults(handler=lambda args: run_bench([]))
+    bench.set_defaults(handler=lambda args: run_bench([]), command_parser=bench)
     return parser
 
 
@@ -264,7 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if raw[:1] == ["bench"]:
         return run_bench(raw[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse would blame the top-level parser and print its usage; the mistake is
+        # in the command's options, so show that command's usage with the sentence.
+        command_parser: argparse.ArgumentParser = args.command_parser
+        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

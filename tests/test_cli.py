@@ -87,6 +87,14 @@ def test_check_config_catches_an_address_not_of_this_host(tmp_path: Path) -> Non
     ]
 
 
+def test_unknown_option_shows_the_command_usage() -> None:
+    """A mistake in a command's options gets that command's usage, not the top-level one."""
+    done = run("serve", "--bogus")
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: socks6fast serve"), done.stderr
+    assert done.stderr.strip().endswith("socks6fast serve: error: unrecognized arguments: --bogus")
+
+
 def test_bad_flags_exit_2() -> None:
     for args in (
         ("serve", "--listen", "nowhere"),
