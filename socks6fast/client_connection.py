@@ -33,7 +33,9 @@ them (ids from CONFORMANCE.md):
 * AUTH-08 / AUTH-09 / SES-06: `send` refuses requests that advertise method 0, carry two
   Authentication Data options for one method, or start a session from inside one.
 * D4: the Session ID is taken from whichever reply carries it. IDM-05 lives in
-  `ClientSession`.
+  `ClientSession`. A reply updates the session only while its request belongs to the
+  session held now: a late reply to a request of a session since replaced (after Session
+  Invalid) neither sets the new session's token window nor invalidates it.
 * D7: when the proxy selects username/password (Type 1 + Method Selection 2) after we
   advertised it, the bare RFC 1929 request goes out through `data_to_send`, then the
   RFC 1929 reply and the second Authentication Reply are read.
@@ -558,6 +560,7 @@ class ClientConnection:
         self._late_data = b""
         self._needed = 0
         self._initiates_session = False
+        self._session_id: bytes | None = None
         self._advertised: tuple[int, ...] = ()
 
     # -- public properties
@@ -627,6 +630,7 @@ class ClientConnection:
         self.request = request
         self.request_size = len(encoded)
         self._initiates_session = any(isinstance(o, SessionRequest) for o in request.options)
+        self._session_id = next((o.session_id for o in request.options if isinstance(o, SessionID)), None)
         if self._credentials is None:
             self._credentials = self._credentials_from(request)
         self._set_state(ClientState.AWAIT_AUTH_REPLY)
@@ -850,7 +854,7 @@ class ClientConnection:
         for option in reply.options:
             if isinstance(option, SessionInvalid):
                 self.session_invalid = True
-                if self.session is not None:
+                if self.session is not None and self._speaks_for_session():
                     self.session.on_session_invalid()
                 raise AuthenticationError("the proxy no longer knows our session (Session Invalid)")
             if isinstance(option, IdempotenceRejected):
@@ -874,6 +878,25 @@ class ClientConnection:
             self._outgoing += self._late_data
             self._late_data = b""
 
+    def _speaks_for_session(self) -> bool:
+        # Does a reply on this connection speak for the session `self.session` holds now?
+        # "Token windows are tracked by the proxy on a per-session basis ... its tokens
+        # can only be spent from within said session" (section "Idempotence options"):
+        # a reply to a request of an earlier session (one the proxy has since declared
+        # invalid, and the client replaced) must neither plant that session's window in
+        # the new one nor invalidate the new one. The request that initiates the
+        # session speaks for it while it is pending.
+        session = self.session
+        if session is None:
+            return False
+        if session.state is SessionState.PENDING:
+            return self._initiates_session
+        return (
+            session.state is SessionState.ACTIVE
+            and self._session_id is not None
+            and session.session_id == self._session_id
+        )
+
     def _note_session_options(self, options: tuple[Option, ...], *, success: bool) -> None:
         session = self.session
         for option in options:
@@ -882,10 +905,13 @@ class ClientConnection:
                 # Session Request may start a session (SES-06).
                 if session is not None and self._initiates_session:
                     session.on_session_id(option.session_id)
+                    if session.session_id == option.session_id:
+                        self._session_id = option.session_id
             elif isinstance(option, IdempotenceWindow):
                 # Windows come in successful Authentication Replies (section
-                # "Requesting a token window"); IDM-05 filters stale ones.
-                if session is not None and success:
+                # "Requesting a token window"); IDM-05 filters stale ones, and only a
+                # reply within the current session may set its window.
+                if session is not None and success and self._speaks_for_session():
                     session.on_window(option.base, option.size)
             elif isinstance(option, IdempotenceAccepted):
                 self.token_accepted = True

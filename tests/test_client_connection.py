@@ -636,6 +636,65 @@ def test_session_invalid_resets_the_session() -> None:
     assert state(session) is SessionState.NEW and session.session_id is None
 
 
+def _request_in(session: ClientSession, *, idempotent: bool = False) -> ClientConnection:
+    conn = ClientConnection(session=session)
+    options = session.request_options(idempotent=idempotent)
+    conn.send(build_request(Command.CONNECT, "192.0.2.1", 80, options=options))
+    return conn
+
+
+def _replace_session(session: ClientSession, session_id: str, window: str) -> None:
+    """Session Invalid on one request, then a new session with its own window."""
+    invalid = _request_in(session)
+    invalid.receive_data(auth_failure("0009 0004"))  # Session Invalid
+    with pytest.raises(AuthenticationError):
+        invalid.next_event()
+    initiator = _request_in(session)  # carries a Session Request again
+    initiator.receive_data(
+        hx("06 00 000c", window)  # Auth Reply: Idempotence Window
+        + hx("06 00 0008 04d2 00 01 7f000001", session_id)  # Operation Reply: Session ID
+    )
+    drain(initiator)
+    assert state(initiator) is ClientState.ESTABLISHED
+
+
+def test_late_window_of_a_replaced_session_is_not_adopted() -> None:
+    """IDM-05 and section "Idempotence options" ("Token windows are tracked by the proxy
+    on a per-session basis ... its tokens can only be spent from within said session"):
+    a request of session ABCD still in flight when ABCD was declared invalid and NEW2
+    replaced it must not plant ABCD's window (base 1002, "newer" than NEW2's base 5) in
+    NEW2; the next token spent in NEW2 is NEW2's."""
+    session = active_session()  # Session ID "ABCD"
+    session.on_window(1000, 4)
+    late = _request_in(session, idempotent=True)  # spends 1000 in session ABCD
+    _replace_session(session, "0006 0008 4e455732", "000c 000c 00000005 00000004")  # NEW2, base 5
+    assert session.session_id == b"NEW2" and session.window == (5, 4)
+    late.receive_data(
+        hx("06 00 0014", "0008 0004", "000c 000c 000003ea 00000004", "000e 0004")  # ABCD: window 1002
+        + OP_OK
+    )
+    drain(late)
+    assert late.token_accepted is True
+    assert session.window == (5, 4)
+    assert session.request_options(idempotent=True) == (SessionID(b"NEW2"), IdempotenceExpenditure(5))
+
+
+def test_late_session_invalid_of_a_replaced_session_keeps_the_new_one() -> None:
+    """SES-03 (client side): Session Invalid for a request of an old session (answered
+    after the client already replaced that session) reports the error, so the request is
+    retried, but leaves the new session and its window alone."""
+    session = active_session()  # Session ID "ABCD"
+    session.on_window(1000, 4)
+    late = _request_in(session)
+    _replace_session(session, "0006 0008 4e455732", "000c 000c 00000005 00000004")
+    late.receive_data(auth_failure("0009 0004"))  # Session Invalid for ABCD
+    with pytest.raises(AuthenticationError, match="Session Invalid"):
+        late.next_event()
+    assert late.session_invalid
+    assert state(session) is SessionState.ACTIVE
+    assert session.session_id == b"NEW2" and session.window == (5, 4)
+
+
 def test_teardown_options_and_closed_session() -> None:
     """Section "Tearing down the session": Session ID + Session Teardown, then the client
     assumes the session is gone."""
