@@ -150,6 +150,33 @@ def test_reload_invalidates_cache() -> None:
     assert not store.required
 
 
+def test_authenticate_cached_never_runs_scrypt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """authenticate_cached (the server calls it on its event loop) answers only from the
+    cache: None before a full verification, after a wrong password and after a reload
+    changed the user; the user name once authenticate() has verified these credentials."""
+    store = UserStore({"alice": hash_password("pw", **FAST), "bob": hash_password("b", **FAST)})
+    calls: list[int] = []
+    real = auth.verify_password
+
+    def counting(stored: str | auth.ScryptHash, password: bytes) -> bool:
+        calls.append(1)
+        return real(stored, password)
+
+    monkeypatch.setattr(auth, "verify_password", counting)
+    assert store.authenticate_cached(b"alice", b"pw") is None
+    assert calls == []
+    assert store.authenticate(b"alice", b"pw") == "alice"
+    assert store.authenticate(b"alice", b"wrong") is None
+    assert len(calls) == 2
+    assert store.authenticate_cached(b"alice", b"pw") == "alice"
+    assert store.authenticate_cached(b"alice", b"wrong") is None
+    assert store.authenticate_cached(b"bob", b"b") is None  # never verified
+    assert len(calls) == 2
+    store.reload({"alice": hash_password("new", **FAST)})
+    assert store.authenticate_cached(b"alice", b"pw") is None
+    assert len(calls) == 2
+
+
 def test_reload_with_bad_hash_keeps_old_users() -> None:
     store = UserStore({"alice": hash_password("pw", **FAST)})
     with pytest.raises(ValueError):
