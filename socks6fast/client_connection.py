@@ -409,7 +409,13 @@ class ClientSession:
         """The request that carried the Session Request finished (either way)."""
         if self.state is SessionState.PENDING:
             # Success without a Session ID: the proxy declined silently (section "Session
-            # initiation"); failure: try again with the next request.
+            # initiation"); failure: try again with the next request. Either way no
+            # session came of it, so the Idempotence Window its Authentication Reply may
+            # have carried belongs to no session we hold ("Token windows are tracked by
+            # the proxy on a per-session basis", section "Idempotence options"): kept, it
+            # would shadow the next session's window whenever that base compares older
+            # (IDM-05) and its tokens would be spent there.
+            self._forget()
             self.state = SessionState.DECLINED if succeeded else SessionState.NEW
 
     def on_session_invalid(self) -> None:

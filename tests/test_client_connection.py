@@ -621,6 +621,32 @@ def test_failed_initiation_lets_the_next_request_try_again() -> None:
     assert session.request_options() == (SessionRequest(),)
 
 
+def test_window_of_a_failed_initiation_does_not_shadow_the_next_session() -> None:
+    """IDM-05 and section "Idempotence options" (windows are per session): the initiating
+    request's Authentication Reply carries a window (base 1000), then its CONNECT fails, so
+    no session exists. The next initiation gets a session with a window whose base (5)
+    compares older than 1000; it must still be the window the client spends from."""
+    session = ClientSession(tokens=4)
+    failed = ClientConnection(session=session)
+    failed.send(build_request(Command.CONNECT, "192.0.2.1", 80, options=session.request_options()))
+    failed.receive_data(
+        hx("06 00 000c", "000c 000c 000003e8 00000004")  # Auth Reply: window base 1000, size 4
+        + op_reply(ReplyCode.CONNECTION_REFUSED)  # no Session ID: no session
+    )
+    with pytest.raises(ProxyError):
+        drain(failed)
+    assert state(session) is SessionState.NEW and session.window is None
+    initiator = ClientConnection(session=session)
+    initiator.send(build_request(Command.CONNECT, "192.0.2.1", 80, options=session.request_options()))
+    initiator.receive_data(
+        hx("06 00 000c", "000c 000c 00000005 00000004")  # Auth Reply: window base 5, size 4
+        + hx("06 00 0008 04d2 00 01 7f000001", "0006 0008 4e455732")  # Session ID "NEW2"
+    )
+    drain(initiator)
+    assert session.window == (5, 4)
+    assert session.request_options(idempotent=True) == (SessionID(b"NEW2"), IdempotenceExpenditure(5))
+
+
 def test_session_invalid_resets_the_session() -> None:
     """SES-03 (client side): Type 1 + Session Invalid raises AuthenticationError and the
     session starts over."""
