@@ -631,6 +631,76 @@ async def test_reset_before_the_second_bind_reply_is_a_remote_protocol_error() -
         proxy.close()
 
 
+class AnswerEarlyProxy:
+    """A raw-socket proxy on 127.0.0.1 (a thread) with a 1 KB receive buffer: it reads the
+    first 4 Request bytes, sends ``replies`` and closes. A client still writing a long
+    first flight is then blocked in its write, and meets the reset of that close there."""
+
+    def __init__(self, replies: bytes) -> None:
+        self.replies = replies
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # before listen
+        self.listener.bind((LOCALHOST, 0))
+        self.listener.listen(4)
+        self.listener.settimeout(0.2)
+        self.url = f"socks6://{LOCALHOST}:{self.listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        for _ in range(100):  # bounded: 100 x 0.2 s
+            if self._stop.is_set():
+                return
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                conn.recv(4)
+                conn.sendall(self.replies)
+                # closing with the rest of the flight unread sends RST
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
+
+
+@pytest.mark.parametrize(
+    ("replies", "expected"),
+    [
+        pytest.param(b"\x06", VersionMismatchError, id="version-mismatch"),
+        pytest.param(bytes.fromhex("06000000 06010000 00000001 00000000"), ProxyError, id="refusal"),
+    ],
+)
+async def test_reset_while_the_first_flight_is_written_gives_the_typed_error(
+    replies: bytes, expected: type[Socks6Error]
+) -> None:
+    """REQ-02 / REQ-10 / CMD-03: a CONNECT with 2 MB of false-start data; the proxy answers
+    after the Request header and closes, so the client's first write meets ECONNRESET. The
+    client reads on, as for its later handshake writes, instead of letting
+    ConnectionResetError out: the blocking and socket flavours read the reply the proxy
+    sent (the kernel keeps it readable), and the stream flavour, whose StreamReader reports
+    the reset before its buffered bytes, gives RemoteProtocolError chained to the reset."""
+    data = b"x" * 2_000_000
+    proxy = AnswerEarlyProxy(replies)
+    try:
+        with pytest.raises(expected):
+            await asyncio.to_thread(
+                bclient.Proxy.from_url(proxy.url).connect, LOCALHOST, 9, initial_data=data, timeout=5
+            )
+        with pytest.raises(expected):
+            await s6.Proxy.from_url(proxy.url).connect(LOCALHOST, 9, initial_data=data, timeout=5)
+        with pytest.raises((expected, RemoteProtocolError)) as info:
+            await s6.open_connection(proxy.url, LOCALHOST, 9, initial_data=data, timeout=5)
+        if info.type is RemoteProtocolError:
+            assert isinstance(info.value.__cause__, ConnectionResetError)
+    finally:
+        proxy.close()
+
+
 async def test_timeout_is_timeouterror() -> None:
     """A proxy that never answers: TimeoutError after ``timeout``, in both flavours."""
     held: list[asyncio.StreamWriter] = []

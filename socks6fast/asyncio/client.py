@@ -335,12 +335,21 @@ class Proxy:
             try:
                 channel = await channel_factory(tfo)
                 flight = conn.send(request, initial_data)
-                if tfo and not self.url.tls and not tfo_syn_may_carry_data(spends_token=conn.spends_token):
-                    # TRN-02: only the Request rides in the SYN; the data follows it.
-                    await channel.write(flight[: conn.request_size])
-                    flight = flight[conn.request_size :]
-                if flight:
-                    await channel.write(flight)
+                spends = conn.spends_token
+                split = tfo and not self.url.tls and not tfo_syn_may_carry_data(spends_token=spends)
+                try:
+                    if split:
+                        # TRN-02: only the Request rides in the SYN; the data follows it.
+                        await channel.write(flight[: conn.request_size])
+                        flight = flight[conn.request_size :]
+                    if flight:
+                        await channel.write(flight)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The proxy answered and closed while a long first flight (false-start
+                    # data) was still going out, so its close became a reset: as in
+                    # `_drive`, read what it sent (a Version Mismatch Reply, REQ-02, or a
+                    # refusal) and let the core judge it; the end gives a typed error.
+                    pass
                 reply = await _drive(channel, conn, _FIRST_REPLY)
             except AuthenticationError:
                 if channel is not None:
