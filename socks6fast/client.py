@@ -32,6 +32,7 @@ httpcore keeps ``_sync`` beside ``_async``); the protocol itself lives once, in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import select
 import socket
@@ -207,10 +208,22 @@ class _Channel:
         self.sock.close()
 
 
-def _drive(channel: _Channel, conn: ClientConnection, stop: frozenset[ClientState]) -> OperationReply:
-    # The adapter loop of client_connection's module docstring.
+def _drive(
+    channel: _Channel,
+    conn: ClientConnection,
+    stop: frozenset[ClientState],
+    lock: threading.Condition | None = None,
+) -> OperationReply:
+    # The adapter loop of client_connection's module docstring. ``lock``: the Session's,
+    # held while the core reads a reply, because reading one updates the shared
+    # ClientSession (Session ID, token window, Session Invalid) that other threads spend
+    # tokens from under the same lock ("A token can only be spent on a single SOCKS
+    # request", section "Idempotence options"; unguarded, a window advertisement rebuilt
+    # the spent-token set while another thread added to it).
+    guard: contextlib.AbstractContextManager[object] = contextlib.nullcontext() if lock is None else lock
     while True:
-        event = conn.next_event()
+        with guard:
+            event = conn.next_event()
         out = conn.data_to_send()
         if out:
             try:
@@ -223,7 +236,8 @@ def _drive(channel: _Channel, conn: ClientConnection, stop: frozenset[ClientStat
             try:
                 data = channel.read(conn.bytes_needed)
             except ConnectionResetError as exc:
-                raise_reset(conn, exc)
+                with guard:
+                    raise_reset(conn, exc)
             conn.receive_data(data)
         elif isinstance(event, OperationReply) and conn.state in stop:
             return event
@@ -339,7 +353,7 @@ class Proxy:
                     # `_drive`, read what it sent (a Version Mismatch Reply, REQ-02, or a
                     # refusal) and let the core judge it; the end gives a typed error.
                     pass
-                _drive(channel, conn, _FIRST_REPLY)
+                _drive(channel, conn, _FIRST_REPLY, None if session is None else session._cond)
             except AuthenticationError:
                 if channel is not None:
                     channel.close()

@@ -1049,6 +1049,42 @@ async def test_blocking_connect_and_session(make_proxy: MakeProxy, echo_port: in
     assert proxy.sessions == {}  # torn down
 
 
+async def test_blocking_session_replies_update_the_session_under_its_lock(
+    make_proxy: MakeProxy, echo_port: int
+) -> None:
+    """IDM-05 / IDM-03 (client side): the blocking Session is shared between threads, which
+    spend tokens from it under its lock; the replies that update it (window advertisements
+    rebuild the spent-token set) are read under the same lock. Unguarded, a thread reading
+    an advertisement while another spent a token could lose the spend (the token then goes
+    out twice) or fail with 'Set changed size during iteration'."""
+    proxy = await make_proxy()
+    session = bclient.Session(proxy.url(), tokens=4)
+    free_while_updating: list[bool] = []
+    real_on_window = session.core.on_window
+
+    def spy(base: int, size: int) -> None:
+        def try_lock() -> None:
+            got = session._cond.acquire(blocking=False)
+            free_while_updating.append(got)
+            if got:
+                session._cond.release()
+
+        helper = threading.Thread(target=try_lock)
+        helper.start()
+        helper.join(5)
+        real_on_window(base, size)
+
+    session.core.on_window = spy  # type: ignore[method-assign]
+
+    def work() -> None:
+        with session:
+            session.connect(LOCALHOST, echo_port, timeout=5).close()  # initiates, gets the window
+            session.connect(LOCALHOST, echo_port, idempotent=True, timeout=5).close()
+
+    await asyncio.to_thread(work)
+    assert free_while_updating and not any(free_while_updating)
+
+
 async def test_blocking_tls_and_errors(make_proxy: MakeProxy, echo_port: int, tls_files: TLSFiles) -> None:
     """TRN-03 and refusals in the blocking flavour."""
     proxy = await make_proxy(tls_files.server_context())
