@@ -1337,25 +1337,17 @@ class Server:
         conn: ServerConnection,
         code: ReplyCode,
         record: ConnectionRecord,
-        echo: tuple[Option, ...] = (),
+        plan: StackPlan | None = None,
     ) -> None:
+        # "Proxies ... MUST [include Stack options in their Operation Replies] for every
+        # supported Stack option sent by the client" (draft-11, "Stack Options"; STK-01, D9)
+        # says nothing to exempt failures. The client leg's options (``plan``) were applied
+        # before the operation failed, so they are echoed with their read-back values; the
+        # proxy-remote leg never came to be, so nothing is claimed for it.
+        echo = echo_stack_options(plan, client=record.client_options) if plan is not None else ()
         await stream.send(conn.send(failure_reply(code, echo)))
         record.reply_code = code
         await stream.linger_close()
-
-    @staticmethod
-    def _client_echo(plan: StackPlan, client_applied: AppliedLeg | None) -> tuple[Option, ...]:
-        """Stack options of a failed Operation Reply: the client-proxy leg's, as applied.
-
-        "Proxies ... MUST [include Stack options in their Operation Replies] for every
-        supported Stack option sent by the client" (draft-11, "Stack Options"; STK-01, D9)
-        says nothing to exempt failures. The client leg's options were applied before the
-        operation failed, so they are echoed with their read-back values; the proxy-remote
-        leg never came to be, so nothing was done there and nothing is claimed.
-        """
-        if client_applied is None:
-            return ()
-        return echo_stack_options(plan, client=client_applied)
 
     async def _operate(
         self,
@@ -1369,25 +1361,24 @@ class Server:
         record: ConnectionRecord,
     ) -> None:
         command = request.command
-        failed_echo = self._client_echo(options.stack, client_applied)
         extra: tuple[Option, ...] = ()
         if auth.new_session and auth.session is not None:
             extra = (SessionID(auth.session.session_id),)  # SES-01, D4
         if not isinstance(command, Command):
             # A Command Code we do not know (the codec passes it as a plain int) is answered
             # after the normal authentication flow, like any unsupported command (CMD-06).
-            await self._fail6(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record, failed_echo)
+            await self._fail6(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record, options.stack)
             return
         if command == Command.NOOP and not noop_address_ok(request):
             # REQ-04, D11
-            await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record, failed_echo)
+            await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record, options.stack)
             return
         allowed, rule = self._policy.decide(
             record.client[0], auth.user, command, request.address_type, request.address, request.port
         )
         if not allowed:
             record.error = _denied_by(rule)
-            await self._fail6(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record, failed_echo)  # CMD-06
+            await self._fail6(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record, options.stack)  # CMD-06
             return
         if command == Command.NOOP:
             echo = echo_stack_options(options.stack, client=client_applied)  # STK-01: client-leg options
@@ -1401,7 +1392,7 @@ class Server:
             await self._bind6(stream, conn, request, options, auth, client_applied, extra, record)
         else:
             # UDP ASSOCIATE is a later issue; the draft lets proxies support any subset (CMD-06).
-            await self._fail6(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record, failed_echo)
+            await self._fail6(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record, options.stack)
 
     async def _connect6(
         self,
@@ -1416,7 +1407,6 @@ class Server:
         record: ConnectionRecord,
     ) -> None:
         plan = options.stack
-        failed_echo = self._client_echo(plan, client_applied)
         trailing, client_eof = conn.trailing_data
         # Initial data (AUTH-06) comes first on the wire, then what was sent after it.
         payload = initial + trailing
@@ -1425,7 +1415,7 @@ class Server:
             # the configured resolver; the reply carries the unspecified address and port 0.
             resolver = self._config.server.dns_resolver
             if resolver is None:
-                await self._fail6(stream, conn, ReplyCode.CONNECTION_REFUSED, record, failed_echo)
+                await self._fail6(stream, conn, ReplyCode.CONNECTION_REFUSED, record, plan)
                 return
             try:
                 remote = await self._dial(
@@ -1433,11 +1423,11 @@ class Server:
                 )
             except _ConnectFailed as exc:
                 record.error = str(exc)
-                await self._fail6(stream, conn, exc.code, record, failed_echo)
+                await self._fail6(stream, conn, exc.code, record, plan)
                 return
             unspecified = "::" if request.address_type == AddressType.IPV6 else "0.0.0.0"
             # STK-01, D9: the client-leg options were applied; the resolver leg gets none.
-            echo = echo_stack_options(plan, client=client_applied) if client_applied is not None else ()
+            echo = echo_stack_options(plan, client=client_applied)
             reply = OperationReply(ReplyCode.SUCCESS, request.address_type, unspecified, 0, echo + extra)
         else:
             tfo_payload = b""
@@ -1450,7 +1440,7 @@ class Server:
                 )
             except _ConnectFailed as exc:
                 record.error = str(exc)
-                await self._fail6(stream, conn, exc.code, record, failed_echo)
+                await self._fail6(stream, conn, exc.code, record, plan)
                 return
             happy: Availability | None = None
             if request.address_type == AddressType.DOMAIN_NAME:
@@ -1731,10 +1721,9 @@ class Server:
     ) -> None:
         loop = self._running_loop
         plan = options.stack
-        failed_echo = self._client_echo(plan, client_applied)
         session = auth.session
         if request.address_type == AddressType.DOMAIN_NAME:
-            await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record, failed_echo)
+            await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record, plan)
             return
         if session is not None:
             # CMD-05: a further BIND of the same session naming a backlog listener's address.
@@ -1753,7 +1742,7 @@ class Server:
             )
         except _ConnectFailed as exc:
             record.error = str(exc)
-            await self._fail6(stream, conn, exc.code, record, failed_echo)
+            await self._fail6(stream, conn, exc.code, record, plan)
             return
         bound_host, bound_port = _sockname(lsock)
         echo = echo_stack_options(
