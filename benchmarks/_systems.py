@@ -59,6 +59,16 @@ class System:
     relay: str = ""
     """socks6fast only: the relay path its startup log names (splice engine or asyncio, and why)."""
 
+    def summary(self) -> dict[str, object]:
+        """What the JSON results keep of this system."""
+        return {
+            "available": self.available,
+            "reason": self.reason,
+            "version": self.version,
+            "proto": self.proto,
+            "relay": self.relay,
+        }
+
 
 def parse_systems(spec: str) -> list[str]:
     """``"direct,s6,dante"`` -> canonical names in the suite's order; ValueError on unknown names."""
@@ -140,11 +150,12 @@ def _start_and_wait(
     return child
 
 
-def _relay_path(child: Child) -> str:
-    """The ``relay path: ...`` phrase of socks6fast's startup log (bounded wait: it follows listen())."""
+def relay_path_in_log(log: Path | None) -> str:
+    """The ``relay path: ...`` phrase of socks6fast's startup log (bounded wait: the port
+    accepts as soon as listen() ran, a moment before the line is logged)."""
     for _ in range(50):
-        if child.log is not None and child.log.exists():
-            for line in child.log.read_text(errors="replace").splitlines():
+        if log is not None and log.exists():
+            for line in log.read_text(errors="replace").splitlines():
                 if "relay path:" in line:
                     return line.split("relay path:", 1)[1].strip()
         time.sleep(0.1)
@@ -213,7 +224,7 @@ def _start_socks6fast(
             _start_and_wait(procs, "socks6fast-auth", argv, auth_port, env)
         except BenchError as exc:
             auth_port, auth_reason = 0, f"`socks6fast serve --user` did not start: {exc}"
-    relay = _relay_path(child)
+    relay = relay_path_in_log(child.log)
     for s in systems.values():
         s.port, s.pids, s.auth_port, s.version, s.relay = port, [child.pid], auth_port, version, relay
         if auth_reason:

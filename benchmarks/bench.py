@@ -223,16 +223,7 @@ class Run:
                 "ttfb_samples": args.ttfb_samples,
                 "tests": args.test_list,
             },
-            "systems": {
-                n: {
-                    "available": s.available,
-                    "reason": s.reason,
-                    "version": s.version,
-                    "proto": s.proto,
-                    "relay": s.relay,
-                }
-                for n, s in self.systems.items()
-            },
+            "systems": {n: s.summary() for n, s in self.systems.items()},
             "measured_systems": [s.name for s in self.measured],
         }
         # Memory first, on processes that have not yet grown pools for the other tests.
@@ -543,16 +534,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] | None = 
     if status:
         return status
     # Refresh the systems' notes (failures found during the tests) before reporting.
-    results["systems"] = {
-        n: {
-            "available": s.available,
-            "reason": s.reason,
-            "version": s.version,
-            "proto": s.proto,
-            "relay": s.relay,
-        }
-        for n, s in run.systems.items()
-    }
+    results["systems"] = {n: s.summary() for n, s in run.systems.items()}
     table = _report.markdown_tables(results)
     emit("")
     emit(table)

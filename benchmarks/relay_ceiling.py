@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -33,8 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks._measure import build_loadgen
-from benchmarks._systems import socks6fast_command
-from benchmarks.relay_ctxswitch import _free_port, _read_field, context_switches, cpu_seconds, relay_path
+from benchmarks.relay_ctxswitch import _read_field, context_switches, cpu_seconds, socks6fast_serve
 
 GIB = 1 << 30
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -132,26 +129,10 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.rounds <= 100 or not 0.5 <= args.seconds <= 60:
         parser.error("--rounds 1-100 and --seconds 0.5-60")
-    port = _free_port()
     results = {name: Samples() for name in SYSTEMS}
     with tempfile.TemporaryDirectory() as tmp:
         loadgen = build_loadgen(Path(tmp))
-        # The same socks6fast as `socks6fast bench` runs: the package this interpreter imports.
-        argv, env = socks6fast_command(port, user=False)
-        log = Path(tmp) / "socks6fast.log"
-        with log.open("wb") as stderr:
-            proxy = subprocess.Popen(argv, env=env, stderr=stderr, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 10
-            while True:  # until the proxy listens (bounded)
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or proxy.poll() is not None:
-                        raise RuntimeError("socks6fast serve did not start") from None
-                    time.sleep(0.1)
-            print(relay_path(log), flush=True)
+        with socks6fast_serve(Path(tmp)) as (proxy, port):
             for i in range(args.rounds):
                 # Rotate the order each round so no system always follows the same one.
                 order = SYSTEMS[i % 3 :] + SYSTEMS[: i % 3]
@@ -174,9 +155,6 @@ def main() -> int:
                         f"machine {machine_cpu:.3f} CPU s/GiB  {relay}",
                         flush=True,
                     )
-        finally:
-            os.killpg(proxy.pid, signal.SIGTERM)
-            proxy.wait(timeout=15)
     med = {
         name: {k: statistics.median(getattr(s, k)) for k in ("gbit", "relay_cpu", "machine_cpu", "vol")}
         for name, s in results.items()

@@ -17,26 +17,21 @@ Usage: python -m benchmarks.relay_ctxswitch [--rounds 12] [--seconds 3] [--proto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks._measure import build_loadgen
-from benchmarks._systems import socks6fast_command
+from benchmarks._procs import free_port, wait_port
+from benchmarks._systems import relay_path_in_log, socks6fast_command
 
 GIB = 1 << 30
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _threads(pid: int) -> list[Path]:
@@ -71,15 +66,25 @@ def cpu_seconds(pid: int) -> float:
     return ticks / CLOCK_TICKS
 
 
-def relay_path(log: Path) -> str:
-    """The proxy's startup line naming its relay path (splice engine or asyncio), from its log."""
-    # The port accepts as soon as listen() ran, a moment before the line is logged.
-    for _ in range(50):
-        for line in log.read_text(errors="replace").splitlines():
-            if "relay path:" in line:
-                return "socks6fast " + line[line.index("relay path:") :]
-        time.sleep(0.1)
-    return "socks6fast: no 'relay path' line in its log (is this socks6fast older than the line?)"
+@contextlib.contextmanager
+def socks6fast_serve(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Run one ``socks6fast serve`` on a free 127.0.0.1 port until the block ends.
+
+    The same socks6fast as `socks6fast bench` runs (the package this interpreter
+    imports); its relay path is printed once it listens. Yields (process, port).
+    """
+    port = free_port()
+    argv, env = socks6fast_command(port, user=False)
+    log = workdir / "socks6fast.log"
+    with log.open("wb") as stderr:
+        proxy = subprocess.Popen(argv, env=env, stderr=stderr, start_new_session=True)
+    try:
+        wait_port(port, proxy, timeout=10.0)
+        print(f"socks6fast relay path: {relay_path_in_log(log)}", flush=True)
+        yield proxy, port
+    finally:
+        os.killpg(proxy.pid, signal.SIGTERM)
+        proxy.wait(timeout=15)
 
 
 def _read_field(proc: subprocess.Popen[str], prefix: str, deadline: float) -> list[str]:
@@ -140,31 +145,12 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.rounds <= 100 or not 0.5 <= args.seconds <= 60:
         parser.error("--rounds 1-100 and --seconds 0.5-60")
-    port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         loadgen = build_loadgen(Path(tmp))
-        # The same socks6fast as `socks6fast bench` runs: the package this interpreter imports.
-        argv, env = socks6fast_command(port, user=False)
-        log = Path(tmp) / "socks6fast.log"
-        with log.open("wb") as stderr:
-            proxy = subprocess.Popen(argv, env=env, stderr=stderr, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 10
-            while True:  # until the proxy listens (bounded)
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or proxy.poll() is not None:
-                        raise RuntimeError("socks6fast serve did not start") from None
-                    time.sleep(0.1)
-            print(relay_path(log), flush=True)
+        with socks6fast_serve(Path(tmp)) as (proxy, port):
             for i in range(args.rounds):
                 result = one_round(loadgen, proxy.pid, port, args.proto, args.seconds)
                 print(f"round {i + 1}/{args.rounds}: {result}", flush=True)
-        finally:
-            os.killpg(proxy.pid, signal.SIGTERM)
-            proxy.wait(timeout=15)
     return 0
 
 
