@@ -92,8 +92,9 @@ def test_store_rejects_malformed_hash_naming_user() -> None:
         UserStore({"alice": "plaintext"})
 
 
-def test_unknown_user_costs_a_scrypt_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An unknown name is verified against the dummy hash: no timing oracle."""
+@pytest.fixture
+def scrypt_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per verify_password call (a scrypt run) made through the auth module."""
     calls: list[int] = []
     real = auth.verify_password
 
@@ -102,6 +103,12 @@ def test_unknown_user_costs_a_scrypt_run(monkeypatch: pytest.MonkeyPatch) -> Non
         return real(stored, password)
 
     monkeypatch.setattr(auth, "verify_password", counting)
+    return calls
+
+
+def test_unknown_user_costs_a_scrypt_run(scrypt_runs: list[int]) -> None:
+    """An unknown name is verified against the dummy hash: no timing oracle."""
+    calls = scrypt_runs
     store = UserStore({"alice": hash_password("pw", **FAST)})
     assert store.authenticate(b"mallory", b"pw") is None
     assert store.authenticate(b"alice", b"wrong") is None
@@ -150,19 +157,12 @@ def test_reload_invalidates_cache() -> None:
     assert not store.required
 
 
-def test_authenticate_cached_never_runs_scrypt(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_authenticate_cached_never_runs_scrypt(scrypt_runs: list[int]) -> None:
     """authenticate_cached (the server calls it on its event loop) answers only from the
     cache: None before a full verification, after a wrong password and after a reload
     changed the user; the user name once authenticate() has verified these credentials."""
     store = UserStore({"alice": hash_password("pw", **FAST), "bob": hash_password("b", **FAST)})
-    calls: list[int] = []
-    real = auth.verify_password
-
-    def counting(stored: str | auth.ScryptHash, password: bytes) -> bool:
-        calls.append(1)
-        return real(stored, password)
-
-    monkeypatch.setattr(auth, "verify_password", counting)
+    calls = scrypt_runs
     assert store.authenticate_cached(b"alice", b"pw") is None
     assert calls == []
     assert store.authenticate(b"alice", b"pw") == "alice"

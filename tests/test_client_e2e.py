@@ -513,12 +513,18 @@ async def test_version_mismatch_reply() -> None:
 class ResettingProxy:
     """A raw-socket proxy on 127.0.0.1 (a thread, bytes by hand) that sends ``replies`` and
     then ends the connection with a reset (RST), the way a proxy does that closes with part
-    of the Request still unread. ``read`` is how many Request bytes it reads first."""
+    of the Request still unread. ``read`` is how many Request bytes it reads first. With a
+    small ``rcvbuf`` a client writing a long first flight is still blocked in that write
+    when the reset comes."""
 
-    def __init__(self, replies: bytes, *, read: int, userinfo: str = "") -> None:
+    def __init__(self, replies: bytes, *, read: int, userinfo: str = "", rcvbuf: int | None = None) -> None:
         self.replies = replies
         self.read = read
-        self.listener = socket.create_server((LOCALHOST, 0))
+        self.listener = socket.socket()
+        if rcvbuf is not None:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before listen
+        self.listener.bind((LOCALHOST, 0))
+        self.listener.listen(4)
         self.listener.settimeout(0.2)
         self.url = f"socks6://{userinfo}{LOCALHOST}:{self.listener.getsockname()[1]}"
         self._stop = threading.Event()
@@ -631,43 +637,6 @@ async def test_reset_before_the_second_bind_reply_is_a_remote_protocol_error() -
         proxy.close()
 
 
-class AnswerEarlyProxy:
-    """A raw-socket proxy on 127.0.0.1 (a thread) with a 1 KB receive buffer: it reads the
-    first 4 Request bytes, sends ``replies`` and closes. A client still writing a long
-    first flight is then blocked in its write, and meets the reset of that close there."""
-
-    def __init__(self, replies: bytes) -> None:
-        self.replies = replies
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # before listen
-        self.listener.bind((LOCALHOST, 0))
-        self.listener.listen(4)
-        self.listener.settimeout(0.2)
-        self.url = f"socks6://{LOCALHOST}:{self.listener.getsockname()[1]}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        for _ in range(100):  # bounded: 100 x 0.2 s
-            if self._stop.is_set():
-                return
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(5)
-                conn.recv(4)
-                conn.sendall(self.replies)
-                # closing with the rest of the flight unread sends RST
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.listener.close()
-
-
 @pytest.mark.parametrize(
     ("replies", "expected"),
     [
@@ -685,7 +654,7 @@ async def test_reset_while_the_first_flight_is_written_gives_the_typed_error(
     sent (the kernel keeps it readable), and the stream flavour, whose StreamReader reports
     the reset before its buffered bytes, gives RemoteProtocolError chained to the reset."""
     data = b"x" * 2_000_000
-    proxy = AnswerEarlyProxy(replies)
+    proxy = ResettingProxy(replies, read=4, rcvbuf=1024)
     try:
         with pytest.raises(expected):
             await asyncio.to_thread(
