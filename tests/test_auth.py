@@ -158,7 +158,8 @@ def test_reload_invalidates_cache() -> None:
 
 
 def test_authenticate_cached_never_runs_scrypt(scrypt_runs: list[int]) -> None:
-    """authenticate_cached (the server calls it on its event loop) answers only from the
+    """AUTH-01 / AUTH-05: authenticate_cached (the server calls it on its event loop, so a
+    0-RTT request with known credentials costs no thread hop) answers only from the
     cache: None before a full verification, after a wrong password and after a reload
     changed the user; the user name once authenticate() has verified these credentials."""
     store = UserStore({"alice": hash_password("pw", **FAST), "bob": hash_password("b", **FAST)})
