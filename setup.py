@@ -36,15 +36,18 @@ def extensions() -> list[Extension]:
     if TRACE:
         macros += [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
     exts = []
-    for pyx in sorted((HERE / "src_pyx" / "socks6fast").glob("*.pyx")):
+    # src_pyx/ mirrors the package: src_pyx/socks6fast/proto/_codec_c.pyx builds
+    # socks6fast.proto._codec_c.
+    for pyx in sorted((HERE / "src_pyx" / "socks6fast").rglob("*.pyx")):
         name = pyx.stem
         if name in LINUX_ONLY and not sys.platform.startswith("linux"):
             continue
         if BUILD_ONLY and name not in BUILD_ONLY:
             continue
+        module = ".".join(pyx.relative_to(HERE / "src_pyx").with_suffix("").parts)
         exts.append(
             Extension(
-                f"socks6fast.{name}",
+                module,
                 [str(pyx.relative_to(HERE))],
                 include_dirs=[str(HERE / "src_pyx" / "socks6fast" / "includes")],
                 extra_compile_args=cflags,

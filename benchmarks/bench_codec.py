@@ -13,7 +13,7 @@ README table gives the median in ns per call and the speedups) of
   bytearray).
 
 Implementations, on the same inputs in one run (multidict benchmarks/benchmark.py):
-``c`` = socks6fast._codec_c, ``py`` = socks6fast._codec_py, and ``struct`` = the
+``c`` = socks6fast.proto._codec_c, ``py`` = socks6fast.proto._codec_py, and ``struct`` = the
 same wire work with ``struct``/``bytes`` only, without validation and without
 message objects (tuples in, tuples out): the floor for pure Python.
 
@@ -40,9 +40,9 @@ from typing import Any
 
 import pytest
 
-from socks6fast import _codec_py
 from socks6fast.constants import AddressType, Availability, Command, ReplyCode, StackLeg
-from socks6fast.messages import (
+from socks6fast.proto import _codec_py
+from socks6fast.proto.messages import (
     AuthData,
     DatagramHeader,
     MultipathOption,
@@ -53,7 +53,7 @@ from socks6fast.messages import (
 )
 
 try:
-    _codec_c: ModuleType | None = importlib.import_module("socks6fast._codec_c")
+    _codec_c: ModuleType | None = importlib.import_module("socks6fast.proto._codec_c")
 except ImportError:  # pragma: no cover - pure build
     _codec_c = None
 

@@ -25,7 +25,7 @@ import stat
 import time
 from multiprocessing.connection import Connection
 
-from socks6fast._relay_c import RelayEngine
+from socks6fast.dataplane._relay_c import RelayEngine
 
 KIB = 1024
 

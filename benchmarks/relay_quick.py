@@ -27,7 +27,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
-from socks6fast._relay_c import RelayEngine
+from socks6fast.dataplane._relay_c import RelayEngine
 
 GIB = 1 << 30
 CHUNK = 1 << 20

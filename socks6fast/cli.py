@@ -32,8 +32,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .asyncio.server import Server
-from .auth import hash_password
 from .config import Config, ConfigError, default_config, load_config, parse_user_option
+from .proto.auth import hash_password
 
 try:  # uvloop is a dependency on POSIX; the proxy still runs without it
     import uvloop

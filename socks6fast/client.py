@@ -27,7 +27,7 @@ returned socket is in blocking mode without a timeout.
 
 This module mirrors ``socks6fast.asyncio.client`` line by line (sync vs async, as
 httpcore keeps ``_sync`` beside ``_async``); the protocol itself lives once, in
-``socks6fast.client_connection``.
+``socks6fast.proto.client``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Final
 
-from .client_connection import (
+from .constants import Command
+from .errors import AuthenticationError, Socks6Error
+from .net.url import ProxyURL, parse_proxy_url, proxy_ssl_context
+from .proto.client import (
     NEED_DATA,
     ClientConnection,
     ClientSession,
@@ -54,10 +57,7 @@ from .client_connection import (
     raise_reset,
     tfo_syn_may_carry_data,
 )
-from .constants import Command
-from .errors import AuthenticationError, Socks6Error
-from .messages import OperationReply, Option, SessionRequest, StackOption
-from .url import ProxyURL, parse_proxy_url, proxy_ssl_context
+from .proto.messages import OperationReply, Option, SessionRequest, StackOption
 
 __all__ = ["DEFAULT_TIMEOUT", "TCP_FASTOPEN_CONNECT", "Binding", "Proxy", "Session", "enable_tfo_connect"]
 
@@ -214,7 +214,7 @@ def _drive(
     stop: frozenset[ClientState],
     lock: threading.Condition | None = None,
 ) -> OperationReply:
-    # The adapter loop of client_connection's module docstring. ``lock``: the Session's,
+    # The adapter loop of socks6fast.proto.client's module docstring. ``lock``: the Session's,
     # held while the core reads a reply, because reading one updates the shared
     # ClientSession (Session ID, token window, Session Invalid) that other threads spend
     # tokens from under the same lock ("A token can only be spent on a single SOCKS
@@ -278,7 +278,7 @@ class Proxy:
         """Make a Proxy from ``socks6://[user[:pass]@]host[:port]`` or ``socks6+tls://...``.
 
         Raises:
-            ValueError: bad URL (see `socks6fast.url.parse_proxy_url`) or TLS arguments.
+            ValueError: bad URL (see `socks6fast.net.url.parse_proxy_url`) or TLS arguments.
         """
         return cls(parse_proxy_url(url), proxy_ssl=proxy_ssl, proxy_server_hostname=proxy_server_hostname)
 
@@ -392,7 +392,7 @@ class Proxy:
             dest_host: IP literal or name (the proxy resolves names).
             dest_port: destination port.
             initial_data: first application bytes, sent in the same write as the Request.
-            stack_options: Stack options from `socks6fast.messages`; see `connect_tunnel`
+            stack_options: Stack options from `socks6fast.proto.messages`; see `connect_tunnel`
                 for the proxy's answer.
             session: a `Session` of this proxy.
             idempotent: spend an idempotence token (needs ``session`` with ``tokens``).

@@ -6,7 +6,7 @@ as ``server.listen[1]: "localhost:99999" is not HOST:PORT with a port 0-65535``.
 are errors too, so a typo never silently falls back to a default. Without a file the
 embedded `DEFAULT_TOML` applies: listen on 127.0.0.1:1080 only, no authentication, every
 destination allowed, sessions on. Plain-text passwords never appear in a file: ``[users]``
-holds scrypt hashes (`socks6fast.auth`), and the CLI's ``--user NAME:PASSWORD`` is hashed in
+holds scrypt hashes (`socks6fast.proto.auth`), and the CLI's ``--user NAME:PASSWORD`` is hashed in
 memory by `Config.with_overrides`.
 
 Keys (every one optional; the defaults are in `DEFAULT_TOML`):
@@ -49,7 +49,7 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     (integers >= 1; 100000, 100, 1000). ``max_token_window``: largest idempotence token
     window issued, 0-2147483647, 0 = none (65536, DECISIONS D15).
 
-``[[rules]]`` (any number, first match wins; see `socks6fast.policy`)
+``[[rules]]`` (any number, first match wins; see `socks6fast.proto.policy`)
     ``action``: ``"allow"`` or ``"deny"`` (required). Conditions, each an array that is
     omitted (or ``["*"]``) to match anything: ``clients`` (CIDR networks or addresses),
     ``users`` (names, ``"@authenticated"``, ``"@anonymous"``), ``commands`` (``"noop"``,
@@ -77,10 +77,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .auth import UserStore, hash_password, parse_hash
 from .constants import MAX_OPTIONS_LENGTH, MAX_WINDOW_SIZE, Command
 from .errors import ConfigError
-from .policy import (
+from .proto.auth import UserStore, hash_password, parse_hash
+from .proto.policy import (
     ANONYMOUS,
     AUTHENTICATED,
     DomainPattern,
@@ -92,7 +92,7 @@ from .policy import (
     parse_network,
     parse_port_range,
 )
-from .sessions import MemorySessionStore
+from .proto.sessions import MemorySessionStore
 
 __all__ = [
     "DEFAULT_TOML",

@@ -193,7 +193,7 @@ MAX_SOCKS5_METHODS = 255
 
 
 class RelayEnd(IntEnum):
-    """Why a relayed connection ended (the data plane's report, socks6fast.relay)."""
+    """Why a relayed connection ended (the data plane's report, socks6fast.dataplane.engine)."""
 
     #: Both directions finished normally: EOF forwarded each way.
     EOF = 0

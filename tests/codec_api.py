@@ -157,7 +157,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from socks6fast.messages import (
+from socks6fast.proto.messages import (
     AssociationMessage,
     AuthReply,
     DatagramHeader,

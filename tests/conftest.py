@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
-import os
 import socket
 from collections.abc import Iterator
 from types import ModuleType
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 
-NO_EXTENSIONS = bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS"))
+from socks6fast._extensions import NO_EXTENSIONS
 
 #: Names the guard lets through: /etc/hosts answers them, no DNS packet leaves the machine.
 _LOCAL_NAMES = frozenset({"localhost", "localhost."})
@@ -82,5 +81,5 @@ def _impls() -> list[object]:
 
 @pytest.fixture(params=_impls())
 def codec(request: pytest.FixtureRequest) -> ModuleType:
-    """The codec twin under test: ``socks6fast._codec_py`` or ``socks6fast._codec_c``."""
-    return importlib.import_module(f"socks6fast._codec_{request.param}")
+    """The codec twin under test: ``socks6fast.proto._codec_py`` or ``socks6fast.proto._codec_c``."""
+    return importlib.import_module(f"socks6fast.proto._codec_{request.param}")

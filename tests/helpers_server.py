@@ -34,12 +34,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from socks6fast import codec
 from socks6fast.asyncio.server import ConnectionRecord, Server
-from socks6fast.auth import hash_password
 from socks6fast.config import Config, parse_config
 from socks6fast.constants import AddressType, Command, StackLeg
-from socks6fast.messages import AuthReply, OperationReply, Request, TFOOption
+from socks6fast.proto import codec
+from socks6fast.proto.auth import hash_password
+from socks6fast.proto.messages import AuthReply, OperationReply, Request, TFOOption
 
 IP_PKTOPTIONS = 9
 IP_RECVTTL = 12

@@ -1,4 +1,4 @@
-"""Tests for socks6fast.auth: scrypt secrets and the user store (AUTH-05 proxy side)."""
+"""Tests for socks6fast.proto.auth: scrypt secrets and the user store (AUTH-05 proxy side)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from socks6fast import auth
-from socks6fast.auth import UserStore, hash_password, parse_hash, verify_password
+from socks6fast.proto import auth
+from socks6fast.proto.auth import UserStore, hash_password, parse_hash, verify_password
 
 # Cheap parameters keep the suite fast; one test uses the real defaults.
 FAST = {"n": 2**8, "r": 8, "p": 1}

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 
 import socks6fast
-from socks6fast import _codec_py
 from socks6fast.constants import AddressType, Command
-from socks6fast.messages import (
+from socks6fast.proto import _codec_py
+from socks6fast.proto.messages import (
     AuthData,
     AuthMethodAdvertisement,
     IdempotenceExpenditure,

@@ -20,12 +20,12 @@ import pytest
 from helpers_server import RawClient, Sink, cheap_hash
 
 import socks6fast
-from socks6fast import codec
-from socks6fast.auth import verify_password
 from socks6fast.constants import AddressType, AuthMethod, AuthReplyType, Command, ReplyCode
-from socks6fast.messages import AuthData, Option, Request
-from socks6fast.relay import ENGINE_AVAILABLE
-from socks6fast.socks5 import UserPassRequest, encode_userpass_request
+from socks6fast.dataplane.engine import ENGINE_AVAILABLE
+from socks6fast.proto import codec
+from socks6fast.proto.auth import verify_password
+from socks6fast.proto.messages import AuthData, Option, Request
+from socks6fast.proto.socks5 import UserPassRequest, encode_userpass_request
 
 pytestmark = pytest.mark.timeout(60)
 

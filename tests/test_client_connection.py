@@ -13,25 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import socks6fast.client_connection as client_connection_module
-import socks6fast.url as url_module
-from socks6fast import codec
-from socks6fast.client_connection import (
-    NEED_DATA,
-    PAUSED,
-    ClientConnection,
-    ClientEvent,
-    ClientSession,
-    ClientState,
-    SessionState,
-    address_of,
-    build_request,
-    noop_request,
-    tfo_syn_may_carry_data,
-    tls_early_data_allowed,
-)
-from socks6fast.connection import NEED_DATA as SHARED_NEED_DATA
-from socks6fast.connection import ServerConnection
+import socks6fast.net.url as url_module
+import socks6fast.proto.client as client_connection_module
 from socks6fast.constants import (
     MAX_INITIAL_DATA_LENGTH,
     AddressType,
@@ -49,7 +32,23 @@ from socks6fast.errors import (
     RemoteProtocolError,
     VersionMismatchError,
 )
-from socks6fast.messages import (
+from socks6fast.net.url import parse_proxy_url
+from socks6fast.proto import codec
+from socks6fast.proto.client import (
+    NEED_DATA,
+    PAUSED,
+    ClientConnection,
+    ClientEvent,
+    ClientSession,
+    ClientState,
+    SessionState,
+    address_of,
+    build_request,
+    noop_request,
+    tfo_syn_may_carry_data,
+    tls_early_data_allowed,
+)
+from socks6fast.proto.messages import (
     AuthData,
     AuthMethodAdvertisement,
     AuthMethodSelection,
@@ -65,9 +64,9 @@ from socks6fast.messages import (
     TTLOption,
     UnknownOption,
 )
-from socks6fast.server_connection import InitialData, RequestReceived
-from socks6fast.socks5 import UserPassReply, UserPassRequest
-from socks6fast.url import parse_proxy_url
+from socks6fast.proto.server import InitialData, RequestReceived, ServerConnection
+from socks6fast.proto.socks5 import UserPassReply, UserPassRequest
+from socks6fast.proto.states import NEED_DATA as SHARED_NEED_DATA
 
 
 def hx(*fields: str) -> bytes:
@@ -230,7 +229,7 @@ def test_replies_split_anywhere_give_the_same_events(chunk: int) -> None:
 
 
 def test_sentinels_are_the_shared_ones() -> None:
-    """socks6fast.connection.NEED_DATA is what ClientConnection returns."""
+    """socks6fast.proto.states.NEED_DATA is what ClientConnection returns."""
     conn = connect()
     assert conn.next_event() is SHARED_NEED_DATA
 
@@ -1001,7 +1000,7 @@ def test_client_connection_is_sans_io() -> None:
     """STYLE.md section 2: importing the client core pulls in neither asyncio nor socket."""
     root = str(Path(__file__).resolve().parent.parent)
     code = (
-        f"import sys; sys.path.insert(0, {root!r}); import socks6fast.client_connection; "
+        f"import sys; sys.path.insert(0, {root!r}); import socks6fast.proto.client; "
         "print('asyncio' in sys.modules, 'socket' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True)

@@ -37,8 +37,6 @@ import socks6fast.asyncio as s6
 import socks6fast.asyncio.client as aclient
 from socks6fast import client as bclient
 from socks6fast.asyncio.server import Server
-from socks6fast.client_connection import ClientConnection
-from socks6fast.connection import NEED_DATA, ServerConnection
 from socks6fast.constants import (
     AddressType,
     AuthMethod,
@@ -55,7 +53,8 @@ from socks6fast.errors import (
     Socks6Error,
     VersionMismatchError,
 )
-from socks6fast.messages import (
+from socks6fast.proto.client import ClientConnection
+from socks6fast.proto.messages import (
     AuthMethodAdvertisement,
     AuthMethodSelection,
     AuthReply,
@@ -71,9 +70,10 @@ from socks6fast.messages import (
     SessionOK,
     TTLOption,
 )
-from socks6fast.server_connection import InitialData, RequestOptions, RequestReceived
-from socks6fast.sessions import TokenWindow
-from socks6fast.socks5 import UserPassReply, UserPassRequest
+from socks6fast.proto.server import InitialData, RequestOptions, RequestReceived, ServerConnection
+from socks6fast.proto.sessions import TokenWindow
+from socks6fast.proto.socks5 import UserPassReply, UserPassRequest
+from socks6fast.proto.states import NEED_DATA
 
 LOCALHOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent

@@ -45,7 +45,7 @@ from socks6fast.constants import (
     StackLeg,
 )
 from socks6fast.errors import LocalProtocolError, WireError
-from socks6fast.messages import (
+from socks6fast.proto.messages import (
     AssociationConfirmation,
     AssociationInit,
     AuthData,
@@ -1964,7 +1964,7 @@ def test_codec_exports_the_contract(codec: ModuleType) -> None:
 
 
 def test_selector_exports_the_contract() -> None:
-    import socks6fast.codec as selected  # noqa: PLC0415 - the import under test
+    import socks6fast.proto.codec as selected  # noqa: PLC0415 - the import under test
 
     names = {n for n in vars(CodecAPI) if not n.startswith("_")}
     assert names <= set(selected.__all__)

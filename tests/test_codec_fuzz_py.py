@@ -21,7 +21,6 @@ from codec_api import CodecAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from socks6fast import _codec_py
 from socks6fast.constants import (
     AddressType,
     AuthReplyType,
@@ -35,7 +34,8 @@ from socks6fast.constants import (
     StackLeg,
 )
 from socks6fast.errors import WireError
-from socks6fast.messages import (
+from socks6fast.proto import _codec_py
+from socks6fast.proto.messages import (
     AssociationConfirmation,
     AssociationInit,
     AuthData,

@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from socks6fast import _codec_py
+from socks6fast._extensions import NO_EXTENSIONS
 from socks6fast.constants import (
     AddressType,
     AuthReplyType,
@@ -42,7 +42,8 @@ from socks6fast.constants import (
     StackLeg,
 )
 from socks6fast.errors import Socks6Error
-from socks6fast.messages import (
+from socks6fast.proto import _codec_py
+from socks6fast.proto.messages import (
     AssociationConfirmation,
     AssociationInit,
     AuthData,
@@ -80,13 +81,11 @@ from socks6fast.messages import (
 
 pytestmark = [
     pytest.mark.c_extension,
-    pytest.mark.skipif(
-        bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS")), reason="SOCKS6FAST_NO_EXTENSIONS=1 run"
-    ),
+    pytest.mark.skipif(NO_EXTENSIONS, reason="SOCKS6FAST_NO_EXTENSIONS=1 run"),
 ]
 
-_codec_c: ModuleType = pytest.importorskip("socks6fast._codec_c")
-PY: ModuleType = importlib.import_module("socks6fast._codec_py")
+_codec_c: ModuleType = pytest.importorskip("socks6fast.proto._codec_c")
+PY: ModuleType = importlib.import_module("socks6fast.proto._codec_py")
 assert PY is _codec_py
 
 _SCALE = int(os.environ.get("SOCKS6FAST_HYPOTHESIS_SCALE", "1"))

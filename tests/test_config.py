@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from socks6fast.auth import hash_password
 from socks6fast.config import (
     DEFAULT_TOML,
     Config,
@@ -22,8 +21,9 @@ from socks6fast.config import (
 )
 from socks6fast.constants import AddressType, Command
 from socks6fast.errors import Socks6Error
-from socks6fast.policy import DomainPattern
-from socks6fast.sessions import MemorySessionStore
+from socks6fast.proto.auth import hash_password
+from socks6fast.proto.policy import DomainPattern
+from socks6fast.proto.sessions import MemorySessionStore
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "socks6fast.toml"
 HASH = hash_password("pw", n=2**8)

@@ -18,9 +18,8 @@ from types import ModuleType
 import pytest
 from codec_api import CodecAPI
 
-from socks6fast import _codec_py, codec
-
-NO_EXTENSIONS = bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS")) or sys.implementation.name != "cpython"
+from socks6fast._extensions import NO_EXTENSIONS
+from socks6fast.proto import _codec_py, codec
 
 # The contract's functions, from the Protocol in tests/codec_api.py.
 CONTRACT = sorted(name for name in vars(CodecAPI) if not name.startswith("_"))
@@ -52,7 +51,7 @@ def test_selector_exports_the_contract() -> None:
 @pytest.mark.c_extension
 @pytest.mark.skipif(NO_EXTENSIONS, reason="SOCKS6FAST_NO_EXTENSIONS=1 run")
 def test_c_twin_exports_the_same_names() -> None:
-    codec_c = importlib.import_module("socks6fast._codec_c")
+    codec_c = importlib.import_module("socks6fast.proto._codec_c")
     assert sorted(codec_c.__all__) == sorted(_codec_py.__all__)
     assert _public_functions(codec_c) == _public_functions(_codec_py)
 
@@ -61,7 +60,7 @@ def test_c_twin_exports_the_same_names() -> None:
 @pytest.mark.skipif(NO_EXTENSIONS, reason="SOCKS6FAST_NO_EXTENSIONS=1 run")
 def test_codec_c_loaded() -> None:
     """Every public codec function is the compiled one."""
-    codec_c = importlib.import_module("socks6fast._codec_c")
+    codec_c = importlib.import_module("socks6fast.proto._codec_c")
     # A compiled module, not a stray .py of the same name.
     assert codec_c.__file__ is not None
     assert not codec_c.__file__.endswith(".py")
@@ -81,7 +80,7 @@ def test_codec_py_selected_without_extensions() -> None:
 def test_no_extensions_switch_selects_the_reference() -> None:
     """SOCKS6FAST_NO_EXTENSIONS=1 selects the reference even where the extension exists."""
     program = (
-        "from socks6fast import codec, _codec_py\n"
+        "from socks6fast.proto import codec, _codec_py\n"
         f"names = {CONTRACT!r}\n"
         "assert codec.IMPLEMENTATION == 'py', codec.IMPLEMENTATION\n"
         "assert all(getattr(codec, n) is getattr(_codec_py, n) for n in names)\n"

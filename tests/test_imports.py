@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from socks6fast import client_connection, connection, server_connection
+from socks6fast.proto import client as client_connection
+from socks6fast.proto import server as server_connection
+from socks6fast.proto import states
 
 ROOT = Path(__file__).resolve().parent.parent
 IO_MODULES = ("asyncio", "socket", "ssl", "selectors", "_socket")
@@ -31,25 +33,21 @@ def _imported_after(module: str) -> dict[str, bool]:
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        "socks6fast.connection",
-        "socks6fast.server_connection",
-        "socks6fast._state",
-        "socks6fast.sessions",
-        "socks6fast.policy",
-    ],
+#: Every module of the sans-IO core, read from the folder so that a new one is checked too.
+PROTO_MODULES = sorted(
+    f"socks6fast.proto.{p.stem}" if p.stem != "__init__" else "socks6fast.proto"
+    for p in (ROOT / "socks6fast" / "proto").glob("*.py")
 )
+
+
+@pytest.mark.parametrize("module", PROTO_MODULES)
 def test_sans_io_modules_import_no_io(module: str) -> None:
-    """Importing the sans-IO layer leaves asyncio, socket and ssl out of sys.modules."""
+    """Importing any module of socks6fast/proto/ leaves asyncio, socket and ssl out of sys.modules."""
     imported = _imported_after(module)
     assert not any(imported.values()), imported
 
 
-def test_connection_exports_both_roles() -> None:
-    """connection.py re-exports the proxy and client connections and one NEED_DATA/PAUSED."""
-    assert connection.ServerConnection is server_connection.ServerConnection
-    assert connection.ClientConnection is client_connection.ClientConnection
-    assert connection.NEED_DATA is server_connection.NEED_DATA is client_connection.NEED_DATA
-    assert connection.PAUSED is server_connection.PAUSED is client_connection.PAUSED
+def test_both_roles_share_the_sentinels() -> None:
+    """The proxy and client connections return the one NEED_DATA/PAUSED of proto/states.py."""
+    assert states.NEED_DATA is server_connection.NEED_DATA is client_connection.NEED_DATA
+    assert states.PAUSED is server_connection.PAUSED is client_connection.PAUSED

@@ -1,72 +1,152 @@
-"""Imports point one way (STYLE.md section 1), read from the source with ``ast``.
+"""Imports point one way, and the layers are what the folder names say (STYLE.md section 1).
 
-``errors, constants -> messages -> _wire_* -> _codec_* -> codec -> _state -> connection
--> asyncio/*`` and ``relay -> asyncio/*``: the wire and protocol layers never reach up
-into the adapters (asyncio/, the blocking client, the CLI), and the package's import
-graph has no cycle. The check reads ``import`` statements, including those inside
-functions, so a lazy import cannot hide an upward edge; test_imports.py checks the
-run-time side (what importing the sans-IO layer drags into ``sys.modules``).
+Read from the source with ``ast`` (``.py``) and from ``cimport``/``import`` lines (Cython
+``.pyx``/``.pxd`` under ``src_pyx/``), including imports inside functions, so a lazy
+import or a wrong ``cimport`` cannot hide an upward edge. test_imports.py checks the
+run-time side (what importing the sans-IO core drags into ``sys.modules``).
+
+The layers, lowest first:
+
+- leaves: ``constants``, ``errors``, ``_extensions`` (and the C declarations in
+  ``src_pyx/socks6fast/includes``);
+- ``proto/``: the sans-IO protocol core, which touches no socket, loop or clock;
+- ``net/`` (socket helpers) and ``config``;
+- ``dataplane/``: the relay engine selector, the native engine and the Relayer;
+- the I/O adapters: the blocking ``client`` and ``asyncio/``;
+- the command line.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "socks6fast"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "socks6fast"
+PYX_PACKAGE = ROOT / "src_pyx" / "socks6fast"
 
 #: The layers, lowest first. A module may import modules of its own layer or a lower one.
 LAYERS: list[set[str]] = [
-    {"constants"},
-    {"errors", "messages", "_wire_py", "_state", "policy", "sessions", "auth"},
-    {"socks5", "_codec_py", "_codec_c"},
-    {"codec", "url", "config"},
-    {"server_connection", "client_connection", "relay", "_relay_c"},
-    {"connection", "stackopts", "client"},
-    {"asyncio.relay", "asyncio.client"},
+    {"constants", "_extensions", "includes", "includes.linux"},
+    {"errors"},
+    {"proto.messages", "proto.states", "proto.sessions", "proto.auth", "proto.policy"},
+    {"proto._wire_py"},
+    {"proto.socks5", "proto._codec_py", "proto._codec_c"},
+    {"proto.codec"},
+    {"proto.server", "proto.client", "proto"},
+    {"net.url", "net.stackopts", "net", "config"},
+    {"dataplane.engine", "dataplane._relay_c", "dataplane"},
+    {"dataplane.relayer"},
+    {"client"},
+    {"asyncio.client"},
     {"asyncio.server", "asyncio"},
     {"cli", "__main__", ""},  # "" is the package's __init__ (public names only)
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
+#: Standard modules that mean "touches sockets or an event loop".
+IO_MODULES = frozenset({"socket", "_socket", "ssl", "asyncio", "select", "selectors", "uvloop"})
+#: Cython declarations that mean the same for a .pyx.
+IO_CIMPORTS = ("posix.socket", "socks6fast.includes.linux", "libc.sys.socket")
+#: The only places allowed to touch sockets (a top-level folder or module name).
+SOCKET_HOMES = frozenset({"net", "dataplane", "asyncio", "client", "cli"})
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Package-relative names of the socks6fast modules ``path`` imports."""
-    name = _module_name(path)
+def _resolve(package: list[str], level: int, module: str | None, names: list[str]) -> set[str]:
+    base = package[: len(package) - (level - 1)] if level > 1 else package
+    if module:
+        return {".".join([*base, module])}
+    return {".".join([*base, name]) for name in names}  # "from . import x": x is a module
+
+
+def _py_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(package-relative socks6fast modules, top-level other modules) that ``path`` imports."""
+    name = _module_name(path, PACKAGE)
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     if name == "":
         package = []
     found: set[str] = set()
+    other: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[: len(package) - (node.level - 1)]
-                if node.module:
-                    found.add(".".join([*base, node.module]))
-                else:  # "from . import x": x is a module of the package
-                    found.update(".".join([*base, alias.name]) for alias in node.names)
+                found |= _resolve(package, node.level, node.module, [a.name for a in node.names])
             elif node.module and (node.module == "socks6fast" or node.module.startswith("socks6fast.")):
                 found.add(node.module.removeprefix("socks6fast").removeprefix("."))
+            elif node.module:
+                other.add(node.module)
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "socks6fast" or alias.name.startswith("socks6fast."):
                     found.add(alias.name.removeprefix("socks6fast").removeprefix("."))
-    return found
+                else:
+                    other.add(alias.name)
+    return found, other
+
+
+_CY_FROM = re.compile(r"^\s*from\s+(\.*)([\w.]*)\s+c?import\s+(.+)$", re.M)
+_CY_IMPORT = re.compile(r"^\s*c?import\s+([\w.]+)", re.M)
+
+
+def _pyx_imports(path: Path) -> tuple[set[str], set[str]]:
+    """The same for a Cython file: ``import``, ``cimport`` and ``from ... (c)import`` lines."""
+    name = _module_name(path, PYX_PACKAGE)
+    package = name.split(".") if path.stem == "__init__" else name.split(".")[:-1]
+    text = path.read_text()
+    found: set[str] = set()
+    other: set[str] = set()
+    for dots, module, names in _CY_FROM.findall(text):
+        if dots:
+            found |= _resolve(package, len(dots), module or None, [n.strip() for n in names.split(",")])
+        elif module == "socks6fast" or module.startswith("socks6fast."):
+            found.add(module.removeprefix("socks6fast").removeprefix("."))
+        else:
+            other.add(module)
+    for module in _CY_IMPORT.findall(text):
+        if module.startswith("socks6fast."):
+            found.add(module.removeprefix("socks6fast."))
+        else:
+            other.add(module)
+    return found, other
 
 
 @functools.cache
+def _sources() -> dict[str, tuple[set[str], set[str]]]:
+    """Every module of the package, Python and Cython, with what it imports."""
+    graph: dict[str, tuple[set[str], set[str]]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        graph[_module_name(path, PACKAGE)] = _py_imports(path)
+    for path in sorted([*PYX_PACKAGE.rglob("*.pyx"), *PYX_PACKAGE.rglob("*.pxd")]):
+        name = _module_name(path, PYX_PACKAGE)
+        mine, other = _pyx_imports(path)
+        if name == "" or path.stem == "__init__":
+            continue  # the empty __init__.pxd files that let cimport resolve
+        known = graph.setdefault(name, (set(), set()))
+        known[0].update(mine)
+        known[1].update(other)
+    return graph
+
+
 def _graph() -> dict[str, set[str]]:
-    return {_module_name(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+    return {name: mine for name, (mine, _other) in _sources().items()}
+
+
+def test_cython_sources_are_read() -> None:
+    """The check sees the .pyx/.pxd files: their cimports are part of the graph."""
+    graph = _graph()
+    assert "proto._codec_c" in graph
+    assert "includes.linux" in graph.get("dataplane._relay_c", set())
 
 
 def test_every_module_has_a_layer() -> None:
@@ -83,6 +163,18 @@ def test_imports_point_down(module: str) -> None:
     """No module imports one from a higher layer (e.g. the codec never imports asyncio/)."""
     upward = sorted(d for d in _graph()[module] if RANK.get(d, -1) > RANK.get(module, -1))
     assert not upward, f"{module or 'socks6fast'} (layer {RANK.get(module)}) imports upward: {upward}"
+
+
+@pytest.mark.parametrize("module", sorted(_sources()))
+def test_sockets_only_in_their_layers(module: str) -> None:
+    """Only net/, dataplane/, asyncio/, the blocking client and the CLI touch sockets or loops;
+    the protocol core, config and the leaves never do (Python imports and Cython cimports)."""
+    _mine, other = _sources()[module]
+    touches = sorted(m for m in other if m.split(".")[0] in IO_MODULES or m.startswith(IO_CIMPORTS))
+    home = module.split(".")[0]
+    if home in SOCKET_HOMES:
+        return
+    assert not touches, f"{module} touches sockets ({touches}) but is not in {sorted(SOCKET_HOMES)}"
 
 
 def test_no_import_cycle() -> None:

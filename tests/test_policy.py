@@ -1,4 +1,4 @@
-"""Tests for socks6fast.policy: the ruleset (CMD-06 decisions)."""
+"""Tests for socks6fast.proto.policy: the ruleset (CMD-06 decisions)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from socks6fast.constants import AddressType, Command
-from socks6fast.policy import (
+from socks6fast.proto.policy import (
     ANONYMOUS,
     AUTHENTICATED,
     DomainPattern,

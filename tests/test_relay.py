@@ -1,6 +1,6 @@
 """Data plane tests: the C splice engine and the asyncio path, on asyncio and uvloop loops.
 
-Every Relayer test runs on both paths ("splice" = socks6fast._relay_c.RelayEngine,
+Every Relayer test runs on both paths ("splice" = socks6fast.dataplane._relay_c.RelayEngine,
 "asyncio" = protocol fallback) and both event loops. The endpoints are real TCP
 sockets over 127.0.0.1 driven by blocking calls in threads; the relay in between is
 the code under test. Topology of every pair::
@@ -34,10 +34,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from socks6fast import relay as relay_mod
-from socks6fast.asyncio.relay import Relayer
 from socks6fast.constants import RelayEnd
-from socks6fast.relay import ENGINE_AVAILABLE, RelayResult
+from socks6fast.dataplane import engine as relay_mod
+from socks6fast.dataplane.engine import ENGINE_AVAILABLE, RelayResult
+from socks6fast.dataplane.relayer import Relayer
 
 try:
     import uvloop
@@ -175,7 +175,7 @@ def test_relay_module_surface() -> None:
 def test_relay_module_imports_no_asyncio() -> None:
     root = str(Path(__file__).parent.parent)
     code = (
-        f"import sys; sys.path.insert(0, {root!r}); import socks6fast.relay; "
+        f"import sys; sys.path.insert(0, {root!r}); import socks6fast.dataplane.engine; "
         "assert 'asyncio' not in sys.modules and 'socket' not in sys.modules"
     )
     subprocess.run([sys.executable, "-I", "-c", code], check=True, cwd="/")
@@ -185,7 +185,7 @@ def test_relay_module_imports_no_asyncio() -> None:
 @pytest.mark.c_extension
 def test_engine_loaded_on_linux() -> None:
     assert ENGINE_AVAILABLE
-    relay_c = importlib.import_module("socks6fast._relay_c")
+    relay_c = importlib.import_module("socks6fast.dataplane._relay_c")
     # The C enum values mirror this IntEnum: check the mapping drain() reports with.
     assert relay_c._END_MEMBERS == tuple(RelayEnd)
 

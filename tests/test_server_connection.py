@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from socks6fast import codec
-from socks6fast.connection import NEED_DATA, PAUSED
 from socks6fast.constants import (
     AddressType,
     AuthMethod,
@@ -22,7 +20,8 @@ from socks6fast.constants import (
     UserPassStatus,
 )
 from socks6fast.errors import LocalProtocolError, RemoteProtocolError
-from socks6fast.messages import (
+from socks6fast.proto import codec
+from socks6fast.proto.messages import (
     AuthData,
     AuthMethodAdvertisement,
     AuthMethodSelection,
@@ -45,7 +44,7 @@ from socks6fast.messages import (
     UnknownStackOption,
     VersionMismatchReply,
 )
-from socks6fast.server_connection import (
+from socks6fast.proto.server import (
     ConnectionClosed,
     InitialData,
     Protocol,
@@ -61,7 +60,7 @@ from socks6fast.server_connection import (
     parse_request_options,
     plan_stack_options,
 )
-from socks6fast.socks5 import (
+from socks6fast.proto.socks5 import (
     Socks5Greeting,
     Socks5MethodSelection,
     Socks5Reply,
@@ -70,6 +69,7 @@ from socks6fast.socks5 import (
     UserPassRequest,
     encode_userpass_request,
 )
+from socks6fast.proto.states import NEED_DATA, PAUSED
 
 SUCCESS = OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, "127.0.0.1", 4242)
 

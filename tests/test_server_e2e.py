@@ -41,10 +41,8 @@ from helpers_server import (
 )
 
 import socks6fast
-from socks6fast import codec
 from socks6fast.asyncio import client as s6client
 from socks6fast.asyncio.server import FailedAuthLimiter
-from socks6fast.auth import UserStore
 from socks6fast.constants import (
     AddressType,
     AuthMethod,
@@ -55,7 +53,9 @@ from socks6fast.constants import (
     StackLeg,
     UserPassStatus,
 )
-from socks6fast.messages import (
+from socks6fast.proto import codec
+from socks6fast.proto.auth import UserStore
+from socks6fast.proto.messages import (
     AuthData,
     AuthMethodAdvertisement,
     AuthMethodSelection,
@@ -84,7 +84,7 @@ from socks6fast.messages import (
     UnknownOption,
     UnknownStackOption,
 )
-from socks6fast.socks5 import UserPassRequest, decode_userpass_reply, encode_userpass_request
+from socks6fast.proto.socks5 import UserPassRequest, decode_userpass_reply, encode_userpass_request
 
 pytestmark = pytest.mark.timeout(30)
 

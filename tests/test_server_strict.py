@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from helpers_server import FakeDNS, RawClient, Sink, make_config, record_for, running_server
 
-from socks6fast import codec
 from socks6fast.asyncio.server import Server
 from socks6fast.constants import (
     AddressType,
@@ -28,7 +27,8 @@ from socks6fast.constants import (
     ReplyCode,
     StackLeg,
 )
-from socks6fast.messages import (
+from socks6fast.proto import codec
+from socks6fast.proto.messages import (
     AuthData,
     AuthMethodSelection,
     HappyEyeballsOption,

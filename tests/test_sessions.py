@@ -1,4 +1,4 @@
-"""Tests for socks6fast.sessions: sessions (SES-01..SES-05) and token windows (IDM-02..IDM-04)."""
+"""Tests for socks6fast.proto.sessions: sessions (SES-01..SES-05) and token windows (IDM-02..IDM-04)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from socks6fast import sessions
 from socks6fast.constants import MAX_WINDOW_SIZE
-from socks6fast.sessions import (
+from socks6fast.proto import sessions
+from socks6fast.proto.sessions import (
     SESSION_ID_LENGTH,
     MemorySessionStore,
     Session,

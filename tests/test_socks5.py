@@ -1,4 +1,4 @@
-"""SOCKS 5 (RFC 1928) and username/password (RFC 1929) codec: socks6fast.socks5.
+"""SOCKS 5 (RFC 1928) and username/password (RFC 1929) codec: socks6fast.proto.socks5.
 
 Golden vectors are annotated field by field; every stream vector is also fed one
 byte at a time (REQ-07 style: a split input decodes exactly like a whole one).
@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from socks6fast import socks5
 from socks6fast.constants import (
     AddressType,
     AuthMethod,
@@ -22,7 +21,8 @@ from socks6fast.constants import (
     UserPassStatus,
 )
 from socks6fast.errors import LocalProtocolError, WireError
-from socks6fast.socks5 import (
+from socks6fast.proto import socks5
+from socks6fast.proto.socks5 import (
     Socks5Greeting,
     Socks5MethodSelection,
     Socks5Reply,

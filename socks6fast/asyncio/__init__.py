@@ -1,4 +1,4 @@
-"""asyncio adapters: the only part of socks6fast that touches sockets and event loops."""
+"""asyncio adapters: the server and the client on an event loop; they perform what proto/ decides."""
 
 from .client import Binding, Proxy, Session, StreamBinding, open_bind, open_connection
 

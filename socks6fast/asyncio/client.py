@@ -14,7 +14,7 @@ Quick start::
 One flight: the Request, the 0-RTT credentials (an Authentication Data option carrying the
 RFC 1929 request) and ``initial_data`` leave in a single write, before any reply (draft-11
 section "False Starts", CMD-03). With ``tfo=True`` that write also rides in the TCP SYN
-where the draft allows it (TRN-02, see `socks6fast.client_connection.tfo_syn_may_carry_data`).
+where the draft allows it (TRN-02, see `socks6fast.proto.client.tfo_syn_may_carry_data`).
 
 TLS, two independent layers:
 
@@ -36,7 +36,7 @@ sent), `socks6fast.AuthenticationError`, `socks6fast.VersionMismatchError`,
 for the network (e.g. ``ConnectionRefusedError``, ``ssl.SSLCertVerificationError``). A
 proxy that resets the connection in the middle of a reply is judged like one that closes
 it: ``VersionMismatchError`` after a lone byte 6 (REQ-02), else ``RemoteProtocolError``,
-with the ``ConnectionResetError`` as ``__cause__`` (`client_connection.raise_reset`).
+with the ``ConnectionResetError`` as ``__cause__`` (`socks6fast.proto.client.raise_reset`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,10 @@ from types import TracebackType
 from typing import Any, Final, Protocol, TypeVar
 
 from ..client import DEFAULT_TIMEOUT, enable_tfo_connect
-from ..client_connection import (
+from ..constants import Command
+from ..errors import AuthenticationError, Socks6Error
+from ..net.url import ProxyURL, parse_proxy_url, proxy_ssl_context
+from ..proto.client import (
     NEED_DATA,
     ClientConnection,
     ClientSession,
@@ -59,10 +62,7 @@ from ..client_connection import (
     raise_reset,
     tfo_syn_may_carry_data,
 )
-from ..constants import Command
-from ..errors import AuthenticationError, Socks6Error
-from ..messages import OperationReply, Option, SessionRequest, StackOption
-from ..url import ProxyURL, parse_proxy_url, proxy_ssl_context
+from ..proto.messages import OperationReply, Option, SessionRequest, StackOption
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -185,7 +185,7 @@ class Socks6StreamWriter(asyncio.StreamWriter):
 
 
 async def _drive(channel: _Channel, conn: ClientConnection, stop: frozenset[ClientState]) -> OperationReply:
-    # The adapter loop of client_connection's module docstring.
+    # The adapter loop of socks6fast.proto.client's module docstring.
     while True:
         event = conn.next_event()
         out = conn.data_to_send()
@@ -261,7 +261,7 @@ class Proxy:
         """Make a Proxy from ``socks6://[user[:pass]@]host[:port]`` or ``socks6+tls://...``.
 
         Raises:
-            ValueError: bad URL (see `socks6fast.url.parse_proxy_url`) or TLS arguments.
+            ValueError: bad URL (see `socks6fast.net.url.parse_proxy_url`) or TLS arguments.
         """
         return cls(parse_proxy_url(url), proxy_ssl=proxy_ssl, proxy_server_hostname=proxy_server_hostname)
 
@@ -389,7 +389,7 @@ class Proxy:
             dest_host: IP literal or name (the proxy resolves names).
             dest_port: destination port.
             initial_data: first application bytes, sent in the same write as the Request.
-            stack_options: Stack options from `socks6fast.messages` (the echoed ones are in
+            stack_options: Stack options from `socks6fast.proto.messages` (the echoed ones are in
                 the reply; use `connect_tunnel` to see it).
             session: a `Session` of this proxy.
             idempotent: spend an idempotence token (needs ``session``, ``tokens > 0``).
@@ -833,7 +833,7 @@ async def open_connection(
         proxy_ssl: TLS context towards a ``socks6+tls`` proxy (default: verifying).
         proxy_server_hostname: name checked in the proxy's certificate (default: the
             URL's host).
-        stack_options: Stack options (``socks6fast.messages``); the proxy's answer is in
+        stack_options: Stack options (``socks6fast.proto.messages``); the proxy's answer is in
             ``writer.get_extra_info("socks6_reply").options``.
         idempotent: spend an idempotence token (needs ``session`` with ``tokens``).
         tfo: TCP Fast Open to the proxy where TRN-02 allows.

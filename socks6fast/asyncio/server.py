@@ -3,11 +3,11 @@
 Strategy (aioquic ``asyncio/protocol.py``): this module does I/O and nothing the draft
 decides. Bytes from a client go into a sans-IO `ServerConnection` (or, when the first
 byte is 5, a `Socks5ServerConnection`, D1); its events drive authentication
-(`socks6fast.auth.UserStore`, scrypt run in a thread), sessions and idempotence tokens
-(`socks6fast.sessions`), the ruleset (`socks6fast.policy.Policy`) and the operation; every
+(`socks6fast.proto.auth.UserStore`, scrypt run in a thread), sessions and idempotence tokens
+(`socks6fast.proto.sessions`), the ruleset (`socks6fast.proto.policy.Policy`) and the operation; every
 reply is produced by ``conn.send()``. After a successful CONNECT or BIND the two sockets
 go to the data plane in exactly one place, `_relay`, through
-`socks6fast.asyncio.relay.Relayer` (splice engine or asyncio fallback) with the bytes
+`socks6fast.dataplane.relayer.Relayer` (splice engine or asyncio fallback) with the bytes
 the client already sent (initial data, false start: CMD-03, AUTH-06) in front.
 
 Sockets: plain listeners are non-blocking sockets we accept from ourselves
@@ -18,7 +18,7 @@ SYN is read by the first ``recv`` without another round trip. TLS listeners (TRN
 the accepted socket with ``loop.connect_accepted_socket(ssl=...)`` and relay with
 ``relay_transports``.
 
-CONNECT dials with the Stack options applied before ``connect`` (``socks6fast.stackopts``)
+CONNECT dials with the Stack options applied before ``connect`` (``socks6fast.net.stackopts``)
 and echoes what the kernel really uses (D9). Happy Eyeballs (RFC 8305, only for domain
 names and only when asked, STK-04) is done here: resolved addresses are interleaved by
 family and attempts start 250 ms apart or as soon as the previous one failed, the first
@@ -51,8 +51,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .. import codec
-from ..auth import UserStore
 from ..config import Config
 from ..constants import (
     AddressType,
@@ -64,8 +62,23 @@ from ..constants import (
     Socks5Command,
     UserPassStatus,
 )
+from ..dataplane.engine import ENGINE_AVAILABLE, NO_EXTENSIONS, PATH_SPLICE, RelayResult
+from ..dataplane.relayer import Relayer
 from ..errors import LocalProtocolError, RemoteProtocolError
-from ..messages import (
+from ..net.stackopts import (
+    AppliedLeg,
+    apply_leg_options,
+    echo_stack_options,
+    enable_tfo_connect,
+    enable_tfo_listener,
+    mptcp_in_use,
+    new_stream_socket,
+    read_leg_options,
+    tfo_syn_data_acked,
+)
+from ..proto import codec
+from ..proto.auth import UserStore
+from ..proto.messages import (
     AuthData,
     AuthMethodSelection,
     AuthReply,
@@ -80,9 +93,8 @@ from ..messages import (
     SessionOK,
     VersionMismatchReply,
 )
-from ..policy import Policy
-from ..relay import ENGINE_AVAILABLE, NO_EXTENSIONS, PATH_SPLICE, RelayResult
-from ..server_connection import (
+from ..proto.policy import Policy
+from ..proto.server import (
     NEED_DATA,
     ConnectionClosed,
     InitialData,
@@ -99,8 +111,8 @@ from ..server_connection import (
     is_dns_request,
     noop_address_ok,
 )
-from ..sessions import MemorySessionStore, Session
-from ..socks5 import (
+from ..proto.sessions import MemorySessionStore, Session
+from ..proto.socks5 import (
     Socks5Greeting,
     Socks5MethodSelection,
     Socks5Reply,
@@ -109,18 +121,6 @@ from ..socks5 import (
     UserPassRequest,
     encode_userpass_reply,
 )
-from ..stackopts import (
-    AppliedLeg,
-    apply_leg_options,
-    echo_stack_options,
-    enable_tfo_connect,
-    enable_tfo_listener,
-    mptcp_in_use,
-    new_stream_socket,
-    read_leg_options,
-    tfo_syn_data_acked,
-)
-from .relay import Relayer
 
 __all__ = ["ConnectionRecord", "FailedAuthLimiter", "Resolver", "Server", "serve"]
 

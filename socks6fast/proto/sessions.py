@@ -33,7 +33,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .constants import MAX_WINDOW_SIZE
+from ..constants import MAX_WINDOW_SIZE
 
 __all__ = [
     "SESSION_ID_LENGTH",

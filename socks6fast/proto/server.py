@@ -35,11 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
-from . import codec, socks5
-from ._state import NEED_DATA, PAUSED, NeedData, Paused, ProxyStateMachine, State
-from ._state import Event as T
-from ._state import Protocol as Protocol
-from .constants import (
+from ..constants import (
     MAX_OPTIONS_LENGTH,
     SOCKS5_VERSION,
     VERSION,
@@ -53,7 +49,8 @@ from .constants import (
     StackLeg,
     UserPassStatus,
 )
-from .errors import LocalProtocolError, RemoteProtocolError, WireError
+from ..errors import LocalProtocolError, RemoteProtocolError, WireError
+from . import codec, socks5
 from .messages import (
     AuthData,
     AuthMethodAdvertisement,
@@ -86,6 +83,9 @@ from .socks5 import (
     UserPassReply,
     UserPassRequest,
 )
+from .states import NEED_DATA, PAUSED, NeedData, Paused, ProxyStateMachine, State
+from .states import Event as T
+from .states import Protocol as Protocol
 
 __all__ = [
     "NEED_DATA",

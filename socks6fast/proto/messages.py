@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from .constants import (
+from ..constants import (
     AddressType,
     AuthReplyType,
     Availability,

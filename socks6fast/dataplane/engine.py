@@ -1,8 +1,8 @@
 """Data plane selector: the C splice engine when available, else the asyncio path.
 
 Strategy: once a CONNECT or BIND succeeded, the control plane hands both sockets to
-the data plane (:class:`socks6fast.asyncio.relay.Relayer`) and forgets them. On
-Linux, the compiled :class:`RelayEngine` (``socks6fast._relay_c``) relays them in C
+the data plane (:class:`socks6fast.dataplane.relayer.Relayer`) and forgets them. On
+Linux, the compiled :class:`RelayEngine` (``socks6fast.dataplane._relay_c``) relays them in C
 worker threads with splice(2), outside the GIL; elsewhere, or with
 ``SOCKS6FAST_NO_EXTENSIONS=1``, the Relayer falls back to asyncio protocols.
 
@@ -21,17 +21,16 @@ This module imports neither asyncio nor socket.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from .constants import RelayEnd
+from .._extensions import NO_EXTENSIONS
+from ..constants import RelayEnd
 
 if TYPE_CHECKING:
     from ._relay_c import RelayEngine as _RelayEngineType
 
-NO_EXTENSIONS = bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS")) or sys.implementation.name != "cpython"
 
 #: The splice engine class, or None where it cannot run (not Linux, no extensions).
 RelayEngine: type[_RelayEngineType] | None = None

@@ -51,9 +51,7 @@ from collections.abc import Iterable
 from enum import Enum
 from typing import Final, NoReturn
 
-from . import codec
-from ._state import NEED_DATA, PAUSED, NeedData, Paused
-from .constants import (
+from ..constants import (
     MAX_INITIAL_DATA_LENGTH,
     MAX_OPTIONS_LENGTH,
     MAX_WINDOW_SIZE,
@@ -66,7 +64,7 @@ from .constants import (
     ReplyCode,
     UserPassStatus,
 )
-from .errors import (
+from ..errors import (
     AuthenticationError,
     LocalProtocolError,
     ProxyError,
@@ -75,6 +73,7 @@ from .errors import (
     VersionMismatchError,
     WireError,
 )
+from . import codec
 from .messages import (
     AuthData,
     AuthMethodAdvertisement,
@@ -101,6 +100,7 @@ from .socks5 import (
     decode_userpass_request,
     encode_userpass_request,
 )
+from .states import NEED_DATA, PAUSED, NeedData, Paused
 
 __all__ = [
     "NEED_DATA",
@@ -138,7 +138,7 @@ def address_of(host: str) -> tuple[AddressType, str]:
     """Classify a destination the way a Request carries it.
 
     IP literals (``[::1]`` brackets allowed) keep their type, in the text form of
-    ``socks6fast.messages``; anything else is a domain name the proxy resolves.
+    ``socks6fast.proto.messages``; anything else is a domain name the proxy resolves.
 
     Example:
         >>> address_of("192.0.2.1")
@@ -196,7 +196,7 @@ def build_request(
         The Request, ready for `ClientConnection.send`.
 
     Example:
-        >>> from socks6fast.socks5 import UserPassRequest
+        >>> from socks6fast.proto.socks5 import UserPassRequest
         >>> r = build_request(Command.CONNECT, "example.com", 443,
         ...                   credentials=UserPassRequest(b"alice", b"s3cret"))
         >>> [type(o).__name__ for o in r.options]
@@ -712,7 +712,7 @@ class ClientConnection:
         """Parse the next reply.
 
         Returns:
-            `AuthReply`, `socks6fast.socks5.UserPassReply` (slow exchange),
+            `AuthReply`, `socks6fast.proto.socks5.UserPassReply` (slow exchange),
             `OperationReply` (twice for BIND), `NEED_DATA`, or `PAUSED` once the state
             is ESTABLISHED or MUST_CLOSE.
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from .constants import MAX_USERPASS_LENGTH
-from .socks5 import UserPassRequest
+from ..constants import MAX_USERPASS_LENGTH
+from ..proto.socks5 import UserPassRequest
 
 __all__ = ["DEFAULT_PORT", "SCHEMES", "ProxyURL", "parse_proxy_url", "proxy_ssl_context"]
 

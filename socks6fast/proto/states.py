@@ -10,7 +10,7 @@ Reply, and what it sends after that depends on which reply we sent). Those are
 "triggered" transitions, applied after every event until nothing changes.
 
 This module does not parse or encode anything and does not know what a socket
-is; `server_connection.py` feeds it events and reads states back.
+is; `proto/server.py` feeds it events and reads states back.
 
 Draft-11 message sequence this encodes (section "Mode of operation"):
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Final
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "NEED_DATA",

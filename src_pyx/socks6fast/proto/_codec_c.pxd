@@ -1,6 +1,6 @@
 # cython: language_level=3
-# C-level surface of socks6fast._codec_c for other extensions (``_relay_c`` may
-# ``from socks6fast._codec_c cimport ...`` to parse and write Datagram Headers of
+# C-level surface of socks6fast.proto._codec_c for other extensions (``_relay_c`` may
+# ``from socks6fast.proto._codec_c cimport ...`` to parse and write Datagram Headers of
 # recvmmsg/sendmmsg batches without the GIL; STYLE.md section 1).
 
 cdef enum:

@@ -1,8 +1,11 @@
-"""Type stub of the compiled splice relay engine (src_pyx/socks6fast/_relay_c.pyx); no Python twin."""
+"""Type stub of the compiled splice relay engine (src_pyx/socks6fast/dataplane/_relay_c.pyx).
+
+There is no Python twin: the fallback is the asyncio path of ``dataplane/relayer.py``.
+"""
 
 from types import TracebackType
 
-from .constants import RelayEnd
+from ..constants import RelayEnd
 
 class RelayEngine:
     def __init__(self, workers: int = 0, idle_timeout: float = 0.0, pipe_size: int = 1 << 20) -> None: ...

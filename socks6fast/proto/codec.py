@@ -8,11 +8,9 @@ which one was loaded ("c" or "py").
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import TYPE_CHECKING
 
-NO_EXTENSIONS = bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS")) or sys.implementation.name != "cpython"
+from .._extensions import NO_EXTENSIONS
 
 if TYPE_CHECKING or NO_EXTENSIONS:
     from ._codec_py import (

@@ -1,6 +1,6 @@
 """Stack options applied to real sockets (draft-11 section "Stack options"; D9, STK-01..07).
 
-Strategy: `socks6fast.server_connection.plan_stack_options` turns a Request's options into
+Strategy: `socks6fast.proto.server.plan_stack_options` turns a Request's options into
 a `StackPlan` (pure, duplicates rejected per D10). This module does the socket half: it
 sets what the plan asks for with ``setsockopt`` on the socket of the leg the option names
 and then *reads the value back* with ``getsockopt``, so the Operation Reply echoes what the
@@ -31,8 +31,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from .constants import Availability, StackLeg
-from .messages import (
+from ..constants import Availability, StackLeg
+from ..proto.messages import (
     HappyEyeballsOption,
     IPTOSOption,
     ListenBacklogOption,
@@ -42,7 +42,7 @@ from .messages import (
     TFOOption,
     TTLOption,
 )
-from .server_connection import LegOptions, StackPlan
+from ..proto.server import LegOptions, StackPlan
 
 __all__ = [
     "AppliedLeg",

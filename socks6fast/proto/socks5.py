@@ -28,7 +28,7 @@ We send the strict form and accept what real peers send:
 * Unassigned METHOD, REP and STATUS values decode to plain ints (known values to
   their enum member), so a client can still report them (e.g. Tor's 0xF0-0xF6).
 
-Addresses use the conventions of ``socks6fast.messages``: dotted quad for IPv4,
+Addresses use the conventions of ``socks6fast.proto.messages``: dotted quad for IPv4,
 ``str(ipaddress.IPv6Address)`` for IPv6, the name for domain names, and the
 address type is kept. Credentials are bytes: RFC 1929 names no encoding.
 """
@@ -39,7 +39,7 @@ import functools
 import ipaddress
 from dataclasses import dataclass
 
-from .constants import (
+from ..constants import (
     MAX_DOMAIN_LENGTH,
     MAX_SOCKS5_METHODS,
     MAX_USERPASS_LENGTH,
@@ -51,7 +51,7 @@ from .constants import (
     Socks5Command,
     UserPassStatus,
 )
-from .errors import LocalProtocolError, WireError
+from ..errors import LocalProtocolError, WireError
 
 __all__ = [
     "Buffer",

@@ -3,10 +3,10 @@
 Strategy: once a CONNECT or BIND succeeded, the server calls
 :meth:`Relayer.relay_sockets` (plain sockets) or :meth:`Relayer.relay_transports`
 (e.g. a TLS client leg the kernel cannot splice) and awaits a
-:class:`~socks6fast.relay.RelayResult`.
+:class:`~socks6fast.dataplane.engine.RelayResult`.
 
 * "splice" path: on Linux with the compiled extension, sockets go to the C
-  :class:`~socks6fast.relay.RelayEngine` (worker threads, splice(2), no GIL). The
+  :class:`~socks6fast.dataplane.engine.RelayEngine` (worker threads, splice(2), no GIL). The
   engine's eventfd is watched with ``loop.add_reader``; each finished pair resolves
   the future its ``relay_sockets`` call awaits.
 * "asyncio" path: elsewhere, and always for ``relay_transports``, two
@@ -43,7 +43,7 @@ import struct
 from typing import cast
 
 from ..constants import RelayEnd
-from ..relay import ENGINE_AVAILABLE, PATH_ASYNCIO, PATH_SPLICE, RelayEngine, RelayPath, RelayResult
+from .engine import ENGINE_AVAILABLE, PATH_ASYNCIO, PATH_SPLICE, RelayEngine, RelayPath, RelayResult
 
 #: Default seconds without a byte either way before a relayed connection is closed.
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -287,7 +287,7 @@ class Relayer:
     Args:
         loop: the event loop the server runs on (asyncio or uvloop).
         use_engine: True requires the C splice engine, False forces the asyncio path,
-            None (default) uses the engine when :data:`socks6fast.relay.ENGINE_AVAILABLE`.
+            None (default) uses the engine when :data:`socks6fast.dataplane.engine.ENGINE_AVAILABLE`.
         workers: engine worker threads; 0 = one per usable CPU.
         idle_timeout: seconds without a byte either way before a connection is closed
             (``RelayEnd.IDLE_TIMEOUT``); 0 disables it.

@@ -38,7 +38,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .constants import AddressType, Command
+from ..constants import AddressType, Command
 
 __all__ = [
     "ANONYMOUS",
@@ -269,7 +269,7 @@ class Policy:
             user: the authenticated user (or the session's user), None when anonymous.
             command: the request's command.
             dest_address_type: the request's address type.
-            dest_address: the request's address as text (see `socks6fast.messages`).
+            dest_address: the request's address as text (see `socks6fast.proto.messages`).
             dest_port: the request's port.
             resolved_address: for a domain-name destination, one address the name resolved
                 to; CIDR destination entries are then matched against it.

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Cython twin of ``socks6fast._codec_py``, the SOCKS 6 wire codec (draft-olteanu-intarea-socks-6-11).
+"""Cython twin of ``socks6fast.proto._codec_py``, the SOCKS 6 wire codec (draft-olteanu-intarea-socks-6-11).
 
 Strategy: ``_codec_py`` is the truth. This module repeats it check for check, in
 the same order, and raises the same exception class with the same ``reply_code``
@@ -42,7 +42,7 @@ from libc.string cimport memchr, memcpy, memset
 import dataclasses
 import ipaddress
 
-from .constants import (
+from ..constants import (
     MAX_INITIAL_DATA_LENGTH,
     MAX_OPTIONS_LENGTH,
     MAX_WINDOW_SIZE,
@@ -57,7 +57,7 @@ from .constants import (
     StackCode,
     StackLeg,
 )
-from .errors import LocalProtocolError, WireError
+from ..errors import LocalProtocolError, WireError
 from .messages import (
     AssociationConfirmation,
     AssociationInit,
@@ -1711,7 +1711,7 @@ def encode_options(options):
     """Encode options in order.
 
     Args:
-        options: option objects from ``socks6fast.messages``.
+        options: option objects from ``socks6fast.proto.messages``.
 
     Returns:
         The concatenated options (no cap on the total: the message encoders apply D6).

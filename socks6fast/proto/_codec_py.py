@@ -35,8 +35,7 @@ import ipaddress
 import struct
 from collections.abc import Callable, Mapping, Sequence
 
-from ._wire_py import Writer
-from .constants import (
+from ..constants import (
     ASSOCIATION_ID_LENGTH,
     ASSOCIATION_MESSAGE_LENGTH,
     MAX_DOMAIN_LENGTH,
@@ -59,7 +58,8 @@ from .constants import (
     StackLeg,
     UDPMessageType,
 )
-from .errors import LocalProtocolError, WireError
+from ..errors import LocalProtocolError, WireError
+from ._wire_py import Writer
 from .messages import (
     AssociationConfirmation,
     AssociationInit,
@@ -1099,7 +1099,7 @@ def encode_options(options: tuple[Option, ...] | list[Option]) -> bytes:
     """Encode options in order.
 
     Args:
-        options: option objects from ``socks6fast.messages``.
+        options: option objects from ``socks6fast.proto.messages``.
 
     Returns:
         The concatenated options (no cap on the total: the message encoders apply D6).

@@ -1,0 +1,6 @@
+"""Socket helpers shared by the I/O adapters: no protocol decision lives here.
+
+- ``stackopts``: Stack options applied to real sockets with ``setsockopt`` and read back
+  (draft section "Stack options", D9), TCP Fast Open and MPTCP sockets.
+- ``url``: proxy URLs (``socks6://``, ``socks6+tls://``) and the client's TLS context.
+"""

@@ -1,0 +1,17 @@
+"""The sans-IO protocol core: everything the draft decides, and no socket, loop or clock.
+
+Bytes and completions go in, events and bytes come out (h11 / aioquic style, STYLE.md
+section 2). ``tests/test_imports.py`` checks that importing any module here leaves
+``asyncio``, ``socket`` and ``ssl`` out of ``sys.modules``.
+
+- ``messages``: frozen dataclasses for every SOCKS 6 message and option.
+- ``codec``: the selector of the wire codec (``_codec_c``, compiled from
+  ``src_pyx/socks6fast/proto/_codec_c.pyx``, or the reference ``_codec_py``), which
+  writes with ``_wire_py``.
+- ``socks5``: the RFC 1928 / RFC 1929 codec for SOCKS 5 on the same port.
+- ``states``: the state tables of both roles.
+- ``server``: ``ServerConnection`` / ``Socks5ServerConnection``, the proxy's side.
+- ``client``: ``ClientConnection`` / ``ClientSession``, the client's side.
+- ``sessions``, ``auth``, ``policy``: session and idempotence-token bookkeeping,
+  credential checks, and the rules.
+"""
