@@ -9,6 +9,7 @@ STYLE.md 3.3: both twins export the same public names, those of the contract.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -20,6 +21,7 @@ from codec_api import CodecAPI
 
 from socks6fast._extensions import NO_EXTENSIONS
 from socks6fast.proto import _codec_py, codec
+from socks6fast.proto.messages import Request
 
 # The contract's functions, from the Protocol in tests/codec_api.py.
 CONTRACT = sorted(name for name in vars(CodecAPI) if not name.startswith("_"))
@@ -68,6 +70,40 @@ def test_codec_c_loaded() -> None:
     for name in CONTRACT:
         assert getattr(codec, name) is getattr(codec_c, name), name
         assert type(getattr(codec, name)).__name__ != "function", name  # not a Python def
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Checked:
+    """A message class with its own check, which the twin's slot writes would skip."""
+
+    port: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 0xFFFF:
+            raise ValueError("port out of range")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _HandInit:
+    port: int
+
+    def __init__(self, port: int) -> None:
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError("port out of range")
+        object.__setattr__(self, "port", port)
+
+
+@pytest.mark.c_extension
+@pytest.mark.skipif(NO_EXTENSIONS, reason="SOCKS6FAST_NO_EXTENSIONS=1 run")
+def test_c_twin_refuses_message_classes_with_their_own_checks() -> None:
+    """The Cython twin builds messages without __init__ (slot writes): it refuses to load
+    for a class whose __post_init__ or hand-written __init__ checks something, so no
+    decoder path can skip a message's own checks (issue 9 item 5)."""
+    codec_c = importlib.import_module("socks6fast.proto._codec_c")
+    codec_c._check_layout(Request)  # today's messages: generated __init__, no checks
+    for cls in (_Checked, _HandInit):
+        with pytest.raises(ImportError, match="would skip"):
+            codec_c._check_layout(cls)
 
 
 @pytest.mark.skipif(not NO_EXTENSIONS, reason="only in a SOCKS6FAST_NO_EXTENSIONS=1 run")

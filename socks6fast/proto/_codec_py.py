@@ -592,12 +592,15 @@ def decode_request(
         max_options_length: cap on Options Length (D6, default 16384).
 
     Returns:
-        ``(request, consumed)`` or ``(None, needed)``; see tests/codec_api.py.
+        ``(request, consumed)`` or ``(None, needed)``; see tests/codec_api.py. An
+        unknown Command Code is not an error: ``Request.command`` is then the plain
+        int, so the proxy can still authenticate the request and answer Command Not
+        Supported (0x07) in an Operation Reply (CMD-06).
 
     Raises:
         WireError: reply_code None for a version other than 6,
-            COMMAND_NOT_SUPPORTED for an unknown command, ADDRESS_TYPE_NOT_SUPPORTED
-            for an unknown address type, GENERAL_FAILURE for anything else malformed.
+            ADDRESS_TYPE_NOT_SUPPORTED for an unknown address type, GENERAL_FAILURE
+            for anything else malformed.
     """
     message, n = _decode_addressed(data, offset, max_options_length, True)
     assert message is None or isinstance(message, Request)

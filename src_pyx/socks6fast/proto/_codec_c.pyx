@@ -252,6 +252,11 @@ cdef long long _MAX_INITIAL_DATA_LENGTH = MAX_INITIAL_DATA_LENGTH
 cdef Py_ssize_t _MAX_OPTIONS_LENGTH = MAX_OPTIONS_LENGTH
 
 
+def _check_layout(cls):
+    """Build the slot layout of a message class (the import-time check, for tests)."""
+    _layout(cls)
+
+
 def _check_constants():
     # The enum above mirrors constants.py for the C switch statements; a drift
     # would silently change the wire format, so refuse to load instead.
@@ -343,6 +348,18 @@ cdef class _Layout:
 
 cdef _Layout _layout(object cls, int code=0):
     cdef _Layout layout = _Layout.__new__(_Layout)
+    # Instances are built without calling __init__, so a check a message class runs
+    # there (a __post_init__, a hand-written __init__) would be skipped on this path
+    # only: refuse to load instead, so that no decoder path bypasses a message's own
+    # checks. Such a class must be built through __init__ here (slower) first.
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen:
+        raise ImportError(f"{cls.__name__} is not a frozen dataclass")
+    # A generated __init__ is compiled from a string by dataclasses; a hand-written one
+    # (which dataclasses keeps) comes from a file.
+    generated = getattr(getattr(cls.__init__, "__code__", None), "co_filename", "") == "<string>"
+    if hasattr(cls, "__post_init__") or not generated:
+        raise ImportError(f"{cls.__name__} has checks in __init__/__post_init__ that _codec_c would skip")
     names = [f.name for f in dataclasses.fields(cls)]
     if len(names) > 7:
         raise ImportError(f"{cls.__name__} has more fields than _codec_c supports")
@@ -876,22 +893,8 @@ cdef unsigned int _placed_kinds(object context) except 0:
 def decode_options(data, offset=0, length=-1, context=None):
     """Decode a run of options.
 
-    Args:
-        data: the bytes holding the options.
-        offset: where the first option starts.
-        length: the Options Length; -1 means every byte up to the end of ``data``.
-        context: the message class carrying the options (``Request``,
-            ``AuthReply`` or ``OperationReply``): known kinds draft-11 does not
-            place in it decode as ``UnknownOption``, unchecked (REQ-06). None
-            (the default) decodes every known kind.
-
-    Returns:
-        The options in wire order; unknown kinds as ``UnknownOption`` and
-        unsupported Stack options as ``UnknownStackOption`` (REQ-06).
-
-    Raises:
-        WireError: a malformed option (GENERAL_FAILURE), ``length`` running
-            past the end of ``data``, or a bad ``context`` (reply_code None).
+    Twin of ``socks6fast.proto._codec_py.decode_options``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef Py_buffer view
     cdef Py_ssize_t start, available, n
@@ -979,18 +982,8 @@ cdef tuple _parse_addressed(
 def decode_request(data, offset=0, max_options_length=MAX_OPTIONS_LENGTH):
     """Decode a Request (figure "SOCKS 6 Request") incrementally.
 
-    Args:
-        data: received bytes.
-        offset: where the Request starts.
-        max_options_length: cap on Options Length (D6, default 16384).
-
-    Returns:
-        ``(request, consumed)`` or ``(None, needed)``; see tests/codec_api.py.
-
-    Raises:
-        WireError: reply_code None for a version other than 6,
-            COMMAND_NOT_SUPPORTED for an unknown command, ADDRESS_TYPE_NOT_SUPPORTED
-            for an unknown address type, GENERAL_FAILURE for anything else malformed.
+    Twin of ``socks6fast.proto._codec_py.decode_request``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef Py_buffer view
     cdef Py_ssize_t start
@@ -1007,17 +1000,8 @@ def decode_request(data, offset=0, max_options_length=MAX_OPTIONS_LENGTH):
 def decode_operation_reply(data, offset=0, max_options_length=MAX_OPTIONS_LENGTH):
     """Decode an Operation Reply (figure "SOCKS 6 Operation Reply") incrementally.
 
-    Args:
-        data: received bytes.
-        offset: where the reply starts.
-        max_options_length: cap on Options Length (D6, default 16384).
-
-    Returns:
-        ``(reply, consumed)`` or ``(None, needed)``; see tests/codec_api.py.
-
-    Raises:
-        WireError: reply_code None for a version other than 6; an unknown reply
-            code, address or option is malformed.
+    Twin of ``socks6fast.proto._codec_py.decode_operation_reply``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef Py_buffer view
     cdef Py_ssize_t start
@@ -1059,17 +1043,8 @@ cdef tuple _parse_auth_reply(const unsigned char* p, Py_ssize_t available, objec
 def decode_auth_reply(data, offset=0, max_options_length=MAX_OPTIONS_LENGTH):
     """Decode an Authentication Reply (figure "SOCKS 6 Authentication Reply") incrementally.
 
-    Args:
-        data: received bytes.
-        offset: where the reply starts.
-        max_options_length: cap on Options Length (D6, default 16384).
-
-    Returns:
-        ``(reply, consumed)`` or ``(None, needed)``; see tests/codec_api.py.
-
-    Raises:
-        WireError: reply_code None for a version other than 6; an unknown Type or
-            a malformed option is GENERAL_FAILURE.
+    Twin of ``socks6fast.proto._codec_py.decode_auth_reply``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef Py_buffer view
     cdef Py_ssize_t start
@@ -1210,20 +1185,8 @@ cdef int _raise_datagram_error(Py_ssize_t result, const unsigned char* p, Datagr
 def decode_datagram_header(data, offset=0):
     """Decode the Datagram Header at the start of a whole UDP/DTLS datagram.
 
-    Args:
-        data: the datagram.
-        offset: where the header starts.
-
-    Returns:
-        ``(header, header_length)``; the payload is
-        ``data[offset + header_length : offset + header.message_length]``.
-        A Message Length larger than the datagram is not checked here: the
-        caller drops such datagrams silently (UDP-05).
-
-    Raises:
-        WireError: a truncated header, a version other than 6 (reply_code
-            None), a Message Type other than Datagram, a Message Length smaller
-            than the header, an unknown address type or a malformed name.
+    Twin of ``socks6fast.proto._codec_py.decode_datagram_header``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef Py_buffer view
     cdef Py_ssize_t start, result
@@ -1347,19 +1310,8 @@ cdef tuple _parse_association_message(const unsigned char* p, Py_ssize_t availab
 def decode_association_message(data, offset=0):
     """Decode one UDP association message from the TCP stream, incrementally.
 
-    Args:
-        data: received bytes.
-        offset: where the message starts.
-
-    Returns:
-        ``(message, consumed)`` or ``(None, needed)``; the message is an
-        ``AssociationInit``, ``AssociationConfirmation``, ``Datagram`` or
-        ``DatagramError``. Once Message Length is known, ``consumed`` is exactly it.
-
-    Raises:
-        WireError: reply_code None for a version other than 6; unknown Message
-            Type, a Message Length that does not fit the fields, an unknown
-            address type (ADDRESS_TYPE_NOT_SUPPORTED) or error code.
+    Twin of ``socks6fast.proto._codec_py.decode_association_message``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef Py_buffer view
     cdef Py_ssize_t start
@@ -1710,16 +1662,8 @@ cdef int _encode_options_into(_Out* w, object options) except -1:
 def encode_options(options):
     """Encode options in order.
 
-    Args:
-        options: option objects from ``socks6fast.proto.messages``.
-
-    Returns:
-        The concatenated options (no cap on the total: the message encoders apply D6).
-
-    Raises:
-        LocalProtocolError: a field out of range, a value the draft forbids
-            (method 0 advertised, window size 0, empty Session ID...), or an
-            unknown option reusing a known kind / Stack (Level, Code).
+    Twin of ``socks6fast.proto._codec_py.encode_options``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef _Out w
     _out_init(&w)
@@ -1881,11 +1825,8 @@ cdef bytes _encode_addressed(unsigned int code, object address_type, object addr
 def encode_request(request):
     """Encode a Request (figure "SOCKS 6 Request").
 
-    Raises:
-        LocalProtocolError: an unknown command or address type, a bad address
-            (invalid IP text, name empty/over 255 bytes/with a NUL), a port out of
-            range, a NOOP whose address is not the zero IPv4/IPv6 address or whose
-            port is not 0, an illegal option, or more than 16384 bytes of options.
+    Twin of ``socks6fast.proto._codec_py.encode_request``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef int code = _table_value(request.command, _COMMANDS)
     if code < 0:
@@ -1897,9 +1838,8 @@ def encode_request(request):
 def encode_operation_reply(reply):
     """Encode an Operation Reply (figure "SOCKS 6 Operation Reply").
 
-    Raises:
-        LocalProtocolError: an unknown reply code or address type, a bad address,
-            a port out of range, an illegal option, or options over 16384 bytes.
+    Twin of ``socks6fast.proto._codec_py.encode_operation_reply``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef int code = _table_value(reply.reply_code, _REPLY_CODES)
     if code < 0:
@@ -1910,9 +1850,8 @@ def encode_operation_reply(reply):
 def encode_auth_reply(reply):
     """Encode an Authentication Reply (figure "SOCKS 6 Authentication Reply").
 
-    Raises:
-        LocalProtocolError: an unknown Type, an illegal option, or options over
-            16384 bytes.
+    Twin of ``socks6fast.proto._codec_py.encode_auth_reply``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef _Out w
     cdef int code = _table_value(reply.type, _AUTH_REPLY_TYPES)
@@ -1935,7 +1874,11 @@ def encode_auth_reply(reply):
 
 
 def encode_version_mismatch():
-    """The Version Mismatch Reply: the single byte 6 (section "Version Mismatch Replies")."""
+    """The Version Mismatch Reply: the single byte 6 (section "Version Mismatch Replies").
+
+    Twin of ``socks6fast.proto._codec_py.encode_version_mismatch``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
+    """
     return _VERSION_MISMATCH
 
 
@@ -2062,19 +2005,8 @@ cdef int _acquire_writable(object out, Py_buffer* view) except -1:
 def encode_datagram_header(header, out, offset=0):
     """Write a Datagram Header into a preallocated buffer.
 
-    Args:
-        header: the header; ``message_length`` is written as given and must be
-            at least the header length.
-        out: a writable buffer.
-        offset: where to write.
-
-    Returns:
-        The number of bytes written (the header length).
-
-    Raises:
-        LocalProtocolError: an illegal field (see ``encode_request``), a bad
-            Association ID or Message Length, ``out`` not a writable contiguous
-            buffer, or too small.
+    Twin of ``socks6fast.proto._codec_py.encode_datagram_header``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef unsigned char encoded[DGRAM_HEADER_MAX_LENGTH]
     cdef Py_ssize_t n = _encode_datagram_header(header, encoded)
@@ -2118,12 +2050,8 @@ cdef Py_ssize_t _address_field_length(object address_type, object address) excep
 def datagram_header_length(address_type, address):
     """Length of the Datagram Header for this address, to compute Message Length.
 
-    Only the address type and, for a domain name, its UTF-8 length are checked;
-    IP address text is not parsed here (``encode_datagram_header`` does).
-
-    Raises:
-        LocalProtocolError: an unknown address type, or a name that is empty or
-            over 255 bytes.
+    Twin of ``socks6fast.proto._codec_py.datagram_header_length``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     return DGRAM_ADDRESS_OFFSET + _address_field_length(address_type, address)
 
@@ -2184,13 +2112,8 @@ cdef bytes _encode_datagram_error(object message):
 def encode_association_message(message):
     """Encode a UDP association message for the TCP stream.
 
-    A ``Datagram``'s ``header.message_length`` must equal the header length plus
-    the payload length (no padding on a stream); a ``DatagramError``'s Message
-    Length is computed.
-
-    Raises:
-        LocalProtocolError: a bad Association ID, Message Length, address, port
-            or error code, or an object that is not an association message.
+    Twin of ``socks6fast.proto._codec_py.encode_association_message``, which documents it (arguments,
+    results, errors); the two agree byte for byte and error for error.
     """
     cdef unsigned char association_id[_ASSOCIATION_ID_LENGTH]
     cdef unsigned char encoded[DGRAM_HEADER_MAX_LENGTH]
