@@ -3,4 +3,6 @@
 - ``stackopts``: Stack options applied to real sockets with ``setsockopt`` and read back
   (draft section "Stack options", D9), TCP Fast Open and MPTCP sockets.
 - ``url``: proxy URLs (``socks6://``, ``socks6+tls://``) and the client's TLS context.
+- ``localaddr``: this host's addresses, read from the kernel (rtnetlink), for the
+  ``@local`` rule destination and the loop check.
 """
