@@ -12,7 +12,9 @@ rules, limits, sessions settings) and keeps every established connection; a brok
 is reported and the running configuration stays.
 
 Every configuration mistake is one sentence naming the key, on stderr, with exit code 2
-and no traceback.
+and no traceback. A valid configuration that makes an open proxy (a listener not on
+loopback, no users, rules that let anyone through) is started, with a warning in the log;
+``check-config`` prints the same warning and exits 0.
 """
 
 from __future__ import annotations
@@ -142,6 +144,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"{args.file}: OK ({len(server.listen)} plain and {len(server.tls_listen)} TLS listeners, "
         f"{len(config.users)} users, {len(config.rules)} rules)"
     )
+    warning = config.open_proxy_warning()
+    if warning is not None:
+        # Valid, so exit 0; but say it as serve will (issue 12: no silent open proxy).
+        print(f"socks6fast: warning: {args.file}: {warning}", file=sys.stderr)
     return 0
 
 

@@ -55,7 +55,15 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     ``users`` (names, ``"@authenticated"``, ``"@anonymous"``), ``commands`` (``"noop"``,
     ``"connect"``, ``"bind"``, ``"udp_associate"``), ``destinations`` (CIDR networks,
     ``".example.com"`` for a domain and its subdomains, ``"example.com"`` for that name
-    only), ``ports`` (integers or ``"LOW-HIGH"`` strings).
+    only, ``"@local"`` for every address of this host: loopback, its interface addresses
+    and, for CONNECT, 0.0.0.0 and ::), ``ports`` (integers or ``"LOW-HIGH"`` strings).
+    Destinations match the host the proxy really talks to: a CONNECT's address as the
+    kernel will connect to it (0.0.0.0 is 127.0.0.1) or each address a name resolves to,
+    and for BIND the host that connects (see `socks6fast.proto.policy`).
+
+An open proxy: `Config.open_proxy_warning` says so when a listener is not on loopback, no
+user is configured and the rules let a client from any address through (``serve`` logs it
+at start-up and on reload, ``check-config`` prints it).
 
 ``[udp]`` (UDP relay endpoints for UDP ASSOCIATE; off by default. Not implemented yet: the
     keys are validated, and ``serve`` logs a warning and opens no UDP socket when they are set)
@@ -72,7 +80,7 @@ import math
 import os
 import tomllib
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,8 +91,9 @@ from .proto.auth import UserStore, hash_password, parse_hash
 from .proto.policy import (
     ANONYMOUS,
     AUTHENTICATED,
-    DomainPattern,
+    Destination,
     IPNetwork,
+    LocalAddresses,
     Policy,
     Rule,
     parse_command,
@@ -236,9 +245,41 @@ class Config:
         """True iff at least one user is configured."""
         return bool(self.users)
 
-    def policy(self) -> Policy:
-        """Build the `Policy` for these rules."""
-        return Policy(self.rules, default_allow=self.default_allow)
+    def policy(self, local: LocalAddresses | None = None) -> Policy:
+        """Build the `Policy` for these rules.
+
+        Args:
+            local: what ``@local`` matches (the server reads it from the kernel with
+                `socks6fast.net.localaddr.read_local_addresses`); None: loopback only.
+        """
+        return Policy(self.rules, default_allow=self.default_allow, local=local)
+
+    def open_proxy_warning(self, hosts: Iterable[str] | None = None) -> str | None:
+        """A warning when anyone who can reach a listener may use the proxy, else None.
+
+        That is the case when a listener is not on loopback, no user is configured (no
+        authentication) and the rules let an anonymous client through from an address no
+        ``clients`` condition names (a rule with ``clients`` is taken as a deliberate
+        choice of who may connect).
+
+        Args:
+            hosts: the listeners' addresses (the bound ones, when known); default: the
+                configured ``listen`` and ``tls_listen`` hosts. A host name other than
+                ``localhost`` counts as not loopback (it is not looked up here).
+        """
+        if self.users or not _open_to_strangers(self.rules, self.default_allow):
+            return None
+        if hosts is None:
+            hosts = [host for host, _ in self.server.listen + self.server.tls_listen]
+        exposed = sorted({host for host in hosts if not _is_loopback_host(host)})
+        if not exposed:
+            return None
+        within = " (within the [[rules]])" if self.rules else ""
+        return (
+            f"open proxy: listening on {', '.join(exposed)}, which is not loopback, with no [users]: "
+            f"anyone who can reach it may relay through it{within}. Add [users], or [[rules]] with "
+            "clients = [...] and a deny for everyone else, or listen on 127.0.0.1 only"
+        )
 
     def user_store(self) -> UserStore:
         """Build the `UserStore` for these users."""
@@ -531,7 +572,7 @@ def _rule(item: object, where: str) -> Rule:
             _parsed(parse_command, v, f"{where}.commands[{i}]") for i, v in enumerate(values)
         )
 
-    destinations: tuple[IPNetwork | DomainPattern, ...] | None = None
+    destinations: tuple[Destination, ...] | None = None
     values = _conditions(item, "destinations", where, str)
     if values is not None:
         destinations = tuple(
@@ -722,6 +763,34 @@ def _check_listen_overlap(
                 f"{listen_key} or {tls_key}"
             )
         seen.add(address)
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.lower().removesuffix(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False  # a name: it may resolve to anything
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _open_to_strangers(rules: Sequence[Rule], default_allow: bool) -> bool:
+    """True when an anonymous client from an address no rule's ``clients`` names could get
+    some request allowed: the first rule that applies to it and allows, or a catch-all deny
+    before any such rule, decides; with neither, the default does."""
+    for rule in rules:
+        if rule.clients is not None:
+            continue  # the stranger is not in it
+        if rule.users is not None and ANONYMOUS not in rule.users:
+            continue  # only authenticated users; there are none
+        if rule.allow:
+            return True
+        if rule.commands is None and rule.destinations is None and rule.ports is None:
+            return False  # denies the stranger everything
+    return default_allow
 
 
 def _format_host_port(address: HostPort) -> str:

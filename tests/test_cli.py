@@ -49,6 +49,38 @@ def test_check_config_ok(tmp_path: Path) -> None:
     done = run("check-config", str(config))
     assert done.returncode == 0
     assert "OK" in done.stdout and "2 plain" in done.stdout
+    assert done.stderr == ""  # loopback only: no open-proxy warning
+
+
+@pytest.mark.parametrize(
+    ("text", "warned"),
+    [
+        ('[server]\nlisten = ["0.0.0.0:1080"]\n', True),
+        ('[server]\nlisten = ["127.0.0.1:1080", "[::]:1080"]\n', True),
+        (f'[server]\nlisten = ["0.0.0.0:1080"]\n[users]\nalice = "{cheap_hash("x")}"\n', False),
+        ('default_action = "deny"\n[server]\nlisten = ["0.0.0.0:1080"]\n', False),
+        (
+            '[server]\nlisten = ["0.0.0.0:1080"]\n[[rules]]\naction = "allow"\nclients = ["10.0.0.0/8"]\n'
+            '[[rules]]\naction = "deny"\n',
+            False,
+        ),
+    ],
+)
+def test_check_config_warns_about_an_open_proxy(tmp_path: Path, text: str, warned: bool) -> None:
+    """Issue 12, defect 6: a listener off loopback with no users and no rule keeping
+    strangers out is an open proxy; check-config says so on stderr (and exits 0: the file
+    is valid). (check-config only binds port 0 to check the address; nothing listens.)"""
+    config = tmp_path / "open.toml"
+    config.write_text(text)
+    done = run("check-config", str(config))
+    assert done.returncode == 0, done
+    if warned:
+        assert done.stderr.startswith(f"socks6fast: warning: {config}: open proxy: listening on "), (
+            done.stderr
+        )
+        assert "anyone who can reach it may relay through it" in done.stderr
+    else:
+        assert done.stderr == ""
 
 
 @pytest.mark.parametrize(
@@ -206,10 +238,16 @@ class ServeProcess:
         return "127.0.0.1", int(match.group(1))
 
 
+#: Runs the command after it in a network namespace of its own with only loopback up: a
+#: listener on 0.0.0.0 there is reachable from nowhere.
+IN_NETNS = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
+
+
 @contextlib.asynccontextmanager
-async def serve(*args: str) -> AsyncIterator[ServeProcess]:
+async def serve(*args: str, netns: bool = False) -> AsyncIterator[ServeProcess]:
+    prefix = IN_NETNS if netns else []
     process = await asyncio.create_subprocess_exec(
-        *COMMAND, "serve", *args, env=ENV, cwd=ROOT, stderr=asyncio.subprocess.PIPE
+        *prefix, *COMMAND, "serve", *args, env=ENV, cwd=ROOT, stderr=asyncio.subprocess.PIPE
     )
     proc = ServeProcess(process)
     try:
@@ -345,3 +383,18 @@ async def test_serve_user_flag_turns_auth_on() -> None:
         await client.close()
         proc.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.process.wait(), 10) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs unshare -n")
+async def test_serve_warns_about_an_open_proxy() -> None:
+    """Issue 12, defect 6: ``serve --listen 0.0.0.0:PORT`` with no users and no rules started
+    without a word. It now logs a warning at start-up (run in a private network namespace:
+    the wildcard listener is reachable from nowhere). On loopback there is none."""
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("unshare -n is not permitted here")
+    async with serve("--listen", "0.0.0.0:0", netns=True) as proc:
+        line = (await proc.wait_for(r"WARNING .*open proxy.*")).group(0)
+        assert "listening on 0.0.0.0, which is not loopback, with no [users]" in line, line
+    async with serve("--listen", "127.0.0.1:0") as proc:
+        await proc.wait_for("relay path")  # logged after the warning would have been
+        assert not any("open proxy" in line for line in proc.lines), proc.lines

@@ -22,7 +22,7 @@ from socks6fast.config import (
 from socks6fast.constants import AddressType, Command
 from socks6fast.errors import Socks6Error
 from socks6fast.proto.auth import hash_password
-from socks6fast.proto.policy import DomainPattern
+from socks6fast.proto.policy import LOCAL_HOST, DomainPattern, LocalAddresses
 from socks6fast.proto.sessions import MemorySessionStore
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "socks6fast.toml"
@@ -90,16 +90,83 @@ def test_session_store_from_config() -> None:
 
 
 def test_example_file_loads() -> None:
+    """CMD-06: the example denies this host ("@local") and the private ranges for CONNECT,
+    BIND (checked against the peer that connects) and UDP ASSOCIATE, and anonymous BIND."""
     config = load_config(EXAMPLE)
     assert config.server.listen == (("127.0.0.1", 1080), ("::1", 1080))
-    assert len(config.rules) == 3
-    policy = config.policy()
-    assert not policy.check("127.0.0.1", "alice", Command.CONNECT, AddressType.IPV4, "169.254.169.254", 80)
-    assert not policy.check("127.0.0.1", None, Command.BIND, AddressType.IPV4, "0.0.0.0", 0)
-    assert policy.check("127.0.0.1", "alice", Command.BIND, AddressType.IPV4, "0.0.0.0", 0)
-    assert not policy.check("127.0.0.1", None, Command.CONNECT, AddressType.DOMAIN_NAME, "LocalHost", 22)
-    assert policy.check("127.0.0.1", None, Command.CONNECT, AddressType.IPV4, "127.0.0.53", 53)
+    assert len(config.rules) == 2
+    assert config.rules[0].destinations is not None and LOCAL_HOST in config.rules[0].destinations
+    host = LocalAddresses(addresses=frozenset({ipaddress.ip_address("192.0.2.2")}))
+    policy = config.policy(host)
+    v4, v6, dn = AddressType.IPV4, AddressType.IPV6, AddressType.DOMAIN_NAME
+    denied = (
+        (v4, "127.0.0.1"),
+        (v4, "0.0.0.0"),
+        (v6, "::"),
+        (v6, "::ffff:0.0.0.0"),
+        (v4, "192.0.2.2"),  # the host's own non-loopback address
+        (v4, "10.1.2.3"),
+        (v4, "172.31.0.1"),
+        (v4, "192.168.1.1"),
+        (v4, "100.64.0.1"),  # CGNAT
+        (v4, "169.254.169.254"),  # cloud metadata
+        (v6, "fe80::1"),
+        (v6, "fd12:3456::1"),  # RFC 4193
+    )
+    for address_type, address in denied:
+        assert policy.decide("127.0.0.1", "alice", Command.CONNECT, address_type, address, 80) == (False, 0)
+    assert policy.check("127.0.0.1", None, Command.CONNECT, v4, "198.51.100.1", 80)
+    assert not policy.check(
+        "127.0.0.1", None, Command.CONNECT, dn, "LocalHost", 22, resolved_address="127.0.0.1"
+    )
+    assert policy.check("127.0.0.1", None, Command.CONNECT, v4, "0.0.0.0", 53, dns_service=True)  # D13
+    assert not policy.check("127.0.0.1", None, Command.BIND, v4, "0.0.0.0", 0)  # anonymous
+    assert policy.check("127.0.0.1", "alice", Command.BIND, v4, "0.0.0.0", 0)
+    assert not policy.check(
+        "127.0.0.1", "alice", Command.BIND, v4, "0.0.0.0", 0, resolved_address="127.0.0.1"
+    )
+    assert not policy.check("127.0.0.1", "alice", Command.BIND, v4, "0.0.0.0", 0, resolved_address="10.0.0.9")
+    assert policy.check("127.0.0.1", "alice", Command.BIND, v4, "0.0.0.0", 0, resolved_address="198.51.100.1")
     assert policy.checks_resolved_addresses
+    assert config.open_proxy_warning() is None  # loopback listeners
+    assert config.open_proxy_warning(["0.0.0.0"]) is not None  # no users: open within the rules
+
+
+@pytest.mark.parametrize(
+    ("toml", "hosts", "warned"),
+    [
+        ("", ["127.0.0.1", "::1", "127.0.0.5", "localhost"], False),
+        ("", ["0.0.0.0"], True),
+        ("", ["::"], True),
+        ("", ["192.0.2.2", "127.0.0.1"], True),
+        ("", ["proxy.example"], True),  # a name is not looked up: it may be any address
+        (f'[users]\nalice = "{HASH}"', ["0.0.0.0"], False),
+        ('default_action = "deny"', ["0.0.0.0"], False),
+        (
+            '[[rules]]\naction = "allow"\nclients = ["10.0.0.0/8"]\n[[rules]]\naction = "deny"',
+            ["0.0.0.0"],
+            False,
+        ),
+        (
+            'default_action = "deny"\n[[rules]]\naction = "allow"\nclients = ["10.0.0.0/8"]',
+            ["0.0.0.0"],
+            False,
+        ),
+        ('[[rules]]\naction = "deny"\nclients = ["10.0.0.0/8"]', ["0.0.0.0"], True),
+        ('default_action = "deny"\n[[rules]]\naction = "allow"\nports = [443]', ["0.0.0.0"], True),
+        ('default_action = "deny"\n[[rules]]\naction = "allow"\nusers = ["@authenticated"]', ["::"], False),
+        ('[[rules]]\naction = "deny"\ncommands = ["connect"]', ["0.0.0.0"], True),  # BIND still open
+        ('[[rules]]\naction = "deny"', ["0.0.0.0"], False),
+    ],
+)
+def test_open_proxy_warning(toml: str, hosts: list[str], warned: bool) -> None:
+    """Issue 12, defect 6: a listener off loopback, no users and rules that let a client
+    from any address through make an open proxy, which serve and check-config warn about."""
+    warning = parse_config(tomllib.loads(toml)).open_proxy_warning(hosts)
+    assert (warning is not None) == warned
+    if warning is not None:
+        assert warning.startswith("open proxy: listening on ") and "anyone who can reach it" in warning
+        assert "127.0.0.1," not in warning  # names only the exposed listeners
 
 
 def test_full_file(tmp_path: Path) -> None:
@@ -362,6 +429,10 @@ CASES: list[tuple[str, str]] = [
     (
         '[[rules]]\naction = "deny"\ndestinations = ["bad name"]',
         'rules[0].destinations[0]: "bad name" is not a CIDR network, ".domain" suffix or domain name',
+    ),
+    (
+        '[[rules]]\naction = "deny"\ndestinations = ["@locals"]',
+        'rules[0].destinations[0]: "@locals" is not a destination (the only "@" destination is "@local")',
     ),
     (
         '[[rules]]\naction = "deny"\nports = [70000]',
