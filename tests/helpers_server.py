@@ -13,6 +13,8 @@ Everything here listens on 127.0.0.1 or ::1 only (network safety rule of HELPERS
 * `make_certificates`: a throw-away CA and a server certificate for 127.0.0.1/localhost,
   made with ``cryptography``.
 * `packet_options`: parses the cmsg list of ``IP_PKTOPTIONS``.
+* `fake_resolver`: a name table for the server's ``resolver=`` (no DNS query ever leaves).
+* `curl`: the real /usr/bin/curl, bounded in time.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import ipaddress
 import json
 import socket
 import struct
-from collections.abc import AsyncIterator, Mapping
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from socks6fast.asyncio.server import ConnectionRecord, Server
-from socks6fast.config import Config, parse_config
+from socks6fast.config import Config, load_config, parse_config
 from socks6fast.constants import AddressType, Command, StackLeg
 from socks6fast.proto import codec
 from socks6fast.proto.auth import hash_password
@@ -91,6 +94,42 @@ async def running_server(config: Config, **kwargs: Any) -> AsyncIterator[Server]
         yield server
     finally:
         await server.close(drain_timeout=0)
+
+
+FakeResolver = Callable[[str, int], Awaitable[list[tuple[int, tuple[Any, ...]]]]]
+
+
+def fake_resolver(names: Mapping[str, list[str]]) -> FakeResolver:
+    """A resolver for `Server` (``resolver=``) answering from ``names`` (name -> addresses, in
+    order); any other name fails as getaddrinfo would (EAI_NONAME). Tests never ask the
+    system resolver (conftest.py), so a name that getaddrinfo would turn into an address
+    itself ("0" -> 0.0.0.0, inet_aton) is listed here with that address."""
+
+    async def resolve(host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+        found = names.get(host)
+        if found is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        v6, v4 = socket.AF_INET6, socket.AF_INET
+        return [(v6, (a, port, 0, 0)) if ":" in a else (v4, (a, port)) for a in found]
+
+    return resolve
+
+
+async def curl(*args: str) -> tuple[int, bytes, bytes]:
+    """Run /usr/bin/curl (at most 10 s); (exit status, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        "/usr/bin/curl",
+        "--silent",
+        "--show-error",
+        "--max-time",
+        "10",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout, stderr
 
 
 def packet_options(raw: bytes) -> dict[tuple[int, int], int]:
@@ -606,12 +645,88 @@ async def _netns_scenarios() -> dict[str, Any]:
             await client.auth_reply()
             out[name] = int((await client.operation_reply()).reply_code)
             await client.close()
+            out[name + "_error"] = (await record_for(server, client)).error
+    return out
+
+
+# --- The host's own addresses (issue 12: "@local", loops through wildcard listeners) -----
+#
+# The host's non-loopback addresses can only be used inside a namespace of the test's own:
+# a veth pair (nothing behind it) carries 10.99.0.1/24 and fd99::1/64, and the loopback
+# device gets 10.98.0.1/16, which makes the kernel deliver all of 10.98.0.0/16 locally.
+
+NETNS_LOCAL_SETUP = """
+set -e
+ip link set lo up
+ip link add v0 type veth peer name v1
+ip addr add 10.99.0.1/24 dev v0
+ip -6 addr add fd99::1/64 dev v0 nodad
+ip addr add 10.98.0.1/16 dev lo
+ip link set v0 up
+ip link set v1 up
+"""
+#: The namespace's own addresses: on the veth, and inside the loopback device's /16.
+NETNS_HOST_V4 = "10.99.0.1"
+NETNS_HOST_V6 = "fd99::1"
+NETNS_LO_PREFIX_ADDRESS = "10.98.5.5"
+
+
+async def _netns_local_scenarios() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    example = Path(__file__).resolve().parent.parent / "examples" / "socks6fast.toml"
+    rules_only = load_config(example).with_overrides(listen=["127.0.0.1:0"])
+    names = {"me.test": [NETNS_HOST_V4], "me6.test": [NETNS_HOST_V6]}
+
+    def socks6(host: str, port: int) -> bytes:
+        kind = AddressType.IPV6 if ":" in host else AddressType.IPV4
+        if host.endswith(".test"):
+            kind = AddressType.DOMAIN_NAME
+        return codec.encode_request(Request(Command.CONNECT, kind, host, port))
+
+    async def reply_code(server: Server, host: str, port: int) -> tuple[int, str]:
+        client = await RawClient.connect(server.addresses[0])
+        await client.send(socks6(host, port))
+        await client.auth_reply()
+        code = int((await client.operation_reply()).reply_code)
+        await client.close()
+        return code, (await record_for(server, client)).error
+
+    # A service listening on every address of the host (dual-stack).
+    async with Sink("::", mode="http", body=b"local service\n") as sink:
+        port = sink.address[1]
+        targets = [NETNS_HOST_V4, NETNS_HOST_V6, NETNS_LO_PREFIX_ADDRESS, "me.test", "me6.test"]
+        for label, config in (("allow_all", make_config()), ("example", rules_only)):
+            async with running_server(config, resolver=fake_resolver(names)) as server:
+                out[label] = {t: await reply_code(server, t, port) for t in targets}
+                proxy = "{}:{}".format(*server.addresses[0])
+                code, body, _ = await curl("--socks5", proxy, f"http://{NETNS_HOST_V4}:{port}/")
+                out[label + "_curl"] = [code, body.decode()]
+        out["sink_connections"] = len(sink.connections)
+
+        # Loops through wildcard listeners: every local address reaches them.
+        wildcard = make_config(server={"listen": ["0.0.0.0:0", "[::]:0"]})
+        async with running_server(wildcard, resolver=fake_resolver(names)) as server:
+            v4_port = server.addresses[0][1]
+            v6_port = server.addresses[1][1]
+            loops = [
+                (NETNS_HOST_V4, v4_port),
+                ("127.0.0.7", v4_port),
+                ("0.0.0.0", v4_port),
+                (NETNS_LO_PREFIX_ADDRESS, v4_port),
+                ("me.test", v4_port),
+                (NETNS_HOST_V6, v6_port),
+                ("::1", v6_port),
+            ]
+            out["wildcard_loops"] = [await reply_code(server, host, p) for host, p in loops]
+            out["wildcard_sink"] = await reply_code(server, NETNS_HOST_V4, port)
     return out
 
 
 def run_netns_scenarios() -> None:
-    """Entry point inside the namespace: print the observations as JSON."""
-    print(json.dumps(asyncio.run(_netns_scenarios())))
+    """Entry point inside the namespace: print the observations as JSON (``local``: the
+    scenarios of the host's own addresses, in a namespace set up with NETNS_LOCAL_SETUP)."""
+    scenarios = _netns_local_scenarios if sys.argv[1:] == ["local"] else _netns_scenarios
+    print(json.dumps(asyncio.run(scenarios())))
 
 
 if __name__ == "__main__":

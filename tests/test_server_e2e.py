@@ -31,6 +31,7 @@ from helpers_server import (
     RawClient,
     Sink,
     cheap_hash,
+    curl,
     dns_query,
     enable_packet_options,
     make_certificates,
@@ -525,6 +526,11 @@ async def test_connect_timeout() -> None:
             client, _, reply = await exchange(server.addresses[0], connect(full.getsockname()))
             assert reply.reply_code == ReplyCode.CONNECTION_TIMED_OUT
             await client.close()
+            # Issue 12, defect 7: the log said "connect to 127.0.0.1:46007: " (no cause).
+            error = (await record_for(server, client)).error
+            assert error == "connect to {}:{}: no answer within 0.5s (server.connect_timeout)".format(
+                *full.getsockname()
+            )
     finally:
         for filler in fillers:
             filler.close()
@@ -917,9 +923,12 @@ def test_listener_accepts_tfo(netns_results: dict[str, Any]) -> None:
 
 
 def test_unreachable_reply_codes(netns_results: dict[str, Any]) -> None:
-    """CMD-01: ENETUNREACH -> 0x03 and EHOSTUNREACH -> 0x04, from real routing decisions."""
+    """CMD-01: ENETUNREACH -> 0x03 and EHOSTUNREACH -> 0x04, from real routing decisions;
+    the access log names the cause (issue 12, defect 7)."""
     assert netns_results["net_unreachable"] == ReplyCode.NETWORK_UNREACHABLE
     assert netns_results["host_unreachable"] == ReplyCode.HOST_UNREACHABLE
+    assert netns_results["net_unreachable_error"].endswith("Network is unreachable (ENETUNREACH)")
+    assert netns_results["host_unreachable_error"].endswith("No route to host (EHOSTUNREACH)")
 
 
 async def test_listening_socket_has_tfo() -> None:
@@ -1238,22 +1247,6 @@ async def test_socks5_bind_policy_and_errors() -> None:
             await client.close()
 
 
-async def _curl(*args: str) -> tuple[int, bytes, bytes]:
-    process = await asyncio.create_subprocess_exec(
-        "/usr/bin/curl",
-        "--silent",
-        "--show-error",
-        "--max-time",
-        "10",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, stdout, stderr
-
-
 @pytest.mark.skipif(not Path("/usr/bin/curl").exists(), reason="needs /usr/bin/curl")
 @pytest.mark.parametrize("auth", [False, True])
 async def test_curl_through_socks5_hostname(auth: bool) -> None:
@@ -1266,10 +1259,10 @@ async def test_curl_through_socks5_hostname(auth: bool) -> None:
         url = f"http://localhost:{http.address[1]}/"
         args = ["--socks5-hostname", proxy]
         if auth:
-            code, _, _ = await _curl(*args, url)
+            code, _, _ = await curl(*args, url)
             assert code != 0  # no credentials: refused
             args += ["--proxy-user", "alice:wonderland"]
-        code, out, err = await _curl(*args, url)
+        code, out, err = await curl(*args, url)
         assert code == 0, err
         assert out == body
 

@@ -31,7 +31,14 @@ through the connection's timer), the connect timeout (0x09), the relay idle time
 options cap (D6), failed password checks per client address (`FailedAuthLimiter`: past
 the allowance an attempt fails without running scrypt). Every finished connection logs
 one line: client, user, command, destination, reply code, bytes each way, duration and
-relay path.
+relay path, and for a failure its cause (`describe_error`).
+
+Where a connection may go (CMD-06): the rules are checked against the address the proxy
+really connects to (`socks6fast.proto.policy`: 0.0.0.0 is this host, names are checked with each
+resolved address, a BIND peer when it connects), and a CONNECT that would reach one of the
+proxy's own listeners is refused whatever the rules say (`socks6fast.proto.policy.OwnListeners`).
+The host's addresses behind both come from the kernel (`socks6fast.net.localaddr`), read at
+start-up and on reload.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -62,9 +69,10 @@ from ..constants import (
     Socks5Command,
     UserPassStatus,
 )
-from ..dataplane.engine import ENGINE_AVAILABLE, NO_EXTENSIONS, PATH_SPLICE, RelayResult
+from ..dataplane.engine import ENGINE_AVAILABLE, NO_EXTENSIONS, PATH_SPLICE, RelayEnd, RelayResult
 from ..dataplane.relayer import Relayer
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ..net.localaddr import read_local_addresses
 from ..net.stackopts import (
     AppliedLeg,
     apply_leg_options,
@@ -93,7 +101,7 @@ from ..proto.messages import (
     SessionOK,
     VersionMismatchReply,
 )
-from ..proto.policy import Policy
+from ..proto.policy import OwnListeners, Policy
 from ..proto.server import (
     NEED_DATA,
     ConnectionClosed,
@@ -122,7 +130,7 @@ from ..proto.socks5 import (
     encode_userpass_reply,
 )
 
-__all__ = ["ConnectionRecord", "FailedAuthLimiter", "Resolver", "Server", "serve"]
+__all__ = ["ConnectionRecord", "FailedAuthLimiter", "Resolver", "Server", "describe_error", "serve"]
 
 log = logging.getLogger("socks6fast.server")
 
@@ -172,6 +180,23 @@ def reply_code_for(exc: BaseException) -> ReplyCode:
     if isinstance(exc, OSError) and exc.errno is not None:
         return _ERRNO_REPLY.get(exc.errno, ReplyCode.GENERAL_FAILURE)
     return ReplyCode.GENERAL_FAILURE
+
+
+def describe_error(exc: BaseException) -> str:
+    """Why an operation failed, in words, for the access log; never empty.
+
+    asyncio's timeouts are a bare ``TimeoutError()`` whose text is empty, so the cause must
+    come from the type; an errno is named too (``Connection refused (ECONNREFUSED)``).
+    """
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or str(exc) or "name resolution failed"
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
+        name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
+        return f"{exc.strerror or os.strerror(exc.errno)} ({name})"
+    if isinstance(exc, TimeoutError):
+        return str(exc) or "timed out"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _socks5_code(code: ReplyCode) -> ReplyCode:
@@ -693,7 +718,10 @@ class Server:
         self._config = config
         self._resolver = resolver
         self._users: UserStore = config.user_store()
-        self._policy: Policy = config.policy()
+        # CMD-06: "@local" and the loop check need this host's addresses (read again on reload).
+        self._local, self._local_problem = read_local_addresses()
+        self._policy: Policy = config.policy(self._local)
+        self._own = OwnListeners((), self._local)
         self._sessions: MemorySessionStore | None = config.session_store()
         self._tls: ssl.SSLContext | None = self._tls_context(config)
         self._auth_limiter = FailedAuthLimiter(
@@ -787,6 +815,7 @@ class Server:
                 sock.close()
             self._listeners.clear()
             raise
+        self._own = OwnListeners(self.addresses + self.tls_addresses, self._local)
         self._accepting = True
         self._resume_accepting()
         self._housekeeping = loop.create_task(self._expire_sessions())
@@ -794,6 +823,7 @@ class Server:
             log.info("listening on %s (SOCKS 6 and SOCKS 5)", _format(host, port))
         for host, port in self.tls_addresses:
             log.info("listening on %s (SOCKS over TLS)", _format(host, port))
+        self._warn_about_exposure(self._config)
         log.info("relay path: %s", self._describe_relay())
         udp = self._config.udp
         if udp.port is not None or udp.dtls_port is not None:
@@ -803,6 +833,15 @@ class Server:
                 "[udp] is configured, but UDP ASSOCIATE is not implemented yet: no UDP socket is "
                 "opened and UDP ASSOCIATE requests get Command Not Supported (0x07)"
             )
+
+    def _warn_about_exposure(self, config: Config) -> None:
+        """Start-up and reload warnings: an open proxy, a host whose addresses are unknown."""
+        if self._local_problem is not None:
+            log.warning('%s: "@local" and the loop check know only loopback', self._local_problem)
+        hosts = [host for host, _ in self.addresses + self.tls_addresses]
+        warning = config.open_proxy_warning(hosts)
+        if warning is not None:
+            log.warning("%s", warning)
 
     def _describe_relay(self) -> str:
         """One phrase for the startup log: which data plane relays connections and why."""
@@ -930,7 +969,9 @@ class Server:
         if config.server.idle_timeout != old.server.idle_timeout:
             log.warning("reload: the relay idle timeout takes effect after a restart")
         self._users = users
-        self._policy = config.policy()
+        self._local, self._local_problem = read_local_addresses()  # interfaces may have changed
+        self._policy = config.policy(self._local)
+        self._own = OwnListeners(self.addresses + self.tls_addresses, self._local)
         self._auth_limiter.configure(config.server.auth_failure_burst, config.server.auth_failure_interval)
         if tls is not None:
             self._tls = tls
@@ -954,6 +995,7 @@ class Server:
             self._paused_for_limit = False
             self._resume_accepting()
         log.info("configuration reloaded: %d users, %d rules", len(users), len(config.rules))
+        self._warn_about_exposure(config)
 
     def stop_accepting(self) -> None:
         """Close the listeners; connections in progress continue."""
@@ -1022,7 +1064,7 @@ class Server:
         except RemoteProtocolError as exc:
             record.error = str(exc)
         except (OSError, TimeoutError, EOFError) as exc:
-            record.error = f"{type(exc).__name__}: {exc}"
+            record.error = f"{type(exc).__name__}: {describe_error(exc)}"
         except asyncio.CancelledError:
             record.error = "server shutting down"
             raise
@@ -1338,6 +1380,8 @@ class Server:
         code: ReplyCode,
         record: ConnectionRecord,
         plan: StackPlan | None = None,
+        *,
+        cause: str,
     ) -> None:
         # "Proxies ... MUST [include Stack options in their Operation Replies] for every
         # supported Stack option sent by the client" (draft-11, "Stack Options"; STK-01, D9)
@@ -1345,6 +1389,7 @@ class Server:
         # before the operation failed, so they are echoed with their read-back values; the
         # proxy-remote leg never came to be, so nothing is claimed for it.
         echo = echo_stack_options(plan, client=record.client_options) if plan is not None else ()
+        record.error = cause  # the access log says why, whatever the code (issue 12)
         await stream.send(conn.send(failure_reply(code, echo)))
         record.reply_code = code
         await stream.linger_close()
@@ -1367,18 +1412,39 @@ class Server:
         if not isinstance(command, Command):
             # A Command Code we do not know (the codec passes it as a plain int) is answered
             # after the normal authentication flow, like any unsupported command (CMD-06).
-            await self._fail6(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record, options.stack)
+            await self._fail6(
+                stream,
+                conn,
+                ReplyCode.COMMAND_NOT_SUPPORTED,
+                record,
+                options.stack,
+                cause=f"unknown command {command:#04x}",
+            )
             return
         if command == Command.NOOP and not noop_address_ok(request):
             # REQ-04, D11
-            await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record, options.stack)
+            await self._fail6(
+                stream,
+                conn,
+                ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED,
+                record,
+                options.stack,
+                cause="NOOP needs address 0 and port 0 (IPv4 or IPv6)",
+            )
             return
         allowed, rule = self._policy.decide(
-            record.client[0], auth.user, command, request.address_type, request.address, request.port
+            record.client[0],
+            auth.user,
+            command,
+            request.address_type,
+            request.address,
+            request.port,
+            dns_service=is_dns_request(request),  # D13: to the resolver, not to 0.0.0.0
         )
-        if not allowed:
-            record.error = _denied_by(rule)
-            await self._fail6(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record, options.stack)  # CMD-06
+        if not allowed:  # CMD-06
+            await self._fail6(
+                stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record, options.stack, cause=_denied_by(rule)
+            )
             return
         if command == Command.NOOP:
             echo = echo_stack_options(options.stack, client=client_applied)  # STK-01: client-leg options
@@ -1392,7 +1458,14 @@ class Server:
             await self._bind6(stream, conn, request, options, auth, client_applied, extra, record)
         else:
             # UDP ASSOCIATE is a later issue; the draft lets proxies support any subset (CMD-06).
-            await self._fail6(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record, options.stack)
+            await self._fail6(
+                stream,
+                conn,
+                ReplyCode.COMMAND_NOT_SUPPORTED,
+                record,
+                options.stack,
+                cause="UDP ASSOCIATE is not implemented",
+            )
 
     async def _connect6(
         self,
@@ -1415,15 +1488,15 @@ class Server:
             # the configured resolver; the reply carries the unspecified address and port 0.
             resolver = self._config.server.dns_resolver
             if resolver is None:
-                await self._fail6(stream, conn, ReplyCode.CONNECTION_REFUSED, record, plan)
+                cause = "DNS service: no server.dns_resolver configured"
+                await self._fail6(stream, conn, ReplyCode.CONNECTION_REFUSED, record, plan, cause=cause)
                 return
             try:
                 remote = await self._dial(
                     _address_type_of(resolver[0]), *resolver, StackPlan(), b"", None, record
                 )
             except _ConnectFailed as exc:
-                record.error = str(exc)
-                await self._fail6(stream, conn, exc.code, record, plan)
+                await self._fail6(stream, conn, exc.code, record, plan, cause=f"DNS service: {exc}")
                 return
             unspecified = "::" if request.address_type == AddressType.IPV6 else "0.0.0.0"
             # STK-01, D9: the client-leg options were applied; the resolver leg gets none.
@@ -1439,8 +1512,7 @@ class Server:
                     request.address_type, request.address, request.port, plan, tfo_payload, auth.user, record
                 )
             except _ConnectFailed as exc:
-                record.error = str(exc)
-                await self._fail6(stream, conn, exc.code, record, plan)
+                await self._fail6(stream, conn, exc.code, record, plan, cause=str(exc))
                 return
             happy: Availability | None = None
             if request.address_type == AddressType.DOMAIN_NAME:
@@ -1479,6 +1551,10 @@ class Server:
         record.bytes_down = result.bytes_remote_to_client
         record.relay_path = result.path
         record.relay_end = result.end.name.lower()
+        if result.cause:
+            record.error = record.error or f"relay: {result.cause}"
+        elif result.end == RelayEnd.ERROR:
+            record.error = record.error or "relay: error (the data plane gave no cause)"
         if session is not None and self._sessions is not None and self._loop is not None:
             self._sessions.touch(session, self._loop.time())
 
@@ -1525,6 +1601,15 @@ class Server:
                 raise _ConnectFailed(
                     ReplyCode.NOT_ALLOWED_BY_RULESET, f"{host!r} resolves only to denied addresses"
                 )
+        loops = [(t, self._own.find(str(t[1][0]), port)) for t in targets]
+        if any(listener is not None for _, listener in loops):
+            targets = [t for t, listener in loops if listener is None]
+            if not targets:
+                listener = next(listener for _, listener in loops if listener is not None)
+                raise _ConnectFailed(
+                    ReplyCode.NOT_ALLOWED_BY_RULESET,
+                    f"loop refused: {host!r} resolves only to this proxy's own listener {listener}",
+                )
         return targets
 
     async def _dial(
@@ -1548,15 +1633,19 @@ class Server:
         if address_type != AddressType.DOMAIN_NAME:
             # One address, nothing to resolve: the connect timeout is the wait for the
             # handshake itself (a timer on that wait, no timeout scope around the call).
+            listener = self._own.find(host, port)
+            if listener is not None:  # CMD-06: never a loop through ourselves, whatever the rules
+                raise _ConnectFailed(
+                    ReplyCode.NOT_ALLOWED_BY_RULESET,
+                    f"loop refused: {_format(host, port)} is this proxy's own listener {listener}",
+                )
             family = socket.AF_INET6 if address_type == AddressType.IPV6 else socket.AF_INET
             sockaddr: tuple[Any, ...] = (host, port)
             deadline = loop.time() + self._config.server.connect_timeout
             try:
                 remote = await self._attempt(family, sockaddr, plan, multipath, tfo_payload, deadline)
             except (OSError, TimeoutError) as exc:
-                raise _ConnectFailed(
-                    reply_code_for(exc), f"connect to {_format(host, port)}: {exc}"
-                ) from None
+                raise _ConnectFailed(reply_code_for(exc), self._connect_error(host, port, exc)) from None
             self._note_remote(remote, False, record)
             return remote
         try:
@@ -1575,9 +1664,16 @@ class Server:
         except _ConnectFailed:
             raise
         except (OSError, TimeoutError) as exc:
-            raise _ConnectFailed(reply_code_for(exc), f"connect to {_format(host, port)}: {exc}") from None
+            raise _ConnectFailed(reply_code_for(exc), self._connect_error(host, port, exc)) from None
         self._note_remote(remote, happy, record)
         return remote
+
+    def _connect_error(self, host: str, port: int, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError) and exc.errno is None:  # our own deadline, not ETIMEDOUT
+            cause = f"no answer within {self._config.server.connect_timeout:g}s (server.connect_timeout)"
+        else:
+            cause = describe_error(exc)
+        return f"connect to {_format(host, port)}: {cause}"
 
     @staticmethod
     def _note_remote(remote: _Remote, happy: bool, record: ConnectionRecord) -> None:
@@ -1637,6 +1733,21 @@ class Server:
 
     # -- BIND --------------------------------------------------------------------------
 
+    def _peer_refusal(
+        self,
+        record: ConnectionRecord,
+        address_type: AddressType,
+        address: str,
+        port: int,
+        peer: tuple[str, int],
+    ) -> str | None:
+        """Why the rules refuse the host that connected to a BIND listener, or None (CMD-06:
+        a BIND's remote host is its peer, unknown until it connects; `socks6fast.proto.policy`)."""
+        allowed, rule = self._policy.decide(
+            record.client[0], record.user, Command.BIND, address_type, address, port, resolved_address=peer[0]
+        )
+        return None if allowed else f"BIND peer {_format(*peer)} {_denied_by(rule)}"
+
     def _bind_host(
         self, stream: _ClientStream, address_type: AddressType, address: str
     ) -> tuple[AddressType, str]:
@@ -1668,7 +1779,9 @@ class Server:
             sock.listen(backlog)
         except OSError as exc:
             sock.close()
-            raise _ConnectFailed(reply_code_for(exc), f"bind {_format(host, port)}: {exc}") from None
+            raise _ConnectFailed(
+                reply_code_for(exc), f"bind {_format(host, port)}: {describe_error(exc)}"
+            ) from None
         return sock, applied, is_mptcp
 
     async def _wait_for_peer(
@@ -1681,8 +1794,9 @@ class Server:
         loop = self._running_loop
         accept_task = asyncio.ensure_future(accept)
         watch: asyncio.Future[bytes] | None = None
+        idle = self._config.server.idle_timeout
         try:
-            async with asyncio.timeout(self._config.server.idle_timeout):
+            async with _timeout_saying(idle, f"no host connected within {idle:g}s (server.idle_timeout)"):
                 while True:
                     if watch is None:
                         watch = loop.create_task(stream.recv())
@@ -1723,13 +1837,16 @@ class Server:
         plan = options.stack
         session = auth.session
         if request.address_type == AddressType.DOMAIN_NAME:
-            await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record, plan)
+            cause = "BIND to a domain name is not supported"
+            await self._fail6(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record, plan, cause=cause)
             return
         if session is not None:
             # CMD-05: a further BIND of the same session naming a backlog listener's address.
             listener = session.listeners.get((request.address, request.port))
             if isinstance(listener, _BacklogListener) and not listener.closed:
-                await self._bind_claim(stream, conn, listener, plan, client_applied, extra, session, record)
+                await self._bind_claim(
+                    stream, conn, request, listener, plan, client_applied, extra, session, record
+                )
                 return
         backlog = 0
         if plan.listen_backlog is not None and session is not None:
@@ -1741,8 +1858,7 @@ class Server:
                 bind_type, host, request.port, plan, max(backlog, 1)
             )
         except _ConnectFailed as exc:
-            record.error = str(exc)
-            await self._fail6(stream, conn, exc.code, record, plan)
+            await self._fail6(stream, conn, exc.code, record, plan, cause=str(exc))
             return
         bound_host, bound_port = _sockname(lsock)
         echo = echo_stack_options(
@@ -1783,7 +1899,7 @@ class Server:
             peer, peer_addr = await self._wait_for_peer(stream, conn, loop.sock_accept(lsock))
         finally:
             lsock.close()
-        await self._bind_second_reply(stream, conn, peer, peer_addr, plan, is_mptcp, session, record)
+        await self._bind_second_reply(stream, conn, request, peer, peer_addr, plan, is_mptcp, session, record)
 
     async def _hold_backlog(self, stream: _ClientStream, listener: _BacklogListener) -> None:
         """Read and drop what the initial connection sends until it ends or the listener closes."""
@@ -1806,6 +1922,7 @@ class Server:
         self,
         stream: _ClientStream,
         conn: ServerConnection,
+        request: Request,
         listener: _BacklogListener,
         plan: StackPlan,
         client_applied: AppliedLeg | None,
@@ -1834,12 +1951,15 @@ class Server:
         await stream.send(conn.send(first))
         record.reply_code = ReplyCode.SUCCESS
         peer, peer_addr = await self._wait_for_peer(stream, conn, listener.queue.get())
-        await self._bind_second_reply(stream, conn, peer, peer_addr, plan, listener.mptcp, session, record)
+        await self._bind_second_reply(
+            stream, conn, request, peer, peer_addr, plan, listener.mptcp, session, record
+        )
 
     async def _bind_second_reply(
         self,
         stream: _ClientStream,
         conn: ServerConnection,
+        request: Request,
         peer: socket.socket,
         peer_addr: tuple[str, int],
         plan: StackPlan,
@@ -1849,6 +1969,11 @@ class Server:
     ) -> None:
         # CMD-04: the second reply names the host that connected; then data flows.
         record.remote_address = (str(peer_addr[0]), int(peer_addr[1]))
+        refusal = self._peer_refusal(record, request.address_type, request.address, request.port, peer_addr)
+        if refusal is not None:
+            peer.close()
+            await self._fail6(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record, cause=refusal)
+            return
         record.mptcp = is_mptcp and mptcp_in_use(peer)
         options: tuple[Option, ...] = ()
         if plan.multipath is not None:
@@ -1894,8 +2019,15 @@ class Server:
             raise
 
     async def _fail5(
-        self, stream: _ClientStream, conn: Socks5ServerConnection, code: ReplyCode, record: ConnectionRecord
+        self,
+        stream: _ClientStream,
+        conn: Socks5ServerConnection,
+        code: ReplyCode,
+        record: ConnectionRecord,
+        *,
+        cause: str,
     ) -> None:
+        record.error = cause  # the access log says why, whatever the code (issue 12)
         code = _socks5_code(code)
         await stream.send(conn.send(Socks5Reply(code, AddressType.IPV4, "0.0.0.0", 0)))
         record.reply_code = code
@@ -1953,8 +2085,7 @@ class Server:
             record.client[0], user, command, event.address_type, event.address, event.port
         )
         if not allowed:
-            record.error = _denied_by(rule)
-            await self._fail5(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record)
+            await self._fail5(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record, cause=_denied_by(rule))
             return
         if event.command == Socks5Command.CONNECT:
             try:
@@ -1962,8 +2093,7 @@ class Server:
                     event.address_type, event.address, event.port, StackPlan(), b"", user, record
                 )
             except _ConnectFailed as exc:
-                record.error = str(exc)
-                await self._fail5(stream, conn, exc.code, record)
+                await self._fail5(stream, conn, exc.code, record, cause=str(exc))
                 return
             host, port = _sockname(remote.sock)
             try:
@@ -1984,7 +2114,7 @@ class Server:
             try:
                 lsock, _, _ = self._open_listener(bind_type, host, 0, StackPlan(), 1)
             except _ConnectFailed as exc:
-                await self._fail5(stream, conn, exc.code, record)
+                await self._fail5(stream, conn, exc.code, record, cause=str(exc))
                 return
             try:
                 bound_host, bound_port = _sockname(lsock)
@@ -1995,6 +2125,11 @@ class Server:
             finally:
                 lsock.close()
             record.remote_address = peer_addr
+            refusal = self._peer_refusal(record, event.address_type, event.address, event.port, peer_addr)
+            if refusal is not None:
+                peer.close()
+                await self._fail5(stream, conn, ReplyCode.NOT_ALLOWED_BY_RULESET, record, cause=refusal)
+                return
             second = Socks5Reply(
                 ReplyCode.SUCCESS, _address_type_of(peer_addr[0]), peer_addr[0], peer_addr[1]
             )
@@ -2006,9 +2141,11 @@ class Server:
             trailing, client_eof = conn.trailing_data
             await self._relay(stream, peer, trailing, client_eof, None, record)
         elif event.command == Socks5Command.BIND:
-            await self._fail5(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record)
+            cause = "BIND to a domain name is not supported"
+            await self._fail5(stream, conn, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, record, cause=cause)
         else:
-            await self._fail5(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record)
+            cause = f"{command.name} is not implemented"
+            await self._fail5(stream, conn, ReplyCode.COMMAND_NOT_SUPPORTED, record, cause=cause)
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -2093,6 +2230,16 @@ async def _happy_eyeballs(loop: asyncio.AbstractEventLoop, attempts: list[_Attem
     if winner is not None:
         return winner
     raise errors[-1] if errors else OSError(errno.EHOSTUNREACH, "no address to connect to")
+
+
+@contextlib.asynccontextmanager
+async def _timeout_saying(delay: float, message: str) -> AsyncIterator[None]:
+    """``asyncio.timeout(delay)`` whose TimeoutError says what timed out (the access log's cause)."""
+    try:
+        async with asyncio.timeout(delay):
+            yield
+    except TimeoutError:
+        raise TimeoutError(message) from None
 
 
 _POLL = select.poll()

@@ -64,6 +64,9 @@ class RelayResult:
     end: RelayEnd
     #: "splice" (C engine) or "asyncio" (protocol fallback).
     path: RelayPath
+    #: Why, in words, when the data plane knows more than ``end`` says (e.g. "pipe2: Too
+    #: many open files (EMFILE)" for an ERROR end); "" otherwise. The access log prints it.
+    cause: str = ""
 
 
 __all__ = [

@@ -1,5 +1,5 @@
 """The host's own addresses, read from the kernel: what the ``@local`` rule destination and
-the loop check match (`socks6fast.policy.LocalAddresses`, `socks6fast.policy.OwnListeners`).
+the loop check match (`socks6fast.proto.policy.LocalAddresses`, ``OwnListeners``).
 
 Strategy: Python has no ``getifaddrs()``. On Linux we do what glibc's ``getifaddrs`` does
 inside: two rtnetlink dumps on an ``AF_NETLINK`` socket (rtnetlink(7)), ``RTM_GETLINK`` for
