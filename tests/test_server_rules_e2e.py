@@ -247,6 +247,18 @@ def test_host_addresses_are_local(netns_local: dict[str, Any]) -> None:
     assert netns_local["sink_connections"] == 5 + 1  # the allow-all requests only
 
 
+def test_wildcard_listener_is_reached_by_every_local_address(netns_local: dict[str, Any]) -> None:
+    """CMD-06 (issue 12, defect 2): a proxy listening on 0.0.0.0 and [::] is reached by every
+    address of its host: the veth address, any 127/8 address, 0.0.0.0, an address in the
+    loopback device's /16, a name resolving to one of them, the IPv6 address and ::1. A
+    CONNECT to any of them on a listener's port is refused as a loop (allow-all default);
+    the same address on another port (a local service) is not."""
+    for code, error in netns_local["wildcard_loops"]:
+        assert code == ReplyCode.NOT_ALLOWED_BY_RULESET, error
+        assert error.startswith("loop refused: ") and "this proxy's own listener" in error, error
+    assert netns_local["wildcard_sink"] == [ReplyCode.SUCCESS, ""]
+
+
 def test_read_local_addresses_matches_ip_addr() -> None:
     """The rtnetlink dump lists what ``ip -j addr`` lists (read only: nothing is reached)."""
     if shutil.which("ip") is None:
