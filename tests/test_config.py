@@ -89,6 +89,7 @@ def test_session_store_from_config() -> None:
 # --- files ------------------------------------------------------------------------------
 
 
+@pytest.mark.conformance("CMD-06")
 def test_example_file_loads() -> None:
     """CMD-06: the example denies this host ("@local") and the private ranges for CONNECT,
     BIND (checked against the peer that connects) and UDP ASSOCIATE, and anonymous BIND."""

@@ -201,6 +201,7 @@ def test_connect_target_is_what_the_kernel_connects_to() -> None:
     assert connect_target(ip("192.0.2.1")) == ip("192.0.2.1")
 
 
+@pytest.mark.conformance("CMD-06")
 def test_unspecified_destination_cannot_bypass_a_loopback_rule() -> None:
     """CMD-06: with the old example rule (deny 127.0.0.0/8, ::1 and localhost) a CONNECT to
     0.0.0.0, ::, ::ffff:0.0.0.0, or to a name that resolves to one of them ("0" does, by
@@ -238,6 +239,7 @@ def test_unspecified_destination_cannot_bypass_a_loopback_rule() -> None:
     )
 
 
+@pytest.mark.conformance("CMD-06")
 def test_local_destination() -> None:
     """CMD-06: "@local" is every address that reaches this host: loopback, the host's
     interface addresses (any form: mapped, scoped), the prefix of an IPv4 address on a
@@ -275,6 +277,7 @@ def test_local_destination() -> None:
     assert alone.check("192.0.2.1", None, CONNECT, V4, "192.0.2.2", 80)
 
 
+@pytest.mark.conformance("CMD-06", "CMD-04")
 def test_bind_is_checked_against_the_peer() -> None:
     """CMD-06: a BIND's request names where to listen (SOCKS 6) or a mere hint (SOCKS 5);
     the host it exchanges data with is the peer that connects. A rule with destinations
@@ -297,6 +300,7 @@ def test_bind_is_checked_against_the_peer() -> None:
     assert deny.check("192.0.2.1", None, Command.UDP_ASSOCIATE, V4, "127.0.0.1", 0)
 
 
+@pytest.mark.conformance("CMD-06")
 def test_own_listeners() -> None:
     """CMD-06 (issue 12, defect 2): a CONNECT that reaches one of the proxy's own listeners,
     by any address: the listener's own, 0.0.0.0 / :: for a loopback listener, a mapped

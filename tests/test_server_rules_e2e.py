@@ -136,6 +136,7 @@ def old_example_rules() -> Config:
 
 
 @needs_curl
+@pytest.mark.conformance("CMD-06")
 async def test_unspecified_destinations_do_not_bypass_a_loopback_rule() -> None:
     """CMD-06 (issue 12, defect 1): with a rule refusing 127.0.0.0/8, ::1 and localhost,
     ``curl --socks5 http://0.0.0.0:PORT/`` got 200 from a service on 127.0.0.1 where
@@ -231,6 +232,7 @@ def test_read_local_addresses_in_a_namespace(netns_local: dict[str, Any]) -> Non
     assert read["networks"] == ["10.98.0.0/16"]
 
 
+@pytest.mark.conformance("CMD-06")
 def test_host_addresses_are_local(netns_local: dict[str, Any]) -> None:
     """CMD-06 (issue 12, defect 1): "the host's own non-loopback addresses" reached a
     service listening on every address of the proxy host. With the example configuration
@@ -247,6 +249,7 @@ def test_host_addresses_are_local(netns_local: dict[str, Any]) -> None:
     assert netns_local["sink_connections"] == 5 + 1  # the allow-all requests only
 
 
+@pytest.mark.conformance("CMD-06")
 def test_wildcard_listener_is_reached_by_every_local_address(netns_local: dict[str, Any]) -> None:
     """CMD-06 (issue 12, defect 2): a proxy listening on 0.0.0.0 and [::] is reached by every
     address of its host: the veth address, any 127/8 address, 0.0.0.0, an address in the
@@ -281,6 +284,7 @@ def test_read_local_addresses_matches_ip_addr() -> None:
 
 
 @needs_curl
+@pytest.mark.conformance("CMD-06")
 async def test_connect_to_own_listener_is_refused(tmp_path: Path) -> None:
     """CMD-06 (issue 12, defect 2): one client chained the proxy through itself (500 hops,
     1006 descriptors) under the allow-everything default. A CONNECT whose destination is one
@@ -328,6 +332,7 @@ async def test_connect_to_own_listener_is_refused(tmp_path: Path) -> None:
 # --- BIND: the peer is checked when it connects --------------------------------------------
 
 
+@pytest.mark.conformance("CMD-06", "CMD-04")
 async def test_bind_peer_is_checked_against_the_rules() -> None:
     """CMD-06, CMD-04: a BIND's remote host is the peer that connects; with "deny @local"
     for BIND a process on the proxy host (here: the test, from 127.0.0.1) that connects to
