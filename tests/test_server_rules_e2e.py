@@ -203,6 +203,13 @@ def netns_local() -> dict[str, Any]:
     what `read_local_addresses` reads there."""
     if not _netns_available():
         pytest.skip("needs unshare -n (root or user namespaces) and iproute2")
+    veth = subprocess.run(
+        ["unshare", "-n", "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+        capture_output=True,
+        check=False,
+    )
+    if veth.returncode != 0:
+        pytest.skip(f"needs veth interfaces in a namespace: {veth.stderr.decode().strip()}")
     # The installed package (compiled), also for ``python -c``, whose path starts at the cwd.
     root = str(Path(socks6fast.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=root)
