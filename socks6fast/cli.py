@@ -1,4 +1,4 @@
-"""The ``socks6fast`` command: ``serve``, ``check-config``, ``hash-password``.
+"""The ``socks6fast`` command: ``serve``, ``check-config``, ``hash-password``, ``bench``.
 
 ``socks6fast serve`` runs the proxy. Without flags it uses the embedded default
 (`socks6fast.config.DEFAULT_TOML`: 127.0.0.1:1080, no authentication, every destination
@@ -11,6 +11,9 @@ Signals: SIGTERM (and SIGINT) stop accepting, let relayed connections finish for
 rules, limits, sessions settings) and keeps every established connection; a broken file
 is reported and the running configuration stays.
 
+``socks6fast bench ...`` is the benchmark suite of ``socks6fast.bench``, which parses its
+own options (``socks6fast bench --help``).
+
 Every configuration mistake is one sentence naming the key, on stderr, with exit code 2
 and no traceback. A valid configuration that makes an open proxy (a listener not on
 loopback, no users, rules that let anyone through) is started, with a warning in the log;
@@ -22,8 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import importlib
-import importlib.util
 import ipaddress
 import logging
 import signal
@@ -31,7 +32,6 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from .asyncio.server import Server
 from .config import Config, ConfigError, default_config, load_config, parse_user_option
@@ -231,37 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     hashing = commands.add_parser("hash-password", help="print the scrypt hash of a password read from stdin")
     hashing.set_defaults(handler=_cmd_hash_password, command_parser=hashing)
 
-    # Listed for --help only: main() hands `bench ...` to benchmarks/bench.py, which parses its own options.
+    # Listed for --help only: main() hands `bench ...` to socks6fast.bench, which parses its own options.
     bench = commands.add_parser(
-        "bench", add_help=False, help="benchmark against direct loopback, Dante and microsocks (benchmarks/)"
+        "bench",
+        add_help=False,
+        help="benchmark against direct loopback, Dante and microsocks (socks6fast bench --help)",
     )
     bench.set_defaults(handler=lambda args: run_bench([]), command_parser=bench)
     return parser
 
 
 def run_bench(argv: Sequence[str]) -> int:
-    """``socks6fast bench``: run the benchmark suite of a source checkout (benchmarks/bench.py).
+    """``socks6fast bench ...``: the benchmark suite of ``socks6fast.bench`` (``argv`` follows ``bench``)."""
+    # Imported here, not at the top: `serve` and the other commands should not load the bench
+    # (its modules and their imports add about a fifth to this module's import time).
+    from .bench import main as bench_main  # noqa: PLC0415
 
-    The suite is not part of the installed package; it is looked up next to the package
-    source, then in the current directory, and imported only now.
-    """
-    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        directory = base / "benchmarks"
-        if (directory / "bench.py").is_file() and (directory / "__init__.py").is_file():
-            break
-    else:
-        print("socks6fast: error: bench needs a source checkout (benchmarks/bench.py)", file=sys.stderr)
-        return EXIT_CONFIG
-    if "benchmarks" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "benchmarks", directory / "__init__.py", submodule_search_locations=[str(directory)]
-        )
-        assert spec is not None and spec.loader is not None
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["benchmarks"] = package
-        spec.loader.exec_module(package)
-    status: int = importlib.import_module("benchmarks.bench").main(list(argv))
-    return status
+    return bench_main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from importlib import resources
 from pathlib import Path
 
 from ._procs import (
@@ -20,20 +21,25 @@ from ._procs import (
     tree_cpu_seconds,
     tree_memory_kib,
 )
-from ._systems import System
+from ._systems import PEERS_HINT, System
 
 GIB = 2**30
-HERE = Path(__file__).resolve().parent
 
 
 def build_loadgen(workdir: Path) -> Path:
-    """Compile benchmarks/loadgen.c with the system C compiler into ``workdir``."""
+    """Compile the package's loadgen.c with the system C compiler into ``workdir``.
+
+    loadgen.c ships as package data of ``socks6fast.bench``; it is copied into
+    ``workdir`` first, so an installed package (even one imported from a zip) works.
+    """
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        raise BenchError("no C compiler (cc) found: run benchmarks/install-peers.sh")
+        raise BenchError(f"no C compiler (cc) found to build loadgen.c ({PEERS_HINT})")
+    source = workdir / "loadgen.c"
+    source.write_bytes(resources.files("socks6fast.bench").joinpath("loadgen.c").read_bytes())
     out = workdir / "loadgen"
     res = subprocess.run(
-        [cc, "-O2", "-Wall", "-o", str(out), str(HERE / "loadgen.c")],
+        [cc, "-O2", "-Wall", "-o", str(out), str(source)],
         capture_output=True,
         timeout=120,
         check=False,

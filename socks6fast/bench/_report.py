@@ -1,4 +1,4 @@
-"""Turn the collected samples into medians, the target ratios, a text table, JSON, PNG and README."""
+"""Turn the collected samples into medians, the target ratios, a text table and a README block."""
 
 from __future__ import annotations
 
@@ -7,16 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ._png import Bar, Color, Panel, render_chart
 from ._ttfb import MODES
 
-SYSTEM_COLORS: dict[str, Color] = {
-    "direct": (150, 150, 150),
-    "socks6fast-s5": (50, 110, 200),
-    "socks6fast-s6": (30, 160, 90),
-    "dante": (230, 140, 30),
-    "microsocks": (140, 80, 170),
-}
 FAST = ("socks6fast-s6", "socks6fast-s5")
 README_BEGIN = "<!-- bench:results:begin -->"
 README_END = "<!-- bench:results:end -->"
@@ -319,81 +311,7 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-# ------------------------------------------------------------------ chart, README
-
-
-def chart(res: Results, path: Path) -> None:
-    systems = res["measured_systems"]
-    panels: list[Panel] = []
-    bulk = res.get("bulk", {})
-
-    def bars(getter: Any, skip_direct: bool = False) -> list[Bar]:
-        out = []
-        for s in systems:
-            if skip_direct and s == "direct":
-                continue
-            v = getter(s)
-            out.append(Bar(s, v, SYSTEM_COLORS.get(s, (100, 100, 100)), "" if v is not None else "n/a"))
-        return out
-
-    for c in sorted(bulk, key=int):
-        panels.append(
-            Panel(
-                f"Bulk, {c} stream{'s' if c != '1' else ''}",
-                "Gbit/s, higher is better",
-                bars(lambda s, c=c: _get(bulk, c, s, "gbps")),
-            )
-        )
-    if "1" in bulk:
-        panels.append(
-            Panel(
-                "Proxy CPU per GiB relayed, 1 stream",
-                "s/GiB, lower is better",
-                bars(lambda s: _get(bulk, "1", s, "proxy_cpu_s_per_gib"), True),
-                0.25,
-            )
-        )
-    conn = res.get("connections", {})
-    if conn:
-        panels.append(
-            Panel(
-                "Proxy CPU per connection",
-                "us, lower is better",
-                bars(lambda s: _get(conn, s, "proxy_us_per_conn"), True),
-                200,
-            )
-        )
-        panels.append(
-            Panel("Connection rate", "conn/s, higher is better", bars(lambda s: _get(conn, s, "conn_per_s")))
-        )
-    lat = res.get("latency", {})
-    if lat:
-        panels.append(
-            Panel("Latency p99, one at a time", "ms, lower is better", bars(lambda s: _get(lat, s, "p99_ms")))
-        )
-    idle = res.get("idle", {})
-    if idle:
-        panels.append(
-            Panel(
-                "Resident memory per idle connection",
-                "KiB, lower is better",
-                bars(lambda s: _get(idle, s, "kib_rss"), True),
-                12,
-            )
-        )
-    ttfb = res.get("ttfb", {})
-    if ttfb:
-        tb = []
-        for mode, _label in MODES:
-            for s in systems:
-                v = _get(ttfb, mode, s, "ms")
-                if v is not None:
-                    tb.append(Bar(f"{s} {mode}", v, SYSTEM_COLORS.get(s, (100, 100, 100))))
-        panels.append(
-            Panel(f"Time to first byte, {res['options']['delay_ms']:g} ms one way", "ms, lower is better", tb)
-        )
-    meta = res["meta"]
-    render_chart("socks6fast bench", f"{meta['date']}  {meta['machine']['summary']}", panels, path)
+# ------------------------------------------------------------------ README
 
 
 def update_readme(readme: Path, res: Results, table: str) -> None:

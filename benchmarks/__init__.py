@@ -1,1 +1,0 @@
-"""Benchmarks of socks6fast; `socks6fast bench` runs ``benchmarks.bench.main`` (see README.md here)."""
