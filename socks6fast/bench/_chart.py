@@ -27,7 +27,10 @@ SYSTEM_COLORS: dict[str, str] = {
 }
 OTHER_COLOR = "#646464"
 #: Printed when the chart cannot be drawn; one sentence each.
-NO_MATPLOTLIB = "matplotlib is not installed, so no chart is drawn (pip install 'socks6fast[bench]' adds it)."
+NO_MATPLOTLIB = (
+    "matplotlib is not installed, so no chart is drawn (pip install matplotlib, "
+    "or install socks6fast with its [bench] extra)."
+)
 
 
 class ChartError(Exception):

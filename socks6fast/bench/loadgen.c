@@ -2,7 +2,7 @@
  *
  * Strategy: a plain Python client tops out near 5,000 connections/s on this
  * kind of machine, so everything that moves bytes or opens connections at rate
- * lives here; the Python harness (benchmarks/bench.py) only starts these
+ * lives here; the Python harness (socks6fast/bench/suite.py) only starts these
  * processes, reads one line of results from each, and samples /proc. It speaks
  * the client half of three protocols, no authentication: none (direct),
  * SOCKS5 (RFC 1928 CONNECT) and SOCKS6 (draft-olteanu-intarea-socks-6-11
@@ -19,7 +19,7 @@
  *            count bytes for `seconds`, print "done BYTES NANOSECONDS", exit.
  *   rrserver --port P --max-seconds S [--stats 1]
  *            per connection: read 64 bytes, write 64 bytes, close (the server
- *            closes first so TIME_WAIT lands on this side, see peers/README.md).
+ *            closes first so TIME_WAIT lands on this side, see benchmarks/README.md, Peers).
  *            With --stats 1, each line read on stdin is answered with
  *            "stats ACCEPTED" (connections accepted so far).
  *   echo     --port P --max-seconds S    echo every byte back; never closes first.
@@ -35,7 +35,7 @@
  *            open N connections, confirm each with a 1-byte echo through the
  *            proxy, print "ready N", hold them until stdin closes or max-seconds.
  *   splicerelay --port P --target PORT --max-seconds S
- *            the floor of a user-space relay, for benchmarks/relay_ceiling.py:
+ *            the floor of a user-space relay, for `socks6fast bench ceiling`:
  *            no SOCKS, one connection at a time, client -> target only, with
  *            blocking splice(2) through one 1 MiB pipe (no epoll, no second
  *            direction, no bookkeeping). Prints "port P" once listening.
@@ -966,7 +966,7 @@ static int cmd_hold(void) {
 }
 
 /* The least a user-space relay can do per byte: what socks6fast's engine is compared
- * with in benchmarks/relay_ceiling.py. Blocking splice(2) wakes only when the kernel
+ * with in `socks6fast bench ceiling`. Blocking splice(2) wakes only when the kernel
  * has bytes or room, so this is also the fewest wake-ups. The process ends by
  * alarm() at --max-seconds whatever happens (bounded by time). */
 static int cmd_splicerelay(void) {

@@ -272,7 +272,7 @@ def _pack_ip(address_type: AddressType, address: str) -> bytes:
 
     Cached: a proxy answers every CONNECT with one of a handful of local addresses, and
     ``ipaddress`` parsing (about 2.4 us) was a visible share of a SOCKS 5 connection's
-    CPU (benchmarks/README.md, "Per-connection CPU"). Errors are raised, never cached.
+    CPU (benchmarks/RESULTS.md, "Per-connection CPU"). Errors are raised, never cached.
     """
     if address_type == AddressType.IPV4:
         return ipaddress.IPv4Address(address).packed

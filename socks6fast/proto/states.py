@@ -68,7 +68,7 @@ class State(Enum):
 
     # Members are singletons compared by identity, so the identity hash is exact, and
     # a C slot instead of Enum.__hash__ (a Python call on hash(name)): every transition
-    # hashes (state, event) pairs (benchmarks/README.md, "Per-connection CPU").
+    # hashes (state, event) pairs (benchmarks/RESULTS.md, "Per-connection CPU").
     __hash__ = object.__hash__
 
     # --- What the client may send next (the peer's half) -----------------------
@@ -123,7 +123,7 @@ class Protocol(Enum):
 
     # Members are singletons compared by identity, so the identity hash is exact, and
     # a C slot instead of Enum.__hash__ (a Python call on hash(name)): every transition
-    # hashes (state, event) pairs (benchmarks/README.md, "Per-connection CPU").
+    # hashes (state, event) pairs (benchmarks/RESULTS.md, "Per-connection CPU").
     __hash__ = object.__hash__
 
     SOCKS6 = 6
@@ -135,7 +135,7 @@ class Event(Enum):
 
     # Members are singletons compared by identity, so the identity hash is exact, and
     # a C slot instead of Enum.__hash__ (a Python call on hash(name)): every transition
-    # hashes (state, event) pairs (benchmarks/README.md, "Per-connection CPU").
+    # hashes (state, event) pairs (benchmarks/RESULTS.md, "Per-connection CPU").
     __hash__ = object.__hash__
 
     # From the client.
