@@ -339,7 +339,8 @@ def test_without_matplotlib_one_sentence(tmp_path: Path) -> None:
 
 def test_installed_package_ships_every_file() -> None:
     """`pip install .` installs every module of the source tree, py.typed, the .pyi stubs and the
-    bench's loadgen.c (the package list is found, not hand-kept: a new subpackage cannot be left out)."""
+    bench's loadgen.c (the package list is found, not hand-kept: a new subpackage cannot be left
+    out), and no module the source tree no longer has."""
     _installed()
     files = importlib.metadata.files("socks6fast")
     assert files is not None
@@ -352,6 +353,10 @@ def test_installed_package_ships_every_file() -> None:
     }
     assert "socks6fast/bench/loadgen.c" in wanted and "socks6fast/py.typed" in wanted
     assert not wanted - shipped, f"not installed: {sorted(wanted - shipped)}"
+    # Nor anything that is no longer in the source tree (pip reuses an in-tree build/ directory,
+    # whose stale copies of moved modules would be installed beside the new ones).
+    stale = {f for f in shipped if f.startswith("socks6fast/") and f.endswith((".py", ".pyi"))} - wanted
+    assert not stale, f"installed but not in the source tree (rm -rf build, then reinstall): {sorted(stale)}"
     assert (PACKAGE / "bench" / "loadgen.c").read_bytes() == (source / "bench" / "loadgen.c").read_bytes()
 
 
