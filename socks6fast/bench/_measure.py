@@ -34,7 +34,7 @@ def build_loadgen(workdir: Path) -> Path:
     """
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        raise BenchError(f"no C compiler (cc) found to build loadgen.c ({PEERS_HINT})")
+        raise BenchError(f"no C compiler (cc) found to build loadgen.c; {PEERS_HINT}")
     source = workdir / "loadgen.c"
     source.write_bytes(resources.files("socks6fast.bench").joinpath("loadgen.c").read_bytes())
     out = workdir / "loadgen"

@@ -239,7 +239,7 @@ def _start_dante(procs: Processes, workdir: Path) -> System:
     s = System("dante", "5")
     exe = shutil.which("danted") or ("/usr/sbin/danted" if Path("/usr/sbin/danted").exists() else None)
     if exe is None:
-        s.available, s.reason = False, f"danted not installed ({PEERS_HINT})"
+        s.available, s.reason = False, f"danted not installed; {PEERS_HINT}"
         return s
     s.version = _version([exe, "-v"])
     port = free_port()
@@ -261,7 +261,7 @@ def _start_microsocks(procs: Processes, want_auth: bool) -> System:
     s = System("microsocks", "5")
     exe = shutil.which("microsocks")
     if exe is None:
-        s.available, s.reason = False, f"microsocks not installed ({PEERS_HINT})"
+        s.available, s.reason = False, f"microsocks not installed; {PEERS_HINT}"
         return s
     s.version = "microsocks " + (_debian_version("microsocks") or "")
     port = free_port()
