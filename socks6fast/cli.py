@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 from .asyncio.server import Server
 from .config import Config, ConfigError, default_config, load_config, parse_user_option
+from .constants import MAX_USERPASS_LENGTH
 from .proto.auth import hash_password
 
 try:  # uvloop is a dependency on POSIX; the proxy still runs without it
@@ -185,8 +186,8 @@ def _read_password() -> str:
 
 def _cmd_hash_password(args: argparse.Namespace) -> int:
     password = _read_password()
-    if not 1 <= len(password.encode("utf-8")) <= 255:
-        raise _Fail("the password must be 1-255 bytes (RFC 1929)")
+    if not 1 <= len(password.encode("utf-8")) <= MAX_USERPASS_LENGTH:
+        raise _Fail(f"the password must be 1-{MAX_USERPASS_LENGTH} bytes (RFC 1929)")
     print(hash_password(password))
     return 0
 

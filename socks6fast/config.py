@@ -85,7 +85,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .constants import MAX_OPTIONS_LENGTH, MAX_WINDOW_SIZE, Command
+from .constants import MAX_OPTIONS_LENGTH, MAX_USERPASS_LENGTH, MAX_WINDOW_SIZE, Command
 from .errors import ConfigError
 from .proto.auth import UserStore, hash_password, parse_hash
 from .proto.policy import (
@@ -154,7 +154,6 @@ max_token_window = 65536
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _MIN_OPTIONS_LENGTH = 1024  # room for a username/password Authentication Data option
 _MAX_RELAY_WORKERS = 1024
-_MAX_CREDENTIAL_LENGTH = 255  # RFC 1929: ULEN and PLEN are one byte
 _ANY = "*"
 _T = TypeVar("_T")
 _V = TypeVar("_V")
@@ -328,8 +327,8 @@ class Config:
         merged = dict(self.users)
         for name, password in (users or {}).items():
             _check_user_name(name, "--user")
-            if not 1 <= len(password.encode("utf-8")) <= _MAX_CREDENTIAL_LENGTH:
-                raise ConfigError(f"--user: the password of {name!r} must be 1-255 bytes")
+            if not 1 <= len(password.encode("utf-8")) <= MAX_USERPASS_LENGTH:
+                raise ConfigError(f"--user: the password of {name!r} must be 1-{MAX_USERPASS_LENGTH} bytes")
             merged[name] = hash_password(password)
         return dataclasses.replace(self, server=server, users=types.MappingProxyType(merged))
 
@@ -799,8 +798,10 @@ def _format_host_port(address: HostPort) -> str:
 
 
 def _check_user_name(name: str, key: str) -> None:
-    if not 1 <= len(name.encode("utf-8")) <= _MAX_CREDENTIAL_LENGTH:
-        raise ConfigError(f"{key}: the user name {_show(name)} must be 1-255 bytes of UTF-8")
+    if not 1 <= len(name.encode("utf-8")) <= MAX_USERPASS_LENGTH:
+        raise ConfigError(
+            f"{key}: the user name {_show(name)} must be 1-{MAX_USERPASS_LENGTH} bytes of UTF-8"
+        )
     if name.startswith("@") or name == _ANY:
         raise ConfigError(f'{key}: the user name {_show(name)} is reserved ("*" and names starting with "@")')
 

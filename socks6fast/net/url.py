@@ -89,7 +89,7 @@ def parse_proxy_url(url: str) -> ProxyURL:
             if not value:
                 raise ValueError(f"the proxy URL has an empty {what}: RFC 1929 needs user:password@")
             if len(value) > MAX_USERPASS_LENGTH:
-                raise ValueError(f"the proxy {what} is over 255 bytes (RFC 1929)")
+                raise ValueError(f"the proxy {what} is over {MAX_USERPASS_LENGTH} bytes (RFC 1929)")
     return ProxyURL(host, DEFAULT_PORT if port is None else port, SCHEMES[scheme], username, password)
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from ..constants import MAX_USERPASS_LENGTH
+
 __all__ = [
     "DEFAULT_SCRYPT_N",
     "DEFAULT_SCRYPT_P",
@@ -59,8 +61,6 @@ _MAX_SCRYPT_R = 32
 _MAX_SCRYPT_P = 16
 _MAX_SCRYPT_MEMORY = 2**28  # bytes: scrypt needs 128 * n * r of them
 _MAX_SCRYPT_WORK = 2**25  # n * r * p; the default is 2**17
-#: RFC 1929: ULEN and PLEN are one byte, so names and passwords are 1-255 bytes.
-MAX_CREDENTIAL_LENGTH = 255
 #: Successful verifications remembered at most (then the cache starts over).
 MAX_CACHE_ENTRIES = 4096
 
@@ -308,7 +308,7 @@ class UserStore:
         except UnicodeDecodeError:
             name = ""
         stored = self._users.get(name)
-        if stored is None or not 1 <= len(password) <= MAX_CREDENTIAL_LENGTH:
+        if stored is None or not 1 <= len(password) <= MAX_USERPASS_LENGTH:
             # Same work as a real check: no timing oracle for which user names exist.
             verify_password(self._dummy, password)
             return None
