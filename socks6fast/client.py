@@ -37,7 +37,6 @@ import errno
 import select
 import socket
 import ssl as _ssl
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -46,6 +45,7 @@ from typing import Any, Final
 
 from .constants import Command
 from .errors import AuthenticationError, Socks6Error
+from .net.tfo import TCP_FASTOPEN_CONNECT, enable_tfo_connect
 from .net.url import ProxyURL, parse_proxy_url, proxy_ssl_context
 from .proto.client import (
     NEED_DATA,
@@ -63,31 +63,6 @@ __all__ = ["DEFAULT_TIMEOUT", "TCP_FASTOPEN_CONNECT", "Binding", "Proxy", "Sessi
 
 #: Seconds allowed for connecting to the proxy, TLS and the SOCKS handshake.
 DEFAULT_TIMEOUT: Final = 30.0
-#: Linux ``TCP_FASTOPEN_CONNECT`` (include/uapi/linux/tcp.h; Python 3.11 does not export
-#: it); None where there is no such option, and ``tfo=True`` then connects normally.
-TCP_FASTOPEN_CONNECT: Final[int | None] = getattr(
-    socket, "TCP_FASTOPEN_CONNECT", 30 if sys.platform.startswith("linux") else None
-)
-
-
-def enable_tfo_connect(sock: socket.socket) -> bool:
-    """Ask the kernel to put the first write into the SYN (RFC 7413, ``TCP_FASTOPEN_CONNECT``).
-
-    The SYN is deferred to the first write and carries it when a TFO cookie is cached;
-    without one the kernel connects normally and fetches a cookie for next time.
-
-    Returns:
-        False when the platform has no such option (a normal connect follows).
-    """
-    if TCP_FASTOPEN_CONNECT is None:
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
-    except OSError:
-        return False  # kernel before 4.11
-    return True
-
-
 _FIRST_REPLY: Final = frozenset(
     {ClientState.ESTABLISHED, ClientState.MUST_CLOSE, ClientState.AWAIT_BIND_PEER}
 )

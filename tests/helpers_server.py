@@ -40,6 +40,7 @@ from cryptography.x509.oid import NameOID
 from socks6fast.asyncio.server import ConnectionRecord, Server
 from socks6fast.config import Config, load_config, parse_config
 from socks6fast.constants import AddressType, Command, StackLeg
+from socks6fast.net.tfo import TCPI_OPT_SYN_DATA, enable_tfo_connect
 from socks6fast.proto import codec
 from socks6fast.proto.auth import hash_password
 from socks6fast.proto.messages import AuthReply, OperationReply, Request, TFOOption
@@ -50,7 +51,6 @@ IP_RECVTOS = 13
 IPV6_2292PKTOPTIONS = 6
 SOL_MPTCP = 284
 MPTCP_INFO = 1
-TCPI_OPT_SYN_DATA = 0x20
 IPPROTO_MPTCP = 262
 #: Cheap scrypt parameters for test users (the server verifies with what the hash says).
 TEST_SCRYPT_N = 2**10
@@ -540,13 +540,12 @@ ip rule add to 127.77.0.1 lookup 200 pref 20
 #: Destinations that give ENETUNREACH / EHOSTUNREACH inside the namespace.
 NETNS_NET_UNREACHABLE = "127.66.0.1"
 NETNS_HOST_UNREACHABLE = "127.77.0.1"
-TCP_FASTOPEN_CONNECT = 30
 
 
 def tfo_connect(address: tuple[str, int], payload: bytes) -> socket.socket:
     """Blocking TCP Fast Open connect that puts ``payload`` in the SYN when a cookie is cached."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+    enable_tfo_connect(sock)
     sock.settimeout(5)
     sock.connect(address)
     sock.sendall(payload)

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import uvloop
 from helpers_server import make_certificates, make_config, running_server
+from helpers_server import syn_data as syn_data_acked
 
 import socks6fast.asyncio as s6
 import socks6fast.asyncio.client as aclient
@@ -790,12 +791,6 @@ async def test_asyncio_socket_flavour_refuses_tls_proxy() -> None:
 # --- TFO (TRN-02) ------------------------------------------------------------------------------------
 
 
-def _syn_data_acked(sock: socket.socket) -> bool:
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    tcpi_options = info[5]  # struct tcp_info: state, ca_state, retransmits, probes, backoff, options
-    return bool(tcpi_options & 0x20)  # TCPI_OPT_SYN_DATA
-
-
 @pytest.mark.parametrize("token", [False, True], ids=["no-token", "token"])
 async def test_tfo_keeps_initial_data_out_of_the_syn_without_a_token(
     make_proxy: MakeProxy, echo_port: int, monkeypatch: pytest.MonkeyPatch, token: bool
@@ -845,7 +840,7 @@ async def test_tfo_connect_works_and_uses_syn_data_when_the_kernel_allows(
     loop = asyncio.get_running_loop()
     for _ in range(2):  # the first connection fetches the cookie
         with await s6.Proxy.from_url(proxy.url()).connect(LOCALHOST, echo_port, tfo=True) as sock:
-            syn_data.append(_syn_data_acked(sock))
+            syn_data.append(syn_data_acked(sock))
             await loop.sock_sendall(sock, b"ping")
             assert await loop.sock_recv(sock, 4) == b"ping"
     if server_tfo:
@@ -1417,7 +1412,7 @@ async def test_real_server_tfo(real_proxy: RealProxy, echo_port: int) -> None:
     loop = asyncio.get_running_loop()
     for _ in range(2):
         with await s6.Proxy.from_url(real_proxy.url()).connect(LOCALHOST, echo_port, tfo=True) as sock:
-            syn_data.append(_syn_data_acked(sock))
+            syn_data.append(syn_data_acked(sock))
             await loop.sock_sendall(sock, b"tfo")
             assert await loop.sock_recv(sock, 3) == b"tfo"
     if server_tfo:
@@ -1450,7 +1445,7 @@ async def _tfo_syn_scenario() -> dict[str, Any]:
                 out[name] = {
                     "syn": proxy.syn_payloads[-1],
                     "request": writer.get_extra_info("socks6_connection").request_size,
-                    "acked": _syn_data_acked(writer.get_extra_info("socket")),
+                    "acked": syn_data_acked(writer.get_extra_info("socket")),
                 }
                 await close(writer)
         reader, writer = await s6.open_connection(proxy.url(), LOCALHOST, echo_port, initial_data=b"DATA")

@@ -38,6 +38,7 @@ LAYERS: list[set[str]] = [
     {"proto.socks5", "proto._codec_py", "proto._codec_c"},
     {"proto.codec"},
     {"proto.server", "proto.client", "proto"},
+    {"net.tfo"},
     {"net.url", "net.stackopts", "net.localaddr", "net", "config"},
     {"dataplane.engine", "dataplane._relay_c", "dataplane"},
     {"dataplane.relayer"},

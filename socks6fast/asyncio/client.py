@@ -48,9 +48,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Final, Protocol, TypeVar
 
-from ..client import DEFAULT_TIMEOUT, enable_tfo_connect
+from ..client import DEFAULT_TIMEOUT
 from ..constants import Command
 from ..errors import AuthenticationError, Socks6Error
+from ..net.tfo import enable_tfo_connect
 from ..net.url import ProxyURL, parse_proxy_url, proxy_ssl_context
 from ..proto.client import (
     NEED_DATA,
@@ -90,7 +91,7 @@ async def _open_tcp_socket(
 ) -> socket.socket:
     """Connect a non-blocking TCP socket (TCP_NODELAY; TCP_FASTOPEN_CONNECT if ``tfo``).
 
-    See `socks6fast.client.enable_tfo_connect` for what ``tfo`` does.
+    See `socks6fast.net.tfo.enable_tfo_connect` for what ``tfo`` does.
     """
     loop = loop or asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)

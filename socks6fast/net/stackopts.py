@@ -14,12 +14,13 @@ kernel actually uses, not what was asked (D9: "the behaviour actually applied").
   is not enforced").
 * TFO on the proxy-remote leg: ``TCP_FASTOPEN_CONNECT`` so that the first ``send`` carries
   the initial data in the SYN, and only when the request has a TFO option (CMD-02,
-  STK-06). `tfo_syn_data_acked` reads ``TCP_INFO`` to tell whether the remote host
-  accepted data in the SYN.
+  STK-06); `tfo_syn_data_acked` tells whether the remote host accepted data in the SYN.
+  These TFO helpers live in `socks6fast.net.tfo` (shared with the client) and are
+  re-exported here for the server.
 * Multipath: a socket of protocol ``IPPROTO_MPTCP`` (262) when asked and the kernel offers
   it; `mptcp_in_use` asks ``MPTCP_INFO``, which fails once the connection fell back to
   plain TCP (STK-07).
-* Listening sockets accept TFO with ``TCP_FASTOPEN`` (queue length), TRN-01.
+* Listening sockets accept TFO with ``TCP_FASTOPEN`` (queue length), TRN-01 (`socks6fast.net.tfo`).
 
 Linux constants the ``socket`` module of Python 3.11 lacks are defined here with their
 values from the kernel's uapi headers. Elsewhere every function degrades to "not applied"
@@ -43,6 +44,7 @@ from ..proto.messages import (
     TTLOption,
 )
 from ..proto.server import LegOptions, StackPlan
+from .tfo import enable_tfo_connect, enable_tfo_listener, tfo_syn_data_acked
 
 __all__ = [
     "AppliedLeg",
@@ -57,7 +59,6 @@ __all__ = [
 ]
 
 # <linux/tcp.h>, <linux/in.h>, <linux/in6.h>, <linux/mptcp.h>
-TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
@@ -66,14 +67,7 @@ IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62)
 IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
 SOL_MPTCP = 284
 MPTCP_INFO = 1
-#: ``tcp_info.tcpi_options`` bit: "SYN-ACK acked data in SYN" (and, on the accepting
-#: side, data arrived in the SYN).
-TCPI_OPT_SYN_DATA = 0x20
-_TCP_INFO_OPTIONS_OFFSET = 5  # u8 tcpi_state, ca_state, retransmits, probes, backoff, options
-_TCP_INFO_MIN_LENGTH = 8
 _MPTCP_INFO_LENGTH = 256
-#: Listen queue length for pending TFO requests on a listening socket.
-DEFAULT_TFO_QUEUE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,48 +187,6 @@ def mptcp_in_use(sock: socket.socket) -> bool:
         sock.getsockopt(SOL_MPTCP, MPTCP_INFO, _MPTCP_INFO_LENGTH)
     except OSError:
         return False  # EOPNOTSUPP after fallback, or not an MPTCP socket
-    return True
-
-
-def enable_tfo_connect(sock: socket.socket) -> bool:
-    """Make ``connect`` defer the SYN to the first ``send``, which then carries the data.
-
-    Returns:
-        True when the kernel accepted ``TCP_FASTOPEN_CONNECT``.
-    """
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
-    except OSError:
-        return False
-    return True
-
-
-def tfo_syn_data_acked(sock: socket.socket) -> bool:
-    """True when the SYN of this connection carried data the peer acknowledged.
-
-    On the connecting side this means TFO was used end to end; on an accepted socket it
-    means the client's data arrived in the SYN.
-    """
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_MIN_LENGTH)
-    except OSError:
-        return False
-    return len(info) > _TCP_INFO_OPTIONS_OFFSET and bool(info[_TCP_INFO_OPTIONS_OFFSET] & TCPI_OPT_SYN_DATA)
-
-
-def enable_tfo_listener(sock: socket.socket, queue: int = DEFAULT_TFO_QUEUE) -> bool:
-    """Let a listening socket accept data in the SYN (TRN-01).
-
-    The kernel also needs server-side TFO enabled (``net.ipv4.tcp_fastopen`` bit 0x2);
-    without it connections simply complete the normal handshake.
-
-    Returns:
-        True when the option was set.
-    """
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, queue)
-    except (OSError, AttributeError):
-        return False
     return True
 
 
