@@ -23,11 +23,14 @@ change that, explicitly. For TLS to the destination, wrap the returned socket yo
 
 Errors are those of the asyncio flavour (see ``socks6fast.asyncio.client``); ``timeout``
 covers connecting, TLS and the SOCKS handshake and raises ``TimeoutError``. The
-returned socket is in blocking mode without a timeout.
+returned socket is in blocking mode without a timeout. A `Session` may be shared between
+threads.
 
-This module mirrors ``socks6fast.asyncio.client`` line by line (sync vs async, as
-httpcore keeps ``_sync`` beside ``_async``); the protocol itself lives once, in
-``socks6fast.proto.client``.
+The classes have the asyncio flavour's names, keyword arguments (`ConnectOptions`,
+`RequestOptions` in ``socks6fast._client_base``) and return shapes. What a request does
+is decided once, in ``socks6fast.proto.client_flow``; this module only performs its
+actions with blocking sockets (``TCP_FASTOPEN_CONNECT`` and `enable_tfo_connect` are
+re-exported from `socks6fast.net.tfo`).
 """
 
 from __future__ import annotations
@@ -39,34 +42,38 @@ import socket
 import ssl as _ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Final
+from typing import TypeVar, Unpack
 
-from .constants import Command
-from .errors import AuthenticationError, Socks6Error
-from .net.tfo import TCP_FASTOPEN_CONNECT, enable_tfo_connect
-from .net.url import ProxyURL, parse_proxy_url, proxy_ssl_context
-from .proto.client import (
-    NEED_DATA,
-    ClientConnection,
-    ClientSession,
-    ClientState,
-    SessionState,
-    build_request,
-    raise_reset,
-    tfo_syn_may_carry_data,
+from ._client_base import (
+    DEFAULT_TIMEOUT,
+    BindingBase,
+    ConnectOptions,
+    ProxyBase,
+    RequestOptions,
+    SessionBase,
 )
-from .proto.messages import OperationReply, Option, SessionRequest, StackOption
+from .errors import Socks6Error
+from .net.tfo import TCP_FASTOPEN_CONNECT, enable_tfo_connect
+from .proto.client import ClientConnection, SessionState
+from .proto.client_flow import (
+    Action,
+    AwaitSession,
+    Close,
+    Flow,
+    Open,
+    Read,
+    SessionSettled,
+    Steps,
+    Write,
+    accept,
+)
+from .proto.messages import Option
 
 __all__ = ["DEFAULT_TIMEOUT", "TCP_FASTOPEN_CONNECT", "Binding", "Proxy", "Session", "enable_tfo_connect"]
 
-#: Seconds allowed for connecting to the proxy, TLS and the SOCKS handshake.
-DEFAULT_TIMEOUT: Final = 30.0
-_FIRST_REPLY: Final = frozenset(
-    {ClientState.ESTABLISHED, ClientState.MUST_CLOSE, ClientState.AWAIT_BIND_PEER}
-)
-_PEER_REPLY: Final = frozenset({ClientState.ESTABLISHED})
+T = TypeVar("T")
 
 
 class _Deadline:
@@ -182,43 +189,62 @@ class _Channel:
     def close(self) -> None:
         self.sock.close()
 
+    def release(self) -> socket.socket:
+        """The socket, handed to the caller: blocking mode, no timeout."""
+        self.sock.settimeout(None)
+        return self.sock
 
-def _drive(
-    channel: _Channel,
-    conn: ClientConnection,
-    stop: frozenset[ClientState],
-    lock: threading.Condition | None = None,
-) -> OperationReply:
-    # The adapter loop of socks6fast.proto.client's module docstring. ``lock``: the Session's,
-    # held while the core reads a reply, because reading one updates the shared
-    # ClientSession (Session ID, token window, Session Invalid) that other threads spend
-    # tokens from under the same lock ("A token can only be spent on a single SOCKS
-    # request", section "Idempotence options"; unguarded, a window advertisement rebuilt
-    # the spent-token set while another thread added to it).
-    guard: contextlib.AbstractContextManager[object] = contextlib.nullcontext() if lock is None else lock
-    while True:
-        with guard:
-            event = conn.next_event()
-        out = conn.data_to_send()
-        if out:
+
+class _Performer:
+    """Performs a flow's actions (socks6fast.proto.client_flow) with blocking sockets.
+
+    The flow runs under the Session's lock: reading a reply updates the shared
+    ClientSession (Session ID, token window, Session Invalid), which other threads spend
+    tokens from ("A token can only be spent on a single SOCKS request", section
+    "Idempotence options"; unguarded, a window advertisement rebuilt the spent-token set
+    while another thread added to it).
+    """
+
+    def __init__(
+        self,
+        deadline: _Deadline,
+        open_channel: Callable[[bool, _Deadline], _Channel] | None = None,
+        session: Session | None = None,
+    ) -> None:
+        self._deadline = deadline
+        self._open_channel = open_channel
+        self._session = session
+
+    def run(self, flow: Flow[_Channel, T]) -> T:
+        steps = Steps(flow, None if self._session is None else self._session._cond)
+        for action in steps:
             try:
-                channel.write(out)
-            except (BrokenPipeError, ConnectionResetError):
-                # The proxy is gone. What it sent before (a refusal) is still to be read,
-                # and the read ends at once, in a typed error (raise_reset).
-                pass
-        if event is NEED_DATA:
-            try:
-                data = channel.read(conn.bytes_needed)
-            except ConnectionResetError as exc:
-                with guard:
-                    raise_reset(conn, exc)
-            conn.receive_data(data)
-        elif isinstance(event, OperationReply) and conn.state in stop:
-            return event
+                steps.result = self._perform(action)
+            except BaseException as exc:
+                steps.error = exc
+        return steps.value
+
+    def _perform(self, action: Action[_Channel]) -> object:
+        match action:
+            case Read(channel, size):
+                return channel.read(size)
+            case Write(channel, data):
+                channel.write(data)
+            case Open(tfo):
+                assert self._open_channel is not None
+                return self._open_channel(tfo, self._deadline)
+            case Close(channel):
+                channel.close()
+            case AwaitSession():
+                assert self._session is not None
+                self._session._wait_settled(self._deadline)
+            case SessionSettled():
+                assert self._session is not None
+                self._session._notify_settled()
+        return None
 
 
-class Proxy:
+class Proxy(ProxyBase):
     """A SOCKS 6 proxy (blocking flavour), python-socks style.
 
     Args:
@@ -227,39 +253,6 @@ class Proxy:
         proxy_server_hostname: name the proxy certificate is checked against (default:
             the URL's host).
     """
-
-    def __init__(
-        self,
-        url: ProxyURL,
-        *,
-        proxy_ssl: _ssl.SSLContext | bool | None = None,
-        proxy_server_hostname: str | None = None,
-    ) -> None:
-        self.url = url
-        """The parsed URL."""
-        self.ssl_context = proxy_ssl_context(url, proxy_ssl)
-        """The TLS context towards the proxy (None for socks6://)."""
-        self.server_hostname = proxy_server_hostname or url.host
-        """Name the proxy certificate is checked against."""
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        proxy_ssl: _ssl.SSLContext | bool | None = None,
-        proxy_server_hostname: str | None = None,
-    ) -> Proxy:
-        """Make a Proxy from ``socks6://[user[:pass]@]host[:port]`` or ``socks6+tls://...``.
-
-        Raises:
-            ValueError: bad URL (see `socks6fast.net.url.parse_proxy_url`) or TLS arguments.
-        """
-        return cls(parse_proxy_url(url), proxy_ssl=proxy_ssl, proxy_server_hostname=proxy_server_hostname)
-
-    def __repr__(self) -> str:
-        scheme = "socks6+tls" if self.url.tls else "socks6"
-        return f"<Proxy {scheme}://{self.url.host}:{self.url.port}>"
 
     def _open_channel(self, tfo: bool, deadline: _Deadline) -> _Channel:
         if self.ssl_context is None:
@@ -274,136 +267,34 @@ class Proxy:
         sock = _open_tcp_socket(self.url.host, self.url.port, tfo=False, deadline=deadline)
         return _Channel(_wrap_tls(sock, self.ssl_context, self.server_hostname, deadline), deadline)
 
-    def _request(
-        self,
-        command: Command,
-        host: str,
-        port: int,
-        *,
-        initial_data: bytes,
-        options: Iterable[Option],
-        session: Session | None,
-        idempotent: bool,
-        tfo: bool,
-        timeout: float | None,
-    ) -> tuple[_Channel, ClientConnection]:
-        if session is not None and session.proxy.url != self.url:
-            raise ValueError("the session belongs to another proxy")
-        if idempotent and session is None:
-            raise ValueError("idempotent=True needs a session (idempotence tokens live in sessions)")
-        deadline = _Deadline(timeout)
-        # Session Invalid means the proxy did not act on the request: retrying once in a
-        # fresh session is safe.
-        attempts = 2 if session is not None else 1
-        for attempt in range(attempts):
-            session_options = session._begin(idempotent, timeout) if session is not None else ()
-            initiator = any(isinstance(o, SessionRequest) for o in session_options)
-            core = session.core if session is not None else None
-            credentials = self.url.credentials if core is None or core.needs_credentials else None
-            request = build_request(
-                command,
-                host,
-                port,
-                credentials=credentials,
-                initial_data_length=len(initial_data),
-                options=(*session_options, *options),
-            )
-            conn = ClientConnection(session=core, credentials=credentials)
-            channel: _Channel | None = None
-            try:
-                channel = self._open_channel(tfo, deadline)
-                flight = conn.send(request, initial_data)
-                spends = conn.spends_token
-                split = tfo and not self.url.tls and not tfo_syn_may_carry_data(spends_token=spends)
-                try:
-                    if split:
-                        # TRN-02: only the Request rides in the SYN; the data follows it.
-                        channel.write(flight[: conn.request_size])
-                        flight = flight[conn.request_size :]
-                    if flight:
-                        channel.write(flight)
-                except (BrokenPipeError, ConnectionResetError):
-                    # The proxy answered and closed while a long first flight (false-start
-                    # data) was still going out, so its close became a reset: as in
-                    # `_drive`, read what it sent (a Version Mismatch Reply, REQ-02, or a
-                    # refusal) and let the core judge it; the end gives a typed error.
-                    pass
-                _drive(channel, conn, _FIRST_REPLY, None if session is None else session._cond)
-            except AuthenticationError:
-                if channel is not None:
-                    channel.close()
-                if conn.session_invalid and attempt + 1 < attempts:
-                    continue
-                raise
-            except BaseException:
-                if channel is not None:
-                    channel.close()
-                raise
-            finally:
-                if session is not None:
-                    session._end(initiator)
-            if conn.state is ClientState.MUST_CLOSE:
-                channel.close()  # REQ-10: NOOP answered
-            else:
-                channel.sock.settimeout(None)
-            return channel, conn
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _run(self, flow: Flow[_Channel, T], session: Session | None, timeout: float | None) -> T:
+        return _Performer(_Deadline(timeout), self._open_channel, session).run(flow)
 
     def connect(
         self,
         dest_host: str,
         dest_port: int,
         *,
-        initial_data: bytes = b"",
-        stack_options: Iterable[StackOption] = (),
         session: Session | None = None,
-        idempotent: bool = False,
-        tfo: bool = False,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        **kwargs: Unpack[ConnectOptions],
     ) -> socket.socket:
-        """CONNECT through the proxy and return the connected socket.
+        """CONNECT through the proxy; return the connected socket (blocking, no timeout).
 
-        Args:
-            dest_host: IP literal or name (the proxy resolves names).
-            dest_port: destination port.
-            initial_data: first application bytes, sent in the same write as the Request.
-            stack_options: Stack options from `socks6fast.proto.messages`; see `connect_tunnel`
-                for the proxy's answer.
-            session: a `Session` of this proxy.
-            idempotent: spend an idempotence token (needs ``session`` with ``tokens``).
-            tfo: TCP Fast Open to the proxy where TRN-02 allows (ignored for ``socks6+tls``:
-                ``ssl.SSLSocket`` needs a connected socket before its handshake).
-            timeout: seconds for connecting, TLS and the handshake (None: no limit).
-
-        Raises:
-            ProxyError: the proxy refused (``reply_code``); AuthenticationError,
-            VersionMismatchError, RemoteProtocolError, TimeoutError, OSError.
+        Arguments and errors: see `ProxyBase`. ``tfo`` is ignored for ``socks6+tls``
+        (``ssl.SSLSocket`` needs a connected socket before its handshake); the proxy's
+        answer to ``stack_options`` is in the reply `connect_tunnel` returns.
         """
-        sock, _ = self.connect_tunnel(
-            dest_host,
-            dest_port,
-            initial_data=initial_data,
-            stack_options=stack_options,
-            session=session,
-            idempotent=idempotent,
-            tfo=tfo,
-            timeout=timeout,
-        )
-        return sock
+        return self.connect_tunnel(dest_host, dest_port, session=session, **kwargs)[0]
 
     def connect_tunnel(
         self,
         dest_host: str,
         dest_port: int,
         *,
-        initial_data: bytes = b"",
-        stack_options: Iterable[StackOption] = (),
         session: Session | None = None,
-        idempotent: bool = False,
-        tfo: bool = False,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        **kwargs: Unpack[ConnectOptions],
     ) -> tuple[socket.socket, ClientConnection]:
-        """Like `connect`, but also return the `ClientConnection`.
+        """Like `connect`, but also return the `ClientConnection` (replies, echoed options).
 
         Example::
 
@@ -411,29 +302,20 @@ class Proxy:
                 TTLOption(StackLeg.PROXY_REMOTE, 16)])
             print(conn.operation_reply.options)        # what the proxy applied (D9)
         """
-        channel, conn = self._request(
-            Command.CONNECT,
-            dest_host,
-            dest_port,
-            initial_data=initial_data,
-            options=stack_options,
-            session=session,
-            idempotent=idempotent,
-            tfo=tfo,
-            timeout=timeout,
+        channel, conn = self._run(
+            self._connect_flow(dest_host, dest_port, session, kwargs),
+            session,
+            kwargs.get("timeout", DEFAULT_TIMEOUT),
         )
-        return channel.sock, conn
+        return channel.release(), conn
 
     def bind(
         self,
         address: str = "0.0.0.0",
         port: int = 0,
         *,
-        stack_options: Iterable[StackOption] = (),
         session: Session | None = None,
-        idempotent: bool = False,
-        tfo: bool = False,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        **kwargs: Unpack[RequestOptions],
     ) -> Binding:
         """BIND: ask the proxy to listen; return once it says where (CMD-04).
 
@@ -443,19 +325,12 @@ class Proxy:
             print("tell the peer to connect to", binding.address)
             sock = binding.accept(timeout=60)      # second Operation Reply
             print("peer is", binding.peer_address)
+
+        Returns:
+            A `Binding`; its socket becomes the data channel after `Binding.accept`.
         """
-        channel, conn = self._request(
-            Command.BIND,
-            address,
-            port,
-            initial_data=b"",
-            options=stack_options,
-            session=session,
-            idempotent=idempotent,
-            tfo=tfo,
-            timeout=timeout,
-        )
-        return Binding(channel, conn)
+        timeout = kwargs.get("timeout", DEFAULT_TIMEOUT)
+        return Binding(*self._run(self._bind_flow(address, port, session, kwargs), session, timeout))
 
     def noop(
         self,
@@ -464,45 +339,12 @@ class Proxy:
         session: Session | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> ClientConnection:
-        """Send a NOOP request (checks credentials; starts a session when given one)."""
-        _, conn = self._request(
-            Command.NOOP,
-            "0.0.0.0",
-            0,
-            initial_data=b"",
-            options=options,
-            session=session,
-            idempotent=False,
-            tfo=False,
-            timeout=timeout,
-        )
-        return conn
+        """NOOP: check the credentials, or start ``session``; return the finished connection."""
+        return self._run(self._noop_flow(options, session), session, timeout)[1]
 
 
-class Binding:
+class Binding(BindingBase[_Channel]):
     """A BIND in progress; see `Proxy.bind`."""
-
-    def __init__(self, channel: _Channel, conn: ClientConnection) -> None:
-        self._channel = channel
-        self.connection = conn
-        """The sans-IO connection (all replies)."""
-
-    @property
-    def reply(self) -> OperationReply:
-        """The first Operation Reply: where the proxy listens."""
-        assert self.connection.operation_reply is not None
-        return self.connection.operation_reply
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """``(bind address, bind port)`` the peer should connect to."""
-        return self.reply.address, self.reply.port
-
-    @property
-    def peer_address(self) -> tuple[str, int] | None:
-        """``(address, port)`` of the connecting host, once known."""
-        reply = self.connection.peer_reply
-        return None if reply is None else (reply.address, reply.port)
 
     def accept(self, timeout: float | None = None) -> socket.socket:
         """Wait for the second Operation Reply; return the socket, now the data channel.
@@ -510,18 +352,9 @@ class Binding:
         Raises:
             ProxyError: the proxy reported a failure instead of a peer; TimeoutError.
         """
-        self._channel.deadline = _Deadline(timeout)
-        try:
-            _drive(self._channel, self.connection, _PEER_REPLY)
-        except BaseException:
-            self._channel.close()
-            raise
-        self._channel.sock.settimeout(None)
-        return self._channel.sock
-
-    def close(self) -> None:
-        """Stop waiting: close the connection to the proxy."""
-        self._channel.close()
+        self._channel.deadline = deadline = _Deadline(timeout)
+        _Performer(deadline).run(accept(self._channel, self.connection))
+        return self._channel.release()
 
     def __enter__(self) -> Binding:
         return self
@@ -529,12 +362,13 @@ class Binding:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self.connection.state is not ClientState.ESTABLISHED:
-            self.close()
+        self._close_unless_accepted()
 
 
-class Session:
-    """A SOCKS 6 session (blocking flavour), thread-safe; see the asyncio `Session`.
+class Session(SessionBase[Proxy]):
+    """A SOCKS 6 session (blocking flavour), safe to share between threads.
+
+    Authenticate once; then requests carry only the Session ID (see `SessionBase`).
 
     Example::
 
@@ -548,50 +382,30 @@ class Session:
     """
 
     def __init__(self, proxy: str | Proxy, *, tokens: int = 0) -> None:
-        self.proxy = Proxy.from_url(proxy) if isinstance(proxy, str) else proxy
-        """The proxy this session lives on."""
-        self.core = ClientSession(tokens=tokens)
-        """The sans-IO bookkeeping (state, Session ID, token window)."""
+        super().__init__(Proxy.from_url(proxy) if isinstance(proxy, str) else proxy, tokens=tokens)
+        # Held while a request's flow reads or changes `core`, and to wait for a pending
+        # initiation (AwaitSession / SessionSettled).
         self._cond = threading.Condition()
 
-    @property
-    def session_id(self) -> bytes | None:
-        """The Session ID, once granted."""
-        return self.core.session_id
-
-    def _begin(self, idempotent: bool, timeout: float | None) -> tuple[Option, ...]:
-        deadline = _Deadline(timeout)
-        while True:
-            with self._cond:
-                state = self.core.state
-                if state is SessionState.PENDING:
-                    self._cond.wait(deadline.remaining())
-                    continue
-                if not (idempotent and state is SessionState.NEW):
-                    return self.core.request_options(idempotent=idempotent)
-            # A token needs a window, which needs an established session: NOOP first.
-            self.proxy.noop(session=self, timeout=deadline.remaining())
-            if self.core.state is SessionState.DECLINED:
-                raise Socks6Error("the proxy declined the session: no idempotence tokens")
-
-    def _end(self, initiator: bool) -> None:
+    def _wait_settled(self, deadline: _Deadline) -> None:
         with self._cond:
-            if initiator and self.core.state is SessionState.PENDING:
-                # The initiating request ended before its Operation Reply.
-                self.core.on_initiation_done(succeeded=False)
+            self._cond.wait_for(lambda: self.core.state is not SessionState.PENDING, deadline.remaining())
+
+    def _notify_settled(self) -> None:
+        with self._cond:
             self._cond.notify_all()
 
-    def connect(self, dest_host: str, dest_port: int, **kwargs: Any) -> socket.socket:
+    def connect(self, dest_host: str, dest_port: int, **kwargs: Unpack[ConnectOptions]) -> socket.socket:
         """`Proxy.connect` inside this session (same keyword arguments)."""
         return self.proxy.connect(dest_host, dest_port, session=self, **kwargs)
 
     def connect_tunnel(
-        self, dest_host: str, dest_port: int, **kwargs: Any
+        self, dest_host: str, dest_port: int, **kwargs: Unpack[ConnectOptions]
     ) -> tuple[socket.socket, ClientConnection]:
         """`Proxy.connect_tunnel` inside this session (same keyword arguments)."""
         return self.proxy.connect_tunnel(dest_host, dest_port, session=self, **kwargs)
 
-    def bind(self, address: str = "0.0.0.0", port: int = 0, **kwargs: Any) -> Binding:
+    def bind(self, address: str = "0.0.0.0", port: int = 0, **kwargs: Unpack[RequestOptions]) -> Binding:
         """`Proxy.bind` inside this session (same keyword arguments)."""
         return self.proxy.bind(address, port, session=self, **kwargs)
 
@@ -603,13 +417,10 @@ class Session:
         """
         with self._cond:
             options = self.core.teardown_options()
-        if not options:
-            return
-        try:
+        if options:
             # SES-05: the teardown request is outside any session: it carries credentials.
-            self.proxy.noop(options=options, timeout=timeout)
-        except (Socks6Error, OSError):
-            pass
+            with contextlib.suppress(Socks6Error, OSError):
+                self.proxy.noop(options=options, timeout=timeout)
 
     def __enter__(self) -> Session:
         return self

@@ -55,6 +55,7 @@ from socks6fast.errors import (
     VersionMismatchError,
 )
 from socks6fast.proto.client import ClientConnection
+from socks6fast.proto.client_flow import read_replies
 from socks6fast.proto.messages import (
     AuthMethodAdvertisement,
     AuthMethodSelection,
@@ -1331,7 +1332,7 @@ async def test_real_server_slow_exchange_with_the_sans_io_core(real_proxy: RealP
             (AuthMethodAdvertisement(4, (AuthMethod.USERNAME_PASSWORD,)),),
         )
         await loop.sock_sendall(sock, conn.send(request, b"slow"))
-        await aclient._drive(aclient._SocketChannel(sock, loop), conn, aclient._FIRST_REPLY)
+        await aclient._Performer().run(read_replies(aclient._SocketChannel(sock, loop), conn))
         assert [r.type for r in conn.auth_replies] == [AuthReplyType.FAILURE, AuthReplyType.SUCCESS]
         assert await loop.sock_recv(sock, 4) == b"slow"
     finally:
@@ -1363,6 +1364,37 @@ async def test_real_server_session_tokens_and_teardown(real_proxy: RealProxy, ec
     assert stale.session_id not in (None, old_id)
     await close(writer)
     await stale.aclose()
+
+
+@pytest.mark.conformance("SES-03")
+async def test_session_invalid_retry_keeps_the_stack_options(real_proxy: RealProxy, echo_port: int) -> None:
+    """SES-03 (client side), both flavours: after Session Invalid the request is retried in
+    a new session with the caller's Stack options, also when they were given as a one-shot
+    iterator (regression: the first attempt used it up and the retry went out without
+    them). The real proxy echoes the TTL it applied (D9)."""
+    ttl = TTLOption(StackLeg.PROXY_REMOTE, 7)
+
+    def forgotten(session: s6.Session | bclient.Session) -> None:
+        session.core.request_options()
+        session.core.on_session_id(b"GONE")  # a Session ID the proxy does not know
+
+    stale = s6.Session(real_proxy.url())
+    forgotten(stale)
+    reader, writer = await stale.open_connection(LOCALHOST, echo_port, stack_options=iter([ttl]))
+    assert stale.session_id not in (None, b"GONE")  # retried in a new session
+    assert ttl in writer.get_extra_info("socks6_reply").options
+    await close(writer)
+    await stale.aclose()
+
+    def blocking() -> None:
+        with bclient.Session(real_proxy.url()) as session:
+            forgotten(session)
+            sock, conn = session.connect_tunnel(LOCALHOST, echo_port, stack_options=iter([ttl]))
+            sock.close()
+            assert session.session_id not in (None, b"GONE")
+            assert conn.operation_reply is not None and ttl in conn.operation_reply.options
+
+    await asyncio.to_thread(blocking)
 
 
 async def test_real_server_bind(real_proxy: RealProxy) -> None:

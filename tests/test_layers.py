@@ -12,7 +12,8 @@ The layers, lowest first:
 - ``proto/``: the sans-IO protocol core, which touches no socket, loop or clock;
 - ``net/`` (socket helpers) and ``config``;
 - ``dataplane/``: the relay engine selector, the native engine and the Relayer;
-- the I/O adapters: the blocking ``client`` and ``asyncio/``;
+- the I/O adapters: ``_client_base`` (what both clients share), the blocking ``client``
+  and ``asyncio/``;
 - the command line, and beside it ``bench/`` (``socks6fast bench``).
 """
 
@@ -38,10 +39,12 @@ LAYERS: list[set[str]] = [
     {"proto.socks5", "proto._codec_py", "proto._codec_c"},
     {"proto.codec"},
     {"proto.server", "proto.client", "proto"},
+    {"proto.client_flow"},
     {"net.tfo"},
     {"net.url", "net.stackopts", "net.localaddr", "net", "config"},
     {"dataplane.engine", "dataplane._relay_c", "dataplane"},
     {"dataplane.relayer"},
+    {"_client_base"},
     {"client"},
     {"asyncio.client"},
     {"asyncio.server", "asyncio"},
@@ -59,7 +62,7 @@ IO_MODULES = frozenset({"socket", "_socket", "ssl", "asyncio", "select", "select
 IO_CIMPORTS = ("posix.socket", "socks6fast.includes.linux", "libc.sys.socket")
 #: The only places allowed to touch sockets (a top-level folder or module name).
 #: bench/ (socks6fast bench) is a load harness: it dials the proxies under test itself.
-SOCKET_HOMES = frozenset({"net", "dataplane", "asyncio", "client", "cli", "bench"})
+SOCKET_HOMES = frozenset({"net", "dataplane", "asyncio", "_client_base", "client", "cli", "bench"})
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -173,7 +176,7 @@ def test_imports_point_down(module: str) -> None:
 
 @pytest.mark.parametrize("module", sorted(_sources()))
 def test_sockets_only_in_their_layers(module: str) -> None:
-    """Only net/, dataplane/, asyncio/, the blocking client, the CLI and bench/ touch sockets or loops;
+    """Only net/, dataplane/, asyncio/, the clients, the CLI and bench/ touch sockets or loops;
     the protocol core, config and the leaves never do (Python imports and Cython cimports)."""
     _mine, other = _sources()[module]
     touches = sorted(m for m in other if m.split(".")[0] in IO_MODULES or m.startswith(IO_CIMPORTS))

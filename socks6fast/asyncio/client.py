@@ -37,33 +37,48 @@ for the network (e.g. ``ConnectionRefusedError``, ``ssl.SSLCertVerificationError
 proxy that resets the connection in the middle of a reply is judged like one that closes
 it: ``VersionMismatchError`` after a lone byte 6 (REQ-02), else ``RemoteProtocolError``,
 with the ``ConnectionResetError`` as ``__cause__`` (`socks6fast.proto.client.raise_reset`).
+
+`Proxy`, `Session` and `Binding` have the blocking flavour's (``socks6fast.client``) names,
+keyword arguments (`ConnectOptions`, `RequestOptions` in ``socks6fast._client_base``) and
+return shapes, plus the stream methods. What a request does is decided once, in
+``socks6fast.proto.client_flow``; this module only performs its actions on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl as _ssl
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar, Unpack
 
-from ..client import DEFAULT_TIMEOUT
-from ..constants import Command
-from ..errors import AuthenticationError, Socks6Error
-from ..net.tfo import enable_tfo_connect
-from ..net.url import ProxyURL, parse_proxy_url, proxy_ssl_context
-from ..proto.client import (
-    NEED_DATA,
-    ClientConnection,
-    ClientSession,
-    ClientState,
-    SessionState,
-    build_request,
-    raise_reset,
-    tfo_syn_may_carry_data,
+from .._client_base import (
+    DEFAULT_TIMEOUT,
+    BindingBase,
+    ConnectOptions,
+    ProxyBase,
+    RequestOptions,
+    SessionBase,
 )
-from ..proto.messages import OperationReply, Option, SessionRequest, StackOption
+from ..errors import Socks6Error
+from ..net.tfo import enable_tfo_connect
+from ..net.url import parse_proxy_url
+from ..proto.client import ClientConnection
+from ..proto.client_flow import (
+    Action,
+    AwaitSession,
+    Close,
+    Flow,
+    Open,
+    Read,
+    SessionSettled,
+    Steps,
+    Write,
+    accept,
+)
+from ..proto.messages import Option, StackOption
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -125,7 +140,8 @@ class _Channel(Protocol):
     def close(self) -> None: ...
 
 
-_C = TypeVar("_C", bound=_Channel)
+CH = TypeVar("CH", bound=_Channel)
+T = TypeVar("T")
 
 
 class _SocketChannel:
@@ -185,38 +201,52 @@ class Socks6StreamWriter(asyncio.StreamWriter):
         return super().get_extra_info(name, default)
 
 
-async def _drive(channel: _Channel, conn: ClientConnection, stop: frozenset[ClientState]) -> OperationReply:
-    # The adapter loop of socks6fast.proto.client's module docstring.
-    while True:
-        event = conn.next_event()
-        out = conn.data_to_send()
-        if out:
-            try:
-                await channel.write(out)
-            except (BrokenPipeError, ConnectionResetError):
-                # The proxy is gone. What it sent before (a refusal) is still to be read,
-                # and the read ends at once, in a typed error (raise_reset).
-                pass
-        if event is NEED_DATA:
-            try:
-                data = await channel.read(conn.bytes_needed)
-            except ConnectionResetError as exc:
-                raise_reset(conn, exc)
-            conn.receive_data(data)
-        elif isinstance(event, OperationReply) and conn.state in stop:
-            return event
+class _Performer(Generic[CH]):
+    """Performs a flow's actions (socks6fast.proto.client_flow) on the event loop.
 
+    A timeout cancels the await in progress: the CancelledError goes into the flow, which
+    closes its channel and re-raises it.
+    """
 
-_FIRST_REPLY: Final = frozenset(
-    {ClientState.ESTABLISHED, ClientState.MUST_CLOSE, ClientState.AWAIT_BIND_PEER}
-)
-_PEER_REPLY: Final = frozenset({ClientState.ESTABLISHED})
+    def __init__(
+        self, open_channel: Callable[[bool], Awaitable[CH]] | None = None, session: Session | None = None
+    ) -> None:
+        self._open_channel = open_channel
+        self._session = session
+
+    async def run(self, flow: Flow[CH, T]) -> T:
+        steps = Steps(flow)
+        for action in steps:
+            try:
+                steps.result = await self._perform(action)
+            except BaseException as exc:
+                steps.error = exc
+        return steps.value
+
+    async def _perform(self, action: Action[CH]) -> object:
+        match action:
+            case Read(channel, size):
+                return await channel.read(size)
+            case Write(channel, data):
+                await channel.write(data)
+            case Open(tfo):
+                assert self._open_channel is not None
+                return await self._open_channel(tfo)
+            case Close(channel):
+                channel.close()
+            case AwaitSession():
+                assert self._session is not None
+                await self._session._wait_settled()
+            case SessionSettled():
+                assert self._session is not None
+                self._session._notify_settled()
+        return None
 
 
 # --- Proxy -------------------------------------------------------------------------------
 
 
-class Proxy:
+class Proxy(ProxyBase):
     """A SOCKS 6 proxy, python-socks style (asyncio flavour).
 
     Example::
@@ -237,42 +267,9 @@ class Proxy:
             the URL's host).
     """
 
-    def __init__(
-        self,
-        url: ProxyURL,
-        *,
-        proxy_ssl: _ssl.SSLContext | bool | None = None,
-        proxy_server_hostname: str | None = None,
-    ) -> None:
-        self.url = url
-        """The parsed URL."""
-        self.ssl_context = proxy_ssl_context(url, proxy_ssl)
-        """The TLS context used towards the proxy (None for socks6://)."""
-        self.server_hostname = proxy_server_hostname or url.host
-        """Name the proxy certificate is checked against."""
+    # -- channels
 
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        proxy_ssl: _ssl.SSLContext | bool | None = None,
-        proxy_server_hostname: str | None = None,
-    ) -> Proxy:
-        """Make a Proxy from ``socks6://[user[:pass]@]host[:port]`` or ``socks6+tls://...``.
-
-        Raises:
-            ValueError: bad URL (see `socks6fast.net.url.parse_proxy_url`) or TLS arguments.
-        """
-        return cls(parse_proxy_url(url), proxy_ssl=proxy_ssl, proxy_server_hostname=proxy_server_hostname)
-
-    def __repr__(self) -> str:
-        scheme = "socks6+tls" if self.url.tls else "socks6"
-        return f"<Proxy {scheme}://{self.url.host}:{self.url.port}>"
-
-    # -- plumbing
-
-    async def _open_stream_channel(self, tfo: bool, limit: int) -> _StreamChannel:
+    async def _open_stream_channel(self, tfo: bool, limit: int = 2**16) -> _StreamChannel:
         loop = asyncio.get_running_loop()
         sock = await _open_tcp_socket(self.url.host, self.url.port, tfo=tfo, loop=loop)
         reader = asyncio.StreamReader(limit=limit, loop=loop)
@@ -289,86 +286,11 @@ class Proxy:
             raise
         return _StreamChannel(reader, Socks6StreamWriter(transport, protocol, reader, loop))
 
-    async def _open_plain_stream_channel(self, tfo: bool) -> _StreamChannel:
-        return await self._open_stream_channel(tfo, 2**16)
-
     async def _open_socket_channel(self, tfo: bool) -> _SocketChannel:
         if self.url.tls:
             raise ValueError("a socks6+tls:// proxy gives streams, not a socket: use open_connection()")
         loop = asyncio.get_running_loop()
         return _SocketChannel(await _open_tcp_socket(self.url.host, self.url.port, tfo=tfo, loop=loop), loop)
-
-    async def _request(
-        self,
-        channel_factory: Callable[[bool], Awaitable[_C]],
-        command: Command,
-        host: str,
-        port: int,
-        *,
-        initial_data: bytes,
-        stack_options: Iterable[Option],
-        session: Session | None,
-        idempotent: bool,
-        tfo: bool,
-    ) -> tuple[_C, ClientConnection, OperationReply]:
-        if session is not None and session.proxy.url != self.url:
-            raise ValueError("the session belongs to another proxy")
-        if idempotent and session is None:
-            raise ValueError("idempotent=True needs a session (idempotence tokens live in sessions)")
-        # Session Invalid means the proxy did not act on the request: retrying once in a
-        # fresh session is safe.
-        attempts = 2 if session is not None else 1
-        for attempt in range(attempts):
-            session_options = await session._begin(idempotent) if session is not None else ()
-            initiator = any(isinstance(o, SessionRequest) for o in session_options)
-            core = session.core if session is not None else None
-            credentials = self.url.credentials if core is None or core.needs_credentials else None
-            request = build_request(
-                command,
-                host,
-                port,
-                credentials=credentials,
-                initial_data_length=len(initial_data),
-                options=(*session_options, *stack_options),
-            )
-            conn = ClientConnection(session=core, credentials=credentials)
-            channel: _C | None = None
-            try:
-                channel = await channel_factory(tfo)
-                flight = conn.send(request, initial_data)
-                spends = conn.spends_token
-                split = tfo and not self.url.tls and not tfo_syn_may_carry_data(spends_token=spends)
-                try:
-                    if split:
-                        # TRN-02: only the Request rides in the SYN; the data follows it.
-                        await channel.write(flight[: conn.request_size])
-                        flight = flight[conn.request_size :]
-                    if flight:
-                        await channel.write(flight)
-                except (BrokenPipeError, ConnectionResetError):
-                    # The proxy answered and closed while a long first flight (false-start
-                    # data) was still going out, so its close became a reset: as in
-                    # `_drive`, read what it sent (a Version Mismatch Reply, REQ-02, or a
-                    # refusal) and let the core judge it; the end gives a typed error.
-                    pass
-                reply = await _drive(channel, conn, _FIRST_REPLY)
-            except AuthenticationError:
-                if channel is not None:
-                    channel.close()
-                if conn.session_invalid and attempt + 1 < attempts:
-                    continue
-                raise
-            except BaseException:
-                if channel is not None:
-                    channel.close()
-                raise
-            finally:
-                if session is not None:
-                    session._end(initiator)
-            if conn.state is ClientState.MUST_CLOSE:
-                channel.close()  # REQ-10: NOOP answered
-            return channel, conn, reply
-        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- public API
 
@@ -377,68 +299,29 @@ class Proxy:
         dest_host: str,
         dest_port: int,
         *,
-        initial_data: bytes = b"",
-        stack_options: Iterable[StackOption] = (),
         session: Session | None = None,
-        idempotent: bool = False,
-        tfo: bool = False,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        **kwargs: Unpack[ConnectOptions],
     ) -> socket.socket:
-        """CONNECT through the proxy and return the connected non-blocking socket.
+        """CONNECT through the proxy; return the connected non-blocking socket.
 
-        Args:
-            dest_host: IP literal or name (the proxy resolves names).
-            dest_port: destination port.
-            initial_data: first application bytes, sent in the same write as the Request.
-            stack_options: Stack options from `socks6fast.proto.messages` (the echoed ones are in
-                the reply; use `connect_tunnel` to see it).
-            session: a `Session` of this proxy.
-            idempotent: spend an idempotence token (needs ``session``, ``tokens > 0``).
-            tfo: use TCP Fast Open to the proxy where TRN-02 allows it.
-            timeout: seconds for connect + handshake (None: no limit).
-
-        Raises:
-            ProxyError: the proxy refused (``reply_code``); AuthenticationError,
-            VersionMismatchError, RemoteProtocolError, TimeoutError, OSError.
+        Arguments and errors: see `ProxyBase`. A ``socks6+tls`` proxy raises ValueError
+        (use `open_connection`); the proxy's answer to ``stack_options`` is in the reply
+        `connect_tunnel` returns.
         """
-        sock, _ = await self.connect_tunnel(
-            dest_host,
-            dest_port,
-            initial_data=initial_data,
-            stack_options=stack_options,
-            session=session,
-            idempotent=idempotent,
-            tfo=tfo,
-            timeout=timeout,
-        )
-        return sock
+        return (await self.connect_tunnel(dest_host, dest_port, session=session, **kwargs))[0]
 
     async def connect_tunnel(
         self,
         dest_host: str,
         dest_port: int,
         *,
-        initial_data: bytes = b"",
-        stack_options: Iterable[StackOption] = (),
         session: Session | None = None,
-        idempotent: bool = False,
-        tfo: bool = False,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        **kwargs: Unpack[ConnectOptions],
     ) -> tuple[socket.socket, ClientConnection]:
-        """Like `connect`, but also return the `ClientConnection` (replies, options)."""
-        async with asyncio.timeout(timeout):
-            channel, conn, _ = await self._request(
-                self._open_socket_channel,
-                Command.CONNECT,
-                dest_host,
-                dest_port,
-                initial_data=initial_data,
-                stack_options=stack_options,
-                session=session,
-                idempotent=idempotent,
-                tfo=tfo,
-            )
-        assert isinstance(channel, _SocketChannel)
+        """Like `connect`, but also return the `ClientConnection` (replies, echoed options)."""
+        async with asyncio.timeout(kwargs.get("timeout", DEFAULT_TIMEOUT)):
+            performer = _Performer(self._open_socket_channel, session)
+            channel, conn = await performer.run(self._connect_flow(dest_host, dest_port, session, kwargs))
         return channel.sock, conn
 
     async def open_connection(
@@ -446,35 +329,17 @@ class Proxy:
         dest_host: str,
         dest_port: int,
         *,
-        initial_data: bytes = b"",
-        stack_options: Iterable[StackOption] = (),
         session: Session | None = None,
-        idempotent: bool = False,
-        tfo: bool = False,
         ssl: SSLArg = None,
         server_hostname: str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
         limit: int = 2**16,
+        **kwargs: Unpack[ConnectOptions],
     ) -> tuple[asyncio.StreamReader, Socks6StreamWriter]:
         """CONNECT through the proxy and return ``(reader, writer)``; see `open_connection`."""
         dest_ctx = _dest_context(ssl)
-
-        async def factory(tfo: bool) -> _StreamChannel:
-            return await self._open_stream_channel(tfo, limit)
-
-        async with asyncio.timeout(timeout):
-            channel, conn, _ = await self._request(
-                factory,
-                Command.CONNECT,
-                dest_host,
-                dest_port,
-                initial_data=initial_data,
-                stack_options=stack_options,
-                session=session,
-                idempotent=idempotent,
-                tfo=tfo,
-            )
-            assert isinstance(channel, _StreamChannel)
+        async with asyncio.timeout(kwargs.get("timeout", DEFAULT_TIMEOUT)):
+            performer = _Performer(lambda tfo: self._open_stream_channel(tfo, limit), session)
+            channel, conn = await performer.run(self._connect_flow(dest_host, dest_port, session, kwargs))
             channel.writer._socks6_conn = conn
             if dest_ctx is not None:
                 try:
@@ -489,11 +354,8 @@ class Proxy:
         address: str = "0.0.0.0",
         port: int = 0,
         *,
-        stack_options: Iterable[StackOption] = (),
         session: Session | None = None,
-        idempotent: bool = False,
-        tfo: bool = False,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        **kwargs: Unpack[RequestOptions],
     ) -> Binding:
         """BIND: ask the proxy to listen; return once it says where (CMD-04).
 
@@ -504,58 +366,26 @@ class Proxy:
             sock = await binding.accept()          # second Operation Reply
             print("peer is", binding.peer_address)
 
-        Args:
-            address: desired bind address ("0.0.0.0" or "::": any).
-            port: desired bind port (0: any).
-            stack_options, session, idempotent, tfo, timeout: as for `connect`.
-
         Returns:
             A `Binding`; its socket becomes the data channel after `Binding.accept`.
         """
-        async with asyncio.timeout(timeout):
-            channel, conn, _ = await self._request(
-                self._open_socket_channel,
-                Command.BIND,
-                address,
-                port,
-                initial_data=b"",
-                stack_options=stack_options,
-                session=session,
-                idempotent=idempotent,
-                tfo=tfo,
-            )
-        return Binding(channel, conn)
+        async with asyncio.timeout(kwargs.get("timeout", DEFAULT_TIMEOUT)):
+            performer = _Performer(self._open_socket_channel, session)
+            return Binding(*await performer.run(self._bind_flow(address, port, session, kwargs)))
 
     async def open_bind(
         self,
         address: str = "0.0.0.0",
         port: int = 0,
         *,
-        stack_options: Iterable[StackOption] = (),
         session: Session | None = None,
-        idempotent: bool = False,
-        tfo: bool = False,
-        timeout: float | None = DEFAULT_TIMEOUT,
         limit: int = 2**16,
+        **kwargs: Unpack[RequestOptions],
     ) -> StreamBinding:
         """BIND with streams (works over ``socks6+tls`` too); see `open_bind`."""
-
-        async def factory(tfo: bool) -> _StreamChannel:
-            return await self._open_stream_channel(tfo, limit)
-
-        async with asyncio.timeout(timeout):
-            channel, conn, _ = await self._request(
-                factory,
-                Command.BIND,
-                address,
-                port,
-                initial_data=b"",
-                stack_options=stack_options,
-                session=session,
-                idempotent=idempotent,
-                tfo=tfo,
-            )
-        assert isinstance(channel, _StreamChannel)
+        async with asyncio.timeout(kwargs.get("timeout", DEFAULT_TIMEOUT)):
+            performer = _Performer(lambda tfo: self._open_stream_channel(tfo, limit), session)
+            channel, conn = await performer.run(self._bind_flow(address, port, session, kwargs))
         channel.writer._socks6_conn = conn
         return StreamBinding(channel, conn)
 
@@ -566,71 +396,31 @@ class Proxy:
         session: Session | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> ClientConnection:
-        """Send a NOOP request (checks credentials; starts a session when given one).
-
-        Returns:
-            The finished `ClientConnection` (its ``operation_reply``, ``auth_replies``).
-        """
+        """NOOP: check the credentials, or start ``session``; return the finished connection."""
         async with asyncio.timeout(timeout):
-            _, conn, _ = await self._request(
-                self._open_plain_stream_channel,
-                Command.NOOP,
-                "0.0.0.0",
-                0,
-                initial_data=b"",
-                stack_options=options,
-                session=session,
-                idempotent=False,
-                tfo=False,
-            )
+            performer = _Performer(self._open_stream_channel, session)
+            _, conn = await performer.run(self._noop_flow(options, session))
         return conn
 
 
 # --- BIND ------------------------------------------------------------------------------
 
 
-class _BindingBase:
-    def __init__(self, channel: Any, conn: ClientConnection) -> None:
-        self._channel = channel
-        self.connection = conn
-        """The sans-IO connection (all replies)."""
-
-    @property
-    def reply(self) -> OperationReply:
-        """The first Operation Reply: where the proxy listens."""
-        assert self.connection.operation_reply is not None
-        return self.connection.operation_reply
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """``(bind address, bind port)`` the peer should connect to."""
-        return self.reply.address, self.reply.port
-
-    @property
-    def peer_reply(self) -> OperationReply | None:
-        """The second Operation Reply once a peer connected (else None)."""
-        return self.connection.peer_reply
-
-    @property
-    def peer_address(self) -> tuple[str, int] | None:
-        """``(address, port)`` of the connecting host, once known."""
-        reply = self.connection.peer_reply
-        return None if reply is None else (reply.address, reply.port)
-
+class _AsyncBinding(BindingBase[CH]):
     async def _wait_peer(self, timeout: float | None) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                await _drive(self._channel, self.connection, _PEER_REPLY)
-        except BaseException:
-            self._channel.close()
-            raise
+        async with asyncio.timeout(timeout):
+            await _Performer[CH]().run(accept(self._channel, self.connection))
 
-    def close(self) -> None:
-        """Stop waiting: close the connection to the proxy (the proxy stops listening)."""
-        self._channel.close()
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._close_unless_accepted()
 
 
-class Binding(_BindingBase):
+class Binding(_AsyncBinding[_SocketChannel]):
     """A BIND in progress over a plain socket; see `Proxy.bind`."""
 
     async def accept(self, timeout: float | None = None) -> socket.socket:
@@ -640,11 +430,10 @@ class Binding(_BindingBase):
             ProxyError: the proxy reported a failure instead of a peer; TimeoutError.
         """
         await self._wait_peer(timeout)
-        assert isinstance(self._channel, _SocketChannel)
         return self._channel.sock
 
 
-class StreamBinding(_BindingBase):
+class StreamBinding(_AsyncBinding[_StreamChannel]):
     """A BIND in progress over streams; see `open_bind`."""
 
     async def accept(self, timeout: float | None = None) -> tuple[asyncio.StreamReader, Socks6StreamWriter]:
@@ -654,24 +443,14 @@ class StreamBinding(_BindingBase):
             ProxyError: the proxy reported a failure instead of a peer; TimeoutError.
         """
         await self._wait_peer(timeout)
-        assert isinstance(self._channel, _StreamChannel)
         return self._channel.reader, self._channel.writer
 
 
 # --- Sessions ----------------------------------------------------------------------------
 
 
-class Session:
-    """A SOCKS 6 session: authenticate once, then requests carry only the Session ID.
-
-    The first request carries the Session Request (and the Token Request when
-    ``tokens > 0``) together with the credentials; the Session ID comes back in either
-    reply (D4) and later requests carry it instead of credentials. Requests issued while
-    the first is in flight wait for it. ``idempotent=True`` spends the smallest unspent
-    token (IDM-05); if no window is known yet, a NOOP establishes the session first. A
-    Session Invalid answer (the proxy forgot the session) starts a new one and retries
-    the request once, which is safe because the proxy did not act on it. Closing sends a
-    NOOP with Session Teardown.
+class Session(SessionBase[Proxy]):
+    """A SOCKS 6 session (asyncio flavour); see `SessionBase` for what it does.
 
     Example::
 
@@ -685,39 +464,18 @@ class Session:
     """
 
     def __init__(self, proxy: str | Proxy, *, tokens: int = 0) -> None:
-        self.proxy = Proxy.from_url(proxy) if isinstance(proxy, str) else proxy
-        """The proxy this session lives on."""
-        self.core = ClientSession(tokens=tokens)
-        """The sans-IO bookkeeping (state, Session ID, token window)."""
+        super().__init__(Proxy.from_url(proxy) if isinstance(proxy, str) else proxy, tokens=tokens)
+        # Set when the pending initiation settles (AwaitSession / SessionSettled); made
+        # on first use, inside the running loop.
         self._settled: asyncio.Event | None = None
 
-    @property
-    def session_id(self) -> bytes | None:
-        """The Session ID, once granted."""
-        return self.core.session_id
+    async def _wait_settled(self) -> None:
+        if self._settled is None:
+            self._settled = asyncio.Event()
+        await self._settled.wait()
 
-    async def _begin(self, idempotent: bool) -> tuple[Option, ...]:
-        while True:
-            state = self.core.state
-            if state is SessionState.PENDING:
-                assert self._settled is not None
-                await self._settled.wait()
-                continue
-            if idempotent and state is SessionState.NEW:
-                # A token needs a window, which needs an established session: NOOP first.
-                await self.proxy.noop(session=self)
-                if self.core.state is SessionState.DECLINED:
-                    raise Socks6Error("the proxy declined the session: no idempotence tokens")
-                continue
-            if state is SessionState.NEW:
-                self._settled = asyncio.Event()
-            return self.core.request_options(idempotent=idempotent)
-
-    def _end(self, initiator: bool) -> None:
-        if initiator and self.core.state is SessionState.PENDING:
-            # The initiating request ended before its Operation Reply (error, timeout).
-            self.core.on_initiation_done(succeeded=False)
-        if self.core.state is not SessionState.PENDING and self._settled is not None:
+    def _notify_settled(self) -> None:
+        if self._settled is not None:
             self._settled.set()
             self._settled = None
 
@@ -727,12 +485,14 @@ class Session:
         """`Proxy.open_connection` inside this session (same keyword arguments)."""
         return await self.proxy.open_connection(dest_host, dest_port, session=self, **kwargs)
 
-    async def connect(self, dest_host: str, dest_port: int, **kwargs: Any) -> socket.socket:
+    async def connect(
+        self, dest_host: str, dest_port: int, **kwargs: Unpack[ConnectOptions]
+    ) -> socket.socket:
         """`Proxy.connect` inside this session (same keyword arguments)."""
         return await self.proxy.connect(dest_host, dest_port, session=self, **kwargs)
 
     async def connect_tunnel(
-        self, dest_host: str, dest_port: int, **kwargs: Any
+        self, dest_host: str, dest_port: int, **kwargs: Unpack[ConnectOptions]
     ) -> tuple[socket.socket, ClientConnection]:
         """`Proxy.connect_tunnel` inside this session (same keyword arguments)."""
         return await self.proxy.connect_tunnel(dest_host, dest_port, session=self, **kwargs)
@@ -741,7 +501,9 @@ class Session:
         """`Proxy.open_bind` inside this session (same keyword arguments)."""
         return await self.proxy.open_bind(address, port, session=self, **kwargs)
 
-    async def bind(self, address: str = "0.0.0.0", port: int = 0, **kwargs: Any) -> Binding:
+    async def bind(
+        self, address: str = "0.0.0.0", port: int = 0, **kwargs: Unpack[RequestOptions]
+    ) -> Binding:
         """`Proxy.bind` inside this session (same keyword arguments)."""
         return await self.proxy.bind(address, port, session=self, **kwargs)
 
@@ -752,14 +514,11 @@ class Session:
         exchange itself (the proxy may already have expired the session) are ignored.
         """
         options = self.core.teardown_options()
-        if not options:
-            return
-        try:
+        if options:
             # SES-05: the teardown request is outside any session, so it carries the
             # credentials a proxy requiring authentication asks for.
-            await self.proxy.noop(options=options, timeout=timeout)
-        except (Socks6Error, OSError, TimeoutError):
-            pass
+            with contextlib.suppress(Socks6Error, OSError):
+                await self.proxy.noop(options=options, timeout=timeout)
 
     async def __aenter__(self) -> Session:
         return self

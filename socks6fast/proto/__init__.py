@@ -12,6 +12,9 @@ section 2). ``tests/test_imports.py`` checks that importing any module here leav
 - ``states``: the state tables of both roles.
 - ``server``: ``ServerConnection`` / ``Socks5ServerConnection``, the proxy's side.
 - ``client``: ``ClientConnection`` / ``ClientSession``, the client's side.
+- ``client_flow``: the steps of one client request around its ``ClientConnection``
+  (session wait, NOOP for a token, TFO split, retry, close), as generators of actions that
+  the blocking and the asyncio client perform.
 - ``sessions``, ``auth``, ``policy``: session and idempotence-token bookkeeping,
   credential checks, and the rules.
 """
