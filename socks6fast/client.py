@@ -27,7 +27,7 @@ returned socket is in blocking mode without a timeout. A `Session` may be shared
 threads.
 
 The classes have the asyncio flavour's names, keyword arguments (`ConnectOptions`,
-`RequestOptions` in ``socks6fast._client_base``) and return shapes. What a request does
+`RequestOptions`, the same in both flavours) and return shapes. What a request does
 is decided once, in ``socks6fast.proto.client_flow``; this module only performs its
 actions with blocking sockets (``TCP_FASTOPEN_CONNECT`` and `enable_tfo_connect` are
 re-exported from `socks6fast.net.tfo`).
@@ -71,7 +71,16 @@ from .proto.client_flow import (
 )
 from .proto.messages import Option
 
-__all__ = ["DEFAULT_TIMEOUT", "TCP_FASTOPEN_CONNECT", "Binding", "Proxy", "Session", "enable_tfo_connect"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "TCP_FASTOPEN_CONNECT",
+    "Binding",
+    "ConnectOptions",
+    "Proxy",
+    "RequestOptions",
+    "Session",
+    "enable_tfo_connect",
+]
 
 T = TypeVar("T")
 

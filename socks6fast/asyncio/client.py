@@ -39,7 +39,7 @@ it: ``VersionMismatchError`` after a lone byte 6 (REQ-02), else ``RemoteProtocol
 with the ``ConnectionResetError`` as ``__cause__`` (`socks6fast.proto.client.raise_reset`).
 
 `Proxy`, `Session` and `Binding` have the blocking flavour's (``socks6fast.client``) names,
-keyword arguments (`ConnectOptions`, `RequestOptions` in ``socks6fast._client_base``) and
+keyword arguments (`ConnectOptions`, `RequestOptions`, the same in both flavours) and
 return shapes, plus the stream methods. What a request does is decided once, in
 ``socks6fast.proto.client_flow``; this module only performs its actions on the event loop.
 """
@@ -83,7 +83,9 @@ from ..proto.messages import Option, StackOption
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Binding",
+    "ConnectOptions",
     "Proxy",
+    "RequestOptions",
     "Session",
     "StreamBinding",
     "open_bind",
