@@ -278,10 +278,12 @@ def test_a_declined_session_gives_no_token() -> None:
         run(proxy, session=ClientSession(tokens=4), idempotent=True)
 
 
+@pytest.mark.conformance("SES-03")
 def test_session_invalid_retries_once_in_a_new_session() -> None:
-    """Section "Session initiation": Session Invalid means the proxy did not act on the
-    request, so it is retried once in a new session (credentials again), with the same
-    options even when they were given as a one-shot iterator."""
+    """SES-03 (client side): Session Invalid comes before the proxy acts on the request
+    (section "Further SOCKS Requests"), so it is retried once in a new session
+    (credentials again), with the same options even when they were given as a one-shot
+    iterator."""
     session = active_session(window=None)
     ttl = TTLOption(StackLeg.PROXY_REMOTE, 7)
     proxy = ScriptedProxy([[SESSION_INVALID], [AUTH_OK_SESSION_WINDOW + OP_OK]])

@@ -237,15 +237,16 @@ def request(
     if idempotent and session is None:
         raise ValueError("idempotent=True needs a session (idempotence tokens live in sessions)")
     options = tuple(options)
-    # Session Invalid means the proxy did not act on the request (section "Session
-    # options"): retrying once in a fresh session is safe.
+    # Session Invalid comes in the first Authentication Reply, before the proxy acts on
+    # the request (section "Further SOCKS Requests"): retrying once in a fresh session
+    # is safe.
     attempts = 2 if session is not None else 1
     for attempt in range(attempts):
         session_options: tuple[Option, ...] = ()
         if session is not None:
             session_options = yield from _join(session, idempotent, credentials, tls)
         initiator = any(isinstance(o, SessionRequest) for o in session_options)
-        # Inside an active session the Session ID authenticates the request (SES-05).
+        # Inside an active session the Session ID stands for the credentials (SES-02).
         own_credentials = credentials if session is None or session.needs_credentials else None
         conn = ClientConnection(session=session, credentials=own_credentials)
         message = build_request(
