@@ -29,7 +29,8 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     the draft's cap; it can only be lowered).
     ``dns_resolver``: ``"HOST:PORT"`` of a DNS server for the draft's DNS service (CONNECT
     to 0.0.0.0:53, DECISIONS D13); absent: that service is refused.
-    ``relay_workers``: relay worker count, 0 = one per CPU core (0-1024; 0).
+    ``relay_workers``: relay worker count, 0 = one per CPU core (0-256; 0). The limit is
+    ``constants.MAX_RELAY_WORKERS``, the very one the relay engine enforces.
     ``auth_failure_burst``: failed username/password checks a client address may make in a
     row before further attempts fail at once, without checking the password (scrypt costs
     ~50 ms of CPU each); 0 = no limit (integer >= 0; 10).
@@ -85,7 +86,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .constants import MAX_OPTIONS_LENGTH, MAX_USERPASS_LENGTH, MAX_WINDOW_SIZE, Command
+from .constants import MAX_OPTIONS_LENGTH, MAX_RELAY_WORKERS, MAX_USERPASS_LENGTH, MAX_WINDOW_SIZE, Command
 from .errors import ConfigError
 from .proto.auth import UserStore, hash_password, parse_hash
 from .proto.policy import (
@@ -153,7 +154,6 @@ max_token_window = 65536
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _MIN_OPTIONS_LENGTH = 1024  # room for a username/password Authentication Data option
-_MAX_RELAY_WORKERS = 1024
 _ANY = "*"
 _T = TypeVar("_T")
 _V = TypeVar("_V")
@@ -488,7 +488,7 @@ def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
             high=MAX_OPTIONS_LENGTH,
         ),
         dns_resolver=resolver,
-        relay_workers=_int(table, "relay_workers", "server", 0, low=0, high=_MAX_RELAY_WORKERS),
+        relay_workers=_int(table, "relay_workers", "server", 0, low=0, high=MAX_RELAY_WORKERS),
         auth_failure_burst=_int(table, "auth_failure_burst", "server", 10, low=0),
         auth_failure_interval=_seconds(table, "auth_failure_interval", "server", 5.0),
         log_level=level.lower(),

@@ -192,6 +192,11 @@ MAX_USERPASS_LENGTH = 255
 MAX_SOCKS5_METHODS = 255
 
 
+#: Most relay engine worker threads: ``server.relay_workers`` (config.py) and the engine
+#: (``_relay_c.RelayEngine``) check this one limit, so what check-config accepts, serve runs.
+MAX_RELAY_WORKERS = 256
+
+
 class RelayEnd(IntEnum):
     """Why a relayed connection ended (the data plane's report, socks6fast.dataplane.engine)."""
 

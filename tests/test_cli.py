@@ -20,7 +20,7 @@ import pytest
 from helpers_server import RawClient, Sink, cheap_hash
 
 import socks6fast
-from socks6fast.constants import AddressType, AuthMethod, AuthReplyType, Command, ReplyCode
+from socks6fast.constants import MAX_RELAY_WORKERS, AddressType, AuthMethod, AuthReplyType, Command, ReplyCode
 from socks6fast.dataplane.engine import ENGINE_AVAILABLE
 from socks6fast.proto import codec
 from socks6fast.proto.auth import verify_password
@@ -104,6 +104,30 @@ def test_config_errors_are_one_sentence(tmp_path: Path, text: str, key: str) -> 
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and key in lines[0], done.stderr
         assert "Traceback" not in done.stderr and "plaintext" not in done.stderr
+
+
+async def test_relay_workers_one_limit(tmp_path: Path) -> None:
+    """Issue 16 defect 5: server.relay_workers has one limit, MAX_RELAY_WORKERS, which the
+    relay engine enforces too. Above it, check-config and serve both refuse the file with
+    one sentence (257-1024 passed check-config, then serve died with a ValueError from the
+    engine); at it, check-config says OK and serve starts that many relay workers."""
+    over = tmp_path / "over.toml"
+    over.write_text(f'[server]\nlisten = ["127.0.0.1:0"]\nrelay_workers = {MAX_RELAY_WORKERS + 1}\n')
+    for args in (("check-config", str(over)), ("serve", "--config", str(over))):
+        done = run(*args)
+        assert done.returncode == 2, done
+        assert done.stderr.strip().splitlines() == [
+            f"socks6fast: error: {over}: server.relay_workers: {MAX_RELAY_WORKERS + 1} "
+            f"is not an integer 0-{MAX_RELAY_WORKERS}"
+        ], done.stderr
+    limit = tmp_path / "limit.toml"
+    limit.write_text(f'[server]\nlisten = ["127.0.0.1:0"]\nrelay_workers = {MAX_RELAY_WORKERS}\n')
+    assert run("check-config", str(limit)).returncode == 0
+    async with serve("--config", str(limit)) as proc:
+        await proc.address()
+        line = (await proc.wait_for(r"relay path: .*")).group(0)
+    expected = f"{MAX_RELAY_WORKERS} worker thread(s)" if ENGINE_AVAILABLE else "asyncio"
+    assert expected in line, line
 
 
 def test_check_config_catches_an_address_not_of_this_host(tmp_path: Path) -> None:

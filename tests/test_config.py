@@ -352,7 +352,8 @@ CASES: list[tuple[str, str]] = [
         'server.dns_resolver: "127.0.0.1:0" is not HOST:PORT with a port 1-65535',
     ),
     ("[server]\ndns_resolver = 53", "server.dns_resolver: 53 is not a string HOST:PORT"),
-    ("[server]\nrelay_workers = -1", "server.relay_workers: -1 is not an integer 0-1024"),
+    ("[server]\nrelay_workers = -1", "server.relay_workers: -1 is not an integer 0-256"),
+    ("[server]\nrelay_workers = 257", "server.relay_workers: 257 is not an integer 0-256"),
     ("[server]\nauth_failure_burst = -1", "server.auth_failure_burst: -1 is not an integer >= 0"),
     ("[server]\nauth_failure_interval = 0", "server.auth_failure_interval: 0 is not a number of seconds > 0"),
     (

@@ -18,7 +18,8 @@ Strategy:
   ``add()`` picks the least-loaded worker (ties: round robin), appends the pair to
   that worker's mutex-protected inbox and wakes it through its eventfd. The worker
   registers both sockets once, edge-triggered, for EPOLLIN | EPOLLOUT | EPOLLRDHUP;
-  it never calls epoll_ctl again until the pair ends.
+  it never calls epoll_ctl again until the pair ends. The worker count is capped by
+  ``constants.MAX_RELAY_WORKERS``, the one limit config.py checks too.
 * Edge-triggered readiness is kept in two flags per socket (readable, writable),
   set by events and cleared only when a splice() answers EAGAIN. A pair with work
   left goes on the worker's ready list; each pump moves at most ``budget`` bytes per
@@ -123,7 +124,7 @@ from socks6fast.includes.linux cimport (
 
 import os
 
-from socks6fast.constants import RelayEnd
+from socks6fast.constants import MAX_RELAY_WORKERS, RelayEnd
 
 # RelayEnd values as C constants (the IntEnum in constants.py is the one definition;
 # test_relay.py checks these agree).
@@ -139,7 +140,6 @@ cdef enum:
     MAX_EVENTS = 256        # epoll_wait batch
     POOL_MAX = 32           # empty pipes a worker keeps for reuse
     MIN_PIPE_SIZE = 65536   # the kernel's default pipe size: never ask for less
-    MAX_WORKERS = 256
 
 # Flags of every splice() call. No SPLICE_F_MORE (see Strategy).
 cdef unsigned int SPLICE_FLAGS = SPLICE_F_NONBLOCK | SPLICE_F_MOVE
@@ -873,13 +873,14 @@ cdef class RelayEngine:
         cdef int nworkers
         if self._eng != NULL:
             raise RuntimeError("RelayEngine is already initialised")
-        if workers < 0 or workers > MAX_WORKERS:
-            raise ValueError(f"workers must be in 0..{MAX_WORKERS}, got {workers}")
+        # The one limit (constants.MAX_RELAY_WORKERS), also what config.py accepts.
+        if workers < 0 or workers > MAX_RELAY_WORKERS:
+            raise ValueError(f"workers must be in 0..{MAX_RELAY_WORKERS}, got {workers}")
         if not (0.0 <= idle_timeout < 1e9):
             raise ValueError(f"idle_timeout must be >= 0 seconds, got {idle_timeout}")
         if pipe_size < 4096 or pipe_size > (1 << 30):
             raise ValueError(f"pipe_size must be in 4096..2**30, got {pipe_size}")
-        nworkers = workers or max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        nworkers = workers or max(1, min(MAX_RELAY_WORKERS, len(os.sched_getaffinity(0))))
         # calloc: lists empty, counters zero.
         self._eng = <Engine*>calloc(1, sizeof(Engine))
         if self._eng == NULL:
