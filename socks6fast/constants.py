@@ -198,15 +198,22 @@ MAX_RELAY_WORKERS = 256
 
 
 class RelayEnd(IntEnum):
-    """Why a relayed connection ended (the data plane's report, socks6fast.dataplane.engine)."""
+    """Why a relayed connection ended (the data plane's report, socks6fast.dataplane.engine).
 
-    #: Both directions finished normally: EOF forwarded each way.
+    One rule for every end: only ``EOF`` (EOF forwarded both ways, nothing left in flight)
+    closes the two legs with FIN. Every other end is a cut, and both legs are closed with
+    a reset (SO_LINGER 0), so that no receiver takes a cut-off transfer for a complete one.
+    """
+
+    #: Both directions finished normally: EOF forwarded each way; legs closed with FIN.
     EOF = 0
-    #: A leg was reset (ECONNRESET / EPIPE); the other leg is reset too.
+    #: A leg failed with a reset (ECONNRESET / EPIPE). What it had received before is
+    #: delivered to the other leg first, then the other leg is reset too.
     RESET = 1
-    #: No byte moved either way for the idle timeout.
+    #: No byte moved either way for the idle timeout; both legs are reset.
     IDLE_TIMEOUT = 2
-    #: Any other error (no pipe available, unexpected errno); both legs are reset.
+    #: Any other error (no pipe, a timed-out leg, a dead relay worker); both legs are reset.
     ERROR = 3
-    #: Ended by the proxy: engine/relayer closed or the relay cancelled.
+    #: Ended by the proxy (relayer closed, drain deadline passed, relay cancelled); both
+    #: legs are reset.
     SHUTDOWN = 4

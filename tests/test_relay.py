@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import fcntl
 import gc
 import hashlib
 import importlib
@@ -22,6 +23,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -239,7 +241,7 @@ def test_engine_api(_: int) -> None:
     assert recv_exact(c, 5) == b"pong!"
     engine.cancel(12345)  # unknown ident: ignored
     engine.cancel(1)
-    assert sees_close(c) == "eof" and sees_close(r) == "eof"
+    assert sees_close(c) == "reset" and sees_close(r) == "reset"  # a cut: never a clean FIN
     assert _wait_drain(engine, 1) == [(1, 4, 5, RelayEnd.SHUTDOWN)]
     assert engine.active == 0
     engine.cancel(1)  # already drained: ignored
@@ -256,7 +258,7 @@ def test_engine_api(_: int) -> None:
         engine.fileno()
     with pytest.raises(ValueError):
         engine.add(c.fileno(), r.fileno(), 3)
-    assert sees_close(c) == "eof" and sees_close(r) == "eof"
+    assert sees_close(c) == "reset" and sees_close(r) == "reset"
     c.close()
     r.close()
     del engine
@@ -410,6 +412,8 @@ def test_reset_ends_pair(path: str, loop_factory: LoopFactory, culprit: str) -> 
 
 
 def test_idle_timeout(path: str, loop_factory: LoopFactory) -> None:
+    """Silent both ways for the idle timeout: both legs are reset (a cut, issue 16 defect 3)."""
+
     async def main() -> tuple[RelayResult, float]:
         relayer = new_relayer(path, idle_timeout=0.3)
         c, pc, pr, r = make_legs()
@@ -419,8 +423,8 @@ def test_idle_timeout(path: str, loop_factory: LoopFactory) -> None:
             c.sendall(b"x")
             assert recv_exact(r, 1) == b"x"
             start = time.monotonic()
-            assert recv_all(c) == b""  # the proxy closed us
-            assert recv_all(r) == b""
+            assert sees_close(c) == "reset"  # the proxy cut us
+            assert sees_close(r) == "reset"
             c.close()
             r.close()
             return time.monotonic() - start
@@ -458,6 +462,209 @@ def test_initial_data_is_relayed_first(path: str, loop_factory: LoopFactory) -> 
         return result
 
     assert run(loop_factory, main()) == RelayResult(10, 8, RelayEnd.EOF, path)  # type: ignore[arg-type]
+
+
+# -- integrity in kernel edge cases (issue 16) -------------------------------------
+
+SIOCATMARK = 0x8905  # <asm-generic/sockios.h>; the socket module does not export it
+
+
+def at_urgent_mark(sock: socket.socket) -> bool:
+    """sockatmark(3): the next byte to read is the urgent mark."""
+    return bool(struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCATMARK, b"\0" * 4))[0])
+
+
+def unacknowledged(sock: socket.socket) -> int:
+    """SIOCOUTQ (= TIOCOUTQ): bytes queued on a TCP socket and not yet acknowledged."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+
+
+def read_to_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Every byte the peer delivered, and how the stream ended: "eof" or "reset"."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        return b"".join(chunks), "reset"
+    return b"".join(chunks), "eof"
+
+
+@pytest.mark.skipif(not IS_LINUX, reason="Linux urgent-data semantics (SIOCATMARK)")
+@pytest.mark.parametrize("fin", [True, False], ids=["fin", "no-fin"])
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_urgent_data_keeps_every_in_band_byte(
+    path: str, loop_factory: LoopFactory, direction: str, fin: bool
+) -> None:
+    """Issue 16 defect 1: 1000 bytes, one urgent byte (MSG_OOB), 1000 more, then a FIN (or
+    not yet). Direct TCP delivers the 2000 in-band bytes, and the urgent byte at its mark.
+
+    splice path: the same; the urgent byte is forwarded as urgent (send(MSG_OOB)) right
+    after the first 1000 bytes, so the receiver finds it at SIOCATMARK with recv(MSG_OOB).
+    asyncio path: the 2000 in-band bytes; the urgent byte is dropped, as documented (the
+    transports' recv() steps over it unseen). splice() stops at an urgent mark: before the
+    fix the engine delivered 1000 bytes and a clean EOF, or stalled without the FIN.
+    """
+    head, tail = os.urandom(1000), os.urandom(1000)
+
+    async def main() -> RelayResult:
+        relayer = new_relayer(path)
+        c, pc, pr, r = make_legs()
+        task = asyncio.ensure_future(relayer.relay_sockets(pc, pr))
+        sender, receiver = (c, r) if direction == "up" else (r, c)
+
+        def scenario() -> None:
+            sender.sendall(head)
+            sender.send(b"!", socket.MSG_OOB)
+            sender.sendall(tail)
+            if fin:
+                sender.shutdown(socket.SHUT_WR)
+            assert recv_exact(receiver, len(head)) == head
+            if path == "splice":
+                _, _, urgent = select.select([], [], [receiver], TIMEOUT)
+                assert urgent, "the urgent byte did not arrive"
+                assert at_urgent_mark(receiver)  # right after the first 1000 bytes, as sent
+                assert receiver.recv(1, socket.MSG_OOB) == b"!"
+            assert recv_exact(receiver, len(tail)) == tail
+            if not fin:
+                sender.shutdown(socket.SHUT_WR)
+            assert recv_all(receiver) == b""  # nothing else in-band: not the urgent byte either
+            receiver.close()
+            assert recv_all(sender) == b""
+            sender.close()
+
+        await asyncio.to_thread(scenario)
+        result = await task
+        await relayer.close()
+        return result
+
+    result = run(loop_factory, main())
+    moved = 2001 if path == "splice" else 2000  # the urgent byte counts where it is forwarded
+    counts = (moved, 0) if direction == "up" else (0, moved)
+    assert result == RelayResult(*counts, RelayEnd.EOF, path)  # type: ignore[arg-type]
+
+
+def test_reset_after_data_delivers_the_data_first(path: str, loop_factory: LoopFactory) -> None:
+    """Issue 16 defect 2: a server answers early (4-16 KiB) and resets, its request body
+    unread. Direct TCP and the asyncio path delivered 50 of 50 answers whole, the engine
+    19-27 (it reset the client before splicing what was in the receive queue). Now 50 of 50
+    on both paths: the whole answer, then the reset passed on (never a clean EOF)."""
+    rounds = 50
+    request = b"POST /upload HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 4000
+
+    async def main() -> list[tuple[bool, str, RelayEnd, int, int]]:
+        relayer = new_relayer(path)
+        outcomes = []
+        for i in range(rounds):
+            answer = os.urandom(4096 + (i * 7919) % 12289)  # 4-16 KiB
+            c, pc, pr, r = make_legs()
+            task = asyncio.ensure_future(relayer.relay_sockets(pc, pr))
+
+            def scenario(
+                answer: bytes = answer, c: socket.socket = c, r: socket.socket = r
+            ) -> tuple[bytes, str]:
+                c.sendall(request)
+                recv_exact(r, 100)  # the request line; the body stays unread
+                r.sendall(answer)
+                reset_close(r)  # what closing with unread bytes does: a reset
+                got = read_to_end(c)
+                c.close()
+                return got
+
+            data, end = await asyncio.to_thread(scenario)
+            result = await task
+            outcomes.append(
+                (data == answer, end, result.end, result.bytes_remote_to_client - len(answer), len(data))
+            )
+        await relayer.close()
+        return outcomes
+
+    outcomes = run(loop_factory, main())
+    complete = sum(whole for whole, *_ in outcomes)
+    assert complete == rounds, f"{complete} of {rounds} answers complete; first ones: {outcomes[:5]}"
+    assert {(end, reason, extra) for _, end, reason, extra, _ in outcomes} == {("reset", RelayEnd.RESET, 0)}
+
+
+def test_reset_after_data_waits_for_a_slow_reader(path: str, loop_factory: LoopFactory) -> None:
+    """Issue 16 defect 2 under back-pressure: the remote sends 256 KiB, the proxy takes all
+    of it (acknowledged: it sits in the relay's pipe or buffers and the client's socket
+    queues), the remote resets, and only then does the client start reading. Every byte the
+    proxy acknowledged reaches the client, and then the reset: the relay holds the reset
+    back until the client has acknowledged the bytes queued to it."""
+    answer = os.urandom(256 << 10)
+
+    async def main() -> tuple[bytes, str, RelayResult]:
+        relayer = new_relayer(path)
+        c, pc, pr, r = make_legs()
+        task = asyncio.ensure_future(relayer.relay_sockets(pc, pr))
+
+        def scenario() -> tuple[bytes, str]:
+            r.sendall(answer)
+            deadline = time.monotonic() + TIMEOUT
+            while unacknowledged(r) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert unacknowledged(r) == 0, "the proxy did not take the whole answer"
+            reset_close(r)
+            time.sleep(0.3)  # the relay meets the reset before the client reads a byte
+            got = read_to_end(c)
+            c.close()
+            return got
+
+        data, end = await asyncio.to_thread(scenario)
+        result = await task
+        await relayer.close()
+        return data, end, result
+
+    data, end, result = run(loop_factory, main())
+    assert (len(data), end) == (len(answer), "reset") and data == answer
+    assert result == RelayResult(0, len(answer), RelayEnd.RESET, path)  # type: ignore[arg-type]
+
+
+def _push_until_cut(sock: socket.socket, size: int) -> str:
+    """Send ``size`` bytes (more than the path holds); how the proxy's cut showed here."""
+    try:
+        sock.sendall(bytes(size))
+    except OSError as exc:
+        return type(exc).__name__
+    return "sent"
+
+
+@pytest.mark.parametrize("cut", ["idle", "cancel", "close"])
+def test_cut_resets_both_legs(path: str, loop_factory: LoopFactory, cut: str) -> None:
+    """Issue 16 defect 3 and issue 12 defect 4: a relay the proxy cuts (idle timeout,
+    cancellation, the relayer closed as at the drain deadline) while a transfer is
+    unfinished, bytes in flight, ends with a reset on both legs. It ended with FIN, so the
+    remote took the cut-off transfer for a complete one (clean EOF)."""
+    size = 64 << 20
+
+    async def main() -> tuple[str, int, str, RelayEnd | None]:
+        relayer = new_relayer(path, idle_timeout=0.5 if cut == "idle" else 0.0)
+        c, pc, pr, r = make_legs()
+        task = asyncio.ensure_future(relayer.relay_sockets(pc, pr))
+        # The client pushes more than the path holds; the remote reads nothing yet.
+        push = asyncio.ensure_future(asyncio.to_thread(_push_until_cut, c, size))
+        await asyncio.sleep(0.3)
+        end: RelayEnd | None = None
+        if cut == "cancel":
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            if cut == "close":
+                await relayer.close()
+            end = (await task).end  # idle: ~0.5 s after the buffers filled up
+        remote_got, remote_end = await asyncio.to_thread(read_to_end, r)
+        pushed = await push
+        c.close()
+        r.close()
+        await relayer.close()
+        return remote_end, len(remote_got), pushed, end
+
+    remote_end, received, pushed, end = run(loop_factory, main())
+    assert remote_end == "reset", f"the remote saw a clean EOF after {received} of {size} bytes"
+    assert 0 < received < size
+    assert pushed in ("ConnectionResetError", "BrokenPipeError")
+    assert end is {"idle": RelayEnd.IDLE_TIMEOUT, "close": RelayEnd.SHUTDOWN, "cancel": None}[cut]
 
 
 SCENARIOS = ["normal", "reset", "idle", "close", "cancel"]
@@ -512,8 +719,8 @@ def test_no_fd_leak(path: str, loop_factory: LoopFactory, scenario: str) -> None
 
             def closed_by_proxy() -> None:
                 for c, _, _, r in legs:
-                    assert sees_close(c) == "eof"
-                    assert sees_close(r) == "eof"
+                    assert sees_close(c) == "reset"  # cuts reset both legs
+                    assert sees_close(r) == "reset"
                     c.close()
                     r.close()
 
@@ -716,8 +923,8 @@ def test_relay_transports_cancel_closes_legs(loop_factory: LoopFactory) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert await asyncio.to_thread(sees_close, c) == "eof"
-        assert await asyncio.to_thread(sees_close, r) == "eof"
+        assert await asyncio.to_thread(sees_close, c) == "reset"
+        assert await asyncio.to_thread(sees_close, r) == "reset"
         c.close()
         r.close()
         await relayer.close()

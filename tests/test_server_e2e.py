@@ -1376,13 +1376,17 @@ async def test_max_connections_pauses_accepting() -> None:
 
 
 async def test_idle_relay_closed() -> None:
-    """Limits: a relayed connection silent both ways for the idle timeout is closed."""
+    """Limits: a relayed connection silent both ways for the idle timeout is cut: reset (a
+    cut is never a clean FIN, issue 16 defect 3), and the record says so."""
     async with Sink() as sink, running_server(make_config(server={"idle_timeout": 0.4})) as server:
         client, _, _ = await exchange(server.addresses[0], connect(sink.address))
         await echo_roundtrip(client)
-        assert await client.read_until_eof(timeout=5) == b""
+        with pytest.raises(ConnectionResetError):
+            await client.read_until_eof(timeout=5)
         await client.close()
-        assert (await record_for(server, client)).relay_end == "idle_timeout"
+        record = await record_for(server, client)
+        assert (record.relay_end, record.relay_close) == ("idle_timeout", "rst")
+        assert "end=idle_timeout close=rst" in record.log_line()
 
 
 def test_under_uvloop(tmp_path: Path) -> None:

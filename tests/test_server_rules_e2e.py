@@ -469,4 +469,5 @@ async def test_relay_end_cause_is_logged(cause: str, logged: str, caplog: pytest
         await client.close()
         record = await record_for(server, client)
     assert record.relay_end == "error" and record.error == logged
-    assert any(f"end=error error={logged!r}" in r.getMessage() for r in caplog.records)
+    # close=rst: an error end resets both legs (issue 16 defect 3), and the line says so.
+    assert any(f"end=error close=rst error={logged!r}" in r.getMessage() for r in caplog.records)

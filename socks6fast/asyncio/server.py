@@ -248,7 +248,10 @@ class ConnectionRecord:
     relay_path: str = "-"
     """``"splice"`` or ``"asyncio"`` once relayed."""
     relay_end: str = "-"
-    """How the relay ended."""
+    """How the relay ended (``RelayEnd`` name, lower case)."""
+    relay_close: str = "-"
+    """How the proxy closed the relayed legs: ``"fin"`` (clean EOF both ways) or ``"rst"``
+    (a cut, such as the idle timeout or the drain deadline, or a failure passed on)."""
     duration: float = 0.0
     """Seconds from accept to close."""
     remote_address: tuple[str, int] | None = None
@@ -274,7 +277,8 @@ class ConnectionRecord:
         text = (
             f"client={_format(*self.client)} proto={self.protocol} user={self.user or '-'} "
             f"cmd={self.command} dst={self.destination} reply={code} up={self.bytes_up} "
-            f"down={self.bytes_down} dur={self.duration:.3f}s relay={self.relay_path} end={self.relay_end}"
+            f"down={self.bytes_down} dur={self.duration:.3f}s relay={self.relay_path} end={self.relay_end} "
+            f"close={self.relay_close}"
         )
         return f"{text} error={self.error!r}" if self.error else text
 
@@ -1555,6 +1559,7 @@ class Server:
             record.error = record.error or f"relay: {result.cause}"
         elif result.end == RelayEnd.ERROR:
             record.error = record.error or "relay: error (the data plane gave no cause)"
+        record.relay_close = "rst" if result.reset else "fin"
         if session is not None and self._sessions is not None and self._loop is not None:
             self._sessions.touch(session, self._loop.time())
 

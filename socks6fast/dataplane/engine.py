@@ -68,6 +68,15 @@ class RelayResult:
     #: many open files (EMFILE)" for an ERROR end); "" otherwise. The access log prints it.
     cause: str = ""
 
+    @property
+    def reset(self) -> bool:
+        """The legs were closed with a reset (SO_LINGER 0) rather than FIN.
+
+        Both data paths follow one rule (see :class:`RelayEnd`): every end but ``EOF`` is
+        a cut or a failure passed on, and is closed with a reset.
+        """
+        return self.end is not RelayEnd.EOF
+
 
 __all__ = [
     "ENGINE_AVAILABLE",

@@ -23,15 +23,23 @@ once the data already forwarded is flushed (``transport.close()`` flushes first)
 bytes the other side sends after that point are not relayed.
 
 Resets: a leg lost with ConnectionResetError / BrokenPipeError ends the pair with
-``RelayEnd.RESET`` and the other leg is aborted with SO_LINGER 0, so its peer sees a
-reset too (a clean FIN would make a truncated transfer look complete); other
-errors end it with ``RelayEnd.ERROR`` the same way. Byte counts are the bytes handed
-to the destination transport minus what was still in its write buffer when it was
-aborted; after a reset the kernel may still have dropped a tail of them.
+``RelayEnd.RESET``; other errors end it with ``RelayEnd.ERROR``. Either way the bytes
+the failed leg delivered before its failure still reach the other leg: that leg stops
+reading, its transport's buffer drains, and its kernel send queue is acknowledged by
+its peer (SIOCOUTQ 0, polled every few ms, bounded by the idle timeout); only then is
+it aborted with SO_LINGER 0, so its peer gets the whole data and then a reset (a clean
+FIN would make a truncated transfer look complete, and an earlier reset would discard
+the tail). Byte counts are the bytes handed to the destination transport minus what was
+still in its write buffer when it was aborted.
 
-Cancelling a ``relay_*`` call (server shutdown) closes both legs (reason SHUTDOWN)
-and re-raises CancelledError. :meth:`Relayer.close` ends every relay; their calls
-return results with ``RelayEnd.SHUTDOWN``.
+Cuts: whatever ends a relay other than EOF both ways (idle timeout, cancellation,
+:meth:`Relayer.close` at the drain deadline) aborts both legs with a reset: one rule
+for every cut (``RelayEnd``). Cancelling a ``relay_*`` call re-raises CancelledError;
+:meth:`Relayer.close` makes the pending calls return with ``RelayEnd.SHUTDOWN``.
+
+Urgent data (TCP MSG_OOB): the transports read with recv(), which steps over the urgent
+byte; every in-band byte is relayed, the urgent byte itself is dropped (asyncio does
+not report urgent data). The splice engine forwards it as urgent (see ``_relay_c.pyx``).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import asyncio
 import itertools
 import socket
 import struct
+import sys
 from typing import cast
 
 from ..constants import RelayEnd
@@ -56,6 +65,29 @@ DEFAULT_PIPE_SIZE = 1 << 20
 _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 # struct linger {l_onoff=1, l_linger=0}: close() sends RST.
 _LINGER_RESET = struct.pack("ii", 1, 0)
+#: Seconds between two checks of a leg that must be flushed before it is reset.
+_FLUSH_POLL = 0.005
+
+if sys.platform.startswith("linux"):
+    import fcntl
+    import termios
+
+    def _unacknowledged(transport: asyncio.BaseTransport) -> int:
+        """SIOCOUTQ (= TIOCOUTQ on Linux): bytes of the socket's send queue not yet
+        acknowledged by its peer; 0 when unknown (the socket is gone)."""
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        try:
+            value: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except (OSError, ValueError):
+            return 0
+        return value
+
+else:  # pragma: no cover - the asyncio path elsewhere: flush the transport's buffer only
+
+    def _unacknowledged(transport: asyncio.BaseTransport) -> int:
+        return 0
 
 
 def _set_reset_on_close(transport: asyncio.BaseTransport) -> None:
@@ -80,6 +112,7 @@ class _Leg(asyncio.Protocol):
         self.lost = False
         self.throttled = False  # reading paused: the other leg's write buffer is full
         self.forwarded = 0  # bytes handed to the other leg's transport
+        self.flushing = False  # the peer failed: deliver what we hold, then reset
 
     def as_factory(self) -> _Leg:
         """Protocol factory for ``loop.connect_accepted_socket`` that returns this leg."""
@@ -141,6 +174,10 @@ class _PairRelay:
 
     def on_eof(self, leg: _Leg) -> bool:
         leg.eof = True
+        if leg.flushing:
+            # Its peer failed: _poll_flush() resets it once flushed; closing it now would
+            # send a FIN, and the cut would look like a clean end.
+            return leg.transport is not None and leg.transport.can_write_eof()
         if not self.started:
             # start() forwards it. Keep the transport open where it can half-close; an
             # SSL transport closes itself whatever we answer (True only draws a warning).
@@ -214,10 +251,31 @@ class _PairRelay:
         if peer.lost or peer.transport is None:
             return
         if by_error:
-            self._abort_leg(peer, reset=True)
+            self._flush_then_reset(peer)
         else:
             # Closed cleanly (e.g. a TLS leg after EOF): deliver what we forwarded, then close.
             self._close_leg(peer)
+
+    def _flush_then_reset(self, leg: _Leg) -> None:
+        """leg's peer failed: pass the failure on to leg with a reset, but only once the
+        bytes the peer sent before failing have reached leg's peer (see module doc)."""
+        if leg.flushing:
+            return
+        leg.flushing = True
+        self.pause(leg)  # nothing it reads could be delivered any more
+        self._poll_flush(leg, -1)
+
+    def _poll_flush(self, leg: _Leg, last: int) -> None:
+        transport = leg.transport
+        if transport is None or leg.lost or transport.is_closing():
+            return  # aborted meanwhile (idle timeout, shutdown) or gone
+        pending = transport.get_write_buffer_size() + _unacknowledged(transport)
+        if pending <= 0:
+            self._abort_leg(leg, reset=True)
+            return
+        if 0 <= pending < last:
+            self._last = self._loop.time()  # the peer is reading: not idle
+        self._loop.call_later(_FLUSH_POLL, self._poll_flush, leg, pending)
 
     def _close_leg(self, leg: _Leg) -> None:
         if leg.transport is not None and not leg.lost and not leg.transport.is_closing():
@@ -242,7 +300,7 @@ class _PairRelay:
         if (
             self.started
             and transport is not None
-            and not (leg.eof or leg.lost or leg.throttled)
+            and not (leg.eof or leg.lost or leg.throttled or leg.flushing)
             and not transport.is_closing()
         ):
             transport.resume_reading()
@@ -256,11 +314,11 @@ class _PairRelay:
             self._timer = self._loop.call_at(deadline, self._check_idle)
 
     def abort(self, reason: RelayEnd) -> None:
-        """End the relay now: both legs closed without flushing."""
+        """End the relay now (a cut): both legs reset, without flushing."""
         if self.end is None:
             self.end = reason
         for leg in (self.client, self.remote):
-            self._abort_leg(leg, reset=False)
+            self._abort_leg(leg, reset=True)
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:

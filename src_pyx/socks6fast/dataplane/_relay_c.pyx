@@ -17,9 +17,9 @@ Strategy:
 * N worker threads (default: one per usable core), each with its own epoll set.
   ``add()`` picks the least-loaded worker (ties: round robin), appends the pair to
   that worker's mutex-protected inbox and wakes it through its eventfd. The worker
-  registers both sockets once, edge-triggered, for EPOLLIN | EPOLLOUT | EPOLLRDHUP;
-  it never calls epoll_ctl again until the pair ends. The worker count is capped by
-  ``constants.MAX_RELAY_WORKERS``, the one limit config.py checks too.
+  registers both sockets once, edge-triggered, for EPOLLIN | EPOLLPRI | EPOLLOUT |
+  EPOLLRDHUP; it never calls epoll_ctl again until the pair ends. The worker count is
+  capped by ``constants.MAX_RELAY_WORKERS``, the one limit config.py checks too.
 * Edge-triggered readiness is kept in two flags per socket (readable, writable),
   set by events and cleared only when a splice() answers EAGAIN. A pair with work
   left goes on the worker's ready list; each pump moves at most ``budget`` bytes per
@@ -40,10 +40,37 @@ Strategy:
 * Half-close: a splice() returning 0 is the source's EOF; once that direction's
   pipe is drained, the destination gets shutdown(SHUT_WR). The pair ends (EOF) when
   both directions have finished.
-* Resets: EPOLLERR with SO_ERROR set, or ECONNRESET / EPIPE from splice(), end the
-  pair with RESET; the other socket is closed with SO_LINGER 0 so its peer sees a
-  reset too (a plain FIN would make a truncated transfer look complete). Any other
-  error ends the pair with ERROR (also with a reset).
+* Urgent data (TCP MSG_OOB, sent by telnet and by FTP's ABOR): splice() never reads
+  across an urgent mark; it answers EAGAIN there, or 0 once a FIN is queued behind
+  the mark. So a 0 is taken for EOF only when sockatmark() says the source is not at a
+  mark (asked once per direction, at its end), and an EAGAIN with an empty pipe asks
+  sockatmark() only after EPOLLPRI flagged the socket (the normal path pays one flag
+  test). At the mark, once every byte before it reached the destination, the urgent
+  byte is read with recv(MSG_OOB) and sent on with send(MSG_OOB): it stays urgent, at
+  the same place in the stream, as over direct TCP, so the receiver's SIGURG,
+  SIOCATMARK, recv(MSG_OOB) or SO_OOBINLINE work as they would without the proxy. A
+  plain recv() then steps over the mark (our sockets keep SO_OOBINLINE off, so the
+  kernel skips the urgent byte) and its in-band bytes go into the empty pipe first;
+  splice() goes on after them. Every in-band byte is delivered in order. The urgent
+  byte counts in the byte counts. (Forwarding it beats the alternatives: dropping it
+  loses the signal FTP's ABOR and telnet's Synch rely on, and inlining it adds a byte
+  to the stream of a receiver that never asked for SO_OOBINLINE.)
+* Failures: a socket that fails (EPOLLERR with SO_ERROR set, or an error from a
+  splice() into or out of it) is marked failed (Side.err) but the pair does not end
+  yet. The bytes it received before its reset are still in its receive queue (and
+  in the pipe): the direction from it keeps pumping until splice() finds the queue
+  empty (0 or the error), and its pipe drains into the other socket. The direction
+  into it is dead: its pipe is dropped (those bytes can never be delivered, as over
+  direct TCP) and its source is no longer read. Then the failure is passed on: the
+  other socket is reset (SO_LINGER 0), but only once its peer has acknowledged every
+  byte queued on it (SIOCOUTQ 0, polled from every 5 ms, backing off, on the worker's flush
+  list, bounded by the idle timeout); a reset sent earlier would discard that tail.
+  The pair ends with RESET for ECONNRESET / EPIPE, else ERROR.
+* Cuts: one rule for every end. Only EOF (EOF forwarded both ways, pipes empty)
+  closes with FIN. Every other end (idle timeout, cancel(), close() as at the
+  server's drain deadline, a failure passed on, no pipe, a dead worker) closes both
+  sockets with SO_LINGER 0, so each peer sees a reset: a FIN would make a cut-off
+  transfer look complete.
 * Idle timeout: pairs sit in a per-worker list ordered by last activity (moved to
   the tail whenever bytes move), so expiry checks only the head and the epoll_wait
   timeout is exact.
@@ -57,7 +84,7 @@ Counting: ``bytes a->b`` is what the destination socket accepted (splice out of 
 pipe), so bytes still in a pipe when a pair is reset are not counted.
 """
 
-from libc.errno cimport EAGAIN, ECONNRESET, EINTR, EPIPE, errno
+from libc.errno cimport EAGAIN, ECONNRESET, EINTR, EIO, EPIPE, errno
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 
@@ -73,6 +100,7 @@ from socks6fast.includes.linux cimport (
     EPOLLHUP,
     EPOLLIN,
     EPOLLOUT,
+    EPOLLPRI,
     EPOLLRDHUP,
     F_GETFL,
     F_GETPIPE_SZ,
@@ -80,8 +108,11 @@ from socks6fast.includes.linux cimport (
     F_SETPIPE_SZ,
     O_CLOEXEC,
     O_NONBLOCK,
+    MSG_NOSIGNAL,
+    MSG_OOB,
     SHUT_WR,
     SIG_SETMASK,
+    SIOCOUTQ,
     SO_ERROR,
     SO_LINGER,
     SOL_SOCKET,
@@ -96,6 +127,7 @@ from socks6fast.includes.linux cimport (
     eventfd,
     fcntl,
     getsockopt,
+    ioctl,
     linger,
     pipe2,
     pthread_create,
@@ -110,12 +142,15 @@ from socks6fast.includes.linux cimport (
     pthread_sigmask,
     pthread_t,
     read,
+    recv,
     s6_add,
     s6_load,
+    send,
     setsockopt,
     shutdown,
     sigfillset,
     sigset_t,
+    sockatmark,
     socklen_t,
     splice,
     timespec,
@@ -140,6 +175,9 @@ cdef enum:
     MAX_EVENTS = 256        # epoll_wait batch
     POOL_MAX = 32           # empty pipes a worker keeps for reuse
     MIN_PIPE_SIZE = 65536   # the kernel's default pipe size: never ask for less
+    FLUSH_POLL_MS = 5       # first SIOCOUTQ check of pairs waiting to pass a reset on...
+    FLUSH_POLL_MAX_MS = 200 # ...doubling while none of them moves, up to this
+    URGENT_STEP = 4096      # bytes read past an urgent mark with recv() (one pipe page)
 
 # Flags of every splice() call. No SPLICE_F_MORE (see Strategy).
 cdef unsigned int SPLICE_FLAGS = SPLICE_F_NONBLOCK | SPLICE_F_MOVE
@@ -155,8 +193,11 @@ cdef struct Dir:
     PipeBuf pipe
     size_t in_pipe  # bytes spliced into the pipe and not yet out of it
     uint64_t nbytes # bytes the destination socket accepted
-    bint eof        # the source said EOF (splice returned 0)
+    bint eof        # the source has nothing more: EOF (splice returned 0), or it failed
     bint done       # EOF forwarded: pipe drained and destination shut down for writing
+    bint at_mark    # the source stopped at its urgent mark (see forward_urgent)
+    bint oob_have   # oob_byte was read from the source and still waits to be sent
+    char oob_byte
 
 
 cdef struct Pair  # forward declaration: Side points back to its Pair
@@ -167,6 +208,8 @@ cdef struct Side:
     int fd
     bint readable   # edge-triggered readiness, cleared on EAGAIN
     bint writable
+    bint urgent     # EPOLLPRI seen: splice() may stop at an urgent mark
+    int err         # the socket failed (errno): reset, timed out...; 0 while healthy
 
 
 cdef struct Worker  # forward declaration
@@ -180,6 +223,12 @@ cdef struct Pair:
     int reason      # END_LIVE while relaying, then a RelayEnd value
     bint in_ready
     bint registered # both fds are in the worker's epoll set
+    bint flushing   # relaying is over; waiting for flush_side's peer to acknowledge, then reset
+    int flush_side
+    int flush_reason
+    int flush_outq  # SIOCOUTQ at the last check (progress counts as activity)
+    Pair* flush_prev
+    Pair* flush_next
     Pair* lru_prev  # worker-local activity list (oldest first)
     Pair* lru_next
     Pair* ready_prev
@@ -226,6 +275,9 @@ cdef struct Worker:
     int npool
     int pipe_want           # F_SETPIPE_SZ request that last worked
     int64_t now_ms
+    Pair* flush_head        # pairs waiting for an acknowledgement before their reset
+    int64_t flush_due_ms    # next SIOCOUTQ check of the flush list
+    int64_t flush_every_ms  # interval of those checks (backs off while nothing moves)
 
 
 # ---------------------------------------------------------------------------
@@ -367,21 +419,41 @@ cdef void set_reset_on_close(int fd) noexcept nogil:
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
 
 
+cdef void flush_remove(Worker* w, Pair* p) noexcept nogil:
+    if not p.flushing:
+        return
+    p.flushing = False
+    if p.flush_prev != NULL:
+        p.flush_prev.flush_next = p.flush_next
+    else:
+        w.flush_head = p.flush_next
+    if p.flush_next != NULL:
+        p.flush_next.flush_prev = p.flush_prev
+    p.flush_prev = NULL
+    p.flush_next = NULL
+
+
 cdef void end_pair(Worker* w, Pair* p, int reason) noexcept nogil:
-    """Finish a pair: unregister, close both sockets and its pipes, queue the report."""
+    """Finish a pair: unregister, close both sockets and its pipes, queue the report.
+
+    Only END_EOF (EOF forwarded both ways, pipes empty) closes with FIN. Every other end
+    is a cut, and both sockets are closed with SO_LINGER 0 so that each peer sees a reset:
+    a FIN would make a cut-off transfer look complete to the receiver.
+    """
     cdef int i
     if p.reason != END_LIVE:
         return
     p.reason = reason
     ready_remove(w, p)
     lru_remove(w, p)
+    flush_remove(w, p)
     for i in range(2):
         if p.registered:
             # Explicit removal: close() alone would keep the registration alive if
             # another process or descriptor still refers to the same socket, and a
             # later event would then carry a pointer to a freed Pair.
             epoll_ctl(w.epfd, EPOLL_CTL_DEL, p.side[i].fd, NULL)
-        if reason == END_RESET or reason == END_ERROR:
+        if reason != END_EOF:
             set_reset_on_close(p.side[i].fd)
         close(p.side[i].fd)
         p.side[i].fd = -1
@@ -399,13 +471,181 @@ cdef inline int error_reason(int err) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------
+# Failures: what a socket received before it failed is still delivered
+
+cdef int finish_failed(Worker* w, Pair* p, int reason, int j) noexcept nogil:
+    """The other socket failed, and everything it sent reached socket j: pass the failure on.
+
+    Socket j is reset (end_pair) once its peer has acknowledged every byte queued on it
+    (SIOCOUTQ 0): a reset sent earlier would discard the queue's tail, bytes the failed
+    side's peer was told were delivered. Until then the pair sits on the worker's flush
+    list, polled every FLUSH_POLL_MS or less often while nothing moves (bounded by the
+    idle timeout). Returns -1: the pair relays no more.
+    """
+    cdef int queued = 0
+    if (
+        p.side[j].err == 0
+        and ioctl(p.side[j].fd, SIOCOUTQ, &queued) == 0
+        and queued > 0
+    ):
+        ready_remove(w, p)
+        p.flushing = True
+        p.flush_side = j
+        p.flush_reason = reason
+        p.flush_outq = queued
+        p.flush_prev = NULL
+        p.flush_next = w.flush_head
+        if w.flush_head != NULL:
+            w.flush_head.flush_prev = p
+        w.flush_head = p
+        w.flush_every_ms = FLUSH_POLL_MS
+        w.flush_due_ms = w.now_ms + FLUSH_POLL_MS
+        return -1
+    end_pair(w, p, reason)
+    return -1
+
+
+cdef void poll_flushing(Worker* w) noexcept nogil:
+    """End the flushing pairs whose surviving socket has no unacknowledged byte left."""
+    cdef Pair* p = w.flush_head
+    cdef Pair* nxt
+    cdef int queued
+    cdef bint moved = False
+    while p != NULL:
+        nxt = p.flush_next
+        queued = 0
+        if ioctl(p.side[p.flush_side].fd, SIOCOUTQ, &queued) < 0 or queued <= 0:
+            end_pair(w, p, p.flush_reason)
+            moved = True
+        elif queued < p.flush_outq:
+            # The peer is reading: that is activity, so the idle timeout starts over.
+            p.flush_outq = queued
+            touch(w, p)
+            moved = True
+        p = nxt
+    # A peer that stopped reading costs fewer and fewer checks.
+    if moved:
+        w.flush_every_ms = FLUSH_POLL_MS
+    elif w.flush_every_ms < FLUSH_POLL_MAX_MS:
+        w.flush_every_ms *= 2
+    w.flush_due_ms = w.now_ms + w.flush_every_ms
+
+
+cdef void mark_failed(Worker* w, Pair* p, int i, int err) noexcept nogil:
+    """Record that socket i failed; bytes still bound for it can never be delivered."""
+    if p.side[i].err == 0:
+        p.side[i].err = err if err != 0 else EIO
+    # Direction 1 - i writes to socket i: drop its pipe (pipe_put closes a non-empty one).
+    pipe_put(w, &p.dir[1 - i])
+
+
+cdef int fail_side(Worker* w, Pair* p, int i, int err) noexcept nogil:
+    """Socket i failed (EPOLLERR, or a splice() into it failed).
+
+    Its receive queue may still hold bytes it got before the reset: they go on to the
+    other socket first (the direction from i keeps pumping until splice() finds the
+    queue empty), then the failure is passed on (finish_failed). Returns -1 when the pair
+    stopped relaying, 1 when it must be pumped again.
+    """
+    mark_failed(w, p, i, err)
+    if p.side[1 - i].err != 0:
+        # Both sockets failed: nothing can be delivered any more.
+        end_pair(w, p, error_reason(p.side[i].err))
+        return -1
+    if p.dir[i].done:
+        # Its EOF was forwarded before the failure: nothing of it is left to deliver.
+        return finish_failed(w, p, error_reason(p.side[i].err), 1 - i)
+    # Read on: a reset socket answers with its queued bytes first, then 0 or the error.
+    p.side[i].readable = True
+    ready_push(w, p)
+    return 1
+
+
+# ---------------------------------------------------------------------------
+# Urgent data (MSG_OOB)
+
+cdef int forward_urgent(Worker* w, Pair* p, int d) noexcept nogil:
+    """Direction d's source stopped at its urgent mark and every byte before the mark
+    reached the destination (the pipe is empty): forward the urgent byte, step over it.
+
+    splice(2) never reads across an urgent mark (tcp_read_sock stops there: EAGAIN, or 0
+    once a FIN is queued), so without this the direction would stall, or end early.
+    The urgent byte goes out as urgent, with send(MSG_OOB), right after the bytes that
+    preceded it: the receiver sees what direct TCP would show it (SIGURG, SIOCATMARK,
+    recv(MSG_OOB), or the byte in-band if it set SO_OOBINLINE). A plain recv() then
+    steps over the mark (SO_OOBINLINE is off on our sockets, so the kernel skips the
+    urgent byte) and returns the in-band bytes after it, which go into the empty pipe
+    ahead of anything spliced later.
+
+    Returns 1 when the mark was passed (or the destination failed: dst.err is set), 0
+    when blocked on the destination (EPOLLOUT resumes), -1 when the pair stopped relaying.
+    """
+    cdef Dir* dr = &p.dir[d]
+    cdef Side* src = &p.side[d]
+    cdef Side* dst = &p.side[1 - d]
+    cdef char buf[URGENT_STEP]
+    cdef ssize_t n
+    cdef ssize_t m
+    if not dr.oob_have:
+        # Fails (EINVAL) when there is no urgent byte to read: a newer urgent pointer
+        # replaced it, and the kernel already dropped it from the stream. Nothing to send.
+        if recv(src.fd, &dr.oob_byte, 1, MSG_OOB) == 1:
+            dr.oob_have = True
+            if sockatmark(src.fd) != 1:
+                # A newer urgent pointer arrived between the mark check and this read
+                # (the kernel then drops the old urgent byte): the byte read belongs to
+                # the new mark, further on. Keep it for that mark and relay up to it.
+                dr.at_mark = False
+                return 1
+    if dr.oob_have:
+        if not dst.writable:
+            return 0
+        while True:
+            n = send(dst.fd, &dr.oob_byte, 1, MSG_OOB | MSG_NOSIGNAL)
+            if n == 1:
+                break
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                dst.writable = False
+                return 0
+            # The destination failed: this direction is dead (the caller sees dst.err).
+            return fail_side(w, p, 1 - d, errno)
+        dr.oob_have = False
+        dr.nbytes += 1
+    dr.at_mark = False
+    n = recv(src.fd, buf, URGENT_STEP, 0)
+    if n > 0:
+        if pipe_get(w, dr) < 0:
+            end_pair(w, p, END_ERROR)
+            return -1
+        # The pipe is empty and holds at least a page: a write of at most one page
+        # (PIPE_BUF) into it is whole.
+        m = write(dr.pipe.w, buf, <size_t>n)
+        if m != n:
+            end_pair(w, p, END_ERROR)
+            return -1
+        dr.in_pipe = <size_t>n
+    elif n == 0:
+        dr.eof = True
+    elif errno == EAGAIN:
+        # The mark is passed (the kernel stepped over the urgent byte); the socket is empty.
+        src.readable = False
+    elif errno != EINTR:
+        mark_failed(w, p, d, errno)
+        dr.eof = True
+    return 1
+
+
+# ---------------------------------------------------------------------------
 # The pump: one direction of one pair
 
 cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
     """Move bytes of direction d until blocked or out of budget.
 
     Returns 0 when nothing more can move until the next event, 1 when the budget
-    ran out with work left, -1 when the pair ended.
+    ran out with work left (or a failure needs another turn), -1 when the pair stopped
+    relaying (ended, or waiting on the flush list to pass a failure on).
     """
     cdef Dir* dr = &p.dir[d]
     cdef Side* src = &p.side[d]
@@ -414,8 +654,10 @@ cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
     cdef size_t moved = 0
     cdef bint active = False
     cdef ssize_t n
+    cdef int r
     cdef bint progressed
-    if dr.done:
+    if dr.done or dst.err != 0:
+        # Finished, or dead: its destination failed and mark_failed() dropped its pipe.
         return 0
     while True:
         progressed = False
@@ -436,25 +678,49 @@ cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
                     # Socket send buffer full; EPOLLOUT will say when to go on.
                     dst.writable = False
                 else:
-                    end_pair(w, p, error_reason(errno))
-                    return -1
-        # 2. Pipe empty: return it to the pool; forward a pending EOF.
+                    # The destination failed: what it sent us still goes the other way.
+                    if active:
+                        touch(w, p)
+                    return fail_side(w, p, 1 - d, errno)
+        # 2. Pipe empty: step over an urgent mark, or return the pipe to the pool and
+        #    forward a pending EOF.
         if dr.in_pipe == 0:
+            if dr.at_mark:
+                r = forward_urgent(w, p, d)
+                if r < 0:
+                    return -1
+                if r == 0:
+                    if active:
+                        touch(w, p)
+                    return 0
+                active = True
+                if dst.err != 0:
+                    return 1  # the destination failed meanwhile; the other way drains
+                continue
             pipe_put(w, dr)
             if dr.eof:
+                if active:
+                    touch(w, p)
+                if src.err != 0:
+                    # The source failed after sending these bytes, and every one of them
+                    # reached the destination: now pass the failure on (a reset).
+                    return finish_failed(w, p, error_reason(src.err), 1 - d)
                 # Half-close: the source is done and everything reached the destination.
                 # shutdown() can fail with ENOTCONN if the destination was reset meanwhile;
                 # the other direction reports that reset, so the error is ignored here.
                 shutdown(dst.fd, SHUT_WR)
                 dr.done = True
-                if active:
-                    touch(w, p)
                 if other.done:
                     end_pair(w, p, END_EOF)
                     return -1
                 return 0
         # 3. Source socket -> pipe, while the pipe has room.
-        if not dr.eof and src.readable and (dr.pipe.r < 0 or dr.in_pipe < <size_t>dr.pipe.cap):
+        if (
+            not dr.eof
+            and not dr.at_mark
+            and src.readable
+            and (dr.pipe.r < 0 or dr.in_pipe < <size_t>dr.pipe.cap)
+        ):
             if pipe_get(w, dr) < 0:
                 # No pipe (EMFILE/ENFILE/ENOMEM): the pair cannot be relayed.
                 end_pair(w, p, END_ERROR)
@@ -465,7 +731,13 @@ cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
                 active = True
                 progressed = True
             elif n == 0:
-                dr.eof = True
+                # EOF, unless splice() stopped at an urgent mark with a FIN queued behind
+                # it. Asked on every 0 (once per direction), not only after EPOLLPRI: the
+                # urgent byte and the FIN can arrive while we pump, before their event.
+                if sockatmark(src.fd) == 1:
+                    dr.at_mark = True
+                else:
+                    dr.eof = True
                 progressed = True
             elif errno == EINTR:
                 # Interrupted before moving anything: just retry.
@@ -476,11 +748,27 @@ cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
                 # socket is empty; otherwise keep the flag and retry once the pipe has
                 # drained a little (step 1 made progress).
                 if dr.in_pipe == 0:
-                    src.readable = False
-                    pipe_put(w, dr)
+                    if src.urgent and sockatmark(src.fd) == 1:
+                        # Not empty: stopped at the urgent mark (step 2 forwards it).
+                        dr.at_mark = True
+                        progressed = True
+                    else:
+                        # Nothing before a mark either: a later urgent byte brings a
+                        # new EPOLLPRI edge.
+                        src.urgent = False
+                        src.readable = False
+                        pipe_put(w, dr)
+                        if src.err != 0:
+                            # Failed, yet not closed, and drained: pass the failure on.
+                            dr.eof = True
+                            progressed = True
             else:
-                end_pair(w, p, error_reason(errno))
-                return -1
+                # The source failed. splice() reports an error only once the receive
+                # queue is empty: every byte it received is in the pipe now. Deliver
+                # them, then pass the failure on (step 2); nothing more can reach it.
+                mark_failed(w, p, d, errno)
+                dr.eof = True
+                progressed = True
         if not progressed:
             if active:
                 touch(w, p)
@@ -537,7 +825,7 @@ cdef bint register_pair(Worker* w, Pair* p) noexcept nogil:
     cdef epoll_event ev
     cdef int i
     for i in range(2):
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.events = EPOLLIN | EPOLLPRI | EPOLLOUT | EPOLLRDHUP | EPOLLET
         # The event carries a pointer to the Side (void* in the epoll union).
         ev.data.ptr = <void*>&p.side[i]
         if epoll_ctl(w.epfd, EPOLL_CTL_ADD, p.side[i].fd, &ev) < 0:
@@ -623,18 +911,24 @@ cdef void expire_idle(Worker* w) noexcept nogil:
     cdef int64_t idle_ms = w.engine.idle_ms
     if idle_ms <= 0:
         return
-    # The list is ordered by last activity: stop at the first pair still fresh.
+    # The list is ordered by last activity: stop at the first pair still fresh. A pair
+    # waiting to pass a failure on (flushing) ends with that failure, not IDLE.
     while w.lru_head != NULL and w.lru_head.last_ms + idle_ms <= w.now_ms:
-        end_pair(w, w.lru_head, END_IDLE)
+        end_pair(w, w.lru_head, w.lru_head.flush_reason if w.lru_head.flushing else END_IDLE)
 
 
 cdef int wait_timeout(Worker* w) noexcept nogil:
-    cdef int64_t left
+    cdef int64_t left = -1
+    cdef int64_t now
     if w.ready_head != NULL:
         return 0
-    if w.engine.idle_ms <= 0 or w.lru_head == NULL:
+    if w.flush_head == NULL and (w.engine.idle_ms <= 0 or w.lru_head == NULL):
         return -1
-    left = w.lru_head.last_ms + w.engine.idle_ms - monotonic_ms()
+    now = monotonic_ms()
+    if w.engine.idle_ms > 0 and w.lru_head != NULL:
+        left = w.lru_head.last_ms + w.engine.idle_ms - now
+    if w.flush_head != NULL and (left < 0 or w.flush_due_ms - now < left):
+        left = w.flush_due_ms - now
     if left < 0:
         return 0
     # +1: the coarse clock may still read the old tick when we wake exactly on time.
@@ -678,14 +972,24 @@ cdef void* worker_main(void* arg) noexcept nogil:
             if p.reason != END_LIVE:
                 # Ended earlier in this batch; the struct lives until flush_ended().
                 continue
+            if p.flushing:
+                # Relaying is over; poll_flushing() watches the survivor's send queue. An
+                # error there (it was reset too) leaves nothing to wait for.
+                if events[i].events & EPOLLERR and side == &p.side[p.flush_side]:
+                    end_pair(w, p, p.flush_reason)
+                continue
             if events[i].events & EPOLLERR:
                 err = 0
                 errlen = sizeof(err)
                 getsockopt(side.fd, SOL_SOCKET, SO_ERROR, &err, &errlen)
-                if err != 0:
-                    end_pair(w, p, error_reason(err))
+                # Not the end yet: bytes the socket received before its reset are still
+                # in its receive queue, and go to the other side first (fail_side).
+                if err != 0 and fail_side(w, p, 0 if side == &p.side[0] else 1, err) < 0:
                     continue
-            if events[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            if events[i].events & EPOLLPRI:
+                # Urgent data: splice() will stop at its mark (forward_urgent).
+                side.urgent = True
+            if events[i].events & (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 side.readable = True
             if events[i].events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
                 side.writable = True
@@ -701,6 +1005,8 @@ cdef void* worker_main(void* arg) noexcept nogil:
             if p == NULL:
                 break
             run_pair(w, p)
+        if w.flush_head != NULL and w.now_ms >= w.flush_due_ms:
+            poll_flushing(w)
         expire_idle(w)
         flush_ended(w)
     # Stop (or a broken epoll set): refuse new pairs from now on (add() checks the flag
@@ -1048,7 +1354,7 @@ cdef class RelayEngine:
         self._routes[ident] = best
 
     def cancel(self, ident) -> None:
-        """End one pair now, with reason ``RelayEnd.SHUTDOWN``; both sockets are closed.
+        """End one pair now, with reason ``RelayEnd.SHUTDOWN``; both sockets are reset.
 
         The pair is still reported by :meth:`drain`. Unknown or already-drained idents
         are ignored, so cancelling is always safe.

@@ -22,6 +22,7 @@ cdef extern from "<sys/epoll.h>" nogil:
 
     enum:
         EPOLLIN
+        EPOLLPRI
         EPOLLOUT
         EPOLLERR
         EPOLLHUP
@@ -81,10 +82,26 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_ERROR
         SO_LINGER
         SHUT_WR
+        MSG_OOB
+        MSG_NOSIGNAL
 
     int shutdown(int sockfd, int how)
+    ssize_t recv(int sockfd, void* buf, size_t length, int flags)
+    ssize_t send(int sockfd, const void* buf, size_t length, int flags)
+    # 1 when the next byte to read is the urgent mark (SIOCATMARK), 0 when not, -1 on error.
+    int sockatmark(int sockfd)
     int getsockopt(int sockfd, int level, int optname, void* optval, socklen_t* optlen)
     int setsockopt(int sockfd, int level, int optname, const void* optval, socklen_t optlen)
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<linux/sockios.h>" nogil:
+    enum:
+        # Bytes of a TCP socket's send queue not yet acknowledged by the peer (sent or not).
+        SIOCOUTQ
 
 
 cdef extern from "<time.h>" nogil:
