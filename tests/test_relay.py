@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import errno
 import fcntl
 import gc
 import hashlib
 import importlib
+import logging
 import os
 import select
 import socket
@@ -665,6 +667,61 @@ def test_cut_resets_both_legs(path: str, loop_factory: LoopFactory, cut: str) ->
     assert 0 < received < size
     assert pushed in ("ConnectionResetError", "BrokenPipeError")
     assert end is {"idle": RelayEnd.IDLE_TIMEOUT, "close": RelayEnd.SHUTDOWN, "cancel": None}[cut]
+
+
+@pytest.mark.linux_only
+@pytest.mark.c_extension
+@pytest.mark.skipif(
+    not ENGINE_AVAILABLE, reason="splice engine not available (the asyncio path has no workers)"
+)
+def test_dead_worker_leaves_the_rotation(loop_factory: LoopFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 16 defect 6: worker 0's epoll_wait fails for good (the engine's test hook points
+    its epoll fd at an eventfd). Its pair ends (ERROR, reset), the failure is logged once,
+    and every new connection goes to the other worker. Before, add() kept picking the dead
+    worker (least loaded, it had no pair left) and each new connection failed."""
+
+    async def main() -> tuple[list[RelayResult], list[RelayResult], list[tuple[int, int]], int]:
+        relayer = new_relayer("splice")  # two workers
+        engine = relayer._engine
+        assert engine is not None
+        legs = [make_legs() for _ in range(2)]  # one pair per worker (least loaded, then round robin)
+        first = [asyncio.ensure_future(relayer.relay_sockets(pc, pr)) for _, pc, pr, _ in legs]
+
+        def echo(c: socket.socket, r: socket.socket) -> None:
+            c.sendall(b"ping")
+            assert recv_exact(r, 4) == b"ping"
+
+        for c, _, _, r in legs:
+            await asyncio.to_thread(echo, c, r)
+        engine._break_worker_epoll(0)
+        done, _ = await asyncio.wait(first, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        ended = [task.result() for task in done]
+        # The survivor relays on; 20 new connections all go to worker 1.
+        await asyncio.to_thread(echo, *legs[1][0::3])
+        later = []
+        for _ in range(20):
+            c, pc, pr, r = make_legs()
+            task = asyncio.ensure_future(relayer.relay_sockets(pc, pr))
+            await asyncio.to_thread(echo, c, r)
+            c.close()
+            r.close()
+            later.append(await task)
+        for c, _, _, r in legs:
+            c.close()
+            r.close()
+        ended += await asyncio.gather(*(t for t in first if t not in done))
+        dead = engine.dead_workers()
+        live = engine.live_workers
+        await relayer.close()
+        return ended, later, dead, live
+
+    with caplog.at_level(logging.WARNING, logger="socks6fast.relay"):
+        ended, later, dead, live = run(loop_factory, main())
+    assert [r.end for r in ended] == [RelayEnd.ERROR, RelayEnd.EOF]
+    assert [r.end for r in later] == [RelayEnd.EOF] * 20
+    assert (dead, live) == ([(0, errno.EINVAL)], 1)
+    lines = [rec.getMessage() for rec in caplog.records if "relay worker 0" in rec.getMessage()]
+    assert len(lines) == 1 and "1 of 2 workers" in lines[0], caplog.text
 
 
 SCENARIOS = ["normal", "reset", "idle", "close", "cancel"]

@@ -11,9 +11,12 @@ The engine's Python API (documented in full in ``_relay_c.pyx``)::
     engine = RelayEngine(workers=0, idle_timeout=0.0, pipe_size=1 << 20)
     engine.fileno() -> int          # readable while finished pairs wait in drain()
     engine.add(fd_a, fd_b, ident)   # takes ownership of both fds
-    engine.cancel(ident)            # end one pair now (RelayEnd.SHUTDOWN)
+    engine.cancel(ident)            # end one pair now (RelayEnd.SHUTDOWN, both legs reset)
     engine.drain() -> list[tuple[int, int, int, RelayEnd]]  # ident, a->b, b->a, why
     engine.active -> int
+    engine.live_workers -> int      # workers still in the rotation
+    engine.dead_count -> int        # workers whose epoll_wait failed...
+    engine.dead_workers() -> list[tuple[int, int]]  # ...as (index, errno)
     engine.close()                  # idempotent; ends every pair (SHUTDOWN)
 
 This module imports neither asyncio nor socket.

@@ -40,19 +40,28 @@ for every cut (``RelayEnd``). Cancelling a ``relay_*`` call re-raises CancelledE
 Urgent data (TCP MSG_OOB): the transports read with recv(), which steps over the urgent
 byte; every in-band byte is relayed, the urgent byte itself is dropped (asyncio does
 not report urgent data). The splice engine forwards it as urgent (see ``_relay_c.pyx``).
+
+Dead engine workers: when a worker's epoll_wait fails for good, the engine takes it out
+of its rotation and wakes the loop; the Relayer logs it once and, should no worker be
+left, relays new connections on the asyncio path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import os
 import socket
 import struct
 import sys
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ..constants import RelayEnd
 from .engine import ENGINE_AVAILABLE, PATH_ASYNCIO, PATH_SPLICE, RelayEngine, RelayPath, RelayResult
+
+if TYPE_CHECKING:
+    from ._relay_c import RelayEngine as _RelayEngineType
 
 #: Default seconds without a byte either way before a relayed connection is closed.
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -67,6 +76,8 @@ _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 #: Seconds between two checks of a leg that must be flushed before it is reset.
 _FLUSH_POLL = 0.005
+
+log = logging.getLogger("socks6fast.relay")
 
 if sys.platform.startswith("linux"):
     import fcntl
@@ -383,6 +394,8 @@ class Relayer:
         # ident -> (future, bytes sent to remote before the engine took over, ... to client)
         self._waiters: dict[int, tuple[asyncio.Future[RelayResult], int, int]] = {}
         self._relays: set[_PairRelay] = set()
+        self._dead_logged: set[int] = set()  # engine workers whose failure was logged
+        self._engine_dead = False  # no engine worker left: relay on the asyncio path
         self._engine = (
             RelayEngine(workers=workers, idle_timeout=idle_timeout, pipe_size=pipe_size)
             if use_engine and RelayEngine is not None
@@ -394,7 +407,7 @@ class Relayer:
     @property
     def path(self) -> RelayPath:
         """Where ``relay_sockets`` sends connections: "splice" (C engine) or "asyncio"."""
-        return PATH_SPLICE if self._engine is not None else PATH_ASYNCIO
+        return PATH_SPLICE if self._engine is not None and not self._engine_dead else PATH_ASYNCIO
 
     @property
     def workers(self) -> int:
@@ -437,7 +450,7 @@ class Relayer:
             client.close()
             remote.close()
             raise RuntimeError("Relayer is closed")
-        if self._engine is None:
+        if self._engine is None or self._engine_dead:
             return await self._relay_sockets_asyncio(client, remote, to_remote, to_client)
         try:
             # Usually non-blocking already (the server's sockets are): skip the ioctl then.
@@ -578,6 +591,27 @@ class Relayer:
             return
         for ident, a_to_b, b_to_a, end in self._engine.drain():
             self._resolve(ident, a_to_b, b_to_a, end)
+        if self._engine.dead_count != len(self._dead_logged):
+            self._note_dead_workers(self._engine)
+
+    def _note_dead_workers(self, engine: _RelayEngineType) -> None:
+        """Log each engine worker whose epoll_wait failed, once; the engine took it out of
+        its rotation. With none left, new connections go to the asyncio path."""
+        live = engine.live_workers
+        for index, err in engine.dead_workers():
+            if index in self._dead_logged:
+                continue
+            self._dead_logged.add(index)
+            log.error(
+                "relay worker %d stopped: epoll_wait failed (%s); its connections were reset; "
+                "%d of %d workers keep relaying%s",
+                index,
+                os.strerror(err),
+                live,
+                engine.workers,
+                "" if live else ", new connections use the asyncio path",
+            )
+        self._engine_dead = live == 0
 
     def _resolve(self, ident: int, a_to_b: int, b_to_a: int, end: RelayEnd) -> None:
         entry = self._waiters.pop(ident, None)

@@ -10,6 +10,8 @@ connection to a :class:`RelayEngine` and forgets them. Python API::
     engine.cancel(ident)          # end one pair now (reason SHUTDOWN); no-op if already ended
     engine.drain() -> list[tuple[ident, bytes_a_to_b, bytes_b_to_a, RelayEnd]]
     engine.active -> int          # pairs added and not yet finished
+    engine.live_workers -> int    # workers still taking pairs (dead ones left the rotation)
+    engine.dead_workers() -> list[tuple[index, errno]]  # workers whose epoll_wait failed
     engine.close()                # stop the workers, close every pair (SHUTDOWN) and own fds
 
 Strategy:
@@ -74,6 +76,10 @@ Strategy:
 * Idle timeout: pairs sit in a per-worker list ordered by last activity (moved to
   the tail whenever bytes move), so expiry checks only the head and the epoll_wait
   timeout is exact.
+* A worker whose epoll_wait fails for good (EBADF, EINVAL: its epoll fd was closed or
+  clobbered) ends its pairs (ERROR), marks itself dead and wakes the engine eventfd.
+  ``add()`` skips dead workers, so the others keep serving; the caller logs it from
+  ``dead_workers()``. ``_break_worker_epoll()`` is the test hook that causes it.
 * Ended pairs are unregistered, closed, and queued on the worker's local list; at
   the end of each loop turn that list moves under the engine mutex to the done
   list, and the engine eventfd is written. ``drain()`` (the asyncio thread) takes
@@ -120,6 +126,7 @@ from socks6fast.includes.linux cimport (
     SPLICE_F_NONBLOCK,
     clock_gettime,
     close,
+    dup3,
     epoll_create1,
     epoll_ctl,
     epoll_event,
@@ -247,6 +254,7 @@ cdef struct Engine:
     Pair* done_tail
     int active
     int64_t idle_ms         # 0 = no idle timeout
+    int ndead               # workers out of the rotation (atomic: s6_load/s6_add)
     int pipe_size
     size_t budget           # bytes per direction per turn before yielding to other pairs
 
@@ -278,6 +286,9 @@ cdef struct Worker:
     Pair* flush_head        # pairs waiting for an acknowledgement before their reset
     int64_t flush_due_ms    # next SIOCOUTQ check of the flush list
     int64_t flush_every_ms  # interval of those checks (backs off while nothing moves)
+    # Set once, when epoll_wait failed for good: the worker is out of the rotation.
+    int dead                # atomic (s6_load/s6_add): read by add() without the lock
+    int dead_errno          # written before dead, read after it (under the lock)
 
 
 # ---------------------------------------------------------------------------
@@ -960,6 +971,7 @@ cdef void* worker_main(void* arg) noexcept nogil:
                 # or ptrace can still do it): wait again.
                 continue
             # EBADF/EINVAL: our own epoll fd is broken; nothing can be relayed any more.
+            w.dead_errno = errno
             break
         for i in range(n):
             if events[i].data.ptr == NULL:
@@ -1013,11 +1025,19 @@ cdef void* worker_main(void* arg) noexcept nogil:
     # under the lock), adopt what is still in the inbox, end everything.
     pthread_mutex_lock(&w.lock)
     w.stop = True
+    if not stop:
+        # epoll_wait failed for good: out of the rotation. add() skips a dead worker from
+        # now on; the engine's donefd wakes the asyncio side, which logs it
+        # (RelayEngine.dead_workers) and keeps serving on the other workers.
+        s6_add(&w.dead, 1)
+        s6_add(&w.engine.ndead, 1)
     pthread_mutex_unlock(&w.lock)
     take_control(w)
     while w.lru_head != NULL:
         end_pair(w, w.lru_head, END_SHUTDOWN if stop else END_ERROR)
     flush_ended(w)
+    if not stop:
+        wake_fd(w.engine.donefd)
     return NULL
 
 
@@ -1262,8 +1282,69 @@ cdef class RelayEngine:
 
     @property
     def workers(self) -> int:
-        """Number of worker threads (0 once closed)."""
+        """Number of worker threads (0 once closed), dead ones included."""
         return 0 if self._closed else self._eng.nworkers
+
+    @property
+    def live_workers(self) -> int:
+        """Worker threads still taking pairs: :attr:`workers` minus the dead ones."""
+        if self._closed:
+            return 0
+        return self._eng.nworkers - s6_load(&self._eng.ndead)
+
+    @property
+    def dead_count(self) -> int:
+        """Workers taken out of the rotation because epoll_wait failed (one atomic read)."""
+        return 0 if self._eng == NULL else s6_load(&self._eng.ndead)
+
+    def dead_workers(self) -> list:
+        """The workers whose epoll_wait failed for good, as ``(index, errno)`` pairs.
+
+        Such a worker ended its pairs (``RelayEnd.ERROR``) and takes no new ones; the
+        others keep relaying. The engine's eventfd is written when a worker dies, so a
+        caller watching :meth:`fileno` learns of it promptly.
+        """
+        cdef list out = []
+        cdef int i
+        cdef int err
+        cdef bint dead
+        cdef Worker* w
+        if self._closed:
+            return out
+        for i in range(self._eng.nworkers):
+            w = &self._eng.workers[i]
+            pthread_mutex_lock(&w.lock)
+            dead = s6_load(&w.dead) != 0
+            err = w.dead_errno
+            pthread_mutex_unlock(&w.lock)
+            if dead:
+                out.append((i, err))
+        return out
+
+    def _break_worker_epoll(self, int index) -> None:
+        """Test hook: make worker ``index``'s epoll_wait fail for good, as it would if its
+        epoll descriptor were closed or clobbered by a bug elsewhere in the process.
+
+        The epoll fd number is atomically pointed at a fresh eventfd (dup3), which is no
+        epoll set: the worker's next epoll_wait fails with EINVAL. It is woken first (its
+        wake eventfd is still registered in the old set, alive until that wait returns).
+        Only tests call this; the engine never does.
+        """
+        cdef Worker* w
+        cdef int fd
+        if self._closed:
+            raise ValueError("RelayEngine is closed")
+        if not 0 <= index < self._eng.nworkers:
+            raise ValueError(f"no worker {index}")
+        w = &self._eng.workers[index]
+        fd = eventfd(0, EFD_CLOEXEC)
+        if fd < 0:
+            raise OSError(errno, os.strerror(errno))
+        if dup3(fd, w.epfd, O_CLOEXEC) < 0:
+            close(fd)
+            raise OSError(errno, os.strerror(errno))
+        close(fd)
+        wake_fd(w.wakefd)
 
     def add(self, int fd_a, int fd_b, ident) -> None:
         """Relay between two connected stream sockets until both directions end.
@@ -1320,33 +1401,47 @@ cdef class RelayEngine:
             p.side[i].writable = True
             p.dir[i].pipe.r = -1
             p.dir[i].pipe.w = -1
-        # Least-loaded worker; the scan starts at a rotating index so ties spread out.
-        best = -1
-        load = 0
-        for i in range(e.nworkers):
-            idx = (e.rr + i) % e.nworkers
-            if best < 0 or s6_load(&e.workers[idx].load) < load:
-                best = idx
-                load = s6_load(&e.workers[idx].load)
-        e.rr = (e.rr + 1) % e.nworkers
-        w = &e.workers[best]
-        p.worker = w
         # Count the pair before the worker can see (and possibly finish) it.
         pthread_mutex_lock(&e.lock)
         e.active += 1
         pthread_mutex_unlock(&e.lock)
-        s6_add(&w.load, 1)
-        # The worker holds this lock only to swap lists, so taking it with the GIL held
-        # cannot deadlock (workers never take the GIL).
-        pthread_mutex_lock(&w.lock)
-        if w.stop:
+        while True:
+            # Least-loaded live worker; the scan starts at a rotating index so ties
+            # spread out. A dead worker (epoll_wait failed) is out of the rotation.
+            best = -1
+            load = 0
+            for i in range(e.nworkers):
+                idx = (e.rr + i) % e.nworkers
+                if s6_load(&e.workers[idx].dead):
+                    continue
+                if best < 0 or s6_load(&e.workers[idx].load) < load:
+                    best = idx
+                    load = s6_load(&e.workers[idx].load)
+            e.rr = (e.rr + 1) % e.nworkers
+            if best < 0:
+                pthread_mutex_lock(&e.lock)
+                e.active -= 1
+                pthread_mutex_unlock(&e.lock)
+                free(p)
+                raise OSError(EIO, "no relay worker left: every worker's epoll_wait failed")
+            w = &e.workers[best]
+            p.worker = w
+            s6_add(&w.load, 1)
+            # The worker holds this lock only to swap lists, so taking it with the GIL
+            # held cannot deadlock (workers never take the GIL).
+            pthread_mutex_lock(&w.lock)
+            if not w.stop:
+                break
+            # Died after the scan (dead is set under this lock): pick another one.
             pthread_mutex_unlock(&w.lock)
-            pthread_mutex_lock(&e.lock)
-            e.active -= 1
-            pthread_mutex_unlock(&e.lock)
             s6_add(&w.load, -1)
-            free(p)
-            raise OSError(5, "relay worker stopped")  # EIO: the worker's epoll set failed
+            if not s6_load(&w.dead):
+                # Stopping (close() runs in another thread): no worker will take it.
+                pthread_mutex_lock(&e.lock)
+                e.active -= 1
+                pthread_mutex_unlock(&e.lock)
+                free(p)
+                raise ValueError("RelayEngine is closed")
         p.next = w.inbox
         w.inbox = p
         pthread_mutex_unlock(&w.lock)
@@ -1366,6 +1461,8 @@ cdef class RelayEngine:
         if idx is None or self._closed:
             return
         w = &self._eng.workers[<int>idx]
+        if s6_load(&w.dead):
+            return  # a dead worker ended its pairs already; drain() reports them
         pthread_mutex_lock(&w.lock)
         if w.ncancels == w.cancels_cap:
             cap = w.cancels_cap * 2 if w.cancels_cap else 16

@@ -65,6 +65,7 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int pipe2(int* pipefd, int flags)
+    int dup3(int oldfd, int newfd, int flags)
     int close(int fd)
     ssize_t read(int fd, void* buf, size_t count)
     ssize_t write(int fd, const void* buf, size_t count)
