@@ -45,7 +45,8 @@ Strategy:
 * Urgent data (TCP MSG_OOB, sent by telnet and by FTP's ABOR): splice() never reads
   across an urgent mark; it answers EAGAIN there, or 0 once a FIN is queued behind
   the mark. So a 0 is taken for EOF only when sockatmark() says the source is not at a
-  mark (asked once per direction, at its end), and an EAGAIN with an empty pipe asks
+  mark (asked at most once per direction, at its end, and not at all when the FIN's
+  EPOLLRDHUP came first without EPOLLPRI), and an EAGAIN with an empty pipe asks
   sockatmark() only after EPOLLPRI flagged the socket (the normal path pays one flag
   test). At the mark, once every byte before it reached the destination, the urgent
   byte is read with recv(MSG_OOB) and sent on with send(MSG_OOB): it stays urgent, at
@@ -216,6 +217,7 @@ cdef struct Side:
     bint readable   # edge-triggered readiness, cleared on EAGAIN
     bint writable
     bint urgent     # EPOLLPRI seen: splice() may stop at an urgent mark
+    bint rdhup      # EPOLLRDHUP or EPOLLHUP seen: the peer's FIN was reported
     int err         # the socket failed (errno): reset, timed out...; 0 while healthy
 
 
@@ -743,9 +745,12 @@ cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
                 progressed = True
             elif n == 0:
                 # EOF, unless splice() stopped at an urgent mark with a FIN queued behind
-                # it. Asked on every 0 (once per direction), not only after EPOLLPRI: the
-                # urgent byte and the FIN can arrive while we pump, before their event.
-                if sockatmark(src.fd) == 1:
+                # it. The urgent byte and the FIN can land while we pump, before their
+                # event, so sockatmark() is asked unless the FIN's event came first: the
+                # urgent byte precedes the FIN in the stream, so the event that reported
+                # RDHUP also reported EPOLLPRI (tcp_poll computes both at once) had urgent
+                # data been pending. The common EOF (event first) costs no syscall.
+                if (src.urgent or not src.rdhup) and sockatmark(src.fd) == 1:
                     dr.at_mark = True
                 else:
                     dr.eof = True
@@ -1001,6 +1006,8 @@ cdef void* worker_main(void* arg) noexcept nogil:
             if events[i].events & EPOLLPRI:
                 # Urgent data: splice() will stop at its mark (forward_urgent).
                 side.urgent = True
+            if events[i].events & (EPOLLRDHUP | EPOLLHUP):
+                side.rdhup = True
             if events[i].events & (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 side.readable = True
             if events[i].events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
