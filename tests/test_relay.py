@@ -724,6 +724,52 @@ def test_dead_worker_leaves_the_rotation(loop_factory: LoopFactory, caplog: pyte
     assert len(lines) == 1 and "1 of 2 workers" in lines[0], caplog.text
 
 
+@pytest.mark.linux_only
+@pytest.mark.c_extension
+@pytest.mark.skipif(not ENGINE_AVAILABLE, reason="splice engine not available")
+def test_no_worker_left_falls_back_to_asyncio(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 16 defect 6, the last worker: with every engine worker dead, add() refuses
+    (OSError EIO) and the Relayer relays new connections on the asyncio path instead."""
+
+    async def main() -> tuple[RelayResult, str, list[tuple[int, int]]]:
+        relayer = new_relayer("splice")
+        engine = relayer._engine
+        assert engine is not None
+        for index in range(engine.workers):
+            engine._break_worker_epoll(index)
+        c, pc, pr, r = make_legs()
+        deadline = time.monotonic() + TIMEOUT
+        while relayer.path == "splice" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the loop learns of the deaths from the engine's eventfd
+        c2, pc2, pr2, r2 = make_legs()
+        with pytest.raises(OSError):
+            engine.add(pc2.fileno(), pr2.fileno(), 999)  # no worker left: the fds stay ours
+        for sock in (c2, pc2, pr2, r2):
+            sock.close()
+        task = asyncio.ensure_future(relayer.relay_sockets(pc, pr))
+
+        def exchange() -> None:
+            c.sendall(b"still relayed")
+            c.shutdown(socket.SHUT_WR)
+            assert recv_all(r) == b"still relayed"
+            r.close()
+            assert recv_all(c) == b""
+            c.close()
+
+        await asyncio.to_thread(exchange)
+        result = await task
+        path = relayer.path
+        dead = engine.dead_workers()
+        await relayer.close()
+        return result, path, dead
+
+    with caplog.at_level(logging.WARNING, logger="socks6fast.relay"):
+        result, path, dead = run(asyncio.new_event_loop, main())
+    assert result == RelayResult(13, 0, RelayEnd.EOF, "asyncio")
+    assert path == "asyncio" and [index for index, _ in dead] == [0, 1]
+    assert "0 of 2 workers keep relaying, new connections use the asyncio path" in caplog.text
+
+
 SCENARIOS = ["normal", "reset", "idle", "close", "cancel"]
 
 
