@@ -40,15 +40,15 @@ them (ids from CONFORMANCE.md):
   advertised it, the bare RFC 1929 request goes out through `data_to_send`, then the
   RFC 1929 reply and the second Authentication Reply are read.
 
-Every error leaves the connection in ERROR; the adapter must close the socket. Client
-states and transitions live in this module (the h11 idea of one table, `_TRANSITIONS`).
+Every error leaves the connection in ERROR; the adapter must close the socket. The
+client's states and transitions, those of a request and those of a session, are tables
+in `proto/states.py`, beside the proxy's (one idiom for every state machine).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from enum import Enum
 from typing import Final, NoReturn
 
 from ..constants import (
@@ -100,7 +100,18 @@ from .socks5 import (
     decode_userpass_request,
     encode_userpass_request,
 )
-from .states import NEED_DATA, PAUSED, NeedData, Paused
+from .states import (
+    NEED_DATA,
+    PAUSED,
+    ClientState,
+    ClientStep,
+    NeedData,
+    Paused,
+    SessionState,
+    SessionStep,
+    client_transition,
+    session_transition,
+)
 
 __all__ = [
     "NEED_DATA",
@@ -246,21 +257,6 @@ def tls_early_data_allowed(*, spends_token: bool) -> bool:
 # --- Sessions and tokens (section "Session options", "Idempotence options") ----------
 
 
-class SessionState(Enum):
-    """Life of a client-side session."""
-
-    NEW = "new"
-    """No session yet: the next request initiates one (with credentials)."""
-    PENDING = "pending"
-    """A Session Request is in flight; other requests must wait for it."""
-    ACTIVE = "active"
-    """We hold a Session ID; requests carry it and no credentials."""
-    DECLINED = "declined"
-    """The proxy silently did not honour the Session Request: requests stand alone."""
-    CLOSED = "closed"
-    """Torn down (or closed locally); no more requests."""
-
-
 class ClientSession:
     """Client bookkeeping of one SOCKS 6 session and its token window (sans-IO).
 
@@ -328,7 +324,7 @@ class ClientSession:
         if idempotent and self.state is not SessionState.ACTIVE:
             raise LocalProtocolError("idempotence tokens need an established session", None)
         if self.state is SessionState.NEW:
-            self.state = SessionState.PENDING
+            self.state = session_transition(self.state, SessionStep.INITIATED)
             options: tuple[Option, ...] = (SessionRequest(),)
             if self.tokens:
                 options += (IdempotenceRequest(self.tokens),)
@@ -353,7 +349,7 @@ class ClientSession:
         """
         session_id = self.session_id
         self._forget()
-        self.state = SessionState.CLOSED
+        self.state = session_transition(self.state, SessionStep.CLOSED)
         if session_id is None:
             return ()
         return (SessionID(session_id), SessionTeardown())
@@ -403,7 +399,7 @@ class ClientSession:
         """A Session ID option arrived in a reply to our Session Request (D4)."""
         if self.state is SessionState.PENDING:
             self.session_id = session_id
-            self.state = SessionState.ACTIVE
+            self.state = session_transition(self.state, SessionStep.GRANTED)
 
     def on_initiation_done(self, *, succeeded: bool) -> None:
         """The request that carried the Session Request finished (either way)."""
@@ -416,13 +412,14 @@ class ClientSession:
             # would shadow the next session's window whenever that base compares older
             # (IDM-05) and its tokens would be spent there.
             self._forget()
-            self.state = SessionState.DECLINED if succeeded else SessionState.NEW
+            step = SessionStep.DECLINED if succeeded else SessionStep.INITIATION_FAILED
+            self.state = session_transition(self.state, step)
 
     def on_session_invalid(self) -> None:
         """The proxy answered Session Invalid: start over with a new session."""
         if self.state is not SessionState.CLOSED:
             self._forget()
-            self.state = SessionState.NEW
+            self.state = session_transition(self.state, SessionStep.INVALID)
 
     def _forget(self) -> None:
         self.session_id = None
@@ -464,42 +461,7 @@ def raise_reset(conn: ClientConnection, exc: ConnectionResetError) -> NoReturn:
 # --- The connection ------------------------------------------------------------------
 
 
-class ClientState(Enum):
-    """States of one client request (draft-11 section "Mode of operation")."""
-
-    IDLE = "idle"
-    """Nothing sent yet."""
-    AWAIT_AUTH_REPLY = "await_auth_reply"
-    """Request sent; the first Authentication Reply is due."""
-    AWAIT_USERPASS_REPLY = "await_userpass_reply"
-    """Slow exchange (D7): bare RFC 1929 request sent; its reply is due."""
-    AWAIT_SECOND_AUTH_REPLY = "await_second_auth_reply"
-    """Method-specific negotiation over; the final Authentication Reply is due."""
-    AWAIT_OPERATION_REPLY = "await_operation_reply"
-    """Authenticated; the Operation Reply is due."""
-    AWAIT_BIND_PEER = "await_bind_peer"
-    """BIND: bound; the second Operation Reply (the connecting host) is due."""
-    ESTABLISHED = "established"
-    """Data may flow (CONNECT, BIND, UDP ASSOCIATE)."""
-    MUST_CLOSE = "must_close"
-    """NOOP answered: the client must close (REQ-10)."""
-    ERROR = "error"
-    """A rule was broken or the proxy refused: close the connection."""
-
-
-_S = ClientState
-_TRANSITIONS: Final[dict[ClientState, frozenset[ClientState]]] = {
-    _S.IDLE: frozenset({_S.AWAIT_AUTH_REPLY}),
-    _S.AWAIT_AUTH_REPLY: frozenset({_S.AWAIT_USERPASS_REPLY, _S.AWAIT_OPERATION_REPLY}),
-    _S.AWAIT_USERPASS_REPLY: frozenset({_S.AWAIT_SECOND_AUTH_REPLY}),
-    _S.AWAIT_SECOND_AUTH_REPLY: frozenset({_S.AWAIT_OPERATION_REPLY}),
-    _S.AWAIT_OPERATION_REPLY: frozenset({_S.AWAIT_BIND_PEER, _S.ESTABLISHED, _S.MUST_CLOSE}),
-    _S.AWAIT_BIND_PEER: frozenset({_S.ESTABLISHED}),
-    _S.ESTABLISHED: frozenset(),
-    _S.MUST_CLOSE: frozenset(),
-    _S.ERROR: frozenset(),
-}
-_DONE: Final = frozenset({_S.ESTABLISHED, _S.MUST_CLOSE})
+_DONE: Final = frozenset({ClientState.ESTABLISHED, ClientState.MUST_CLOSE})
 
 
 class ClientConnection:
@@ -639,7 +601,7 @@ class ClientConnection:
         self._session_id = next((o.session_id for o in request.options if isinstance(o, SessionID)), None)
         if self._credentials is None:
             self._credentials = self._credentials_from(request)
-        self._set_state(ClientState.AWAIT_AUTH_REPLY)
+        self._move(ClientStep.REQUEST_SENT)
         if self._handshake_timeout is not None and now is not None:
             self._deadline = now + self._handshake_timeout
         return encoded + first
@@ -740,7 +702,7 @@ class ClientConnection:
                 return self._read_second_auth_reply()
             return self._read_operation_reply()
         except Exception:
-            self.state = ClientState.ERROR
+            self._move(ClientStep.FAILED)
             raise
 
     # -- timer (aioquic get_timer / handle_timer)
@@ -757,15 +719,14 @@ class ClientConnection:
         """
         deadline = self.get_timer()
         if deadline is not None and now >= deadline:
-            self.state = ClientState.ERROR
+            self._move(ClientStep.FAILED)
             raise TimeoutError("SOCKS 6 handshake timed out")
 
     # -- internals
 
-    def _set_state(self, new: ClientState) -> None:
-        if new not in _TRANSITIONS[self.state]:  # pragma: no cover - a bug in this module
-            raise LocalProtocolError(f"illegal transition {self.state.name} -> {new.name}", None)
-        self.state = new
+    def _move(self, step: ClientStep) -> None:
+        # Every change of state is a row of the table in proto/states.py.
+        self.state = client_transition(self.state, step)
 
     def _consume(self, n: int) -> None:
         del self._buffer[:n]
@@ -825,7 +786,7 @@ class ClientConnection:
             )
         # D7 slow form: the bare RFC 1929 request (RFC 1929 section 2).
         self._outgoing += encode_userpass_request(self._credentials)
-        self._set_state(ClientState.AWAIT_USERPASS_REPLY)
+        self._move(ClientStep.USERPASS_SENT)
         return reply
 
     def _read_userpass_reply(self) -> ClientEvent:
@@ -841,7 +802,7 @@ class ClientConnection:
         self._consume(n)
         if reply.status != UserPassStatus.SUCCESS:
             raise AuthenticationError("the proxy rejected the username/password")
-        self._set_state(ClientState.AWAIT_SECOND_AUTH_REPLY)
+        self._move(ClientStep.USERPASS_ACCEPTED)
         return reply
 
     def _read_second_auth_reply(self) -> ClientEvent:
@@ -877,7 +838,7 @@ class ClientConnection:
                     raise AuthenticationError("the proxy rejected the username/password")
 
     def _authenticated(self) -> None:
-        self._set_state(ClientState.AWAIT_OPERATION_REPLY)
+        self._move(ClientStep.AUTHENTICATED)
         if self._late_data:
             # section "False Starts": "Application data MAY be sent immediately after
             # receiving an Authentication Reply indicating success."
@@ -949,11 +910,11 @@ class ClientConnection:
             raise _refusal(reply.reply_code)
         command = self.request.command
         if not first or command in (Command.CONNECT, Command.UDP_ASSOCIATE):
-            self._set_state(ClientState.ESTABLISHED)
+            self._move(ClientStep.OPERATION_DONE)
         elif command is Command.BIND:
-            self._set_state(ClientState.AWAIT_BIND_PEER)
+            self._move(ClientStep.BIND_BOUND)
         else:
             # REQ-10: "If the client issued an NOOP command, the client MUST close the
             # connection after receiving the Operation Reply."
-            self._set_state(ClientState.MUST_CLOSE)
+            self._move(ClientStep.NOOP_DONE)
         return reply

@@ -1,4 +1,5 @@
-"""States and transition tables of the proxy side of a SOCKS 6 or SOCKS 5 connection.
+"""States and transition tables of both roles: the proxy side of a SOCKS 6 or SOCKS 5
+connection, and the client side of a SOCKS 6 request and of a client session.
 
 Strategy (h11 ``_state.py``): every change of state lives here, in tables, and
 nowhere else. A connection has two halves, as in h11: what the *peer* (the
@@ -29,12 +30,18 @@ from ..errors import LocalProtocolError, RemoteProtocolError
 __all__ = [
     "NEED_DATA",
     "PAUSED",
+    "ClientStep",
+    "ClientState",
     "Event",
     "NeedData",
     "Paused",
     "Protocol",
     "ProxyStateMachine",
+    "SessionStep",
+    "SessionState",
     "State",
+    "client_transition",
+    "session_transition",
 ]
 
 
@@ -328,3 +335,132 @@ class ProxyStateMachine:
         while new is not None:
             self.their_state = new
             new = self._triggered.get((self.their_state, self.our_state))
+
+
+# =====================================================================================
+# The client side: one request (ClientConnection) and one session (ClientSession)
+# =====================================================================================
+#
+# Same idiom as the proxy's: states and what moves them are enums, every move is a row of a
+# (state, event) -> state table, and nothing outside this module assigns a state.
+# The client has one half (it reads the proxy's replies in order), so one table each.
+
+
+class ClientState(Enum):
+    """States of one client request (draft-11 section "Mode of operation")."""
+
+    __hash__ = object.__hash__  # see State
+
+    IDLE = "idle"
+    """Nothing sent yet."""
+    AWAIT_AUTH_REPLY = "await_auth_reply"
+    """Request sent; the first Authentication Reply is due."""
+    AWAIT_USERPASS_REPLY = "await_userpass_reply"
+    """Slow exchange (D7): bare RFC 1929 request sent; its reply is due."""
+    AWAIT_SECOND_AUTH_REPLY = "await_second_auth_reply"
+    """Method-specific negotiation over; the final Authentication Reply is due."""
+    AWAIT_OPERATION_REPLY = "await_operation_reply"
+    """Authenticated; the Operation Reply is due."""
+    AWAIT_BIND_PEER = "await_bind_peer"
+    """BIND: bound; the second Operation Reply (the connecting host) is due."""
+    ESTABLISHED = "established"
+    """Data may flow (CONNECT, BIND, UDP ASSOCIATE)."""
+    MUST_CLOSE = "must_close"
+    """NOOP answered: the client must close (REQ-10)."""
+    ERROR = "error"
+    """A rule was broken, the proxy refused or the deadline passed: close the connection."""
+
+
+class ClientStep(Enum):
+    """What moves a client request on."""
+
+    __hash__ = object.__hash__
+
+    REQUEST_SENT = "request sent"
+    USERPASS_SENT = "RFC 1929 request sent (Authentication Reply Type 1, D7)"
+    USERPASS_ACCEPTED = "RFC 1929 reply accepted"
+    AUTHENTICATED = "Authentication Reply Type 0"
+    OPERATION_DONE = "Operation Reply Success (CONNECT, UDP ASSOCIATE, BIND's second)"
+    BIND_BOUND = "BIND's first Operation Reply"
+    NOOP_DONE = "NOOP's Operation Reply (REQ-10)"
+    FAILED = "an error, a refusal or the deadline"
+
+
+_C = ClientState
+_CE = ClientStep
+_CLIENT: Final[dict[tuple[ClientState, ClientStep], ClientState]] = {
+    (_C.IDLE, _CE.REQUEST_SENT): _C.AWAIT_AUTH_REPLY,
+    (_C.AWAIT_AUTH_REPLY, _CE.USERPASS_SENT): _C.AWAIT_USERPASS_REPLY,
+    (_C.AWAIT_AUTH_REPLY, _CE.AUTHENTICATED): _C.AWAIT_OPERATION_REPLY,
+    (_C.AWAIT_USERPASS_REPLY, _CE.USERPASS_ACCEPTED): _C.AWAIT_SECOND_AUTH_REPLY,
+    (_C.AWAIT_SECOND_AUTH_REPLY, _CE.AUTHENTICATED): _C.AWAIT_OPERATION_REPLY,
+    (_C.AWAIT_OPERATION_REPLY, _CE.OPERATION_DONE): _C.ESTABLISHED,
+    (_C.AWAIT_OPERATION_REPLY, _CE.BIND_BOUND): _C.AWAIT_BIND_PEER,
+    (_C.AWAIT_OPERATION_REPLY, _CE.NOOP_DONE): _C.MUST_CLOSE,
+    (_C.AWAIT_BIND_PEER, _CE.OPERATION_DONE): _C.ESTABLISHED,
+}
+# Any state but the final ones can fail.
+_CLIENT.update(
+    {(state, _CE.FAILED): _C.ERROR for state in ClientState if state not in (_C.ESTABLISHED, _C.MUST_CLOSE)}
+)
+
+
+def client_transition(state: ClientState, step: ClientStep) -> ClientState:
+    """The state a client request moves to on ``step``.
+
+    Raises:
+        LocalProtocolError: ``step`` is not allowed in ``state`` (a bug of the caller).
+    """
+    new = _CLIENT.get((state, step))
+    if new is None:
+        raise LocalProtocolError(f"client request: {step.value} in state {state.value}", None)
+    return new
+
+
+class SessionState(Enum):
+    """Life of a client-side session (draft-11 section "Session options")."""
+
+    __hash__ = object.__hash__
+
+    NEW = "new"
+    """No session yet: the next request initiates one (with credentials)."""
+    PENDING = "pending"
+    """A Session Request is in flight; other requests must wait for it."""
+    ACTIVE = "active"
+    """We hold a Session ID; requests carry it and no credentials."""
+    DECLINED = "declined"
+    """The proxy silently did not honour the Session Request: requests stand alone."""
+    CLOSED = "closed"
+    """Torn down (or closed locally); no more requests."""
+
+
+class SessionStep(Enum):
+    """What moves a client session on. Replies may arrive late or out of order, so a
+    step that does not apply to the current state leaves it as it is (no row: no move),
+    as h11's "ours on theirs" table does."""
+
+    __hash__ = object.__hash__
+
+    INITIATED = "a request carries the Session Request"
+    GRANTED = "a reply carries the Session ID (D4)"
+    DECLINED = "the initiating request succeeded without a Session ID"
+    INITIATION_FAILED = "the initiating request failed"
+    INVALID = "Session Invalid"
+    CLOSED = "torn down or closed locally"
+
+
+_SS = SessionState
+_SE = SessionStep
+_SESSION: Final[dict[tuple[SessionState, SessionStep], SessionState]] = {
+    (_SS.NEW, _SE.INITIATED): _SS.PENDING,
+    (_SS.PENDING, _SE.GRANTED): _SS.ACTIVE,
+    (_SS.PENDING, _SE.DECLINED): _SS.DECLINED,
+    (_SS.PENDING, _SE.INITIATION_FAILED): _SS.NEW,
+    **{(state, _SE.INVALID): _SS.NEW for state in SessionState if state is not _SS.CLOSED},
+    **{(state, _SE.CLOSED): _SS.CLOSED for state in SessionState},
+}
+
+
+def session_transition(state: SessionState, step: SessionStep) -> SessionState:
+    """The state a client session moves to on ``step`` (unchanged where no row applies)."""
+    return _SESSION.get((state, step), state)
