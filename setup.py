@@ -25,7 +25,7 @@ ANNOTATE = bool(os.environ.get("SOCKS6FAST_ANNOTATE"))
 BUILD_ONLY = {n for n in os.environ.get("SOCKS6FAST_BUILD_ONLY", "").split(",") if n}
 
 # Modules that only make sense on Linux (splice, epoll, recvmmsg).
-LINUX_ONLY = {"_relay_c"}
+LINUX_ONLY = {"_relay_c", "_udp_c"}
 
 
 def extensions() -> list[Extension]:

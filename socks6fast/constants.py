@@ -217,3 +217,49 @@ class RelayEnd(IntEnum):
     #: Ended by the proxy (relayer closed, drain deadline passed, relay cancelled); both
     #: legs are reset.
     SHUTDOWN = 4
+
+
+class UdpDrop(IntEnum):
+    """Why the UDP data plane dropped a datagram (socks6fast.dataplane.udp; counted, never raised).
+
+    Section "Handling UDP ASSOCIATE" has malformed or unmatched datagrams "silently
+    dropped" (UDP-03, UDP-05, D18): the engines count each drop under one of these.
+    """
+
+    #: Not a SOCKS 6 Datagram (version, Message Type, a Message Length below the header, a
+    #: malformed name), or a client message type other than Datagram on the TCP connection.
+    MALFORMED = 0
+    #: The datagram ends inside its header.
+    TRUNCATED = 1
+    #: Address Type other than IPv4, Domain Name, IPv6.
+    ADDRESS_TYPE = 2
+    #: Message Length larger than the datagram (UDP-05).
+    LENGTH = 3
+    #: The Association ID names no live association (D18).
+    UNKNOWN_ASSOCIATION = 4
+    #: The datagram does not match the association's mapping: another 5-tuple, or the
+    #: other channel (UDP vs the TCP connection) (UDP-03).
+    MAPPING = 5
+    #: From an address the association does not accept (SOCKS 5: not the TCP client, D19).
+    SOURCE = 6
+    #: SOCKS 5 FRAG other than 0 (RFC 1928 section 7, D19: no reassembly).
+    FRAGMENT = 7
+    #: The control plane's verdict for the destination is "deny", the name did not resolve,
+    #: or the destination cannot be sent to (port 0, the all-zero address with a payload).
+    DENIED = 8
+    #: The destination (or its name, D20) waits for the control plane's verdict.
+    PENDING = 9
+    #: No remote-facing socket of the destination's address family.
+    NO_SOCKET = 10
+    #: The kernel refused to send it (sendmsg/sendmmsg error, a full socket buffer).
+    SEND_FAILED = 11
+    #: UDP over TCP: the TCP connection would block, so the datagram is dropped, not buffered.
+    TCP_BLOCKED = 12
+    #: A remote datagram before the client's first datagram fixed the mapping (UDP-04).
+    UNCONFIRMED = 13
+    #: A remote datagram from a source the client never sent to, outside server mode (UDP-06).
+    FILTERED = 14
+    #: Too large: cut by the receive buffer, or its header would not fit Message Length.
+    TOO_BIG = 15
+    #: The association's destination or name table is full.
+    TABLE_FULL = 16

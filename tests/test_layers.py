@@ -11,7 +11,8 @@ The layers, lowest first:
   ``src_pyx/socks6fast/includes``);
 - ``proto/``: the sans-IO protocol core, which touches no socket, loop or clock;
 - ``net/`` (socket helpers) and ``config``;
-- ``dataplane/``: the relay engine selector, the native engine and the Relayer;
+- ``dataplane/``: the relay engine selector, the native engines (TCP splice, UDP
+  recvmmsg/sendmmsg) with the UDP engine's Python twin, the Relayer and the UDP selector;
 - the I/O adapters: ``_client_base`` (what both clients share), the blocking ``client``
   and ``asyncio/``;
 - the command line, and beside it ``bench/`` (``socks6fast bench``).
@@ -42,8 +43,9 @@ LAYERS: list[set[str]] = [
     {"proto.client_flow"},
     {"net.tfo"},
     {"net.url", "net.stackopts", "net.localaddr", "net", "config"},
-    {"dataplane.engine", "dataplane._relay_c", "dataplane"},
-    {"dataplane.relayer"},
+    {"dataplane.engine", "dataplane._relay_c", "dataplane", "dataplane.udp_types"},
+    {"dataplane._udp_py", "dataplane._udp_c"},
+    {"dataplane.relayer", "dataplane.udp"},
     {"_client_base"},
     {"client"},
     {"asyncio.client"},

@@ -1,0 +1,113 @@
+"""UDP data plane selector: the native recvmmsg/sendmmsg engine when available, else Python.
+
+Strategy: the control plane sets a UDP association up (SOCKS 6 or SOCKS 5 UDP
+ASSOCIATE: authentication, rules, Stack options, the remote-facing sockets, the
+Association ID) and hands it to a :data:`UdpEngine` with ``add()``; the engine relays
+its datagrams until the TCP connection ends, and reports through ``drain()``
+(watch ``fileno()`` with ``loop.add_reader``). On Linux with the compiled extension
+that is ``socks6fast.dataplane._udp_c.UdpEngine`` (C worker threads, no GIL, no
+Python per datagram); elsewhere, or with ``SOCKS6FAST_NO_EXTENSIONS=1``, the
+pure-Python twin ``_udp_py.UdpEngine`` on the event loop. Both take the same
+arguments, apply the same rules and report the same events
+(``socks6fast.dataplane.udp_types``) and drop reasons (``constants.UdpDrop``).
+
+The API (documented in full in ``src_pyx/socks6fast/dataplane/_udp_c.pyx``)::
+
+    engine = UdpEngine(workers=0, batch=16, max_datagram=65535,
+                       first_datagram_timeout=0.0, loop=None)
+    engine.add_port(open_udp_port(host, port, engine.workers))  # SOCKS 6 UDP port (D16)
+    engine.add(association_id, tcp_fd, remote_fds, socks5_fd=-1, client_address=None,
+               client_port=0, udp_error=False, ask=False, tcp_send=b"", tcp_pending=b"")
+    engine.verdict(association_id, address, port, allow)      # answers UdpAsk
+    engine.resolved(association_id, name, address_or_None)    # answers UdpResolve (D20)
+    engine.remove(association_id)
+    engine.drain() -> list[UdpEvent]
+    engine.drops() -> dict[UdpDrop, int]
+    engine.close()
+
+The engine is a building block: the server does not use it yet (UDP ASSOCIATE is
+still answered with Command Not Supported until the control plane is wired).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from typing import TYPE_CHECKING, Literal
+
+from .._extensions import NO_EXTENSIONS
+from ._udp_py import UdpEngine as UdpEnginePy
+from .udp_types import UdpAsk, UdpConfirmed, UdpEnded, UdpEvent, UdpResolve
+
+if TYPE_CHECKING:
+    from ._udp_c import UdpEngine as _UdpEngineC
+
+#: Which UDP data path is in use: the native engine or the Python twin.
+UdpPath = Literal["mmsg", "python"]
+PATH_MMSG: UdpPath = "mmsg"
+PATH_PYTHON: UdpPath = "python"
+
+#: The native engine class, or None where it cannot run (not Linux, no extensions).
+UdpEngineC: type[_UdpEngineC] | None = None
+if not NO_EXTENSIONS and sys.platform.startswith("linux"):
+    try:
+        from ._udp_c import UdpEngine as _Loaded
+    except ImportError:  # pragma: no cover - a broken build; test_udp_engine.py flags it
+        pass
+    else:
+        UdpEngineC = _Loaded
+
+#: True when UDP associations go through the native engine.
+UDP_ENGINE_AVAILABLE = UdpEngineC is not None
+#: The engine the control plane should use.
+UdpEngine: type[_UdpEngineC] | type[UdpEnginePy] = UdpEngineC if UdpEngineC is not None else UdpEnginePy
+#: Its path name, for logs and benchmark reports.
+UDP_PATH: UdpPath = PATH_MMSG if UdpEngineC is not None else PATH_PYTHON
+
+
+def open_udp_port(host: str, port: int, count: int) -> list[int]:
+    """Bind ``count`` UDP sockets to (host, port) as one SO_REUSEPORT group, for ``add_port``.
+
+    Port 0 picks a free port for the first socket and binds the others to the same one.
+    Returns their fds in bind order (the group's order, which the native engine's BPF
+    steering relies on); the caller hands them to ``UdpEngine.add_port`` (which then
+    owns them) or closes them.
+
+    Raises:
+        OSError: the address cannot be bound.
+        ValueError: ``count`` is not positive.
+    """
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return [sock.detach() for sock in socks]
+
+
+__all__ = [
+    "PATH_MMSG",
+    "PATH_PYTHON",
+    "UDP_ENGINE_AVAILABLE",
+    "UDP_PATH",
+    "UdpAsk",
+    "UdpConfirmed",
+    "UdpEnded",
+    "UdpEngine",
+    "UdpEngineC",
+    "UdpEnginePy",
+    "UdpEvent",
+    "UdpPath",
+    "UdpResolve",
+    "open_udp_port",
+]

@@ -1,0 +1,132 @@
+"""What the UDP data plane reports to the control plane, and the tables both engines share.
+
+One definition for the native engine (``_udp_c``, compiled from
+``src_pyx/socks6fast/dataplane/_udp_c.pyx``) and its pure-Python twin (``_udp_py``):
+the events :meth:`UdpEngine.drain` returns, and the ICMP -> Datagram Error code table
+(section "Reporting ICMP Errors"; shared/design/udp-and-dtls.md). This module imports
+neither asyncio nor socket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from ..constants import DatagramErrorCode, RelayEnd
+
+__all__ = [
+    "ICMP6_ERROR_CODES",
+    "ICMP_ERROR_CODES",
+    "UdpAsk",
+    "UdpConfirmed",
+    "UdpEnded",
+    "UdpEvent",
+    "UdpResolve",
+    "icmp_error_code",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class UdpConfirmed:
+    """The client's first datagram fixed the association's mapping (UDP-03, UDP-04).
+
+    For a SOCKS 6 association the engine has written the Association Confirmation on the
+    TCP connection itself, before any Datagram or Error message (so the order UDP-04
+    asks for holds without a lock shared with Python).
+    """
+
+    association_id: bytes
+    """The association (8 bytes)."""
+    over_tcp: bool
+    """True: the client sends its datagrams over the TCP connection; False: plain UDP."""
+    client: tuple[str, int] | None
+    """The client's UDP address and port (the mapped 5-tuple's far end); None over TCP."""
+    server_mode: bool
+    """The first datagram was the empty one to the all-zero address (UDP-06)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UdpAsk:
+    """A client datagram named a destination the association has no verdict for.
+
+    Only for associations added with ``ask=True``. The datagram was dropped
+    (``UdpDrop.PENDING``); the control plane checks its rules and answers with
+    ``UdpEngine.verdict(association_id, address, port, allow)``; the client's next
+    datagram to it is then relayed or dropped without asking again.
+    """
+
+    association_id: bytes
+    address: str
+    """IPv4 or IPv6 address (text)."""
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class UdpResolve:
+    """A client datagram named a domain name the association has not resolved yet (D20).
+
+    The datagram was dropped (``UdpDrop.PENDING``); the control plane resolves the
+    name and answers with ``UdpEngine.resolved(association_id, name, address)``. The
+    answer is cached for the association's life; the destination (address, port) then
+    goes through the verdicts like any other.
+    """
+
+    association_id: bytes
+    name: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class UdpEnded:
+    """An association ended; the engine has closed every socket it was given for it."""
+
+    association_id: bytes
+    end: RelayEnd
+    """EOF: the TCP connection ended (UDP-07); RESET: it was reset; IDLE_TIMEOUT: no
+    first datagram in time (UDP-07); ERROR: unframeable bytes on the TCP connection or
+    a socket error; SHUTDOWN: removed by the control plane or the engine closed."""
+    cause: str
+    """Why, in words, when ``end`` does not say everything; "" otherwise."""
+    datagrams_to_remote: int
+    bytes_to_remote: int
+    """Payload bytes sent to remote hosts."""
+    datagrams_to_client: int
+    bytes_to_client: int
+    """Payload bytes relayed to the client (headers not counted)."""
+    drops: int
+    """Datagrams of this association dropped (any UdpDrop reason)."""
+    icmp_errors: int
+    """ICMP errors read from the remote sockets' error queues."""
+    icmp_reported: int
+    """Of those, the ones sent to the client as Datagram Error messages (UDP-09)."""
+
+
+UdpEvent = UdpConfirmed | UdpAsk | UdpResolve | UdpEnded
+
+#: ICMPv4 (type, code) -> Datagram Error code (section "Reporting ICMP Errors"; the
+#: design card's table). Destination Unreachable: net 0, net unknown 6, net for TOS 11;
+#: host 1, host unknown 7, host for TOS 12. Time Exceeded (type 11): any code. Port
+#: unreachable (3/3) and everything else are not reported.
+ICMP_ERROR_CODES: Final[dict[tuple[int, int | None], DatagramErrorCode]] = {
+    (3, 0): DatagramErrorCode.NETWORK_UNREACHABLE,
+    (3, 6): DatagramErrorCode.NETWORK_UNREACHABLE,
+    (3, 11): DatagramErrorCode.NETWORK_UNREACHABLE,
+    (3, 1): DatagramErrorCode.HOST_UNREACHABLE,
+    (3, 7): DatagramErrorCode.HOST_UNREACHABLE,
+    (3, 12): DatagramErrorCode.HOST_UNREACHABLE,
+    (11, None): DatagramErrorCode.TTL_EXPIRED,
+}
+#: ICMPv6: Destination Unreachable no route (1/0) -> net, address unreachable (1/3) ->
+#: host; Time Exceeded (type 3) -> TTL; Packet Too Big (type 2) -> too big (IPv6 only).
+ICMP6_ERROR_CODES: Final[dict[tuple[int, int | None], DatagramErrorCode]] = {
+    (1, 0): DatagramErrorCode.NETWORK_UNREACHABLE,
+    (1, 3): DatagramErrorCode.HOST_UNREACHABLE,
+    (3, None): DatagramErrorCode.TTL_EXPIRED,
+    (2, None): DatagramErrorCode.DATAGRAM_TOO_BIG,
+}
+
+
+def icmp_error_code(ipv6: bool, icmp_type: int, icmp_code: int) -> DatagramErrorCode | None:
+    """The Datagram Error code for an ICMP (``ipv6`` False) or ICMPv6 error, or None."""
+    table = ICMP6_ERROR_CODES if ipv6 else ICMP_ERROR_CODES
+    return table.get((icmp_type, icmp_code)) or table.get((icmp_type, None))
