@@ -112,12 +112,14 @@ class _Remote:
 
 
 class _Port:
-    __slots__ = ("sock", "wildcard")
+    __slots__ = ("sock", "name", "wildcard")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        key = _key_of(sock.getsockname())
-        self.wildcard = key is not None and key[1] == bytes(len(key[1]))
+        #: The bound address: the sockets of one SO_REUSEPORT group are one port (the
+        #: kernel spreads a group's datagrams over them by a hash of the 4-tuple).
+        self.name = _key_of(sock.getsockname())
+        self.wildcard = self.name is not None and self.name[1] == bytes(len(self.name[1]))
 
 
 class _Assoc:
@@ -646,7 +648,12 @@ class UdpEngine:
             if local is not None:
                 a.local, a.local_ifindex = local
             return None
-        if a.state != _MAPPED_UDP or a.map_port is not port or key != a.client_key:
+        if (
+            a.state != _MAPPED_UDP
+            or a.map_port is None
+            or a.map_port.name != port.name
+            or key != a.client_key
+        ):
             return UdpDrop.MAPPING
         if a.local is not None and (local is None or local[0] != a.local):
             return UdpDrop.MAPPING

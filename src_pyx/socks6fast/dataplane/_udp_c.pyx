@@ -48,8 +48,10 @@ Strategy:
 * Remote -> client: ``recvmmsg`` into each slot 32 bytes after its start, so the
   Datagram Header (``write_datagram_header``, 20 or 32 bytes: the source is always
   an IP address, D20) is written in front of the payload in place and the message
-  leaves as one contiguous buffer: one ``sendmmsg`` per batch over UDP, one
-  ``sendmsg`` with an ``iovec`` per message over TCP.
+  leaves as one contiguous buffer. Over UDP the messages of every remote socket that
+  is ready in one epoll turn are queued (each names its own client) and leave in one
+  ``sendmmsg`` per client-facing socket (this halved the sendmmsg calls of the
+  8-flow echo benchmark); over TCP, one ``sendmsg`` with an ``iovec`` per message.
 * UDP over TCP: messages are framed by Message Length. Bytes read from the TCP
   connection are parsed in a worker buffer; only a partial message at the end is
   kept (copied) until its rest arrives. Towards the client, a message is written
@@ -467,7 +469,9 @@ cdef struct Worker:
     int* txfd
     Assoc** txowner
     unsigned int* txpay
-    int ntx
+    int ntx                 # client -> remote messages queued in tx (flush_remote)
+    int ctx                 # remote -> client messages queued in tx (flush_client)
+    int cslot               # arena slots [0, cslot) hold the queued remote -> client messages
     unsigned char* tcpbuf   # 2 * TCP_CHUNK: a carried partial message, then a read
     sockaddr_storage eq_name
     unsigned char eq_ctl[ERRQ_CTL_SIZE]
@@ -1440,11 +1444,11 @@ cdef inline bint memchr_zero(const unsigned char* p, Py_ssize_t n) noexcept nogi
     return False
 
 
-cdef void setup_rx(Worker* w, int n, bint with_control) noexcept nogil:
+cdef void setup_rx(Worker* w, int base, int n, bint with_control) noexcept nogil:
     cdef int i
     cdef Slot* s
     cdef msghdr* m
-    for i in range(n):
+    for i in range(base, base + n):
         s = &w.slots[i]
         m = &w.rx[i].msg_hdr
         m.msg_name = &s.peer
@@ -1470,7 +1474,7 @@ cdef void client_readable(Worker* w, Endpoint* ep) noexcept nogil:
     for rounds in range(PORT_ROUNDS):
         if ep.kind == EP_S5 and ep.assoc.reason != END_LIVE:
             return
-        setup_rx(w, w.engine.batch, ep.wildcard)
+        setup_rx(w, 0, w.engine.batch, ep.wildcard)
         n = recvmmsg(ep.fd, w.rx, <unsigned int>w.engine.batch, MSG_DONTWAIT, NULL)
         if n <= 0:
             # EAGAIN: drained. EINTR: epoll reports the socket again. Anything else on a
@@ -1527,27 +1531,37 @@ cdef void put_pktinfo(Assoc* a, msghdr* m, unsigned char* ctl) noexcept nogil:
         m.msg_controllen = CMSG_SPACE(sizeof(in6_pktinfo))
 
 
-cdef void send_to_client_udp(Worker* w, Assoc* a, int n) noexcept nogil:
-    """sendmmsg the n prepared messages of w.tx to the mapped client."""
+cdef void flush_client(Worker* w) noexcept nogil:
+    """Send the queued remote datagrams to their clients: one sendmmsg per client-facing
+    socket run, across associations (each message names its own client)."""
     cdef int start = 0
+    cdef int end
     cdef int r
     cdef int k
-    while start < n:
-        r = sendmmsg(a.map_ep.fd, &w.tx[start], <unsigned int>(n - start), MSG_DONTWAIT)
-        if r > 0:
-            for k in range(start, start + r):
-                a.r2c_dgrams += 1
-                a.r2c_bytes += w.txpay[k]
-            start += r
-            continue
-        if r < 0 and errno == EINTR:
-            continue
-        if r < 0 and errno == EAGAIN:
-            for k in range(start, n):
-                count_drop(w, a, D_SEND_FAILED)
-            return
-        count_drop(w, a, D_SEND_FAILED)
-        start += 1
+    while start < w.ctx:
+        end = start + 1
+        while end < w.ctx and w.txfd[end] == w.txfd[start]:
+            end += 1
+        while start < end:
+            r = sendmmsg(w.txfd[start], &w.tx[start], <unsigned int>(end - start), MSG_DONTWAIT)
+            if r > 0:
+                for k in range(start, start + r):
+                    w.txowner[k].r2c_dgrams += 1
+                    w.txowner[k].r2c_bytes += w.txpay[k]
+                start += r
+                continue
+            if r < 0 and errno == EINTR:
+                continue
+            if r < 0 and errno == EAGAIN:
+                # The client-facing socket's buffer is full: the rest of the run is lost.
+                for k in range(start, end):
+                    count_drop(w, w.txowner[k], D_SEND_FAILED)
+                start = end
+                break
+            count_drop(w, w.txowner[start], D_SEND_FAILED)
+            start += 1
+    w.ctx = 0
+    w.cslot = 0
 
 
 cdef int write_socks5_header(unsigned char* out, unsigned char family, const unsigned char* addr,
@@ -1564,13 +1578,22 @@ cdef int write_socks5_header(unsigned char* out, unsigned char family, const uns
 
 
 cdef void remote_readable(Worker* w, Endpoint* ep) noexcept nogil:
-    """Datagrams from remote hosts: a header in front of each, then to the client."""
+    """Datagrams from remote hosts: a header in front of each, then to the client.
+
+    Over UDP the messages are queued (slots [0, w.cslot) of the arena hold them) and
+    leave in flush_client, batched with other associations' when several remote sockets
+    are ready in one epoll turn. Over TCP they are written at once.
+    """
     cdef Assoc* a = ep.assoc
     cdef int rounds
     cdef int n
     cdef int i
+    cdef int j
     cdef int k
     cdef int err
+    cdef int base
+    cdef int room
+    cdef int ntcp
     cdef Slot* s
     cdef unsigned char family
     cdef unsigned char addr[16]
@@ -1581,11 +1604,16 @@ cdef void remote_readable(Worker* w, Endpoint* ep) noexcept nogil:
     cdef Dest* d
     cdef unsigned char* first
     cdef iovec wv[MAX_BATCH]
+    cdef unsigned int wpay[MAX_BATCH]
     for rounds in range(PORT_ROUNDS):
         if a.reason != END_LIVE:
             return
-        setup_rx(w, w.engine.batch, False)
-        n = recvmmsg(ep.fd, w.rx, <unsigned int>w.engine.batch, MSG_DONTWAIT, NULL)
+        if w.engine.batch - w.cslot < (w.engine.batch + 3) // 4:
+            flush_client(w)
+        base = w.cslot
+        room = w.engine.batch - base
+        setup_rx(w, base, room, False)
+        n = recvmmsg(ep.fd, &w.rx[base], <unsigned int>room, MSG_DONTWAIT, NULL)
         if n < 0:
             err = errno
             if err == ECONNREFUSED or err == EHOSTUNREACH or err == ENETUNREACH or err == EHOSTDOWN \
@@ -1597,13 +1625,14 @@ cdef void remote_readable(Worker* w, Endpoint* ep) noexcept nogil:
             return
         if a.state == ST_UNMAPPED or (a.state == ST_UDP and a.tx_off < a.tx_len):
             # UDP-04: nothing goes to the client before the Confirmation is out.
-            for i in range(n):
+            for j in range(n):
                 count_drop(w, a, D_UNCONFIRMED)
-            if n < w.engine.batch:
+            if n < room:
                 return
             continue
-        k = 0
-        for i in range(n):
+        ntcp = 0
+        for j in range(n):
+            i = base + j
             s = &w.slots[i]
             if w.rx[i].msg_hdr.msg_flags & MSG_TRUNC:
                 count_drop(w, a, D_TOO_BIG)
@@ -1639,24 +1668,29 @@ cdef void remote_readable(Worker* w, Endpoint* ep) noexcept nogil:
                     continue
             s.iov.iov_base = hdr
             s.iov.iov_len = <size_t>hlen + plen
-            w.txpay[k] = <unsigned int>plen
             if a.state == ST_UDP:
+                # Queue index k <= slot index i: tx[k] points at slot i's iovec and control space.
+                k = w.ctx
                 memset(&w.tx[k], 0, sizeof(mmsghdr))
                 w.tx[k].msg_hdr.msg_name = &a.client
                 w.tx[k].msg_hdr.msg_namelen = a.client_len
                 w.tx[k].msg_hdr.msg_iov = &s.iov
                 w.tx[k].msg_hdr.msg_iovlen = 1
                 put_pktinfo(a, &w.tx[k].msg_hdr, s.ctl)
+                w.txfd[k] = a.map_ep.fd
+                w.txowner[k] = a
+                w.txpay[k] = <unsigned int>plen
+                w.ctx += 1
             else:
                 # UDP over TCP: one iovec per message, all in one sendmsg below.
-                wv[k] = s.iov
-            k += 1
-        if k > 0:
-            if a.state == ST_UDP:
-                send_to_client_udp(w, a, k)
-            else:
-                tcp_send_messages(w, a, wv, w.txpay, k)
-        if n < w.engine.batch:
+                wv[ntcp] = s.iov
+                wpay[ntcp] = <unsigned int>plen
+                ntcp += 1
+        if a.state == ST_UDP:
+            w.cslot = base + n  # these slots hold queued messages until flush_client
+        elif ntcp > 0:
+            tcp_send_messages(w, a, wv, wpay, ntcp)
+        if n < room:
             return
 
 
@@ -2076,11 +2110,15 @@ cdef void* worker_main(void* arg) noexcept nogil:
             break  # our epoll fd is broken: nothing can be relayed any more
         for i in range(n):
             if events[i].data.ptr == NULL:
+                flush_client(w)  # commands may end associations the queue names
                 stop = take_control(w)
                 continue
             # The data pointer is the Endpoint registered for this fd.
             ep = <Endpoint*>events[i].data.ptr
             what = events[i].events
+            if ep.kind != EP_REMOTE and w.ctx:
+                # Client datagrams and TCP reads use the arena from slot 0: send the queue first.
+                flush_client(w)
             if ep.kind != EP_PORT and ep.assoc.reason != END_LIVE:
                 continue  # ended earlier in this batch; the struct lives until the flush
             if ep.kind == EP_TCP:
@@ -2099,6 +2137,7 @@ cdef void* worker_main(void* arg) noexcept nogil:
                 remote_readable(w, ep)
             else:
                 client_readable(w, ep)
+        flush_client(w)
         expire_waiting(w)
         flush_events(w)
     # Stop (or a broken epoll set): refuse new work, adopt the inbox, end everything.
