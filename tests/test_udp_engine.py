@@ -161,8 +161,23 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = TIMEO
 
 
 async def recv(sock: socket.socket, timeout: float = TIMEOUT) -> tuple[bytes, Any]:
+    """One datagram from a non-blocking socket (add_reader: uvloop has no sock_recvfrom)."""
     loop = asyncio.get_running_loop()
-    return await asyncio.wait_for(loop.sock_recvfrom(sock, 70000), timeout)
+    got: asyncio.Future[tuple[bytes, Any]] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            result = sock.recvfrom(70000)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not got.done():
+            got.set_result(result)
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        return await asyncio.wait_for(got, timeout)
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 async def silent(sock: socket.socket, quiet: float = QUIET) -> bool:
@@ -255,13 +270,21 @@ class Harness:
             raise
         self.port_address = (self.host, port)
 
-    def add(self, *, socks5: bool = False, aid: bytes | None = None, sndbuf: int = 0, **kwargs: Any) -> Assoc:
+    def add(
+        self,
+        *,
+        socks5: bool = False,
+        aid: bytes | None = None,
+        sndbuf: int = 0,
+        remote: socket.socket | None = None,
+        **kwargs: Any,
+    ) -> Assoc:
         aid = aid or os.urandom(8)
         client_tcp, proxy_tcp = tcp_pair(self.host)
         if sndbuf:
             proxy_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
             client_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
-        remote = udp_socket(self.host)
+        remote = remote or udp_socket(self.host)
         remote_address = remote.getsockname()[:2]
         client = udp_socket(self.host)
         extra: dict[str, Any] = {}
@@ -388,6 +411,22 @@ async def test_many_associations_on_every_worker(harness: Harness) -> None:
     assocs = [harness.add() for _ in range(12)]
     for i, a in enumerate(assocs):
         assert await harness.echo_through(a, b"n%d" % i) == b"n%d" % i
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+async def test_dual_stack_remote_socket(harness: Harness) -> None:
+    """One AF_INET6 remote socket without IPV6_V6ONLY serves IPv4 and IPv6 destinations;
+    IPv4 sources come back as IPv4 addresses (not IPv4-mapped) in the Datagram Header."""
+    dual = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    dual.bind(("::", 0))
+    a = harness.add(remote=dual)
+    echo6 = Echo("::1")
+    try:
+        assert await harness.echo_through(a, b"to v4") == b"to v4"
+        assert await harness.echo_through(a, b"to v6", target=echo6.address) == b"to v6"
+    finally:
+        echo6.close()
 
 
 @pytest.mark.conformance("UDP-03")
@@ -824,6 +863,33 @@ async def test_pending_tcp_bytes_are_the_first_received(harness: Harness) -> Non
     assert [(await read_message(a.tcp)).payload for _ in range(2)] == [b"early", b"early"]
 
 
+# -- the Python twin on uvloop (the server's default loop) ---------------------------------------
+
+
+def test_python_twin_on_uvloop() -> None:
+    """The Python twin runs on uvloop too: relay over UDP and over TCP, then the end."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        h = Harness(make_engine("python"), "127.0.0.1")
+        h.open_port()
+        try:
+            a = h.add()
+            assert await h.echo_through(a, b"uv") == b"uv"
+            b = h.add()
+            await asyncio.get_running_loop().sock_sendall(b.tcp, dgram(b.aid, *h.echo.address, b"uv tcp"))
+            assert await read_message(b.tcp) == AssociationConfirmation(b.aid)
+            assert (await read_message(b.tcp)).payload == b"uv tcp"
+            assert await read_message(a.tcp) == AssociationConfirmation(a.aid)
+            a.tcp.close()
+            assert (await h.event(UdpEnded, a.aid)).end is RelayEnd.EOF
+        finally:
+            h.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(scenario(), 30))
+
+
 # -- ICMP errors, for real, in a private network namespace ------------------------------------------
 #
 # Topology, built by the script below inside `unshare -n` (namespace A) plus a second
@@ -891,6 +957,7 @@ async def _icmp_scenarios(path: str) -> dict[str, Any]:
             ("net6", "fd77::1", "fd78:1::1", 64, 16),
             ("ttl6", "fd77::1", "fd78:3::1", 1, 16),
             ("big6", "fd77::1", "fd78:4::1", 64, 1400),
+            ("port4", "10.77.0.1", "10.77.0.2", 64, 16),  # the router's closed port: 3/3
             ("quiet4", "10.77.0.1", "10.78.1.1", 64, 16),  # no opt-in: never reported
         ):
             opted_in = name != "quiet4"
@@ -908,7 +975,7 @@ async def _icmp_scenarios(path: str) -> dict[str, Any]:
             client.sendto(dgram(aid, dest, 4321, b"p" * size), h.port_address)
             got: dict[str, Any] = {"reported": None}
             try:
-                data, _ = await recv(client, 3.0 if opted_in else 1.0)
+                data, _ = await recv(client, 3.0 if opted_in and name != "port4" else 1.0)
                 message, _used = decode_association_message(data)
                 got["reported"] = [
                     message.address,
@@ -943,8 +1010,8 @@ def _netns_available() -> bool:
 def test_icmp_errors_reported_to_opted_in_clients(engine_path: str) -> None:
     """UDP-09 (engine side) / D17: real ICMP errors (host and net unreachable, TTL expired,
     IPv6 too big) from a router namespace reach the client as Datagram Error messages
-    naming the destination and the reporter, on the mapped channel; without the opt-in
-    they are never sent."""
+    naming the destination and the reporter, on the mapped channel; port unreachable is
+    read but not reported; without the opt-in nothing is read or sent."""
     if not _netns_available():
         pytest.skip("needs unshare -n with veth pairs (root or user namespaces) and iproute2")
     env = dict(
@@ -970,4 +1037,6 @@ def test_icmp_errors_reported_to_opted_in_clients(engine_path: str) -> None:
     assert seen["big6"]["reported"] == ["fd78:4::1", 4321, "fd77::2", DatagramErrorCode.DATAGRAM_TOO_BIG]
     for name in ("host4", "net4", "ttl4", "net6", "ttl6", "big6"):
         assert seen[name]["icmp_reported"] == 1, name
+    # Port unreachable is read from the error queue but not reported (not in the table).
+    assert seen["port4"] == {"reported": None, "icmp_errors": 1, "icmp_reported": 0}
     assert seen["quiet4"] == {"reported": None, "icmp_errors": 0, "icmp_reported": 0}
