@@ -920,8 +920,8 @@ $R ip link set lo up
 $R ip addr add 10.77.0.2/24 dev v1
 $R ip -6 addr add fd77::2/64 dev v1 nodad
 $R ip link set v1 up
-$R sysctl -qw net.ipv4.ip_forward=1
-$R sysctl -qw net.ipv6.conf.all.forwarding=1
+# /proc/sys/net is the namespace's own (no sysctl(8) needed: procps may be absent).
+$R sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/forwarding'
 $R ip route add unreachable 10.78.1.0/24
 $R ip -6 route add unreachable fd78:1::/64
 $R ip link add v2 type veth peer name v3
@@ -930,8 +930,7 @@ $R ip link set v3 up
 $R ip -6 addr add fd79::1/64 dev v2 nodad
 $R ip -6 route add fd78:4::/64 via fd79::2 dev v2
 $R ip -6 neigh add fd79::2 lladdr 02:00:00:00:00:02 dev v2 nud permanent
-$R sysctl -qw net.ipv4.icmp_ratelimit=0
-$R sysctl -qw net.ipv6.icmp.ratelimit=0
+$R sh -c 'echo 0 > /proc/sys/net/ipv4/icmp_ratelimit; echo 0 > /proc/sys/net/ipv6/icmp/ratelimit'
 $R ip addr add 10.79.0.1/24 dev v2
 $R ip neigh add 10.79.0.2 lladdr 02:00:00:00:00:02 dev v2 nud permanent
 $R ip route add 10.78.3.0/24 via 10.79.0.2 dev v2
@@ -996,7 +995,7 @@ async def _icmp_scenarios(path: str) -> dict[str, Any]:
 
 
 def _netns_available() -> bool:
-    if not sys.platform.startswith("linux") or shutil.which("unshare") is None or shutil.which("ip") is None:
+    if not sys.platform.startswith("linux") or not all(shutil.which(t) for t in ("unshare", "nsenter", "ip")):
         return False
     probe = subprocess.run(
         ["unshare", "-n", "sh", "-c", "ip link add v0 type veth peer name v1"],
@@ -1013,7 +1012,7 @@ def test_icmp_errors_reported_to_opted_in_clients(engine_path: str) -> None:
     naming the destination and the reporter, on the mapped channel; port unreachable is
     read but not reported; without the opt-in nothing is read or sent."""
     if not _netns_available():
-        pytest.skip("needs unshare -n with veth pairs (root or user namespaces) and iproute2")
+        pytest.skip("needs unshare -n with veth pairs (root or user namespaces), nsenter and iproute2")
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(
