@@ -37,7 +37,7 @@ LAYERS: list[set[str]] = [
     {"errors"},
     {"proto.messages", "proto.states", "proto.sessions", "proto.auth", "proto.policy"},
     {"proto._wire_py"},
-    {"proto.socks5", "proto._codec_py", "proto._codec_c"},
+    {"proto.socks5", "proto.stack", "proto._codec_py", "proto._codec_c"},
     {"proto.codec"},
     {"proto.server", "proto.client", "proto"},
     {"proto.client_flow"},

@@ -58,7 +58,6 @@ from socks6fast.proto.server import (
     is_dns_request,
     noop_address_ok,
     parse_request_options,
-    plan_stack_options,
 )
 from socks6fast.proto.socks5 import (
     Socks5Greeting,
@@ -69,6 +68,7 @@ from socks6fast.proto.socks5 import (
     UserPassRequest,
     encode_userpass_request,
 )
+from socks6fast.proto.stack import plan_stack_options
 from socks6fast.proto.states import NEED_DATA, PAUSED
 
 SUCCESS = OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, "127.0.0.1", 4242)

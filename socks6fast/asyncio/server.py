@@ -74,9 +74,7 @@ from ..dataplane.relayer import Relayer
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..net.localaddr import read_local_addresses
 from ..net.stackopts import (
-    AppliedLeg,
     apply_leg_options,
-    echo_stack_options,
     enable_tfo_connect,
     enable_tfo_listener,
     mptcp_in_use,
@@ -111,7 +109,6 @@ from ..proto.server import (
     RequestReceived,
     ServerConnection,
     Socks5ServerConnection,
-    StackPlan,
     State,
     VersionMismatch,
     detect_protocol,
@@ -129,6 +126,7 @@ from ..proto.socks5 import (
     UserPassRequest,
     encode_userpass_reply,
 )
+from ..proto.stack import AppliedLeg, StackPlan, echo_stack_options
 
 __all__ = ["ConnectionRecord", "FailedAuthLimiter", "Resolver", "Server", "describe_error", "serve"]
 

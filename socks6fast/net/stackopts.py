@@ -1,9 +1,9 @@
 """Stack options applied to real sockets (draft-11 section "Stack options"; D9, STK-01..07).
 
-Strategy: `socks6fast.proto.server.plan_stack_options` turns a Request's options into
-a `StackPlan` (pure, duplicates rejected per D10). This module does the socket half: it
-sets what the plan asks for with ``setsockopt`` on the socket of the leg the option names
-and then *reads the value back* with ``getsockopt``, so the Operation Reply echoes what the
+Strategy: `socks6fast.proto.stack` plans (a Request's options -> `StackPlan`, duplicates
+rejected per D10) and builds the echo; this module is the socket half. It sets what the plan
+asks for with ``setsockopt`` on the socket of the leg the option names and then *reads the
+value back* with ``getsockopt`` into an `AppliedLeg`, so the Operation Reply echoes what the
 kernel actually uses, not what was asked (D9: "the behaviour actually applied").
 
 * IP TOS: ``IP_TOS`` / ``IPV6_TCLASS``; TTL: ``IP_TTL`` / ``IPV6_UNICAST_HOPS`` (STK-03).
@@ -30,26 +30,13 @@ values from the kernel's uapi headers. Elsewhere every function degrades to "not
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 
-from ..constants import Availability, StackLeg
-from ..proto.messages import (
-    HappyEyeballsOption,
-    IPTOSOption,
-    ListenBacklogOption,
-    MultipathOption,
-    NoFragmentationOption,
-    StackOption,
-    TFOOption,
-    TTLOption,
-)
-from ..proto.server import LegOptions, StackPlan
+from ..constants import Availability
+from ..proto.stack import AppliedLeg, LegOptions
 from .tfo import enable_tfo_connect, enable_tfo_listener, tfo_syn_data_acked
 
 __all__ = [
-    "AppliedLeg",
     "apply_leg_options",
-    "echo_stack_options",
     "enable_tfo_connect",
     "enable_tfo_listener",
     "mptcp_in_use",
@@ -68,18 +55,6 @@ IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
 SOL_MPTCP = 284
 MPTCP_INFO = 1
 _MPTCP_INFO_LENGTH = 256
-
-
-@dataclass(frozen=True, slots=True)
-class AppliedLeg:
-    """What one socket really uses, read back with getsockopt after applying a `LegOptions`."""
-
-    tos: int | None = None
-    """IP TOS / traffic class in use, or None when it was not asked for."""
-    ttl: int | None = None
-    """TTL / hop limit in use, or None when it was not asked for."""
-    no_fragmentation: Availability | None = None
-    """DESIRED when don't-fragment is enforced, NOT_DESIRED when not; None when not asked."""
 
 
 def _is_ipv6(sock: socket.socket) -> bool:
@@ -188,71 +163,3 @@ def mptcp_in_use(sock: socket.socket) -> bool:
     except OSError:
         return False  # EOPNOTSUPP after fallback, or not an MPTCP socket
     return True
-
-
-def _echo_ip(plan: StackPlan, client: AppliedLeg | None, remote: AppliedLeg | None) -> list[StackOption]:
-    out: list[StackOption] = []
-    if client is None and remote is None:
-        return out  # nothing was applied on either leg (the common request without options)
-    for name in ("tos", "ttl", "no_fragmentation"):
-        values: dict[StackLeg, object] = {}
-        if client is not None and getattr(plan.client, name) is not None:
-            values[StackLeg.CLIENT_PROXY] = getattr(client, name)
-        if remote is not None and getattr(plan.remote, name) is not None:
-            values[StackLeg.PROXY_REMOTE] = getattr(remote, name)
-        if (
-            name in plan.both_legs
-            and len(values) == 2
-            and values[StackLeg.CLIENT_PROXY] == values[StackLeg.PROXY_REMOTE]
-        ):
-            values = {StackLeg.BOTH: values[StackLeg.CLIENT_PROXY]}
-        for leg, value in values.items():
-            if value is None:
-                continue  # could not even be read back: unsupported here, so not echoed
-            if name == "tos":
-                assert isinstance(value, int)
-                out.append(IPTOSOption(leg, value))
-            elif name == "ttl":
-                assert isinstance(value, int)
-                out.append(TTLOption(leg, value))
-            else:
-                assert isinstance(value, Availability)
-                out.append(NoFragmentationOption(leg, value))
-    return out
-
-
-def echo_stack_options(
-    plan: StackPlan,
-    *,
-    client: AppliedLeg | None = None,
-    remote: AppliedLeg | None = None,
-    happy_eyeballs: Availability | None = None,
-    tfo_payload_size: int | None = None,
-    multipath: Availability | None = None,
-    listen_backlog: int | None = None,
-) -> tuple[StackOption, ...]:
-    """The Stack options of an Operation Reply: one per supported option the client sent,
-    carrying what was actually done (D9, STK-01).
-
-    Args:
-        plan: what the client asked for.
-        client: the client-proxy leg's read-back values, or None if nothing was applied there.
-        remote: the proxy-remote leg's read-back values, or None (no remote socket).
-        happy_eyeballs: DESIRED if Happy Eyeballs was attempted, NOT_DESIRED if not; None
-            to leave the option out (an IP destination: "silently ignore", STK-04).
-        tfo_payload_size: bytes of SYN payload the remote host accepted (0: TFO did not
-            carry data); None to leave the option out.
-        multipath: DESIRED when MPTCP is in use (or will be accepted, first BIND reply).
-        listen_backlog: the backlog actually used (0 without one, CMD-05).
-    """
-    out = _echo_ip(plan, client, remote)
-    remote_leg = StackLeg.PROXY_REMOTE
-    if happy_eyeballs is not None and plan.happy_eyeballs is not None:
-        out.append(HappyEyeballsOption(remote_leg, happy_eyeballs))
-    if tfo_payload_size is not None and plan.tfo_payload_size is not None:
-        out.append(TFOOption(remote_leg, tfo_payload_size))
-    if multipath is not None and plan.multipath is not None:
-        out.append(MultipathOption(remote_leg, multipath))
-    if listen_backlog is not None and plan.listen_backlog is not None:
-        out.append(ListenBacklogOption(remote_leg, listen_backlog))
-    return tuple(out)

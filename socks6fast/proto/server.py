@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Final
 
 from ..constants import (
@@ -42,11 +42,9 @@ from ..constants import (
     AddressType,
     AuthMethod,
     AuthReplyType,
-    Availability,
     Command,
     ReplyCode,
     Socks5Command,
-    StackLeg,
     UserPassStatus,
 )
 from ..errors import LocalProtocolError, RemoteProtocolError, WireError
@@ -56,23 +54,14 @@ from .messages import (
     AuthMethodAdvertisement,
     AuthMethodSelection,
     AuthReply,
-    HappyEyeballsOption,
     IdempotenceExpenditure,
     IdempotenceRequest,
-    IPTOSOption,
-    ListenBacklogOption,
-    MultipathOption,
-    NoFragmentationOption,
     OperationReply,
     Option,
-    PortParityOption,
     Request,
     SessionID,
     SessionRequest,
     SessionTeardown,
-    TFOOption,
-    TTLOption,
-    UDPErrorOption,
     VersionMismatchReply,
 )
 from .socks5 import (
@@ -83,6 +72,7 @@ from .socks5 import (
     UserPassReply,
     UserPassRequest,
 )
+from .stack import StackPlan, plan_stack_options
 from .states import NEED_DATA, PAUSED, NeedData, Paused, ProxyStateMachine, State
 from .states import Event as T
 from .states import Protocol as Protocol
@@ -92,7 +82,6 @@ __all__ = [
     "PAUSED",
     "ConnectionClosed",
     "InitialData",
-    "LegOptions",
     "NeedData",
     "Paused",
     "Protocol",
@@ -102,7 +91,6 @@ __all__ = [
     "ServerEvent",
     "Socks5ServerConnection",
     "Socks5ServerEvent",
-    "StackPlan",
     "State",
     "VersionMismatch",
     "detect_protocol",
@@ -110,7 +98,6 @@ __all__ = [
     "is_dns_request",
     "noop_address_ok",
     "parse_request_options",
-    "plan_stack_options",
 ]
 
 #: The DNS service port (section "DNS provided by SOCKS", D13).
@@ -161,138 +148,6 @@ Socks5ServerEvent = Socks5Greeting | UserPassRequest | Socks5Request | Connectio
 
 
 # --- Sorting a Request's options -------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LegOptions:
-    """IP-level Stack options for one leg (section "Stack options")."""
-
-    tos: int | None = None
-    """IP TOS / IPv6 traffic class to set, or None."""
-    ttl: int | None = None
-    """IP TTL / IPv6 hop limit to set, or None."""
-    no_fragmentation: Availability | None = None
-    """DESIRED: enforce don't-fragment; NOT_DESIRED: leave the default; None: not asked."""
-
-    @property
-    def empty(self) -> bool:
-        """True when nothing was asked for this leg."""
-        return self.tos is None and self.ttl is None and self.no_fragmentation is None
-
-
-@dataclass(frozen=True, slots=True)
-class StackPlan:
-    """What the Stack options of a Request ask for, checked for duplicates (D10)."""
-
-    client: LegOptions = LegOptions()
-    """Options for the client-proxy leg."""
-    remote: LegOptions = LegOptions()
-    """Options for the proxy-remote leg."""
-    both_legs: frozenset[str] = frozenset()
-    """Names (``"tos"``, ``"ttl"``, ``"no_fragmentation"``) sent once with Leg 3 (both legs):
-    the reply echoes them the same way if both legs ended up with the same value."""
-    happy_eyeballs: Availability | None = None
-    """Happy Eyeballs option (proxy-remote leg), or None."""
-    tfo_payload_size: int | None = None
-    """TFO option: largest SYN payload (0: any), or None when TFO must not be used (CMD-02)."""
-    multipath: Availability | None = None
-    """Multipath option, or None (then no MPTCP for CONNECT)."""
-    listen_backlog: int | None = None
-    """Listen Backlog option (BIND inside a session, CMD-05), or None."""
-    udp_error: Availability | None = None
-    """UDP Error option (UDP ASSOCIATE only; kept for it)."""
-    port_parity: PortParityOption | None = None
-    """Port Parity option (UDP ASSOCIATE only; kept for it)."""
-
-
-def _legs(leg: int) -> tuple[StackLeg, ...]:
-    if leg == StackLeg.BOTH:
-        return (StackLeg.CLIENT_PROXY, StackLeg.PROXY_REMOTE)
-    if leg in (StackLeg.CLIENT_PROXY, StackLeg.PROXY_REMOTE):
-        return (StackLeg(leg),)
-    return ()
-
-
-def plan_stack_options(options: tuple[Option, ...]) -> StackPlan:
-    """Collect a Request's Stack options into a `StackPlan`.
-
-    Options the proxy does not support (unknown level/code, a proxy-remote-only option
-    sent for the client-proxy leg) are silently ignored (section "Stack options", STK-01).
-
-    Raises:
-        RemoteProtocolError: two options say something about the same thing on the same
-            leg ("MUST NOT contradict one another or contain duplicate information", D10);
-            reply code GENERAL_FAILURE (STK-02).
-    """
-    seen: set[tuple[type, StackLeg]] = set()
-    legs: dict[StackLeg, LegOptions] = {
-        StackLeg.CLIENT_PROXY: LegOptions(),
-        StackLeg.PROXY_REMOTE: LegOptions(),
-    }
-    both: set[str] = set()
-    plan = StackPlan()
-    for option in options:
-        kind = type(option)
-        if isinstance(option, (IPTOSOption, TTLOption, NoFragmentationOption)):
-            applies_to = _legs(option.leg)
-        elif isinstance(option, _REMOTE_ONLY):
-            # These options only exist for the proxy-remote leg (their figures fix Leg = 2).
-            applies_to = (StackLeg.PROXY_REMOTE,) if StackLeg.PROXY_REMOTE in _legs(option.leg) else ()
-        else:
-            continue  # UnknownStackOption, or not a Stack option at all
-        for leg in applies_to:
-            if (kind, leg) in seen:
-                raise RemoteProtocolError(
-                    f"duplicate or contradictory stack options ({kind.__name__})", ReplyCode.GENERAL_FAILURE
-                )
-            seen.add((kind, leg))
-            if isinstance(option, IPTOSOption):
-                legs[leg] = replace(legs[leg], tos=option.tos)
-            elif isinstance(option, TTLOption):
-                legs[leg] = replace(legs[leg], ttl=option.ttl)
-            elif isinstance(option, NoFragmentationOption):
-                legs[leg] = replace(legs[leg], no_fragmentation=option.availability)
-            elif isinstance(option, HappyEyeballsOption):
-                plan = replace(plan, happy_eyeballs=option.availability)
-            elif isinstance(option, TFOOption):
-                plan = replace(plan, tfo_payload_size=option.payload_size)
-            elif isinstance(option, MultipathOption):
-                plan = replace(plan, multipath=option.availability)
-            elif isinstance(option, ListenBacklogOption):
-                plan = replace(plan, listen_backlog=option.backlog)
-            elif isinstance(option, UDPErrorOption):
-                plan = replace(plan, udp_error=option.availability)
-            else:
-                plan = replace(plan, port_parity=option)
-        # Only IP-level options (TOS, TTL, No Fragmentation) can really cover both legs; a
-        # proxy-remote-only option (Happy Eyeballs, TFO, Multipath, Listen Backlog, UDP
-        # Error, Port Parity) sent with Leg 3 applies to its one leg and is echoed with Leg 2
-        # (section "Stack options": their figures fix Leg = 2), so it is not recorded here.
-        if applies_to and option.leg == StackLeg.BOTH and kind in _IP_OPTION_NAMES:
-            both.add(_IP_OPTION_NAMES[kind])
-    return replace(
-        plan,
-        client=legs[StackLeg.CLIENT_PROXY],
-        remote=legs[StackLeg.PROXY_REMOTE],
-        both_legs=frozenset(both),
-    )
-
-
-_REMOTE_ONLY = (
-    HappyEyeballsOption,
-    TFOOption,
-    MultipathOption,
-    ListenBacklogOption,
-    UDPErrorOption,
-    PortParityOption,
-)
-_IP_OPTION_NAMES: dict[type, str] = {
-    IPTOSOption: "tos",
-    TTLOption: "ttl",
-    NoFragmentationOption: "no_fragmentation",
-}
-_STACK_TYPES = (IPTOSOption, TTLOption, NoFragmentationOption, *_REMOTE_ONLY)
-_NO_STACK_OPTIONS = StackPlan()
 
 
 @dataclass(frozen=True, slots=True)
