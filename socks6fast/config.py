@@ -88,7 +88,7 @@ from typing import Any, TypeVar
 
 from .constants import MAX_OPTIONS_LENGTH, MAX_RELAY_WORKERS, MAX_USERPASS_LENGTH, MAX_WINDOW_SIZE, Command
 from .errors import ConfigError
-from .proto.auth import UserStore, hash_password, parse_hash
+from .proto.auth import ScryptHash, UserStore, new_hash, parse_hash
 from .proto.policy import (
     ANONYMOUS,
     AUTHENTICATED,
@@ -102,7 +102,7 @@ from .proto.policy import (
     parse_network,
     parse_port_range,
 )
-from .proto.sessions import MemorySessionStore
+from .proto.sessions import MemorySessionStore, SessionLimits
 
 __all__ = [
     "DEFAULT_TOML",
@@ -210,6 +210,16 @@ class SessionsConfig:
     max_token_window: int
     """Largest token window issued; 0 = none."""
 
+    def limits(self) -> SessionLimits:
+        """The limits a session store enforces (built when the store is, and on reload)."""
+        return SessionLimits(
+            idle_timeout=self.idle_timeout,
+            max_sessions=self.max_sessions,
+            max_per_client_ip=self.max_per_client_ip,
+            max_per_user=self.max_per_user,
+            max_token_window=self.max_token_window,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class UDPConfig:
@@ -230,6 +240,9 @@ class Config:
     """The ``[server]`` table."""
     users: Mapping[str, str]
     """User name -> scrypt hash string (read-only mapping)."""
+    user_hashes: Mapping[str, ScryptHash] = dataclasses.field(repr=False, compare=False)
+    """The same users with their hashes parsed, once, when the configuration was read
+    (`user_store` builds from these, so a reload does not parse them again)."""
     sessions: SessionsConfig
     """The ``[sessions]`` table."""
     rules: tuple[Rule, ...]
@@ -282,20 +295,11 @@ class Config:
 
     def user_store(self) -> UserStore:
         """Build the `UserStore` for these users."""
-        return UserStore(self.users)
+        return UserStore(self.user_hashes)
 
     def session_store(self) -> MemorySessionStore | None:
         """Build an in-memory session store, or None when sessions are disabled."""
-        if not self.sessions.enabled:
-            return None
-        s = self.sessions
-        return MemorySessionStore(
-            idle_timeout=s.idle_timeout,
-            max_sessions=s.max_sessions,
-            max_per_client_ip=s.max_per_client_ip,
-            max_per_user=s.max_per_user,
-            max_token_window=s.max_token_window,
-        )
+        return MemorySessionStore(self.sessions.limits()) if self.sessions.enabled else None
 
     def with_overrides(
         self,
@@ -325,12 +329,19 @@ class Config:
             _check_listen_overlap(parsed, server.tls_listen, "--listen", "server.tls_listen")
             server = dataclasses.replace(server, listen=parsed)
         merged = dict(self.users)
+        hashes = dict(self.user_hashes)
         for name, password in (users or {}).items():
             _check_user_name(name, "--user")
             if not 1 <= len(password.encode("utf-8")) <= MAX_USERPASS_LENGTH:
                 raise ConfigError(f"--user: the password of {name!r} must be 1-{MAX_USERPASS_LENGTH} bytes")
-            merged[name] = hash_password(password)
-        return dataclasses.replace(self, server=server, users=types.MappingProxyType(merged))
+            hashes[name] = new_hash(password)
+            merged[name] = hashes[name].encode()
+        return dataclasses.replace(
+            self,
+            server=server,
+            users=types.MappingProxyType(merged),
+            user_hashes=types.MappingProxyType(hashes),
+        )
 
 
 # --- public helpers ---------------------------------------------------------------------
@@ -402,7 +413,7 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | Non
     _check_keys(data, "", {"default_action", "server", "users", "sessions", "rules", "udp"})
     default_allow = _action(data.get("default_action", "allow"), "default_action")
     server = _server(_table(data, "server"), base)
-    users = _users(_table(data, "users"))
+    users, hashes = _users(_table(data, "users"))
     sessions = _sessions(_table(data, "sessions"))
     rules_value = data.get("rules", [])
     if not isinstance(rules_value, list):
@@ -412,6 +423,7 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | Non
     return Config(
         server=server,
         users=types.MappingProxyType(users),
+        user_hashes=types.MappingProxyType(hashes),
         sessions=sessions,
         rules=rules,
         default_allow=default_allow,
@@ -495,20 +507,21 @@ def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
     )
 
 
-def _users(table: Mapping[str, Any]) -> dict[str, str]:
+def _users(table: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, ScryptHash]]:
     users: dict[str, str] = {}
+    hashes: dict[str, ScryptHash] = {}
     for name, stored in table.items():
         key = f"users.{_key_text(name)}"
         _check_user_name(name, key)
         if not isinstance(stored, str):
             raise ConfigError(f'{key}: must be a string "scrypt$...", not {_kind(stored)}')
         try:
-            parse_hash(stored)
+            hashes[name] = parse_hash(stored)  # the only parse: UserStore takes these as they are
         except ValueError as exc:
             # The message describes the problem without echoing the secret.
             raise ConfigError(f"{key}: the secret {exc}") from None
         users[name] = stored
-    return users
+    return users, hashes
 
 
 def _sessions(table: Mapping[str, Any]) -> SessionsConfig:

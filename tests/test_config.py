@@ -21,9 +21,10 @@ from socks6fast.config import (
 )
 from socks6fast.constants import AddressType, Command
 from socks6fast.errors import Socks6Error
+from socks6fast.proto import auth
 from socks6fast.proto.auth import hash_password
 from socks6fast.proto.policy import LOCAL_HOST, DomainPattern, LocalAddresses
-from socks6fast.proto.sessions import MemorySessionStore
+from socks6fast.proto.sessions import MemorySessionStore, SessionLimits
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "socks6fast.toml"
 HASH = hash_password("pw", n=2**8)
@@ -82,7 +83,7 @@ def test_config_is_frozen() -> None:
 def test_session_store_from_config() -> None:
     store = default_config().session_store()
     assert isinstance(store, MemorySessionStore)
-    assert store.idle_timeout == 600.0 and store.max_per_client_ip == 100
+    assert store.limits.idle_timeout == 600.0 and store.limits.max_per_client_ip == 100
     assert parse_config({"sessions": {"enabled": False}}).session_store() is None
 
 
@@ -573,3 +574,27 @@ def test_override_users_errors(users: dict[str, str], message: str) -> None:
 
 def test_config_type_is_exported() -> None:
     assert isinstance(default_config(), Config)
+
+
+def test_user_hashes_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret is parsed when the file is read and never again: building the UserStore (at
+    start and at every reload) takes the parsed hashes, so a parse there is a bug."""
+    config = parse_config({"users": {"alice": HASH}}).with_overrides(users={"bob": "pw"})
+    assert set(config.user_hashes) == {"alice", "bob"}
+
+    def no_parse(stored: str) -> None:
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(auth, "parse_hash", no_parse)
+    store = config.user_store()
+    assert len(store) == 2 and "alice" in store and "bob" in store
+
+
+def test_session_limits_from_config() -> None:
+    """The [sessions] table's five limits reach the store through one mapping, also used on reload."""
+    config = parse_config({"sessions": {"idle_timeout": 30, "max_per_user": 7, "max_token_window": 9}})
+    store = config.session_store()
+    assert store is not None
+    assert store.limits == SessionLimits(
+        idle_timeout=30.0, max_sessions=100_000, max_per_client_ip=100, max_per_user=7, max_token_window=9
+    )

@@ -13,6 +13,7 @@ from socks6fast.proto.sessions import (
     SESSION_ID_LENGTH,
     MemorySessionStore,
     Session,
+    SessionLimits,
     SessionStore,
     TokenWindow,
     token_lt,
@@ -22,7 +23,7 @@ MOD = 2**32
 
 
 def make_store(**kwargs: float | int | None) -> MemorySessionStore:
-    return MemorySessionStore(**kwargs)  # type: ignore[arg-type]
+    return MemorySessionStore(SessionLimits(**kwargs))  # type: ignore[arg-type]
 
 
 def test_memory_store_satisfies_protocol() -> None:
@@ -76,7 +77,7 @@ def test_teardown_ends_session() -> None:  # SES-05
 
 
 def test_sessions_expire_after_inactivity() -> None:  # SES-04
-    store = MemorySessionStore(idle_timeout=30.0)
+    store = MemorySessionStore(SessionLimits(idle_timeout=30.0))
     assert store.next_deadline() is None
     a = store.create("alice", "192.0.2.1", 0.0)
     b = store.create("bob", "192.0.2.2", 5.0)
@@ -97,7 +98,7 @@ def test_sessions_expire_after_inactivity() -> None:  # SES-04
 
 
 def test_touch_keeps_session_alive() -> None:
-    store = MemorySessionStore(idle_timeout=10.0)
+    store = MemorySessionStore(SessionLimits(idle_timeout=10.0))
     session = store.create(None, "192.0.2.1", 0.0)
     assert session is not None
     store.touch(session, 9.0)
@@ -106,7 +107,7 @@ def test_touch_keeps_session_alive() -> None:
 
 
 def test_cap_per_client_ip() -> None:  # SES-04
-    store = MemorySessionStore(max_per_client_ip=2, max_per_user=None)
+    store = MemorySessionStore(SessionLimits(max_per_client_ip=2, max_per_user=None))
     first = store.create("alice", "192.0.2.1", 0.0)
     assert first is not None
     assert store.create("bob", "192.0.2.1", 0.0) is not None
@@ -117,7 +118,7 @@ def test_cap_per_client_ip() -> None:  # SES-04
 
 
 def test_cap_per_user() -> None:  # SES-04
-    store = MemorySessionStore(max_per_client_ip=None, max_per_user=2)
+    store = MemorySessionStore(SessionLimits(max_per_client_ip=None, max_per_user=2))
     assert store.create("alice", "192.0.2.1", 0.0) is not None
     assert store.create("alice", "192.0.2.2", 0.0) is not None
     assert store.create("alice", "192.0.2.3", 0.0) is None
@@ -128,7 +129,7 @@ def test_cap_per_user() -> None:  # SES-04
 
 
 def test_total_cap_and_expiry_frees_slots() -> None:
-    store = MemorySessionStore(max_sessions=2, idle_timeout=1.0)
+    store = MemorySessionStore(SessionLimits(max_sessions=2, idle_timeout=1.0))
     assert store.create(None, "192.0.2.1", 0.0) is not None
     assert store.create(None, "192.0.2.2", 0.0) is not None
     assert store.create(None, "192.0.2.3", 0.5) is None
@@ -170,7 +171,7 @@ def _session(store: MemorySessionStore) -> Session:
 
 
 def test_window_issued_once_per_session() -> None:  # IDM-02
-    store = MemorySessionStore(max_token_window=100)
+    store = MemorySessionStore(SessionLimits(max_token_window=100))
     session = _session(store)
     issued = store.request_window(session, 10)
     assert issued is not None
@@ -182,10 +183,10 @@ def test_window_issued_once_per_session() -> None:  # IDM-02
 
 
 def test_window_size_is_min_of_requested_and_max() -> None:  # IDM-02, D15
-    store = MemorySessionStore(max_token_window=64)
+    store = MemorySessionStore(SessionLimits(max_token_window=64))
     issued = store.request_window(_session(store), 2**32 - 1)
     assert issued is not None and issued[1] == 64
-    big = MemorySessionStore(max_token_window=MAX_WINDOW_SIZE)
+    big = MemorySessionStore(SessionLimits(max_token_window=MAX_WINDOW_SIZE))
     issued = big.request_window(_session(big), 2**32 - 1)
     assert issued is not None and issued[1] == MAX_WINDOW_SIZE < 2**31
 
@@ -199,12 +200,12 @@ def test_window_request_for_zero_is_ignored() -> None:  # D15
 
 
 def test_windows_disabled() -> None:
-    store = MemorySessionStore(max_token_window=0)
+    store = MemorySessionStore(SessionLimits(max_token_window=0))
     assert store.request_window(_session(store), 5) is None
 
 
 def test_window_base_is_random() -> None:
-    store = MemorySessionStore(max_per_client_ip=None)
+    store = MemorySessionStore(SessionLimits(max_per_client_ip=None))
     bases = set()
     for _ in range(20):
         issued = store.request_window(_session(store), 4)
@@ -252,7 +253,7 @@ def test_spend_each_token_once() -> None:  # IDM-03
 
 
 def test_replayed_request_is_never_accepted_again() -> None:  # IDM-03
-    store = MemorySessionStore(max_token_window=16)
+    store = MemorySessionStore(SessionLimits(max_token_window=16))
     session = _session(store)
     issued = store.request_window(session, 16)
     assert issued is not None

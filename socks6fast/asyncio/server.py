@@ -986,12 +986,7 @@ class Server:
         elif self._sessions is None:
             self._sessions = config.session_store()
         else:
-            store = self._sessions
-            store.idle_timeout = sessions.idle_timeout
-            store.max_sessions = sessions.max_sessions
-            store.max_per_client_ip = sessions.max_per_client_ip
-            store.max_per_user = sessions.max_per_user
-            store.max_token_window = sessions.max_token_window
+            self._sessions.limits = sessions.limits()  # the live sessions stay
         self._config = config
         if self._paused_for_limit and len(self._tasks) < config.server.max_connections:
             self._paused_for_limit = False

@@ -35,6 +35,7 @@ __all__ = [
     "ScryptHash",
     "UserStore",
     "hash_password",
+    "new_hash",
     "parse_hash",
     "verify_password",
 ]
@@ -142,6 +143,31 @@ def parse_hash(stored: str) -> ScryptHash:
     return ScryptHash(n=n, r=r, p=p, salt=salt, digest=digest)
 
 
+def new_hash(
+    password: str | bytes,
+    *,
+    n: int = DEFAULT_SCRYPT_N,
+    r: int = DEFAULT_SCRYPT_R,
+    p: int = DEFAULT_SCRYPT_P,
+) -> ScryptHash:
+    """Hash a password with a fresh random salt (`hash_password` gives its string form).
+
+    Args:
+        password: the password; text is encoded as UTF-8.
+        n: scrypt cost (power of 2). Lower it only in tests.
+        r: scrypt block size.
+        p: scrypt parallelisation.
+
+    Raises:
+        ValueError: the parameters are outside what `parse_hash` accepts.
+    """
+    if isinstance(password, str):
+        password = password.encode("utf-8")
+    placeholder = ScryptHash(n=n, r=r, p=p, salt=secrets.token_bytes(SALT_LENGTH), digest=bytes(HASH_LENGTH))
+    parse_hash(placeholder.encode())  # same parameter bounds as verification
+    return ScryptHash(n=n, r=r, p=p, salt=placeholder.salt, digest=placeholder.derive(password))
+
+
 def hash_password(
     password: str | bytes,
     *,
@@ -151,24 +177,14 @@ def hash_password(
 ) -> str:
     """Hash a password with a fresh random salt.
 
-    Args:
-        password: the password; text is encoded as UTF-8.
-        n: scrypt cost (power of 2). Lower it only in tests.
-        r: scrypt block size.
-        p: scrypt parallelisation.
-
     Returns:
-        The self-describing string ``scrypt$n=...,r=...,p=...$<salt>$<hash>``.
+        The self-describing string ``scrypt$n=...,r=...,p=...$<salt>$<hash>`` (see `new_hash`
+        for the arguments).
 
     Raises:
         ValueError: the parameters are outside what `parse_hash` accepts.
     """
-    if isinstance(password, str):
-        password = password.encode("utf-8")
-    placeholder = ScryptHash(n=n, r=r, p=p, salt=secrets.token_bytes(SALT_LENGTH), digest=bytes(HASH_LENGTH))
-    parse_hash(placeholder.encode())  # same parameter bounds as verification
-    digest = placeholder.derive(password)
-    return ScryptHash(n=n, r=r, p=p, salt=placeholder.salt, digest=digest).encode()
+    return new_hash(password, n=n, r=r, p=p).encode()
 
 
 def verify_password(stored: str | ScryptHash, password: bytes) -> bool:
@@ -215,11 +231,12 @@ class UserStore:
 
     __slots__ = ("_cache", "_cache_key", "_dummy", "_users")
 
-    def __init__(self, users: Mapping[str, str] | None = None) -> None:
+    def __init__(self, users: Mapping[str, str | ScryptHash] | None = None) -> None:
         """Create a store.
 
         Args:
-            users: user name -> ``scrypt$...`` hash string.
+            users: user name -> ``scrypt$...`` hash string, or the hash already parsed
+                (`socks6fast.config` parses each once, when the file is read).
 
         Raises:
             ValueError: a hash is malformed (the message names the user).
@@ -237,17 +254,20 @@ class UserStore:
         )
         self.reload(users or {})
 
-    def reload(self, users: Mapping[str, str]) -> None:
+    def reload(self, users: Mapping[str, str | ScryptHash]) -> None:
         """Replace every user and drop the verification cache.
 
         Args:
-            users: user name -> ``scrypt$...`` hash string.
+            users: user name -> ``scrypt$...`` hash string, or the hash already parsed.
 
         Raises:
             ValueError: a hash is malformed; the store is left unchanged.
         """
         parsed: dict[str, ScryptHash] = {}
         for name, stored in users.items():
+            if isinstance(stored, ScryptHash):
+                parsed[name] = stored
+                continue
             try:
                 parsed[name] = parse_hash(stored)
             except ValueError as exc:

@@ -39,6 +39,7 @@ __all__ = [
     "SESSION_ID_LENGTH",
     "MemorySessionStore",
     "Session",
+    "SessionLimits",
     "SessionStore",
     "TokenWindow",
     "token_lt",
@@ -238,6 +239,36 @@ class SessionStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """A session store's caps and timeouts (the ``[sessions]`` table), checked when built.
+
+    Raises:
+        ValueError: a limit is out of range.
+    """
+
+    idle_timeout: float = 600.0
+    """Seconds without use after which a session expires (> 0)."""
+    max_sessions: int | None = 100_000
+    """Live sessions at most, in total (None: no cap)."""
+    max_per_client_ip: int | None = 100
+    """Live sessions per client address at most (None: no cap)."""
+    max_per_user: int | None = 1000
+    """Live sessions per authenticated user at most (None: no cap). Sessions created
+    without authentication count against the per-IP cap only."""
+    max_token_window: int = 2**16
+    """Largest window size issued (D15), 0 to never issue one."""
+
+    def __post_init__(self) -> None:
+        if not self.idle_timeout > 0:
+            raise ValueError("idle_timeout must be > 0")
+        if not 0 <= self.max_token_window <= MAX_WINDOW_SIZE:
+            raise ValueError(f"max_token_window must be 0-{MAX_WINDOW_SIZE}")
+        for cap in (self.max_sessions, self.max_per_client_ip, self.max_per_user):
+            if cap is not None and cap < 1:
+                raise ValueError("session caps must be >= 1 or None")
+
+
 class MemorySessionStore:
     """Sessions of one process, in memory.
 
@@ -246,51 +277,17 @@ class MemorySessionStore:
     only, O(1) per expired session.
     """
 
-    __slots__ = (
-        "_by_client_ip",
-        "_by_user",
-        "_sessions",
-        "idle_timeout",
-        "max_per_client_ip",
-        "max_per_user",
-        "max_sessions",
-        "max_token_window",
-    )
+    __slots__ = ("_by_client_ip", "_by_user", "_sessions", "limits")
 
-    def __init__(
-        self,
-        *,
-        idle_timeout: float = 600.0,
-        max_sessions: int | None = 100_000,
-        max_per_client_ip: int | None = 100,
-        max_per_user: int | None = 1000,
-        max_token_window: int = 2**16,
-    ) -> None:
+    def __init__(self, limits: SessionLimits | None = None) -> None:
         """Create an empty store.
 
         Args:
-            idle_timeout: seconds without use after which a session expires (> 0).
-            max_sessions: live sessions at most, in total (None: no cap).
-            max_per_client_ip: live sessions per client address at most (None: no cap).
-            max_per_user: live sessions per authenticated user at most (None: no cap).
-                Sessions created without authentication count against the per-IP cap only.
-            max_token_window: largest window size issued (D15), 0 to never issue one.
-
-        Raises:
-            ValueError: a limit is out of range.
+            limits: the caps and timeouts; the defaults of `SessionLimits` when None.
         """
-        if not idle_timeout > 0:
-            raise ValueError("idle_timeout must be > 0")
-        if not 0 <= max_token_window <= MAX_WINDOW_SIZE:
-            raise ValueError(f"max_token_window must be 0-{MAX_WINDOW_SIZE}")
-        for cap in (max_sessions, max_per_client_ip, max_per_user):
-            if cap is not None and cap < 1:
-                raise ValueError("session caps must be >= 1 or None")
-        self.idle_timeout = idle_timeout
-        self.max_sessions = max_sessions
-        self.max_per_client_ip = max_per_client_ip
-        self.max_per_user = max_per_user
-        self.max_token_window = max_token_window
+        self.limits = limits if limits is not None else SessionLimits()
+        """In effect for every later call; a configuration reload assigns new ones and the
+        live sessions stay."""
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
         self._by_client_ip: dict[str, int] = {}
         self._by_user: dict[str, int] = {}
@@ -312,17 +309,17 @@ class MemorySessionStore:
         """
         # Idle sessions count until `expire` collects them: only `expire` ends sessions on a
         # timeout, so that the server always gets their listeners back to close.
-        if self.max_sessions is not None and len(self._sessions) >= self.max_sessions:
+        if self.limits.max_sessions is not None and len(self._sessions) >= self.limits.max_sessions:
             return None
         if (
-            self.max_per_client_ip is not None
-            and self._by_client_ip.get(client_ip, 0) >= self.max_per_client_ip
+            self.limits.max_per_client_ip is not None
+            and self._by_client_ip.get(client_ip, 0) >= self.limits.max_per_client_ip
         ):
             return None
         if (
             user is not None
-            and self.max_per_user is not None
-            and self._by_user.get(user, 0) >= self.max_per_user
+            and self.limits.max_per_user is not None
+            and self._by_user.get(user, 0) >= self.limits.max_per_user
         ):
             return None
         session_id = secrets.token_bytes(SESSION_ID_LENGTH)
@@ -349,14 +346,17 @@ class MemorySessionStore:
         session = self._sessions.get(session_id)
         if session is None:
             return None
-        if now - session.last_used > self.idle_timeout:
+        if now - session.last_used > self.limits.idle_timeout:
             return None  # dead; left for `expire` to collect and hand to the server
         self.touch(session, now)
         return session
 
     def touch(self, session: Session, now: float) -> None:
         """Mark a session used at ``now`` (no-op if it has ended or already timed out)."""
-        if self._sessions.get(session.session_id) is session and now - session.last_used <= self.idle_timeout:
+        if (
+            self._sessions.get(session.session_id) is session
+            and now - session.last_used <= self.limits.idle_timeout
+        ):
             session.last_used = max(session.last_used, now)
             self._sessions.move_to_end(session.session_id)
 
@@ -381,7 +381,7 @@ class MemorySessionStore:
         expired: list[Session] = []
         while self._sessions:
             session = next(iter(self._sessions.values()))
-            if now - session.last_used <= self.idle_timeout:
+            if now - session.last_used <= self.limits.idle_timeout:
                 break
             self._remove(session)
             expired.append(session)
@@ -392,7 +392,7 @@ class MemorySessionStore:
         if not self._sessions:
             return None
         oldest = next(iter(self._sessions.values()))
-        return oldest.last_used + self.idle_timeout
+        return oldest.last_used + self.limits.idle_timeout
 
     def request_window(self, session: Session, requested_size: int) -> tuple[int, int] | None:
         """Handle a Token Request (section "Requesting a token window", IDM-02, D15).
@@ -407,9 +407,9 @@ class MemorySessionStore:
             the session already has one ("MUST NOT issue a new window"), the request asked
             for 0, or windows are disabled. The caller ignores the request then.
         """
-        if session.window is not None or requested_size <= 0 or self.max_token_window == 0:
+        if session.window is not None or requested_size <= 0 or self.limits.max_token_window == 0:
             return None
-        size = min(requested_size, self.max_token_window)
+        size = min(requested_size, self.limits.max_token_window)
         session.window = TokenWindow(secrets.randbits(32), size)
         return session.window.current
 
