@@ -64,7 +64,7 @@ from socks6fast.proto.messages import (
     TTLOption,
     UnknownOption,
 )
-from socks6fast.proto.server import InitialData, RequestReceived, ServerConnection
+from socks6fast.proto.server_wire import InitialData, RequestReceived, ServerWire
 from socks6fast.proto.socks5 import UserPassReply, UserPassRequest
 from socks6fast.proto.states import NEED_DATA as SHARED_NEED_DATA
 
@@ -882,13 +882,13 @@ def test_stack_options_pass_through_and_echo() -> None:
     assert conn.operation_reply is not None and conn.operation_reply.options == (ttl,)
 
 
-# --- Interop with the sans-IO proxy (ServerConnection) --------------------------------------------
+# --- Interop with the sans-IO proxy (ServerWire) --------------------------------------------
 
 
 def test_pair_with_server_connection_slow_exchange() -> None:
-    """D7 both ways: our client and the project's ServerConnection, wired in memory."""
+    """D7 both ways: our client and the project's ServerWire, wired in memory."""
     client = ClientConnection()
-    server = ServerConnection()
+    server = ServerWire()
     request = build_request(Command.CONNECT, "192.0.2.1", 80, credentials=ALICE, initial_data_length=2)
     server.receive_data(client.send(request, b"hi"))
     received = server.next_event()
@@ -910,7 +910,7 @@ def test_pair_with_server_connection_session() -> None:
     """D4 + SES-02 wiring: the Session ID in the server's Operation Reply, Session OK next time."""
     session = ClientSession()
     client = ClientConnection(session=session)
-    server = ServerConnection()
+    server = ServerWire()
     server.receive_data(client.send(noop_request(session.request_options())))
     assert isinstance(server.next_event(), RequestReceived)
     client.receive_data(server.send(AuthReply(AuthReplyType.SUCCESS)))
@@ -923,7 +923,7 @@ def test_pair_with_server_connection_session() -> None:
     assert state(client) is ClientState.MUST_CLOSE
     assert session.session_id == b"S" * 16
     second = ClientConnection(session=session)
-    server2 = ServerConnection()
+    server2 = ServerWire()
     server2.receive_data(
         second.send(build_request(Command.CONNECT, "192.0.2.1", 80, options=session.request_options()))
     )

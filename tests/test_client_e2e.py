@@ -2,7 +2,7 @@
 
 Two proxies: the real one (``socks6fast.asyncio.server``, through tests/helpers_server.py;
 the ``test_real_server_*`` tests) and ``ScriptedProxy``, a small asyncio proxy built on the
-project's sans-IO ``ServerConnection`` (and ``sessions.TokenWindow``) with switches for
+project's sans-IO ``ServerWire`` (and ``sessions.TokenWindow``) with switches for
 behaviours the real server never shows but the client must handle (slow authentication
 only, the Session ID in the Authentication Reply (D4), a token window across the 2^32
 wrap, declined sessions, SYN inspection). Destinations are in-process echo / banner
@@ -72,7 +72,7 @@ from socks6fast.proto.messages import (
     SessionOK,
     TTLOption,
 )
-from socks6fast.proto.server import InitialData, RequestOptions, RequestReceived, ServerConnection
+from socks6fast.proto.server_wire import InitialData, RequestOptions, RequestReceived, ServerWire
 from socks6fast.proto.sessions import TokenWindow
 from socks6fast.proto.socks5 import UserPassReply, UserPassRequest
 from socks6fast.proto.states import NEED_DATA
@@ -162,7 +162,7 @@ async def banner_port() -> AsyncIterator[int]:
 
 @dataclass
 class ScriptedProxy:
-    """A minimal SOCKS 6 proxy on ServerConnection, for driving the client end to end."""
+    """A minimal SOCKS 6 proxy on ServerWire, for driving the client end to end."""
 
     users: dict[bytes, bytes] | None = None
     """None: no authentication required."""
@@ -222,7 +222,7 @@ class ScriptedProxy:
             self._writers.discard(writer)
             writer.close()
 
-    async def _next(self, conn: ServerConnection, reader: asyncio.StreamReader) -> Any:
+    async def _next(self, conn: ServerWire, reader: asyncio.StreamReader) -> Any:
         while (event := conn.next_event()) is NEED_DATA:
             data = await reader.read(65536)
             if not self.first_chunks or len(self.first_chunks) < len(self.requests) + 1:
@@ -231,7 +231,7 @@ class ScriptedProxy:
         return event
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = ServerConnection()
+        conn = ServerWire()
         received = await self._next(conn, reader)
         assert isinstance(received, RequestReceived)
         request, opts = received.request, received.options
@@ -281,7 +281,7 @@ class ScriptedProxy:
 
     async def _authenticate(
         self,
-        conn: ServerConnection,
+        conn: ServerWire,
         opts: RequestOptions,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
@@ -310,7 +310,7 @@ class ScriptedProxy:
 
     async def _operate(
         self,
-        conn: ServerConnection,
+        conn: ServerWire,
         request: Request,
         initial: bytes,
         options: tuple[Option, ...],
@@ -341,7 +341,7 @@ class ScriptedProxy:
 
     async def _bind(
         self,
-        conn: ServerConnection,
+        conn: ServerWire,
         options: tuple[Option, ...],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,

@@ -39,6 +39,7 @@ LAYERS: list[set[str]] = [
     {"proto._wire_py"},
     {"proto.socks5", "proto.stack", "proto._codec_py", "proto._codec_c"},
     {"proto.codec"},
+    {"proto.server_wire", "proto.actions"},
     {"proto.server", "proto.client", "proto"},
     {"proto.client_flow"},
     {"net.tfo"},
@@ -49,6 +50,10 @@ LAYERS: list[set[str]] = [
     {"_client_base"},
     {"client"},
     {"asyncio.client"},
+    {"asyncio.server.record", "asyncio.server.streams", "asyncio.server.dial"},
+    {"asyncio.server.bind"},
+    {"asyncio.server.handler"},
+    {"asyncio.server.lifecycle"},
     {"asyncio.server", "asyncio"},
     # "" is the package's __init__ (public names only). The bench (socks6fast bench) sits beside
     # the CLI: it runs the proxy as a child process and imports nothing of the layers below.

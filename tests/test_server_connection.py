@@ -1,4 +1,5 @@
-"""Sans-IO tests of the proxy-side connections: scripted byte chunks in, events and bytes out.
+"""Sans-IO tests of the proxy side's message level (`socks6fast.proto.server_wire`): scripted
+byte chunks in, events and bytes out. The decisions on top are tested in test_server_pair.py.
 
 No sockets here (STYLE.md section 7): the peer is a list of byte chunks, and replies are
 checked as bytes annotated field by field.
@@ -44,19 +45,15 @@ from socks6fast.proto.messages import (
     UnknownStackOption,
     VersionMismatchReply,
 )
-from socks6fast.proto.server import (
+from socks6fast.proto.server import detect_protocol, is_dns_request, noop_address_ok
+from socks6fast.proto.server_wire import (
     ConnectionClosed,
     InitialData,
-    Protocol,
     RequestReceived,
-    ServerConnection,
-    Socks5ServerConnection,
-    State,
+    ServerWire,
+    Socks5ServerWire,
     VersionMismatch,
-    detect_protocol,
     failure_reply,
-    is_dns_request,
-    noop_address_ok,
     parse_request_options,
 )
 from socks6fast.proto.socks5 import (
@@ -69,7 +66,7 @@ from socks6fast.proto.socks5 import (
     encode_userpass_request,
 )
 from socks6fast.proto.stack import plan_stack_options
-from socks6fast.proto.states import NEED_DATA, PAUSED
+from socks6fast.proto.states import NEED_DATA, PAUSED, Protocol, State
 
 SUCCESS = OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, "127.0.0.1", 4242)
 
@@ -83,7 +80,7 @@ def wire(
     return codec.encode_request(Request(command, address_type, host, port, tuple(options)))
 
 
-def events(conn: ServerConnection | Socks5ServerConnection) -> list[object]:
+def events(conn: ServerWire | Socks5ServerWire) -> list[object]:
     """Every event available now, up to NEED_DATA or PAUSED (included)."""
     out: list[object] = []
     while True:
@@ -93,7 +90,7 @@ def events(conn: ServerConnection | Socks5ServerConnection) -> list[object]:
             return out
 
 
-def feed(conn: ServerConnection | Socks5ServerConnection, data: bytes, chunk: int) -> list[object]:
+def feed(conn: ServerWire | Socks5ServerWire, data: bytes, chunk: int) -> list[object]:
     """Feed ``data`` in chunks of ``chunk`` bytes; return the events, NEED_DATA dropped."""
     out: list[object] = []
     for i in range(0, len(data), chunk):
@@ -109,7 +106,7 @@ def feed(conn: ServerConnection | Socks5ServerConnection, data: bytes, chunk: in
 def test_request_incremental(chunk: int) -> None:
     """REQ-07: the same events whether the Request arrives byte by byte or whole."""
     data = wire(Command.CONNECT, TTLOption(StackLeg.PROXY_REMOTE, 9), host="example.com", port=443) + b"early"
-    conn = ServerConnection()
+    conn = ServerWire()
     got = feed(conn, data, chunk)
     assert isinstance(got[0], RequestReceived)
     assert got[0].request.address == "example.com" and got[0].request.port == 443
@@ -122,7 +119,7 @@ def test_request_incremental(chunk: int) -> None:
 
 def test_version_mismatch() -> None:
     """REQ-01, D1: a first byte other than 6 gives VersionMismatch; the reply is b"\\x06"."""
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(b"\x04\x01")
     event = conn.next_event()
     assert event == VersionMismatch(4)
@@ -141,7 +138,7 @@ def test_detect_protocol() -> None:
 
 def test_options_length_cap_from_header() -> None:
     """REQ-03 (D6): an Options Length over the cap fails as soon as bytes 2-3 arrive."""
-    conn = ServerConnection(max_options_length=1024)
+    conn = ServerWire(max_options_length=1024)
     conn.receive_data(bytes([6, Command.CONNECT, 0x04, 0x04]))  # 1028 bytes of options announced
     with pytest.raises(RemoteProtocolError) as info:
         conn.next_event()
@@ -156,7 +153,7 @@ def test_options_length_cap_from_header() -> None:
 def test_unknown_command_reply_code() -> None:
     """CMD-06: an unknown Command Code is a parseable Request (the command a plain int): the
     proxy authenticates as usual, then answers Command Not Supported in the Operation Reply."""
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(bytes.fromhex("0609000055f000017f000001"))
     event = conn.next_event()
     assert isinstance(event, RequestReceived)
@@ -168,10 +165,10 @@ def test_unknown_command_reply_code() -> None:
 
 def test_eof_between_and_inside_messages() -> None:
     """EOF before any byte is a clean close; EOF inside a Request is an error without a reply."""
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(b"")
     assert isinstance(conn.next_event(), ConnectionClosed)
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(wire()[:5])
     assert conn.next_event() is NEED_DATA
     conn.receive_data(b"")
@@ -184,14 +181,14 @@ def test_eof_between_and_inside_messages() -> None:
 
 def test_handshake_timer() -> None:
     """REQ-08: the handshake timer runs while client bytes are awaited and fires once due."""
-    conn = ServerConnection(handshake_timeout=10.0, now=100.0)
+    conn = ServerWire(handshake_timeout=10.0, now=100.0)
     assert conn.get_timer() == 110.0
     conn.handle_timer(109.0)  # not yet
     with pytest.raises(RemoteProtocolError) as info:
         conn.handle_timer(110.0)
     assert info.value.reply_code is None
     assert conn.their_state is State.ERROR
-    conn = ServerConnection(handshake_timeout=10.0, now=0.0)
+    conn = ServerWire(handshake_timeout=10.0, now=0.0)
     conn.receive_data(wire())
     assert isinstance(conn.next_event(), RequestReceived)
     assert conn.get_timer() is None  # nothing more is awaited from the client
@@ -199,7 +196,7 @@ def test_handshake_timer() -> None:
 
 def test_fast_path_sequence() -> None:
     """AUTH-01: Request -> Authentication Reply (Type 0) -> Operation Reply -> relay."""
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(wire())
     assert isinstance(conn.next_event(), RequestReceived)
     with pytest.raises(LocalProtocolError):
@@ -217,7 +214,7 @@ def test_slow_username_password_sequence() -> None:
     request, its reply, and one final Authentication Reply that may not select a method."""
     advert = AuthMethodAdvertisement(4, (AuthMethod.USERNAME_PASSWORD,))
     userpass = encode_userpass_request(UserPassRequest(b"alice", b"pw"))
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(wire(Command.CONNECT, advert) + b"init")
     received = conn.next_event()
     assert isinstance(received, RequestReceived) and received.options.initial_data_length == 4
@@ -240,7 +237,7 @@ def test_slow_username_password_sequence() -> None:
 def test_initial_data_read_after_success_reply() -> None:
     """AUTH-06, AUTH-07: when authentication succeeds at once, the initial data is still read
     (it follows the Request), and only then does the stream become application data."""
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(wire(Command.CONNECT, AuthMethodAdvertisement(3, (2,))) + b"abcdef")
     assert isinstance(conn.next_event(), RequestReceived)
     conn.send(AuthReply(AuthReplyType.SUCCESS))
@@ -252,12 +249,12 @@ def test_initial_data_read_after_success_reply() -> None:
 def test_failure_replies_end_the_connection() -> None:
     """AUTH-03 side of the proxy: Type 1 without a method that can continue ends it; so does a
     failed Operation Reply (REQ-10)."""
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(wire())
     conn.next_event()
     conn.send(AuthReply(AuthReplyType.FAILURE, (AuthMethodSelection(AuthMethod.NO_ACCEPTABLE_METHODS),)))
     assert conn.our_state is State.MUST_CLOSE
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(wire())
     conn.next_event()
     conn.send(AuthReply(AuthReplyType.SUCCESS))
@@ -267,7 +264,7 @@ def test_failure_replies_end_the_connection() -> None:
 
 def test_bind_needs_two_replies_noop_one() -> None:
     """CMD-04: BIND gets two Operation Replies before relaying; NOOP one, then close."""
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(wire(Command.BIND, host="0.0.0.0", port=0))
     conn.next_event()
     conn.send(AuthReply(AuthReplyType.SUCCESS))
@@ -275,7 +272,7 @@ def test_bind_needs_two_replies_noop_one() -> None:
     assert conn.our_state is State.SEND_BIND_REPLY
     conn.send(SUCCESS)
     assert conn.our_state in (State.RELAY,)  # (mypy narrowed the property above)
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(wire(Command.NOOP, host="0.0.0.0", port=0))
     conn.next_event()
     conn.send(AuthReply(AuthReplyType.SUCCESS))
@@ -349,7 +346,7 @@ def test_duplicate_stack_options(options: tuple[Option, ...]) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         plan_stack_options(options)
     assert info.value.reply_code == ReplyCode.GENERAL_FAILURE
-    conn = ServerConnection()
+    conn = ServerWire()
     conn.receive_data(wire(Command.CONNECT, *options))
     with pytest.raises(RemoteProtocolError):
         conn.next_event()
@@ -392,7 +389,7 @@ def test_request_options_sorted() -> None:
 
 def test_socks5_sequence_with_userpass() -> None:
     """RFC 1928 greeting, RFC 1929 exchange, request, reply; data after the request is kept."""
-    conn = Socks5ServerConnection()
+    conn = Socks5ServerWire()
     got = feed(conn, b"\x05\x02\x00\x02", 1)
     assert got == [Socks5Greeting((AuthMethod.NONE, AuthMethod.USERNAME_PASSWORD)), PAUSED]
     assert conn.send(Socks5MethodSelection(AuthMethod.USERNAME_PASSWORD)) == b"\x05\x02"
@@ -412,12 +409,12 @@ def test_socks5_sequence_with_userpass() -> None:
 def test_socks5_failures_close() -> None:
     """No acceptable method, a failed RFC 1929 check and a failure reply each end the connection;
     a malformed request can still be answered with its reply code."""
-    conn = Socks5ServerConnection()
+    conn = Socks5ServerWire()
     conn.receive_data(b"\x05\x01\x00")
     conn.next_event()
     conn.send(Socks5MethodSelection(AuthMethod.NO_ACCEPTABLE_METHODS))
     assert conn.our_state is State.MUST_CLOSE
-    conn = Socks5ServerConnection()
+    conn = Socks5ServerWire()
     conn.receive_data(b"\x05\x01\x02")
     conn.next_event()
     conn.send(Socks5MethodSelection(AuthMethod.USERNAME_PASSWORD))
@@ -425,7 +422,7 @@ def test_socks5_failures_close() -> None:
     conn.next_event()
     conn.send(UserPassReply(UserPassStatus.FAILURE))
     assert conn.our_state is State.MUST_CLOSE
-    conn = Socks5ServerConnection()
+    conn = Socks5ServerWire()
     conn.receive_data(b"\x05\x01\x00")
     conn.next_event()
     conn.send(Socks5MethodSelection(AuthMethod.NONE))
@@ -439,7 +436,7 @@ def test_socks5_failures_close() -> None:
 
 def test_socks5_bind_two_replies() -> None:
     """RFC 1928 BIND: two replies, then relay."""
-    conn = Socks5ServerConnection()
+    conn = Socks5ServerWire()
     conn.receive_data(b"\x05\x01\x00")
     conn.next_event()
     conn.send(Socks5MethodSelection(AuthMethod.NONE))

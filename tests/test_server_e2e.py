@@ -323,7 +323,7 @@ async def test_failed_logins_limited_per_client_address() -> None:
                 checks.append(username.decode())
                 return super().authenticate(username, password)
 
-        server._users = CountingStore({name: cheap_hash(pw) for name, pw in USERS.items()})
+        server.context.users = CountingStore({name: cheap_hash(pw) for name, pw in USERS.items()})
         proxy = server.addresses[0]
 
         async def socks6(password: str) -> AuthReplyType:

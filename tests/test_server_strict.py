@@ -45,6 +45,7 @@ from socks6fast.proto.messages import (
     TFOOption,
     TTLOption,
 )
+from socks6fast.proto.server import ServerConnection
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -136,12 +137,13 @@ async def test_internal_error_before_any_reply_d14(
     """D14: an unexpected exception before anything was sent gets exactly the D14 General
     Failure reply (read by a client as Authentication Reply Type 1), then a close."""
 
-    async def broken(*args: Any) -> None:
+    def broken(*args: Any) -> None:
         raise RuntimeError("authentication bug")
 
     caplog.set_level(logging.INFO, logger="socks6fast")
     async with running_server(make_config()) as server:
-        monkeypatch.setattr(server, "_authenticate", broken)
+        # The bug sits in the sans-IO core's authentication step, before any reply.
+        monkeypatch.setattr(ServerConnection, "_authenticate", broken)
         client = await RawClient.connect(server.addresses[0])
         await client.send(request(Command.CONNECT, "127.0.0.1", 9))
         assert await client.read_until_eof() == D14_GENERAL_FAILURE

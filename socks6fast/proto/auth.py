@@ -11,7 +11,10 @@ expensive to attack), which is 250 times the proxy's per-connection CPU budget (
 HMAC of (user, password) keyed with a per-process random key; see `UserStore` for why that
 is safe.
 
-Pure: no I/O, no clock; only ``cryptography`` (scrypt) and the standard library.
+`FailedAuthLimiter` bounds the scrypt work a password-guessing client can cause.
+
+Pure: no I/O, no clock (time enters as ``now``); only ``cryptography`` (scrypt) and the
+standard library.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +36,7 @@ __all__ = [
     "DEFAULT_SCRYPT_N",
     "DEFAULT_SCRYPT_P",
     "DEFAULT_SCRYPT_R",
+    "FailedAuthLimiter",
     "ScryptHash",
     "UserStore",
     "hash_password",
@@ -338,3 +343,84 @@ class UserStore:
             self._cache.clear()
         self._cache[key] = (name, stored)
         return name
+
+
+class FailedAuthLimiter:
+    """Failed password checks per client address: a token bucket each, so that a client
+    guessing passwords cannot make the proxy burn ~50 ms of scrypt per guess.
+
+    Every check takes a token before scrypt runs (so parallel guesses cannot overdraw) and
+    a successful one gives it back: only failures count. A bucket holds at most ``burst``
+    tokens and regains one every ``interval`` seconds; with no token left the check fails
+    at once. IPv6 clients share a bucket per /64, the block one host usually controls.
+
+    Args:
+        burst: failures in a row allowed per address; 0 disables the limiter.
+        interval: seconds per token regained.
+        max_clients: buckets kept at most; full buckets are forgotten first, then the
+            oldest (memory stays bounded whatever the number of client addresses).
+    """
+
+    __slots__ = ("_buckets", "burst", "interval", "max_clients")
+
+    def __init__(self, burst: int, interval: float, max_clients: int = 65536) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.max_clients = max_clients
+        self._buckets: dict[str, list[float]] = {}  # key -> [tokens, time of last update]
+
+    def configure(self, burst: int, interval: float) -> None:
+        """Change the limits (configuration reload); the buckets are kept."""
+        self.burst, self.interval = burst, interval
+
+    @staticmethod
+    def _key(client_ip: str) -> str:
+        if ":" not in client_ip:
+            return client_ip
+        try:
+            address = ipaddress.IPv6Address(client_ip.split("%", 1)[0])
+        except ValueError:
+            return client_ip
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+    def acquire(self, client_ip: str, now: float) -> bool:
+        """Take a token for one password check; False when none is left (fail at once)."""
+        if self.burst <= 0:
+            return True
+        key = self._key(client_ip)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_clients:
+                self._prune(now)
+            bucket = self._buckets[key] = [float(self.burst), now]
+        else:
+            bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) / self.interval)
+            bucket[1] = now
+        if bucket[0] < 1.0:
+            return False
+        bucket[0] -= 1.0
+        return True
+
+    def refund(self, client_ip: str) -> None:
+        """Give back the token of a check that succeeded."""
+        if self.burst <= 0:
+            return
+        key = self._key(client_ip)
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket[0] += 1.0
+            if bucket[0] >= self.burst:
+                del self._buckets[key]  # full again: nothing to remember
+
+    def _prune(self, now: float) -> None:
+        burst, interval = float(self.burst), self.interval
+        for key, (tokens, last) in list(self._buckets.items()):
+            if tokens + (now - last) / interval >= burst:
+                del self._buckets[key]
+        while len(self._buckets) >= self.max_clients:
+            del self._buckets[next(iter(self._buckets))]  # the oldest entry
+
+    def __len__(self) -> int:
+        return len(self._buckets)

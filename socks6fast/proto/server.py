@@ -1,38 +1,56 @@
-"""Sans-IO proxy side of a SOCKS 6 connection (draft-11) and of a SOCKS 5 one (RFC 1928/1929).
+"""The proxy's decisions, sans I/O: one `ServerConnection` (SOCKS 6) or `Socks5ServerConnection`
+(RFC 1928/1929) per client connection.
 
-Strategy (h11 ``Connection``): the adapter (``socks6fast.asyncio.server``) does I/O and
-nothing else::
+Strategy (aioquic ``QuicConnection``): everything the draft decides happens here: which
+authentication method, whether a session is valid, spending an idempotence token, whether the
+rules allow the request, which Stack options to apply and echo, and every byte of every
+reply. The adapter (``socks6fast.asyncio.server``) performs *actions* and reports
+*completions* (`socks6fast.proto.actions` lists both), and nothing else::
 
-    conn = ServerConnection(handshake_timeout=10.0, now=loop.time())
-    conn.receive_data(first_bytes)               # b"" means EOF
-    event = conn.next_event()                    # an event, NEED_DATA or PAUSED
-    write(conn.send(AuthReply(...)))             # every reply goes through send()
+    conn = server_connection(context, client_ip, first_bytes, now)    # the first byte picks (D1)
+    action = conn.next_action(now)
+    while True:
+        if action is NEED_DATA:        conn.receive_data(read_until(conn.get_timer()))
+        elif isinstance(action, Send): write(action.data)
+        elif isinstance(action, Dial): conn.dial_finished(dial(...))    # or dial_failed(code, why)
+        ...                                                              # Relay and Close end it
+        action = conn.next_action(now)
+    conn.connection_ended(now)                                           # always, last
 
-Incoming bytes are buffered and parsed incrementally (the codec is stateless and
-tells how many bytes it still needs), so a request that trickles in one byte at a
-time yields the same events as one that arrives whole (REQ-07). The order of
-messages and which reply may follow which lives in ``_state.py``; this module maps
-messages onto those tables, converts ``WireError`` into ``RemoteProtocolError``
-carrying the reply code (STYLE.md section 4), and sorts a Request's options into a
-`RequestOptions` summary the adapter acts on.
+Time enters only as ``now`` (the handshake deadline, session lookups and expiry, the connect
+deadline); nothing here reads a clock, opens a socket or waits.
 
-What the adapter decides (authentication, sessions, policy, connecting) stays out of
-here; the pieces of it that are pure functions of the request live here too so that
-tests can drive them without sockets: `plan_stack_options` (D9, D10), `noop_address_ok`
-(D11), `is_dns_request` (D13).
+Layers inside the core: `socks6fast.proto.server_wire` turns bytes into messages and replies
+into bytes and keeps the order of messages (``states.py``); this module decides which reply to
+send; `socks6fast.proto.stack` plans and echoes Stack options; `socks6fast.proto.sessions`
+keeps sessions and token windows; `socks6fast.proto.policy` holds the rules and
+`socks6fast.proto.auth` the users.
 
-Errors: after ``RemoteProtocolError`` the client's half is in ERROR. If ``exc.reply_code``
-is not None the adapter may still ``send`` one failure `OperationReply` (D14), then closes.
-The first byte decides the protocol (D1): 6 is SOCKS 6; 5 goes to
-`Socks5ServerConnection` (see `detect_protocol`); anything else makes `next_event`
-return `VersionMismatch`, answered with `VersionMismatchReply` (the single byte 6, REQ-01).
+The SOCKS 6 decision tree (draft-11 section numbers in the methods):
+
+1. Request read (`ServerWire`): a first byte that is not 6 gets the Version Mismatch Reply
+   (REQ-01); an unparseable request gets a failure reply per D14.
+2. Client-leg Stack options: `ApplyClientOptions` (STK-03), before anything is decided.
+3. Authentication (`_authenticate`): a Session ID skips it (SES-02) or ends the connection
+   (SES-03); Session Teardown ends the session first (SES-05); a token is spent before the
+   request is honoured (IDM-03); otherwise credentials are checked (0-RTT, AUTH-01/AUTH-05,
+   or the slow exchange, D7/AUTH-04), or refused (AUTH-02). The successful Authentication
+   Reply is held back when the client did not wait for it (false start) and leaves with the
+   Operation Reply, in one write.
+4. Initial data (AUTH-06), then the operation (`_operate`): NOOP (REQ-04), the rules (CMD-06),
+   CONNECT (resolve, the rules again on the resolved addresses, dial: CMD-01, CMD-02, STK-04,
+   STK-06, STK-07; the DNS service, CMD-07/D13), BIND (CMD-04, CMD-05).
+5. Success hands both connections to the relay with the bytes the client sent early (CMD-03);
+   failures are answered with the client-leg echo (STK-01) and close. A session whose first
+   request fails is torn down again (D4).
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from enum import Enum
 from typing import Final
 
 from ..constants import (
@@ -42,28 +60,62 @@ from ..constants import (
     AddressType,
     AuthMethod,
     AuthReplyType,
+    Availability,
     Command,
     ReplyCode,
     Socks5Command,
     UserPassStatus,
 )
-from ..errors import LocalProtocolError, RemoteProtocolError, WireError
-from . import codec, socks5
+from ..errors import LocalProtocolError, RemoteProtocolError
+from . import codec
+from .actions import (
+    AWAIT_PEER,
+    CLOSE,
+    HOLD_BACKLOG,
+    LINGER_CLOSE,
+    Action,
+    ApplyClientOptions,
+    CheckCredentials,
+    Claim,
+    Close,
+    Dial,
+    Dialed,
+    EndSession,
+    Listen,
+    Listening,
+    Relay,
+    Resolve,
+    Send,
+    Target,
+)
+from .auth import UserStore
 from .messages import (
     AuthData,
-    AuthMethodAdvertisement,
     AuthMethodSelection,
     AuthReply,
-    IdempotenceExpenditure,
-    IdempotenceRequest,
+    IdempotenceAccepted,
+    IdempotenceRejected,
+    IdempotenceWindow,
     OperationReply,
     Option,
     Request,
     SessionID,
-    SessionRequest,
-    SessionTeardown,
+    SessionInvalid,
+    SessionOK,
     VersionMismatchReply,
 )
+from .policy import Policy
+from .server_wire import (
+    ConnectionClosed,
+    InitialData,
+    RequestOptions,
+    RequestReceived,
+    ServerWire,
+    Socks5ServerWire,
+    VersionMismatch,
+    failure_reply,
+)
+from .sessions import Session, SessionStore
 from .socks5 import (
     Socks5Greeting,
     Socks5MethodSelection,
@@ -71,188 +123,92 @@ from .socks5 import (
     Socks5Request,
     UserPassReply,
     UserPassRequest,
+    encode_userpass_reply,
 )
-from .stack import StackPlan, plan_stack_options
-from .states import NEED_DATA, PAUSED, NeedData, Paused, ProxyStateMachine, State
-from .states import Event as T
-from .states import Protocol as Protocol
+from .stack import AppliedLeg, LegOptions, StackPlan, echo_stack_options
+from .states import NEED_DATA, PAUSED, NeedData, Protocol, State
 
 __all__ = [
-    "NEED_DATA",
-    "PAUSED",
-    "ConnectionClosed",
-    "InitialData",
-    "NeedData",
-    "Paused",
-    "Protocol",
-    "RequestOptions",
-    "RequestReceived",
+    "DNS_PORT",
+    "MAX_BIND_BACKLOG",
     "ServerConnection",
-    "ServerEvent",
+    "ServerContext",
     "Socks5ServerConnection",
-    "Socks5ServerEvent",
-    "State",
-    "VersionMismatch",
     "detect_protocol",
-    "failure_reply",
     "is_dns_request",
     "noop_address_ok",
-    "parse_request_options",
+    "reply_code_for",
+    "server_connection",
 ]
 
 #: The DNS service port (section "DNS provided by SOCKS", D13).
 DNS_PORT: Final = 53
-_UNSPECIFIED = {AddressType.IPV4: "0.0.0.0", AddressType.IPV6: "::"}
+#: Largest backlog granted to a BIND with a Listen Backlog option (CMD-05).
+MAX_BIND_BACKLOG: Final = 128
+_UNSPECIFIED: Final = {AddressType.IPV4: "0.0.0.0", AddressType.IPV6: "::"}
+_NO_LEG_OPTIONS: Final = LegOptions()
 
 
-# --- Events ----------------------------------------------------------------------
+class ServerContext:
+    """What every connection of one server consults besides its own bytes.
 
+    One per server, shared by its connections; a configuration reload assigns new values in
+    place, so a connection still in its handshake decides with the configuration in effect.
 
-@dataclass(frozen=True, slots=True)
-class RequestReceived:
-    """A whole SOCKS 6 Request was read."""
-
-    request: Request
-    """The Request as decoded."""
-    options: RequestOptions
-    """Its options, sorted by purpose (see `parse_request_options`)."""
-
-
-@dataclass(frozen=True, slots=True)
-class InitialData:
-    """The initial data announced in the Authentication Method Advertisement (AUTH-06)."""
-
-    data: bytes
-    """Exactly ``initial_data_length`` bytes; to be forwarded once connected, never before
-    authentication succeeded."""
-
-
-@dataclass(frozen=True, slots=True)
-class VersionMismatch:
-    """The first byte was neither 6 nor 5: send `VersionMismatchReply`, then close (REQ-01)."""
-
-    version: int
-    """The byte received."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The client closed the connection (EOF) before sending anything of the next message."""
-
-
-ServerEvent = RequestReceived | InitialData | UserPassRequest | VersionMismatch | ConnectionClosed
-"""What `ServerConnection.next_event` returns besides NEED_DATA and PAUSED."""
-
-Socks5ServerEvent = Socks5Greeting | UserPassRequest | Socks5Request | ConnectionClosed
-"""What `Socks5ServerConnection.next_event` returns besides NEED_DATA and PAUSED."""
-
-
-# --- Sorting a Request's options -------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOptions:
-    """A Request's options sorted by purpose; unknown and misplaced ones are dropped (REQ-06)."""
-
-    stack: StackPlan = StackPlan()
-    """Stack options (D9, D10)."""
-    advertised_methods: tuple[int, ...] | None = None
-    """Methods of the Authentication Method Advertisement, or None when there was none."""
-    initial_data_length: int = 0
-    """Bytes of initial data after the Request (CONNECT with an advertisement only)."""
-    credentials: UserPassRequest | None = None
-    """The RFC 1929 request of the first method-2 Authentication Data option (0-RTT)."""
-    malformed_credentials: bool = False
-    """A method-2 Authentication Data option was present but did not hold an RFC 1929 request."""
-    session_request: bool = False
-    """Session Request option present."""
-    session_id: bytes | None = None
-    """Session ID option, or None."""
-    session_teardown: bool = False
-    """Session Teardown option present."""
-    token_request: int | None = None
-    """Requested token window size (Token Request), or None."""
-    token: int | None = None
-    """Token being spent (Idempotence Expenditure), or None."""
-    auth_data: Mapping[int, bytes] = field(default_factory=dict)
-    """Authentication Data by method (first option per method; "MUST only place one")."""
-
-
-def parse_request_options(request: Request) -> RequestOptions:
-    """Sort a Request's options into a `RequestOptions`.
-
-    Raises:
-        RemoteProtocolError: contradictory or duplicate Stack options (D10), or more than one
-            Token Request or Idempotence Expenditure option.
+    Args:
+        users: the configured users (authentication is required when there is one).
+        policy: the rules.
+        sessions: the session store, or None when sessions are disabled.
+        max_options_length: cap on a Request's Options Length (D6).
+        handshake_timeout: seconds a client has for its handshake messages (REQ-08), or None.
+        connect_timeout: seconds to resolve and connect to a destination (CONNECTION_TIMED_OUT).
+        dns_resolver: ``(host, port)`` of the DNS server behind the DNS service (D13), or None.
     """
-    options = request.options
-    if not options:
-        return _NO_OPTIONS  # the common case; RequestOptions is frozen, so one can be shared
-    advert: AuthMethodAdvertisement | None = None
-    auth_data: dict[int, bytes] = {}
-    session_request = teardown = False
-    session_id: bytes | None = None
-    token_request: int | None = None
-    token: int | None = None
-    for option in options:
-        if isinstance(option, AuthMethodAdvertisement):
-            advert = advert or option
-        elif isinstance(option, AuthData):
-            auth_data.setdefault(option.method, option.data)
-        elif isinstance(option, SessionRequest):
-            session_request = True
-        elif isinstance(option, SessionID):
-            session_id = session_id if session_id is not None else option.session_id
-        elif isinstance(option, SessionTeardown):
-            teardown = True
-        elif isinstance(option, IdempotenceRequest):
-            if token_request is not None:
-                # draft-11 section "Requesting a token window": one window per request; two requests are
-                # contradictory, treated like duplicate Stack options (D10): malformed.
-                raise RemoteProtocolError("more than one Token Request option", ReplyCode.GENERAL_FAILURE)
-            token_request = option.window_size
-        elif isinstance(option, IdempotenceExpenditure):
-            if token is not None:
-                # draft-11 section "Spending a token": a request spends one token; spending only the first
-                # of several would silently honour a request the client meant differently (D10).
-                raise RemoteProtocolError(
-                    "more than one Idempotence Expenditure option", ReplyCode.GENERAL_FAILURE
-                )
-            token = option.token
-    credentials: UserPassRequest | None = None
-    malformed = False
-    data = auth_data.get(AuthMethod.USERNAME_PASSWORD)
-    if data is not None:
-        try:
-            credentials, end = socks5.decode_userpass_request(data)
-        except WireError:
-            credentials, end = None, 0
-        # Section "Username/Password Authentication" (figure "Password authentication via a
-        # SOCKS Option"): only NUL padding may follow the RFC 1929 request inside the option;
-        # anything else makes the option malformed, so the credentials are not used.
-        if credentials is not None and any(data[end:]):
-            credentials = None
-        malformed = credentials is None
-    initial = 0
-    if advert is not None and request.command == Command.CONNECT:
-        # section "Authentication Method options": the length only means something for CONNECT.
-        initial = advert.initial_data_length
-    return RequestOptions(
-        stack=plan_stack_options(options),
-        advertised_methods=advert.methods if advert is not None else None,
-        initial_data_length=initial,
-        credentials=credentials,
-        malformed_credentials=malformed,
-        session_request=session_request,
-        session_id=session_id,
-        session_teardown=teardown,
-        token_request=token_request,
-        token=token,
-        auth_data=auth_data,
+
+    __slots__ = (
+        "connect_timeout",
+        "dns_resolver",
+        "handshake_timeout",
+        "max_options_length",
+        "policy",
+        "sessions",
+        "users",
     )
 
+    def __init__(
+        self,
+        *,
+        users: UserStore | None = None,
+        policy: Policy | None = None,
+        sessions: SessionStore | None = None,
+        max_options_length: int = MAX_OPTIONS_LENGTH,
+        handshake_timeout: float | None = 10.0,
+        connect_timeout: float = 10.0,
+        dns_resolver: tuple[str, int] | None = None,
+    ) -> None:
+        self.users = users if users is not None else UserStore()
+        self.policy = policy if policy is not None else Policy()
+        self.sessions = sessions
+        self.max_options_length = max_options_length
+        self.handshake_timeout = handshake_timeout
+        self.connect_timeout = connect_timeout
+        self.dns_resolver = dns_resolver
 
-_NO_OPTIONS = RequestOptions()
+
+# --- Pure helpers of the decisions --------------------------------------------------
+
+
+def detect_protocol(first_byte: int) -> Protocol | None:
+    """Which protocol a connection starting with ``first_byte`` speaks (D1).
+
+    Returns:
+        SOCKS6 for 6, SOCKS5 for 5, None for anything else (Version Mismatch, REQ-01).
+    """
+    if first_byte == VERSION:
+        return Protocol.SOCKS6
+    if first_byte == SOCKS5_VERSION:
+        return Protocol.SOCKS5
+    return None
 
 
 def noop_address_ok(request: Request) -> bool:
@@ -273,377 +229,937 @@ def is_dns_request(request: Request) -> bool:
     )
 
 
-def failure_reply(code: ReplyCode, options: tuple[Option, ...] = ()) -> OperationReply:
-    """An Operation Reply for a failure: unspecified IPv4 address, port 0."""
-    return OperationReply(code, AddressType.IPV4, "0.0.0.0", 0, options)
+# connect()/bind() errno -> Operation Reply code (CMD-01).
+_ERRNO_REPLY: Final = {
+    errno.ECONNREFUSED: ReplyCode.CONNECTION_REFUSED,
+    errno.ENETUNREACH: ReplyCode.NETWORK_UNREACHABLE,
+    errno.ENETDOWN: ReplyCode.NETWORK_UNREACHABLE,
+    errno.EHOSTUNREACH: ReplyCode.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: ReplyCode.HOST_UNREACHABLE,
+    errno.ETIMEDOUT: ReplyCode.CONNECTION_TIMED_OUT,
+    errno.EACCES: ReplyCode.NOT_ALLOWED_BY_RULESET,  # a local firewall or route prohibits it
+    errno.EPERM: ReplyCode.NOT_ALLOWED_BY_RULESET,
+}
 
 
-def detect_protocol(first_byte: int) -> Protocol | None:
-    """Which protocol a connection starting with ``first_byte`` speaks (D1).
-
-    Returns:
-        SOCKS6 for 6, SOCKS5 for 5, None for anything else (Version Mismatch, REQ-01).
-    """
-    if first_byte == VERSION:
-        return Protocol.SOCKS6
-    if first_byte == SOCKS5_VERSION:
-        return Protocol.SOCKS5
-    return None
-
-
-# --- The connections ----------------------------------------------------------------
+def reply_code_for(exc: BaseException) -> ReplyCode:
+    """The Operation Reply code for a failed connect or bind (CMD-01): a timeout is 0x09, an
+    errno maps to its code, a negative one (getaddrinfo's EAI_* codes: a name given as the
+    DNS service's resolver that does not resolve) is host unreachable, anything else is
+    General Failure."""
+    if isinstance(exc, TimeoutError):
+        return ReplyCode.CONNECTION_TIMED_OUT
+    if isinstance(exc, OSError) and exc.errno is not None:
+        if exc.errno < 0:
+            return ReplyCode.HOST_UNREACHABLE
+        return _ERRNO_REPLY.get(exc.errno, ReplyCode.GENERAL_FAILURE)
+    return ReplyCode.GENERAL_FAILURE
 
 
-class _ProxyConnection:
-    """Buffering, EOF, the handshake timer and error conversion shared by both protocols."""
+def _address_type_of(host: str) -> AddressType:
+    return AddressType.IPV6 if ":" in host else AddressType.IPV4
 
-    __slots__ = ("_buf", "_deadline", "_eof", "_state")
 
-    def __init__(self, protocol: Protocol, handshake_timeout: float | None, now: float) -> None:
-        self._state = ProxyStateMachine(protocol)
-        self._buf = bytearray()
-        self._eof = False
-        self._deadline = None if handshake_timeout is None else now + handshake_timeout
+def _denied_by(rule: int | None) -> str:
+    """The log's reason for a refusal by the rules: which one decided (0-based, as
+    ``[[rules]]`` entries are counted in config errors)."""
+    return f"denied by rules[{rule}]" if rule is not None else "denied by default_action"
 
-    @property
-    def their_state(self) -> State:
-        """What the client may send next (see `State`)."""
-        return self._state.their_state
 
-    @property
-    def our_state(self) -> State:
-        """What we may send next (see `State`)."""
-        return self._state.our_state
+def _multipath(in_use: bool) -> Availability:
+    return Availability.DESIRED if in_use else Availability.NOT_DESIRED
 
-    @property
-    def client_closed(self) -> bool:
-        """True once EOF was received from the client."""
-        return self._eof
 
-    @property
-    def trailing_data(self) -> tuple[bytes, bool]:
-        """``(bytes, closed)``: bytes received after the handshake, not yet consumed, and
-        whether the client already sent EOF. Meant for the relay hand-off, when the
-        client's state is DATA: these bytes are application data (false start, CMD-03)
-        and must reach the remote host before anything read later."""
-        return bytes(self._buf), self._eof
+# --- What both protocols share ----------------------------------------------------------
+
+
+class _Step(Enum):
+    """What a connection waits for; a completion for anything else is the adapter's bug."""
+
+    READ = "a message from the client"
+    CLIENT_OPTIONS = "client_options_applied"
+    CREDENTIALS = "credentials_checked"
+    RESOLVE = "resolved or resolve_failed"
+    DIAL = "dial_finished or dial_failed"
+    LISTEN = "listening or listen_failed"
+    PEER = "peer_accepted"
+    DONE = "nothing: the handshake is over"
+
+
+class _ConnectionBase:
+    """The action queue, the completions both protocols share, and the log fields."""
+
+    __slots__ = (
+        "_actions",
+        "_checked",
+        "_ctx",
+        "_dial",
+        "_relayed",
+        "_resume",
+        "_step",
+        "_unconfirmed",
+        "_wire",
+        "client_ip",
+        "error",
+        "protocol_name",
+        "reply_code",
+        "user",
+    )
+
+    def __init__(self, context: ServerContext, client_ip: str, wire: ServerWire | Socks5ServerWire) -> None:
+        self._wire = wire
+        self._ctx = context
+        self.client_ip = client_ip
+        """The client's address as text (the rules, the session and limiter caps)."""
+        self._actions: list[Action] = []
+        self._step = _Step.READ
+        self._resume: Callable[[float], None] | None = None
+        self._unconfirmed: int | None = None
+        self._checked: tuple[str | None, str] = (None, "")
+        self._dial: Dial | None = None
+        self._relayed = False
+        self.user: str | None = None
+        """The authenticated user (or the session's user); None when anonymous."""
+        self.reply_code: int | None = None
+        """The code of the last Operation Reply (or SOCKS 5 reply) sent."""
+        self.error = ""
+        """Why the connection ended early, for the log; empty when it did not."""
+        self.protocol_name = "socks6" if isinstance(wire, ServerWire) else "socks5"
+        """``"socks6"``, ``"socks5"`` or ``"mismatch"`` (the log's protocol field)."""
+
+    # -- what the adapter calls ------------------------------------------------------
+
+    def next_action(self, now: float) -> Action | NeedData:
+        """The next thing to do (see `socks6fast.proto.actions`).
+
+        Args:
+            now: the current time, on the clock of every deadline (``loop.time()``).
+
+        Returns:
+            An action, or NEED_DATA: read from the client (until `get_timer`), pass what
+            arrived to `receive_data` (or nothing when the timer fired), and ask again.
+
+        Raises:
+            LocalProtocolError: a completion is still due (the adapter skipped one).
+        """
+        if self._unconfirmed is not None:
+            self.reply_code = self._unconfirmed  # the Send before this call went out
+            self._unconfirmed = None
+        resume = self._resume
+        if resume is not None:
+            self._resume = None
+            resume(now)
+        actions = self._actions
+        while not actions:
+            if self._step is not _Step.READ:
+                raise LocalProtocolError(f"next_action() while waiting for {self._step.value}")
+            if not self._read(now):
+                return NEED_DATA
+        action = actions.pop(0)
+        if type(action) is Send:
+            self._unconfirmed = action.reply_code
+        return action
 
     def receive_data(self, data: bytes) -> None:
-        """Add bytes received from the client.
-
-        Args:
-            data: the bytes; ``b""`` means the client closed its sending side (EOF).
-
-        Raises:
-            RuntimeError: data after EOF.
-        """
-        if data:
-            if self._eof:
-                raise RuntimeError("received data after EOF")
-            self._buf += data
-        else:
-            self._eof = True
+        """Bytes from the client (``b""``: EOF). During `AwaitPeer` these are application
+        data, relayed later in order."""
+        self._wire.receive_data(data)
 
     def get_timer(self) -> float | None:
-        """When the handshake times out, while we are still waiting for client bytes.
+        """The handshake deadline while waiting for the client's bytes, else None (REQ-08)."""
+        return self._wire.get_timer()
+
+    def credentials_checked(self, user: str | None, reason: str = "") -> None:
+        """The outcome of `CheckCredentials`: the user name, or None and why (for the log;
+        empty for a plain wrong password)."""
+        self._expect(_Step.CREDENTIALS)
+        self._checked = (user, reason)
+        self._resume = self._after_credentials
+
+    def resolved(self, targets: Sequence[Target]) -> None:
+        """The outcome of `Resolve`: the addresses, in preference order."""
+        self._expect(_Step.RESOLVE)
+        dial = self._dial
+        assert dial is not None
+        policy = self._ctx.policy
+        if policy.checks_resolved_addresses:
+            # A CIDR rule must also stop names that resolve into the network (policy.py).
+            targets = [
+                t
+                for t in targets
+                if policy.check(
+                    self.client_ip,
+                    self.user,
+                    Command.CONNECT,
+                    AddressType.DOMAIN_NAME,
+                    dial.host,
+                    dial.port,
+                    resolved_address=str(t[1][0]),
+                )
+            ]
+            if not targets:
+                self.error = f"{dial.host!r} resolves only to denied addresses"
+                self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET)
+                return
+        self._dial = dial = Dial(
+            dial.address_type,
+            dial.host,
+            dial.port,
+            tuple(targets),
+            dial.options,
+            dial.multipath,
+            dial.happy_eyeballs,
+            dial.tfo_payload,
+            dial.deadline,
+        )
+        self._push_step(dial, _Step.DIAL)
+
+    def resolve_failed(self, exc: BaseException, message: str) -> None:
+        """`Resolve` failed with ``exc`` (``message`` for the log): past the deadline that is
+        CONNECTION_TIMED_OUT, otherwise the name does not resolve: HOST_UNREACHABLE (CMD-01)."""
+        self._expect(_Step.RESOLVE)
+        self.error = message
+        timed_out = isinstance(exc, TimeoutError)
+        self._fail(ReplyCode.CONNECTION_TIMED_OUT if timed_out else ReplyCode.HOST_UNREACHABLE)
+
+    def dial_finished(self, dialed: Dialed) -> None:
+        """`Dial` connected."""
+        self._expect(_Step.DIAL)
+        self._on_dialed(dialed)
+
+    def dial_failed(self, exc: BaseException, message: str) -> None:
+        """`Dial` failed with ``exc`` (``message`` for the log); the reply says why (CMD-01)."""
+        self._expect(_Step.DIAL)
+        self.error = message
+        self._fail(reply_code_for(exc))
+
+    def listening(self, listening: Listening) -> None:
+        """`Listen` or `Claim` gave a listener."""
+        self._expect(_Step.LISTEN)
+        self._on_listening(listening)
+
+    def listen_failed(self, exc: BaseException, message: str) -> None:
+        """`Listen` failed with ``exc`` (``message`` for the log); the reply says why."""
+        self._expect(_Step.LISTEN)
+        self.error = message
+        self._fail(reply_code_for(exc))
+
+    def peer_accepted(self, host: str, port: int, mptcp: bool) -> None:
+        """`AwaitPeer`: the remote host at ``host``:``port`` connected (MPTCP or not)."""
+        self._expect(_Step.PEER)
+        self._on_peer(host, port, mptcp)
+
+    def connection_ended(self, now: float) -> Session | None:
+        """The connection is over, however it ended (call it last, always).
 
         Returns:
-            The deadline (same clock as ``now``) or None when no timer is running.
+            A session that ended with it (D4: the request that would have started it did not
+            succeed), whose BIND listeners the adapter closes; else None.
         """
-        if self._deadline is None or self.their_state not in _READING:
-            return None
-        return self._deadline
+        self._step = _Step.DONE
+        return None
 
-    def handle_timer(self, now: float) -> None:
-        """Check the handshake deadline ("the request is not fully received after a
-        certain timeout", section "Large requests"; REQ-08).
+    # -- helpers ---------------------------------------------------------------------
 
-        Raises:
-            RemoteProtocolError: the deadline has passed (reply_code None: close without
-                a reply); the client's half is then in ERROR.
-        """
-        deadline = self.get_timer()
-        if deadline is not None and now >= deadline:
-            self._state.process_error()
-            raise RemoteProtocolError("handshake timed out", None)
+    def _expect(self, step: _Step) -> None:
+        if self._step is not step:
+            raise LocalProtocolError(f"unexpected completion while waiting for {self._step.value}")
+        self._step = _Step.READ
 
-    def _check_readable(self) -> None:
-        if self.their_state is State.ERROR:
-            raise RemoteProtocolError("cannot read after a protocol error", None)
+    def _push_step(self, action: Action, step: _Step) -> None:
+        self._actions.append(action)
+        self._step = step
 
-    def _fail(self, exc: WireError | RemoteProtocolError) -> RemoteProtocolError:
-        self._state.process_error()
-        if isinstance(exc, RemoteProtocolError):
-            return exc
-        return RemoteProtocolError(str(exc), exc.reply_code)
+    def _push_send(self, data: bytes, reply_code: int | None = None) -> None:
+        actions = self._actions
+        if actions and type(last := actions[-1]) is Send:
+            # Replies that follow one another leave in one write.
+            data = last.data + data
+            reply_code = reply_code if reply_code is not None else last.reply_code
+            actions.pop()
+        actions.append(Send(data, reply_code))
 
-    def _eof_or_need(self, what: str) -> ConnectionClosed | NeedData:
-        # EOF with nothing buffered between messages is a clean close; inside one it is an
-        # error with no reply to give (D14: nothing readable to answer).
-        if not self._eof:
-            return NEED_DATA
-        if self._buf:
-            self._state.process_error()
-            raise RemoteProtocolError(f"connection closed in the middle of {what}", None)
-        self._state.process_client_eof()
-        return ConnectionClosed()
+    def _close(self, close: Close) -> None:
+        self._actions.append(close)
+        self._step = _Step.DONE
+
+    def _relay(self) -> None:
+        data, eof = self._wire.trailing_data
+        self._relay_bytes(data, eof)
+
+    def _relay_bytes(self, to_remote: bytes, client_eof: bool) -> None:
+        self._actions.append(Relay(to_remote, client_eof))
+        self._step = _Step.DONE
+        self._relayed = True
+
+    def _connect(
+        self,
+        address_type: AddressType,
+        host: str,
+        port: int,
+        options: LegOptions,
+        multipath: bool,
+        happy_eyeballs: bool,
+        tfo_payload: bytes,
+        now: float,
+    ) -> None:
+        """Dial the destination; a name is resolved first (`resolved` dials)."""
+        deadline = now + self._ctx.connect_timeout
+        dial = Dial(address_type, host, port, (), options, multipath, happy_eyeballs, tfo_payload, deadline)
+        self._dial = dial
+        if address_type == AddressType.DOMAIN_NAME:
+            self._push_step(Resolve(host, port, deadline), _Step.RESOLVE)
+        else:
+            self._push_step(dial, _Step.DIAL)
+
+    def _check(self, credentials: UserPassRequest) -> None:
+        self._push_step(CheckCredentials(credentials), _Step.CREDENTIALS)
+
+    def _read(self, now: float) -> bool:
+        """Parse what the client sent and act on it; False when more bytes are needed."""
+        wire = self._wire
+        try:
+            event = wire.next_event()
+            if event is NEED_DATA:
+                wire.handle_timer(now)  # raises once the handshake deadline passed (REQ-08)
+                return False
+        except RemoteProtocolError as exc:
+            self._protocol_error(exc)
+            return True
+        if event is PAUSED:
+            raise LocalProtocolError("nothing to read: the client waits for a reply")
+        self._on_event(event, now)
+        return True
+
+    # -- what each protocol decides ----------------------------------------------------
+
+    def _on_event(self, event: object, now: float) -> None:
+        raise NotImplementedError
+
+    def _after_credentials(self, now: float) -> None:
+        raise NotImplementedError
+
+    def _on_dialed(self, dialed: Dialed) -> None:
+        raise NotImplementedError
+
+    def _on_listening(self, listening: Listening) -> None:
+        raise NotImplementedError
+
+    def _on_peer(self, host: str, port: int, mptcp: bool) -> None:
+        raise NotImplementedError
+
+    def _fail(self, code: ReplyCode) -> None:
+        raise NotImplementedError
+
+    def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        raise NotImplementedError
 
 
-# Client states in which we wait for client bytes, so the handshake timer runs.
-_READING = frozenset({State.SEND_GREETING, State.SEND_REQUEST, State.SEND_INITIAL_DATA, State.SEND_USERPASS})
+# --- SOCKS 6 ---------------------------------------------------------------------------------
+
+#: Our half's states in which no reply has gone out yet (D14: only General Failure may go).
+_NOTHING_SENT: Final = frozenset({State.IDLE, State.SEND_AUTH_REPLY})
 
 
-class ServerConnection(_ProxyConnection):
-    """Proxy side of one SOCKS 6 connection, sans I/O.
+class ServerConnection(_ConnectionBase):
+    """The proxy's side of one SOCKS 6 connection: every decision, no I/O.
 
     Args:
-        max_options_length: cap on a Request's Options Length (D6, REQ-03); larger
-            values are rejected from the header, before any option byte is buffered.
-        handshake_timeout: seconds the client has to send its handshake messages
-            (REQ-08), or None for no limit. Read it with `get_timer`.
-        now: the current time on the clock the caller uses for `handle_timer`.
+        context: the server's users, rules, sessions and limits.
+        client_ip: the client's address as text.
+        now: the current time (the handshake deadline starts here).
     """
 
-    __slots__ = ("_command", "_max_options_length", "options", "request")
+    __slots__ = (
+        "_client_applied",
+        "_client_eof",
+        "_held",
+        "_listen_backlog",
+        "_new_session",
+        "_options",
+        "_payload",
+        "_session",
+        "_socks6",
+        "request",
+    )
 
-    def __init__(
-        self,
-        *,
-        max_options_length: int = MAX_OPTIONS_LENGTH,
-        handshake_timeout: float | None = None,
-        now: float = 0.0,
-    ) -> None:
-        super().__init__(Protocol.SOCKS6, handshake_timeout, now)
-        self._max_options_length = max_options_length
-        self._command: Command | int | None = None  # an unknown Command Code is a plain int
+    def __init__(self, context: ServerContext, client_ip: str, now: float) -> None:
+        self._socks6 = ServerWire(
+            max_options_length=context.max_options_length,
+            handshake_timeout=context.handshake_timeout,
+            now=now,
+        )
+        super().__init__(context, client_ip, self._socks6)
         self.request: Request | None = None
         """The Request, once read."""
-        self.options: RequestOptions | None = None
-        """The Request's sorted options, once read."""
+        self._options = _NO_OPTIONS
+        self._client_applied: AppliedLeg | None = None
+        self._session: Session | None = None
+        self._new_session = False
+        self._held = b""
+        self._payload = b""
+        self._client_eof = False
+        self._listen_backlog = 0
 
-    def next_event(self) -> ServerEvent | NeedData | Paused:
-        """Parse the next message the client sent.
+    @property
+    def session(self) -> Session | None:
+        """The session this request runs in (looked up or started by it), if any."""
+        return self._session
 
-        Returns:
-            `RequestReceived`, `InitialData`, ``UserPassRequest`` (slow username/password
-            exchange, D7), `VersionMismatch`, `ConnectionClosed`; NEED_DATA when more bytes
-            are needed; PAUSED when the client waits for us or the rest is application
-            data (then see `trailing_data`).
+    def client_options_applied(self, applied: AppliedLeg | None) -> None:
+        """The outcome of `ApplyClientOptions`: the values read back, or None when the adapter
+        cannot set options on the client leg (then none are echoed for it)."""
+        self._expect(_Step.CLIENT_OPTIONS)
+        self._client_applied = applied
+        self._resume = self._authenticate
 
-        Raises:
-            RemoteProtocolError: the client broke the protocol. ``reply_code`` is the code
-                of the failure Operation Reply to send (D14), or None to close silently.
-        """
-        self._check_readable()
-        state = self.their_state
-        try:
-            if state is State.SEND_REQUEST:
-                return self._read_request()
-            if state is State.SEND_INITIAL_DATA:
-                return self._read_initial_data()
-            if state is State.SEND_USERPASS:
-                return self._read_userpass()
-        except (WireError, RemoteProtocolError) as exc:
-            raise self._fail(exc) from exc
-        if state is State.CLOSED:
-            return ConnectionClosed()
-        return PAUSED
-
-    def _read_request(self) -> RequestReceived | VersionMismatch | ConnectionClosed | NeedData:
-        buf = self._buf
-        if not buf:
-            return self._eof_or_need("a request")
-        if buf[0] != VERSION:
-            self._state.process_their_event(T.BAD_VERSION)
-            return VersionMismatch(buf[0])
-        request, n = codec.decode_request(buf, 0, self._max_options_length)
-        if request is None:
-            return self._eof_or_need("a request")
-        options = parse_request_options(request)
-        del buf[:n]
-        self.request, self.options, self._command = request, options, request.command
-        if options.initial_data_length:
-            event = T.REQUEST_WITH_INITIAL_DATA
-        elif options.advertised_methods is not None:
-            event = T.REQUEST_ADVERTISING
+    def abort(self) -> None:
+        """An unexpected error (a bug) ends the connection: queue a General Failure reply if
+        one can still go (the D14 form when nothing was sent yet), then a close."""
+        self._actions.clear()
+        self._resume = None
+        wire = self._socks6
+        failure = failure_reply(ReplyCode.GENERAL_FAILURE)
+        if wire.our_state in _NOTHING_SENT:
+            self._push_send(codec.encode_operation_reply(failure), ReplyCode.GENERAL_FAILURE)
         else:
-            event = T.REQUEST
-        self._state.process_their_event(event)
-        return RequestReceived(request, options)
+            try:
+                self._push_send(self._held + wire.send(failure), ReplyCode.GENERAL_FAILURE)
+            except LocalProtocolError:
+                pass
+        self._close(CLOSE)
 
-    def _read_initial_data(self) -> InitialData | NeedData | ConnectionClosed:
-        assert self.options is not None
-        n = self.options.initial_data_length
-        if len(self._buf) < n:
-            if self._eof:
-                raise RemoteProtocolError("connection closed in the middle of the initial data", None)
-            return NEED_DATA
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        self._state.process_their_event(T.INITIAL_DATA)
-        return InitialData(data)
+    def connection_ended(self, now: float) -> Session | None:  # noqa: D102 (documented in the base)
+        super().connection_ended(now)
+        session, store = self._session, self._ctx.sessions
+        if session is None or store is None:
+            return None
+        if self._new_session and self.reply_code != ReplyCode.SUCCESS:
+            # The request that would have started the session failed: no session (D4).
+            return store.teardown(session.session_id)
+        if self._relayed:
+            store.touch(session, now)
+        return None
 
-    def _read_userpass(self) -> UserPassRequest | NeedData | ConnectionClosed:
-        request, n = socks5.decode_userpass_request(self._buf)
-        if request is None:
-            return self._eof_or_need("a username/password request")
-        del self._buf[:n]
-        self._state.process_their_event(T.USERPASS)
-        return request
+    # -- reading -------------------------------------------------------------------------
 
-    def send(self, event: AuthReply | UserPassReply | OperationReply | VersionMismatchReply) -> bytes:
-        """Encode a reply and move the state machine.
-
-        Args:
-            event: `AuthReply` (Type 1 with an Authentication Method Selection naming
-                username/password starts the slow exchange, D7; the second Authentication
-                Reply may not), ``UserPassReply`` (slow exchange), `OperationReply` (twice
-                for BIND), or `VersionMismatchReply` after a `VersionMismatch` event.
-
-        Returns:
-            The bytes to write.
-
-        Raises:
-            LocalProtocolError: the message is not allowed now, or is malformed.
-        """
-        if isinstance(event, AuthReply):
-            transition = _auth_transition(event)
-            if transition is T.AUTH_SELECT_USERPASS and self.our_state is State.SEND_FINAL_AUTH_REPLY:
-                # AUTH-04: "The second Authentication Reply MUST NOT allow for further negotiations".
-                raise LocalProtocolError("the second Authentication Reply cannot select a method")
-            data = codec.encode_auth_reply(event)
-        elif isinstance(event, UserPassReply):
-            ok = event.status == UserPassStatus.SUCCESS
-            transition = T.USERPASS_SUCCESS if ok else T.USERPASS_FAILURE
-            data = socks5.encode_userpass_reply(event)
-        elif isinstance(event, OperationReply):
-            transition = self._operation_transition(event.reply_code)
-            data = codec.encode_operation_reply(event)
-        elif isinstance(event, VersionMismatchReply):
-            transition = T.VERSION_MISMATCH_REPLY
-            data = codec.encode_version_mismatch()
+    def _on_event(self, event: object, now: float) -> None:
+        if type(event) is RequestReceived:
+            self._on_request(event, now)
+        elif type(event) is InitialData:
+            self._payload = event.data
+            if self._socks6.our_state is State.SEND_OPERATION_REPLY:
+                self._operate(now)  # AUTH-06: read after the successful Authentication Reply
+            # else: sent before the RFC 1929 request of the slow exchange (D7); read on
+        elif type(event) is UserPassRequest:
+            self._check(event)  # D7 slow exchange
+        elif type(event) is VersionMismatch:
+            # REQ-01, D1: exactly one byte, 6, then close.
+            self.protocol_name = "mismatch"
+            self._push_send(self._socks6.send(VersionMismatchReply()))
+            self._close(LINGER_CLOSE)
         else:
-            raise LocalProtocolError(f"cannot send {event!r}")
-        self._state.process_our_event(transition)
-        return data
+            assert type(event) is ConnectionClosed
+            self._close(CLOSE)
 
-    def _operation_transition(self, code: ReplyCode) -> T:
-        if code != ReplyCode.SUCCESS:
-            return T.OP_FAILURE
-        if self.our_state is State.SEND_BIND_REPLY:
-            return T.OP_SUCCESS
-        if self._command == Command.NOOP:
-            # section "Operation Replies": the client closes after the reply to NOOP.
-            return T.OP_SUCCESS_FINAL
-        if self._command == Command.BIND:
-            return T.OP_SUCCESS_FIRST_BIND
-        return T.OP_SUCCESS
+    def _on_request(self, event: RequestReceived, now: float) -> None:
+        self.request = event.request
+        self._options = options = event.options
+        if not options.stack.client.empty:
+            # STK-03: the client leg's options are set before anything else happens.
+            self._push_step(ApplyClientOptions(options.stack.client), _Step.CLIENT_OPTIONS)
+            return
+        self._authenticate(now)
+
+    def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        self.error = str(exc)
+        code = exc.reply_code
+        if code is not None:
+            # D14: the header was readable, answer, then close. Before the Authentication Reply
+            # only General Failure works: a client reads the first 4 bytes of the reply as an
+            # Authentication Reply, and 06 01 00 00 is Type 1 (failure).
+            wire = self._socks6
+            if wire.our_state in _NOTHING_SENT:
+                code = ReplyCode.GENERAL_FAILURE
+            try:
+                self._push_send(wire.send(failure_reply(code)), code)
+            except LocalProtocolError:
+                pass
+        self._close(LINGER_CLOSE)
+
+    # -- authentication (section "Authentication") ---------------------------------------
+
+    def _authenticate(self, now: float) -> None:
+        options = self._options
+        store = self._ctx.sessions
+        if store is not None and options.session_id is not None:
+            if options.session_teardown:
+                # SES-05: end the session; this request is treated as outside any session.
+                ended = store.teardown(options.session_id)
+                if ended is not None:
+                    self._actions.append(EndSession(ended))
+            else:
+                session = store.lookup(options.session_id, now)
+                if session is None:
+                    # SES-03: Type 1 + Session Invalid; no negotiation can follow.
+                    self._refuse(AuthReply(AuthReplyType.FAILURE, (SessionInvalid(),)), "invalid session")
+                    return
+                self._in_session(session, store, now)
+                return
+        if not self._ctx.users.required:
+            # AUTH-07: authentication is not required: the advertisement is ignored.
+            self._authenticated(None, [], now)
+        elif options.credentials is not None:
+            # AUTH-01 / AUTH-05: 0-RTT username/password in an Authentication Data option.
+            self._check(options.credentials)
+        elif options.malformed_credentials:
+            self._checked = (None, "")
+            self._after_credentials(now)
+        elif AuthMethod.USERNAME_PASSWORD in (options.advertised_methods or ()):
+            # D7 slow exchange: Type 1 selecting method 2; the client answers with a bare RFC
+            # 1929 request (after any initial data), we send the RFC 1929 reply and then the
+            # second, final Authentication Reply (AUTH-04).
+            selection = AuthReply(AuthReplyType.FAILURE, (AuthMethodSelection(AuthMethod.USERNAME_PASSWORD),))
+            self._push_send(self._socks6.send(selection))
+        else:
+            # AUTH-02: nothing usable and nothing we can negotiate.
+            refusal = AuthReply(
+                AuthReplyType.FAILURE, (AuthMethodSelection(AuthMethod.NO_ACCEPTABLE_METHODS),)
+            )
+            self._refuse(refusal, "authentication required")
+
+    def _in_session(self, session: Session, store: SessionStore, now: float) -> None:
+        # SES-02: inside a session no authentication is required; attempts are ignored.
+        options = self._options
+        reply_options: list[Option] = [SessionOK()]
+        if options.token_request is not None:
+            store.request_window(session, options.token_request)  # IDM-02: at most one
+        if options.token is not None:
+            # IDM-03: spent before the request is honoured; an ineligible token fails it.
+            if not store.spend(session, options.token):
+                rejected = AuthReply(AuthReplyType.FAILURE, (IdempotenceRejected(),))
+                self._refuse(rejected, "idempotence token rejected")
+                return
+            reply_options.append(IdempotenceAccepted())
+        if session.window is not None:
+            reply_options.append(IdempotenceWindow(*session.window.current))
+        self._session = session
+        self._auth_succeeded(session.user, reply_options, now)
+
+    def _after_credentials(self, now: float) -> None:
+        user, reason = self._checked
+        status = UserPassStatus.SUCCESS if user is not None else UserPassStatus.FAILURE
+        wire = self._socks6
+        if wire.our_state is State.SEND_USERPASS_REPLY:
+            # D7: the RFC 1929 reply, then the second Authentication Reply (AUTH-04).
+            self._push_send(wire.send(UserPassReply(status)))
+            if user is None:
+                self._refuse(AuthReply(AuthReplyType.FAILURE), reason or "authentication failed")
+            else:
+                self._authenticated(user, [], now)
+            return
+        # AUTH-05: the RFC 1929 reply goes into an Authentication Data option of the reply.
+        reply_options: list[Option] = [
+            AuthData(AuthMethod.USERNAME_PASSWORD, encode_userpass_reply(UserPassReply(status)))
+        ]
+        if user is None:
+            reply_options.append(AuthMethodSelection(AuthMethod.NO_ACCEPTABLE_METHODS))
+            self._refuse(
+                AuthReply(AuthReplyType.FAILURE, tuple(reply_options)), reason or "authentication failed"
+            )
+        else:
+            self._authenticated(user, reply_options, now)
+
+    def _authenticated(self, user: str | None, reply_options: list[Option], now: float) -> None:
+        """Authentication is done (or not needed): start a session if one was asked for."""
+        options = self._options
+        store = self._ctx.sessions
+        if options.session_request and options.session_id is None and store is not None:
+            # SES-01: the session starts with this request; its ID goes into the successful
+            # Operation Reply (D4). Hitting a cap declines silently (None).
+            new = store.create(user, self.client_ip, now)
+            if new is not None:
+                self._session, self._new_session = new, True
+                if options.token_request is not None:
+                    store.request_window(new, options.token_request)
+                if new.window is not None:
+                    reply_options.append(IdempotenceWindow(*new.window.current))
+        self._auth_succeeded(user, reply_options, now)
+
+    def _auth_succeeded(self, user: str | None, reply_options: list[Option], now: float) -> None:
+        self.user = user
+        wire = self._socks6
+        data = wire.send(AuthReply(AuthReplyType.SUCCESS, tuple(reply_options)))
+        if self._options.advertised_methods is None and wire.their_state is State.DATA:
+            # Without an advertisement the client does not wait for this reply before sending
+            # data (section "False Starts"): it leaves with the Operation Reply, in one write.
+            self._held = data
+        else:
+            self._push_send(data)
+        if wire.their_state is State.SEND_INITIAL_DATA:
+            return  # AUTH-06: the initial data is read now, and forwarded only once connected
+        self._operate(now)
+
+    def _refuse(self, reply: AuthReply, why: str) -> None:
+        self.error = why
+        self._push_send(self._socks6.send(reply))
+        self._close(LINGER_CLOSE)
+
+    # -- the operation (section "Requests", "Operation Replies") --------------------------
+
+    def _operate(self, now: float) -> None:
+        request = self.request
+        assert request is not None
+        command = request.command
+        if not isinstance(command, Command):
+            # A Command Code we do not know (the codec passes it as a plain int) is answered
+            # after the normal authentication flow, like any unsupported command (CMD-06).
+            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED)
+            return
+        if command == Command.NOOP and not noop_address_ok(request):
+            self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)  # REQ-04, D11
+            return
+        allowed, rule = self._ctx.policy.decide(
+            self.client_ip, self.user, command, request.address_type, request.address, request.port
+        )
+        if not allowed:
+            self.error = _denied_by(rule)
+            self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET)  # CMD-06
+        elif command == Command.NOOP:
+            # STK-01: the client-leg options were applied and are echoed.
+            echo = echo_stack_options(self._options.stack, client=self._client_applied)
+            reply = OperationReply(
+                ReplyCode.SUCCESS, AddressType.IPV4, "0.0.0.0", 0, echo + self._session_id()
+            )
+            self._reply(reply)
+            self._close(LINGER_CLOSE)
+        elif command == Command.CONNECT:
+            self._connect6(request, now)
+        elif command == Command.BIND:
+            self._bind6(request)
+        else:
+            # UDP ASSOCIATE is a later issue; the draft lets proxies support any subset (CMD-06).
+            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED)
+
+    def _session_id(self) -> tuple[Option, ...]:
+        session = self._session
+        if self._new_session and session is not None:
+            return (SessionID(session.session_id),)  # SES-01, D4
+        return ()
+
+    def _reply(self, reply: OperationReply) -> None:
+        data = self._socks6.send(reply)
+        if self._held:
+            data, self._held = self._held + data, b""
+        self._push_send(data, reply.reply_code)
+
+    def _fail(self, code: ReplyCode) -> None:
+        # "Proxies ... MUST [include Stack options in their Operation Replies] for every
+        # supported Stack option sent by the client" (draft-11, "Stack Options"; STK-01, D9)
+        # says nothing to exempt failures. The client leg's options were applied before the
+        # operation failed, so they are echoed with their read-back values; the proxy-remote
+        # leg never came to be, so nothing is claimed for it.
+        echo = echo_stack_options(self._options.stack, client=self._client_applied)
+        self._reply(failure_reply(code, echo))
+        self._close(LINGER_CLOSE)
+
+    def _connect6(self, request: Request, now: float) -> None:
+        plan = self._options.stack
+        trailing, client_eof = self._socks6.trailing_data
+        # Initial data (AUTH-06) comes first on the wire, then what was sent after it.
+        payload = self._payload = self._payload + trailing
+        self._client_eof = client_eof
+        if is_dns_request(request):
+            # D13 / CMD-07: relay DNS over TCP (RFC 7766 framing passes through unchanged) to
+            # the configured resolver, with no Stack options on that leg.
+            resolver = self._ctx.dns_resolver
+            if resolver is None:
+                self._fail(ReplyCode.CONNECTION_REFUSED)
+                return
+            host, port = resolver
+            self._connect(_address_type_of(host), host, port, _NO_LEG_OPTIONS, False, False, b"", now)
+            return
+        tfo_payload = b""
+        if plan.tfo_payload_size is not None:
+            # STK-06: "MUST NOT use a payload size larger than the one indicated" (0: any).
+            tfo_payload = payload[: plan.tfo_payload_size] if plan.tfo_payload_size else payload
+        self._connect(
+            request.address_type,
+            request.address,
+            request.port,
+            plan.remote,
+            plan.multipath == Availability.DESIRED,
+            # STK-04: Happy Eyeballs only for a domain name, and only when asked.
+            request.address_type == AddressType.DOMAIN_NAME and plan.happy_eyeballs == Availability.DESIRED,
+            tfo_payload,
+            now,
+        )
+
+    def _on_dialed(self, dialed: Dialed) -> None:
+        request, plan = self.request, self._options.stack
+        assert request is not None
+        if is_dns_request(request):
+            # D13: the reply carries the unspecified address and port 0; STK-01, D9: the
+            # client-leg options were applied, the resolver leg gets none.
+            echo = echo_stack_options(plan, client=self._client_applied)
+            unspecified = _UNSPECIFIED.get(request.address_type, "0.0.0.0")
+            reply = OperationReply(
+                ReplyCode.SUCCESS, request.address_type, unspecified, 0, echo + self._session_id()
+            )
+        else:
+            happy: Availability | None = None
+            if request.address_type == AddressType.DOMAIN_NAME:
+                dial = self._dial
+                assert dial is not None
+                happy = Availability.DESIRED if dial.happy_eyeballs else Availability.NOT_DESIRED
+            echo = echo_stack_options(
+                plan,
+                client=self._client_applied,
+                remote=dialed.applied,
+                happy_eyeballs=happy,
+                tfo_payload_size=dialed.syn_sent if dialed.syn_data_acked else 0,
+                multipath=_multipath(dialed.mptcp),
+            )
+            host, port = dialed.local
+            reply = OperationReply(
+                ReplyCode.SUCCESS, _address_type_of(host), host, port, echo + self._session_id()
+            )
+        self._reply(reply)
+        self._relay_bytes(self._payload[dialed.syn_sent :], self._client_eof)
+
+    def _bind6(self, request: Request) -> None:
+        if request.address_type == AddressType.DOMAIN_NAME:
+            self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
+            return
+        plan = self._options.stack
+        session = self._session
+        if session is not None:
+            # CMD-05: a further BIND of the same session naming a backlog listener's address.
+            listener = session.listeners.get((request.address, request.port))
+            if listener is not None:
+                self._push_step(Claim(listener, plan.remote), _Step.LISTEN)
+                return
+        backlog = 0
+        if plan.listen_backlog is not None and session is not None:
+            # "The proxy SHOULD NOT use a backlog longer than requested" (CMD-05).
+            backlog = min(plan.listen_backlog, MAX_BIND_BACKLOG)
+        self._listen_backlog = backlog
+        listen = Listen(
+            request.address_type,
+            request.address,
+            request.port,
+            # draft-11 section "Requests" (BIND fields): "If the client does not require a
+            # certain address, it can set the Address Type field to 0x01 (IPv4) or 0x04
+            # (IPv6), and the Address field to 0". So an unspecified address means "no
+            # particular address", not "every interface": bind where the client reached us
+            # (the address it can tell the remote host, RFC 1928 BIND semantics), so a proxy
+            # listening on loopback never opens a listener on other interfaces (CMD-04).
+            ipaddress.ip_address(request.address).is_unspecified,
+            plan.remote,
+            plan.multipath == Availability.DESIRED,
+            plan.tfo_payload_size is not None,  # STK-06: BIND accepts TFO only when asked
+            backlog,
+            session if backlog else None,
+        )
+        self._push_step(listen, _Step.LISTEN)
+
+    def _on_listening(self, listening: Listening) -> None:
+        # STK-01 / D9: every supported Stack option, read back from the listening socket (a
+        # claimed listener too: its options are what accepted connections get). Multipath says
+        # "whether an MPTCP connection will be accepted, when first replying to a BIND
+        # command"; the TFO option has no field for "not accepted", so it is echoed only when
+        # the listener accepts TFO (the payload size is "ignored in case of a BIND command").
+        # The backlog is the one granted, 0 without one (CMD-05) or for a claim.
+        echo = echo_stack_options(
+            self._options.stack,
+            client=self._client_applied,
+            remote=listening.applied,
+            tfo_payload_size=0 if listening.tfo else None,
+            multipath=_multipath(listening.mptcp),
+            listen_backlog=self._listen_backlog,
+        )
+        host, port = listening.local
+        self._reply(
+            OperationReply(ReplyCode.SUCCESS, _address_type_of(host), host, port, echo + self._session_id())
+        )
+        if self._listen_backlog:
+            # "the proxy listens for incoming connections for as long as the initial connection
+            # stays open. The initial connection is not used to relay data." The other way
+            # round too: when the session ends (Session Teardown, idle expiry) and closes the
+            # listener, the initial connection is closed ("the proxy MAY close all connections
+            # associated with said session"), so an open initial connection always means a
+            # listening proxy (CMD-05).
+            self._actions.append(HOLD_BACKLOG)
+            self._close(CLOSE)
+        else:
+            self._push_step(AWAIT_PEER, _Step.PEER)
+
+    def _on_peer(self, host: str, port: int, mptcp: bool) -> None:
+        # CMD-04: the second reply names the host that connected; then data flows.
+        multipath = self._options.stack.multipath
+        options: tuple[Option, ...] = ()
+        if multipath is not None:
+            # "whether or not the connection uses MPTCP ... in the second Operation reply"
+            options = echo_stack_options(StackPlan(multipath=multipath), multipath=_multipath(mptcp))
+        self._reply(OperationReply(ReplyCode.SUCCESS, _address_type_of(host), host, port, options))
+        self._relay()
 
 
-def _auth_transition(reply: AuthReply) -> T:
-    if reply.type == AuthReplyType.SUCCESS:
-        return T.AUTH_SUCCESS
-    for option in reply.options:
-        if isinstance(option, AuthMethodSelection) and option.method == AuthMethod.USERNAME_PASSWORD:
-            return T.AUTH_SELECT_USERPASS
-    return T.AUTH_FAILURE
+_NO_OPTIONS: Final = RequestOptions()
 
 
-class Socks5ServerConnection(_ProxyConnection):
-    """Proxy side of one SOCKS 5 connection (RFC 1928, RFC 1929 authentication), sans I/O.
+# --- SOCKS 5 (RFC 1928, RFC 1929), D1 ------------------------------------------------------
 
-    Same shape as `ServerConnection`: greeting, optional RFC 1929 exchange, request,
-    reply (two for BIND), then the bytes belong to the relay.
+
+def _socks5_code(code: ReplyCode) -> ReplyCode:
+    # RFC 1928 section 6 stops at 0x08: a timeout is reported as host unreachable.
+    return ReplyCode.HOST_UNREACHABLE if code == ReplyCode.CONNECTION_TIMED_OUT else code
+
+
+class Socks5ServerConnection(_ConnectionBase):
+    """The proxy's side of one SOCKS 5 connection: the same actions, RFC 1928 replies.
 
     Args:
-        handshake_timeout: seconds the client has for its handshake messages, or None.
-        now: the current time on the caller's clock.
+        context: the server's users, rules and limits (sessions do not exist in SOCKS 5).
+        client_ip: the client's address as text.
+        now: the current time (the handshake deadline starts here).
     """
 
-    __slots__ = ("request",)
+    __slots__ = ("_socks5", "request")
 
-    def __init__(self, *, handshake_timeout: float | None = None, now: float = 0.0) -> None:
-        super().__init__(Protocol.SOCKS5, handshake_timeout, now)
+    def __init__(self, context: ServerContext, client_ip: str, now: float) -> None:
+        self._socks5 = Socks5ServerWire(handshake_timeout=context.handshake_timeout, now=now)
+        super().__init__(context, client_ip, self._socks5)
         self.request: Socks5Request | None = None
         """The request, once read."""
 
-    def next_event(self) -> Socks5ServerEvent | NeedData | Paused:
-        """Parse the next message the client sent.
-
-        Returns:
-            ``Socks5Greeting``, ``UserPassRequest``, ``Socks5Request``, `ConnectionClosed`,
-            NEED_DATA or PAUSED (see `ServerConnection.next_event`).
-
-        Raises:
-            RemoteProtocolError: malformed input. ``reply_code`` is set when a SOCKS 5
-                reply with that code can still be sent (a bad request); None otherwise.
-        """
-        self._check_readable()
-        state = self.their_state
+    def abort(self) -> None:
+        """An unexpected error (a bug) ends the connection: queue RFC 1928's general failure
+        (REP 0x01) if a reply is still due, then a close."""
+        self._actions.clear()
+        self._resume = None
         try:
-            if state is State.SEND_GREETING:
-                greeting, n = socks5.decode_greeting(self._buf)
-                if greeting is None:
-                    return self._eof_or_need("a greeting")
-                del self._buf[:n]
-                self._state.process_their_event(T.GREETING)
-                return greeting
-            if state is State.SEND_USERPASS:
-                userpass, n = socks5.decode_userpass_request(self._buf)
-                if userpass is None:
-                    return self._eof_or_need("a username/password request")
-                del self._buf[:n]
-                self._state.process_their_event(T.USERPASS)
-                return userpass
-            if state is State.SEND_REQUEST:
-                request, n = socks5.decode_request(self._buf)
-                if request is None:
-                    return self._eof_or_need("a request")
-                del self._buf[:n]
-                self.request = request
-                self._state.process_their_event(T.REQUEST)
-                return request
-        except (WireError, RemoteProtocolError) as exc:
-            raise self._fail(exc) from exc
-        if state is State.CLOSED:
-            return ConnectionClosed()
-        return PAUSED
+            self._reply(ReplyCode.GENERAL_FAILURE)
+        except LocalProtocolError:
+            pass
+        self._close(CLOSE)
 
-    def send(self, event: Socks5MethodSelection | UserPassReply | Socks5Reply) -> bytes:
-        """Encode a SOCKS 5 message and move the state machine.
-
-        Returns:
-            The bytes to write.
-
-        Raises:
-            LocalProtocolError: the message is not allowed now, or is malformed.
-        """
-        if isinstance(event, Socks5MethodSelection):
-            if event.method == AuthMethod.NONE:
-                transition = T.METHOD_NONE
-            elif event.method == AuthMethod.USERNAME_PASSWORD:
-                transition = T.METHOD_USERPASS
-            elif event.method == AuthMethod.NO_ACCEPTABLE_METHODS:
-                transition = T.METHOD_REJECTED
+    def _on_event(self, event: object, now: float) -> None:
+        if type(event) is Socks5Greeting:
+            self._select_method(event.methods)
+        elif type(event) is UserPassRequest:
+            if self._ctx.users.required:
+                self._check(event)
             else:
-                raise LocalProtocolError(f"method {event.method} is not implemented")
-            data = socks5.encode_method_selection(event)
-        elif isinstance(event, UserPassReply):
-            ok = event.status == UserPassStatus.SUCCESS
-            transition = T.USERPASS_SUCCESS if ok else T.USERPASS_FAILURE
-            data = socks5.encode_userpass_reply(event)
-        elif isinstance(event, Socks5Reply):
-            if event.reply_code != ReplyCode.SUCCESS:
-                transition = T.OP_FAILURE
-            elif self.our_state is State.SEND_OPERATION_REPLY and self._is_bind():
-                transition = T.OP_SUCCESS_FIRST_BIND
-            else:
-                transition = T.OP_SUCCESS
-            data = socks5.encode_reply(event)
+                # No users configured, but the client only offered username/password (e.g.
+                # curl with --proxy-user): run the exchange and accept it.
+                self._checked = (None, "")
+                self._after_credentials(now)
+        elif type(event) is Socks5Request:
+            self._on_request(event, now)
         else:
-            raise LocalProtocolError(f"cannot send {event!r}")
-        self._state.process_our_event(transition)
-        return data
+            assert type(event) is ConnectionClosed
+            self._close(CLOSE)
 
-    def _is_bind(self) -> bool:
-        return self.request is not None and self.request.command == Socks5Command.BIND
+    def _select_method(self, methods: tuple[int, ...]) -> None:
+        method: AuthMethod | None
+        if self._ctx.users.required:
+            method = AuthMethod.USERNAME_PASSWORD if AuthMethod.USERNAME_PASSWORD in methods else None
+        elif AuthMethod.NONE in methods:
+            method = AuthMethod.NONE
+        else:
+            method = AuthMethod.USERNAME_PASSWORD if AuthMethod.USERNAME_PASSWORD in methods else None
+        if method is None:
+            self.error = "no acceptable authentication method"
+            self._push_send(self._socks5.send(Socks5MethodSelection(AuthMethod.NO_ACCEPTABLE_METHODS)))
+            self._close(LINGER_CLOSE)
+        else:
+            self._push_send(self._socks5.send(Socks5MethodSelection(method)))
+
+    def _after_credentials(self, now: float) -> None:
+        user, reason = self._checked
+        ok = user is not None or not self._ctx.users.required
+        status = UserPassStatus.SUCCESS if ok else UserPassStatus.FAILURE
+        self._push_send(self._socks5.send(UserPassReply(status)))
+        if ok:
+            self.user = user
+        else:
+            # RFC 1929 section 2: on failure the server "MUST close the connection".
+            self.error = reason or "authentication failed"
+            self._close(LINGER_CLOSE)
+
+    def _on_request(self, request: Socks5Request, now: float) -> None:
+        self.request = request
+        allowed, rule = self._ctx.policy.decide(
+            self.client_ip,
+            self.user,
+            Command(int(request.command)),
+            request.address_type,
+            request.address,
+            request.port,
+        )
+        if not allowed:
+            self.error = _denied_by(rule)
+            self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET)
+        elif request.command == Socks5Command.CONNECT:
+            self._connect(
+                request.address_type, request.address, request.port, _NO_LEG_OPTIONS, False, False, b"", now
+            )
+        elif request.command == Socks5Command.BIND and request.address_type != AddressType.DOMAIN_NAME:
+            # RFC 1928 BIND: DST.ADDR is the expected peer, not a bind address; we bind where
+            # the client reached us, on any port.
+            unspecified = _UNSPECIFIED[request.address_type]
+            listen = Listen(
+                request.address_type, unspecified, 0, True, _NO_LEG_OPTIONS, False, False, 0, None
+            )
+            self._push_step(listen, _Step.LISTEN)
+        elif request.command == Socks5Command.BIND:
+            self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
+        else:
+            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED)
+
+    def _reply(self, code: ReplyCode, host: str = "0.0.0.0", port: int = 0) -> None:
+        reply = Socks5Reply(code, _address_type_of(host), host, port)
+        self._push_send(self._socks5.send(reply), code)
+
+    def _fail(self, code: ReplyCode) -> None:
+        self._reply(_socks5_code(code))
+        self._close(LINGER_CLOSE)
+
+    def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        self.error = str(exc)
+        if exc.reply_code is not None:
+            try:
+                self._reply(_socks5_code(exc.reply_code))
+            except LocalProtocolError:
+                pass
+        self._close(LINGER_CLOSE)
+
+    def _on_dialed(self, dialed: Dialed) -> None:
+        self._reply(ReplyCode.SUCCESS, *dialed.local)
+        self._relay()
+
+    def _on_listening(self, listening: Listening) -> None:
+        self._reply(ReplyCode.SUCCESS, *listening.local)
+        self._push_step(AWAIT_PEER, _Step.PEER)
+
+    def _on_peer(self, host: str, port: int, mptcp: bool) -> None:
+        self._reply(ReplyCode.SUCCESS, host, port)
+        self._relay()
+
+
+def server_connection(
+    context: ServerContext, client_ip: str, data: bytes, now: float
+) -> ServerConnection | Socks5ServerConnection:
+    """The connection for a client whose first bytes are ``data``: the first byte decides (D1).
+
+    A 5 starts a `Socks5ServerConnection`; anything else a `ServerConnection` (which answers a
+    byte other than 6 with the Version Mismatch Reply, REQ-01).
+    """
+    conn: ServerConnection | Socks5ServerConnection
+    if detect_protocol(data[0]) is Protocol.SOCKS5:
+        conn = Socks5ServerConnection(context, client_ip, now)
+    else:
+        conn = ServerConnection(context, client_ip, now)
+    conn.receive_data(data)
+    return conn

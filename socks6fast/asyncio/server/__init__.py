@@ -1,0 +1,30 @@
+"""The asyncio SOCKS 6 / SOCKS 5 proxy server: it performs what the sans-IO core decides.
+
+Strategy (aioquic ``asyncio/``): every decision the draft leaves to a proxy (authentication,
+sessions and tokens, the rules, Stack options, every reply) is taken by
+`socks6fast.proto.server.ServerConnection` (or `Socks5ServerConnection`, D1); this package
+reads and writes the client's bytes, checks passwords off the event loop, resolves and dials,
+listens for BIND, and hands each established pair of connections to the data plane
+(`socks6fast.dataplane.relayer.Relayer`) with the bytes the client sent early in front. One
+file per job:
+
+- ``lifecycle``: `Server` (listeners, accept, reload, drain, session expiry) and `serve`;
+- ``handler``: `ConnectionHandler`, one per client connection: the loop that performs the
+  core's actions, and the connection's log line;
+- ``streams``: the client leg during the handshake, plain socket or TLS (TRN-03);
+- ``dial``: resolving and connecting, Happy Eyeballs (RFC 8305, STK-04), TFO (CMD-02);
+- ``bind``: BIND listening sockets, the backlog listeners a session keeps (CMD-05);
+- ``record``: `ConnectionRecord`, the one log line per connection.
+
+Limits: ``max_connections`` (accepting pauses at the cap), the handshake timeout (REQ-08),
+the connect timeout (0x09), the relay idle timeout, the options cap (D6), failed password
+checks per client address (`FailedAuthLimiter`: past the allowance an attempt fails without
+running scrypt).
+"""
+
+from ...proto.auth import FailedAuthLimiter
+from .dial import Resolver
+from .lifecycle import Server, serve
+from .record import ConnectionRecord
+
+__all__ = ["ConnectionRecord", "FailedAuthLimiter", "Resolver", "Server", "serve"]

@@ -1,0 +1,399 @@
+"""One client connection, from accept to close: the loop that performs what the core decides.
+
+Strategy (aioquic ``asyncio/protocol.py``): `ConnectionHandler.run` reads the first bytes,
+lets `socks6fast.proto.server.server_connection` pick the protocol (D1), then asks the core
+connection for its next action and performs it (read, write, check credentials, resolve,
+dial, listen, wait for the peer, relay, close) until the connection is handed to the relay or
+closed. It decides nothing the draft decides; its own choices are about I/O: how to read
+without a wasted wake-up, where scrypt runs, how long to wait for a BIND peer. Each finished
+connection logs one `ConnectionRecord` line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from typing import Protocol
+
+from ...config import Config
+from ...constants import Command
+from ...dataplane.engine import RelayResult
+from ...dataplane.relayer import Relayer
+from ...errors import RemoteProtocolError
+from ...net.stackopts import apply_leg_options, mptcp_in_use, read_leg_options
+from ...proto.actions import (
+    ApplyClientOptions,
+    AwaitPeer,
+    CheckCredentials,
+    Claim,
+    Close,
+    Dial,
+    EndSession,
+    HoldBacklog,
+    Listen,
+    Listening,
+    Relay,
+    Resolve,
+    Send,
+)
+from ...proto.auth import FailedAuthLimiter
+from ...proto.server import ServerConnection, ServerContext, Socks5ServerConnection, server_connection
+from ...proto.socks5 import UserPassRequest
+from ...proto.stack import AppliedLeg
+from ...proto.states import NEED_DATA
+from .bind import (
+    BacklogListener,
+    ClientGone,
+    PeerListener,
+    close_session_listeners,
+    hold_backlog,
+    listen_address,
+    open_listener,
+    wait_for_peer,
+)
+from .dial import Remote, Resolver, dial, resolve
+from .record import ConnectionRecord, format_address
+from .streams import ClientStream, SocketStream, tls_handshake
+
+__all__ = ["ConnectionHandler", "ServerView"]
+
+log = logging.getLogger("socks6fast.server")
+
+_Conn = ServerConnection | Socks5ServerConnection
+
+
+class ServerView(Protocol):
+    """What a handler uses of the `Server` that accepted its connection."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def relayer(self) -> Relayer: ...
+    @property
+    def active_connections(self) -> int: ...
+
+    context: ServerContext
+    limiter: FailedAuthLimiter
+    resolver: Resolver | None
+    tls_context: ssl.SSLContext | None
+
+    def connection_finished(self, record: ConnectionRecord) -> None: ...
+
+
+class ConnectionHandler:
+    """Serves one accepted client connection for `Server` (one task each).
+
+    Args:
+        server: the server that accepted it (its context, limiter, relayer, resolver).
+        sock: the accepted socket (non-blocking).
+        client: the client's address and port.
+        tls: it came in on a TLS listener.
+    """
+
+    __slots__ = (
+        "_loop",
+        "_server",
+        "client",
+        "client_options",
+        "error",
+        "listener",
+        "owns_listener",
+        "relay_result",
+        "remote",
+        "remote_owned",
+        "sock",
+        "started",
+        "tls",
+    )
+
+    def __init__(self, server: ServerView, sock: socket.socket, client: tuple[str, int], tls: bool) -> None:
+        self._server = server
+        self._loop = server.loop
+        self.sock = sock
+        self.client = client
+        self.tls = tls
+        self.started = time.monotonic()
+        self.error = ""
+        """Why the connection ended early, when the I/O says so (else the core's reason)."""
+        self.client_options: AppliedLeg | None = None
+        self.remote: Remote | None = None
+        """The remote leg once connected (CONNECT) or accepted (BIND)."""
+        self.remote_owned = False
+        """``remote.sock`` is still ours to close (the relay takes it over)."""
+        self.listener: PeerListener | BacklogListener | None = None
+        """The BIND listener to accept from or to hold (CMD-04, CMD-05)."""
+        self.owns_listener = False
+        """``listener`` is ours to close (a claimed one belongs to its first BIND)."""
+        self.relay_result: RelayResult | None = None
+
+    async def run(self) -> None:
+        """Serve the connection and log its line; never raises but CancelledError."""
+        stream: ClientStream | None = None
+        conn: _Conn | None = None
+        try:
+            if self.tls:
+                server = self._server
+                assert server.tls_context is not None
+                timeout = server.config.server.handshake_timeout
+                stream = await tls_handshake(self._loop, self.sock, server.tls_context, timeout)
+                if stream is None:
+                    self.error = "TLS handshake failed"
+                    return
+            else:
+                stream = SocketStream(self._loop, self.sock)
+            conn = await self._start(stream)
+            if conn is not None:
+                await self._drive(stream, conn)
+        except ClientGone:
+            pass
+        except RemoteProtocolError as exc:
+            self.error = str(exc)
+        except (OSError, TimeoutError, EOFError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+        except asyncio.CancelledError:
+            self.error = "server shutting down"
+            raise
+        except Exception as exc:  # a bug: keep serving; one line, the traceback only at DEBUG
+            if stream is not None and conn is not None:
+                await self._abort(stream, conn)
+            self.error = f"internal error: {exc!r}"
+            log.warning("internal error while serving %s: %r", format_address(*self.client), exc)
+            log.debug("traceback of the internal error", exc_info=True)
+        finally:
+            self._finish(stream, conn)
+
+    async def _start(self, stream: ClientStream) -> _Conn | None:
+        """Read the first bytes (one handshake deadline from here on, whatever the protocol)."""
+        loop = self._loop
+        context = self._server.context
+        started = loop.time()
+        first = stream.recv_now()
+        if first is None:
+            try:
+                async with asyncio.timeout(context.handshake_timeout):
+                    first = await stream.recv()
+            except TimeoutError:
+                self.error = "handshake timed out"
+                return None
+        if not first:
+            return None
+        return server_connection(context, self.client[0], first, started)
+
+    async def _drive(self, stream: ClientStream, conn: _Conn) -> None:
+        """Perform the core's actions until the connection is relayed or closed."""
+        loop = self._loop
+        now = loop.time()
+        while True:
+            action = conn.next_action(now)
+            if isinstance(action, Send):
+                await stream.send(action.data)
+            elif action is NEED_DATA:
+                timed_out = await self._receive(stream, conn)
+                if timed_out is not None:
+                    now = timed_out
+                    continue
+            elif isinstance(action, Dial):
+                await self._dial(conn, action)
+            elif isinstance(action, Relay):
+                await self._relay(stream, action)
+                return
+            elif isinstance(action, Close):
+                if action.linger:
+                    await stream.linger_close()
+                return
+            elif isinstance(action, CheckCredentials):
+                await self._check_credentials(conn, action.credentials)
+            elif isinstance(action, ApplyClientOptions):
+                # STK-03 on the client leg (a TLS leg without a socket object: not applied).
+                applied = None if stream.sock is None else apply_leg_options(stream.sock, action.options)
+                self.client_options = applied
+                assert isinstance(conn, ServerConnection)
+                conn.client_options_applied(applied)
+            elif isinstance(action, Resolve):
+                await self._resolve(conn, action)
+            elif isinstance(action, Listen):
+                self._listen(stream, conn, action)
+            elif isinstance(action, Claim):
+                self._claim(conn, action)
+            elif isinstance(action, AwaitPeer):
+                await self._await_peer(stream, conn)
+            elif isinstance(action, HoldBacklog):
+                assert isinstance(self.listener, BacklogListener)
+                await hold_backlog(loop, stream, self.listener)
+            else:
+                assert isinstance(action, EndSession)
+                close_session_listeners(action.session)
+            now = loop.time()
+
+    async def _receive(self, stream: ClientStream, conn: _Conn) -> float | None:
+        """Read client bytes into ``conn``; on the handshake deadline return the time to pass
+        to ``next_action`` (at or after the deadline: the loop's timer may fire a little early)."""
+        data = stream.recv_now()
+        if data is None and self._server.active_connections > 1:
+            # The client is answering a reply we just sent (SOCKS 5 method selection, D7 slow
+            # authentication). With other connections in progress, give the loop one turn (it
+            # has work) and look again before paying for a reader registered and removed
+            # (several epoll_ctl calls on uvloop). Alone, the turn would only add an empty poll.
+            await asyncio.sleep(0)
+            data = stream.recv_now()
+        if data is None:
+            deadline = conn.get_timer()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await stream.recv()
+            except TimeoutError:
+                return max(self._loop.time(), deadline or 0.0)  # REQ-08: the core closes
+        conn.receive_data(data)
+        return None
+
+    async def _check_credentials(self, conn: _Conn, credentials: UserPassRequest) -> None:
+        server = self._server
+        users = server.context.users
+        limiter = server.limiter
+        client_ip = self.client[0]
+        if not limiter.acquire(client_ip, self._loop.time()):
+            # Too many failures from this address: fail without paying for scrypt (AUTH-05).
+            conn.credentials_checked(None, "too many failed authentications from this address")
+            return
+        # Credentials verified before: a keyed-hash lookup, answered on the loop.
+        user = users.authenticate_cached(credentials.username, credentials.password)
+        if user is None:
+            # scrypt costs ~50 ms of CPU: keep it off the event loop.
+            user = await self._loop.run_in_executor(
+                None, users.authenticate, credentials.username, credentials.password
+            )
+        if user is not None:
+            limiter.refund(client_ip)  # only failures count
+        conn.credentials_checked(user)
+
+    async def _resolve(self, conn: _Conn, action: Resolve) -> None:
+        try:
+            async with asyncio.timeout_at(action.deadline):
+                targets = await resolve(self._loop, self._server.resolver, action.host, action.port)
+        except TimeoutError as exc:
+            conn.resolve_failed(exc, f"connect to {format_address(action.host, action.port)}: {exc}")
+        except (socket.gaierror, UnicodeError) as exc:
+            # UnicodeError: a name the idna codec rejects fails before any lookup.
+            conn.resolve_failed(exc, f"cannot resolve {action.host!r}: {exc}")
+        else:
+            conn.resolved(targets)
+
+    async def _dial(self, conn: _Conn, action: Dial) -> None:
+        try:
+            remote = await dial(self._loop, action)
+        except (OSError, TimeoutError) as exc:
+            conn.dial_failed(exc, f"connect to {format_address(action.host, action.port)}: {exc}")
+            return
+        self.remote, self.remote_owned = remote, True
+        conn.dial_finished(remote.dialed())
+
+    def _listen(self, stream: ClientStream, conn: _Conn, action: Listen) -> None:
+        address_type, host = listen_address(stream, action)
+        try:
+            sock, applied, is_mptcp = open_listener(address_type, host, action)
+        except OSError as exc:
+            conn.listen_failed(exc, f"bind {format_address(host, action.port)}: {exc}")
+            return
+        name = sock.getsockname()
+        if action.session is not None:
+            # CMD-05: kept in the session for further BINDs to claim, while this one stays.
+            self.listener = BacklogListener(
+                self._loop, sock, action.backlog, tfo=action.tfo, mptcp=is_mptcp, session=action.session
+            )
+        else:
+            self.listener = PeerListener(self._loop, sock, mptcp=is_mptcp)
+        self.owns_listener = True
+        conn.listening(Listening((str(name[0]), int(name[1])), applied, is_mptcp, action.tfo))
+
+    def _claim(self, conn: _Conn, action: Claim) -> None:
+        listener = action.listener
+        assert isinstance(listener, BacklogListener)
+        self.listener, self.owns_listener = listener, False
+        applied = None if action.options.empty else read_leg_options(listener.sock, action.options)
+        name = listener.sock.getsockname()
+        conn.listening(Listening((str(name[0]), int(name[1])), applied, listener.mptcp, listener.tfo))
+
+    async def _await_peer(self, stream: ClientStream, conn: _Conn) -> None:
+        listener = self.listener
+        assert listener is not None
+        timeout = self._server.config.server.idle_timeout
+        try:
+            peer, address = await wait_for_peer(self._loop, stream, conn, listener.accept(), timeout)
+        finally:
+            if self.owns_listener:
+                listener.close()  # its one connection came (or never will)
+                self.listener = None
+        host, port = str(address[0]), int(address[1])
+        mptcp = listener.mptcp and mptcp_in_use(peer)
+        self.remote, self.remote_owned = Remote(peer, (host, port), mptcp=mptcp), True
+        conn.peer_accepted(host, port, mptcp)
+
+    async def _relay(self, stream: ClientStream, action: Relay) -> None:
+        """The one hand-off to the data plane: the reply is written, the bytes the client sent
+        early go first, then the relay owns both sockets."""
+        remote = self.remote
+        assert remote is not None
+        self.remote_owned = False
+        self.relay_result = await stream.relay(
+            self._server.relayer, remote.sock, action.to_remote, action.client_eof
+        )
+
+    async def _abort(self, stream: ClientStream, conn: _Conn) -> None:
+        """After a bug: a General Failure reply if nothing conclusive was sent, then close."""
+        try:
+            conn.abort()
+            await self._drive(stream, conn)
+        except Exception:
+            pass
+
+    def _finish(self, stream: ClientStream | None, conn: _Conn | None) -> None:
+        if stream is not None:
+            stream.close()
+        else:
+            self.sock.close()
+        remote = self.remote
+        if remote is not None and self.remote_owned:
+            remote.sock.close()
+        if self.listener is not None and self.owns_listener:
+            self.listener.close()
+        record = ConnectionRecord(self.client, "tls" if self.tls else "tcp", self.started, error=self.error)
+        if conn is not None:
+            ended = conn.connection_ended(self._loop.time())
+            if ended is not None:
+                close_session_listeners(ended)
+            record.protocol = conn.protocol_name
+            record.user = conn.user
+            record.reply_code = conn.reply_code
+            record.error = self.error or conn.error
+            request = conn.request
+            if request is not None:
+                record.command = _command_name(int(request.command))
+                record.destination = format_address(request.address, request.port)
+        record.client_options = self.client_options
+        if remote is not None:
+            record.remote_address = remote.address
+            record.remote_options = remote.applied
+            record.happy_eyeballs = remote.happy_eyeballs
+            record.tfo_attempted = remote.tfo_attempted
+            record.tfo_syn_acked = remote.tfo_syn_acked
+            record.mptcp = remote.mptcp
+        result = self.relay_result
+        if result is not None:
+            record.bytes_up = result.bytes_client_to_remote
+            record.bytes_down = result.bytes_remote_to_client
+            record.relay_path = result.path
+            record.relay_end = result.end.name.lower()
+        record.duration = time.monotonic() - self.started
+        self._server.connection_finished(record)
+
+
+def _command_name(code: int) -> str:
+    try:
+        return Command(code).name
+    except ValueError:
+        return f"unknown ({code})"

@@ -1,0 +1,431 @@
+"""Listening and life cycle: bind the listeners, accept, reload, drain, expire sessions.
+
+Strategy: plain listeners are non-blocking sockets accepted from directly (``loop.add_reader``,
+a batch of accepts per wake-up), so a client socket stays ours until the relay takes it, and
+they accept TCP Fast Open (TRN-01): a Request that arrived in the SYN is read by the first
+``recv`` without another round trip. Each accepted connection gets a `ConnectionHandler` task;
+accepting pauses at ``max_connections`` and after EMFILE-like errors. A reload (SIGHUP)
+points the shared `ServerContext` at the new users, rules and limits; `close` stops
+accepting, waits for the connections to drain, then ends the rest and the data plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from ...config import Config
+from ...dataplane.engine import ENGINE_AVAILABLE, NO_EXTENSIONS, PATH_SPLICE
+from ...dataplane.relayer import Relayer
+from ...net.stackopts import enable_tfo_listener
+from ...proto.auth import FailedAuthLimiter, UserStore
+from ...proto.server import ServerContext
+from ...proto.sessions import MemorySessionStore
+from .bind import close_session_listeners
+from .dial import Resolver
+from .handler import ConnectionHandler
+from .record import ConnectionRecord, format_address
+
+__all__ = ["Server", "serve"]
+
+log = logging.getLogger("socks6fast.server")
+
+#: Client connections accepted per listener wake-up before yielding to the loop.
+ACCEPT_BATCH = 64
+#: Pause before accepting again after EMFILE/ENFILE.
+ACCEPT_RETRY_DELAY = 0.1
+#: Listen backlog of the client listeners.
+LISTEN_BACKLOG = 1024
+#: Finished-connection records kept for inspection (`Server.records`).
+MAX_RECORDS = 1024
+
+
+def _sockname(sock: socket.socket) -> tuple[str, int]:
+    name = sock.getsockname()
+    return str(name[0]), int(name[1])
+
+
+class Server:
+    """A SOCKS 6 (and SOCKS 5) proxy bound to the configured listeners.
+
+    Args:
+        config: the validated configuration (`socks6fast.config`).
+        relayer: the data plane; by default one is created on `start` with the config's
+            idle timeout and worker count.
+        use_relay_engine: passed to `Relayer` when the server creates it (None: the splice
+            engine when available).
+        resolver: resolves a destination domain name: ``await resolver(host, port)`` returns
+            ``(family, sockaddr)`` pairs in preference order, or raises `socket.gaierror`.
+            None (default): ``loop.getaddrinfo``. Tests pass a local fake here.
+
+    Use::
+
+        server = Server(config)
+        await server.start()
+        print(server.addresses)
+        ...
+        await server.close()
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        relayer: Relayer | None = None,
+        use_relay_engine: bool | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self._config = config
+        self.resolver = resolver
+        """Resolves CONNECT destination names (None: ``loop.getaddrinfo``)."""
+        self.context = ServerContext(sessions=config.session_store())
+        """What the core connections consult: users, rules, sessions, limits (reload updates it)."""
+        self.limiter = FailedAuthLimiter(
+            config.server.auth_failure_burst, config.server.auth_failure_interval
+        )
+        """Failed password checks per client address (AUTH-05)."""
+        self.tls_context: ssl.SSLContext | None = self._tls_context(config)
+        """The TLS listeners' context, or None without TLS listeners."""
+        self._configure(config, config.user_store())
+        self._relayer = relayer
+        self._own_relayer = relayer is None
+        self._use_engine = use_relay_engine
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[tuple[socket.socket, bool]] = []
+        self._accepting = False
+        self._paused_for_limit = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self.records: collections.deque[ConnectionRecord] = collections.deque(maxlen=MAX_RECORDS)
+        """The most recent finished connections."""
+        self.on_connection_closed: list[Callable[[ConnectionRecord], None]] = []
+        """Callbacks run with the record of every finished connection."""
+
+    # -- life cycle ------------------------------------------------------------------
+
+    @staticmethod
+    def _tls_context(config: Config) -> ssl.SSLContext | None:
+        server = config.server
+        if server.tls_certificate is None or server.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(server.tls_certificate, server.tls_key)
+        return context
+
+    def _configure(self, config: Config, users: UserStore) -> None:
+        """Point the core's context at ``config`` (at start and on reload)."""
+        context, server = self.context, config.server
+        context.users = users
+        context.policy = config.policy()
+        context.max_options_length = server.max_options_length
+        context.handshake_timeout = server.handshake_timeout
+        context.connect_timeout = server.connect_timeout
+        context.dns_resolver = server.dns_resolver
+        self.limiter.configure(server.auth_failure_burst, server.auth_failure_interval)
+        self._config = config
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the server runs on (after `start`)."""
+        # asyncio.get_running_loop() costs a getpid() syscall on every call in Python 3.11
+        # (its fork check); the server runs on the loop start() saw.
+        loop = self._loop
+        assert loop is not None, "start() the server first"
+        return loop
+
+    @property
+    def config(self) -> Config:
+        """The configuration in effect."""
+        return self._config
+
+    @property
+    def relayer(self) -> Relayer:
+        """The data plane (after `start`)."""
+        assert self._relayer is not None, "start() the server first"
+        return self._relayer
+
+    @property
+    def active_connections(self) -> int:
+        """Client connections being handled or relayed."""
+        return len(self._tasks)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Bound (host, port) of the plain listeners."""
+        return [_sockname(sock) for sock, tls in self._listeners if not tls]
+
+    @property
+    def tls_addresses(self) -> list[tuple[str, int]]:
+        """Bound (host, port) of the TLS listeners."""
+        return [_sockname(sock) for sock, tls in self._listeners if tls]
+
+    async def start(self) -> None:
+        """Bind every listener and start accepting.
+
+        Raises:
+            OSError: a listener could not be bound (everything bound so far is closed).
+        """
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        if self._relayer is None:
+            server = self._config.server
+            self._relayer = Relayer(
+                loop,
+                use_engine=self._use_engine,
+                workers=server.relay_workers,
+                idle_timeout=server.idle_timeout,
+            )
+        try:
+            for host, port in self._config.server.listen:
+                for sock in await self._bind_listeners(host, port):
+                    self._listeners.append((sock, False))
+            for host, port in self._config.server.tls_listen:
+                for sock in await self._bind_listeners(host, port):
+                    self._listeners.append((sock, True))
+        except BaseException:
+            for sock, _ in self._listeners:
+                sock.close()
+            self._listeners.clear()
+            raise
+        self._accepting = True
+        self._resume_accepting()
+        self._housekeeping = loop.create_task(self._expire_sessions())
+        for host, port in self.addresses:
+            log.info("listening on %s (SOCKS 6 and SOCKS 5)", format_address(host, port))
+        for host, port in self.tls_addresses:
+            log.info("listening on %s (SOCKS over TLS)", format_address(host, port))
+        log.info("relay path: %s", self._describe_relay())
+        udp = self._config.udp
+        if udp.port is not None or udp.dtls_port is not None:
+            # The [udp] table is parsed and validated already so that configs written for
+            # the UDP issue keep working; say plainly that nothing listens on it yet.
+            log.warning(
+                "[udp] is configured, but UDP ASSOCIATE is not implemented yet: no UDP socket is "
+                "opened and UDP ASSOCIATE requests get Command Not Supported (0x07)"
+            )
+
+    def _describe_relay(self) -> str:
+        """One phrase for the startup log: which data plane relays connections and why."""
+        assert self._relayer is not None
+        if self._relayer.path == PATH_SPLICE:
+            tls = " (TLS client legs: asyncio, the kernel cannot splice them)" if self.tls_addresses else ""
+            return f"splice engine, {self._relayer.workers} worker thread(s){tls}"
+        if ENGINE_AVAILABLE:
+            return "asyncio (the splice engine is turned off)"
+        if NO_EXTENSIONS:
+            return "asyncio (SOCKS6FAST_NO_EXTENSIONS is set)"
+        return "asyncio (the splice engine needs Linux and the compiled extension)"
+
+    async def _bind_listeners(self, host: str, port: int) -> list[socket.socket]:
+        try:
+            return await self._bind_listeners_at(host, port)
+        except OSError as exc:
+            # Name the address: with several --listen entries "Address already in use"
+            # alone does not say which one failed.
+            raise OSError(exc.errno, f"{format_address(host, port)}: {exc.strerror or exc}") from exc
+
+    async def _bind_listeners_at(self, host: str, port: int) -> list[socket.socket]:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+        )
+        socks: list[socket.socket] = []
+        seen: set[tuple[Any, ...]] = set()
+        try:
+            for family, type_, proto, _, sockaddr in infos:
+                if sockaddr in seen:
+                    continue
+                seen.add(sockaddr)
+                sock = socket.socket(family, type_, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    # "::" and "0.0.0.0" can then be listened on side by side.
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+                # Accepted sockets inherit it: no setsockopt per connection.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                enable_tfo_listener(sock)  # TRN-01
+                sock.listen(LISTEN_BACKLOG)
+                sock.setblocking(False)
+                if port == 0:
+                    break  # one port-0 listener per entry: each family would get another port
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    def _resume_accepting(self) -> None:
+        if self._loop is None or not self._accepting:
+            return
+        for sock, tls in self._listeners:
+            self._loop.add_reader(sock.fileno(), self._on_acceptable, sock, tls)
+
+    def _pause_accepting(self) -> None:
+        if self._loop is None:
+            return
+        for sock, _ in self._listeners:
+            if sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+
+    def _on_acceptable(self, lsock: socket.socket, tls: bool) -> None:
+        loop = self._loop
+        assert loop is not None
+        limit = self._config.server.max_connections
+        for _ in range(ACCEPT_BATCH):
+            if len(self._tasks) >= limit:
+                # At the cap: stop accepting; the kernel backlog holds newcomers (max_connections).
+                self._paused_for_limit = True
+                self._pause_accepting()
+                return
+            try:
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept failed (%s); pausing accepts for %.1fs", exc, ACCEPT_RETRY_DELAY)
+                    self._pause_accepting()
+                    loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
+                    return
+                log.debug("accept failed: %s", exc)  # ECONNABORTED and the like
+                continue
+            sock.setblocking(False)  # TCP_NODELAY comes from the listener (inherited)
+            handler = ConnectionHandler(self, sock, (str(addr[0]), int(addr[1])), tls)
+            task = loop.create_task(handler.run())
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._paused_for_limit and len(self._tasks) < self._config.server.max_connections:
+            self._paused_for_limit = False
+            self._resume_accepting()
+
+    def connection_finished(self, record: ConnectionRecord) -> None:
+        """A connection handler is done: keep, log and announce its record."""
+        self.records.append(record)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", record.log_line())
+        for callback in self.on_connection_closed:
+            callback(record)
+
+    async def _expire_sessions(self) -> None:
+        # draft-11 "Tearing down the session": sessions die after inactivity; their BIND
+        # listeners (CMD-05) are closed with them.
+        loop = asyncio.get_running_loop()
+        while True:
+            store = self.context.sessions
+            deadline = store.next_deadline() if store is not None else None
+            delay = 5.0 if deadline is None else min(5.0, max(0.05, deadline - loop.time()))
+            await asyncio.sleep(delay)
+            if store is not None:
+                for session in store.expire(loop.time()):
+                    close_session_listeners(session)
+
+    def reload(self, config: Config) -> None:
+        """Apply a new configuration (SIGHUP): users, rules, limits and sessions settings.
+
+        Established connections are kept. Listener addresses and the relay's idle timeout
+        need a restart (a warning says so when they differ).
+        """
+        users = config.user_store()
+        tls = self._tls_context(config) if self.tls_context is not None or config.server.tls_listen else None
+        old = self._config
+        if config.server.listen != old.server.listen or config.server.tls_listen != old.server.tls_listen:
+            log.warning("reload: listener changes take effect after a restart")
+        if config.server.idle_timeout != old.server.idle_timeout:
+            log.warning("reload: the relay idle timeout takes effect after a restart")
+        self._configure(config, users)
+        if tls is not None:
+            self.tls_context = tls
+        store = self.context.sessions
+        if not config.sessions.enabled:
+            if store is not None:
+                for session in store.expire(float("inf")):
+                    close_session_listeners(session)
+            self.context.sessions = None
+        elif store is None:
+            self.context.sessions = config.session_store()
+        elif isinstance(store, MemorySessionStore):
+            store.limits = config.sessions.limits()  # the live sessions stay
+        if self._paused_for_limit and len(self._tasks) < config.server.max_connections:
+            self._paused_for_limit = False
+            self._resume_accepting()
+        log.info("configuration reloaded: %d users, %d rules", len(users), len(config.rules))
+
+    def stop_accepting(self) -> None:
+        """Close the listeners; connections in progress continue."""
+        self._accepting = False
+        self._pause_accepting()
+        for sock, _ in self._listeners:
+            sock.close()
+
+    async def close(self, drain_timeout: float = 10.0) -> None:
+        """Stop accepting, wait up to ``drain_timeout`` for connections to finish, then end
+        the rest and the data plane."""
+        if self._closed.is_set():
+            return
+        self.stop_accepting()
+        if self._tasks and drain_timeout > 0:
+            await asyncio.wait(set(self._tasks), timeout=drain_timeout)
+        if self._relayer is not None and self._own_relayer:
+            # Ends every relay with RelayEnd.SHUTDOWN and its exact byte counts; give the
+            # connection tasks a moment to take those results and log their lines before
+            # the rest (handshakes still in progress) is cancelled.
+            await self._relayer.close()
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=0.5)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5.0)
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        if self.context.sessions is not None:
+            for session in self.context.sessions.expire(float("inf")):
+                close_session_listeners(session)
+        self._listeners.clear()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Return once `close` finished."""
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close(drain_timeout=0)
+
+
+async def serve(config: Config, *, stop: asyncio.Event | None = None, drain_timeout: float = 10.0) -> None:
+    """Run a `Server` until ``stop`` is set (or forever), then close it gracefully.
+
+    Args:
+        config: the configuration.
+        stop: set it to stop accepting and drain.
+        drain_timeout: seconds to wait for connections to finish when stopping.
+    """
+    server = Server(config)
+    await server.start()
+    try:
+        if stop is None:
+            await asyncio.Event().wait()
+        else:
+            await stop.wait()
+    finally:
+        await server.close(drain_timeout=drain_timeout)

@@ -1,0 +1,81 @@
+"""The one log line of a finished client connection (`ConnectionRecord`).
+
+Built once, when the connection ends, from what its core connection decided and what the
+handler did; `Server.records` keeps the latest ones and `Server.on_connection_closed`
+callbacks receive each (tests read the remote leg's options there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...proto.stack import AppliedLeg
+
+__all__ = ["ConnectionRecord", "format_address"]
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(slots=True)
+class ConnectionRecord:
+    """What the server knows about one finished client connection; logged once.
+
+    Also what tests inspect (`Server.records`, `Server.on_connection_closed`): the remote
+    leg's options as read back from the kernel, whether TFO or MPTCP were used.
+    """
+
+    client: tuple[str, int]
+    """Client address and port."""
+    listener: str
+    """``"tcp"`` or ``"tls"``."""
+    started: float
+    """``time.monotonic()`` at accept."""
+    protocol: str = "-"
+    """``"socks6"``, ``"socks5"`` or ``"mismatch"``."""
+    user: str | None = None
+    """Authenticated user (or the session's user)."""
+    command: str = "-"
+    """Command name."""
+    destination: str = "-"
+    """Destination as requested."""
+    reply_code: int | None = None
+    """The last Operation Reply (or SOCKS 5 reply) code sent."""
+    bytes_up: int = 0
+    """Bytes relayed client -> remote."""
+    bytes_down: int = 0
+    """Bytes relayed remote -> client."""
+    relay_path: str = "-"
+    """``"splice"`` or ``"asyncio"`` once relayed."""
+    relay_end: str = "-"
+    """How the relay ended."""
+    duration: float = 0.0
+    """Seconds from accept to close."""
+    remote_address: tuple[str, int] | None = None
+    """The remote host the proxy connected to (CONNECT) or that connected (BIND)."""
+    remote_options: AppliedLeg | None = None
+    """The proxy-remote leg's IP options as read back with getsockopt (STK-03, STK-05)."""
+    client_options: AppliedLeg | None = None
+    """The client-proxy leg's IP options as read back with getsockopt."""
+    happy_eyeballs: bool = False
+    """Happy Eyeballs attempted (STK-04)."""
+    tfo_attempted: bool = False
+    """TCP_FASTOPEN_CONNECT was set on the remote socket (CMD-02, STK-06)."""
+    tfo_syn_acked: bool = False
+    """The remote host acknowledged data in our SYN."""
+    mptcp: bool = False
+    """The remote leg runs MPTCP (STK-07)."""
+    error: str = ""
+    """Why the connection ended early, if it did."""
+
+    def log_line(self) -> str:
+        """The one log line of a finished connection."""
+        code = "-" if self.reply_code is None else f"{self.reply_code:#04x}"
+        text = (
+            f"client={format_address(*self.client)} proto={self.protocol} user={self.user or '-'} "
+            f"cmd={self.command} dst={self.destination} reply={code} up={self.bytes_up} "
+            f"down={self.bytes_down} dur={self.duration:.3f}s relay={self.relay_path} end={self.relay_end}"
+        )
+        return f"{text} error={self.error!r}" if self.error else text
