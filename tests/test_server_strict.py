@@ -143,7 +143,7 @@ async def test_internal_error_before_any_reply_d14(
     caplog.set_level(logging.INFO, logger="socks6fast")
     async with running_server(make_config()) as server:
         # The bug sits in the sans-IO core's authentication step, before any reply.
-        monkeypatch.setattr(ServerConnection, "_authenticate", broken)
+        monkeypatch.setattr(ServerConnection, "_auth_succeeded", broken)
         client = await RawClient.connect(server.addresses[0])
         await client.send(request(Command.CONNECT, "127.0.0.1", 9))
         assert await client.read_until_eof() == D14_GENERAL_FAILURE

@@ -31,6 +31,10 @@ Whatever way the connection ends (even by an exception in the adapter), the adap
 
 Nothing here decides anything: the fields say exactly what to do. The deadlines are on the
 clock the adapter passes as ``now``.
+
+The classes are slotted but not frozen: they are built for every connection, and a frozen
+dataclass's ``__init__`` (one ``object.__setattr__`` call per field) costs several times a
+plain one. Treat them as read-only.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ The core reads only the address text (``target[1][0]``, for the rules) and passe
 untouched."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     """Write ``data`` to the client (and wait until the kernel has it)."""
 
@@ -83,7 +87,7 @@ class Send:
     it as sent once it is asked for the next action."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     """Close the client connection; the handshake is over."""
 
@@ -99,7 +103,7 @@ LINGER_CLOSE: Final = Close(linger=True)
 CLOSE: Final = Close(linger=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ApplyClientOptions:
     """Apply IP-level Stack options to the client's socket and read back what it uses (STK-03)."""
 
@@ -107,7 +111,7 @@ class ApplyClientOptions:
     """What the client asked for the client-proxy leg."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckCredentials:
     """Verify RFC 1929 credentials against the user store (``UserStore.authenticate``; scrypt
     costs ~50 ms of CPU, so off the event loop) within the failed-attempt limits."""
@@ -116,7 +120,7 @@ class CheckCredentials:
     """Username and password as received."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EndSession:
     """A session ended (Session Teardown, SES-05; or D4): close the BIND listeners it kept."""
 
@@ -124,7 +128,7 @@ class EndSession:
     """The ended session; its ``listeners`` are the adapter's handles."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Resolve:
     """Resolve a domain name; the answer comes back through ``resolved`` in preference order."""
 
@@ -136,7 +140,7 @@ class Resolve:
     """Give up at this time (the connect timeout covers resolving and connecting)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Dial:
     """Connect to the destination with the proxy-remote leg's options set before ``connect``."""
 
@@ -160,7 +164,7 @@ class Dial:
     """Give up at this time (CONNECTION_TIMED_OUT)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Dialed:
     """How a `Dial` ended well (``ServerConnection.dial_finished``)."""
 
@@ -176,7 +180,7 @@ class Dialed:
     """The remote host acknowledged data in our SYN (TFO used end to end)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Listen:
     """Open a listening socket for BIND (CMD-04) with the proxy-remote leg's options."""
 
@@ -202,7 +206,7 @@ class Listen:
     address, for further BIND requests to claim, until the session or this connection ends."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Claim:
     """A BIND of a session names one of its backlog listeners (CMD-05): wait on that one."""
 
@@ -212,7 +216,7 @@ class Claim:
     """Read these options back from the listening socket, for the reply."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Listening:
     """A listener is ready (``ServerConnection.listening``), after `Listen` or `Claim`."""
 
@@ -226,13 +230,13 @@ class Listening:
     """It accepts TFO."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AwaitPeer:
     """Wait for the remote host to connect to the listener; early client bytes go to
     ``receive_data`` (relayed later, in order); EOF from the client ends the connection."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HoldBacklog:
     """Keep the backlog listener while the client keeps this (initial) connection open: read
     and drop what it sends until EOF, or until the listener's session ends (CMD-05)."""
@@ -244,7 +248,7 @@ AWAIT_PEER: Final = AwaitPeer()
 HOLD_BACKLOG: Final = HoldBacklog()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Relay:
     """The handshake succeeded: relay between the client and the remote connection."""
 

@@ -106,9 +106,9 @@ from .messages import (
 )
 from .policy import Policy
 from .server_wire import (
+    NO_OPTIONS,
     ConnectionClosed,
     InitialData,
-    RequestOptions,
     RequestReceived,
     ServerWire,
     Socks5ServerWire,
@@ -510,7 +510,8 @@ class _ConnectionBase:
         if address_type == AddressType.DOMAIN_NAME:
             self._push_step(Resolve(host, port, deadline), _Step.RESOLVE)
         else:
-            self._push_step(dial, _Step.DIAL)
+            self._actions.append(dial)
+            self._step = _Step.DIAL
 
     def _check(self, credentials: UserPassRequest) -> None:
         self._push_step(CheckCredentials(credentials), _Step.CREDENTIALS)
@@ -557,6 +558,8 @@ class _ConnectionBase:
 
 # --- SOCKS 6 ---------------------------------------------------------------------------------
 
+_AUTH_SUCCESS: Final = AuthReply(AuthReplyType.SUCCESS)
+
 #: Our half's states in which no reply has gone out yet (D14: only General Failure may go).
 _NOTHING_SENT: Final = frozenset({State.IDLE, State.SEND_AUTH_REPLY})
 
@@ -573,6 +576,7 @@ class ServerConnection(_ConnectionBase):
     __slots__ = (
         "_client_applied",
         "_client_eof",
+        "_dns",
         "_held",
         "_listen_backlog",
         "_new_session",
@@ -589,16 +593,17 @@ class ServerConnection(_ConnectionBase):
             handshake_timeout=context.handshake_timeout,
             now=now,
         )
-        super().__init__(context, client_ip, self._socks6)
+        _ConnectionBase.__init__(self, context, client_ip, self._socks6)
         self.request: Request | None = None
         """The Request, once read."""
-        self._options = _NO_OPTIONS
+        self._options = NO_OPTIONS
         self._client_applied: AppliedLeg | None = None
         self._session: Session | None = None
         self._new_session = False
         self._held = b""
         self._payload = b""
         self._client_eof = False
+        self._dns = False
         self._listen_backlog = 0
 
     @property
@@ -630,7 +635,7 @@ class ServerConnection(_ConnectionBase):
         self._close(CLOSE)
 
     def connection_ended(self, now: float) -> Session | None:  # noqa: D102 (documented in the base)
-        super().connection_ended(now)
+        self._step = _Step.DONE
         session, store = self._session, self._ctx.sessions
         if session is None or store is None:
             return None
@@ -665,11 +670,14 @@ class ServerConnection(_ConnectionBase):
     def _on_request(self, event: RequestReceived, now: float) -> None:
         self.request = event.request
         self._options = options = event.options
-        if not options.stack.client.empty:
+        if options is NO_OPTIONS and not self._ctx.users.required:
+            # The common request: no options, no users (AUTH-07, nothing else to decide).
+            self._auth_succeeded(None, (), now)
+        elif not options.stack.client.empty:
             # STK-03: the client leg's options are set before anything else happens.
             self._push_step(ApplyClientOptions(options.stack.client), _Step.CLIENT_OPTIONS)
-            return
-        self._authenticate(now)
+        else:
+            self._authenticate(now)
 
     def _protocol_error(self, exc: RemoteProtocolError) -> None:
         self.error = str(exc)
@@ -708,7 +716,7 @@ class ServerConnection(_ConnectionBase):
                 return
         if not self._ctx.users.required:
             # AUTH-07: authentication is not required: the advertisement is ignored.
-            self._authenticated(None, [], now)
+            self._authenticated(None, (), now)
         elif options.credentials is not None:
             # AUTH-01 / AUTH-05: 0-RTT username/password in an Authentication Data option.
             self._check(options.credentials)
@@ -731,7 +739,7 @@ class ServerConnection(_ConnectionBase):
     def _in_session(self, session: Session, store: SessionStore, now: float) -> None:
         # SES-02: inside a session no authentication is required; attempts are ignored.
         options = self._options
-        reply_options: list[Option] = [SessionOK()]
+        reply_options: tuple[Option, ...] = (SessionOK(),)
         if options.token_request is not None:
             store.request_window(session, options.token_request)  # IDM-02: at most one
         if options.token is not None:
@@ -740,9 +748,9 @@ class ServerConnection(_ConnectionBase):
                 rejected = AuthReply(AuthReplyType.FAILURE, (IdempotenceRejected(),))
                 self._refuse(rejected, "idempotence token rejected")
                 return
-            reply_options.append(IdempotenceAccepted())
+            reply_options += (IdempotenceAccepted(),)
         if session.window is not None:
-            reply_options.append(IdempotenceWindow(*session.window.current))
+            reply_options += (IdempotenceWindow(*session.window.current),)
         self._session = session
         self._auth_succeeded(session.user, reply_options, now)
 
@@ -756,21 +764,19 @@ class ServerConnection(_ConnectionBase):
             if user is None:
                 self._refuse(AuthReply(AuthReplyType.FAILURE), reason or "authentication failed")
             else:
-                self._authenticated(user, [], now)
+                self._authenticated(user, (), now)
             return
         # AUTH-05: the RFC 1929 reply goes into an Authentication Data option of the reply.
-        reply_options: list[Option] = [
-            AuthData(AuthMethod.USERNAME_PASSWORD, encode_userpass_reply(UserPassReply(status)))
-        ]
+        reply_options: tuple[Option, ...] = (
+            AuthData(AuthMethod.USERNAME_PASSWORD, encode_userpass_reply(UserPassReply(status))),
+        )
         if user is None:
-            reply_options.append(AuthMethodSelection(AuthMethod.NO_ACCEPTABLE_METHODS))
-            self._refuse(
-                AuthReply(AuthReplyType.FAILURE, tuple(reply_options)), reason or "authentication failed"
-            )
+            reply_options += (AuthMethodSelection(AuthMethod.NO_ACCEPTABLE_METHODS),)
+            self._refuse(AuthReply(AuthReplyType.FAILURE, reply_options), reason or "authentication failed")
         else:
             self._authenticated(user, reply_options, now)
 
-    def _authenticated(self, user: str | None, reply_options: list[Option], now: float) -> None:
+    def _authenticated(self, user: str | None, reply_options: tuple[Option, ...], now: float) -> None:
         """Authentication is done (or not needed): start a session if one was asked for."""
         options = self._options
         store = self._ctx.sessions
@@ -783,13 +789,13 @@ class ServerConnection(_ConnectionBase):
                 if options.token_request is not None:
                     store.request_window(new, options.token_request)
                 if new.window is not None:
-                    reply_options.append(IdempotenceWindow(*new.window.current))
+                    reply_options += (IdempotenceWindow(*new.window.current),)
         self._auth_succeeded(user, reply_options, now)
 
-    def _auth_succeeded(self, user: str | None, reply_options: list[Option], now: float) -> None:
+    def _auth_succeeded(self, user: str | None, reply_options: tuple[Option, ...], now: float) -> None:
         self.user = user
         wire = self._socks6
-        data = wire.send(AuthReply(AuthReplyType.SUCCESS, tuple(reply_options)))
+        data = wire.send(AuthReply(AuthReplyType.SUCCESS, reply_options) if reply_options else _AUTH_SUCCESS)
         if self._options.advertised_methods is None and wire.their_state is State.DATA:
             # Without an advertisement the client does not wait for this reply before sending
             # data (section "False Starts"): it leaves with the Operation Reply, in one write.
@@ -870,6 +876,7 @@ class ServerConnection(_ConnectionBase):
         payload = self._payload = self._payload + trailing
         self._client_eof = client_eof
         if is_dns_request(request):
+            self._dns = True
             # D13 / CMD-07: relay DNS over TCP (RFC 7766 framing passes through unchanged) to
             # the configured resolver, with no Stack options on that leg.
             resolver = self._ctx.dns_resolver
@@ -896,9 +903,15 @@ class ServerConnection(_ConnectionBase):
         )
 
     def _on_dialed(self, dialed: Dialed) -> None:
-        request, plan = self.request, self._options.stack
+        request, options = self.request, self._options
         assert request is not None
-        if is_dns_request(request):
+        plan = options.stack
+        if options is NO_OPTIONS and not self._dns:
+            # The common request: no Stack option to echo (STK-01), no session to name (D4).
+            host, port = dialed.local
+            address_type = AddressType.IPV6 if ":" in host else AddressType.IPV4
+            reply = OperationReply(ReplyCode.SUCCESS, address_type, host, port)
+        elif self._dns:
             # D13: the reply carries the unspecified address and port 0; STK-01, D9: the
             # client-leg options were applied, the resolver leg gets none.
             echo = echo_stack_options(plan, client=self._client_applied)
@@ -1005,9 +1018,6 @@ class ServerConnection(_ConnectionBase):
         self._relay()
 
 
-_NO_OPTIONS: Final = RequestOptions()
-
-
 # --- SOCKS 5 (RFC 1928, RFC 1929), D1 ------------------------------------------------------
 
 
@@ -1029,7 +1039,7 @@ class Socks5ServerConnection(_ConnectionBase):
 
     def __init__(self, context: ServerContext, client_ip: str, now: float) -> None:
         self._socks5 = Socks5ServerWire(handshake_timeout=context.handshake_timeout, now=now)
-        super().__init__(context, client_ip, self._socks5)
+        _ConnectionBase.__init__(self, context, client_ip, self._socks5)
         self.request: Socks5Request | None = None
         """The request, once read."""
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from ..constants import (
     MAX_OPTIONS_LENGTH,
@@ -69,6 +70,7 @@ from .states import NEED_DATA, PAUSED, NeedData, Paused, Protocol, ProxyStateMac
 from .states import Event as T
 
 __all__ = [
+    "NO_OPTIONS",
     "ConnectionClosed",
     "InitialData",
     "RequestOptions",
@@ -165,7 +167,7 @@ def parse_request_options(request: Request) -> RequestOptions:
     """
     options = request.options
     if not options:
-        return _NO_OPTIONS  # the common case; RequestOptions is frozen, so one can be shared
+        return NO_OPTIONS  # the common case; RequestOptions is frozen, so one can be shared
     advert: AuthMethodAdvertisement | None = None
     auth_data: dict[int, bytes] = {}
     session_request = teardown = False
@@ -230,7 +232,9 @@ def parse_request_options(request: Request) -> RequestOptions:
     )
 
 
-_NO_OPTIONS = RequestOptions()
+#: The options of a Request that has none: one shared (frozen) object, so the decisions can
+#: tell the common request apart with one identity test.
+NO_OPTIONS: Final = RequestOptions()
 
 
 def failure_reply(code: ReplyCode, options: tuple[Option, ...] = ()) -> OperationReply:

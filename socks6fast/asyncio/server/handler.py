@@ -146,8 +146,19 @@ class ConnectionHandler:
                     return
             else:
                 stream = SocketStream(self._loop, self.sock)
-            conn = await self._start(stream)
-            if conn is not None:
+            # The first bytes: one handshake deadline from here on, whatever the protocol.
+            context = self._server.context
+            started = self._loop.time()
+            first = stream.recv_now()
+            if first is None:
+                try:
+                    async with asyncio.timeout(context.handshake_timeout):
+                        first = await stream.recv()
+                except TimeoutError:
+                    self.error = "handshake timed out"
+                    return
+            if first:
+                conn = server_connection(context, self.client[0], first, started)
                 await self._drive(stream, conn)
         except ClientGone:
             pass
@@ -167,23 +178,6 @@ class ConnectionHandler:
         finally:
             self._finish(stream, conn)
 
-    async def _start(self, stream: ClientStream) -> _Conn | None:
-        """Read the first bytes (one handshake deadline from here on, whatever the protocol)."""
-        loop = self._loop
-        context = self._server.context
-        started = loop.time()
-        first = stream.recv_now()
-        if first is None:
-            try:
-                async with asyncio.timeout(context.handshake_timeout):
-                    first = await stream.recv()
-            except TimeoutError:
-                self.error = "handshake timed out"
-                return None
-        if not first:
-            return None
-        return server_connection(context, self.client[0], first, started)
-
     async def _drive(self, stream: ClientStream, conn: _Conn) -> None:
         """Perform the core's actions until the connection is relayed or closed."""
         loop = self._loop
@@ -198,7 +192,13 @@ class ConnectionHandler:
                     now = timed_out
                     continue
             elif isinstance(action, Dial):
-                await self._dial(conn, action)
+                try:
+                    remote = await dial(loop, action)
+                except (OSError, TimeoutError) as exc:
+                    conn.dial_failed(exc, f"connect to {format_address(action.host, action.port)}: {exc}")
+                else:
+                    self.remote, self.remote_owned = remote, True
+                    conn.dial_finished(remote.dialed())
             elif isinstance(action, Relay):
                 await self._relay(stream, action)
                 return
@@ -283,15 +283,6 @@ class ConnectionHandler:
         else:
             conn.resolved(targets)
 
-    async def _dial(self, conn: _Conn, action: Dial) -> None:
-        try:
-            remote = await dial(self._loop, action)
-        except (OSError, TimeoutError) as exc:
-            conn.dial_failed(exc, f"connect to {format_address(action.host, action.port)}: {exc}")
-            return
-        self.remote, self.remote_owned = remote, True
-        conn.dial_finished(remote.dialed())
-
     def _listen(self, stream: ClientStream, conn: _Conn, action: Listen) -> None:
         address_type, host = listen_address(stream, action)
         try:
@@ -361,7 +352,9 @@ class ConnectionHandler:
             remote.sock.close()
         if self.listener is not None and self.owns_listener:
             self.listener.close()
-        record = ConnectionRecord(self.client, "tls" if self.tls else "tcp", self.started, error=self.error)
+        record = ConnectionRecord(
+            self.client, "tls" if self.tls else "tcp", self.started, client_options=self.client_options
+        )
         if conn is not None:
             ended = conn.connection_ended(self._loop.time())
             if ended is not None:
@@ -372,9 +365,11 @@ class ConnectionHandler:
             record.error = self.error or conn.error
             request = conn.request
             if request is not None:
-                record.command = _command_name(int(request.command))
+                code = int(request.command)
+                record.command = _COMMAND_NAMES.get(code) or f"unknown ({code})"
                 record.destination = format_address(request.address, request.port)
-        record.client_options = self.client_options
+        else:
+            record.error = self.error
         if remote is not None:
             record.remote_address = remote.address
             record.remote_options = remote.applied
@@ -392,8 +387,5 @@ class ConnectionHandler:
         self._server.connection_finished(record)
 
 
-def _command_name(code: int) -> str:
-    try:
-        return Command(code).name
-    except ValueError:
-        return f"unknown ({code})"
+#: Command Code -> name for the log (a dict: an Enum call per connection costs more).
+_COMMAND_NAMES: dict[int, str] = {command.value: command.name for command in Command}
