@@ -104,7 +104,7 @@ from .messages import (
     SessionOK,
     VersionMismatchReply,
 )
-from .policy import Policy
+from .policy import LocalAddresses, OwnListeners, Policy
 from .server_wire import (
     NO_OPTIONS,
     ConnectionClosed,
@@ -163,6 +163,7 @@ class ServerContext:
         handshake_timeout: seconds a client has for its handshake messages (REQ-08), or None.
         connect_timeout: seconds to resolve and connect to a destination (CONNECTION_TIMED_OUT).
         dns_resolver: ``(host, port)`` of the DNS server behind the DNS service (D13), or None.
+        own_listeners: the proxy's own listeners: a CONNECT into one is refused (CMD-06).
     """
 
     __slots__ = (
@@ -170,6 +171,7 @@ class ServerContext:
         "dns_resolver",
         "handshake_timeout",
         "max_options_length",
+        "own_listeners",
         "policy",
         "sessions",
         "users",
@@ -185,6 +187,7 @@ class ServerContext:
         handshake_timeout: float | None = 10.0,
         connect_timeout: float = 10.0,
         dns_resolver: tuple[str, int] | None = None,
+        own_listeners: OwnListeners | None = None,
     ) -> None:
         self.users = users if users is not None else UserStore()
         self.policy = policy if policy is not None else Policy()
@@ -193,6 +196,9 @@ class ServerContext:
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
         self.dns_resolver = dns_resolver
+        self.own_listeners = (
+            own_listeners if own_listeners is not None else OwnListeners((), LocalAddresses())
+        )
 
 
 # --- Pure helpers of the decisions --------------------------------------------------
@@ -256,6 +262,10 @@ def reply_code_for(exc: BaseException) -> ReplyCode:
     return ReplyCode.GENERAL_FAILURE
 
 
+def _format(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _address_type_of(host: str) -> AddressType:
     return AddressType.IPV6 if ":" in host else AddressType.IPV4
 
@@ -305,6 +315,9 @@ class _ConnectionBase:
         "reply_code",
         "user",
     )
+
+    #: The request, once read (the subclasses say which kind).
+    request: Request | Socks5Request | None
 
     def __init__(self, context: ServerContext, client_ip: str, wire: ServerWire | Socks5ServerWire) -> None:
         self._wire = wire
@@ -398,8 +411,19 @@ class _ConnectionBase:
                 )
             ]
             if not targets:
-                self.error = f"{dial.host!r} resolves only to denied addresses"
-                self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET)
+                self._fail(
+                    ReplyCode.NOT_ALLOWED_BY_RULESET, f"{dial.host!r} resolves only to denied addresses"
+                )
+                return
+        own = self._ctx.own_listeners
+        loops = [(t, own.find(str(t[1][0]), dial.port)) for t in targets]
+        if any(listener is not None for _, listener in loops):
+            # CMD-06: never a loop through ourselves, whatever the rules.
+            targets = [t for t, listener in loops if listener is None]
+            if not targets:
+                listener = next(listener for _, listener in loops if listener is not None)
+                cause = f"loop refused: {dial.host!r} resolves only to this proxy's own listener {listener}"
+                self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, cause)
                 return
         self._dial = dial = Dial(
             dial.address_type,
@@ -418,9 +442,8 @@ class _ConnectionBase:
         """`Resolve` failed with ``exc`` (``message`` for the log): past the deadline that is
         CONNECTION_TIMED_OUT, otherwise the name does not resolve: HOST_UNREACHABLE (CMD-01)."""
         self._expect(_Step.RESOLVE)
-        self.error = message
         timed_out = isinstance(exc, TimeoutError)
-        self._fail(ReplyCode.CONNECTION_TIMED_OUT if timed_out else ReplyCode.HOST_UNREACHABLE)
+        self._fail(ReplyCode.CONNECTION_TIMED_OUT if timed_out else ReplyCode.HOST_UNREACHABLE, message)
 
     def dial_finished(self, dialed: Dialed) -> None:
         """`Dial` connected."""
@@ -430,8 +453,7 @@ class _ConnectionBase:
     def dial_failed(self, exc: BaseException, message: str) -> None:
         """`Dial` failed with ``exc`` (``message`` for the log); the reply says why (CMD-01)."""
         self._expect(_Step.DIAL)
-        self.error = message
-        self._fail(reply_code_for(exc))
+        self._fail(reply_code_for(exc), message)
 
     def listening(self, listening: Listening) -> None:
         """`Listen` or `Claim` gave a listener."""
@@ -441,13 +463,32 @@ class _ConnectionBase:
     def listen_failed(self, exc: BaseException, message: str) -> None:
         """`Listen` failed with ``exc`` (``message`` for the log); the reply says why."""
         self._expect(_Step.LISTEN)
-        self.error = message
-        self._fail(reply_code_for(exc))
+        self._fail(reply_code_for(exc), message)
 
     def peer_accepted(self, host: str, port: int, mptcp: bool) -> None:
         """`AwaitPeer`: the remote host at ``host``:``port`` connected (MPTCP or not)."""
         self._expect(_Step.PEER)
-        self._on_peer(host, port, mptcp)
+        request = self.request
+        assert request is not None
+        # CMD-06: a BIND's remote host is its peer, unknown until it connects: the rules see it
+        # now (`socks6fast.proto.policy`); a refused peer gets a failure as the second reply.
+        allowed, rule = self._ctx.policy.decide(
+            self.client_ip,
+            self.user,
+            Command.BIND,
+            request.address_type,
+            request.address,
+            request.port,
+            resolved_address=host,
+        )
+        if allowed:
+            self._on_peer(host, port, mptcp)
+        else:
+            self._fail(
+                ReplyCode.NOT_ALLOWED_BY_RULESET,
+                f"BIND peer {_format(host, port)} {_denied_by(rule)}",
+                echo=False,
+            )
 
     def connection_ended(self, now: float) -> Session | None:
         """The connection is over, however it ended (call it last, always).
@@ -504,6 +545,12 @@ class _ConnectionBase:
         now: float,
     ) -> None:
         """Dial the destination; a name is resolved first (`resolved` dials)."""
+        if address_type != AddressType.DOMAIN_NAME:
+            listener = self._ctx.own_listeners.find(host, port)
+            if listener is not None:  # CMD-06: never a loop through ourselves, whatever the rules
+                cause = f"loop refused: {_format(host, port)} is this proxy's own listener {listener}"
+                self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, cause)
+                return
         deadline = now + self._ctx.connect_timeout
         dial = Dial(address_type, host, port, (), options, multipath, happy_eyeballs, tfo_payload, deadline)
         self._dial = dial
@@ -549,7 +596,9 @@ class _ConnectionBase:
     def _on_peer(self, host: str, port: int, mptcp: bool) -> None:
         raise NotImplementedError
 
-    def _fail(self, code: ReplyCode) -> None:
+    def _fail(self, code: ReplyCode, cause: str, *, echo: bool = True) -> None:
+        """Answer with failure ``code`` and close; ``cause`` says why in the log (every failure
+        names one); ``echo``: the reply echoes the client leg's Stack options (SOCKS 6)."""
         raise NotImplementedError
 
     def _protocol_error(self, exc: RemoteProtocolError) -> None:
@@ -610,6 +659,9 @@ class ServerConnection(_ConnectionBase):
     def session(self) -> Session | None:
         """The session this request runs in (looked up or started by it), if any."""
         return self._session
+
+    def dial_failed(self, exc: BaseException, message: str) -> None:  # noqa: D102 (the base's)
+        super().dial_failed(exc, f"DNS service: {message}" if self._dns else message)
 
     def client_options_applied(self, applied: AppliedLeg | None) -> None:
         """The outcome of `ApplyClientOptions`: the values read back, or None when the adapter
@@ -820,17 +872,23 @@ class ServerConnection(_ConnectionBase):
         if not isinstance(command, Command):
             # A Command Code we do not know (the codec passes it as a plain int) is answered
             # after the normal authentication flow, like any unsupported command (CMD-06).
-            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED)
+            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"unknown command {command:#04x}")
             return
         if command == Command.NOOP and not noop_address_ok(request):
-            self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)  # REQ-04, D11
+            # REQ-04, D11
+            self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, "NOOP needs address 0 and port 0 (IPv4 or IPv6)")
             return
         allowed, rule = self._ctx.policy.decide(
-            self.client_ip, self.user, command, request.address_type, request.address, request.port
+            self.client_ip,
+            self.user,
+            command,
+            request.address_type,
+            request.address,
+            request.port,
+            dns_service=is_dns_request(request),  # D13: to the resolver, not to 0.0.0.0
         )
         if not allowed:
-            self.error = _denied_by(rule)
-            self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET)  # CMD-06
+            self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, _denied_by(rule))  # CMD-06
         elif command == Command.NOOP:
             # STK-01: the client-leg options were applied and are echoed.
             echo = echo_stack_options(self._options.stack, client=self._client_applied)
@@ -845,7 +903,7 @@ class ServerConnection(_ConnectionBase):
             self._bind6(request)
         else:
             # UDP ASSOCIATE is a later issue; the draft lets proxies support any subset (CMD-06).
-            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED)
+            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED, "UDP ASSOCIATE is not implemented")
 
     def _session_id(self) -> tuple[Option, ...]:
         session = self._session
@@ -859,14 +917,15 @@ class ServerConnection(_ConnectionBase):
             data, self._held = self._held + data, b""
         self._push_send(data, reply.reply_code)
 
-    def _fail(self, code: ReplyCode) -> None:
+    def _fail(self, code: ReplyCode, cause: str, *, echo: bool = True) -> None:
+        self.error = cause
         # "Proxies ... MUST [include Stack options in their Operation Replies] for every
         # supported Stack option sent by the client" (draft-11, "Stack Options"; STK-01, D9)
         # says nothing to exempt failures. The client leg's options were applied before the
         # operation failed, so they are echoed with their read-back values; the proxy-remote
         # leg never came to be, so nothing is claimed for it.
-        echo = echo_stack_options(self._options.stack, client=self._client_applied)
-        self._reply(failure_reply(code, echo))
+        options = echo_stack_options(self._options.stack, client=self._client_applied) if echo else ()
+        self._reply(failure_reply(code, options))
         self._close(LINGER_CLOSE)
 
     def _connect6(self, request: Request, now: float) -> None:
@@ -881,7 +940,7 @@ class ServerConnection(_ConnectionBase):
             # the configured resolver, with no Stack options on that leg.
             resolver = self._ctx.dns_resolver
             if resolver is None:
-                self._fail(ReplyCode.CONNECTION_REFUSED)
+                self._fail(ReplyCode.CONNECTION_REFUSED, "DNS service: no server.dns_resolver configured")
                 return
             host, port = resolver
             self._connect(_address_type_of(host), host, port, _NO_LEG_OPTIONS, False, False, b"", now)
@@ -942,7 +1001,7 @@ class ServerConnection(_ConnectionBase):
 
     def _bind6(self, request: Request) -> None:
         if request.address_type == AddressType.DOMAIN_NAME:
-            self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
+            self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, "BIND to a domain name is not supported")
             return
         plan = self._options.stack
         session = self._session
@@ -1109,8 +1168,7 @@ class Socks5ServerConnection(_ConnectionBase):
             request.port,
         )
         if not allowed:
-            self.error = _denied_by(rule)
-            self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET)
+            self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, _denied_by(rule))
         elif request.command == Socks5Command.CONNECT:
             self._connect(
                 request.address_type, request.address, request.port, _NO_LEG_OPTIONS, False, False, b"", now
@@ -1124,15 +1182,18 @@ class Socks5ServerConnection(_ConnectionBase):
             )
             self._push_step(listen, _Step.LISTEN)
         elif request.command == Socks5Command.BIND:
-            self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
+            self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, "BIND to a domain name is not supported")
         else:
-            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED)
+            self._fail(
+                ReplyCode.COMMAND_NOT_SUPPORTED, f"{Socks5Command(request.command).name} is not implemented"
+            )
 
     def _reply(self, code: ReplyCode, host: str = "0.0.0.0", port: int = 0) -> None:
         reply = Socks5Reply(code, _address_type_of(host), host, port)
         self._push_send(self._socks5.send(reply), code)
 
-    def _fail(self, code: ReplyCode) -> None:
+    def _fail(self, code: ReplyCode, cause: str, *, echo: bool = True) -> None:
+        self.error = cause
         self._reply(_socks5_code(code))
         self._close(LINGER_CLOSE)
 

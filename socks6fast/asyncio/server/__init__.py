@@ -14,7 +14,15 @@ file per job:
 - ``streams``: the client leg during the handshake, plain socket or TLS (TRN-03);
 - ``dial``: resolving and connecting, Happy Eyeballs (RFC 8305, STK-04), TFO (CMD-02);
 - ``bind``: BIND listening sockets, the backlog listeners a session keeps (CMD-05);
-- ``record``: `ConnectionRecord`, the one log line per connection.
+- ``record``: `ConnectionRecord`, the one log line per connection, and `describe_error`, the
+  words for a failure's cause in it.
+
+Where a connection may go (CMD-06) is the core's decision too: the rules see the address the
+proxy really connects to (`socks6fast.proto.policy`: 0.0.0.0 is this host, names are checked
+with each resolved address, a BIND peer when it connects), and a CONNECT that would reach one
+of the proxy's own listeners is refused whatever the rules say (`OwnListeners`). The host's
+addresses behind both come from the kernel (`socks6fast.net.localaddr`), read by ``lifecycle``
+at start-up and on reload.
 
 Limits: ``max_connections`` (accepting pauses at the cap), the handshake timeout (REQ-08),
 the connect timeout (0x09), the relay idle timeout, the options cap (D6), failed password
@@ -25,6 +33,6 @@ running scrypt).
 from ...proto.auth import FailedAuthLimiter
 from .dial import Resolver
 from .lifecycle import Server, serve
-from .record import ConnectionRecord
+from .record import ConnectionRecord, describe_error
 
-__all__ = ["ConnectionRecord", "FailedAuthLimiter", "Resolver", "Server", "serve"]
+__all__ = ["ConnectionRecord", "FailedAuthLimiter", "Resolver", "Server", "describe_error", "serve"]

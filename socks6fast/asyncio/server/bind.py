@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from ...constants import AddressType
@@ -178,12 +178,13 @@ async def wait_for_peer(
 
     Raises:
         ClientGone: the client closed the connection first.
-        TimeoutError: nobody connected within ``timeout``.
+        TimeoutError: nobody connected within ``timeout`` (``server.idle_timeout``; the
+            message says so, for the log).
     """
     accept_task = asyncio.ensure_future(accept)
     watch: asyncio.Future[bytes] | None = None
     try:
-        async with asyncio.timeout(timeout):
+        async with _timeout_saying(timeout, f"no host connected within {timeout:g}s (server.idle_timeout)"):
             while True:
                 if watch is None:
                     watch = loop.create_task(stream.recv())
@@ -209,6 +210,16 @@ async def wait_for_peer(
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 peer, _ = await accept_task
                 peer.close()
+
+
+@contextlib.asynccontextmanager
+async def _timeout_saying(delay: float, message: str) -> AsyncIterator[None]:
+    """``asyncio.timeout(delay)`` whose TimeoutError says what timed out (the access log's cause)."""
+    try:
+        async with asyncio.timeout(delay):
+            yield
+    except TimeoutError:
+        raise TimeoutError(message) from None
 
 
 async def hold_backlog(

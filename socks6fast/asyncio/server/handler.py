@@ -20,7 +20,7 @@ from typing import Protocol
 
 from ...config import Config
 from ...constants import Command
-from ...dataplane.engine import RelayResult
+from ...dataplane.engine import RelayEnd, RelayResult
 from ...dataplane.relayer import Relayer
 from ...errors import RemoteProtocolError
 from ...net.stackopts import apply_leg_options, mptcp_in_use, read_leg_options
@@ -55,7 +55,7 @@ from .bind import (
     wait_for_peer,
 )
 from .dial import Remote, Resolver, dial, resolve
-from .record import ConnectionRecord, format_address
+from .record import ConnectionRecord, describe_error, format_address
 from .streams import ClientStream, SocketStream, tls_handshake
 
 __all__ = ["ConnectionHandler", "ServerView"]
@@ -165,7 +165,7 @@ class ConnectionHandler:
         except RemoteProtocolError as exc:
             self.error = str(exc)
         except (OSError, TimeoutError, EOFError) as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.error = f"{type(exc).__name__}: {describe_error(exc)}"
         except asyncio.CancelledError:
             self.error = "server shutting down"
             raise
@@ -195,7 +195,7 @@ class ConnectionHandler:
                 try:
                     remote = await dial(loop, action)
                 except (OSError, TimeoutError) as exc:
-                    conn.dial_failed(exc, f"connect to {format_address(action.host, action.port)}: {exc}")
+                    conn.dial_failed(exc, self._connect_error(action.host, action.port, exc))
                 else:
                     self.remote, self.remote_owned = remote, True
                     conn.dial_finished(remote.dialed())
@@ -203,6 +203,9 @@ class ConnectionHandler:
                 await self._relay(stream, action)
                 return
             elif isinstance(action, Close):
+                if self.remote is not None and self.remote_owned:
+                    self.remote.sock.close()  # a refused BIND peer: gone before the linger
+                    self.remote_owned = False
                 if action.linger:
                     await stream.linger_close()
                 return
@@ -276,7 +279,7 @@ class ConnectionHandler:
             async with asyncio.timeout_at(action.deadline):
                 targets = await resolve(self._loop, self._server.resolver, action.host, action.port)
         except TimeoutError as exc:
-            conn.resolve_failed(exc, f"connect to {format_address(action.host, action.port)}: {exc}")
+            conn.resolve_failed(exc, self._connect_error(action.host, action.port, exc))
         except (socket.gaierror, UnicodeError) as exc:
             # UnicodeError: a name the idna codec rejects fails before any lookup.
             conn.resolve_failed(exc, f"cannot resolve {action.host!r}: {exc}")
@@ -288,7 +291,7 @@ class ConnectionHandler:
         try:
             sock, applied, is_mptcp = open_listener(address_type, host, action)
         except OSError as exc:
-            conn.listen_failed(exc, f"bind {format_address(host, action.port)}: {exc}")
+            conn.listen_failed(exc, f"bind {format_address(host, action.port)}: {describe_error(exc)}")
             return
         name = sock.getsockname()
         if action.session is not None:
@@ -323,6 +326,15 @@ class ConnectionHandler:
         mptcp = listener.mptcp and mptcp_in_use(peer)
         self.remote, self.remote_owned = Remote(peer, (host, port), mptcp=mptcp), True
         conn.peer_accepted(host, port, mptcp)
+
+    def _connect_error(self, host: str, port: int, exc: BaseException) -> str:
+        """The log's cause of a failed connect: our own deadline names the setting."""
+        if isinstance(exc, TimeoutError) and exc.errno is None:  # our deadline, not ETIMEDOUT
+            timeout = self._server.config.server.connect_timeout
+            cause = f"no answer within {timeout:g}s (server.connect_timeout)"
+        else:
+            cause = describe_error(exc)
+        return f"connect to {format_address(host, port)}: {cause}"
 
     async def _relay(self, stream: ClientStream, action: Relay) -> None:
         """The one hand-off to the data plane: the reply is written, the bytes the client sent
@@ -383,6 +395,10 @@ class ConnectionHandler:
             record.bytes_down = result.bytes_remote_to_client
             record.relay_path = result.path
             record.relay_end = result.end.name.lower()
+            if result.cause:
+                record.error = record.error or f"relay: {result.cause}"
+            elif result.end == RelayEnd.ERROR:
+                record.error = record.error or "relay: error (the data plane gave no cause)"
         record.duration = time.monotonic() - self.started
         self._server.connection_finished(record)
 

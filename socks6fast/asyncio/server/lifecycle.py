@@ -24,8 +24,10 @@ from typing import Any
 from ...config import Config
 from ...dataplane.engine import ENGINE_AVAILABLE, NO_EXTENSIONS, PATH_SPLICE
 from ...dataplane.relayer import Relayer
+from ...net.localaddr import read_local_addresses
 from ...net.stackopts import enable_tfo_listener
 from ...proto.auth import FailedAuthLimiter, UserStore
+from ...proto.policy import OwnListeners
 from ...proto.server import ServerContext
 from ...proto.sessions import MemorySessionStore
 from .bind import close_session_listeners
@@ -93,7 +95,6 @@ class Server:
         """Failed password checks per client address (AUTH-05)."""
         self.tls_context: ssl.SSLContext | None = self._tls_context(config)
         """The TLS listeners' context, or None without TLS listeners."""
-        self._configure(config, config.user_store())
         self._relayer = relayer
         self._own_relayer = relayer is None
         self._use_engine = use_relay_engine
@@ -108,6 +109,7 @@ class Server:
         """The most recent finished connections."""
         self.on_connection_closed: list[Callable[[ConnectionRecord], None]] = []
         """Callbacks run with the record of every finished connection."""
+        self._configure(config, config.user_store())
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -124,7 +126,11 @@ class Server:
         """Point the core's context at ``config`` (at start and on reload)."""
         context, server = self.context, config.server
         context.users = users
-        context.policy = config.policy()
+        # CMD-06: "@local" and the loop check need this host's addresses, read from the kernel
+        # each time (interfaces may have changed since start-up).
+        self._local, self._local_problem = read_local_addresses()
+        context.policy = config.policy(self._local)
+        context.own_listeners = OwnListeners(self.addresses + self.tls_addresses, self._local)
         context.max_options_length = server.max_options_length
         context.handshake_timeout = server.handshake_timeout
         context.connect_timeout = server.connect_timeout
@@ -195,6 +201,7 @@ class Server:
                 sock.close()
             self._listeners.clear()
             raise
+        self.context.own_listeners = OwnListeners(self.addresses + self.tls_addresses, self._local)
         self._accepting = True
         self._resume_accepting()
         self._housekeeping = loop.create_task(self._expire_sessions())
@@ -202,6 +209,7 @@ class Server:
             log.info("listening on %s (SOCKS 6 and SOCKS 5)", format_address(host, port))
         for host, port in self.tls_addresses:
             log.info("listening on %s (SOCKS over TLS)", format_address(host, port))
+        self._warn_about_exposure(self._config)
         log.info("relay path: %s", self._describe_relay())
         udp = self._config.udp
         if udp.port is not None or udp.dtls_port is not None:
@@ -363,6 +371,16 @@ class Server:
             self._paused_for_limit = False
             self._resume_accepting()
         log.info("configuration reloaded: %d users, %d rules", len(users), len(config.rules))
+        self._warn_about_exposure(config)
+
+    def _warn_about_exposure(self, config: Config) -> None:
+        """Start-up and reload warnings: an open proxy, a host whose addresses are unknown."""
+        if self._local_problem is not None:
+            log.warning('%s: "@local" and the loop check know only loopback', self._local_problem)
+        hosts = [host for host, _ in self.addresses + self.tls_addresses]
+        warning = config.open_proxy_warning(hosts)
+        if warning is not None:
+            log.warning("%s", warning)
 
     def stop_accepting(self) -> None:
         """Close the listeners; connections in progress continue."""

@@ -1,4 +1,5 @@
-"""The one log line of a finished client connection (`ConnectionRecord`).
+"""The one log line of a finished client connection (`ConnectionRecord`), and the words for
+a failure's cause in it (`describe_error`).
 
 Built once, when the connection ends, from what its core connection decided and what the
 handler did; `Server.records` keeps the latest ones and `Server.on_connection_closed`
@@ -7,16 +8,36 @@ callbacks receive each (tests read the remote leg's options there).
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 from dataclasses import dataclass
 
 from ...proto.stack import AppliedLeg
 
-__all__ = ["ConnectionRecord", "format_address"]
+__all__ = ["ConnectionRecord", "describe_error", "format_address"]
 
 
 def format_address(host: str, port: int) -> str:
     """``host:port``, with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """Why an operation failed, in words, for the access log; never empty.
+
+    asyncio's timeouts are a bare ``TimeoutError()`` whose text is empty, so the cause must
+    come from the type; an errno is named too (``Connection refused (ECONNREFUSED)``).
+    """
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or str(exc) or "name resolution failed"
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
+        name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
+        return f"{exc.strerror or os.strerror(exc.errno)} ({name})"
+    if isinstance(exc, TimeoutError):
+        return str(exc) or "timed out"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass(slots=True)
