@@ -61,7 +61,7 @@ from socks6fast.proto.messages import (
     TFOOption,
     TTLOption,
 )
-from socks6fast.proto.policy import Policy, Rule, parse_destination
+from socks6fast.proto.policy import LocalAddresses, OwnListeners, Policy, Rule, parse_destination
 from socks6fast.proto.server import ServerConnection, Socks5ServerConnection, reply_code_for
 from socks6fast.proto.socks5 import UserPassReply, decode_userpass_reply
 from socks6fast.proto.stack import AppliedLeg
@@ -725,3 +725,101 @@ def test_bind_early_data_waits_for_the_peer() -> None:
     assert isinstance(conn.next_action(0.0), Send)
     relay = conn.next_action(0.0)
     assert isinstance(relay, Relay) and relay.to_remote == b"early"
+
+
+# --- Where a connection may go (CMD-06, issue 12) --------------------------------------------
+
+
+@pytest.mark.conformance("CMD-06")
+def test_connect_into_our_own_listener_is_refused() -> None:
+    """A CONNECT that would loop back into one of the proxy's listeners is refused whatever the
+    rules say, as a literal and as a name resolving only there; other addresses of the name
+    are still dialled."""
+    own = OwnListeners([("127.0.0.1", 1080)], LocalAddresses())
+    context = make_context()
+    context.own_listeners = own
+    names = {
+        "self.test": [(2, ("127.0.0.1", 1080))],
+        "both.test": [(2, ("127.0.0.1", 1080)), (2, ("192.0.2.9", 1080))],
+    }
+    for host, dialled in (
+        ("127.0.0.1", None),
+        ("0.0.0.0", None),
+        ("self.test", None),
+        ("both.test", ("192.0.2.9", 1080)),
+    ):
+        client, io = client_and_server(io=ScriptedIO(context=context, names=names))
+        io.receive(client.send(connect(host, 1080)))
+        if dialled is None:
+            with pytest.raises(ProxyError) as info:
+                transfer(client, io)
+            assert info.value.reply_code == ReplyCode.NOT_ALLOWED_BY_RULESET
+            assert io.server is not None and io.server.error.startswith("loop refused: ")
+            assert not actions(io, Dial)
+        else:
+            transfer(client, io)
+            [dial] = actions(io, Dial)
+            assert isinstance(dial, Dial) and dial.targets == ((2, dialled),)
+
+
+@pytest.mark.conformance("CMD-06", "CMD-04")
+def test_bind_peer_checked_by_the_rules() -> None:
+    """A BIND's peer is known only when it connects: the rules see it then, and a refused peer
+    gets a failure as the second reply (no Stack-option echo), never data."""
+    deny = Policy(
+        [
+            Rule(
+                allow=False,
+                commands=frozenset({Command.BIND}),
+                destinations=(parse_destination("198.51.100.0/24"),),
+            )
+        ]
+    )
+    client, io = client_and_server(io=ScriptedIO(context=make_context(policy=deny)))
+    io.receive(client.send(build_request(Command.BIND, "0.0.0.0", 0)))
+    with pytest.raises(ProxyError) as info:
+        transfer(client, io)
+    assert info.value.reply_code == ReplyCode.NOT_ALLOWED_BY_RULESET
+    assert io.relayed is None and io.closed is not None
+    assert (
+        io.server is not None
+        and io.server.error == f"BIND peer {BIND_PEER[0]}:{BIND_PEER[1]} denied by rules[0]"
+    )
+
+
+@pytest.mark.conformance("CMD-07", "CMD-06")
+def test_dns_service_is_checked_as_written() -> None:
+    """D13: the DNS service request (0.0.0.0:53) is matched by the rules as written, not as a
+    connection to this host (which a rule denying @local would otherwise refuse)."""
+    deny_local = Policy([Rule(allow=False, destinations=(parse_destination("127.0.0.0/8"),))])
+    io = ScriptedIO(context=make_context(policy=deny_local, dns_resolver=("192.0.2.53", 53)))
+    client, io = client_and_server(io=io)
+    io.receive(client.send(build_request(Command.CONNECT, "0.0.0.0", 53)))
+    transfer(client, io)
+    assert io.relayed is not None
+    client, io = client_and_server(io=ScriptedIO(context=io.context))
+    io.receive(client.send(connect("0.0.0.0", 80)))  # 0.0.0.0 is this host: refused
+    with pytest.raises(ProxyError):
+        transfer(client, io)
+
+
+def test_every_failure_names_its_cause() -> None:
+    """The log line of a refused or failed request says why (issue 12)."""
+    cases = [
+        (build_request(Command.UDP_ASSOCIATE, "0.0.0.0", 0), "UDP ASSOCIATE is not implemented"),
+        (build_request(Command.CONNECT, "0.0.0.0", 53), "DNS service: no server.dns_resolver configured"),
+        (build_request(Command.BIND, "x.test", 0), "BIND to a domain name is not supported"),
+        (connect("nowhere.test"), "cannot resolve 'nowhere.test'"),
+    ]
+    for request, cause in cases:
+        client, io = client_and_server()
+        io.receive(client.send(request))
+        with pytest.raises(ProxyError):
+            transfer(client, io)
+        assert io.server is not None and cause in io.server.error, (cause, io.server.error)
+    io = ScriptedIO(context=make_context(dns_resolver=("192.0.2.53", 53)), dial_error=TimeoutError())
+    client, io = client_and_server(io=io)
+    io.receive(client.send(build_request(Command.CONNECT, "0.0.0.0", 53)))
+    with pytest.raises(ProxyError):
+        transfer(client, io)
+    assert io.server is not None and io.server.error.startswith("DNS service: connect to 192.0.2.53:53")
