@@ -85,6 +85,7 @@ from socks6fast.proto.messages import (
     UnknownOption,
     UnknownStackOption,
 )
+from socks6fast.proto.sessions import MemorySessionStore
 from socks6fast.proto.socks5 import UserPassRequest, decode_userpass_reply, encode_userpass_request
 
 pytestmark = pytest.mark.timeout(30)
@@ -1433,3 +1434,32 @@ async def test_client_library_through_the_server(tmp_path: Path) -> None:
             assert await reader.readexactly(6) == b" world"
             writer.close()
             await writer.wait_closed()
+
+
+async def test_reload_applies_every_limit_and_keeps_sessions() -> None:
+    """Server.reload: the live session store keeps its sessions and takes all five new
+    [sessions] limits (one mapping, SessionsConfig.limits, not a copy by hand); the [server]
+    limits reach the core's shared context, for connections already in their handshake too."""
+    async with running_server(make_config(sessions={"max_per_user": 5})) as server:
+        store = server.context.sessions
+        assert isinstance(store, MemorySessionStore)
+        assert store.create("alice", "127.0.0.1", asyncio.get_running_loop().time()) is not None
+        new = make_config(
+            sessions={
+                "idle_timeout": 30,
+                "max_sessions": 7,
+                "max_per_client_ip": 3,
+                "max_per_user": 2,
+                "max_token_window": 8,
+            },
+            server={"max_options_length": 2048, "connect_timeout": 3.0, "handshake_timeout": 4.0},
+        )
+        server.reload(new)
+        assert server.context.sessions is store and len(store) == 1
+        assert store.limits == new.sessions.limits()
+        context = server.context
+        assert (context.max_options_length, context.connect_timeout, context.handshake_timeout) == (
+            2048,
+            3.0,
+            4.0,
+        )

@@ -10,11 +10,15 @@ section 2). ``tests/test_imports.py`` checks that importing any module here leav
   writes with ``_wire_py``.
 - ``socks5``: the RFC 1928 / RFC 1929 codec for SOCKS 5 on the same port.
 - ``states``: the state tables of both roles.
-- ``server``: ``ServerConnection`` / ``Socks5ServerConnection``, the proxy's side.
+- ``stack``: Stack options: the plan of a Request's options and the echo in the reply.
+- ``server_wire``: the proxy's message level (bytes in, events out; replies in, bytes out).
+- ``server``: ``ServerConnection`` / ``Socks5ServerConnection``, the proxy's side: every
+  decision, as ``actions`` an adapter performs (``next_action(now)``, completions in).
+- ``actions``: the proxy core's actions and the results an adapter reports back.
 - ``client``: ``ClientConnection`` / ``ClientSession``, the client's side.
 - ``client_flow``: the steps of one client request around its ``ClientConnection``
   (session wait, NOOP for a token, TFO split, retry, close), as generators of actions that
   the blocking and the asyncio client perform.
 - ``sessions``, ``auth``, ``policy``: session and idempotence-token bookkeeping,
-  credential checks, and the rules.
+  credential checks and the failed-attempt limiter, and the rules.
 """
