@@ -40,6 +40,8 @@ LAYERS: list[set[str]] = [
     {"proto.socks5", "proto.stack", "proto._codec_py", "proto._codec_c"},
     {"proto.codec"},
     {"proto.server_wire", "proto.actions"},
+    {"proto.server_common"},
+    {"proto.server_socks5"},
     {"proto.server", "proto.client", "proto"},
     {"proto.client_flow"},
     {"net.tfo"},

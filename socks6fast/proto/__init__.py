@@ -12,8 +12,10 @@ section 2). ``tests/test_imports.py`` checks that importing any module here leav
 - ``states``: the state tables of both roles.
 - ``stack``: Stack options: the plan of a Request's options and the echo in the reply.
 - ``server_wire``: the proxy's message level (bytes in, events out; replies in, bytes out).
-- ``server``: ``ServerConnection`` / ``Socks5ServerConnection``, the proxy's side: every
-  decision, as ``actions`` an adapter performs (``next_action(now)``, completions in).
+- ``server``: ``ServerConnection``, the proxy's side of SOCKS 6: every decision, as
+  ``actions`` an adapter performs (``next_action(now)``, completions in);
+  ``server_socks5``: ``Socks5ServerConnection``, the same for SOCKS 5; ``server_common``:
+  what both share (``ServerContext``, the action queue, the completions).
 - ``actions``: the proxy core's actions and the results an adapter reports back.
 - ``client``: ``ClientConnection`` / ``ClientSession``, the client's side.
 - ``client_flow``: the steps of one client request around its ``ClientConnection``

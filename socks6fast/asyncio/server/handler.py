@@ -40,10 +40,15 @@ from ...proto.actions import (
     Send,
 )
 from ...proto.auth import FailedAuthLimiter
-from ...proto.server import ServerConnection, ServerContext, Socks5ServerConnection, server_connection
+from ...proto.server import (
+    NEED_DATA,
+    ServerConnection,
+    ServerContext,
+    Socks5ServerConnection,
+    server_connection,
+)
 from ...proto.socks5 import UserPassRequest
 from ...proto.stack import AppliedLeg
-from ...proto.states import NEED_DATA
 from .bind import (
     BacklogListener,
     ClientGone,
