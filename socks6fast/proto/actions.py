@@ -150,18 +150,18 @@ class Dial:
     """The address or name (for messages)."""
     port: int
     """The port."""
-    targets: tuple[Target, ...]
-    """Resolved addresses to try, in order (empty for a literal: connect to ``host`` itself)."""
-    options: LegOptions
-    """IP options for the new socket (STK-03, STK-05)."""
-    multipath: bool
-    """Open an MPTCP socket if the kernel offers it (STK-07)."""
-    happy_eyeballs: bool
-    """Race the targets, alternating families, 250 ms apart (RFC 8305, STK-04); else one by one."""
-    tfo_payload: bytes
-    """With TFO (CMD-02, STK-06): these bytes go out in the SYN; empty: no TFO."""
     deadline: float
     """Give up at this time (CONNECTION_TIMED_OUT)."""
+    targets: tuple[Target, ...] = ()
+    """Resolved addresses to try, in order (empty for a literal: connect to ``host`` itself)."""
+    options: LegOptions = LegOptions()
+    """IP options for the new socket (STK-03, STK-05)."""
+    multipath: bool = False
+    """Open an MPTCP socket if the kernel offers it (STK-07)."""
+    happy_eyeballs: bool = False
+    """Race the targets, alternating families, 250 ms apart (RFC 8305, STK-04); else one by one."""
+    tfo_payload: bytes = b""
+    """With TFO (CMD-02, STK-06): these bytes go out in the SYN; empty: no TFO."""
 
 
 @dataclass(slots=True)
@@ -190,18 +190,18 @@ class Listen:
     """The address to bind."""
     port: int
     """The port to bind (0: any)."""
-    near_client: bool
+    near_client: bool = False
     """Bind instead on the local address the client reached us at, in that address's family,
     when the adapter can tell it (the request named no particular address)."""
-    options: LegOptions
+    options: LegOptions = LegOptions()
     """IP options for the listening socket."""
-    multipath: bool
+    multipath: bool = False
     """Open an MPTCP socket if the kernel offers it."""
-    tfo: bool
+    tfo: bool = False
     """Accept TFO (STK-06: only when asked)."""
-    backlog: int
+    backlog: int = 0
     """The listen backlog granted (CMD-05); 0 when none: then one connection is accepted."""
-    session: Session | None
+    session: Session | None = None
     """With a backlog: keep the listener in this session's ``listeners`` under its bound
     address, for further BIND requests to claim, until the session or this connection ends."""
 

@@ -69,6 +69,7 @@ from .actions import (
     LINGER_CLOSE,
     ApplyClientOptions,
     Claim,
+    Dial,
     Dialed,
     EndSession,
     Listen,
@@ -90,7 +91,6 @@ from .messages import (
     VersionMismatchReply,
 )
 from .server_common import (
-    _NO_LEG_OPTIONS,
     _UNSPECIFIED,
     DNS_PORT,
     MAX_BIND_BACKLOG,
@@ -475,23 +475,27 @@ class ServerConnection(_ConnectionBase):
                 self._fail(ReplyCode.CONNECTION_REFUSED, "DNS service: no server.dns_resolver configured")
                 return
             host, port = resolver
-            self._connect(_address_type_of(host), host, port, _NO_LEG_OPTIONS, False, False, b"", now)
+            self._connect(Dial(_address_type_of(host), host, port, now + self._ctx.connect_timeout))
             return
         tfo_payload = b""
         if plan.tfo_payload_size is not None:
             # STK-06: "MUST NOT use a payload size larger than the one indicated" (0: any).
             tfo_payload = payload[: plan.tfo_payload_size] if plan.tfo_payload_size else payload
-        self._connect(
+        dial = Dial(
             request.address_type,
             request.address,
             request.port,
-            plan.remote,
-            plan.multipath == Availability.DESIRED,
+            now + self._ctx.connect_timeout,
+            options=plan.remote,
+            multipath=plan.multipath == Availability.DESIRED,
             # STK-04: Happy Eyeballs only for a domain name, and only when asked.
-            request.address_type == AddressType.DOMAIN_NAME and plan.happy_eyeballs == Availability.DESIRED,
-            tfo_payload,
-            now,
+            happy_eyeballs=(
+                request.address_type == AddressType.DOMAIN_NAME
+                and plan.happy_eyeballs == Availability.DESIRED
+            ),
+            tfo_payload=tfo_payload,
         )
+        self._connect(dial)
 
     def _on_dialed(self, dialed: Dialed) -> None:
         request, options = self.request, self._options
@@ -558,12 +562,12 @@ class ServerConnection(_ConnectionBase):
             # particular address", not "every interface": bind where the client reached us
             # (the address it can tell the remote host, RFC 1928 BIND semantics), so a proxy
             # listening on loopback never opens a listener on other interfaces (CMD-04).
-            ipaddress.ip_address(request.address).is_unspecified,
-            plan.remote,
-            plan.multipath == Availability.DESIRED,
-            plan.tfo_payload_size is not None,  # STK-06: BIND accepts TFO only when asked
-            backlog,
-            session if backlog else None,
+            near_client=ipaddress.ip_address(request.address).is_unspecified,
+            options=plan.remote,
+            multipath=plan.multipath == Availability.DESIRED,
+            tfo=plan.tfo_payload_size is not None,  # STK-06: BIND accepts TFO only when asked
+            backlog=backlog,
+            session=session if backlog else None,
         )
         self._push_step(listen, _Step.LISTEN)
 

@@ -59,7 +59,6 @@ from .socks5 import (
     Socks5Request,
     UserPassRequest,
 )
-from .stack import LegOptions
 from .states import NEED_DATA, PAUSED, NeedData, Protocol
 
 __all__ = [
@@ -77,7 +76,6 @@ DNS_PORT: Final = 53
 #: Largest backlog granted to a BIND with a Listen Backlog option (CMD-05).
 MAX_BIND_BACKLOG: Final = 128
 _UNSPECIFIED: Final = {AddressType.IPV4: "0.0.0.0", AddressType.IPV6: "::"}
-_NO_LEG_OPTIONS: Final = LegOptions()
 
 
 class ServerContext:
@@ -356,17 +354,7 @@ class _ConnectionBase:
                 cause = f"loop refused: {dial.host!r} resolves only to this proxy's own listener {listener}"
                 self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, cause)
                 return
-        self._dial = dial = Dial(
-            dial.address_type,
-            dial.host,
-            dial.port,
-            tuple(targets),
-            dial.options,
-            dial.multipath,
-            dial.happy_eyeballs,
-            dial.tfo_payload,
-            dial.deadline,
-        )
+        dial.targets = tuple(targets)
         self._push_step(dial, _Step.DIAL)
 
     def resolve_failed(self, exc: BaseException, message: str) -> None:
@@ -464,32 +452,19 @@ class _ConnectionBase:
         self._step = _Step.DONE
         self._relayed = True
 
-    def _connect(
-        self,
-        address_type: AddressType,
-        host: str,
-        port: int,
-        options: LegOptions,
-        multipath: bool,
-        happy_eyeballs: bool,
-        tfo_payload: bytes,
-        now: float,
-    ) -> None:
+    def _connect(self, dial: Dial) -> None:
         """Dial the destination; a name is resolved first (`resolved` dials)."""
-        if address_type != AddressType.DOMAIN_NAME:
-            listener = self._ctx.own_listeners.find(host, port)
-            if listener is not None:  # CMD-06: never a loop through ourselves, whatever the rules
-                cause = f"loop refused: {_format(host, port)} is this proxy's own listener {listener}"
-                self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, cause)
-                return
-        deadline = now + self._ctx.connect_timeout
-        dial = Dial(address_type, host, port, (), options, multipath, happy_eyeballs, tfo_payload, deadline)
         self._dial = dial
-        if address_type == AddressType.DOMAIN_NAME:
-            self._push_step(Resolve(host, port, deadline), _Step.RESOLVE)
-        else:
-            self._actions.append(dial)
-            self._step = _Step.DIAL
+        if dial.address_type == AddressType.DOMAIN_NAME:
+            self._push_step(Resolve(dial.host, dial.port, dial.deadline), _Step.RESOLVE)
+            return
+        listener = self._ctx.own_listeners.find(dial.host, dial.port)
+        if listener is not None:  # CMD-06: never a loop through ourselves, whatever the rules
+            cause = f"loop refused: {_format(dial.host, dial.port)} is this proxy's own listener {listener}"
+            self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, cause)
+            return
+        self._actions.append(dial)
+        self._step = _Step.DIAL
 
     def _check(self, credentials: UserPassRequest) -> None:
         self._push_step(CheckCredentials(credentials), _Step.CREDENTIALS)

@@ -17,12 +17,12 @@ from .actions import (
     AWAIT_PEER,
     CLOSE,
     LINGER_CLOSE,
+    Dial,
     Dialed,
     Listen,
     Listening,
 )
 from .server_common import (
-    _NO_LEG_OPTIONS,
     _UNSPECIFIED,
     ServerContext,
     _address_type_of,
@@ -136,17 +136,13 @@ class Socks5ServerConnection(_ConnectionBase):
         if not allowed:
             self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, _denied_by(rule))
         elif request.command == Socks5Command.CONNECT:
-            self._connect(
-                request.address_type, request.address, request.port, _NO_LEG_OPTIONS, False, False, b"", now
-            )
+            deadline = now + self._ctx.connect_timeout
+            self._connect(Dial(request.address_type, request.address, request.port, deadline))
         elif request.command == Socks5Command.BIND and request.address_type != AddressType.DOMAIN_NAME:
             # RFC 1928 BIND: DST.ADDR is the expected peer, not a bind address; we bind where
             # the client reached us, on any port.
             unspecified = _UNSPECIFIED[request.address_type]
-            listen = Listen(
-                request.address_type, unspecified, 0, True, _NO_LEG_OPTIONS, False, False, 0, None
-            )
-            self._push_step(listen, _Step.LISTEN)
+            self._push_step(Listen(request.address_type, unspecified, 0, near_client=True), _Step.LISTEN)
         elif request.command == Socks5Command.BIND:
             self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, "BIND to a domain name is not supported")
         else:
