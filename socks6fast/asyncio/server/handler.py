@@ -404,6 +404,7 @@ class ConnectionHandler:
                 record.error = record.error or f"relay: {result.cause}"
             elif result.end == RelayEnd.ERROR:
                 record.error = record.error or "relay: error (the data plane gave no cause)"
+            record.relay_close = "rst" if result.reset else "fin"
         record.duration = time.monotonic() - self.started
         self._server.connection_finished(record)
 

@@ -71,7 +71,10 @@ class ConnectionRecord:
     relay_path: str = "-"
     """``"splice"`` or ``"asyncio"`` once relayed."""
     relay_end: str = "-"
-    """How the relay ended."""
+    """How the relay ended (``RelayEnd`` name, lower case)."""
+    relay_close: str = "-"
+    """How the proxy closed the relayed legs: ``"fin"`` (clean EOF both ways) or ``"rst"``
+    (a cut, such as the idle timeout or the drain deadline, or a failure passed on)."""
     duration: float = 0.0
     """Seconds from accept to close."""
     remote_address: tuple[str, int] | None = None
@@ -97,6 +100,7 @@ class ConnectionRecord:
         text = (
             f"client={format_address(*self.client)} proto={self.protocol} user={self.user or '-'} "
             f"cmd={self.command} dst={self.destination} reply={code} up={self.bytes_up} "
-            f"down={self.bytes_down} dur={self.duration:.3f}s relay={self.relay_path} end={self.relay_end}"
+            f"down={self.bytes_down} dur={self.duration:.3f}s relay={self.relay_path} end={self.relay_end} "
+            f"close={self.relay_close}"
         )
         return f"{text} error={self.error!r}" if self.error else text
