@@ -477,6 +477,10 @@ class ServerConnection(_ConnectionBase):
             host, port = resolver
             self._connect(Dial(_address_type_of(host), host, port, now + self._ctx.connect_timeout))
             return
+        deadline = now + self._ctx.connect_timeout
+        if self._options is NO_OPTIONS:  # the common request: nothing but the destination
+            self._connect(Dial(request.address_type, request.address, request.port, deadline))
+            return
         tfo_payload = b""
         if plan.tfo_payload_size is not None:
             # STK-06: "MUST NOT use a payload size larger than the one indicated" (0: any).
@@ -485,7 +489,7 @@ class ServerConnection(_ConnectionBase):
             request.address_type,
             request.address,
             request.port,
-            now + self._ctx.connect_timeout,
+            deadline,
             options=plan.remote,
             multipath=plan.multipath == Availability.DESIRED,
             # STK-04: Happy Eyeballs only for a domain name, and only when asked.
