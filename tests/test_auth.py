@@ -70,7 +70,8 @@ def test_hash_password_rejects_bad_parameters() -> None:
         hash_password("x", n=1000)
 
 
-def test_store_authenticates_known_user() -> None:  # AUTH-05 (proxy-side check)
+@pytest.mark.conformance("AUTH-05")
+def test_store_authenticates_known_user() -> None:
     store = UserStore({"alice": hash_password("wonderland", **FAST)})
     assert store.required
     assert "alice" in store and len(store) == 1
@@ -157,8 +158,9 @@ def test_reload_invalidates_cache() -> None:
     assert not store.required
 
 
+@pytest.mark.conformance("AUTH-05")
 def test_authenticate_cached_never_runs_scrypt(scrypt_runs: list[int]) -> None:
-    """AUTH-01 / AUTH-05: authenticate_cached (the server calls it on its event loop, so a
+    """AUTH-05: authenticate_cached (the server calls it on its event loop, so a
     0-RTT request with known credentials costs no thread hop) answers only from the
     cache: None before a full verification, after a wrong password and after a reload
     changed the user; the user name once authenticate() has verified these credentials."""

@@ -390,7 +390,7 @@ async def test_serve_drain_is_bounded() -> None:
 
 
 async def test_serve_says_udp_is_not_implemented(tmp_path: Path) -> None:
-    """CMD-06: a [udp] table is accepted (validated for the UDP issue) but serve says plainly
+    """A [udp] table is accepted (validated for the UDP issue) but serve says plainly
     that nothing listens on it yet and UDP ASSOCIATE gets 0x07."""
     config = tmp_path / "udp.toml"
     config.write_text('[server]\nlisten = ["127.0.0.1:0"]\n[udp]\nport = 1090\n')

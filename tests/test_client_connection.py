@@ -1,7 +1,8 @@
 """Sans-IO client tests: the proxy is scripted as byte chunks (STYLE.md section 7), no sockets.
 
-Hex vectors are annotated field by field. Each test names the CONFORMANCE.md id it proves
-(client rows C and B; D-numbers are DECISIONS.md).
+Hex vectors are annotated field by field. A test that proves a requirement of
+docs/conformance.md (client and both rows) carries its ID in a conformance marker; D-numbers
+are the decisions of docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def connect(initial: bytes = b"", **kwargs: object) -> ClientConnection:
 # --- One flight: request, 0-RTT credentials and initial data (CMD-03, AUTH-08) -----------
 
 
+@pytest.mark.conformance("AUTH-08", "CMD-03")
 def test_one_flight_request_credentials_and_initial_data() -> None:
     """CMD-03 (client side), AUTH-08: one write carries the Request with 0-RTT credentials
     (Authentication Data, method 2), an advertisement of method 2 only (never 0), and the
@@ -162,6 +164,7 @@ def test_one_flight_request_credentials_and_initial_data() -> None:
     assert state(conn) is ClientState.AWAIT_AUTH_REPLY
 
 
+@pytest.mark.conformance("CMD-03")
 def test_false_start_without_advertisement_sends_everything() -> None:
     """CMD-03: without an advertisement, application data of any size follows the Request
     at once (section "False Starts")."""
@@ -171,6 +174,7 @@ def test_false_start_without_advertisement_sends_everything() -> None:
     assert flight == hx("06 01 0000 0050 00 01 c0000201") + data
 
 
+@pytest.mark.conformance("CMD-03")
 def test_initial_data_beyond_advertised_waits_for_auth_success() -> None:
     """CMD-03: with credentials, 2^14 bytes are announced and sent with the Request; the
     rest leaves only after the successful Authentication Reply."""
@@ -237,6 +241,7 @@ def test_sentinels_are_the_shared_ones() -> None:
 # --- REQ-02: Version Mismatch Reply --------------------------------------------------------
 
 
+@pytest.mark.conformance("REQ-02")
 def test_version_mismatch_reply_raises_and_closes() -> None:
     """REQ-02: the single byte 6 followed by EOF is a Version Mismatch Reply."""
     conn = connect()
@@ -251,6 +256,7 @@ def test_version_mismatch_reply_raises_and_closes() -> None:
         conn.next_event()
 
 
+@pytest.mark.conformance("REQ-02")
 def test_socks5_answer_is_a_version_mismatch() -> None:
     """REQ-02: a SOCKS 5 proxy answering our request (05 FF) is reported, not parsed."""
     conn = connect()
@@ -279,6 +285,7 @@ def test_eof_in_the_middle_of_a_reply() -> None:
 # --- REQ-03 / REQ-05 / REQ-06 / REQ-09 in replies ------------------------------------------
 
 
+@pytest.mark.conformance("REQ-03")
 def test_auth_reply_options_length_over_cap_rejected_from_header() -> None:
     """REQ-03 (client side): Options Length 16385 fails on the 4-byte header, before any
     option byte is buffered."""
@@ -289,6 +296,7 @@ def test_auth_reply_options_length_over_cap_rejected_from_header() -> None:
     assert state(conn) is ClientState.ERROR
 
 
+@pytest.mark.conformance("REQ-03")
 def test_operation_reply_options_length_over_cap_rejected_from_header() -> None:
     """REQ-03: the same for the Operation Reply, and a lower configured cap is honoured."""
     conn = connect(max_options_length=1024)
@@ -298,6 +306,7 @@ def test_operation_reply_options_length_over_cap_rejected_from_header() -> None:
         conn.next_event()
 
 
+@pytest.mark.conformance("REQ-03")
 def test_options_length_at_cap_is_buffered_and_needs_are_exact() -> None:
     """REQ-03: a reply announcing 16384 bytes of options asks for exactly those bytes."""
     conn = connect()
@@ -306,6 +315,7 @@ def test_options_length_at_cap_is_buffered_and_needs_are_exact() -> None:
     assert conn.bytes_needed == 16384
 
 
+@pytest.mark.conformance("REQ-05")
 def test_malformed_option_length_in_reply() -> None:
     """REQ-05: an option whose Length is not a multiple of 4 makes the reply malformed."""
     conn = connect()
@@ -314,6 +324,7 @@ def test_malformed_option_length_in_reply() -> None:
         conn.next_event()
 
 
+@pytest.mark.conformance("REQ-06")
 def test_unknown_and_misplaced_options_in_replies_are_ignored() -> None:
     """REQ-06: an experimental option kind, and a Session OK the client did not ask for,
     do not disturb the handshake."""
@@ -336,6 +347,7 @@ def test_unknown_and_misplaced_options_in_replies_are_ignored() -> None:
     assert state(conn) is ClientState.ESTABLISHED
 
 
+@pytest.mark.conformance("REQ-09")
 @pytest.mark.parametrize(
     "address_field",
     [
@@ -352,6 +364,7 @@ def test_domain_bind_address_both_padding_forms(address_field: str) -> None:
     assert (reply.address_type, reply.address, reply.port) == (AddressType.DOMAIN_NAME, "proxy.example", 1080)
 
 
+@pytest.mark.conformance("REQ-09")
 def test_domain_destination_sent_without_padding_in_length() -> None:
     """REQ-09: the length byte counts the name only; NULs pad the field to 4 bytes (D2)."""
     flight = ClientConnection().send(build_request(Command.CONNECT, "ab.example", 443))
@@ -361,6 +374,7 @@ def test_domain_destination_sent_without_padding_in_length() -> None:
 # --- REQ-10: close after failure / after NOOP ---------------------------------------------
 
 
+@pytest.mark.conformance("REQ-10")
 @pytest.mark.parametrize("code", [c for c in ReplyCode if c is not ReplyCode.SUCCESS])
 def test_non_success_operation_reply_raises_proxy_error_with_code(code: ReplyCode) -> None:
     """REQ-10: every non-Success code raises ProxyError carrying that code; ERROR state."""
@@ -374,6 +388,7 @@ def test_non_success_operation_reply_raises_proxy_error_with_code(code: ReplyCod
     assert conn.operation_reply is not None and conn.operation_reply.reply_code == code
 
 
+@pytest.mark.conformance("REQ-10")
 def test_noop_reply_means_must_close() -> None:
     """REQ-10: after the Operation Reply to NOOP the client closes (MUST_CLOSE)."""
     conn = ClientConnection()
@@ -387,7 +402,7 @@ def test_noop_reply_means_must_close() -> None:
 
 
 def test_bind_two_operation_replies() -> None:
-    """CMD-04 (client side): BIND waits for a second Operation Reply naming the peer."""
+    """BIND, client side: it waits for a second Operation Reply naming the peer."""
     conn = ClientConnection()
     conn.send(build_request(Command.BIND, "0.0.0.0", 0))
     conn.receive_data(AUTH_OK + OP_OK)
@@ -401,6 +416,7 @@ def test_bind_two_operation_replies() -> None:
     assert state(conn) is ClientState.ESTABLISHED
 
 
+@pytest.mark.conformance("REQ-10")
 def test_bind_second_reply_failure() -> None:
     """REQ-10: a failed second BIND reply is a refusal too."""
     conn = ClientConnection()
@@ -424,6 +440,7 @@ SELECT_NONE_ACCEPTABLE = "0003 0008 ff 000000"  # Method 0xFF: No Acceptable Met
 SELECT_GSSAPI = "0003 0008 01 000000"  # Method 1
 
 
+@pytest.mark.conformance("AUTH-03")
 @pytest.mark.parametrize(
     ("reply", "credentials", "message"),
     [
@@ -448,7 +465,7 @@ def test_type1_without_a_method_that_can_continue_closes(
 
 
 def test_slow_username_password_exchange() -> None:
-    """D7 (AUTH-05 client side): Type 1 + Method Selection 2 -> bare RFC 1929 request,
+    """D7, client side: Type 1 + Method Selection 2 -> bare RFC 1929 request,
     RFC 1929 reply, second Authentication Reply, Operation Reply."""
     conn = ClientConnection()
     request = build_request(Command.CONNECT, "192.0.2.1", 80, credentials=ALICE, initial_data_length=3)
@@ -484,7 +501,7 @@ def test_slow_exchange_password_rejected() -> None:
 
 
 def test_second_auth_reply_cannot_start_another_negotiation() -> None:
-    """AUTH-04 (client side): a failing second Authentication Reply is final, even if it
+    """Client side of the final Authentication Reply: a failing second one is final, even if it
     selects a method again."""
     conn = ClientConnection()
     conn.send(build_request(Command.CONNECT, "192.0.2.1", 80, credentials=ALICE))
@@ -506,7 +523,7 @@ def test_zero_rtt_password_rejected_in_auth_data_reply() -> None:
 
 
 def test_zero_rtt_password_accepted() -> None:
-    """AUTH-01 (client side): one Authentication Reply, Type 0, then the Operation Reply."""
+    """0-RTT, client side: one Authentication Reply, Type 0, then the Operation Reply."""
     conn = ClientConnection()
     conn.send(build_request(Command.CONNECT, "192.0.2.1", 80, credentials=ALICE))
     conn.receive_data(hx("06 00 0008", "0004 0008 02 01 00 00") + OP_OK)  # Auth Data: STATUS 0
@@ -516,6 +533,7 @@ def test_zero_rtt_password_accepted() -> None:
 # --- AUTH-08 / AUTH-09 / SES-06: what send() refuses ------------------------------------------
 
 
+@pytest.mark.conformance("AUTH-08")
 def test_never_advertises_method_zero() -> None:
     """AUTH-08: build_request never advertises method 0; send() refuses a Request that does."""
     request = build_request(Command.CONNECT, "192.0.2.1", 80, credentials=ALICE)
@@ -527,6 +545,7 @@ def test_never_advertises_method_zero() -> None:
         ClientConnection().send(bad)
 
 
+@pytest.mark.conformance("AUTH-09")
 def test_at_most_one_auth_data_option_per_method() -> None:
     """AUTH-09: two Authentication Data options for method 2 are refused."""
     option = AuthData(AuthMethod.USERNAME_PASSWORD, b"\x01\x01a\x01b\x00\x00")
@@ -537,6 +556,7 @@ def test_at_most_one_auth_data_option_per_method() -> None:
     ClientConnection().send(ok)  # one per method is fine
 
 
+@pytest.mark.conformance("SES-06")
 def test_session_request_inside_a_session_is_refused() -> None:
     """SES-06: a Request carrying a Session ID cannot carry a Session Request."""
     bad = Request(Command.CONNECT, AddressType.IPV4, "192.0.2.1", 80, (SessionID(b"ABCD"), SessionRequest()))
@@ -544,6 +564,7 @@ def test_session_request_inside_a_session_is_refused() -> None:
         ClientConnection().send(bad)
 
 
+@pytest.mark.conformance("SES-06")
 def test_client_session_never_initiates_from_inside_a_session() -> None:
     """SES-06: once ACTIVE, ClientSession sends the Session ID and never a Session Request;
     a Session ID in the reply to an in-session request does not replace it."""
@@ -620,6 +641,7 @@ def test_failed_initiation_lets_the_next_request_try_again() -> None:
     assert session.request_options() == (SessionRequest(),)
 
 
+@pytest.mark.conformance("IDM-05")
 def test_window_of_a_failed_initiation_does_not_shadow_the_next_session() -> None:
     """IDM-05 and section "Idempotence options" (windows are per session): the initiating
     request's Authentication Reply carries a window (base 1000), then its CONNECT fails, so
@@ -647,7 +669,7 @@ def test_window_of_a_failed_initiation_does_not_shadow_the_next_session() -> Non
 
 
 def test_session_invalid_resets_the_session() -> None:
-    """SES-03 (client side): Type 1 + Session Invalid raises AuthenticationError and the
+    """Session Invalid, client side: Type 1 + Session Invalid raises AuthenticationError and the
     session starts over."""
     session = ClientSession()
     session.request_options()
@@ -683,6 +705,7 @@ def _replace_session(session: ClientSession, session_id: str, window: str) -> No
     assert state(initiator) is ClientState.ESTABLISHED
 
 
+@pytest.mark.conformance("IDM-05")
 def test_late_window_of_a_replaced_session_is_not_adopted() -> None:
     """IDM-05 and section "Idempotence options" ("Token windows are tracked by the proxy
     on a per-session basis ... its tokens can only be spent from within said session"):
@@ -705,7 +728,7 @@ def test_late_window_of_a_replaced_session_is_not_adopted() -> None:
 
 
 def test_late_session_invalid_of_a_replaced_session_keeps_the_new_one() -> None:
-    """SES-03 (client side): Session Invalid for a request of an old session (answered
+    """Session Invalid, client side: for a request of an old session (answered
     after the client already replaced that session) reports the error, so the request is
     retried, but leaves the new session and its window alone."""
     session = active_session()  # Session ID "ABCD"
@@ -750,6 +773,7 @@ def active_session(tokens: int = 4) -> ClientSession:
     return session
 
 
+@pytest.mark.conformance("IDM-05")
 def test_spends_smallest_tokens_first() -> None:
     """IDM-05: tokens are spent in increasing order, across the 2^32 wrap."""
     session = active_session()
@@ -765,6 +789,7 @@ def test_spends_smallest_tokens_first() -> None:
     )
 
 
+@pytest.mark.conformance("IDM-05")
 def test_ignores_window_advertisements_older_than_the_newest() -> None:
     """IDM-05: a window base lower (mod 2^32) than the newest seen is ignored."""
     session = active_session()
@@ -777,6 +802,7 @@ def test_ignores_window_advertisements_older_than_the_newest() -> None:
     assert session.window == (5, 16)
 
 
+@pytest.mark.conformance("IDM-05")
 def test_window_shift_forgets_spent_tokens_and_keeps_order() -> None:
     """IDM-05: after the proxy shifts the window, spending continues from the new base."""
     session = active_session()
@@ -787,6 +813,7 @@ def test_window_shift_forgets_spent_tokens_and_keeps_order() -> None:
     assert session.spend_token() == 12
 
 
+@pytest.mark.conformance("IDM-05")
 def test_stale_window_in_a_later_auth_reply_is_ignored_through_the_connection() -> None:
     """IDM-05 via ClientConnection: only successful Authentication Replies update the
     window, and an older base is dropped."""
@@ -804,7 +831,7 @@ def test_stale_window_in_a_later_auth_reply_is_ignored_through_the_connection() 
 
 
 def test_token_rejected() -> None:
-    """IDM-03 (client side): Idempotence Rejected with Type 1 raises AuthenticationError."""
+    """Idempotence Rejected, client side: with Type 1 it raises AuthenticationError."""
     session = active_session()
     session.on_window(1, 2)
     conn = ClientConnection(session=session)
@@ -827,6 +854,7 @@ def test_idempotent_needs_an_active_session() -> None:
 # --- TRN-02 / TRN-04 ---------------------------------------------------------------------------
 
 
+@pytest.mark.conformance("TRN-02")
 def test_tfo_syn_carries_application_data_only_with_a_token() -> None:
     """TRN-02: initial data may ride in the TFO SYN only when the request spends a token;
     the Request alone always may (no application data)."""
@@ -837,6 +865,7 @@ def test_tfo_syn_carries_application_data_only_with_a_token() -> None:
     assert conn.request_size == 12  # the SYN payload is flight[:request_size]
 
 
+@pytest.mark.conformance("TRN-04")
 def test_tls_early_data_only_with_a_token() -> None:
     """TRN-04: TLS early data only when the request spends a token."""
     assert tls_early_data_allowed(spends_token=True)
@@ -907,7 +936,7 @@ def test_pair_with_server_connection_slow_exchange() -> None:
 
 
 def test_pair_with_server_connection_session() -> None:
-    """D4 + SES-02 wiring: the Session ID in the server's Operation Reply, Session OK next time."""
+    """D4 and Session OK wiring: the Session ID in the server's Operation Reply, Session OK next time."""
     session = ClientSession()
     client = ClientConnection(session=session)
     server = ServerWire()
@@ -1007,6 +1036,7 @@ def test_client_connection_is_sans_io() -> None:
     assert out.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.conformance("REQ-03")
 def test_request_options_over_the_cap_are_never_sent() -> None:
     """REQ-03 (client side of B): a Request whose options exceed 16 KB is refused locally."""
     big = UnknownOption(0xFC00, bytes(16384))  # 4 + 16384 bytes of options

@@ -421,10 +421,11 @@ async def close(writer: asyncio.StreamWriter) -> None:
 # --- open_connection ---------------------------------------------------------------------------------
 
 
+@pytest.mark.conformance("CMD-03")
 async def test_open_connection_zero_rtt_credentials_in_one_flight(
     make_proxy: MakeProxy, echo_port: int
 ) -> None:
-    """CMD-03, AUTH-01 (client side): the Request, the 0-RTT credentials and the initial
+    """CMD-03, and 0-RTT on the client side: the Request, the 0-RTT credentials and the initial
     data arrive at the proxy in one segment, and the initial data reaches the destination
     first, in order."""
     proxy = await make_proxy(users=USERS)
@@ -440,6 +441,7 @@ async def test_open_connection_zero_rtt_credentials_in_one_flight(
     await close(writer)
 
 
+@pytest.mark.conformance("CMD-03")
 async def test_initial_data_then_stream_in_order(make_proxy: MakeProxy, echo_port: int) -> None:
     """CMD-03: initial data and later writes arrive at the destination in order."""
     proxy = await make_proxy()
@@ -451,7 +453,7 @@ async def test_initial_data_then_stream_in_order(make_proxy: MakeProxy, echo_por
 
 
 async def test_slow_username_password_exchange(make_proxy: MakeProxy, echo_port: int) -> None:
-    """D7 (AUTH-05 client side): a proxy that insists on the RFC 1929 exchange."""
+    """D7, client side: a proxy that insists on the RFC 1929 exchange."""
     proxy = await make_proxy(users=USERS, slow=True)
     reader, writer = await s6.open_connection(
         proxy.url("alice:s3cret"), LOCALHOST, echo_port, initial_data=b"abc"
@@ -464,6 +466,7 @@ async def test_slow_username_password_exchange(make_proxy: MakeProxy, echo_port:
     await close(writer)
 
 
+@pytest.mark.conformance("AUTH-03")
 @pytest.mark.parametrize("slow", [False, True], ids=["0-rtt", "slow"])
 async def test_wrong_password(make_proxy: MakeProxy, echo_port: int, slow: bool) -> None:
     """AUTH-03: rejected credentials raise AuthenticationError (reply_code None)."""
@@ -473,6 +476,7 @@ async def test_wrong_password(make_proxy: MakeProxy, echo_port: int, slow: bool)
     assert info.value.reply_code is None
 
 
+@pytest.mark.conformance("AUTH-03")
 async def test_no_credentials_but_required(make_proxy: MakeProxy, echo_port: int) -> None:
     """AUTH-03: Method Selection 0xFF: AuthenticationError, connection closed."""
     proxy = await make_proxy(users=USERS)
@@ -480,6 +484,7 @@ async def test_no_credentials_but_required(make_proxy: MakeProxy, echo_port: int
         await s6.open_connection(proxy.url(), LOCALHOST, echo_port)
 
 
+@pytest.mark.conformance("REQ-10")
 async def test_refusal_carries_reply_code(make_proxy: MakeProxy) -> None:
     """REQ-10: CONNECT to a closed port: ProxyError with CONNECTION_REFUSED; closed."""
     with socket.socket() as probe:
@@ -491,6 +496,7 @@ async def test_refusal_carries_reply_code(make_proxy: MakeProxy) -> None:
     assert info.value.reply_code is ReplyCode.CONNECTION_REFUSED
 
 
+@pytest.mark.conformance("REQ-02")
 async def test_version_mismatch_reply() -> None:
     """REQ-02: a peer answering the single byte 6 and closing gives VersionMismatchError."""
 
@@ -587,6 +593,7 @@ async def _all_flavours_raise(
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+@pytest.mark.conformance("REQ-02")
 async def test_version_mismatch_reply_followed_by_a_reset() -> None:
     """REQ-02: a proxy that reads only the version byte, answers 6 and closes leaves the
     rest of the Request unread, so its kernel sends RST right behind the 6. The client
@@ -607,7 +614,7 @@ async def test_version_mismatch_reply_followed_by_a_reset() -> None:
     ],
 )
 async def test_reset_in_the_middle_of_a_reply_is_a_remote_protocol_error(replies: bytes) -> None:
-    """REQ-02 / REQ-10: a proxy that resets the connection before its reply is complete
+    """A proxy that resets the connection before its reply is complete
     gives RemoteProtocolError (chained to the reset) in every flavour, and no socket left."""
     proxy = ResettingProxy(replies, read=65536)
     try:
@@ -617,7 +624,7 @@ async def test_reset_in_the_middle_of_a_reply_is_a_remote_protocol_error(replies
 
 
 async def test_reset_when_the_slow_exchange_starts_is_a_remote_protocol_error() -> None:
-    """D7 / AUTH-05: the proxy selects username/password and resets the connection; the
+    """D7: the proxy selects username/password and resets the connection; the
     client's RFC 1929 request then meets the reset (EPIPE / ECONNRESET on the write). The
     client reads on and reports RemoteProtocolError, not a bare ConnectionResetError."""
     select_userpass = bytes.fromhex("06010008 00030008 02000000")  # Type 1, Method Selection 2
@@ -629,7 +636,7 @@ async def test_reset_when_the_slow_exchange_starts_is_a_remote_protocol_error() 
 
 
 async def test_reset_before_the_second_bind_reply_is_a_remote_protocol_error() -> None:
-    """CMD-04: a reset where the second Operation Reply of BIND should be gives
+    """BIND: a reset where the second Operation Reply should be gives
     RemoteProtocolError from accept(), in every flavour."""
     first = bytes.fromhex("06000000 06000000 04d20001 7f000001")  # Auth OK, bound 127.0.0.1:1234
     proxy = ResettingProxy(first + bytes.fromhex("060000"), read=65536)
@@ -639,6 +646,7 @@ async def test_reset_before_the_second_bind_reply_is_a_remote_protocol_error() -
         proxy.close()
 
 
+@pytest.mark.conformance("REQ-02", "REQ-10")
 @pytest.mark.parametrize(
     ("replies", "expected"),
     [
@@ -649,7 +657,7 @@ async def test_reset_before_the_second_bind_reply_is_a_remote_protocol_error() -
 async def test_reset_while_the_first_flight_is_written_gives_the_typed_error(
     replies: bytes, expected: type[Socks6Error]
 ) -> None:
-    """REQ-02 / REQ-10 / CMD-03: a CONNECT with 2 MB of false-start data; the proxy answers
+    """REQ-02 / REQ-10: a CONNECT with 2 MB of false-start data; the proxy answers
     after the Request header and closes, so the client's first write meets ECONNRESET. The
     client reads on, as for its later handshake writes, instead of letting
     ConnectionResetError out: the blocking and socket flavours read the reply the proxy
@@ -722,6 +730,7 @@ async def test_destination_speaks_first_nothing_is_lost(make_proxy: MakeProxy, b
 # --- TLS (TRN-03) ------------------------------------------------------------------------------------
 
 
+@pytest.mark.conformance("TRN-03")
 async def test_tls_proxy_verifies_certificates_by_default(
     make_proxy: MakeProxy, echo_port: int, tls_files: TLSFiles
 ) -> None:
@@ -739,6 +748,7 @@ async def test_tls_proxy_verifies_certificates_by_default(
     await close(writer)
 
 
+@pytest.mark.conformance("TRN-03")
 async def test_tls_proxy_hostname_is_checked(
     make_proxy: MakeProxy, echo_port: int, tls_files: TLSFiles
 ) -> None:
@@ -792,6 +802,7 @@ async def test_asyncio_socket_flavour_refuses_tls_proxy() -> None:
 # --- TFO (TRN-02) ------------------------------------------------------------------------------------
 
 
+@pytest.mark.conformance("TRN-02")
 @pytest.mark.parametrize("token", [False, True], ids=["no-token", "token"])
 async def test_tfo_keeps_initial_data_out_of_the_syn_without_a_token(
     make_proxy: MakeProxy, echo_port: int, monkeypatch: pytest.MonkeyPatch, token: bool
@@ -824,6 +835,7 @@ async def test_tfo_keeps_initial_data_out_of_the_syn_without_a_token(
         assert len(writes) == 2 and writes[1] == b"DATA" and not writes[0].endswith(b"DATA")
 
 
+@pytest.mark.conformance("TRN-02")
 async def test_tfo_connect_works_and_uses_syn_data_when_the_kernel_allows(
     make_proxy: MakeProxy, echo_port: int
 ) -> None:
@@ -851,9 +863,10 @@ async def test_tfo_connect_works_and_uses_syn_data_when_the_kernel_allows(
 # --- Sessions and idempotence -----------------------------------------------------------------------
 
 
+@pytest.mark.conformance("SES-06")
 @pytest.mark.parametrize("in_auth_reply", [False, True], ids=["id-in-op-reply", "id-in-auth-reply"])
 async def test_session_lifecycle(make_proxy: MakeProxy, echo_port: int, in_auth_reply: bool) -> None:
-    """D4, SES-06, SES-05 (client side): the first request initiates the session with
+    """D4, SES-06 and the teardown (client side): the first request initiates the session with
     credentials; the next ones carry only the Session ID; closing sends a NOOP with
     Session ID + Session Teardown."""
     proxy = await make_proxy(users=USERS, session_id_in_auth_reply=in_auth_reply)
@@ -873,6 +886,7 @@ async def test_session_lifecycle(make_proxy: MakeProxy, echo_port: int, in_auth_
     assert proxy.sessions == {}
 
 
+@pytest.mark.conformance("SES-06")
 async def test_concurrent_requests_wait_for_the_session(make_proxy: MakeProxy, echo_port: int) -> None:
     """SES-06: requests issued while the session is being set up join it; only one
     Session Request is ever sent."""
@@ -889,6 +903,7 @@ async def test_concurrent_requests_wait_for_the_session(make_proxy: MakeProxy, e
     await session.aclose()
 
 
+@pytest.mark.conformance("IDM-05")
 async def test_idempotent_requests_spend_tokens_in_order(make_proxy: MakeProxy, echo_port: int) -> None:
     """IDM-05: tokens requested with the session, smallest spent first (across the 2^32
     wrap the scripted proxy starts its window at)."""
@@ -906,7 +921,7 @@ async def test_idempotent_requests_spend_tokens_in_order(make_proxy: MakeProxy, 
 async def test_session_invalid_starts_a_new_session_and_retries(
     make_proxy: MakeProxy, echo_port: int
 ) -> None:
-    """SES-03 (client side): the proxy forgot the session; the request is retried once in a
+    """Session Invalid, client side: the proxy forgot the session; the request is retried once in a
     new session (safe: the proxy did not act on it)."""
     proxy = await make_proxy(users=USERS)
     session = s6.Session(proxy.url("alice:s3cret"))
@@ -950,7 +965,7 @@ async def test_session_arguments(make_proxy: MakeProxy, echo_port: int) -> None:
 
 
 async def test_open_bind_streams(make_proxy: MakeProxy) -> None:
-    """CMD-04: the first reply gives the bound address, accept() the peer; data flows."""
+    """BIND, client side: the first reply gives the bound address, accept() the peer; data flows."""
     proxy = await make_proxy()
     binding = await s6.open_bind(proxy.url())
     host, port = binding.address
@@ -1014,10 +1029,11 @@ async def test_blocking_connect_and_session(make_proxy: MakeProxy, echo_port: in
     assert proxy.sessions == {}  # torn down
 
 
+@pytest.mark.conformance("IDM-05")
 async def test_blocking_session_replies_update_the_session_under_its_lock(
     make_proxy: MakeProxy, echo_port: int
 ) -> None:
-    """IDM-05 / IDM-03 (client side): the blocking Session is shared between threads, which
+    """IDM-05 (client side): the blocking Session is shared between threads, which
     spend tokens from it under its lock; the replies that update it (window advertisements
     rebuild the spent-token set) are read under the same lock. Unguarded, a thread reading
     an advertisement while another spent a token could lose the spend (the token then goes
@@ -1050,6 +1066,7 @@ async def test_blocking_session_replies_update_the_session_under_its_lock(
     assert free_while_updating and not any(free_while_updating)
 
 
+@pytest.mark.conformance("TRN-03")
 async def test_blocking_tls_and_errors(make_proxy: MakeProxy, echo_port: int, tls_files: TLSFiles) -> None:
     """TRN-03 and refusals in the blocking flavour."""
     proxy = await make_proxy(tls_files.server_context())
@@ -1117,6 +1134,7 @@ def _tfo_connect_is_deferred() -> bool:
         return deferred
 
 
+@pytest.mark.conformance("TRN-02", "TRN-03")
 async def test_blocking_tfo_when_the_kernel_defers_connect(
     make_proxy: MakeProxy, echo_port: int, tls_files: TLSFiles
 ) -> None:
@@ -1174,6 +1192,7 @@ def _reset_connection(listener: socket.socket) -> socket.socket:
     return client
 
 
+@pytest.mark.conformance("TRN-03")
 def test_blocking_tls_failures_close_every_socket(tls_files: TLSFiles) -> None:
     """TRN-03: a proxy that resets or closes before the TLS handshake ends gives OSError and
     leaves no descriptor open, including the SSLSocket that ssl.SSLContext.wrap_socket
@@ -1206,6 +1225,7 @@ def test_blocking_tls_failures_close_every_socket(tls_files: TLSFiles) -> None:
         assert not still_open()
 
 
+@pytest.mark.conformance("TRN-02")
 def test_blocking_write_waits_out_einprogress() -> None:
     """TRN-02: a TFO first write that the kernel could not put into the SYN fails with
     EINPROGRESS having queued nothing; the channel waits for the connection, sends it all."""
@@ -1290,6 +1310,7 @@ async def real_proxy(tls_files: TLSFiles) -> AsyncIterator[RealProxy]:
         yield RealProxy(server, server.addresses[0][1], server.tls_addresses[0][1])
 
 
+@pytest.mark.conformance("AUTH-01", "CMD-03")
 async def test_real_server_one_flight_zero_rtt(real_proxy: RealProxy, echo_port: int) -> None:
     """AUTH-01, CMD-03 against the real proxy: one Authentication Reply (Type 0) carrying
     the RFC 1929 reply, then the Operation Reply; initial data delivered first."""
@@ -1302,6 +1323,7 @@ async def test_real_server_one_flight_zero_rtt(real_proxy: RealProxy, echo_port:
     await close(writer)
 
 
+@pytest.mark.conformance("AUTH-03", "REQ-10")
 async def test_real_server_refusals(real_proxy: RealProxy, echo_port: int) -> None:
     """REQ-10 / AUTH-03 against the real proxy: refused CONNECT carries its code; wrong or
     missing credentials raise AuthenticationError."""
@@ -1317,6 +1339,7 @@ async def test_real_server_refusals(real_proxy: RealProxy, echo_port: int) -> No
         await s6.open_connection(real_proxy.url(""), LOCALHOST, echo_port)
 
 
+@pytest.mark.conformance("AUTH-05")
 async def test_real_server_slow_exchange_with_the_sans_io_core(real_proxy: RealProxy, echo_port: int) -> None:
     """D7 against the real proxy: a Request that only advertises method 2 (no 0-RTT data)
     goes through the RFC 1929 exchange driven by ClientConnection over a real socket."""
@@ -1339,6 +1362,7 @@ async def test_real_server_slow_exchange_with_the_sans_io_core(real_proxy: RealP
         sock.close()
 
 
+@pytest.mark.conformance("IDM-05", "SES-06")
 async def test_real_server_session_tokens_and_teardown(real_proxy: RealProxy, echo_port: int) -> None:
     """D4, SES-06, IDM-05 and the teardown against the real proxy: after aclose(), the old
     Session ID is answered with Session Invalid."""
@@ -1397,6 +1421,7 @@ async def test_session_invalid_retry_keeps_the_stack_options(real_proxy: RealPro
     await asyncio.to_thread(blocking)
 
 
+@pytest.mark.conformance("CMD-04")
 async def test_real_server_bind(real_proxy: RealProxy) -> None:
     """CMD-04 against the real proxy, streams and blocking flavours."""
     binding = await s6.open_bind(real_proxy.url())
@@ -1417,6 +1442,7 @@ async def test_real_server_bind(real_proxy: RealProxy) -> None:
     assert await asyncio.to_thread(blocking) == b"blk"
 
 
+@pytest.mark.conformance("TRN-03")
 async def test_real_server_tls(real_proxy: RealProxy, echo_port: int, tls_files: TLSFiles) -> None:
     """TRN-03 against the real proxy's TLS listener: verification on by default."""
     url = real_proxy.url(scheme="socks6+tls")
@@ -1436,6 +1462,7 @@ async def test_real_server_tls(real_proxy: RealProxy, echo_port: int, tls_files:
     assert await asyncio.to_thread(blocking) == b"blk"
 
 
+@pytest.mark.conformance("TRN-01", "TRN-02")
 async def test_real_server_tfo(real_proxy: RealProxy, echo_port: int) -> None:
     """TRN-02 with the real TFO listener (TRN-01): tfo=True connects; when the kernel's
     net.ipv4.tcp_fastopen enables server TFO, the second connection's SYN carries data."""
@@ -1494,6 +1521,7 @@ def run_tfo_syn_scenario() -> None:
     print(json.dumps(asyncio.run(_tfo_syn_scenario())))
 
 
+@pytest.mark.conformance("TRN-02")
 def test_tfo_syn_payload_follows_trn02() -> None:
     """TRN-02: in a real TFO SYN the client sends the Request alone when it spends no
     token, the Request and the initial data when it does, and nothing without tfo=True."""

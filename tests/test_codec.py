@@ -4,7 +4,7 @@ Every vector is hand-written hex annotated field by field (httpcore
 tests/_async/test_socks_proxy.py style), decoded whole, re-encoded, and fed
 one byte at a time (h11 tests/test_io.py "incrementally growing buffer").
 
-DECISIONS.md coverage. In scope for the codec, each with a test named after it:
+Coverage of docs/decisions.md. In scope for the codec, each with a test named after it:
   D2 (domain name padding, REQ-09), D3 (Expenditure length 8), D5 (Datagram
   Header field order), D6 (options cap, REQ-03), D8 (option lengths, unknown
   kinds, REQ-05/REQ-06), D11 as data (NOOP addresses decode; the check is the
@@ -12,7 +12,7 @@ DECISIONS.md coverage. In scope for the codec, each with a test named after it:
   data length), D15 as data (a Token Request for 0 decodes).
 The decisions of the codec review (option placement, unsupported Stack values,
 Leg 2, NOOP, datagram too big, D2 padding, bool, byte counts) have a section of
-their own, each test naming its conformance ID and review item.
+their own, each test naming its review item (and carrying its conformance marker).
 Out of scope here (connection/server behaviour, tested by their owners):
   D1 (SOCKS 5 on the same listener), D4 (which reply carries the Session ID),
   D7 (username/password exchange), D9 (echoing Stack options), D10 (contradictory
@@ -658,6 +658,7 @@ def test_message_vector(codec: CodecAPI, vector: Vector) -> None:
         assert decode(reencoded) == (vector.message, len(reencoded))
 
 
+@pytest.mark.conformance("REQ-07")
 @pytest.mark.parametrize("vector", MESSAGE_VECTORS, ids=[v.name for v in MESSAGE_VECTORS])
 def test_message_vector_byte_by_byte_req07(codec: CodecAPI, vector: Vector) -> None:
     """REQ-07: every prefix yields (None, needed) per the formula; the whole yields the message."""
@@ -671,6 +672,7 @@ def test_message_vector_byte_by_byte_req07(codec: CodecAPI, vector: Vector) -> N
     assert decode(buf) == (vector.message, len(data))
 
 
+@pytest.mark.conformance("REQ-07")
 @pytest.mark.parametrize("vector", MESSAGE_VECTORS, ids=[v.name for v in MESSAGE_VECTORS])
 def test_message_vector_needed_never_overshoots_req07(codec: CodecAPI, vector: Vector) -> None:
     """REQ-07: reading exactly ``needed`` more bytes each time lands on the end, never past it."""
@@ -710,6 +712,7 @@ def test_two_messages_back_to_back(codec: CodecAPI) -> None:
     assert codec.decode_operation_reply(stream, used) == (second_msg, len(stream) - used)
 
 
+@pytest.mark.conformance("REQ-01")
 def test_version_mismatch_reply_req01(codec: CodecAPI) -> None:
     """REQ-01: the Version Mismatch Reply is exactly one byte, 6."""
     assert codec.encode_version_mismatch() == b"\x06"
@@ -1135,6 +1138,7 @@ BAD_VECTORS = [
 ]
 
 
+@pytest.mark.conformance("REQ-03", "REQ-05", "REQ-09")
 @pytest.mark.parametrize("bad", BAD_VECTORS, ids=[b.name for b in BAD_VECTORS])
 def test_malformed_vector(codec: CodecAPI, bad: Bad) -> None:
     """Malformed input: D2/REQ-09, D3, D6/REQ-03, D8/REQ-05, D12, D15 vectors among others."""
@@ -1148,6 +1152,7 @@ def test_malformed_vector(codec: CodecAPI, bad: Bad) -> None:
     assert info.value.reply_code == bad.reply_code
 
 
+@pytest.mark.conformance("REQ-07")
 @pytest.mark.parametrize("bad", BAD_VECTORS, ids=[b.name for b in BAD_VECTORS])
 def test_malformed_vector_raises_at_offending_byte_req07(codec: CodecAPI, bad: Bad) -> None:
     """Shorter prefixes ask for more data; the error comes with the offending byte, not later."""
@@ -1162,6 +1167,7 @@ def test_malformed_vector_raises_at_offending_byte_req07(codec: CodecAPI, bad: B
     assert info.value.reply_code == bad.reply_code
 
 
+@pytest.mark.conformance("REQ-03")
 def test_d6_options_cap_before_any_option_byte_req03(codec: CodecAPI) -> None:
     """D6/REQ-03: the cap is checked on the 4 header bytes, before options are buffered."""
     for decode in (codec.decode_request, codec.decode_operation_reply, codec.decode_auth_reply):
@@ -1172,6 +1178,7 @@ def test_d6_options_cap_before_any_option_byte_req03(codec: CodecAPI) -> None:
     assert codec.decode_request(b"\x06\x01\x40\x00") == (None, 16384 + 8 + 4 - 4)
 
 
+@pytest.mark.conformance("REQ-03")
 def test_d6_options_cap_is_configurable_req03(codec: CodecAPI) -> None:
     wire = h("06 00 0008 0008 0004 000e 0004")  # success, Session OK, Accepted
     with pytest.raises(WireError, match="^options length 8 exceeds 4$") as info:
@@ -1200,6 +1207,7 @@ def test_d3_expenditure_length_8_only(codec: CodecAPI) -> None:
             codec.decode_options(h(wire))
 
 
+@pytest.mark.conformance("REQ-09")
 def test_d2_domain_padding_forms_req09(codec: CodecAPI) -> None:
     """D2/REQ-09: send the unpadded length; accept it and draft-12's padded length."""
     for name in ("a", "ab", "abc", "abcd", "x" * 255):
@@ -1216,6 +1224,7 @@ def test_d2_domain_padding_forms_req09(codec: CodecAPI) -> None:
             )
 
 
+@pytest.mark.conformance("REQ-09")
 def test_d2_name_over_255_bytes_cannot_be_sent_req09(codec: CodecAPI) -> None:
     with pytest.raises(LocalProtocolError, match="longer than 255"):
         codec.encode_request(Request(Command.CONNECT, AddressType.DOMAIN_NAME, "x" * 256, 1))
@@ -1234,6 +1243,7 @@ def test_d5_datagram_header_field_order(codec: CodecAPI) -> None:
     assert req[4:8] == h("1234 00 01")
 
 
+@pytest.mark.conformance("REQ-06")
 def test_d8_unknown_kinds_are_opaque_req06(codec: CodecAPI) -> None:
     """D8/REQ-06: every kind draft-11 does not define decodes as UnknownOption."""
     for kind in (0, 7, 16, 17, 18, 1000, 64511, 64512, 65000, 65535):
@@ -1242,6 +1252,7 @@ def test_d8_unknown_kinds_are_opaque_req06(codec: CodecAPI) -> None:
         assert codec.encode_options((UnknownOption(kind, bytes(range(1, 9))),)) == wire
 
 
+@pytest.mark.conformance("REQ-06")
 def test_d8_unsupported_stack_options_are_opaque_req06(codec: CodecAPI) -> None:
     """D8/REQ-06: Leg 0 or an undefined (Level, Code) decodes as UnknownStackOption."""
     # Level 2/3 (IPv4/IPv6) define no codes; Level 1 code 5, Level 4 code 4, Level 63
@@ -1260,7 +1271,16 @@ def test_d11_noop_address_is_data(codec: CodecAPI) -> None:
 
 
 # =================================================================================
-# Review decisions (/tmp/notes/codec_review.md items 1-10)
+# Review decisions: the codec review of commit 77a2b79. The items the tests cite:
+#   1  option placement: a known kind where draft-11 does not put it is ignored
+#   2  undefined Stack option values or lengths are unsupported, not malformed
+#   3  Leg 2 (proxy-remote) only, for the Stack options whose figures fix it
+#   4  NOOP is sent only to the zero address and port 0
+#   5  Datagram Error "datagram too big" is IPv6 only
+#   6  D2 NUL padding is checked everywhere, the Datagram Header included
+#   7, 8  RFC 1929 lengths on send, bad offsets: in tests/test_socks5.py
+#   9  True/False are not wire integers
+#   10 lengths are counted in bytes; inputs must be contiguous, outputs writable
 # =================================================================================
 
 
@@ -1287,6 +1307,7 @@ PLACEMENT: dict[int, tuple[bool, bool, bool]] = {
 }
 
 
+@pytest.mark.conformance("REQ-06")
 def test_req06_misplaced_session_ok_in_request_is_ignored(codec: CodecAPI) -> None:
     """REQ-06 (item 1): the reviewer's repro, a Session OK with a bad length inside a Request."""
     wire = h("""06 01 0008 0050 00 01 7f000001   # CONNECT 127.0.0.1:80, Options Length 8
@@ -1297,6 +1318,7 @@ def test_req06_misplaced_session_ok_in_request_is_ignored(codec: CodecAPI) -> No
     )
 
 
+@pytest.mark.conformance("REQ-06")
 @pytest.mark.parametrize("kind", sorted(PLACEMENT))
 def test_req06_misplaced_known_options_decode_as_unknown(codec: CodecAPI, kind: int) -> None:
     """REQ-06 (item 1): a known kind where draft-11 does not place it is opaque and unchecked."""
@@ -1329,6 +1351,7 @@ def test_req06_misplaced_known_options_decode_as_unknown(codec: CodecAPI, kind: 
         codec.decode_options(option)
 
 
+@pytest.mark.conformance("REQ-05", "REQ-06")
 def test_req06_misplaced_options_keep_d8_framing(codec: CodecAPI) -> None:
     """REQ-06 / D8 (item 1): an ignored option still needs a sane Length; the rest still decodes."""
     with pytest.raises(WireError, match="^option length 6 is not a multiple of 4$"):
@@ -1344,8 +1367,8 @@ def test_req06_misplaced_options_keep_d8_framing(codec: CodecAPI) -> None:
     )
 
 
-def test_req06_decode_options_context_is_checked(codec: CodecAPI) -> None:
-    """REQ-06 (item 1): decode_options accepts only the three message classes as context."""
+def test_decode_options_context_is_checked(codec: CodecAPI) -> None:
+    """Item 1: decode_options accepts only the three message classes as context."""
     for context in (Datagram, "request", 1):
         with pytest.raises(
             WireError, match="^options context is not Request, AuthReply or OperationReply$"
@@ -1354,6 +1377,7 @@ def test_req06_decode_options_context_is_checked(codec: CodecAPI) -> None:
         assert info.value.reply_code is None
 
 
+@pytest.mark.conformance("REQ-06")
 @pytest.mark.parametrize(
     ("wire", "option"),
     [
@@ -1378,6 +1402,7 @@ def test_req06_unsupported_stack_values_are_ignored(codec: CodecAPI, wire: str, 
     assert codec.encode_options((option,)) == data
 
 
+@pytest.mark.conformance("REQ-05")
 def test_req05_stack_option_too_short_stays_malformed(codec: CodecAPI) -> None:
     """REQ-05 / D8 (item 2): Length < 4 or not a multiple of 4 is malformed; so is a Stack option of 4."""
     for wire, message in (
@@ -1414,6 +1439,7 @@ def test_stk_remote_only_options_must_use_leg_2(codec: CodecAPI, make: Callable[
         codec.encode_options((make(0),))
 
 
+@pytest.mark.conformance("REQ-04")
 @pytest.mark.parametrize(
     ("address_type", "address", "port", "error"),
     [
@@ -1434,6 +1460,7 @@ def test_req04_noop_encoder_refuses_nonzero_address(
     assert str(info.value) == error
 
 
+@pytest.mark.conformance("REQ-04")
 def test_req04_noop_encoder_accepts_zero_addresses(codec: CodecAPI) -> None:
     """REQ-04 (item 4): the zero IPv4 and IPv6 addresses (any spelling) with port 0 are sent."""
     for address_type, address, expected in (
@@ -1448,6 +1475,7 @@ def test_req04_noop_encoder_accepts_zero_addresses(codec: CodecAPI) -> None:
     codec.encode_operation_reply(OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, "1.2.3.4", 1))
 
 
+@pytest.mark.conformance("UDP-09")
 @pytest.mark.parametrize(
     ("address_type", "reporter_type"),
     [
@@ -1485,6 +1513,7 @@ def test_udp09_datagram_too_big_is_ipv6_only(
     )
 
 
+@pytest.mark.conformance("REQ-09")
 def test_req09_d2_padding_must_be_nul_everywhere(codec: CodecAPI) -> None:
     """REQ-09 / D2 (item 6): the Datagram Header checks the padding too; an unpadded peer errors."""
     # "ab" without padding followed by payload "xyz": the 'x' would be skipped as padding.
@@ -1661,6 +1690,7 @@ def test_datagram_header_roundtrip_in_place(codec: CodecAPI) -> None:
         assert codec.decode_datagram_header(view) == (header, length)
 
 
+@pytest.mark.conformance("UDP-05")
 def test_datagram_header_udp05_padding_and_long_message_length(codec: CodecAPI) -> None:
     """UDP-05: padding after Message Length is the caller's to ignore; a too-large length is not checked."""
     wire = h("06 03 0016 1122334455667788 01 00 0035 7f000001 6869 ffffffff")  # 22 + 4 padding
@@ -1679,6 +1709,7 @@ def test_datagram_header_d2_accepts_draft12_padding(codec: CodecAPI) -> None:
     )
 
 
+@pytest.mark.conformance("REQ-09")
 @pytest.mark.parametrize(
     ("wire", "reply_code", "message"),
     [
@@ -1855,6 +1886,7 @@ def test_encoder_refuses_option(codec: CodecAPI, name: str, option: Any, error: 
     assert str(info.value) == error
 
 
+@pytest.mark.conformance("AUTH-08")
 def test_auth08_method_0_cannot_be_advertised(codec: CodecAPI) -> None:
     """AUTH-08: 'no authentication' is never advertised (and would look like padding)."""
     with pytest.raises(LocalProtocolError, match="method 0"):
@@ -1970,6 +2002,7 @@ def test_selector_exports_the_contract() -> None:
     assert names <= set(selected.__all__)
 
 
+@pytest.mark.conformance("CMD-06", "REQ-07")
 @pytest.mark.parametrize("code", [4, 0x80, 0xFF])
 def test_unknown_command_decodes_as_int(codec: CodecAPI, code: int) -> None:
     """CMD-06: an unknown Command Code is not a malformed request; it is kept as a plain

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from codec_api import CodecAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -329,6 +330,7 @@ def test_random_bytes_raise_only_wire_error(codec: CodecAPI, data: bytes) -> Non
     _check_only_wire_errors(codec, data)
 
 
+@pytest.mark.conformance("REQ-07")
 @FUZZ
 @given(
     prefix=st.sampled_from([b"\x06\x00", b"\x06\x01", b"\x06\x02", b"\x06\x03", b"\x06\x04"]),
@@ -363,6 +365,7 @@ def mutate(data: bytes, draw: Callable[[st.SearchStrategy[Any]], Any]) -> bytes:
     return bytes(buf)
 
 
+@pytest.mark.conformance("REQ-07")
 @FUZZ
 @given(item=any_message, data=st.data())
 def test_mutated_messages_raise_only_wire_error(
@@ -379,6 +382,7 @@ def test_mutated_messages_raise_only_wire_error(
         _call(codec.decode_options, mutate(options_wire, data.draw) if options_wire else b"")
 
 
+@pytest.mark.conformance("REQ-07")
 @FUZZ
 @given(option_run=option_lists, data=st.data())
 def test_mutated_options_raise_only_wire_error(

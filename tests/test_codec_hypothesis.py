@@ -482,6 +482,7 @@ def _plausible_prefixes() -> list[bytes]:
 plausible = st.tuples(st.sampled_from(_plausible_prefixes()), st.binary(max_size=40)).map(b"".join)
 
 
+@pytest.mark.conformance("REQ-07")
 @_budget(RAW_EXAMPLES)
 @given(plausible, st.integers(0, 3), buffer_kinds)
 def test_decoders_agree_on_random_bytes(data: bytes, prefix: int, kind: str) -> None:
@@ -506,6 +507,7 @@ def test_decoders_agree_on_offsets_and_caps(data: bytes, offset: int, cap: int) 
 # =================================================================================
 
 
+@pytest.mark.conformance("REQ-07")
 @_budget(MESSAGE_EXAMPLES)
 @given(encoded_messages)
 def test_valid_messages_agree(item: tuple[str, str, Any]) -> None:
@@ -561,6 +563,7 @@ def _codec_py_encode(message: Any) -> bytes:
     return bytes(_codec_py.encode_association_message(message))
 
 
+@pytest.mark.conformance("REQ-05")
 @_budget(MESSAGE_EXAMPLES)
 @given(mutated(), buffer_kinds)
 def test_decoders_agree_on_mutated_messages(wire: bytes, kind: str) -> None:
@@ -573,6 +576,7 @@ def test_decoders_agree_on_mutated_messages(wire: bytes, kind: str) -> None:
 # =================================================================================
 
 
+@pytest.mark.conformance("UDP-05")
 @_budget(MESSAGE_EXAMPLES)
 @given(datagram_headers(), st.integers(0, 8), st.sampled_from(["bytearray", "memoryview"]))
 def test_datagram_header_agrees(header: DatagramHeader, offset: int, kind: str) -> None:
@@ -698,6 +702,7 @@ def test_datagram_header_length_agrees(address_type: Any, address: Any) -> None:
     same("datagram_header_length", address_type, address)
 
 
+@pytest.mark.conformance("REQ-01")
 def test_version_mismatch_agrees() -> None:
     """REQ-01: the Version Mismatch Reply is the single byte 6 in both twins."""
     assert same("encode_version_mismatch") == ("return", b"\x06", repr(b"\x06"))

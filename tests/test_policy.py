@@ -95,7 +95,8 @@ def test_users() -> None:
     assert not policy.check("192.0.2.1", "alice", Command.NOOP, V4, "0.0.0.0", 0)
 
 
-def test_commands() -> None:  # CMD-06 (ruleset decision)
+@pytest.mark.conformance("CMD-06")
+def test_commands() -> None:
     policy = Policy([Rule(allow=False, commands=frozenset({Command.BIND, Command.UDP_ASSOCIATE}))])
     assert not policy.check("192.0.2.1", None, Command.BIND, V4, "0.0.0.0", 0)
     assert not policy.check("192.0.2.1", None, Command.UDP_ASSOCIATE, V4, "0.0.0.0", 0)

@@ -441,6 +441,7 @@ def test_idle_timeout(path: str, loop_factory: LoopFactory) -> None:
     assert 0.2 < waited < 3.0
 
 
+@pytest.mark.conformance("CMD-03")
 def test_initial_data_is_relayed_first(path: str, loop_factory: LoopFactory) -> None:
     """Bytes the control plane already read (CMD-03 false start) go first and are counted."""
 

@@ -102,6 +102,7 @@ def feed(conn: ServerWire | Socks5ServerWire, data: bytes, chunk: int) -> list[o
 # --- SOCKS 6 ---------------------------------------------------------------------------------
 
 
+@pytest.mark.conformance("REQ-07")
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
 def test_request_incremental(chunk: int) -> None:
     """REQ-07: the same events whether the Request arrives byte by byte or whole."""
@@ -117,6 +118,7 @@ def test_request_incremental(chunk: int) -> None:
     assert conn.trailing_data == (b"early", False)
 
 
+@pytest.mark.conformance("REQ-01")
 def test_version_mismatch() -> None:
     """REQ-01, D1: a first byte other than 6 gives VersionMismatch; the reply is b"\\x06"."""
     conn = ServerWire()
@@ -136,6 +138,7 @@ def test_detect_protocol() -> None:
     assert detect_protocol(4) is None and detect_protocol(0x47) is None
 
 
+@pytest.mark.conformance("REQ-03")
 def test_options_length_cap_from_header() -> None:
     """REQ-03 (D6): an Options Length over the cap fails as soon as bytes 2-3 arrive."""
     conn = ServerWire(max_options_length=1024)
@@ -150,6 +153,7 @@ def test_options_length_cap_from_header() -> None:
     assert conn.our_state is State.MUST_CLOSE
 
 
+@pytest.mark.conformance("CMD-06")
 def test_unknown_command_reply_code() -> None:
     """CMD-06: an unknown Command Code is a parseable Request (the command a plain int): the
     proxy authenticates as usual, then answers Command Not Supported in the Operation Reply."""
@@ -179,6 +183,7 @@ def test_eof_between_and_inside_messages() -> None:
         conn.receive_data(b"more")
 
 
+@pytest.mark.conformance("REQ-08")
 def test_handshake_timer() -> None:
     """REQ-08: the handshake timer runs while client bytes are awaited and fires once due."""
     conn = ServerWire(handshake_timeout=10.0, now=100.0)
@@ -194,6 +199,7 @@ def test_handshake_timer() -> None:
     assert conn.get_timer() is None  # nothing more is awaited from the client
 
 
+@pytest.mark.conformance("AUTH-01")
 def test_fast_path_sequence() -> None:
     """AUTH-01: Request -> Authentication Reply (Type 0) -> Operation Reply -> relay."""
     conn = ServerWire()
@@ -209,6 +215,7 @@ def test_fast_path_sequence() -> None:
         conn.send(SUCCESS)
 
 
+@pytest.mark.conformance("AUTH-04", "AUTH-05", "AUTH-06")
 def test_slow_username_password_sequence() -> None:
     """AUTH-04, AUTH-06, D7: Request, initial data, Type 1 selecting method 2, the bare RFC 1929
     request, its reply, and one final Authentication Reply that may not select a method."""
@@ -234,6 +241,7 @@ def test_slow_username_password_sequence() -> None:
     assert conn.our_state is State.RELAY
 
 
+@pytest.mark.conformance("AUTH-06", "AUTH-07")
 def test_initial_data_read_after_success_reply() -> None:
     """AUTH-06, AUTH-07: when authentication succeeds at once, the initial data is still read
     (it follows the Request), and only then does the stream become application data."""
@@ -247,8 +255,8 @@ def test_initial_data_read_after_success_reply() -> None:
 
 
 def test_failure_replies_end_the_connection() -> None:
-    """AUTH-03 side of the proxy: Type 1 without a method that can continue ends it; so does a
-    failed Operation Reply (REQ-10)."""
+    """The proxy's side of a dead end: Type 1 without a method that can continue ends the
+    connection; so does a failed Operation Reply."""
     conn = ServerWire()
     conn.receive_data(wire())
     conn.next_event()
@@ -262,6 +270,7 @@ def test_failure_replies_end_the_connection() -> None:
     assert conn.our_state is State.MUST_CLOSE
 
 
+@pytest.mark.conformance("CMD-04")
 def test_bind_needs_two_replies_noop_one() -> None:
     """CMD-04: BIND gets two Operation Replies before relaying; NOOP one, then close."""
     conn = ServerWire()
@@ -280,6 +289,7 @@ def test_bind_needs_two_replies_noop_one() -> None:
     assert conn.our_state is State.MUST_CLOSE
 
 
+@pytest.mark.conformance("CMD-07", "REQ-04")
 def test_noop_address_and_dns_requests() -> None:
     """REQ-04 (D11) and CMD-07 (D13) classifications."""
 
@@ -301,6 +311,7 @@ def test_noop_address_and_dns_requests() -> None:
 # --- Options --------------------------------------------------------------------------------
 
 
+@pytest.mark.conformance("STK-01", "STK-03")
 def test_stack_plan_legs() -> None:
     """STK-01, STK-03: Leg 3 applies to both legs; proxy-remote-only options sent for the
     client leg and unknown Stack options are ignored."""
@@ -329,6 +340,7 @@ def test_stack_plan_legs() -> None:
     assert plan.listen_backlog == 4
 
 
+@pytest.mark.conformance("STK-02")
 @pytest.mark.parametrize(
     "options",
     [

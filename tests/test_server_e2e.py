@@ -1,11 +1,11 @@
 """Loopback end-to-end tests of the proxy: raw SOCKS 6 / SOCKS 5 bytes over real sockets.
 
 Each test starts a `socks6fast.asyncio.server.Server` in-process on 127.0.0.1:0 (and
-[::1]:0 where IPv6 matters) and a loopback `Sink` standing in for the remote host. Test
-names and docstrings name the CONFORMANCE.md IDs they prove. Nothing here touches an
-address outside 127.0.0.0/8 and ::1; the scenarios needing server-side TCP Fast Open or
-unreachable routes run in a private network namespace (`unshare -n`, see
-helpers_server.NETNS_SETUP).
+[::1]:0 where IPv6 matters) and a loopback `Sink` standing in for the remote host. A test
+that proves a requirement of docs/conformance.md carries its ID in a conformance marker.
+Nothing here touches an address outside 127.0.0.0/8 and ::1; the scenarios needing
+server-side TCP Fast Open or unreachable routes run in a private network namespace
+(`unshare -n`, see helpers_server.NETNS_SETUP).
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ async def echo_roundtrip(client: RawClient, data: bytes = b"ping") -> None:
 # --- Messages and framing -----------------------------------------------------------
 
 
+@pytest.mark.conformance("REQ-01")
 @pytest.mark.parametrize(
     "garbage", [b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00", b"GET / HTTP/1.1\r\n\r\n", b"\x00"]
 )
@@ -150,6 +151,7 @@ async def test_version_mismatch_gets_one_byte_then_close(garbage: bytes) -> None
         await client.close()
 
 
+@pytest.mark.conformance("REQ-03", "REQ-08")
 async def test_options_length_over_cap_rejected_from_header() -> None:
     """REQ-03, REQ-08: an Options Length over the cap is refused from the header, before any
     option byte is sent (D6), with General Failure, and the connection closes."""
@@ -164,6 +166,7 @@ async def test_options_length_over_cap_rejected_from_header() -> None:
             await client.close()
 
 
+@pytest.mark.conformance("REQ-04")
 async def test_noop_address_rules() -> None:
     """REQ-04 (D11): NOOP needs IPv4/IPv6 zero address and port 0; then the proxy closes."""
     async with running_server(make_config()) as server:
@@ -183,6 +186,7 @@ async def test_noop_address_rules() -> None:
             await client.close()
 
 
+@pytest.mark.conformance("REQ-05")
 @pytest.mark.parametrize(
     "bad_option",
     [
@@ -207,6 +211,7 @@ async def test_malformed_option_lengths(bad_option: bytes) -> None:
         await client.close()
 
 
+@pytest.mark.conformance("REQ-06", "STK-01")
 async def test_unknown_and_misplaced_options_ignored() -> None:
     """REQ-06: unknown option kinds (experimental range too), unknown Stack options, and known
     options that do not belong in a Request are silently ignored."""
@@ -230,6 +235,7 @@ async def test_unknown_and_misplaced_options_ignored() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("REQ-07")
 async def test_request_one_byte_at_a_time() -> None:
     """REQ-07: a Request that trickles in byte by byte is handled like a whole one."""
     async with Sink() as sink, running_server(make_config(users=USERS)) as server:
@@ -248,6 +254,7 @@ async def test_request_one_byte_at_a_time() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("REQ-08")
 async def test_handshake_timeout_closes() -> None:
     """REQ-08: a request not complete within the handshake timeout closes the connection."""
     async with running_server(make_config(server={"handshake_timeout": 0.3})) as server:
@@ -260,6 +267,7 @@ async def test_handshake_timeout_closes() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("REQ-09")
 async def test_domain_name_padding_forms() -> None:
     """REQ-09 (D2): both the draft-11 (length without padding) and draft-12 (padding
     counted) domain-name forms are accepted."""
@@ -279,6 +287,7 @@ async def test_domain_name_padding_forms() -> None:
 # --- Authentication -------------------------------------------------------------------
 
 
+@pytest.mark.conformance("AUTH-01", "AUTH-05")
 async def test_zero_rtt_username_password() -> None:
     """AUTH-01, AUTH-05: valid credentials in an Authentication Data option get one
     Authentication Reply (Type 0, RFC 1929 reply inside) and then the Operation Reply, with
@@ -295,6 +304,7 @@ async def test_zero_rtt_username_password() -> None:
         assert (await record_for(server, client)).user == "alice"
 
 
+@pytest.mark.conformance("AUTH-02", "AUTH-05")
 async def test_zero_rtt_wrong_password_fails() -> None:
     """AUTH-05, AUTH-02: wrong 0-RTT credentials get Type 1, the RFC 1929 failure reply and
     No Acceptable Methods; nothing is connected."""
@@ -312,7 +322,7 @@ async def test_zero_rtt_wrong_password_fails() -> None:
 
 
 async def test_failed_logins_limited_per_client_address() -> None:
-    """AUTH-05: after ``auth_failure_burst`` wrong passwords from one address, further
+    """After ``auth_failure_burst`` wrong passwords from one address, further
     attempts (even with the right password) fail at once without running scrypt, on the
     SOCKS 6 and the SOCKS 5 paths; successful logins do not use up the allowance."""
     config = make_config(users=USERS, server={"auth_failure_burst": 2, "auth_failure_interval": 60.0})
@@ -379,6 +389,7 @@ def test_failed_auth_limiter_buckets() -> None:
     assert all(FailedAuthLimiter(0, 1.0).acquire("10.0.0.1", 0.0) for _ in range(100))
 
 
+@pytest.mark.conformance("AUTH-02")
 async def test_auth_required_without_credentials() -> None:
     """AUTH-02: no usable credentials: Type 1 naming the method that must proceed (2, when
     advertised) or 0xFF."""
@@ -398,6 +409,7 @@ async def test_auth_required_without_credentials() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("AUTH-04", "AUTH-05", "AUTH-06")
 @pytest.mark.parametrize("password, ok", [("wonderland", True), ("wrong", False)])
 async def test_slow_username_password_with_initial_data(password: str, ok: bool) -> None:
     """AUTH-04, AUTH-05, AUTH-06 (D7): Type 1 selecting method 2; the bare RFC 1929 request;
@@ -434,6 +446,7 @@ async def test_slow_username_password_with_initial_data(password: str, ok: bool)
         await client.close()
 
 
+@pytest.mark.conformance("AUTH-06", "AUTH-07")
 async def test_advertisement_ignored_without_auth() -> None:
     """AUTH-07, AUTH-06: no authentication needed: the advertisement is ignored (Type 0 at
     once, no method selection), and its initial data is still relayed first."""
@@ -448,6 +461,7 @@ async def test_advertisement_ignored_without_auth() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("AUTH-06")
 async def test_initial_data_too_long_is_malformed() -> None:
     """AUTH-06 (D12): Initial Data Length above 2^14 is a malformed request."""
     async with Sink() as sink, running_server(make_config()) as server:
@@ -464,6 +478,7 @@ async def test_initial_data_too_long_is_malformed() -> None:
 # --- Commands ---------------------------------------------------------------------------
 
 
+@pytest.mark.conformance("CMD-01")
 async def test_connect_ipv4_ipv6_domain() -> None:
     """CMD-01: CONNECT to IPv4, IPv6 and domain-name destinations."""
     async with (
@@ -479,6 +494,7 @@ async def test_connect_ipv4_ipv6_domain() -> None:
                 await client.close()
 
 
+@pytest.mark.conformance("CMD-01")
 async def test_connect_refused_unknown_address_type_unknown_name() -> None:
     """CMD-01: refused -> 0x05; a name that does not resolve -> 0x04 (through the server's
     injected local resolver, which knows no name: no DNS query leaves the machine). D14: an
@@ -507,6 +523,7 @@ async def test_connect_refused_unknown_address_type_unknown_name() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("CMD-01")
 async def test_connect_timeout() -> None:
     """CMD-01: a connection attempt that does not complete within the connect timeout -> 0x09.
 
@@ -538,6 +555,7 @@ async def test_connect_timeout() -> None:
         full.close()
 
 
+@pytest.mark.conformance("CMD-01", "CMD-06")
 async def test_ruleset_refusals() -> None:
     """CMD-01, CMD-06: requests the ruleset forbids get 0x02, including a domain name that
     resolves into a denied network; commands the proxy does not support (UDP ASSOCIATE for
@@ -574,6 +592,7 @@ async def test_ruleset_refusals() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("CMD-06")
 async def test_names_resolving_into_denied_networks() -> None:
     """CMD-06: with ``deny 127.0.0.0/8``, a domain name is checked again with every address it
     resolves to: the proxy connects only to the addresses that pass (here ::1, never the
@@ -618,6 +637,7 @@ async def test_names_resolving_into_denied_networks() -> None:
         assert denied.connections == []
 
 
+@pytest.mark.conformance("CMD-03")
 async def test_false_start_data_relayed_in_order() -> None:
     """CMD-03: data sent right after the Request (no advertisement) and more data sent
     while the proxy connects all reach the remote host, in order, none lost."""
@@ -637,6 +657,7 @@ async def test_false_start_data_relayed_in_order() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("CMD-04")
 async def test_bind_two_replies_then_data() -> None:
     """CMD-04: the first reply names the bound address, the second the connecting host;
     then data flows both ways."""
@@ -666,6 +687,7 @@ async def start_session(
     return client, session.session_id
 
 
+@pytest.mark.conformance("CMD-05")
 async def test_bind_listen_backlog_in_session() -> None:
     """CMD-05: BIND with a Listen Backlog inside a session: the reply carries the backlog
     used (never longer than asked); the proxy keeps listening while the first connection is
@@ -708,6 +730,7 @@ async def test_bind_listen_backlog_in_session() -> None:
         await holder.close()
 
 
+@pytest.mark.conformance("CMD-05")
 async def test_bind_listen_backlog_outside_session_says_zero() -> None:
     """CMD-05: without a session no backlog is issued and the reply says 0; BIND behaves as
     usual (one connection, second reply)."""
@@ -723,6 +746,7 @@ async def test_bind_listen_backlog_outside_session_says_zero() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("CMD-07")
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
 async def test_dns_service(host: str) -> None:
     """CMD-07 (D13): CONNECT to 0.0.0.0:53 or [::]:53 relays DNS over TCP to the configured
@@ -741,6 +765,7 @@ async def test_dns_service(host: str) -> None:
             await client.close()
 
 
+@pytest.mark.conformance("CMD-07")
 async def test_dns_service_without_resolver_refused() -> None:
     """CMD-07 (D13): without a configured resolver the DNS service is Connection Refused."""
     async with running_server(make_config()) as server:
@@ -752,6 +777,7 @@ async def test_dns_service_without_resolver_refused() -> None:
 # --- Stack options ----------------------------------------------------------------------
 
 
+@pytest.mark.conformance("STK-01", "STK-03")
 @pytest.mark.parametrize("sink_host", ["127.0.0.1", "::1"])
 async def test_tos_ttl_applied_on_remote_leg(sink_host: str) -> None:
     """STK-01, STK-03: IP TOS and TTL for the proxy-remote leg are set before connect: the
@@ -767,6 +793,7 @@ async def test_tos_ttl_applied_on_remote_leg(sink_host: str) -> None:
         await client.close()
 
 
+@pytest.mark.conformance("STK-01", "STK-03")
 async def test_tos_ttl_on_client_leg_and_both_legs() -> None:
     """STK-03, STK-01: options for the client-proxy leg change the proxy's packets to the
     client (observed by the client over IPv6); Leg 3 applies to both legs and is echoed once."""
@@ -788,6 +815,7 @@ async def test_tos_ttl_on_client_leg_and_both_legs() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("STK-02")
 @pytest.mark.parametrize(
     "options",
     [
@@ -807,6 +835,7 @@ async def test_duplicate_stack_options_rejected(options: tuple[Option, ...]) -> 
         await client.close()
 
 
+@pytest.mark.conformance("STK-04")
 async def test_happy_eyeballs_only_for_domain_names() -> None:
     """STK-04: Happy Eyeballs runs (and is echoed as attempted) for a domain name; for an IP
     destination the option is ignored and not echoed. ``localhost`` resolves to ::1 and
@@ -834,6 +863,7 @@ async def test_happy_eyeballs_only_for_domain_names() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("STK-05")
 @pytest.mark.parametrize("sink_host", ["127.0.0.1", "::1"])
 async def test_no_fragmentation(sink_host: str) -> None:
     """STK-05: No Fragmentation sets IP_MTU_DISCOVER=IP_PMTUDISC_DO (IPV6_MTU_DISCOVER and
@@ -849,6 +879,7 @@ async def test_no_fragmentation(sink_host: str) -> None:
         assert record.remote_options.no_fragmentation == Availability.DESIRED
 
 
+@pytest.mark.conformance("STK-07")
 @pytest.mark.parametrize("sink_mptcp", [True, False])
 async def test_multipath(sink_mptcp: bool) -> None:
     """STK-07: MPTCP on the remote leg only when asked; the reply says whether it is in use
@@ -892,6 +923,7 @@ def netns_results() -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+@pytest.mark.conformance("STK-06")
 def test_tfo_remote_leg_with_option(netns_results: dict[str, Any]) -> None:
     """STK-06: with a TFO option CONNECT uses TFO: the remote host gets the initial data in
     the SYN; a non-zero Payload Size bounds the SYN payload and is echoed."""
@@ -902,6 +934,7 @@ def test_tfo_remote_leg_with_option(netns_results: dict[str, Any]) -> None:
     assert netns_results["tfo_limited_syn_data"] is True
 
 
+@pytest.mark.conformance("CMD-02")
 def test_no_tfo_without_option(netns_results: dict[str, Any]) -> None:
     """CMD-02: without a TFO option the remote leg never uses TFO, even with a cached cookie
     and data at hand: the remote host sees a SYN without data."""
@@ -909,6 +942,7 @@ def test_no_tfo_without_option(netns_results: dict[str, Any]) -> None:
     assert netns_results["no_option_syn_data"] is False
 
 
+@pytest.mark.conformance("STK-06")
 def test_bind_accepts_tfo_only_when_asked(netns_results: dict[str, Any]) -> None:
     """STK-06: BIND accepts TFO when the request has a TFO option, and only then."""
     assert netns_results["bind_tfo"] is True
@@ -916,6 +950,7 @@ def test_bind_accepts_tfo_only_when_asked(netns_results: dict[str, Any]) -> None
     assert netns_results["bind_tfo_data"] == netns_results["bind_plain_data"] == "x"
 
 
+@pytest.mark.conformance("TRN-01")
 def test_listener_accepts_tfo(netns_results: dict[str, Any]) -> None:
     """TRN-01: a Request and data carried in the SYN are processed without another round
     trip: the client's SYN data was acknowledged and the replies and echo came back."""
@@ -923,6 +958,7 @@ def test_listener_accepts_tfo(netns_results: dict[str, Any]) -> None:
     assert netns_results["trn01_tail"] == "in-the-syn"
 
 
+@pytest.mark.conformance("CMD-01")
 def test_unreachable_reply_codes(netns_results: dict[str, Any]) -> None:
     """CMD-01: ENETUNREACH -> 0x03 and EHOSTUNREACH -> 0x04, from real routing decisions;
     the access log names the cause (issue 12, defect 7)."""
@@ -932,6 +968,7 @@ def test_unreachable_reply_codes(netns_results: dict[str, Any]) -> None:
     assert netns_results["host_unreachable_error"].endswith("No route to host (EHOSTUNREACH)")
 
 
+@pytest.mark.conformance("TRN-01")
 async def test_listening_socket_has_tfo() -> None:
     """TRN-01: the listening sockets have TCP_FASTOPEN set (the kernel's sysctl decides
     whether server-side TFO is on; the netns test proves the effect)."""
@@ -943,6 +980,7 @@ async def test_listening_socket_has_tfo() -> None:
 # --- Sessions and idempotence ---------------------------------------------------------------
 
 
+@pytest.mark.conformance("SES-01")
 async def test_session_request_yields_session_id() -> None:
     """SES-01 (D4): a Session Request on a successful request yields a Session ID in the
     Operation Reply: non-empty, a multiple of 4, different every time."""
@@ -963,6 +1001,7 @@ async def test_session_request_yields_session_id() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("SES-02", "SES-04")
 async def test_session_requests_need_no_authentication() -> None:
     """SES-02, SES-04: a request with a valid Session ID needs no authentication, any attempt
     is ignored, Session OK is in the successful Authentication Reply, and the request acts as
@@ -983,6 +1022,7 @@ async def test_session_requests_need_no_authentication() -> None:
             assert (await record_for(server, client)).user == "alice"
 
 
+@pytest.mark.conformance("SES-03")
 async def test_invalid_session_id() -> None:
     """SES-03: an invalid Session ID gets Type 1 with Session Invalid and no negotiation."""
     async with Sink() as sink, running_server(make_config(users=USERS)) as server:
@@ -996,6 +1036,7 @@ async def test_invalid_session_id() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("SES-04")
 async def test_session_expiry_and_caps() -> None:
     """SES-04: sessions expire after inactivity; sessions per client IP are capped (the
     Session Request is then declined silently)."""
@@ -1015,6 +1056,7 @@ async def test_session_expiry_and_caps() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("SES-05")
 async def test_session_teardown() -> None:
     """SES-05: Session Teardown ends the session; the tearing-down request is treated as
     outside any session (so it must authenticate itself)."""
@@ -1043,6 +1085,7 @@ async def test_session_teardown() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("IDM-01")
 async def test_idempotence_outside_session_ignored() -> None:
     """IDM-01: Token Request and Expenditure outside a session are ignored."""
     async with Sink() as sink, running_server(make_config()) as server:
@@ -1053,6 +1096,7 @@ async def test_idempotence_outside_session_ignored() -> None:
         await client.close()
 
 
+@pytest.mark.conformance("IDM-02", "IDM-03", "IDM-04")
 async def test_token_window_and_spending() -> None:
     """IDM-02, IDM-03, IDM-04: one window per session, advertised in every successful
     Authentication Reply; a token is spent once, before the request runs; a replayed or
@@ -1096,6 +1140,7 @@ async def test_token_window_and_spending() -> None:
 # --- Transport ------------------------------------------------------------------------------
 
 
+@pytest.mark.conformance("TRN-03")
 async def test_socks_over_tls(tmp_path: Path) -> None:
     """TRN-03: SOCKS over TLS: the handshake verifies against the test CA, then CONNECT,
     false start and relay work over the TLS leg; a client not trusting the CA is refused."""
@@ -1121,6 +1166,7 @@ async def test_socks_over_tls(tmp_path: Path) -> None:
             )
 
 
+@pytest.mark.conformance("CMD-01")
 async def test_remote_banner_before_client_data(tmp_path: Path) -> None:
     """CMD-01: a destination that speaks first (an SMTP or SSH greeting, sent the moment it
     accepts) has its banner delivered intact, before the client sent any data: SOCKS 6 and
@@ -1297,6 +1343,7 @@ def _open_fds(kind: str = "") -> int:
     return count
 
 
+@pytest.mark.conformance("REQ-08")
 async def test_garbage_resets_and_stalls_leak_nothing() -> None:
     """300 garbage, reset and stalled connections: the server keeps serving, every socket it
     opened for them is closed again (REQ-08 for the stalled ones), and after shutdown the
@@ -1413,6 +1460,7 @@ def test_under_uvloop(tmp_path: Path) -> None:
         runner.run(scenarios())
 
 
+@pytest.mark.conformance("TRN-03")
 async def test_client_library_through_the_server(tmp_path: Path) -> None:
     """The project's own client (socks6fast.asyncio.open_connection) against this server:
     0-RTT username/password with initial data, plain and over TLS (TRN-03)."""

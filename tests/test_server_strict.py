@@ -77,6 +77,7 @@ def errors_logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 # --- names the idna codec rejects (CMD-01) ---------------------------------------------
 
 
+@pytest.mark.conformance("CMD-01")
 @pytest.mark.parametrize("name", [b"a" * 64 + b".x", b"a..b"], ids=["64-byte-label", "empty-label"])
 async def test_idna_rejected_name_is_host_unreachable(name: bytes, caplog: pytest.LogCaptureFixture) -> None:
     """CMD-01: a domain name Python's idna codec rejects (getaddrinfo raises UnicodeError
@@ -109,7 +110,7 @@ async def test_idna_rejected_name_is_host_unreachable(name: bytes, caplog: pytes
 
 
 async def test_internal_error_after_auth_reply_general_failure(caplog: pytest.LogCaptureFixture) -> None:
-    """D14 / CMD-01: an unexpected exception while serving (here a resolver with a bug) gives
+    """D14: an unexpected exception while serving (here a resolver with a bug) gives
     the normal Authentication Reply and an Operation Reply with General Failure (0x01), a
     one-line WARNING (the traceback only at DEBUG) and a close, never a hang."""
 
@@ -154,6 +155,7 @@ async def test_internal_error_before_any_reply_d14(
 # --- requests that cannot be parsed (D14) ----------------------------------------------
 
 
+@pytest.mark.conformance("REQ-03", "REQ-05", "REQ-09")
 @pytest.mark.parametrize(
     "data",
     [
@@ -178,6 +180,7 @@ async def test_unparseable_request_gets_d14_general_failure(data: bytes) -> None
         await client.close()
 
 
+@pytest.mark.conformance("CMD-06")
 async def test_unknown_command_after_authentication() -> None:
     """CMD-06: a Command Code the proxy does not know (the codec passes it as a plain int)
     goes through the normal authentication flow, then gets Command Not Supported (0x07) in
@@ -197,6 +200,7 @@ async def test_unknown_command_after_authentication() -> None:
 # --- DNS service echoes Stack options (STK-01, D9, CMD-07) -------------------------------
 
 
+@pytest.mark.conformance("CMD-07", "STK-01")
 async def test_dns_service_echoes_client_leg_stack_options() -> None:
     """STK-01 / D9 on the DNS service path (CMD-07): a client-leg TTL option is applied to
     the client connection and echoed in the Operation Reply, as on the normal CONNECT path."""
@@ -232,6 +236,7 @@ async def _bind_and_connect(server: Server, proxy: tuple[str, int], data: bytes,
     await client.close()
 
 
+@pytest.mark.conformance("CMD-04")
 async def test_bind_unspecified_other_family_binds_client_local_address() -> None:
     """CMD-04: BIND naming the unspecified address of the other family than the client's
     connection binds the local address of that connection (its family), not ``*:port``,
@@ -259,6 +264,7 @@ async def test_bind_unspecified_other_family_binds_client_local_address() -> Non
 # --- duplicate idempotence options (IDM-03, D10 spirit) -----------------------------------
 
 
+@pytest.mark.conformance("IDM-03")
 async def test_duplicate_idempotence_options_are_malformed() -> None:
     """IDM-03 (D10's rule applied to idempotence options): a request with two Idempotence
     Expenditure options, or two Token Requests, is malformed: exactly the D14 General
@@ -292,6 +298,7 @@ async def test_duplicate_idempotence_options_are_malformed() -> None:
 # --- BIND claiming a backlog listener echoes its Stack options (STK-01, CMD-05) ------------
 
 
+@pytest.mark.conformance("CMD-05", "STK-01")
 async def test_bind_claim_echoes_supported_stack_options() -> None:
     """STK-01 / D9 (CMD-05): a further BIND of the session that claims a connection from a
     Listen Backlog listener gets, in its first Operation Reply, every supported Stack option
@@ -332,6 +339,7 @@ async def test_bind_claim_echoes_supported_stack_options() -> None:
         await holder.close()
 
 
+@pytest.mark.conformance("CMD-05", "SES-05")
 async def test_backlog_initial_connection_closed_when_session_ends() -> None:
     """CMD-05 ("the proxy listens for incoming connections for as long as the initial
     connection stays open"): when the session ends (here a Session Teardown, SES-05) and its
@@ -370,6 +378,7 @@ def leg3_stack(level: int, code: int, value: bytes) -> bytes:
     return struct.pack(">HHBB", 1, 8, (StackLeg.BOTH << 6) | level, code) + value
 
 
+@pytest.mark.conformance("STK-01")
 @pytest.mark.parametrize(
     ("command", "atyp_name", "option", "echoed"),
     [
@@ -419,6 +428,7 @@ async def test_remote_only_stack_option_with_leg_both(
 # --- 0-RTT username/password: only NUL padding after the RFC 1929 request (AUTH-05) -----
 
 
+@pytest.mark.conformance("AUTH-01", "AUTH-05")
 @pytest.mark.parametrize(
     ("tail", "accepted"),
     [(b"", True), (b"\0\0\0\0\0", True), (b"\x01\x02\x03\x04\x05", False), (b"\0\0x", False)],
@@ -454,6 +464,7 @@ async def test_auth_data_only_nul_padding_after_userpass_request(tail: bytes, ac
 # --- Failed operations still echo the client leg's Stack options (STK-01, D9) -------------
 
 
+@pytest.mark.conformance("STK-01")
 @pytest.mark.parametrize("failure", ["refused", "not-allowed", "command-not-supported"])
 async def test_failure_reply_echoes_client_leg_stack_options(failure: str) -> None:
     """STK-01 / D9: "MUST do so for every supported Stack option sent by the client" has no

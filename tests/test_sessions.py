@@ -34,7 +34,8 @@ def test_memory_store_satisfies_protocol() -> None:
 # --- sessions ---------------------------------------------------------------------------
 
 
-def test_session_id_is_random_multiple_of_four() -> None:  # SES-01
+@pytest.mark.conformance("SES-01")
+def test_session_id_is_random_multiple_of_four() -> None:
     store = MemorySessionStore()
     ids = set()
     for _ in range(50):
@@ -46,7 +47,8 @@ def test_session_id_is_random_multiple_of_four() -> None:  # SES-01
     assert len(ids) == 50
 
 
-def test_lookup_finds_session_and_carries_user() -> None:  # SES-02, SES-04
+@pytest.mark.conformance("SES-04")
+def test_lookup_finds_session_and_carries_user() -> None:
     store = MemorySessionStore()
     session = store.create("alice", "192.0.2.1", 10.0)
     assert session is not None
@@ -58,13 +60,15 @@ def test_lookup_finds_session_and_carries_user() -> None:  # SES-02, SES-04
     assert anonymous is not None and anonymous.user is None
 
 
-def test_unknown_session_id_is_invalid() -> None:  # SES-03
+@pytest.mark.conformance("SES-03")
+def test_unknown_session_id_is_invalid() -> None:
     store = MemorySessionStore()
     assert store.lookup(b"\x00" * 16, 0.0) is None
     assert store.lookup(b"", 0.0) is None
 
 
-def test_teardown_ends_session() -> None:  # SES-05
+@pytest.mark.conformance("SES-05")
+def test_teardown_ends_session() -> None:
     store = MemorySessionStore()
     session = store.create("alice", "192.0.2.1", 0.0)
     assert session is not None
@@ -76,7 +80,8 @@ def test_teardown_ends_session() -> None:  # SES-05
     assert len(store) == 0
 
 
-def test_sessions_expire_after_inactivity() -> None:  # SES-04
+@pytest.mark.conformance("SES-04")
+def test_sessions_expire_after_inactivity() -> None:
     store = MemorySessionStore(SessionLimits(idle_timeout=30.0))
     assert store.next_deadline() is None
     a = store.create("alice", "192.0.2.1", 0.0)
@@ -106,7 +111,8 @@ def test_touch_keeps_session_alive() -> None:
     assert store.next_deadline() == 19.0
 
 
-def test_cap_per_client_ip() -> None:  # SES-04
+@pytest.mark.conformance("SES-04")
+def test_cap_per_client_ip() -> None:
     store = MemorySessionStore(SessionLimits(max_per_client_ip=2, max_per_user=None))
     first = store.create("alice", "192.0.2.1", 0.0)
     assert first is not None
@@ -117,7 +123,8 @@ def test_cap_per_client_ip() -> None:  # SES-04
     assert store.create(None, "192.0.2.1", 0.0) is not None
 
 
-def test_cap_per_user() -> None:  # SES-04
+@pytest.mark.conformance("SES-04")
+def test_cap_per_user() -> None:
     store = MemorySessionStore(SessionLimits(max_per_client_ip=None, max_per_user=2))
     assert store.create("alice", "192.0.2.1", 0.0) is not None
     assert store.create("alice", "192.0.2.2", 0.0) is not None
@@ -170,7 +177,8 @@ def _session(store: MemorySessionStore) -> Session:
     return session
 
 
-def test_window_issued_once_per_session() -> None:  # IDM-02
+@pytest.mark.conformance("IDM-02")
+def test_window_issued_once_per_session() -> None:
     store = MemorySessionStore(SessionLimits(max_token_window=100))
     session = _session(store)
     issued = store.request_window(session, 10)
@@ -182,7 +190,8 @@ def test_window_issued_once_per_session() -> None:  # IDM-02
     assert session.window.current == (base, size)
 
 
-def test_window_size_is_min_of_requested_and_max() -> None:  # IDM-02, D15
+@pytest.mark.conformance("IDM-02")
+def test_window_size_is_min_of_requested_and_max() -> None:  # D15
     store = MemorySessionStore(SessionLimits(max_token_window=64))
     issued = store.request_window(_session(store), 2**32 - 1)
     assert issued is not None and issued[1] == 64
@@ -214,7 +223,8 @@ def test_window_base_is_random() -> None:
     assert len(bases) > 1
 
 
-def test_spend_without_window_is_rejected() -> None:  # IDM-03
+@pytest.mark.conformance("IDM-03")
+def test_spend_without_window_is_rejected() -> None:
     store = MemorySessionStore()
     assert not store.spend(_session(store), 0)
 
@@ -230,7 +240,8 @@ def test_window_size_bounds() -> None:
 # --- token windows: spending and shifting -----------------------------------------------
 
 
-def test_token_order_is_modular() -> None:  # IDM-04
+@pytest.mark.conformance("IDM-04")
+def test_token_order_is_modular() -> None:
     assert token_lt(1, 2)
     assert not token_lt(2, 1)
     assert not token_lt(7, 7)
@@ -242,7 +253,8 @@ def test_token_order_is_modular() -> None:  # IDM-04
     assert not token_lt(2**31, 0)
 
 
-def test_spend_each_token_once() -> None:  # IDM-03
+@pytest.mark.conformance("IDM-03")
+def test_spend_each_token_once() -> None:
     window = TokenWindow(1000, 8)
     assert window.spend(1000)
     assert not window.spend(1000)  # replay
@@ -252,7 +264,8 @@ def test_spend_each_token_once() -> None:  # IDM-03
     assert not window.spend(1000 + 8 + 5)  # above the window
 
 
-def test_replayed_request_is_never_accepted_again() -> None:  # IDM-03
+@pytest.mark.conformance("IDM-03")
+def test_replayed_request_is_never_accepted_again() -> None:
     store = MemorySessionStore(SessionLimits(max_token_window=16))
     session = _session(store)
     issued = store.request_window(session, 16)
@@ -267,7 +280,8 @@ def test_replayed_request_is_never_accepted_again() -> None:  # IDM-03
         assert not store.spend(session, token)
 
 
-def test_lowest_token_spent_shifts_past_spent_run() -> None:  # IDM-04
+@pytest.mark.conformance("IDM-04")
+def test_lowest_token_spent_shifts_past_spent_run() -> None:
     window = TokenWindow(100, 10)
     assert window.spend(102)
     assert window.spend(101)
@@ -286,7 +300,8 @@ def test_in_order_spending_keeps_state_empty() -> None:
         assert not window._spent
 
 
-def test_high_order_shift_skips_spent_run() -> None:  # IDM-04
+@pytest.mark.conformance("IDM-04")
+def test_high_order_shift_skips_spent_run() -> None:
     window = TokenWindow(0, 10)
     assert window.spend(3)
     assert window.spend(8)
@@ -296,7 +311,8 @@ def test_high_order_shift_skips_spent_run() -> None:  # IDM-04
     assert not window.is_eligible(14)
 
 
-def test_high_order_spends_walk_the_window() -> None:  # IDM-04
+@pytest.mark.conformance("IDM-04")
+def test_high_order_spends_walk_the_window() -> None:
     window = TokenWindow(0, 4)
     assert window.spend(3)  # upper half (offset 3 > 2): 3 moves to offset 2
     assert window.current == (1, 4)
@@ -305,7 +321,8 @@ def test_high_order_spends_walk_the_window() -> None:  # IDM-04
     assert window.is_eligible(2) and not window.is_eligible(3) and window.is_eligible(5)
 
 
-def test_shift_never_passes_highest_unspent_token(monkeypatch: pytest.MonkeyPatch) -> None:  # IDM-04
+@pytest.mark.conformance("IDM-04")
+def test_shift_never_passes_highest_unspent_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """Safety net: a forced shift is clamped at the highest unspent token, then refused."""
     monkeypatch.setattr(sessions, "MAX_SPENT_TRACKED", 2)
     window = TokenWindow(0, 8)
@@ -324,7 +341,8 @@ def test_full_window_spent_moves_past_it() -> None:
     assert window.spend(51)
 
 
-def test_wraparound_at_two_to_the_32() -> None:  # IDM-04
+@pytest.mark.conformance("IDM-03", "IDM-04")
+def test_wraparound_at_two_to_the_32() -> None:
     base = MOD - 3
     window = TokenWindow(base, 6)  # tokens 2^32-3, 2^32-2, 2^32-1, 0, 1, 2
     assert window.is_eligible(MOD - 1) and window.is_eligible(0) and window.is_eligible(2)
@@ -341,7 +359,8 @@ def test_wraparound_at_two_to_the_32() -> None:  # IDM-04
     assert window.current == (4, 6)
 
 
-def test_huge_window_is_compact() -> None:  # IDM-04
+@pytest.mark.conformance("IDM-04")
+def test_huge_window_is_compact() -> None:
     window = TokenWindow(7, MAX_WINDOW_SIZE)
     top = (7 + MAX_WINDOW_SIZE - 1) & (MOD - 1)
     assert window.spend(top)
@@ -362,7 +381,8 @@ def test_out_of_order_spends_are_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
         assert not window.spend(token)
 
 
-def test_base_never_wraps_onto_spent_tokens() -> None:  # IDM-03, IDM-04
+@pytest.mark.conformance("IDM-03", "IDM-04")
+def test_base_never_wraps_onto_spent_tokens() -> None:
     """Over its life a window moves at most 2^32 - size, so old tokens cannot come back."""
     size = 2**31 - 1
     window = TokenWindow(0, size)
@@ -382,8 +402,9 @@ def test_base_never_wraps_onto_spent_tokens() -> None:  # IDM-03, IDM-04
         assert not window.spend(token)
 
 
+@pytest.mark.conformance("IDM-03", "IDM-04")
 @pytest.mark.parametrize("size", [1, 2, 3, 8, 16, 17])
-def test_half_window_spread_never_loses_tokens(size: int) -> None:  # IDM-03, IDM-04
+def test_half_window_spread_never_loses_tokens(size: int) -> None:
     """A client that stays within size // 2 of its oldest unanswered token, with its requests
     arriving in any order, gets every token accepted."""
     rng = random.Random(size)

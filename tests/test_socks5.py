@@ -279,6 +279,7 @@ def test_golden_vector(name: str, decode: Decoder, encode: Encoder, wire: bytes,
     assert decode(memoryview(b"z" + wire)[1:]) == (message, n)
 
 
+@pytest.mark.conformance("REQ-07")
 @pytest.mark.parametrize(("name", "decode", "encode", "wire", "message"), STREAM_VECTORS, ids=_IDS)
 def test_golden_vector_byte_by_byte(
     name: str, decode: Decoder, encode: Encoder, wire: bytes, message: object
@@ -441,6 +442,7 @@ def test_udp_header_unknown_address_type() -> None:
 # Authentication") --------------------------------------------------------------------
 
 
+@pytest.mark.conformance("AUTH-05")
 def test_userpass_request_inside_auth_data_option() -> None:
     """AUTH-05: the proxy reads the RFC 1929 request of a method-2 option, ignoring padding."""
     option = bytes.fromhex(
@@ -460,6 +462,7 @@ def test_userpass_request_inside_auth_data_option() -> None:
     assert socks5.encode_userpass_request(UserPassRequest(b"alice", b"secret")) == data[:14]
 
 
+@pytest.mark.conformance("AUTH-05")
 def test_userpass_reply_inside_auth_data_option() -> None:
     """AUTH-05: the client reads the RFC 1929 reply of the proxy's method-2 option."""
     option = bytes.fromhex(
@@ -635,6 +638,7 @@ def test_bad_offset_is_wire_error_like_socks6(decode: Decoder, offset: int) -> N
     assert (str(info.value), info.value.reply_code) == (f"offset {offset} is out of range", None)
 
 
+@pytest.mark.conformance("AUTH-05")
 @pytest.mark.parametrize(
     ("username", "password", "what"),
     [(b"", b"pw", "username"), (b"alice", b"", "password"), (b"", b"", "username")],
