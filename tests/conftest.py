@@ -10,6 +10,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from conformance_report import write_collection
 
 from socks6fast._extensions import NO_EXTENSIONS
 
@@ -63,6 +64,23 @@ def _no_system_dns() -> Iterator[None]:
         yield
     finally:
         socket.getaddrinfo = real
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--conformance-json",
+        metavar="PATH",
+        default=None,
+        help="after collection, write each test's conformance marker IDs, name and docstring to "
+        "PATH as JSON (for tests/conformance_report.py; use with --collect-only)",
+    )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Conformance you can count: hand the collected tests to tests/conformance_report.py."""
+    path = session.config.getoption("conformance_json")
+    if path:
+        write_collection(session.items, path)
 
 
 def _impls() -> list[object]:
