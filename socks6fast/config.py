@@ -25,10 +25,10 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     ``handshake_timeout``: seconds for a client to send a complete request (> 0; 10).
     ``connect_timeout``: seconds to connect to the destination (> 0; 10).
     ``idle_timeout``: seconds a relayed connection may stay silent both ways (> 0; 300).
-    ``max_options_length``: largest Options Length accepted, 1024-16384 (16384, DECISIONS D6:
+    ``max_options_length``: largest Options Length accepted, 1024-16384 (16384, docs/decisions.md D6:
     the draft's cap; it can only be lowered).
     ``dns_resolver``: ``"HOST:PORT"`` of a DNS server for the draft's DNS service (CONNECT
-    to 0.0.0.0:53, DECISIONS D13); absent: that service is refused.
+    to 0.0.0.0:53, docs/decisions.md D13); absent: that service is refused.
     ``relay_workers``: relay worker count, 0 = one per CPU core (0-256; 0). The limit is
     ``constants.MAX_RELAY_WORKERS``, the very one the relay engine enforces.
     ``auth_failure_burst``: failed username/password checks a client address may make in a
@@ -48,7 +48,7 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     session expires (> 0; 600). ``max_sessions``, ``max_per_client_ip``, ``max_per_user``:
     caps on live sessions in total, per client address and per authenticated user
     (integers >= 1; 100000, 100, 1000). ``max_token_window``: largest idempotence token
-    window issued, 0-2147483647, 0 = none (65536, DECISIONS D15).
+    window issued, 0-2147483647, 0 = none (65536, docs/decisions.md D15).
 
 ``[[rules]]`` (any number, first match wins; see `socks6fast.proto.policy`)
     ``action``: ``"allow"`` or ``"deny"`` (required). Conditions, each an array that is

@@ -12,7 +12,7 @@ VERSION = 6
 #: The first byte of a SOCKS 5 greeting (RFC 1928); the same listener serves it (D1).
 SOCKS5_VERSION = 5
 
-#: Options Length "MUST NOT exceed 16KB" (section "Requests", DECISIONS.md D6).
+#: Options Length "MUST NOT exceed 16KB" (section "Requests", docs/decisions.md D6).
 MAX_OPTIONS_LENGTH = 16384
 #: Initial Data Length "MUST NOT be larger than 2^14" (Authentication Method options, D12).
 MAX_INITIAL_DATA_LENGTH = 2**14

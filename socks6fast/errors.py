@@ -20,7 +20,7 @@ class WireError(Socks6Error, ValueError):
 
     Attributes:
         reply_code: the Operation Reply code a proxy should answer with, or None
-            where no reply applies (garbage before a full header, DECISIONS.md D14).
+            where no reply applies (garbage before a full header, docs/decisions.md D14).
     """
 
     def __init__(self, message: str, reply_code: ReplyCode | None = ReplyCode.GENERAL_FAILURE) -> None:

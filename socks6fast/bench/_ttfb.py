@@ -142,7 +142,7 @@ def socks6_token_request(window_size: int) -> bytes:
 
 
 def socks6_token_expenditure(token: int) -> bytes:
-    """Idempotence Expenditure option (section "Spending a token"; Length 8 per DECISIONS D3)."""
+    """Idempotence Expenditure option (section "Spending a token"; Length 8 per docs/decisions.md D3)."""
     return socks6_option(OPT_IDEMPOTENCE_EXPENDITURE, struct.pack("!I", token))
 
 

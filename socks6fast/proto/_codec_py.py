@@ -12,7 +12,7 @@ needs is available, so a peer sending garbage one byte at a time is rejected
 at the same byte as a peer sending it whole (REQ-07), and an oversized Options
 Length is rejected before a single option byte is buffered (REQ-03, D6).
 
-Addresses follow DECISIONS.md D2 everywhere (the Datagram Header included): a
+Addresses follow docs/decisions.md D2 everywhere (the Datagram Header included): a
 domain name is sent with its unpadded length and padded with NULs so the whole
 field is a multiple of 4; on receipt the trailing NULs of the ``len`` bytes are
 stripped and the padding up to the next 4-byte boundary of the field must be

@@ -20,7 +20,7 @@ adapter that reads exactly that many bytes never swallows application data that 
 the last reply; a caller that feeds larger chunks finds the excess in `trailing_data`.
 
 The draft's client rules are enforced here, not in the adapters, so every flavour obeys
-them (ids from CONFORMANCE.md):
+them (IDs of docs/conformance.md):
 
 * REQ-02: a Version Mismatch Reply (the byte 6, then EOF), or a first reply byte other
   than 6, raises `VersionMismatchError`.

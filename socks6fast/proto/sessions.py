@@ -1,5 +1,6 @@
 """SOCKS 6 sessions and idempotence tokens, sans-IO (draft-11 sections "Session options" and
-"Idempotence options"; CONFORMANCE SES-01..SES-05, IDM-01..IDM-04; DECISIONS D4, D15).
+"Idempotence options"; docs/conformance.md SES-01..SES-05, IDM-01..IDM-04;
+docs/decisions.md D4, D15).
 
 Strategy: this module keeps the proxy's bookkeeping only; which options go into which reply
 is the connection's job. Time enters as ``now: float`` arguments (a monotonic clock such as
