@@ -115,7 +115,7 @@ def test_a_claimed_id_without_a_test_fails() -> None:
     ("name", "doc", "comment"),
     [
         ("test_x", "REQ-01: proves it.", ""),  # docstring
-        ("test_x_req01", "", ""),  # name, CONFORMANCE.md's lower-case style
+        ("test_x_req01", "", ""),  # name, in lower case without the dash
         ("test_req_01_x", "", ""),
         ("test_x", "", "# REQ-01"),  # comment on the def line
     ],
