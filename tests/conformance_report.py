@@ -124,7 +124,8 @@ class Report:
             for req in self.requirements.values():
                 tests = self.tests.get(req.id, [])
                 counted = "" if req.status in CLAIMED or not tests else " (not counted)"
-                out.append(f"{req.id:7} {req.role:5} {req.status:11} {len(tests)} tests{counted}")
+                noun = "test" if len(tests) == 1 else "tests"
+                out.append(f"{req.id:7} {req.role:6} {req.status:11} {len(tests)} {noun}{counted}")
                 out += [f"    {t}" for t in tests]
         if self.problems:
             out.append("Problems:")
