@@ -278,7 +278,7 @@ def test_local_destination() -> None:
     assert alone.check("192.0.2.1", None, CONNECT, V4, "192.0.2.2", 80)
 
 
-@pytest.mark.conformance("CMD-06", "CMD-04")
+@pytest.mark.conformance("CMD-06")
 def test_bind_is_checked_against_the_peer() -> None:
     """CMD-06: a BIND's request names where to listen (SOCKS 6) or a mere hint (SOCKS 5);
     the host it exchanges data with is the peer that connects. A rule with destinations

@@ -229,7 +229,7 @@ def netns_local() -> dict[str, Any]:
 
 
 def test_read_local_addresses_in_a_namespace(netns_local: dict[str, Any]) -> None:
-    """CMD-06: the host's addresses come from the kernel (rtnetlink dump): every interface
+    """The addresses "@local" stands for come from the kernel (rtnetlink dump): every interface
     address, IPv4 and IPv6, link-local included, and the whole prefix of an IPv4 address on
     the loopback device (the kernel delivers all of 10.98.0.0/16 locally)."""
     read = netns_local["read"]

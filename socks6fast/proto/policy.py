@@ -38,7 +38,7 @@ bytes with, as the kernel will see it, not the text of the request.
   address the name resolved to, passing ``resolved_address``; CIDR and ``@local`` entries
   then match that address (as for an IP destination, unspecified means this host) while
   name entries still match the name. It connects only to addresses that pass.
-* The DNS service (``dns_service=True``, DECISIONS D13: CONNECT to 0.0.0.0:53 or [::]:53
+* The DNS service (``dns_service=True``, docs/decisions.md D13: CONNECT to 0.0.0.0:53 or [::]:53
   in SOCKS 6): the proxy connects to its configured resolver, not to the unspecified
   address, so the request is matched as written (``0.0.0.0/32`` matches it, ``@local`` and
   127.0.0.0/8 do not).
