@@ -3,8 +3,8 @@
 A `ScriptedProxy` performs the flow's actions: each channel it opens answers with scripted
 bytes (STYLE.md section 7: the peer as byte chunks), and it records every action. Both
 client flavours perform these same flows (tests/test_client_e2e.py runs them over real
-sockets); here each rule is checked once, in memory. Each test names the CONFORMANCE ID
-it proves.
+sockets); here each rule is checked once, in memory. A test that proves a requirement of
+docs/conformance.md carries its ID in a conformance marker.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def test_a_request_waits_while_another_initiates_the_session() -> None:
     assert not any(isinstance(o, SessionRequest | AuthData) for o in options)  # no credentials either
 
 
-@pytest.mark.conformance("IDM-05", "SES-06")
+@pytest.mark.conformance("IDM-05", "REQ-10", "SES-06")
 def test_a_token_without_a_window_starts_the_session_with_a_noop() -> None:
     """IDM-05: the first idempotent request of a new session needs a window: a NOOP starts
     the session (Session Request + Token Request, with the credentials) and is closed
@@ -278,9 +278,8 @@ def test_a_declined_session_gives_no_token() -> None:
         run(proxy, session=ClientSession(tokens=4), idempotent=True)
 
 
-@pytest.mark.conformance("SES-03")
 def test_session_invalid_retries_once_in_a_new_session() -> None:
-    """SES-03 (client side): Session Invalid comes before the proxy acts on the request
+    """Session Invalid, client side: it comes before the proxy acts on the request
     (section "Further SOCKS Requests"), so it is retried once in a new session
     (credentials again), with the same options even when they were given as a one-shot
     iterator."""
@@ -311,9 +310,9 @@ def test_idempotent_needs_a_session() -> None:
 # --- BIND (CMD-04) -----------------------------------------------------------------------------------
 
 
-@pytest.mark.conformance("CMD-04")
+@pytest.mark.conformance("REQ-10")
 def test_bind_accept_reads_the_second_reply_and_closes_on_failure() -> None:
-    """CMD-04: the first reply ends `request` (the proxy listens); `accept` reads the
+    """BIND, client side: the first reply ends `request` (the proxy listens); `accept` reads the
     second. A failed second reply (REQ-10) closes the channel."""
     peer = hx("06 00 0000", "c350", "00", "01", "c6336401")  # peer 198.51.100.1:50000
     proxy = ScriptedProxy([[AUTH_OK + OP_OK, peer]])
