@@ -52,7 +52,8 @@ def test_the_slow_exchange_and_bind_paths() -> None:
 
 
 def test_late_session_replies_do_not_move_a_session() -> None:
-    """A reply to a replaced session (SES-03) arrives when no row applies: no move."""
+    """A reply to a replaced session (after Session Invalid) arrives when no row applies: no
+    move."""
     assert session_transition(SessionState.ACTIVE, SessionStep.GRANTED) is SessionState.ACTIVE
     assert session_transition(SessionState.NEW, SessionStep.DECLINED) is SessionState.NEW
     assert session_transition(SessionState.CLOSED, SessionStep.INVALID) is SessionState.CLOSED

@@ -533,6 +533,7 @@ async def test_server_mode(harness: Harness) -> None:
 # -- UDP over TCP ----------------------------------------------------------------------------
 
 
+@pytest.mark.conformance("UDP-02", "UDP-03")
 @pytest.mark.parametrize("harness", HOSTS, indirect=True)
 async def test_udp_over_tcp(harness: Harness) -> None:
     """Datagram messages over the TCP connection: split anywhere and packed several per
@@ -1005,6 +1006,7 @@ def _netns_available() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.conformance("UDP-09")
 @pytest.mark.parametrize("engine_path", [pytest.param("mmsg", marks=native_only), pytest.param("python")])
 def test_icmp_errors_reported_to_opted_in_clients(engine_path: str) -> None:
     """UDP-09 (engine side) / D17: real ICMP errors (host and net unreachable, TTL expired,
