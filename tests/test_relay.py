@@ -1,7 +1,8 @@
 """Data plane tests: the C splice engine and the asyncio path, on asyncio and uvloop loops.
 
-Every Relayer test runs on both paths ("splice" = socks6fast.dataplane._relay_c.RelayEngine,
-"asyncio" = protocol fallback) and both event loops. The endpoints are real TCP
+Every Relayer test runs on each path ("splice" = socks6fast.dataplane._relay_c.RelayEngine;
+"copy" = the same engine with no pipe to be had, copying through user space; "asyncio" =
+protocol fallback) and both event loops. The endpoints are real TCP
 sockets over 127.0.0.1 driven by blocking calls in threads; the relay in between is
 the code under test. Topology of every pair::
 
@@ -84,11 +85,20 @@ def loop_factory(request: pytest.FixtureRequest) -> LoopFactory:
     return factory
 
 
-@pytest.fixture(params=[pytest.param("splice", marks=engine_only), pytest.param("asyncio")])
+@pytest.fixture(
+    params=[pytest.param("splice", marks=engine_only), pytest.param("copy", marks=engine_only), "asyncio"]
+)
 def path(request: pytest.FixtureRequest) -> str:
-    """Data path under test: "splice" (C engine) or "asyncio"."""
+    """Data path under test: "splice" (C engine), "copy" (the C engine with no pipe to be
+    had, so it copies through user space: issue 12 defect 3; it reports "splice") or
+    "asyncio"."""
     value: str = request.param
     return value
+
+
+def reported(path: str) -> str:
+    """The relay path a RelayResult names for a path under test."""
+    return "splice" if path == "copy" else path
 
 
 def run(loop_factory: LoopFactory, coro: Coroutine[Any, Any, T]) -> T:
@@ -97,8 +107,10 @@ def run(loop_factory: LoopFactory, coro: Coroutine[Any, Any, T]) -> T:
 
 
 def new_relayer(path: str, **kwargs: Any) -> Relayer:
-    relayer = Relayer(asyncio.get_running_loop(), use_engine=(path == "splice"), workers=2, **kwargs)
-    assert relayer.path == path
+    if path == "copy":
+        kwargs["pipe_budget"] = 1  # no pipe fits: every byte is copied
+    relayer = Relayer(asyncio.get_running_loop(), use_engine=(path != "asyncio"), workers=2, **kwargs)
+    assert relayer.path == reported(path)
     return relayer
 
 
@@ -352,7 +364,7 @@ def test_integrity_64mib_each_way(
         await relayer.close()
         return result
 
-    assert run(loop_factory, main()) == RelayResult(BIG, BIG, RelayEnd.EOF, path)  # type: ignore[arg-type]
+    assert run(loop_factory, main()) == RelayResult(BIG, BIG, RelayEnd.EOF, reported(path))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("first", ["client", "remote"])
@@ -381,7 +393,7 @@ def test_half_close(path: str, loop_factory: LoopFactory, first: str) -> None:
 
     result = run(loop_factory, main())
     counts = (7, 8) if first == "client" else (8, 7)
-    assert result == RelayResult(*counts, RelayEnd.EOF, path)  # type: ignore[arg-type]
+    assert result == RelayResult(*counts, RelayEnd.EOF, reported(path))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("culprit", ["client", "remote"])
@@ -437,7 +449,7 @@ def test_idle_timeout(path: str, loop_factory: LoopFactory) -> None:
         return result, waited
 
     result, waited = run(loop_factory, main())
-    assert result == RelayResult(1, 0, RelayEnd.IDLE_TIMEOUT, path)  # type: ignore[arg-type]
+    assert result == RelayResult(1, 0, RelayEnd.IDLE_TIMEOUT, reported(path))  # type: ignore[arg-type]
     assert 0.2 < waited < 3.0
 
 
@@ -464,7 +476,7 @@ def test_initial_data_is_relayed_first(path: str, loop_factory: LoopFactory) -> 
         await relayer.close()
         return result
 
-    assert run(loop_factory, main()) == RelayResult(10, 8, RelayEnd.EOF, path)  # type: ignore[arg-type]
+    assert run(loop_factory, main()) == RelayResult(10, 8, RelayEnd.EOF, reported(path))  # type: ignore[arg-type]
 
 
 # -- integrity in kernel edge cases (issue 16) -------------------------------------
@@ -523,7 +535,7 @@ def test_urgent_data_keeps_every_in_band_byte(
             if fin:
                 sender.shutdown(socket.SHUT_WR)
             assert recv_exact(receiver, len(head)) == head
-            if path == "splice":
+            if path != "asyncio":
                 _, _, urgent = select.select([], [], [receiver], TIMEOUT)
                 assert urgent, "the urgent byte did not arrive"
                 assert at_urgent_mark(receiver)  # right after the first 1000 bytes, as sent
@@ -542,9 +554,9 @@ def test_urgent_data_keeps_every_in_band_byte(
         return result
 
     result = run(loop_factory, main())
-    moved = 2001 if path == "splice" else 2000  # the urgent byte counts where it is forwarded
+    moved = 2001 if path != "asyncio" else 2000  # the urgent byte counts where it is forwarded
     counts = (moved, 0) if direction == "up" else (0, moved)
-    assert result == RelayResult(*counts, RelayEnd.EOF, path)  # type: ignore[arg-type]
+    assert result == RelayResult(*counts, RelayEnd.EOF, reported(path))  # type: ignore[arg-type]
 
 
 def test_reset_after_data_delivers_the_data_first(path: str, loop_factory: LoopFactory) -> None:
@@ -620,7 +632,7 @@ def test_reset_after_data_waits_for_a_slow_reader(path: str, loop_factory: LoopF
 
     data, end, result = run(loop_factory, main())
     assert (len(data), end) == (len(answer), "reset") and data == answer
-    assert result == RelayResult(0, len(answer), RelayEnd.RESET, path)  # type: ignore[arg-type]
+    assert result == RelayResult(0, len(answer), RelayEnd.RESET, reported(path))  # type: ignore[arg-type]
 
 
 def _push_until_cut(sock: socket.socket, size: int) -> str:

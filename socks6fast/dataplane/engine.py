@@ -8,7 +8,7 @@ worker threads with splice(2), outside the GIL; elsewhere, or with
 
 The engine's Python API (documented in full in ``_relay_c.pyx``)::
 
-    engine = RelayEngine(workers=0, idle_timeout=0.0, pipe_size=1 << 20)
+    engine = RelayEngine(workers=0, idle_timeout=0.0, pipe_size=1 << 20, max_pipes=0, pipe_budget=0)
     engine.fileno() -> int          # readable while finished pairs wait in drain()
     engine.add(fd_a, fd_b, ident)   # takes ownership of both fds
     engine.cancel(ident)            # end one pair now (RelayEnd.SHUTDOWN, both legs reset)
@@ -17,6 +17,8 @@ The engine's Python API (documented in full in ``_relay_c.pyx``)::
     engine.live_workers -> int      # workers still in the rotation
     engine.dead_count -> int        # workers whose epoll_wait failed...
     engine.dead_workers() -> list[tuple[int, int]]  # ...as (index, errno)
+    engine.max_pipes = n            # pipes it may hold at once; past it relays copy
+    engine.pipes, engine.pipe_bytes, engine.copied, engine.pipe_errors  # see PipeStats
     engine.close()                  # idempotent; ends every pair (SHUTDOWN)
 
 This module imports neither asyncio nor socket.
@@ -81,11 +83,30 @@ class RelayResult:
         return self.end is not RelayEnd.EOF
 
 
+@dataclass(frozen=True, slots=True)
+class PipeStats:
+    """The splice engine's pipes (hardening issue 12 defect 3, relay issue 16 defect 4)."""
+
+    #: Pipes that exist now, in use or pooled.
+    pipes: int
+    #: Their total capacity in bytes.
+    pipe_bytes: int
+    #: Pipes the engine may hold at once (descriptor budget; 0 = no cap).
+    max_pipes: int
+    #: Bytes of pipe capacity it may hold (the user's pipe quota; 0 = no cap).
+    pipe_budget: int
+    #: Bytes relayed by copying through user space because no pipe was to be had.
+    copied: int
+    #: pipe2() failures (EMFILE, ENFILE, ENOMEM) since the engine started.
+    pipe_errors: int
+
+
 __all__ = [
     "ENGINE_AVAILABLE",
     "NO_EXTENSIONS",
     "PATH_ASYNCIO",
     "PATH_SPLICE",
+    "PipeStats",
     "RelayEnd",
     "RelayEngine",
     "RelayPath",

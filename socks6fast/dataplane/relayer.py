@@ -58,7 +58,16 @@ import sys
 from typing import TYPE_CHECKING, cast
 
 from ..constants import RelayEnd
-from .engine import ENGINE_AVAILABLE, PATH_ASYNCIO, PATH_SPLICE, RelayEngine, RelayPath, RelayResult
+from .engine import (
+    ENGINE_AVAILABLE,
+    PATH_ASYNCIO,
+    PATH_SPLICE,
+    PipeStats,
+    RelayEngine,
+    RelayPath,
+    RelayResult,
+)
+from .resources import pipe_quota
 
 if TYPE_CHECKING:
     from ._relay_c import RelayEngine as _RelayEngineType
@@ -361,7 +370,13 @@ class Relayer:
         idle_timeout: seconds without a byte either way before a connection is closed
             (``RelayEnd.IDLE_TIMEOUT``); 0 disables it.
         buffer_size: write high-water mark per leg on the asyncio path.
-        pipe_size: splice pipe capacity requested by the engine.
+        pipe_size: splice pipe capacity requested by the engine; capped at
+            /proc/sys/fs/pipe-max-size for an unprivileged process, which may not ask for more.
+        max_pipes: pipes the engine may hold at once (each is two descriptors), 0 = no cap;
+            past it relays copy through user space (`set_max_pipes` changes it later).
+        pipe_budget: bytes of pipe capacity the engine may hold; None (default) = the
+            share of the user's pipe quota `socks6fast.dataplane.resources.pipe_quota`
+            allows (no cap for a privileged process); 0 = no cap.
 
     Raises:
         RuntimeError: ``use_engine=True`` but the engine is not available.
@@ -377,6 +392,8 @@ class Relayer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         pipe_size: int = DEFAULT_PIPE_SIZE,
+        max_pipes: int = 0,
+        pipe_budget: int | None = None,
     ) -> None:
         if idle_timeout < 0:
             raise ValueError(f"idle_timeout must be >= 0, got {idle_timeout}")
@@ -396,11 +413,21 @@ class Relayer:
         self._relays: set[_PairRelay] = set()
         self._dead_logged: set[int] = set()  # engine workers whose failure was logged
         self._engine_dead = False  # no engine worker left: relay on the asyncio path
-        self._engine = (
-            RelayEngine(workers=workers, idle_timeout=idle_timeout, pipe_size=pipe_size)
-            if use_engine and RelayEngine is not None
-            else None
-        )
+        self._engine: _RelayEngineType | None = None
+        if use_engine and RelayEngine is not None:
+            if pipe_budget is None:
+                # Issue 16 defect 4: pipes within the user's quota, no larger than allowed.
+                quota = pipe_quota()
+                pipe_budget = quota.budget
+                if quota.max_size:
+                    pipe_size = max(4096, min(pipe_size, quota.max_size))
+            self._engine = RelayEngine(
+                workers=workers,
+                idle_timeout=idle_timeout,
+                pipe_size=pipe_size,
+                max_pipes=max_pipes,
+                pipe_budget=pipe_budget,
+            )
         if self._engine is not None:
             loop.add_reader(self._engine.fileno(), self._on_engine_done)
 
@@ -418,6 +445,26 @@ class Relayer:
     def active(self) -> int:
         """Connections currently relayed, both paths together."""
         return len(self._waiters) + len(self._relays)
+
+    def set_max_pipes(self, max_pipes: int) -> None:
+        """Change how many pipes the engine may hold at once (0 = no cap); no-op on the
+        asyncio path, which has no pipes."""
+        if self._engine is not None:
+            self._engine.max_pipes = max_pipes
+
+    def pipe_stats(self) -> PipeStats | None:
+        """The engine's pipe counters, or None on the asyncio path (or once closed)."""
+        engine = self._engine
+        if engine is None or self._closed:
+            return None
+        return PipeStats(
+            pipes=engine.pipes,
+            pipe_bytes=engine.pipe_bytes,
+            max_pipes=engine.max_pipes,
+            pipe_budget=engine.pipe_budget,
+            copied=engine.copied,
+            pipe_errors=engine.pipe_errors,
+        )
 
     async def relay_sockets(
         self,

@@ -4,7 +4,7 @@
 Once a CONNECT or BIND succeeded, the control plane hands both sockets of the
 connection to a :class:`RelayEngine` and forgets them. Python API::
 
-    engine = RelayEngine(workers=0, idle_timeout=0.0, pipe_size=1 << 20)
+    engine = RelayEngine(workers=0, idle_timeout=0.0, pipe_size=1 << 20, max_pipes=0, pipe_budget=0)
     engine.fileno() -> int        # readable (level) while finished pairs wait in drain()
     engine.add(fd_a, fd_b, ident) # takes ownership of both fds; closes them when the pair ends
     engine.cancel(ident)          # end one pair now (reason SHUTDOWN); no-op if already ended
@@ -12,6 +12,8 @@ connection to a :class:`RelayEngine` and forgets them. Python API::
     engine.active -> int          # pairs added and not yet finished
     engine.live_workers -> int    # workers still taking pairs (dead ones left the rotation)
     engine.dead_workers() -> list[tuple[index, errno]]  # workers whose epoll_wait failed
+    engine.max_pipes = n          # pipes the engine may hold at once (0: no cap); settable any time
+    engine.pipes, engine.pipe_bytes, engine.copied, engine.pipe_errors   # counters, see below
     engine.close()                # stop the workers, close every pair (SHUTDOWN) and own fds
 
 Strategy:
@@ -36,9 +38,28 @@ Strategy:
   A pipe only stays with a direction while the destination is slower than the
   source (its bytes sit in the pipe). An idle pair therefore holds no pipe at all:
   its whole cost is one small Pair struct (plus the two kernel sockets it had anyway).
-  Pipes are grown with F_SETPIPE_SZ to ``pipe_size``; where the kernel refuses
-  (EPERM above /proc/sys/fs/pipe-max-size or the per-user pipe quota) the worker
-  halves the request down to the default size and remembers what worked.
+* Pipe budget (issue 16 defect 4): pipes are grown with F_SETPIPE_SZ to ``pipe_size``
+  while their total capacity (``pipe_bytes``, every pipe in use or pooled) stays within
+  ``pipe_budget``, which the caller derives from the user's pipe quota
+  (/proc/sys/fs/pipe-user-pages-soft; above it the kernel refuses to grow pipes and
+  gives new ones 8 KiB). Near the budget a new pipe is smaller (halved down to the
+  64 KiB default), a pipe taken from the pool is grown back when there is room, and
+  the pool keeps at most a quarter of the budget idle. When the kernel still refuses a
+  size, the worker halves its request and tries the full size again after
+  PIPE_RETRY_MS: a burst never shrinks later pipes for good.
+* No pipe to be had (issue 12 defect 3): when ``max_pipes`` pipes exist, the budget
+  has no room for even a default pipe, or pipe2() fails (EMFILE/ENFILE, ENOMEM), the
+  direction copies instead (copy_step): recv(MSG_PEEK) into the worker's 64 KiB buffer,
+  send() to the destination, then consume exactly what the destination accepted, so
+  unsent bytes stay queued in the source socket and no per-pair buffer is needed.
+  Slower (two copies through user space) but a relay is never cut for lack of a
+  descriptor; the next step tries a pipe again. Failures are handled as on the splice
+  path (mark_failed, fail_side). A peek never stops at an urgent mark (a read at the
+  mark skips the urgent byte), so sockatmark() is asked after every peek: at the mark
+  the peeked bytes are not sent, and forward_urgent forwards the urgent byte; it then
+  steps over the mark by peeking too (urgent_step_without_pipe), so nothing is consumed
+  that did not reach the destination. ``copied`` counts those bytes, ``pipe_errors``
+  the pipe2() failures.
 * Half-close: a splice() returning 0 is the source's EOF; once that direction's
   pipe is drained, the destination gets shutdown(SHUT_WR). The pair ends (EOF) when
   both directions have finished.
@@ -71,7 +92,7 @@ Strategy:
   The pair ends with RESET for ECONNRESET / EPIPE, else ERROR.
 * Cuts: one rule for every end. Only EOF (EOF forwarded both ways, pipes empty)
   closes with FIN. Every other end (idle timeout, cancel(), close() as at the
-  server's drain deadline, a failure passed on, no pipe, a dead worker) closes both
+  server's drain deadline, a failure passed on, a dead worker) closes both
   sockets with SO_LINGER 0, so each peer sees a reset: a FIN would make a cut-off
   transfer look complete.
 * Idle timeout: pairs sit in a per-worker list ordered by last activity (moved to
@@ -113,10 +134,12 @@ from socks6fast.includes.linux cimport (
     F_GETPIPE_SZ,
     F_SETFL,
     F_SETPIPE_SZ,
+    MSG_DONTWAIT,
     O_CLOEXEC,
     O_NONBLOCK,
     MSG_NOSIGNAL,
     MSG_OOB,
+    MSG_PEEK,
     SHUT_WR,
     SIG_SETMASK,
     SIOCOUTQ,
@@ -152,7 +175,10 @@ from socks6fast.includes.linux cimport (
     read,
     recv,
     s6_add,
+    s6_add64,
     s6_load,
+    s6_load64,
+    s6_store,
     send,
     setsockopt,
     shutdown,
@@ -186,6 +212,16 @@ cdef enum:
     FLUSH_POLL_MS = 5       # first SIOCOUTQ check of pairs waiting to pass a reset on...
     FLUSH_POLL_MAX_MS = 200 # ...doubling while none of them moves, up to this
     URGENT_STEP = 4096      # bytes read past an urgent mark with recv() (one pipe page)
+    COPY_SIZE = 65536       # the worker's buffer for copying without a pipe
+    PIPE_RETRY_MS = 1000    # after the kernel refused a pipe size, try the full size again
+
+# copy_step() outcomes.
+cdef enum:
+    COPY_MOVED = 0          # bytes moved
+    COPY_CHANGED = 1        # no bytes, but EOF, an urgent mark or a failure was noted: look again
+    COPY_BLOCKED = 2        # nothing can move until the next event
+    COPY_AGAIN = 3          # the destination failed; the pair needs another turn
+    COPY_STOPPED = 4        # the pair stopped relaying
 
 # Flags of every splice() call. No SPLICE_F_MORE (see Strategy).
 cdef unsigned int SPLICE_FLAGS = SPLICE_F_NONBLOCK | SPLICE_F_MOVE
@@ -259,6 +295,14 @@ cdef struct Engine:
     int ndead               # workers out of the rotation (atomic: s6_load/s6_add)
     int pipe_size
     size_t budget           # bytes per direction per turn before yielding to other pairs
+    # Pipe accounting, shared by the workers (relaxed atomics: s6_*).
+    int max_pipes           # pipes that may exist at once (descriptor budget); 0 = no cap
+    int pipes               # pipes that exist (in use or pooled)
+    long long pipe_budget   # bytes of pipe capacity allowed (user pipe quota); 0 = no cap
+    long long pipe_bytes    # capacity of the pipes that exist
+    long long pool_max      # bytes of idle pipes one worker may keep
+    long long copied        # bytes relayed by copying, without a pipe
+    long long pipe_errors   # pipe2() failures (EMFILE, ENFILE, ENOMEM)
 
 
 cdef struct Worker:
@@ -283,7 +327,10 @@ cdef struct Worker:
     int nended
     PipeBuf pool[POOL_MAX]
     int npool
+    long long pool_bytes    # capacity of the pooled pipes
     int pipe_want           # F_SETPIPE_SZ request that last worked
+    int64_t pipe_retry_ms   # when to ask for the full pipe_size again after a refusal
+    unsigned char* scratch  # COPY_SIZE bytes for copying without a pipe (allocated on first use)
     int64_t now_ms
     Pair* flush_head        # pairs waiting for an acknowledgement before their reset
     int64_t flush_due_ms    # next SIOCOUTQ check of the flush list
@@ -317,50 +364,109 @@ cdef inline void clear_fd(int fd) noexcept nogil:
     read(fd, &value, sizeof(value))
 
 
+cdef int pipe_size_for(Worker* w, int have) noexcept nogil:
+    """The capacity to ask for: the worker's request, halved while the engine's pipe
+    budget has no room for it (``have``: what the pipe holds already). 0: not even the
+    default size fits."""
+    cdef Engine* e = w.engine
+    cdef int size = w.pipe_want
+    cdef long long room
+    if e.pipe_budget <= 0:
+        return size
+    room = e.pipe_budget - s6_load64(&e.pipe_bytes) + have
+    while size > MIN_PIPE_SIZE and size > room:
+        size //= 2
+    return size if size <= room else 0
+
+
+cdef void pipe_grow(Worker* w, PipeBuf* pipe, int want) noexcept nogil:
+    """Grow an empty pipe to ``want`` bytes, or as close as the kernel allows."""
+    cdef int cap
+    while want > pipe.cap:
+        cap = fcntl(pipe.w, F_SETPIPE_SZ, want)
+        if cap >= 0:
+            s6_add64(&w.engine.pipe_bytes, cap - pipe.cap)
+            pipe.cap = cap
+            return
+        # EPERM (pipe-max-size, or the user's quota, which other processes use too), or
+        # ENOMEM: ask for half, and for the full size again after PIPE_RETRY_MS.
+        w.pipe_retry_ms = w.now_ms + PIPE_RETRY_MS
+        want //= 2
+        if want < w.pipe_want:
+            w.pipe_want = max(want, MIN_PIPE_SIZE)
+        if want < MIN_PIPE_SIZE:
+            return
+
+
+cdef void pipe_close(Worker* w, PipeBuf* pipe) noexcept nogil:
+    close(pipe.r)
+    close(pipe.w)
+    s6_add(&w.engine.pipes, -1)
+    s6_add64(&w.engine.pipe_bytes, -pipe.cap)
+    pipe.r = -1
+    pipe.w = -1
+    pipe.cap = 0
+
+
 cdef int pipe_get(Worker* w, Dir* d) noexcept nogil:
-    """Give direction d a pipe (from the pool or new). Returns 0, or -1 with errno set."""
+    """Give direction d a pipe (from the pool or new). Returns 0, or -1 when there is none
+    to be had (max_pipes reached, no budget left, or pipe2() failed): then copy."""
+    cdef Engine* e = w.engine
     cdef int fds[2]
     cdef int cap
+    cdef int want
+    cdef int limit
     if d.pipe.r >= 0:
         return 0
+    if w.pipe_want < e.pipe_size and w.now_ms >= w.pipe_retry_ms:
+        w.pipe_want = e.pipe_size  # a refusal is not forever (issue 16 defect 4)
     if w.npool > 0:
         w.npool -= 1
         d.pipe = w.pool[w.npool]
+        w.pool_bytes -= d.pipe.cap
+        if d.pipe.cap < w.pipe_want:
+            # A small pipe from a burst: grow it back when the budget has room again.
+            want = pipe_size_for(w, d.pipe.cap)
+            if want > d.pipe.cap:
+                pipe_grow(w, &d.pipe, want)
         return 0
-    if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+    limit = s6_load(&e.max_pipes)  # the asyncio thread may change it at any time
+    if limit > 0 and s6_load(&e.pipes) >= limit:
         return -1
-    # Grow the pipe; the kernel refuses sizes above /proc/sys/fs/pipe-max-size or the
-    # per-user quota with EPERM (or EINVAL/ENOMEM): halve down to the default size and
-    # remember the size that worked for the next pipe.
-    cap = -1
-    while w.pipe_want > MIN_PIPE_SIZE:
-        cap = fcntl(fds[1], F_SETPIPE_SZ, w.pipe_want)
-        if cap >= 0:
-            break
-        w.pipe_want //= 2
-    if cap < 0:
-        cap = fcntl(fds[1], F_GETPIPE_SZ)
-        if cap <= 0:
-            cap = MIN_PIPE_SIZE
+    want = pipe_size_for(w, 0)
+    if want == 0:
+        return -1
+    if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        s6_add64(&e.pipe_errors, 1)
+        return -1
+    # What the kernel gave: 64 KiB, or 8 KiB when the user is over the soft pipe quota.
+    cap = fcntl(fds[1], F_GETPIPE_SZ)
+    if cap <= 0:
+        cap = MIN_PIPE_SIZE
     d.pipe.r = fds[0]
     d.pipe.w = fds[1]
     d.pipe.cap = cap
+    s6_add(&e.pipes, 1)
+    s6_add64(&e.pipe_bytes, cap)
+    if want > cap:
+        pipe_grow(w, &d.pipe, want)
     return 0
 
 
 cdef void pipe_put(Worker* w, Dir* d) noexcept nogil:
-    """Take direction d's pipe back: to the pool when empty, else close it (its bytes are lost)."""
+    """Take direction d's pipe back: to the pool when empty and the pool has room (POOL_MAX
+    pipes, ``pool_max`` bytes), else close it (bytes still in it are lost)."""
     if d.pipe.r < 0:
         return
-    if d.in_pipe == 0 and w.npool < POOL_MAX:
+    if d.in_pipe == 0 and w.npool < POOL_MAX and w.pool_bytes + d.pipe.cap <= w.engine.pool_max:
         w.pool[w.npool] = d.pipe
         w.npool += 1
+        w.pool_bytes += d.pipe.cap
+        d.pipe.r = -1
+        d.pipe.w = -1
+        d.pipe.cap = 0
     else:
-        close(d.pipe.r)
-        close(d.pipe.w)
-    d.pipe.r = -1
-    d.pipe.w = -1
-    d.pipe.cap = 0
+        pipe_close(w, &d.pipe)
     d.in_pipe = 0
 
 
@@ -626,12 +732,12 @@ cdef int forward_urgent(Worker* w, Pair* p, int d) noexcept nogil:
             return fail_side(w, p, 1 - d, errno)
         dr.oob_have = False
         dr.nbytes += 1
+    if pipe_get(w, dr) < 0:
+        # No pipe to be had (descriptors, pipe budget): step over the mark by copying.
+        return urgent_step_without_pipe(w, p, d)
     dr.at_mark = False
     n = recv(src.fd, buf, URGENT_STEP, 0)
     if n > 0:
-        if pipe_get(w, dr) < 0:
-            end_pair(w, p, END_ERROR)
-            return -1
         # The pipe is empty and holds at least a page: a write of at most one page
         # (PIPE_BUF) into it is whole.
         m = write(dr.pipe.w, buf, <size_t>n)
@@ -647,6 +753,140 @@ cdef int forward_urgent(Worker* w, Pair* p, int d) noexcept nogil:
     elif errno != EINTR:
         mark_failed(w, p, d, errno)
         dr.eof = True
+    return 1
+
+
+# ---------------------------------------------------------------------------
+# Without a pipe: copying through the worker's buffer (see Strategy)
+
+cdef bint get_scratch(Worker* w) noexcept nogil:
+    if w.scratch == NULL:
+        w.scratch = <unsigned char*>malloc(COPY_SIZE)
+    return w.scratch != NULL
+
+
+cdef void consume(Worker* w, int fd, ssize_t count) noexcept nogil:
+    """Read and drop ``count`` bytes that a peek showed queued (a read at an urgent mark
+    steps over the urgent byte, as the peek did). Only a reset can cut it short; the
+    next step reports that."""
+    cdef ssize_t n
+    while count > 0:
+        n = recv(fd, w.scratch, <size_t>count, MSG_DONTWAIT)
+        if n < 0 and errno == EINTR:
+            continue
+        if n <= 0:
+            return
+        count -= n
+
+
+cdef int copy_step(Worker* w, Pair* p, int d, size_t* moved) noexcept nogil:
+    """Move up to COPY_SIZE bytes of direction d without a pipe: peek, send, then consume
+    exactly what the destination accepted (the rest stays queued in the source socket).
+    Returns a COPY_* outcome; ``moved`` gets the bytes moved."""
+    cdef Dir* dr = &p.dir[d]
+    cdef Side* src = &p.side[d]
+    cdef Side* dst = &p.side[1 - d]
+    cdef ssize_t n
+    cdef ssize_t sent
+    moved[0] = 0
+    if not dst.writable:
+        return COPY_BLOCKED
+    if not get_scratch(w):
+        end_pair(w, p, END_ERROR)
+        return COPY_STOPPED
+    while True:
+        n = recv(src.fd, w.scratch, COPY_SIZE, MSG_PEEK | MSG_DONTWAIT)
+        if n >= 0 or errno != EINTR:
+            break
+    # A peek at an urgent mark skips the urgent byte: at the mark, send nothing yet and let
+    # forward_urgent() forward it (race-free: peeked bytes before a mark leave us off it).
+    if n >= 0 or errno == EAGAIN:
+        if sockatmark(src.fd) == 1:
+            dr.at_mark = True
+            return COPY_CHANGED
+    if n == 0:
+        dr.eof = True
+        return COPY_CHANGED
+    if n < 0:
+        if errno == EAGAIN:
+            src.urgent = False
+            src.readable = False
+            if src.err != 0:
+                # Failed, yet not closed, and drained: pass the failure on.
+                dr.eof = True
+                return COPY_CHANGED
+            return COPY_BLOCKED
+        # The source failed with its receive queue empty: pass it on (step 2).
+        mark_failed(w, p, d, errno)
+        dr.eof = True
+        return COPY_CHANGED
+    while True:
+        sent = send(dst.fd, w.scratch, <size_t>n, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if sent >= 0 or errno != EINTR:
+            break
+    if sent < 0:
+        if errno == EAGAIN:
+            dst.writable = False
+            return COPY_BLOCKED
+        # The destination failed: what it sent us still goes the other way.
+        return COPY_STOPPED if fail_side(w, p, 1 - d, errno) < 0 else COPY_AGAIN
+    consume(w, src.fd, sent)
+    dr.nbytes += <uint64_t>sent
+    s6_add64(&w.engine.copied, sent)
+    moved[0] = <size_t>sent
+    return COPY_MOVED
+
+
+cdef int urgent_step_without_pipe(Worker* w, Pair* p, int d) noexcept nogil:
+    """forward_urgent() without a pipe, once the urgent byte went out: step over the mark.
+
+    A peek at the mark skips the urgent byte and shows the in-band bytes after it; what
+    the destination accepts of them is then consumed (that read steps over the urgent
+    byte too). With nothing after the mark yet the direction waits at the mark (the next
+    byte's EPOLLIN brings it back), so no byte is ever consumed that was not delivered.
+    Returns forward_urgent()'s values: 1 passed, 0 blocked, -1 stopped relaying.
+    """
+    cdef Dir* dr = &p.dir[d]
+    cdef Side* src = &p.side[d]
+    cdef Side* dst = &p.side[1 - d]
+    cdef ssize_t n
+    cdef ssize_t sent
+    if not dst.writable:
+        return 0
+    if not get_scratch(w):
+        end_pair(w, p, END_ERROR)
+        return -1
+    while True:
+        n = recv(src.fd, w.scratch, COPY_SIZE, MSG_PEEK | MSG_DONTWAIT)
+        if n >= 0 or errno != EINTR:
+            break
+    if n == 0:
+        # A FIN right after the urgent byte: this read steps over it and meets the EOF.
+        recv(src.fd, w.scratch, 1, MSG_DONTWAIT)
+        dr.at_mark = False
+        dr.eof = True
+        return 1
+    if n < 0:
+        if errno == EAGAIN:
+            src.readable = False
+            return 0
+        mark_failed(w, p, d, errno)
+        dr.at_mark = False
+        dr.eof = True
+        return 1
+    while True:
+        sent = send(dst.fd, w.scratch, <size_t>n, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if sent >= 0 or errno != EINTR:
+            break
+    if sent < 0:
+        if errno == EAGAIN:
+            dst.writable = False
+            return 0
+        return fail_side(w, p, 1 - d, errno)
+    consume(w, src.fd, sent)
+    dr.nbytes += <uint64_t>sent
+    s6_add64(&w.engine.copied, sent)
+    dr.at_mark = False
     return 1
 
 
@@ -668,6 +908,7 @@ cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
     cdef bint active = False
     cdef ssize_t n
     cdef int r
+    cdef size_t copied
     cdef bint progressed
     if dr.done or dst.err != 0:
         # Finished, or dead: its destination failed and mark_failed() dropped its pipe.
@@ -735,9 +976,21 @@ cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
             and (dr.pipe.r < 0 or dr.in_pipe < <size_t>dr.pipe.cap)
         ):
             if pipe_get(w, dr) < 0:
-                # No pipe (EMFILE/ENFILE/ENOMEM): the pair cannot be relayed.
-                end_pair(w, p, END_ERROR)
-                return -1
+                # No pipe to be had: copy through user space rather than cut (see Strategy).
+                r = copy_step(w, p, d, &copied)
+                if r == COPY_STOPPED:
+                    return -1
+                if r == COPY_BLOCKED or r == COPY_AGAIN:
+                    if active:
+                        touch(w, p)
+                    return 0 if r == COPY_BLOCKED else 1
+                if r == COPY_MOVED:
+                    moved += copied
+                    active = True
+                    if moved >= w.engine.budget:
+                        touch(w, p)
+                        return 1
+                continue
             n = splice(src.fd, NULL, dr.pipe.w, NULL, <size_t>dr.pipe.cap - dr.in_pipe, SPLICE_FLAGS)
             if n > 0:
                 dr.in_pipe += <size_t>n
@@ -1095,9 +1348,11 @@ cdef void release_workers(Engine* e) noexcept nogil:
             p = nxt
         flush_ended(w)
         for j in range(w.npool):
-            close(w.pool[j].r)
-            close(w.pool[j].w)
+            pipe_close(w, &w.pool[j])
         w.npool = 0
+        w.pool_bytes = 0
+        free(w.scratch)
+        w.scratch = NULL
         free(w.cancels)
         w.cancels = NULL
         w.ncancels = 0
@@ -1185,7 +1440,11 @@ cdef class RelayEngine:
         idle_timeout: seconds without a byte moving in either direction after which a
             pair ends with ``RelayEnd.IDLE_TIMEOUT``; 0 disables it.
         pipe_size: requested capacity of each relay pipe (F_SETPIPE_SZ); the kernel's
-            limits may make it smaller (never below the 64 KiB default).
+            limits and ``pipe_budget`` may make it smaller.
+        max_pipes: pipes that may exist at once (each is two descriptors); 0 = no cap.
+            Past it a relay copies through user space instead (see Strategy).
+        pipe_budget: bytes of pipe capacity the engine may hold, in use or pooled (the
+            user's pipe quota, `socks6fast.dataplane.resources.pipe_quota`); 0 = no cap.
 
     Raises:
         ValueError: an argument is out of range.
@@ -1201,7 +1460,14 @@ cdef class RelayEngine:
         self._closed = True
         self._routes = {}
 
-    def __init__(self, int workers=0, double idle_timeout=0.0, int pipe_size=1 << 20) -> None:
+    def __init__(
+        self,
+        int workers=0,
+        double idle_timeout=0.0,
+        int pipe_size=1 << 20,
+        int max_pipes=0,
+        long long pipe_budget=0,
+    ) -> None:
         cdef int rc
         cdef int nworkers
         if self._eng != NULL:
@@ -1213,6 +1479,10 @@ cdef class RelayEngine:
             raise ValueError(f"idle_timeout must be >= 0 seconds, got {idle_timeout}")
         if pipe_size < 4096 or pipe_size > (1 << 30):
             raise ValueError(f"pipe_size must be in 4096..2**30, got {pipe_size}")
+        if max_pipes < 0:
+            raise ValueError(f"max_pipes must be >= 0, got {max_pipes}")
+        if pipe_budget < 0:
+            raise ValueError(f"pipe_budget must be >= 0, got {pipe_budget}")
         nworkers = workers or max(1, min(MAX_RELAY_WORKERS, len(os.sched_getaffinity(0))))
         # calloc: lists empty, counters zero.
         self._eng = <Engine*>calloc(1, sizeof(Engine))
@@ -1224,6 +1494,11 @@ cdef class RelayEngine:
             self._eng.idle_ms = 1
         self._eng.pipe_size = max(pipe_size, MIN_PIPE_SIZE)
         self._eng.budget = <size_t>max(2 * self._eng.pipe_size, 1 << 18)
+        self._eng.max_pipes = max_pipes
+        self._eng.pipe_budget = pipe_budget
+        # Idle pipes: at most a quarter of the budget in all the pools together (every pipe
+        # in a pool counts against the user's quota as much as one in use).
+        self._eng.pool_max = (1 << 62) if pipe_budget == 0 else pipe_budget // (4 * nworkers)
         pthread_mutex_init(&self._eng.lock, NULL)
         self._eng.donefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self._eng.donefd < 0:
@@ -1291,6 +1566,43 @@ cdef class RelayEngine:
     def workers(self) -> int:
         """Number of worker threads (0 once closed), dead ones included."""
         return 0 if self._closed else self._eng.nworkers
+
+    @property
+    def max_pipes(self) -> int:
+        """Pipes that may exist at once (0: no cap); past it relays copy without a pipe."""
+        return 0 if self._eng == NULL else s6_load(&self._eng.max_pipes)
+
+    @max_pipes.setter
+    def max_pipes(self, int value) -> None:
+        if value < 0:
+            raise ValueError(f"max_pipes must be >= 0, got {value}")
+        if self._eng != NULL:
+            s6_store(&self._eng.max_pipes, value)
+
+    @property
+    def pipe_budget(self) -> int:
+        """Bytes of pipe capacity the engine may hold (0: no cap)."""
+        return 0 if self._eng == NULL else self._eng.pipe_budget
+
+    @property
+    def pipes(self) -> int:
+        """Pipes that exist now, in use or pooled."""
+        return 0 if self._eng == NULL else s6_load(&self._eng.pipes)
+
+    @property
+    def pipe_bytes(self) -> int:
+        """Total capacity of those pipes, in bytes."""
+        return 0 if self._eng == NULL else s6_load64(&self._eng.pipe_bytes)
+
+    @property
+    def copied(self) -> int:
+        """Bytes relayed by copying through user space because no pipe was to be had."""
+        return 0 if self._eng == NULL else s6_load64(&self._eng.copied)
+
+    @property
+    def pipe_errors(self) -> int:
+        """pipe2() failures (EMFILE, ENFILE, ENOMEM) since the engine started."""
+        return 0 if self._eng == NULL else s6_load64(&self._eng.pipe_errors)
 
     @property
     def live_workers(self) -> int:

@@ -146,6 +146,7 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_ERRQUEUE
         MSG_NOSIGNAL
         MSG_OOB
+        MSG_PEEK
 
     # The CMSG_* macros, called like functions.
     cmsghdr* CMSG_FIRSTHDR(msghdr* msgh)
@@ -299,3 +300,6 @@ cdef extern from "relay_atomic.h" nogil:
     # Relaxed atomics on plain ints shared between the Python thread and the workers.
     int s6_load(int* p)
     void s6_add(int* p, int v)
+    void s6_store(int* p, int v)
+    long long s6_load64(long long* p)
+    void s6_add64(long long* p, long long v)

@@ -6,5 +6,9 @@
 
 static inline int s6_load(int *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline void s6_add(int *p, int v) { (void)__atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
+/* 64-bit twins for byte counts (pipe capacity in use, bytes copied without a pipe). */
+static inline long long s6_load64(long long *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void s6_add64(long long *p, long long v) { (void)__atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
+static inline void s6_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 
 #endif
