@@ -22,6 +22,8 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     ``tls_certificate``, ``tls_key``: PEM files (relative paths are relative to the config
     file); both required when ``tls_listen`` or ``udp.dtls_port`` is set; must exist.
     ``max_connections``: concurrent client connections at most (integer >= 1; 10000).
+    ``serve`` lowers it, with a warning, when the descriptor limit cannot hold that many
+    (`socks6fast.dataplane.resources.plan_descriptors`); past it newcomers get General Failure.
     ``handshake_timeout``: seconds for a client to send a complete request (> 0; 10).
     ``connect_timeout``: seconds to connect to the destination (> 0; 10).
     ``idle_timeout``: seconds a relayed connection may stay silent both ways (> 0; 300).
@@ -32,10 +34,17 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     ``relay_workers``: relay worker count, 0 = one per CPU core (0-256; 0). The limit is
     ``constants.MAX_RELAY_WORKERS``, the very one the relay engine enforces.
     ``auth_failure_burst``: failed username/password checks a client address may make in a
-    row before further attempts fail at once, without checking the password (scrypt costs
-    ~50 ms of CPU each); 0 = no limit (integer >= 0; 10).
-    ``auth_failure_interval``: seconds after which one more failed attempt is allowed again
-    (a token bucket refilled one token per interval, up to the burst; > 0; 5).
+    row (a token bucket refilled one token per ``auth_failure_interval``); past it the
+    address's checks run only when a check slot is free at once, never queued
+    (`FailedAuthLimiter`); 0 = no limit (integer >= 0; 10).
+    ``auth_failure_interval``: seconds per token regained (> 0; 5).
+    ``auth_user_failure_burst``: failed checks for one user name, from any address, before
+    further logins for that name fail at once without a check (scrypt costs ~35-50 ms of
+    CPU each); credentials verified before still work (cached); 0 = no limit (integer >= 0; 10).
+    ``auth_user_failure_interval``: seconds per token regained per user name (> 0; 10).
+    ``auth_checks_per_second``: password checks (scrypt runs) per second in all, a burst of
+    one second's worth; a check waits up to 2 s for a slot, then fails; 0 = no limit
+    (number >= 0; 10).
     ``log_level``: ``"debug"``, ``"info"``, ``"warning"``, ``"error"`` or ``"critical"``.
 
 ``[users]``
@@ -137,6 +146,9 @@ max_options_length = 16384
 relay_workers = 0
 auth_failure_burst = 10
 auth_failure_interval = 5.0
+auth_user_failure_burst = 10
+auth_user_failure_interval = 10.0
+auth_checks_per_second = 10.0
 log_level = "info"
 
 [users]
@@ -186,9 +198,15 @@ class ServerConfig:
     relay_workers: int
     """Relay worker count; 0 = one per CPU core."""
     auth_failure_burst: int
-    """Failed password checks per client address before attempts fail unchecked; 0 = no limit."""
+    """Failed password checks per client address before its checks lose priority; 0 = no limit."""
     auth_failure_interval: float
     """Seconds per failed attempt regained (token bucket refill)."""
+    auth_user_failure_burst: int
+    """Failed password checks per user name before logins for it fail unchecked; 0 = no limit."""
+    auth_user_failure_interval: float
+    """Seconds per failed attempt regained, per user name."""
+    auth_checks_per_second: float
+    """Password checks (scrypt runs) per second in all; 0 = no limit."""
     log_level: str
     """Lower-case logging level name."""
 
@@ -447,6 +465,9 @@ _SERVER_KEYS = {
     "relay_workers",
     "auth_failure_burst",
     "auth_failure_interval",
+    "auth_user_failure_burst",
+    "auth_user_failure_interval",
+    "auth_checks_per_second",
     "log_level",
 }
 
@@ -503,6 +524,9 @@ def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
         relay_workers=_int(table, "relay_workers", "server", 0, low=0, high=MAX_RELAY_WORKERS),
         auth_failure_burst=_int(table, "auth_failure_burst", "server", 10, low=0),
         auth_failure_interval=_seconds(table, "auth_failure_interval", "server", 5.0),
+        auth_user_failure_burst=_int(table, "auth_user_failure_burst", "server", 10, low=0),
+        auth_user_failure_interval=_seconds(table, "auth_user_failure_interval", "server", 10.0),
+        auth_checks_per_second=_rate(table, "auth_checks_per_second", "server", 10.0),
         log_level=level.lower(),
     )
 
@@ -695,6 +719,14 @@ def _seconds(table: Mapping[str, Any], key: str, where: str, default: float) -> 
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if not ok:
         raise ConfigError(f"{where}.{key}: {_show(value)} is not a number of seconds > 0")
+    return float(value)
+
+
+def _rate(table: Mapping[str, Any], key: str, where: str, default: float) -> float:
+    value = table.get(key, default)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{where}.{key}: {_show(value)} is not a number >= 0 (per second; 0 = no limit)")
     return float(value)
 
 

@@ -62,6 +62,8 @@ def test_defaults_values() -> None:
     assert server.tls_certificate is None and server.tls_key is None
     assert server.log_level == "info" and server.relay_workers == 0
     assert (server.auth_failure_burst, server.auth_failure_interval) == (10, 5.0)
+    assert (server.auth_user_failure_burst, server.auth_user_failure_interval) == (10, 10.0)
+    assert server.auth_checks_per_second == 10.0
     config = default_config()
     assert config.sessions.enabled and config.sessions.max_token_window == 65536
     assert config.udp.port is None and config.udp.dtls_port is None
@@ -287,7 +289,8 @@ CASES: list[tuple[str, str]] = [
     ("server = 5", "server: must be a table, written [server]"),
     (
         "[server]\nlisen = []",
-        "server.lisen: unknown key (allowed: auth_failure_burst, auth_failure_interval, "
+        "server.lisen: unknown key (allowed: auth_checks_per_second, auth_failure_burst, "
+        "auth_failure_interval, auth_user_failure_burst, auth_user_failure_interval, "
         "connect_timeout, dns_resolver, "
         "handshake_timeout, idle_timeout, listen, log_level, max_connections, max_options_length, "
         "relay_workers, tls_certificate, tls_key, tls_listen)",
@@ -357,6 +360,19 @@ CASES: list[tuple[str, str]] = [
     ("[server]\nrelay_workers = 257", "server.relay_workers: 257 is not an integer 0-256"),
     ("[server]\nauth_failure_burst = -1", "server.auth_failure_burst: -1 is not an integer >= 0"),
     ("[server]\nauth_failure_interval = 0", "server.auth_failure_interval: 0 is not a number of seconds > 0"),
+    ("[server]\nauth_user_failure_burst = 1.5", "server.auth_user_failure_burst: 1.5 is not an integer >= 0"),
+    (
+        "[server]\nauth_user_failure_interval = -1",
+        "server.auth_user_failure_interval: -1 is not a number of seconds > 0",
+    ),
+    (
+        "[server]\nauth_checks_per_second = -2",
+        "server.auth_checks_per_second: -2 is not a number >= 0 (per second; 0 = no limit)",
+    ),
+    (
+        '[server]\nauth_checks_per_second = "fast"',
+        'server.auth_checks_per_second: "fast" is not a number >= 0 (per second; 0 = no limit)',
+    ),
     (
         '[server]\nlog_level = "verbose"',
         'server.log_level: "verbose" is not one of debug, info, warning, error, critical',

@@ -11,7 +11,9 @@ expensive to attack), which is 250 times the proxy's per-connection CPU budget (
 HMAC of (user, password) keyed with a per-process random key; see `UserStore` for why that
 is safe.
 
-`FailedAuthLimiter` bounds the scrypt work a password-guessing client can cause.
+`FailedAuthLimiter` bounds the scrypt work password guessing can cause (hardening issue 12
+defect 5, AUTH-05): failures per client address and per user name, and checks per second in
+all; `FailedAuthLimiter.admit` answers one check with an `AuthAdmission`.
 
 Pure: no I/O, no clock (time enters as ``now``); only ``cryptography`` (scrypt) and the
 standard library.
@@ -33,6 +35,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from ..constants import MAX_USERPASS_LENGTH
 
 __all__ = [
+    "AuthAdmission",
     "DEFAULT_SCRYPT_N",
     "DEFAULT_SCRYPT_P",
     "DEFAULT_SCRYPT_R",
@@ -345,69 +348,43 @@ class UserStore:
         return name
 
 
-class FailedAuthLimiter:
-    """Failed password checks per client address: a token bucket each, so that a client
-    guessing passwords cannot make the proxy burn ~50 ms of scrypt per guess.
+class _Buckets:
+    """Token buckets by key: at most ``burst`` tokens each, one regained every ``interval``
+    seconds. Full buckets are forgotten; at ``max_keys`` the full ones go first, then the
+    oldest, so memory stays bounded whatever the number of keys."""
 
-    Every check takes a token before scrypt runs (so parallel guesses cannot overdraw) and
-    a successful one gives it back: only failures count. A bucket holds at most ``burst``
-    tokens and regains one every ``interval`` seconds; with no token left the check fails
-    at once. IPv6 clients share a bucket per /64, the block one host usually controls.
+    __slots__ = ("_buckets", "burst", "interval", "max_keys")
 
-    Args:
-        burst: failures in a row allowed per address; 0 disables the limiter.
-        interval: seconds per token regained.
-        max_clients: buckets kept at most; full buckets are forgotten first, then the
-            oldest (memory stays bounded whatever the number of client addresses).
-    """
-
-    __slots__ = ("_buckets", "burst", "interval", "max_clients")
-
-    def __init__(self, burst: int, interval: float, max_clients: int = 65536) -> None:
+    def __init__(self, burst: int, interval: float, max_keys: int) -> None:
         self.burst = burst
         self.interval = interval
-        self.max_clients = max_clients
+        self.max_keys = max_keys
         self._buckets: dict[str, list[float]] = {}  # key -> [tokens, time of last update]
 
-    def configure(self, burst: int, interval: float) -> None:
-        """Change the limits (configuration reload); the buckets are kept."""
-        self.burst, self.interval = burst, interval
-
-    @staticmethod
-    def _key(client_ip: str) -> str:
-        if ":" not in client_ip:
-            return client_ip
-        try:
-            address = ipaddress.IPv6Address(client_ip.split("%", 1)[0])
-        except ValueError:
-            return client_ip
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-
-    def acquire(self, client_ip: str, now: float) -> bool:
-        """Take a token for one password check; False when none is left (fail at once)."""
+    def available(self, key: str, now: float) -> bool:
+        """True when ``key`` has a token (always, with a burst of 0: no limit)."""
         if self.burst <= 0:
             return True
-        key = self._key(client_ip)
         bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= self.max_clients:
-                self._prune(now)
-            bucket = self._buckets[key] = [float(self.burst), now]
-        else:
-            bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) / self.interval)
-            bucket[1] = now
-        if bucket[0] < 1.0:
-            return False
-        bucket[0] -= 1.0
-        return True
+            return True
+        bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) / self.interval)
+        bucket[1] = now
+        return bucket[0] >= 1.0
 
-    def refund(self, client_ip: str) -> None:
-        """Give back the token of a check that succeeded."""
+    def take(self, key: str, now: float) -> None:
+        """Spend a token of ``key`` (after `available` said there is one)."""
         if self.burst <= 0:
             return
-        key = self._key(client_ip)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._prune(now)
+            bucket = self._buckets[key] = [float(self.burst), now]
+        bucket[0] -= 1.0
+
+    def give(self, key: str) -> None:
+        """Give a token back (a check that succeeded)."""
         bucket = self._buckets.get(key)
         if bucket is not None:
             bucket[0] += 1.0
@@ -419,8 +396,137 @@ class FailedAuthLimiter:
         for key, (tokens, last) in list(self._buckets.items()):
             if tokens + (now - last) / interval >= burst:
                 del self._buckets[key]
-        while len(self._buckets) >= self.max_clients:
+        while len(self._buckets) >= self.max_keys:
             del self._buckets[next(iter(self._buckets))]  # the oldest entry
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAdmission:
+    """`FailedAuthLimiter.admit`'s answer for one password check."""
+
+    refused: str | None
+    """Why the check is not run (the login then fails at once, without scrypt); None: run it."""
+    delay: float = 0.0
+    """Seconds to wait for a check slot before running it."""
+    address: str | None = None
+    """The address bucket the check took a token from (None: its budget was spent)."""
+    user: str | None = None
+    """The user-name bucket it took a token from."""
+
+
+class FailedAuthLimiter:
+    """Limits on password checks (scrypt costs ~35-50 ms of CPU each; hardening issue 12
+    defect 5): failures per client address, failures per user name, and checks per second
+    in all.
+
+    * Per user name: ``user_burst`` failures, then one more per ``user_interval`` seconds;
+      past that a login for the name fails at once. This is what stops a guesser spread
+      over many addresses (NAT pools, botnets) from trying one account at full speed.
+    * Per client address (IPv6: per /64, the block one host usually controls; IPv4-mapped
+      as IPv4): ``burst`` failures, then one per ``interval`` seconds. An address whose
+      budget is spent is not refused outright (a user behind the same NAT as a guesser
+      must still get in): its checks still run, but only when a check slot is free at
+      once (no waiting), so a guesser cannot crowd out other clients.
+    * In all: ``checks_per_second`` (a burst of one second's worth). A check from an
+      address in good standing waits up to ``max_wait`` seconds for a slot; when none is
+      free by then the login fails ("busy").
+
+    Every check takes its tokens before scrypt runs (parallel guesses cannot overdraw);
+    a successful one gives back the user and address tokens it took: only failures count.
+    Successful credentials cached by `UserStore.authenticate_cached` never reach the
+    limiter (they cost no scrypt run), so a user who logged in before keeps working
+    while an attacker has spent the budget of their name. A budget of 0 (or a rate of 0)
+    disables that limit.
+    """
+
+    __slots__ = ("_addresses", "_tat", "_users", "checks_per_second", "max_wait")
+
+    def __init__(
+        self,
+        burst: int,
+        interval: float,
+        *,
+        user_burst: int = 0,
+        user_interval: float = 10.0,
+        checks_per_second: float = 0.0,
+        max_wait: float = 2.0,
+        max_clients: int = 65536,
+    ) -> None:
+        self._addresses = _Buckets(burst, interval, max_clients)
+        self._users = _Buckets(user_burst, user_interval, max_clients)
+        self.checks_per_second = checks_per_second
+        self.max_wait = max_wait
+        self._tat = float("-inf")  # GCRA: theoretical arrival time of the next check
+
+    def configure(
+        self, burst: int, interval: float, user_burst: int, user_interval: float, checks_per_second: float
+    ) -> None:
+        """Change the limits (configuration reload); the buckets are kept."""
+        self._addresses.burst, self._addresses.interval = burst, interval
+        self._users.burst, self._users.interval = user_burst, user_interval
+        self.checks_per_second = checks_per_second
+
+    @staticmethod
+    def address_key(client_ip: str) -> str:
+        """The bucket of a client address: IPv4 as is, IPv4-mapped as IPv4, IPv6 per /64."""
+        if ":" not in client_ip:
+            return client_ip
+        try:
+            address = ipaddress.IPv6Address(client_ip.split("%", 1)[0])
+        except ValueError:
+            return client_ip
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+    def admit(self, client_ip: str, user: str, now: float) -> AuthAdmission:
+        """Decide about one password check of ``user`` from ``client_ip`` at time ``now``."""
+        if not self._users.available(user, now):
+            return AuthAdmission("too many failed logins for this user name")
+        address = self.address_key(client_ip)
+        good_standing = self._addresses.available(address, now)
+        delay = self._schedule(now, patient=good_standing)
+        if delay is None:
+            if good_standing:
+                return AuthAdmission("password checks busy (server.auth_checks_per_second)")
+            return AuthAdmission("too many failed logins from this address")
+        self._users.take(user, now)
+        if good_standing:
+            self._addresses.take(address, now)
+        return AuthAdmission(
+            None,
+            delay,
+            address if good_standing and self._addresses.burst > 0 else None,
+            user if self._users.burst > 0 else None,
+        )
+
+    def _schedule(self, now: float, *, patient: bool) -> float | None:
+        """A slot under checks_per_second (GCRA, a burst of one second's worth): the
+        seconds to wait for it, or None when there is none soon enough. An impatient check
+        (its address spent its budget) takes only a slot free now: it uses idle capacity,
+        and once checks in good standing queue, it gets none."""
+        rate = self.checks_per_second
+        if rate <= 0:
+            return 0.0
+        spacing = 1.0 / rate
+        tolerance = (max(1.0, rate) - 1.0) * spacing
+        tat = max(self._tat, now)
+        delay = max(0.0, tat - tolerance - now)
+        if delay > (self.max_wait if patient else 0.0):
+            return None
+        self._tat = tat + spacing
+        return delay
+
+    def refund(self, admission: AuthAdmission) -> None:
+        """The check succeeded: give back the tokens it took (only failures count)."""
+        if admission.address is not None:
+            self._addresses.give(admission.address)
+        if admission.user is not None:
+            self._users.give(admission.user)
+
+    def __len__(self) -> int:
+        """Buckets remembered (addresses and user names)."""
+        return len(self._addresses) + len(self._users)

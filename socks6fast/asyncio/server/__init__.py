@@ -24,15 +24,24 @@ of the proxy's own listeners is refused whatever the rules say (`OwnListeners`).
 addresses behind both come from the kernel (`socks6fast.net.localaddr`), read by ``lifecycle``
 at start-up and on reload.
 
-Limits: ``max_connections`` (accepting pauses at the cap), the handshake timeout (REQ-08),
-the connect timeout (0x09), the relay idle timeout, the options cap (D6), failed password
-checks per client address (`FailedAuthLimiter`: past the allowance an attempt fails without
-running scrypt).
+Limits: ``max_connections`` (sized against the descriptor limit at start; past it a newcomer
+is answered General Failure at once, hardening issue 12 defect 3, see ``lifecycle``), the
+handshake timeout (REQ-08), the connect timeout (0x09), the relay idle timeout, the options
+cap (D6), password checks (`FailedAuthLimiter`, decided in `socks6fast.proto.auth`: failures
+per client address and per user name, checks per second in all; issue 12 defect 5, AUTH-05).
 """
 
-from ...proto.auth import FailedAuthLimiter
+from ...proto.auth import AuthAdmission, FailedAuthLimiter
 from .dial import Resolver
 from .lifecycle import Server, serve
 from .record import ConnectionRecord, describe_error
 
-__all__ = ["ConnectionRecord", "FailedAuthLimiter", "Resolver", "Server", "describe_error", "serve"]
+__all__ = [
+    "AuthAdmission",
+    "ConnectionRecord",
+    "FailedAuthLimiter",
+    "Resolver",
+    "Server",
+    "describe_error",
+    "serve",
+]

@@ -19,11 +19,12 @@ import time
 from typing import Protocol
 
 from ...config import Config
-from ...constants import Command
+from ...constants import AddressType, AuthMethod, Command, ReplyCode
 from ...dataplane.engine import RelayEnd, RelayResult
 from ...dataplane.relayer import Relayer
-from ...errors import RemoteProtocolError
+from ...errors import LocalProtocolError, RemoteProtocolError
 from ...net.stackopts import apply_leg_options, mptcp_in_use, read_leg_options
+from ...proto import codec
 from ...proto.actions import (
     ApplyClientOptions,
     AwaitPeer,
@@ -47,8 +48,12 @@ from ...proto.server import (
     Socks5ServerConnection,
     server_connection,
 )
-from ...proto.socks5 import UserPassRequest
+from ...proto.server_common import detect_protocol
+from ...proto.server_wire import Socks5ServerWire, failure_reply
+from ...proto.socks5 import Socks5Greeting, Socks5MethodSelection, Socks5Reply, Socks5Request, UserPassRequest
 from ...proto.stack import AppliedLeg
+from ...proto.states import NEED_DATA as WIRE_NEED_DATA
+from ...proto.states import Protocol as WireProtocol
 from .bind import (
     BacklogListener,
     ClientGone,
@@ -63,11 +68,71 @@ from .dial import Remote, Resolver, dial, resolve
 from .record import ConnectionRecord, describe_error, format_address
 from .streams import ClientStream, SocketStream, tls_handshake
 
-__all__ = ["ConnectionHandler", "ServerView"]
+__all__ = ["REFUSAL_TIMEOUT", "ConnectionHandler", "ServerView", "refuse_client"]
 
 log = logging.getLogger("socks6fast.server")
 
 _Conn = ServerConnection | Socks5ServerConnection
+
+#: Seconds a client refused at max_connections has to send the bytes its refusal answers.
+REFUSAL_TIMEOUT = 1.0
+
+
+async def refuse_client(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+    """Answer a client the full proxy cannot serve (past ``max_connections``; hardening issue
+    12 defect 3) with General Failure as soon as its first bytes arrive, instead of leaving it
+    in the listen backlog. SOCKS 6: nothing was sent yet, so the General Failure Operation
+    Reply reads as a failed Authentication Reply too (D14: ``06 01 ...``). SOCKS 5: RFC 1928
+    REP 0x01 needs a request to answer (`_refuse_socks5`). Closes the socket; True when the
+    client got its answer."""
+    stream = SocketStream(loop, sock)
+    answered = False
+    try:
+        async with asyncio.timeout(REFUSAL_TIMEOUT):
+            first = stream.recv_now()
+            if first is None:
+                first = await stream.recv()
+            protocol = detect_protocol(first[0]) if first else None
+            if protocol is WireProtocol.SOCKS6:
+                await stream.send(codec.encode_operation_reply(failure_reply(ReplyCode.GENERAL_FAILURE)))
+                answered = True
+            elif protocol is WireProtocol.SOCKS5:
+                answered = await _refuse_socks5(loop, stream, first)
+        await stream.linger_close()
+    except (OSError, TimeoutError, EOFError, RemoteProtocolError, LocalProtocolError):
+        pass
+    finally:
+        stream.close()
+    return answered
+
+
+async def _refuse_socks5(loop: asyncio.AbstractEventLoop, stream: SocketStream, first: bytes) -> bool:
+    """RFC 1928 General Failure (REP 0x01) needs a request to answer: select "no
+    authentication" when the client offers it, then answer its request. A client that offers
+    only methods needing credentials is closed (saying its password was wrong would be a lie,
+    and asking for it pointless)."""
+    wire = Socks5ServerWire(handshake_timeout=REFUSAL_TIMEOUT, now=loop.time())
+    wire.receive_data(first)
+
+    async def next_event() -> object:
+        while True:
+            event = wire.next_event()
+            if event is not WIRE_NEED_DATA:
+                return event
+            data = await stream.recv()
+            if not data:
+                raise EOFError
+            wire.receive_data(data)
+
+    event = await next_event()
+    if not isinstance(event, Socks5Greeting) or AuthMethod.NONE not in event.methods:
+        return False
+    await stream.send(wire.send(Socks5MethodSelection(AuthMethod.NONE)))
+    event = await next_event()
+    if not isinstance(event, Socks5Request):
+        return False
+    await stream.send(wire.send(Socks5Reply(ReplyCode.GENERAL_FAILURE, AddressType.IPV4, "0.0.0.0", 0)))
+    return True
 
 
 class ServerView(Protocol):
@@ -262,21 +327,27 @@ class ConnectionHandler:
     async def _check_credentials(self, conn: _Conn, credentials: UserPassRequest) -> None:
         server = self._server
         users = server.context.users
-        limiter = server.limiter
-        client_ip = self.client[0]
-        if not limiter.acquire(client_ip, self._loop.time()):
-            # Too many failures from this address: fail without paying for scrypt (AUTH-05).
-            conn.credentials_checked(None, "too many failed authentications from this address")
-            return
-        # Credentials verified before: a keyed-hash lookup, answered on the loop.
+        # Credentials verified before: a keyed-hash lookup, answered on the loop; it costs no
+        # scrypt run, so the limiter does not apply (a user who logged in before keeps
+        # working while a guesser has spent the budgets of their name or address).
         user = users.authenticate_cached(credentials.username, credentials.password)
-        if user is None:
-            # scrypt costs ~50 ms of CPU: keep it off the event loop.
-            user = await self._loop.run_in_executor(
-                None, users.authenticate, credentials.username, credentials.password
-            )
         if user is not None:
-            limiter.refund(client_ip)  # only failures count
+            conn.credentials_checked(user)
+            return
+        loop = self._loop
+        name = credentials.username.decode("utf-8", "replace")
+        # AUTH-05, hardening issue 12 defect 5: the core's limiter decides whether scrypt runs.
+        admission = server.limiter.admit(self.client[0], name, loop.time())
+        if admission.refused is not None:
+            conn.credentials_checked(None, admission.refused)  # failed without paying for scrypt
+            return
+        if admission.delay > 0:
+            await asyncio.sleep(admission.delay)  # a check slot (auth_checks_per_second)
+        # scrypt costs ~35-50 ms of CPU: keep it off the event loop.
+        username, password = credentials.username, credentials.password
+        user = await loop.run_in_executor(None, users.authenticate, username, password)
+        if user is not None:
+            server.limiter.refund(admission)  # only failures count
         conn.credentials_checked(user)
 
     async def _resolve(self, conn: _Conn, action: Resolve) -> None:

@@ -3,10 +3,21 @@
 Strategy: plain listeners are non-blocking sockets accepted from directly (``loop.add_reader``,
 a batch of accepts per wake-up), so a client socket stays ours until the relay takes it, and
 they accept TCP Fast Open (TRN-01): a Request that arrived in the SYN is read by the first
-``recv`` without another round trip. Each accepted connection gets a `ConnectionHandler` task;
-accepting pauses at ``max_connections`` and after EMFILE-like errors. A reload (SIGHUP)
+``recv`` without another round trip. Each accepted connection gets a `ConnectionHandler` task.
+A reload (SIGHUP)
 points the shared `ServerContext` at the new users, rules and limits; `close` stops
 accepting, waits for the connections to drain, then ends the rest and the data plane.
+
+Descriptors (hardening issue 12 defect 3): `Server.start` raises the soft RLIMIT_NOFILE to the
+hard limit and sizes ``max_connections`` and the engine's pipes against it
+(`socks6fast.dataplane.resources.plan_descriptors`; a lowered limit is logged with the
+reason). A full proxy never leaves a client in the listen backlog: past ``max_connections``
+a newcomer is accepted and answered General Failure (`handler.refuse_client`: SOCKS 6, the
+D14 form before any reply; SOCKS 5 after the method selection) as soon as its first bytes
+arrive, or closed at once when `REFUSAL_SLOTS` refusals are already in progress; if accept()
+itself fails for lack of descriptors, a spare descriptor is given up to accept and close the
+client at once. These conditions are counted and logged at most once per
+`PRESSURE_LOG_INTERVAL`, with the counts (`_Pressure`).
 """
 
 from __future__ import annotations
@@ -16,14 +27,17 @@ import collections
 import contextlib
 import errno
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
 from ...config import Config
+from ...dataplane import resources
 from ...dataplane.engine import ENGINE_AVAILABLE, NO_EXTENSIONS, PATH_SPLICE
 from ...dataplane.relayer import Relayer
+from ...dataplane.resources import DescriptorPlan
 from ...net.localaddr import read_local_addresses
 from ...net.stackopts import enable_tfo_listener
 from ...proto.auth import FailedAuthLimiter, UserStore
@@ -32,7 +46,7 @@ from ...proto.server import ServerContext
 from ...proto.sessions import MemorySessionStore
 from .bind import close_session_listeners
 from .dial import Resolver
-from .handler import ConnectionHandler
+from .handler import REFUSAL_TIMEOUT, ConnectionHandler, refuse_client
 from .record import ConnectionRecord, format_address
 
 __all__ = ["Server", "serve"]
@@ -41,8 +55,12 @@ log = logging.getLogger("socks6fast.server")
 
 #: Client connections accepted per listener wake-up before yielding to the loop.
 ACCEPT_BATCH = 64
-#: Pause before accepting again after EMFILE/ENFILE.
+#: Pause before accepting again after ENOBUFS/ENOMEM, or EMFILE without a spare descriptor.
 ACCEPT_RETRY_DELAY = 0.1
+#: Clients past max_connections answered at once; more are closed without a reply.
+REFUSAL_SLOTS = resources.REFUSAL_SLOTS
+#: At most one log line per this many seconds about refused clients, descriptors and pipes.
+PRESSURE_LOG_INTERVAL = 10.0
 #: Listen backlog of the client listeners.
 LISTEN_BACKLOG = 1024
 #: Finished-connection records kept for inspection (`Server.records`).
@@ -52,6 +70,64 @@ MAX_RECORDS = 1024
 def _sockname(sock: socket.socket) -> tuple[str, int]:
     name = sock.getsockname()
     return str(name[0]), int(name[1])
+
+
+class _Pressure:
+    """The times the proxy was short of room (clients refused at max_connections, clients
+    closed at accept for lack of descriptors, bytes relayed without a pipe), logged at most
+    once per interval with the counts: the first occurrence at once, then a summary per
+    interval while it lasts (issue 12 defect 3: not a line per event)."""
+
+    __slots__ = ("_counts", "_interval", "_last", "_loop", "_max_connections", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        self._loop = loop
+        self._interval = interval
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._last = float("-inf")
+        self._timer: asyncio.TimerHandle | None = None
+        self._max_connections = 0
+
+    def note(self, key: str, count: int, max_connections: int) -> None:
+        self._counts[key] += count
+        self._max_connections = max_connections
+        if self._timer is None:
+            delay = max(0.0, self._last + self._interval - self._loop.time())
+            self._timer = self._loop.call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        """Log what was counted since the last line (if anything)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        counts = self._counts
+        if not counts:
+            return
+        self._last = self._loop.time()
+        parts = []
+        refused = counts["refused_answered"] + counts["refused_busy"] + counts["refused_silent"]
+        if refused:
+            parts.append(
+                f"{refused} clients refused at max_connections={self._max_connections} "
+                f"({counts['refused_answered']} answered General Failure, {counts['refused_busy']} "
+                f"closed at once with {REFUSAL_SLOTS} refusals in progress, {counts['refused_silent']} "
+                f"closed without a reply: no request within {REFUSAL_TIMEOUT:.0f}s, or SOCKS 5 "
+                "offering only methods that need credentials)"
+            )
+        if counts["shed"]:
+            parts.append(f"{counts['shed']} clients closed at accept for lack of descriptors")
+        if counts["accept_paused"]:
+            parts.append(
+                f"accepting paused {counts['accept_paused']} times for {ACCEPT_RETRY_DELAY}s "
+                "(no descriptor or memory)"
+            )
+        if counts["copied"] or counts["pipe_errors"]:
+            parts.append(
+                f"relays copied {counts['copied']} bytes without a pipe (pipe or descriptor budget "
+                f"spent, {counts['pipe_errors']} pipe2() failures)"
+            )
+        counts.clear()
+        log.warning("short of room since the last report: %s", "; ".join(parts))
 
 
 class Server:
@@ -89,10 +165,16 @@ class Server:
         """Resolves CONNECT destination names (None: ``loop.getaddrinfo``)."""
         self.context = ServerContext(sessions=config.session_store())
         """What the core connections consult: users, rules, sessions, limits (reload updates it)."""
+        server = config.server
         self.limiter = FailedAuthLimiter(
-            config.server.auth_failure_burst, config.server.auth_failure_interval
+            server.auth_failure_burst,
+            server.auth_failure_interval,
+            user_burst=server.auth_user_failure_burst,
+            user_interval=server.auth_user_failure_interval,
+            checks_per_second=server.auth_checks_per_second,
         )
-        """Failed password checks per client address (AUTH-05)."""
+        """Password checks: failures per client address and per user name, checks per second
+        in all (AUTH-05, hardening issue 12 defect 5)."""
         self.tls_context: ssl.SSLContext | None = self._tls_context(config)
         """The TLS listeners' context, or None without TLS listeners."""
         self._relayer = relayer
@@ -101,8 +183,14 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[tuple[socket.socket, bool]] = []
         self._accepting = False
-        self._paused_for_limit = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refusals: set[asyncio.Task[None]] = set()
+        self._spare_fd = -1  # given up to accept (and close) a client when out of descriptors
+        self._fd_plan: DescriptorPlan | None = None
+        self._max_connections = config.server.max_connections
+        self._pressure: _Pressure | None = None
+        self._copied_seen = 0
+        self._pipe_errors_seen = 0
         self._housekeeping: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self.records: collections.deque[ConnectionRecord] = collections.deque(maxlen=MAX_RECORDS)
@@ -135,7 +223,13 @@ class Server:
         context.handshake_timeout = server.handshake_timeout
         context.connect_timeout = server.connect_timeout
         context.dns_resolver = server.dns_resolver
-        self.limiter.configure(server.auth_failure_burst, server.auth_failure_interval)
+        self.limiter.configure(
+            server.auth_failure_burst,
+            server.auth_failure_interval,
+            server.auth_user_failure_burst,
+            server.auth_user_failure_interval,
+            server.auth_checks_per_second,
+        )
         self._config = config
 
     @property
@@ -164,6 +258,17 @@ class Server:
         return len(self._tasks)
 
     @property
+    def max_connections(self) -> int:
+        """``max_connections`` in effect: the configured value, lowered at `start` when the
+        descriptor limit cannot hold it (see `descriptor_plan`)."""
+        return self._max_connections
+
+    @property
+    def descriptor_plan(self) -> DescriptorPlan | None:
+        """How the descriptor limit is shared out (after `start`)."""
+        return self._fd_plan
+
+    @property
     def addresses(self) -> list[tuple[str, int]]:
         """Bound (host, port) of the plain listeners."""
         return [_sockname(sock) for sock, tls in self._listeners if not tls]
@@ -181,6 +286,8 @@ class Server:
         """
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._pressure = _Pressure(loop, PRESSURE_LOG_INTERVAL)
+        limit, hard = resources.raise_nofile_limit()
         if self._relayer is None:
             server = self._config.server
             self._relayer = Relayer(
@@ -202,6 +309,16 @@ class Server:
             self._listeners.clear()
             raise
         self.context.own_listeners = OwnListeners(self.addresses + self.tls_addresses, self._local)
+        with contextlib.suppress(OSError):
+            self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd_plan = resources.plan_descriptors(
+            self._config.server.max_connections,
+            limit,
+            hard,
+            in_use=resources.open_descriptors(),
+            splice=self._relayer.path == PATH_SPLICE,
+        )
+        self._apply_fd_plan(self._fd_plan)
         self._accepting = True
         self._resume_accepting()
         self._housekeeping = loop.create_task(self._expire_sessions())
@@ -211,6 +328,14 @@ class Server:
             log.info("listening on %s (SOCKS over TLS)", format_address(host, port))
         self._warn_about_exposure(self._config)
         log.info("relay path: %s", self._describe_relay())
+        plan = self._fd_plan
+        log.info(
+            "descriptors: limit %d (hard %d), max_connections %d, %s",
+            plan.limit,
+            plan.hard,
+            plan.max_connections,
+            f"up to {plan.max_pipes} splice pipes" if plan.max_pipes else "no pipes (asyncio relay)",
+        )
         udp = self._config.udp
         if udp.port is not None or udp.dtls_port is not None:
             # The [udp] table is parsed and validated already so that configs written for
@@ -219,6 +344,13 @@ class Server:
                 "[udp] is configured, but UDP ASSOCIATE is not implemented yet: no UDP socket is "
                 "opened and UDP ASSOCIATE requests get Command Not Supported (0x07)"
             )
+
+    def _apply_fd_plan(self, plan: DescriptorPlan) -> None:
+        self._max_connections = plan.max_connections
+        if plan.lowered:
+            log.warning("%s", plan.warning())
+        if self._relayer is not None and self._own_relayer:
+            self._relayer.set_max_pipes(plan.max_pipes)
 
     def _describe_relay(self) -> str:
         """One phrase for the startup log: which data plane relays connections and why."""
@@ -289,36 +421,84 @@ class Server:
     def _on_acceptable(self, lsock: socket.socket, tls: bool) -> None:
         loop = self._loop
         assert loop is not None
-        limit = self._config.server.max_connections
         for _ in range(ACCEPT_BATCH):
-            if len(self._tasks) >= limit:
-                # At the cap: stop accepting; the kernel backlog holds newcomers (max_connections).
-                self._paused_for_limit = True
-                self._pause_accepting()
-                return
             try:
                 sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._spare_fd >= 0:
+                    if self._shed(lsock):
+                        continue
+                    return  # the backlog is empty (accept() checks descriptors first)
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept failed (%s); pausing accepts for %.1fs", exc, ACCEPT_RETRY_DELAY)
+                    # No spare descriptor either (or no memory): wait a moment, counted.
+                    self._note_pressure("accept_paused")
                     self._pause_accepting()
                     loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
                     return
                 log.debug("accept failed: %s", exc)  # ECONNABORTED and the like
                 continue
             sock.setblocking(False)  # TCP_NODELAY comes from the listener (inherited)
+            if len(self._tasks) >= self._max_connections:
+                self._refuse(sock)
+                continue
             handler = ConnectionHandler(self, sock, (str(addr[0]), int(addr[1])), tls)
             task = loop.create_task(handler.run())
             self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+            task.add_done_callback(self._tasks.discard)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if self._paused_for_limit and len(self._tasks) < self._config.server.max_connections:
-            self._paused_for_limit = False
-            self._resume_accepting()
+    def _shed(self, lsock: socket.socket) -> bool:
+        """accept() failed with EMFILE/ENFILE: give up the spare descriptor, accept one
+        client and close it at once (it sees the close now rather than waiting in the
+        backlog), take the spare back. False when no client was waiting."""
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        try:
+            sock, _ = lsock.accept()
+        except OSError:
+            sock = None
+        if sock is not None:
+            sock.close()
+            self._note_pressure("shed")
+        with contextlib.suppress(OSError):
+            self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        return sock is not None
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """A client past max_connections: answer General Failure, or close it at once when
+        REFUSAL_SLOTS refusals are in progress already. Either way it is not left waiting."""
+        loop = self._loop
+        assert loop is not None
+        if len(self._refusals) >= REFUSAL_SLOTS:
+            sock.close()
+            self._note_pressure("refused_busy")
+            return
+        task = loop.create_task(self._refusal(sock))
+        self._refusals.add(task)
+        task.add_done_callback(self._refusals.discard)
+
+    async def _refusal(self, sock: socket.socket) -> None:
+        answered = False
+        try:
+            answered = await refuse_client(self.loop, sock)
+        finally:
+            self._note_pressure("refused_answered" if answered else "refused_silent")
+
+    def _note_pressure(self, key: str, count: int = 1) -> None:
+        if self._pressure is not None:
+            self._pressure.note(key, count, self._max_connections)
+
+    def _poll_pipe_stats(self) -> None:
+        """Count the bytes the engine copied without a pipe since the last look."""
+        stats = self._relayer.pipe_stats() if self._relayer is not None else None
+        if stats is None:
+            return
+        if stats.copied > self._copied_seen:
+            self._note_pressure("copied", stats.copied - self._copied_seen)
+        if stats.pipe_errors > self._pipe_errors_seen:
+            self._note_pressure("pipe_errors", stats.pipe_errors - self._pipe_errors_seen)
+        self._copied_seen, self._pipe_errors_seen = stats.copied, stats.pipe_errors
 
     def connection_finished(self, record: ConnectionRecord) -> None:
         """A connection handler is done: keep, log and announce its record."""
@@ -340,6 +520,7 @@ class Server:
             if store is not None:
                 for session in store.expire(loop.time()):
                     close_session_listeners(session)
+            self._poll_pipe_stats()
 
     def reload(self, config: Config) -> None:
         """Apply a new configuration (SIGHUP): users, rules, limits and sessions settings.
@@ -367,9 +548,16 @@ class Server:
             self.context.sessions = config.session_store()
         elif isinstance(store, MemorySessionStore):
             store.limits = config.sessions.limits()  # the live sessions stay
-        if self._paused_for_limit and len(self._tasks) < config.server.max_connections:
-            self._paused_for_limit = False
-            self._resume_accepting()
+        if self._fd_plan is not None and config.server.max_connections != old.server.max_connections:
+            plan = self._fd_plan
+            self._fd_plan = resources.plan_descriptors(
+                config.server.max_connections,
+                plan.limit,
+                plan.hard,
+                in_use=plan.reserved - resources.REFUSAL_SLOTS - resources.DESCRIPTOR_MARGIN,
+                splice=plan.max_pipes > 0,
+            )
+            self._apply_fd_plan(self._fd_plan)
         log.info("configuration reloaded: %d users, %d rules", len(users), len(config.rules))
         self._warn_about_exposure(config)
 
@@ -415,6 +603,15 @@ class Server:
         if self.context.sessions is not None:
             for session in self.context.sessions.expire(float("inf")):
                 close_session_listeners(session)
+        for task in list(self._refusals):
+            task.cancel()
+        if self._refusals:
+            await asyncio.wait(set(self._refusals), timeout=1.0)
+        if self._pressure is not None:
+            self._pressure.flush()
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
         self._listeners.clear()
         self._closed.set()
 
