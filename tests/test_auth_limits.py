@@ -1,4 +1,4 @@
-"""Limits on password checks (hardening issue 12 defect 5, AUTH-05): per user name as well
+"""Limits on username/password checks (hardening issue 12 defect 5): per user name as well
 as per client address, a correct password gets through when only the address budget is
 spent, and a cap on scrypt checks per second.
 
@@ -81,7 +81,7 @@ def addresses(first: int, count: int, net: str = "127.0.0") -> Iterator[str]:
 
 
 async def test_correct_password_gets_through_when_only_the_address_budget_is_spent() -> None:
-    """AUTH-05, issue 12 defect 5: a guesser behind the same address (NAT) as real users
+    """Issue 12 defect 5: a guesser behind the same address (NAT) as real users
     spends the address budget (2 failures); the real users' correct passwords are still
     checked and accepted, over SOCKS 6 and SOCKS 5, 15 of 15 (before: every one failed
     without a check). A success gives its tokens back: the guesser gets no more checks
@@ -108,7 +108,7 @@ async def test_correct_password_gets_through_when_only_the_address_budget_is_spe
 
 
 async def test_guessing_one_user_from_many_addresses_is_capped_per_user_name() -> None:
-    """AUTH-05, issue 12 defect 5: 14 addresses guess alice's password, each within its own
+    """Issue 12 defect 5: 14 addresses guess alice's password, each within its own
     address budget; past the user budget (the default, 10) further guesses for alice fail
     at once, without a check (before: all 14 were checked). alice herself, whose
     credentials were verified before (cached), still gets in, and other users are not
