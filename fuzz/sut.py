@@ -1,0 +1,77 @@
+"""The system under test: the one place that names socks6fast's module paths.
+
+The package is being reorganised by layer (``socks6fast/proto/`` for the sans-IO core);
+every fuzz target imports the codec twins, the SOCKS 5 codec and the connection state
+machines through this module only, so a move is fixed here and nowhere else.
+
+The INSTALLED package is imported (as the test suite does), not the source tree beside
+``fuzz/``: the source tree has no compiled ``_codec_c``. The repository root, which
+``python -m fuzz`` puts first on ``sys.path``, is dropped before the import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _drop_source_tree() -> None:
+    def is_root(entry: str) -> bool:
+        try:
+            return Path(entry or os.getcwd()).resolve() == _ROOT
+        except OSError:
+            return False
+
+    sys.path[:] = [entry for entry in sys.path if not is_root(entry)]
+
+
+_drop_source_tree()
+
+# ruff: noqa: E402 (the imports must follow the sys.path fix above)
+from socks6fast import _codec_py as codec_py
+from socks6fast import client_connection, errors, messages, server_connection, socks5, stackopts
+from socks6fast import constants as constants
+
+if Path(codec_py.__file__).resolve().parent.parent == _ROOT:  # pragma: no cover - a broken set-up
+    raise ImportError(f"socks6fast was imported from the source tree {_ROOT}, not from the installed package")
+
+
+#: Path of a native (``-fsanitize=fuzzer-no-link``) build of ``_codec_c`` to load, or "".
+NATIVE = os.environ.get("SOCKS6FAST_FUZZ_NATIVE", "")
+
+
+def load_codec_c() -> ModuleType:
+    """The Cython twin ``_codec_c`` (ImportError when the package was built without extensions).
+
+    With ``SOCKS6FAST_FUZZ_NATIVE=<path of a .so>`` that build is loaded instead: a copy
+    compiled with ``-fsanitize=fuzzer-no-link`` whose edges libFuzzer sees (``python -m fuzz
+    build-native``).
+    """
+    if not NATIVE:
+        return importlib.import_module("socks6fast._codec_c")
+    spec = importlib.util.spec_from_file_location("socks6fast._codec_c", NATIVE)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {NATIVE}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["socks6fast._codec_c"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+__all__ = [
+    "client_connection",
+    "codec_py",
+    "constants",
+    "errors",
+    "load_codec_c",
+    "messages",
+    "server_connection",
+    "socks5",
+    "stackopts",
+]
