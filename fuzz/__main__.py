@@ -2,6 +2,7 @@
 
     python -m fuzz list
     python -m fuzz run TARGET --seconds 60      # or --runs N; --corpus-only replays the corpus
+    python -m fuzz run TARGET ... -- -dict=F    # flags after -- go to libFuzzer
     python -m fuzz seeds                        # rewrite fuzz/corpus/ from the tests' messages
     python -m fuzz build-native                 # _codec_c with libFuzzer edges (needs clang)
 
@@ -57,14 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-len", type=int, default=4096, help="largest input in bytes (4096)")
     run.add_argument("--seed", type=int, help="libFuzzer's random seed")
     run.add_argument("--nice", type=int, default=10, help="nice increment (10: the machine is shared)")
-    run.add_argument("libfuzzer", nargs="*", help="further libFuzzer flags, after --")
     sub.add_parser("seeds", help="rewrite fuzz/corpus/ from the tests' messages")
     sub.add_parser("build-native", help="build _codec_c with -fsanitize=fuzzer-no-link (clang)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    # Everything after "--" goes to libFuzzer as it is (e.g. -- -dict=FILE -only_ascii=1).
+    ours, extra = (
+        (given[: given.index("--")], given[given.index("--") + 1 :]) if "--" in given else (given, [])
+    )
+    args = _parser().parse_args(ours)
+    args.libfuzzer = extra
     if args.command == "list":
         for name, what in TARGETS.items():
             print(f"{name:12} {what}")
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             native.build()  # before unshare: the build itself needs no network either, but is slow
         except RuntimeError as exc:
             _netns.die(str(exc))
-    _netns.ensure(["-m", "fuzz", *(sys.argv[1:] if argv is None else argv)])
+    _netns.ensure(["-m", "fuzz", *given])
     return _run(args)
 
 
@@ -136,13 +142,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.native:
         env["SOCKS6FAST_FUZZ_NATIVE"] = str(native.built())
     command = [sys.executable, "-m", "fuzz._engine", args.target, *_libfuzzer_flags(args, workdir)]
-    print(f"fuzz: {args.target} in an isolated network namespace (interfaces: lo); {' '.join(command[3:])}",
-          file=sys.stderr, flush=True)
+    print(
+        f"fuzz: {args.target} in an isolated network namespace (interfaces: lo); {' '.join(command[3:])}",
+        file=sys.stderr,
+        flush=True,
+    )
     if args.nice:
         os.nice(args.nice)
     started = time.monotonic()
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
     )
     assert proc.stdout is not None
     status: re.Match[str] | None = None
@@ -161,7 +176,11 @@ def _run(args: argparse.Namespace) -> int:
     code = proc.wait()
     elapsed = time.monotonic() - started
     execs = executed if executed is not None else int(status.group(1)) if status else 0
-    cov = f"cov={status.group(3)} ft={status.group(4)} corpus={status.group(5)}/{status.group(6)}" if status else "cov=?"
+    cov = (
+        f"cov={status.group(3)} ft={status.group(4)} corpus={status.group(5)}/{status.group(6)}"
+        if status
+        else "cov=?"
+    )
     print(
         f"fuzz: target={args.target} execs={execs} {cov} seconds={elapsed:.0f} "
         f"execs/s={execs / elapsed if elapsed else 0:.0f} crashes={len(artifacts)} exit={code}"

@@ -18,11 +18,17 @@ if os.environ.get("SOCKS6FAST_FUZZ_NATIVE"):
     # their symbols global, and the copy on the first input (see fuzz.sut.load_codec_c).
     sys.setdlopenflags(os.RTLD_NOW | os.RTLD_GLOBAL)
 
-import atheris  # noqa: E402
+import atheris  # type: ignore[import-untyped]  # noqa: E402
+
+from fuzz import _netns  # noqa: E402
 
 
 def main() -> None:
     name = sys.argv[1]
+    # Defence in depth: `python -m fuzz run` put us in a namespace of our own; never fuzz outside one.
+    if not _netns.isolated():
+        _netns.die(f"not in an isolated network namespace (interfaces: {', '.join(_netns.interfaces())})")
+    print(f"fuzz: {name}: network interfaces: {', '.join(_netns.interfaces())}", file=sys.stderr, flush=True)
     with atheris.instrument_imports(include=["socks6fast"]):
         importlib.import_module("fuzz.sut")
     target = importlib.import_module(f"fuzz.targets.{name}")

@@ -14,6 +14,7 @@ The files are small and committed; libFuzzer only reads them (new inputs go to
 from __future__ import annotations
 
 import hashlib
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -33,11 +34,9 @@ CONTROLS = (b"\x00\x00\x00\x00", b"\x01\x02\x03\x04", b"\xff\x10\x20\x30")
 def _tests() -> tuple[Any, Any]:
     sys.path.insert(0, str(ROOT / "tests"))
     try:
-        import test_codec  # noqa: PLC0415 (the tests are only read here)
-        import test_socks5  # noqa: PLC0415
+        return importlib.import_module("test_codec"), importlib.import_module("test_socks5")
     finally:
         sys.path.pop(0)
-    return test_codec, test_socks5
 
 
 def _write(target: str, inputs: list[tuple[str, bytes]]) -> int:
@@ -74,7 +73,10 @@ def codec_inputs(tc: Any) -> list[tuple[str, bytes]]:
 def socks5_inputs(t5: Any) -> list[tuple[str, bytes]]:
     names = {decoder: i for i, (_, decoder, _, _) in enumerate(socks5_target.CODECS)}
     out = [(name, bytes([names[decode]]) + wire) for name, decode, _, wire, _ in t5.STREAM_VECTORS]
-    out += [(f"error-{i}", bytes([names[decode]]) + wire) for i, (decode, wire, _, _) in enumerate(t5.ERROR_VECTORS)]
+    out += [
+        (f"error-{i}", bytes([names[decode]]) + wire)
+        for i, (decode, wire, _, _) in enumerate(t5.ERROR_VECTORS)
+    ]
     udp = names[sut.socks5.decode_udp_header]
     out += [(f"udp-{i}", bytes([udp]) + wire + b"payload") for i, (wire, _) in enumerate(t5.UDP_VECTORS)]
     return out
@@ -95,6 +97,7 @@ def server_inputs(tc: Any, t5: Any) -> list[tuple[str, bytes]]:
                 initial = b"G" * option.initial_data_length
         streams.append((v.name, wire + initial + userpass + b"GET / HTTP/1.0\r\n\r\n"))
     streams += [(b.name, tc.h(b.wire)) for b in tc.BAD_VECTORS if b.kind == "request"]
+
     def by(decoder: Any) -> list[bytes]:
         return [wire for _, decode, _, wire, _ in t5.STREAM_VECTORS if decode is decoder]
 

@@ -35,7 +35,7 @@ _drop_source_tree()
 
 # ruff: noqa: E402 (the imports must follow the sys.path fix above)
 from socks6fast import _codec_py as codec_py
-from socks6fast import client_connection, errors, messages, server_connection, socks5, stackopts
+from socks6fast import client_connection, codec, errors, messages, server_connection, socks5, stackopts
 from socks6fast import constants as constants
 
 if Path(codec_py.__file__).resolve().parent.parent == _ROOT:  # pragma: no cover - a broken set-up
@@ -66,6 +66,7 @@ def load_codec_c() -> ModuleType:
 
 __all__ = [
     "client_connection",
+    "codec",
     "codec_py",
     "constants",
     "errors",

@@ -58,11 +58,15 @@ def _request(session: Any, rng: random.Random) -> tuple[Any, bytes, Any, bool] |
         return None
     if state is cc.SessionState.ACTIVE and rng.randrange(6) == 0:
         return cc.noop_request(session.teardown_options()), b"", None, False
-    idempotent = state is cc.SessionState.ACTIVE and session.available_token() is not None and rng.randrange(2)
+    idempotent = (
+        state is cc.SessionState.ACTIVE and session.available_token() is not None and rng.randrange(2)
+    )
     use_session = rng.randrange(3) != 0
     options: tuple[Any, ...] = session.request_options(idempotent=bool(idempotent)) if use_session else ()
     initiates = any(isinstance(o, m.SessionRequest) for o in options)
-    command = rng.choice((c.Command.CONNECT, c.Command.CONNECT, c.Command.BIND, c.Command.UDP_ASSOCIATE, c.Command.NOOP))
+    command = rng.choice(
+        (c.Command.CONNECT, c.Command.CONNECT, c.Command.BIND, c.Command.UDP_ASSOCIATE, c.Command.NOOP)
+    )
     if command is c.Command.NOOP:
         return cc.noop_request(options), b"", None, initiates
     stack = tuple(o for o in STACK if rng.randrange(4) == 0)
@@ -100,7 +104,7 @@ def _connection(session: Any, stream: bytearray, rng: random.Random, end_with_eo
         out = bytearray(conn.send(request, initial, now=0.0))
     except errors.LocalProtocolError as exc:
         raise Finding(f"send() refused the request a client builds: {request!r}: {exc}") from exc
-    wire = sut.server_connection.codec.encode_request(request)
+    wire = sut.codec.encode_request(request)
     style = rng.randrange(4)
     fed = bytearray()
     try:
@@ -142,7 +146,9 @@ def _connection(session: Any, stream: bytearray, rng: random.Random, end_with_eo
         _check_session(session)
 
 
-def _finished(conn: Any, out: bytearray, wire: bytes, initial: bytes, fed: bytearray, style: int, stream: bytearray) -> None:
+def _finished(
+    conn: Any, out: bytearray, wire: bytes, initial: bytes, fed: bytearray, style: int, stream: bytearray
+) -> None:
     trailing, _ = conn.trailing_data
     if not bytes(fed).endswith(trailing):
         raise Finding("trailing data is not the tail of the proxy's bytes")

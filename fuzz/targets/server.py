@@ -32,7 +32,7 @@ s5 = sut.socks5
 c = sut.constants
 RemoteProtocolError = sut.errors.RemoteProtocolError
 State = sc.State
-codec = sut.server_connection.codec  # the twin the connection itself uses
+codec = sut.codec  # the selector the connections use (py unless --codec c)
 
 HEADER = 4
 TIMEOUT = 10.0
@@ -149,7 +149,9 @@ def _answer6(conn: Any, rng: random.Random) -> bool:
             _send(conn, "op", sc.failure_reply(rng.choice(FAILURES)))
         else:
             address_type, address = rng.choice(ADDRESSES)
-            reply = m.OperationReply(c.ReplyCode.SUCCESS, address_type, address, rng.getrandbits(16), _echo(conn))
+            reply = m.OperationReply(
+                c.ReplyCode.SUCCESS, address_type, address, rng.getrandbits(16), _echo(conn)
+            )
             _send(conn, "op", reply)
     else:
         return False
@@ -166,10 +168,16 @@ def _answer5(conn: Any, greeting: Any, rng: random.Random) -> bool:
         _send(conn, "userpass", s5.UserPassReply(rng.choice(tuple(c.UserPassStatus))))
     elif state in (State.SEND_OPERATION_REPLY, State.SEND_BIND_REPLY):
         if rng.randrange(4) == 0:
-            _send(conn, "s5reply", s5.Socks5Reply(rng.choice(SOCKS5_FAILURES), c.AddressType.IPV4, "0.0.0.0", 0))
+            _send(
+                conn, "s5reply", s5.Socks5Reply(rng.choice(SOCKS5_FAILURES), c.AddressType.IPV4, "0.0.0.0", 0)
+            )
         else:
             address_type, address = rng.choice(ADDRESSES)
-            _send(conn, "s5reply", s5.Socks5Reply(c.ReplyCode.SUCCESS, address_type, address, rng.getrandbits(16)))
+            _send(
+                conn,
+                "s5reply",
+                s5.Socks5Reply(c.ReplyCode.SUCCESS, address_type, address, rng.getrandbits(16)),
+            )
     else:
         return False
     return True
