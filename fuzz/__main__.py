@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         _netns.die(f"--replay {args.replay}: no such file")
     if args.target in NEEDS_C and os.environ.get("SOCKS6FAST_NO_EXTENSIONS"):
         _netns.die(f"{args.target} needs the compiled twin: unset SOCKS6FAST_NO_EXTENSIONS")
+    if args.codec == "c" and os.environ.get("SOCKS6FAST_NO_EXTENSIONS"):
+        _netns.die("--codec c needs the compiled twin: unset SOCKS6FAST_NO_EXTENSIONS")
     if args.native and args.target not in NEEDS_C:
         _netns.die(f"--native is for {' and '.join(sorted(NEEDS_C))}, not {args.target}")
     if args.native and native.built() is None:
