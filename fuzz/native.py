@@ -21,12 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "fuzz" / ".work" / "native"
-SOURCE = ROOT / "src_pyx" / "socks6fast" / "_codec_c.pyx"
+SOURCE = ROOT / "src_pyx" / "socks6fast" / "proto" / "_codec_c.pyx"
 
 
 def built() -> Path | None:
     """The native copy, if it was built from the current source."""
-    found = sorted((OUT / "lib" / "socks6fast").glob("_codec_c.*.so"))
+    found = sorted((OUT / "lib" / "socks6fast" / "proto").glob("_codec_c.*.so"))
     if found and found[0].stat().st_mtime >= SOURCE.stat().st_mtime:
         return found[0]
     return None

@@ -34,11 +34,17 @@ def _drop_source_tree() -> None:
 _drop_source_tree()
 
 # ruff: noqa: E402 (the imports must follow the sys.path fix above)
-from socks6fast import _codec_py as codec_py
-from socks6fast import client_connection, codec, errors, messages, server_connection, socks5, stackopts
-from socks6fast import constants as constants
+from socks6fast import constants, errors
+from socks6fast.net import stackopts
+from socks6fast.proto import _codec_py as codec_py
+from socks6fast.proto import client as client_connection
+from socks6fast.proto import codec, messages, socks5
+from socks6fast.proto import server as server_connection
 
-if Path(codec_py.__file__).resolve().parent.parent == _ROOT:  # pragma: no cover - a broken set-up
+#: The twin's module name (``load_codec_c``).
+CODEC_C = "socks6fast.proto._codec_c"
+
+if Path(codec_py.__file__).resolve().is_relative_to(_ROOT / "socks6fast"):  # pragma: no cover - a broken set-up
     raise ImportError(f"socks6fast was imported from the source tree {_ROOT}, not from the installed package")
 
 
@@ -54,12 +60,12 @@ def load_codec_c() -> ModuleType:
     build-native``).
     """
     if not NATIVE:
-        return importlib.import_module("socks6fast._codec_c")
-    spec = importlib.util.spec_from_file_location("socks6fast._codec_c", NATIVE)
+        return importlib.import_module(CODEC_C)
+    spec = importlib.util.spec_from_file_location(CODEC_C, NATIVE)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {NATIVE}")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["socks6fast._codec_c"] = module
+    sys.modules[CODEC_C] = module
     spec.loader.exec_module(module)
     return module
 

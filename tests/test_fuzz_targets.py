@@ -11,7 +11,6 @@ report it (a harness that cannot fail finds nothing).
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import shutil
@@ -120,9 +119,10 @@ def harness() -> Any:
     """The fuzz package, imported from the repository (it is not installed)."""
     sys.path.insert(0, str(ROOT))
     try:
+        from fuzz import sut  # noqa: PLC0415
         from fuzz.targets import _codec6, _common, codec_diff  # noqa: PLC0415
 
-        return SimpleNamespace(codec6=_codec6, common=_common, diff=codec_diff)
+        return SimpleNamespace(sut=sut, codec6=_codec6, common=_common, diff=codec_diff)
     finally:
         # fuzz.sut drops the repository from sys.path itself (socks6fast is the installed one).
         if str(ROOT) in sys.path:
@@ -138,8 +138,7 @@ def _fake(codec: Any, **overrides: Any) -> SimpleNamespace:
 
 
 def test_harness_reports_an_untyped_error(harness: Any) -> None:
-    from socks6fast import _codec_py  # noqa: PLC0415
-
+    _codec_py = harness.sut.codec_py
     def broken(*args: Any) -> Any:
         raise IndexError("index out of range")
 
@@ -148,16 +147,14 @@ def test_harness_reports_an_untyped_error(harness: Any) -> None:
 
 
 def test_harness_reports_need_more_for_zero_bytes(harness: Any) -> None:
-    from socks6fast import _codec_py  # noqa: PLC0415
-
+    _codec_py = harness.sut.codec_py
     with pytest.raises(harness.common.Finding, match="needed=0"):
         harness.codec6.check(_fake(_codec_py, decode_request=lambda *a: (None, 0)), b"\x00" + REQUEST)
 
 
 def test_harness_reports_a_prefix_that_asks_too_much_req07(harness: Any) -> None:
     """REQ-07: a prefix may not ask for more bytes than the whole message has."""
-    from socks6fast import _codec_py  # noqa: PLC0415
-
+    _codec_py = harness.sut.codec_py
     real = _codec_py.decode_request
 
     def overshoots(data: Any, offset: int = 0, cap: int = 16384) -> Any:
@@ -169,8 +166,7 @@ def test_harness_reports_a_prefix_that_asks_too_much_req07(harness: Any) -> None
 
 
 def test_harness_reports_a_broken_round_trip(harness: Any) -> None:
-    from socks6fast import _codec_py  # noqa: PLC0415
-
+    _codec_py = harness.sut.codec_py
     def lossy(request: Any) -> bytes:
         return bytes(_codec_py.encode_request(request)).replace(b"\x00\x50", b"\x00\x51")
 
@@ -181,9 +177,7 @@ def test_harness_reports_a_broken_round_trip(harness: Any) -> None:
 @pytest.mark.c_extension
 @pytest.mark.skipif(NO_EXTENSIONS, reason="SOCKS6FAST_NO_EXTENSIONS=1 run")
 def test_differential_reports_a_disagreement(harness: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from socks6fast import errors  # noqa: PLC0415
-
-    _codec_c = importlib.import_module("socks6fast._codec_c")
+    errors, _codec_c = harness.sut.errors, harness.sut.load_codec_c()
 
     harness.diff.test_one_input(b"\x00" + REQUEST[:5])  # the real twins agree
 
