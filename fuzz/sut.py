@@ -44,7 +44,7 @@ from socks6fast.proto import server as server_connection
 #: The twin's module name (``load_codec_c``).
 CODEC_C = "socks6fast.proto._codec_c"
 
-if Path(codec_py.__file__).resolve().is_relative_to(_ROOT / "socks6fast"):  # pragma: no cover - a broken set-up
+if Path(codec_py.__file__).resolve().is_relative_to(_ROOT / "socks6fast"):  # a broken set-up
     raise ImportError(f"socks6fast was imported from the source tree {_ROOT}, not from the installed package")
 
 

@@ -130,8 +130,10 @@ def _answer6(conn: Any, rng: random.Random) -> bool:
             success: list[Any] = []
             if options is not None and options.session_request:
                 success += [m.SessionOK(), m.SessionID(SESSION_ID)]
-                if options.token_request:
-                    success.append(m.IdempotenceWindow(rng.getrandbits(32), options.token_request))
+                # As MemorySessionStore.request_window: size min(asked, the cap), none for 0 (D15).
+                size = min(options.token_request or 0, c.MAX_WINDOW_SIZE)
+                if size:
+                    success.append(m.IdempotenceWindow(rng.getrandbits(32), size))
             if options is not None and options.token is not None:
                 success.append(m.IdempotenceAccepted())
             _send(conn, "auth", m.AuthReply(c.AuthReplyType.SUCCESS, tuple(success)))
