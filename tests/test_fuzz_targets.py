@@ -139,6 +139,7 @@ def _fake(codec: Any, **overrides: Any) -> SimpleNamespace:
 
 def test_harness_reports_an_untyped_error(harness: Any) -> None:
     _codec_py = harness.sut.codec_py
+
     def broken(*args: Any) -> Any:
         raise IndexError("index out of range")
 
@@ -167,6 +168,7 @@ def test_harness_reports_a_prefix_that_asks_too_much_req07(harness: Any) -> None
 
 def test_harness_reports_a_broken_round_trip(harness: Any) -> None:
     _codec_py = harness.sut.codec_py
+
     def lossy(request: Any) -> bytes:
         return bytes(_codec_py.encode_request(request)).replace(b"\x00\x50", b"\x00\x51")
 
