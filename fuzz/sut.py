@@ -16,7 +16,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,11 +35,29 @@ _drop_source_tree()
 
 # ruff: noqa: E402 (the imports must follow the sys.path fix above)
 from socks6fast import constants, errors
-from socks6fast.net import stackopts
 from socks6fast.proto import _codec_py as codec_py
 from socks6fast.proto import client as client_connection
-from socks6fast.proto import codec, messages, socks5
-from socks6fast.proto import server as server_connection
+from socks6fast.proto import codec, messages, server_common, server_wire, socks5, states
+from socks6fast.proto import stack as stackopts
+
+#: The proxy's wire-level state machines (bytes in, events out, replies checked against the
+#: states of ``proto/states.py``) and the helpers the server target needs, under the names
+#: the target uses. The decision core above them (``proto.server.ServerConnection``: actions
+#: out, completions in) is not driven by a target yet.
+server_connection = SimpleNamespace(
+    ServerConnection=server_wire.ServerWire,
+    Socks5ServerConnection=server_wire.Socks5ServerWire,
+    ConnectionClosed=server_wire.ConnectionClosed,
+    failure_reply=server_wire.failure_reply,
+    NEED_DATA=states.NEED_DATA,
+    PAUSED=states.PAUSED,
+    Protocol=states.Protocol,
+    State=states.State,
+    StackPlan=stackopts.StackPlan,
+    detect_protocol=server_common.detect_protocol,
+    noop_address_ok=server_common.noop_address_ok,
+    is_dns_request=server_common.is_dns_request,
+)
 
 #: The twin's module name (``load_codec_c``).
 CODEC_C = "socks6fast.proto._codec_c"
