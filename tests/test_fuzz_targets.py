@@ -153,8 +153,10 @@ def test_harness_reports_need_more_for_zero_bytes(harness: Any) -> None:
         harness.codec6.check(_fake(_codec_py, decode_request=lambda *a: (None, 0)), b"\x00" + REQUEST)
 
 
-def test_harness_reports_a_prefix_that_asks_too_much_req07(harness: Any) -> None:
-    """REQ-07: a prefix may not ask for more bytes than the whole message has."""
+def test_harness_reports_a_prefix_that_asks_too_much(harness: Any) -> None:
+    """The harness's prefix check (tests/codec_api.py: ``needed`` never overshoots) catches a
+    decoder that asks for more bytes than the whole message has. It tests the fuzz target,
+    not the codec: the codec's own rule is proven in tests/test_codec.py."""
     _codec_py = harness.sut.codec_py
     real = _codec_py.decode_request
 
