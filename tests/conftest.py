@@ -40,7 +40,7 @@ def _is_local_host(host: object) -> bool:
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_system_dns() -> Iterator[None]:
-    """Network safety (HELPERS.md): no test may resolve a name through the system resolver,
+    """Network safety: no test may resolve a name through the system resolver,
     which would send DNS packets off the machine. ``socket.getaddrinfo`` (which asyncio's
     default loop and ``socket.create_connection`` use too) refuses any host that is not an
     IP literal or "localhost"; tests that need names pass a local fake resolver (e.g. the

@@ -1,6 +1,6 @@
 """Fixtures for the proxy's end-to-end tests: the server in-process, loopback peers, TLS certs.
 
-Everything here listens on 127.0.0.1 or ::1 only (network safety rule of HELPERS.md):
+Everything here listens on 127.0.0.1 or ::1 only (network safety: no test traffic leaves the machine):
 
 * `running_server`: a `socks6fast.asyncio.server.Server` on 127.0.0.1:0 (and [::1]:0).
 * `Sink`: a loopback TCP server standing in for the remote host. It echoes (or answers
