@@ -75,10 +75,17 @@ An open proxy: `Config.open_proxy_warning` says so when a listener is not on loo
 user is configured and the rules let a client from any address through (``serve`` logs it
 at start-up and on reload, ``check-config`` prints it).
 
-``[udp]`` (UDP relay endpoints for UDP ASSOCIATE; off by default. Not implemented yet: the
-    keys are validated, and ``serve`` logs a warning and opens no UDP socket when they are set)
-    ``port``: UDP port for plain datagrams (1-65535; absent = off). ``dtls_port``: UDP port
-    for DTLS (1-65535; absent = off; needs ``server.tls_certificate`` and ``tls_key``).
+``[udp]`` (UDP ASSOCIATE, SOCKS 6 and SOCKS 5; on by default)
+    ``enabled``: false turns UDP ASSOCIATE off (Command Not Supported, no UDP socket).
+    ``port``: the SOCKS 6 UDP port for plain datagrams, opened on each listener's address
+    (1-65535; absent = the same port number as each TCP listener, D16). ``dtls_port``: UDP
+    port for DTLS (1-65535; absent = off; needs ``server.tls_certificate`` and ``tls_key``;
+    DTLS is not served yet). ``first_datagram_timeout``: seconds an association waits for
+    its first datagram before its TCP connection is closed (UDP-07; default 30).
+    ``max_associations_per_client`` / ``max_associations_per_user``: live associations one
+    client address / one user may hold (0 = no limit; over it: General Failure).
+    ``workers``: UDP engine threads (0 = one per core); ``batch``: datagrams per
+    recvmmsg/sendmmsg (1-256); ``max_datagram``: largest datagram relayed, bytes (512-65535).
 """
 
 from __future__ import annotations
@@ -162,6 +169,13 @@ max_per_user = 1000
 max_token_window = 65536
 
 [udp]
+enabled = true
+first_datagram_timeout = 30.0
+max_associations_per_client = 256
+max_associations_per_user = 1024
+workers = 0
+batch = 16
+max_datagram = 65535
 """
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -244,9 +258,23 @@ class UDPConfig:
     """The ``[udp]`` table."""
 
     port: int | None
-    """UDP port for plain datagrams, or None (off)."""
+    """The SOCKS 6 UDP port, or None: the same port number as each TCP listener (D16)."""
     dtls_port: int | None
-    """UDP port for DTLS, or None (off)."""
+    """UDP port for DTLS, or None (off). Validated; DTLS is not served yet (issue 11)."""
+    enabled: bool = True
+    """False: UDP ASSOCIATE is answered Command Not Supported and no UDP socket is opened."""
+    first_datagram_timeout: float = 30.0
+    """Seconds to wait for an association's first datagram (UDP-07)."""
+    max_associations_per_client: int = 256
+    """Live associations per client address (0: no limit)."""
+    max_associations_per_user: int = 1024
+    """Live associations per authenticated user (0: no limit)."""
+    workers: int = 0
+    """UDP engine worker threads (0: one per usable core)."""
+    batch: int = 16
+    """Datagrams per recvmmsg/sendmmsg call."""
+    max_datagram: int = 65535
+    """Largest datagram payload relayed, in bytes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -568,14 +596,41 @@ def _sessions(table: Mapping[str, Any]) -> SessionsConfig:
 
 
 def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:
-    _check_keys(table, "udp", {"port", "dtls_port"})
+    _check_keys(
+        table,
+        "udp",
+        {
+            "enabled",
+            "port",
+            "dtls_port",
+            "first_datagram_timeout",
+            "max_associations_per_client",
+            "max_associations_per_user",
+            "workers",
+            "batch",
+            "max_datagram",
+        },
+    )
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"udp.enabled: {_show(enabled)} is not true or false")
     port = _optional_int(table, "port", "udp", None, low=1, high=65535)
     dtls_port = _optional_int(table, "dtls_port", "udp", None, low=1, high=65535)
     if dtls_port is not None and server.tls_certificate is None:
         raise ConfigError("udp.dtls_port: needs server.tls_certificate and server.tls_key")
     if port is not None and port == dtls_port:
         raise ConfigError(f"udp.dtls_port: {dtls_port} is already udp.port")
-    return UDPConfig(port=port, dtls_port=dtls_port)
+    return UDPConfig(
+        port=port,
+        dtls_port=dtls_port,
+        enabled=enabled,
+        first_datagram_timeout=_seconds(table, "first_datagram_timeout", "udp", 30.0),
+        max_associations_per_client=_int(table, "max_associations_per_client", "udp", 256, low=0),
+        max_associations_per_user=_int(table, "max_associations_per_user", "udp", 1024, low=0),
+        workers=_int(table, "workers", "udp", 0, low=0, high=64),
+        batch=_int(table, "batch", "udp", 16, low=1, high=256),
+        max_datagram=_int(table, "max_datagram", "udp", 65535, low=512, high=65535),
+    )
 
 
 def _rule(item: object, where: str) -> Rule:

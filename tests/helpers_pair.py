@@ -16,6 +16,7 @@ from socks6fast.constants import AddressType
 from socks6fast.proto.actions import (
     Action,
     ApplyClientOptions,
+    Associate,
     AwaitPeer,
     CheckCredentials,
     Claim,
@@ -26,11 +27,14 @@ from socks6fast.proto.actions import (
     HoldBacklog,
     Listen,
     Listening,
+    OpenAssociation,
+    OpenedAssociation,
     Relay,
     Resolve,
     Send,
     Target,
 )
+from socks6fast.proto.associations import AssociationTable
 from socks6fast.proto.auth import UserStore, hash_password
 from socks6fast.proto.client import ClientConnection, ClientEvent, ClientSession
 from socks6fast.proto.policy import Policy
@@ -63,6 +67,8 @@ def make_context(
     dns_resolver: tuple[str, int] | None = None,
     handshake_timeout: float | None = 10.0,
     max_options_length: int = 16384,
+    udp: bool = True,
+    max_associations_per_client: int = 0,
 ) -> ServerContext:
     """A core context: ``users`` maps names to clear-text passwords (hashed here, cheaply)."""
     store = UserStore({name: hash_password(pw, **FAST_SCRYPT) for name, pw in (users or {}).items()})
@@ -74,6 +80,7 @@ def make_context(
         handshake_timeout=handshake_timeout,
         connect_timeout=10.0,
         dns_resolver=dns_resolver,
+        associations=AssociationTable(max_associations_per_client) if udp else None,
     )
 
 
@@ -116,11 +123,15 @@ class ScriptedIO:
     """Bytes the client sent once the relay took over (the relay carries them)."""
     holding: bool = False
     """A BIND backlog listener is held (the first connection stays open) until `release`."""
+    associated: Associate | None = None
+    """UDP ASSOCIATE: the hand-off to the UDP data plane, once it happened."""
+    udp_port: int = 6000
+    """The port a UDP ASSOCIATE's remote-facing socket gets when any port will do."""
 
     @property
     def finished(self) -> bool:
         """Relayed or closed."""
-        return self.relayed is not None or self.closed is not None
+        return self.relayed is not None or self.closed is not None or self.associated is not None
 
     @property
     def sent(self) -> list[bytes]:
@@ -161,7 +172,7 @@ class ScriptedIO:
             assert action is not PAUSED
             self.performed.append(action)
             self._perform(conn, action)
-        if self.finished:
+        if self.finished and self.associated is None:  # an association lives until `end` (UDP-07)
             ended = conn.connection_ended(self.now)
             if ended is not None:
                 self.ended_sessions.append(ended)
@@ -200,6 +211,22 @@ class ScriptedIO:
             conn.listening(Listening(("192.0.2.10", 5000), None, False, False))
         elif isinstance(action, AwaitPeer):
             conn.peer_accepted(*BIND_PEER, False)
+        elif isinstance(action, OpenAssociation):
+            host = "192.0.2.10" if action.near_client else action.host
+            port = action.port or self.udp_port
+            if action.parity:  # a scripted kernel that always has a port of each parity free
+                port = port + (port % 2 != (0 if action.parity == 1 else 1))
+            opened = OpenedAssociation(
+                (host, port),
+                applied_as_asked(action.options),
+                parity=bool(action.parity),
+                reserved=object() if action.reserve else None,
+                reserved_port=(port + 1 if port % 2 == 0 else port - 1) if action.reserve else 0,
+                client_facing=(host, 7000) if action.socks5 else None,
+            )
+            conn.association_opened(opened)
+        elif isinstance(action, Associate):
+            self.associated = action
         else:
             assert isinstance(action, HoldBacklog)
             self.holding = True

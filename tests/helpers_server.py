@@ -69,6 +69,7 @@ def make_config(
     server: Mapping[str, Any] | None = None,
     sessions: Mapping[str, Any] | None = None,
     default_action: str = "allow",
+    udp: Mapping[str, Any] | None = None,
 ) -> Config:
     """A Config listening on 127.0.0.1:0 (and [::1]:0 with ``ipv6``); ``users`` maps names to
     clear passwords (hashed here with cheap parameters)."""
@@ -81,6 +82,7 @@ def make_config(
         "users": {name: cheap_hash(pw) for name, pw in (users or {}).items()},
         "sessions": dict(sessions or {}),
         "rules": rules or [],
+        "udp": dict(udp or {}),
     }
     return parse_config(data)
 

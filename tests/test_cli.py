@@ -389,15 +389,22 @@ async def test_serve_drain_is_bounded() -> None:
         assert f"relay={path} end=shutdown close=rst" in line, line
 
 
-async def test_serve_says_udp_is_not_implemented(tmp_path: Path) -> None:
-    """A [udp] table is accepted (validated for the UDP issue) but serve says plainly
-    that nothing listens on it yet and UDP ASSOCIATE gets 0x07."""
+async def test_serve_opens_the_udp_port(tmp_path: Path) -> None:
+    """D16: serve opens the SOCKS 6 UDP port on each listener address, at ``[udp] port`` when
+    set, and says so; ``enabled = false`` opens none and says UDP ASSOCIATE is off."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     config = tmp_path / "udp.toml"
-    config.write_text('[server]\nlisten = ["127.0.0.1:0"]\n[udp]\nport = 1090\n')
+    config.write_text(f'[server]\nlisten = ["127.0.0.1:0"]\n[udp]\nport = {port}\n')
     async with serve("--config", str(config)) as proc:
         await proc.address()
-        line = (await proc.wait_for(r"WARNING .*\[udp\] is configured.*")).group(0)
-        assert "not implemented yet" in line and "0x07" in line, line
+        line = (await proc.wait_for(r"INFO .*SOCKS 6 UDP port.*")).group(0)
+        assert f"127.0.0.1:{port}" in line, line
+    config.write_text('[server]\nlisten = ["127.0.0.1:0"]\n[udp]\nenabled = false\n')
+    async with serve("--config", str(config)) as proc:
+        await proc.address()
+        await proc.wait_for(r"INFO .*UDP ASSOCIATE is turned off.*")
 
 
 async def test_serve_user_flag_turns_auth_on() -> None:

@@ -465,7 +465,11 @@ CASES: list[tuple[str, str]] = [
     ("[udp]\nport = 0", "udp.port: 0 is not an integer 1-65535"),
     ("[udp]\ndtls_port = 70000", "udp.dtls_port: 70000 is not an integer 1-65535"),
     ("[udp]\ndtls_port = 1081", "udp.dtls_port: needs server.tls_certificate and server.tls_key"),
-    ("[udp]\nports = 1", "udp.ports: unknown key (allowed: dtls_port, port)"),
+    (
+        "[udp]\nports = 1",
+        "udp.ports: unknown key (allowed: batch, dtls_port, enabled, first_datagram_timeout, "
+        "max_associations_per_client, max_associations_per_user, max_datagram, port, workers)",
+    ),
 ]
 
 

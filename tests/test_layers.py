@@ -35,7 +35,7 @@ PYX_PACKAGE = ROOT / "src_pyx" / "socks6fast"
 LAYERS: list[set[str]] = [
     {"constants", "_extensions", "includes", "includes.linux"},
     {"errors"},
-    {"proto.messages", "proto.states", "proto.sessions", "proto.auth", "proto.policy"},
+    {"proto.messages", "proto.states", "proto.sessions", "proto.auth", "proto.policy", "proto.associations"},
     {"proto._wire_py"},
     {"proto.socks5", "proto.stack", "proto._codec_py", "proto._codec_c"},
     {"proto.codec"},
@@ -53,7 +53,7 @@ LAYERS: list[set[str]] = [
     {"client"},
     {"asyncio.client"},
     {"asyncio.server.record", "asyncio.server.streams", "asyncio.server.dial"},
-    {"asyncio.server.bind"},
+    {"asyncio.server.bind", "asyncio.server.udp"},
     {"asyncio.server.handler"},
     {"asyncio.server.lifecycle"},
     {"asyncio.server", "asyncio"},

@@ -500,7 +500,7 @@ async def test_ruleset_refusals() -> None:
             (request(Command.BIND, "0.0.0.0", 0), ReplyCode.NOT_ALLOWED_BY_RULESET, "denied by rules[0]"),
             (connect(("127.0.0.2", sink.address[1])), ReplyCode.NOT_ALLOWED_BY_RULESET, "denied by rules[1]"),
             (connect(("localhost", 9)), ReplyCode.NOT_ALLOWED_BY_RULESET, "resolves only to denied"),
-            (request(Command.UDP_ASSOCIATE, "0.0.0.0", 0), ReplyCode.COMMAND_NOT_SUPPORTED, None),
+            (request(Command.UDP_ASSOCIATE, "x.test", 0), ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, None),
         ):
             client, _, reply = await exchange(proxy, data)
             assert reply.reply_code == code
@@ -1212,7 +1212,7 @@ async def test_socks5_bind_policy_and_errors() -> None:
         for data, code in (
             (socks5_connect("127.0.0.2", 80), 0x02),
             (socks5_connect("127.0.0.1", closed), 0x05),
-            (b"\x05\x03\x00\x01" + bytes(6), 0x07),
+            (b"\x05\x04\x00\x01" + bytes(6), 0x07),  # no such command (0x03 is UDP ASSOCIATE)
             (b"\x05\x01\x00\x02" + bytes(6), 0x08),
         ):
             client = await RawClient.connect(proxy)

@@ -9,6 +9,7 @@ loop, no thread. What the core asked the adapter to do is checked from
 from __future__ import annotations
 
 import errno
+import struct
 
 import pytest
 from helpers_pair import ALICE, BIND_PEER, PROXY_LOCAL, ScriptedIO, client_and_server, make_context, transfer
@@ -19,6 +20,7 @@ from socks6fast.constants import (
     AuthReplyType,
     Availability,
     Command,
+    Parity,
     ReplyCode,
     StackLeg,
     UserPassStatus,
@@ -27,6 +29,7 @@ from socks6fast.errors import AuthenticationError, LocalProtocolError, ProxyErro
 from socks6fast.proto import codec
 from socks6fast.proto.actions import (
     ApplyClientOptions,
+    Associate,
     AwaitPeer,
     CheckCredentials,
     Claim,
@@ -34,6 +37,7 @@ from socks6fast.proto.actions import (
     HoldBacklog,
     Listen,
     Listening,
+    OpenAssociation,
     Relay,
     Resolve,
     Send,
@@ -54,12 +58,15 @@ from socks6fast.proto.messages import (
     ListenBacklogOption,
     MultipathOption,
     OperationReply,
+    PortParityOption,
     Request,
     SessionID,
     SessionInvalid,
     SessionOK,
+    SessionRequest,
     TFOOption,
     TTLOption,
+    UDPErrorOption,
 )
 from socks6fast.proto.policy import LocalAddresses, OwnListeners, Policy, Rule, parse_destination
 from socks6fast.proto.server import ServerConnection, Socks5ServerConnection, reply_code_for
@@ -238,9 +245,9 @@ def test_noop() -> None:
 
 @pytest.mark.conformance("CMD-06")
 def test_unsupported_commands() -> None:
-    """CMD-06: UDP ASSOCIATE (not implemented yet) and an unknown Command Code are answered
-    Command Not Supported after the normal Authentication Reply."""
-    client, io = client_and_server()
+    """CMD-06: UDP ASSOCIATE with UDP turned off (``[udp] enabled = false``) and an unknown
+    Command Code are answered Command Not Supported after the normal Authentication Reply."""
+    client, io = client_and_server(io=ScriptedIO(context=make_context(udp=False)))
     io.receive(client.send(build_request(Command.UDP_ASSOCIATE, "0.0.0.0", 0)))
     with pytest.raises(ProxyError) as info:
         transfer(client, io)
@@ -807,7 +814,7 @@ def test_dns_service_is_checked_as_written() -> None:
 def test_every_failure_names_its_cause() -> None:
     """The log line of a refused or failed request says why (issue 12)."""
     cases = [
-        (build_request(Command.UDP_ASSOCIATE, "0.0.0.0", 0), "UDP ASSOCIATE is not implemented"),
+        (build_request(Command.UDP_ASSOCIATE, "x.test", 0), "UDP ASSOCIATE to a domain name"),
         (build_request(Command.CONNECT, "0.0.0.0", 53), "DNS service: no server.dns_resolver configured"),
         (build_request(Command.BIND, "x.test", 0), "BIND to a domain name is not supported"),
         (connect("nowhere.test"), "cannot resolve 'nowhere.test'"),
@@ -824,3 +831,180 @@ def test_every_failure_names_its_cause() -> None:
     with pytest.raises(ProxyError):
         transfer(client, io)
     assert io.server is not None and io.server.error.startswith("DNS service: connect to 192.0.2.53:53")
+
+
+# --- UDP ASSOCIATE (section "Handling UDP ASSOCIATE") ------------------------------------
+
+
+def udp_request(host: str = "0.0.0.0", port: int = 0, *options: object) -> bytes:
+    kind = AddressType.IPV6 if ":" in host else AddressType.IPV4
+    return codec.encode_request(Request(Command.UDP_ASSOCIATE, kind, host, port, tuple(options)))  # type: ignore[arg-type]
+
+
+def associated(io: ScriptedIO) -> tuple[Associate, AuthReply, OperationReply]:
+    """The hand-off to the UDP data plane and the replies it writes first (UDP-01)."""
+    association = io.associated
+    assert association is not None and io.sent == [], "the data plane writes the replies"
+    data = association.send
+    auth, n = codec.decode_auth_reply(data)
+    reply, m = codec.decode_operation_reply(data, n)
+    assert auth is not None and reply is not None
+    assert data[n + m :] == bytes.fromhex("0601000c") + association.association_id  # UDP-01
+    return association, auth, reply
+
+
+@pytest.mark.conformance("UDP-01", "STK-01", "UDP-09")
+def test_udp_associate_hands_over_with_reply_and_initialization() -> None:
+    """UDP-01: the core opens the sockets near the client (the request named no address),
+    then hands the connection to the UDP data plane with the Operation Reply naming the
+    remote-facing socket and the Association Initialization (random 8-byte ID) to write, and
+    the bytes the client sent after its request; the UDP leg's options are echoed as
+    applied and the UDP Error option as "will be performed" (STK-01, D9, UDP-09)."""
+    io = ScriptedIO()
+    options = (
+        TTLOption(StackLeg.PROXY_REMOTE, 7),
+        UDPErrorOption(StackLeg.PROXY_REMOTE, Availability.DESIRED),
+    )
+    io.receive(udp_request("0.0.0.0", 0, *options) + b"\x06\x03\x00")
+    [opened] = actions(io, OpenAssociation)
+    assert isinstance(opened, OpenAssociation) and opened.near_client and opened.options.ttl == 7
+    association, auth, reply = associated(io)
+    assert auth.type == AuthReplyType.SUCCESS
+    assert (reply.reply_code, reply.address, reply.port) == (ReplyCode.SUCCESS, "192.0.2.10", 6000)
+    assert set(reply.options) == set(options)
+    assert association.pending == b"\x06\x03\x00" and association.udp_error and not association.socks5
+    assert len(association.association_id) == 8
+    other = ScriptedIO(context=io.context)
+    other.receive(udp_request())
+    assert associated(other)[0].association_id != association.association_id
+    table = io.context.associations
+    assert table is not None and len(table) == 2 and association.association_id in table
+    assert io.server is not None
+    io.server.connection_ended(io.now)  # UDP-07: the association ends with its connection
+    assert len(table) == 1 and association.association_id not in table
+
+
+@pytest.mark.conformance("UDP-09")
+def test_udp_error_not_asked_is_not_performed() -> None:
+    """UDP-09: without the option the data plane is told not to report ICMP errors; with
+    "not desired" the echo says "will not be performed"."""
+    io = ScriptedIO()
+    io.receive(udp_request())
+    association, _, reply = associated(io)
+    assert not association.udp_error and reply.options == ()
+    io = ScriptedIO()
+    io.receive(udp_request("0.0.0.0", 0, UDPErrorOption(StackLeg.PROXY_REMOTE, Availability.NOT_DESIRED)))
+    association, _, reply = associated(io)
+    assert not association.udp_error
+    assert reply.options == (UDPErrorOption(StackLeg.PROXY_REMOTE, Availability.NOT_DESIRED),)
+
+
+def test_udp_associate_limits_and_refusals() -> None:
+    """Over ``udp.max_associations_per_client`` a request gets General Failure naming the
+    setting; a domain name as bind address is Address Type Not Supported; with UDP turned off,
+    Command Not Supported."""
+    context = make_context(max_associations_per_client=1)
+    first = ScriptedIO(context=context)
+    first.receive(udp_request())
+    associated(first)
+    second = ScriptedIO(context=context)
+    second.receive(udp_request())
+    assert second.server is not None and second.server.reply_code == ReplyCode.GENERAL_FAILURE
+    assert "udp.max_associations_per_client" in second.server.error
+    assert first.server is not None
+    first.server.connection_ended(first.now)
+    third = ScriptedIO(context=context)
+    third.receive(udp_request())
+    associated(third)
+    io = ScriptedIO()
+    io.receive(codec.encode_request(Request(Command.UDP_ASSOCIATE, AddressType.DOMAIN_NAME, "x.test", 0)))
+    assert io.server is not None and io.server.reply_code == ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
+
+
+def _session_id(reply: OperationReply) -> bytes:
+    [found] = [o for o in reply.options if isinstance(o, SessionID)]
+    return found.session_id
+
+
+@pytest.mark.conformance("STK-08")
+def test_port_parity_reservation_and_claims() -> None:
+    """STK-08: with port 0 the parity is asked for and echoed as obtained, the counterpart is
+    reserved (the adapter's handle kept in the table); a request naming another port
+    ignores the parity (echo: no parity, no reservation). The reserved port is claimed only
+    by an explicit request from the same session; one from outside the session is refused;
+    the reservation ends with the original association."""
+    context = make_context(sessions=True)
+    parity = PortParityOption(StackLeg.PROXY_REMOTE, Parity.ODD, True)
+    first = ScriptedIO(context=context)
+    first.receive(udp_request("0.0.0.0", 0, parity, SessionRequest()))
+    [opened] = actions(first, OpenAssociation)
+    assert isinstance(opened, OpenAssociation) and (opened.parity, opened.reserve) == (Parity.ODD, True)
+    _, _, reply = associated(first)
+    assert reply.port % 2 == 1
+    assert PortParityOption(StackLeg.PROXY_REMOTE, Parity.ODD, True) in reply.options
+    table = context.associations
+    assert table is not None
+    reservation = table.reservation(4, reply.port - 1)
+    assert reservation is not None
+    session = _session_id(reply)
+    # From outside the session: refused.
+    outsider = ScriptedIO(context=context)
+    outsider.receive(udp_request("0.0.0.0", reply.port - 1))
+    assert outsider.server is not None and outsider.server.reply_code == ReplyCode.GENERAL_FAILURE
+    assert "reserved" in outsider.server.error
+    # Parity with a named port: ignored.
+    ignored = ScriptedIO(context=context)
+    ignored.receive(udp_request("0.0.0.0", 7001, parity))
+    [plain] = actions(ignored, OpenAssociation)
+    assert isinstance(plain, OpenAssociation) and (plain.parity, plain.reserve) == (0, False)
+    assert PortParityOption(StackLeg.PROXY_REMOTE, Parity.NONE, False) in associated(ignored)[2].options
+    # From the same session, naming the port: the reserved socket is handed over.
+    member = ScriptedIO(context=context)
+    member.receive(udp_request("0.0.0.0", reply.port - 1, SessionID(session)))
+    [claim] = actions(member, OpenAssociation)
+    assert isinstance(claim, OpenAssociation) and claim.claim is reservation.handle
+    associated(member)
+    assert table.reservation(4, reply.port - 1) is None
+    # A second reservation ends with its association (UDP-07, STK-08).
+    again = ScriptedIO(context=context)
+    again.receive(udp_request("0.0.0.0", 0, parity))
+    _, _, reply2 = associated(again)
+    assert table.reservation(4, reply2.port - 1) is not None
+    assert again.server is not None
+    again.server.connection_ended(again.now)
+    assert table.reservation(4, reply2.port - 1) is None
+    assert [r.port for r in again.server.released] == [reply2.port - 1]
+
+
+def test_socks5_udp_associate() -> None:
+    """D19: SOCKS 5 UDP ASSOCIATE opens a client-facing socket near the client; BND names it;
+    the data plane accepts datagrams only from the TCP client's address and DST.PORT."""
+    io = ScriptedIO()
+    io.receive(b"\x05\x01\x00" + b"\x05\x03\x00\x01" + bytes(4) + struct.pack(">H", 5353))
+    [opened] = actions(io, OpenAssociation)
+    assert isinstance(opened, OpenAssociation) and opened.socks5 and opened.near_client
+    association = io.associated
+    assert association is not None and association.socks5
+    assert io.sent == [b"\x05\x00"]  # the method selection; the reply goes with the data plane
+    assert association.send == b"\x05\x00\x00\x01" + bytes([192, 0, 2, 10]) + struct.pack(">H", 7000)
+    assert (association.client_address, association.client_port) == (io.client_ip, 5353)
+
+
+@pytest.mark.conformance("UDP-08")
+@pytest.mark.parametrize("command", [Command.CONNECT, Command.BIND])
+def test_multicast_only_for_udp(command: Command) -> None:
+    """UDP-08: "The use of multicast addresses is permitted for UDP traffic only": a CONNECT
+    or BIND naming a multicast address, or a name resolving only to one, is refused."""
+    for host in ("224.0.0.251", "ff02::fb"):
+        io = ScriptedIO()
+        io.receive(
+            codec.encode_request(
+                Request(command, AddressType.IPV6 if ":" in host else AddressType.IPV4, host, 5353)
+            )
+        )
+        assert io.server is not None and io.server.reply_code == ReplyCode.NOT_ALLOWED_BY_RULESET
+        assert "UDP-08" in io.server.error and not actions(io, Dial)
+    io = ScriptedIO(names={"mdns.test": [(2, ("224.0.0.251", 5353))]})
+    io.receive(codec.encode_request(Request(Command.CONNECT, AddressType.DOMAIN_NAME, "mdns.test", 5353)))
+    assert io.server is not None and io.server.reply_code == ReplyCode.NOT_ALLOWED_BY_RULESET
+    assert not actions(io, Dial)

@@ -413,7 +413,7 @@ async def test_every_failure_names_its_cause() -> None:
             ),
             (socks6_request(Command.CONNECT, DN, "nowhere.test", 80), "cannot resolve 'nowhere.test'"),
             (socks6_request(Command.CONNECT, V4, "0.0.0.0", 53), "no server.dns_resolver configured"),
-            (socks6_request(Command.UDP_ASSOCIATE, V4, "0.0.0.0", 0), "UDP ASSOCIATE is not implemented"),
+            (socks6_request(Command.UDP_ASSOCIATE, DN, "x.test", 0), "UDP ASSOCIATE to a domain name"),
             (noop_request("192.0.2.1", 0), "NOOP needs address 0 and port 0"),
             (socks6_request(Command.BIND, DN, "x.test", 0), "BIND to a domain name is not supported"),
         ]
@@ -424,7 +424,7 @@ async def test_every_failure_names_its_cause() -> None:
             assert cause in (await record_for(server, client)).error, cause
         cases5 = [
             (socks5_request(1, V4, "127.0.0.1", closed_port), "Connection refused (ECONNREFUSED)"),
-            (socks5_request(3, V4, "0.0.0.0", 0), "UDP_ASSOCIATE is not implemented"),
+            (socks5_request(4, V4, "0.0.0.0", 0), "unknown command 0x04"),
             (socks5_request(2, DN, "x.test", 0), "BIND to a domain name is not supported"),
         ]
         for data, cause in cases5:

@@ -469,7 +469,8 @@ async def test_auth_data_only_nul_padding_after_userpass_request(tail: bytes, ac
 async def test_failure_reply_echoes_client_leg_stack_options(failure: str) -> None:
     """STK-01 / D9: "MUST do so for every supported Stack option sent by the client" has no
     exception for failures. A CONNECT refused by the destination (0x05), one refused by the
-    rules (0x02) and an unsupported command (0x07) are answered after the client-proxy
+    rules (0x02) and an unsupported command (0x07: UDP ASSOCIATE with ``[udp] enabled = false``) are
+    answered after the client-proxy
     leg's options were applied, so the failure reply echoes them with the values applied
     (read back from the socket); the proxy-remote leg was never set up and is not echoed."""
     with socket.socket() as closed:
@@ -484,6 +485,8 @@ async def test_failure_reply_echoes_client_leg_stack_options(failure: str) -> No
         }[failure]
         if failure == "not-allowed":
             rules = {"rules": [{"action": "deny", "destinations": ["127.0.0.0/8"]}]}
+        if failure == "command-not-supported":
+            rules = {"udp": {"enabled": False}}
         options = (TTLOption(StackLeg.CLIENT_PROXY, 41), TTLOption(StackLeg.PROXY_REMOTE, 33))
         data = codec.encode_request(Request(command, AddressType.IPV4, "127.0.0.1", port, options))
         async with running_server(make_config(**rules)) as server:

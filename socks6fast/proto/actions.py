@@ -25,6 +25,10 @@ reports how it ended through the matching *completion* method, then asks for the
   ``receive_data``; ``peer_accepted(host, port, mptcp)``.
 * `HoldBacklog`: keep the listener open until the client leaves or its session ends.
 * `Relay`: hand both connections to the data plane. The end.
+* `OpenAssociation`: UDP ASSOCIATE: open the association's UDP sockets;
+  ``association_opened(OpenedAssociation)`` or ``association_failed(exc, message)``.
+* `Associate`: hand the client connection and those sockets to the UDP data plane, which
+  writes the Operation Reply and the Association Initialization first. The end.
 
 Whatever way the connection ends (even by an exception in the adapter), the adapter calls
 ``connection_ended(now)`` last.
@@ -54,6 +58,7 @@ __all__ = [
     "LINGER_CLOSE",
     "Action",
     "ApplyClientOptions",
+    "Associate",
     "AwaitPeer",
     "CheckCredentials",
     "Claim",
@@ -64,6 +69,8 @@ __all__ = [
     "HoldBacklog",
     "Listen",
     "Listening",
+    "OpenAssociation",
+    "OpenedAssociation",
     "Relay",
     "Resolve",
     "Send",
@@ -259,6 +266,75 @@ class Relay:
     """The client already closed its sending side."""
 
 
+@dataclass(slots=True)
+class OpenAssociation:
+    """UDP ASSOCIATE (SOCKS 6 or SOCKS 5): open the association's remote-facing UDP socket
+    (and, for SOCKS 5, its client-facing one), with the UDP leg's options applied."""
+
+    address_type: AddressType
+    """IPV4 or IPV6: the family of the remote-facing socket."""
+    host: str
+    """The desired bind address (draft-11 "Requests": the request's address)."""
+    port: int
+    """The desired bind port (0: any)."""
+    near_client: bool = False
+    """Bind instead on the local address the client reached us at, in that address's family
+    (the request named no particular address), as for BIND."""
+    options: LegOptions = LegOptions()
+    """TOS, TTL, Don't Fragment for the UDP leg ("the stack options refer to the UDP traffic
+    relayed by the proxy")."""
+    parity: int = 0
+    """Port Parity (STK-08): 0 none, 1 even, 2 odd. Only with ``port`` 0."""
+    reserve: bool = False
+    """Port Parity: also bind and hold the counterpart port (STK-08)."""
+    claim: object | None = None
+    """A reserved socket (`Reservation.handle`) the request explicitly names: use it as the
+    remote-facing socket instead of binding a new one (STK-08)."""
+    socks5: bool = False
+    """SOCKS 5 (D19): also open a client-facing UDP socket on the address the TCP connection
+    arrived at."""
+
+
+@dataclass(slots=True)
+class OpenedAssociation:
+    """How an `OpenAssociation` ended well (``association_opened``)."""
+
+    local: tuple[str, int]
+    """The remote-facing socket's bound address and port (the SOCKS 6 reply names them)."""
+    applied: AppliedLeg | None
+    """The UDP leg's options as read back (None when none were asked for)."""
+    parity: bool = False
+    """The requested parity was honoured."""
+    reserved: object | None = None
+    """The socket holding the counterpart port (``reserve`` honoured), else None."""
+    reserved_port: int = 0
+    """That port."""
+    client_facing: tuple[str, int] | None = None
+    """SOCKS 5: the client-facing socket's address and port (BND.ADDR, BND.PORT)."""
+
+
+@dataclass(slots=True)
+class Associate:
+    """The association is set up: the UDP data plane takes the client connection and the
+    sockets (``UdpEngine.add``), writes ``send`` first and parses ``pending`` as the first
+    bytes received, and relays until the connection ends (UDP-07)."""
+
+    association_id: bytes
+    """The 8-byte ID (D18)."""
+    send: bytes
+    """Operation Reply and Association Initialization (SOCKS 6), or the RFC 1928 reply."""
+    pending: bytes
+    """Bytes the client sent after its request (datagrams over TCP, SOCKS 6)."""
+    udp_error: bool
+    """The client opted in to Datagram Error messages (UDP-09)."""
+    socks5: bool
+    """A SOCKS 5 association (D19)."""
+    client_address: str | None = None
+    """SOCKS 5: accept datagrams only from this IP (the TCP client's)."""
+    client_port: int = 0
+    """SOCKS 5: and only from this port (a non-zero DST.PORT); 0: any."""
+
+
 Action = (
     Send
     | Close
@@ -272,5 +348,7 @@ Action = (
     | AwaitPeer
     | HoldBacklog
     | Relay
+    | OpenAssociation
+    | Associate
 )
 """What ``next_action`` returns besides NEED_DATA."""

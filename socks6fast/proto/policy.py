@@ -453,6 +453,29 @@ class Policy:
             return rule.allow, index
         return self.default_allow, None
 
+    def destination_matters(self, client_ip: str, user: str | None, command: Command) -> bool:
+        """Whether the destination (address or port) can change the decision for this client
+        and user: the first rule that applies to them whatever the destination has a
+        destination or port condition. UDP ASSOCIATE asks the rules about each datagram's
+        destination only then (the data plane drops the datagrams to a destination until
+        the rules answered, so an association that needs no answer never waits)."""
+        client = _parse_address(client_ip) if self._any_clients else None
+        for rule in self.rules:
+            if rule.commands is not None and command not in rule.commands:
+                continue
+            if rule.users is not None:
+                if user is None:
+                    if ANONYMOUS not in rule.users:
+                        continue
+                elif user not in rule.users and AUTHENTICATED not in rule.users:
+                    continue
+            if rule.clients is not None and (
+                client is None or not _in_networks(client, rule.clients, self.local)
+            ):
+                continue
+            return rule.destinations is not None or rule.ports is not None
+        return False
+
 
 #: Commands whose request names where the proxy listens, not a host it connects to.
 _LISTENING_COMMANDS = frozenset({Command.BIND, Command.UDP_ASSOCIATE})

@@ -57,7 +57,9 @@ from ..constants import (
     AuthReplyType,
     Availability,
     Command,
+    Parity,
     ReplyCode,
+    StackLeg,
     UserPassStatus,
 )
 from ..errors import LocalProtocolError, RemoteProtocolError
@@ -68,14 +70,19 @@ from .actions import (
     HOLD_BACKLOG,
     LINGER_CLOSE,
     ApplyClientOptions,
+    Associate,
     Claim,
     Dial,
     Dialed,
     EndSession,
     Listen,
     Listening,
+    OpenAssociation,
+    OpenedAssociation,
 )
+from .associations import Reservation
 from .messages import (
+    AssociationInit,
     AuthData,
     AuthMethodSelection,
     AuthReply,
@@ -84,6 +91,7 @@ from .messages import (
     IdempotenceWindow,
     OperationReply,
     Option,
+    PortParityOption,
     Request,
     SessionID,
     SessionInvalid,
@@ -102,6 +110,7 @@ from .server_common import (
     _Step,
     detect_protocol,
     is_dns_request,
+    is_multicast,
     noop_address_ok,
     reply_code_for,
 )
@@ -218,7 +227,7 @@ class ServerConnection(_ConnectionBase):
                 pass
         self._close(CLOSE)
 
-    def connection_ended(self, now: float) -> Session | None:  # noqa: D102 (documented in the base)
+    def _end_session(self, now: float) -> Session | None:
         self._step = _Step.DONE
         session, store = self._session, self._ctx.sessions
         if session is None or store is None:
@@ -229,6 +238,10 @@ class ServerConnection(_ConnectionBase):
         if self._relayed:
             store.touch(session, now)
         return None
+
+    def connection_ended(self, now: float) -> Session | None:  # noqa: D102 (documented in the base)
+        self._end_association()
+        return self._end_session(now)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -434,8 +447,7 @@ class ServerConnection(_ConnectionBase):
         elif command == Command.BIND:
             self._bind6(request)
         else:
-            # UDP ASSOCIATE is a later issue; the draft lets proxies support any subset (CMD-06).
-            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED, "UDP ASSOCIATE is not implemented")
+            self._associate6(request)
 
     def _session_id(self) -> tuple[Option, ...]:
         session = self._session
@@ -543,6 +555,9 @@ class ServerConnection(_ConnectionBase):
         if request.address_type == AddressType.DOMAIN_NAME:
             self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, "BIND to a domain name is not supported")
             return
+        if is_multicast(request.address_type, request.address):
+            self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, f"{request.address} is multicast: UDP only (UDP-08)")
+            return
         plan = self._options.stack
         session = self._session
         if session is not None:
@@ -615,6 +630,95 @@ class ServerConnection(_ConnectionBase):
             options = echo_stack_options(StackPlan(multipath=multipath), multipath=_multipath(mptcp))
         self._reply(OperationReply(ReplyCode.SUCCESS, _address_type_of(host), host, port, options))
         self._relay()
+
+    # -- UDP ASSOCIATE (section "Handling UDP ASSOCIATE") --------------------------------
+
+    def _associate6(self, request: Request) -> None:
+        if request.address_type == AddressType.DOMAIN_NAME:
+            self._fail(
+                ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, "UDP ASSOCIATE to a domain name is not supported"
+            )
+            return
+        plan = self._options.stack
+        family = 6 if request.address_type == AddressType.IPV6 else 4
+        parity = plan.port_parity
+        claim: object | None = None
+        table = self._ctx.associations
+        if request.port != 0 and table is not None:
+            # STK-08: "An association involving a reserved port can only be made if a client
+            # explicitly requests said port", and from the same session when the original
+            # association is part of one.
+            reservation = table.reservation(family, request.port)
+            if reservation is not None:
+                if reservation.session is not None and reservation.session is not self._session:
+                    self._fail(
+                        ReplyCode.GENERAL_FAILURE,
+                        f"port {request.port} is reserved for an association of another session (STK-08)",
+                    )
+                    return
+                table.claim(reservation)
+                claim = reservation.handle
+        # STK-08: "If the UDP ASSOCIATE request does not have the Port field set to 0 ..., the
+        # proxy MUST ignore the suggested parity."
+        wanted = parity.parity if parity is not None and request.port == 0 else Parity.NONE
+        action = OpenAssociation(
+            request.address_type,
+            request.address,
+            request.port,
+            # As for BIND: an unspecified address asks for no particular address, so bind
+            # where the client reached us (draft-11 "Requests"; never every interface).
+            near_client=ipaddress.ip_address(request.address).is_unspecified,
+            options=plan.remote,
+            parity=int(wanted),
+            reserve=bool(parity is not None and parity.reserve and wanted != Parity.NONE),
+            claim=claim,
+        )
+        self._open_association(action)
+
+    def _on_association(self, opened: OpenedAssociation) -> None:
+        association_id = self._association
+        assert association_id is not None
+        plan = self._options.stack
+        table = self._ctx.associations
+        if opened.reserved is not None and table is not None:
+            family = 6 if ":" in opened.local[0] else 4
+            table.reserve(
+                Reservation(family, opened.reserved_port, opened.reserved, association_id, self._session)
+            )
+        # UDP-09 / D9: the UDP Error option is echoed with what will be done; Error messages
+        # are sent exactly when the client asked for them.
+        udp_error = plan.udp_error == Availability.DESIRED
+        parity: PortParityOption | None = None
+        if plan.port_parity is not None:
+            # STK-08 / D9: the parity obtained; "If the proxy can not or will not comply with
+            # the requested parity, it also does not reserve the allocated port's counterpart."
+            obtained = plan.port_parity.parity if opened.parity else Parity.NONE
+            parity = PortParityOption(StackLeg.PROXY_REMOTE, obtained, opened.reserved is not None)
+        echo = echo_stack_options(
+            plan,
+            client=self._client_applied,
+            remote=opened.applied,
+            udp_error=Availability.DESIRED if udp_error else Availability.NOT_DESIRED,
+            port_parity=parity,
+        )
+        host, port = opened.local
+        reply = OperationReply(
+            ReplyCode.SUCCESS, _address_type_of(host), host, port, echo + self._session_id()
+        )
+        # UDP-01: the Association Initialization follows the successful Operation Reply. The
+        # data plane writes both, once the association is in its table, so a datagram the
+        # client sends as soon as it reads the ID is never "unknown".
+        data = (
+            self._held
+            + self._socks6.send(reply)
+            + codec.encode_association_message(AssociationInit(association_id))
+        )
+        self._held = b""
+        self.reply_code = ReplyCode.SUCCESS
+        pending, _eof = self._socks6.trailing_data
+        self._actions.append(Associate(association_id, data, pending, udp_error, socks5=False))
+        self._step = _Step.DONE
+        self._relayed = True
 
 
 def server_connection(

@@ -40,11 +40,14 @@ from .actions import (
     Dial,
     Dialed,
     Listening,
+    OpenAssociation,
+    OpenedAssociation,
     Relay,
     Resolve,
     Send,
     Target,
 )
+from .associations import AssociationTable, Reservation
 from .auth import UserStore
 from .messages import (
     Request,
@@ -67,8 +70,10 @@ __all__ = [
     "ServerContext",
     "detect_protocol",
     "is_dns_request",
+    "is_multicast",
     "noop_address_ok",
     "reply_code_for",
+    "udp_destination_allowed",
 ]
 
 #: The DNS service port (section "DNS provided by SOCKS", D13).
@@ -93,9 +98,12 @@ class ServerContext:
         connect_timeout: seconds to resolve and connect to a destination (CONNECTION_TIMED_OUT).
         dns_resolver: ``(host, port)`` of the DNS server behind the DNS service (D13), or None.
         own_listeners: the proxy's own listeners: a CONNECT into one is refused (CMD-06).
+        associations: the live UDP associations, their limits and Port Parity reservations;
+            None: UDP ASSOCIATE is turned off (Command Not Supported).
     """
 
     __slots__ = (
+        "associations",
         "connect_timeout",
         "dns_resolver",
         "handshake_timeout",
@@ -117,7 +125,9 @@ class ServerContext:
         connect_timeout: float = 10.0,
         dns_resolver: tuple[str, int] | None = None,
         own_listeners: OwnListeners | None = None,
+        associations: AssociationTable | None = None,
     ) -> None:
+        self.associations = associations
         self.users = users if users is not None else UserStore()
         self.policy = policy if policy is not None else Policy()
         self.sessions = sessions
@@ -191,6 +201,39 @@ def reply_code_for(exc: BaseException) -> ReplyCode:
     return ReplyCode.GENERAL_FAILURE
 
 
+def is_multicast(address_type: int, address: str) -> bool:
+    """An IP multicast address: "The use of multicast addresses is permitted for UDP traffic
+    only" (draft-11 "Proxying multicast traffic", UDP-08), so CONNECT and BIND refuse one."""
+    if address_type == AddressType.DOMAIN_NAME:
+        return False
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_multicast
+    except ValueError:
+        return False
+
+
+def udp_destination_allowed(
+    policy: Policy, client_ip: str, user: str | None, address: str, port: int, name: str | None = None
+) -> bool:
+    """The rules' verdict on one UDP association destination (CMD-06 for each datagram's
+    destination): an IP address, or a domain name checked by the address it resolved to
+    (D20: name patterns match the name, CIDR and ``@local`` entries the address)."""
+    if name is not None:
+        return policy.check(
+            client_ip,
+            user,
+            Command.UDP_ASSOCIATE,
+            AddressType.DOMAIN_NAME,
+            name,
+            port,
+            resolved_address=address,
+        )
+    address_type = AddressType.IPV6 if ":" in address else AddressType.IPV4
+    return policy.check(
+        client_ip, user, Command.UDP_ASSOCIATE, address_type, address, port, resolved_address=address
+    )
+
+
 def _format(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -222,6 +265,7 @@ class _Step(Enum):
     DIAL = "dial_finished or dial_failed"
     LISTEN = "listening or listen_failed"
     PEER = "peer_accepted"
+    ASSOCIATE = "association_opened or association_failed"
     DONE = "nothing: the handshake is over"
 
 
@@ -230,6 +274,7 @@ class _ConnectionBase:
 
     __slots__ = (
         "_actions",
+        "_association",
         "_checked",
         "_ctx",
         "_dial",
@@ -241,6 +286,7 @@ class _ConnectionBase:
         "client_ip",
         "error",
         "protocol_name",
+        "released",
         "reply_code",
         "user",
     )
@@ -260,6 +306,10 @@ class _ConnectionBase:
         self._checked: tuple[str | None, str] = (None, "")
         self._dial: Dial | None = None
         self._relayed = False
+        self._association: bytes | None = None
+        self.released: list[Reservation] = []
+        """Port Parity reservations whose owner ended with this connection (STK-08): after
+        ``connection_ended`` the adapter closes their sockets."""
         self.user: str | None = None
         """The authenticated user (or the session's user); None when anonymous."""
         self.reply_code: int | None = None
@@ -344,6 +394,15 @@ class _ConnectionBase:
                     ReplyCode.NOT_ALLOWED_BY_RULESET, f"{dial.host!r} resolves only to denied addresses"
                 )
                 return
+        if any(is_multicast(AddressType.IPV4, str(t[1][0])) for t in targets):
+            # UDP-08: multicast is for UDP only, whatever a name resolves to.
+            targets = [t for t in targets if not is_multicast(AddressType.IPV4, str(t[1][0]))]
+            if not targets:
+                self._fail(
+                    ReplyCode.NOT_ALLOWED_BY_RULESET,
+                    f"{dial.host!r} resolves only to multicast addresses (UDP only, UDP-08)",
+                )
+                return
         own = self._ctx.own_listeners
         loops = [(t, own.find(str(t[1][0]), dial.port)) for t in targets]
         if any(listener is not None for _, listener in loops):
@@ -409,6 +468,21 @@ class _ConnectionBase:
                 echo=False,
             )
 
+    def association_opened(self, opened: OpenedAssociation) -> None:
+        """`OpenAssociation` gave its sockets."""
+        self._expect(_Step.ASSOCIATE)
+        self._on_association(opened)
+
+    def association_failed(self, exc: BaseException, message: str) -> None:
+        """`OpenAssociation` failed with ``exc`` (``message`` for the log); the reply says why."""
+        self._expect(_Step.ASSOCIATE)
+        self._fail(reply_code_for(exc), message)
+
+    @property
+    def association_id(self) -> bytes | None:
+        """The UDP association's ID once the request took a slot (D18), else None."""
+        return self._association
+
     def connection_ended(self, now: float) -> Session | None:
         """The connection is over, however it ended (call it last, always).
 
@@ -417,7 +491,33 @@ class _ConnectionBase:
             succeed), whose BIND listeners the adapter closes; else None.
         """
         self._step = _Step.DONE
+        self._end_association()
         return None
+
+    def _end_association(self) -> None:
+        """UDP-07: the association ends with the connection: its slot is freed and the ports
+        it still reserved are released (``released``, for the adapter to close)."""
+        association, table = self._association, self._ctx.associations
+        if association is not None:
+            self._association = None
+            if table is not None:
+                self.released = table.close(association)
+
+    def _open_association(self, action: OpenAssociation) -> bool:
+        """Take an association slot (the limits) and ask for the sockets; False when refused
+        (a failure reply is queued)."""
+        table = self._ctx.associations
+        if table is None:
+            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED, "UDP ASSOCIATE is turned off (udp.port = false)")
+            return False
+        refusal = table.refusal(self.client_ip, self.user)
+        if refusal is not None:
+            # Not a rule, not a bad request: the proxy will not serve more for this client now.
+            self._fail(ReplyCode.GENERAL_FAILURE, refusal)
+            return False
+        self._association = table.open(self.client_ip, self.user)
+        self._push_step(action, _Step.ASSOCIATE)
+        return True
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -455,6 +555,9 @@ class _ConnectionBase:
     def _connect(self, dial: Dial) -> None:
         """Dial the destination; a name is resolved first (`resolved` dials)."""
         self._dial = dial
+        if is_multicast(dial.address_type, dial.host):
+            self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, f"{dial.host} is multicast: UDP only (UDP-08)")
+            return
         if dial.address_type == AddressType.DOMAIN_NAME:
             self._push_step(Resolve(dial.host, dial.port, dial.deadline), _Step.RESOLVE)
             return
@@ -500,6 +603,9 @@ class _ConnectionBase:
         raise NotImplementedError
 
     def _on_peer(self, host: str, port: int, mptcp: bool) -> None:
+        raise NotImplementedError
+
+    def _on_association(self, opened: OpenedAssociation) -> None:
         raise NotImplementedError
 
     def _fail(self, code: ReplyCode, cause: str, *, echo: bool = True) -> None:

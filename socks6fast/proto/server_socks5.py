@@ -17,10 +17,13 @@ from .actions import (
     AWAIT_PEER,
     CLOSE,
     LINGER_CLOSE,
+    Associate,
     Dial,
     Dialed,
     Listen,
     Listening,
+    OpenAssociation,
+    OpenedAssociation,
 )
 from .server_common import (
     _UNSPECIFIED,
@@ -146,8 +149,11 @@ class Socks5ServerConnection(_ConnectionBase):
         elif request.command == Socks5Command.BIND:
             self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, "BIND to a domain name is not supported")
         else:
-            self._fail(
-                ReplyCode.COMMAND_NOT_SUPPORTED, f"{Socks5Command(request.command).name} is not implemented"
+            # RFC 1928 section 7, D19: DST.ADDR/DST.PORT name where the client will send from
+            # (zeros: not known yet); the relay's sockets are on the address the TCP connection
+            # arrived at, in its family.
+            self._open_association(
+                OpenAssociation(AddressType.IPV4, "0.0.0.0", 0, near_client=True, socks5=True)
             )
 
     def _reply(self, code: ReplyCode, host: str = "0.0.0.0", port: int = 0) -> None:
@@ -179,3 +185,25 @@ class Socks5ServerConnection(_ConnectionBase):
     def _on_peer(self, host: str, port: int, mptcp: bool) -> None:
         self._reply(ReplyCode.SUCCESS, host, port)
         self._relay()
+
+    def _on_association(self, opened: OpenedAssociation) -> None:
+        association_id, request = self._association, self.request
+        assert association_id is not None and request is not None and opened.client_facing is not None
+        # D19: BND.ADDR/BND.PORT name the association's client-facing UDP socket; datagrams
+        # are accepted only from the TCP client's address (and DST.PORT when it is not 0).
+        host, port = opened.client_facing
+        data = self._socks5.send(Socks5Reply(ReplyCode.SUCCESS, _address_type_of(host), host, port))
+        self.reply_code = ReplyCode.SUCCESS
+        self._actions.append(
+            Associate(
+                association_id,
+                data,
+                b"",
+                udp_error=False,
+                socks5=True,
+                client_address=self.client_ip,
+                client_port=request.port,
+            )
+        )
+        self._step = _Step.DONE
+        self._relayed = True

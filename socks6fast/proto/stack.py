@@ -220,6 +220,8 @@ def echo_stack_options(
     tfo_payload_size: int | None = None,
     multipath: Availability | None = None,
     listen_backlog: int | None = None,
+    udp_error: Availability | None = None,
+    port_parity: PortParityOption | None = None,
 ) -> tuple[StackOption, ...]:
     """The Stack options of an Operation Reply: one per supported option the client sent,
     carrying what was actually done (D9, STK-01).
@@ -234,6 +236,10 @@ def echo_stack_options(
             carry data); None to leave the option out.
         multipath: DESIRED when MPTCP is in use (or will be accepted, first BIND reply).
         listen_backlog: the backlog actually used (0 without one, CMD-05).
+        udp_error: DESIRED when Datagram Error messages will be sent (UDP-09), NOT_DESIRED
+            when not ("will not be performed").
+        port_parity: the parity and reservation actually applied (STK-08): parity 0 and
+            reserve 0 when the request's parity was not honoured.
     """
     out = _echo_ip(plan, client, remote)
     remote_leg = StackLeg.PROXY_REMOTE
@@ -245,4 +251,8 @@ def echo_stack_options(
         out.append(MultipathOption(remote_leg, multipath))
     if listen_backlog is not None and plan.listen_backlog is not None:
         out.append(ListenBacklogOption(remote_leg, listen_backlog))
+    if udp_error is not None and plan.udp_error is not None:
+        out.append(UDPErrorOption(remote_leg, udp_error))
+    if port_parity is not None and plan.port_parity is not None:
+        out.append(PortParityOption(remote_leg, port_parity.parity, port_parity.reserve))
     return tuple(out)

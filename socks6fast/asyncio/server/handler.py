@@ -22,11 +22,13 @@ from ...config import Config
 from ...constants import AddressType, AuthMethod, Command, ReplyCode
 from ...dataplane.engine import RelayEnd, RelayResult
 from ...dataplane.relayer import Relayer
+from ...dataplane.udp import UdpEnded
 from ...errors import LocalProtocolError, RemoteProtocolError
 from ...net.stackopts import apply_leg_options, mptcp_in_use, read_leg_options
 from ...proto import codec
 from ...proto.actions import (
     ApplyClientOptions,
+    Associate,
     AwaitPeer,
     CheckCredentials,
     Claim,
@@ -36,6 +38,7 @@ from ...proto.actions import (
     HoldBacklog,
     Listen,
     Listening,
+    OpenAssociation,
     Relay,
     Resolve,
     Send,
@@ -67,6 +70,7 @@ from .bind import (
 from .dial import Remote, Resolver, dial, resolve
 from .record import ConnectionRecord, describe_error, format_address
 from .streams import ClientStream, SocketStream, tls_handshake
+from .udp import AssociationSockets, TLSBridge, UdpService, open_association
 
 __all__ = ["REFUSAL_TIMEOUT", "ConnectionHandler", "ServerView", "refuse_client"]
 
@@ -151,6 +155,7 @@ class ServerView(Protocol):
     limiter: FailedAuthLimiter
     resolver: Resolver | None
     tls_context: ssl.SSLContext | None
+    udp: UdpService | None
 
     def connection_finished(self, record: ConnectionRecord) -> None: ...
 
@@ -179,6 +184,8 @@ class ConnectionHandler:
         "sock",
         "started",
         "tls",
+        "udp_result",
+        "udp_sockets",
     )
 
     def __init__(self, server: ServerView, sock: socket.socket, client: tuple[str, int], tls: bool) -> None:
@@ -200,6 +207,10 @@ class ConnectionHandler:
         self.owns_listener = False
         """``listener`` is ours to close (a claimed one belongs to its first BIND)."""
         self.relay_result: RelayResult | None = None
+        self.udp_sockets: AssociationSockets | None = None
+        """UDP ASSOCIATE: the sockets opened, until the UDP data plane takes them."""
+        self.udp_result: UdpEnded | None = None
+        """UDP ASSOCIATE: how the association ended, with its counts."""
 
     async def run(self) -> None:
         """Serve the connection and log its line; never raises but CancelledError."""
@@ -295,6 +306,11 @@ class ConnectionHandler:
                 self._claim(conn, action)
             elif isinstance(action, AwaitPeer):
                 await self._await_peer(stream, conn)
+            elif isinstance(action, OpenAssociation):
+                self._open_association(stream, conn, action)
+            elif isinstance(action, Associate):
+                await self._associate(stream, action, conn)
+                return
             elif isinstance(action, HoldBacklog):
                 assert isinstance(self.listener, BacklogListener)
                 await hold_backlog(loop, stream, self.listener)
@@ -422,6 +438,53 @@ class ConnectionHandler:
             self._server.relayer, remote.sock, action.to_remote, action.client_eof
         )
 
+    def _open_association(self, stream: ClientStream, conn: _Conn, action: OpenAssociation) -> None:
+        try:
+            self.udp_sockets, opened = open_association(stream, action)
+        except OSError as exc:
+            if isinstance(action.claim, socket.socket):
+                action.claim.close()  # a claimed reservation that could not be used
+            where = format_address(action.host, action.port)
+            conn.association_failed(exc, f"UDP bind {where}: {describe_error(exc)}")
+            return
+        conn.association_opened(opened)
+
+    async def _associate(self, stream: ClientStream, action: Associate, conn: _Conn) -> None:
+        """The one hand-off to the UDP data plane: it writes the replies, relays the
+        association's datagrams and ends it with the client connection (UDP-07)."""
+        udp, sockets = self._server.udp, self.udp_sockets
+        assert udp is not None and sockets is not None
+        bridge: TLSBridge | None = None
+        if isinstance(stream, SocketStream) and stream.sock is not None:
+            tcp = stream.sock
+        else:
+            # TLS: the engine gets one end of a socket pair, the bridge pumps the other.
+            ours, tcp = TLSBridge.pair()
+            bridge = TLSBridge(self._loop, stream, ours)
+        try:
+            done = udp.add(action, tcp.fileno(), sockets, self.client[0], conn.user)
+        except (OSError, ValueError) as exc:
+            self.error = f"UDP data plane refused the association: {exc}"
+            if bridge is not None:
+                tcp.close()
+                await bridge.close()
+            return
+        tcp.detach()  # the engine's now (a plain client socket: the stream no longer owns it)
+        self.udp_sockets = None
+        if bridge is not None:
+            bridge.start()
+        else:
+            assert isinstance(stream, SocketStream)
+            stream.give_up()
+        try:
+            self.udp_result = await done
+        except asyncio.CancelledError:
+            udp.remove(action.association_id)  # shutdown: the engine closes its sockets
+            raise
+        finally:
+            if bridge is not None:
+                await bridge.close()
+
     async def _abort(self, stream: ClientStream, conn: _Conn) -> None:
         """After a bug: a General Failure reply if nothing conclusive was sent, then close."""
         try:
@@ -440,6 +503,9 @@ class ConnectionHandler:
             remote.sock.close()
         if self.listener is not None and self.owns_listener:
             self.listener.close()
+        if self.udp_sockets is not None:
+            self.udp_sockets.close()
+            self.udp_sockets = None
         record = ConnectionRecord(
             self.client, "tls" if self.tls else "tcp", self.started, client_options=self.client_options
         )
@@ -447,6 +513,10 @@ class ConnectionHandler:
             ended = conn.connection_ended(self._loop.time())
             if ended is not None:
                 close_session_listeners(ended)
+            for reservation in conn.released:
+                # STK-08: a port reserved "until the original association ends".
+                if isinstance(reservation.handle, socket.socket):
+                    reservation.handle.close()
             record.protocol = conn.protocol_name
             record.user = conn.user
             record.reply_code = conn.reply_code
@@ -476,6 +546,16 @@ class ConnectionHandler:
             elif result.end == RelayEnd.ERROR:
                 record.error = record.error or "relay: error (the data plane gave no cause)"
             record.relay_close = "rst" if result.reset else "fin"
+        udp = self.udp_result
+        if udp is not None:
+            record.bytes_up, record.bytes_down = udp.bytes_to_remote, udp.bytes_to_client
+            record.datagrams_up, record.datagrams_down = udp.datagrams_to_remote, udp.datagrams_to_client
+            record.udp_drops, record.icmp_errors = udp.drops, udp.icmp_reported
+            server_udp = self._server.udp
+            record.relay_path = server_udp.path if server_udp is not None else "-"
+            record.relay_end = udp.end.name.lower()
+            if udp.cause:
+                record.error = record.error or f"udp: {udp.cause}"
         record.duration = time.monotonic() - self.started
         self._server.connection_finished(record)
 

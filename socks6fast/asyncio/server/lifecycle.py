@@ -40,6 +40,7 @@ from ...dataplane.relayer import Relayer
 from ...dataplane.resources import DescriptorPlan
 from ...net.localaddr import read_local_addresses
 from ...net.stackopts import enable_tfo_listener
+from ...proto.associations import AssociationTable
 from ...proto.auth import FailedAuthLimiter, UserStore
 from ...proto.policy import OwnListeners
 from ...proto.server import ServerContext
@@ -48,6 +49,7 @@ from .bind import close_session_listeners
 from .dial import Resolver
 from .handler import REFUSAL_TIMEOUT, ConnectionHandler, refuse_client
 from .record import ConnectionRecord, format_address
+from .udp import UdpService
 
 __all__ = ["Server", "serve"]
 
@@ -63,6 +65,8 @@ REFUSAL_SLOTS = resources.REFUSAL_SLOTS
 PRESSURE_LOG_INTERVAL = 10.0
 #: Listen backlog of the client listeners.
 LISTEN_BACKLOG = 1024
+#: Port-0 listeners tried until the same UDP port number is free too (D16).
+UDP_PAIR_ATTEMPTS = 16
 #: Finished-connection records kept for inspection (`Server.records`).
 MAX_RECORDS = 1024
 
@@ -177,6 +181,8 @@ class Server:
         in all (AUTH-05, hardening issue 12 defect 5)."""
         self.tls_context: ssl.SSLContext | None = self._tls_context(config)
         """The TLS listeners' context, or None without TLS listeners."""
+        self.udp: UdpService | None = None
+        """The UDP data plane (UDP ASSOCIATE), after `start` unless ``[udp] enabled = false``."""
         self._relayer = relayer
         self._own_relayer = relayer is None
         self._use_engine = use_relay_engine
@@ -223,6 +229,12 @@ class Server:
         context.handshake_timeout = server.handshake_timeout
         context.connect_timeout = server.connect_timeout
         context.dns_resolver = server.dns_resolver
+        udp = config.udp
+        if context.associations is None and udp.enabled and self._loop is None:
+            context.associations = AssociationTable()  # before start: UDP goes with the server
+        if context.associations is not None:
+            context.associations.max_per_client = udp.max_associations_per_client
+            context.associations.max_per_user = udp.max_associations_per_user
         self.limiter.configure(
             server.auth_failure_burst,
             server.auth_failure_interval,
@@ -296,9 +308,12 @@ class Server:
                 workers=server.relay_workers,
                 idle_timeout=server.idle_timeout,
             )
+        udp = self._config.udp
+        if udp.enabled:
+            self.udp = UdpService(loop, udp, self.context, self.resolver)
         try:
             for host, port in self._config.server.listen:
-                for sock in await self._bind_listeners(host, port):
+                for sock in await self._bind_with_udp(host, port):
                     self._listeners.append((sock, False))
             for host, port in self._config.server.tls_listen:
                 for sock in await self._bind_listeners(host, port):
@@ -307,6 +322,9 @@ class Server:
             for sock, _ in self._listeners:
                 sock.close()
             self._listeners.clear()
+            if self.udp is not None:
+                self.udp.close()
+                self.udp = None
             raise
         self.context.own_listeners = OwnListeners(self.addresses + self.tls_addresses, self._local)
         with contextlib.suppress(OSError):
@@ -336,14 +354,40 @@ class Server:
             plan.max_connections,
             f"up to {plan.max_pipes} splice pipes" if plan.max_pipes else "no pipes (asyncio relay)",
         )
-        udp = self._config.udp
-        if udp.port is not None or udp.dtls_port is not None:
-            # The [udp] table is parsed and validated already so that configs written for
-            # the UDP issue keep working; say plainly that nothing listens on it yet.
-            log.warning(
-                "[udp] is configured, but UDP ASSOCIATE is not implemented yet: no UDP socket is "
-                "opened and UDP ASSOCIATE requests get Command Not Supported (0x07)"
-            )
+        if self.udp is not None:
+            for host, port in self.udp.ports:
+                log.info(
+                    "SOCKS 6 UDP port %s (UDP ASSOCIATE, %s engine)",
+                    format_address(host, port),
+                    self.udp.path,
+                )
+        else:
+            log.info("UDP ASSOCIATE is turned off ([udp] enabled = false)")
+        if self._config.udp.dtls_port is not None:
+            log.warning("udp.dtls_port is set, but DTLS is not served yet: no DTLS port is opened")
+
+    async def _bind_with_udp(self, host: str, port: int) -> list[socket.socket]:
+        """Bind one ``listen`` entry and its SOCKS 6 UDP ports (D16): by default the address
+        and port number of each TCP listener, else ``[udp] port`` on each listener address.
+        A port-0 entry whose number is taken for UDP is bound again elsewhere (a few times)."""
+        udp, service = self._config.udp, self.udp
+        attempts = UDP_PAIR_ATTEMPTS if port == 0 and udp.port is None else 1
+        for attempt in range(attempts):
+            socks = await self._bind_listeners(host, port)
+            if service is None:
+                return socks
+            try:
+                for sock in socks:
+                    bound_host, bound_port = _sockname(sock)
+                    service.open_ports([(bound_host, udp.port if udp.port is not None else bound_port)])
+            except OSError as exc:
+                for sock in socks:
+                    sock.close()
+                if exc.errno == errno.EADDRINUSE and attempt + 1 < attempts:
+                    continue
+                raise
+            return socks
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _apply_fd_plan(self, plan: DescriptorPlan) -> None:
         self._max_connections = plan.max_connections
@@ -535,6 +579,9 @@ class Server:
             log.warning("reload: listener changes take effect after a restart")
         if config.server.idle_timeout != old.server.idle_timeout:
             log.warning("reload: the relay idle timeout takes effect after a restart")
+        udp_keys = ("enabled", "port", "workers", "batch", "max_datagram", "first_datagram_timeout")
+        if any(getattr(config.udp, key) != getattr(old.udp, key) for key in udp_keys):
+            log.warning("reload: [udp] %s take effect after a restart", ", ".join(udp_keys))
         self._configure(config, users)
         if tls is not None:
             self.tls_context = tls
@@ -590,8 +637,11 @@ class Server:
             # connection tasks a moment to take those results and log their lines before
             # the rest (handshakes still in progress) is cancelled.
             await self._relayer.close()
-            if self._tasks:
-                await asyncio.wait(set(self._tasks), timeout=0.5)
+        if self.udp is not None:
+            # Ends every association (RelayEnd.SHUTDOWN, counts kept for their log lines).
+            self.udp.close()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=0.5)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -603,6 +653,10 @@ class Server:
         if self.context.sessions is not None:
             for session in self.context.sessions.expire(float("inf")):
                 close_session_listeners(session)
+        if self.context.associations is not None:
+            for reservation in self.context.associations.clear():
+                if isinstance(reservation.handle, socket.socket):
+                    reservation.handle.close()  # STK-08: nothing outlives the server
         for task in list(self._refusals):
             task.cancel()
         if self._refusals:

@@ -91,6 +91,14 @@ class ConnectionRecord:
     """The remote host acknowledged data in our SYN."""
     mptcp: bool = False
     """The remote leg runs MPTCP (STK-07)."""
+    datagrams_up: int = 0
+    """UDP ASSOCIATE: datagrams relayed client -> remote (``bytes_up`` counts their payload)."""
+    datagrams_down: int = 0
+    """UDP ASSOCIATE: datagrams relayed remote -> client."""
+    udp_drops: int = 0
+    """UDP ASSOCIATE: datagrams of the association dropped (any ``UdpDrop`` reason)."""
+    icmp_errors: int = 0
+    """UDP ASSOCIATE: Datagram Error messages sent to the client (UDP-09)."""
     error: str = ""
     """Why the connection ended early, if it did."""
 
@@ -103,4 +111,9 @@ class ConnectionRecord:
             f"down={self.bytes_down} dur={self.duration:.3f}s relay={self.relay_path} end={self.relay_end} "
             f"close={self.relay_close}"
         )
+        if self.command == "UDP_ASSOCIATE":
+            text += (
+                f" dgrams_up={self.datagrams_up} dgrams_down={self.datagrams_down} "
+                f"drops={self.udp_drops} icmp={self.icmp_errors}"
+            )
         return f"{text} error={self.error!r}" if self.error else text

@@ -99,6 +99,10 @@ class SocketStream(ClientStream):
             self._owned = False
             self.sock.close()
 
+    def give_up(self) -> None:
+        """The socket's descriptor was handed to a data plane (detached): never close it."""
+        self._owned = False
+
     async def linger_close(self) -> None:
         # Closing a socket with unread bytes makes the kernel send a reset, which can
         # destroy the reply we just wrote before the client reads it. Half-close, drop

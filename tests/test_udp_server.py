@@ -1,0 +1,519 @@
+"""UDP ASSOCIATE end to end: the server (`socks6fast.asyncio.server`) with its UDP data plane.
+
+Every test runs on both UDP engines ("mmsg": the native recvmmsg/sendmmsg engine; "python":
+its twin, the one ``SOCKS6FAST_NO_EXTENSIONS=1`` uses), chosen per test by the ``engine``
+fixture. The peers are real sockets on 127.0.0.1 and ::1: a raw SOCKS 6 client (its bytes
+built with ``socks6fast.proto.codec``, since the client library is not what is tested here),
+a UDP echo server as the remote host, and for SOCKS 5 the third-party PySocks client.
+ICMP errors are produced for real inside a network namespace the test creates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+import ssl
+import struct
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers_server import (
+    RawClient,
+    make_certificates,
+    make_config,
+    record_for,
+    running_server,
+)
+
+from socks6fast.asyncio.server import ConnectionRecord, Server
+from socks6fast.asyncio.server import udp as server_udp
+from socks6fast.constants import (
+    AddressType,
+    AuthReplyType,
+    Command,
+    ReplyCode,
+    UdpDrop,
+)
+from socks6fast.dataplane.udp import UDP_ENGINE_AVAILABLE, UdpEngineC, UdpEnginePy
+from socks6fast.proto import codec
+from socks6fast.proto.messages import (
+    AssociationConfirmation,
+    AssociationInit,
+    Datagram,
+    DatagramHeader,
+    OperationReply,
+    Option,
+    Request,
+)
+
+TIMEOUT = 5.0
+QUIET = 0.3  # seconds of silence that stand for "nothing arrives"
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+HOSTS = [
+    pytest.param("127.0.0.1", id="v4"),
+    pytest.param("::1", id="v6", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")),
+]
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "mmsg",
+            marks=[
+                pytest.mark.c_extension,
+                pytest.mark.skipif(not UDP_ENGINE_AVAILABLE, reason="native UDP engine not available"),
+            ],
+        ),
+        pytest.param("python"),
+    ]
+)
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The UDP engine the servers of this test use."""
+    if request.param == "python":
+        monkeypatch.setattr(server_udp, "UdpEngine", UdpEnginePy)
+        monkeypatch.setattr(server_udp, "UDP_PATH", "python")
+    else:
+        assert UdpEngineC is not None
+        monkeypatch.setattr(server_udp, "UdpEngine", UdpEngineC)
+        monkeypatch.setattr(server_udp, "UDP_PATH", "mmsg")
+    return str(request.param)
+
+
+# --- peers ---------------------------------------------------------------------------
+
+
+class Echo:
+    """A UDP echo server (the remote host); records who sent what."""
+
+    def __init__(self, host: str) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.setblocking(False)
+        self.seen: list[tuple[bytes, tuple[Any, ...]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        name = self.sock.getsockname()
+        return str(name[0]), int(name[1])
+
+    async def __aenter__(self) -> Echo:
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sock.close()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data, address = await loop.sock_recvfrom(self.sock, 65535)
+            self.seen.append((data, address))
+            await loop.sock_sendto(self.sock, data, address)
+
+
+def atyp(host: str) -> AddressType:
+    return AddressType.IPV6 if ":" in host else AddressType.IPV4
+
+
+def datagram(
+    aid: bytes, host: str, port: int, payload: bytes, *, padding: bytes = b"", length: int = 0
+) -> bytes:
+    """A client's Datagram message: header, payload, then padding (UDP-05)."""
+    try:
+        kind = AddressType.IPV6 if ipaddress.ip_address(host).version == 6 else AddressType.IPV4
+    except ValueError:
+        kind = AddressType.DOMAIN_NAME
+    if kind == AddressType.DOMAIN_NAME:
+        hlen = 13 + len(host.encode())
+    else:
+        hlen = 16 + (16 if kind == AddressType.IPV6 else 4)
+    header = DatagramHeader(aid, kind, host, port, length or hlen + len(payload))
+    buf = bytearray(hlen)
+    codec.encode_datagram_header(header, buf)
+    return bytes(buf) + payload + padding
+
+
+def parse(data: bytes) -> tuple[DatagramHeader, bytes]:
+    header, hlen = codec.decode_datagram_header(data)
+    return header, data[hlen : header.message_length]
+
+
+class Association:
+    """One raw SOCKS 6 UDP association: the TCP connection and a plain UDP socket."""
+
+    def __init__(
+        self, client: RawClient, reply: OperationReply, aid: bytes, udp_port: tuple[str, int]
+    ) -> None:
+        self.client = client
+        self.reply = reply
+        self.aid = aid
+        self.udp_port = udp_port
+        family = socket.AF_INET6 if ":" in udp_port[0] else socket.AF_INET
+        self.udp = socket.socket(family, socket.SOCK_DGRAM)
+        self.udp.setblocking(False)
+
+    async def send_udp(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendto(self.udp, data, self.udp_port)
+
+    async def recv_udp(self, timeout: float = TIMEOUT) -> bytes:
+        return await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.udp, 65535), timeout)
+
+    async def nothing_on_udp(self) -> bool:
+        try:
+            await self.recv_udp(QUIET)
+        except TimeoutError:
+            return True
+        return False
+
+    async def message(self, timeout: float = TIMEOUT) -> Any:
+        """The next association message on the TCP connection."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message, n = codec.decode_association_message(self.client.buffer)
+                if message is not None:
+                    del self.client.buffer[:n]
+                    return message
+                await self.client._fill(len(self.client.buffer) + max(n, 1))
+
+    async def nothing_on_tcp(self) -> bool:
+        try:
+            await self.message(QUIET)
+        except TimeoutError:
+            return True
+        return False
+
+    async def close(self) -> None:
+        self.udp.close()
+        await self.client.close()
+
+
+async def associate(
+    server: Server,
+    *options: Option,
+    host: str = "0.0.0.0",
+    port: int = 0,
+    proxy: tuple[str, int] | None = None,
+    expect: ReplyCode = ReplyCode.SUCCESS,
+    **connect: Any,
+) -> Association:
+    """UDP ASSOCIATE over a raw connection; the reply and the Association Initialization."""
+    proxy = proxy or server.addresses[0]
+    client = await RawClient.connect(proxy, **connect)
+    await client.send(codec.encode_request(Request(Command.UDP_ASSOCIATE, atyp(host), host, port, options)))
+    assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+    reply = await client.operation_reply()
+    assert reply.reply_code == expect, reply
+    assert server.udp is not None
+    udp_port = next(p for p in server.udp.ports if (":" in p[0]) == (":" in proxy[0]))
+    association = Association(client, reply, b"", udp_port)
+    if expect == ReplyCode.SUCCESS:
+        init = await association.message()
+        assert isinstance(init, AssociationInit)
+        association.aid = init.association_id
+    return association
+
+
+@contextlib.asynccontextmanager
+async def udp_server(**kwargs: Any) -> AsyncIterator[Server]:
+    resolver = kwargs.pop("resolver", None)
+    config = make_config(ipv6=_has_ipv6(), **kwargs)
+    async with running_server(config, resolver=resolver) as server:
+        yield server
+
+
+async def record_of(server: Server, association: Association) -> ConnectionRecord:
+    return await record_for(server, association.client)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# --- UDP-01 .. UDP-04: the association, over UDP and over TCP --------------------------
+
+
+@pytest.mark.conformance("UDP-01")
+async def test_reply_then_initialization_with_random_ids(engine: str) -> None:
+    """UDP-01: a successful Operation Reply naming the remote-facing socket (bound where the
+    client reached us: the request's address was unspecified), then the Association
+    Initialization (06 01 000c + 8-byte ID); two associations get different IDs."""
+    async with udp_server() as server:
+        first = await associate(server)
+        raw = codec.encode_association_message(AssociationInit(first.aid))
+        assert raw[:4] == bytes.fromhex("0601000c") and len(raw) == 12
+        second = await associate(server)
+        assert first.aid != second.aid and len(first.aid) == len(second.aid) == 8
+        for association in (first, second):
+            reply = association.reply
+            assert (reply.address_type, reply.address) == (AddressType.IPV4, "127.0.0.1")
+            assert reply.port != 0
+        assert first.reply.port != second.reply.port
+        await first.close()
+        await second.close()
+
+
+@pytest.mark.conformance("UDP-02", "UDP-04")
+@pytest.mark.parametrize("host", HOSTS)
+async def test_datagrams_over_udp(engine: str, host: str) -> None:
+    """UDP-02 over plain UDP to the proxy's UDP port (the TCP listener's port number, D16),
+    UDP-04: the Confirmation comes over TCP before any datagram, then the echo comes back
+    with a Datagram Header naming its source."""
+    async with udp_server() as server, Echo(host) as echo:
+        proxy = next(a for a in server.addresses if (":" in a[0]) == (":" in host))
+        assert server.udp is not None
+        assert (proxy[0], proxy[1]) in server.udp.ports  # D16: same address and port number
+        association = await associate(server, host="::" if ":" in host else "0.0.0.0", proxy=proxy)
+        assert association.reply.address == host
+        await association.send_udp(datagram(association.aid, *echo.address, b"hello"))
+        confirmation = await association.message()
+        assert confirmation == AssociationConfirmation(association.aid)
+        header, payload = parse(await association.recv_udp())
+        assert payload == b"hello"
+        assert (header.association_id, header.address, header.port) == (association.aid, *echo.address)
+        assert header.address_type == atyp(host)
+        # The remote host sees the proxy's remote-facing socket, the one the reply named.
+        assert echo.seen[0][1][:2] == (host, association.reply.port)
+        for n in range(5):
+            await association.send_udp(datagram(association.aid, *echo.address, b"x" * n))
+            assert parse(await association.recv_udp())[1] == b"x" * n
+        await association.close()
+        record = await record_of(server, association)
+        assert (record.datagrams_up, record.datagrams_down) == (6, 6)
+        assert record.relay_path == engine and record.relay_end == "eof"
+
+
+@pytest.mark.conformance("UDP-02", "UDP-04")
+@pytest.mark.parametrize("host", HOSTS)
+async def test_datagrams_over_tcp(engine: str, host: str) -> None:
+    """UDP-02 over the TCP connection: Datagram messages framed by Message Length both ways,
+    the Confirmation first (UDP-04), datagrams sent right behind the request included."""
+    async with udp_server() as server, Echo(host) as echo:
+        proxy = next(a for a in server.addresses if (":" in a[0]) == (":" in host))
+        association = await associate(server, host="::" if ":" in host else "0.0.0.0", proxy=proxy)
+        await association.client.send(datagram(association.aid, *echo.address, b"one") * 2)
+        assert await association.message() == AssociationConfirmation(association.aid)
+        for _ in range(2):
+            message = await association.message()
+            assert isinstance(message, Datagram)
+            assert message.payload == b"one"
+            assert (message.header.address, message.header.port) == echo.address
+        await association.close()
+
+
+@pytest.mark.conformance("UDP-02")
+async def test_datagrams_right_behind_the_request(engine: str) -> None:
+    """Datagrams the client pipelines after its request (before the Initialization came
+    back, it cannot know the ID, so this is a client that guessed nothing: the bytes are a
+    whole Datagram for a wrong ID) are parsed by the engine as the first TCP bytes and
+    dropped, and the association still works."""
+    async with udp_server() as server, Echo("127.0.0.1") as echo:
+        client = await RawClient.connect(server.addresses[0])
+        request = codec.encode_request(Request(Command.UDP_ASSOCIATE, AddressType.IPV4, "0.0.0.0", 0))
+        await client.send(request + datagram(b"\x00" * 8, *echo.address, b"early"))
+        assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+        assert (await client.operation_reply()).reply_code == ReplyCode.SUCCESS
+        assert server.udp is not None
+        association = Association(
+            client,
+            OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, "0.0.0.0", 0),
+            b"",
+            server.udp.ports[0],
+        )
+        init = await association.message()
+        assert isinstance(init, AssociationInit)
+        await client.send(datagram(init.association_id, *echo.address, b"late"))
+        assert await association.message() == AssociationConfirmation(init.association_id)
+        message = await association.message()
+        assert isinstance(message, Datagram) and message.payload == b"late"
+        assert [data for data, _ in echo.seen] == [b"late"]
+        await association.close()
+        assert (await record_of(server, association)).udp_drops == 1
+
+
+@pytest.mark.conformance("UDP-03")
+async def test_mapping_drops_strangers(engine: str) -> None:
+    """UDP-03: the first datagram fixes the mapping to its 5-tuple; a datagram with the same
+    ID from another socket, one over the TCP connection, and one with an unknown ID are
+    dropped silently; the association keeps working."""
+    async with udp_server() as server, Echo("127.0.0.1") as echo:
+        association = await associate(server)
+        await association.send_udp(datagram(association.aid, *echo.address, b"first"))
+        assert await association.message() == AssociationConfirmation(association.aid)
+        assert parse(await association.recv_udp())[1] == b"first"
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+            stranger.setblocking(False)
+            await loop.sock_sendto(
+                stranger, datagram(association.aid, *echo.address, b"stranger"), association.udp_port
+            )
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(loop.sock_recv(stranger, 65535), QUIET)
+        await association.client.send(datagram(association.aid, *echo.address, b"over tcp"))
+        wrong_id = bytes(b ^ 0xFF for b in association.aid)
+        await association.send_udp(datagram(wrong_id, *echo.address, b"wrong id"))
+        assert await association.nothing_on_udp()
+        assert await association.nothing_on_tcp()
+        await association.send_udp(datagram(association.aid, *echo.address, b"still"))
+        assert parse(await association.recv_udp())[1] == b"still"
+        assert [data for data, _ in echo.seen] == [b"first", b"still"]
+        assert server.udp is not None
+        drops = server.udp.engine.drops()
+        assert drops[UdpDrop.MAPPING] >= 2 and drops[UdpDrop.UNKNOWN_ASSOCIATION] >= 1
+        await association.close()
+        assert (await record_of(server, association)).udp_drops == 2  # wrong ID: no association
+
+
+@pytest.mark.conformance("UDP-05")
+async def test_padding_ignored_and_long_length_dropped(engine: str) -> None:
+    """UDP-05: bytes after Message Length are padding, ignored; a Message Length larger than
+    the UDP payload drops the datagram silently; truncated headers and an unknown address
+    type are dropped and counted; the association keeps working."""
+    async with udp_server() as server, Echo("127.0.0.1") as echo:
+        association = await associate(server)
+        await association.send_udp(datagram(association.aid, *echo.address, b"pad", padding=b"\xaa" * 7))
+        assert await association.message() == AssociationConfirmation(association.aid)
+        assert parse(await association.recv_udp())[1] == b"pad"
+        good = datagram(association.aid, *echo.address, b"long")
+        await association.send_udp(good[:2] + struct.pack(">H", len(good) + 1) + good[4:])
+        await association.send_udp(good[:15])  # truncated header
+        await association.send_udp(good[:12] + b"\x09" + good[13:])  # unknown address type
+        assert await association.nothing_on_udp()
+        await association.send_udp(good)
+        assert parse(await association.recv_udp())[1] == b"long"
+        assert [data for data, _ in echo.seen] == [b"pad", b"long"]
+        assert server.udp is not None
+        drops = server.udp.engine.drops()
+        assert (
+            drops[UdpDrop.LENGTH] >= 1 and drops[UdpDrop.TRUNCATED] >= 1 and drops[UdpDrop.ADDRESS_TYPE] >= 1
+        )
+        await association.close()
+
+
+@pytest.mark.conformance("UDP-06")
+@pytest.mark.parametrize("over", ["udp", "tcp"])
+async def test_server_mode(engine: str, over: str) -> None:
+    """UDP-06: an empty datagram to the all-zero address and port confirms the association
+    without relaying anything; then a remote host that sends to the address and port the
+    Operation Reply named reaches the client, though the client never sent to it."""
+    async with udp_server() as server:
+        association = await associate(server)
+        probe = datagram(association.aid, "0.0.0.0", 0, b"")
+        if over == "udp":
+            await association.send_udp(probe)
+        else:
+            await association.client.send(probe)
+        assert await association.message() == AssociationConfirmation(association.aid)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as remote:
+            remote.bind(("127.0.0.1", 0))
+            remote.sendto(b"from afar", (association.reply.address, association.reply.port))
+            if over == "udp":
+                header, payload = parse(await association.recv_udp())
+            else:
+                message = await association.message()
+                assert isinstance(message, Datagram)
+                header, payload = message.header, message.payload
+            assert payload == b"from afar"
+            assert (header.address, header.port) == remote.getsockname()
+        await association.close()
+        record = await record_of(server, association)
+        assert (record.datagrams_up, record.datagrams_down) == (0, 1)
+
+
+@pytest.mark.conformance("UDP-07")
+async def test_first_datagram_timeout_closes_tcp(engine: str) -> None:
+    """UDP-07: no first datagram within ``[udp] first_datagram_timeout``: the proxy closes
+    the TCP connection, and the remote-facing port is free again."""
+    async with udp_server(udp={"first_datagram_timeout": 0.3}) as server:
+        association = await associate(server)
+        started = time.monotonic()
+        assert await association.client.read_until_eof(timeout=TIMEOUT) == b""
+        assert 0.2 < time.monotonic() - started < 3
+        record = await record_of(server, association)
+        assert record.relay_end == "idle_timeout" and "first-datagram timeout" in record.error
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            again.bind((association.reply.address, association.reply.port))
+        await association.close()
+
+
+@pytest.mark.conformance("UDP-07")
+async def test_closing_tcp_ends_the_association(engine: str) -> None:
+    """UDP-07: closing the TCP connection ends the association: its remote-facing port can be
+    bound again, its ID is unknown from then on, and no descriptor is left behind."""
+    async with udp_server() as server, Echo("127.0.0.1") as echo:
+        warm = await associate(server)  # the engine's first association allocates what it keeps
+        await warm.close()
+        await record_of(server, warm)
+        before = open_fds()
+        association = await associate(server)
+        await association.send_udp(datagram(association.aid, *echo.address, b"x"))
+        assert parse(await association.recv_udp())[1] == b"x"
+        await association.client.close()
+        record = await record_of(server, association)
+        assert record.relay_end == "eof"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            again.bind((association.reply.address, association.reply.port))
+        assert server.udp is not None and server.udp.active == 0
+        await association.send_udp(datagram(association.aid, *echo.address, b"late"))
+        assert await association.nothing_on_udp()
+        association.udp.close()
+        assert open_fds() == before
+
+
+@pytest.mark.conformance("UDP-02", "UDP-07")
+@pytest.mark.parametrize("over", ["udp", "tcp"])
+async def test_over_a_tls_control_connection(engine: str, over: str, tmp_path: Path) -> None:
+    """UDP-02 with the control connection over TLS: the engine gets one end of a socket
+    pair and the server pumps the TLS plaintext through it, so datagrams over the TLS
+    connection and over plain UDP both work, and closing the TLS connection ends the
+    association (UDP-07)."""
+    certs = make_certificates(tmp_path)
+    server_table = {
+        "tls_listen": ["127.0.0.1:0"],
+        "tls_certificate": str(certs.cert),
+        "tls_key": str(certs.key),
+    }
+    async with udp_server(server=server_table) as server, Echo("127.0.0.1") as echo:
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        association = await associate(
+            server, proxy=server.tls_addresses[0], ssl=context, server_hostname="localhost"
+        )
+        for n in range(3):
+            payload = b"tls%d" % n
+            if over == "udp":
+                await association.send_udp(datagram(association.aid, *echo.address, payload))
+            else:
+                await association.client.send(datagram(association.aid, *echo.address, payload))
+            if n == 0:
+                assert await association.message() == AssociationConfirmation(association.aid)
+            if over == "udp":
+                assert parse(await association.recv_udp())[1] == payload
+            else:
+                message = await association.message()
+                assert isinstance(message, Datagram) and message.payload == payload
+        await association.close()
+        record = await record_of(server, association)
+        assert record.listener == "tls" and record.relay_end == "eof"
+        assert (record.datagrams_up, record.datagrams_down) == (3, 3)
+        assert server.udp is not None and server.udp.active == 0
