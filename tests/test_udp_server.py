@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import socks  # PySocks: a third-party SOCKS 5 UDP client
 from helpers_server import (
     RawClient,
     make_certificates,
@@ -517,3 +518,123 @@ async def test_over_a_tls_control_connection(engine: str, over: str, tmp_path: P
         assert record.listener == "tls" and record.relay_end == "eof"
         assert (record.datagrams_up, record.datagrams_down) == (3, 3)
         assert server.udp is not None and server.udp.active == 0
+
+
+# --- SOCKS 5 UDP ASSOCIATE (RFC 1928 section 7, D19) ----------------------------------
+
+
+def _pysocks_exchange(proxy: tuple[str, int], echo: tuple[str, int], payloads: list[bytes]) -> list[Any]:
+    """PySocks, a third-party client: sendto/recvfrom through the proxy (blocking)."""
+    sock = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.set_proxy(socks.SOCKS5, proxy[0], proxy[1])
+    sock.settimeout(TIMEOUT)
+    out = []
+    try:
+        for payload in payloads:
+            sock.sendto(payload, echo)
+            out.append(sock.recvfrom(65535))
+    finally:
+        sock.close()
+    return out
+
+
+async def test_socks5_udp_with_pysocks(engine: str) -> None:
+    """D19: PySocks' ``socksocket(SOCK_DGRAM)`` does UDP ASSOCIATE on our port, sends to the
+    relay port the reply named with the RFC 1928 header, and gets the echo back with its
+    source; the association ends with PySocks' TCP connection."""
+    async with udp_server() as server, Echo("127.0.0.1") as echo:
+        payloads = [b"one", b"two" * 100, b""]
+        results = await asyncio.to_thread(_pysocks_exchange, server.addresses[0], echo.address, payloads)
+        assert results == [(payload, echo.address) for payload in payloads]
+        async with asyncio.timeout(TIMEOUT):
+            while not any(r.protocol == "socks5" and r.command == "UDP_ASSOCIATE" for r in server.records):
+                await asyncio.sleep(0.01)
+        record = next(r for r in server.records if r.command == "UDP_ASSOCIATE")
+        assert (record.reply_code, record.datagrams_up, record.datagrams_down) == (0, 3, 3)
+        assert record.relay_path == engine
+
+
+class Socks5Udp:
+    """A raw SOCKS 5 UDP client: the TCP control connection and a UDP socket."""
+
+    def __init__(self, client: RawClient, relay: tuple[str, int], udp: socket.socket) -> None:
+        self.client, self.relay, self.udp = client, relay, udp
+
+    @classmethod
+    async def open(cls, proxy: tuple[str, int], udp: socket.socket, port: int) -> Socks5Udp:
+        client = await RawClient.connect(proxy)
+        await client.send(b"\x05\x01\x00" + b"\x05\x03\x00\x01" + bytes(4) + struct.pack(">H", port))
+        assert await client.read_exactly(2) == b"\x05\x00"
+        reply = await client.read_exactly(10)
+        assert reply[:4] == b"\x05\x00\x00\x01", reply
+        relay = (socket.inet_ntoa(reply[4:8]), struct.unpack(">H", reply[8:10])[0])
+        udp.setblocking(False)
+        return cls(client, relay, udp)
+
+    @staticmethod
+    def header(host: str, port: int, frag: int = 0) -> bytes:
+        return b"\x00\x00" + bytes([frag, 1]) + socket.inet_aton(host) + struct.pack(">H", port)
+
+    async def send(
+        self, payload: bytes, dest: tuple[str, int], *, frag: int = 0, sock: socket.socket | None = None
+    ) -> None:
+        data = self.header(*dest, frag=frag) + payload
+        await asyncio.get_running_loop().sock_sendto(sock or self.udp, data, self.relay)
+
+    async def recv(self, timeout: float = TIMEOUT, sock: socket.socket | None = None) -> bytes:
+        return await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock or self.udp, 65535), timeout)
+
+
+async def test_socks5_drops_fragments_and_strangers(engine: str) -> None:
+    """D19: FRAG other than 0 is dropped; with DST.PORT named, a datagram from another port of
+    the client's address is dropped, and so is one from another address (127.0.0.2); the
+    client's own datagrams keep working."""
+    async with udp_server() as server, Echo("127.0.0.1") as echo:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mine,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other_port,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other_ip,
+        ):
+            mine.bind(("127.0.0.1", 0))
+            other_port.bind(("127.0.0.1", 0))
+            other_ip.bind(("127.0.0.2", 0))
+            other_port.setblocking(False)
+            other_ip.setblocking(False)
+            client = await Socks5Udp.open(server.addresses[0], mine, mine.getsockname()[1])
+            await client.send(b"fragment", echo.address, frag=1)
+            await client.send(b"stranger", echo.address, sock=other_port)
+            await client.send(b"far away", echo.address, sock=other_ip)
+            with pytest.raises(TimeoutError):
+                await client.recv(QUIET)
+            await client.send(b"mine", echo.address)
+            reply = await client.recv()
+            assert reply == client.header(*echo.address) + b"mine"
+            assert [data for data, _ in echo.seen] == [b"mine"]
+            assert server.udp is not None
+            drops = server.udp.engine.drops()
+            assert drops[UdpDrop.FRAGMENT] >= 1 and drops[UdpDrop.SOURCE] >= 2
+            await client.client.close()
+            record = await record_for(server, client.client)
+            assert record.udp_drops == 3 and record.datagrams_up == 1
+            # The association ended with the TCP connection: its relay port is free again.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+                again.bind(client.relay)
+
+
+async def test_socks5_other_address_dropped_without_port(engine: str) -> None:
+    """D19: with DST.PORT 0 any port of the TCP client's address may send first, but another
+    address may not."""
+    async with udp_server() as server, Echo("127.0.0.1") as echo:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mine,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other_ip,
+        ):
+            other_ip.bind(("127.0.0.2", 0))
+            other_ip.setblocking(False)
+            client = await Socks5Udp.open(server.addresses[0], mine, 0)
+            await client.send(b"far away", echo.address, sock=other_ip)
+            with pytest.raises(TimeoutError):
+                await client.recv(QUIET, sock=other_ip)
+            await client.send(b"mine", echo.address)
+            assert (await client.recv()).endswith(b"mine")
+            await client.client.close()
