@@ -26,6 +26,7 @@ import pytest
 import socks  # PySocks: a third-party SOCKS 5 UDP client
 from helpers_server import (
     RawClient,
+    fake_resolver,
     make_certificates,
     make_config,
     record_for,
@@ -38,7 +39,9 @@ from socks6fast.constants import (
     AddressType,
     AuthReplyType,
     Command,
+    Parity,
     ReplyCode,
+    StackLeg,
     UdpDrop,
 )
 from socks6fast.dataplane.udp import UDP_ENGINE_AVAILABLE, UdpEngineC, UdpEnginePy
@@ -50,6 +53,7 @@ from socks6fast.proto.messages import (
     DatagramHeader,
     OperationReply,
     Option,
+    PortParityOption,
     Request,
 )
 
@@ -146,10 +150,8 @@ def datagram(
         kind = AddressType.IPV6 if ipaddress.ip_address(host).version == 6 else AddressType.IPV4
     except ValueError:
         kind = AddressType.DOMAIN_NAME
-    if kind == AddressType.DOMAIN_NAME:
-        hlen = 13 + len(host.encode())
-    else:
-        hlen = 16 + (16 if kind == AddressType.IPV6 else 4)
+    probe = bytearray(300)
+    hlen = codec.encode_datagram_header(DatagramHeader(aid, kind, host, port, len(probe)), probe)
     header = DatagramHeader(aid, kind, host, port, length or hlen + len(payload))
     buf = bytearray(hlen)
     codec.encode_datagram_header(header, buf)
@@ -638,3 +640,193 @@ async def test_socks5_other_address_dropped_without_port(engine: str) -> None:
             await client.send(b"mine", echo.address)
             assert (await client.recv()).endswith(b"mine")
             await client.client.close()
+
+
+# --- rules, names, limits, bad input ---------------------------------------------------
+
+
+async def test_rules_on_the_request_and_on_each_destination(engine: str) -> None:
+    """CMD-06 for UDP: ``udp_associate`` denied -> Not Allowed (0x02); with a destination
+    rule, each datagram's destination is checked (the first datagram to a new destination
+    waits for the verdict and is dropped: UDP semantics, the client resends), a denied
+    destination's datagrams are dropped and counted, an allowed one is relayed."""
+    rules = [
+        {
+            "action": "deny",
+            "commands": ["udp_associate"],
+            "users": ["@anonymous"],
+            "clients": ["127.0.0.2/32"],
+        },
+        {"action": "deny", "commands": ["udp_associate"], "ports": [9]},
+    ]
+    async with udp_server(rules=rules) as server, Echo("127.0.0.1") as echo:
+        client = await RawClient.connect(server.addresses[0], local_addr=("127.0.0.2", 0))
+        await client.send(
+            codec.encode_request(Request(Command.UDP_ASSOCIATE, AddressType.IPV4, "0.0.0.0", 0))
+        )
+        assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+        assert (await client.operation_reply()).reply_code == ReplyCode.NOT_ALLOWED_BY_RULESET
+        assert await client.read_until_eof() == b""
+        await client.close()
+        association = await associate(server)
+        await association.send_udp(datagram(association.aid, "127.0.0.1", 9, b"denied"))
+        await association.send_udp(datagram(association.aid, *echo.address, b"first"))
+        assert await association.message() == AssociationConfirmation(association.aid)
+        payload = b""
+        for _ in range(20):  # the first datagram waited for the verdict: resend until it passes
+            await association.send_udp(datagram(association.aid, *echo.address, b"again"))
+            with contextlib.suppress(TimeoutError):
+                payload = parse(await association.recv_udp(0.2))[1]
+                break
+        assert payload == b"again"
+        for _ in range(3):
+            await association.send_udp(datagram(association.aid, "127.0.0.1", 9, b"denied"))
+        assert await association.nothing_on_udp()
+        assert all(data != b"denied" for data, _ in echo.seen)
+        assert server.udp is not None
+        assert server.udp.engine.drops()[UdpDrop.DENIED] >= 3
+        await association.close()
+        record = await record_of(server, association)
+        assert record.udp_drops >= 5  # 3 denied, the pending first ones
+
+
+async def test_no_rule_on_destinations_never_waits(engine: str) -> None:
+    """Without a destination rule that applies, no datagram waits for a verdict: the first
+    datagram to each destination is relayed (the engine is not asked)."""
+    rules = [{"action": "deny", "commands": ["connect"], "destinations": ["127.0.0.0/8"]}]
+    async with udp_server(rules=rules) as server, Echo("127.0.0.1") as echo:
+        association = await associate(server)
+        await association.send_udp(datagram(association.aid, *echo.address, b"at once"))
+        assert parse(await association.recv_udp())[1] == b"at once"
+        await association.close()
+
+
+@pytest.mark.parametrize("over", ["udp", "tcp"])
+async def test_domain_name_destinations(engine: str, over: str) -> None:
+    """D20: a domain name in a Datagram Header is resolved by the server's resolver (a local
+    fake here), once per association, and checked by the rules with the address it resolved
+    to: a name resolving into a denied network is dropped; the reply names the IP source."""
+    resolver = fake_resolver({"echo.test": ["127.0.0.1"], "blocked.test": ["127.0.0.9"]})
+    rules = [{"action": "deny", "commands": ["udp_associate"], "destinations": ["127.0.0.9/32"]}]
+    async with udp_server(rules=rules, resolver=resolver) as server, Echo("127.0.0.1") as echo:
+        association = await associate(server)
+
+        async def send(payload: bytes, host: str) -> None:
+            data = datagram(association.aid, host, echo.address[1], payload)
+            if over == "udp":
+                await association.send_udp(data)
+            else:
+                await association.client.send(data)
+
+        async def receive(timeout: float) -> tuple[DatagramHeader, bytes]:
+            if over == "udp":
+                return parse(await association.recv_udp(timeout))
+            message = await association.message(timeout)
+            assert isinstance(message, Datagram)
+            return message.header, message.payload
+
+        await send(b"resolve me", "echo.test")
+        assert await association.message() == AssociationConfirmation(association.aid)
+        header = None
+        for _ in range(20):  # the first datagram waited for the name: resend
+            with contextlib.suppress(TimeoutError):
+                header, payload = await receive(0.2)
+                break
+            await send(b"resolve me", "echo.test")
+        assert header is not None and payload == b"resolve me"
+        assert (header.address_type, header.address, header.port) == (AddressType.IPV4, *echo.address)
+        for _ in range(3):
+            await send(b"blocked", "blocked.test")
+        await asyncio.sleep(QUIET)
+        assert all(data != b"blocked" for data, _ in echo.seen)
+        await association.close()
+
+
+async def test_per_client_limit(engine: str) -> None:
+    """``[udp] max_associations_per_client``: one more association gets General Failure; a
+    slot is free again once an association ended."""
+    async with udp_server(udp={"max_associations_per_client": 2}) as server:
+        first = await associate(server)
+        second = await associate(server)
+        refused = await associate(server, expect=ReplyCode.GENERAL_FAILURE)
+        await refused.close()
+        assert "max_associations_per_client" in (await record_of(server, refused)).error
+        await first.close()
+        await record_of(server, first)
+        third = await associate(server)
+        await second.close()
+        await third.close()
+
+
+async def test_flood_for_dead_associations_is_dropped_and_bounded(engine: str) -> None:
+    """A flood of datagrams naming no live association (random IDs, then the ID of an ended
+    association) is dropped and counted within a bounded time; a live association keeps
+    working throughout (bounded: 5000 datagrams, 10 seconds)."""
+    async with udp_server() as server, Echo("127.0.0.1") as echo:
+        dead = await associate(server)
+        await dead.close()
+        await record_of(server, dead)
+        live = await associate(server)
+        await live.send_udp(datagram(live.aid, *echo.address, b"before"))
+        assert parse(await live.recv_udp())[1] == b"before"
+        assert server.udp is not None
+        before = server.udp.engine.drops()[UdpDrop.UNKNOWN_ASSOCIATION]
+        sent = 0
+        started = time.monotonic()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:
+            for i in range(5000):
+                aid = dead.aid if i % 2 else os.urandom(8)
+                with contextlib.suppress(BlockingIOError):
+                    flood.sendto(datagram(aid, *echo.address, b"x" * 32), live.udp_port)
+                    sent += 1
+                if i % 20 == 0:
+                    await asyncio.sleep(0)  # the Python engine shares this loop
+                assert time.monotonic() - started < 10
+        await live.send_udp(datagram(live.aid, *echo.address, b"after"))
+        assert parse(await live.recv_udp())[1] == b"after"
+        async with asyncio.timeout(TIMEOUT):
+            while server.udp.engine.drops()[UdpDrop.UNKNOWN_ASSOCIATION] - before < sent // 2:
+                await asyncio.sleep(0.05)
+        assert [data for data, _ in echo.seen] == [b"before", b"after"]
+        await live.close()
+
+
+async def test_no_descriptor_leaks(engine: str, tmp_path: Path) -> None:
+    """Nothing leaks (UDP-07): after associations over UDP, TCP and TLS, SOCKS 5, refusals,
+    timeouts and a server shutdown with associations still live, the process has as many
+    descriptors open as before the server started."""
+    certs = make_certificates(tmp_path)
+    server_table = {
+        "tls_listen": ["127.0.0.1:0"],
+        "tls_certificate": str(certs.cert),
+        "tls_key": str(certs.key),
+    }
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    async with Echo("127.0.0.1") as echo:
+        before = open_fds()
+        async with udp_server(server=server_table, udp={"first_datagram_timeout": 0.5}) as server:
+            for _ in range(3):
+                association = await associate(server)
+                await association.send_udp(datagram(association.aid, *echo.address, b"u"))
+                assert parse(await association.recv_udp())[1] == b"u"
+                await association.close()
+                tls = await associate(
+                    server, proxy=server.tls_addresses[0], ssl=context, server_hostname="localhost"
+                )
+                await tls.client.send(datagram(tls.aid, *echo.address, b"t"))
+                await tls.message()
+                await tls.message()
+                await tls.close()
+                parity = PortParityOption(StackLeg.PROXY_REMOTE, Parity.EVEN, True)
+                reserved = await associate(server, parity)
+                await reserved.close()
+                timed_out = await associate(server)
+                assert await timed_out.client.read_until_eof() == b""
+                await timed_out.close()
+                await asyncio.to_thread(_pysocks_exchange, server.addresses[0], echo.address, [b"5"])
+            still_live = [await associate(server), await associate(server, parity)]
+            await asyncio.sleep(0.1)
+        for association in still_live:
+            assert await association.client.read_until_eof() == b""  # ended by the shutdown
+            await association.close()
+        assert open_fds() == before
