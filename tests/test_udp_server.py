@@ -13,10 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import os
+import shutil
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,13 +36,17 @@ from helpers_server import (
     record_for,
     running_server,
 )
+from test_udp_engine import ICMP_SETUP, _netns_available
 
+import socks6fast
 from socks6fast.asyncio.server import ConnectionRecord, Server
 from socks6fast.asyncio.server import udp as server_udp
 from socks6fast.constants import (
     AddressType,
     AuthReplyType,
+    Availability,
     Command,
+    DatagramErrorCode,
     Parity,
     ReplyCode,
     StackLeg,
@@ -50,11 +58,18 @@ from socks6fast.proto.messages import (
     AssociationConfirmation,
     AssociationInit,
     Datagram,
+    DatagramError,
     DatagramHeader,
+    IPTOSOption,
+    NoFragmentationOption,
     OperationReply,
     Option,
     PortParityOption,
     Request,
+    SessionID,
+    SessionRequest,
+    TTLOption,
+    UDPErrorOption,
 )
 
 TIMEOUT = 5.0
@@ -830,3 +845,261 @@ async def test_no_descriptor_leaks(engine: str, tmp_path: Path) -> None:
             assert await association.client.read_until_eof() == b""  # ended by the shutdown
             await association.close()
         assert open_fds() == before
+
+
+# --- Stack options on the UDP leg, Port Parity ----------------------------------------
+
+
+# Linux values (include/uapi/linux/in.h); Python 3.11's socket module lacks the first two.
+IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12)
+IP_RECVTOS = getattr(socket, "IP_RECVTOS", 13)
+
+
+def _receive_with_ttl_tos(sock: socket.socket) -> tuple[bytes, int | None, int | None]:
+    """One datagram and the TTL / hop limit and TOS / traffic class it arrived with."""
+    data, ancdata, _flags, _address = sock.recvmsg(65535, 256)
+    ttl = tos = None
+    for level, kind, cdata in ancdata:
+        value = int.from_bytes(cdata[:4], sys.byteorder) if len(cdata) >= 4 else cdata[0]
+        if (level, kind) in ((socket.IPPROTO_IP, socket.IP_TTL), (socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT)):
+            ttl = value
+        elif (level, kind) in ((socket.IPPROTO_IP, socket.IP_TOS), (socket.IPPROTO_IPV6, socket.IPV6_TCLASS)):
+            tos = cdata[0] if level == socket.IPPROTO_IP else value
+    return data, ttl, tos
+
+
+@pytest.mark.conformance("STK-01", "STK-03")
+@pytest.mark.parametrize("host", HOSTS)
+async def test_udp_leg_stack_options_applied_and_echoed(engine: str, host: str) -> None:
+    """The Stack options of a UDP ASSOCIATE "refer to the UDP traffic relayed by the proxy":
+    TTL / hop limit, TOS / traffic class and Don't Fragment are set on the remote-facing
+    socket, the remote host sees them on the datagrams, and the reply echoes the values the
+    kernel reports (STK-01, D9)."""
+    v6 = ":" in host
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as remote:
+        remote.bind((host, 0))
+        if v6:
+            remote.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+            remote.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVTCLASS, 1)
+        else:
+            remote.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+            remote.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
+        remote.settimeout(TIMEOUT)
+        options = (
+            TTLOption(StackLeg.PROXY_REMOTE, 9),
+            IPTOSOption(StackLeg.PROXY_REMOTE, 0x20),
+            NoFragmentationOption(StackLeg.PROXY_REMOTE, Availability.DESIRED),
+        )
+        async with udp_server() as server:
+            proxy = next(a for a in server.addresses if (":" in a[0]) == v6)
+            association = await associate(server, *options, host="::" if v6 else "0.0.0.0", proxy=proxy)
+            assert set(association.reply.options) == set(options)
+            await association.send_udp(datagram(association.aid, *remote.getsockname()[:2], b"marked"))
+            data, ttl, tos = await asyncio.to_thread(_receive_with_ttl_tos, remote)
+            assert (data, ttl, tos) == (b"marked", 9, 0x20)
+            await association.close()
+
+
+@pytest.mark.conformance("STK-08")
+async def test_port_parity_and_reservation(engine: str) -> None:
+    """STK-08: Port Parity with port 0: the bound port has the parity asked for and its
+    counterpart is reserved (held: nobody else can bind it) until the association ends; a
+    request naming the reserved port from the same session takes it over; from outside the
+    session it is refused; with a named port the parity is ignored and echoed as none."""
+    async with udp_server() as server:
+        for parity in (Parity.EVEN, Parity.ODD):
+            option = PortParityOption(StackLeg.PROXY_REMOTE, parity, True)
+            association = await associate(server, option, SessionRequest())
+            port = association.reply.port
+            assert port % 2 == (0 if parity == Parity.EVEN else 1)
+            assert PortParityOption(StackLeg.PROXY_REMOTE, parity, True) in association.reply.options
+            counterpart = port + 1 if parity == Parity.EVEN else port - 1
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe, pytest.raises(OSError):
+                probe.bind(("127.0.0.1", counterpart))
+            [session] = [o.session_id for o in association.reply.options if isinstance(o, SessionID)]
+            outsider = await associate(server, port=counterpart, expect=ReplyCode.GENERAL_FAILURE)
+            await outsider.close()
+            assert "reserved" in (await record_of(server, outsider)).error
+            member = await associate(server, SessionID(session), port=counterpart)
+            assert member.reply.port == counterpart
+            await member.close()
+            await record_of(server, member)
+            # Taken over and ended: free now.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.bind(("127.0.0.1", counterpart))
+            await association.close()
+        # A reservation nobody claimed ends with its association.
+        association = await associate(server, PortParityOption(StackLeg.PROXY_REMOTE, Parity.EVEN, True))
+        counterpart = association.reply.port + 1
+        await association.close()
+        await record_of(server, association)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", counterpart))
+        # A named port: the parity is ignored.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        if free % 2:
+            option = PortParityOption(StackLeg.PROXY_REMOTE, Parity.EVEN, True)
+        else:
+            option = PortParityOption(StackLeg.PROXY_REMOTE, Parity.ODD, True)
+        named = await associate(server, option, host="127.0.0.1", port=free)
+        assert named.reply.port == free
+        assert PortParityOption(StackLeg.PROXY_REMOTE, Parity.NONE, False) in named.reply.options
+        await named.close()
+
+
+# --- ICMP errors (UDP-09) and multicast (UDP-08), for real, in a network namespace ---------
+
+
+def run_icmp_scenarios(engine: str) -> None:
+    """Entry point inside the namespace (tests/test_udp_engine.py's ICMP_SETUP topology)."""
+    if engine == "python":
+        server_udp.UdpEngine = UdpEnginePy  # type: ignore[misc]
+        server_udp.UDP_PATH = "python"  # type: ignore[misc]
+    print(json.dumps(asyncio.run(asyncio.wait_for(_icmp_scenarios(), 60))))
+
+
+async def _icmp_scenarios() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    config = make_config(server={"listen": ["10.77.0.1:0", "[fd77::1]:0"]})
+    async with running_server(config) as server:
+        for name, dest, ttl, size, opt_in, over in (
+            ("tcp4", "10.78.1.1", 64, 16, True, "tcp"),
+            ("host4", "10.78.1.1", 64, 16, True, "udp"),
+            ("net4", "10.78.2.1", 64, 16, True, "udp"),
+            ("ttl4", "10.78.3.1", 1, 16, True, "udp"),
+            ("net6", "fd78:1::1", 64, 16, True, "udp"),
+            ("ttl6", "fd78:3::1", 1, 16, True, "udp"),
+            ("big6", "fd78:4::1", 64, 1400, True, "udp"),
+            ("quiet4", "10.78.1.1", 64, 16, False, "udp"),
+        ):
+            v6 = ":" in dest
+            proxy = next(a for a in server.addresses if (":" in a[0]) == v6)
+            options: list[Option] = [TTLOption(StackLeg.PROXY_REMOTE, ttl)]
+            if opt_in:
+                options.append(UDPErrorOption(StackLeg.PROXY_REMOTE, Availability.DESIRED))
+            association = await associate(server, *options, host="::" if v6 else "0.0.0.0", proxy=proxy)
+            got: dict[str, Any] = {"echo": sorted(type(o).__name__ for o in association.reply.options)}
+            message = datagram(association.aid, dest, 4321, b"p" * size)
+            if over == "udp":
+                await association.send_udp(message)
+            else:
+                await association.client.send(message)
+            assert await association.message() == AssociationConfirmation(association.aid)
+            got["reported"] = None
+            try:
+                if over == "udp":
+                    error, _ = codec.decode_association_message(
+                        await association.recv_udp(3.0 if opt_in else 1.0)
+                    )
+                else:
+                    error = await association.message(3.0)
+                assert isinstance(error, DatagramError)
+                got["reported"] = [error.address, error.port, error.reporter_address, int(error.error_code)]
+            except TimeoutError:
+                pass
+            await association.close()
+            record = await record_of(server, association)
+            got["icmp"] = record.icmp_errors
+            out[name] = got
+    return out
+
+
+def _in_namespace(setup: str, call: str) -> dict[str, Any]:
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(socks6fast.__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+        ),
+    )
+    script = setup + f'"{sys.executable}" -P -c "import test_udp_server as t; t.{call}"\nrc=$?\n'
+    script += 'test -n "$ROUTER" && kill $ROUTER\nexit $rc\n'
+    done = subprocess.run(
+        ["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.conformance("UDP-09")
+def test_icmp_errors_reach_opted_in_clients(engine: str) -> None:
+    """UDP-09, D17 through the server: a client that sent the UDP Error option (echoed as
+    "will be performed") gets real ICMP errors from a router namespace as Datagram Error
+    messages on its mapped channel (plain UDP, or the TCP connection): host and net
+    unreachable, TTL expired (the TTL of 1 is the client's own TTL option on the UDP leg),
+    IPv6 too big, naming the destination and the reporter. Without the option nothing."""
+    if not _netns_available():
+        pytest.skip("needs unshare -n with veth pairs (root or user namespaces), nsenter and iproute2")
+    seen = _in_namespace(ICMP_SETUP, f"run_icmp_scenarios({engine!r})")
+    assert seen["host4"]["reported"] == ["10.78.1.1", 4321, "10.77.0.2", DatagramErrorCode.HOST_UNREACHABLE]
+    assert seen["tcp4"]["reported"] == ["10.78.1.1", 4321, "10.77.0.2", DatagramErrorCode.HOST_UNREACHABLE]
+    assert seen["net4"]["reported"] == ["10.78.2.1", 4321, "10.77.0.2", DatagramErrorCode.NETWORK_UNREACHABLE]
+    assert seen["ttl4"]["reported"] == ["10.78.3.1", 4321, "10.77.0.2", DatagramErrorCode.TTL_EXPIRED]
+    assert seen["net6"]["reported"] == ["fd78:1::1", 4321, "fd77::2", DatagramErrorCode.NETWORK_UNREACHABLE]
+    assert seen["ttl6"]["reported"] == ["fd78:3::1", 4321, "fd77::2", DatagramErrorCode.TTL_EXPIRED]
+    assert seen["big6"]["reported"] == ["fd78:4::1", 4321, "fd77::2", DatagramErrorCode.DATAGRAM_TOO_BIG]
+    for name in ("host4", "tcp4", "net4", "ttl4", "net6", "ttl6", "big6"):
+        assert seen[name]["icmp"] == 1, name
+        assert seen[name]["echo"] == ["TTLOption", "UDPErrorOption"], name
+    assert seen["quiet4"] == {"echo": ["TTLOption"], "reported": None, "icmp": 0}
+
+
+MULTICAST_SETUP = """
+set -e
+ip link set lo up
+ip link set lo multicast on
+ip route add 224.0.0.0/4 dev lo
+ROUTER=
+"""
+MULTICAST_GROUP = "239.1.2.3"
+
+
+def run_multicast_scenarios(engine: str) -> None:
+    """Entry point inside a namespace whose loopback carries multicast (MULTICAST_SETUP)."""
+    if engine == "python":
+        server_udp.UdpEngine = UdpEnginePy  # type: ignore[misc]
+        server_udp.UDP_PATH = "python"  # type: ignore[misc]
+    print(json.dumps(asyncio.run(asyncio.wait_for(_multicast_scenarios(), 60))))
+
+
+async def _multicast_scenarios() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as member:
+        member.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        member.bind(("0.0.0.0", 0))
+        group = socket.inet_aton(MULTICAST_GROUP) + socket.inet_aton("127.0.0.1")
+        member.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
+        member.setblocking(False)
+        port = member.getsockname()[1]
+        async with running_server(make_config()) as server:
+            association = await associate(server)
+            await association.send_udp(datagram(association.aid, MULTICAST_GROUP, port, b"to the group"))
+            data, source = await asyncio.wait_for(loop.sock_recvfrom(member, 65535), TIMEOUT)
+            out["member_got"] = [data.decode(), source[1] == association.reply.port]
+            await association.close()
+            out["datagrams_up"] = (await record_of(server, association)).datagrams_up
+            client = await RawClient.connect(server.addresses[0])
+            request = Request(Command.CONNECT, AddressType.IPV4, MULTICAST_GROUP, port)
+            await client.send(codec.encode_request(request))
+            assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+            out["connect_reply"] = int((await client.operation_reply()).reply_code)
+            await client.close()
+    return out
+
+
+@pytest.mark.conformance("UDP-08")
+def test_multicast_for_udp_only(engine: str) -> None:
+    """UDP-08: "The use of multicast addresses is permitted for UDP traffic only": inside a
+    namespace whose loopback carries multicast, a datagram to a group reaches a member (from
+    the association's remote-facing socket), while a CONNECT to the same group is refused."""
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("needs unshare -n and iproute2")
+    seen = _in_namespace(MULTICAST_SETUP, f"run_multicast_scenarios({engine!r})")
+    assert seen == {
+        "member_got": ["to the group", True],
+        "datagrams_up": 1,
+        "connect_reply": ReplyCode.NOT_ALLOWED_BY_RULESET,
+    }
