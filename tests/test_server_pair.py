@@ -1008,3 +1008,35 @@ def test_multicast_only_for_udp(command: Command) -> None:
     io.receive(codec.encode_request(Request(Command.CONNECT, AddressType.DOMAIN_NAME, "mdns.test", 5353)))
     assert io.server is not None and io.server.reply_code == ReplyCode.NOT_ALLOWED_BY_RULESET
     assert not actions(io, Dial)
+
+
+@pytest.mark.conformance("STK-01")
+def test_udp_associate_claims_no_client_leg_options() -> None:
+    """STK-01 / D22: "In case of UDP ASSOCIATE, the stack options refer to the UDP traffic
+    relayed by the proxy". Client-proxy leg TOS/TTL reach the TCP connection only, not the
+    shared UDP port that sends the client its datagrams, so the reply does not claim them;
+    the proxy-remote leg of a Leg 3 option is echoed as applied there (Leg 2)."""
+    options = (IPTOSOption(StackLeg.CLIENT_PROXY, 0x28), TTLOption(StackLeg.BOTH, 33))
+    io = ScriptedIO()
+    io.receive(udp_request("0.0.0.0", 0, *options))
+    [opened] = actions(io, OpenAssociation)
+    assert isinstance(opened, OpenAssociation) and opened.options.ttl == 33
+    _, _, reply = associated(io)
+    assert reply.reply_code == ReplyCode.SUCCESS
+    assert reply.options == (TTLOption(StackLeg.PROXY_REMOTE, 33),)
+
+
+@pytest.mark.conformance("UDP-08")
+def test_udp_associate_multicast_bind_address_refused() -> None:
+    """UDP-08 / D23: multicast is for UDP traffic, but a multicast *bind* address would need
+    the proxy to join the group; it is refused (0x02) instead of a Success for an association
+    that could never receive. SOCKS 5 BIND naming a multicast peer is refused as in SOCKS 6."""
+    for host in ("239.1.2.4", "ff05::1:3"):
+        io = ScriptedIO()
+        io.receive(udp_request(host, 0))
+        assert io.server is not None and io.server.reply_code == ReplyCode.NOT_ALLOWED_BY_RULESET
+        assert "multicast" in io.server.error and not actions(io, OpenAssociation)
+    io = ScriptedIO()
+    io.receive(b"\x05\x01\x00" + b"\x05\x02\x00\x01" + bytes([239, 1, 2, 3]) + struct.pack(">H", 5353))
+    assert io.server is not None and io.server.reply_code == ReplyCode.NOT_ALLOWED_BY_RULESET
+    assert "UDP-08" in io.server.error and not actions(io, Listen)

@@ -639,6 +639,16 @@ class ServerConnection(_ConnectionBase):
                 ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, "UDP ASSOCIATE to a domain name is not supported"
             )
             return
+        if is_multicast(request.address_type, request.address):
+            # "The use of multicast addresses is permitted for UDP traffic only": as
+            # destinations, yes (UDP-08). A multicast *bind* address would ask the proxy to
+            # join the group for the client, which we do not do; granting it would report
+            # Success for an association that can never receive (see docs/decisions.md D23).
+            self._fail(
+                ReplyCode.NOT_ALLOWED_BY_RULESET,
+                f"{request.address} is multicast: the proxy does not join groups for UDP ASSOCIATE",
+            )
+            return
         plan = self._options.stack
         family = 6 if request.address_type == AddressType.IPV6 else 4
         parity = plan.port_parity
@@ -696,7 +706,11 @@ class ServerConnection(_ConnectionBase):
             parity = PortParityOption(StackLeg.PROXY_REMOTE, obtained, opened.reserved is not None)
         echo = echo_stack_options(
             plan,
-            client=self._client_applied,
+            # "In case of UDP ASSOCIATE, the stack options refer to the UDP traffic relayed by
+            # the proxy" (draft-11 "Stack Options"). Client-proxy leg IP options were applied
+            # to the TCP connection only, not to the datagrams the shared UDP port sends the
+            # client, so none is claimed (D9: echo what is actually applied; STK-01).
+            client=None,
             remote=opened.applied,
             udp_error=Availability.DESIRED if udp_error else Availability.NOT_DESIRED,
             port_parity=parity,

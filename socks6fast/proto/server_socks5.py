@@ -32,6 +32,7 @@ from .server_common import (
     _ConnectionBase,
     _denied_by,
     _Step,
+    is_multicast,
 )
 from .server_wire import (
     ConnectionClosed,
@@ -141,6 +142,11 @@ class Socks5ServerConnection(_ConnectionBase):
         elif request.command == Socks5Command.CONNECT:
             deadline = now + self._ctx.connect_timeout
             self._connect(Dial(request.address_type, request.address, request.port, deadline))
+        elif request.command == Socks5Command.BIND and is_multicast(request.address_type, request.address):
+            # RFC 1928 BIND's DST.ADDR names the peer expected to connect, which a multicast
+            # address can never be; SOCKS 6 BIND refuses it too ("The use of multicast
+            # addresses is permitted for UDP traffic only", UDP-08).
+            self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, f"{request.address} is multicast: UDP only (UDP-08)")
         elif request.command == Socks5Command.BIND and request.address_type != AddressType.DOMAIN_NAME:
             # RFC 1928 BIND: DST.ADDR is the expected peer, not a bind address; we bind where
             # the client reached us, on any port.
