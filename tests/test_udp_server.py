@@ -962,7 +962,7 @@ def run_icmp_scenarios(engine: str) -> None:
 
 async def _icmp_scenarios() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    config = make_config(server={"listen": ["10.77.0.1:0", "[fd77::1]:0"]})
+    config = make_config(server={"listen": ["10.77.0.1:0", "[fd77::1]:0", "127.0.0.1:0"]})
     async with running_server(config) as server:
         for name, dest, ttl, size, opt_in, over in (
             ("tcp4", "10.78.1.1", 64, 16, True, "tcp"),
@@ -973,14 +973,23 @@ async def _icmp_scenarios() -> dict[str, Any]:
             ("ttl6", "fd78:3::1", 1, 16, True, "udp"),
             ("big6", "fd78:4::1", 64, 1400, True, "udp"),
             ("quiet4", "10.78.1.1", 64, 16, False, "udp"),
+            # The client reached 127.0.0.1: its datagrams still leave through the veth, in
+            # either family (the remote socket is the dual-stack wildcard, not 127.0.0.1).
+            ("loop4", "10.78.1.1", 64, 16, True, "udp-loopback"),
+            ("loop6", "fd78:1::1", 64, 16, True, "udp-loopback"),
         ):
             v6 = ":" in dest
-            proxy = next(a for a in server.addresses if (":" in a[0]) == v6)
+            if over == "udp-loopback":
+                over, proxy = "udp", next(a for a in server.addresses if a[0] == "127.0.0.1")
+            else:
+                proxy = next(a for a in server.addresses if (":" in a[0]) == v6 and a[0] != "127.0.0.1")
             options: list[Option] = [TTLOption(StackLeg.PROXY_REMOTE, ttl)]
             if opt_in:
                 options.append(UDPErrorOption(StackLeg.PROXY_REMOTE, Availability.DESIRED))
-            association = await associate(server, *options, host="::" if v6 else "0.0.0.0", proxy=proxy)
+            host = "::" if ":" in proxy[0] else "0.0.0.0"
+            association = await associate(server, *options, host=host, proxy=proxy)
             got: dict[str, Any] = {"echo": sorted(type(o).__name__ for o in association.reply.options)}
+            got["bound"] = association.reply.address
             message = datagram(association.aid, dest, 4321, b"p" * size)
             if over == "udp":
                 await association.send_udp(message)
@@ -1043,7 +1052,13 @@ def test_icmp_errors_reach_opted_in_clients(engine: str) -> None:
     for name in ("host4", "tcp4", "net4", "ttl4", "net6", "ttl6", "big6"):
         assert seen[name]["icmp"] == 1, name
         assert seen[name]["echo"] == ["TTLOption", "UDPErrorOption"], name
-    assert seen["quiet4"] == {"echo": ["TTLOption"], "reported": None, "icmp": 0}
+    assert seen["quiet4"] == {"echo": ["TTLOption"], "reported": None, "icmp": 0, "bound": "10.77.0.1"}
+    # The request named no address and the client reached 127.0.0.1: the reply names that
+    # address, yet the datagrams left through the veth to either family (they drew ICMP
+    # errors from the router), which a socket bound to 127.0.0.1 could never send.
+    assert seen["loop4"]["reported"] == ["10.78.1.1", 4321, "10.77.0.2", DatagramErrorCode.HOST_UNREACHABLE]
+    assert seen["loop6"]["reported"] == ["fd78:1::1", 4321, "fd77::2", DatagramErrorCode.NETWORK_UNREACHABLE]
+    assert seen["loop4"]["bound"] == seen["loop6"]["bound"] == "127.0.0.1"
 
 
 MULTICAST_SETUP = """

@@ -75,12 +75,14 @@ def _get(sock: socket.socket, level: int, name: int) -> int | None:
         return None
 
 
-def apply_leg_options(sock: socket.socket, leg: LegOptions) -> AppliedLeg:
+def apply_leg_options(sock: socket.socket, leg: LegOptions, *, dual_stack: bool = False) -> AppliedLeg:
     """Apply one leg's IP options to ``sock`` and return what the kernel now uses.
 
     Args:
         sock: an AF_INET or AF_INET6 socket (before ``connect`` for the remote leg).
         leg: what the client asked for this leg.
+        dual_stack: ``sock`` is an AF_INET6 socket that also sends IPv4 (IPV6_V6ONLY off):
+            set the IPv4-level options too, which Linux uses for its IPv4-mapped traffic.
 
     Returns:
         The values read back; fields the client did not ask for are None.
@@ -101,6 +103,13 @@ def apply_leg_options(sock: socket.socket, leg: LegOptions) -> AppliedLeg:
             _set(sock, socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
             _set(sock, socket.IPPROTO_IPV6, IPV6_DONTFRAG, 1)
         else:
+            _set(sock, socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    if dual_stack and v6:
+        if leg.tos is not None:
+            _set(sock, socket.IPPROTO_IP, socket.IP_TOS, leg.tos)
+        if leg.ttl is not None:
+            _set(sock, socket.IPPROTO_IP, socket.IP_TTL, leg.ttl)
+        if leg.no_fragmentation == Availability.DESIRED:
             _set(sock, socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
     return read_leg_options(sock, leg)
 

@@ -39,6 +39,15 @@ class ClientStream:
     sock: socket.socket | None
     """The client's socket, when there is one to set options on and read addresses from."""
 
+    def local_host(self) -> str | None:
+        """The proxy's address the client reached (text, no scope), or None if unknown."""
+        if self.sock is None:
+            return None
+        try:
+            return str(self.sock.getsockname()[0]).split("%", 1)[0]
+        except OSError:
+            return None
+
     async def recv(self) -> bytes:
         raise NotImplementedError
 
@@ -200,6 +209,13 @@ class TLSStream(ClientStream):
     def _transport(self) -> asyncio.Transport:
         assert self._proto.transport is not None
         return self._proto.transport
+
+    def local_host(self) -> str | None:
+        # uvloop's TLS transports hand out no socket.socket, but they do know the sockname.
+        sockname = self._transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple) and sockname:
+            return str(sockname[0]).split("%", 1)[0]
+        return None
 
     async def recv(self) -> bytes:
         proto = self._proto

@@ -94,17 +94,50 @@ class AssociationSockets:
 
 
 def _near_client(stream: ClientStream, action: OpenAssociation) -> tuple[int, str]:
-    """(address family, host) to bind: the request's address, or with ``near_client`` the
-    local address the client reached us at (as for BIND), in that address's family."""
+    """(address family, host) where the client reached us (``near_client``), or the request's
+    address and its family."""
     family = socket.AF_INET6 if action.address_type == AddressType.IPV6 else socket.AF_INET
-    if not action.near_client or stream.sock is None:
+    local_host = stream.local_host() if action.near_client else None
+    if local_host is None:
         return family, action.host
-    with contextlib.suppress(OSError, ValueError):
-        local = ipaddress.ip_address(str(stream.sock.getsockname()[0]).split("%", 1)[0])
+    with contextlib.suppress(ValueError):
+        local = ipaddress.ip_address(local_host)
         if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped is not None:
             local = local.ipv4_mapped  # a dual-stack listener reached over IPv4
         return (socket.AF_INET6 if local.version == 6 else socket.AF_INET), str(local)
     return family, action.host
+
+
+def _has_ipv6() -> bool:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+    except OSError:
+        return False
+    return True
+
+
+#: Whether this host can open IPv6 sockets (read once: the answer does not change at run time).
+HAS_IPV6 = _has_ipv6()
+
+
+def _remote_bind(stream: ClientStream, action: OpenAssociation) -> tuple[int, str, str]:
+    """(family, host to bind, host to name in the reply) for the remote-facing socket.
+
+    A request that names no particular address (draft-11 "Requests": "If the client does not
+    require a certain address, it can set ... the Address field to 0") gets the wildcard, in
+    both families when the host has IPv6 (one dual-stack socket): the kernel then picks the
+    source address per destination, so a client that reached a loopback or LAN address can
+    send to hosts behind any interface and in either family. Binding where the client reached
+    us (as BIND does) would make every datagram to a host off that network fail (EINVAL from
+    127.0.0.1). Which hosts may answer is still the data plane's filter (D21). The reply
+    names the address the client reached, the one address of ours it is known to reach.
+    """
+    family, host = _near_client(stream, action)
+    if not action.near_client:
+        return family, host, host
+    if HAS_IPV6:
+        return socket.AF_INET6, "::", host
+    return socket.AF_INET, "0.0.0.0", host
 
 
 def _udp_socket(
@@ -112,9 +145,12 @@ def _udp_socket(
 ) -> tuple[socket.socket, AppliedLeg | None]:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        dual = family == socket.AF_INET6 and host == "::"
+        if dual:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # both families
         # The UDP leg's options ("the stack options refer to the UDP traffic relayed by the
-        # proxy"), read back for the echo (STK-01, D9).
-        applied = None if action.options.empty else apply_leg_options(sock, action.options)
+        # proxy"), read back for the echo (STK-01, D9); on a dual-stack socket for IPv4 too.
+        applied = None if action.options.empty else apply_leg_options(sock, action.options, dual_stack=dual)
         sock.bind((host, port))
     except BaseException:
         sock.close()
@@ -144,6 +180,8 @@ def _bind_with_parity(
                 return sock, applied, True, None
             held = socket.socket(family, socket.SOCK_DGRAM)
             try:
+                if family == socket.AF_INET6 and host == "::":
+                    held.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 held.bind((host, _counterpart(port)))
             except OSError:
                 held.close()
@@ -166,13 +204,18 @@ def open_association(
     """
     sockets = AssociationSockets()
     try:
-        family, host = _near_client(stream, action)
+        family, host, reply_host = _remote_bind(stream, action)
         parity_ok = False
         reserved: socket.socket | None = None
         if isinstance(action.claim, socket.socket):
             # STK-08: the request named a port this client's association reserved.
             remote = action.claim
-            applied = None if action.options.empty else apply_leg_options(remote, action.options)
+            dual = remote.family == socket.AF_INET6 and not remote.getsockopt(
+                socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
+            )
+            applied = (
+                None if action.options.empty else apply_leg_options(remote, action.options, dual_stack=dual)
+            )
         elif action.parity != Parity.NONE and action.port == 0:
             remote, applied, parity_ok, reserved = _bind_with_parity(family, host, action)
         else:
@@ -180,15 +223,19 @@ def open_association(
         sockets.remote.append(remote)
         if action.socks5:
             # D19: the client-facing socket, on the address the TCP connection arrived at.
-            facing = socket.socket(family, socket.SOCK_DGRAM)
+            facing_family, facing_host = _near_client(stream, action)
+            facing = socket.socket(facing_family, socket.SOCK_DGRAM)
             sockets.client_facing = facing
-            facing.bind((host, 0))
+            facing.bind((facing_host, 0))
     except BaseException:
         sockets.close()
         raise
     local = remote.getsockname()
+    bound = str(local[0]).split("%", 1)[0]
+    if bound in ("::", "0.0.0.0"):
+        bound = reply_host
     opened = OpenedAssociation(
-        (str(local[0]), int(local[1])),
+        (bound, int(local[1])),
         applied,
         parity=parity_ok,
         reserved=reserved,
