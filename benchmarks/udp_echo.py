@@ -141,14 +141,18 @@ def _line(stream: IO[str], what: str, timeout: float = 20.0) -> str:
 class Proxy:
     """One proxy process (``serve``) for a path."""
 
-    def __init__(self, path: str, flows: int, workers: int, max_seconds: float) -> None:
+    def __init__(
+        self, path: str, flows: int, workers: int, max_seconds: float, python: str | None = None
+    ) -> None:
         self.path = path
         # -P and the tree appended last: the benchmarks package is found, and socks6fast is
-        # the installed (compiled) package, not the source tree's.
+        # the installed (compiled) package, not the source tree's. ``base`` is the native
+        # engine of another installation (``--base-python``: an A/B against older code).
         boot = (
             f"import sys; sys.path.append({str(HERE.parent)!r}); from benchmarks.udp_echo import main; main()"
         )
-        command = [sys.executable, "-P", "-c", boot, "serve", "--path", path]
+        serve = "mmsg" if path == "base" else path
+        command = [python or sys.executable, "-P", "-c", boot, "serve", "--path", serve]
         command += ["--flows", str(flows), "--workers", str(workers), "--max-seconds", str(max_seconds)]
         self.proc = subprocess.Popen(
             command,
@@ -255,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="64,1400")
     parser.add_argument("--paths", default="direct,mmsg,python")
     parser.add_argument("--workers", type=int, default=1, help="engine worker threads")
+    parser.add_argument(
+        "--base-python",
+        help="the interpreter of another installation (e.g. an old venv's bin/python): path 'base' "
+        "runs its native engine, interleaved with the others (A/B)",
+    )
     parser.add_argument("--latency", action="store_true", help="also p50/p99 at one datagram in flight")
     parser.add_argument("--json", type=Path, help="write every sample here")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -262,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve(args.path, args.flows, args.workers, args.max_seconds))
         return 0
     paths = [p for p in args.paths.split(",") if p]
+    if "base" in paths and not args.base_python:
+        parser.error("path 'base' needs --base-python")
     sizes = [int(s) for s in args.sizes.split(",") if s]
     budget = (args.seconds + 2) * args.rounds * len(sizes) * len(paths) * 2 + 60
     with tempfile.TemporaryDirectory(prefix="udpecho-") as tmp:
@@ -276,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             echo_port = int(echo.stdout.readline().split()[1])
             for path in paths:
                 if path != "direct":
-                    proxies[path] = Proxy(path, args.flows, args.workers, budget)
+                    python = args.base_python if path == "base" else None
+                    proxies[path] = Proxy(path, args.flows, args.workers, budget, python)
             for rnd in range(args.rounds):
                 for size in sizes:
                     for path in paths:

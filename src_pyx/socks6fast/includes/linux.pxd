@@ -155,6 +155,7 @@ cdef extern from "<sys/socket.h>" nogil:
     size_t CMSG_SPACE(size_t length)
     size_t CMSG_LEN(size_t length)
 
+    int socket(int domain, int type, int protocol)
     int shutdown(int sockfd, int how)
     ssize_t recv(int sockfd, void* buf, size_t length, int flags)
     ssize_t send(int sockfd, const void* buf, size_t length, int flags)
@@ -221,6 +222,21 @@ cdef extern from "<netinet/in.h>" nogil:
 
     unsigned short htons(unsigned short x)
     unsigned short ntohs(unsigned short x)
+
+
+cdef extern from *:
+    """
+    #include <netinet/udp.h>
+    #ifndef SOL_UDP
+    #define SOL_UDP 17
+    #endif
+    #ifndef UDP_SEGMENT
+    #define UDP_SEGMENT 103  /* Linux 4.18: UDP GSO, the segment size of one send */
+    #endif
+    """
+    enum:
+        SOL_UDP
+        UDP_SEGMENT
 
 
 cdef extern from "<linux/errqueue.h>" nogil:
