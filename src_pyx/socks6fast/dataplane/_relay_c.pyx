@@ -116,11 +116,17 @@ from libc.errno cimport EAGAIN, ECONNRESET, EINTR, EIO, EPIPE, errno
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 
+from socks6fast.dataplane._engine cimport (
+    clear_fd,
+    monotonic_ms,
+    open_worker_loop,
+    start_worker_thread,
+    wake_fd,
+)
 from socks6fast.includes.linux cimport (
     CLOCK_MONOTONIC_COARSE,
     EFD_CLOEXEC,
     EFD_NONBLOCK,
-    EPOLL_CLOEXEC,
     EPOLL_CTL_ADD,
     EPOLL_CTL_DEL,
     EPOLLERR,
@@ -141,17 +147,14 @@ from socks6fast.includes.linux cimport (
     MSG_OOB,
     MSG_PEEK,
     SHUT_WR,
-    SIG_SETMASK,
     SIOCOUTQ,
     SO_ERROR,
     SO_LINGER,
     SOL_SOCKET,
     SPLICE_F_MOVE,
     SPLICE_F_NONBLOCK,
-    clock_gettime,
     close,
     dup3,
-    epoll_create1,
     epoll_ctl,
     epoll_event,
     epoll_wait,
@@ -170,7 +173,6 @@ from socks6fast.includes.linux cimport (
     pthread_mutex_unlock,
     pthread_self,
     pthread_setname_np,
-    pthread_sigmask,
     pthread_t,
     read,
     recv,
@@ -182,12 +184,9 @@ from socks6fast.includes.linux cimport (
     send,
     setsockopt,
     shutdown,
-    sigfillset,
-    sigset_t,
     sockatmark,
     socklen_t,
     splice,
-    timespec,
     write,
 )
 
@@ -342,27 +341,6 @@ cdef struct Worker:
 
 # ---------------------------------------------------------------------------
 # Small helpers (worker thread, no GIL)
-
-cdef inline int64_t monotonic_ms() noexcept nogil:
-    cdef timespec ts
-    # CLOCK_MONOTONIC_COARSE is a vDSO read (no syscall); its few-ms granularity is
-    # plenty for idle timeouts.
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
-    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
-
-
-cdef inline void wake_fd(int fd) noexcept nogil:
-    cdef uint64_t one = 1
-    # An eventfd write only fails with EAGAIN once the counter nears 2**64 - 1, and
-    # then the reader is already woken; nothing to retry.
-    write(fd, &one, sizeof(one))
-
-
-cdef inline void clear_fd(int fd) noexcept nogil:
-    cdef uint64_t value
-    # Reading an eventfd resets its counter; EAGAIN (already zero) is fine.
-    read(fd, &value, sizeof(value))
-
 
 cdef int pipe_size_for(Worker* w, int have) noexcept nogil:
     """The capacity to ask for: the worker's request, halved while the engine's pipe
@@ -1374,9 +1352,6 @@ cdef int start_engine(Engine* e, int nworkers) noexcept nogil:
     cdef int i
     cdef int rc
     cdef Worker* w
-    cdef epoll_event ev
-    cdef sigset_t all_signals
-    cdef sigset_t old_mask
     # calloc: every field starts at 0/NULL; fds are set to -1 right below.
     e.workers = <Worker*>calloc(<size_t>nworkers, sizeof(Worker))
     if e.workers == NULL:
@@ -1391,30 +1366,17 @@ cdef int start_engine(Engine* e, int nworkers) noexcept nogil:
         pthread_mutex_init(&w.lock, NULL)
     for i in range(nworkers):
         w = &e.workers[i]
-        w.epfd = epoll_create1(EPOLL_CLOEXEC)
-        if w.epfd < 0:
-            return errno
-        w.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        if w.wakefd < 0:
-            return errno
-        # Level-triggered, data.ptr NULL marks the wake eventfd among the Side pointers.
-        ev.events = EPOLLIN
-        ev.data.ptr = NULL
-        if epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.wakefd, &ev) < 0:
-            return errno
-    # Workers start with every signal blocked (a thread inherits its creator's mask), so
-    # signals keep going to the Python main thread and never interrupt a worker.
-    sigfillset(&all_signals)
-    pthread_sigmask(SIG_SETMASK, &all_signals, &old_mask)
+        rc = open_worker_loop(&w.epfd, &w.wakefd)
+        if rc != 0:
+            return rc
     rc = 0
     for i in range(nworkers):
         w = &e.workers[i]
         # worker_main gets its Worker* through the void* argument.
-        rc = pthread_create(&w.thread, NULL, worker_main, <void*>w)
+        rc = start_worker_thread(&w.thread, worker_main, <void*>w)
         if rc != 0:
             break
         w.started = True
-    pthread_sigmask(SIG_SETMASK, &old_mask, NULL)
     return rc
 
 

@@ -103,6 +103,13 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
+from socks6fast.dataplane._engine cimport (
+    clear_fd,
+    monotonic_ms,
+    open_worker_loop,
+    start_worker_thread,
+    wake_fd,
+)
 from socks6fast.includes.linux cimport (
     AF_INET,
     AF_INET6,
@@ -114,7 +121,6 @@ from socks6fast.includes.linux cimport (
     BPF_LD,
     BPF_MOD,
     BPF_RET,
-    CLOCK_MONOTONIC_COARSE,
     CMSG_DATA,
     CMSG_FIRSTHDR,
     CMSG_LEN,
@@ -122,7 +128,6 @@ from socks6fast.includes.linux cimport (
     CMSG_SPACE,
     EFD_CLOEXEC,
     EFD_NONBLOCK,
-    EPOLL_CLOEXEC,
     EPOLL_CTL_ADD,
     EPOLL_CTL_DEL,
     EPOLL_CTL_MOD,
@@ -146,7 +151,6 @@ from socks6fast.includes.linux cimport (
     MSG_NOSIGNAL,
     MSG_TRUNC,
     O_NONBLOCK,
-    SIG_SETMASK,
     SO_ATTACH_REUSEPORT_CBPF,
     SO_DOMAIN,
     SO_EE_OFFENDER,
@@ -158,11 +162,9 @@ from socks6fast.includes.linux cimport (
     SOL_SOCKET,
     SOL_UDP,
     UDP_SEGMENT,
-    clock_gettime,
     close,
     cmsghdr,
     socket as c_socket,
-    epoll_create1,
     epoll_ctl,
     epoll_event,
     epoll_wait,
@@ -186,17 +188,13 @@ from socks6fast.includes.linux cimport (
     pthread_mutex_unlock,
     pthread_self,
     pthread_setname_np,
-    pthread_sigmask,
     pthread_t,
     read,
     recvmmsg,
     recvmsg,
-    s6_add,
     sendmmsg,
     sendmsg,
     setsockopt,
-    sigfillset,
-    sigset_t,
     sock_extended_err,
     sock_filter,
     sock_fprog,
@@ -205,7 +203,6 @@ from socks6fast.includes.linux cimport (
     sockaddr_in6,
     sockaddr_storage,
     socklen_t,
-    timespec,
     write,
 )
 from socks6fast.proto._codec_c cimport (
@@ -576,25 +573,6 @@ cdef int icmp_lookup(bint v6, int icmp_type, int icmp_code) noexcept nogil:
 
 # ---------------------------------------------------------------------------
 # Small helpers (worker thread, no GIL)
-
-cdef inline int64_t monotonic_ms() noexcept nogil:
-    cdef timespec ts
-    # A vDSO read (no syscall); its few-ms granularity is plenty for the timeout.
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
-    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
-
-
-cdef inline void wake_fd(int fd) noexcept nogil:
-    cdef uint64_t one = 1
-    # Only fails with EAGAIN near 2**64 - 1, and then the reader is woken anyway.
-    write(fd, &one, sizeof(one))
-
-
-cdef inline void clear_fd(int fd) noexcept nogil:
-    cdef uint64_t value
-    # Reading an eventfd resets it; EAGAIN (already zero) is fine.
-    read(fd, &value, sizeof(value))
-
 
 cdef inline unsigned int get_u16(const unsigned char* p) noexcept nogil:
     return (<unsigned int>p[0] << 8) | p[1]
@@ -2412,9 +2390,6 @@ cdef int start_engine(Engine* e, int nworkers) noexcept nogil:
     cdef int i
     cdef int rc
     cdef Worker* w
-    cdef epoll_event ev
-    cdef sigset_t all_signals
-    cdef sigset_t old_mask
     # calloc: every field starts at 0/NULL; fds are set to -1 right below.
     e.workers = <Worker*>calloc(<size_t>nworkers, sizeof(Worker))
     if e.workers == NULL:
@@ -2432,30 +2407,17 @@ cdef int start_engine(Engine* e, int nworkers) noexcept nogil:
         rc = alloc_worker(e, w)
         if rc != 0:
             return rc
-        w.epfd = epoll_create1(EPOLL_CLOEXEC)
-        if w.epfd < 0:
-            return errno
-        w.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        if w.wakefd < 0:
-            return errno
-        # Level-triggered; data.ptr NULL marks the wake eventfd among the Endpoints.
-        ev.events = EPOLLIN
-        ev.data.ptr = NULL
-        if epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.wakefd, &ev) < 0:
-            return errno
-    # Workers start with every signal blocked (a thread inherits its creator's mask), so
-    # signals keep going to the Python main thread and never interrupt a worker.
-    sigfillset(&all_signals)
-    pthread_sigmask(SIG_SETMASK, &all_signals, &old_mask)
+        rc = open_worker_loop(&w.epfd, &w.wakefd)
+        if rc != 0:
+            return rc
     rc = 0
     for i in range(nworkers):
         w = &e.workers[i]
         # worker_main gets its Worker* through the void* argument.
-        rc = pthread_create(&w.thread, NULL, worker_main, <void*>w)
+        rc = start_worker_thread(&w.thread, worker_main, <void*>w)
         if rc != 0:
             break
         w.started = True
-    pthread_sigmask(SIG_SETMASK, &old_mask, NULL)
     return rc
 
 
