@@ -967,6 +967,60 @@ async def test_bursts_keep_every_datagram(harness: Harness) -> None:
 
 
 @needs_gso
+@pytest.mark.parametrize(
+    ("wildcard", "local"),
+    [
+        pytest.param("0.0.0.0", "127.0.0.2", id="v4"),
+        pytest.param(
+            "::", "::1", id="v6", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+        ),
+    ],
+)
+async def test_bursts_through_a_wildcard_port_answer_from_the_address_used(
+    path: str, wildcard: str, local: str
+) -> None:
+    """A burst of replies through a port bound to a wildcard address leaves from the
+    address the client used (IP_PKTINFO / IPV6_PKTINFO), each datagram with its header
+    (the native engine sends the run with the source address and UDP GSO together)."""
+    h = Harness(make_engine(path), local)
+    try:
+        fds = open_udp_port(wildcard, 0, h.engine.workers)
+        port = port_of(fds[0])
+        h.engine.add_port(fds)
+        h.port_address = (local, port)
+        a = h.add()
+        assert await h.echo_through(a, b"first") == b"first"
+        payloads = _payloads(12, 240, 80)
+        burst(a.client, [dgram(a.aid, *h.echo.address, p) for p in payloads], h.port_address)
+        loop = asyncio.get_running_loop()
+        peers: list[Any] = []
+        got: list[bytes] = []
+        done: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            while len(got) < len(payloads):
+                try:
+                    data, peer = a.client.recvfrom(70000)
+                except (BlockingIOError, InterruptedError):
+                    return
+                got.append(parse(data)[1])
+                peers.append(peer[:2])
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(a.client.fileno(), readable)
+        try:
+            await asyncio.wait_for(done, TIMEOUT)
+        finally:
+            loop.remove_reader(a.client.fileno())
+        assert got == payloads
+        assert set(peers) == {(local, port)}
+        assert sum(h.engine.drops().values()) == 0
+    finally:
+        h.close()
+
+
+@needs_gso
 @pytest.mark.parametrize("engine_path", [pytest.param("mmsg", marks=native_only)])
 @pytest.mark.parametrize("host", HOSTS)
 async def test_native_engine_sends_runs_with_gso(engine_path: str, host: str) -> None:
