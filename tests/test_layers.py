@@ -46,6 +46,7 @@ LAYERS: list[set[str]] = [
     {"proto.client_flow"},
     {"net.tfo"},
     {"net.url", "net.stackopts", "net.localaddr", "net", "config"},
+    {"dataplane._engine"},  # inline helpers both native engines cimport (a .pxd only)
     {"dataplane.engine", "dataplane._relay_c", "dataplane.resources", "dataplane", "dataplane.udp_types"},
     {"dataplane._udp_py", "dataplane._udp_c"},
     {"dataplane.relayer", "dataplane.udp"},
