@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -54,6 +54,7 @@ from socks6fast.proto.messages import AssociationConfirmation, AssociationInit, 
 from socks6fast.proto.socks5 import Socks5UDPHeader, decode_udp_header, encode_udp_header
 
 TIMEOUT = 5.0
+T = TypeVar("T")
 QUIET = 0.3  # seconds of silence that stand for "nothing arrives"
 
 native_only = [
@@ -162,22 +163,7 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = TIMEO
 
 async def recv(sock: socket.socket, timeout: float = TIMEOUT) -> tuple[bytes, Any]:
     """One datagram from a non-blocking socket (add_reader: uvloop has no sock_recvfrom)."""
-    loop = asyncio.get_running_loop()
-    got: asyncio.Future[tuple[bytes, Any]] = loop.create_future()
-
-    def readable() -> None:
-        try:
-            result = sock.recvfrom(70000)
-        except (BlockingIOError, InterruptedError):
-            return
-        if not got.done():
-            got.set_result(result)
-
-    loop.add_reader(sock.fileno(), readable)
-    try:
-        return await asyncio.wait_for(got, timeout)
-    finally:
-        loop.remove_reader(sock.fileno())
+    return (await read_until(sock, lambda: sock.recvfrom(70000), lambda out: len(out) >= 1, timeout))[0]
 
 
 async def silent(sock: socket.socket, quiet: float = QUIET) -> bool:
@@ -894,16 +880,23 @@ def burst(sock: socket.socket, messages: list[bytes], to: tuple[str, int]) -> No
     sock.sendmsg([b"".join(messages)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(messages[0])))], 0, to)
 
 
-async def recv_many(sock: socket.socket, n: int, timeout: float = TIMEOUT) -> list[bytes]:
-    """n datagrams, in order (recv() reads one per call and may lose the others of a burst)."""
+async def read_until(
+    sock: socket.socket,
+    read_one: Callable[[], T],
+    enough: Callable[[list[T]], bool],
+    timeout: float = TIMEOUT,
+) -> list[T]:
+    """Everything read_one() returns from a non-blocking socket until enough(results): one
+    reader stays registered throughout (recv() reads one datagram per call and may lose
+    the others of a burst, as its reader can fire again before it is removed)."""
     loop = asyncio.get_running_loop()
-    out: list[bytes] = []
+    out: list[T] = []
     done: asyncio.Future[None] = loop.create_future()
 
     def readable() -> None:
-        while len(out) < n:
+        while not enough(out):
             try:
-                out.append(sock.recv(70000))
+                out.append(read_one())
             except (BlockingIOError, InterruptedError):
                 return
         if not done.done():
@@ -917,30 +910,21 @@ async def recv_many(sock: socket.socket, n: int, timeout: float = TIMEOUT) -> li
     return out
 
 
-async def recv_gro(sock: socket.socket, total: int, timeout: float = TIMEOUT) -> list[tuple[bytes, int]]:
+async def recv_many(sock: socket.socket, n: int) -> list[bytes]:
+    """n datagrams, in order."""
+    return await read_until(sock, lambda: sock.recv(70000), lambda out: len(out) >= n)
+
+
+async def recv_gro(sock: socket.socket, total: int) -> list[tuple[bytes, int]]:
     """Reads from a socket with UDP_GRO until ``total`` bytes came: each read's bytes and
     segment size (0: a single datagram)."""
-    loop = asyncio.get_running_loop()
-    out: list[tuple[bytes, int]] = []
-    done: asyncio.Future[None] = loop.create_future()
 
-    def readable() -> None:
-        while sum(len(data) for data, _size in out) < total:
-            try:
-                data, ancillary, _flags, _peer = sock.recvmsg(70000, socket.CMSG_SPACE(4))
-            except (BlockingIOError, InterruptedError):
-                return
-            gro = [struct.unpack("=i", d[:4])[0] for lv, t, d in ancillary if (lv, t) == (SOL_UDP, UDP_GRO)]
-            out.append((data, gro[0] if gro else 0))
-        if not done.done():
-            done.set_result(None)
+    def read_one() -> tuple[bytes, int]:
+        data, ancillary, _flags, _peer = sock.recvmsg(70000, socket.CMSG_SPACE(4))
+        gro = [struct.unpack("=i", d[:4])[0] for lv, t, d in ancillary if (lv, t) == (SOL_UDP, UDP_GRO)]
+        return data, gro[0] if gro else 0
 
-    loop.add_reader(sock.fileno(), readable)
-    try:
-        await asyncio.wait_for(done, timeout)
-    finally:
-        loop.remove_reader(sock.fileno())
-    return out
+    return await read_until(sock, read_one, lambda out: sum(len(data) for data, _size in out) >= total)
 
 
 def _payloads(n: int, size: int, last: int) -> list[bytes]:
@@ -992,27 +976,11 @@ async def test_bursts_through_a_wildcard_port_answer_from_the_address_used(
         assert await h.echo_through(a, b"first") == b"first"
         payloads = _payloads(12, 240, 80)
         burst(a.client, [dgram(a.aid, *h.echo.address, p) for p in payloads], h.port_address)
-        loop = asyncio.get_running_loop()
-        peers: list[Any] = []
-        got: list[bytes] = []
-        done: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            while len(got) < len(payloads):
-                try:
-                    data, peer = a.client.recvfrom(70000)
-                except (BlockingIOError, InterruptedError):
-                    return
-                got.append(parse(data)[1])
-                peers.append(peer[:2])
-            if not done.done():
-                done.set_result(None)
-
-        loop.add_reader(a.client.fileno(), readable)
-        try:
-            await asyncio.wait_for(done, TIMEOUT)
-        finally:
-            loop.remove_reader(a.client.fileno())
+        replies = await read_until(
+            a.client, lambda: a.client.recvfrom(70000), lambda out: len(out) >= len(payloads)
+        )
+        got = [parse(data)[1] for data, _peer in replies]
+        peers = [peer[:2] for _data, peer in replies]
         assert got == payloads
         assert set(peers) == {(local, port)}
         assert sum(h.engine.drops().values()) == 0
