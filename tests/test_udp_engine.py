@@ -15,6 +15,7 @@ a veth pair to a router namespace with unreachable routes and a small MTU).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -807,10 +808,21 @@ async def test_flood_to_dead_associations(harness: Harness) -> None:
                     break
                 sent += 1
             await asyncio.sleep(0)
-        assert await harness.echo_through(a, b"alive") == b"alive"
+        # The kernel may drop "alive" itself while the port's receive queue is still full
+        # of junk (UDP: a full queue drops, before the engine sees anything), so it is
+        # resent like any UDP client would, a bounded number of times.
+        sends = 0
+        echoed = b""
+        while not echoed and sends < 5:
+            a.client.sendto(dgram(a.aid, *harness.echo.address, b"alive"), harness.port_address)
+            sends += 1
+            with contextlib.suppress(TimeoutError):
+                echoed = parse((await recv(a.client, 1.0))[0])[1]
+        assert echoed == b"alive"
         await harness.drops(UdpDrop.UNKNOWN_ASSOCIATION, 100)
         assert harness.engine.drops()[UdpDrop.UNKNOWN_ASSOCIATION] <= sent
-        assert [d for d, _ in harness.echo.seen] == [b"alive"]
+        assert {d for d, _ in harness.echo.seen} == {b"alive"}
+        assert len(harness.echo.seen) <= sends
     finally:
         flood.close()
 
