@@ -1002,8 +1002,22 @@ async def test_bursts_through_a_wildcard_port_answer_from_the_address_used(
 
 @needs_gso
 @pytest.mark.parametrize("engine_path", [pytest.param("mmsg", marks=native_only)])
-@pytest.mark.parametrize("host", HOSTS)
-async def test_native_engine_sends_runs_with_gso(engine_path: str, host: str) -> None:
+@pytest.mark.parametrize(
+    ("host", "dual_stack"),
+    [
+        pytest.param("127.0.0.1", False, id="v4"),
+        pytest.param(
+            "::1", False, id="v6", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+        ),
+        # The server's remote socket when the request names no address: AF_INET6 on ::
+        # without IPV6_V6ONLY, so IPv4 destinations are IPv4-mapped.
+        pytest.param(
+            "127.0.0.1", True, id="v4-via-dual-stack",
+            marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6"),
+        ),
+    ],
+)  # fmt: skip
+async def test_native_engine_sends_runs_with_gso(engine_path: str, host: str, dual_stack: bool) -> None:
     """The native engine turns a run of equal-sized datagrams of one association to one
     address into one GSO send, both ways: a receiver with UDP_GRO on loopback gets such a
     send whole, with its segment size. (Retried: a worker may catch a burst half-queued.)"""
@@ -1013,7 +1027,14 @@ async def test_native_engine_sends_runs_with_gso(engine_path: str, host: str) ->
     target = remote_host.getsockname()[:2]
     try:
         h.open_port()
-        a = h.add()
+        remote: socket.socket | None = None
+        if dual_stack:
+            remote = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            remote.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            remote.bind(("::", 0))
+        a = h.add(remote=remote)
+        if dual_stack:
+            a.remote_address = ("127.0.0.1", a.remote_address[1])
         a.client.setsockopt(SOL_UDP, UDP_GRO, 1)
         a.client.sendto(dgram(a.aid, *target, b"first"), h.port_address)
         assert await recv_gro(remote_host, 5) == [(b"first", 0)]
