@@ -47,11 +47,16 @@ LAYERS: list[set[str]] = [
     {"net.tfo"},
     {"net.url", "net.stackopts", "net.localaddr", "net", "config"},
     {"dataplane._engine"},  # inline helpers both native engines cimport (a .pxd only)
+    # DTLS over memory BIOs (pyOpenSSL): sans-IO in shape, in net/ so that proto/ never imports
+    # OpenSSL; imports nothing of socks6fast.
+    {"net.dtls"},
     {"dataplane.engine", "dataplane._relay_c", "dataplane.resources", "dataplane", "dataplane.udp_types"},
     {"dataplane._udp_py", "dataplane._udp_c"},
     {"dataplane.relayer", "dataplane.udp"},
     {"_client_base"},
     {"client"},
+    # The DTLS endpoints on the loop: under both asyncio adapters, which will use them (issue 11).
+    {"asyncio.dtls"},
     {"asyncio.client"},
     {"asyncio.server.record", "asyncio.server.streams", "asyncio.server.dial"},
     {"asyncio.server.bind", "asyncio.server.udp"},

@@ -48,6 +48,9 @@ class _ServerProtocol(asyncio.DatagramProtocol):
         # ICMP errors on an unconnected socket name no peer reliably; DTLS retransmits.
         pass
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server._closed.set()
+
 
 class DTLSServer:
     """A DTLS port: the socket, the endpoint and its timer. Make it with `start_dtls_server`."""
@@ -121,11 +124,13 @@ class DTLSServer:
             self._timer.cancel()
             self._timer = None
         if self._transport is not None:
-            self._transport.close()
+            self._transport.close()  # connection_lost sets _closed once the socket is closed
             self._transport = None
-        self._closed.set()
+        else:
+            self._closed.set()
 
     async def wait_closed(self) -> None:
+        """Wait until the socket is closed (after `close`)."""
         await self._closed.wait()
 
 
@@ -146,10 +151,16 @@ async def start_dtls_server(
     server = DTLSServer(
         loop,
         DTLSServerEndpoint(
-            context, on_datagram=on_datagram, on_established=on_established, on_closed=on_closed, limits=limits
+            context,
+            on_datagram=on_datagram,
+            on_established=on_established,
+            on_closed=on_closed,
+            limits=limits,
         ),
     )
-    transport, _ = await loop.create_datagram_endpoint(lambda: _ServerProtocol(server), local_addr=(host, port))
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _ServerProtocol(server), local_addr=(host, port)
+    )
     server._transport = transport
     return server
 
@@ -162,9 +173,12 @@ class _ClientProtocol(asyncio.DatagramProtocol):
         self._client._received(data)
 
     def error_received(self, exc: Exception) -> None:
-        self._client._failed(DTLSError(f"DTLS proxy {self._client.peer}: {exc.strerror or exc}"))
+        # On a connected socket this is the proxy's ICMP answer (port unreachable: refused).
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        self._client._failed(DTLSError(f"DTLS proxy {self._client.peer}: {reason}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._client._closed.set()
         self._client._failed(DTLSError("the DTLS socket was closed"))
 
 
@@ -181,6 +195,7 @@ class DTLSClient:
         self._ready: asyncio.Future[None] = loop.create_future()
         self._waiter: asyncio.Future[None] | None = None
         self.received: deque[bytes] = conn.received
+        self._closed = asyncio.Event()
 
     def _received(self, data: bytes) -> None:
         conn = self.conn
@@ -252,14 +267,21 @@ class DTLSClient:
             self._timer.cancel()
             self._timer = None
         if self._transport is not None:
-            self._transport.close()
+            self._transport.close()  # connection_lost sets _closed once the socket is closed
             self._transport = None
+        else:
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the socket is closed (after `close`)."""
+        await self._closed.wait()
 
     async def __aenter__(self) -> DTLSClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+        await self.wait_closed()
 
 
 async def open_dtls_client(
@@ -289,7 +311,9 @@ async def open_dtls_client(
     conn = DTLSClientConnection(context, proxy_server_hostname or host, mtu=mtu)
     peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     client = DTLSClient(loop, conn, peer)
-    transport, _ = await loop.create_datagram_endpoint(lambda: _ClientProtocol(client), remote_addr=(host, port))
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _ClientProtocol(client), remote_addr=(host, port)
+    )
     client._transport = transport
     try:
         async with asyncio.timeout(timeout):
@@ -298,8 +322,10 @@ async def open_dtls_client(
             await client._ready
     except TimeoutError:
         client.close()
+        await client.wait_closed()
         raise TimeoutError(f"DTLS handshake with {peer}: no answer within {timeout} s") from None
     except BaseException:
         client.close()
+        await asyncio.shield(client.wait_closed())
         raise
     return client

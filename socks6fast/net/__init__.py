@@ -5,6 +5,8 @@
 - ``stackopts``: Stack options applied to real sockets with ``setsockopt`` and read back
   (draft section "Stack options", D9), and MPTCP sockets.
 - ``url``: proxy URLs (``socks6://``, ``socks6+tls://``) and the client's TLS context.
+- ``dtls``: DTLS endpoints over memory BIOs (pyOpenSSL), sans-IO in shape: stateless
+  cookies, handshake caps, retransmission timers, the client's certificate checks (issue 11).
 - ``localaddr``: this host's addresses, read from the kernel (rtnetlink), for the
   ``@local`` rule destination and the loop check.
 """

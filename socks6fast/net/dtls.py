@@ -205,7 +205,11 @@ def _harden(context: SSL.Context) -> None:
     context.set_min_proto_version(DTLS1_2_VERSION)
     context.set_cipher_list(CIPHERS)
     context.set_options(
-        SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET | SSL.OP_NO_QUERY_MTU | SSL.OP_SINGLE_ECDH_USE | _OP_NO_RENEGOTIATION
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_NO_TICKET
+        | SSL.OP_NO_QUERY_MTU
+        | SSL.OP_SINGLE_ECDH_USE
+        | _OP_NO_RENEGOTIATION
     )
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
 
@@ -273,6 +277,7 @@ def _ssl_reason(exc: BaseException) -> str:
 #: X509_V_ERR_* codes a user meets, in OpenSSL's own words.
 _X509_ERRORS = {
     2: "unable to get issuer certificate",
+    7: "certificate signature failure",
     9: "certificate is not yet valid",
     10: "certificate has expired",
     18: "self-signed certificate",
@@ -438,7 +443,7 @@ class DTLSServerEndpoint:
     def _from_unknown(
         self, data: bytes, key: Address, now: float, replacing: DTLSConnection | None = None
     ) -> None:
-        if not is_client_hello(data):
+        if not is_client_hello(data) or split_records(data) is None:
             self.counters.records_dropped += 1
             return
         # A throw-away Connection: without a valid cookie it is dropped after the
@@ -461,7 +466,10 @@ class DTLSServerEndpoint:
             self._forget(replacing, "the peer started a new connection")
         host = key[0]
         per_source = self._per_source.get(host, 0)
-        if len(self._handshaking) >= self.limits.handshakes_total or per_source >= self.limits.handshakes_per_source:
+        if (
+            len(self._handshaking) >= self.limits.handshakes_total
+            or per_source >= self.limits.handshakes_per_source
+        ):
             self.counters.handshakes_refused += 1
             return
         conn = DTLSConnection(ssl, key, now, self.limits.handshake_timeout)
@@ -541,11 +549,12 @@ class DTLSServerEndpoint:
         """Encrypt one datagram for ``conn``: the DTLS datagram to send to ``conn.address``.
 
         Raises:
-            ValueError: ``payload`` is longer than one record can carry (2^14 bytes).
+            ValueError: ``payload`` is empty or longer than one record can carry (2^14 bytes).
             DTLSError: the connection is not established or is closed.
         """
-        if len(payload) > MAX_PLAINTEXT:
-            raise ValueError(f"a DTLS datagram carries at most {MAX_PLAINTEXT} bytes, not {len(payload)}")
+        if not 0 < len(payload) <= MAX_PLAINTEXT:
+            # OpenSSL writes no record for zero bytes; a SOCKS 6 message is never empty.
+            raise ValueError(f"a DTLS datagram carries 1 to {MAX_PLAINTEXT} bytes, not {len(payload)}")
         if not conn.established or self.connections.get(conn.address) is not conn:
             raise DTLSError(f"DTLS connection with {conn.address[0]}:{conn.address[1]} is not open")
         ssl = conn.ssl
@@ -707,9 +716,12 @@ class DTLSClientConnection:
             return
         except SSL.Error as exc:
             self._queue()  # our fatal alert tells the proxy why
-            reason = self._verify_problem or _ssl_reason(exc)
             if self._verify_problem is not None:
-                reason = f"certificate verify failed: {reason}"
+                reason = f"certificate verify failed: {self._verify_problem}"
+            else:
+                reason = _ssl_reason(exc)
+                if "alert" in reason:  # the proxy's alert, e.g. our certificate did not verify
+                    reason = f"the proxy refused it ({reason})"
             self._fail(DTLSError(f"DTLS handshake failed: {reason}"))
             return
         self._queue()
@@ -739,11 +751,12 @@ class DTLSClientConnection:
         """Encrypt one datagram: the DTLS datagram to send.
 
         Raises:
-            ValueError: ``payload`` is longer than one record can carry.
+            ValueError: ``payload`` is empty or longer than one record can carry.
             DTLSError: not established, or closed.
         """
-        if len(payload) > MAX_PLAINTEXT:
-            raise ValueError(f"a DTLS datagram carries at most {MAX_PLAINTEXT} bytes, not {len(payload)}")
+        if not 0 < len(payload) <= MAX_PLAINTEXT:
+            # OpenSSL writes no record for zero bytes; a SOCKS 6 message is never empty.
+            raise ValueError(f"a DTLS datagram carries 1 to {MAX_PLAINTEXT} bytes, not {len(payload)}")
         if self.closed or not self.established:
             raise self.error or DTLSError("the DTLS connection is not open")
         self.ssl.send(payload)
