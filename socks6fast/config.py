@@ -80,7 +80,11 @@ at start-up and on reload, ``check-config`` prints it).
     ``port``: the SOCKS 6 UDP port for plain datagrams, opened on each listener's address
     (1-65535; absent = the same port number as each TCP listener, D16). ``dtls_port``: UDP
     port for DTLS (1-65535; absent = off; needs ``server.tls_certificate`` and ``tls_key``;
-    DTLS is not served yet). ``first_datagram_timeout``: seconds an association waits for
+    DTLS is not served yet). ``dtls_handshakes_per_source`` (1-65535; 16) and
+    ``dtls_handshakes_total`` (1-1000000, at least the former; 1024): DTLS handshakes in
+    progress after a valid cookie, from one source address and in all.
+    ``dtls_cookie_interval``: seconds per DTLS cookie secret (> 0, at most 3600; 60); a
+    cookie is good for one to two intervals. (Validated; no DTLS listener uses them yet.) ``first_datagram_timeout``: seconds an association waits for
     its first datagram before its TCP connection is closed (UDP-07; default 30).
     ``max_associations_per_client`` / ``max_associations_per_user``: live associations one
     client address / one user may hold (0 = no limit; over it: General Failure).
@@ -275,6 +279,12 @@ class UDPConfig:
     """Datagrams per recvmmsg/sendmmsg call."""
     max_datagram: int = 65535
     """Largest datagram payload relayed, in bytes."""
+    dtls_handshakes_per_source: int = 16
+    """DTLS handshakes in progress from one source address (socks6fast.net.dtls.DTLSLimits)."""
+    dtls_handshakes_total: int = 1024
+    """DTLS handshakes in progress in all."""
+    dtls_cookie_interval: float = 60.0
+    """Seconds per DTLS cookie secret; a cookie is good for one to two intervals."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -603,6 +613,9 @@ def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:
             "enabled",
             "port",
             "dtls_port",
+            "dtls_handshakes_per_source",
+            "dtls_handshakes_total",
+            "dtls_cookie_interval",
             "first_datagram_timeout",
             "max_associations_per_client",
             "max_associations_per_user",
@@ -620,6 +633,18 @@ def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:
         raise ConfigError("udp.dtls_port: needs server.tls_certificate and server.tls_key")
     if port is not None and port == dtls_port:
         raise ConfigError(f"udp.dtls_port: {dtls_port} is already udp.port")
+    # Caps on DTLS handshakes in progress (after a valid cookie) and the cookie secret's
+    # lifetime (issue 11; RFC 6347 section 4.2.1).
+    per_source = _int(table, "dtls_handshakes_per_source", "udp", 16, low=1, high=65535)
+    total = _int(table, "dtls_handshakes_total", "udp", 1024, low=1, high=1_000_000)
+    if per_source > total:
+        raise ConfigError(
+            f"udp.dtls_handshakes_per_source: {per_source} is more than udp.dtls_handshakes_total ({total})"
+        )
+    interval = _seconds(table, "dtls_cookie_interval", "udp", 60.0)
+    if interval > 3600:
+        # A cookie lives up to two intervals: longer lets a recorded cookie be replayed longer.
+        raise ConfigError(f"udp.dtls_cookie_interval: {_show(interval)} is more than 3600 seconds")
     return UDPConfig(
         port=port,
         dtls_port=dtls_port,
@@ -630,6 +655,9 @@ def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:
         workers=_int(table, "workers", "udp", 0, low=0, high=64),
         batch=_int(table, "batch", "udp", 16, low=1, high=256),
         max_datagram=_int(table, "max_datagram", "udp", 65535, low=512, high=65535),
+        dtls_handshakes_per_source=per_source,
+        dtls_handshakes_total=total,
+        dtls_cookie_interval=interval,
     )
 
 

@@ -67,6 +67,8 @@ def test_defaults_values() -> None:
     config = default_config()
     assert config.sessions.enabled and config.sessions.max_token_window == 65536
     assert config.udp.port is None and config.udp.dtls_port is None
+    assert (config.udp.dtls_handshakes_per_source, config.udp.dtls_handshakes_total) == (16, 1024)
+    assert config.udp.dtls_cookie_interval == 60.0
 
 
 def test_empty_document_equals_embedded_default() -> None:
@@ -223,6 +225,9 @@ users = ["*"]
 [udp]
 port = 1080
 dtls_port = 1081
+dtls_handshakes_per_source = 4
+dtls_handshakes_total = 100
+dtls_cookie_interval = 30
 """
     )
     config = load_config(path)
@@ -252,6 +257,12 @@ dtls_port = 1081
     assert first.ports == ((443, 443), (8000, 8999))
     assert second.users is None and second.clients is None
     assert config.udp.port == 1080 and config.udp.dtls_port == 1081
+    udp = config.udp
+    assert (udp.dtls_handshakes_per_source, udp.dtls_handshakes_total, udp.dtls_cookie_interval) == (
+        4,
+        100,
+        30.0,
+    )
     policy = config.policy()
     assert policy.check("10.1.1.1", "bob", Command.CONNECT, AddressType.DOMAIN_NAME, "www.example.com", 8080)
     assert not policy.check(
@@ -467,9 +478,18 @@ CASES: list[tuple[str, str]] = [
     ("[udp]\ndtls_port = 1081", "udp.dtls_port: needs server.tls_certificate and server.tls_key"),
     (
         "[udp]\nports = 1",
-        "udp.ports: unknown key (allowed: batch, dtls_port, enabled, first_datagram_timeout, "
+        "udp.ports: unknown key (allowed: batch, dtls_cookie_interval, dtls_handshakes_per_source, "
+        "dtls_handshakes_total, dtls_port, enabled, first_datagram_timeout, "
         "max_associations_per_client, max_associations_per_user, max_datagram, port, workers)",
     ),
+    ("[udp]\ndtls_handshakes_per_source = 0", "udp.dtls_handshakes_per_source: 0 is not an integer 1-65535"),
+    ("[udp]\ndtls_handshakes_total = true", "udp.dtls_handshakes_total: true is not an integer 1-1000000"),
+    (
+        "[udp]\ndtls_handshakes_per_source = 20\ndtls_handshakes_total = 10",
+        "udp.dtls_handshakes_per_source: 20 is more than udp.dtls_handshakes_total (10)",
+    ),
+    ("[udp]\ndtls_cookie_interval = 0", "udp.dtls_cookie_interval: 0 is not a number of seconds > 0"),
+    ("[udp]\ndtls_cookie_interval = 7200", "udp.dtls_cookie_interval: 7200.0 is more than 3600 seconds"),
 ]
 
 
