@@ -1,6 +1,7 @@
 """The DTLS layer for SOCKS 6 datagrams (issue 11, first half): socks6fast.net.dtls and
-socks6fast.asyncio.dtls, on their own (not wired into the proxy yet, so no UDP-02/UDP-03
-claim here).
+socks6fast.asyncio.dtls, on their own. Not wired into the proxy or the SOCKS client yet, so
+no test here claims a CONFORMANCE ID: UDP-02, UDP-03 and the DTLS half of TRN-03 are for the
+tests of that wiring.
 
 Real handshakes on 127.0.0.1 and ::1 with the test CA of helpers_server: our client against
 our server endpoint, and ``openssl s_client -dtls1_2`` (an independent DTLS peer) against
@@ -442,7 +443,7 @@ def test_proxy_dtls_argument_is_checked() -> None:
     with pytest.raises(ValueError, match="plain UDP"):
         proxy_dtls_context(False)
     context = proxy_dtls_context(None)
-    assert context.get_verify_mode() & SSL.VERIFY_PEER  # TRN-03: verification on by default
+    assert context.get_verify_mode() & SSL.VERIFY_PEER  # verification on by default
 
 
 # --- real sockets ---
@@ -463,7 +464,7 @@ async def _echo_server(certs: Certificates, host: str, **kwargs: object) -> DTLS
 
 @pytest.mark.parametrize("host", [host_param(h) for h in HOSTS])
 async def test_our_client_and_server_echo(certs: Certificates, host: str) -> None:
-    """TRN-03 (DTLS half): our client verifies the proxy certificate (private CA, name
+    """Our client verifies the proxy certificate (private CA, name
     checked: 127.0.0.1 / ::1 IP entries) and datagrams of 64 B, 1400 B and 16 KiB echo."""
     before = fd_count()
     server = await _echo_server(certs, host)
@@ -564,7 +565,7 @@ async def _expect_failure(
 async def test_server_certificate_from_an_unknown_ca_fails_cleanly(
     certs: Certificates, other_certs: Certificates
 ) -> None:
-    """TRN-03: a proxy certificate that does not verify ends the handshake with one clear
+    """A proxy certificate that does not verify ends the handshake with one clear
     error on the client and a clean failure on the server (the client's alert)."""
     server = await _expect_failure(
         certs,
@@ -577,13 +578,13 @@ async def test_server_certificate_from_an_unknown_ca_fails_cleanly(
 
 
 async def test_default_client_context_does_not_trust_a_private_ca(certs: Certificates) -> None:
-    """TRN-03: proxy_dtls=None verifies against the system's CAs, which do not include the
+    """proxy_dtls=None verifies against the system's CAs, which do not include the
     test CA: verification is on by default."""
     await _expect_failure(certs, proxy_dtls_context(None), "certificate verify failed")
 
 
 async def test_server_certificate_for_another_name_fails(certs: Certificates) -> None:
-    """TRN-03: the certificate must name proxy_server_hostname."""
+    """The certificate must name proxy_server_hostname."""
     await _expect_failure(
         certs,
         dtls_client_context(cafile=str(certs.ca)),
