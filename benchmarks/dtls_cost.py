@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "bio": {},
         "sockets": {},
         "plain_sockets": {},
+        "socket_ranges": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         certfile, keyfile = make_certificate(Path(tmp))
@@ -299,12 +300,14 @@ def main(argv: list[str] | None = None) -> int:
             results["bio"][size] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         if not args.no_sockets:
             for size in SIZES:
-                runs_s = [
-                    socket_figures(certfile, keyfile, size, args.socket_count) for _ in range(args.repeats)
-                ]
-                runs_p = [plain_socket_figure(size, args.socket_count) for _ in range(args.repeats)]
+                runs_s: list[float] = []
+                runs_p: list[float] = []
+                for _ in range(args.repeats):  # interleaved: the machine's load hits both alike
+                    runs_s.append(socket_figures(certfile, keyfile, size, args.socket_count))
+                    runs_p.append(plain_socket_figure(size, args.socket_count))
                 results["sockets"][size] = statistics.median(runs_s)
                 results["plain_sockets"][size] = statistics.median(runs_p)
+                results["socket_ranges"][size] = [min(runs_s), max(runs_s), min(runs_p), max(runs_p)]
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -321,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         if sockets:
             row += f"{results['sockets'][size]:>13.2f}{results['plain_sockets'][size]:>13.2f}"
         print(f"{size:>10} B" + row)
+    for size in SIZES if sockets else ():
+        low_s, high_s, low_p, high_p = results["socket_ranges"][size]
+        print(
+            f"{size:>10} B  socket echo {low_s:.1f}-{high_s:.1f}, plain echo {low_p:.1f}-{high_p:.1f} (min-max)"
+        )
     return 0
 
 
