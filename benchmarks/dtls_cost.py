@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in SIZES if sockets else ():
         low_s, high_s, low_p, high_p = results["socket_ranges"][size]
         print(
-            f"{size:>10} B  socket echo {low_s:.1f}-{high_s:.1f}, plain echo {low_p:.1f}-{high_p:.1f} (min-max)"
+            f"{size:>10} B  min-max: DTLS echo {low_s:.1f}-{high_s:.1f}, plain echo {low_p:.1f}-{high_p:.1f}"
         )
     return 0
 
