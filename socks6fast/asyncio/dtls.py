@@ -79,7 +79,9 @@ class DTLSServer:
     def _received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         endpoint = self.endpoint
         endpoint.datagram_received(data, addr, self._loop.time())
-        self._flush()
+        # The usual datagram (an application record) queues nothing and moves no timer.
+        if endpoint.outgoing or endpoint.timer_changed:
+            self._flush()
 
     def _flush(self) -> None:
         transport = self._transport
@@ -90,6 +92,8 @@ class DTLSServer:
         self._arm()
 
     def _arm(self) -> None:
+        if not self.endpoint.timer_changed and self._timer is not None:
+            return
         at = self.endpoint.next_timer()
         if at is None or at >= self._timer_at:
             return

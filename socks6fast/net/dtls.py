@@ -378,11 +378,15 @@ class DTLSServerEndpoint:
         self._per_source: dict[str, int] = {}
         self._jar = CookieJar(self.limits.cookie_interval)
         self._now = 0.0
-        self._out: list[tuple[bytes, Address]] = []
+        self.outgoing: list[tuple[bytes, Address]] = []
+        """What `datagrams_to_send` returns next (non-empty: something to send)."""
         self._on_datagram = on_datagram
         self._on_established = on_established
         self._on_closed = on_closed
         self._next_sweep: float | None = None
+        self.timer_changed = False
+        """Set when `next_timer` may have moved since it was last called (cheap to test per
+        datagram; `next_timer` walks the handshakes in progress)."""
         context.set_cookie_generate_callback(self._make_cookie)
         context.set_cookie_verify_callback(self._check_cookie)
         self._context = context
@@ -486,6 +490,7 @@ class DTLSServerEndpoint:
             self._queue(ssl, conn.address)
             timeout = ssl.DTLSv1_get_timeout()
             conn.retransmit_at = None if timeout is None else now + timeout
+            self.timer_changed = True
             return
         except SSL.Error as exc:
             self._queue(ssl, conn.address)  # the fatal alert, if OpenSSL wrote one
@@ -499,6 +504,7 @@ class DTLSServerEndpoint:
         self.counters.handshakes_done += 1
         if self._next_sweep is None:
             self._next_sweep = now + self.limits.idle_timeout
+            self.timer_changed = True
         if self._on_established is not None:
             self._on_established(conn)
 
@@ -535,13 +541,13 @@ class DTLSServerEndpoint:
         stream = _drain(ssl)
         if stream:
             for datagram in pack_records(stream, self.limits.mtu):
-                self._out.append((datagram, address))
+                self.outgoing.append((datagram, address))
 
     def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
         """The datagrams to send since the last call, each with its destination."""
-        out = self._out
+        out = self.outgoing
         if out:
-            self._out = []
+            self.outgoing = []
             self.counters.datagrams_sent += len(out)
         return out
 
@@ -594,6 +600,7 @@ class DTLSServerEndpoint:
 
     def next_timer(self) -> float | None:
         """When `handle_timer` must be called next (same clock as ``now``), or None."""
+        self.timer_changed = False
         deadline = self._next_sweep
         for conn in self._handshaking.values():
             at = conn.handshake_deadline
