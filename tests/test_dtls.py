@@ -670,3 +670,22 @@ def test_client_hello_flood_over_sockets_in_a_namespace(certs: Certificates) -> 
     assert report["max_connections"] == 0
     assert report["handshakes_done"] == 1 and report["echoed_after"]
     assert report["memory_growth"] < 64 * 1024
+
+
+def test_openssl_is_imported_only_by_the_dtls_modules() -> None:
+    """pyOpenSSL is loaded by socks6fast.net.dtls (and what imports it) only: the package,
+    the asyncio client and server, the config and the CLI do not pull it in."""
+    code = (
+        "import sys, socks6fast, socks6fast.asyncio, socks6fast.asyncio.server, socks6fast.config, "
+        "socks6fast.cli, socks6fast.client; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('OpenSSL', 'service_identity')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
+    code = "import sys, socks6fast.asyncio.dtls; print('OpenSSL.SSL' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "True"  # the check above can see OpenSSL when it is there
