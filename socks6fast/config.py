@@ -84,8 +84,9 @@ at start-up and on reload, ``check-config`` prints it).
     ``dtls_handshakes_total`` (1-1000000, at least the former; 1024): DTLS handshakes in
     progress after a valid cookie, from one source address and in all.
     ``dtls_cookie_interval``: seconds per DTLS cookie secret (> 0, at most 3600; 60); a
-    cookie is good for one to two intervals. (Validated; no DTLS listener uses them yet.) ``first_datagram_timeout``: seconds an association waits for
-    its first datagram before its TCP connection is closed (UDP-07; default 30).
+    cookie is good for one to two intervals. (Validated; no DTLS listener uses them yet.)
+    ``first_datagram_timeout``: seconds an association waits for its first datagram before
+    its TCP connection is closed (UDP-07; default 30).
     ``max_associations_per_client`` / ``max_associations_per_user``: live associations one
     client address / one user may hold (0 = no limit; over it: General Failure).
     ``workers``: UDP engine threads (0 = one per core); ``batch``: datagrams per
