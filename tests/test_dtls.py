@@ -689,3 +689,43 @@ def test_openssl_is_imported_only_by_the_dtls_modules() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "True"  # the check above can see OpenSSL when it is there
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs Debian's openssl (.ci/run installs it)")
+async def test_our_client_against_openssl_s_server(certs: Certificates) -> None:
+    """The client side against an independent DTLS server, ``openssl s_server -dtls1_2``:
+    our client verifies its certificate and datagrams cross both ways."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        "openssl",
+        "s_server",
+        "-dtls1_2",
+        "-accept",
+        f"127.0.0.1:{port}",
+        "-cert",
+        str(certs.cert),
+        "-key",
+        str(certs.key),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        async with asyncio.timeout(15):
+            while b"ACCEPT" not in await proc.stdout.readline():
+                pass
+            async with await open_dtls_client(
+                "127.0.0.1", port, proxy_dtls=dtls_client_context(cafile=str(certs.ca))
+            ) as client:
+                client.send(b"to s_server\n")
+                while b"to s_server" not in await proc.stdout.readline():
+                    pass
+                proc.stdin.write(b"from s_server\n")
+                await proc.stdin.drain()
+                assert await client.recv() == b"from s_server\n"
+    finally:
+        proc.kill()
+        await proc.wait()
