@@ -14,6 +14,9 @@ Two measurements, both CPU time of this process (``time.process_time``), loopbac
   figure is this (the server's) process's CPU per echo (``getrusage``), which includes the
   loop, ``recvfrom`` and ``sendto``; ``plain echo`` is the same ping-pong without DTLS
   (a plain asyncio UDP echo), so the difference is what DTLS adds on the loop.
+* handshakes, in memory: the server's CPU per HelloVerifyRequest (a ClientHello without a
+  cookie from a new port each: the cost of a spoofed flood) and per full handshake (cookie
+  exchange, ECDHE, ECDSA P-256 certificate), hence handshakes per second per core.
 
 Run: ``.venv/bin/python benchmarks/dtls_cost.py [--count N] [--repeats R] [--json]``.
 Bounded: N datagrams per size and repeat (default 20000 in memory, 5000 over sockets).
@@ -165,6 +168,43 @@ def bio_figures(pair: MemoryPair, size: int, count: int) -> dict[str, float]:
     return figures
 
 
+def handshake_figures(certfile: str, keyfile: str, count: int) -> dict[str, float]:
+    """Server-side CPU µs per stateless HelloVerifyRequest (a ClientHello without a cookie,
+    from a new port each) and per full handshake (cookie exchange included), in memory."""
+    server = DTLSServerEndpoint(dtls_server_context(certfile, keyfile), on_datagram=lambda c, d: None)
+    client_context = dtls_client_context(cafile=certfile)
+    hello_client = DTLSClientConnection(client_context, "127.0.0.1")
+    hello_client.start(0.0)
+    (hello,) = hello_client.datagrams_to_send()
+
+    def verify_requests() -> None:
+        for port in range(count):
+            server.datagram_received(hello, ("127.0.0.1", port), 0.0)
+        server.datagrams_to_send()
+
+    figures = {"hello verify": cpu_per(count, verify_requests)}
+    handshakes = max(count // 20, 10)
+    spent = 0.0
+    for port in range(handshakes):
+        address = ("127.0.0.2", port)
+        client = DTLSClientConnection(client_context, "127.0.0.1")
+        client.start(0.0)
+        while not (client.established and address in server.connections):
+            datagrams = client.datagrams_to_send()
+            start = time.process_time()
+            for datagram in datagrams:
+                server.datagram_received(datagram, address, 0.0)
+            answers = server.datagrams_to_send()
+            spent += time.process_time() - start
+            for datagram, _ in answers:
+                client.datagram_received(datagram, 0.0)
+            assert client.error is None, client.error
+        server.close(server.connections[address])
+        server.datagrams_to_send()
+    figures["handshake"] = spent / handshakes * 1e6
+    return figures
+
+
 def _socket_client(port: int, certfile: str, size: int, count: int, ready: Any) -> None:
     """Child process: ping-pong ``count`` datagrams over DTLS (blocking socket, sans-IO)."""
     conn = DTLSClientConnection(dtls_client_context(cafile=certfile), "127.0.0.1")
@@ -295,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         certfile, keyfile = make_certificate(Path(tmp))
         pair = MemoryPair(certfile, keyfile)
         results["cipher"] = pair.conn.ssl.get_cipher_name()
+        runs_h = [handshake_figures(certfile, keyfile, args.count // 4) for _ in range(args.repeats)]
+        results["handshake"] = {key: statistics.median(r[key] for r in runs_h) for key in runs_h[0]}
         for size in SIZES:
             runs = [bio_figures(pair, size, args.count) for _ in range(args.repeats)]
             results["bio"][size] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
@@ -324,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         if sockets:
             row += f"{results['sockets'][size]:>13.2f}{results['plain_sockets'][size]:>13.2f}"
         print(f"{size:>10} B" + row)
+    hs = results["handshake"]
+    print(
+        f"server CPU: {hs['hello verify']:.1f} µs per HelloVerifyRequest, {hs['handshake']:.0f} µs per"
+        f" full handshake ({1e6 / hs['handshake']:.0f} handshakes/s per core)"
+    )
     for size in SIZES if sockets else ():
         low_s, high_s, low_p, high_p = results["socket_ranges"][size]
         print(
