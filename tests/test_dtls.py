@@ -35,6 +35,7 @@ from helpers_server import Certificates, make_certificates
 from OpenSSL import SSL
 
 from socks6fast.asyncio.dtls import DTLSServer, open_dtls_client, start_dtls_server
+from socks6fast.config import parse_config
 from socks6fast.net.dtls import (
     CT_APPLICATION_DATA,
     CookieJar,
@@ -316,6 +317,23 @@ def test_handshake_caps_per_source_and_total(certs: Certificates) -> None:
     assert {reason for _, reason in pair.closed} == {"handshake timed out"}
     pair.handshake(pair.client(), ("127.0.0.1", 3), now=6.0)  # room again
     assert pair.server.counters.handshakes_done == 1
+
+
+def test_connection_cap_and_limits_from_config(certs: Certificates) -> None:
+    """max_connections bounds what is kept in all (established or not); the [udp] keys map
+    onto DTLSLimits."""
+    pair = Pair(certs, limits=DTLSLimits(max_connections=2))
+    pair.handshake(pair.client(), ("127.0.0.1", 1))
+    pair.handshake(pair.client(), ("127.0.0.1", 2))
+    with pytest.raises(AssertionError, match="no handshake"):
+        pair.handshake(pair.client(), ("127.0.0.1", 3))
+    assert pair.server.counters.handshakes_refused >= 1 and len(pair.server.connections) == 2
+    udp = parse_config(
+        {"udp": {"dtls_handshakes_per_source": 3, "dtls_handshakes_total": 9, "dtls_cookie_interval": 5}}
+    ).udp
+    limits = DTLSLimits.from_config(udp, idle_timeout=42.0)
+    assert (limits.handshakes_per_source, limits.handshakes_total, limits.cookie_interval) == (3, 9, 5.0)
+    assert limits.idle_timeout == 42.0 and DTLSLimits.from_config(udp).idle_timeout == 300.0
 
 
 def _cookie_span(hello: bytes) -> tuple[int, int]:

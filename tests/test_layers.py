@@ -48,7 +48,7 @@ LAYERS: list[set[str]] = [
     {"net.url", "net.stackopts", "net.localaddr", "net", "config"},
     {"dataplane._engine"},  # inline helpers both native engines cimport (a .pxd only)
     # DTLS over memory BIOs (pyOpenSSL): sans-IO in shape, in net/ so that proto/ never imports
-    # OpenSSL; imports nothing of socks6fast.
+    # OpenSSL; above config (its limits come from the [udp] table).
     {"net.dtls"},
     {"dataplane.engine", "dataplane._relay_c", "dataplane.resources", "dataplane", "dataplane.udp_types"},
     {"dataplane._udp_py", "dataplane._udp_c"},

@@ -33,6 +33,7 @@ BIO is a byte stream: fed two datagrams at once, OpenSSL would read them as one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -45,6 +46,8 @@ from typing import Any
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
+
+from ..config import UDPConfig
 
 Address = tuple[str, int]
 """A peer: (host, port); IPv6 flow info and scope are dropped (the socket is bound to one)."""
@@ -178,6 +181,19 @@ class DTLSLimits:
     """Seconds without a datagram before an established connection is dropped."""
     mtu: int = DEFAULT_MTU
     """Ciphertext MTU for handshake flights (``set_ciphertext_mtu``)."""
+    max_connections: int = 65536
+    """Connections kept in all, established or handshaking: a bound on memory, since a
+    client with a real address can finish handshakes from as many ports as it likes."""
+
+    @classmethod
+    def from_config(cls, udp: UDPConfig, *, idle_timeout: float | None = None) -> DTLSLimits:
+        """The limits the ``[udp]`` table sets (the rest at their defaults)."""
+        limits = cls(
+            handshakes_per_source=udp.dtls_handshakes_per_source,
+            handshakes_total=udp.dtls_handshakes_total,
+            cookie_interval=udp.dtls_cookie_interval,
+        )
+        return limits if idle_timeout is None else dataclasses.replace(limits, idle_timeout=idle_timeout)
 
 
 @dataclass(slots=True)
@@ -473,6 +489,7 @@ class DTLSServerEndpoint:
         if (
             len(self._handshaking) >= self.limits.handshakes_total
             or per_source >= self.limits.handshakes_per_source
+            or len(self.connections) >= self.limits.max_connections
         ):
             self.counters.handshakes_refused += 1
             return
