@@ -581,7 +581,12 @@ class DTLSServerEndpoint:
         if not conn.established or self.connections.get(conn.address) is not conn:
             raise DTLSError(f"DTLS connection with {conn.address[0]}:{conn.address[1]} is not open")
         ssl = conn.ssl
-        ssl.send(payload)
+        try:
+            ssl.send(payload)
+        except SSL.Error as exc:
+            self._queue(ssl, conn.address)
+            self._forget(conn, f"connection failed: {_ssl_reason(exc)}")
+            raise DTLSError(f"DTLS connection with {conn.address[0]}:{conn.address[1]} failed") from exc
         self.counters.datagrams_sent += 1
         return ssl.bio_read(_BIO_CHUNK)
 
@@ -783,7 +788,12 @@ class DTLSClientConnection:
             raise ValueError(f"a DTLS datagram carries 1 to {MAX_PLAINTEXT} bytes, not {len(payload)}")
         if self.closed or not self.established:
             raise self.error or DTLSError("the DTLS connection is not open")
-        self.ssl.send(payload)
+        try:
+            self.ssl.send(payload)
+        except SSL.Error as exc:
+            error = DTLSError(f"DTLS connection failed: {_ssl_reason(exc)}")
+            self._fail(error)
+            raise error from exc
         return self.ssl.bio_read(_BIO_CHUNK)
 
     def close(self) -> None:
