@@ -14,11 +14,14 @@ Two measurements, both CPU time of this process (``time.process_time``), loopbac
   figure is this (the server's) process's CPU per echo (``getrusage``), which includes the
   loop, ``recvfrom`` and ``sendto``; ``plain echo`` is the same ping-pong without DTLS
   (a plain asyncio UDP echo), so the difference is what DTLS adds on the loop.
+* ``--c``: the record layer alone in C (``benchmarks/dtls_record_c.c``, compiled with gcc
+  against Debian's libssl): ``SSL_write`` + ``BIO_read`` and ``BIO_write`` + ``SSL_read``
+  over memory BIOs, what a native data path would pay per datagram.
 * handshakes, in memory: the server's CPU per HelloVerifyRequest (a ClientHello without a
   cookie from a new port each: the cost of a spoofed flood) and per full handshake (cookie
   exchange, ECDHE, ECDSA P-256 certificate), hence handshakes per second per core.
 
-Run: ``.venv/bin/python benchmarks/dtls_cost.py [--count N] [--repeats R] [--json]``.
+Run: ``.venv/bin/python benchmarks/dtls_cost.py [--count N] [--repeats R] [--c] [--json]``.
 Bounded: N datagrams per size and repeat (default 20000 in memory, 5000 over sockets).
 """
 
@@ -34,6 +37,7 @@ import os
 import resource
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -314,12 +318,33 @@ def socket_figures(certfile: str, keyfile: str, size: int, count: int) -> float:
     return uvloop.run(main())
 
 
+def c_figures(certfile: str, keyfile: str, count: int, directory: Path) -> dict[int, dict[str, float]]:
+    """The record layer alone in C (benchmarks/dtls_record_c.c, Debian's libssl), per size:
+    µs of CPU per decrypt and per encrypt."""
+    source = Path(__file__).with_name("dtls_record_c.c")
+    binary = directory / "dtls_record_c"
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(source), "-lssl", "-lcrypto"], check=True)
+    figures: dict[int, dict[str, float]] = {}
+    for size in SIZES:
+        out = subprocess.run(
+            [str(binary), certfile, keyfile, str(size), str(count)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        figures[size] = {"decrypt": float(out[-2]), "encrypt": float(out[-1]), "openssl": " ".join(out[:-3])}
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--count", type=int, default=20000, help="datagrams per size and repeat (memory)")
     parser.add_argument("--socket-count", type=int, default=5000, help="echoes per size over sockets")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-sockets", action="store_true", help="only the memory-BIO figures")
+    parser.add_argument(
+        "--c", action="store_true", help="also the record layer in C (needs gcc and libssl-dev)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {
@@ -340,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         for size in SIZES:
             runs = [bio_figures(pair, size, args.count) for _ in range(args.repeats)]
             results["bio"][size] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        if args.c:
+            results["c"] = c_figures(certfile, keyfile, args.count * 10, Path(tmp))
         if not args.no_sockets:
             for size in SIZES:
                 runs_s: list[float] = []
@@ -366,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         if sockets:
             row += f"{results['sockets'][size]:>13.2f}{results['plain_sockets'][size]:>13.2f}"
         print(f"{size:>10} B" + row)
+    for size, c in results.get("c", {}).items():
+        print(
+            f"{size:>10} B  in C ({c['openssl']}): decrypt {c['decrypt']:.2f}, encrypt {c['encrypt']:.2f},"
+            f" echo {c['decrypt'] + c['encrypt']:.2f}"
+        )
     hs = results["handshake"]
     print(
         f"server CPU: {hs['hello verify']:.1f} µs per HelloVerifyRequest, {hs['handshake']:.0f} µs per"
