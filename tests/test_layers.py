@@ -67,7 +67,7 @@ LAYERS: list[set[str]] = [
     # the CLI: it runs the proxy as a child process and imports nothing of the layers below.
     {"cli", "__main__", ""}
     | {f"bench{m}" for m in ("", ".__main__", ".cli", ".suite", ".ceiling")}
-    | {f"bench._{m}" for m in ("chart", "measure", "procs", "report", "systems", "ttfb")},
+    | {f"bench._{m}" for m in ("chart", "measure", "procs", "report", "systems", "ttfb", "udp")},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

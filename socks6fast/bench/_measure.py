@@ -26,18 +26,18 @@ from ._systems import PEERS_HINT, System
 GIB = 2**30
 
 
-def build_loadgen(workdir: Path) -> Path:
-    """Compile the package's loadgen.c with the system C compiler into ``workdir``.
+def build_loadgen(workdir: Path, name: str = "loadgen") -> Path:
+    """Compile the package's ``name``.c (loadgen.c, udpgen.c) with the system C compiler into ``workdir``.
 
-    loadgen.c ships as package data of ``socks6fast.bench``; it is copied into
+    The source ships as package data of ``socks6fast.bench``; it is copied into
     ``workdir`` first, so an installed package (even one imported from a zip) works.
     """
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        raise BenchError(f"no C compiler (cc) found to build loadgen.c; {PEERS_HINT}")
-    source = workdir / "loadgen.c"
-    source.write_bytes(resources.files("socks6fast.bench").joinpath("loadgen.c").read_bytes())
-    out = workdir / "loadgen"
+        raise BenchError(f"no C compiler (cc) found to build {name}.c; {PEERS_HINT}")
+    source = workdir / f"{name}.c"
+    source.write_bytes(resources.files("socks6fast.bench").joinpath(f"{name}.c").read_bytes())
+    out = workdir / name
     res = subprocess.run(
         [cc, "-O2", "-Wall", "-o", str(out), str(source)],
         capture_output=True,
@@ -45,7 +45,7 @@ def build_loadgen(workdir: Path) -> Path:
         check=False,
     )
     if res.returncode != 0:
-        raise BenchError(f"building loadgen.c failed: {res.stderr.decode(errors='replace')[-2000:]}")
+        raise BenchError(f"building {name}.c failed: {res.stderr.decode(errors='replace')[-2000:]}")
     return out
 
 

@@ -10,6 +10,18 @@ from typing import Any
 from ._ttfb import MODES
 
 FAST = ("socks6fast-s6", "socks6fast-s5")
+#: What each UDP row's client speaks (``System.udp``), for the UDP table.
+UDP_TRANSPORT = {
+    "none": "no proxy",
+    "s6udp": "SOCKS 6, plain UDP",
+    "s6tcp": "SOCKS 6, datagrams on TCP",
+    "s5": "SOCKS 5 UDP",
+}
+#: The issue 10 targets for SOCKS 6 over plain UDP (issue 10, "Speed").
+UDP_CPU_US = 6.0
+UDP_VS_DANTE = 3.0
+UDP_VS_DIRECT = 0.5
+UDP_LARGE_OVER_SMALL = 1.15
 README_BEGIN = "<!-- bench:results:begin -->"
 README_END = "<!-- bench:results:end -->"
 
@@ -43,9 +55,11 @@ def targets(res: Results) -> list[dict[str, Any]]:
     """The issue's targets, evaluated for every socks6fast path that was measured."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: float | None, op: str, limit: float, unit: str = "") -> None:
+    def add(name: str, value: float | None, op: str, limit: float, unit: str = "", issue: int = 4) -> None:
         ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
-        out.append({"target": name, "value": value, "op": op, "limit": limit, "unit": unit, "ok": ok})
+        out.append(
+            {"target": name, "value": value, "op": op, "limit": limit, "unit": unit, "ok": ok, "issue": issue}
+        )
 
     bulk = res.get("bulk", {})
     for fast in FAST:
@@ -81,6 +95,40 @@ def targets(res: Results) -> list[dict[str, Any]]:
             )
         if "idle" in res:
             add(f"{fast} resident per idle connection", _get(res, "idle", fast, "kib_rss"), "<=", 12, "KiB")
+    udp = res.get("udp", {})
+    echo = udp.get("echo", {})
+    fast = "socks6fast-s6"
+    if echo and fast in res.get("measured_systems", []):
+        # Issue 10 "Speed": the 64-byte closed-loop echo through SOCKS 6 over plain UDP.
+        small, large = min(echo, key=int), max(echo, key=int)
+        cpu = _get(echo, small, fast, "proxy_us_per_echo")
+        rate = _get(echo, small, fast, "echoes_per_s")
+        add(f"UDP {fast} proxy CPU per {small}-B echo", cpu, "<=", UDP_CPU_US, "us", 10)
+        add(
+            f"UDP {fast} echoes/s / Dante ({small} B)",
+            _ratio(rate, _get(echo, small, "dante", "echoes_per_s")),
+            ">=",
+            UDP_VS_DANTE,
+            "x",
+            10,
+        )
+        add(
+            f"UDP {fast} echoes/s / direct ({small} B)",
+            _ratio(rate, _get(echo, small, "direct", "echoes_per_s")),
+            ">=",
+            UDP_VS_DIRECT,
+            "x",
+            10,
+        )
+        if large != small:
+            add(
+                f"UDP {fast} proxy CPU per echo, {large} B / {small} B",
+                _ratio(_get(echo, large, fast, "proxy_us_per_echo"), cpu),
+                "<=",
+                UDP_LARGE_OVER_SMALL,
+                "x",
+                10,
+            )
     ttfb = res.get("ttfb", {})
     if ttfb:
         s5 = _get(ttfb, "socks5", "socks6fast-s5", "ms")
@@ -231,9 +279,10 @@ def markdown_tables(res: Results) -> str:
         lines += _md_table(["mode"] + cols, rows)
         lines.append("")
         lines += _tfo_lines(res)
+    lines += udp_tables(res)
     tg = res.get("targets", [])
     if tg:
-        lines += ["Targets (issue #4):", ""]
+        lines += ["Targets (issue #4; the UDP rows issue #10):", ""]
         lines += _md_table(
             ["target", "measured", "goal", "met"],
             [
@@ -251,6 +300,83 @@ def markdown_tables(res: Results) -> str:
     if skipped:
         lines += ["Notes:", ""] + [f"- {n}: {r}" for n, r in skipped] + [""]
     return "\n".join(lines)
+
+
+def udp_tables(res: Results) -> list[str]:
+    """The UDP test's tables: echo at each size (with idle memory and the one-in-flight round trip
+    beside the first), then one-way packets per second; skipped systems and why."""
+    udp = res.get("udp", {})
+    if not udp:
+        return []
+    o = res["options"]
+    echo = udp.get("echo", {})
+    systems = [
+        s
+        for s in res["measured_systems"]
+        if any(s in echo[z] for z in echo) or s in udp.get("pps", {}) or s in udp.get("latency", {})
+    ]
+    transport = {n: UDP_TRANSPORT.get(str(v.get("udp", "")), "") for n, v in res["systems"].items()}
+    lines: list[str] = []
+    lat, idle = udp.get("latency", {}), udp.get("idle", {})
+    if echo or lat:
+        lines += [
+            f"UDP echo through UDP ASSOCIATE (closed loop, {o['udp_flows']} flows x {o['udp_inflight']} in "
+            "flight; CPU in microseconds per echo: the proxy's processes, all threads, and the whole "
+            f"machine; round trip at 1 in flight, 64 B; memory per idle association, {o['udp_idle']} open):",
+            "",
+        ]
+        head = ["system", "transport"]
+        for z in sorted(echo, key=int):
+            head += [f"echoes/s ({z} B)", f"proxy us/echo ({z} B)", f"machine us/echo ({z} B)"]
+            head += [f"loss ({z} B)"]
+        head += ["p50 us (1x1)", "p99 us (1x1)", "RSS KiB/assoc", "PSS KiB/assoc"]
+        rows = []
+        for s in systems:
+            row = [s, transport.get(s, "")]
+            for z in sorted(echo, key=int):
+                row += [
+                    _f(_get(echo, z, s, "echoes_per_s"), 0),
+                    _f(_get(echo, z, s, "proxy_us_per_echo")),
+                    _f(_get(echo, z, s, "machine_us_per_echo")),
+                    _f(_get(echo, z, s, "loss"), 4),
+                ]
+            row += [
+                _f(_get(lat, s, "p50_us"), 0),
+                _f(_get(lat, s, "p99_us"), 0),
+                _f(_get(idle, s, "kib_rss")),
+                _f(_get(idle, s, "kib_pss")),
+            ]
+            rows.append(row)
+        lines += _md_table(head, rows) + [""]
+    pps = udp.get("pps", {})
+    if pps:
+        lines += [
+            f"UDP one way, open loop ({o['udp_flows']} senders, {o['udp_pps_size']}-B datagrams, "
+            f"{o['udp_pps_batch']} per sendmmsg) into a counting sink; CPU per datagram that arrived:",
+            "",
+        ]
+        lines += _md_table(
+            ["system", "transport", "arrived pkt/s", "sent pkt/s", "loss", "proxy us/pkt", "machine us/pkt"],
+            [
+                [
+                    s,
+                    transport.get(s, ""),
+                    _f(_get(pps, s, "pps"), 0),
+                    _f(_get(pps, s, "sent_per_s"), 0),
+                    _f(_get(pps, s, "loss"), 3),
+                    _f(_get(pps, s, "proxy_us_per_packet")),
+                    _f(_get(pps, s, "machine_us_per_packet")),
+                ]
+                for s in systems
+                if s in pps
+            ],
+        )
+        lines.append("")
+    for name, why in udp.get("skipped", {}).items():
+        lines.append(f"UDP: {name} skipped: {why}.")
+    if udp.get("skipped"):
+        lines.append("")
+    return lines
 
 
 def _tfo_lines(res: Results) -> list[str]:

@@ -2,7 +2,9 @@
 
 ``direct`` is the reference without a proxy. ``socks6fast-s5`` and
 ``socks6fast-s6`` are the two paths of one ``socks6fast serve`` process (SOCKS5
-and SOCKS6 share its port). Dante and microsocks are the SOCKS5 peers
+and SOCKS6 share its port); in the UDP test ``socks6fast-s6`` sends its datagrams
+over plain UDP and ``socks6fast-s6tcp`` (that test only) over the association's TCP
+connection, both through the same process. Dante and microsocks are the SOCKS5 peers
 (``PEERS_HINT`` says how to install them). A system that cannot start is
 reported as skipped, with the reason, and the rest of the suite goes on.
 
@@ -25,11 +27,16 @@ from pathlib import Path
 
 from ._procs import BenchError, Child, Processes, free_port, wait_port
 
-ALL_SYSTEMS = ("direct", "socks6fast-s5", "socks6fast-s6", "dante", "microsocks")
+ALL_SYSTEMS = ("direct", "socks6fast-s5", "socks6fast-s6", "socks6fast-s6tcp", "dante", "microsocks")
+#: Systems that only the UDP test measures: SOCKS 6 with the datagrams framed on the TCP
+#: connection is a transport of UDP ASSOCIATE, not a way to relay TCP.
+UDP_ONLY = frozenset({"socks6fast-s6tcp"})
 ALIASES = {
     "s5": "socks6fast-s5",
     "s6": "socks6fast-s6",
-    "socks6fast": "socks6fast-s5,socks6fast-s6",
+    "s6udp": "socks6fast-s6",
+    "s6tcp": "socks6fast-s6tcp",
+    "socks6fast": "socks6fast-s5,socks6fast-s6,socks6fast-s6tcp",
     "danted": "dante",
     "all": ",".join(ALL_SYSTEMS),
 }
@@ -61,6 +68,10 @@ class System:
     version: str = ""
     relay: str = ""
     """socks6fast only: the relay path its startup log names (splice engine or asyncio, and why)."""
+    udp: str = ""
+    """How the UDP test's client speaks to it (udpgen.c --proto: none, s6udp, s6tcp, s5), or ""."""
+    udp_reason: str = ""
+    """Why the UDP test skips it, when ``udp`` is ""."""
 
     def summary(self) -> dict[str, object]:
         """What the JSON results keep of this system."""
@@ -70,6 +81,8 @@ class System:
             "version": self.version,
             "proto": self.proto,
             "relay": self.relay,
+            "udp": self.udp,
+            "udp_reason": self.udp_reason,
         }
 
 
@@ -130,7 +143,13 @@ client pass {{
 }}
 socks pass {{
     from: 127.0.0.0/8 to: 127.0.0.0/8
-    command: connect
+    command: connect udpassociate
+    log: error
+}}
+# the UDP test's replies (target -> client direction)
+socks pass {{
+    from: 127.0.0.0/8 to: 127.0.0.0/8
+    command: udpreply
     log: error
 }}
 socks block {{
@@ -180,7 +199,7 @@ def start_systems(
     """Start what ``names`` needs; every entry comes back, unavailable ones with a reason."""
     out: dict[str, System] = {}
     if "direct" in names:
-        out["direct"] = System("direct", "none", version="kernel loopback")
+        out["direct"] = System("direct", "none", version="kernel loopback", udp="none")
     fast = [n for n in names if n.startswith("socks6fast")]
     if fast:
         out.update(_start_socks6fast(fast, procs, want_auth, socks6fast_cmd))
@@ -194,7 +213,8 @@ def start_systems(
 def _start_socks6fast(
     names: list[str], procs: Processes, want_auth: bool, socks6fast_cmd: str | None
 ) -> dict[str, System]:
-    systems = {n: System(n, "5" if n.endswith("s5") else "6") for n in names}
+    udp = {"socks6fast-s5": "s5", "socks6fast-s6": "s6udp", "socks6fast-s6tcp": "s6tcp"}
+    systems = {n: System(n, "5" if n.endswith("s5") else "6", udp=udp[n]) for n in names}
     root = socks6fast_location()
     version = f"socks6fast from {root}" if root else "socks6fast"
 
@@ -236,7 +256,7 @@ def _start_socks6fast(
 
 
 def _start_dante(procs: Processes, workdir: Path) -> System:
-    s = System("dante", "5")
+    s = System("dante", "5", udp="s5")
     exe = shutil.which("danted") or ("/usr/sbin/danted" if Path("/usr/sbin/danted").exists() else None)
     if exe is None:
         s.available, s.reason = False, f"danted not installed; {PEERS_HINT}"
@@ -258,7 +278,7 @@ def _start_dante(procs: Processes, workdir: Path) -> System:
 
 
 def _start_microsocks(procs: Processes, want_auth: bool) -> System:
-    s = System("microsocks", "5")
+    s = System("microsocks", "5", udp_reason="microsocks has no UDP ASSOCIATE (it relays TCP only)")
     exe = shutil.which("microsocks")
     if exe is None:
         s.available, s.reason = False, f"microsocks not installed; {PEERS_HINT}"
