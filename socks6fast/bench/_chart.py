@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._report import UDP_CPU_US
+from ._systems import UDP_ONLY
 from ._ttfb import MODES
 
 #: Colour of each system's bars (matplotlib colour strings).
@@ -22,6 +24,7 @@ SYSTEM_COLORS: dict[str, str] = {
     "direct": "#969696",
     "socks6fast-s5": "#326ec8",
     "socks6fast-s6": "#1ea05a",
+    "socks6fast-s6tcp": "#78c896",
     "dante": "#e68c1e",
     "microsocks": "#8c50aa",
 }
@@ -74,7 +77,9 @@ def _get(d: Any, *path: str) -> float | None:
 
 def panels(res: dict[str, Any]) -> list[Panel]:
     """The panels of a run's results (the JSON ``socks6fast bench`` writes), in reading order."""
-    systems: list[str] = res["measured_systems"]
+    # The TCP panels leave out the UDP-only rows (SOCKS 6 datagrams over TCP: _systems.UDP_ONLY).
+    every: list[str] = res["measured_systems"]
+    systems = [s for s in every if s not in UDP_ONLY]
     out: list[Panel] = []
     bulk = res.get("bulk", {})
 
@@ -136,6 +141,26 @@ def panels(res: dict[str, Any]) -> list[Panel]:
         ]
         delay = res["options"]["delay_ms"]
         out.append(Panel(f"Time to first byte, {delay:g} ms one way", "ms, lower is better", tb))
+    echo = res.get("udp", {}).get("echo", {})
+    if echo:
+        # Issue 10: the smallest size's echo rate, and its proxy CPU against the 6 µs target.
+        z = min(echo, key=int)
+        ran = [s for s in every if s in echo[z]]
+        out.append(
+            Panel(
+                f"UDP echo, {z} B",
+                "echoes/s, higher is better",
+                [bar(s, _get(echo, z, s, "echoes_per_s")) for s in ran],
+            )
+        )
+        out.append(
+            Panel(
+                f"UDP proxy CPU per {z}-B echo",
+                "µs, lower is better",
+                [bar(s, _get(echo, z, s, "proxy_us_per_echo")) for s in ran if s != "direct"],
+                UDP_CPU_US,
+            )
+        )
     return out
 
 
