@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what `socks6fast bench` compares against and what it builds with, on
-# Debian/Ubuntu: Dante (`danted`) and microsocks (SOCKS5 peers), a C compiler for
-# the load generator (benchmarks/loadgen.c), and iperf3 (optional kernel reference).
+# Debian/Ubuntu: Dante (`danted`, the SOCKS5 peer of the TCP rows and, relaying UDP
+# ASSOCIATE, of the UDP rows) and microsocks (TCP only), a C compiler for the load
+# generators (socks6fast/bench/loadgen.c and udpgen.c), and iperf3 (optional kernel reference).
 # Idempotent; needs root (or sudo). Touches nothing but apt packages.
 set -euo pipefail
 

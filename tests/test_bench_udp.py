@@ -14,13 +14,27 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_bench_smoke import _socks6fast
 
-from socks6fast.bench import _chart, _report
+from socks6fast.bench import _chart, _measure, _report
+from socks6fast.constants import AddressType, AuthMethod, AuthReplyType, Command, ReplyCode, Socks5Command
+from socks6fast.proto import _codec_py, socks5
+from socks6fast.proto.messages import (
+    AssociationConfirmation,
+    AssociationInit,
+    AuthReply,
+    Datagram,
+    DatagramHeader,
+    OperationReply,
+    Request,
+)
 
 DANTE = shutil.which("danted") or (Path("/usr/sbin/danted").exists() and "/usr/sbin/danted")
 PROXIES = ("socks6fast-s6", "socks6fast-s6tcp", "socks6fast-s5") + (("dante",) if DANTE else ())
@@ -161,3 +175,117 @@ def test_udp_usage_errors(tmp_path: Path) -> None:
         "--udp-flows takes 1-1024, --udp-inflight 1-256 and --udp-idle 1-4096"
     )
     assert "Traceback" not in out
+
+
+# ---------------------------------------------------------------- udpgen's bytes and the codec
+
+
+def _read_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        assert chunk, "udpgen closed the connection"
+        data += chunk
+    return data
+
+
+def _codec_peer(proto: str, target: int, seen: dict[str, Any], ready: threading.Event) -> None:
+    """The proxy side of one association, every message decoded and encoded by the reference
+    codecs (``_codec_py``, ``proto.socks5``): what udpgen sends must decode to the intended
+    messages, and udpgen must take what the codecs encode (with UDP padding, UDP-05)."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    usock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    usock.bind(("127.0.0.1", lsock.getsockname()[1] if proto == "s6udp" else 0))
+    for s in (lsock, usock):
+        s.settimeout(10)
+    seen["port"] = lsock.getsockname()[1]
+    ready.set()
+    aid = bytes(range(1, 9))
+    conn, _ = lsock.accept()
+    conn.settimeout(10)
+    with lsock, usock, conn:
+        if proto == "s5":
+            seen["greeting"] = socks5.decode_greeting(_read_exactly(conn, 3))[0]
+            conn.sendall(socks5.encode_method_selection(socks5.Socks5MethodSelection(AuthMethod.NONE)))
+            seen["request"] = socks5.decode_request(_read_exactly(conn, 10))[0]
+            bnd = usock.getsockname()[1]
+            conn.sendall(
+                socks5.encode_reply(socks5.Socks5Reply(ReplyCode.SUCCESS, AddressType.IPV4, "0.0.0.0", bnd))
+            )
+            data, src = usock.recvfrom(65536)
+            header, length = socks5.decode_udp_header(data)
+            seen["datagram"] = (header, len(data) - length)
+            back = socks5.Socks5UDPHeader(AddressType.IPV4, "127.0.0.1", target)
+            usock.sendto(socks5.encode_udp_header(back) + data[length:], src)
+            conn.recv(1)  # until udpgen closes
+            return
+        seen["request"] = _codec_py.decode_request(_read_exactly(conn, 12))[0]
+        conn.sendall(
+            _codec_py.encode_auth_reply(AuthReply(AuthReplyType.SUCCESS))
+            + _codec_py.encode_operation_reply(
+                OperationReply(ReplyCode.SUCCESS, AddressType.IPV4, "127.0.0.1", 4000)
+            )
+            + _codec_py.encode_association_message(AssociationInit(aid))
+        )
+        if proto == "s6udp":
+            data, src = usock.recvfrom(65536)
+            header, length = _codec_py.decode_datagram_header(data)
+            payload = data[length : header.message_length]
+            assert header.message_length == len(data)
+        else:
+            buf = b""
+            while True:
+                message, used = _codec_py.decode_association_message(buf)
+                if message is not None:
+                    break
+                buf += conn.recv(65536)
+            assert isinstance(message, Datagram) and used == len(buf)
+            header, payload = message.header, message.payload
+        seen["datagram"] = (header, len(payload))
+        conn.sendall(_codec_py.encode_association_message(AssociationConfirmation(aid)))
+        back = DatagramHeader(aid, AddressType.IPV4, "127.0.0.1", target, 20 + len(payload))
+        if proto == "s6udp":
+            out = bytearray(20)
+            _codec_py.encode_datagram_header(back, out)
+            usock.sendto(bytes(out) + payload + b"padding", src)
+        else:
+            conn.sendall(_codec_py.encode_association_message(Datagram(back, payload)))
+        conn.recv(1)  # until udpgen closes
+
+
+@pytest.mark.parametrize("proto", ["s6udp", "s6tcp", "s5"])
+def test_udpgen_bytes_match_the_codec(tmp_path: Path, proto: str) -> None:
+    """udpgen's handshake and datagrams are what socks6fast's reference codecs decode (a SOCKS 6
+    UDP ASSOCIATE Request for any address, Datagram Headers carrying the Association ID of the
+    Initialization and naming the target; RFC 1928's UDP ASSOCIATE and UDP header), and it takes
+    the replies they encode, through to one datagram echoed back."""
+    gen = _measure.build_loadgen(tmp_path, "udpgen")
+    seen: dict[str, Any] = {}
+    ready = threading.Event()
+    peer = threading.Thread(target=_codec_peer, args=(proto, 4242, seen, ready), daemon=True)
+    peer.start()
+    assert ready.wait(10)
+    argv = [str(gen), "client", "--mode", "hold", "--proto", proto, "--proxy", str(seen["port"])]
+    argv += ["--target", "4242", "--flows", "1", "--size", "100", "--max-seconds", "20"]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as client:
+        assert client.stdout is not None and client.stdin is not None
+        line = client.stdout.readline().strip()
+        client.stdin.close()
+        assert client.wait(timeout=10) == 0
+    peer.join(10)
+    assert line == "ready 1", (line, seen)
+    header, payload_length = seen["datagram"]
+    assert payload_length == 100
+    if proto == "s5":
+        assert seen["greeting"] == socks5.Socks5Greeting((AuthMethod.NONE,))
+        request = seen["request"]
+        assert (request.command, request.address_type, request.address) == (
+            Socks5Command.UDP_ASSOCIATE,
+            AddressType.IPV4,
+            "127.0.0.1",
+        )
+        assert request.port != 0  # the UDP port udpgen sends from (RFC 1928 section 7)
+        assert header == socks5.Socks5UDPHeader(AddressType.IPV4, "127.0.0.1", 4242)
+        return
+    assert seen["request"] == Request(Command.UDP_ASSOCIATE, AddressType.IPV4, "0.0.0.0", 0, ())
+    assert header == DatagramHeader(bytes(range(1, 9)), AddressType.IPV4, "127.0.0.1", 4242, 120)
