@@ -289,3 +289,31 @@ def test_udpgen_bytes_match_the_codec(tmp_path: Path, proto: str) -> None:
         return
     assert seen["request"] == Request(Command.UDP_ASSOCIATE, AddressType.IPV4, "0.0.0.0", 0, ())
     assert header == DatagramHeader(bytes(range(1, 9)), AddressType.IPV4, "127.0.0.1", 4242, 120)
+
+
+def test_readme_udp_block_leaves_the_tcp_tables(tmp_path: Path) -> None:
+    """`--readme` with a UDP-only run rewrites the UDP block (its own markers) and leaves the TCP
+    tables as they were; a run with both writes both, each with its own targets."""
+    res = _udp_results(5.0, 5.5, 60_000.0)
+    res["meta"].update(command="socks6fast bench --tests udp", loadavg_start="0.1 0.2 0.3", elapsed_s=12.0)
+    res["targets"] = _report.targets(res)
+    readme = tmp_path / "README.md"
+    tcp_block = f"{_report.README_BEGIN}\nthe TCP tables of an earlier run\n{_report.README_END}"
+    old_udp = f"{_report.README_UDP_BEGIN}\nold\n{_report.README_UDP_END}"
+    readme.write_text(f"# B\n\n{tcp_block}\n\ntext\n\n{old_udp}\n\nend\n")
+    assert _report.update_readme(readme, res) == ["udp"]
+    text = readme.read_text()
+    assert tcp_block in text and "\nold\n" not in text and text.endswith("\n\nend\n")
+    udp = text.split(_report.README_UDP_BEGIN)[1].split(_report.README_UDP_END)[0]
+    assert "Produced by `socks6fast bench --tests udp`" in udp and "| socks6fast-s6tcp |" in udp
+    assert "Targets (issue #10, UDP):" in udp and "UDP socks6fast-s6 proxy CPU per 64-B echo" in udp
+    # Both parts: the TCP block gets the TCP tables and only the TCP targets.
+    res["connections"] = {"direct": {"conn_per_s": 1000.0}}
+    res["options"]["concurrency"] = 32
+    res["targets"].append(
+        {"target": "a TCP one", "value": 1.0, "op": "<=", "limit": 2, "unit": "", "ok": True}
+    )
+    assert _report.update_readme(readme, res) == ["tcp", "udp"]
+    tcp = readme.read_text().split(_report.README_BEGIN)[1].split(_report.README_END)[0]
+    assert "Connections: CONNECT" in tcp and "Targets (issue #4):" in tcp and "a TCP one" in tcp
+    assert "UDP echo" not in tcp and "UDP socks6fast-s6" not in tcp

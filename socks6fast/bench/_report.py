@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,11 @@ UDP_VS_DIRECT = 0.5
 UDP_LARGE_OVER_SMALL = 1.15
 README_BEGIN = "<!-- bench:results:begin -->"
 README_END = "<!-- bench:results:end -->"
+#: The UDP rows get a block of their own, so a `--tests udp` run does not replace the TCP tables.
+README_UDP_BEGIN = "<!-- bench:udp-results:begin -->"
+README_UDP_END = "<!-- bench:udp-results:end -->"
+#: Results keys of the TCP tests (the "tcp" part of the tables).
+TCP_KEYS = ("bulk", "connections", "latency", "idle", "ttfb")
 
 Results = dict[str, Any]
 
@@ -190,8 +196,16 @@ def _f(v: float | None, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
-def markdown_tables(res: Results) -> str:
-    """Markdown tables of the medians (also printed to the terminal)."""
+def markdown_tables(res: Results, part: str = "all") -> str:
+    """Markdown tables of the medians (also printed to the terminal): ``part`` "all", or "tcp"
+    (every test but UDP, and the issue #4 targets) or "udp" (the UDP tables and their targets)."""
+    if part == "udp":
+        res = {k: v for k, v in res.items() if k not in TCP_KEYS}
+    elif part == "tcp":
+        res = {k: v for k, v in res.items() if k != "udp"}
+    if part != "all":
+        udp_part = part == "udp"
+        res["targets"] = [t for t in res.get("targets", []) if (t.get("issue") == 10) == udp_part]
     systems = [s for s in res["measured_systems"]]
     lines: list[str] = []
     bulk = res.get("bulk", {})
@@ -282,7 +296,9 @@ def markdown_tables(res: Results) -> str:
     lines += udp_tables(res)
     tg = res.get("targets", [])
     if tg:
-        lines += ["Targets (issue #4; the UDP rows issue #10):", ""]
+        issues = sorted({t.get("issue", 4) for t in tg})
+        title = {(4,): "issue #4", (10,): "issue #10, UDP"}.get(tuple(issues), "issue #4; UDP: issue #10")
+        lines += [f"Targets ({title}):", ""]
         lines += _md_table(
             ["target", "measured", "goal", "met"],
             [
@@ -440,27 +456,40 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 # ------------------------------------------------------------------ README
 
 
-def update_readme(readme: Path, res: Results, table: str) -> None:
-    """Replace the text between the results markers in ``readme`` (append the block if missing)."""
+def _literal(block: str) -> Callable[[re.Match[str]], str]:
+    return lambda _match: block
+
+
+def update_readme(readme: Path, res: Results) -> list[str]:
+    """Write the tables between the results markers in ``readme``: the TCP tests' between the
+    ``bench:results`` markers, the UDP test's between the ``bench:udp-results`` ones, each only
+    when the run has them (a block without its markers is appended). Returns the parts written."""
     meta = res["meta"]
     relays = {s.get("relay") for s in res.get("systems", {}).values() if s.get("relay")}
     relay = f" socks6fast relay path: {', '.join(sorted(relays))}." if relays else ""
-    block = "\n".join(
-        [
-            README_BEGIN,
-            f"Produced by `{meta['command']}` on {meta['date']}, {meta['machine']['summary']}; "
-            f"load average before the run {meta['loadavg_start']} (1, 5, 15 min: other work on this "
-            f"shared machine); the run took {meta['elapsed_s']:.0f} s.{relay}",
-            "",
-            table.rstrip(),
-            README_END,
-        ]
-    )
     text = readme.read_text() if readme.exists() else ""
-    if README_BEGIN in text and README_END in text:
-        text = re.sub(
-            re.escape(README_BEGIN) + ".*?" + re.escape(README_END), lambda m: block, text, flags=re.S
+    written = []
+    parts = (("tcp", README_BEGIN, README_END, "Latest results"), ("udp", README_UDP_BEGIN, README_UDP_END,
+             "Latest UDP results"))  # fmt: skip
+    for part, begin, end, heading in parts:
+        if not (any(k in res for k in TCP_KEYS) if part == "tcp" else "udp" in res):
+            continue
+        block = "\n".join(
+            [
+                begin,
+                f"Produced by `{meta['command']}` on {meta['date']}, {meta['machine']['summary']}; "
+                f"load average before the run {meta['loadavg_start']} (1, 5, 15 min: other work on this "
+                f"shared machine); the run took {meta['elapsed_s']:.0f} s.{relay}",
+                "",
+                markdown_tables(res, part).rstrip(),
+                end,
+            ]
         )
-    else:
-        text = text.rstrip() + "\n\n## Latest results\n\n" + block + "\n"
+        if begin in text and end in text:
+            # A function as the replacement: the block is taken literally (no backslash escapes).
+            text = re.sub(re.escape(begin) + ".*?" + re.escape(end), _literal(block), text, flags=re.S)
+        else:
+            text = text.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
+        written.append(part)
     readme.write_text(text)
+    return written

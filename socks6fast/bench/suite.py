@@ -691,8 +691,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] | None = 
         emit(f"[bench] {exc}")
     emit(f"[bench] wrote {' and '.join(wrote)} in {results['meta']['elapsed_s']:.0f} s")
     if args.readme:
-        _report.update_readme(args.readme, results, table)
-        emit(f"[bench] updated {args.readme}")
+        parts = _report.update_readme(args.readme, results)
+        emit(f"[bench] updated {args.readme} ({' and '.join(parts) or 'nothing to write'})")
     return 0
 
 
