@@ -24,8 +24,8 @@ the client are ``benchmarks/udpecho.c``, built with the system C compiler at the
 (direct, mmsg, python, direct, ...) and medians over ``--rounds`` are printed.
 
 Every process is bounded in time (``--max-seconds``); only 127.0.0.1 is used. This is
-not ``socks6fast bench`` (whose UDP rows, with Dante, are still to come): it measures
-the engine alone, without the SOCKS handshake, so the next step can compare.
+not ``socks6fast bench --tests udp`` (the whole proxy, SOCKS handshake included, beside
+Dante): it measures the engine alone, without the server.
 
 Usage::
 
