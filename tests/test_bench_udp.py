@@ -61,7 +61,7 @@ def test_bench_udp_smoke(tmp_path: Path) -> None:
     udp = res["udp"]
     assert res["options"]["tests"] == ["udp"] and res["options"]["udp_sizes"] == [64, 1400], log
     assert "microsocks" in udp["skipped"] and "no UDP ASSOCIATE" in udp["skipped"]["microsocks"], log
-    assert "[udp] microsocks      skipped: microsocks has no UDP ASSOCIATE" in log, log
+    assert "[udp] microsocks     skipped: microsocks has no UDP ASSOCIATE" in log, log
     if not DANTE:
         assert "danted not installed" in res["systems"]["dante"]["reason"], log
     for system in ("direct", *PROXIES):
