@@ -99,7 +99,49 @@ def _sink_count(sink: Child) -> tuple[int, int]:
     return count, ns
 
 
+def settle(system: System, quiet: float = 0.05, timeout: float = 5.0) -> None:
+    """Wait (bounded) until the proxy's process tree stops burning CPU: after an open-loop run it
+    still relays what its sockets hold (a TCP connection can hold megabytes of frames), and that
+    tail must not be charged to the next row, which may be the same process."""
+    deadline = time.monotonic() + timeout
+    last = tree_cpu_seconds(system.pids)
+    while system.pids and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = tree_cpu_seconds(system.pids)
+        if now - last <= quiet * 0.1:
+            return
+        last = now
+
+
 def pps(
+    gen: Path,
+    procs: Processes,
+    system: System,
+    flows: int,
+    warmup: float,
+    seconds: float,
+) -> dict[str, float | None]:
+    """One way, open loop: ``flows`` senders blast datagrams of ``PPS_SIZE`` payload bytes through
+    ``system`` to a counting sink as fast as they can.
+
+    Each run has a sink of its own: what a proxy still relays after the previous run (its
+    sockets' backlog) goes to a closed port, not into this run's count. Returns pps (datagrams
+    that reached the sink per second), sent_per_s, loss (1 - arrived / sent over the window; the
+    proxy or the kernel dropped the rest), proxy_us_per_packet and machine_us_per_packet (per
+    datagram that arrived).
+    """
+    sink = procs.start(
+        "udp-sink", [str(gen), "sink", "--max-seconds", str(seconds + warmup + 120)], stdin=True
+    )
+    try:
+        sink_port = int(sink.expect("port", 5)[0])
+        return _pps(gen, procs, system, sink, sink_port, flows, warmup, seconds)
+    finally:
+        procs.stop(sink)
+        settle(system)
+
+
+def _pps(
     gen: Path,
     procs: Processes,
     system: System,
@@ -109,13 +151,6 @@ def pps(
     warmup: float,
     seconds: float,
 ) -> dict[str, float | None]:
-    """One way, open loop: ``flows`` senders blast datagrams of ``PPS_SIZE`` payload bytes through
-    ``system`` to the counting sink as fast as they can.
-
-    Returns pps (datagrams that reached the sink per second), sent_per_s, loss (1 - arrived /
-    sent over the window; the proxy or the kernel dropped the rest), proxy_us_per_packet and
-    machine_us_per_packet (per datagram that arrived).
-    """
     argv = _client_argv(gen, system, "pps", sink_port, flows)
     argv += ["--size", str(PPS_SIZE), "--batch", str(PPS_BATCH), "--warmup", str(warmup)]
     argv += ["--seconds", str(seconds), "--max-seconds", str(_ready_timeout(flows) + warmup + seconds + 10)]
@@ -146,10 +181,22 @@ def pps(
 
 
 def idle(
-    gen: Path, procs: Processes, system: System, echo_port: int, associations: int, settle: float = 0.5
+    gen: Path,
+    procs: Processes,
+    system: System,
+    echo_port: int,
+    associations: int,
+    settle: float = 0.5,
+    source: str = "",
+    keep: list[Child] | None = None,
 ) -> dict[str, float | None]:
     """Memory the proxy holds per idle association, with ``associations`` open (each one's
-    handshake done and a datagram echoed through it before the memory is read).
+    handshake done and a datagram echoed through it before the memory is read), from
+    ``source`` (an address of 127.0.0.0/8; default 127.0.0.1).
+
+    With ``keep``, the holding client is appended to it and left running (``release`` ends it):
+    socks6fast's SOCKS 5 and SOCKS 6 rows are one process, and memory freed by one row's
+    associations would be reused by the next row's, which would then look free.
 
     Returns kib_rss and kib_pss per association (the proxy's process tree).
     """
@@ -157,19 +204,32 @@ def idle(
         return {"kib_rss": None, "kib_pss": None}
     rss0, pss0 = tree_memory_kib(system.pids)
     argv = _client_argv(gen, system, "hold", echo_port, associations)
-    argv += ["--size", "64", "--max-seconds", str(_ready_timeout(associations) + 300)]
+    argv += ["--size", "64", "--max-seconds", str(_ready_timeout(associations) + 600)]
+    argv += ["--source", source] if source else []
     client = procs.start("udp-hold", argv, stdin=True)
     try:
         client.expect("ready", _ready_timeout(associations))
         time.sleep(settle)
         rss1, pss1 = tree_memory_kib(system.pids)
-    finally:
+    except BaseException:
+        release(procs, [client])
+        raise
+    if keep is None:
+        release(procs, [client])
+    else:
+        keep.append(client)
+    return {"kib_rss": (rss1 - rss0) / associations, "kib_pss": (pss1 - pss0) / associations}
+
+
+def release(procs: Processes, holders: list[Child]) -> None:
+    """End idle-holding clients: stdin closed (their signal to close every association), then stopped."""
+    for client in holders:
         if client.proc.stdin is not None:
             client.proc.stdin.close()
             client.proc.stdin = None
+    for client in holders:
         try:
             client.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
         procs.stop(client)
-    return {"kib_rss": (rss1 - rss0) / associations, "kib_pss": (pss1 - pss0) / associations}

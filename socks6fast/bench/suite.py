@@ -407,8 +407,6 @@ class Run:
         gen = _measure.build_loadgen(workdir, "udpgen")
         echo = procs.start("udp-echo-server", [str(gen), "echo", "--max-seconds", "7200"])
         echo_port = int(echo.expect("port", 5)[0])
-        sink = procs.start("udp-sink", [str(gen), "sink", "--max-seconds", "7200"], stdin=True)
-        sink_port = int(sink.expect("port", 5)[0])
         out: dict[str, Any] = {"skipped": {}}
         self.results["udp"] = out
         systems = []
@@ -428,15 +426,23 @@ class Run:
             except BenchError as exc:
                 self.progress(f"[udp idle] {s.name:14} warm-up FAILED: {exc}")
 
+        # Each proxy's holder stays open until all are measured, each from an address of its own
+        # (a proxy may limit associations per client address: socks6fast allows 256 by default).
+        holders: list[Child] = []
+        sources = {s.name: f"127.0.0.{10 + i}" for i, s in enumerate(proxies)}
+
         def idle(s: System) -> dict[str, Any]:
-            return _udp.idle(gen, procs, s, echo_port, a.udp_idle)
+            return _udp.idle(gen, procs, s, echo_port, a.udp_idle, source=sources[s.name], keep=holders)
 
         def show_idle(d: dict[str, Any]) -> str:
             return (
                 f"{d['kib_rss']:.2f} KiB RSS, {d['kib_pss']:.2f} KiB PSS per association ({a.udp_idle} open)"
             )
 
-        samples = self._rounds("udp idle", proxies, idle, show_idle, rounds=1)
+        try:
+            samples = self._rounds("udp idle", proxies, idle, show_idle, rounds=1)
+        finally:
+            _udp.release(procs, holders)
         out["idle"] = {n: _report.summarize(v, ["kib_rss", "kib_pss"]) for n, v in samples.items() if v}
 
         keys = ["echoes_per_s", "proxy_us_per_echo", "machine_us_per_echo", "loss", "p50_us", "p99_us"]
@@ -467,7 +473,7 @@ class Run:
         out["latency"] = {n: _report.summarize(v, keys) for n, v in samples.items() if v}
 
         def oneway(s: System) -> dict[str, Any]:
-            return _udp.pps(gen, procs, s, sink, sink_port, a.udp_flows, a.warmup, a.duration)
+            return _udp.pps(gen, procs, s, a.udp_flows, a.warmup, a.duration)
 
         def show_pps(d: dict[str, Any]) -> str:
             cpu = "" if d["proxy_us_per_packet"] is None else f", proxy {d['proxy_us_per_packet']:.2f} us/pkt"
@@ -476,7 +482,6 @@ class Run:
         samples = self._rounds(f"udp one-way {_udp.PPS_SIZE} B", systems, oneway, show_pps)
         pps_keys = ["pps", "sent_per_s", "loss", "proxy_us_per_packet", "machine_us_per_packet"]
         out["pps"] = {n: _report.summarize(v, pps_keys) for n, v in samples.items() if v}
-        procs.stop(sink)
         procs.stop(echo)
 
     def ttfb(self, lg: Path, procs: Processes, rr_port: int) -> None:

@@ -17,7 +17,8 @@
  *   s5     SOCKS 5 (RFC 1928 section 7): UDP ASSOCIATE naming the client's own UDP
  *          address, then datagrams behind the 10-byte UDP request header, to BND.ADDR:PORT.
  *
- * Loopback only: every address this program touches is 127.0.0.1.
+ * Loopback only: every address this program touches is 127.0.0.1 (the client's own with
+ * --source: another address of 127.0.0.0/8).
  * Every loop is bounded in time (--max-seconds) and every run in count (--flows).
  *
  * Subcommands (result lines on stdout, errors on stderr):
@@ -30,7 +31,7 @@
  *          Ends at EOF on stdin or max-seconds.
  *   client --mode echo|pps|hold --proto none|s6udp|s6tcp|s5 --proxy PORT [--udp-port PORT]
  *          --target PORT --flows N --inflight K --size B --batch M
- *          --warmup S --seconds S --max-seconds S
+ *          --warmup S --seconds S --max-seconds S [--source 127.X.Y.Z]
  *          N flows, each its own association (and UDP socket). Prints "ready N" once every
  *          flow's handshake is done and confirmed end to end (echo and hold: one datagram
  *          echoed back through the proxy), or "failed FLOW REASON" and exits 1.
@@ -95,9 +96,14 @@ static struct sockaddr_in loopback(int port) {
 
 static void set_nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
 
+/* The client's own address (--source): 127.0.0.1 unless the harness spreads runs over
+ * 127.0.0.0/8, e.g. to hold more associations than a proxy allows per client address. */
+static struct in_addr opt_source = {.s_addr = 0};
+
 static int udp_bound(void) {
     int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     struct sockaddr_in sa = loopback(0);
+    if (opt_source.s_addr) sa.sin_addr = opt_source;
     int big = 4 << 20;
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
     if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
@@ -419,6 +425,7 @@ static int socks5_associate(int i, struct flow *f) {
     }
     int port = local_port(f->udp);
     unsigned char req[10] = {5, 3, 0, 1, 127, 0, 0, 1, (unsigned char)(port >> 8), (unsigned char)port};
+    if (opt_source.s_addr) memcpy(req + 4, &opt_source.s_addr, 4);
     if (write_all(f->tcp, req, sizeof req) < 0 || read_n(f->tcp, b, 4) < 0) return fail(i, "no reply");
     if (b[0] != 5 || b[1] != 0) {
         char why[64];
@@ -451,6 +458,11 @@ static int setup_flow(int i, unsigned char *msg) {
         struct timeval tv = {.tv_sec = 5};
         setsockopt(f->tcp, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
         struct sockaddr_in sa = loopback(opt_proxy);
+        if (opt_source.s_addr) {
+            struct sockaddr_in src = loopback(0);
+            src.sin_addr = opt_source;
+            if (bind(f->tcp, (struct sockaddr *)&src, sizeof src) < 0) return fail(i, "bind --source");
+        }
         if (connect(f->tcp, (struct sockaddr *)&sa, sizeof sa) < 0) return fail(i, "connect to the proxy");
     }
     f->data = opt_proto == P_S6TCP ? f->tcp : f->udp;
@@ -727,6 +739,13 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--warmup")) opt_warmup = atof(v);
         else if (!strcmp(k, "--seconds")) opt_seconds = atof(v);
         else if (!strcmp(k, "--max-seconds")) opt_max_seconds = atof(v);
+        else if (!strcmp(k, "--source")) {
+            /* Loopback only: anything outside 127.0.0.0/8 is refused. */
+            if (inet_pton(AF_INET, v, &opt_source) != 1 || (ntohl(opt_source.s_addr) >> 24) != 127) {
+                fprintf(stderr, "udpgen: --source must be an address in 127.0.0.0/8\n");
+                return 2;
+            }
+        }
         else if (!strcmp(k, "--mode")) {
             opt_mode = !strcmp(v, "pps") ? M_PPS : !strcmp(v, "hold") ? M_HOLD : M_ECHO;
         } else if (!strcmp(k, "--proto")) {
