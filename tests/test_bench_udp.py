@@ -77,6 +77,9 @@ def test_bench_udp_smoke(tmp_path: Path) -> None:
         assert udp["pps"][system]["proxy_us_per_packet"] > 0, (system, log)
         assert udp["idle"][system]["kib_rss"] is not None, (system, log)
     assert udp["echo"]["64"]["direct"]["proxy_us_per_echo"] is None, log
+    # The echo server's own CPU per echo: the floor a relay is compared with.
+    assert udp["echo"]["64"]["direct"]["server_us_per_echo"] > 0, log
+    assert "The echo server (recvmmsg/sendmmsg, 64 at a time) spent " in log, log
     targets = {t["target"]: t for t in res["targets"]}
     for name in UDP_TARGETS:
         assert targets[name]["issue"] == 10, log

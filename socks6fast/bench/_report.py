@@ -364,6 +364,15 @@ def udp_tables(res: Results) -> list[str]:
             ]
             rows.append(row)
         lines += _md_table(head, rows) + [""]
+        floor = [(z, _get(echo, z, "direct", "server_us_per_echo")) for z in sorted(echo, key=int)]
+        if all(v is not None for _z, v in floor) and floor:
+            each = ", ".join(f"{v:.2f} µs at {z} B" for z, v in floor)
+            lines += [
+                f"The echo server (recvmmsg/sendmmsg, 64 at a time) spent {each} per echo in the direct "
+                "rows: a relay receives and sends twice per echo, so about twice that is the floor of any "
+                "relay built on these system calls on this machine.",
+                "",
+            ]
     pps = udp.get("pps", {})
     if pps:
         lines += [

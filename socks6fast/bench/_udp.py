@@ -50,13 +50,16 @@ def echo(
     inflight: int,
     warmup: float,
     seconds: float,
+    server_pid: int = 0,
 ) -> dict[str, float | None]:
     """Closed-loop echo: ``flows`` associations, ``inflight`` datagrams of ``size`` payload bytes
     in flight on each, through ``system`` to a UDP echo server.
 
     Returns echoes_per_s, proxy_us_per_echo (the proxy's process tree, user + system),
     machine_us_per_echo (every core), loss (datagrams given up after 200 ms of silence, over
-    those sent), p50_us and p99_us (round trips in the window), echoes.
+    those sent), p50_us and p99_us (round trips in the window), echoes, and with ``server_pid``
+    (the echo server) server_us_per_echo: it receives and sends each datagram once, batched, so
+    twice that is about the floor of any relay built on the same system calls on this machine.
     """
     argv = _client_argv(gen, system, "echo", echo_port, flows)
     argv += ["--inflight", str(inflight), "--size", str(size), "--warmup", str(warmup)]
@@ -65,9 +68,11 @@ def echo(
     try:
         client.expect("ready", _ready_timeout(flows))
         client.expect("start", warmup + 10.0)
+        e0 = tree_cpu_seconds([server_pid]) if server_pid else 0.0
         c0, m0, t0 = tree_cpu_seconds(system.pids), machine_cpu_seconds(), time.monotonic()
         done = client.expect("done", seconds + 10.0)
         c1, m1, t1 = tree_cpu_seconds(system.pids), machine_cpu_seconds(), time.monotonic()
+        e1 = tree_cpu_seconds([server_pid]) if server_pid else 0.0
     finally:
         procs.stop(client)
     echoes, elapsed_ns, lost, p50, p99, sent = (int(x) for x in done)
@@ -80,6 +85,7 @@ def echo(
         "echoes_per_s": rate,
         "proxy_us_per_echo": (c1 - c0) / in_window * 1e6 if system.pids else None,
         "machine_us_per_echo": (m1 - m0) / in_window * 1e6,
+        "server_us_per_echo": (e1 - e0) / in_window * 1e6 if server_pid else None,
         "loss": lost / sent if sent else 0.0,
         "p50_us": p50 / 1e3,
         "p99_us": p99 / 1e3,

@@ -445,12 +445,14 @@ class Run:
             _udp.release(procs, holders)
         out["idle"] = {n: _report.summarize(v, ["kib_rss", "kib_pss"]) for n, v in samples.items() if v}
 
-        keys = ["echoes_per_s", "proxy_us_per_echo", "machine_us_per_echo", "loss", "p50_us", "p99_us"]
+        keys = ["echoes_per_s", "proxy_us_per_echo", "machine_us_per_echo", "server_us_per_echo", "loss"]
+        keys += ["p50_us", "p99_us"]
 
         def show_echo(d: dict[str, Any]) -> str:
             cpu = "" if d["proxy_us_per_echo"] is None else f", proxy {d['proxy_us_per_echo']:.2f} us/echo"
             return (
                 f"{d['echoes_per_s']:.0f} echoes/s{cpu}, machine {d['machine_us_per_echo']:.2f} us/echo, "
+                f"echo server {d['server_us_per_echo']:.2f} us/echo, "
                 f"loss {d['loss']:.4f}, p50 {d['p50_us']:.0f} us, p99 {d['p99_us']:.0f} us"
             )
 
@@ -459,7 +461,16 @@ class Run:
 
             def loaded(s: System, size: int = size) -> dict[str, Any]:
                 return _udp.echo(
-                    gen, procs, s, echo_port, size, a.udp_flows, a.udp_inflight, a.warmup, a.duration
+                    gen,
+                    procs,
+                    s,
+                    echo_port,
+                    size,
+                    a.udp_flows,
+                    a.udp_inflight,
+                    a.warmup,
+                    a.duration,
+                    echo.pid,
                 )
 
             label = f"udp echo {size} B {a.udp_flows}x{a.udp_inflight}"
@@ -467,7 +478,7 @@ class Run:
             out["echo"][str(size)] = {n: _report.summarize(v, keys) for n, v in samples.items() if v}
 
         def unloaded(s: System) -> dict[str, Any]:
-            return _udp.echo(gen, procs, s, echo_port, 64, 1, 1, a.warmup, a.latency_duration)
+            return _udp.echo(gen, procs, s, echo_port, 64, 1, 1, a.warmup, a.latency_duration, echo.pid)
 
         samples = self._rounds("udp echo 64 B 1x1", systems, unloaded, show_echo)
         out["latency"] = {n: _report.summarize(v, keys) for n, v in samples.items() if v}
