@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from test_bench_smoke import _socks6fast
 
-from socks6fast.bench import _chart, _measure, _report
+from socks6fast.bench import _chart, _measure, _procs, _report
 from socks6fast.constants import AddressType, AuthMethod, AuthReplyType, Command, ReplyCode, Socks5Command
 from socks6fast.proto import _codec_py, socks5
 from socks6fast.proto.messages import (
@@ -320,3 +320,19 @@ def test_readme_udp_block_leaves_the_tcp_tables(tmp_path: Path) -> None:
     tcp = readme.read_text().split(_report.README_BEGIN)[1].split(_report.README_END)[0]
     assert "Connections: CONNECT" in tcp and "Targets (issue #4):" in tcp and "a TCP one" in tcp
     assert "UDP echo" not in tcp and "UDP socks6fast-s6" not in tcp
+
+
+def test_cpu_between_snapshots_is_never_negative() -> None:
+    """The proxy CPU of a window from two snapshots of its process tree: the growth of each
+    process, all of a new one's, and an ended child through its parent's waited-for time; a
+    child that ended unwaited (auto-reaped, as Dante's I/O processes are) cannot make the
+    window negative (a plain difference of sums gave -6 us per echo for Dante once)."""
+    tick = 1 / _procs.CLK_TCK
+    parent, child, newer = (10, 1), (11, 2), (12, 3)
+    before = {parent: (100, 0), child: (500, 0)}
+    # Both alive: their growth.
+    assert _procs.cpu_seconds_between(before, {parent: (110, 0), child: (530, 0)}) == pytest.approx(40 * tick)
+    # The child ended and was waited for (600 ticks in its life, 100 of them in the window).
+    assert _procs.cpu_seconds_between(before, {parent: (110, 600)}) == pytest.approx(110 * tick)
+    # The child ended unwaited: only the parent's growth, not -490 ticks; a new process counts whole.
+    assert _procs.cpu_seconds_between(before, {parent: (110, 0), newer: (7, 0)}) == pytest.approx(17 * tick)

@@ -260,6 +260,43 @@ def tree_cpu_seconds(roots: Sequence[int]) -> float:
     return ticks / CLK_TCK
 
 
+def tree_cpu_snapshot(roots: Sequence[int]) -> dict[tuple[int, int], tuple[int, int]]:
+    """CPU ticks of each process of the trees at ``roots``: (its own user + system, that of the
+    children it has waited for), keyed by (pid, start time) so that a reused pid is a new process."""
+    out: dict[tuple[int, int], tuple[int, int]] = {}
+    for pid in process_tree(roots):
+        fields = _read_stat(pid)
+        if fields is not None:
+            # stat fields 14-17 (utime, stime, cutime, cstime) and 22 (starttime) sit at 11-14
+            # and 19 after the name.
+            own, waited = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+            out[(pid, int(fields[19]))] = (own, waited)
+    return out
+
+
+def cpu_seconds_between(
+    before: dict[tuple[int, int], tuple[int, int]], after: dict[tuple[int, int], tuple[int, int]]
+) -> float:
+    """CPU seconds a process tree spent between two ``tree_cpu_snapshot``s, never negative.
+
+    A process that ended in between is charged through its parent's waited-for children time,
+    which grows by the whole of its life: so the time it had at ``before`` comes off that growth.
+    But a child nobody waits for (auto-reaped: Dante's I/O processes end with their sessions)
+    adds nothing there, and a plain difference of sums would go negative; here that child adds
+    nothing (its last moments are lost, a small undercount), processes that appeared add all
+    their time and the others their growth.
+    """
+    own = waited = gone = 0
+    for key, (o1, w1) in after.items():
+        o0, w0 = before.get(key, (0, 0))
+        own += o1 - o0
+        waited += w1 - w0
+    for key, (o0, w0) in before.items():
+        if key not in after:
+            gone += o0 + w0
+    return (own + max(0, waited - gone)) / CLK_TCK
+
+
 def machine_cpu_seconds() -> float:
     """Busy CPU seconds of the whole machine, all cores (from the first line of /proc/stat)."""
     with open("/proc/stat") as f:

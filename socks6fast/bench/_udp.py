@@ -19,7 +19,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from ._procs import BenchError, Child, Processes, machine_cpu_seconds, tree_cpu_seconds, tree_memory_kib
+from ._procs import (
+    BenchError,
+    Child,
+    Processes,
+    cpu_seconds_between,
+    machine_cpu_seconds,
+    tree_cpu_seconds,
+    tree_cpu_snapshot,
+    tree_memory_kib,
+)
 from ._systems import System
 
 #: Datagrams per sendmmsg(2) (frames per write over TCP) of the one-way sender.
@@ -69,9 +78,9 @@ def echo(
         client.expect("ready", _ready_timeout(flows))
         client.expect("start", warmup + 10.0)
         e0 = tree_cpu_seconds([server_pid]) if server_pid else 0.0
-        c0, m0, t0 = tree_cpu_seconds(system.pids), machine_cpu_seconds(), time.monotonic()
+        c0, m0, t0 = tree_cpu_snapshot(system.pids), machine_cpu_seconds(), time.monotonic()
         done = client.expect("done", seconds + 10.0)
-        c1, m1, t1 = tree_cpu_seconds(system.pids), machine_cpu_seconds(), time.monotonic()
+        c1, m1, t1 = tree_cpu_snapshot(system.pids), machine_cpu_seconds(), time.monotonic()
         e1 = tree_cpu_seconds([server_pid]) if server_pid else 0.0
     finally:
         procs.stop(client)
@@ -83,7 +92,7 @@ def echo(
     in_window = rate * (t1 - t0)
     return {
         "echoes_per_s": rate,
-        "proxy_us_per_echo": (c1 - c0) / in_window * 1e6 if system.pids else None,
+        "proxy_us_per_echo": cpu_seconds_between(c0, c1) / in_window * 1e6 if system.pids else None,
         "machine_us_per_echo": (m1 - m0) / in_window * 1e6,
         "server_us_per_echo": (e1 - e0) / in_window * 1e6 if server_pid else None,
         "loss": lost / sent if sent else 0.0,
@@ -165,10 +174,10 @@ def _pps(
         client.expect("ready", _ready_timeout(flows))
         client.expect("start", warmup + 10.0)
         n0, ns0 = _sink_count(sink)
-        c0, m0 = tree_cpu_seconds(system.pids), machine_cpu_seconds()
+        c0, m0 = tree_cpu_snapshot(system.pids), machine_cpu_seconds()
         done = client.expect("done", seconds + 10.0)
         n1, ns1 = _sink_count(sink)
-        c1, m1 = tree_cpu_seconds(system.pids), machine_cpu_seconds()
+        c1, m1 = tree_cpu_snapshot(system.pids), machine_cpu_seconds()
     finally:
         procs.stop(client)
     sent, elapsed_ns = (int(x) for x in done)
@@ -181,7 +190,7 @@ def _pps(
         "pps": rate,
         "sent_per_s": sent_per_s,
         "loss": max(0.0, 1.0 - rate / sent_per_s) if sent_per_s else 0.0,
-        "proxy_us_per_packet": (c1 - c0) / arrived * 1e6 if system.pids else None,
+        "proxy_us_per_packet": cpu_seconds_between(c0, c1) / arrived * 1e6 if system.pids else None,
         "machine_us_per_packet": (m1 - m0) / arrived * 1e6,
     }
 
