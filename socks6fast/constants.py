@@ -247,7 +247,8 @@ class UdpDrop(IntEnum):
     #: The control plane's verdict for the destination is "deny", the name did not resolve,
     #: or the destination cannot be sent to (port 0, the all-zero address with a payload).
     DENIED = 8
-    #: The destination (or its name, D20) waits for the control plane's verdict.
+    #: The destination (or its name, D20) waits for the control plane's verdict and the
+    #: association already holds as many waiting datagrams as it may (D24).
     PENDING = 9
     #: No remote-facing socket of the destination's address family.
     NO_SOCKET = 10

@@ -21,6 +21,7 @@ import asyncio
 import os
 import socket
 import struct
+from collections import deque
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -52,6 +53,12 @@ _U16 = struct.Struct("!H")
 _MAX_MESSAGE = 65535
 _MAX_DESTS = 4096
 _MAX_NAMES = 64
+#: D24: datagrams (and payload bytes) held per association while their destination
+#: waits for a verdict or a name; the defaults and limits of the native engine.
+HOLD_DATAGRAMS = 8
+HOLD_BYTES = 16384
+_MAX_HOLD_DATAGRAMS = 256
+_MAX_HOLD_BYTES = 1048576
 _READS_PER_CALLBACK = 64
 _CONTROL_SPACE = 128
 _V4_MAPPED = bytes(10) + b"\xff\xff"
@@ -60,6 +67,7 @@ _ALLOW, _DENY, _PENDING = 1, 2, 3
 _UNMAPPED, _MAPPED_UDP, _MAPPED_TCP = 0, 1, 2
 
 Key = tuple[int, bytes, int]  # (4 or 6, 4 or 16 address bytes, port)
+Held = tuple[int, str, int, bytes]  # (address type, address, port, payload) as the client named it
 
 
 def _pack(address: str) -> tuple[int, bytes]:
@@ -147,6 +155,8 @@ class _Assoc:
         self.out_armed = False
         self.dests: dict[Key, list[int]] = {}  # key -> [verdict, contacted]
         self.names: dict[str, tuple[int, bytes] | int] = {}  # name -> (family, raw) | _PENDING | _DENY
+        self.held: deque[Held] = deque()  # D24: datagrams waiting for a verdict or a name
+        self.held_bytes = 0
         self.c2r_dgrams = self.c2r_bytes = self.r2c_dgrams = self.r2c_bytes = 0
         self.drops = self.icmp_errors = self.icmp_reported = 0
         self.timer: asyncio.TimerHandle | None = None
@@ -167,6 +177,8 @@ class UdpEngine:
         batch: int = 16,
         max_datagram: int = 65535,
         first_datagram_timeout: float = 0.0,
+        hold_datagrams: int = HOLD_DATAGRAMS,
+        hold_bytes: int = HOLD_BYTES,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         if not 0 <= workers <= 64:
@@ -177,6 +189,13 @@ class UdpEngine:
             raise ValueError(f"max_datagram must be in 512..{_MAX_MESSAGE}, got {max_datagram}")
         if not 0.0 <= first_datagram_timeout < 1e9:
             raise ValueError(f"first_datagram_timeout must be >= 0 seconds, got {first_datagram_timeout}")
+        if not 0 <= hold_datagrams <= _MAX_HOLD_DATAGRAMS:
+            raise ValueError(f"hold_datagrams must be in 0..{_MAX_HOLD_DATAGRAMS}, got {hold_datagrams}")
+        if not 0 <= hold_bytes <= _MAX_HOLD_BYTES:
+            raise ValueError(f"hold_bytes must be in 0..{_MAX_HOLD_BYTES}, got {hold_bytes}")
+        self._hold_datagrams = hold_datagrams
+        self._hold_bytes = hold_bytes
+        self._held = self._held_bytes = 0
         self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._workers = workers or max(1, min(64, len(os.sched_getaffinity(0))))
         self._max = max_datagram
@@ -347,11 +366,11 @@ class UdpEngine:
             return
         entry = a.dests.get((family, raw, port))
         if entry is None:
-            if len(a.dests) >= _MAX_DESTS:
-                return
-            a.dests[(family, raw, port)] = [_ALLOW if allow else _DENY, 0]
+            if len(a.dests) < _MAX_DESTS:
+                a.dests[(family, raw, port)] = [_ALLOW if allow else _DENY, 0]
         else:
             entry[0] = _ALLOW if allow else _DENY
+        self._release(a)
 
     def resolved(self, association_id: bytes, name: str, address: str | None) -> None:
         self._check_open()
@@ -363,6 +382,7 @@ class UdpEngine:
         if a is None or (name not in a.names and len(a.names) >= _MAX_NAMES):
             return
         a.names[name] = packed if packed is not None else _DENY
+        self._release(a)
 
     def remove(self, association_id: bytes) -> None:
         aid = _check_id(association_id)
@@ -382,6 +402,9 @@ class UdpEngine:
 
     def drops(self) -> dict[UdpDrop, int]:
         return dict(self._drops)
+
+    def held(self) -> tuple[int, int]:
+        return self._held, self._held_bytes
 
     def close(self) -> None:
         if self._closed:
@@ -431,6 +454,7 @@ class UdpEngine:
             return
         a.live = False
         self._assocs.pop(a.aid, None)
+        self._take_held(a)  # D24: held datagrams end with the association
         if a.timer is not None:
             a.timer.cancel()
         socks: list[socket.socket] = [r.sock for r in a.remotes]
@@ -734,10 +758,10 @@ class UdpEngine:
                     return
                 a.names[address] = _PENDING
                 self._event(UdpResolve(a.aid, address, port))
-                self._drop(a, UdpDrop.PENDING)
+                self._hold(a, (atyp, address, port, payload))
                 return
             if cached == _PENDING:
-                self._drop(a, UdpDrop.PENDING)
+                self._hold(a, (atyp, address, port, payload))
                 return
             if not isinstance(cached, tuple):
                 self._drop(a, UdpDrop.DENIED)
@@ -758,7 +782,7 @@ class UdpEngine:
             if a.ask:
                 self._event(UdpAsk(a.aid, _text(family, raw), port))
         if entry[0] == _PENDING:
-            self._drop(a, UdpDrop.PENDING)
+            self._hold(a, (atyp, address, port, payload))
             return
         if entry[0] == _DENY:
             self._drop(a, UdpDrop.DENIED)
@@ -788,6 +812,33 @@ class UdpEngine:
             a.c2r_dgrams += 1
             a.c2r_bytes += len(payload)
             return
+
+    # -- datagrams waiting for a verdict or a name (D24) ----------------------------------
+
+    def _hold(self, a: _Assoc, item: Held) -> None:
+        """Keep a datagram until its destination is decided, within the bound (else PENDING)."""
+        size = len(item[3])
+        if len(a.held) >= self._hold_datagrams or a.held_bytes + size > self._hold_bytes:
+            self._drop(a, UdpDrop.PENDING)
+            return
+        a.held.append(item)
+        a.held_bytes += size
+        self._held += 1
+        self._held_bytes += size
+
+    def _take_held(self, a: _Assoc) -> deque[Held]:
+        items, a.held = a.held, deque()
+        self._held -= len(items)
+        self._held_bytes -= a.held_bytes
+        a.held_bytes = 0
+        return items
+
+    def _release(self, a: _Assoc) -> None:
+        """A verdict or a name arrived: every held datagram goes through _to_remote again,
+        in arrival order (sent, dropped as DENIED, or held again if still waiting)."""
+        if a.live and a.held:
+            for atyp, address, port, payload in self._take_held(a):
+                self._to_remote(a, atyp, address, port, payload)
 
     # -- remote -> client ----------------------------------------------------------------
 

@@ -14,7 +14,8 @@ arguments, apply the same rules and report the same events
 The API (documented in full in ``src_pyx/socks6fast/dataplane/_udp_c.pyx``)::
 
     engine = UdpEngine(workers=0, batch=16, max_datagram=65535,
-                       first_datagram_timeout=0.0, loop=None)
+                       first_datagram_timeout=0.0, hold_datagrams=8,
+                       hold_bytes=16384, loop=None)
     engine.add_port(open_udp_port(host, port, engine.workers))  # SOCKS 6 UDP port (D16)
     engine.add(association_id, tcp_fd, remote_fds, socks5_fd=-1, client_address=None,
                client_port=0, udp_error=False, ask=False, tcp_send=b"", tcp_pending=b"")
@@ -23,6 +24,7 @@ The API (documented in full in ``src_pyx/socks6fast/dataplane/_udp_c.pyx``)::
     engine.remove(association_id)
     engine.drain() -> list[UdpEvent]
     engine.drops() -> dict[UdpDrop, int]
+    engine.held() -> tuple[int, int]   # datagrams, bytes waiting for a verdict/name (D24)
     engine.close()
 
 The engine is a building block: the server does not use it yet (UDP ASSOCIATE is

@@ -49,10 +49,12 @@ class UdpConfirmed:
 class UdpAsk:
     """A client datagram named a destination the association has no verdict for.
 
-    Only for associations added with ``ask=True``. The datagram was dropped
-    (``UdpDrop.PENDING``); the control plane checks its rules and answers with
-    ``UdpEngine.verdict(association_id, address, port, allow)``; the client's next
-    datagram to it is then relayed or dropped without asking again.
+    Only for associations added with ``ask=True``. The datagram is held (D24: with the
+    later ones to the same destination, up to the engine's ``hold_datagrams`` /
+    ``hold_bytes`` per association; beyond, ``UdpDrop.PENDING``); the control plane
+    checks its rules and answers with ``UdpEngine.verdict(association_id, address,
+    port, allow)``, which sends the held datagrams in order or drops them
+    (``UdpDrop.DENIED``); later datagrams to it are relayed or dropped without asking.
     """
 
     association_id: bytes
@@ -65,10 +67,10 @@ class UdpAsk:
 class UdpResolve:
     """A client datagram named a domain name the association has not resolved yet (D20).
 
-    The datagram was dropped (``UdpDrop.PENDING``); the control plane resolves the
+    The datagram is held as for :class:`UdpAsk` (D24); the control plane resolves the
     name and answers with ``UdpEngine.resolved(association_id, name, address)``. The
     answer is cached for the association's life; the destination (address, port) then
-    goes through the verdicts like any other.
+    goes through the verdicts like any other, and the held datagrams with it.
     """
 
     association_id: bytes

@@ -394,7 +394,7 @@ class UdpService:
             ValueError, OSError: the engine refused it (the caller still owns everything).
         """
         # Only ask about destinations when the rules can tell them apart: a datagram to a
-        # destination waiting for its verdict is dropped (UdpDrop.PENDING).
+        # destination waiting for its verdict is held until it comes (D24).
         ask = self._context.policy.destination_matters(client_ip, user, Command.UDP_ASSOCIATE)
         families = sockets.families
         remote_fds = [sock.fileno() for sock in sockets.remote]
