@@ -698,18 +698,22 @@ async def test_add_refuses_bad_arguments(harness: Harness) -> None:
 
 async def test_ask_and_verdicts(harness: Harness) -> None:
     """ask=True: an unknown destination is reported once (UdpAsk) and its datagrams are
-    dropped (PENDING) until the verdict; allow relays, deny drops (DENIED)."""
+    held until the verdict (D24); allow relays them and the later ones, deny drops (DENIED)."""
     a = harness.add(ask=True)
     host, port = harness.echo.address
     a.client.sendto(dgram(a.aid, host, port, b"one"), harness.port_address)
     ask = await harness.event(UdpAsk, a.aid)
     assert (ask.address, ask.port) == (host, port)
     a.client.sendto(dgram(a.aid, host, port, b"two"), harness.port_address)
-    await harness.drops(UdpDrop.PENDING, 2)
+    await until(lambda: harness.engine.held() == (2, 6), "two held datagrams")
     assert sum(isinstance(e, UdpAsk) for e in harness.drain()) == 1
+    assert harness.echo.seen == []
     harness.engine.verdict(a.aid, host, port, True)
-    await asyncio.sleep(0.05)
+    for expected in (b"one", b"two"):
+        data, _ = await recv(a.client)
+        assert parse(data)[1] == expected
     assert await harness.echo_through(a, b"three") == b"three"
+    assert harness.engine.drops()[UdpDrop.PENDING] == 0
     other = Echo(harness.host)
     try:
         harness.engine.verdict(a.aid, *other.address, False)
@@ -722,8 +726,9 @@ async def test_ask_and_verdicts(harness: Harness) -> None:
 
 
 async def test_domain_names_resolved_by_the_control_plane(harness: Harness) -> None:
-    """D20: a name is reported once (UdpResolve), its datagrams wait (PENDING); the answer
-    is cached per association; a name that did not resolve drops (DENIED)."""
+    """D20: a name is reported once (UdpResolve), its datagrams wait (held, D24) and leave
+    when it resolves; the answer is cached per association; a name that did not resolve
+    drops them (DENIED)."""
     a = harness.add()
     host, port = harness.echo.address
     a.client.sendto(
@@ -731,21 +736,173 @@ async def test_domain_names_resolved_by_the_control_plane(harness: Harness) -> N
     )
     resolve = await harness.event(UdpResolve, a.aid)
     assert (resolve.name, resolve.port) == ("echo.test", port)
-    await harness.drops(UdpDrop.PENDING, 1)
+    await until(lambda: harness.engine.held() == (1, 2), "a held datagram")
     harness.engine.resolved(a.aid, "echo.test", host)
-    harness.engine.resolved(a.aid, "nowhere.test", None)
-    await asyncio.sleep(0.05)
+    data, _ = await recv(a.client)
+    header, body = parse(data)
+    assert body == b"q1" and (header.address, header.port) == (host, port)  # the source is an IP
     a.client.sendto(
         dgram(a.aid, "echo.test", port, b"q2", atyp=AddressType.DOMAIN_NAME), harness.port_address
     )
     data, _ = await recv(a.client)
-    header, body = parse(data)
-    assert body == b"q2" and (header.address, header.port) == (host, port)  # the source is an IP
+    assert parse(data)[1] == b"q2"
     a.client.sendto(
         dgram(a.aid, "nowhere.test", port, b"q3", atyp=AddressType.DOMAIN_NAME), harness.port_address
     )
+    await until(lambda: harness.engine.held() == (1, 2), "a held datagram")
+    harness.engine.resolved(a.aid, "nowhere.test", None)
     await harness.drops(UdpDrop.DENIED, 1)
-    assert sum(isinstance(e, UdpResolve) for e in harness.drain()) == 1
+    assert harness.engine.held() == (0, 0)
+    assert sum(isinstance(e, UdpResolve) for e in harness.drain()) == 2
+    assert harness.engine.drops()[UdpDrop.PENDING] == 0
+
+
+# -- datagrams waiting for a verdict or a name (D24) ----------------------------------------
+
+
+async def _held_then(h: Harness, a: Assoc, payloads: list[bytes], *, over_tcp: bool = False) -> None:
+    """Send payloads to the echo server while its verdict is pending; wait for the UdpAsk."""
+    host, port = h.echo.address
+    for payload in payloads:
+        message = dgram(a.aid, host, port, payload)
+        if over_tcp:
+            a.tcp.sendall(message)
+        else:
+            a.client.sendto(message, h.port_address)
+    await h.event(UdpAsk, a.aid)
+
+
+@pytest.mark.parametrize("over_tcp", [False, True], ids=["udp", "tcp"])
+async def test_held_datagrams_leave_in_order_after_the_verdict(harness: Harness, over_tcp: bool) -> None:
+    """D24: the first datagrams to a destination under a rule are not lost: held (copied,
+    over UDP and over TCP alike), then sent in arrival order once the verdict allows."""
+    a = harness.add(ask=True)
+    payloads = [b"%d" % i * (i + 1) for i in range(8)]
+    await _held_then(harness, a, payloads, over_tcp=over_tcp)
+    total = sum(map(len, payloads))
+    await until(lambda: harness.engine.held() == (8, total), "eight held datagrams")
+    await asyncio.sleep(0.05)
+    assert harness.echo.seen == []
+    harness.engine.verdict(a.aid, *harness.echo.address, True)
+    await until(lambda: len(harness.echo.seen) == 8, "the held datagrams at the echo server")
+    assert [data for data, _ in harness.echo.seen] == payloads
+    if over_tcp:
+        assert await read_message(a.tcp) == AssociationConfirmation(a.aid)
+        got = [(await read_message(a.tcp)).payload for _ in payloads]
+        assert got == payloads
+    else:
+        got_udp = [parse((await recv(a.client))[0])[1] for _ in payloads]
+        assert got_udp == payloads
+    assert harness.engine.held() == (0, 0)
+    drops = harness.engine.drops()
+    assert drops[UdpDrop.PENDING] == drops[UdpDrop.DENIED] == 0
+
+
+async def test_hold_bound_drops_the_rest_as_pending(path: str) -> None:
+    """D24: at most hold_datagrams datagrams and hold_bytes payload bytes per association
+    wait; the next one is dropped and counted as PENDING; the held ones still leave."""
+    h = Harness(make_engine(path, hold_datagrams=3, hold_bytes=100), "127.0.0.1")
+    h.open_port()
+    try:
+        a = h.add(ask=True)
+        await _held_then(h, a, [b"a" * 10, b"b" * 10, b"c" * 10, b"d" * 10])
+        await h.drops(UdpDrop.PENDING, 1)  # the 4th: over hold_datagrams
+        assert h.engine.held() == (3, 30)
+        b = h.add(ask=True)
+        await _held_then(h, b, [b"e" * 60, b"f" * 50, b"g" * 40])
+        await h.drops(UdpDrop.PENDING, 2)  # "f": 60 + 50 > hold_bytes
+        assert h.engine.held() == (5, 130)
+        assert h.engine.drops()[UdpDrop.PENDING] == 2
+        h.engine.verdict(a.aid, *h.echo.address, True)
+        await until(lambda: len(h.echo.seen) == 3, "a's held datagrams")
+        h.engine.verdict(b.aid, *h.echo.address, True)
+        await until(lambda: len(h.echo.seen) == 5, "b's held datagrams")
+        assert [data for data, _ in h.echo.seen] == [b"a" * 10, b"b" * 10, b"c" * 10, b"e" * 60, b"g" * 40]
+        assert h.engine.held() == (0, 0)
+    finally:
+        h.close()
+
+
+async def test_hold_nothing_when_disabled(path: str) -> None:
+    """hold_datagrams=0: every datagram to a pending destination is dropped (PENDING)."""
+    h = Harness(make_engine(path, hold_datagrams=0), "127.0.0.1")
+    h.open_port()
+    try:
+        a = h.add(ask=True)
+        await _held_then(h, a, [b"x", b"y"])
+        await h.drops(UdpDrop.PENDING, 2)
+        h.engine.verdict(a.aid, *h.echo.address, True)
+        await asyncio.sleep(0.1)
+        assert h.echo.seen == [] and h.engine.held() == (0, 0)
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("arg", ["hold_datagrams", "hold_bytes"])
+async def test_hold_bounds_are_checked(path: str, arg: str) -> None:
+    with pytest.raises(ValueError, match=arg):
+        make_engine(path, **{arg: -1})
+    with pytest.raises(ValueError, match=arg):
+        make_engine(path, **{arg: 10**7})
+
+
+async def test_denied_destination_drops_the_held_datagrams(harness: Harness) -> None:
+    """D24: a deny verdict drops every held datagram, counted as DENIED (not PENDING)."""
+    a = harness.add(ask=True)
+    await _held_then(harness, a, [b"1", b"2", b"3"])
+    await until(lambda: harness.engine.held() == (3, 3), "three held datagrams")
+    harness.engine.verdict(a.aid, *harness.echo.address, False)
+    await harness.drops(UdpDrop.DENIED, 3)
+    await asyncio.sleep(0.05)
+    assert harness.echo.seen == [] and harness.engine.held() == (0, 0)
+    assert harness.engine.drops()[UdpDrop.PENDING] == 0
+
+
+async def test_name_then_verdict_keeps_the_datagram(harness: Harness) -> None:
+    """D20 + D24: a name under a destination rule waits twice (the name, then the verdict
+    on its address) and still arrives, first."""
+    a = harness.add(ask=True)
+    host, port = harness.echo.address
+    a.client.sendto(
+        dgram(a.aid, "echo.test", port, b"n1", atyp=AddressType.DOMAIN_NAME), harness.port_address
+    )
+    await harness.event(UdpResolve, a.aid)
+    harness.engine.resolved(a.aid, "echo.test", host)
+    ask = await harness.event(UdpAsk, a.aid)
+    assert (ask.address, ask.port) == (host, port)
+    assert harness.engine.held() == (1, 2)
+    harness.engine.verdict(a.aid, host, port, True)
+    data, _ = await recv(a.client)
+    assert parse(data)[1] == b"n1"
+    assert harness.engine.held() == (0, 0)
+
+
+async def test_held_datagrams_end_with_the_association(path: str) -> None:
+    """D24: datagrams still held when the association ends (TCP closed, removed, engine
+    closed) are freed: the held count returns to 0 and no fd is left."""
+    before = fd_count()
+    h = Harness(make_engine(path), "127.0.0.1")
+    h.open_port()
+    try:
+        assocs = [h.add(ask=True) for _ in range(3)]
+        for a in assocs:
+            await _held_then(h, a, [b"z" * 1000] * 8)
+        await until(lambda: h.engine.held() == (24, 24000), "24 held datagrams")
+        assocs[0].tcp.close()
+        await h.event(UdpEnded, assocs[0].aid)
+        assert h.engine.held() == (16, 16000)
+        h.engine.remove(assocs[1].aid)
+        await h.event(UdpEnded, assocs[1].aid)
+        assert h.engine.held() == (8, 8000)
+        h.engine.verdict(assocs[1].aid, *h.echo.address, True)  # ended: nothing to release
+        await asyncio.sleep(0.05)
+        assert h.echo.seen == []
+    finally:
+        h.close()
+    h.drain()
+    assert sum(isinstance(e, UdpEnded) for e in h.events) == 3
+    assert h.engine.held() == (0, 0)
+    assert fd_count() == before
 
 
 # -- SOCKS 5 ----------------------------------------------------------------------------------

@@ -662,8 +662,8 @@ async def test_socks5_other_address_dropped_without_port(engine: str) -> None:
 
 async def test_rules_on_the_request_and_on_each_destination(engine: str) -> None:
     """CMD-06 for UDP: ``udp_associate`` denied -> Not Allowed (0x02); with a destination
-    rule, each datagram's destination is checked (the first datagram to a new destination
-    waits for the verdict and is dropped: UDP semantics, the client resends), a denied
+    rule, each datagram's destination is checked: the first datagram to a new destination
+    is held until the verdict and then relayed, without a resend (D24; probe F3); a denied
     destination's datagrams are dropped and counted, an allowed one is relayed."""
     rules = [
         {
@@ -687,22 +687,50 @@ async def test_rules_on_the_request_and_on_each_destination(engine: str) -> None
         await association.send_udp(datagram(association.aid, "127.0.0.1", 9, b"denied"))
         await association.send_udp(datagram(association.aid, *echo.address, b"first"))
         assert await association.message() == AssociationConfirmation(association.aid)
-        payload = b""
-        for _ in range(20):  # the first datagram waited for the verdict: resend until it passes
-            await association.send_udp(datagram(association.aid, *echo.address, b"again"))
-            with contextlib.suppress(TimeoutError):
-                payload = parse(await association.recv_udp(0.2))[1]
-                break
-        assert payload == b"again"
+        # One try: the datagram waited for the verdict and was not lost (D24).
+        assert parse(await association.recv_udp())[1] == b"first"
+        await association.send_udp(datagram(association.aid, *echo.address, b"again"))
+        assert parse(await association.recv_udp())[1] == b"again"
         for _ in range(3):
             await association.send_udp(datagram(association.aid, "127.0.0.1", 9, b"denied"))
         assert await association.nothing_on_udp()
         assert all(data != b"denied" for data, _ in echo.seen)
         assert server.udp is not None
-        assert server.udp.engine.drops()[UdpDrop.DENIED] >= 3
+        assert server.udp.engine.drops()[UdpDrop.DENIED] >= 4
+        assert server.udp.engine.drops()[UdpDrop.PENDING] == 0
         await association.close()
         record = await record_of(server, association)
-        assert record.udp_drops >= 5  # 3 denied, the pending first ones
+        assert record.udp_drops == 4  # the 4 denied ones; the first ones waited
+
+
+@pytest.mark.parametrize("over", ["udp", "tcp"])
+async def test_datagrams_waiting_for_a_verdict_arrive_in_order(engine: str, over: str) -> None:
+    """D24 (probe F3): under a destination rule, a burst of datagrams to a new destination
+    sent before the verdict is back is held, not dropped: all arrive, in order."""
+    rules = [{"action": "deny", "commands": ["udp_associate"], "ports": [9]}]
+    async with udp_server(rules=rules) as server, Echo("127.0.0.1") as echo:
+        association = await associate(server)
+        burst = [b"burst %d" % i for i in range(6)]
+        data = b"".join(datagram(association.aid, *echo.address, payload) for payload in burst)
+        if over == "tcp":
+            await association.client.send(data)
+        else:
+            for payload in burst:
+                await association.send_udp(datagram(association.aid, *echo.address, payload))
+        assert await association.message() == AssociationConfirmation(association.aid)
+        got = []
+        for _ in burst:
+            if over == "udp":
+                got.append(parse(await association.recv_udp())[1])
+            else:
+                message = await association.message()
+                assert isinstance(message, Datagram)
+                got.append(message.payload)
+        assert got == burst
+        assert [data for data, _ in echo.seen] == burst
+        assert server.udp is not None
+        assert server.udp.engine.drops()[UdpDrop.PENDING] == 0
+        await association.close()
 
 
 async def test_no_rule_on_destinations_never_waits(engine: str) -> None:
@@ -720,7 +748,9 @@ async def test_no_rule_on_destinations_never_waits(engine: str) -> None:
 async def test_domain_name_destinations(engine: str, over: str) -> None:
     """D20: a domain name in a Datagram Header is resolved by the server's resolver (a local
     fake here), once per association, and checked by the rules with the address it resolved
-    to: a name resolving into a denied network is dropped; the reply names the IP source."""
+    to: a name resolving into a denied network is dropped; the reply names the IP source.
+    The first datagram waits for the name and the verdict and arrives without a resend
+    (D24; probe F3)."""
     resolver = fake_resolver({"echo.test": ["127.0.0.1"], "blocked.test": ["127.0.0.9"]})
     rules = [{"action": "deny", "commands": ["udp_associate"], "destinations": ["127.0.0.9/32"]}]
     async with udp_server(rules=rules, resolver=resolver) as server, Echo("127.0.0.1") as echo:
@@ -742,13 +772,9 @@ async def test_domain_name_destinations(engine: str, over: str) -> None:
 
         await send(b"resolve me", "echo.test")
         assert await association.message() == AssociationConfirmation(association.aid)
-        header = None
-        for _ in range(20):  # the first datagram waited for the name: resend
-            with contextlib.suppress(TimeoutError):
-                header, payload = await receive(0.2)
-                break
-            await send(b"resolve me", "echo.test")
-        assert header is not None and payload == b"resolve me"
+        header, payload = await receive(TIMEOUT)  # one try: it waited (D24)
+        assert payload == b"resolve me"
+        assert [data for data, _ in echo.seen] == [b"resolve me"]
         assert (header.address_type, header.address, header.port) == (AddressType.IPV4, *echo.address)
         for _ in range(3):
             await send(b"blocked", "blocked.test")
