@@ -660,6 +660,7 @@ async def test_socks5_other_address_dropped_without_port(engine: str) -> None:
 # --- rules, names, limits, bad input ---------------------------------------------------
 
 
+@pytest.mark.conformance("CMD-06")
 async def test_rules_on_the_request_and_on_each_destination(engine: str) -> None:
     """CMD-06 for UDP: ``udp_associate`` denied -> Not Allowed (0x02); with a destination
     rule, each datagram's destination is checked: the first datagram to a new destination
@@ -832,6 +833,7 @@ async def test_flood_for_dead_associations_is_dropped_and_bounded(engine: str) -
         await live.close()
 
 
+@pytest.mark.conformance("UDP-07")
 async def test_no_descriptor_leaks(engine: str, tmp_path: Path) -> None:
     """Nothing leaks (UDP-07): after associations over UDP, TCP and TLS, SOCKS 5, refusals,
     timeouts and a server shutdown with associations still live, the process has as many
