@@ -14,19 +14,34 @@ import ssl
 from collections.abc import Iterable
 from typing import Any, Final, Generic, Protocol, Self, TypedDict, TypeVar
 
-from .constants import Command
+from .constants import Availability, Command, Parity, StackLeg
 from .net.url import ProxyURL, parse_proxy_url, proxy_ssl_context
 from .proto.client import ClientConnection, ClientSession, ClientState
 from .proto.client_flow import Flow, request
-from .proto.messages import OperationReply, Option, StackOption
+from .proto.client_udp import (
+    DEFAULT_RESEND_INTERVAL,
+    DEFAULT_RESEND_TRIES,
+    ClientAssociation,
+    Transport,
+)
+from .proto.messages import (
+    OperationReply,
+    Option,
+    PortParityOption,
+    StackOption,
+    UDPErrorOption,
+)
+from .proto.states import AssociationState
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "AssociationBase",
     "BindingBase",
     "ConnectOptions",
     "ProxyBase",
     "RequestOptions",
     "SessionBase",
+    "UDPAssociateOptions",
 ]
 
 C = TypeVar("C")
@@ -62,6 +77,64 @@ class ConnectOptions(RequestOptions, total=False):
     """``b""``. First application bytes, sent in the same write as the Request (CMD-03).
     With credentials up to 2^14 bytes are announced; the rest follows the successful
     Authentication Reply."""
+
+
+class UDPAssociateOptions(RequestOptions, total=False):
+    """Keyword arguments of ``udp_associate`` in both flavours (besides `RequestOptions`)."""
+
+    transport: Transport
+    """``"udp"``. Where the datagrams travel: ``"udp"``, plain UDP datagrams to the proxy's
+    UDP port; ``"tcp"``, framed on the TCP (or TLS) connection to the proxy (UDP-02)."""
+    udp_error: bool
+    """False. Ask for ICMP error reports (the UDP Error option, UDP-09): they are raised
+    from ``recvfrom`` as `socks6fast.errors.ICMPError` subclasses."""
+    port_parity: Parity | None
+    """None. Ask for an even or odd bound port (the Port Parity option; the proxy honours
+    it only when ``port`` is 0, STK-08)."""
+    reserve_port: bool
+    """False. With ``port_parity``: also reserve the port's counterpart (RTP/RTCP pairs)."""
+    server_mode: bool
+    """False. Confirm the association at once with the empty datagram to the all-zero
+    address (section "Proxying UDP servers", UDP-06), so that remote hosts can send
+    first; ``udp_associate`` returns once the proxy confirmed. Over UDP the empty
+    datagram is resent until then (UDP-10)."""
+    udp_port: int | None
+    """None. The proxy's UDP port; None: the port of its TCP listener, on the address the
+    TCP connection reached (D16)."""
+    resend_interval: float
+    """0.25. Seconds before the first resend of the server-mode empty datagram over UDP;
+    each further wait doubles."""
+    resend_tries: int
+    """5. Empty datagrams sent in all before ``TimeoutError``."""
+    max_queue: int
+    """1024. Received datagrams held until ``recvfrom`` takes them: over UDP more are
+    dropped (counted in ``dropped``), over TCP reading pauses."""
+
+
+def udp_request_options(kwargs: UDPAssociateOptions) -> tuple[StackOption, ...]:
+    """The Stack options a UDP ASSOCIATE Request carries for ``kwargs`` (UDP Error, Port Parity)."""
+    options: list[StackOption] = list(kwargs.get("stack_options", ()))
+    if kwargs.get("udp_error", False):
+        # Section "UDP Error options": Leg 2, Availability 0x02 "error reporting is desired".
+        options.append(UDPErrorOption(StackLeg.PROXY_REMOTE, Availability.DESIRED))
+    parity = kwargs.get("port_parity")
+    if parity is not None:
+        options.append(
+            PortParityOption(StackLeg.PROXY_REMOTE, Parity(parity), kwargs.get("reserve_port", False))
+        )
+    elif kwargs.get("reserve_port", False):
+        raise ValueError("reserve_port needs port_parity (the counterpart of an even or odd port)")
+    return tuple(options)
+
+
+def new_association(kwargs: UDPAssociateOptions) -> ClientAssociation:
+    """The sans-IO association for ``kwargs``."""
+    return ClientAssociation(
+        transport=kwargs.get("transport", "udp"),
+        udp_error=kwargs.get("udp_error", False),
+        resend_interval=kwargs.get("resend_interval", DEFAULT_RESEND_INTERVAL),
+        resend_tries=kwargs.get("resend_tries", DEFAULT_RESEND_TRIES),
+    )
 
 
 class ProxyBase:
@@ -137,6 +210,16 @@ class ProxyBase:
         self, address: str, port: int, session: SessionBase[Any] | None, kwargs: RequestOptions
     ) -> Flow[C, tuple[C, ClientConnection]]:
         return self._flow(Command.BIND, address, port, session, kwargs)
+
+    def _udp_flow(
+        self, address: str, port: int, session: SessionBase[Any] | None, kwargs: UDPAssociateOptions
+    ) -> Flow[C, tuple[C, ClientConnection]]:
+        request_kwargs: RequestOptions = {
+            "stack_options": udp_request_options(kwargs),
+            "idempotent": kwargs.get("idempotent", False),
+            "tfo": kwargs.get("tfo", False),
+        }
+        return self._flow(Command.UDP_ASSOCIATE, address, port, session, request_kwargs)
 
     def _noop_flow(
         self, options: Iterable[Option], session: SessionBase[Any] | None
@@ -247,3 +330,59 @@ class BindingBase(Generic[CC]):
         # Leaving a ``with`` block: the accepted channel belongs to the caller now.
         if self.connection.state is not ClientState.ESTABLISHED:
             self.close()
+
+
+class AssociationBase(Generic[CC]):
+    """A UDP association (UDP ASSOCIATE), what both flavours share: replies and accessors."""
+
+    def __init__(self, channel: CC, conn: ClientConnection, core: ClientAssociation) -> None:
+        self._channel = channel
+        self.connection = conn
+        """The sans-IO connection (the replies)."""
+        self.core = core
+        """The sans-IO association (state, ID, drop counts)."""
+
+    @property
+    def reply(self) -> OperationReply:
+        """The Operation Reply: the bound address and the Stack options the proxy applied (D9)."""
+        assert self.connection.operation_reply is not None
+        return self.connection.operation_reply
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        """``(address, port)`` the proxy relays from and receives remote datagrams on."""
+        return self.reply.address, self.reply.port
+
+    @property
+    def id(self) -> bytes:
+        """The 8-byte Association ID (UDP-01)."""
+        assert self.core.association_id is not None
+        return self.core.association_id
+
+    @property
+    def transport(self) -> Transport:
+        """``"udp"`` or ``"tcp"``: where the datagrams travel."""
+        return self.core.transport
+
+    @property
+    def udp_error(self) -> bool:
+        """True when the proxy said it will report ICMP errors (its UDP Error option echo)."""
+        return any(
+            isinstance(o, UDPErrorOption) and o.availability == Availability.DESIRED
+            for o in self.reply.options
+        )
+
+    @property
+    def port_parity(self) -> PortParityOption | None:
+        """The proxy's Port Parity answer (the parity obtained, whether the pair is reserved)."""
+        return next((o for o in self.reply.options if isinstance(o, PortParityOption)), None)
+
+    @property
+    def confirmed(self) -> bool:
+        """True once the proxy confirmed the association (after the first datagram)."""
+        return self.core.state is AssociationState.CONFIRMED
+
+    @property
+    def dropped(self) -> int:
+        """Datagrams from the proxy dropped silently (see ``core.dropped`` for the reasons)."""
+        return sum(self.core.dropped.values())

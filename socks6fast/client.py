@@ -42,19 +42,23 @@ import socket
 import ssl as _ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TypeVar, Unpack
 
 from ._client_base import (
     DEFAULT_TIMEOUT,
+    AssociationBase,
     BindingBase,
     ConnectOptions,
     ProxyBase,
     RequestOptions,
     SessionBase,
+    UDPAssociateOptions,
+    new_association,
 )
-from .errors import Socks6Error
+from .errors import AssociationClosedError, Socks6Error
 from .net.tfo import TCP_FASTOPEN_CONNECT, enable_tfo_connect
 from .proto.client import ClientConnection, SessionState
 from .proto.client_flow import (
@@ -68,8 +72,11 @@ from .proto.client_flow import (
     Steps,
     Write,
     accept,
+    association_init,
 )
-from .proto.messages import Option
+from .proto.client_udp import AssociationEnded, ClientAssociation, icmp_error
+from .proto.messages import Datagram, DatagramError, Option
+from .proto.states import NEED_DATA
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -79,6 +86,8 @@ __all__ = [
     "Proxy",
     "RequestOptions",
     "Session",
+    "UDPAssociateOptions",
+    "UDPAssociation",
     "enable_tfo_connect",
 ]
 
@@ -351,6 +360,41 @@ class Proxy(ProxyBase):
         """NOOP: check the credentials, or start ``session``; return the finished connection."""
         return self._run(self._noop_flow(options, session), session, timeout)[1]
 
+    def udp_associate(
+        self,
+        address: str = "0.0.0.0",
+        port: int = 0,
+        *,
+        session: Session | None = None,
+        **kwargs: Unpack[UDPAssociateOptions],
+    ) -> UDPAssociation:
+        """UDP ASSOCIATE: relay UDP datagrams through the proxy.
+
+        Arguments, return value and errors: those of the asyncio flavour's
+        ``socks6fast.asyncio.client.udp_associate`` (``address``/``port``: the desired
+        bind address and port of the proxy's socket towards remote hosts).
+
+        Example::
+
+            with proxy.udp_associate(transport="udp") as assoc:
+                assoc.sendto(b"ping", ("127.0.0.1", 9999))
+                data, (host, port) = assoc.recvfrom(timeout=5)
+        """
+        timeout = kwargs.get("timeout", DEFAULT_TIMEOUT)
+        core = new_association(kwargs)
+        deadline = _Deadline(timeout)
+        performer = _Performer(deadline, self._open_channel, session)
+        channel, conn = performer.run(self._udp_flow(address, port, session, kwargs))
+        _Performer(deadline).run(association_init(channel, conn, core))
+        association = UDPAssociation(channel, conn, core, kwargs.get("udp_port"))
+        try:
+            if kwargs.get("server_mode", False):
+                association._confirm(deadline)
+        except BaseException:
+            association.close()
+            raise
+        return association
+
 
 class Binding(BindingBase[_Channel]):
     """A BIND in progress; see `Proxy.bind`."""
@@ -372,6 +416,192 @@ class Binding(BindingBase[_Channel]):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._close_unless_accepted()
+
+
+class UDPAssociation(AssociationBase[_Channel]):
+    """A UDP association through the proxy (blocking flavour); see `Proxy.udp_associate`.
+
+    The TCP connection (TLS for ``socks6+tls``) carries the control messages, and with
+    ``transport="tcp"`` the datagrams; with ``transport="udp"`` a connected UDP socket
+    talks to the proxy's UDP port. Nothing runs in the background: `recvfrom` reads both
+    and sends the server-mode resends when due. One thread may send while another
+    receives; TCP writes are serialised, and every use of the TLS object is, since one
+    OpenSSL connection must not be used by two threads at once.
+    """
+
+    def __init__(
+        self, channel: _Channel, conn: ClientConnection, core: ClientAssociation, udp_port: int | None
+    ) -> None:
+        super().__init__(channel, conn, core)
+        self._inbox: deque[Datagram | DatagramError] = deque()
+        self._end: BaseException | None = None
+        self._lock = threading.Lock()  # the core, the inbox and the TCP socket
+        self._recv_lock = threading.Lock()  # one receiver at a time
+        self._tcp = channel.sock
+        self._tcp.settimeout(None)
+        self._udp: socket.socket | None = None
+        if core.transport == "udp":
+            # D16: the proxy's UDP port has the TCP listener's address and port number.
+            peer = self._tcp.getpeername()
+            target = (peer[0], peer[1] if udp_port is None else udp_port, *peer[2:])
+            udp = socket.socket(self._tcp.family, socket.SOCK_DGRAM)
+            try:
+                udp.connect(target)
+            except BaseException:
+                udp.close()
+                self._channel.close()
+                raise
+            self._udp = udp
+
+    # -- sending
+
+    def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+        """Send ``data`` to ``address`` (an IP literal or a name the proxy resolves, D20).
+
+        Raises:
+            AssociationClosedError: the association is over (or the reason it ended).
+            LocalProtocolError: too long for one Datagram message (65535 bytes with the header).
+        """
+        host, port = address
+        with self._lock:
+            if self._end is not None:
+                raise self._end
+            message = self.core.datagram(bytes(data), host, port)
+            if self._udp is None:
+                self._tcp.sendall(message)  # under the lock: messages never interleave
+                return
+        self._udp.send(message)
+
+    def _confirm(self, deadline: _Deadline) -> None:
+        # Server mode (UDP-06): the empty datagram, resent over UDP until confirmed (UDP-10).
+        with self._lock:
+            message = self.core.confirm_datagram(time.monotonic())
+            if self._udp is None:
+                self._tcp.sendall(message)
+        if self._udp is not None:
+            self._udp.send(message)
+        while not self.confirmed:
+            if self._end is not None:
+                raise self._end
+            self._wait(deadline)
+
+    # -- receiving
+
+    def recv_message(self, timeout: float | None = None) -> Datagram | DatagramError:
+        """The next `Datagram` or `DatagramError` message as it came (for events, not exceptions).
+
+        Raises:
+            AssociationClosedError: the association is over and nothing is left.
+            RemoteProtocolError: the proxy broke the protocol (the association is over).
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+            OSError: the network (e.g. ConnectionRefusedError: no UDP port at the proxy).
+        """
+        deadline = _Deadline(timeout)
+        with self._recv_lock:
+            while True:
+                with self._lock:
+                    if self._inbox:
+                        return self._inbox.popleft()
+                    if self._end is not None:
+                        raise self._end
+                self._wait(deadline)
+
+    def recvfrom(self, timeout: float | None = None) -> tuple[bytes, tuple[str, int]]:
+        """The next datagram: ``(payload, (source address, source port))``.
+
+        Raises:
+            ICMPError: an ICMP error report (with ``udp_error=True``); a subclass per code.
+            AssociationClosedError, RemoteProtocolError, TimeoutError, OSError: see
+                `recv_message`.
+        """
+        message = self.recv_message(timeout)
+        if isinstance(message, DatagramError):
+            raise icmp_error(message)
+        return message.payload, (message.header.address, message.header.port)
+
+    def _wait(self, deadline: _Deadline) -> None:
+        # Wait for the TCP connection, the UDP socket or the resend timer, and handle
+        # what is ready. TimeoutError when ``deadline`` passes.
+        remaining = deadline.remaining()
+        timer = self.core.get_timer()
+        if timer is not None:
+            until_timer = max(0.0, timer - time.monotonic())
+            remaining = until_timer if remaining is None else min(remaining, until_timer)
+        tcp_pending = isinstance(self._tcp, _ssl.SSLSocket) and self._tcp.pending() > 0
+        poller = select.poll()
+        poller.register(self._tcp, select.POLLIN)
+        if self._udp is not None:
+            poller.register(self._udp, select.POLLIN)
+        ready = {
+            fd for fd, _ in poller.poll(0 if tcp_pending else None if remaining is None else remaining * 1000)
+        }
+        try:
+            if tcp_pending or self._tcp.fileno() in ready:
+                self._read_tcp()
+            if self._udp is not None and self._udp.fileno() in ready:
+                self._read_udp()
+            self._run_timer()
+        except (Socks6Error, OSError) as exc:
+            # A protocol error, the end of the TCP connection, the last resend unanswered
+            # (TimeoutError), a network error: the association is over; recv raises it.
+            self._finish(exc)
+
+    def _read_tcp(self) -> None:
+        with self._lock:
+            if self._end is not None:
+                return
+            try:
+                data = self._tcp.recv(2**16)
+            except (ConnectionResetError, _ssl.SSLEOFError):
+                data = b""  # the end of the TCP connection: the end of the association
+            self.core.receive_data(data)
+            while (event := self.core.next_event()) is not NEED_DATA:
+                if isinstance(event, AssociationEnded):
+                    raise AssociationClosedError("the proxy closed the association's TCP connection")
+                if isinstance(event, Datagram | DatagramError):
+                    self._inbox.append(event)
+                # AssociationConfirmation: the core's state says it (``confirmed``).
+
+    def _read_udp(self) -> None:
+        assert self._udp is not None
+        while True:
+            try:
+                data = self._udp.recv(2**16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            with self._lock:
+                message = self.core.receive_datagram(data)
+                if message is not None:
+                    self._inbox.append(message)
+
+    def _run_timer(self) -> None:
+        with self._lock:
+            again = self.core.handle_timer(time.monotonic())
+        if again is not None and self._udp is not None:
+            self._udp.send(again)
+
+    def _finish(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._end is None:
+                self._end = exc
+            self.core.close()
+        self._channel.close()
+        if self._udp is not None:
+            self._udp.close()
+
+    # -- the end
+
+    def close(self) -> None:
+        """End the association: close the TCP connection (and the UDP socket)."""
+        self._finish(AssociationClosedError("the association was closed"))
+
+    def __enter__(self) -> UDPAssociation:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 class Session(SessionBase[Proxy]):
@@ -417,6 +647,12 @@ class Session(SessionBase[Proxy]):
     def bind(self, address: str = "0.0.0.0", port: int = 0, **kwargs: Unpack[RequestOptions]) -> Binding:
         """`Proxy.bind` inside this session (same keyword arguments)."""
         return self.proxy.bind(address, port, session=self, **kwargs)
+
+    def udp_associate(
+        self, address: str = "0.0.0.0", port: int = 0, **kwargs: Unpack[UDPAssociateOptions]
+    ) -> UDPAssociation:
+        """`Proxy.udp_associate` inside this session (same keyword arguments)."""
+        return self.proxy.udp_associate(address, port, session=self, **kwargs)
 
     def close(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         """Tear the session down (NOOP + Session ID + Session Teardown) and forget it.

@@ -8,7 +8,7 @@ subclasses.
 
 from __future__ import annotations
 
-from .constants import ReplyCode
+from .constants import DatagramErrorCode, ReplyCode
 
 
 class Socks6Error(Exception):
@@ -73,3 +73,71 @@ class AuthenticationError(ProxyError):
 
 class ConfigError(Socks6Error):
     """The configuration is invalid; the message is one sentence naming the offending key."""
+
+
+class AssociationClosedError(Socks6Error, ConnectionError):
+    """Client side: the UDP association is over (its TCP connection ended or was closed).
+
+    "The UDP association remains active for as long as the TCP connection between the
+    client and the proxy is kept open" (section "Handling UDP ASSOCIATE").
+    """
+
+
+class ICMPError(Socks6Error):
+    """Client side: the proxy relayed an ICMP error for one of our datagrams (UDP-09).
+
+    Raised from a UDP association's ``recvfrom`` when the client opted in with the UDP
+    Error option; one subclass per Error Code (section "Reporting ICMP Errors"). The
+    report is not checked by the proxy and may be spurious: the association stays usable.
+
+    Attributes:
+        code: the Error Code.
+        destination: ``(address, port)`` of the datagram the error is about (the IP and
+            UDP headers inside the ICMP payload).
+        reporter: address of the host that sent the ICMP error.
+    """
+
+    code: DatagramErrorCode = DatagramErrorCode.HOST_UNREACHABLE
+
+    def __init__(self, destination: tuple[str, int], reporter: str) -> None:
+        super().__init__(
+            f"{self.code.name.lower().replace('_', ' ')}: datagram to {destination[0]} port "
+            f"{destination[1]}, reported by {reporter}"
+        )
+        self.destination = destination
+        self.reporter = reporter
+
+    @staticmethod
+    def for_code(code: DatagramErrorCode, destination: tuple[str, int], reporter: str) -> ICMPError:
+        """The subclass instance for ``code``."""
+        return _ICMP_ERRORS[code](destination, reporter)
+
+
+class NetworkUnreachableError(ICMPError):
+    """Error Code 0x01: network unreachable."""
+
+    code = DatagramErrorCode.NETWORK_UNREACHABLE
+
+
+class HostUnreachableError(ICMPError):
+    """Error Code 0x02: host unreachable."""
+
+    code = DatagramErrorCode.HOST_UNREACHABLE
+
+
+class TTLExpiredError(ICMPError):
+    """Error Code 0x03: TTL expired (hop limit exceeded) in transit."""
+
+    code = DatagramErrorCode.TTL_EXPIRED
+
+
+class DatagramTooBigError(ICMPError):
+    """Error Code 0x04: datagram too big (IPv6 only; the path MTU is smaller)."""
+
+    code = DatagramErrorCode.DATAGRAM_TOO_BIG
+
+
+_ICMP_ERRORS: dict[DatagramErrorCode, type[ICMPError]] = {
+    cls.code: cls
+    for cls in (NetworkUnreachableError, HostUnreachableError, TTLExpiredError, DatagramTooBigError)
+}

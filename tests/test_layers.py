@@ -42,7 +42,7 @@ LAYERS: list[set[str]] = [
     {"proto.server_wire", "proto.actions"},
     {"proto.server_common"},
     {"proto.server_socks5"},
-    {"proto.server", "proto.client", "proto"},
+    {"proto.server", "proto.client", "proto.client_udp", "proto"},
     {"proto.client_flow"},
     {"net.tfo"},
     {"net.url", "net.stackopts", "net.localaddr", "net", "config"},

@@ -50,19 +50,23 @@ import asyncio
 import contextlib
 import socket
 import ssl as _ssl
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar, Unpack
 
 from .._client_base import (
     DEFAULT_TIMEOUT,
+    AssociationBase,
     BindingBase,
     ConnectOptions,
     ProxyBase,
     RequestOptions,
     SessionBase,
+    UDPAssociateOptions,
+    new_association,
 )
-from ..errors import Socks6Error
+from ..errors import AssociationClosedError, Socks6Error
 from ..net.tfo import enable_tfo_connect
 from ..net.url import parse_proxy_url
 from ..proto.client import ClientConnection
@@ -77,8 +81,11 @@ from ..proto.client_flow import (
     Steps,
     Write,
     accept,
+    association_init,
 )
-from ..proto.messages import Option, StackOption
+from ..proto.client_udp import AssociationEnded, ClientAssociation, icmp_error
+from ..proto.messages import AssociationConfirmation, Datagram, DatagramError, Option, StackOption
+from ..proto.states import NEED_DATA
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -88,8 +95,11 @@ __all__ = [
     "RequestOptions",
     "Session",
     "StreamBinding",
+    "UDPAssociateOptions",
+    "UDPAssociation",
     "open_bind",
     "open_connection",
+    "udp_associate",
 ]
 
 SSLArg = _ssl.SSLContext | bool | None
@@ -404,6 +414,34 @@ class Proxy(ProxyBase):
             _, conn = await performer.run(self._noop_flow(options, session))
         return conn
 
+    async def udp_associate(
+        self,
+        address: str = "0.0.0.0",
+        port: int = 0,
+        *,
+        session: Session | None = None,
+        **kwargs: Unpack[UDPAssociateOptions],
+    ) -> UDPAssociation:
+        """UDP ASSOCIATE: relay UDP datagrams through the proxy; see `udp_associate`.
+
+        ``address`` and ``port`` are the desired bind address and port of the proxy's
+        socket towards remote hosts ("0.0.0.0" or "::" and 0: any).
+        """
+        core = new_association(kwargs)
+        async with asyncio.timeout(kwargs.get("timeout", DEFAULT_TIMEOUT)):
+            performer = _Performer(self._open_stream_channel, session)
+            channel, conn = await performer.run(self._udp_flow(address, port, session, kwargs))
+            await _Performer[_StreamChannel]().run(association_init(channel, conn, core))
+            association = UDPAssociation(channel, conn, core, max_queue=kwargs.get("max_queue", 1024))
+            try:
+                await association._start(kwargs.get("udp_port"))
+                if kwargs.get("server_mode", False):
+                    await association._confirm()
+            except BaseException:
+                await association.aclose()
+                raise
+        return association
+
 
 # --- BIND ------------------------------------------------------------------------------
 
@@ -446,6 +484,232 @@ class StreamBinding(_AsyncBinding[_StreamChannel]):
         """
         await self._wait_peer(timeout)
         return self._channel.reader, self._channel.writer
+
+
+# --- UDP ASSOCIATE -----------------------------------------------------------------------
+
+
+class _UDPEndpoint(asyncio.DatagramProtocol):
+    """The plain-UDP side of an association: datagrams from the proxy's UDP port."""
+
+    def __init__(self, association: UDPAssociation) -> None:
+        self._association = association
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._association._on_datagram(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # An ICMP error about the proxy's UDP port itself (connected socket): typically
+        # ConnectionRefusedError, no UDP port there. The next recvfrom raises it.
+        self._association._push(exc)
+
+
+class UDPAssociation(AssociationBase[_StreamChannel]):
+    """A UDP association through the proxy (asyncio flavour); see `Proxy.udp_associate`.
+
+    Example::
+
+        async with await proxy.udp_associate(transport="udp") as assoc:
+            await assoc.sendto(b"ping", ("127.0.0.1", 9999))
+            data, (host, port) = await assoc.recvfrom(timeout=5)
+
+    One task reads the TCP connection (Association Confirmation, and with
+    ``transport="tcp"`` the datagrams and Error messages); with ``transport="udp"`` a
+    connected UDP socket talks to the proxy's UDP port. Received datagrams wait in a
+    queue of ``max_queue``. The association ends when the TCP connection does.
+    """
+
+    def __init__(
+        self,
+        channel: _StreamChannel,
+        conn: ClientConnection,
+        core: ClientAssociation,
+        *,
+        max_queue: int = 1024,
+    ) -> None:
+        super().__init__(channel, conn, core)
+        self._loop = asyncio.get_running_loop()
+        self._inbox: deque[Datagram | DatagramError | Exception] = deque()
+        self._max_queue = max(1, max_queue)
+        self._wakeup = asyncio.Event()  # something arrived, or the association ended
+        self._room = asyncio.Event()  # the inbox has room again (TCP reading paused)
+        self._confirmed_event = asyncio.Event()
+        self._end: BaseException | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- set-up
+
+    async def _start(self, udp_port: int | None) -> None:
+        self._tasks.append(self._loop.create_task(self._read_tcp()))
+        if self.core.transport == "udp":
+            # D16: the proxy's UDP port has the TCP listener's address and port number.
+            peer = self._channel.writer.get_extra_info("peername")
+            sock = self._channel.writer.get_extra_info("socket")
+            target = (peer[0], peer[1] if udp_port is None else udp_port, *peer[2:])
+            udp = socket.socket(sock.family, socket.SOCK_DGRAM)
+            try:
+                udp.setblocking(False)
+                udp.connect(target)
+                self._udp, _ = await self._loop.create_datagram_endpoint(lambda: _UDPEndpoint(self), sock=udp)
+            except BaseException:
+                udp.close()
+                raise
+
+    async def _confirm(self) -> None:
+        # Server mode (UDP-06): the empty datagram, resent over UDP until confirmed (UDP-10).
+        await self._send(self.core.confirm_datagram(self._loop.time()))
+        if self.core.get_timer() is not None:
+            self._tasks.append(self._loop.create_task(self._resend()))
+        await self._confirmed_event.wait()
+        if not self.confirmed:
+            raise self._ended()
+
+    async def _resend(self) -> None:
+        try:
+            while (deadline := self.core.get_timer()) is not None:
+                await asyncio.sleep(max(0.0, deadline - self._loop.time()))
+                again = self.core.handle_timer(self._loop.time())
+                if again is not None and self._udp is not None:
+                    self._udp.sendto(again)
+        except TimeoutError as exc:
+            self._finish(exc)
+
+    # -- receiving
+
+    async def _read_tcp(self) -> None:
+        core, reader = self.core, self._channel.reader
+        try:
+            while True:
+                while core.transport == "tcp" and len(self._inbox) >= self._max_queue:
+                    # Over TCP nothing is lost: stop reading until recvfrom makes room.
+                    self._room.clear()
+                    await self._room.wait()
+                try:
+                    data = await reader.read(2**16)
+                except (ConnectionResetError, _ssl.SSLEOFError):
+                    data = b""  # the end of the TCP connection: the end of the association
+                core.receive_data(data)
+                while (event := core.next_event()) is not NEED_DATA:
+                    if isinstance(event, AssociationEnded):
+                        self._finish(
+                            AssociationClosedError("the proxy closed the association's TCP connection")
+                        )
+                        return
+                    if isinstance(event, AssociationConfirmation):
+                        self._confirmed_event.set()
+                    elif isinstance(event, Datagram | DatagramError):
+                        self._push(event)
+        except Exception as exc:
+            self._finish(exc)
+
+    def _on_datagram(self, data: bytes) -> None:
+        message = self.core.receive_datagram(data)
+        if message is None:
+            return
+        if len(self._inbox) >= self._max_queue:
+            self.core.dropped["receive queue full"] += 1  # UDP: drop, as a socket buffer would
+            return
+        self._push(message)
+
+    def _push(self, item: Datagram | DatagramError | Exception) -> None:
+        self._inbox.append(item)
+        self._wakeup.set()
+
+    def _finish(self, exc: BaseException) -> None:
+        # The association is over (EOF, protocol error, confirmation timeout): recvfrom
+        # drains what arrived, then raises ``exc``.
+        if self._end is None:
+            self._end = exc
+        self.core.close()
+        self._wakeup.set()
+        self._confirmed_event.set()
+        self._channel.close()
+        if self._udp is not None:
+            self._udp.close()
+
+    def _ended(self) -> BaseException:
+        assert self._end is not None
+        return self._end
+
+    async def recv_message(self, timeout: float | None = None) -> Datagram | DatagramError:
+        """The next `Datagram` or `DatagramError` message as it came (for events, not exceptions).
+
+        Raises:
+            AssociationClosedError: the association is over and nothing is left.
+            RemoteProtocolError: the proxy broke the protocol (the association is over).
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+            OSError: the proxy's UDP port reported an error (e.g. ConnectionRefusedError).
+        """
+        async with asyncio.timeout(timeout):
+            while not self._inbox:
+                if self._end is not None:
+                    raise self._end
+                self._wakeup.clear()
+                await self._wakeup.wait()
+        item = self._inbox.popleft()
+        self._room.set()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def recvfrom(self, timeout: float | None = None) -> tuple[bytes, tuple[str, int]]:
+        """The next datagram: ``(payload, (source address, source port))``.
+
+        Raises:
+            ICMPError: an ICMP error report (with ``udp_error=True``); a subclass per code.
+            AssociationClosedError, RemoteProtocolError, TimeoutError, OSError: see
+                `recv_message`.
+        """
+        message = await self.recv_message(timeout)
+        if isinstance(message, DatagramError):
+            raise icmp_error(message)
+        return message.payload, (message.header.address, message.header.port)
+
+    # -- sending
+
+    async def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+        """Send ``data`` to ``address`` (an IP literal or a name the proxy resolves, D20).
+
+        Raises:
+            AssociationClosedError: the association is over (or the reason it ended).
+            LocalProtocolError: too long for one Datagram message (65535 bytes with the header).
+        """
+        if self._end is not None:
+            raise self._end
+        host, port = address
+        await self._send(self.core.datagram(bytes(data), host, port))
+
+    async def _send(self, message: bytes) -> None:
+        if self._udp is not None:
+            self._udp.sendto(message)
+        else:
+            await self._channel.write(message)
+
+    # -- the end
+
+    def close(self) -> None:
+        """End the association: close the TCP connection (and the UDP socket)."""
+        self._finish(AssociationClosedError("the association was closed"))
+        for task in self._tasks:
+            task.cancel()
+
+    async def aclose(self) -> None:
+        """`close`, and wait until the tasks and the connection are gone."""
+        self.close()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(OSError, _ssl.SSLError):
+            await self._channel.writer.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
 
 # --- Sessions ----------------------------------------------------------------------------
@@ -508,6 +772,12 @@ class Session(SessionBase[Proxy]):
     ) -> Binding:
         """`Proxy.bind` inside this session (same keyword arguments)."""
         return await self.proxy.bind(address, port, session=self, **kwargs)
+
+    async def udp_associate(
+        self, address: str = "0.0.0.0", port: int = 0, **kwargs: Unpack[UDPAssociateOptions]
+    ) -> UDPAssociation:
+        """`Proxy.udp_associate` inside this session (same keyword arguments)."""
+        return await self.proxy.udp_associate(address, port, session=self, **kwargs)
 
     async def aclose(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         """Tear the session down (NOOP + Session ID + Session Teardown) and forget it.
@@ -658,3 +928,47 @@ async def open_bind(
     return await proxy.open_bind(
         address, port, stack_options=stack_options, session=session, tfo=tfo, timeout=timeout
     )
+
+
+async def udp_associate(
+    proxy_url: str | None,
+    address: str = "0.0.0.0",
+    port: int = 0,
+    *,
+    session: Session | None = None,
+    proxy_ssl: _ssl.SSLContext | bool | None = None,
+    proxy_server_hostname: str | None = None,
+    **kwargs: Unpack[UDPAssociateOptions],
+) -> UDPAssociation:
+    """UDP ASSOCIATE through a SOCKS 6 proxy: send datagrams to, and receive them from, remote hosts.
+
+    Example::
+
+        async with await udp_associate("socks6://127.0.0.1:1080", transport="udp") as assoc:
+            await assoc.sendto(b"ping", ("127.0.0.1", 9999))
+            data, (host, port) = await assoc.recvfrom(timeout=5)
+            print(assoc.bound, assoc.id.hex())
+
+    Args:
+        proxy_url: ``socks6://`` or ``socks6+tls://`` URL (``transport="tcp"`` then runs the
+            datagrams over TLS too); may be None when ``session`` is given.
+        address: desired bind address of the proxy's socket towards remote hosts.
+        port: desired bind port (0: any; Port Parity needs 0, STK-08).
+        session: a `Session` (the request joins it).
+        proxy_ssl: TLS context towards a ``socks6+tls`` proxy (default: verifying).
+        proxy_server_hostname: name checked in the proxy's certificate.
+        **kwargs: `UDPAssociateOptions` (``transport``, ``udp_error``, ``port_parity``,
+            ``reserve_port``, ``server_mode``, ``udp_port``, ...) and `RequestOptions`
+            (``stack_options`` for TOS, TTL, No Fragmentation; ``timeout``).
+
+    Returns:
+        A `UDPAssociation`: ``sendto``, ``recvfrom``, ``recv_message``, ``bound``, ``id``,
+        ``reply``, ``udp_error``, ``port_parity``, ``dropped``, ``aclose()``.
+
+    Raises:
+        ProxyError: the proxy refused (``.reply_code``; e.g. COMMAND_NOT_SUPPORTED).
+        RemoteProtocolError: no Association Initialization after the Operation Reply.
+        TimeoutError: ``timeout`` expired (server mode: no confirmation after the last try).
+    """
+    proxy = _proxy_for(proxy_url, session, proxy_ssl, proxy_server_hostname)
+    return await proxy.udp_associate(address, port, session=session, **kwargs)

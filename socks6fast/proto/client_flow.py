@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 from ..constants import Command
-from ..errors import AuthenticationError, Socks6Error
+from ..errors import AuthenticationError, RemoteProtocolError, Socks6Error
 from .client import (
     NEED_DATA,
     ClientConnection,
@@ -46,7 +46,8 @@ from .client import (
     raise_reset,
     tfo_syn_may_carry_data,
 )
-from .messages import OperationReply, Option, SessionRequest
+from .client_udp import AssociationEnded, ClientAssociation
+from .messages import AssociationInit, OperationReply, Option, SessionRequest
 from .socks5 import UserPassRequest
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "Steps",
     "Write",
     "accept",
+    "association_init",
     "read_replies",
     "request",
 ]
@@ -294,6 +296,44 @@ def accept(channel: C, conn: ClientConnection) -> Flow[C, None]:
     """
     try:
         yield from read_replies(channel, conn, peer=True)
+    except BaseException:
+        yield Close(channel)
+        raise
+
+
+def association_init(channel: C, conn: ClientConnection, assoc: ClientAssociation) -> Flow[C, None]:
+    """UDP ASSOCIATE: read the Association Initialization that follows the Operation Reply.
+
+    Reads exactly what the message needs, so the TCP connection holds nothing of the
+    association's later messages for the adapter to lose. The bytes the reply reading
+    took past the Operation Reply (``conn.trailing_data``) go into ``assoc`` first. The
+    channel is closed if this fails.
+
+    Raises:
+        RemoteProtocolError: the proxy sent something else, or closed the connection
+            (UDP-01: the Initialization must follow a successful Operation Reply).
+    """
+    try:
+        trailing, eof = conn.trailing_data
+        if trailing:
+            assoc.receive_data(trailing)
+        if eof:
+            assoc.receive_data(b"")
+        while True:
+            event = assoc.next_event()
+            if isinstance(event, AssociationInit):
+                return
+            if isinstance(event, AssociationEnded):
+                raise RemoteProtocolError(
+                    "the proxy closed the connection instead of initializing the association (UDP-01)", None
+                )
+            try:
+                data = yield Read(channel, assoc.bytes_needed)
+            except ConnectionResetError as exc:
+                raise RemoteProtocolError(
+                    "the proxy reset the connection before the association began", None
+                ) from exc
+            assoc.receive_data(data)
     except BaseException:
         yield Close(channel)
         raise

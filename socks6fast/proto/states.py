@@ -30,6 +30,8 @@ from ..errors import LocalProtocolError, RemoteProtocolError
 __all__ = [
     "NEED_DATA",
     "PAUSED",
+    "AssociationState",
+    "AssociationStep",
     "ClientStep",
     "ClientState",
     "Event",
@@ -40,6 +42,7 @@ __all__ = [
     "SessionStep",
     "SessionState",
     "State",
+    "association_transition",
     "client_transition",
     "session_transition",
 ]
@@ -464,3 +467,69 @@ _SESSION: Final[dict[tuple[SessionState, SessionStep], SessionState]] = {
 def session_transition(state: SessionState, step: SessionStep) -> SessionState:
     """The state a client session moves to on ``step`` (unchanged where no row applies)."""
     return _SESSION.get((state, step), state)
+
+
+# =====================================================================================
+# The client side of a UDP association (ClientAssociation, proto/client_udp.py)
+# =====================================================================================
+#
+# Draft-11 section "Handling UDP ASSOCIATE", after the successful Operation Reply:
+#
+#     proxy (TCP):  Association Initialization            Association Confirmation
+#     client:                                 Datagram ...                           Datagram ...
+#     proxy:                                                                         Datagram / Error ...
+#
+# The client's first datagram (or the empty one to the all-zero address, server mode,
+# UDP-06) makes the proxy map the association and confirm it.
+
+
+class AssociationState(Enum):
+    """States of the client side of one UDP association."""
+
+    __hash__ = object.__hash__  # see State
+
+    AWAIT_INIT = "await_init"
+    """Operation Reply received; the Association Initialization (the ID) is due."""
+    OPEN = "open"
+    """The ID is known: datagrams may be sent; the Association Confirmation is due once
+    the first one went out."""
+    CONFIRMED = "confirmed"
+    """The proxy confirmed the association: remote datagrams come back."""
+    CLOSED = "closed"
+    """The TCP connection ended (or was closed locally): the association is over."""
+    ERROR = "error"
+    """The proxy broke the protocol, or the confirmation never came: close."""
+
+
+class AssociationStep(Enum):
+    """What moves a client association on."""
+
+    __hash__ = object.__hash__
+
+    INITIALIZED = "Association Initialization"
+    CONFIRMED = "Association Confirmation"
+    ENDED = "the TCP connection ended or was closed"
+    FAILED = "a protocol error, or no confirmation after the last try (UDP-10)"
+
+
+_AS = AssociationState
+_AE = AssociationStep
+_ASSOCIATION: Final[dict[tuple[AssociationState, AssociationStep], AssociationState]] = {
+    (_AS.AWAIT_INIT, _AE.INITIALIZED): _AS.OPEN,
+    (_AS.OPEN, _AE.CONFIRMED): _AS.CONFIRMED,
+    **{(state, _AE.ENDED): _AS.CLOSED for state in AssociationState if state is not _AS.ERROR},
+    (_AS.ERROR, _AE.ENDED): _AS.ERROR,
+    **{(state, _AE.FAILED): _AS.ERROR for state in (_AS.AWAIT_INIT, _AS.OPEN, _AS.CONFIRMED)},
+}
+
+
+def association_transition(state: AssociationState, step: AssociationStep) -> AssociationState:
+    """The state a client association moves to on ``step``.
+
+    Raises:
+        LocalProtocolError: ``step`` is not allowed in ``state`` (a bug of the caller).
+    """
+    new = _ASSOCIATION.get((state, step))
+    if new is None:
+        raise LocalProtocolError(f"client association: {step.value} in state {state.value}", None)
+    return new
