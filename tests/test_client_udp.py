@@ -18,27 +18,41 @@ Loopback only; remote hosts are in-process UDP echo servers.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_server import make_certificates
 
+from socks6fast import client as bclient
 from socks6fast._client_base import udp_request_options
+from socks6fast.asyncio import client as aclient
 from socks6fast.constants import (
     AddressType,
     AuthReplyType,
+    Availability,
     Command,
     DatagramErrorCode,
     Parity,
     ReplyCode,
     StackLeg,
+    UDPMessageType,
 )
 from socks6fast.errors import (
+    AssociationClosedError,
     DatagramTooBigError,
     HostUnreachableError,
     ICMPError,
     LocalProtocolError,
     NetworkUnreachableError,
+    ProxyError,
     RemoteProtocolError,
     TTLExpiredError,
 )
@@ -54,8 +68,11 @@ from socks6fast.proto.messages import (
     DatagramError,
     DatagramHeader,
     OperationReply,
+    Option,
+    PortParityOption,
     Request,
     TTLOption,
+    UDPErrorOption,
 )
 from socks6fast.proto.states import NEED_DATA, AssociationState
 
@@ -479,3 +496,497 @@ def test_association_init_flow_closes_on_failure(script: bytes, match: str) -> N
             if isinstance(action, Read):
                 steps.result, script = script[: action.size], script[action.size :]
     assert actions[-1] == Close(1)
+
+
+# --- Both clients against a scripted proxy on loopback -------------------------------------------
+
+#: The scripted proxy's name table (D20: the proxy resolves; nothing is ever asked of a DNS server).
+NAMES = {"echo.test": "127.0.0.1", "echo6.test": "::1"}
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes, Any], None]) -> None:
+        self.on_datagram = on_datagram
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.on_datagram(data, addr)
+
+
+@dataclass
+class _Assoc:
+    id: bytes
+    writer: asyncio.StreamWriter
+    remote: asyncio.DatagramTransport | None = None
+    mapped: tuple[str, Any] | None = None  # ("tcp", None) or ("udp", client address)
+
+
+@dataclass
+class UDPProxy:
+    """A scripted SOCKS 6 proxy for UDP ASSOCIATE: TCP listener and UDP port on the same address
+    and port number (D16), one remote-side UDP socket per association (its bound address)."""
+
+    host: str = "127.0.0.1"
+    drop_udp: int = 0
+    """Drop this many datagrams arriving on the UDP port before listening to any."""
+    icmp_after_first: bytes | None = None
+    """An Error message (its ID overwritten) sent after the Confirmation (UDP-09 opt-in tests)."""
+    junk_after_first: list[bytes] = field(default_factory=list)
+    """Raw datagrams (ID overwritten where 8 bytes of 0xee stand) sent to a UDP client first."""
+    pad: bytes = b""
+    """Padding after every Datagram message sent over UDP (UDP-05)."""
+    refuse: ReplyCode | None = None
+    close_after_confirm: bool = False
+    port: int = 0
+    received_types: list[int] = field(default_factory=list)
+    """The Message Type of every message the client sent (TCP stream and UDP port)."""
+    empty_datagrams: int = 0
+    """Server-mode empty datagrams that arrived on the UDP port (dropped ones included)."""
+    requests: list[Request] = field(default_factory=list)
+    associations: dict[bytes, _Assoc] = field(default_factory=dict)
+    _server: asyncio.Server | None = None
+    _udp: asyncio.DatagramTransport | None = None
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> UDPProxy:
+        loop = asyncio.get_running_loop()
+        self._server = await asyncio.start_server(self._handle, self.host, 0, ssl=ssl_context)
+        self.port = self._server.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Datagrams(self._from_udp_port), local_addr=(self.host, self.port)
+        )
+        self._udp = transport  # type: ignore[assignment]
+        return self
+
+    def url(self, scheme: str = "socks6") -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        assert self._server is not None and self._udp is not None
+        self._server.close()
+        self._udp.close()
+        for assoc in self.associations.values():
+            assoc.writer.close()
+            if assoc.remote is not None:
+                assoc.remote.close()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            for assoc in self.associations.values():
+                if assoc.writer is writer and assoc.remote is not None:
+                    assoc.remote.close()  # UDP-07 on the proxy's side: the association ends with TCP
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buffer = b""
+        while True:
+            request, _ = codec.decode_request(buffer)
+            if request is not None:
+                break
+            data = await reader.read(4096)
+            if not data:
+                return
+            buffer += data
+        self.requests.append(request)
+        assert request.command is Command.UDP_ASSOCIATE
+        writer.write(codec.encode_auth_reply(AuthReply(AuthReplyType.SUCCESS)))
+        if self.refuse is not None:
+            writer.write(
+                codec.encode_operation_reply(OperationReply(self.refuse, AddressType.IPV4, "0.0.0.0", 0))
+            )
+            return
+        loop = asyncio.get_running_loop()
+        assoc = _Assoc(os.urandom(8), writer)
+        remote, _ = await loop.create_datagram_endpoint(
+            lambda: _Datagrams(lambda data, addr: self._from_remote(assoc, data, addr)),
+            local_addr=(self.host, 0),
+        )
+        assoc.remote = remote  # type: ignore[assignment]
+        self.associations[assoc.id] = assoc
+        bound = remote.get_extra_info("sockname")
+        echo: list[Option] = []
+        for option in request.options:
+            if isinstance(option, UDPErrorOption):
+                echo.append(option)  # reports will be performed (D9: what is applied)
+            elif isinstance(option, PortParityOption):
+                echo.append(PortParityOption(option.leg, Parity.NONE, False))  # not honoured
+        atyp = AddressType.IPV6 if ":" in self.host else AddressType.IPV4
+        reply = OperationReply(ReplyCode.SUCCESS, atyp, bound[0], bound[1], tuple(echo))
+        writer.write(
+            codec.encode_operation_reply(reply) + codec.encode_association_message(AssociationInit(assoc.id))
+        )
+        stream = b""
+        while data := await reader.read(65536):
+            stream += data
+            while True:
+                message, n = codec.decode_association_message(stream)
+                if message is None:
+                    break
+                stream = stream[n:]
+                self.received_types.append(stream_type(message))
+                assert isinstance(message, Datagram)
+                self._from_client(assoc, message.header, message.payload, ("tcp", None))
+
+    def _from_udp_port(self, data: bytes, addr: Any) -> None:
+        if len(data) > 1:
+            self.received_types.append(data[1])
+        if data[:2] == b"\x06\x03" and data[16:] == bytes(4) and data[14:16] == b"\x00\x00":
+            self.empty_datagrams += 1
+        if self.drop_udp:
+            self.drop_udp -= 1
+            return
+        header, length = codec.decode_datagram_header(data)
+        assoc = self.associations[header.association_id]
+        self._from_client(assoc, header, data[length : header.message_length], ("udp", addr))
+
+    def _from_client(
+        self, assoc: _Assoc, header: DatagramHeader, payload: bytes, via: tuple[str, Any]
+    ) -> None:
+        if assoc.mapped is None:
+            assoc.mapped = via
+            assoc.writer.write(codec.encode_association_message(AssociationConfirmation(assoc.id)))
+            if self.close_after_confirm:
+                assoc.writer.close()
+                return
+            for junk in self.junk_after_first:
+                self._to_client(assoc, junk.replace(b"\xee" * 8, assoc.id), padded=False)
+            if self.icmp_after_first is not None:
+                self._to_client(assoc, self.icmp_after_first.replace(ID, assoc.id), padded=False)
+        elif assoc.mapped != via:
+            return  # UDP-03 on the proxy's side: not the mapped channel
+        if header.address == "0.0.0.0" and header.port == 0:
+            return  # server mode: confirm, relay nothing
+        host = NAMES.get(header.address, header.address)
+        assert assoc.remote is not None
+        assoc.remote.sendto(payload, (host, header.port))
+
+    def _from_remote(self, assoc: _Assoc, data: bytes, addr: Any) -> None:
+        if assoc.mapped is None:
+            return
+        atyp = AddressType.IPV6 if ":" in addr[0] else AddressType.IPV4
+        length = codec.datagram_header_length(atyp, addr[0]) + len(data)
+        message = codec.encode_association_message(
+            Datagram(DatagramHeader(assoc.id, atyp, addr[0], addr[1], length), data)
+        )
+        self._to_client(assoc, message, padded=True)
+
+    def _to_client(self, assoc: _Assoc, message: bytes, *, padded: bool) -> None:
+        assert assoc.mapped is not None and self._udp is not None
+        if assoc.mapped[0] == "tcp":
+            assoc.writer.write(message)
+        else:
+            self._udp.sendto(message + (self.pad if padded else b""), assoc.mapped[1])
+
+
+def stream_type(message: object) -> int:
+    return {
+        AssociationInit: UDPMessageType.ASSOCIATION_INIT,
+        AssociationConfirmation: UDPMessageType.ASSOCIATION_CONFIRMATION,
+        Datagram: UDPMessageType.DATAGRAM,
+        DatagramError: UDPMessageType.ERROR,
+    }[type(message)]
+
+
+@contextlib.asynccontextmanager
+async def udp_echo(host: str) -> AsyncIterator[tuple[str, int]]:
+    """A UDP echo server on ``host`` (a remote host for the association)."""
+    loop = asyncio.get_running_loop()
+    box: list[asyncio.DatagramTransport] = []
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _Datagrams(lambda data, addr: box[0].sendto(data, addr)), local_addr=(host, 0)
+    )
+    box.append(transport)  # type: ignore[arg-type]
+    try:
+        yield transport.get_extra_info("sockname")[:2]
+    finally:
+        transport.close()
+
+
+@contextlib.asynccontextmanager
+async def scripted(host: str = "127.0.0.1", **kwargs: Any) -> AsyncIterator[UDPProxy]:
+    proxy = await UDPProxy(host=host, **kwargs).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+async def exchange(
+    flavour: str, url: str, dest: tuple[str, int], payload: bytes, **kwargs: Any
+) -> tuple[tuple[bytes, tuple[str, int]], dict[str, Any]]:
+    """One association: send ``payload`` to ``dest``, read one datagram back; with either client."""
+
+    def facts(assoc: Any) -> dict[str, Any]:
+        return {
+            "bound": assoc.bound,
+            "id": assoc.id,
+            "confirmed": assoc.confirmed,
+            "udp_error": assoc.udp_error,
+            "dropped": assoc.dropped,
+        }
+
+    if flavour == "asyncio":
+        async with await aclient.udp_associate(url, **kwargs) as assoc:
+            await assoc.sendto(payload, dest)
+            got = await assoc.recvfrom(timeout=5)
+            return got, facts(assoc)
+
+    def blocking() -> tuple[tuple[bytes, tuple[str, int]], dict[str, Any]]:
+        with bclient.Proxy.from_url(url).udp_associate(**kwargs) as assoc:
+            assoc.sendto(payload, dest)
+            return assoc.recvfrom(timeout=5), facts(assoc)
+
+    return await asyncio.to_thread(blocking)
+
+
+FLAVOURS = ["asyncio", "blocking"]
+TRANSPORTS = ["udp", "tcp"]
+
+
+@pytest.mark.conformance("UDP-10")
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    ("host", "name"), [("127.0.0.1", "echo.test"), ("::1", "echo6.test")], ids=["v4", "v6"]
+)
+async def test_scripted_round_trip(flavour: str, transport: str, host: str, name: str) -> None:
+    """A datagram to a loopback echo server and back, by IP literal and by name (D20), over UDP
+    and over TCP, with both clients; the proxy learns the ID and bound address it sent, and
+    every message the client sent is a Datagram (UDP-10: never an Error message)."""
+    async with scripted(host) as proxy, udp_echo(host) as (echo_host, echo_port):
+        before = fd_count()
+        for dest in [(echo_host, echo_port), (name, echo_port)]:
+            (data, source), facts = await exchange(
+                flavour, proxy.url(), dest, b"ping " + name.encode(), transport=transport
+            )
+            assert data == b"ping " + name.encode()
+            assert source == (echo_host, echo_port)  # the proxy names the remote's IP (D20)
+            assoc = list(proxy.associations.values())[-1]
+            assert facts["id"] == assoc.id and facts["confirmed"]
+            assert assoc.mapped is not None and assoc.mapped[0] == transport
+            assert assoc.remote is not None and facts["bound"] == assoc.remote.get_extra_info("sockname")[:2]
+        assert proxy.received_types == [UDPMessageType.DATAGRAM] * 2
+        await asyncio.sleep(0.05)
+        assert fd_count() == before
+
+
+async def in_flavour(flavour: str, url: str, body: Callable[[Any], Any], **kwargs: Any) -> Any:
+    """Run ``body(assoc)`` inside an association of either client (blocking: in a thread, with
+    the association's methods wrapped so that ``body`` can await them alike)."""
+    if flavour == "asyncio":
+        async with await aclient.udp_associate(url, **kwargs) as assoc:
+            return await body(assoc)
+
+    class Awaitable:
+        def __init__(self, assoc: bclient.UDPAssociation) -> None:
+            self._assoc = assoc
+
+        def __getattr__(self, name: str) -> Any:
+            value = getattr(self._assoc, name)
+            if callable(value):
+
+                async def call(*args: Any, **kw: Any) -> Any:
+                    return await asyncio.to_thread(value, *args, **kw)
+
+                return call
+            return value
+
+    assoc = await asyncio.to_thread(bclient.Proxy.from_url(url).udp_associate, **kwargs)
+    try:
+        return await body(Awaitable(assoc))
+    finally:
+        assoc.close()
+
+
+async def nothing(assoc: Any) -> None:
+    pytest.fail("udp_associate should have raised")
+
+
+@pytest.mark.conformance("UDP-10")
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_scripted_server_mode_resends_until_confirmed(flavour: str) -> None:
+    """UDP-10 with both clients: the proxy loses the first two empty datagrams; the client sends
+    it again until the Confirmation, and ``udp_associate`` returns confirmed. Then a remote host
+    sends first, to the bound address, and its datagram arrives with its source."""
+    async with scripted(drop_udp=2) as proxy:
+
+        async def body(assoc: Any) -> None:
+            assert assoc.confirmed
+            assert proxy.empty_datagrams == 3 and assoc.core.resends == 2
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as remote:
+                remote.bind(("127.0.0.1", 0))
+                remote.sendto(b"first", assoc.bound)
+                assert await assoc.recvfrom(timeout=5) == (b"first", remote.getsockname())
+
+        await in_flavour(flavour, proxy.url(), body, server_mode=True, resend_interval=0.05)
+        assert proxy.received_types == [UDPMessageType.DATAGRAM] * 3
+
+
+@pytest.mark.conformance("UDP-10")
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_scripted_server_mode_gives_up_after_the_last_try(flavour: str) -> None:
+    """UDP-10, bounded: a proxy that never gets the empty datagram makes ``udp_associate`` raise
+    TimeoutError after ``resend_tries`` datagrams, and nothing is left open."""
+    async with scripted(drop_udp=1000) as proxy:
+        before = fd_count()
+        with pytest.raises(TimeoutError):
+            await in_flavour(
+                flavour, proxy.url(), lambda a: a, server_mode=True, resend_interval=0.02, resend_tries=3
+            )
+        assert proxy.empty_datagrams == 3
+        await asyncio.sleep(0.05)
+        assert fd_count() == before
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_scripted_server_mode_over_tcp(flavour: str) -> None:
+    """Server mode over TCP: one empty datagram on the stream, confirmed; nothing resent."""
+    async with scripted() as proxy:
+
+        async def body(assoc: Any) -> None:
+            assert assoc.confirmed and assoc.core.resends == 0
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as remote:
+                remote.sendto(b"first", assoc.bound)
+                data, _ = await assoc.recvfrom(timeout=5)
+                assert data == b"first"
+
+        await in_flavour(flavour, proxy.url(), body, server_mode=True, transport="tcp")
+        assert proxy.received_types == [UDPMessageType.DATAGRAM]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_scripted_icmp_errors_are_typed_exceptions(flavour: str, transport: str) -> None:
+    """With ``udp_error=True`` the proxy's Error message comes out of ``recvfrom`` as the
+    ICMPError subclass for its code, naming destination and reporter; the association goes
+    on (the echo still arrives), and ``recv_message`` gives the message itself."""
+    async with scripted(icmp_after_first=HOST_UNREACHABLE) as proxy, udp_echo("127.0.0.1") as echo:
+
+        async def body(assoc: Any) -> None:
+            assert assoc.udp_error  # the proxy's echo of the option: reports will come
+            await assoc.sendto(b"one", echo)
+            with pytest.raises(HostUnreachableError) as caught:
+                await assoc.recvfrom(timeout=5)
+            assert caught.value.destination == ("192.0.2.1", 53) and caught.value.reporter == "10.0.0.1"
+            assert await assoc.recvfrom(timeout=5) == (b"one", echo)
+            await assoc.sendto(b"two", echo)
+            message = await assoc.recv_message(timeout=5)
+            assert isinstance(message, Datagram) and message.payload == b"two"
+
+        await in_flavour(flavour, proxy.url(), body, udp_error=True, transport=transport)
+        assert UDPErrorOption(StackLeg.PROXY_REMOTE, Availability.DESIRED) in proxy.requests[0].options
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_scripted_error_messages_without_opt_in_are_dropped(flavour: str) -> None:
+    """Without the UDP Error option an Error message is dropped and counted, never raised."""
+    async with scripted(icmp_after_first=HOST_UNREACHABLE) as proxy, udp_echo("127.0.0.1") as echo:
+        (data, _), facts = await exchange(flavour, proxy.url(), echo, b"quiet")
+        assert data == b"quiet" and not facts["udp_error"] and facts["dropped"] == 1
+
+
+@pytest.mark.conformance("UDP-05")
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_scripted_padding_and_bad_datagrams_over_udp(flavour: str) -> None:
+    """UDP-05 through both clients: padded datagrams arrive without their padding; a Message
+    Length beyond the datagram, another association's ID and a truncated header are dropped
+    and counted, and the association keeps working."""
+    junk = [
+        hx("06 03 0019", "eeeeeeeeeeeeeeee", "01 00 1f90", "7f000001", "706f6e67"),  # Length 25 of 24
+        PONG.replace(ID, OTHER_ID),
+        hx("06 03 000a", "eeeeeeeeeeeeeeee"),
+    ]
+    async with scripted(junk_after_first=junk, pad=b"\x00padding") as proxy, udp_echo("127.0.0.1") as echo:
+        (data, source), facts = await exchange(flavour, proxy.url(), echo, b"padded")
+        assert (data, source) == (b"padded", echo)
+        assert facts["dropped"] == 3
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_scripted_association_ends_with_the_tcp_connection(flavour: str, transport: str) -> None:
+    """The proxy closes the TCP connection: ``recvfrom`` and ``sendto`` raise
+    AssociationClosedError (a ConnectionError), and the client's sockets are closed."""
+    async with scripted(close_after_confirm=True) as proxy, udp_echo("127.0.0.1") as echo:
+        before = fd_count()
+
+        async def body(assoc: Any) -> None:
+            await assoc.sendto(b"x", echo)
+            with pytest.raises(AssociationClosedError):
+                await assoc.recvfrom(timeout=5)
+            with pytest.raises(ConnectionError):
+                await assoc.sendto(b"y", echo)
+
+        await in_flavour(flavour, proxy.url(), body, transport=transport)
+        await asyncio.sleep(0.05)
+        assert fd_count() == before
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_scripted_refusal_is_a_proxy_error(flavour: str) -> None:
+    async with scripted(refuse=ReplyCode.COMMAND_NOT_SUPPORTED) as proxy:
+        with pytest.raises(ProxyError) as caught:
+            await in_flavour(flavour, proxy.url(), nothing)
+        assert caught.value.reply_code is ReplyCode.COMMAND_NOT_SUPPORTED
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_scripted_recvfrom_times_out(flavour: str) -> None:
+    async with scripted() as proxy:
+
+        async def body(assoc: Any) -> None:
+            with pytest.raises(TimeoutError):
+                await assoc.recvfrom(timeout=0.05)
+            assert not assoc.confirmed  # nothing sent yet: nothing to confirm
+
+        await in_flavour(flavour, proxy.url(), body)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_scripted_datagrams_over_tls(flavour: str, tmp_path: Path) -> None:
+    """``transport="tcp"`` through a ``socks6+tls://`` proxy: the datagrams ride the TLS connection."""
+    certs = make_certificates(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(certs.cert, certs.key)
+    client_ctx = ssl.create_default_context(cafile=str(certs.ca))
+    proxy = await UDPProxy().start(ssl_context=server_ctx)
+    try:
+        async with udp_echo("127.0.0.1") as echo:
+            url = proxy.url("socks6+tls")
+            if flavour == "asyncio":
+                async with await aclient.udp_associate(url, proxy_ssl=client_ctx, transport="tcp") as assoc:
+                    for n in range(3):
+                        await assoc.sendto(b"tls %d" % n, echo)
+                        assert await assoc.recvfrom(timeout=5) == (b"tls %d" % n, echo)
+            else:
+
+                def blocking() -> None:
+                    proxy_obj = bclient.Proxy.from_url(url, proxy_ssl=client_ctx)
+                    with proxy_obj.udp_associate(transport="tcp") as assoc:
+                        for n in range(3):
+                            assoc.sendto(b"tls %d" % n, echo)
+                            assert assoc.recvfrom(timeout=5) == (b"tls %d" % n, echo)
+
+                await asyncio.to_thread(blocking)
+        assert list(proxy.associations.values())[0].mapped == ("tcp", None)
+    finally:
+        await proxy.stop()
