@@ -9,7 +9,9 @@ from .constants import (
     ReplyCode,
 )
 from .errors import (
+    AssociationClosedError,
     AuthenticationError,
+    ICMPError,
     LocalProtocolError,
     ProtocolError,
     ProxyError,
@@ -23,10 +25,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AddressType",
+    "AssociationClosedError",
     "AuthMethod",
     "AuthReplyType",
     "AuthenticationError",
     "Command",
+    "ICMPError",
     "LocalProtocolError",
     "OptionKind",
     "ProtocolError",

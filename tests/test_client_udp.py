@@ -23,6 +23,7 @@ import contextlib
 import os
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -990,3 +991,21 @@ async def test_scripted_datagrams_over_tls(flavour: str, tmp_path: Path) -> None
         assert list(proxy.associations.values())[0].mapped == ("tcp", None)
     finally:
         await proxy.stop()
+
+
+async def test_readme_example_runs(tmp_path: Path) -> None:
+    """examples/udp_client.py (quoted in the README) runs as written: both clients, both transports."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "udp_client.py"
+    async with scripted() as proxy:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(example),
+            proxy.url(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["asyncio, udp", "asyncio, tcp", "blocking, udp"]
+    assert "b'hello over UDP'" in lines[0] and "b'hello over TCP'" in lines[1]
