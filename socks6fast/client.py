@@ -433,7 +433,7 @@ class UDPAssociation(AssociationBase[_Channel]):
         self, channel: _Channel, conn: ClientConnection, core: ClientAssociation, udp_port: int | None
     ) -> None:
         super().__init__(channel, conn, core)
-        self._inbox: deque[Datagram | DatagramError] = deque()
+        self._inbox: deque[Datagram | DatagramError | OSError] = deque()
         self._end: BaseException | None = None
         self._lock = threading.Lock()  # the core, the inbox and the TCP socket
         self._recv_lock = threading.Lock()  # one receiver at a time
@@ -494,16 +494,19 @@ class UDPAssociation(AssociationBase[_Channel]):
             AssociationClosedError: the association is over and nothing is left.
             RemoteProtocolError: the proxy broke the protocol (the association is over).
             TimeoutError: nothing arrived within ``timeout`` seconds.
-            OSError: the network (e.g. ConnectionRefusedError: no UDP port at the proxy).
+            OSError: the proxy's UDP port reported an error (e.g. ConnectionRefusedError).
         """
         deadline = _Deadline(timeout)
         with self._recv_lock:
             while True:
                 with self._lock:
-                    if self._inbox:
-                        return self._inbox.popleft()
-                    if self._end is not None:
+                    item = self._inbox.popleft() if self._inbox else None
+                    if item is None and self._end is not None:
                         raise self._end
+                if isinstance(item, OSError):
+                    raise item
+                if item is not None:
+                    return item
                 self._wait(deadline)
 
     def recvfrom(self, timeout: float | None = None) -> tuple[bytes, tuple[str, int]]:
@@ -568,6 +571,13 @@ class UDPAssociation(AssociationBase[_Channel]):
             try:
                 data = self._udp.recv(2**16, socket.MSG_DONTWAIT)
             except BlockingIOError:
+                return
+            except OSError as exc:
+                # An ICMP error about the proxy's UDP port itself (the socket is connected):
+                # typically ConnectionRefusedError, no UDP port there. Raised by the next
+                # recvfrom, as the asyncio flavour does; the association goes on.
+                with self._lock:
+                    self._inbox.append(exc)
                 return
             with self._lock:
                 message = self.core.receive_datagram(data)

@@ -1009,3 +1009,23 @@ async def test_readme_example_runs(tmp_path: Path) -> None:
     lines = out.decode().splitlines()
     assert [line.split(":")[0] for line in lines] == ["asyncio, udp", "asyncio, tcp", "blocking, udp"]
     assert "b'hello over UDP'" in lines[0] and "b'hello over TCP'" in lines[1]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_no_udp_port_at_the_proxy_is_an_os_error(flavour: str) -> None:
+    """``udp_port`` names the proxy's UDP port; a closed one answers with ICMP port unreachable,
+    which the next ``recvfrom`` raises as ConnectionRefusedError; the association stays open."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+    async with scripted() as proxy, udp_echo("127.0.0.1") as echo:
+
+        async def body(assoc: Any) -> None:
+            await assoc.sendto(b"lost", echo)
+            with pytest.raises(ConnectionRefusedError):
+                await assoc.recvfrom(timeout=5)
+            with pytest.raises(TimeoutError):
+                await assoc.recvfrom(timeout=0.05)
+
+        await in_flavour(flavour, proxy.url(), body, udp_port=closed_port)
+        assert proxy.received_types == []

@@ -700,8 +700,9 @@ class UDPAssociation(AssociationBase[_StreamChannel]):
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
-        with contextlib.suppress(OSError, _ssl.SSLError):
-            await self._channel.writer.wait_closed()
+        # Bounded: over TLS, closing waits for the proxy's close_notify.
+        with contextlib.suppress(OSError, _ssl.SSLError, TimeoutError):
+            await asyncio.wait_for(self._channel.writer.wait_closed(), 1.0)
 
     async def __aenter__(self) -> Self:
         return self
