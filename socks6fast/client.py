@@ -1,4 +1,4 @@
-"""Blocking SOCKS 6 client (plain sockets, no asyncio): `Proxy`, `Binding`, `Session`.
+"""Blocking SOCKS 6 client (plain sockets, no asyncio): `Proxy`, `Binding`, `Session`, `UDPAssociation`.
 
 The python-socks shape::
 

@@ -1,4 +1,4 @@
-"""asyncio SOCKS 6 client: `open_connection`, `open_bind`, `Proxy` and `Session`.
+"""asyncio SOCKS 6 client: `open_connection`, `open_bind`, `udp_associate`, `Proxy` and `Session`.
 
 Quick start::
 
@@ -37,6 +37,11 @@ for the network (e.g. ``ConnectionRefusedError``, ``ssl.SSLCertVerificationError
 proxy that resets the connection in the middle of a reply is judged like one that closes
 it: ``VersionMismatchError`` after a lone byte 6 (REQ-02), else ``RemoteProtocolError``,
 with the ``ConnectionResetError`` as ``__cause__`` (`socks6fast.proto.client.raise_reset`).
+
+UDP ASSOCIATE: `udp_associate` returns a `UDPAssociation` (``sendto``, ``recvfrom``); the
+datagrams travel as plain UDP to the proxy's UDP port or framed on the TCP (TLS) connection;
+ICMP error reports (``udp_error=True``) are raised as `socks6fast.errors.ICMPError`
+subclasses; ``server_mode=True`` lets remote hosts send first (see `udp_associate`).
 
 `Proxy`, `Session` and `Binding` have the blocking flavour's (``socks6fast.client``) names,
 keyword arguments (`ConnectOptions`, `RequestOptions`, the same in both flavours) and
