@@ -107,8 +107,9 @@ class UDPAssociateOptions(RequestOptions, total=False):
     resend_tries: int
     """5. Empty datagrams sent in all before ``TimeoutError``."""
     max_queue: int
-    """1024. Received datagrams held until ``recvfrom`` takes them: over UDP more are
-    dropped (counted in ``dropped``), over TCP reading pauses."""
+    """1024. asyncio flavour: received datagrams held until ``recvfrom`` takes them; over
+    UDP more are dropped (counted in ``dropped``), over TCP reading pauses. (The blocking
+    flavour reads only inside ``recvfrom``; the kernel's socket buffers hold the rest.)"""
 
 
 def udp_request_options(kwargs: UDPAssociateOptions) -> tuple[StackOption, ...]:

@@ -525,6 +525,8 @@ class UDPAssociation(AssociationBase[_Channel]):
     def _wait(self, deadline: _Deadline) -> None:
         # Wait for the TCP connection, the UDP socket or the resend timer, and handle
         # what is ready. TimeoutError when ``deadline`` passes.
+        if self._end is not None:
+            return  # closed meanwhile (another thread): the caller sees ``_end``
         remaining = deadline.remaining()
         timer = self.core.get_timer()
         if timer is not None:

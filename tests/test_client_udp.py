@@ -1029,3 +1029,27 @@ async def test_no_udp_port_at_the_proxy_is_an_os_error(flavour: str) -> None:
 
         await in_flavour(flavour, proxy.url(), body, udp_port=closed_port)
         assert proxy.received_types == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_scripted_receive_queue_bound(transport: str) -> None:
+    """asyncio flavour, ``max_queue=2``: over UDP the datagrams beyond the queue are dropped and
+    counted (as a full socket buffer would), over TCP reading pauses and none is lost."""
+    async with scripted() as proxy:
+        async with await aclient.udp_associate(
+            proxy.url(), server_mode=True, transport=transport, max_queue=2
+        ) as assoc:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as remote:
+                for n in range(5):
+                    remote.sendto(b"%d" % n, assoc.bound)
+                await asyncio.sleep(0.2)  # everything has arrived (or was dropped)
+                if transport == "udp":
+                    got = [await assoc.recvfrom(timeout=1) for _ in range(2)]
+                    assert [data for data, _ in got] == [b"0", b"1"]
+                    assert assoc.core.dropped == {"receive queue full": 3}
+                    with pytest.raises(TimeoutError):
+                        await assoc.recvfrom(timeout=0.05)
+                else:
+                    got = [await assoc.recvfrom(timeout=1) for _ in range(5)]
+                    assert [data for data, _ in got] == [b"%d" % n for n in range(5)]
+                    assert assoc.dropped == 0
