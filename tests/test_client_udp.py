@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import doctest
 import os
 import socket
 import ssl
@@ -57,6 +58,7 @@ from socks6fast.errors import (
     RemoteProtocolError,
     TTLExpiredError,
 )
+from socks6fast.proto import client_udp as client_udp_module
 from socks6fast.proto import codec
 from socks6fast.proto.client import ClientConnection, build_request
 from socks6fast.proto.client_flow import Close, Read, Steps, Write, association_init
@@ -1053,3 +1055,9 @@ async def test_scripted_receive_queue_bound(transport: str) -> None:
                     got = [await assoc.recvfrom(timeout=1) for _ in range(5)]
                     assert [data for data, _ in got] == [b"%d" % n for n in range(5)]
                     assert assoc.dropped == 0
+
+
+def test_docstring_examples() -> None:
+    """The example in ClientAssociation's docstring runs as written."""
+    result = doctest.testmod(client_udp_module, raise_on_error=False)
+    assert result.attempted > 0 and result.failed == 0
