@@ -11,9 +11,13 @@ Three parts:
   socket, with switches for what a client must survive (the first empty datagram lost,
   ICMP error reports, padding, a Message Length beyond the datagram, another association's
   ID).
-* Both flavours against the real server (``socks6fast.asyncio.server``), where it relays UDP.
+* Both flavours against the real server (``socks6fast.asyncio.server``) on both of its UDP
+  engines (the native recvmmsg/sendmmsg one and its Python twin): IPv4 and IPv6, both
+  transports, server mode, the empty datagram lost on a real lossy UDP path, names, TLS,
+  sessions, Stack options, and real ICMP errors from a router inside a network namespace the
+  test creates (tests/test_udp_engine.py's ICMP_SETUP).
 
-Loopback only; remote hosts are in-process UDP echo servers.
+Loopback (or the test's own namespace) only; remote hosts are in-process UDP echo servers.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import doctest
+import json
 import os
 import socket
 import ssl
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
@@ -31,11 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_server import make_certificates
+from helpers_server import fake_resolver, make_certificates, make_config, running_server
+from test_udp_engine import ICMP_SETUP, _netns_available
 
+import socks6fast
 from socks6fast import client as bclient
 from socks6fast._client_base import udp_request_options
 from socks6fast.asyncio import client as aclient
+from socks6fast.asyncio.server import Server
+from socks6fast.asyncio.server import udp as server_udp
 from socks6fast.constants import (
     AddressType,
     AuthReplyType,
@@ -47,6 +57,7 @@ from socks6fast.constants import (
     StackLeg,
     UDPMessageType,
 )
+from socks6fast.dataplane.udp import UDP_ENGINE_AVAILABLE, UdpEngineC, UdpEnginePy
 from socks6fast.errors import (
     AssociationClosedError,
     DatagramTooBigError,
@@ -995,24 +1006,6 @@ async def test_scripted_datagrams_over_tls(flavour: str, tmp_path: Path) -> None
         await proxy.stop()
 
 
-async def test_readme_example_runs(tmp_path: Path) -> None:
-    """examples/udp_client.py (quoted in the README) runs as written: both clients, both transports."""
-    example = Path(__file__).resolve().parent.parent / "examples" / "udp_client.py"
-    async with scripted() as proxy:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(example),
-            proxy.url(),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(process.communicate(), timeout=30)
-    assert process.returncode == 0, err.decode()
-    lines = out.decode().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["asyncio, udp", "asyncio, tcp", "blocking, udp"]
-    assert "b'hello over UDP'" in lines[0] and "b'hello over TCP'" in lines[1]
-
-
 @pytest.mark.parametrize("flavour", FLAVOURS)
 async def test_no_udp_port_at_the_proxy_is_an_os_error(flavour: str) -> None:
     """``udp_port`` names the proxy's UDP port; a closed one answers with ICMP port unreachable,
@@ -1061,3 +1054,385 @@ def test_docstring_examples() -> None:
     """The example in ClientAssociation's docstring runs as written."""
     result = doctest.testmod(client_udp_module, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --- Both clients against the real server (socks6fast.asyncio.server) ----------------------------
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+REAL_HOSTS = [
+    pytest.param("127.0.0.1", id="v4"),
+    pytest.param("::1", id="v6", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")),
+]
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "mmsg",
+            marks=[
+                pytest.mark.c_extension,
+                pytest.mark.skipif(not UDP_ENGINE_AVAILABLE, reason="native UDP engine not available"),
+            ],
+        ),
+        pytest.param("python"),
+    ]
+)
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The UDP engine of the server (the native recvmmsg/sendmmsg one, or its Python twin)."""
+    if request.param == "python":
+        monkeypatch.setattr(server_udp, "UdpEngine", UdpEnginePy)
+        monkeypatch.setattr(server_udp, "UDP_PATH", "python")
+    else:
+        assert UdpEngineC is not None
+        monkeypatch.setattr(server_udp, "UdpEngine", UdpEngineC)
+        monkeypatch.setattr(server_udp, "UDP_PATH", "mmsg")
+    return str(request.param)
+
+
+@contextlib.asynccontextmanager
+async def real_server(**kwargs: Any) -> AsyncIterator[Server]:
+    resolver = kwargs.pop("resolver", None)
+    async with running_server(make_config(ipv6=_has_ipv6(), **kwargs), resolver=resolver) as server:
+        yield server
+
+
+def real_url(server: Server, host: str, scheme: str = "socks6") -> str:
+    """The URL of the server's listener (plain or TLS) in the family of ``host``."""
+    listeners = server.tls_addresses if scheme == "socks6+tls" else server.addresses
+    address, port = next(a for a in listeners if (":" in a[0]) == (":" in host))[:2]
+    return f"{scheme}://[{address}]:{port}" if ":" in address else f"{scheme}://{address}:{port}"
+
+
+def any_address(host: str) -> str:
+    return "::" if ":" in host else "0.0.0.0"
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("host", REAL_HOSTS)
+async def test_real_server_round_trip(engine: str, flavour: str, transport: str, host: str) -> None:
+    """Both clients, both transports, IPv4 and IPv6, through the real server and its UDP engine:
+    datagrams to a loopback echo server come back naming it; the reply names where the proxy
+    relays from (the remote host sees that address)."""
+    async with real_server() as server, udp_echo(host) as echo:
+        before = fd_count()
+
+        async def body(assoc: Any) -> None:
+            assert assoc.bound[0] == host and assoc.bound[1] != 0 and len(assoc.id) == 8
+            for n in range(5):
+                await assoc.sendto(b"real %d" % n, echo)
+                assert await assoc.recvfrom(timeout=5) == (b"real %d" % n, echo)
+            assert assoc.confirmed and assoc.dropped == 0
+
+        await in_flavour(
+            flavour, real_url(server, host), body, address=any_address(host), transport=transport
+        )
+        await asyncio.sleep(0.1)
+        assert fd_count() == before
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_real_server_server_mode(engine: str, flavour: str, transport: str) -> None:
+    """Server mode through the real server: ``udp_associate`` returns confirmed, then a remote
+    host sends first to the bound address and its datagram arrives naming it; the answer goes
+    back to it."""
+    async with real_server() as server:
+
+        async def body(assoc: Any) -> None:
+            assert assoc.confirmed
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as remote:
+                remote.bind(("127.0.0.1", 0))
+                remote.settimeout(5)
+                remote.sendto(b"knock", assoc.bound)
+                data, source = await assoc.recvfrom(timeout=5)
+                assert (data, source) == (b"knock", remote.getsockname())
+                await assoc.sendto(b"who's there", source)
+                assert await asyncio.to_thread(remote.recvfrom, 100) == (b"who's there", assoc.bound)
+
+        await in_flavour(flavour, real_url(server, "127.0.0.1"), body, server_mode=True, transport=transport)
+
+
+class LossyForwarder:
+    """A UDP forwarder on 127.0.0.1 between the client and the proxy's UDP port that drops the
+    first ``drop`` datagrams from the client (a real lossy path for UDP-10)."""
+
+    def __init__(self, target: tuple[str, int], drop: int) -> None:
+        self.target, self.drop = target, drop
+        self.from_client: list[bytes] = []
+        self.client: Any = None
+        self.front: asyncio.DatagramTransport | None = None
+        self.back: asyncio.DatagramTransport | None = None
+
+    async def __aenter__(self) -> LossyForwarder:
+        loop = asyncio.get_running_loop()
+        front, _ = await loop.create_datagram_endpoint(
+            lambda: _Datagrams(self._from_client), local_addr=("127.0.0.1", 0)
+        )
+        back, _ = await loop.create_datagram_endpoint(
+            lambda: _Datagrams(self._from_proxy), remote_addr=self.target
+        )
+        self.front, self.back = front, back  # type: ignore[assignment]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.front is not None and self.back is not None
+        self.front.close()
+        self.back.close()
+
+    @property
+    def port(self) -> int:
+        assert self.front is not None
+        return int(self.front.get_extra_info("sockname")[1])
+
+    def _from_client(self, data: bytes, addr: Any) -> None:
+        self.client = addr
+        self.from_client.append(data)
+        if len(self.from_client) <= self.drop:
+            return
+        assert self.back is not None
+        self.back.sendto(data)
+
+    def _from_proxy(self, data: bytes, addr: Any) -> None:
+        assert self.front is not None
+        self.front.sendto(data, self.client)
+
+
+@pytest.mark.conformance("UDP-10")
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_real_server_mode_resend_through_a_lossy_path(engine: str, flavour: str) -> None:
+    """UDP-10 against the real server: the path to its UDP port loses the first empty datagram;
+    the client sends it again and the real server confirms; then datagrams flow both ways
+    through the same path."""
+    async with real_server() as server, udp_echo("127.0.0.1") as echo:
+        proxy = next(a for a in server.addresses if ":" not in a[0])
+        async with LossyForwarder(proxy, drop=1) as path:
+
+            async def body(assoc: Any) -> None:
+                assert assoc.confirmed and assoc.core.resends >= 1
+                await assoc.sendto(b"after the loss", echo)
+                assert await assoc.recvfrom(timeout=5) == (b"after the loss", echo)
+
+            await in_flavour(
+                flavour,
+                real_url(server, "127.0.0.1"),
+                body,
+                server_mode=True,
+                udp_port=path.port,
+                resend_interval=0.05,
+            )
+            assert path.from_client[0] == path.from_client[1]  # the same empty datagram, twice
+            assert path.from_client[0][1] == UDPMessageType.DATAGRAM and len(path.from_client[0]) == 20
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_real_server_resolves_names(engine: str, flavour: str, transport: str) -> None:
+    """D20 through the real server: a destination name goes in the Datagram Header, the server
+    resolves it (a fake resolver here) and the answer names the address. The server drops
+    datagrams to a name while it resolves it (UDP may lose them), so the client sends again,
+    as a UDP application does."""
+    async with real_server(resolver=fake_resolver({"echo.test": ["127.0.0.1"]})) as server:
+        async with udp_echo("127.0.0.1") as echo:
+
+            async def body(assoc: Any) -> None:
+                for _ in range(50):
+                    await assoc.sendto(b"named", ("echo.test", echo[1]))
+                    with contextlib.suppress(TimeoutError):
+                        assert await assoc.recvfrom(timeout=0.1) == (b"named", echo)
+                        return
+                pytest.fail("no answer through a name")
+
+            await in_flavour(flavour, real_url(server, "127.0.0.1"), body, transport=transport)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_real_server_over_tls(engine: str, flavour: str, tmp_path: Path) -> None:
+    """``transport="tcp"`` through the real server's TLS listener: datagrams inside TLS."""
+    certs = make_certificates(tmp_path)
+    client_ctx = ssl.create_default_context(cafile=str(certs.ca))
+    tls = {"tls_listen": ["127.0.0.1:0"], "tls_certificate": str(certs.cert), "tls_key": str(certs.key)}
+    async with real_server(server=tls) as server, udp_echo("127.0.0.1") as echo:
+        url = real_url(server, "127.0.0.1", "socks6+tls")
+        if flavour == "asyncio":
+            async with await aclient.udp_associate(url, proxy_ssl=client_ctx, transport="tcp") as assoc:
+                for n in range(3):
+                    await assoc.sendto(b"tls %d" % n, echo)
+                    assert await assoc.recvfrom(timeout=5) == (b"tls %d" % n, echo)
+        else:
+
+            def blocking() -> None:
+                with bclient.Proxy.from_url(url, proxy_ssl=client_ctx).udp_associate(
+                    transport="tcp"
+                ) as assoc:
+                    for n in range(3):
+                        assoc.sendto(b"tls %d" % n, echo)
+                        assert assoc.recvfrom(timeout=5) == (b"tls %d" % n, echo)
+
+            await asyncio.to_thread(blocking)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_real_server_options_and_sessions(engine: str, flavour: str) -> None:
+    """Inside a session, with credentials: the UDP Error option and an even port with its pair
+    reserved, as the real server answers them (D9: the reply says what was applied)."""
+    async with real_server(users={"alice": "s3cret"}) as server, udp_echo("127.0.0.1") as echo:
+        url = real_url(server, "127.0.0.1").replace("//", "//alice:s3cret@")
+        kwargs: dict[str, Any] = {"udp_error": True, "port_parity": Parity.EVEN, "reserve_port": True}
+
+        def check(assoc: Any) -> None:
+            assert assoc.udp_error
+            assert assoc.port_parity is not None and assoc.port_parity.parity == Parity.EVEN
+            assert assoc.bound[1] % 2 == 0
+
+        if flavour == "asyncio":
+            async with aclient.Session(url) as session:
+                for _ in range(2):
+                    async with await session.udp_associate(**kwargs) as assoc:
+                        check(assoc)
+                        await assoc.sendto(b"in a session", echo)
+                        assert await assoc.recvfrom(timeout=5) == (b"in a session", echo)
+                assert session.session_id is not None
+        else:
+
+            def blocking() -> None:
+                with bclient.Session(url) as session:
+                    for _ in range(2):
+                        with session.udp_associate(**kwargs) as assoc:
+                            check(assoc)
+                            assoc.sendto(b"in a session", echo)
+                            assert assoc.recvfrom(timeout=5) == (b"in a session", echo)
+                    assert session.session_id is not None
+
+            await asyncio.to_thread(blocking)
+
+
+# --- ICMP errors for real: the real server and both clients in a network namespace ------------------
+
+
+def run_client_icmp_scenarios(engine: str) -> None:
+    """Entry point inside the namespace (tests/test_udp_engine.py's ICMP_SETUP topology: a
+    router namespace answers for 10.78.0.0/16 and fd78::/16 with real ICMP errors)."""
+    if engine == "python":
+        server_udp.UdpEngine = UdpEnginePy  # type: ignore[misc]
+        server_udp.UDP_PATH = "python"  # type: ignore[misc]
+    print(json.dumps(asyncio.run(asyncio.wait_for(_client_icmp_scenarios(), 90))))
+
+
+async def _client_icmp_scenarios() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    config = make_config(server={"listen": ["10.77.0.1:0", "[fd77::1]:0"]})
+    async with running_server(config) as server:
+        for name, dest, ttl, size, opt_in in ICMP_SCENARIOS:
+            for run, (flavour, transport) in enumerate(ICMP_RUNS):
+                if name == "big6":
+                    # After one Packet Too Big the kernel caches the path MTU for that
+                    # destination and fragments at the source: a new destination each run.
+                    dest = f"fd78:4::{run + 1}"
+
+                async def body(assoc: Any, dest: str = dest, size: int = size) -> Any:
+                    # The router limits the ICMP errors it sends for routing failures (about
+                    # one a second after a burst of five, per source: the kernel's
+                    # route.error_cost), so a lost report is sent for again, as an
+                    # application would; each try waits longer than that.
+                    for _ in range(4 if assoc.udp_error else 1):
+                        await assoc.sendto(b"p" * size, (dest, 4321))
+                        try:
+                            await assoc.recvfrom(timeout=1.2)
+                        except ICMPError as exc:
+                            return [type(exc).__name__, *exc.destination, exc.reporter, assoc.udp_error]
+                        except TimeoutError:
+                            continue
+                        return ["datagram"]
+                    return ["timeout", assoc.udp_error]
+
+                out[f"{name} {flavour} {transport}"] = await in_flavour(
+                    flavour,
+                    real_url(server, dest),
+                    body,
+                    address=any_address(dest),
+                    udp_error=opt_in,
+                    transport=transport,
+                    stack_options=[TTLOption(StackLeg.PROXY_REMOTE, ttl)],
+                )
+    return out
+
+
+#: name, destination, TTL on the UDP leg, payload size, UDP Error option.
+ICMP_SCENARIOS = (
+    ("host4", "10.78.1.1", 64, 16, True),
+    ("net4", "10.78.2.1", 64, 16, True),
+    ("ttl4", "10.78.3.1", 1, 16, True),
+    ("net6", "fd78:1::1", 64, 16, True),
+    ("ttl6", "fd78:3::1", 1, 16, True),
+    ("big6", "fd78:4::1", 64, 1400, True),
+    ("quiet4", "10.78.1.1", 64, 16, False),
+)
+ICMP_RUNS = [(flavour, transport) for flavour in FLAVOURS for transport in TRANSPORTS]
+
+
+def test_real_icmp_errors_are_typed_exceptions(engine: str) -> None:
+    """Real ICMP errors through the real server, with both clients and both transports: the
+    client that opted in (``udp_error=True``, echoed by the server) gets HostUnreachableError,
+    NetworkUnreachableError, TTLExpiredError (its own TTL of 1 on the UDP leg) and, on the IPv6
+    path whose MTU is 1280, DatagramTooBigError, each naming the destination and the router
+    that reported it; without the option, nothing (recvfrom times out)."""
+    if not _netns_available():
+        pytest.skip("needs unshare -n with veth pairs (root or user namespaces), nsenter and iproute2")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(socks6fast.__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+        ),
+    )
+    call = f"run_client_icmp_scenarios({engine!r})"
+    script = ICMP_SETUP + f'"{sys.executable}" -P -c "import test_client_udp as t; t.{call}"\nrc=$?\n'
+    script += 'test -n "$ROUTER" && kill $ROUTER\nexit $rc\n'
+    done = subprocess.run(
+        ["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=150
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = {
+        "host4": ["HostUnreachableError", "10.78.1.1", 4321, "10.77.0.2", True],
+        "net4": ["NetworkUnreachableError", "10.78.2.1", 4321, "10.77.0.2", True],
+        "ttl4": ["TTLExpiredError", "10.78.3.1", 4321, "10.77.0.2", True],
+        "net6": ["NetworkUnreachableError", "fd78:1::1", 4321, "fd77::2", True],
+        "ttl6": ["TTLExpiredError", "fd78:3::1", 4321, "fd77::2", True],
+        "quiet4": ["timeout", False],
+    }
+    for run, (flavour, transport) in enumerate(ICMP_RUNS):
+        expected_here = {
+            **expected,
+            "big6": ["DatagramTooBigError", f"fd78:4::{run + 1}", 4321, "fd77::2", True],
+        }
+        for name, result in expected_here.items():
+            assert seen[f"{name} {flavour} {transport}"] == result, (name, flavour, transport, seen)
+
+
+async def test_readme_example_runs(engine: str) -> None:
+    """examples/udp_client.py (quoted in the README) runs as written against the real server:
+    both clients, both transports."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "udp_client.py"
+    async with real_server() as server:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(example),
+            real_url(server, "127.0.0.1"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["asyncio, udp", "asyncio, tcp", "blocking, udp"]
+    assert "b'hello over UDP'" in lines[0] and "b'hello over TCP'" in lines[1]
