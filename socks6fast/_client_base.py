@@ -83,8 +83,11 @@ class UDPAssociateOptions(RequestOptions, total=False):
     """Keyword arguments of ``udp_associate`` in both flavours (besides `RequestOptions`)."""
 
     transport: Transport
-    """``"udp"``. Where the datagrams travel: ``"udp"``, plain UDP datagrams to the proxy's
-    UDP port; ``"tcp"``, framed on the TCP (or TLS) connection to the proxy (UDP-02)."""
+    """``"udp"`` for ``socks6://``, ``"tcp"`` for ``socks6+tls://``. Where the datagrams
+    travel: ``"udp"``, plain UDP datagrams to the proxy's UDP port; ``"tcp"``, framed on the
+    TCP (or TLS) connection to the proxy (UDP-02). A TLS listener has no plain UDP port
+    beside it (D16 puts DTLS there, which this client does not speak), hence the TLS
+    default; ``transport="udp"`` with ``udp_port=`` names a plain one."""
     udp_error: bool
     """False. Ask for ICMP error reports (the UDP Error option, UDP-09): they are raised
     from ``recvfrom`` as `socks6fast.errors.ICMPError` subclasses."""
@@ -128,10 +131,10 @@ def udp_request_options(kwargs: UDPAssociateOptions) -> tuple[StackOption, ...]:
     return tuple(options)
 
 
-def new_association(kwargs: UDPAssociateOptions) -> ClientAssociation:
-    """The sans-IO association for ``kwargs``."""
+def new_association(kwargs: UDPAssociateOptions, *, tls: bool) -> ClientAssociation:
+    """The sans-IO association for ``kwargs`` (``tls``: the proxy URL is ``socks6+tls``)."""
     return ClientAssociation(
-        transport=kwargs.get("transport", "udp"),
+        transport=kwargs.get("transport", "tcp" if tls else "udp"),
         udp_error=kwargs.get("udp_error", False),
         resend_interval=kwargs.get("resend_interval", DEFAULT_RESEND_INTERVAL),
         resend_tries=kwargs.get("resend_tries", DEFAULT_RESEND_TRIES),

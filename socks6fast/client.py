@@ -381,7 +381,7 @@ class Proxy(ProxyBase):
                 data, (host, port) = assoc.recvfrom(timeout=5)
         """
         timeout = kwargs.get("timeout", DEFAULT_TIMEOUT)
-        core = new_association(kwargs)
+        core = new_association(kwargs, tls=self.url.tls)
         deadline = _Deadline(timeout)
         performer = _Performer(deadline, self._open_channel, session)
         channel, conn = performer.run(self._udp_flow(address, port, session, kwargs))

@@ -987,7 +987,8 @@ async def test_scripted_datagrams_over_tls(flavour: str, tmp_path: Path) -> None
         async with udp_echo("127.0.0.1") as echo:
             url = proxy.url("socks6+tls")
             if flavour == "asyncio":
-                async with await aclient.udp_associate(url, proxy_ssl=client_ctx, transport="tcp") as assoc:
+                async with await aclient.udp_associate(url, proxy_ssl=client_ctx) as assoc:
+                    assert assoc.transport == "tcp"  # the default for socks6+tls
                     for n in range(3):
                         await assoc.sendto(b"tls %d" % n, echo)
                         assert await assoc.recvfrom(timeout=5) == (b"tls %d" % n, echo)
@@ -1256,24 +1257,33 @@ async def test_real_server_resolves_names(engine: str, flavour: str, transport: 
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-async def test_real_server_over_tls(engine: str, flavour: str, tmp_path: Path) -> None:
-    """``transport="tcp"`` through the real server's TLS listener: datagrams inside TLS."""
+@pytest.mark.parametrize("transport", [None, "udp"], ids=["default", "udp"])
+async def test_real_server_over_tls(engine: str, flavour: str, transport: str | None, tmp_path: Path) -> None:
+    """Through the real server's TLS listener: by default the datagrams ride the TLS connection
+    (``transport="tcp"``: the TLS listener has no plain UDP port, D16); with
+    ``transport="udp"`` and ``udp_port`` naming the plain listener's UDP port, the control
+    connection is TLS and the datagrams plain UDP."""
     certs = make_certificates(tmp_path)
     client_ctx = ssl.create_default_context(cafile=str(certs.ca))
     tls = {"tls_listen": ["127.0.0.1:0"], "tls_certificate": str(certs.cert), "tls_key": str(certs.key)}
     async with real_server(server=tls) as server, udp_echo("127.0.0.1") as echo:
         url = real_url(server, "127.0.0.1", "socks6+tls")
+        kwargs: dict[str, Any] = {}
+        if transport == "udp":
+            kwargs = {"transport": "udp", "udp_port": next(a for a in server.addresses if ":" not in a[0])[1]}
+        expected = transport or "tcp"
         if flavour == "asyncio":
-            async with await aclient.udp_associate(url, proxy_ssl=client_ctx, transport="tcp") as assoc:
+            async with await aclient.udp_associate(url, proxy_ssl=client_ctx, **kwargs) as assoc:
+                assert assoc.transport == expected
                 for n in range(3):
                     await assoc.sendto(b"tls %d" % n, echo)
                     assert await assoc.recvfrom(timeout=5) == (b"tls %d" % n, echo)
         else:
 
             def blocking() -> None:
-                with bclient.Proxy.from_url(url, proxy_ssl=client_ctx).udp_associate(
-                    transport="tcp"
-                ) as assoc:
+                proxy = bclient.Proxy.from_url(url, proxy_ssl=client_ctx)
+                with proxy.udp_associate(**kwargs) as assoc:
+                    assert assoc.transport == expected
                     for n in range(3):
                         assoc.sendto(b"tls %d" % n, echo)
                         assert assoc.recvfrom(timeout=5) == (b"tls %d" % n, echo)

@@ -432,7 +432,7 @@ class Proxy(ProxyBase):
         ``address`` and ``port`` are the desired bind address and port of the proxy's
         socket towards remote hosts ("0.0.0.0" or "::" and 0: any).
         """
-        core = new_association(kwargs)
+        core = new_association(kwargs, tls=self.url.tls)
         async with asyncio.timeout(kwargs.get("timeout", DEFAULT_TIMEOUT)):
             performer = _Performer(self._open_stream_channel, session)
             channel, conn = await performer.run(self._udp_flow(address, port, session, kwargs))
@@ -956,8 +956,8 @@ async def udp_associate(
             print(assoc.bound, assoc.id.hex())
 
     Args:
-        proxy_url: ``socks6://`` or ``socks6+tls://`` URL (``transport="tcp"`` then runs the
-            datagrams over TLS too); may be None when ``session`` is given.
+        proxy_url: ``socks6://`` or ``socks6+tls://`` URL (its default transport is "tcp":
+            the datagrams ride the TLS connection); may be None when ``session`` is given.
         address: desired bind address of the proxy's socket towards remote hosts.
         port: desired bind port (0: any; Port Parity needs 0, STK-08).
         session: a `Session` (the request joins it).
