@@ -31,6 +31,8 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ from typing import Any
 
 import pytest
 from helpers_server import fake_resolver, make_certificates, make_config, running_server
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_udp_engine import ICMP_SETUP, _netns_available
 
 import socks6fast
@@ -1446,3 +1450,60 @@ async def test_readme_example_runs(engine: str) -> None:
     lines = out.decode().splitlines()
     assert [line.split(":")[0] for line in lines] == ["asyncio, udp", "asyncio, tcp", "blocking, udp"]
     assert "b'hello over UDP'" in lines[0] and "b'hello over TCP'" in lines[1]
+
+
+@given(st.binary(max_size=80))
+@settings(max_examples=500, deadline=None)
+def test_any_datagram_is_judged_without_an_exception(data: bytes) -> None:
+    """Whatever arrives on the UDP port, ``receive_datagram`` returns a message or None (dropped
+    and counted); it never raises, and the association stays open."""
+    assoc = opened("udp", udp_error=True)
+    for candidate in (data, ID.join([data[:4], data[4:]]) if len(data) > 4 else data):
+        message = assoc.receive_datagram(candidate)
+        assert message is None or isinstance(message, Datagram | DatagramError)
+    assert assoc.state is AssociationState.OPEN
+    assert assoc.receive_datagram(PONG) is not None
+
+
+@given(st.binary(max_size=80))
+@settings(max_examples=500, deadline=None)
+def test_any_stream_fails_only_with_a_protocol_error(data: bytes) -> None:
+    """Whatever follows the Initialization on the TCP stream, ``next_event`` gives events or a
+    RemoteProtocolError, never another exception."""
+    assoc = opened("tcp", udp_error=True)
+    assoc.datagram(b"", "127.0.0.1", 9)
+    assoc.receive_data(data)
+    assoc.receive_data(b"")
+    try:
+        while (event := assoc.next_event()) is not NEED_DATA and not isinstance(event, AssociationEnded):
+            pass
+    except RemoteProtocolError:
+        assert assoc.state is AssociationState.ERROR
+
+
+async def test_real_server_blocking_send_and_receive_threads(engine: str) -> None:
+    """The blocking association with one thread sending while another receives (over UDP and
+    over TCP): every datagram comes back once, none is mangled."""
+    async with real_server() as server, udp_echo("127.0.0.1") as echo:
+        url = real_url(server, "127.0.0.1")
+
+        def run(transport: str) -> list[bytes]:
+            got: list[bytes] = []
+            with bclient.Proxy.from_url(url).udp_associate(transport=transport) as assoc:
+
+                def receive() -> None:
+                    for _ in range(100):
+                        got.append(assoc.recvfrom(timeout=5)[0])
+
+                receiver = threading.Thread(target=receive)
+                receiver.start()
+                for n in range(100):
+                    assoc.sendto(b"%03d" % n, echo)
+                    if n % 10 == 9:
+                        time.sleep(0.01)  # loopback UDP buffers are finite: pace the sender
+                receiver.join(10)
+            return got
+
+        for transport in TRANSPORTS:
+            got = await asyncio.to_thread(run, transport)
+            assert sorted(got) == [b"%03d" % n for n in range(100)], transport
