@@ -1507,3 +1507,18 @@ async def test_real_server_blocking_send_and_receive_threads(engine: str) -> Non
         for transport in TRANSPORTS:
             got = await asyncio.to_thread(run, transport)
             assert sorted(got) == [b"%03d" % n for n in range(100)], transport
+
+
+def test_datagram_headers_per_destination_stay_exact() -> None:
+    """The per-destination header cache of ``datagram``: alternating destinations, payload
+    sizes, and more destinations than it keeps, each message is what the codec encodes."""
+    assoc = opened("udp")
+    for n in range(600):
+        host, port, payload = f"127.0.{n % 300 // 256}.{n % 256}", 1000 + n % 300, b"p" * (n % 7)
+        length = 20 + len(payload)
+        expected = codec.encode_association_message(
+            Datagram(DatagramHeader(ID, AddressType.IPV4, host, port, length), payload)
+        )
+        assert assoc.datagram(payload, host, port) == expected
+    with pytest.raises(LocalProtocolError):
+        assoc.datagram(b"", "127.0.0.1", 70000)  # not cached, still refused

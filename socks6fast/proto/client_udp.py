@@ -85,6 +85,8 @@ DEFAULT_RESEND_INTERVAL: Final = 0.25
 #: Empty datagrams sent in all before giving up (waits 0.25+0.5+1+2+4 s: about 8 s).
 DEFAULT_RESEND_TRIES: Final = 5
 
+#: Destinations whose Datagram Header `ClientAssociation.datagram` keeps ready.
+_HEADER_CACHE_SIZE: Final = 256
 #: Server mode (section "Proxying UDP servers"): "an IP address and port consisting of zeroes".
 _ZERO_ADDRESS: Final = "0.0.0.0"
 
@@ -163,6 +165,7 @@ class ClientAssociation:
         self._confirm: bytes | None = None  # the empty datagram, while it may be resent
         self._tries = 0
         self._deadline: float | None = None
+        self._headers: dict[tuple[str, int], bytes] = {}  # see `datagram`
 
     # -- the TCP stream (the control channel; the data channel too with transport="tcp")
 
@@ -340,21 +343,35 @@ class ClientAssociation:
             AssociationState.CONFIRMED,
         ):
             raise LocalProtocolError(f"cannot send a datagram in state {self.state.value}", None)
-        address_type, address = address_of(host)
-        header_length = codec.datagram_header_length(address_type, address)
-        total = header_length + len(payload)
+        key = (host, port)
+        header = self._headers.get(key)
+        if header is None:
+            header = self._header_for(host, port)
+            if len(self._headers) >= _HEADER_CACHE_SIZE:
+                self._headers.clear()
+            self._headers[key] = header
+        total = len(header) + len(payload)
         if total > MAX_MESSAGE_LENGTH:
             raise LocalProtocolError(
                 f"datagram too long: {len(payload)} bytes of payload, at most "
-                f"{MAX_MESSAGE_LENGTH - header_length} fit a Message Length",
+                f"{MAX_MESSAGE_LENGTH - len(header)} fit a Message Length",
                 None,
             )
-        out = bytearray(total)
-        codec.encode_datagram_header(
-            DatagramHeader(self.association_id, address_type, address, port, total), out
-        )
-        out[header_length:] = payload
         self._sent_first = True
+        # Only the Message Length differs between datagrams to one destination.
+        return header[:2] + total.to_bytes(2, "big") + header[4:] + payload
+
+    def _header_for(self, host: str, port: int) -> bytes:
+        # The Datagram Header for ``host:port`` with a Message Length of the header alone;
+        # classifying the address (an ``ipaddress`` parse) costs more than the rest of a
+        # datagram, hence the per-destination cache of `datagram`.
+        assert self.association_id is not None
+        address_type, address = address_of(host)
+        header_length = codec.datagram_header_length(address_type, address)
+        out = bytearray(header_length)
+        codec.encode_datagram_header(
+            DatagramHeader(self.association_id, address_type, address, port, header_length), out
+        )
         return bytes(out)
 
     def confirm_datagram(self, now: float) -> bytes:
