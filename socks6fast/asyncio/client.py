@@ -646,12 +646,13 @@ class UDPAssociation(AssociationBase[_StreamChannel]):
             TimeoutError: nothing arrived within ``timeout`` seconds.
             OSError: the proxy's UDP port reported an error (e.g. ConnectionRefusedError).
         """
-        async with asyncio.timeout(timeout):
-            while not self._inbox:
-                if self._end is not None:
-                    raise self._end
-                self._wakeup.clear()
-                await self._wakeup.wait()
+        if not self._inbox:
+            async with asyncio.timeout(timeout):
+                while not self._inbox:
+                    if self._end is not None:
+                        raise self._end
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
         item = self._inbox.popleft()
         self._room.set()
         if isinstance(item, Exception):
