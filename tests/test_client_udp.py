@@ -1243,9 +1243,9 @@ async def test_real_server_mode_resend_through_a_lossy_path(engine: str, flavour
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_real_server_resolves_names(engine: str, flavour: str, transport: str) -> None:
     """D20 through the real server: a destination name goes in the Datagram Header, the server
-    resolves it (a fake resolver here) and the answer names the address. The server drops
-    datagrams to a name while it resolves it (UDP may lose them), so the client sends again,
-    as a UDP application does."""
+    resolves it (a fake resolver here) and the answer names the address. The client sends
+    again while no answer came, as a UDP application does (a proxy may drop datagrams to a
+    name it is resolving; this one holds them, D24)."""
     async with real_server(resolver=fake_resolver({"echo.test": ["127.0.0.1"]})) as server:
         async with udp_echo("127.0.0.1") as echo:
 
