@@ -13,6 +13,7 @@ from socks6fast.config import (
     DEFAULT_TOML,
     Config,
     ConfigError,
+    UDPConfig,
     default_config,
     load_config,
     parse_config,
@@ -476,6 +477,13 @@ CASES: list[tuple[str, str]] = [
     ("[udp]\nport = 0", "udp.port: 0 is not an integer 1-65535"),
     ("[udp]\ndtls_port = 70000", "udp.dtls_port: 70000 is not an integer 1-65535"),
     ("[udp]\ndtls_port = 1081", "udp.dtls_port: needs server.tls_certificate and server.tls_key"),
+    ('[udp]\nenabled = "yes"', 'udp.enabled: "yes" is not true or false'),
+    ("[udp]\nfirst_datagram_timeout = 0", "udp.first_datagram_timeout: 0 is not a number of seconds > 0"),
+    ("[udp]\nmax_associations_per_client = -1", "udp.max_associations_per_client: -1 is not an integer >= 0"),
+    ("[udp]\nmax_associations_per_user = 1.5", "udp.max_associations_per_user: 1.5 is not an integer >= 0"),
+    ("[udp]\nworkers = 65", "udp.workers: 65 is not an integer 0-64"),
+    ("[udp]\nbatch = 0", "udp.batch: 0 is not an integer 1-256"),
+    ("[udp]\nmax_datagram = 100", "udp.max_datagram: 100 is not an integer 512-65535"),
     (
         "[udp]\nports = 1",
         "udp.ports: unknown key (allowed: batch, dtls_cookie_interval, dtls_handshakes_per_source, "
@@ -637,4 +645,29 @@ def test_session_limits_from_config() -> None:
     assert store is not None
     assert store.limits == SessionLimits(
         idle_timeout=30.0, max_sessions=100_000, max_per_client_ip=100, max_per_user=7, max_token_window=9
+    )
+
+
+def test_udp_table() -> None:
+    """[udp]: on by default (the SOCKS 6 UDP port on each listener's port, D16); every key
+    read as written."""
+    default = default_config().udp
+    assert (default.enabled, default.port, default.dtls_port) == (True, None, None)
+    assert (default.first_datagram_timeout, default.max_associations_per_client) == (30.0, 256)
+    text = (
+        "[udp]\nenabled = false\nport = 2000\nfirst_datagram_timeout = 2.5\n"
+        "max_associations_per_client = 3\nmax_associations_per_user = 0\nworkers = 2\nbatch = 32\n"
+        "max_datagram = 1500\n"
+    )
+    udp = parse_config(tomllib.loads(text)).udp
+    assert udp == UDPConfig(
+        port=2000,
+        dtls_port=None,
+        enabled=False,
+        first_datagram_timeout=2.5,
+        max_associations_per_client=3,
+        max_associations_per_user=0,
+        workers=2,
+        batch=32,
+        max_datagram=1500,
     )

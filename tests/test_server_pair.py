@@ -1040,3 +1040,19 @@ def test_udp_associate_multicast_bind_address_refused() -> None:
     io.receive(b"\x05\x01\x00" + b"\x05\x02\x00\x01" + bytes([239, 1, 2, 3]) + struct.pack(">H", 5353))
     assert io.server is not None and io.server.reply_code == ReplyCode.NOT_ALLOWED_BY_RULESET
     assert "UDP-08" in io.server.error and not actions(io, Listen)
+
+
+def test_udp_associate_per_user_limit() -> None:
+    """``udp.max_associations_per_user``: counted per authenticated user across client
+    addresses; over it, General Failure naming the setting."""
+    context = make_context(users=USERS)
+    assert context.associations is not None
+    context.associations.max_per_user = 1
+    credentials = AuthData(AuthMethod.USERNAME_PASSWORD, b"\x01\x05alice\x0awonderland")
+    first = ScriptedIO(context=context, client_ip="192.0.2.1")
+    first.receive(udp_request("0.0.0.0", 0, credentials))
+    associated(first)
+    second = ScriptedIO(context=context, client_ip="192.0.2.2")
+    second.receive(udp_request("0.0.0.0", 0, credentials))
+    assert second.server is not None and second.server.reply_code == ReplyCode.GENERAL_FAILURE
+    assert "udp.max_associations_per_user" in second.server.error

@@ -1146,3 +1146,24 @@ def test_multicast_for_udp_only(engine: str) -> None:
         "datagrams_up": 1,
         "connect_reply": ReplyCode.NOT_ALLOWED_BY_RULESET,
     }
+
+
+async def test_readme_raw_client_example(engine: str) -> None:
+    """examples/udp_associate_raw.py (the README's raw-client example) works against the
+    server: over plain UDP and over the TCP connection."""
+    script = Path(__file__).resolve().parent.parent / "examples" / "udp_associate_raw.py"
+    async with udp_server() as server, Echo("127.0.0.1") as echo:
+        proxy = server.addresses[0]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(script),
+            proxy[0],
+            str(proxy[1]),
+            *map(str, echo.address),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0, err.decode()
+        assert f"over UDP from 127.0.0.1 {echo.address[1]} b'hello over UDP'" in out.decode()
+        assert f"over TCP from 127.0.0.1 {echo.address[1]} b'hello over TCP'" in out.decode()

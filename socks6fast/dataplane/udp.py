@@ -27,8 +27,8 @@ The API (documented in full in ``src_pyx/socks6fast/dataplane/_udp_c.pyx``)::
     engine.held() -> tuple[int, int]   # datagrams, bytes waiting for a verdict/name (D24)
     engine.close()
 
-The engine is a building block: the server does not use it yet (UDP ASSOCIATE is
-still answered with Command Not Supported until the control plane is wired).
+The server runs one engine (``socks6fast.asyncio.server.udp.UdpService``): it sets each
+UDP ASSOCIATE up and answers the engine's ``UdpAsk`` / ``UdpResolve`` events.
 """
 
 from __future__ import annotations
