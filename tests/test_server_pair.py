@@ -42,6 +42,7 @@ from socks6fast.proto.actions import (
     Resolve,
     Send,
 )
+from socks6fast.proto.associations import Reservation
 from socks6fast.proto.client import ClientSession, ClientState, build_request, noop_request
 from socks6fast.proto.messages import (
     AuthData,
@@ -1056,3 +1057,20 @@ def test_udp_associate_per_user_limit() -> None:
     second.receive(udp_request("0.0.0.0", 0, credentials))
     assert second.server is not None and second.server.reply_code == ReplyCode.GENERAL_FAILURE
     assert "udp.max_associations_per_user" in second.server.error
+
+
+@pytest.mark.conformance("STK-08")
+def test_reserved_port_claimed_across_families_when_no_address_is_named() -> None:
+    """STK-08: the original association was bound near the client (IPv6 here); a claim that
+    names port P with the unspecified IPv4 address (no particular address) still finds the
+    reservation of P, and the reservation's socket is handed over."""
+    context = make_context()
+    table = context.associations
+    assert table is not None
+    handle = object()
+    table.reserve(Reservation(6, 6001, handle, b"\x00" * 8, None))
+    io = ScriptedIO(context=context)
+    io.receive(udp_request("0.0.0.0", 6001))
+    [claim] = actions(io, OpenAssociation)
+    assert isinstance(claim, OpenAssociation) and claim.claim is handle
+    assert table.reservation(6, 6001) is None

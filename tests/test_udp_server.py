@@ -1167,3 +1167,20 @@ async def test_readme_raw_client_example(engine: str) -> None:
         assert process.returncode == 0, err.decode()
         assert f"over UDP from 127.0.0.1 {echo.address[1]} b'hello over UDP'" in out.decode()
         assert f"over TCP from 127.0.0.1 {echo.address[1]} b'hello over TCP'" in out.decode()
+
+
+async def test_reload_keeps_associations_and_applies_limits(engine: str) -> None:
+    """SIGHUP (``Server.reload``): live associations keep relaying, the new per-client limit
+    applies at once, and nothing is opened or left behind by the reload."""
+    async with udp_server() as server, Echo("127.0.0.1") as echo:
+        live = await associate(server)
+        await live.send_udp(datagram(live.aid, *echo.address, b"before"))
+        assert parse(await live.recv_udp())[1] == b"before"
+        before = open_fds()
+        server.reload(make_config(ipv6=_has_ipv6(), udp={"max_associations_per_client": 1}))
+        assert open_fds() == before
+        await live.send_udp(datagram(live.aid, *echo.address, b"after"))
+        assert parse(await live.recv_udp())[1] == b"after"
+        refused = await associate(server, expect=ReplyCode.GENERAL_FAILURE)
+        await refused.close()
+        await live.close()

@@ -659,6 +659,10 @@ class ServerConnection(_ConnectionBase):
             # explicitly requests said port", and from the same session when the original
             # association is part of one.
             reservation = table.reservation(family, request.port)
+            if reservation is None and ipaddress.ip_address(request.address).is_unspecified:
+                # "No particular address": the socket is bound near the client, whose family
+                # the request's address type need not match.
+                reservation = table.reservation(6 if family == 4 else 4, request.port)
             if reservation is not None:
                 if reservation.session is not None and reservation.session is not self._session:
                     self._fail(
