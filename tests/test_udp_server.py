@@ -319,7 +319,8 @@ async def test_datagrams_over_udp(engine: str, host: str) -> None:
         await association.close()
         record = await record_of(server, association)
         assert (record.datagrams_up, record.datagrams_down) == (6, 6)
-        assert record.relay_path == engine and record.relay_end == "eof"
+        assert record.relay_path == engine and record.relay_end == "eof" and record.udp_channel == "udp"
+        assert "via=udp dgrams_up=6 dgrams_down=6 drops=0 icmp=0" in record.log_line()
 
 
 @pytest.mark.conformance("UDP-02", "UDP-04")
@@ -457,6 +458,7 @@ async def test_server_mode(engine: str, over: str) -> None:
         await association.close()
         record = await record_of(server, association)
         assert (record.datagrams_up, record.datagrams_down) == (0, 1)
+        assert (record.udp_channel, record.udp_server_mode) == (over, True)
 
 
 @pytest.mark.conformance("UDP-07")

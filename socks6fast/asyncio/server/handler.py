@@ -22,7 +22,7 @@ from ...config import Config
 from ...constants import AddressType, AuthMethod, Command, ReplyCode
 from ...dataplane.engine import RelayEnd, RelayResult
 from ...dataplane.relayer import Relayer
-from ...dataplane.udp import UdpEnded
+from ...dataplane.udp import UdpConfirmed, UdpEnded
 from ...errors import LocalProtocolError, RemoteProtocolError
 from ...net.stackopts import apply_leg_options, mptcp_in_use, read_leg_options
 from ...proto import codec
@@ -184,6 +184,7 @@ class ConnectionHandler:
         "sock",
         "started",
         "tls",
+        "udp_confirmed",
         "udp_result",
         "udp_sockets",
     )
@@ -211,6 +212,8 @@ class ConnectionHandler:
         """UDP ASSOCIATE: the sockets opened, until the UDP data plane takes them."""
         self.udp_result: UdpEnded | None = None
         """UDP ASSOCIATE: how the association ended, with its counts."""
+        self.udp_confirmed: UdpConfirmed | None = None
+        """UDP ASSOCIATE: how its first datagram came (None: none came)."""
 
     async def run(self) -> None:
         """Serve the connection and log its line; never raises but CancelledError."""
@@ -477,7 +480,7 @@ class ConnectionHandler:
             assert isinstance(stream, SocketStream)
             stream.give_up()
         try:
-            self.udp_result = await done
+            self.udp_result, self.udp_confirmed = await done
         except asyncio.CancelledError:
             udp.remove(action.association_id)  # shutdown: the engine closes its sockets
             raise
@@ -551,6 +554,10 @@ class ConnectionHandler:
             record.bytes_up, record.bytes_down = udp.bytes_to_remote, udp.bytes_to_client
             record.datagrams_up, record.datagrams_down = udp.datagrams_to_remote, udp.datagrams_to_client
             record.udp_drops, record.icmp_errors = udp.drops, udp.icmp_reported
+            confirmed = self.udp_confirmed
+            if confirmed is not None:
+                record.udp_channel = "tcp" if confirmed.over_tcp else "udp"
+                record.udp_server_mode = confirmed.server_mode
             server_udp = self._server.udp
             record.relay_path = server_udp.path if server_udp is not None else "-"
             record.relay_end = udp.end.name.lower()

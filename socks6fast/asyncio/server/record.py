@@ -99,6 +99,11 @@ class ConnectionRecord:
     """UDP ASSOCIATE: datagrams of the association dropped (any ``UdpDrop`` reason)."""
     icmp_errors: int = 0
     """UDP ASSOCIATE: Datagram Error messages sent to the client (UDP-09)."""
+    udp_channel: str = "-"
+    """UDP ASSOCIATE: what the first datagram fixed (UDP-03): ``"udp"`` (a 5-tuple, or SOCKS
+    5) or ``"tcp"`` (the TCP connection); ``"-"`` when none came."""
+    udp_server_mode: bool = False
+    """UDP ASSOCIATE: the client asked for server mode (UDP-06)."""
     error: str = ""
     """Why the connection ended early, if it did."""
 
@@ -113,7 +118,8 @@ class ConnectionRecord:
         )
         if self.command == "UDP_ASSOCIATE":
             text += (
-                f" dgrams_up={self.datagrams_up} dgrams_down={self.datagrams_down} "
+                f" via={self.udp_channel}{'+server_mode' if self.udp_server_mode else ''} "
+                f"dgrams_up={self.datagrams_up} dgrams_down={self.datagrams_down} "
                 f"drops={self.udp_drops} icmp={self.icmp_errors}"
             )
         return f"{text} error={self.error!r}" if self.error else text

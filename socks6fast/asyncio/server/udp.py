@@ -304,7 +304,7 @@ class TLSBridge:
 class _Live:
     """One association in the engine, as the service knows it."""
 
-    done: asyncio.Future[UdpEnded]
+    done: asyncio.Future[tuple[UdpEnded, UdpConfirmed | None]]
     client_ip: str
     user: str | None
     families: frozenset[int]
@@ -384,8 +384,9 @@ class UdpService:
         sockets: AssociationSockets,
         client_ip: str,
         user: str | None,
-    ) -> asyncio.Future[UdpEnded]:
-        """Hand an association to the engine; the future ends with its ``UdpEnded``.
+    ) -> asyncio.Future[tuple[UdpEnded, UdpConfirmed | None]]:
+        """Hand an association to the engine; the future ends with its ``UdpEnded`` and its
+        ``UdpConfirmed`` (None when no first datagram came).
 
         On success the engine owns ``tcp_fd`` and the sockets (they are detached from
         ``sockets``).
@@ -417,7 +418,7 @@ class UdpService:
         if facing is not None:
             facing.detach()
             sockets.client_facing = None
-        done: asyncio.Future[UdpEnded] = self._loop.create_future()
+        done: asyncio.Future[tuple[UdpEnded, UdpConfirmed | None]] = self._loop.create_future()
         self._live[action.association_id] = _Live(done, client_ip, user, families, ask)
         return done
 
@@ -425,11 +426,6 @@ class UdpService:
         """End an association now (its connection's task was cancelled)."""
         if not self._closed:
             self.engine.remove(association_id)
-
-    def confirmed(self, association_id: bytes) -> UdpConfirmed | None:
-        """The association's confirmation event, once its first datagram arrived."""
-        live = self._live.get(association_id)
-        return live.confirmed if live is not None else None
 
     # -- the engine's events -------------------------------------------------------------
 
@@ -441,7 +437,7 @@ class UdpService:
             if isinstance(event, UdpEnded):
                 del self._live[event.association_id]
                 if not live.done.done():
-                    live.done.set_result(event)
+                    live.done.set_result((event, live.confirmed))
             elif isinstance(event, UdpConfirmed):
                 live.confirmed = event
             elif isinstance(event, UdpAsk):
