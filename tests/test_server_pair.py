@@ -9,6 +9,8 @@ loop, no thread. What the core asked the adapter to do is checked from
 from __future__ import annotations
 
 import errno
+import ipaddress
+import random
 import struct
 
 import pytest
@@ -71,6 +73,7 @@ from socks6fast.proto.messages import (
 )
 from socks6fast.proto.policy import LocalAddresses, OwnListeners, Policy, Rule, parse_destination
 from socks6fast.proto.server import ServerConnection, Socks5ServerConnection, reply_code_for
+from socks6fast.proto.server_common import is_multicast
 from socks6fast.proto.socks5 import UserPassReply, decode_userpass_reply
 from socks6fast.proto.stack import AppliedLeg
 
@@ -1074,3 +1077,30 @@ def test_reserved_port_claimed_across_families_when_no_address_is_named() -> Non
     [claim] = actions(io, OpenAssociation)
     assert isinstance(claim, OpenAssociation) and claim.claim is handle
     assert table.reservation(6, 6001) is None
+
+
+@pytest.mark.conformance("UDP-08")
+def test_is_multicast_matches_ipaddress() -> None:
+    """`is_multicast` reads the text (it runs on every CONNECT); it agrees with ``ipaddress``
+    on every kind of address, IPv4-mapped IPv6 included (UDP-08)."""
+    rng = random.Random(10)
+    samples = [
+        "224.0.0.0",
+        "239.255.255.255",
+        "223.255.255.255",
+        "240.0.0.0",
+        "ff00::",
+        "feff::1",
+        "::ffff:230.1.2.3",
+    ]
+    samples += [str(ipaddress.IPv4Address(rng.getrandbits(32))) for _ in range(2000)]
+    samples += [str(ipaddress.IPv6Address(rng.getrandbits(128))) for _ in range(1000)]
+    samples += [str(ipaddress.IPv6Address((0xFF << 120) | rng.getrandbits(120))) for _ in range(100)]
+    samples += [f"::ffff:{ipaddress.IPv4Address(rng.getrandbits(32))}" for _ in range(500)]
+    for text in samples:
+        address = ipaddress.ip_address(text)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        kind = AddressType.IPV6 if ":" in text else AddressType.IPV4
+        assert is_multicast(kind, text) == address.is_multicast, text
+    assert not is_multicast(AddressType.DOMAIN_NAME, "224.0.0.1")

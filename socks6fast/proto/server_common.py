@@ -203,13 +203,21 @@ def reply_code_for(exc: BaseException) -> ReplyCode:
 
 def is_multicast(address_type: int, address: str) -> bool:
     """An IP multicast address: "The use of multicast addresses is permitted for UDP traffic
-    only" (draft-11 "Proxying multicast traffic", UDP-08), so CONNECT and BIND refuse one."""
+    only" (draft-11 "Proxying multicast traffic", UDP-08), so CONNECT and BIND refuse one.
+
+    On every CONNECT: a look at the text, not an ``ipaddress`` parse. The codec and the
+    resolvers give addresses as ``inet_ntop`` writes them: IPv4 224.0.0.0/4 starts with
+    224-239, IPv6 ff00::/8 with "ff" (an IPv4-mapped one ends with the IPv4 form)."""
     if address_type == AddressType.DOMAIN_NAME:
         return False
-    try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_multicast
-    except ValueError:
-        return False
+    if ":" in address:
+        if address[:2].lower() == "ff":
+            return True
+        if "." not in address:
+            return False
+        address = address.rpartition(":")[2]  # ::ffff:224.0.0.1
+    first = address.partition(".")[0]
+    return len(first) == 3 and first.isdigit() and 224 <= int(first) <= 239
 
 
 def udp_destination_allowed(
@@ -394,9 +402,9 @@ class _ConnectionBase:
                     ReplyCode.NOT_ALLOWED_BY_RULESET, f"{dial.host!r} resolves only to denied addresses"
                 )
                 return
-        if any(is_multicast(AddressType.IPV4, str(t[1][0])) for t in targets):
+        if any(is_multicast(AddressType.IPV6, str(t[1][0])) for t in targets):
             # UDP-08: multicast is for UDP only, whatever a name resolves to.
-            targets = [t for t in targets if not is_multicast(AddressType.IPV4, str(t[1][0]))]
+            targets = [t for t in targets if not is_multicast(AddressType.IPV6, str(t[1][0]))]
             if not targets:
                 self._fail(
                     ReplyCode.NOT_ALLOWED_BY_RULESET,
