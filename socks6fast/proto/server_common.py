@@ -315,7 +315,7 @@ class _ConnectionBase:
         self._dial: Dial | None = None
         self._relayed = False
         self._association: bytes | None = None
-        self.released: list[Reservation] = []
+        self.released: tuple[Reservation, ...] = ()
         """Port Parity reservations whose owner ended with this connection (STK-08): after
         ``connection_ended`` the adapter closes their sockets."""
         self.user: str | None = None
@@ -509,7 +509,7 @@ class _ConnectionBase:
         if association is not None:
             self._association = None
             if table is not None:
-                self.released = table.close(association)
+                self.released = tuple(table.close(association))
 
     def _open_association(self, action: OpenAssociation) -> bool:
         """Take an association slot (the limits) and ask for the sockets; False when refused
