@@ -5,7 +5,8 @@ sessions and tokens, the rules, Stack options, every reply) is taken by
 `socks6fast.proto.server.ServerConnection` (or `Socks5ServerConnection`, D1); this package
 reads and writes the client's bytes, checks passwords off the event loop, resolves and dials,
 listens for BIND, and hands each established pair of connections to the data plane
-(`socks6fast.dataplane.relayer.Relayer`) with the bytes the client sent early in front. One
+(`socks6fast.dataplane.relayer.Relayer`) with the bytes the client sent early in front, and
+each UDP association to the UDP data plane (``udp``). One
 file per job:
 
 - ``lifecycle``: `Server` (listeners, accept, reload, drain, session expiry) and `serve`;
@@ -14,6 +15,9 @@ file per job:
 - ``streams``: the client leg during the handshake, plain socket or TLS (TRN-03);
 - ``dial``: resolving and connecting, Happy Eyeballs (RFC 8305, STK-04), TFO (CMD-02);
 - ``bind``: BIND listening sockets, the backlog listeners a session keeps (CMD-05);
+- ``udp``: UDP ASSOCIATE: the association's sockets (Port Parity, the UDP leg's options), the
+  UDP data plane of the server (`UdpService`: the engine, the SOCKS 6 UDP ports, the rules and
+  the resolver behind its questions), and the TLS-to-engine bridge;
 - ``record``: `ConnectionRecord`, the one log line per connection, and `describe_error`, the
   words for a failure's cause in it.
 

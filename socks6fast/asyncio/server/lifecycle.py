@@ -4,9 +4,11 @@ Strategy: plain listeners are non-blocking sockets accepted from directly (``loo
 a batch of accepts per wake-up), so a client socket stays ours until the relay takes it, and
 they accept TCP Fast Open (TRN-01): a Request that arrived in the SYN is read by the first
 ``recv`` without another round trip. Each accepted connection gets a `ConnectionHandler` task.
-A reload (SIGHUP)
-points the shared `ServerContext` at the new users, rules and limits; `close` stops
-accepting, waits for the connections to drain, then ends the rest and the data plane.
+Each plain listener also gets the SOCKS 6 UDP port (D16) of the server's UDP data plane
+(``udp.UdpService``), unless ``[udp] enabled = false``. A reload (SIGHUP) points the shared
+`ServerContext` at the new users, rules and limits; `close` stops accepting, waits for the
+connections to drain, then ends the rest and the data planes (the UDP associations end with
+RelayEnd.SHUTDOWN, their reserved ports closed).
 
 Descriptors (hardening issue 12 defect 3): `Server.start` raises the soft RLIMIT_NOFILE to the
 hard limit and sizes ``max_connections`` and the engine's pipes against it
