@@ -1186,3 +1186,15 @@ async def test_reload_keeps_associations_and_applies_limits(engine: str) -> None
         refused = await associate(server, expect=ReplyCode.GENERAL_FAILURE)
         await refused.close()
         await live.close()
+
+
+async def test_udp_port_taken_by_a_reuseport_group_is_refused(engine: str) -> None:
+    """D16: a configured ``[udp] port`` already bound by another SO_REUSEPORT group (another
+    proxy of the same user) is not joined silently: start-up fails naming it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        port = other.getsockname()[1]
+        with pytest.raises(OSError, match=f"UDP 127.0.0.1:{port}"):
+            async with udp_server(udp={"port": port}):
+                pass

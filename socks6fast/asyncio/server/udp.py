@@ -247,6 +247,17 @@ def open_association(
     return sockets, opened
 
 
+def _check_free(host: str, port: int) -> None:
+    """Raise EADDRINUSE when (host, port) is bound already. The SOCKS 6 port is an
+    SO_REUSEPORT group (one socket per engine worker), and a group silently takes in any
+    socket of the same user that sets the option too: another proxy's port would be shared,
+    its datagrams split between two processes. A bind without the option fails instead."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((host, port))
+
+
 class TLSBridge:
     """Pumps a TLS client connection's plaintext to and from the engine's end of a socket
     pair, so UDP over a TLS control connection works like over plain TCP (UDP-02)."""
@@ -361,6 +372,7 @@ class UdpService:
             if (host, port) in self.ports:
                 continue
             try:
+                _check_free(host, port)
                 fds = open_udp_port(host, port, self.engine.workers)
             except OSError as exc:
                 raise OSError(exc.errno, f"UDP {format_address(host, port)}: {exc.strerror or exc}") from exc
