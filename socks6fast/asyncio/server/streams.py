@@ -168,7 +168,10 @@ class _TLSProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake()
-        return True
+        # TLS has no half-close: the transport closes after the client's EOF whatever this
+        # returns, and True only makes asyncio log "returning true from eof_received() has
+        # no effect when using ssl" (once per UDP association over TLS that the client ends).
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
