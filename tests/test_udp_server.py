@@ -21,6 +21,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 import socks  # PySocks: a third-party SOCKS 5 UDP client
+import uvloop
 from helpers_server import (
     RawClient,
     fake_resolver,
@@ -1198,3 +1200,57 @@ async def test_udp_port_taken_by_a_reuseport_group_is_refused(engine: str) -> No
         with pytest.raises(OSError, match=f"UDP 127.0.0.1:{port}"):
             async with udp_server(udp={"port": port}):
                 pass
+
+
+def test_on_uvloop_plain_and_tls(engine: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``socks6fast serve`` runs on uvloop: UDP ASSOCIATE over plain TCP (with plain UDP
+    datagrams) and over TLS (the socket-pair bridge) work there too, and ending a TLS
+    association logs no asyncio warning."""
+    certs = make_certificates(tmp_path)
+    server_table = {
+        "tls_listen": ["127.0.0.1:0"],
+        "tls_certificate": str(certs.cert),
+        "tls_key": str(certs.key),
+    }
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(TIMEOUT)
+
+    def serve_echo() -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(20):
+                data, address = echo.recvfrom(65535)
+                echo.sendto(data, address)
+
+    async def scenario() -> list[ConnectionRecord]:
+        async with udp_server(server=server_table) as server:
+            target = echo.getsockname()
+            plain = await associate(server)
+            for n in range(3):
+                plain.udp.sendto(datagram(plain.aid, *target, b"u%d" % n), plain.udp_port)
+                data = await asyncio.get_running_loop().sock_recv(plain.udp, 65535)
+                assert parse(data)[1] == b"u%d" % n
+            context = ssl.create_default_context(cafile=str(certs.ca))
+            tls = await associate(
+                server, proxy=server.tls_addresses[0], ssl=context, server_hostname="localhost"
+            )
+            await tls.client.send(datagram(tls.aid, *target, b"t"))
+            assert await tls.message() == AssociationConfirmation(tls.aid)
+            message = await tls.message()
+            assert isinstance(message, Datagram) and message.payload == b"t"
+            await plain.close()
+            await tls.close()
+            return [await record_of(server, plain), await record_of(server, tls)]
+
+    thread = threading.Thread(target=serve_echo, daemon=True)
+    thread.start()
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            records = runner.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        echo.close()
+    assert [(r.listener, r.udp_channel, r.relay_path) for r in records] == [
+        ("tcp", "udp", engine),
+        ("tls", "tcp", engine),
+    ]
+    assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
