@@ -1254,3 +1254,39 @@ def test_on_uvloop_plain_and_tls(engine: str, tmp_path: Path, caplog: pytest.Log
         ("tls", "tcp", engine),
     ]
     assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
+
+
+def test_association_families() -> None:
+    """D20: a name is resolved to an address the association's remote socket can reach: an
+    IPv6 socket bound to ::1 cannot send IPv4, a dual-stack wildcard one can."""
+    with (
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as loopback6,
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as wildcard6,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as four,
+    ):
+        loopback6.bind(("::1", 0))
+        wildcard6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        wildcard6.bind(("::", 0))
+        four.bind(("127.0.0.1", 0))
+        assert server_udp.AssociationSockets([loopback6]).families == {6}
+        assert server_udp.AssociationSockets([wildcard6]).families == {4, 6}
+        assert server_udp.AssociationSockets([four]).families == {4}
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+async def test_name_resolved_to_the_family_the_association_can_reach(engine: str) -> None:
+    """D20: an association bound on ::1 sends to a name that resolves to 127.0.0.1 first and
+    ::1 second: the proxy picks ::1, the address its socket can reach."""
+    resolver = fake_resolver({"both.test": ["127.0.0.1", "::1"]})
+    async with udp_server(resolver=resolver) as server, Echo("::1") as echo:
+        proxy = next(a for a in server.addresses if ":" in a[0])
+        association = await associate(server, host="::", proxy=proxy)
+        header = None
+        for _ in range(20):  # the first datagram waited for the name: resend
+            await association.send_udp(datagram(association.aid, "both.test", echo.address[1], b"six"))
+            with contextlib.suppress(TimeoutError):
+                header, payload = parse(await association.recv_udp(0.2))
+                break
+        assert header is not None and payload == b"six"
+        assert (header.address_type, header.address) == (AddressType.IPV6, "::1")
+        await association.close()

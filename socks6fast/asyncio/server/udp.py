@@ -78,10 +78,16 @@ class AssociationSockets:
         for sock in self.remote:
             if sock.family == socket.AF_INET:
                 out.add(4)
-            else:
-                out.add(6)
-                if not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
-                    out.add(4)
+                continue
+            host = str(sock.getsockname()[0])
+            if host.startswith("::ffff:") and "." in host:
+                out.add(4)  # bound to an IPv4-mapped address: it can only speak IPv4
+                continue
+            out.add(6)
+            # A dual-stack socket reaches IPv4 too, but only when bound to the wildcard:
+            # from ::1 or any other IPv6 address there is no IPv4 source to send from.
+            if host == "::" and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+                out.add(4)
         return frozenset(out)
 
     def close(self) -> None:
