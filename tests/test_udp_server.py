@@ -1290,3 +1290,30 @@ async def test_name_resolved_to_the_family_the_association_can_reach(engine: str
         assert header is not None and payload == b"six"
         assert (header.address_type, header.address) == (AddressType.IPV6, "::1")
         await association.close()
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+async def test_socks5_udp_over_ipv6(engine: str) -> None:
+    """D19 over IPv6: the client-facing socket is on the address the TCP connection arrived
+    at (::1), BND names it with ATYP 4, and the RFC 1928 header carries IPv6 addresses."""
+    async with udp_server() as server, Echo("::1") as echo:
+        proxy = next(a for a in server.addresses if ":" in a[0])
+        client = await RawClient.connect(proxy)
+        await client.send(b"\x05\x01\x00" + b"\x05\x03\x00\x04" + bytes(16) + b"\x00\x00")
+        assert await client.read_exactly(2) == b"\x05\x00"
+        reply = await client.read_exactly(22)
+        assert reply[:4] == b"\x05\x00\x00\x04", reply
+        relay = (socket.inet_ntop(socket.AF_INET6, reply[4:20]), struct.unpack(">H", reply[20:22])[0])
+        assert relay[0] == "::1"
+        header = (
+            b"\x00\x00\x00\x04"
+            + socket.inet_pton(socket.AF_INET6, "::1")
+            + struct.pack(">H", echo.address[1])
+        )
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+            udp.setblocking(False)
+            await loop.sock_sendto(udp, header + b"v6", relay)
+            data = await asyncio.wait_for(loop.sock_recv(udp, 65535), TIMEOUT)
+        assert data == header + b"v6"
+        await client.close()
