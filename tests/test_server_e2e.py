@@ -487,8 +487,8 @@ async def test_connect_timeout() -> None:
 @pytest.mark.conformance("CMD-01", "CMD-06")
 async def test_ruleset_refusals() -> None:
     """CMD-01, CMD-06: requests the ruleset forbids get 0x02, including a domain name that
-    resolves into a denied network; commands the proxy does not support (UDP ASSOCIATE for
-    now) get 0x07."""
+    resolves into a denied network; a UDP ASSOCIATE naming a domain name as its bind
+    address gets 0x08."""
     rules: list[dict[str, Any]] = [
         {"action": "deny", "commands": ["bind"]},
         {"action": "deny", "destinations": ["127.0.0.2/32"]},

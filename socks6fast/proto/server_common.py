@@ -516,7 +516,7 @@ class _ConnectionBase:
         (a failure reply is queued)."""
         table = self._ctx.associations
         if table is None:
-            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED, "UDP ASSOCIATE is turned off (udp.port = false)")
+            self._fail(ReplyCode.COMMAND_NOT_SUPPORTED, "UDP ASSOCIATE is turned off (udp.enabled = false)")
             return False
         refusal = table.refusal(self.client_ip, self.user)
         if refusal is not None:
