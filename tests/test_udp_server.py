@@ -1317,3 +1317,44 @@ async def test_socks5_udp_over_ipv6(engine: str) -> None:
             data = await asyncio.wait_for(loop.sock_recv(udp, 65535), TIMEOUT)
         assert data == header + b"v6"
         await client.close()
+
+
+class _RefusingEngine:
+    """Wraps the server's engine; ``add`` fails as a refused socket option would."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError(1, "Operation not permitted")
+
+
+async def test_data_plane_refusal_gets_general_failure(engine: str) -> None:
+    """When the UDP data plane cannot take an association after all, the client gets General
+    Failure (SOCKS 6: after the Authentication Reply; SOCKS 5: RFC 1928 REP 0x01) instead of
+    the success reply, the log says why, and nothing is left open."""
+    async with udp_server() as server:
+        assert server.udp is not None
+        real = server.udp.engine
+        server.udp.engine = _RefusingEngine(real)
+        before = open_fds()
+        try:
+            refused = await associate(server, expect=ReplyCode.GENERAL_FAILURE)
+            assert await refused.client.read_until_eof() == b""
+            await refused.close()
+            record = await record_of(server, refused)
+            assert record.reply_code == ReplyCode.GENERAL_FAILURE
+            assert "the UDP data plane refused the association" in record.error
+            client = await RawClient.connect(server.addresses[0])
+            await client.send(b"\x05\x01\x00" + b"\x05\x03\x00\x01" + bytes(6))
+            assert await client.read_exactly(2) == b"\x05\x00"
+            assert (await client.read_exactly(10))[:2] == b"\x05\x01"
+            assert await client.read_until_eof() == b""
+            await client.close()
+            await record_for(server, client)
+        finally:
+            server.udp.engine = real
+        assert open_fds() == before

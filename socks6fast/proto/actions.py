@@ -28,7 +28,8 @@ reports how it ended through the matching *completion* method, then asks for the
 * `OpenAssociation`: UDP ASSOCIATE: open the association's UDP sockets;
   ``association_opened(OpenedAssociation)`` or ``association_failed(exc, message)``.
 * `Associate`: hand the client connection and those sockets to the UDP data plane, which
-  writes the Operation Reply and the Association Initialization first. The end.
+  writes the Operation Reply and the Association Initialization first. The end (if the data
+  plane refuses it: ``association_refused(message)``, write ``refusal`` and close).
 
 Whatever way the connection ends (even by an exception in the adapter), the adapter calls
 ``connection_ended(now)`` last.
@@ -333,6 +334,9 @@ class Associate:
     """SOCKS 5: accept datagrams only from this IP (the TCP client's)."""
     client_port: int = 0
     """SOCKS 5: and only from this port (a non-zero DST.PORT); 0: any."""
+    refusal: bytes = b""
+    """What to write instead of ``send`` if the data plane cannot take the association
+    (``association_refused``): the same replies with General Failure in place of success."""
 
 
 Action = (

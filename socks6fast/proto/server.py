@@ -726,15 +726,29 @@ class ServerConnection(_ConnectionBase):
         # UDP-01: the Association Initialization follows the successful Operation Reply. The
         # data plane writes both, once the association is in its table, so a datagram the
         # client sends as soon as it reads the ID is never "unknown".
+        held, self._held = self._held, b""
         data = (
-            self._held
+            held
             + self._socks6.send(reply)
             + codec.encode_association_message(AssociationInit(association_id))
         )
-        self._held = b""
+        # If the data plane cannot take it after all, a General Failure goes instead, echoing
+        # the client leg's options as every failure does (STK-01, see `_fail`).
+        failure = failure_reply(
+            ReplyCode.GENERAL_FAILURE, echo_stack_options(plan, client=self._client_applied)
+        )
         self.reply_code = ReplyCode.SUCCESS
         pending, _eof = self._socks6.trailing_data
-        self._actions.append(Associate(association_id, data, pending, udp_error, socks5=False))
+        self._actions.append(
+            Associate(
+                association_id,
+                data,
+                pending,
+                udp_error,
+                socks5=False,
+                refusal=held + codec.encode_operation_reply(failure),
+            )
+        )
         self._step = _Step.DONE
         self._relayed = True
 

@@ -486,6 +486,12 @@ class _ConnectionBase:
         self._expect(_Step.ASSOCIATE)
         self._fail(reply_code_for(exc), message)
 
+    def association_refused(self, message: str) -> None:
+        """The UDP data plane did not take the association (``message`` for the log); the
+        adapter writes `Associate.refusal` (a General Failure reply) and closes."""
+        self.error = message
+        self.reply_code = ReplyCode.GENERAL_FAILURE
+
     @property
     def association_id(self) -> bytes | None:
         """The UDP association's ID once the request took a slot (D18), else None."""

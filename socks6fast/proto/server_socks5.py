@@ -45,6 +45,7 @@ from .socks5 import (
     Socks5Request,
     UserPassReply,
     UserPassRequest,
+    encode_reply,
 )
 
 __all__ = ["Socks5ServerConnection"]
@@ -209,6 +210,7 @@ class Socks5ServerConnection(_ConnectionBase):
                 socks5=True,
                 client_address=self.client_ip,
                 client_port=request.port,
+                refusal=encode_reply(Socks5Reply(ReplyCode.GENERAL_FAILURE, AddressType.IPV4, "0.0.0.0", 0)),
             )
         )
         self._step = _Step.DONE

@@ -467,10 +467,12 @@ class ConnectionHandler:
         try:
             done = udp.add(action, tcp.fileno(), sockets, self.client[0], conn.user)
         except (OSError, ValueError) as exc:
-            self.error = f"UDP data plane refused the association: {exc}"
+            conn.association_refused(f"the UDP data plane refused the association: {exc}")
             if bridge is not None:
                 tcp.close()
                 await bridge.close()
+            await stream.send(action.refusal)
+            await stream.linger_close()
             return
         tcp.detach()  # the engine's now (a plain client socket: the stream no longer owns it)
         self.udp_sockets = None
