@@ -1358,3 +1358,52 @@ async def test_data_plane_refusal_gets_general_failure(engine: str) -> None:
         finally:
             server.udp.engine = real
         assert open_fds() == before
+
+
+@pytest.mark.conformance("CMD-06")
+async def test_socks5_same_users_and_rules(engine: str) -> None:
+    """D19: SOCKS 5 UDP ASSOCIATE goes through the same users and rules: RFC 1929 login
+    first; a user the ``udp_associate`` rules deny gets REP 0x02; for an allowed user, a
+    destination rule drops that destination's datagrams and relays the others."""
+    rules = [
+        {"action": "deny", "commands": ["udp_associate"], "users": ["bob"]},
+        {"action": "deny", "commands": ["udp_associate"], "ports": [9]},
+    ]
+    users = {"alice": "wonderland", "bob": "builder"}
+    async with udp_server(rules=rules, users=users) as server, Echo("127.0.0.1") as echo:
+
+        async def login(name: str, password: str) -> RawClient:
+            client = await RawClient.connect(server.addresses[0])
+            await client.send(b"\x05\x01\x02")
+            assert await client.read_exactly(2) == b"\x05\x02"
+            await client.send(
+                b"\x01" + bytes([len(name)]) + name.encode() + bytes([len(password)]) + password.encode()
+            )
+            assert await client.read_exactly(2) == b"\x01\x00"
+            return client
+
+        bob = await login("bob", "builder")
+        await bob.send(b"\x05\x03\x00\x01" + bytes(6))
+        assert (await bob.read_exactly(10))[:2] == b"\x05\x02"
+        await bob.close()
+        alice = await login("alice", "wonderland")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            udp.setblocking(False)
+            await alice.send(b"\x05\x03\x00\x01" + bytes(4) + struct.pack(">H", udp.getsockname()[1]))
+            reply = await alice.read_exactly(10)
+            assert reply[:2] == b"\x05\x00"
+            relay = (socket.inet_ntoa(reply[4:8]), struct.unpack(">H", reply[8:10])[0])
+            loop = asyncio.get_running_loop()
+            received = b""
+            for _ in range(20):  # the first datagram to a destination waits for the rules
+                await loop.sock_sendto(udp, Socks5Udp.header("127.0.0.1", 9) + b"denied", relay)
+                await loop.sock_sendto(udp, Socks5Udp.header(*echo.address) + b"allowed", relay)
+                with contextlib.suppress(TimeoutError):
+                    received = await asyncio.wait_for(loop.sock_recv(udp, 65535), 0.2)
+                    break
+            assert received == Socks5Udp.header(*echo.address) + b"allowed"
+        await alice.close()
+        record = await record_for(server, alice)
+        assert (record.user, record.protocol) == ("alice", "socks5") and record.udp_drops >= 2
+        assert all(data != b"denied" for data, _ in echo.seen)
