@@ -381,7 +381,9 @@ class UdpService:
                 _check_free(host, port)
                 fds = open_udp_port(host, port, self.engine.workers)
             except OSError as exc:
-                raise OSError(exc.errno, f"UDP {format_address(host, port)}: {exc.strerror or exc}") from exc
+                where = f"UDP {format_address(host, port)}: {exc.strerror or exc}"
+                hint = " (the SOCKS 6 UDP port: set [udp] port, or enabled = false)"
+                raise OSError(exc.errno, where + hint) from exc
             try:
                 self.engine.add_port(fds)
             except BaseException:
