@@ -1291,7 +1291,7 @@ async def test_name_resolved_to_the_family_the_association_can_reach(engine: str
         association = await associate(server, host="::1", proxy=proxy)
         assert association.reply.address == "::1"
         header = None
-        for _ in range(20):  # the first datagram waited for the name: resend
+        for _ in range(20):  # the first datagram waits for the name (held, D24); a resend is harmless
             await association.send_udp(datagram(association.aid, "both.test", echo.address[1], b"six"))
             with contextlib.suppress(TimeoutError):
                 header, payload = parse(await association.recv_udp(0.2))
@@ -1405,7 +1405,7 @@ async def test_socks5_same_users_and_rules(engine: str) -> None:
             relay = (socket.inet_ntoa(reply[4:8]), struct.unpack(">H", reply[8:10])[0])
             loop = asyncio.get_running_loop()
             received = b""
-            for _ in range(20):  # the first datagram to a destination waits for the rules
+            for _ in range(20):  # the first datagram waits for the rules (held, D24)
                 await loop.sock_sendto(udp, Socks5Udp.header("127.0.0.1", 9) + b"denied", relay)
                 await loop.sock_sendto(udp, Socks5Udp.header(*echo.address) + b"allowed", relay)
                 with contextlib.suppress(TimeoutError):
@@ -1414,5 +1414,5 @@ async def test_socks5_same_users_and_rules(engine: str) -> None:
             assert received == Socks5Udp.header(*echo.address) + b"allowed"
         await alice.close()
         record = await record_for(server, alice)
-        assert (record.user, record.protocol) == ("alice", "socks5") and record.udp_drops >= 2
+        assert (record.user, record.protocol) == ("alice", "socks5") and record.udp_drops >= 1
         assert all(data != b"denied" for data, _ in echo.seen)
