@@ -72,9 +72,12 @@ def main(proxy_host: str, proxy_port: int, echo_host: str, echo_port: int) -> No
     # 1. UDP ASSOCIATE; 0.0.0.0:0 = no particular bind address or port.
     tcp.sendall(codec.encode_request(Request(Command.UDP_ASSOCIATE, AddressType.IPV4, "0.0.0.0", 0)))
     auth = read_message(tcp, buf, codec.decode_auth_reply)
-    assert auth.type == AuthReplyType.SUCCESS, auth  # type: ignore[attr-defined]
+    if auth.type != AuthReplyType.SUCCESS:  # type: ignore[attr-defined]
+        raise SystemExit("udp_associate_raw: the proxy refused authentication")
     reply = read_message(tcp, buf, codec.decode_operation_reply)
-    assert reply.reply_code == ReplyCode.SUCCESS, reply  # type: ignore[attr-defined]
+    if reply.reply_code != ReplyCode.SUCCESS:  # type: ignore[attr-defined]
+        code = ReplyCode(reply.reply_code)  # type: ignore[attr-defined]
+        raise SystemExit(f"udp_associate_raw: the proxy refused UDP ASSOCIATE: {code.name} ({code:#04x})")
     print("remote-facing socket:", reply.address, reply.port)  # type: ignore[attr-defined]
     # 2. The Association Initialization carries the 8-byte ID.
     init = read_message(tcp, buf, codec.decode_association_message)
@@ -117,4 +120,7 @@ def main(proxy_host: str, proxy_port: int, echo_host: str, echo_port: int) -> No
 if __name__ == "__main__":
     if len(sys.argv) != 5:
         raise SystemExit(__doc__)
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    try:
+        main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    except OSError as exc:
+        raise SystemExit(f"udp_associate_raw: {exc}") from None

@@ -16,6 +16,7 @@ import sys
 import threading
 
 import socks6fast.asyncio as s6
+import socks6fast.errors
 from socks6fast.client import Proxy
 
 
@@ -60,4 +61,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError, socks6fast.errors.ProxyError) as exc:
+        # One sentence, not a traceback: no proxy there, a URL it cannot use, or a refusal.
+        raise SystemExit(f"udp_client: {exc}") from None

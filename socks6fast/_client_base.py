@@ -132,7 +132,14 @@ def udp_request_options(kwargs: UDPAssociateOptions) -> tuple[StackOption, ...]:
 
 
 def new_association(kwargs: UDPAssociateOptions, *, tls: bool) -> ClientAssociation:
-    """The sans-IO association for ``kwargs`` (``tls``: the proxy URL is ``socks6+tls``)."""
+    """The sans-IO association for ``kwargs`` (``tls``: the proxy URL is ``socks6+tls``).
+
+    Raises:
+        ValueError: an argument out of range, in one sentence naming it.
+    """
+    udp_port = kwargs.get("udp_port")
+    if udp_port is not None and (isinstance(udp_port, bool) or not 1 <= udp_port <= 65535):
+        raise ValueError(f"udp_port must be a port 1-65535, got {udp_port!r}")
     return ClientAssociation(
         transport=kwargs.get("transport", "tcp" if tls else "udp"),
         udp_error=kwargs.get("udp_error", False),

@@ -95,15 +95,16 @@ T = TypeVar("T")
 
 
 class _Deadline:
-    def __init__(self, timeout: float | None) -> None:
+    def __init__(self, timeout: float | None, message: str = "SOCKS 6 handshake timed out") -> None:
         self._at = None if timeout is None else time.monotonic() + timeout
+        self.message = message
 
     def remaining(self) -> float | None:
         if self._at is None:
             return None
         left = self._at - time.monotonic()
         if left <= 0:
-            raise TimeoutError("SOCKS 6 handshake timed out")
+            raise TimeoutError(self.message)
         return left
 
 
@@ -198,7 +199,7 @@ class _Channel:
         poller.register(self.sock, select.POLLOUT)
         remaining = self.deadline.remaining()
         if not poller.poll(None if remaining is None else remaining * 1000):  # ms
-            raise TimeoutError("SOCKS 6 handshake timed out")
+            raise TimeoutError(self.deadline.message)
 
     def read(self, n: int) -> bytes:
         self.sock.settimeout(self.deadline.remaining())
@@ -496,7 +497,8 @@ class UDPAssociation(AssociationBase[_Channel]):
             TimeoutError: nothing arrived within ``timeout`` seconds.
             OSError: the proxy's UDP port reported an error (e.g. ConnectionRefusedError).
         """
-        deadline = _Deadline(timeout)
+        # Not a handshake: the association is up and nothing arrived in time.
+        deadline = _Deadline(timeout, f"no datagram within {timeout} s")
         with self._recv_lock:
             while True:
                 with self._lock:

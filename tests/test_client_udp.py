@@ -46,7 +46,7 @@ from test_udp_engine import ICMP_SETUP, _netns_available
 
 import socks6fast
 from socks6fast import client as bclient
-from socks6fast._client_base import udp_request_options
+from socks6fast._client_base import new_association, udp_request_options
 from socks6fast.asyncio import client as aclient
 from socks6fast.asyncio.server import Server
 from socks6fast.asyncio.server import udp as server_udp
@@ -1522,3 +1522,28 @@ def test_datagram_headers_per_destination_stay_exact() -> None:
         assert assoc.datagram(payload, host, port) == expected
     with pytest.raises(LocalProtocolError):
         assoc.datagram(b"", "127.0.0.1", 70000)  # not cached, still refused
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_real_server_recvfrom_timeout_says_what_timed_out(
+    engine: str, flavour: str, transport: str
+) -> None:
+    """A ``recvfrom`` that waits in vain raises TimeoutError saying no datagram came in time,
+    not that the (long finished) handshake timed out; the association stays usable."""
+    async with real_server() as server, udp_echo("127.0.0.1") as echo:
+
+        async def body(assoc: Any) -> None:
+            with pytest.raises(TimeoutError, match=r"no datagram within 0\.3 s"):
+                await assoc.recvfrom(timeout=0.3)
+            await assoc.sendto(b"still here", echo)
+            assert await assoc.recvfrom(timeout=5) == (b"still here", echo)
+
+        await in_flavour(flavour, real_url(server, "127.0.0.1"), body, transport=transport)
+
+
+@pytest.mark.parametrize("udp_port", [0, 70000, -1, True])
+def test_udp_port_out_of_range_is_one_sentence(udp_port: object) -> None:
+    """``udp_port`` outside 1-65535 is a ValueError naming it, before any socket is opened."""
+    with pytest.raises(ValueError, match="udp_port must be a port 1-65535"):
+        new_association({"udp_port": udp_port}, tls=False)  # type: ignore[typeddict-item]

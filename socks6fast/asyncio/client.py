@@ -647,12 +647,15 @@ class UDPAssociation(AssociationBase[_StreamChannel]):
             OSError: the proxy's UDP port reported an error (e.g. ConnectionRefusedError).
         """
         if not self._inbox:
-            async with asyncio.timeout(timeout):
-                while not self._inbox:
-                    if self._end is not None:
-                        raise self._end
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+            try:
+                async with asyncio.timeout(timeout):
+                    while not self._inbox:
+                        if self._end is not None:
+                            raise self._end
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+            except TimeoutError:
+                raise TimeoutError(f"no datagram within {timeout} s") from None
         item = self._inbox.popleft()
         self._room.set()
         if isinstance(item, Exception):
