@@ -13,6 +13,8 @@ import pytest
 from conformance_report import write_collection
 
 from socks6fast._extensions import NO_EXTENSIONS
+from socks6fast.asyncio.server import udp as server_udp
+from socks6fast.dataplane.udp import UDP_ENGINE_AVAILABLE, UdpEngineC, UdpEnginePy
 
 #: Names the guard lets through: /etc/hosts answers them, no DNS packet leaves the machine.
 _LOCAL_NAMES = frozenset({"localhost", "localhost."})
@@ -101,3 +103,27 @@ def _impls() -> list[object]:
 def codec(request: pytest.FixtureRequest) -> ModuleType:
     """The codec twin under test: ``socks6fast.proto._codec_py`` or ``socks6fast.proto._codec_c``."""
     return importlib.import_module(f"socks6fast.proto._codec_{request.param}")
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "mmsg",
+            marks=[
+                pytest.mark.c_extension,
+                pytest.mark.skipif(not UDP_ENGINE_AVAILABLE, reason="native UDP engine not available"),
+            ],
+        ),
+        pytest.param("python"),
+    ]
+)
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The server's UDP engine: the native recvmmsg/sendmmsg one, or its Python twin."""
+    if request.param == "python":
+        monkeypatch.setattr(server_udp, "UdpEngine", UdpEnginePy)
+        monkeypatch.setattr(server_udp, "UDP_PATH", "python")
+    else:
+        assert UdpEngineC is not None
+        monkeypatch.setattr(server_udp, "UdpEngine", UdpEngineC)
+        monkeypatch.setattr(server_udp, "UDP_PATH", "mmsg")
+    return str(request.param)

@@ -40,6 +40,7 @@ from typing import Any
 
 import pytest
 from helpers_server import fake_resolver, make_certificates, make_config, running_server
+from helpers_udp import LOOPBACK_HOSTS, has_ipv6_loopback
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_udp_engine import ICMP_SETUP, _netns_available
@@ -61,7 +62,7 @@ from socks6fast.constants import (
     StackLeg,
     UDPMessageType,
 )
-from socks6fast.dataplane.udp import UDP_ENGINE_AVAILABLE, UdpEngineC, UdpEnginePy
+from socks6fast.dataplane.udp import UdpEnginePy
 from socks6fast.errors import (
     AssociationClosedError,
     DatagramTooBigError,
@@ -1064,49 +1065,13 @@ def test_docstring_examples() -> None:
 # --- Both clients against the real server (socks6fast.asyncio.server) ----------------------------
 
 
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-REAL_HOSTS = [
-    pytest.param("127.0.0.1", id="v4"),
-    pytest.param("::1", id="v6", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")),
-]
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(
-            "mmsg",
-            marks=[
-                pytest.mark.c_extension,
-                pytest.mark.skipif(not UDP_ENGINE_AVAILABLE, reason="native UDP engine not available"),
-            ],
-        ),
-        pytest.param("python"),
-    ]
-)
-def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The UDP engine of the server (the native recvmmsg/sendmmsg one, or its Python twin)."""
-    if request.param == "python":
-        monkeypatch.setattr(server_udp, "UdpEngine", UdpEnginePy)
-        monkeypatch.setattr(server_udp, "UDP_PATH", "python")
-    else:
-        assert UdpEngineC is not None
-        monkeypatch.setattr(server_udp, "UdpEngine", UdpEngineC)
-        monkeypatch.setattr(server_udp, "UDP_PATH", "mmsg")
-    return str(request.param)
+REAL_HOSTS = LOOPBACK_HOSTS
 
 
 @contextlib.asynccontextmanager
 async def real_server(**kwargs: Any) -> AsyncIterator[Server]:
     resolver = kwargs.pop("resolver", None)
-    async with running_server(make_config(ipv6=_has_ipv6(), **kwargs), resolver=resolver) as server:
+    async with running_server(make_config(ipv6=has_ipv6_loopback(), **kwargs), resolver=resolver) as server:
         yield server
 
 

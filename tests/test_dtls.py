@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from helpers_server import Certificates, make_certificates
+from helpers_udp import has_ipv6_loopback
 from OpenSSL import SSL
 
 from socks6fast.asyncio.dtls import DTLSServer, open_dtls_client, start_dtls_server
@@ -55,17 +56,10 @@ from socks6fast.net.dtls import (
 HOSTS = ["127.0.0.1", "::1"]
 
 
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 def host_param(host: str) -> object:
-    return pytest.param(host, marks=pytest.mark.skipif(host == "::1" and not _has_ipv6(), reason="no ::1"))
+    return pytest.param(
+        host, marks=pytest.mark.skipif(host == "::1" and not has_ipv6_loopback(), reason="no ::1")
+    )
 
 
 @pytest.fixture(scope="module")

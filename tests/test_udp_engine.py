@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from helpers_udp import LOOPBACK_HOSTS, has_ipv6_loopback
 
 import socks6fast
 from socks6fast.constants import AddressType, DatagramErrorCode, RelayEnd, UdpDrop
@@ -65,19 +66,7 @@ native_only = [
 ]
 
 
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-HOSTS = [
-    pytest.param("127.0.0.1", id="v4"),
-    pytest.param("::1", id="v6", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")),
-]
+HOSTS = LOOPBACK_HOSTS
 
 
 # -- fixtures and helpers ------------------------------------------------------------
@@ -400,7 +389,7 @@ async def test_many_associations_on_every_worker(harness: Harness) -> None:
         assert await harness.echo_through(a, b"n%d" % i) == b"n%d" % i
 
 
-@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 async def test_dual_stack_remote_socket(harness: Harness) -> None:
     """One AF_INET6 remote socket without IPV6_V6ONLY serves IPv4 and IPv6 destinations;
     IPv4 sources come back as IPv4 addresses (not IPv4-mapped) in the Datagram Header."""
@@ -1125,7 +1114,7 @@ async def test_bursts_keep_every_datagram(harness: Harness) -> None:
     [
         pytest.param("0.0.0.0", "127.0.0.2", id="v4"),
         pytest.param(
-            "::", "::1", id="v6", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+            "::", "::1", id="v6", marks=pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
         ),
     ],
 )
@@ -1164,13 +1153,16 @@ async def test_bursts_through_a_wildcard_port_answer_from_the_address_used(
     [
         pytest.param("127.0.0.1", False, id="v4"),
         pytest.param(
-            "::1", False, id="v6", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+            "::1",
+            False,
+            id="v6",
+            marks=pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback"),
         ),
         # The server's remote socket when the request names no address: AF_INET6 on ::
         # without IPV6_V6ONLY, so IPv4 destinations are IPv4-mapped.
         pytest.param(
             "127.0.0.1", True, id="v4-via-dual-stack",
-            marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6"),
+            marks=pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6"),
         ),
     ],
 )  # fmt: skip

@@ -38,6 +38,7 @@ from helpers_server import (
     record_for,
     running_server,
 )
+from helpers_udp import LOOPBACK_HOSTS, has_ipv6_loopback
 from test_udp_engine import ICMP_SETUP, _netns_available
 
 import socks6fast
@@ -54,7 +55,7 @@ from socks6fast.constants import (
     StackLeg,
     UdpDrop,
 )
-from socks6fast.dataplane.udp import UDP_ENGINE_AVAILABLE, UdpEngineC, UdpEnginePy
+from socks6fast.dataplane.udp import UdpEnginePy
 from socks6fast.proto import codec
 from socks6fast.proto.messages import (
     AssociationConfirmation,
@@ -78,43 +79,7 @@ TIMEOUT = 5.0
 QUIET = 0.3  # seconds of silence that stand for "nothing arrives"
 
 
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-HOSTS = [
-    pytest.param("127.0.0.1", id="v4"),
-    pytest.param("::1", id="v6", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")),
-]
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(
-            "mmsg",
-            marks=[
-                pytest.mark.c_extension,
-                pytest.mark.skipif(not UDP_ENGINE_AVAILABLE, reason="native UDP engine not available"),
-            ],
-        ),
-        pytest.param("python"),
-    ]
-)
-def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The UDP engine the servers of this test use."""
-    if request.param == "python":
-        monkeypatch.setattr(server_udp, "UdpEngine", UdpEnginePy)
-        monkeypatch.setattr(server_udp, "UDP_PATH", "python")
-    else:
-        assert UdpEngineC is not None
-        monkeypatch.setattr(server_udp, "UdpEngine", UdpEngineC)
-        monkeypatch.setattr(server_udp, "UDP_PATH", "mmsg")
-    return str(request.param)
+HOSTS = LOOPBACK_HOSTS
 
 
 # --- peers ---------------------------------------------------------------------------
@@ -258,7 +223,7 @@ async def associate(
 @contextlib.asynccontextmanager
 async def udp_server(**kwargs: Any) -> AsyncIterator[Server]:
     resolver = kwargs.pop("resolver", None)
-    config = make_config(ipv6=_has_ipv6(), **kwargs)
+    config = make_config(ipv6=has_ipv6_loopback(), **kwargs)
     async with running_server(config, resolver=resolver) as server:
         yield server
 
@@ -1188,7 +1153,7 @@ async def test_reload_keeps_associations_and_applies_limits(engine: str) -> None
         await live.send_udp(datagram(live.aid, *echo.address, b"before"))
         assert parse(await live.recv_udp())[1] == b"before"
         before = open_fds()
-        server.reload(make_config(ipv6=_has_ipv6(), udp={"max_associations_per_client": 1}))
+        server.reload(make_config(ipv6=has_ipv6_loopback(), udp={"max_associations_per_client": 1}))
         assert open_fds() == before
         await live.send_udp(datagram(live.aid, *echo.address, b"after"))
         assert parse(await live.recv_udp())[1] == b"after"
@@ -1280,7 +1245,7 @@ def test_association_families() -> None:
         assert server_udp.AssociationSockets([four]).families == {4}
 
 
-@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 async def test_name_resolved_to_the_family_the_association_can_reach(engine: str) -> None:
     """D20: an association whose request named ::1 as its bind address (so its socket speaks
     IPv6 only) sends to a name that resolves to 127.0.0.1 first and ::1 second: the proxy
@@ -1301,7 +1266,7 @@ async def test_name_resolved_to_the_family_the_association_can_reach(engine: str
         await association.close()
 
 
-@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 async def test_socks5_udp_over_ipv6(engine: str) -> None:
     """D19 over IPv6: the client-facing socket is on the address the TCP connection arrived
     at (::1), BND names it with ATYP 4, and the RFC 1928 header carries IPv6 addresses."""
