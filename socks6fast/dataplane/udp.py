@@ -22,10 +22,25 @@ The API (documented in full in ``src_pyx/socks6fast/dataplane/_udp_c.pyx``)::
     engine.verdict(association_id, address, port, allow)      # answers UdpAsk
     engine.resolved(association_id, name, address_or_None)    # answers UdpResolve (D20)
     engine.remove(association_id)
+    engine.add_channel(fd, dtls=None) -> int   # a DTLS connection's client leg (issue 11)
+    engine.remove_channel(channel)
     engine.drain() -> list[UdpEvent]
     engine.drops() -> dict[UdpDrop, int]
     engine.held() -> tuple[int, int]   # datagrams, bytes waiting for a verdict/name (D24)
     engine.close()
+
+``add_channel(fd, dtls)`` (issue 11; the contract both engines implement): ``fd`` is a
+UDP socket connected to one client 5-tuple (the DTLS connection's), owned by the engine
+from the call on; ``dtls`` a :class:`DTLSLink` (established connection, whose records the
+engine decrypts and encrypts) or None (plaintext SOCKS 6 datagrams, for tests). Each
+datagram read from it is one SOCKS 6 UDP message as on the UDP port; the first valid one
+naming a live association that is not mapped yet maps that association to this channel
+(UDP-03, ``UdpConfirmed(channel=...)``, Confirmation on the TCP connection as usual);
+later datagrams naming another association, or an association mapped elsewhere, are
+dropped (``UdpDrop.MAPPING``). Datagrams and Error messages to the client of an
+association mapped to a channel go out on it (D17). A channel ends (``UdpChannelEnded``,
+socket closed) with its association, on ``remove_channel``, when nothing is mapped to it
+within ``first_datagram_timeout``, or on the peer's close_notify / a fatal alert.
 
 The server runs one engine (``socks6fast.asyncio.server.udp.UdpService``): it sets each
 UDP ASSOCIATE up and answers the engine's ``UdpAsk`` / ``UdpResolve`` events.
@@ -39,7 +54,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .._extensions import NO_EXTENSIONS
 from ._udp_py import UdpEngine as UdpEnginePy
-from .udp_types import UdpAsk, UdpConfirmed, UdpEnded, UdpEvent, UdpResolve
+from .udp_types import DTLSLink, UdpAsk, UdpChannelEnded, UdpConfirmed, UdpEnded, UdpEvent, UdpResolve
 
 if TYPE_CHECKING:
     from ._udp_c import UdpEngine as _UdpEngineC
@@ -102,7 +117,9 @@ __all__ = [
     "PATH_PYTHON",
     "UDP_ENGINE_AVAILABLE",
     "UDP_PATH",
+    "DTLSLink",
     "UdpAsk",
+    "UdpChannelEnded",
     "UdpConfirmed",
     "UdpEnded",
     "UdpEngine",

@@ -17,7 +17,9 @@ from ..constants import DatagramErrorCode, RelayEnd
 __all__ = [
     "ICMP6_ERROR_CODES",
     "ICMP_ERROR_CODES",
+    "DTLSLink",
     "UdpAsk",
+    "UdpChannelEnded",
     "UdpConfirmed",
     "UdpEnded",
     "UdpEvent",
@@ -43,6 +45,10 @@ class UdpConfirmed:
     """The client's UDP address and port (the mapped 5-tuple's far end); None over TCP."""
     server_mode: bool
     """The first datagram was the empty one to the all-zero address (UDP-06)."""
+    channel: int = -1
+    """The channel (``UdpEngine.add_channel``'s id: a DTLS connection) the association was
+    mapped to; -1 when mapped to the TCP connection or the UDP port. ``client`` then names
+    the channel's peer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +109,46 @@ class UdpEnded:
     """Of those, the ones sent to the client as Datagram Error messages (UDP-09)."""
 
 
-UdpEvent = UdpConfirmed | UdpAsk | UdpResolve | UdpEnded
+@dataclass(frozen=True, slots=True)
+class DTLSLink:
+    """An established DTLS connection handed from the control plane to an engine (issue 11).
+
+    The control plane runs the handshake (``net.dtls``) and then gives the connection to
+    ``UdpEngine.add_channel`` together with a UDP socket connected to the client's 5-tuple.
+    From then on the engine is the connection's only user: it decrypts each datagram read
+    from the socket and encrypts each one it sends (the native engine through the record
+    layer of the OpenSSL that pyOpenSSL uses, the Python twin through pyOpenSSL), and the
+    control plane must not touch the connection until ``UdpChannelEnded`` names it.
+    """
+
+    connection: object
+    """The established ``OpenSSL.SSL.Connection`` (memory BIOs); kept alive by this object."""
+    mtu: int = 1400
+    """Largest record the engine may send (bytes of ciphertext per datagram)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UdpChannelEnded:
+    """A channel added with ``UdpEngine.add_channel`` ended; the engine closed its socket.
+
+    ``cause``: "association ended" (its association ended, UDP-07), "unmapped" (no
+    association was mapped to it within the first-datagram timeout), "removed"
+    (``remove_channel`` or engine close), "closed by peer" (DTLS close_notify or a fatal
+    alert), or an error in words.
+    """
+
+    channel: int
+    cause: str
+    datagrams_in: int
+    """Datagrams read from the channel (after decryption)."""
+    datagrams_out: int
+    """Datagrams written to the channel (before encryption)."""
+    drops: int
+    """Records or datagrams from the channel that were dropped (undecryptable, not a
+    Datagram, another association than the mapped one...)."""
+
+
+UdpEvent = UdpConfirmed | UdpAsk | UdpResolve | UdpEnded | UdpChannelEnded
 
 #: ICMPv4 (type, code) -> Datagram Error code (section "Reporting ICMP Errors"; the
 #: design card's table). Destination Unreachable: net 0, net unknown 6, net for TOS 11;

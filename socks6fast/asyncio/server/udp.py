@@ -38,7 +38,16 @@ from dataclasses import dataclass, field
 
 from ...config import UDPConfig
 from ...constants import AddressType, Command, Parity
-from ...dataplane.udp import UDP_PATH, UdpAsk, UdpConfirmed, UdpEnded, UdpEngine, UdpResolve, open_udp_port
+from ...dataplane.udp import (
+    UDP_PATH,
+    UdpAsk,
+    UdpChannelEnded,
+    UdpConfirmed,
+    UdpEnded,
+    UdpEngine,
+    UdpResolve,
+    open_udp_port,
+)
 from ...net.stackopts import apply_leg_options
 from ...proto.actions import Associate, OpenAssociation, OpenedAssociation
 from ...proto.server import ServerContext
@@ -451,6 +460,8 @@ class UdpService:
 
     def _on_events(self) -> None:
         for event in self.engine.drain():
+            if isinstance(event, UdpChannelEnded):
+                continue  # no channels are added yet (DTLS, issue 11)
             live = self._live.get(event.association_id)
             if live is None:
                 continue
