@@ -31,6 +31,11 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     the draft's cap; it can only be lowered).
     ``dns_resolver``: ``"HOST:PORT"`` of a DNS server for the draft's DNS service (CONNECT
     to 0.0.0.0:53, docs/decisions.md D13); absent: that service is refused.
+    ``min_bind_port``: lowest port a client may ask for by number in a SOCKS 6 BIND or UDP
+    ASSOCIATE (1-65535; 1024). Below it the request gets Connection Not Allowed by Ruleset
+    (0x02): a proxy that may bind privileged ports (root, CAP_NET_BIND_SERVICE) must not
+    let clients take a service port such as 22 or 53 (docs/decisions.md D25). Port 0
+    ("any port") is always allowed; 1 turns the check off.
     ``relay_workers``: relay worker count, 0 = one per CPU core (0-256; 0). The limit is
     ``constants.MAX_RELAY_WORKERS``, the very one the relay engine enforces.
     ``auth_failure_burst``: failed username/password checks a client address may make in a
@@ -155,6 +160,7 @@ handshake_timeout = 10.0
 connect_timeout = 10.0
 idle_timeout = 300.0
 max_options_length = 16384
+min_bind_port = 1024
 relay_workers = 0
 auth_failure_burst = 10
 auth_failure_interval = 5.0
@@ -214,6 +220,8 @@ class ServerConfig:
     """Largest Options Length accepted (D6)."""
     dns_resolver: HostPort | None
     """DNS server for the DNS service (D13), or None."""
+    min_bind_port: int
+    """Lowest port a BIND / UDP ASSOCIATE may name (D25); 0 (any port) always allowed."""
     relay_workers: int
     """Relay worker count; 0 = one per CPU core."""
     auth_failure_burst: int
@@ -501,6 +509,7 @@ _SERVER_KEYS = {
     "idle_timeout",
     "max_options_length",
     "dns_resolver",
+    "min_bind_port",
     "relay_workers",
     "auth_failure_burst",
     "auth_failure_interval",
@@ -560,6 +569,7 @@ def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
             high=MAX_OPTIONS_LENGTH,
         ),
         dns_resolver=resolver,
+        min_bind_port=_int(table, "min_bind_port", "server", 1024, low=1, high=65535),
         relay_workers=_int(table, "relay_workers", "server", 0, low=0, high=MAX_RELAY_WORKERS),
         auth_failure_burst=_int(table, "auth_failure_burst", "server", 10, low=0),
         auth_failure_interval=_seconds(table, "auth_failure_interval", "server", 5.0),

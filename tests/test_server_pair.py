@@ -1104,3 +1104,28 @@ def test_is_multicast_matches_ipaddress() -> None:
         kind = AddressType.IPV6 if ":" in text else AddressType.IPV4
         assert is_multicast(kind, text) == address.is_multicast, text
     assert not is_multicast(AddressType.DOMAIN_NAME, "224.0.0.1")
+
+
+@pytest.mark.parametrize("command", [Command.BIND, Command.UDP_ASSOCIATE])
+def test_low_bind_port_refused(command: Command) -> None:
+    """D25: a SOCKS 6 BIND or UDP ASSOCIATE naming a port below ``min_bind_port`` (1024 by
+    default) is refused with 0x02 before anything is bound; port 0 and ports at the floor
+    are allowed, and lowering the floor to 1 allows every port."""
+    for port, floor, refused in (
+        (22, 1024, True),
+        (1023, 1024, True),
+        (1024, 1024, False),
+        (0, 1024, False),
+        (22, 1, False),
+    ):
+        context = make_context()
+        context.min_bind_port = floor
+        io = ScriptedIO(context=context)
+        io.receive(codec.encode_request(Request(command, AddressType.IPV4, "0.0.0.0", port)))
+        opened = actions(io, OpenAssociation if command == Command.UDP_ASSOCIATE else Listen)
+        assert io.server is not None
+        if refused:
+            assert io.server.reply_code == ReplyCode.NOT_ALLOWED_BY_RULESET
+            assert "min_bind_port" in io.server.error and not opened
+        else:
+            assert opened, (port, floor)

@@ -551,12 +551,32 @@ class ServerConnection(_ConnectionBase):
         self._reply(reply)
         self._relay_bytes(self._payload[dialed.syn_sent :], self._client_eof)
 
+    def _low_port(self, request: Request) -> bool:
+        """Refuse a BIND / UDP ASSOCIATE naming a port below ``min_bind_port`` (D25).
+
+        The Request's port is the port the proxy binds for these commands (section
+        "Requests"). Run as root or with CAP_NET_BIND_SERVICE (the systemd unit grants it
+        for a listener below 1024), the proxy could otherwise bind 22 or 53 on a client's
+        word and receive what was meant for that service. Port 0 asks for no particular
+        port and is always allowed. True when refused (the reply is queued).
+        """
+        floor = self._ctx.min_bind_port
+        if 0 < request.port < floor:
+            self._fail(
+                ReplyCode.NOT_ALLOWED_BY_RULESET,
+                f"port {request.port} is below min_bind_port {floor} (D25)",
+            )
+            return True
+        return False
+
     def _bind6(self, request: Request) -> None:
         if request.address_type == AddressType.DOMAIN_NAME:
             self._fail(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED, "BIND to a domain name is not supported")
             return
         if is_multicast(request.address_type, request.address):
             self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, f"{request.address} is multicast: UDP only (UDP-08)")
+            return
+        if self._low_port(request):
             return
         plan = self._options.stack
         session = self._session
@@ -648,6 +668,8 @@ class ServerConnection(_ConnectionBase):
                 ReplyCode.NOT_ALLOWED_BY_RULESET,
                 f"{request.address} is multicast: the proxy does not join groups for UDP ASSOCIATE",
             )
+            return
+        if self._low_port(request):
             return
         plan = self._options.stack
         family = 6 if request.address_type == AddressType.IPV6 else 4

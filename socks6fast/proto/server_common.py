@@ -100,6 +100,7 @@ class ServerContext:
         own_listeners: the proxy's own listeners: a CONNECT into one is refused (CMD-06).
         associations: the live UDP associations, their limits and Port Parity reservations;
             None: UDP ASSOCIATE is turned off (Command Not Supported).
+        min_bind_port: lowest port a BIND or UDP ASSOCIATE may name (D25); 0 is always allowed.
     """
 
     __slots__ = (
@@ -108,6 +109,7 @@ class ServerContext:
         "dns_resolver",
         "handshake_timeout",
         "max_options_length",
+        "min_bind_port",
         "own_listeners",
         "policy",
         "sessions",
@@ -126,8 +128,10 @@ class ServerContext:
         dns_resolver: tuple[str, int] | None = None,
         own_listeners: OwnListeners | None = None,
         associations: AssociationTable | None = None,
+        min_bind_port: int = 1024,
     ) -> None:
         self.associations = associations
+        self.min_bind_port = min_bind_port
         self.users = users if users is not None else UserStore()
         self.policy = policy if policy is not None else Policy()
         self.sessions = sessions

@@ -231,6 +231,7 @@ class Server:
         context.handshake_timeout = server.handshake_timeout
         context.connect_timeout = server.connect_timeout
         context.dns_resolver = server.dns_resolver
+        context.min_bind_port = server.min_bind_port
         udp = config.udp
         if context.associations is None and udp.enabled and self._loop is None:
             context.associations = AssociationTable()  # before start: UDP goes with the server
