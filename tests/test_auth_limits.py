@@ -143,11 +143,15 @@ async def test_password_checks_per_second_are_capped() -> None:
         results = await asyncio.gather(
             *(login(server, sink, f"u{i}", "wrong", source) for i, source in enumerate(sources))
         )
+        elapsed = time.monotonic() - started
         assert all(not ok for ok, _ in results)
         busy = sum(1 for _, error in results if error and "busy" in error)
         times = sorted(when - started for when, _, _ in store.checks)
-        # A burst of `rate`, then `rate` per second for at most 2 s of waiting (+1: timing).
-        assert len(times) <= rate + 2 * rate + 1, times
+        # A burst of `rate`, then `rate` per second while logins arrive and wait (at most 2 s
+        # each; on a loaded machine the 60 logins themselves take longer to arrive, so the
+        # bound is the time the whole run took, +1 for timing).
+        assert len(times) <= rate + rate * elapsed + 1, (elapsed, times)
+        assert busy > 0 or elapsed > 4, "nothing refused: the cap did not apply"
         assert busy == count - len(times)
         for i, when in enumerate(times):
             assert when >= (i - rate) / rate - 0.1, times  # never faster than the rate
