@@ -56,7 +56,8 @@ def test_the_suite_covers_every_claimed_id_and_marks_every_named_one() -> None:
 
 def test_docs_list_every_id_and_decision_in_sequence() -> None:
     """docs/conformance.md numbers each area's IDs 01, 02, ... without a gap; docs/decisions.md
-    has D1 to D24; every requirement is claimed (UDP ASSOCIATE included, issue 10)."""
+    has D1, D2, ... without a gap (D25 at least); every requirement is claimed (UDP ASSOCIATE
+    included, issue 10)."""
     reqs = cr.parse_requirements(cr.CONFORMANCE_DOC.read_text())
     by_prefix: dict[str, list[int]] = {}
     for ident in reqs:
@@ -68,7 +69,8 @@ def test_docs_list_every_id_and_decision_in_sequence() -> None:
     assert {r.role for r in reqs.values()} == {"proxy", "client", "both"}
     not_yet = {i for i, r in reqs.items() if r.status == "not yet"}
     assert not_yet == set()
-    assert cr.parse_decisions(cr.DECISIONS_DOC.read_text()) == set(range(1, 25))
+    decisions = cr.parse_decisions(cr.DECISIONS_DOC.read_text())
+    assert max(decisions) >= 25 and decisions == set(range(1, max(decisions) + 1)), sorted(decisions)
 
 
 def test_parse_requirements_reads_every_table() -> None:
