@@ -19,6 +19,7 @@ The engine's Python API (documented in full in ``_relay_c.pyx``)::
     engine.dead_workers() -> list[tuple[int, int]]  # ...as (index, errno)
     engine.max_pipes = n            # pipes it may hold at once; past it relays copy
     engine.pipes, engine.pipe_bytes, engine.copied, engine.pipe_errors  # see PipeStats
+    engine.relayed -> tuple[int, int]  # bytes a -> b, b -> a so far (workers' own counters)
     engine.close()                  # idempotent; ends every pair (SHUTDOWN)
 
 This module imports neither asyncio nor socket.

@@ -411,6 +411,11 @@ class Relayer:
         # ident -> (future, bytes sent to remote before the engine took over, ... to client)
         self._waiters: dict[int, tuple[asyncio.Future[RelayResult], int, int]] = {}
         self._relays: set[_PairRelay] = set()
+        # Bytes relayed (client -> remote, remote -> client) that the engine's counters do not
+        # hold: the early bytes sent before the engine took a pair, and the asyncio path's
+        # ended relays (its live ones are summed at read time). Issue 14 metrics.
+        self._extra_up = 0
+        self._extra_down = 0
         self._dead_logged: set[int] = set()  # engine workers whose failure was logged
         self._engine_dead = False  # no engine worker left: relay on the asyncio path
         self._engine: _RelayEngineType | None = None
@@ -466,6 +471,21 @@ class Relayer:
             pipe_errors=engine.pipe_errors,
         )
 
+    def bytes_relayed(self) -> tuple[int, int]:
+        """Bytes relayed so far, ``(client -> remote, remote -> client)``, both paths, live
+        connections included: the engine's own per-worker counters plus the asyncio path's
+        per-leg counts, read now (for a metrics scrape; no per-chunk bookkeeping is added)."""
+        up, down = self._extra_up, self._extra_down
+        engine = self._engine
+        if engine is not None:
+            a_to_b, b_to_a = engine.relayed  # add(fd_client, fd_remote): a is the client
+            up += a_to_b
+            down += b_to_a
+        for relay in self._relays:
+            up += relay.client.forwarded
+            down += relay.remote.forwarded
+        return up, down
+
     async def relay_sockets(
         self,
         client: socket.socket,
@@ -507,8 +527,10 @@ class Relayer:
                 remote.setblocking(False)
             if to_remote:
                 await self._loop.sock_sendall(remote, to_remote)
+                self._extra_up += len(to_remote)
             if to_client:
                 await self._loop.sock_sendall(client, to_client)
+                self._extra_down += len(to_client)
             if self._closed:
                 raise RuntimeError("Relayer is closed")
         except BaseException:
@@ -632,6 +654,8 @@ class Relayer:
             raise
         finally:
             self._relays.discard(relay)
+            self._extra_up += relay.client.forwarded
+            self._extra_down += relay.remote.forwarded
 
     def _on_engine_done(self) -> None:
         if self._engine is None:

@@ -178,6 +178,7 @@ from socks6fast.includes.linux cimport (
     recv,
     s6_add,
     s6_add64,
+    s6_bump64,
     s6_load,
     s6_load64,
     s6_store,
@@ -337,6 +338,9 @@ cdef struct Worker:
     # Set once, when epoll_wait failed for good: the worker is out of the rotation.
     int dead                # atomic (s6_load/s6_add): read by add() without the lock
     int dead_errno          # written before dead, read after it (under the lock)
+    # Bytes the destination sockets accepted, per direction (a -> b, b -> a), pairs live and
+    # ended; written by this worker only (s6_bump64), read by `RelayEngine.relayed` (metrics).
+    long long relayed[2]
 
 
 # ---------------------------------------------------------------------------
@@ -710,6 +714,7 @@ cdef int forward_urgent(Worker* w, Pair* p, int d) noexcept nogil:
             return fail_side(w, p, 1 - d, errno)
         dr.oob_have = False
         dr.nbytes += 1
+        s6_bump64(&w.relayed[d], 1)
     if pipe_get(w, dr) < 0:
         # No pipe to be had (descriptors, pipe budget): step over the mark by copying.
         return urgent_step_without_pipe(w, p, d)
@@ -810,6 +815,7 @@ cdef int copy_step(Worker* w, Pair* p, int d, size_t* moved) noexcept nogil:
         return COPY_STOPPED if fail_side(w, p, 1 - d, errno) < 0 else COPY_AGAIN
     consume(w, src.fd, sent)
     dr.nbytes += <uint64_t>sent
+    s6_bump64(&w.relayed[d], sent)
     s6_add64(&w.engine.copied, sent)
     moved[0] = <size_t>sent
     return COPY_MOVED
@@ -863,6 +869,7 @@ cdef int urgent_step_without_pipe(Worker* w, Pair* p, int d) noexcept nogil:
         return fail_side(w, p, 1 - d, errno)
     consume(w, src.fd, sent)
     dr.nbytes += <uint64_t>sent
+    s6_bump64(&w.relayed[d], sent)
     s6_add64(&w.engine.copied, sent)
     dr.at_mark = False
     return 1
@@ -899,6 +906,7 @@ cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
             if n > 0:
                 dr.in_pipe -= <size_t>n
                 dr.nbytes += <uint64_t>n
+                s6_bump64(&w.relayed[d], n)
                 moved += <size_t>n
                 active = True
                 progressed = True
@@ -1560,6 +1568,21 @@ cdef class RelayEngine:
     def copied(self) -> int:
         """Bytes relayed by copying through user space because no pipe was to be had."""
         return 0 if self._eng == NULL else s6_load64(&self._eng.copied)
+
+    @property
+    def relayed(self) -> tuple[int, int]:
+        """Bytes relayed since the engine started, ``(a -> b, b -> a)``: what the destination
+        sockets accepted, for live and ended pairs alike (each worker's own counters, summed
+        here; issue 14 metrics). (0, 0) once closed."""
+        cdef long long a_to_b = 0
+        cdef long long b_to_a = 0
+        cdef int i
+        if self._eng == NULL or self._closed:
+            return (0, 0)
+        for i in range(self._eng.nworkers):
+            a_to_b += s6_load64(&self._eng.workers[i].relayed[0])
+            b_to_a += s6_load64(&self._eng.workers[i].relayed[1])
+        return (a_to_b, b_to_a)
 
     @property
     def pipe_errors(self) -> int:

@@ -319,3 +319,4 @@ cdef extern from "relay_atomic.h" nogil:
     void s6_store(int* p, int v)
     long long s6_load64(long long* p)
     void s6_add64(long long* p, long long v)
+    void s6_bump64(long long* p, long long v)
