@@ -69,6 +69,7 @@ __all__ = [
     "MAX_BIND_BACKLOG",
     "ServerContext",
     "detect_protocol",
+    "foreign_protocol",
     "is_dns_request",
     "is_multicast",
     "noop_address_ok",
@@ -157,6 +158,36 @@ def detect_protocol(first_byte: int) -> Protocol | None:
         return Protocol.SOCKS6
     if first_byte == SOCKS5_VERSION:
         return Protocol.SOCKS5
+    return None
+
+
+#: First words of an HTTP/1.x request line (RFC 9110 section 9 methods, and the HTTP/2 preface).
+_HTTP_METHODS: Final = (
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"CONNECT ",
+    b"OPTIONS ",
+    b"TRACE ",
+    b"PATCH ",
+    b"PRI * HTTP/2",
+)
+
+
+def foreign_protocol(data: bytes) -> str | None:
+    """Which other protocol a client speaks whose first bytes (not 5 or 6) are ``data``, for
+    the log (issue 14): ``"http"`` (a request line), ``"tls"`` (a TLS handshake record, a
+    ClientHello on the plain port), ``"socks4"`` (VN 4 with CONNECT or BIND, SOCKS 4/4a); None
+    for anything else. It changes nothing in the answer: the Version Mismatch Reply (REQ-01).
+    """
+    if len(data) >= 3 and data[0] == 0x16 and data[1] == 0x03 and data[2] <= 0x04:
+        return "tls"  # ContentType handshake(22), legacy record version 3.x (RFC 8446 5.1)
+    if len(data) >= 2 and data[0] == 4 and data[1] in (1, 2):
+        return "socks4"
+    if data[:1].isupper() and data.startswith(_HTTP_METHODS):
+        return "http"
     return None
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "SESSION_ID_LENGTH",
     "MemorySessionStore",
     "Session",
+    "SessionCounters",
     "SessionLimits",
     "SessionStore",
     "TokenWindow",
@@ -270,6 +271,23 @@ class SessionLimits:
                 raise ValueError("session caps must be >= 1 or None")
 
 
+@dataclass(slots=True)
+class SessionCounters:
+    """What a session store did since it was made (issue 14 metrics): plain integers bumped
+    once per request, read at a metrics scrape."""
+
+    created: int = 0
+    """Sessions created (SES-01)."""
+    declined: int = 0
+    """Session Requests declined because a cap was hit."""
+    windows: int = 0
+    """Token windows issued (IDM-02)."""
+    tokens_spent: int = 0
+    """Tokens accepted (IDM-03)."""
+    tokens_rejected: int = 0
+    """Tokens refused: no window, outside it, or spent before (IDM-04)."""
+
+
 class MemorySessionStore:
     """Sessions of one process, in memory.
 
@@ -278,7 +296,7 @@ class MemorySessionStore:
     only, O(1) per expired session.
     """
 
-    __slots__ = ("_by_client_ip", "_by_user", "_sessions", "limits")
+    __slots__ = ("_by_client_ip", "_by_user", "_sessions", "counters", "limits")
 
     def __init__(self, limits: SessionLimits | None = None) -> None:
         """Create an empty store.
@@ -292,6 +310,8 @@ class MemorySessionStore:
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
         self._by_client_ip: dict[str, int] = {}
         self._by_user: dict[str, int] = {}
+        self.counters = SessionCounters()
+        """Sessions created and declined, windows issued, tokens spent and rejected."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -310,18 +330,19 @@ class MemorySessionStore:
         """
         # Idle sessions count until `expire` collects them: only `expire` ends sessions on a
         # timeout, so that the server always gets their listeners back to close.
-        if self.limits.max_sessions is not None and len(self._sessions) >= self.limits.max_sessions:
-            return None
         if (
-            self.limits.max_per_client_ip is not None
-            and self._by_client_ip.get(client_ip, 0) >= self.limits.max_per_client_ip
+            (self.limits.max_sessions is not None and len(self._sessions) >= self.limits.max_sessions)
+            or (
+                self.limits.max_per_client_ip is not None
+                and self._by_client_ip.get(client_ip, 0) >= self.limits.max_per_client_ip
+            )
+            or (
+                user is not None
+                and self.limits.max_per_user is not None
+                and self._by_user.get(user, 0) >= self.limits.max_per_user
+            )
         ):
-            return None
-        if (
-            user is not None
-            and self.limits.max_per_user is not None
-            and self._by_user.get(user, 0) >= self.limits.max_per_user
-        ):
+            self.counters.declined += 1
             return None
         session_id = secrets.token_bytes(SESSION_ID_LENGTH)
         while session_id in self._sessions:  # pragma: no cover - 2^-128 per pair
@@ -331,6 +352,7 @@ class MemorySessionStore:
         self._by_client_ip[client_ip] = self._by_client_ip.get(client_ip, 0) + 1
         if user is not None:
             self._by_user[user] = self._by_user.get(user, 0) + 1
+        self.counters.created += 1
         return session
 
     def lookup(self, session_id: bytes, now: float) -> Session | None:
@@ -412,6 +434,7 @@ class MemorySessionStore:
             return None
         size = min(requested_size, self.limits.max_token_window)
         session.window = TokenWindow(secrets.randbits(32), size)
+        self.counters.windows += 1
         return session.window.current
 
     def spend(self, session: Session, token: int) -> bool:
@@ -422,7 +445,12 @@ class MemorySessionStore:
             window, the token is outside it, or it was spent before.
         """
         window = session.window
-        return window is not None and window.spend(token)
+        spent = window is not None and window.spend(token)
+        if spent:
+            self.counters.tokens_spent += 1
+        else:
+            self.counters.tokens_rejected += 1
+        return spent
 
     def _remove(self, session: Session) -> None:
         del self._sessions[session.session_id]
