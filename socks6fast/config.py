@@ -51,6 +51,13 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     one second's worth; a check waits up to 2 s for a slot, then fails; 0 = no limit
     (number >= 0; 10).
     ``log_level``: ``"debug"``, ``"info"``, ``"warning"``, ``"error"`` or ``"critical"``.
+    ``log_format``: ``"text"`` (one ``key=value`` line per finished connection) or ``"json"``
+    (every log line one JSON object, with ``ts`` in RFC 3339 UTC; issue 14). Default ``"text"``.
+
+``[admin]`` (issue 14: metrics)
+    ``listen``: ``"HOST:PORT"`` of the HTTP listener serving ``/metrics`` (Prometheus text
+    format) and ``/healthz``; a bare port (``9180`` or ``"9180"``) means ``127.0.0.1``. Absent
+    (the default): no admin listener, and no metrics are counted.
 
 ``[users]``
     ``NAME = "scrypt$n=16384,r=8,p=1$<salt>$<hash>"``, one per user (name 1-255 UTF-8 bytes,
@@ -132,6 +139,7 @@ from .proto.sessions import MemorySessionStore, SessionLimits
 
 __all__ = [
     "DEFAULT_TOML",
+    "AdminConfig",
     "Config",
     "ConfigError",
     "HostPort",
@@ -168,6 +176,7 @@ auth_user_failure_burst = 10
 auth_user_failure_interval = 10.0
 auth_checks_per_second = 10.0
 log_level = "info"
+log_format = "text"
 
 [users]
 
@@ -236,6 +245,21 @@ class ServerConfig:
     """Password checks (scrypt runs) per second in all; 0 = no limit."""
     log_level: str
     """Lower-case logging level name."""
+    log_format: str = "text"
+    """``"text"`` or ``"json"`` (issue 14)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The ``[admin]`` table (issue 14: metrics)."""
+
+    listen: HostPort | None = None
+    """Where ``/metrics`` and ``/healthz`` are served; None: no admin listener."""
+
+    @property
+    def exposed(self) -> bool:
+        """The admin listener is on an address other than loopback (the server warns)."""
+        return self.listen is not None and not _is_loopback_host(self.listen[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +340,8 @@ class Config:
     """``default_action == "allow"``."""
     udp: UDPConfig
     """The ``[udp]`` table."""
+    admin: AdminConfig = AdminConfig()
+    """The ``[admin]`` table."""
 
     @property
     def auth_required(self) -> bool:
@@ -475,7 +501,7 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | Non
         ConfigError: a key is invalid or unknown.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    _check_keys(data, "", {"default_action", "server", "users", "sessions", "rules", "udp"})
+    _check_keys(data, "", {"default_action", "server", "users", "sessions", "rules", "udp", "admin"})
     default_allow = _action(data.get("default_action", "allow"), "default_action")
     server = _server(_table(data, "server"), base)
     users, hashes = _users(_table(data, "users"))
@@ -485,6 +511,7 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | Non
         raise ConfigError("rules: must be an array of tables, written [[rules]]")
     rules = tuple(_rule(item, f"rules[{i}]") for i, item in enumerate(rules_value))
     udp = _udp(_table(data, "udp"), server)
+    admin = _admin(_table(data, "admin"), server)
     return Config(
         server=server,
         users=types.MappingProxyType(users),
@@ -493,6 +520,7 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | Non
         rules=rules,
         default_allow=default_allow,
         udp=udp,
+        admin=admin,
     )
 
 
@@ -517,7 +545,10 @@ _SERVER_KEYS = {
     "auth_user_failure_interval",
     "auth_checks_per_second",
     "log_level",
+    "log_format",
 }
+
+_LOG_FORMATS = ("text", "json")
 
 
 def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
@@ -551,6 +582,9 @@ def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
     level = table.get("log_level", "info")
     if not isinstance(level, str) or level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"server.log_level: {_show(level)} is not one of {', '.join(_LOG_LEVELS)}")
+    log_format = table.get("log_format", "text")
+    if log_format not in _LOG_FORMATS:
+        raise ConfigError(f'server.log_format: {_show(log_format)} is not "text" or "json"')
     return ServerConfig(
         listen=listen,
         tls_listen=tls_listen,
@@ -577,7 +611,30 @@ def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
         auth_user_failure_interval=_seconds(table, "auth_user_failure_interval", "server", 10.0),
         auth_checks_per_second=_rate(table, "auth_checks_per_second", "server", 10.0),
         log_level=level.lower(),
+        log_format=log_format,
     )
+
+
+def _admin(table: Mapping[str, Any], server: ServerConfig) -> AdminConfig:
+    """``[admin]``: off unless ``listen`` is set; a bare port listens on loopback (issue 14)."""
+    _check_keys(table, "admin", {"listen"})
+    value = table.get("listen")
+    if value is None:
+        return AdminConfig()
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"admin.listen: {_show(value)} is not a port 0-65535")
+        listen: HostPort = ("127.0.0.1", value)
+    else:
+        listen = _check_listen(value, "admin.listen")
+    if listen[1] != 0 and listen in server.listen + server.tls_listen:
+        raise ConfigError(
+            f"admin.listen: {_show(_format_host_port(listen))} is already used by server.listen "
+            "or server.tls_listen"
+        )
+    return AdminConfig(listen=listen)
 
 
 def _users(table: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, ScryptHash]]:
