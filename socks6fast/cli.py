@@ -34,6 +34,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .asyncio.server import Server
+from .asyncio.server.logs import JsonFormatter
 from .config import Config, ConfigError, default_config, load_config, parse_user_option
 from .constants import MAX_USERPASS_LENGTH
 from .proto.auth import hash_password
@@ -67,7 +68,7 @@ def _load(args: argparse.Namespace) -> Config:
         raise _Fail(str(exc)) from None
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, log_format: str = "text") -> None:
     # The one log line per finished connection is on the per-connection hot path: skip the
     # record attributes our format does not use, above all the caller lookup that walks
     # the stack (logging HOWTO, "Optimization").
@@ -75,11 +76,12 @@ def _setup_logging(level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())  # issue 14: one JSON object per line
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 async def _serve(args: argparse.Namespace, config: Config) -> int:
@@ -124,7 +126,7 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     args.drain_timeout = _seconds("--drain-timeout", args.drain_timeout)
     config = _load(args)
-    _setup_logging(args.log_level or config.server.log_level)
+    _setup_logging(args.log_level or config.server.log_level, config.server.log_format)
     factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(_serve(args, config))
@@ -141,10 +143,21 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             problem = _unassignable(host)
             if problem:
                 raise _Fail(f"{args.file}: {key}[{i}]: {host} {problem}")
+    admin = config.admin.listen
+    if admin is not None:
+        problem = _unassignable(admin[0])
+        if problem:
+            raise _Fail(f"{args.file}: admin.listen: {admin[0]} {problem}")
     print(
         f"{args.file}: OK ({len(server.listen)} plain and {len(server.tls_listen)} TLS listeners, "
         f"{len(config.users)} users, {len(config.rules)} rules)"
     )
+    if config.admin.exposed and admin is not None:
+        print(
+            f"socks6fast: warning: {args.file}: admin.listen {admin[0]} is not loopback: anyone who can "
+            "reach it can read the metrics",
+            file=sys.stderr,
+        )
     warning = config.open_proxy_warning()
     if warning is not None:
         # Valid, so exit 0; but say it as serve will (issue 12: no silent open proxy).

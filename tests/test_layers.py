@@ -58,8 +58,12 @@ LAYERS: list[set[str]] = [
     # The DTLS endpoints on the loop: under both asyncio adapters, which will use them (issue 11).
     {"asyncio.dtls"},
     {"asyncio.client"},
-    {"asyncio.server.record", "asyncio.server.streams", "asyncio.server.dial"},
+    {"asyncio.server.record", "asyncio.server.streams", "asyncio.server.dial", "asyncio.server.logs"},
     {"asyncio.server.bind", "asyncio.server.udp"},
+    # Issue 14: the Prometheus collector (reads the relayer, the UDP service, the sessions) and
+    # the admin HTTP listener serving it.
+    {"asyncio.server.metrics"},
+    {"asyncio.server.admin"},
     {"asyncio.server.handler"},
     {"asyncio.server.lifecycle"},
     {"asyncio.server", "asyncio"},

@@ -20,6 +20,10 @@ file per job:
   the resolver behind its questions), and the TLS-to-engine bridge;
 - ``record``: `ConnectionRecord`, the one log line per connection, and `describe_error`, the
   words for a failure's cause in it.
+- ``logs``: the JSON log format (``server.log_format = "json"``, issue 14);
+- ``metrics``: `ServerMetrics`, the Prometheus collector (counted per finished connection,
+  the rest read at scrape time from the engines and the session store), and ``admin``, the
+  HTTP listener serving it (``[admin] listen``: ``/metrics``, ``/healthz``).
 
 Where a connection may go (CMD-06) is the core's decision too: the rules see the address the
 proxy really connects to (`socks6fast.proto.policy`: 0.0.0.0 is this host, names are checked

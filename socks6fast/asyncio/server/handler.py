@@ -51,7 +51,7 @@ from ...proto.server import (
     Socks5ServerConnection,
     server_connection,
 )
-from ...proto.server_common import detect_protocol
+from ...proto.server_common import detect_protocol, foreign_protocol
 from ...proto.server_wire import Socks5ServerWire, failure_reply
 from ...proto.socks5 import Socks5Greeting, Socks5MethodSelection, Socks5Reply, Socks5Request, UserPassRequest
 from ...proto.stack import AppliedLeg
@@ -75,6 +75,13 @@ from .udp import AssociationSockets, TLSBridge, UdpService, open_association
 __all__ = ["REFUSAL_TIMEOUT", "ConnectionHandler", "ServerView", "refuse_client"]
 
 log = logging.getLogger("socks6fast.server")
+
+#: The log's words for a client that spoke another protocol to the plain port (issue 14).
+_FOREIGN = {
+    "http": "HTTP request on the SOCKS port",
+    "tls": "TLS ClientHello on the plain SOCKS port",
+    "socks4": "SOCKS 4 request on the SOCKS port",
+}
 
 _Conn = ServerConnection | Socks5ServerConnection
 
@@ -175,7 +182,10 @@ class ConnectionHandler:
         "_server",
         "client",
         "client_options",
+        "detected",
         "error",
+        "failed_user",
+        "handshake",
         "listener",
         "owns_listener",
         "relay_result",
@@ -199,6 +209,12 @@ class ConnectionHandler:
         self.error = ""
         """Why the connection ended early, when the I/O says so (else the core's reason)."""
         self.client_options: AppliedLeg | None = None
+        self.failed_user: str | None = None
+        """The user name of a failed login (issue 14: logged for fail2ban)."""
+        self.detected = ""
+        """Another protocol spoken to the plain port (`foreign_protocol`), for the log."""
+        self.handshake: float | None = None
+        """Seconds from accept to the hand-off to the data plane."""
         self.remote: Remote | None = None
         """The remote leg once connected (CONNECT) or accepted (BIND)."""
         self.remote_owned = False
@@ -242,6 +258,10 @@ class ConnectionHandler:
                     self.error = "handshake timed out"
                     return
             if first:
+                if detect_protocol(first[0]) is None:
+                    # Answered with the Version Mismatch Reply as always (REQ-01); the log
+                    # says what the client spoke (issue 14).
+                    self.detected = foreign_protocol(first) or ""
                 conn = server_connection(context, self.client[0], first, started)
                 await self._drive(stream, conn)
         except ClientGone:
@@ -284,6 +304,7 @@ class ConnectionHandler:
                     self.remote, self.remote_owned = remote, True
                     conn.dial_finished(remote.dialed())
             elif isinstance(action, Relay):
+                self.handshake = time.monotonic() - self.started
                 await self._relay(stream, action)
                 return
             elif isinstance(action, Close):
@@ -312,6 +333,7 @@ class ConnectionHandler:
             elif isinstance(action, OpenAssociation):
                 self._open_association(stream, conn, action)
             elif isinstance(action, Associate):
+                self.handshake = time.monotonic() - self.started
                 await self._associate(stream, action, conn)
                 return
             elif isinstance(action, HoldBacklog):
@@ -358,6 +380,7 @@ class ConnectionHandler:
         # AUTH-05, hardening issue 12 defect 5: the core's limiter decides whether scrypt runs.
         admission = server.limiter.admit(self.client[0], name, loop.time())
         if admission.refused is not None:
+            self.failed_user = name
             conn.credentials_checked(None, admission.refused)  # failed without paying for scrypt
             return
         if admission.delay > 0:
@@ -367,6 +390,8 @@ class ConnectionHandler:
         user = await loop.run_in_executor(None, users.authenticate, username, password)
         if user is not None:
             server.limiter.refund(admission)  # only failures count
+        else:
+            self.failed_user = name  # issue 14: the attempted name goes to the log
         conn.credentials_checked(user)
 
     async def _resolve(self, conn: _Conn, action: Resolve) -> None:
@@ -533,6 +558,11 @@ class ConnectionHandler:
                 record.destination = format_address(request.address, request.port)
         else:
             record.error = self.error
+        record.failed_user = self.failed_user
+        record.handshake = self.handshake
+        if self.detected:
+            record.detected = self.detected
+            record.error = record.error or _FOREIGN[self.detected]
         if remote is not None:
             record.remote_address = remote.address
             record.remote_options = remote.applied

@@ -47,9 +47,12 @@ from ...proto.auth import FailedAuthLimiter, UserStore
 from ...proto.policy import OwnListeners
 from ...proto.server import ServerContext
 from ...proto.sessions import MemorySessionStore
+from .admin import AdminServer
 from .bind import close_session_listeners
 from .dial import Resolver
 from .handler import REFUSAL_TIMEOUT, ConnectionHandler, refuse_client
+from .logs import CONNECTION
+from .metrics import ServerMetrics
 from .record import ConnectionRecord, format_address
 from .udp import UdpService
 
@@ -205,6 +208,11 @@ class Server:
         """The most recent finished connections."""
         self.on_connection_closed: list[Callable[[ConnectionRecord], None]] = []
         """Callbacks run with the record of every finished connection."""
+        self.metrics: ServerMetrics | None = None
+        """The Prometheus metrics, counted only with an ``[admin] listen`` (issue 14)."""
+        self.admin: AdminServer | None = None
+        """The admin listener (``/metrics``, ``/healthz``), after `start` when configured."""
+        self._json_log = config.server.log_format == "json"
         self._configure(config, config.user_store())
 
     # -- life cycle ------------------------------------------------------------------
@@ -330,6 +338,7 @@ class Server:
                 self.udp = None
             raise
         self.context.own_listeners = OwnListeners(self.addresses + self.tls_addresses, self._local)
+        await self._start_admin()
         with contextlib.suppress(OSError):
             self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._fd_plan = resources.plan_descriptors(
@@ -391,6 +400,31 @@ class Server:
                 raise
             return socks
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _start_admin(self) -> None:
+        """The admin listener and the metrics it serves (issue 14), when configured."""
+        listen = self._config.admin.listen
+        if listen is None:
+            return
+        self.metrics = ServerMetrics(self)
+        self.admin = AdminServer(self.metrics, lambda: self._accepting)
+        try:
+            await self.admin.start(*listen)
+        except OSError as exc:
+            self.admin = None
+            self.stop_accepting()
+            self._listeners.clear()
+            if self.udp is not None:
+                self.udp.close()
+                self.udp = None
+            where = format_address(*listen)
+            raise OSError(exc.errno, f"admin.listen {where}: {exc.strerror or exc}") from exc
+        log.info("admin listener on %s: /metrics, /healthz", format_address(*self.admin.address))
+        if self._config.admin.exposed:
+            log.warning(
+                "admin.listen %s is not loopback: anyone who can reach it can read the metrics",
+                format_address(*self.admin.address),
+            )
 
     def _apply_fd_plan(self, plan: DescriptorPlan) -> None:
         self._max_connections = plan.max_connections
@@ -550,8 +584,13 @@ class Server:
     def connection_finished(self, record: ConnectionRecord) -> None:
         """A connection handler is done: keep, log and announce its record."""
         self.records.append(record)
+        if self.metrics is not None:
+            self.metrics.connection_finished(record)
         if log.isEnabledFor(logging.INFO):
-            log.info("%s", record.log_line())
+            if self._json_log:
+                log.info("%s", record.log_line(), extra={CONNECTION: record.fields()})
+            else:
+                log.info("%s", record.log_line())
         for callback in self.on_connection_closed:
             callback(record)
 
@@ -580,6 +619,8 @@ class Server:
         old = self._config
         if config.server.listen != old.server.listen or config.server.tls_listen != old.server.tls_listen:
             log.warning("reload: listener changes take effect after a restart")
+        if config.admin != old.admin or config.server.log_format != old.server.log_format:
+            log.warning("reload: [admin] and server.log_format take effect after a restart")
         if config.server.idle_timeout != old.server.idle_timeout:
             log.warning("reload: the relay idle timeout takes effect after a restart")
         udp_keys = ("enabled", "port", "workers", "batch", "max_datagram", "first_datagram_timeout")
@@ -669,6 +710,9 @@ class Server:
         if self._spare_fd >= 0:
             os.close(self._spare_fd)
             self._spare_fd = -1
+        if self.admin is not None:
+            await self.admin.close()  # after the drain: /healthz said 503 meanwhile
+            self.admin = None
         self._listeners.clear()
         self._closed.set()
 

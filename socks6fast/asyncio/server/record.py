@@ -106,6 +106,46 @@ class ConnectionRecord:
     """UDP ASSOCIATE: the client asked for server mode (UDP-06)."""
     error: str = ""
     """Why the connection ended early, if it did."""
+    failed_user: str | None = None
+    """The user name of a failed login, as the client sent it (issue 14: what fail2ban needs)."""
+    detected: str = ""
+    """A client that spoke another protocol to the plain port (Version Mismatch Reply sent):
+    ``"http"``, ``"tls"`` or ``"socks4"`` (`socks6fast.proto.server_common.foreign_protocol`)."""
+    handshake: float | None = None
+    """Seconds from accept to the hand-off to the data plane (relay or UDP association), for
+    requests that got that far; None otherwise."""
+
+    def fields(self) -> dict[str, object]:
+        """The log line's fields (the same keys), for the JSON log format (issue 14)."""
+        out: dict[str, object] = {
+            "client": format_address(*self.client),
+            "listener": self.listener,
+            "proto": self.protocol,
+            "user": self.user,
+            "cmd": self.command,
+            "dst": self.destination,
+            "reply": self.reply_code,
+            "up": self.bytes_up,
+            "down": self.bytes_down,
+            "dur": round(self.duration, 6),
+            "relay": self.relay_path,
+            "end": self.relay_end,
+            "close": self.relay_close,
+        }
+        if self.command == "UDP_ASSOCIATE":
+            out["via"] = self.udp_channel
+            out["server_mode"] = self.udp_server_mode
+            out["dgrams_up"] = self.datagrams_up
+            out["dgrams_down"] = self.datagrams_down
+            out["drops"] = self.udp_drops
+            out["icmp"] = self.icmp_errors
+        if self.failed_user is not None:
+            out["failed_user"] = self.failed_user
+        if self.detected:
+            out["detected"] = self.detected
+        if self.error:
+            out["error"] = self.error
+        return out
 
     def log_line(self) -> str:
         """The one log line of a finished connection."""
@@ -122,4 +162,8 @@ class ConnectionRecord:
                 f"dgrams_up={self.datagrams_up} dgrams_down={self.datagrams_down} "
                 f"drops={self.udp_drops} icmp={self.icmp_errors}"
             )
+        if self.failed_user is not None:
+            text += f" failed_user={self.failed_user!r}"
+        if self.detected:
+            text += f" detected={self.detected}"
         return f"{text} error={self.error!r}" if self.error else text
