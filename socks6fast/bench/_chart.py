@@ -25,6 +25,7 @@ SYSTEM_COLORS: dict[str, str] = {
     "socks6fast-s5": "#326ec8",
     "socks6fast-s6": "#1ea05a",
     "socks6fast-s6tcp": "#78c896",
+    "socks6fast-s6metrics": "#0f6e3c",
     "dante": "#e68c1e",
     "microsocks": "#8c50aa",
 }

@@ -106,7 +106,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--systems",
         default="all",
-        help=f"comma list of {', '.join(ALL_SYSTEMS)} (aliases s5, s6, socks6fast, all); default all",
+        help=(
+            f"comma list of {', '.join(ALL_SYSTEMS)} (aliases s5, s6, s6metrics, socks6fast, all); "
+            "default all (every system but socks6fast-s6metrics, which runs only when named)"
+        ),
     )
     p.add_argument("--tests", default=",".join(TESTS), help=f"comma list of {', '.join(TESTS)}")
     p.add_argument("--duration", type=float, help="seconds of each bulk measurement window")
