@@ -70,6 +70,7 @@ def make_config(
     sessions: Mapping[str, Any] | None = None,
     default_action: str = "allow",
     udp: Mapping[str, Any] | None = None,
+    admin: Mapping[str, Any] | None = None,
 ) -> Config:
     """A Config listening on 127.0.0.1:0 (and [::1]:0 with ``ipv6``); ``users`` maps names to
     clear passwords (hashed here with cheap parameters)."""
@@ -83,6 +84,7 @@ def make_config(
         "sessions": dict(sessions or {}),
         "rules": rules or [],
         "udp": dict(udp or {}),
+        "admin": dict(admin or {}),
     }
     return parse_config(data)
 
