@@ -48,7 +48,17 @@ from socks6fast.config import ConfigError, parse_config
 from socks6fast.constants import AddressType, AuthMethod, AuthReplyType, Command, ReplyCode
 from socks6fast.dataplane.engine import ENGINE_AVAILABLE
 from socks6fast.proto import codec
-from socks6fast.proto.messages import AuthData, Request
+from socks6fast.proto.messages import (
+    AuthData,
+    IdempotenceAccepted,
+    IdempotenceExpenditure,
+    IdempotenceRejected,
+    IdempotenceRequest,
+    IdempotenceWindow,
+    Request,
+    SessionID,
+    SessionRequest,
+)
 from socks6fast.proto.server_common import foreign_protocol
 from socks6fast.proto.sessions import MemorySessionStore, SessionLimits
 from socks6fast.proto.socks5 import UserPassRequest, encode_userpass_request
@@ -283,19 +293,34 @@ async def test_metrics_udp_association(engine: str) -> None:
     assert delta(before, after, "socks6fast_connections_total", **labels) == 1
 
 
+@pytest.mark.conformance("IDM-02", "IDM-03")
 async def test_metrics_sessions_and_tokens() -> None:
-    """Issue 14 item 1: the session store's counters reach /metrics: a session created with
-    a token window, one token spent, the same token rejected on reuse (IDM-03, IDM-04)."""
-    config = make_config(admin=ADMIN)
-    async with running_server(config) as server:
+    """Issue 14 item 1: real SOCKS 6 requests move the session metrics: a Session Request
+    with a Token Request (one session, one window, IDM-02), a token spent (IDM-03), the same
+    token replayed and rejected; the live-sessions gauge shows the session."""
+    async with Sink() as sink, running_server(make_config(admin=ADMIN)) as server:
+        proxy = server.addresses[0]
         before = await fetch(server)
-        store = server.context.sessions
-        assert isinstance(store, MemorySessionStore)
-        # The store's own API, as the core drives it: the counters are the store's.
-        session = store.create(None, "127.0.0.1", 0.0)
-        assert session is not None
-        base, _ = store.request_window(session, 4) or (0, 0)
-        assert store.spend(session, base) and not store.spend(session, base)
+
+        async def request(*options: Any) -> tuple[RawClient, Any, Any]:
+            client = await RawClient.connect(proxy)
+            await client.send(s6_connect(sink.address, *options))
+            auth = await client.auth_reply()
+            reply = await client.operation_reply() if auth.type == AuthReplyType.SUCCESS else None
+            return client, auth, reply
+
+        client, auth, reply = await request(SessionRequest(), IdempotenceRequest(8))
+        assert reply is not None and reply.reply_code == ReplyCode.SUCCESS
+        options = auth.options + reply.options
+        sid = next(o for o in options if isinstance(o, SessionID))
+        window = next(o for o in options if isinstance(o, IdempotenceWindow))
+        await client.close()
+        client, auth, reply = await request(sid, IdempotenceExpenditure(window.base))
+        assert reply is not None and any(isinstance(o, IdempotenceAccepted) for o in auth.options)
+        await client.close()
+        client, auth, reply = await request(sid, IdempotenceExpenditure(window.base))
+        assert reply is None and any(isinstance(o, IdempotenceRejected) for o in auth.options)
+        await client.close()
         after = await fetch(server)
     assert value(after, "socks6fast_sessions_active") == 1
     for name, moved in (
