@@ -185,6 +185,7 @@ async def test_metrics_count_connections_bytes_and_handshakes(
     assert up == down == len(bulk) + 4 + 4
     assert delta(before, after, "socks6fast_relayed_bytes_total", direction="client_to_remote") == up
     assert delta(before, after, "socks6fast_relayed_bytes_total", direction="remote_to_client") == down
+    assert server.relayer.bytes_relayed() == (up, down)  # kept once the engine is closed
     assert delta(before, after, "socks6fast_handshake_seconds_count") == 3
     assert value(after, "socks6fast_handshake_seconds_bucket", le="+Inf") == 3
     assert 0 < value(after, "socks6fast_handshake_seconds_sum") < 15

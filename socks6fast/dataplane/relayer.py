@@ -712,6 +712,11 @@ class Relayer:
             relay.abort(RelayEnd.SHUTDOWN)
         engine = self._engine
         if engine is not None:
+            # The engine's counters go with its workers: keep what they hold (bytes_relayed
+            # never goes back; the last milliseconds of the teardown are not counted).
+            a_to_b, b_to_a = engine.relayed
+            self._extra_up += a_to_b
+            self._extra_down += b_to_a
             self._loop.remove_reader(engine.fileno())
             # Joins the worker threads (milliseconds); they close every pair first.
             engine.close()
