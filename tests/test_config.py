@@ -296,7 +296,7 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
 
 CASES: list[tuple[str, str]] = [
     # (TOML text, exact error message)
-    ("typo = 1", "typo: unknown key (allowed: default_action, rules, server, sessions, udp, users)"),
+    ("typo = 1", "typo: unknown key (allowed: admin, default_action, rules, server, sessions, udp, users)"),
     ('default_action = "maybe"', 'default_action: "maybe" is not "allow" or "deny"'),
     ("server = 5", "server: must be a table, written [server]"),
     (
@@ -304,8 +304,8 @@ CASES: list[tuple[str, str]] = [
         "server.lisen: unknown key (allowed: auth_checks_per_second, auth_failure_burst, "
         "auth_failure_interval, auth_user_failure_burst, auth_user_failure_interval, "
         "connect_timeout, dns_resolver, "
-        "handshake_timeout, idle_timeout, listen, log_level, max_connections, max_options_length, "
-        "min_bind_port, relay_workers, tls_certificate, tls_key, tls_listen)",
+        "handshake_timeout, idle_timeout, listen, log_format, log_level, max_connections, "
+        "max_options_length, min_bind_port, relay_workers, tls_certificate, tls_key, tls_listen)",
     ),
     ('[server]\nlisten = "127.0.0.1:1080"', "server.listen: must be an array, not a string"),
     (
