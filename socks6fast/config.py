@@ -103,6 +103,23 @@ at start-up and on reload, ``check-config`` prints it).
     client address / one user may hold (0 = no limit; over it: General Failure).
     ``workers``: UDP engine threads (0 = one per core); ``batch``: datagrams per
     recvmmsg/sendmmsg (1-256); ``max_datagram``: largest datagram relayed, bytes (512-65535).
+
+``[limits]`` (issue 14 item 4; every value 0 = no limit, the default; see `socks6fast.proto.limits`)
+    ``user_connections``: concurrent connections per authenticated user (integer >= 0).
+    ``user_connection_rate``: new connections per second per user (a token bucket; number
+    >= 0); ``user_connection_burst``: how many may come at once (integer >= 0; 0 = the rate
+    rounded up, at least 1). ``user_upload`` / ``user_download``: bytes per second client ->
+    destination / destination -> client, shared by all of one user's connections (an
+    integer, or a string such as ``"2MB"``, ``"512KiB"``, ``"10M"``: k/M/G = 1000^n, Ki/Mi/Gi =
+    1024^n, the ``B`` optional). ``client_connections``, ``client_connection_rate``,
+    ``client_connection_burst``, ``client_upload``, ``client_download``: the same per client
+    address (anonymous clients too).
+``[limits.users.NAME]``
+    Per-user replacements of the ``user_*`` values for one user of ``[users]``:
+    ``connections``, ``connection_rate``, ``connection_burst``, ``upload``, ``download``
+    (keys left out keep the ``[limits]`` value). Over a connection limit a request is
+    refused with Connection not allowed by ruleset (SOCKS 5: REP 0x02) and one log line;
+    over a bandwidth limit the stream is slowed. Reloaded by SIGHUP.
 """
 
 from __future__ import annotations
@@ -122,6 +139,7 @@ from typing import Any, TypeVar
 from .constants import MAX_OPTIONS_LENGTH, MAX_RELAY_WORKERS, MAX_USERPASS_LENGTH, MAX_WINDOW_SIZE, Command
 from .errors import ConfigError
 from .proto.auth import ScryptHash, UserStore, new_hash, parse_hash
+from .proto.limits import Limits
 from .proto.policy import (
     ANONYMOUS,
     AUTHENTICATED,
@@ -143,6 +161,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "HostPort",
+    "LimitsConfig",
     "ServerConfig",
     "SessionsConfig",
     "UDPConfig",
@@ -321,6 +340,18 @@ class UDPConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """The ``[limits]`` table and its ``[limits.users.NAME]`` tables."""
+
+    user: Limits = Limits()
+    """Every authenticated user's limits (the ``user_*`` keys)."""
+    client: Limits = Limits()
+    """Every client address's limits (the ``client_*`` keys)."""
+    users: Mapping[str, Limits] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    """Per-user replacements of ``user``."""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration. Build it with `load_config`, `default_config` or
     `parse_config`, never directly (nothing is validated here)."""
@@ -342,6 +373,8 @@ class Config:
     """The ``[udp]`` table."""
     admin: AdminConfig = AdminConfig()
     """The ``[admin]`` table."""
+    limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
+    """The ``[limits]`` table (issue 14 item 4)."""
 
     @property
     def auth_required(self) -> bool:
@@ -501,7 +534,7 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | Non
         ConfigError: a key is invalid or unknown.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    _check_keys(data, "", {"default_action", "server", "users", "sessions", "rules", "udp", "admin"})
+    _check_keys(data, "", {"default_action", "server", "users", "sessions", "rules", "udp", "admin", "limits"})
     default_allow = _action(data.get("default_action", "allow"), "default_action")
     server = _server(_table(data, "server"), base)
     users, hashes = _users(_table(data, "users"))
@@ -512,6 +545,7 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | Non
     rules = tuple(_rule(item, f"rules[{i}]") for i, item in enumerate(rules_value))
     udp = _udp(_table(data, "udp"), server)
     admin = _admin(_table(data, "admin"), server)
+    limits = _limits(_table(data, "limits"), users)
     return Config(
         server=server,
         users=types.MappingProxyType(users),
@@ -521,6 +555,7 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | Non
         default_allow=default_allow,
         udp=udp,
         admin=admin,
+        limits=limits,
     )
 
 
@@ -670,6 +705,64 @@ def _sessions(table: Mapping[str, Any]) -> SessionsConfig:
         max_per_client_ip=_int(table, "max_per_client_ip", "sessions", 100, low=1),
         max_per_user=_int(table, "max_per_user", "sessions", 1000, low=1),
         max_token_window=_int(table, "max_token_window", "sessions", 2**16, low=0, high=MAX_WINDOW_SIZE),
+    )
+
+
+_LIMIT_KEYS = ("connections", "connection_rate", "connection_burst", "upload", "download")
+
+
+def _limits(table: Mapping[str, Any], users: Mapping[str, str]) -> LimitsConfig:
+    _check_keys(
+        table, "limits", {f"{who}_{key}" for who in ("user", "client") for key in _LIMIT_KEYS} | {"users"}
+    )
+    user = _limit_values(table, "limits", "user_", Limits())
+    client = _limit_values(table, "limits", "client_", Limits())
+    per_user: dict[str, Limits] = {}
+    overrides = table.get("users", {})
+    if not isinstance(overrides, dict):
+        raise ConfigError("limits.users: must be a table of [limits.users.NAME] tables")
+    for name, values in overrides.items():
+        where = f"limits.users.{_key_text(name)}"
+        if name not in users:
+            raise ConfigError(f"{where}: {name!r} is not a user of [users]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: must be a table, written [{where}]")
+        _check_keys(values, where, set(_LIMIT_KEYS))
+        per_user[name] = _limit_values(values, where, "", user)
+    return LimitsConfig(user=user, client=client, users=types.MappingProxyType(per_user))
+
+
+def _limit_values(table: Mapping[str, Any], where: str, prefix: str, base: Limits) -> Limits:
+    return Limits(
+        connections=_int(table, prefix + "connections", where, base.connections, low=0),
+        connection_rate=_rate(table, prefix + "connection_rate", where, base.connection_rate),
+        connection_burst=_int(table, prefix + "connection_burst", where, base.connection_burst, low=0),
+        upload=_bandwidth(table, prefix + "upload", where, base.upload),
+        download=_bandwidth(table, prefix + "download", where, base.download),
+    )
+
+
+_BANDWIDTH_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def _bandwidth(table: Mapping[str, Any], key: str, where: str, default: int) -> int:
+    """Bytes per second: an integer >= 0, or a string with a unit ("2MB", "512KiB", "10M")."""
+    value = table.get(key, default)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().removesuffix("/s").removesuffix("b").strip()
+        number = text.rstrip("kmgi")
+        unit = text[len(number) :]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if unit in _BANDWIDTH_UNITS and math.isfinite(amount) and amount >= 0:
+            return round(amount * _BANDWIDTH_UNITS[unit])
+    raise ConfigError(
+        f"{where}.{key}: {_show(value)} is not a rate in bytes per second "
+        '(an integer, or e.g. "2MB", "512KiB")'
     )
 
 

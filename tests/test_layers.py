@@ -35,7 +35,15 @@ PYX_PACKAGE = ROOT / "src_pyx" / "socks6fast"
 LAYERS: list[set[str]] = [
     {"constants", "_extensions", "includes", "includes.linux"},
     {"errors"},
-    {"proto.messages", "proto.states", "proto.sessions", "proto.auth", "proto.policy", "proto.associations"},
+    {
+        "proto.messages",
+        "proto.states",
+        "proto.sessions",
+        "proto.auth",
+        "proto.policy",
+        "proto.associations",
+        "proto.limits",
+    },
     {"proto._wire_py"},
     {"proto.socks5", "proto.stack", "proto._codec_py", "proto._codec_c"},
     {"proto.codec"},
@@ -51,6 +59,7 @@ LAYERS: list[set[str]] = [
     # OpenSSL; above config (its limits come from the [udp] table).
     {"net.dtls"},
     {"dataplane.engine", "dataplane._relay_c", "dataplane.resources", "dataplane", "dataplane.udp_types"},
+    {"dataplane.bandwidth"},
     {"dataplane._udp_py", "dataplane._udp_c"},
     {"dataplane.relayer", "dataplane.udp"},
     {"_client_base"},

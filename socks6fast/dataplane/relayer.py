@@ -70,7 +70,12 @@ from .engine import (
 from .resources import pipe_quota
 
 if TYPE_CHECKING:
+    from ..proto.limits import BandwidthBucket
     from ._relay_c import RelayEngine as _RelayEngineType
+    from ._relay_c import TokenBucket as _CBucket
+
+    #: Bandwidth limits of one direction (`socks6fast.dataplane.bandwidth.TokenBucket`).
+    Limits = tuple[BandwidthBucket, ...]
 
 #: Default seconds without a byte either way before a relayed connection is closed.
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -133,6 +138,8 @@ class _Leg(asyncio.Protocol):
         self.throttled = False  # reading paused: the other leg's write buffer is full
         self.forwarded = 0  # bytes handed to the other leg's transport
         self.flushing = False  # the peer failed: deliver what we hold, then reset
+        self.limits: Limits = ()  # bandwidth buckets what this leg reads draws from
+        self.limited = False  # reading paused: a bucket is in debt (issue 14 item 4)
 
     def as_factory(self) -> _Leg:
         """Protocol factory for ``loop.connect_accepted_socket`` that returns this leg."""
@@ -191,6 +198,21 @@ class _PairRelay:
             return
         self._last = self._loop.time()
         self._send(leg, data)
+        if leg.limits:
+            self._charge(leg, len(data))
+
+    def _charge(self, leg: _Leg, n: int) -> None:
+        """Bandwidth limits: spend what was read; a bucket in debt pauses reading for as
+        long as the debt takes to repay (the asyncio twin of the engine's parking)."""
+        delay = max(bucket.take(n) for bucket in leg.limits)
+        if delay > 0.0 and not leg.limited:
+            leg.limited = True
+            self.pause(leg)
+            self._loop.call_later(delay, self._unlimit, leg)
+
+    def _unlimit(self, leg: _Leg) -> None:
+        leg.limited = False
+        self.maybe_resume(leg)
 
     def on_eof(self, leg: _Leg) -> bool:
         leg.eof = True
@@ -228,6 +250,8 @@ class _PairRelay:
         for leg in (self.client, self.remote):
             for chunk in leg.pending:
                 self._send(leg, chunk)
+                if leg.limits:
+                    self._charge(leg, len(chunk))
             leg.pending.clear()
         for leg in (self.client, self.remote):
             if leg.lost:
@@ -320,7 +344,7 @@ class _PairRelay:
         if (
             self.started
             and transport is not None
-            and not (leg.eof or leg.lost or leg.throttled or leg.flushing)
+            and not (leg.eof or leg.lost or leg.throttled or leg.flushing or leg.limited)
             and not transport.is_closing()
         ):
             transport.resume_reading()
@@ -493,6 +517,8 @@ class Relayer:
         *,
         to_remote: bytes = b"",
         to_client: bytes = b"",
+        up: Limits = (),
+        down: Limits = (),
     ) -> RelayResult:
         """Relay between two connected stream sockets until the connection ends.
 
@@ -505,6 +531,9 @@ class Relayer:
                 sent right after the Request, draft-11 section "Requests"); sent to the
                 remote before anything else and counted in ``bytes_client_to_remote``.
             to_client: likewise, bytes already read from the remote.
+            up: bandwidth buckets (`socks6fast.dataplane.bandwidth.TokenBucket`) the
+                client -> remote direction draws from; () = unlimited.
+            down: likewise for remote -> client.
 
         Returns:
             The byte counts and the reason the relay ended.
@@ -518,7 +547,7 @@ class Relayer:
             remote.close()
             raise RuntimeError("Relayer is closed")
         if self._engine is None or self._engine_dead:
-            return await self._relay_sockets_asyncio(client, remote, to_remote, to_client)
+            return await self._relay_sockets_asyncio(client, remote, to_remote, to_client, up, down)
         try:
             # Usually non-blocking already (the server's sockets are): skip the ioctl then.
             if client.gettimeout() != 0.0:
@@ -541,7 +570,12 @@ class Relayer:
         fd_client = client.detach()
         fd_remote = remote.detach()
         try:
-            self._engine.add(fd_client, fd_remote, ident)
+            if up or down:
+                # The engine's workers read only the compiled buckets (add() checks).
+                c_up, c_down = cast("tuple[_CBucket, ...]", up), cast("tuple[_CBucket, ...]", down)
+                self._engine.add(fd_client, fd_remote, ident, c_up, c_down)
+            else:
+                self._engine.add(fd_client, fd_remote, ident)
         except BaseException:
             # add() failed: the fds are still ours.
             socket.close(fd_client)
@@ -557,9 +591,16 @@ class Relayer:
             raise
 
     async def _relay_sockets_asyncio(
-        self, client: socket.socket, remote: socket.socket, to_remote: bytes, to_client: bytes
+        self,
+        client: socket.socket,
+        remote: socket.socket,
+        to_remote: bytes,
+        to_client: bytes,
+        up: Limits = (),
+        down: Limits = (),
     ) -> RelayResult:
         relay = _PairRelay(self._loop, self._idle_timeout, self._buffer_size)
+        relay.client.limits, relay.remote.limits = up, down
         try:
             await self._loop.connect_accepted_socket(relay.client.as_factory, client)
         except BaseException:
@@ -581,6 +622,8 @@ class Relayer:
         *,
         to_remote: bytes = b"",
         to_client: bytes = b"",
+        up: Limits = (),
+        down: Limits = (),
     ) -> RelayResult:
         """Relay between two open asyncio transports (always the asyncio path).
 
@@ -600,6 +643,7 @@ class Relayer:
             remote_transport: the remote leg (may be TLS), or its socket.
             to_remote: bytes already read from the client, sent to the remote first.
             to_client: bytes already read from the remote, sent to the client first.
+            up, down: bandwidth buckets, as for `relay_sockets`.
 
         Returns:
             The byte counts and the reason the relay ended (``path == "asyncio"``).
@@ -617,6 +661,7 @@ class Relayer:
                     item.abort()
             raise RuntimeError("Relayer is closed")
         relay = _PairRelay(self._loop, self._idle_timeout, self._buffer_size)
+        relay.client.limits, relay.remote.limits = up, down
         pairs = ((relay.client, client_transport), (relay.remote, remote_transport))
         # Sockets first: their legs buffer anything read before start(). The transports
         # are switched over afterwards, with no await before start().

@@ -241,6 +241,7 @@ class ServerConnection(_ConnectionBase):
 
     def connection_ended(self, now: float) -> Session | None:  # noqa: D102 (documented in the base)
         self._end_association()
+        self._end_limits()
         return self._end_session(now)
 
     # -- reading -------------------------------------------------------------------------
@@ -434,6 +435,8 @@ class ServerConnection(_ConnectionBase):
         )
         if not allowed:
             self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, _denied_by(rule))  # CMD-06
+        elif not self._admit(now):
+            pass  # over a limit of its user or its address: refused (issue 14 item 4)
         elif command == Command.NOOP:
             # STK-01: the client-leg options were applied and are echoed.
             echo = echo_stack_options(self._options.stack, client=self._client_applied)

@@ -49,6 +49,7 @@ from .actions import (
 )
 from .associations import AssociationTable, Reservation
 from .auth import UserStore
+from .limits import Admission, ConnectionLimiter
 from .messages import (
     Request,
 )
@@ -102,6 +103,8 @@ class ServerContext:
         associations: the live UDP associations, their limits and Port Parity reservations;
             None: UDP ASSOCIATE is turned off (Command Not Supported).
         min_bind_port: lowest port a BIND or UDP ASSOCIATE may name (D25); 0 is always allowed.
+        limits: connection and bandwidth limits per user and per client address (issue 14
+            item 4); None: no limits.
     """
 
     __slots__ = (
@@ -109,6 +112,7 @@ class ServerContext:
         "connect_timeout",
         "dns_resolver",
         "handshake_timeout",
+        "limits",
         "max_options_length",
         "min_bind_port",
         "own_listeners",
@@ -130,9 +134,11 @@ class ServerContext:
         own_listeners: OwnListeners | None = None,
         associations: AssociationTable | None = None,
         min_bind_port: int = 1024,
+        limits: ConnectionLimiter | None = None,
     ) -> None:
         self.associations = associations
         self.min_bind_port = min_bind_port
+        self.limits = limits
         self.users = users if users is not None else UserStore()
         self.policy = policy if policy is not None else Policy()
         self.sessions = sessions
@@ -326,6 +332,7 @@ class _ConnectionBase:
         "_step",
         "_unconfirmed",
         "_wire",
+        "admission",
         "client_ip",
         "error",
         "protocol_name",
@@ -350,6 +357,9 @@ class _ConnectionBase:
         self._dial: Dial | None = None
         self._relayed = False
         self._association: bytes | None = None
+        self.admission: Admission | None = None
+        """The limits this connection counts against (issue 14 item 4), once admitted; its
+        ``up``/``down`` buckets are what the adapter hands the relay."""
         self.released: tuple[Reservation, ...] = ()
         """Port Parity reservations whose owner ended with this connection (STK-08): after
         ``connection_ended`` the adapter closes their sockets."""
@@ -541,7 +551,29 @@ class _ConnectionBase:
         """
         self._step = _Step.DONE
         self._end_association()
+        self._end_limits()
         return None
+
+    def _admit(self, now: float) -> bool:
+        """Count the connection against its user's and its address's limits (after the rules
+        allowed it); False when a limit refuses it (a failure reply is queued). A limit is a
+        rule set for that user or address: Connection not allowed by ruleset (D25)."""
+        limiter = self._ctx.limits
+        if limiter is None or self.admission is not None:
+            return True
+        result = limiter.admit(self.client_ip, self.user, now)
+        if isinstance(result, str):
+            self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, result)
+            return False
+        self.admission = result
+        return True
+
+    def _end_limits(self) -> None:
+        admission, limiter = self.admission, self._ctx.limits
+        if admission is not None:
+            self.admission = None
+            if limiter is not None:
+                limiter.release(admission)
 
     def _end_association(self) -> None:
         """UDP-07: the association ends with the connection: its slot is freed and the ports

@@ -140,6 +140,8 @@ class Socks5ServerConnection(_ConnectionBase):
         )
         if not allowed:
             self._fail(ReplyCode.NOT_ALLOWED_BY_RULESET, _denied_by(rule))
+        elif not self._admit(now):
+            pass  # over a limit: RFC 1928 REP 0x02, "connection not allowed by ruleset"
         elif request.command == Socks5Command.CONNECT:
             deadline = now + self._ctx.connect_timeout
             self._connect(Dial(request.address_type, request.address, request.port, deadline))

@@ -305,7 +305,7 @@ class ConnectionHandler:
                     conn.dial_finished(remote.dialed())
             elif isinstance(action, Relay):
                 self.handshake = time.monotonic() - self.started
-                await self._relay(stream, action)
+                await self._relay(stream, action, conn)
                 return
             elif isinstance(action, Close):
                 if self.remote is not None and self.remote_owned:
@@ -456,14 +456,18 @@ class ConnectionHandler:
             cause = describe_error(exc)
         return f"connect to {format_address(host, port)}: {cause}"
 
-    async def _relay(self, stream: ClientStream, action: Relay) -> None:
+    async def _relay(self, stream: ClientStream, action: Relay, conn: _Conn) -> None:
         """The one hand-off to the data plane: the reply is written, the bytes the client sent
         early go first, then the relay owns both sockets."""
         remote = self.remote
         assert remote is not None
         self.remote_owned = False
+        # Bandwidth limits of the user and the client address (issue 14 item 4): the
+        # buckets the relay draws from, in the engine's C workers or on the asyncio path.
+        admission = conn.admission
+        up, down = (admission.up, admission.down) if admission is not None else ((), ())
         self.relay_result = await stream.relay(
-            self._server.relayer, remote.sock, action.to_remote, action.client_eof
+            self._server.relayer, remote.sock, action.to_remote, action.client_eof, up, down
         )
 
     def _open_association(self, stream: ClientStream, conn: _Conn, action: OpenAssociation) -> None:

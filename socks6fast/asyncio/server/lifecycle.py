@@ -37,6 +37,7 @@ from typing import Any
 
 from ...config import Config
 from ...dataplane import resources
+from ...dataplane.bandwidth import TokenBucket
 from ...dataplane.engine import ENGINE_AVAILABLE, NO_EXTENSIONS, PATH_SPLICE
 from ...dataplane.relayer import Relayer
 from ...dataplane.resources import DescriptorPlan
@@ -44,6 +45,7 @@ from ...net.localaddr import read_local_addresses
 from ...net.stackopts import enable_tfo_listener
 from ...proto.associations import AssociationTable
 from ...proto.auth import FailedAuthLimiter, UserStore
+from ...proto.limits import ConnectionLimiter
 from ...proto.policy import OwnListeners
 from ...proto.server import ServerContext
 from ...proto.sessions import MemorySessionStore
@@ -173,6 +175,9 @@ class Server:
         self.resolver = resolver
         """Resolves CONNECT destination names (None: ``loop.getaddrinfo``)."""
         self.context = ServerContext(sessions=config.session_store())
+        # Issue 14 item 4: per-user and per-address limits; the bandwidth buckets are the
+        # ones the relay engine's C workers read (dataplane/bandwidth.py).
+        self.context.limits = ConnectionLimiter(TokenBucket)
         """What the core connections consult: users, rules, sessions, limits (reload updates it)."""
         server = config.server
         self.limiter = FailedAuthLimiter(
@@ -246,6 +251,9 @@ class Server:
         if context.associations is not None:
             context.associations.max_per_client = udp.max_associations_per_client
             context.associations.max_per_user = udp.max_associations_per_user
+        assert context.limits is not None
+        # New values for new connections; live relays' bandwidth buckets follow (D25).
+        context.limits.configure(config.limits.user, config.limits.client, config.limits.users)
         self.limiter.configure(
             server.auth_failure_burst,
             server.auth_failure_interval,

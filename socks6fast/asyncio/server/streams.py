@@ -14,10 +14,13 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ...dataplane.engine import RelayResult
 from ...dataplane.relayer import Relayer
+
+if TYPE_CHECKING:
+    from ...dataplane.relayer import Limits
 
 __all__ = ["RECV_SIZE", "ClientStream", "SocketStream", "TLSStream", "tls_handshake"]
 
@@ -67,7 +70,13 @@ class ClientStream:
         self.close()
 
     async def relay(
-        self, relayer: Relayer, remote: socket.socket, to_remote: bytes, client_eof: bool
+        self,
+        relayer: Relayer,
+        remote: socket.socket,
+        to_remote: bytes,
+        client_eof: bool,
+        up: Limits = (),
+        down: Limits = (),
     ) -> RelayResult:
         raise NotImplementedError
 
@@ -135,12 +144,18 @@ class SocketStream(ClientStream):
             self.close()
 
     async def relay(
-        self, relayer: Relayer, remote: socket.socket, to_remote: bytes, client_eof: bool
+        self,
+        relayer: Relayer,
+        remote: socket.socket,
+        to_remote: bytes,
+        client_eof: bool,
+        up: Limits = (),
+        down: Limits = (),
     ) -> RelayResult:
         assert self.sock is not None
         self._owned = False  # the relayer owns and closes both sockets from here on
         # An EOF already read stays visible to the relay: recv() keeps returning 0.
-        return await relayer.relay_sockets(self.sock, remote, to_remote=to_remote)
+        return await relayer.relay_sockets(self.sock, remote, to_remote=to_remote, up=up, down=down)
 
 
 class _TLSProtocol(asyncio.Protocol):
@@ -251,7 +266,13 @@ class TLSStream(ClientStream):
             self._proto.transport.close()
 
     async def relay(
-        self, relayer: Relayer, remote: socket.socket, to_remote: bytes, client_eof: bool
+        self,
+        relayer: Relayer,
+        remote: socket.socket,
+        to_remote: bytes,
+        client_eof: bool,
+        up: Limits = (),
+        down: Limits = (),
     ) -> RelayResult:
         transport = self._transport
         transport.pause_reading()
@@ -272,7 +293,7 @@ class TLSStream(ClientStream):
         # The remote socket goes to the relayer as it is: the relay's own protocol wraps it
         # and keeps whatever the remote host sent first (a banner). A placeholder protocol
         # would not do: uvloop starts reading right after connection_made().
-        return await relayer.relay_transports(transport, remote, to_remote=to_remote)
+        return await relayer.relay_transports(transport, remote, to_remote=to_remote, up=up, down=down)
 
 
 async def tls_handshake(

@@ -113,6 +113,7 @@ pipe), so bytes still in a pipe when a pair is reset are not counted.
 """
 
 from libc.errno cimport EAGAIN, ECONNRESET, EINTR, EIO, EPIPE, errno
+from libc.math cimport ceil
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 
@@ -124,6 +125,7 @@ from socks6fast.dataplane._engine cimport (
     wake_fd,
 )
 from socks6fast.includes.linux cimport (
+    CLOCK_MONOTONIC,
     CLOCK_MONOTONIC_COARSE,
     EFD_CLOEXEC,
     EFD_NONBLOCK,
@@ -153,6 +155,7 @@ from socks6fast.includes.linux cimport (
     SOL_SOCKET,
     SPLICE_F_MOVE,
     SPLICE_F_NONBLOCK,
+    clock_gettime,
     close,
     dup3,
     epoll_ctl,
@@ -179,6 +182,7 @@ from socks6fast.includes.linux cimport (
     s6_add,
     s6_add64,
     s6_bump64,
+    s6_add_fetch,
     s6_load,
     s6_load64,
     s6_store,
@@ -188,6 +192,7 @@ from socks6fast.includes.linux cimport (
     sockatmark,
     socklen_t,
     splice,
+    timespec,
     write,
 )
 
@@ -214,6 +219,9 @@ cdef enum:
     URGENT_STEP = 4096      # bytes read past an urgent mark with recv() (one pipe page)
     COPY_SIZE = 65536       # the worker's buffer for copying without a pipe
     PIPE_RETRY_MS = 1000    # after the kernel refused a pipe size, try the full size again
+    MAX_LIMITS = 2          # token buckets per direction: the user's and the client address's
+    LOW_CHUNK = 4096        # a throttled direction waits for at least this many tokens...
+    LOW_SLICES = 50         # ...or 1/50 s of its rate, whichever is more (capped by the burst)
 
 # copy_step() outcomes.
 cdef enum:
@@ -225,6 +233,20 @@ cdef enum:
 
 # Flags of every splice() call. No SPLICE_F_MORE (see Strategy).
 cdef unsigned int SPLICE_FLAGS = SPLICE_F_NONBLOCK | SPLICE_F_MOVE
+
+
+cdef struct Bucket:
+    # A bandwidth limit shared by every pair of one user or one client address (issue 14
+    # item 4), and by their asyncio-path relays (TokenBucket.take). Workers of any thread
+    # consult it, so every field is read and written under its mutex: only pairs with a
+    # limit ever touch one, so unlimited pairs pay nothing.
+    pthread_mutex_t lock
+    double rate     # bytes per second (> 0)
+    double burst    # most tokens held (bytes)
+    double low      # tokens a throttled direction waits for before reading again
+    double tokens   # may dip below 0 when two workers read at once: later reads wait longer
+    int64_t last_ns # CLOCK_MONOTONIC of the last refill
+    int refs        # the Python TokenBucket + every Pair holding it (atomic)
 
 
 cdef struct PipeBuf:
@@ -280,6 +302,13 @@ cdef struct Pair:
     Pair* ready_next
     Pair* next      # inbox, ended and done lists (one at a time)
     Worker* worker
+    # Bandwidth limits (issue 14 item 4): lim[d] are the buckets direction d draws from.
+    Bucket* lim[2][MAX_LIMITS]
+    int nlim[2]
+    bint throttled  # on the worker's throttle list: out of tokens until wake_ms
+    int64_t wake_ms
+    Pair* thr_prev
+    Pair* thr_next
 
 
 cdef struct Engine:
@@ -333,6 +362,7 @@ cdef struct Worker:
     unsigned char* scratch  # COPY_SIZE bytes for copying without a pipe (allocated on first use)
     int64_t now_ms
     Pair* flush_head        # pairs waiting for an acknowledgement before their reset
+    Pair* thr_head          # pairs out of bandwidth tokens, each with its wake_ms
     int64_t flush_due_ms    # next SIOCOUTQ check of the flush list
     int64_t flush_every_ms  # interval of those checks (backs off while nothing moves)
     # Set once, when epoll_wait failed for good: the worker is out of the rotation.
@@ -345,6 +375,133 @@ cdef struct Worker:
 
 # ---------------------------------------------------------------------------
 # Small helpers (worker thread, no GIL)
+
+cdef inline int64_t monotonic_ns() noexcept nogil:
+    cdef timespec ts
+    # The fine clock (vDSO, no syscall): refills of a few ms must not round to nothing.
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef void bucket_set(Bucket* b, double rate, double burst) noexcept nogil:
+    """(Re)configure under b.lock: burst 0 means 1/20 s of the rate (at least 16 KiB, at most
+    one second's worth), which keeps the first burst small next to a measured rate."""
+    if burst <= 0:
+        burst = rate / 20.0
+        if burst < 16384.0:
+            burst = 16384.0 if rate > 16384.0 else rate
+    b.rate = rate
+    b.burst = burst
+    b.low = rate / LOW_SLICES
+    if b.low < LOW_CHUNK:
+        b.low = LOW_CHUNK
+    if b.low > burst:
+        b.low = burst
+    if b.tokens > burst:
+        b.tokens = burst
+
+
+cdef inline void bucket_refill(Bucket* b, int64_t now) noexcept nogil:
+    if now > b.last_ns:
+        b.tokens += <double>(now - b.last_ns) * b.rate / 1e9
+        if b.tokens > b.burst:
+            b.tokens = b.burst
+        b.last_ns = now
+
+
+cdef void bucket_release(Bucket* b) noexcept nogil:
+    if b != NULL and s6_add_fetch(&b.refs, -1) == 0:
+        pthread_mutex_destroy(&b.lock)
+        free(b)
+
+
+cdef void pair_free(Pair* p) noexcept nogil:
+    """Free an ended (or never started) pair and drop its bucket references."""
+    cdef int d
+    cdef int i
+    for d in range(2):
+        for i in range(p.nlim[d]):
+            bucket_release(p.lim[d][i])
+    free(p)
+
+
+cdef void throttle_remove(Worker* w, Pair* p) noexcept nogil:
+    if not p.throttled:
+        return
+    p.throttled = False
+    if p.thr_prev != NULL:
+        p.thr_prev.thr_next = p.thr_next
+    else:
+        w.thr_head = p.thr_next
+    if p.thr_next != NULL:
+        p.thr_next.thr_prev = p.thr_prev
+    p.thr_prev = NULL
+    p.thr_next = NULL
+
+
+cdef void throttle_until(Worker* w, Pair* p, int64_t wake) noexcept nogil:
+    """Park the pair until ``wake`` (ms): its readiness flags stay set, so the timer alone
+    brings it back (edge-triggered epoll reports only new bytes meanwhile, and those stop
+    once the kernel's receive window is full: no busy loop)."""
+    if p.throttled:
+        if wake < p.wake_ms:
+            p.wake_ms = wake
+        return
+    p.throttled = True
+    p.wake_ms = wake
+    p.thr_prev = NULL
+    p.thr_next = w.thr_head
+    if w.thr_head != NULL:
+        w.thr_head.thr_prev = p
+    w.thr_head = p
+
+
+cdef void wake_throttled(Worker* w) noexcept nogil:
+    cdef Pair* p = w.thr_head
+    cdef Pair* nxt
+    while p != NULL:
+        nxt = p.thr_next
+        if p.wake_ms <= w.now_ms:
+            throttle_remove(w, p)
+            ready_push(w, p)
+        p = nxt
+
+
+cdef bint limit_allows(Worker* w, Pair* p, int d, size_t* limit) noexcept nogil:
+    """Direction d has limits: may it read now, and how much (``limit``)? When a bucket is
+    below its ``low`` mark the pair is parked until that bucket has refilled to it."""
+    cdef int64_t now = monotonic_ns()
+    cdef double avail = 1e18
+    cdef double wait_ms = 0.0
+    cdef double t
+    cdef int i
+    cdef Bucket* b
+    for i in range(p.nlim[d]):
+        b = p.lim[d][i]
+        pthread_mutex_lock(&b.lock)
+        bucket_refill(b, now)
+        t = b.tokens
+        if t < b.low and (b.low - t) * 1000.0 / b.rate > wait_ms:
+            wait_ms = (b.low - t) * 1000.0 / b.rate
+        pthread_mutex_unlock(&b.lock)
+        if t < avail:
+            avail = t
+    if wait_ms > 0.0:
+        throttle_until(w, p, w.now_ms + <int64_t>ceil(wait_ms))
+        return False
+    limit[0] = <size_t>avail
+    return True
+
+
+cdef void limit_charge(Pair* p, int d, ssize_t n) noexcept nogil:
+    cdef int i
+    cdef Bucket* b
+    for i in range(p.nlim[d]):
+        b = p.lim[d][i]
+        pthread_mutex_lock(&b.lock)
+        b.tokens -= <double>n
+        pthread_mutex_unlock(&b.lock)
+
 
 cdef int pipe_size_for(Worker* w, int have) noexcept nogil:
     """The capacity to ask for: the worker's request, halved while the engine's pipe
@@ -548,6 +705,7 @@ cdef void end_pair(Worker* w, Pair* p, int reason) noexcept nogil:
     ready_remove(w, p)
     lru_remove(w, p)
     flush_remove(w, p)
+    throttle_remove(w, p)
     for i in range(2):
         if p.registered:
             # Explicit removal: close() alone would keep the registration alive if
@@ -762,8 +920,8 @@ cdef void consume(Worker* w, int fd, ssize_t count) noexcept nogil:
         count -= n
 
 
-cdef int copy_step(Worker* w, Pair* p, int d, size_t* moved) noexcept nogil:
-    """Move up to COPY_SIZE bytes of direction d without a pipe: peek, send, then consume
+cdef int copy_step(Worker* w, Pair* p, int d, size_t* moved, size_t most) noexcept nogil:
+    """Move up to ``most`` (at most COPY_SIZE) bytes of direction d without a pipe: peek, send, then consume
     exactly what the destination accepted (the rest stays queued in the source socket).
     Returns a COPY_* outcome; ``moved`` gets the bytes moved."""
     cdef Dir* dr = &p.dir[d]
@@ -778,7 +936,7 @@ cdef int copy_step(Worker* w, Pair* p, int d, size_t* moved) noexcept nogil:
         end_pair(w, p, END_ERROR)
         return COPY_STOPPED
     while True:
-        n = recv(src.fd, w.scratch, COPY_SIZE, MSG_PEEK | MSG_DONTWAIT)
+        n = recv(src.fd, w.scratch, most if most < COPY_SIZE else COPY_SIZE, MSG_PEEK | MSG_DONTWAIT)
         if n >= 0 or errno != EINTR:
             break
     # A peek at an urgent mark skips the urgent byte: at the mark, send nothing yet and let
@@ -895,6 +1053,8 @@ cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
     cdef int r
     cdef size_t copied
     cdef bint progressed
+    cdef size_t limit = <size_t>-1
+    cdef size_t room
     if dr.done or dst.err != 0:
         # Finished, or dead: its destination failed and mark_failed() dropped its pipe.
         return 0
@@ -960,10 +1120,13 @@ cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
             and not dr.at_mark
             and src.readable
             and (dr.pipe.r < 0 or dr.in_pipe < <size_t>dr.pipe.cap)
+            # Bandwidth limits: one int test for an unlimited direction; a limited one reads
+            # at most its tokens, or is parked until they refill (limit_allows).
+            and (p.nlim[d] == 0 or limit_allows(w, p, d, &limit))
         ):
             if pipe_get(w, dr) < 0:
                 # No pipe to be had: copy through user space rather than cut (see Strategy).
-                r = copy_step(w, p, d, &copied)
+                r = copy_step(w, p, d, &copied, limit)
                 if r == COPY_STOPPED:
                     return -1
                 if r == COPY_BLOCKED or r == COPY_AGAIN:
@@ -971,14 +1134,19 @@ cdef int pump(Worker* w, Pair* p, int d) noexcept nogil:
                         touch(w, p)
                     return 0 if r == COPY_BLOCKED else 1
                 if r == COPY_MOVED:
+                    if p.nlim[d] != 0:
+                        limit_charge(p, d, <ssize_t>copied)
                     moved += copied
                     active = True
                     if moved >= w.engine.budget:
                         touch(w, p)
                         return 1
                 continue
-            n = splice(src.fd, NULL, dr.pipe.w, NULL, <size_t>dr.pipe.cap - dr.in_pipe, SPLICE_FLAGS)
+            room = <size_t>dr.pipe.cap - dr.in_pipe
+            n = splice(src.fd, NULL, dr.pipe.w, NULL, room if room < limit else limit, SPLICE_FLAGS)
             if n > 0:
+                if p.nlim[d] != 0:
+                    limit_charge(p, d, n)
                 dr.in_pipe += <size_t>n
                 active = True
                 progressed = True
@@ -1173,17 +1341,28 @@ cdef void expire_idle(Worker* w) noexcept nogil:
 
 
 cdef int wait_timeout(Worker* w) noexcept nogil:
-    cdef int64_t left = -1
+    cdef int64_t left = 0
+    cdef bint have = False
     cdef int64_t now
+    cdef Pair* p
     if w.ready_head != NULL:
         return 0
-    if w.flush_head == NULL and (w.engine.idle_ms <= 0 or w.lru_head == NULL):
+    if w.flush_head == NULL and w.thr_head == NULL and (w.engine.idle_ms <= 0 or w.lru_head == NULL):
         return -1
     now = monotonic_ms()
     if w.engine.idle_ms > 0 and w.lru_head != NULL:
         left = w.lru_head.last_ms + w.engine.idle_ms - now
-    if w.flush_head != NULL and (left < 0 or w.flush_due_ms - now < left):
+        have = True
+    if w.flush_head != NULL and (not have or w.flush_due_ms - now < left):
         left = w.flush_due_ms - now
+        have = True
+    # Throttled pairs: the earliest refill (the list holds only pairs out of tokens).
+    p = w.thr_head
+    while p != NULL:
+        if not have or p.wake_ms - now < left:
+            left = p.wake_ms - now
+            have = True
+        p = p.thr_next
     if left < 0:
         return 0
     # +1: the coarse clock may still read the old tick when we wake exactly on time.
@@ -1265,6 +1444,9 @@ cdef void* worker_main(void* arg) noexcept nogil:
             run_pair(w, p)
         if w.flush_head != NULL and w.now_ms >= w.flush_due_ms:
             poll_flushing(w)
+        if w.thr_head != NULL:
+            # Refilled buckets: those pairs run next turn (wait_timeout returns 0 for them).
+            wake_throttled(w)
         expire_idle(w)
         flush_ended(w)
     # Stop (or a broken epoll set): refuse new pairs from now on (add() checks the flag
@@ -1393,13 +1575,85 @@ cdef void free_done(Engine* e) noexcept nogil:
     cdef Pair* nxt
     while p != NULL:
         nxt = p.next
-        free(p)
+        pair_free(p)
         p = nxt
     e.done_head = NULL
     e.done_tail = NULL
 
 
 _END_MEMBERS = tuple(sorted(RelayEnd, key=int))
+
+
+cdef class TokenBucket:
+    """A bandwidth limit in bytes per second, shared by every relay handed it (issue 14
+    item 4): the C workers draw from it before each splice, without the GIL, and the
+    asyncio path calls `take`. ``burst`` (bytes) is the most it holds; 0 picks 1/20 s of
+    the rate (16 KiB at least, one second's worth at most). It starts full.
+
+    `configure` changes rate and burst in place: relays already holding the bucket follow.
+    """
+
+    cdef Bucket* _b
+
+    def __cinit__(self, double rate, double burst=0.0) -> None:
+        self._b = NULL
+        if not (rate > 0.0 and rate < 1e15):
+            raise ValueError(f"rate must be > 0 bytes/s, got {rate}")
+        if not (burst >= 0.0 and burst < 1e15):
+            raise ValueError(f"burst must be >= 0 bytes, got {burst}")
+        self._b = <Bucket*>calloc(1, sizeof(Bucket))
+        if self._b == NULL:
+            raise MemoryError()
+        pthread_mutex_init(&self._b.lock, NULL)
+        self._b.refs = 1
+        bucket_set(self._b, rate, burst)
+        self._b.tokens = self._b.burst
+        self._b.last_ns = monotonic_ns()
+
+    def __dealloc__(self) -> None:
+        # Pairs still relaying keep the struct alive (refs); the last one frees it.
+        bucket_release(self._b)
+        self._b = NULL
+
+    def configure(self, double rate, double burst=0.0) -> None:
+        """New rate and burst, for every relay drawing from this bucket from now on."""
+        if not (rate > 0.0 and rate < 1e15):
+            raise ValueError(f"rate must be > 0 bytes/s, got {rate}")
+        if not (burst >= 0.0 and burst < 1e15):
+            raise ValueError(f"burst must be >= 0 bytes, got {burst}")
+        pthread_mutex_lock(&self._b.lock)
+        bucket_refill(self._b, monotonic_ns())
+        bucket_set(self._b, rate, burst)
+        pthread_mutex_unlock(&self._b.lock)
+
+    def take(self, long long n) -> float:
+        """Spend ``n`` bytes now (the asyncio path, after reading them); the seconds to wait
+        before reading more (0.0 while the bucket is not in debt)."""
+        cdef double debt
+        pthread_mutex_lock(&self._b.lock)
+        bucket_refill(self._b, monotonic_ns())
+        self._b.tokens -= <double>n
+        debt = -self._b.tokens
+        pthread_mutex_unlock(&self._b.lock)
+        return debt / self._b.rate if debt > 0.0 else 0.0
+
+    @property
+    def rate(self) -> float:
+        return self._b.rate
+
+    @property
+    def burst(self) -> float:
+        return self._b.burst
+
+    @property
+    def tokens(self) -> float:
+        """Tokens now (bytes; below 0 while in debt)."""
+        cdef double t
+        pthread_mutex_lock(&self._b.lock)
+        bucket_refill(self._b, monotonic_ns())
+        t = self._b.tokens
+        pthread_mutex_unlock(&self._b.lock)
+        return t
 
 
 cdef class RelayEngine:
@@ -1650,7 +1904,7 @@ cdef class RelayEngine:
         close(fd)
         wake_fd(w.wakefd)
 
-    def add(self, int fd_a, int fd_b, ident) -> None:
+    def add(self, int fd_a, int fd_b, ident, tuple up=(), tuple down=()) -> None:
         """Relay between two connected stream sockets until both directions end.
 
         Both fds are switched to non-blocking mode and owned by the engine from a
@@ -1662,6 +1916,9 @@ cdef class RelayEngine:
             fd_b: the other socket (the remote leg).
             ident: caller's key for this pair, unique among pairs not yet drained,
                 in the signed 64-bit range.
+            up: `TokenBucket` limits (at most two) on a -> b: the worker reads at most
+                their tokens before each splice and parks the direction while they refill.
+            down: likewise on b -> a. Empty (the default): unlimited, no bucket touched.
 
         Raises:
             ValueError: the engine is closed, the fds are invalid/equal or ident is in use.
@@ -1676,6 +1933,7 @@ cdef class RelayEngine:
         cdef Engine* e = self._eng
         cdef Worker* w
         cdef Pair* p
+        cdef Bucket* b
         cdef int fds[2]
         if self._closed:
             raise ValueError("RelayEngine is closed")
@@ -1683,6 +1941,11 @@ cdef class RelayEngine:
             raise ValueError(f"need two distinct open fds, got {fd_a} and {fd_b}")
         if ident in self._routes:
             raise ValueError(f"ident {ident} is already relayed")
+        if len(up) > MAX_LIMITS or len(down) > MAX_LIMITS:
+            raise ValueError(f"at most {MAX_LIMITS} limits per direction")
+        for bucket in up + down:
+            if not isinstance(bucket, TokenBucket):
+                raise TypeError(f"limits must be TokenBucket objects, got {type(bucket).__name__}")
         fds[0] = fd_a
         fds[1] = fd_b
         for i in range(2):
@@ -1698,6 +1961,12 @@ cdef class RelayEngine:
             raise MemoryError()
         p.ident = c_ident
         p.reason = END_LIVE
+        for i, limits in enumerate((up, down)):
+            for bucket in limits:
+                b = (<TokenBucket>bucket)._b
+                s6_add(&b.refs, 1)  # released by pair_free()
+                p.lim[i][p.nlim[i]] = b
+                p.nlim[i] += 1
         for i in range(2):
             p.side[i].pair = p
             p.side[i].fd = fds[i]
@@ -1726,7 +1995,7 @@ cdef class RelayEngine:
                 pthread_mutex_lock(&e.lock)
                 e.active -= 1
                 pthread_mutex_unlock(&e.lock)
-                free(p)
+                pair_free(p)
                 raise OSError(EIO, "no relay worker left: every worker's epoll_wait failed")
             w = &e.workers[best]
             p.worker = w
@@ -1744,7 +2013,7 @@ cdef class RelayEngine:
                 pthread_mutex_lock(&e.lock)
                 e.active -= 1
                 pthread_mutex_unlock(&e.lock)
-                free(p)
+                pair_free(p)
                 raise ValueError("RelayEngine is closed")
         p.next = w.inbox
         w.inbox = p
@@ -1813,7 +2082,7 @@ cdef class RelayEngine:
             # Free every struct even if building the list failed (MemoryError).
             while head != NULL:
                 p = head.next
-                free(head)
+                pair_free(head)
                 head = p
         return out
 

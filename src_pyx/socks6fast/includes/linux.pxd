@@ -83,6 +83,7 @@ cdef extern from "<time.h>" nogil:
     ctypedef int clockid_t
 
     enum:
+        CLOCK_MONOTONIC
         CLOCK_MONOTONIC_COARSE
 
     int clock_gettime(clockid_t clk_id, timespec* tp)
@@ -317,6 +318,7 @@ cdef extern from "relay_atomic.h" nogil:
     int s6_load(int* p)
     void s6_add(int* p, int v)
     void s6_store(int* p, int v)
+    int s6_add_fetch(int* p, int v)
     long long s6_load64(long long* p)
     void s6_add64(long long* p, long long v)
     void s6_bump64(long long* p, long long v)
