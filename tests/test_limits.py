@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_server import RawClient, Sink, cheap_hash, record_for, running_server
 
 from socks6fast.asyncio.server import Server
 from socks6fast.config import parse_config
@@ -35,8 +36,6 @@ from socks6fast.proto import codec
 from socks6fast.proto.limits import NO_LIMITS, Admission, ConnectionLimiter, Limits
 from socks6fast.proto.messages import AuthData, Request
 from socks6fast.proto.socks5 import UserPassRequest, encode_userpass_request
-
-from helpers_server import RawClient, Sink, cheap_hash, record_for, running_server
 
 RATE = 2_000_000  # bytes per second
 DURATION = 3.0  # seconds of a bandwidth run
