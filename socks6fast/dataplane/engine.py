@@ -10,7 +10,8 @@ The engine's Python API (documented in full in ``_relay_c.pyx``)::
 
     engine = RelayEngine(workers=0, idle_timeout=0.0, pipe_size=1 << 20, max_pipes=0, pipe_budget=0)
     engine.fileno() -> int          # readable while finished pairs wait in drain()
-    engine.add(fd_a, fd_b, ident)   # takes ownership of both fds
+    engine.add(fd_a, fd_b, ident, up=(), down=())  # takes ownership of both fds;
+                                    # up/down: TokenBucket bandwidth limits (dataplane/bandwidth.py)
     engine.cancel(ident)            # end one pair now (RelayEnd.SHUTDOWN, both legs reset)
     engine.drain() -> list[tuple[int, int, int, RelayEnd]]  # ident, a->b, b->a, why
     engine.active -> int

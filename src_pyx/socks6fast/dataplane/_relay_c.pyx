@@ -6,7 +6,8 @@ connection to a :class:`RelayEngine` and forgets them. Python API::
 
     engine = RelayEngine(workers=0, idle_timeout=0.0, pipe_size=1 << 20, max_pipes=0, pipe_budget=0)
     engine.fileno() -> int        # readable (level) while finished pairs wait in drain()
-    engine.add(fd_a, fd_b, ident) # takes ownership of both fds; closes them when the pair ends
+    engine.add(fd_a, fd_b, ident, up=(), down=())  # takes ownership of both fds; closes
+                                  # them when the pair ends; up/down: TokenBucket limits
     engine.cancel(ident)          # end one pair now (reason SHUTDOWN); no-op if already ended
     engine.drain() -> list[tuple[ident, bytes_a_to_b, bytes_b_to_a, RelayEnd]]
     engine.active -> int          # pairs added and not yet finished
@@ -60,6 +61,17 @@ Strategy:
   steps over the mark by peeking too (urgent_step_without_pipe), so nothing is consumed
   that did not reach the destination. ``copied`` counts those bytes, ``pipe_errors``
   the pipe2() failures.
+* Bandwidth limits (issue 14 item 4, D25): ``add()`` may give each direction up to two
+  ``TokenBucket`` objects (the user's and the client address's), C structs shared by every
+  pair of that user or address across workers, each behind its own mutex. Before reading
+  from its source a limited direction refills its buckets (CLOCK_MONOTONIC) and caps the
+  splice (or copy) at the fewest tokens; after it, the bytes read are taken from every
+  bucket. Below a bucket's low mark (1/50 s of its rate, 4 KiB at least) the pair goes on
+  the worker's throttle list with the time that bucket refills to it; epoll_wait's timeout
+  covers the earliest, and the pair returns to the ready list then. Its readiness flags
+  stay set; new bytes arriving meanwhile only bring an edge that finds it still parked, and
+  they stop once the receive window is full (no busy loop). A direction without buckets
+  pays one integer test per read.
 * Half-close: a splice() returning 0 is the source's EOF; once that direction's
   pipe is drained, the destination gets shutdown(SHUT_WR). The pair ends (EOF) when
   both directions have finished.
