@@ -155,7 +155,9 @@ class SocketStream(ClientStream):
         assert self.sock is not None
         self._owned = False  # the relayer owns and closes both sockets from here on
         # An EOF already read stays visible to the relay: recv() keeps returning 0.
-        return await relayer.relay_sockets(self.sock, remote, to_remote=to_remote, up=up, down=down)
+        if up or down:  # bandwidth limits (issue 14 item 4); none: the plain call
+            return await relayer.relay_sockets(self.sock, remote, to_remote=to_remote, up=up, down=down)
+        return await relayer.relay_sockets(self.sock, remote, to_remote=to_remote)
 
 
 class _TLSProtocol(asyncio.Protocol):
@@ -293,7 +295,9 @@ class TLSStream(ClientStream):
         # The remote socket goes to the relayer as it is: the relay's own protocol wraps it
         # and keeps whatever the remote host sent first (a banner). A placeholder protocol
         # would not do: uvloop starts reading right after connection_made().
-        return await relayer.relay_transports(transport, remote, to_remote=to_remote, up=up, down=down)
+        if up or down:
+            return await relayer.relay_transports(transport, remote, to_remote=to_remote, up=up, down=down)
+        return await relayer.relay_transports(transport, remote, to_remote=to_remote)
 
 
 async def tls_handshake(
