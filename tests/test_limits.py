@@ -5,7 +5,7 @@ user and per client address. Bandwidth runs on both data paths: the C splice eng
 worker threads draw from the C token bucket before each splice) and the asyncio path
 (``take`` after each chunk; with ``SOCKS6FAST_NO_EXTENSIONS=1`` the pure-Python bucket).
 Everything is on 127.0.0.0/8; 127.0.0.2 is the second client address. Refusals are
-Connection not allowed by ruleset (0x02, CMD-06; SOCKS 5 REP 0x02, D25).
+Connection not allowed by ruleset (0x02, CMD-06; SOCKS 5 REP 0x02, D26).
 """
 
 from __future__ import annotations

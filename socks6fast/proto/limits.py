@@ -12,7 +12,7 @@ the native engine reads them without Python), so this module never imports the d
 `ConnectionLimiter.admit` runs after the rules allowed a request (server.py, server_socks5.py):
 it checks every key first and counts nothing when one refuses, so a refused client costs no
 slot. The refusal text is the connection's ``error`` (its one log line), and the reply is
-Connection not allowed by ruleset (0x02; SOCKS 5 REP 0x02; docs/decisions.md D25).
+Connection not allowed by ruleset (0x02; SOCKS 5 REP 0x02; docs/decisions.md D26).
 `ConnectionLimiter.release` runs when the connection ends (``connection_ended``).
 
 Reload (SIGHUP): `ConnectionLimiter.configure` applies new values to new connections; the

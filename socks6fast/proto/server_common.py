@@ -557,7 +557,7 @@ class _ConnectionBase:
     def _admit(self, now: float) -> bool:
         """Count the connection against its user's and its address's limits (after the rules
         allowed it); False when a limit refuses it (a failure reply is queued). A limit is a
-        rule set for that user or address: Connection not allowed by ruleset (D25)."""
+        rule set for that user or address: Connection not allowed by ruleset (D26)."""
         limiter = self._ctx.limits
         if limiter is None or self.admission is not None:
             return True

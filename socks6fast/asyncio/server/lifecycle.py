@@ -252,7 +252,7 @@ class Server:
             context.associations.max_per_client = udp.max_associations_per_client
             context.associations.max_per_user = udp.max_associations_per_user
         assert context.limits is not None
-        # New values for new connections; live relays' bandwidth buckets follow (D25).
+        # New values for new connections; live relays' bandwidth buckets follow (D26).
         context.limits.configure(config.limits.user, config.limits.client, config.limits.users)
         self.limiter.configure(
             server.auth_failure_burst,

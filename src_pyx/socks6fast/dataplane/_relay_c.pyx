@@ -61,7 +61,7 @@ Strategy:
   steps over the mark by peeking too (urgent_step_without_pipe), so nothing is consumed
   that did not reach the destination. ``copied`` counts those bytes, ``pipe_errors``
   the pipe2() failures.
-* Bandwidth limits (issue 14 item 4, D25): ``add()`` may give each direction up to two
+* Bandwidth limits (issue 14 item 4, D26): ``add()`` may give each direction up to two
   ``TokenBucket`` objects (the user's and the client address's), C structs shared by every
   pair of that user or address across workers, each behind its own mutex. Before reading
   from its source a limited direction refills its buckets (CLOCK_MONOTONIC) and caps the
