@@ -175,10 +175,10 @@ class Server:
         self.resolver = resolver
         """Resolves CONNECT destination names (None: ``loop.getaddrinfo``)."""
         self.context = ServerContext(sessions=config.session_store())
+        """What the core connections consult: users, rules, sessions, limits (reload updates it)."""
         # Issue 14 item 4: per-user and per-address limits; the bandwidth buckets are the
         # ones the relay engine's C workers read (dataplane/bandwidth.py).
         self.context.limits = ConnectionLimiter(TokenBucket)
-        """What the core connections consult: users, rules, sessions, limits (reload updates it)."""
         server = config.server
         self.limiter = FailedAuthLimiter(
             server.auth_failure_burst,
