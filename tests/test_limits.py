@@ -191,15 +191,22 @@ class BulkPeer:
 
 
 def run_clients(
-    proxy: tuple[str, int], peer: BulkPeer, users: list[str], *, send: bool, count: bool
+    proxy: tuple[str, int],
+    peer: BulkPeer,
+    users: list[str | None],
+    *,
+    send: bool,
+    count: bool,
+    sources: list[str] | None = None,
 ) -> list[Meter]:
-    """Open one connection per entry of ``users`` through the proxy, then send and/or count
-    for DURATION seconds on every one at once; the client-side meters."""
+    """Open one connection per entry of ``users`` (from ``sources``, default 127.0.0.1)
+    through the proxy, then send and/or count for DURATION seconds on every one at once;
+    the client-side meters."""
     until = time.monotonic() + DURATION + 0.3
     peer.until = until
     socks: list[socket.socket] = []
-    for user in users:
-        sock, rep = socks5_connect(proxy, peer.address, user)
+    for user, source in zip(users, sources or ["127.0.0.1"] * len(users), strict=True):
+        sock, rep = socks5_connect(proxy, peer.address, user, source)
         assert rep == 0
         socks.append(sock)
     meters = [Meter() for _ in socks]
@@ -282,6 +289,28 @@ async def test_unlimited_user_is_not_slowed(path: str, peers: list[BulkPeer]) ->
     assert meters[1].rate() > 3 * RATE, f"carol: {meters[1].rate():.0f} B/s"
 
 
+@pytest.mark.parametrize("path", RELAY_PATHS)
+async def test_client_address_bandwidth_is_per_address(path: str, peers: list[BulkPeer]) -> None:
+    """client_download = 2 MB/s, anonymous: two connections from 127.0.0.1 share 2 MB/s, one
+    from 127.0.0.2 (another address) gets its own 2 MB/s."""
+    cfg = config({"client_download": RATE})
+    peer = BulkPeer(send=True, count=False)
+    peers.append(peer)
+    async with start(cfg, path) as server:
+        meters = await asyncio.to_thread(
+            run_clients,
+            server.addresses[0],
+            peer,
+            [None, None, None],
+            send=False,
+            count=True,
+            sources=["127.0.0.1", "127.0.0.1", "127.0.0.2"],
+        )
+    first = meters[0].rate() + meters[1].rate()
+    assert within(first), f"127.0.0.1's two connections: {first:.0f} B/s together, limit {RATE}"
+    assert within(meters[2].rate()), f"127.0.0.2: {meters[2].rate():.0f} B/s, its own limit {RATE}"
+
+
 # --- connection limits ----------------------------------------------------------------------
 
 
@@ -305,6 +334,7 @@ async def logged(server: Server, text: str) -> None:
             await asyncio.sleep(0.01)
 
 
+@pytest.mark.conformance("CMD-06")
 async def test_connection_limit_refuses_the_n_plus_first_and_accepts_after_one_closes() -> None:
     """user_connections = 2 (CMD-06): the third gets 0x02 in SOCKS 6 and REP 0x02 in SOCKS 5,
     with a log line naming the limit; once one closes, the next is let through."""
