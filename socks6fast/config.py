@@ -534,7 +534,9 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike[str] | Non
         ConfigError: a key is invalid or unknown.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    _check_keys(data, "", {"default_action", "server", "users", "sessions", "rules", "udp", "admin", "limits"})
+    _check_keys(
+        data, "", {"default_action", "server", "users", "sessions", "rules", "udp", "admin", "limits"}
+    )
     default_allow = _action(data.get("default_action", "allow"), "default_action")
     server = _server(_table(data, "server"), base)
     users, hashes = _users(_table(data, "users"))

@@ -296,7 +296,10 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
 
 CASES: list[tuple[str, str]] = [
     # (TOML text, exact error message)
-    ("typo = 1", "typo: unknown key (allowed: admin, default_action, limits, rules, server, sessions, udp, users)"),
+    (
+        "typo = 1",
+        "typo: unknown key (allowed: admin, default_action, limits, rules, server, sessions, udp, users)",
+    ),
     ('default_action = "maybe"', 'default_action: "maybe" is not "allow" or "deny"'),
     ("server = 5", "server: must be a table, written [server]"),
     (
