@@ -19,6 +19,13 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     ``"[::1]:1080"``; HOST is an IP address or a host name; port 0 picks a free port.
     Default ``["127.0.0.1:1080"]`` (loopback only: secure by default).
     ``tls_listen``: array of ``"HOST:PORT"`` for SOCKS over TLS. Default ``[]``.
+    An entry of either array may instead be a table, for a listener behind a load balancer
+    that speaks the PROXY protocol (HAProxy ``send-proxy`` / ``send-proxy-v2``, v1 and v2):
+    ``{ address = "HOST:PORT", proxy_protocol = true, proxy_protocol_from = ["CIDR", ...] }``
+    (or ``[[server.listen]]`` tables). Such a listener serves only peers within
+    ``proxy_protocol_from`` (the balancers), each connection must start with a PROXY header,
+    and the client address it names is the one the rules, limits, sessions, UDP checks and
+    the log see (`socks6fast.proto.proxy_header`; docs/decisions.md D25).
     ``tls_certificate``, ``tls_key``: PEM files (relative paths are relative to the config
     file); both required when ``tls_listen`` or ``udp.dtls_port`` is set; must exist.
     ``max_connections``: concurrent client connections at most (integer >= 1; 10000).
@@ -267,6 +274,18 @@ class ServerConfig:
     log_format: str = "text"
     """``"text"`` or ``"json"`` (issue 14)."""
 
+    listen_proxy_protocol: tuple[tuple[IPNetwork, ...] | None, ...] = ()
+    """Per ``listen`` entry, in the same order: the trusted load balancers' networks when the
+    entry has ``proxy_protocol = true``, else None. Empty: no entry has it."""
+    tls_listen_proxy_protocol: tuple[tuple[IPNetwork, ...] | None, ...] = ()
+    """The same per ``tls_listen`` entry."""
+
+    def proxy_protocol_from(self, tls: bool, index: int) -> tuple[IPNetwork, ...] | None:
+        """The trusted balancers of ``listen[index]`` (``tls_listen`` when ``tls``), or None
+        when that listener does not speak the PROXY protocol."""
+        entries = self.tls_listen_proxy_protocol if tls else self.listen_proxy_protocol
+        return entries[index] if index < len(entries) else None
+
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
@@ -451,7 +470,8 @@ class Config:
         if listen:
             parsed = tuple(_check_listen(value, "--listen") for value in listen)
             _check_listen_overlap(parsed, server.tls_listen, "--listen", "server.tls_listen")
-            server = dataclasses.replace(server, listen=parsed)
+            # Command-line listeners are plain: no PROXY protocol on them.
+            server = dataclasses.replace(server, listen=parsed, listen_proxy_protocol=())
         merged = dict(self.users)
         hashes = dict(self.user_hashes)
         for name, password in (users or {}).items():
@@ -590,14 +610,8 @@ _LOG_FORMATS = ("text", "json")
 
 def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
     _check_keys(table, "server", _SERVER_KEYS)
-    listen = tuple(
-        _check_listen(v, f"server.listen[{i}]")
-        for i, v in enumerate(_array(table, "listen", "server", ["127.0.0.1:1080"]))
-    )
-    tls_listen = tuple(
-        _check_listen(v, f"server.tls_listen[{i}]")
-        for i, v in enumerate(_array(table, "tls_listen", "server", []))
-    )
+    listen, listen_proxy = _listeners(_array(table, "listen", "server", ["127.0.0.1:1080"]), "server.listen")
+    tls_listen, tls_proxy = _listeners(_array(table, "tls_listen", "server", []), "server.tls_listen")
     _check_listen_overlap(listen, tls_listen, "server.listen", "server.tls_listen")
     certificate = _path(table, "tls_certificate", base)
     key = _path(table, "tls_key", base)
@@ -649,6 +663,8 @@ def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
         auth_checks_per_second=_rate(table, "auth_checks_per_second", "server", 10.0),
         log_level=level.lower(),
         log_format=log_format,
+        listen_proxy_protocol=listen_proxy if any(p is not None for p in listen_proxy) else (),
+        tls_listen_proxy_protocol=tls_proxy if any(p is not None for p in tls_proxy) else (),
     )
 
 
@@ -672,6 +688,59 @@ def _admin(table: Mapping[str, Any], server: ServerConfig) -> AdminConfig:
             "or server.tls_listen"
         )
     return AdminConfig(listen=listen)
+
+
+_LISTENER_KEYS = {"address", "proxy_protocol", "proxy_protocol_from"}
+
+
+def _listeners(
+    values: list[Any], key: str
+) -> tuple[tuple[HostPort, ...], tuple[tuple[IPNetwork, ...] | None, ...]]:
+    """A ``listen`` / ``tls_listen`` array: each entry ``"HOST:PORT"`` or a listener table
+    (with the PROXY protocol settings); the addresses and, per entry, the trusted networks."""
+    addresses: list[HostPort] = []
+    proxies: list[tuple[IPNetwork, ...] | None] = []
+    for i, value in enumerate(values):
+        where = f"{key}[{i}]"
+        if not isinstance(value, dict):
+            addresses.append(_check_listen(value, where))
+            proxies.append(None)
+            continue
+        _check_keys(value, where, _LISTENER_KEYS)
+        if "address" not in value:
+            raise ConfigError(f'{where}.address: is required ("HOST:PORT")')
+        addresses.append(_check_listen(value["address"], f"{where}.address"))
+        enabled = value.get("proxy_protocol", False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{where}.proxy_protocol: {_show(enabled)} is not true or false")
+        if "proxy_protocol_from" not in value:
+            if enabled:
+                # Trusting nobody would refuse every connection; trusting everybody would let
+                # any client pick the address the rules see (proxy-protocol.txt section 5).
+                raise ConfigError(
+                    f"{where}.proxy_protocol: needs proxy_protocol_from, the addresses or CIDR "
+                    "networks of the load balancers allowed to send PROXY headers"
+                )
+            proxies.append(None)
+            continue
+        if not enabled:
+            raise ConfigError(
+                f"{where}.proxy_protocol_from: needs proxy_protocol = true in the same listener"
+            )
+        sources = value["proxy_protocol_from"]
+        if not isinstance(sources, list):
+            raise ConfigError(
+                f'{where}.proxy_protocol_from: must be an array, e.g. ["10.0.0.5"], not {_kind(sources)}'
+            )
+        if not sources:
+            raise ConfigError(f"{where}.proxy_protocol_from: must name at least one load balancer")
+        networks = []
+        for j, source in enumerate(sources):
+            if not isinstance(source, str):
+                raise ConfigError(f"{where}.proxy_protocol_from[{j}]: {_show(source)} is not a string")
+            networks.append(_parsed(parse_network, source, f"{where}.proxy_protocol_from[{j}]"))
+        proxies.append(tuple(networks))
+    return tuple(addresses), tuple(proxies)
 
 
 def _users(table: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, ScryptHash]]:

@@ -71,6 +71,13 @@ class AuthenticationError(ProxyError):
     """The proxy rejected our credentials or offered no acceptable method (AUTH-03)."""
 
 
+class ProxyHeaderError(Socks6Error, ValueError):
+    """A PROXY protocol header (HAProxy's v1 text or v2 binary form) that is malformed, too
+    long or of an unknown version; raised by `socks6fast.proto.proxy_header` only. The
+    listener closes the connection without a reply (proxy-protocol.txt section 2.1: "abort
+    the connection")."""
+
+
 class ConfigError(Socks6Error):
     """The configuration is invalid; the message is one sentence naming the offending key."""
 

@@ -92,6 +92,15 @@ def test_check_config_warns_about_an_open_proxy(tmp_path: Path, text: str, warne
         ('[[rules]]\naction = "maybe"\n', "rules[0].action"),
         ('[users]\nbob = "plaintext"\n', "users.bob"),
         ("not toml [", "is not valid TOML"),
+        (
+            '[server]\nlisten = [{ address = "127.0.0.1:0", proxy_protocol = true, '
+            'proxy_protocol_from = ["10.0.0.1/8"] }]\n',
+            "server.listen[0].proxy_protocol_from[0]",
+        ),
+        (
+            '[server]\nlisten = [{ address = "127.0.0.1:0", proxy_protocol_from = ["10.0.0.1"] }]\n',
+            "server.listen[0].proxy_protocol_from: needs proxy_protocol = true",
+        ),
     ],
 )
 def test_config_errors_are_one_sentence(tmp_path: Path, text: str, key: str) -> None:

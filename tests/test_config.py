@@ -674,3 +674,116 @@ def test_udp_table() -> None:
         batch=32,
         max_datagram=1500,
     )
+
+
+# --- PROXY protocol listeners (issue 14 item 3, D25) --------------------------------------
+
+
+def test_proxy_protocol_listener_tables() -> None:
+    text = """
+[server]
+listen = [
+  "127.0.0.1:1080",
+  { address = "127.0.0.1:1081", proxy_protocol = true, proxy_protocol_from = ["127.0.0.1", "10.0.0.0/8"] },
+]
+tls_listen = []
+"""
+    server = parse_config(tomllib.loads(text)).server
+    assert server.listen == (("127.0.0.1", 1080), ("127.0.0.1", 1081))
+    assert server.proxy_protocol_from(False, 0) is None
+    assert server.proxy_protocol_from(False, 1) == (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("10.0.0.0/8"),
+    )
+    assert server.proxy_protocol_from(True, 0) is None
+    # The same as an array of tables; a table without proxy_protocol is a plain listener.
+    text = """
+[[server.listen]]
+address = "127.0.0.1:1080"
+
+[[server.listen]]
+address = "[::1]:1081"
+proxy_protocol = true
+proxy_protocol_from = ["::1"]
+"""
+    server = parse_config(tomllib.loads(text)).server
+    assert server.listen == (("127.0.0.1", 1080), ("::1", 1081))
+    assert server.listen_proxy_protocol == (None, (ipaddress.ip_network("::1/128"),))
+
+
+def test_proxy_protocol_off_by_default_and_dropped_by_listen_override() -> None:
+    assert default_config().server.listen_proxy_protocol == ()
+    text = (
+        '[server]\nlisten = [{ address = "127.0.0.1:1081", proxy_protocol = true, '
+        'proxy_protocol_from = ["127.0.0.1"] }]\n'
+    )
+    config = parse_config(tomllib.loads(text))
+    assert config.server.proxy_protocol_from(False, 0) is not None
+    # --listen replaces the listeners with plain ones.
+    assert config.with_overrides(listen=["127.0.0.1:1081"]).server.proxy_protocol_from(False, 0) is None
+
+
+#: The start of a one-listener [server] table with a listener table.
+PP = '[server]\nlisten = [{ address = "127.0.0.1:1", '
+
+PROXY_CASES = [
+    (
+        PP + "proxy_protocol = true }]",
+        "server.listen[0].proxy_protocol: needs proxy_protocol_from, the addresses or CIDR networks of "
+        "the load balancers allowed to send PROXY headers",
+    ),
+    (
+        PP + 'proxy_protocol_from = ["127.0.0.1"] }]',
+        "server.listen[0].proxy_protocol_from: needs proxy_protocol = true in the same listener",
+    ),
+    (
+        PP + 'proxy_protocol = false, proxy_protocol_from = ["10.0.0.1"] }]',
+        "server.listen[0].proxy_protocol_from: needs proxy_protocol = true in the same listener",
+    ),
+    (
+        '[server]\nlisten = ["127.0.0.1:2", { address = "127.0.0.1:1", proxy_protocol = true, '
+        'proxy_protocol_from = ["10.0.0.1/8"] }]',
+        'server.listen[1].proxy_protocol_from[0]: "10.0.0.1/8" has host bits set (write the network '
+        "address, e.g. 10.0.0.0/8)",
+    ),
+    (
+        PP + 'proxy_protocol = true, proxy_protocol_from = ["lb.example"] }]',
+        'server.listen[0].proxy_protocol_from[0]: "lb.example" is not an IP address or CIDR network',
+    ),
+    (
+        PP + "proxy_protocol = true, proxy_protocol_from = [] }]",
+        "server.listen[0].proxy_protocol_from: must name at least one load balancer",
+    ),
+    (
+        PP + 'proxy_protocol = true, proxy_protocol_from = "10.0.0.1" }]',
+        'server.listen[0].proxy_protocol_from: must be an array, e.g. ["10.0.0.5"], not a string',
+    ),
+    (
+        PP + "proxy_protocol = true, proxy_protocol_from = [1] }]",
+        "server.listen[0].proxy_protocol_from[0]: 1 is not a string",
+    ),
+    (
+        PP + 'proxy_protocol = "yes", proxy_protocol_from = ["::1"] }]',
+        'server.listen[0].proxy_protocol: "yes" is not true or false',
+    ),
+    ("[server]\nlisten = [{ proxy_protocol = true }]", 'server.listen[0].address: is required ("HOST:PORT")'),
+    (
+        '[server]\nlisten = [{ address = "127.0.0.1:99999" }]',
+        'server.listen[0].address: "127.0.0.1:99999" is not HOST:PORT with a port 0-65535',
+    ),
+    (
+        PP + "proxy = true }]",
+        "server.listen[0].proxy: unknown key (allowed: address, proxy_protocol, proxy_protocol_from)",
+    ),
+    (
+        '[server]\ntls_listen = [{ address = "127.0.0.1:1", proxy_protocol_from = ["::1"] }]',
+        "server.tls_listen[0].proxy_protocol_from: needs proxy_protocol = true in the same listener",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), PROXY_CASES, ids=[c[1].split(":")[0] for c in PROXY_CASES])
+def test_proxy_protocol_errors_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(tomllib.loads(text))
+    assert str(info.value) == message

@@ -44,6 +44,7 @@ LAYERS: list[set[str]] = [
         "proto.associations",
         "proto.limits",
     },
+    {"proto.proxy_header"},
     {"proto._wire_py"},
     {"proto.socks5", "proto.stack", "proto._codec_py", "proto._codec_c"},
     {"proto.codec"},

@@ -23,7 +23,7 @@ from ...constants import AddressType, AuthMethod, Command, ReplyCode
 from ...dataplane.engine import RelayEnd, RelayResult
 from ...dataplane.relayer import Relayer
 from ...dataplane.udp import UdpConfirmed, UdpEnded
-from ...errors import LocalProtocolError, RemoteProtocolError
+from ...errors import LocalProtocolError, ProxyHeaderError, RemoteProtocolError
 from ...net.stackopts import apply_leg_options, mptcp_in_use, read_leg_options
 from ...proto import codec
 from ...proto.actions import (
@@ -44,6 +44,7 @@ from ...proto.actions import (
     Send,
 )
 from ...proto.auth import FailedAuthLimiter
+from ...proto.proxy_header import ProxyTrust
 from ...proto.server import (
     NEED_DATA,
     ServerConnection,
@@ -69,7 +70,7 @@ from .bind import (
 )
 from .dial import Remote, Resolver, dial, resolve
 from .record import ConnectionRecord, describe_error, format_address
-from .streams import ClientStream, SocketStream, tls_handshake
+from .streams import ClientStream, SocketStream, receive_proxy_header, tls_handshake
 from .udp import AssociationSockets, TLSBridge, UdpService, open_association
 
 __all__ = ["REFUSAL_TIMEOUT", "ConnectionHandler", "ServerView", "refuse_client"]
@@ -173,8 +174,10 @@ class ConnectionHandler:
     Args:
         server: the server that accepted it (its context, limiter, relayer, resolver).
         sock: the accepted socket (non-blocking).
-        client: the client's address and port.
+        client: the client's address and port (the peer of ``sock``).
         tls: it came in on a TLS listener.
+        proxy: the listener speaks the PROXY protocol and trusts these balancers (D25);
+            None (most listeners): it does not, and nothing is read before the SOCKS bytes.
     """
 
     __slots__ = (
@@ -188,6 +191,8 @@ class ConnectionHandler:
         "handshake",
         "listener",
         "owns_listener",
+        "proxied_by",
+        "proxy",
         "relay_result",
         "remote",
         "remote_owned",
@@ -199,12 +204,23 @@ class ConnectionHandler:
         "udp_sockets",
     )
 
-    def __init__(self, server: ServerView, sock: socket.socket, client: tuple[str, int], tls: bool) -> None:
+    def __init__(
+        self,
+        server: ServerView,
+        sock: socket.socket,
+        client: tuple[str, int],
+        tls: bool,
+        proxy: ProxyTrust | None = None,
+    ) -> None:
         self._server = server
         self._loop = server.loop
         self.sock = sock
         self.client = client
+        """The client's address: the socket's peer, or the one a PROXY header named."""
         self.tls = tls
+        self.proxy = proxy
+        self.proxied_by: tuple[str, int] | None = None
+        """The load balancer that sent a PROXY header (the socket's peer), if one did."""
         self.started = time.monotonic()
         self.error = ""
         """Why the connection ended early, when the I/O says so (else the core's reason)."""
@@ -236,6 +252,12 @@ class ConnectionHandler:
         stream: ClientStream | None = None
         conn: _Conn | None = None
         try:
+            early = b""
+            if self.proxy is not None:
+                received = await self._receive_proxy_header()
+                if received is None:
+                    return
+                early = received
             if self.tls:
                 server = self._server
                 assert server.tls_context is not None
@@ -249,7 +271,7 @@ class ConnectionHandler:
             # The first bytes: one handshake deadline from here on, whatever the protocol.
             context = self._server.context
             started = self._loop.time()
-            first = stream.recv_now()
+            first = early or stream.recv_now()
             if first is None:
                 try:
                     async with asyncio.timeout(context.handshake_timeout):
@@ -281,6 +303,37 @@ class ConnectionHandler:
             log.debug("traceback of the internal error", exc_info=True)
         finally:
             self._finish(stream, conn)
+
+    async def _receive_proxy_header(self) -> bytes | None:
+        """A PROXY protocol listener: only a trusted balancer may connect, and it must start
+        with a header (proxy-protocol.txt sections 2 and 5; D25). Take the client's address
+        from it and return the SOCKS bytes read after it (on a plain listener), or None when
+        the connection is refused (``error`` says why; the caller closes it)."""
+        proxy = self.proxy
+        assert proxy is not None
+        peer = self.client
+        if not proxy.trusts(peer[0]):
+            # Closed before reading anything: a header from here would let the client choose
+            # the address the rules see, and without one it is not a balancer of this listener.
+            self.error = "PROXY protocol listener: the peer is not in proxy_protocol_from; closed"
+            return None
+        timeout = self._server.context.handshake_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                header, early = await receive_proxy_header(self._loop, self.sock, peek=self.tls)
+        except TimeoutError:
+            self.error = f"PROXY header: none within {timeout:g}s (server.handshake_timeout)"
+            return None
+        except ProxyHeaderError as exc:
+            self.error = f"PROXY header: {exc}"
+            return None
+        except EOFError as exc:
+            self.error = str(exc)
+            return None
+        self.proxied_by = peer
+        if header.source is not None:
+            self.client = header.source
+        return early
 
     async def _drive(self, stream: ClientStream, conn: _Conn) -> None:
         """Perform the core's actions until the connection is relayed or closed."""
@@ -541,7 +594,11 @@ class ConnectionHandler:
             self.udp_sockets.close()
             self.udp_sockets = None
         record = ConnectionRecord(
-            self.client, "tls" if self.tls else "tcp", self.started, client_options=self.client_options
+            self.client,
+            "tls" if self.tls else "tcp",
+            self.started,
+            client_options=self.client_options,
+            proxied_by=self.proxied_by,
         )
         if conn is not None:
             ended = conn.connection_ended(self._loop.time())

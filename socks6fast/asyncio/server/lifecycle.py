@@ -47,6 +47,7 @@ from ...proto.associations import AssociationTable
 from ...proto.auth import FailedAuthLimiter, UserStore
 from ...proto.limits import ConnectionLimiter
 from ...proto.policy import OwnListeners
+from ...proto.proxy_header import ProxyTrust
 from ...proto.server import ServerContext
 from ...proto.sessions import MemorySessionStore
 from .admin import AdminServer
@@ -198,6 +199,10 @@ class Server:
         self._use_engine = use_relay_engine
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[tuple[socket.socket, bool]] = []
+        # PROXY protocol listeners (D25): the trusted balancers per listener socket, and per
+        # config entry (tls, index) the same objects, which a reload updates in place.
+        self._listener_proxy: dict[socket.socket, ProxyTrust] = {}
+        self._proxy_trusts: dict[tuple[bool, int], ProxyTrust] = {}
         self._accepting = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._refusals: set[asyncio.Task[None]] = set()
@@ -331,16 +336,17 @@ class Server:
         if udp.enabled:
             self.udp = UdpService(loop, udp, self.context, self.resolver)
         try:
-            for host, port in self._config.server.listen:
+            for index, (host, port) in enumerate(self._config.server.listen):
                 for sock in await self._bind_with_udp(host, port):
-                    self._listeners.append((sock, False))
-            for host, port in self._config.server.tls_listen:
+                    self._add_listener(sock, False, index)
+            for index, (host, port) in enumerate(self._config.server.tls_listen):
                 for sock in await self._bind_listeners(host, port):
-                    self._listeners.append((sock, True))
+                    self._add_listener(sock, True, index)
         except BaseException:
             for sock, _ in self._listeners:
                 sock.close()
             self._listeners.clear()
+            self._listener_proxy.clear()
             if self.udp is not None:
                 self.udp.close()
                 self.udp = None
@@ -360,10 +366,13 @@ class Server:
         self._accepting = True
         self._resume_accepting()
         self._housekeeping = loop.create_task(self._expire_sessions())
-        for host, port in self.addresses:
-            log.info("listening on %s (SOCKS 6 and SOCKS 5)", format_address(host, port))
-        for host, port in self.tls_addresses:
-            log.info("listening on %s (SOCKS over TLS)", format_address(host, port))
+        for sock, tls in self._listeners:
+            kind = "SOCKS over TLS" if tls else "SOCKS 6 and SOCKS 5"
+            trust = self._listener_proxy.get(sock)
+            if trust is not None:
+                sources = ", ".join(str(net) for net in trust.networks)
+                kind += f", PROXY protocol v1/v2 required, from {sources} only"
+            log.info("listening on %s (%s)", format_address(*_sockname(sock)), kind)
         self._warn_about_exposure(self._config)
         log.info("relay path: %s", self._describe_relay())
         plan = self._fd_plan
@@ -385,6 +394,13 @@ class Server:
             log.info("UDP ASSOCIATE is turned off ([udp] enabled = false)")
         if self._config.udp.dtls_port is not None:
             log.warning("udp.dtls_port is set, but DTLS is not served yet: no DTLS port is opened")
+
+    def _add_listener(self, sock: socket.socket, tls: bool, index: int) -> None:
+        self._listeners.append((sock, tls))
+        networks = self._config.server.proxy_protocol_from(tls, index)
+        if networks is not None:
+            trust = self._proxy_trusts.setdefault((tls, index), ProxyTrust(networks))
+            self._listener_proxy[sock] = trust
 
     async def _bind_with_udp(self, host: str, port: int) -> list[socket.socket]:
         """Bind one ``listen`` entry and its SOCKS 6 UDP ports (D16): by default the address
@@ -498,7 +514,10 @@ class Server:
         if self._loop is None or not self._accepting:
             return
         for sock, tls in self._listeners:
-            self._loop.add_reader(sock.fileno(), self._on_acceptable, sock, tls)
+            # The PROXY protocol trust travels with the reader: nothing to look up per accept.
+            self._loop.add_reader(
+                sock.fileno(), self._on_acceptable, sock, tls, self._listener_proxy.get(sock)
+            )
 
     def _pause_accepting(self) -> None:
         if self._loop is None:
@@ -507,7 +526,7 @@ class Server:
             if sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
 
-    def _on_acceptable(self, lsock: socket.socket, tls: bool) -> None:
+    def _on_acceptable(self, lsock: socket.socket, tls: bool, proxy: ProxyTrust | None) -> None:
         loop = self._loop
         assert loop is not None
         for _ in range(ACCEPT_BATCH):
@@ -532,7 +551,7 @@ class Server:
             if len(self._tasks) >= self._max_connections:
                 self._refuse(sock)
                 continue
-            handler = ConnectionHandler(self, sock, (str(addr[0]), int(addr[1])), tls)
+            handler = ConnectionHandler(self, sock, (str(addr[0]), int(addr[1])), tls, proxy)
             task = loop.create_task(handler.run())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -627,6 +646,8 @@ class Server:
         old = self._config
         if config.server.listen != old.server.listen or config.server.tls_listen != old.server.tls_listen:
             log.warning("reload: listener changes take effect after a restart")
+        else:
+            self._reload_proxy_trust(config)
         if config.admin != old.admin or config.server.log_format != old.server.log_format:
             log.warning("reload: [admin] and server.log_format take effect after a restart")
         if config.server.idle_timeout != old.server.idle_timeout:
@@ -659,6 +680,24 @@ class Server:
             self._apply_fd_plan(self._fd_plan)
         log.info("configuration reloaded: %d users, %d rules", len(users), len(config.rules))
         self._warn_about_exposure(config)
+
+    def _reload_proxy_trust(self, config: Config) -> None:
+        """New ``proxy_protocol_from`` networks apply to the running listeners at once; turning
+        the PROXY protocol on or off for a listener needs a restart (its sockets stay as they
+        are, so a client is never half-way between the two)."""
+        server, changed = config.server, False
+        for tls, count in ((False, len(server.listen)), (True, len(server.tls_listen))):
+            for index in range(count):
+                networks = server.proxy_protocol_from(tls, index)
+                trust = self._proxy_trusts.get((tls, index))
+                if (networks is None) != (trust is None):
+                    changed = True
+                elif trust is not None and networks is not None:
+                    trust.networks = networks
+        if changed:
+            log.warning(
+                "reload: turning proxy_protocol on or off for a listener takes effect after a restart"
+            )
 
     def _warn_about_exposure(self, config: Config) -> None:
         """Start-up and reload warnings: an open proxy, a host whose addresses are unknown."""
@@ -722,6 +761,7 @@ class Server:
             await self.admin.close()  # after the drain: /healthz said 503 meanwhile
             self.admin = None
         self._listeners.clear()
+        self._listener_proxy.clear()
         self._closed.set()
 
     async def wait_closed(self) -> None:

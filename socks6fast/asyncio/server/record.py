@@ -49,7 +49,7 @@ class ConnectionRecord:
     """
 
     client: tuple[str, int]
-    """Client address and port."""
+    """Client address and port (behind a load balancer: the one its PROXY header named)."""
     listener: str
     """``"tcp"`` or ``"tls"``."""
     started: float
@@ -115,6 +115,9 @@ class ConnectionRecord:
     """Seconds from accept to the hand-off to the data plane (relay or UDP association), for
     requests that got that far; None otherwise."""
 
+    proxied_by: tuple[str, int] | None = None
+    """The load balancer whose PROXY header named ``client`` (D25), or None."""
+
     def fields(self) -> dict[str, object]:
         """The log line's fields (the same keys), for the JSON log format (issue 14)."""
         out: dict[str, object] = {
@@ -139,6 +142,8 @@ class ConnectionRecord:
             out["dgrams_down"] = self.datagrams_down
             out["drops"] = self.udp_drops
             out["icmp"] = self.icmp_errors
+        if self.proxied_by is not None:
+            out["proxied_by"] = format_address(*self.proxied_by)  # D26: the load balancer
         if self.failed_user is not None:
             out["failed_user"] = self.failed_user
         if self.detected:
@@ -151,7 +156,8 @@ class ConnectionRecord:
         """The one log line of a finished connection."""
         code = "-" if self.reply_code is None else f"{self.reply_code:#04x}"
         text = (
-            f"client={format_address(*self.client)} proto={self.protocol} user={self.user or '-'} "
+            f"client={format_address(*self.client)}{self._proxied_by()} proto={self.protocol} "
+            f"user={self.user or '-'} "
             f"cmd={self.command} dst={self.destination} reply={code} up={self.bytes_up} "
             f"down={self.bytes_down} dur={self.duration:.3f}s relay={self.relay_path} end={self.relay_end} "
             f"close={self.relay_close}"
@@ -167,3 +173,6 @@ class ConnectionRecord:
         if self.detected:
             text += f" detected={self.detected}"
         return f"{text} error={self.error!r}" if self.error else text
+
+    def _proxied_by(self) -> str:
+        return "" if self.proxied_by is None else f" proxied_by={format_address(*self.proxied_by)}"

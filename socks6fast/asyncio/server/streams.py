@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, cast
 
 from ...dataplane.engine import RelayResult
 from ...dataplane.relayer import Relayer
+from ...proto.proxy_header import MAX_V2_LENGTH, ProxyHeader, parse_proxy_header
 
 if TYPE_CHECKING:
     from ...dataplane.relayer import Limits
 
-__all__ = ["RECV_SIZE", "ClientStream", "SocketStream", "TLSStream", "tls_handshake"]
+__all__ = ["RECV_SIZE", "ClientStream", "SocketStream", "TLSStream", "receive_proxy_header", "tls_handshake"]
 
 log = logging.getLogger("socks6fast.server")
 
@@ -312,3 +313,72 @@ async def tls_handshake(
         sock.close()
         return None
     return TLSStream(loop, proto)
+
+
+async def receive_proxy_header(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, *, peek: bool
+) -> tuple[ProxyHeader, bytes]:
+    """Read the PROXY protocol header at the start of an accepted (non-blocking) socket.
+
+    With ``peek`` (a TLS listener, whose handshake must find the ClientHello untouched in the
+    socket) the bytes are looked at with MSG_PEEK and exactly the header is consumed, as in
+    proxy-protocol.txt section 9; without it, one recv reads the header and whatever follows,
+    which is returned for the SOCKS handshake. While the header is incomplete, every byte
+    received belongs to it and is consumed, so readiness always means new bytes (no busy
+    loop). At most `MAX_V2_LENGTH` bytes are held. Bound it in time with ``asyncio.timeout``.
+
+    Returns:
+        ``(header, the bytes after it already read)``; the latter is empty with ``peek``.
+
+    Raises:
+        ProxyHeaderError: not a valid header (`parse_proxy_header`).
+        EOFError: the connection ended before a whole header.
+        OSError: the socket failed.
+    """
+    flags = socket.MSG_PEEK if peek else 0
+    buffer = b""
+    while True:
+        try:
+            # parse_proxy_header asked for more, so the header is longer than the buffer and
+            # at most MAX_V2_LENGTH (v1 lines end within 107 bytes): the request is never 0.
+            chunk = sock.recv(MAX_V2_LENGTH - len(buffer), flags)
+        except (BlockingIOError, InterruptedError):
+            await _readable(loop, sock)
+            continue
+        if not chunk:
+            raise EOFError("the connection ended before a whole PROXY header")
+        data = buffer + chunk
+        header = parse_proxy_header(data)
+        if header is None:
+            if peek:
+                _consume(sock, len(chunk))  # all of it is header: peeking again would spin
+            buffer = data
+            continue
+        if peek:
+            _consume(sock, header.length - len(buffer))
+            return header, b""
+        return header, data[header.length :]
+
+
+def _consume(sock: socket.socket, count: int) -> None:
+    # The bytes were just peeked, so they are in the socket's buffer: recv returns them now.
+    while count > 0:
+        taken = sock.recv(count)
+        if not taken:
+            raise EOFError("the connection ended inside the PROXY header")
+        count -= len(taken)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    waiter: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await waiter
+    finally:
+        loop.remove_reader(fd)
