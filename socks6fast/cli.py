@@ -148,8 +148,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         problem = _unassignable(admin[0])
         if problem:
             raise _Fail(f"{args.file}: admin.listen: {admin[0]} {problem}")
+    behind = sum(p is not None for p in server.listen_proxy_protocol + server.tls_listen_proxy_protocol)
+    proxied = f", {behind} behind a load balancer (PROXY protocol)" if behind else ""
     print(
-        f"{args.file}: OK ({len(server.listen)} plain and {len(server.tls_listen)} TLS listeners, "
+        f"{args.file}: OK ({len(server.listen)} plain and {len(server.tls_listen)} TLS listeners{proxied}, "
         f"{len(config.users)} users, {len(config.rules)} rules)"
     )
     if config.admin.exposed and admin is not None:

@@ -52,6 +52,19 @@ def test_check_config_ok(tmp_path: Path) -> None:
     assert done.stderr == ""  # loopback only: no open-proxy warning
 
 
+def test_check_config_counts_proxy_protocol_listeners(tmp_path: Path) -> None:
+    """Issue 14 item 3 (D26): a listener table with the PROXY protocol passes check-config,
+    which says how many listeners are behind a load balancer."""
+    config = tmp_path / "pp.toml"
+    config.write_text(
+        '[server]\nlisten = ["127.0.0.1:1080", { address = "127.0.0.1:1081", proxy_protocol = true, '
+        'proxy_protocol_from = ["127.0.0.1"] }]\n'
+    )
+    done = run("check-config", str(config))
+    assert done.returncode == 0, done
+    assert "OK (2 plain and 0 TLS listeners, 1 behind a load balancer (PROXY protocol)," in done.stdout
+
+
 @pytest.mark.parametrize(
     ("text", "warned"),
     [

@@ -6,7 +6,9 @@ connection for its next action and performs it (read, write, check credentials, 
 dial, listen, wait for the peer, relay, close) until the connection is handed to the relay or
 closed. It decides nothing the draft decides; its own choices are about I/O: how to read
 without a wasted wake-up, where scrypt runs, how long to wait for a BIND peer. Each finished
-connection logs one `ConnectionRecord` line.
+connection logs one `ConnectionRecord` line. On a PROXY protocol listener (D26) the handler
+first checks the peer is a trusted balancer and reads its header (`receive_proxy_header`), so
+that ``client`` is the real client's address before anything else uses it.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ class ConnectionHandler:
         sock: the accepted socket (non-blocking).
         client: the client's address and port (the peer of ``sock``).
         tls: it came in on a TLS listener.
-        proxy: the listener speaks the PROXY protocol and trusts these balancers (D25);
+        proxy: the listener speaks the PROXY protocol and trusts these balancers (D26);
             None (most listeners): it does not, and nothing is read before the SOCKS bytes.
     """
 
@@ -306,7 +308,7 @@ class ConnectionHandler:
 
     async def _receive_proxy_header(self) -> bytes | None:
         """A PROXY protocol listener: only a trusted balancer may connect, and it must start
-        with a header (proxy-protocol.txt sections 2 and 5; D25). Take the client's address
+        with a header (proxy-protocol.txt sections 2 and 5; D26). Take the client's address
         from it and return the SOCKS bytes read after it (on a plain listener), or None when
         the connection is refused (``error`` says why; the caller closes it)."""
         proxy = self.proxy

@@ -116,7 +116,7 @@ class ConnectionRecord:
     requests that got that far; None otherwise."""
 
     proxied_by: tuple[str, int] | None = None
-    """The load balancer whose PROXY header named ``client`` (D25), or None."""
+    """The load balancer whose PROXY header named ``client`` (D26), or None."""
 
     def fields(self) -> dict[str, object]:
         """The log line's fields (the same keys), for the JSON log format (issue 14)."""
