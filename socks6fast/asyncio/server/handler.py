@@ -7,7 +7,7 @@ dial, listen, wait for the peer, relay, close) until the connection is handed to
 closed. It decides nothing the draft decides; its own choices are about I/O: how to read
 without a wasted wake-up, where scrypt runs, how long to wait for a BIND peer. Each finished
 connection logs one `ConnectionRecord` line. On a PROXY protocol listener (D26) the handler
-first checks the peer is a trusted balancer and reads its header (`receive_proxy_header`), so
+first checks the peer is a trusted balancer and reads its header (`ProxyHeaderReader`), so
 that ``client`` is the real client's address before anything else uses it.
 """
 
@@ -72,7 +72,7 @@ from .bind import (
 )
 from .dial import Remote, Resolver, dial, resolve
 from .record import ConnectionRecord, describe_error, format_address
-from .streams import ClientStream, SocketStream, receive_proxy_header, tls_handshake
+from .streams import ClientStream, ProxyHeaderReader, SocketStream, tls_handshake
 from .udp import AssociationSockets, TLSBridge, UdpService, open_association
 
 __all__ = ["REFUSAL_TIMEOUT", "ConnectionHandler", "ServerView", "refuse_client"]
@@ -320,9 +320,13 @@ class ConnectionHandler:
             self.error = "PROXY protocol listener: the peer is not in proxy_protocol_from; closed"
             return None
         timeout = self._server.context.handshake_timeout
+        reader = ProxyHeaderReader(self._loop, self.sock, peek=self.tls)
         try:
-            async with asyncio.timeout(timeout):
-                header, early = await receive_proxy_header(self._loop, self.sock, peek=self.tls)
+            got = reader.read_now()
+            if got is None:
+                async with asyncio.timeout(timeout):
+                    got = await reader.read()
+            header, early = got
         except TimeoutError:
             self.error = f"PROXY header: none within {timeout:g}s (server.handshake_timeout)"
             return None

@@ -23,7 +23,7 @@ from ...proto.proxy_header import MAX_V2_LENGTH, ProxyHeader, parse_proxy_header
 if TYPE_CHECKING:
     from ...dataplane.relayer import Limits
 
-__all__ = ["RECV_SIZE", "ClientStream", "SocketStream", "TLSStream", "receive_proxy_header", "tls_handshake"]
+__all__ = ["RECV_SIZE", "ClientStream", "ProxyHeaderReader", "SocketStream", "TLSStream", "tls_handshake"]
 
 log = logging.getLogger("socks6fast.server")
 
@@ -315,49 +315,63 @@ async def tls_handshake(
     return TLSStream(loop, proto)
 
 
-async def receive_proxy_header(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, *, peek: bool
-) -> tuple[ProxyHeader, bytes]:
-    """Read the PROXY protocol header at the start of an accepted (non-blocking) socket.
+class ProxyHeaderReader:
+    """Reads the PROXY protocol header at the start of an accepted (non-blocking) socket.
 
     With ``peek`` (a TLS listener, whose handshake must find the ClientHello untouched in the
     socket) the bytes are looked at with MSG_PEEK and exactly the header is consumed, as in
     proxy-protocol.txt section 9; without it, one recv reads the header and whatever follows,
-    which is returned for the SOCKS handshake. While the header is incomplete, every byte
+    which is handed on to the SOCKS handshake. While the header is incomplete, every byte
     received belongs to it and is consumed, so readiness always means new bytes (no busy
-    loop). At most `MAX_V2_LENGTH` bytes are held. Bound it in time with ``asyncio.timeout``.
+    loop). At most `MAX_V2_LENGTH` bytes are held.
 
-    Returns:
-        ``(header, the bytes after it already read)``; the latter is empty with ``peek``.
-
-    Raises:
-        ProxyHeaderError: not a valid header (`parse_proxy_header`).
-        EOFError: the connection ended before a whole header.
-        OSError: the socket failed.
+    `read_now` tries without waiting (a balancer writes the header at once, so it is usually
+    there): no timer or reader is set up then, which would cost syscalls per connection
+    (Python 3.11's ``asyncio.timeout`` calls getpid()); `read` waits, bounded by the caller.
+    Both return ``(header, the bytes after it already read)`` (empty with ``peek``) and
+    raise ProxyHeaderError (not a valid header, `parse_proxy_header`), EOFError (the
+    connection ended first) or OSError.
     """
-    flags = socket.MSG_PEEK if peek else 0
-    buffer = b""
-    while True:
-        try:
-            # parse_proxy_header asked for more, so the header is longer than the buffer and
-            # at most MAX_V2_LENGTH (v1 lines end within 107 bytes): the request is never 0.
-            chunk = sock.recv(MAX_V2_LENGTH - len(buffer), flags)
-        except (BlockingIOError, InterruptedError):
-            await _readable(loop, sock)
-            continue
-        if not chunk:
-            raise EOFError("the connection ended before a whole PROXY header")
-        data = buffer + chunk
-        header = parse_proxy_header(data)
-        if header is None:
+
+    __slots__ = ("_buffer", "_flags", "_loop", "_sock")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, *, peek: bool) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._flags = socket.MSG_PEEK if peek else 0
+        self._buffer = b""
+
+    def read_now(self) -> tuple[ProxyHeader, bytes] | None:
+        """The header, or None when the socket has no more bytes yet."""
+        sock, peek = self._sock, self._flags != 0
+        while True:
+            try:
+                # parse_proxy_header asked for more, so the header is longer than the buffer
+                # and at most MAX_V2_LENGTH (v1 lines end within 107 bytes): never 0 bytes.
+                chunk = sock.recv(MAX_V2_LENGTH - len(self._buffer), self._flags)
+            except (BlockingIOError, InterruptedError):
+                return None
+            if not chunk:
+                raise EOFError("the connection ended before a whole PROXY header")
+            data = self._buffer + chunk
+            header = parse_proxy_header(data)
+            if header is None:
+                if peek:
+                    _consume(sock, len(chunk))  # all of it is header: peeking again would spin
+                self._buffer = data
+                continue
             if peek:
-                _consume(sock, len(chunk))  # all of it is header: peeking again would spin
-            buffer = data
-            continue
-        if peek:
-            _consume(sock, header.length - len(buffer))
-            return header, b""
-        return header, data[header.length :]
+                _consume(sock, header.length - len(self._buffer))
+                return header, b""
+            return header, data[header.length :]
+
+    async def read(self) -> tuple[ProxyHeader, bytes]:
+        """The header, waiting for the bytes (bound it with ``asyncio.timeout``)."""
+        while True:
+            got = self.read_now()
+            if got is not None:
+                return got
+            await _readable(self._loop, self._sock)
 
 
 def _consume(sock: socket.socket, count: int) -> None:
