@@ -449,6 +449,32 @@ async def test_bad_headers_close_cleanly_with_a_log_line() -> None:
                 await asyncio.sleep(0.02)
 
 
+async def test_full_proxy_answers_the_client_behind_the_balancer() -> None:
+    """At max_connections (issue 12 defect 3) the refusal reads past a trusted balancer's
+    header and answers the client's SOCKS 5 request REP 0x01 (General Failure), as it would
+    a direct client; a stranger is closed without a byte."""
+    async with running_server(pp_config(max_connections=1)) as server:
+        address = server.addresses[0]
+        holder = await RawClient.connect(address, local_addr=(BALANCER, 0))
+        await holder.send(v2_header((ALLOWED, 40010), address))  # and nothing more: holds the slot
+        async with asyncio.timeout(5):
+            while server.active_connections < 1:
+                await asyncio.sleep(0.01)
+        client = await RawClient.connect(address, local_addr=(BALANCER, 0))
+        await client.send(v2_header((ALLOWED, 40011), address) + b"\x05\x01\x00")
+        assert await client.read_exactly(2) == b"\x05\x00"
+        await client.send(b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50")
+        reply = await client.read_exactly(10)
+        assert reply[:2] == b"\x05\x01", reply.hex()
+        await client.close()
+        stranger = await RawClient.connect(address, local_addr=(DENIED, 0))
+        with contextlib.suppress(ConnectionError):
+            await stranger.send(b"\x05\x01\x00")
+            assert await stranger.read_until_eof() == b""
+        await stranger.close()
+        await holder.close()
+
+
 async def test_reload_replaces_the_trusted_balancers() -> None:
     """SIGHUP (Server.reload): new proxy_protocol_from networks apply to the listener at once."""
     async with Sink() as sink, running_server(pp_config()) as server:

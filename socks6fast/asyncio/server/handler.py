@@ -92,18 +92,27 @@ _Conn = ServerConnection | Socks5ServerConnection
 REFUSAL_TIMEOUT = 1.0
 
 
-async def refuse_client(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+async def refuse_client(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, *, proxy_header: bool = False
+) -> bool:
     """Answer a client the full proxy cannot serve (past ``max_connections``; hardening issue
     12 defect 3) with General Failure as soon as its first bytes arrive, instead of leaving it
     in the listen backlog. SOCKS 6: nothing was sent yet, so the General Failure Operation
     Reply reads as a failed Authentication Reply too (D14: ``06 01 ...``). SOCKS 5: RFC 1928
-    REP 0x01 needs a request to answer (`_refuse_socks5`). Closes the socket; True when the
-    client got its answer."""
+    REP 0x01 needs a request to answer (`_refuse_socks5`). With ``proxy_header`` (a trusted
+    balancer on a PROXY protocol listener, D26) the header is read past first, so the client
+    behind the balancer gets the same answer. Closes the socket; True when the client got its
+    answer."""
     stream = SocketStream(loop, sock)
     answered = False
     try:
         async with asyncio.timeout(REFUSAL_TIMEOUT):
-            first = stream.recv_now()
+            first: bytes | None = None
+            if proxy_header:
+                # Past the header, the client's own bytes (a TLS listener's ClientHello is closed).
+                _, first = await ProxyHeaderReader(loop, sock, peek=False).read()
+            if not first:
+                first = stream.recv_now()
             if first is None:
                 first = await stream.recv()
             protocol = detect_protocol(first[0]) if first else None
@@ -113,7 +122,7 @@ async def refuse_client(loop: asyncio.AbstractEventLoop, sock: socket.socket) ->
             elif protocol is WireProtocol.SOCKS5:
                 answered = await _refuse_socks5(loop, stream, first)
         await stream.linger_close()
-    except (OSError, TimeoutError, EOFError, RemoteProtocolError, LocalProtocolError):
+    except (OSError, TimeoutError, EOFError, RemoteProtocolError, LocalProtocolError, ProxyHeaderError):
         pass
     finally:
         stream.close()

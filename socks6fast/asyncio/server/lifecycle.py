@@ -551,7 +551,7 @@ class Server:
                 continue
             sock.setblocking(False)  # TCP_NODELAY comes from the listener (inherited)
             if len(self._tasks) >= self._max_connections:
-                self._refuse(sock)
+                self._refuse(sock, str(addr[0]), proxy)
                 continue
             handler = ConnectionHandler(self, sock, (str(addr[0]), int(addr[1])), tls, proxy)
             task = loop.create_task(handler.run())
@@ -575,7 +575,7 @@ class Server:
             self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         return sock is not None
 
-    def _refuse(self, sock: socket.socket) -> None:
+    def _refuse(self, sock: socket.socket, peer: str, proxy: ProxyTrust | None) -> None:
         """A client past max_connections: answer General Failure, or close it at once when
         REFUSAL_SLOTS refusals are in progress already. Either way it is not left waiting."""
         loop = self._loop
@@ -584,14 +584,18 @@ class Server:
             sock.close()
             self._note_pressure("refused_busy")
             return
-        task = loop.create_task(self._refusal(sock))
+        if proxy is not None and not proxy.trusts(peer):
+            sock.close()  # D26: not a balancer of this listener; nothing to answer
+            self._note_pressure("refused_silent")
+            return
+        task = loop.create_task(self._refusal(sock, proxy is not None))
         self._refusals.add(task)
         task.add_done_callback(self._refusals.discard)
 
-    async def _refusal(self, sock: socket.socket) -> None:
+    async def _refusal(self, sock: socket.socket, proxy_header: bool) -> None:
         answered = False
         try:
-            answered = await refuse_client(self.loop, sock)
+            answered = await refuse_client(self.loop, sock, proxy_header=proxy_header)
         finally:
             self._note_pressure("refused_answered" if answered else "refused_silent")
 
