@@ -56,8 +56,8 @@ def test_the_suite_covers_every_claimed_id_and_marks_every_named_one() -> None:
 
 def test_docs_list_every_id_and_decision_in_sequence() -> None:
     """docs/conformance.md numbers each area's IDs 01, 02, ... without a gap; docs/decisions.md
-    has D1, D2, ... without a gap (D26 at least: D26 is the PROXY protocol); every requirement is claimed (UDP ASSOCIATE
-    included, issue 10)."""
+    has D1, D2, ... without a gap (D26 at least: the PROXY protocol); every requirement is
+    claimed (UDP ASSOCIATE included, issue 10)."""
     reqs = cr.parse_requirements(cr.CONFORMANCE_DOC.read_text())
     by_prefix: dict[str, list[int]] = {}
     for ident in reqs:

@@ -251,6 +251,9 @@ async def test_haproxy_curl_real_client_reaches_rules_and_log(
         line = record.log_line()
         assert line in lines
         assert line.startswith(f"client={record.client[0]}:{record.client[1]} proxied_by={BALANCER}:")
+        fields = record.fields()  # the JSON log's (log_format = "json")
+        assert fields["client"] == f"{record.client[0]}:{record.client[1]}"
+        assert fields["proxied_by"] == f"{BALANCER}:{record.proxied_by[1]}"
     assert not any(record.client[0] == BALANCER for record in server.records)
 
 
