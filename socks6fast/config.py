@@ -25,7 +25,7 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     (or ``[[server.listen]]`` tables). Such a listener serves only peers within
     ``proxy_protocol_from`` (the balancers), each connection must start with a PROXY header,
     and the client address it names is the one the rules, limits, sessions, UDP checks and
-    the log see (`socks6fast.proto.proxy_header`; docs/decisions.md D26).
+    the log see (`socks6fast.proto.proxy_header`; docs/decisions.md D27).
     ``tls_certificate``, ``tls_key``: PEM files (relative paths are relative to the config
     file); both required when ``tls_listen`` or ``udp.dtls_port`` is set; must exist.
     ``max_connections``: concurrent client connections at most (integer >= 1; 10000).

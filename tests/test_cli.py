@@ -53,7 +53,7 @@ def test_check_config_ok(tmp_path: Path) -> None:
 
 
 def test_check_config_counts_proxy_protocol_listeners(tmp_path: Path) -> None:
-    """Issue 14 item 3 (D26): a listener table with the PROXY protocol passes check-config,
+    """Issue 14 item 3 (D27): a listener table with the PROXY protocol passes check-config,
     which says how many listeners are behind a load balancer."""
     config = tmp_path / "pp.toml"
     config.write_text(

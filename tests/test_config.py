@@ -676,7 +676,7 @@ def test_udp_table() -> None:
     )
 
 
-# --- PROXY protocol listeners (issue 14 item 3, D26) --------------------------------------
+# --- PROXY protocol listeners (issue 14 item 3, D27) --------------------------------------
 
 
 def test_proxy_protocol_listener_tables() -> None:

@@ -1,4 +1,4 @@
-"""PROXY protocol listeners end to end (issue 14 item 3, docs/decisions.md D26).
+"""PROXY protocol listeners end to end (issue 14 item 3, docs/decisions.md D27).
 
 Behind a real HAProxy (Debian's ``haproxy``, started here with a generated configuration:
 ``mode tcp``, ``send-proxy-v2`` and ``send-proxy``, listening on 127.0.0.1 only, in the
@@ -292,7 +292,7 @@ async def test_haproxy_socks6_over_tls_with_send_proxy_v2(tmp_path: Path) -> Non
 
 @needs_haproxy
 async def test_haproxy_socks5_udp_associate_takes_datagrams_from_the_real_client(tmp_path: Path) -> None:
-    """D26 with D19: SOCKS 5 UDP ASSOCIATE through a TCP-only balancer. The datagrams come
+    """D27 with D19: SOCKS 5 UDP ASSOCIATE through a TCP-only balancer. The datagrams come
     straight from the client (127.0.0.2), not through HAProxy; the association accepts
     them because its client is the header's address. Were it HAProxy's 127.0.0.1, D19
     would drop them (the rules allow everyone else here, so only that check decides)."""
@@ -339,7 +339,7 @@ async def test_haproxy_socks5_udp_associate_takes_datagrams_from_the_real_client
 async def test_untrusted_peer_is_refused_with_or_without_a_header() -> None:
     """proxy-protocol.txt section 5: a header is taken only from the trusted balancers. A
     peer outside proxy_protocol_from is closed without a byte read or sent, whether it sends
-    a header (which would let it pick the address the rules see) or plain SOCKS (D26: a
+    a header (which would let it pick the address the rules see) or plain SOCKS (D27: a
     PROXY protocol listener serves its balancers only); the log names the peer."""
     async with running_server(pp_config()) as server:
         address = server.addresses[0]

@@ -6,7 +6,7 @@ connection for its next action and performs it (read, write, check credentials, 
 dial, listen, wait for the peer, relay, close) until the connection is handed to the relay or
 closed. It decides nothing the draft decides; its own choices are about I/O: how to read
 without a wasted wake-up, where scrypt runs, how long to wait for a BIND peer. Each finished
-connection logs one `ConnectionRecord` line. On a PROXY protocol listener (D26) the handler
+connection logs one `ConnectionRecord` line. On a PROXY protocol listener (D27) the handler
 first checks the peer is a trusted balancer and reads its header (`ProxyHeaderReader`), so
 that ``client`` is the real client's address before anything else uses it.
 """
@@ -100,7 +100,7 @@ async def refuse_client(
     in the listen backlog. SOCKS 6: nothing was sent yet, so the General Failure Operation
     Reply reads as a failed Authentication Reply too (D14: ``06 01 ...``). SOCKS 5: RFC 1928
     REP 0x01 needs a request to answer (`_refuse_socks5`). With ``proxy_header`` (a trusted
-    balancer on a PROXY protocol listener, D26) the header is read past first, so the client
+    balancer on a PROXY protocol listener, D27) the header is read past first, so the client
     behind the balancer gets the same answer. Closes the socket; True when the client got its
     answer."""
     stream = SocketStream(loop, sock)
@@ -187,7 +187,7 @@ class ConnectionHandler:
         sock: the accepted socket (non-blocking).
         client: the client's address and port (the peer of ``sock``).
         tls: it came in on a TLS listener.
-        proxy: the listener speaks the PROXY protocol and trusts these balancers (D26);
+        proxy: the listener speaks the PROXY protocol and trusts these balancers (D27);
             None (most listeners): it does not, and nothing is read before the SOCKS bytes.
     """
 
@@ -317,7 +317,7 @@ class ConnectionHandler:
 
     async def _receive_proxy_header(self) -> bytes | None:
         """A PROXY protocol listener: only a trusted balancer may connect, and it must start
-        with a header (proxy-protocol.txt sections 2 and 5; D26). Take the client's address
+        with a header (proxy-protocol.txt sections 2 and 5; D27). Take the client's address
         from it and return the SOCKS bytes read after it (on a plain listener), or None when
         the connection is refused (``error`` says why; the caller closes it)."""
         proxy = self.proxy

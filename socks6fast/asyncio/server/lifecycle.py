@@ -6,7 +6,7 @@ they accept TCP Fast Open (TRN-01): a Request that arrived in the SYN is read by
 ``recv`` without another round trip. Each accepted connection gets a `ConnectionHandler` task.
 Each plain listener also gets the SOCKS 6 UDP port (D16) of the server's UDP data plane
 (``udp.UdpService``), unless ``[udp] enabled = false``. A listener with the PROXY protocol
-(D26) hands its `ProxyTrust` to each handler through the accept callback's arguments, so the
+(D27) hands its `ProxyTrust` to each handler through the accept callback's arguments, so the
 other listeners pay nothing for it. A reload (SIGHUP) points the shared
 `ServerContext` at the new users, rules and limits; `close` stops accepting, waits for the
 connections to drain, then ends the rest and the data planes (the UDP associations end with
@@ -201,7 +201,7 @@ class Server:
         self._use_engine = use_relay_engine
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[tuple[socket.socket, bool]] = []
-        # PROXY protocol listeners (D26): the trusted balancers per listener socket, and per
+        # PROXY protocol listeners (D27): the trusted balancers per listener socket, and per
         # config entry (tls, index) the same objects, which a reload updates in place.
         self._listener_proxy: dict[socket.socket, ProxyTrust] = {}
         self._proxy_trusts: dict[tuple[bool, int], ProxyTrust] = {}
@@ -585,7 +585,7 @@ class Server:
             self._note_pressure("refused_busy")
             return
         if proxy is not None and not proxy.trusts(peer):
-            sock.close()  # D26: not a balancer of this listener; nothing to answer
+            sock.close()  # D27: not a balancer of this listener; nothing to answer
             self._note_pressure("refused_silent")
             return
         task = loop.create_task(self._refusal(sock, proxy is not None))

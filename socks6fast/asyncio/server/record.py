@@ -116,7 +116,7 @@ class ConnectionRecord:
     requests that got that far; None otherwise."""
 
     proxied_by: tuple[str, int] | None = None
-    """The load balancer whose PROXY header named ``client`` (D26), or None."""
+    """The load balancer whose PROXY header named ``client`` (D27), or None."""
 
     def fields(self) -> dict[str, object]:
         """The log line's fields (the same keys), for the JSON log format (issue 14)."""
@@ -143,7 +143,7 @@ class ConnectionRecord:
             out["drops"] = self.udp_drops
             out["icmp"] = self.icmp_errors
         if self.proxied_by is not None:
-            out["proxied_by"] = format_address(*self.proxied_by)  # D26: the load balancer
+            out["proxied_by"] = format_address(*self.proxied_by)  # D27: the load balancer
         if self.failed_user is not None:
             out["failed_user"] = self.failed_user
         if self.detected:
