@@ -184,6 +184,9 @@ class BulkPeer:
 
     def close(self) -> None:
         self.listener.close()
+        # The acceptor may be between accept() and the append: join it first, or a connection
+        # it accepts then is never closed (a ResourceWarning in a later test).
+        self._acceptor.join(timeout=5)
         for thread in self.threads:
             thread.join(timeout=5)
         for conn in self.accepted:
