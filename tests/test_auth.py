@@ -193,3 +193,58 @@ def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (b"a", b"b", b"c"):
         assert store.authenticate(name, name) == name.decode()
     assert len(store._cache) <= 2
+
+
+# --- hashlib.scrypt (issue 14 item 6) -------------------------------------------------------
+
+
+def test_scrypt_matches_the_rfc_7914_test_vector() -> None:
+    """AUTH-05: the scrypt of `ScryptHash.derive` is RFC 7914's (section 12, third vector)."""
+    vector = auth.ScryptHash(n=1024, r=8, p=16, salt=b"NaCl", digest=bytes(64))
+    assert vector.derive(b"password").hex() == (
+        "fdbabe1c9d3472007856e7190d01e9fe7c6ad7cbc8237830e77376634b373162"
+        "2eaf30d92e22a3886ff109279d9830dac727afb94a83ee6d8360cbdfa2cc0640"
+    )
+
+
+def test_hashes_made_with_cryptography_still_verify() -> None:
+    """AUTH-05: hashes written before issue 14 (by cryptography's Scrypt) verify unchanged,
+    with the default and other parameters, and a wrong password still fails."""
+    scrypt_kdf = pytest.importorskip("cryptography.hazmat.primitives.kdf.scrypt")
+    for n, r, p in ((2**14, 8, 1), (2**8, 8, 1), (2**10, 4, 2)):
+        salt = bytes(range(16))
+        digest = scrypt_kdf.Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(b"old secret")
+        stored = auth.ScryptHash(n=n, r=r, p=p, salt=salt, digest=digest).encode()
+        assert verify_password(stored, b"old secret")
+        assert not verify_password(stored, b"old secreT")
+
+
+def test_auth_hashes_with_the_standard_library_only() -> None:
+    """Issue 14 item 6: password hashing goes through hashlib.scrypt; importing the auth
+    module (and hashing) loads no part of cryptography."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = (
+        "import sys\n"
+        "from socks6fast.proto.auth import hash_password, verify_password\n"
+        "stored = hash_password('x', n=256)\n"
+        "assert verify_password(stored, b'x')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_costly_parameters_beyond_rfc_7914_are_refused() -> None:
+    """RFC 7914 section 2: N < 2^(16 r); such a hash is refused when the config is read (OpenSSL
+    would refuse it at the first login) rather than failing later."""
+    salt = "AAAAAAAAAAAAAAAAAAAAAA"
+    digest = "A" * 43
+    with pytest.raises(ValueError, match="RFC 7914"):
+        parse_hash(f"scrypt$n=65536,r=1,p=1${salt}${digest}")
+    parse_hash(f"scrypt$n=32768,r=1,p=1${salt}${digest}")
+    # The largest accepted cost verifies (hashlib's maxmem is sized for it).
+    big = auth.new_hash("pw", n=2**17, r=8, p=1)
+    assert verify_password(big, b"pw")

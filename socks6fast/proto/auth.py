@@ -15,22 +15,21 @@ is safe.
 defect 5, AUTH-05): failures per client address and per user name, and checks per second in
 all; `FailedAuthLimiter.admit` answers one check with an `AuthAdmission`.
 
-Pure: no I/O, no clock (time enters as ``now``); only ``cryptography`` (scrypt) and the
-standard library.
+Pure: no I/O, no clock (time enters as ``now``); the standard library only (``hashlib.scrypt``,
+which OpenSSL provides; until issue 14 the scrypt of ``cryptography``, which gives the same
+bytes, so existing hashes keep verifying).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import ipaddress
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidKey
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ..constants import MAX_USERPASS_LENGTH
 
@@ -95,8 +94,25 @@ class ScryptHash:
 
     def derive(self, password: bytes) -> bytes:
         """Run scrypt over ``password`` with this hash's salt and parameters."""
-        kdf = Scrypt(salt=self.salt, length=len(self.digest), n=self.n, r=self.r, p=self.p)
-        return kdf.derive(password)
+        # The standard library's scrypt (OpenSSL's EVP_PBE_scrypt, RFC 7914), so hashing needs
+        # no third-party package (issue 14 item 6); it gives the bytes cryptography's Scrypt
+        # gave, so hashes made before still verify. OpenSSL refuses more than maxmem bytes
+        # (32 MiB by default); parse_hash already bounds 128 * n * r by _MAX_SCRYPT_MEMORY.
+        return hashlib.scrypt(
+            password,
+            salt=self.salt,
+            n=self.n,
+            r=self.r,
+            p=self.p,
+            maxmem=_scrypt_maxmem(self.n, self.r, self.p),
+            dklen=len(self.digest),
+        )
+
+
+def _scrypt_maxmem(n: int, r: int, p: int) -> int:
+    """The ``maxmem`` OpenSSL needs for these parameters: its own estimate (crypto/evp/pbe_scrypt.c:
+    128 * r * (n + p + 2) bytes) plus slack, so that no hash parse_hash accepts is refused."""
+    return 128 * r * (n + p + 2) + (1 << 20)
 
 
 def _b64encode(data: bytes) -> str:
@@ -137,6 +153,9 @@ def parse_hash(stored: str) -> ScryptHash:
         raise ValueError(f"has scrypt n={n}, which is not a power of 2 between 2 and {_MAX_SCRYPT_N}")
     if not 1 <= r <= _MAX_SCRYPT_R or not 1 <= p <= _MAX_SCRYPT_P:
         raise ValueError(f"has scrypt r={r}, p={p} outside r 1-{_MAX_SCRYPT_R}, p 1-{_MAX_SCRYPT_P}")
+    if n >= 1 << (16 * r):
+        # RFC 7914 section 2: N < 2^(128 * r / 8); OpenSSL (hashlib.scrypt) refuses the rest.
+        raise ValueError(f"has scrypt n={n}, which RFC 7914 requires below 2^(16 * r) = {1 << (16 * r)}")
     if 128 * n * r > _MAX_SCRYPT_MEMORY or n * r * p > _MAX_SCRYPT_WORK:
         raise ValueError(f"has scrypt parameters n={n}, r={r}, p={p} too costly to verify per login")
     try:
@@ -209,12 +228,7 @@ def verify_password(stored: str | ScryptHash, password: bytes) -> bool:
         ValueError: ``stored`` is not a valid hash.
     """
     parsed = parse_hash(stored) if isinstance(stored, str) else stored
-    kdf = Scrypt(salt=parsed.salt, length=len(parsed.digest), n=parsed.n, r=parsed.r, p=parsed.p)
-    try:
-        kdf.verify(password, parsed.digest)  # constant-time comparison inside
-    except InvalidKey:
-        return False
-    return True
+    return hmac.compare_digest(parsed.derive(password), parsed.digest)  # constant time
 
 
 class UserStore:
