@@ -3,8 +3,14 @@
 ``socks6fast serve`` runs the proxy. Without flags it uses the embedded default
 (`socks6fast.config.DEFAULT_TOML`: 127.0.0.1:1080, no authentication, every destination
 allowed). ``--config FILE`` loads a TOML file, ``--listen HOST:PORT`` (repeatable) replaces
-the listeners, ``--user NAME:PASSWORD`` (repeatable) adds users and so turns
-authentication on. The event loop is uvloop's when it is installed.
+the listeners (a host name is bound on every address the system resolver gives for it),
+``--user NAME`` (repeatable) adds users and so turns authentication on. The event loop is
+uvloop's when it is installed.
+
+Passwords stay off the command line, which ``ps`` shows to every user of the host (issue 14
+item 6): the password of ``--user NAME`` comes from ``--password-file FILE`` (its first
+line), else from the environment variable `PASSWORD_ENV` (``SOCKS6FAST_PASSWORD``), else
+from a prompt at a terminal. ``--user NAME:PASSWORD`` still works, with a warning.
 
 Signals: SIGTERM (and SIGINT) stop accepting, let relayed connections finish for at most
 ``--drain-timeout`` seconds, then exit 0. SIGHUP re-reads the configuration file (users,
@@ -14,10 +20,10 @@ is reported and the running configuration stays.
 ``socks6fast bench ...`` is the benchmark suite of ``socks6fast.bench``, which parses its
 own options (``socks6fast bench --help``).
 
-Every configuration mistake is one sentence naming the key, on stderr, with exit code 2
-and no traceback. A valid configuration that makes an open proxy (a listener not on
-loopback, no users, rules that let anyone through) is started, with a warning in the log;
-``check-config`` prints the same warning and exits 0.
+``socks6fast --version`` prints the version. Every configuration mistake is one sentence
+naming the key, on stderr, with exit code 2 and no traceback. A valid configuration that
+makes an open proxy (a listener not on loopback, no users, rules that let anyone through)
+is started, with a warning in the log; ``check-config`` prints the same warning and exits 0.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ import asyncio
 import getpass
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import ssl
 import sys
 from collections.abc import Callable, Sequence
 
+from . import __version__
 from .asyncio.server import Server
 from .asyncio.server.logs import JsonFormatter
 from .config import Config, ConfigError, default_config, load_config, parse_user_option
@@ -44,12 +52,14 @@ try:  # uvloop is a dependency on POSIX; the proxy still runs without it
 except ImportError:  # pragma: no cover
     uvloop = None  # type: ignore[assignment]
 
-__all__ = ["EXIT_CONFIG", "build_parser", "main"]
+__all__ = ["EXIT_CONFIG", "PASSWORD_ENV", "build_parser", "main"]
 
 #: Exit status for a configuration or usage error (the argparse convention).
 EXIT_CONFIG = 2
 #: Default seconds SIGTERM waits for relayed connections to finish.
 DEFAULT_DRAIN_TIMEOUT = 10.0
+#: Environment variable holding the password of ``serve --user NAME`` (issue 14 item 6).
+PASSWORD_ENV = "SOCKS6FAST_PASSWORD"
 
 log = logging.getLogger("socks6fast")
 
@@ -59,13 +69,81 @@ class _Fail(Exception):
 
 
 def _load(args: argparse.Namespace) -> Config:
-    """The configuration from --config (or the default) with --listen/--user applied."""
+    """The configuration from --config (or the default) with --listen/--user applied.
+
+    The --user passwords were gathered once by `_gather_users` (a reload on SIGHUP must not
+    prompt again or see a changed environment)."""
     try:
         config = load_config(args.config) if args.config else default_config()
-        users = dict(parse_user_option(value) for value in args.user or ())
+        users: dict[str, str] = args.users
         return config.with_overrides(listen=args.listen or None, users=users or None)
     except ConfigError as exc:
         raise _Fail(str(exc)) from None
+
+
+def _gather_users(args: argparse.Namespace) -> dict[str, str]:
+    """``--user`` values as name -> password, each password from where the module docstring says."""
+    users: dict[str, str] = {}
+    bare: list[str] = []
+    for value in args.user or ():
+        if ":" in value:
+            try:
+                name, password = parse_user_option(value)
+            except ConfigError as exc:
+                raise _Fail(str(exc)) from None
+            users[name] = password
+        elif value:
+            bare.append(value)
+        else:
+            raise _Fail("--user: the user name is empty")
+    if users:
+        # Printed before logging starts, once (not per reload).
+        print(
+            "socks6fast: warning: --user NAME:PASSWORD shows the password to every user of this host "
+            f"(ps); use --user NAME with --password-file FILE, ${PASSWORD_ENV} or the prompt",
+            file=sys.stderr,
+        )
+    if args.password_file is not None and not bare:
+        raise _Fail("--password-file: it gives the password of --user NAME, and no --user NAME is given")
+    if not bare:
+        return users
+    if args.password_file is not None or PASSWORD_ENV in os.environ:
+        if len(bare) > 1:
+            source = "--password-file" if args.password_file is not None else f"${PASSWORD_ENV}"
+            raise _Fail(
+                f"{source} holds one password, for one --user NAME; put several users in [users] "
+                "of a --config file (socks6fast hash-password)"
+            )
+        password = _password_from_file(args.password_file) if args.password_file is not None else None
+        if password is None:
+            password = os.environ[PASSWORD_ENV]
+            if not password:
+                raise _Fail(f"--user {bare[0]}: ${PASSWORD_ENV} is empty")
+        users[bare[0]] = password
+        return users
+    if not sys.stdin.isatty():
+        raise _Fail(
+            f"--user {bare[0]}: no password: give --password-file FILE, set ${PASSWORD_ENV}, "
+            "or run at a terminal to be asked"
+        )
+    for name in bare:
+        users[name] = _read_password(f"Password for {name}: ")
+    return users
+
+
+def _password_from_file(path: str) -> str:
+    """The first line of ``path`` without its line end; one sentence when it cannot be used."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            line = file.readline()
+    except OSError as exc:
+        raise _Fail(f"--password-file: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise _Fail(f"--password-file: {path} is not UTF-8 text") from None
+    password = line.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise _Fail(f"--password-file: the first line of {path} is empty")
+    return password
 
 
 def _setup_logging(level: str, log_format: str = "text") -> None:
@@ -125,6 +203,7 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     args.drain_timeout = _seconds("--drain-timeout", args.drain_timeout)
+    args.users = _gather_users(args)
     config = _load(args)
     _setup_logging(args.log_level or config.server.log_level, config.server.log_format)
     factory = uvloop.new_event_loop if uvloop is not None else None
@@ -185,10 +264,10 @@ def _unassignable(host: str) -> str:
     return ""
 
 
-def _read_password() -> str:
+def _read_password(prompt: str = "Password: ") -> str:
     if sys.stdin.isatty():
         try:
-            first = getpass.getpass("Password: ")
+            first = getpass.getpass(prompt)
             again = getpass.getpass("Repeat: ")
         except EOFError:  # Ctrl-D at the prompt
             raise _Fail("no password given (end of input at the prompt)") from None
@@ -218,33 +297,113 @@ def _seconds(flag: str, text: str) -> float:
     return value
 
 
+_MAIN_EPILOG = """\
+exit status: 0 success; 2 a configuration or usage mistake (one sentence on stderr).
+Configuration: a TOML file (socks6fast serve --help; every key is explained in
+examples/socks6fast.toml of the source and in README.md).
+"""
+
+_SERVE_EPILOG = f"""\
+configuration file (TOML; every key optional; examples/socks6fast.toml explains each one):
+  default_action = "allow" | "deny"       decision when no [[rules]] entry matches
+  [server]   listen, tls_listen, tls_certificate, tls_key, max_connections, timeouts,
+             relay_workers, log_level, limits on password checks
+  [users]    NAME = "scrypt$..."          (socks6fast hash-password makes the hash)
+  [sessions] SOCKS 6 sessions and idempotence tokens
+  [[rules]]  action, users, clients, commands, destinations (first match decides)
+  [udp]      UDP ASSOCIATE settings
+  Without --config the built-in default applies: listen on 127.0.0.1:1080, no users,
+  every destination allowed.
+
+passwords (--user NAME): from --password-file FILE (its first line), else the environment
+  variable {PASSWORD_ENV}, else a prompt at a terminal. --user NAME:PASSWORD also works but
+  puts the password where ps shows it to every user of the host (a warning says so).
+
+signals:
+  SIGTERM, SIGINT  stop accepting, let relayed connections finish for at most
+                   --drain-timeout seconds, then exit 0
+  SIGHUP           re-read --config (users, rules, limits, sessions); established
+                   connections stay; a broken file is logged and the old one stays
+
+start-up: the soft open-file limit is raised to the hard limit; max_connections is lowered,
+  with a warning, when it cannot fit (each connection: 2 sockets + 2 pipe descriptors on the
+  splice path). See docs/tuning.md.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; other commands (``bench``) register with ``add_subparsers``."""
-    parser = argparse.ArgumentParser(prog="socks6fast", description="SOCKS 6 (and SOCKS 5) proxy.")
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="socks6fast",
+        description="SOCKS 6 (draft-olteanu-intarea-socks-6-11) and SOCKS 5 proxy.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=raw,
+    )
+    parser.add_argument("--version", action="version", version=f"socks6fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", metavar="FILE", help="TOML configuration file (default: built in)")
-    serve.add_argument(
-        "--listen", metavar="HOST:PORT", action="append", help="listen here instead (repeatable)"
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the proxy: SOCKS 6 and SOCKS 5 on each plain listener, SOCKS over TLS on\n"
+        "tls_listen, UDP ASSOCIATE on the listeners' port numbers. Logs go to stderr.",
+        epilog=_SERVE_EPILOG,
+        formatter_class=raw,
     )
     serve.add_argument(
-        "--user", metavar="NAME:PASSWORD", action="append", help="add a user; turns authentication on"
+        "--config",
+        metavar="FILE",
+        help="TOML configuration file (default: the built-in one, 127.0.0.1:1080, no users)",
+    )
+    serve.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        action="append",
+        help="listen here instead of the configured listeners (repeatable; IPv6 as [::1]:1080; a "
+        "host name is bound on every address it resolves to, e.g. localhost)",
+    )
+    serve.add_argument(
+        "--user",
+        metavar="NAME",
+        action="append",
+        help="add a user, which turns authentication on (repeatable); its password comes from "
+        f"--password-file, ${PASSWORD_ENV} or a prompt (NAME:PASSWORD works, with a warning)",
+    )
+    serve.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="read the password of --user NAME from the first line of FILE",
     )
     serve.add_argument(
         "--drain-timeout",
         metavar="SECONDS",
         default=str(DEFAULT_DRAIN_TIMEOUT),
-        help=f"on SIGTERM, wait this long for connections (default {DEFAULT_DRAIN_TIMEOUT:g})",
+        help=f"on SIGTERM/SIGINT, wait this long for relayed connections (default {DEFAULT_DRAIN_TIMEOUT:g})",
     )
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error", "critical"],
+        help="log level (default: [server] log_level of the config, info)",
+    )
     serve.set_defaults(handler=_cmd_serve, command_parser=serve)
 
-    check = commands.add_parser("check-config", help="validate a configuration file")
-    check.add_argument("file", metavar="FILE")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration file",
+        description="Validate a configuration file as serve would load it, and check that its "
+        "listen addresses exist on this host. Exit 0 when valid (an open-proxy warning may "
+        "be printed), 2 with one sentence naming the key otherwise.",
+    )
+    check.add_argument("file", metavar="FILE", help="the TOML configuration file")
     check.set_defaults(handler=_cmd_check_config, command_parser=check)
 
-    hashing = commands.add_parser("hash-password", help="print the scrypt hash of a password read from stdin")
+    hashing = commands.add_parser(
+        "hash-password",
+        help="print the scrypt hash of a password, for [users]",
+        description='Print the scrypt hash of a password (for NAME = "scrypt$..." in [users]). '
+        "At a terminal it asks twice; otherwise it reads the first line of stdin.",
+    )
     hashing.set_defaults(handler=_cmd_hash_password, command_parser=hashing)
 
     # Listed for --help only: main() hands `bench ...` to socks6fast.bench, which parses its own options.

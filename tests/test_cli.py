@@ -290,10 +290,12 @@ IN_NETNS = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
 
 
 @contextlib.asynccontextmanager
-async def serve(*args: str, netns: bool = False) -> AsyncIterator[ServeProcess]:
+async def serve(
+    *args: str, netns: bool = False, env: dict[str, str] | None = None
+) -> AsyncIterator[ServeProcess]:
     prefix = IN_NETNS if netns else []
     process = await asyncio.create_subprocess_exec(
-        *prefix, *COMMAND, "serve", *args, env=ENV, cwd=ROOT, stderr=asyncio.subprocess.PIPE
+        *prefix, *COMMAND, "serve", *args, env=env or ENV, cwd=ROOT, stderr=asyncio.subprocess.PIPE
     )
     proc = ServeProcess(process)
     try:
