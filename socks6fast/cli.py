@@ -114,12 +114,12 @@ def _gather_users(args: argparse.Namespace) -> dict[str, str]:
                 f"{source} holds one password, for one --user NAME; put several users in [users] "
                 "of a --config file (socks6fast hash-password)"
             )
-        password = _password_from_file(args.password_file) if args.password_file is not None else None
-        if password is None:
-            password = os.environ[PASSWORD_ENV]
-            if not password:
-                raise _Fail(f"--user {bare[0]}: ${PASSWORD_ENV} is empty")
-        users[bare[0]] = password
+        if args.password_file is not None:
+            users[bare[0]] = _password_from_file(args.password_file)
+        elif os.environ[PASSWORD_ENV]:
+            users[bare[0]] = os.environ[PASSWORD_ENV]
+        else:
+            raise _Fail(f"--user {bare[0]}: ${PASSWORD_ENV} is empty")
         return users
     if not sys.stdin.isatty():
         raise _Fail(

@@ -28,8 +28,12 @@ __all__ = [
     "DEFAULT_TFO_QUEUE",
     "TCPI_OPT_SYN_DATA",
     "TCP_FASTOPEN_CONNECT",
+    "TFO_CLIENT",
+    "TFO_SERVER",
+    "TFO_SYSCTL",
     "enable_tfo_connect",
     "enable_tfo_listener",
+    "server_tfo_notice",
     "tfo_syn_data_acked",
 ]
 
@@ -44,6 +48,12 @@ TCP_FASTOPEN_CONNECT: Final[int | None] = getattr(
 TCPI_OPT_SYN_DATA: Final = 0x20
 #: Listen queue length for pending TFO requests on a listening socket.
 DEFAULT_TFO_QUEUE: Final = 256
+#: Where Linux shows ``net.ipv4.tcp_fastopen`` (Documentation/networking/ip-sysctl.rst).
+#: `server_tfo_notice` reads the path it is given, so a test can point it at a file of its own.
+TFO_SYSCTL: Final = "/proc/sys/net/ipv4/tcp_fastopen"
+#: ``net.ipv4.tcp_fastopen`` bit 0x1: TFO as a client; 0x2: TFO as a server (accept SYN data).
+TFO_CLIENT: Final = 0x1
+TFO_SERVER: Final = 0x2
 _TCP_INFO_OPTIONS_OFFSET: Final = 5  # u8 tcpi_state, ca_state, retransmits, probes, backoff, options
 _TCP_INFO_MIN_LENGTH: Final = 8
 
@@ -83,6 +93,33 @@ def enable_tfo_listener(sock: socket.socket, queue: int = DEFAULT_TFO_QUEUE) -> 
     except (OSError, AttributeError):
         return False
     return True
+
+
+def server_tfo_notice(path: str = TFO_SYSCTL) -> str | None:
+    """One sentence for the start-up log when the kernel accepts no data in the SYN.
+
+    The listeners always ask for TFO (TRN-01), but without bit 0x2 of ``net.ipv4.tcp_fastopen``
+    the kernel ignores it and a client's Request waits one round trip (issue 14 item 5).
+
+    Args:
+        path: the sysctl file (`TFO_SYSCTL`); where it cannot be read (not Linux, no /proc)
+            nothing is said.
+
+    Returns:
+        The notice, or None when the server side is on or the value is unknown.
+    """
+    try:
+        with open(path, encoding="ascii") as file:
+            value = int(file.read().split()[0], 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    if value & TFO_SERVER:
+        return None
+    return (
+        f"TCP Fast Open is off on the server side (net.ipv4.tcp_fastopen = {value}, bit 2 unset): "
+        f"clients' SOCKS requests sent in the SYN wait one round trip; turn it on with "
+        f"sysctl -w net.ipv4.tcp_fastopen={value | TFO_CLIENT | TFO_SERVER} (docs/tuning.md)"
+    )
 
 
 def tfo_syn_data_acked(sock: socket.socket) -> bool:

@@ -22,6 +22,10 @@ arrive, or closed at once when `REFUSAL_SLOTS` refusals are already in progress;
 itself fails for lack of descriptors, a spare descriptor is given up to accept and close the
 client at once. These conditions are counted and logged at most once per
 `PRESSURE_LOG_INTERVAL`, with the counts (`_Pressure`).
+
+TCP Fast Open (issue 14 item 5): every listener asks for TFO (TRN-01), which the kernel
+ignores without bit 2 of ``net.ipv4.tcp_fastopen``; `Server.start` then logs one notice
+saying so and what to set (`socks6fast.net.tfo.server_tfo_notice`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from ...dataplane.relayer import Relayer
 from ...dataplane.resources import DescriptorPlan
 from ...net.localaddr import read_local_addresses
 from ...net.stackopts import enable_tfo_listener
+from ...net.tfo import TFO_SYSCTL, server_tfo_notice
 from ...proto.associations import AssociationTable
 from ...proto.auth import FailedAuthLimiter, UserStore
 from ...proto.limits import ConnectionLimiter
@@ -79,6 +84,9 @@ LISTEN_BACKLOG = 1024
 UDP_PAIR_ATTEMPTS = 16
 #: Finished-connection records kept for inspection (`Server.records`).
 MAX_RECORDS = 1024
+#: The ``net.ipv4.tcp_fastopen`` file read for the start-up TFO notice (a test points it at
+#: a file of its own rather than change the host's sysctl).
+TFO_SYSCTL_PATH = TFO_SYSCTL
 
 
 def _sockname(sock: socket.socket) -> tuple[str, int]:
@@ -377,6 +385,9 @@ class Server:
             log.info("listening on %s (%s)", format_address(*_sockname(sock)), kind)
         self._warn_about_exposure(self._config)
         log.info("relay path: %s", self._describe_relay())
+        notice = server_tfo_notice(TFO_SYSCTL_PATH)  # every listener asks for TFO (TRN-01)
+        if notice is not None:
+            log.info("%s", notice)
         plan = self._fd_plan
         log.info(
             "descriptors: limit %d (hard %d), max_connections %d, %s",
