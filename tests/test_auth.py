@@ -199,7 +199,7 @@ def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_scrypt_matches_the_rfc_7914_test_vector() -> None:
-    """AUTH-05: the scrypt of `ScryptHash.derive` is RFC 7914's (section 12, third vector)."""
+    """The scrypt of `ScryptHash.derive` is RFC 7914's (section 12, third vector)."""
     vector = auth.ScryptHash(n=1024, r=8, p=16, salt=b"NaCl", digest=bytes(64))
     assert vector.derive(b"password").hex() == (
         "fdbabe1c9d3472007856e7190d01e9fe7c6ad7cbc8237830e77376634b373162"
@@ -208,7 +208,7 @@ def test_scrypt_matches_the_rfc_7914_test_vector() -> None:
 
 
 def test_hashes_made_with_cryptography_still_verify() -> None:
-    """AUTH-05: hashes written before issue 14 (by cryptography's Scrypt) verify unchanged,
+    """Hashes written before issue 14 (by cryptography's Scrypt) verify unchanged,
     with the default and other parameters, and a wrong password still fails."""
     scrypt_kdf = pytest.importorskip("cryptography.hazmat.primitives.kdf.scrypt")
     for n, r, p in ((2**14, 8, 1), (2**8, 8, 1), (2**10, 4, 2)):

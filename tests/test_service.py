@@ -139,7 +139,7 @@ def test_low_descriptor_limit_is_raised_and_max_connections_warned(tmp_path: Pat
     ("value", "noticed"), [("0", True), ("1", True), ("2", False), ("3", False), ("0x403", False)]
 )
 def test_tfo_notice_reads_the_server_bit(tmp_path: Path, value: str, noticed: bool) -> None:
-    """TRN-01: the notice is given exactly when bit 2 (server) of net.ipv4.tcp_fastopen is unset."""
+    """The notice is given exactly when bit 2 (server) of net.ipv4.tcp_fastopen is unset."""
     sysctl = tmp_path / "tcp_fastopen"
     sysctl.write_text(f"{value}\n")
     notice = server_tfo_notice(str(sysctl))
@@ -160,7 +160,7 @@ async def test_serve_gives_the_tfo_notice_at_start_up(
     value: str,
     noticed: bool,
 ) -> None:
-    """TRN-01, issue 14 item 5: a proxy whose kernel does not accept data in the SYN says so,
+    """Issue 14 item 5: a proxy whose kernel does not accept data in the SYN says so,
     once, at start-up (the sysctl is read from a file of the test)."""
     sysctl = tmp_path / "tcp_fastopen"
     sysctl.write_text(f"{value}\n")
