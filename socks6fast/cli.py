@@ -40,7 +40,9 @@ import ssl
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__
+# Absolute: the package's __init__ ("" in tests/test_layers.py), not a module named __version__.
+from socks6fast import __version__
+
 from .asyncio.server import Server
 from .asyncio.server.logs import JsonFormatter
 from .config import Config, ConfigError, default_config, load_config, parse_user_option

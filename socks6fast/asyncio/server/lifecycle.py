@@ -385,9 +385,6 @@ class Server:
             log.info("listening on %s (%s)", format_address(*_sockname(sock)), kind)
         self._warn_about_exposure(self._config)
         log.info("relay path: %s", self._describe_relay())
-        notice = server_tfo_notice(TFO_SYSCTL_PATH)  # every listener asks for TFO (TRN-01)
-        if notice is not None:
-            log.info("%s", notice)
         plan = self._fd_plan
         log.info(
             "descriptors: limit %d (hard %d), max_connections %d, %s",
@@ -407,6 +404,9 @@ class Server:
             log.info("UDP ASSOCIATE is turned off ([udp] enabled = false)")
         if self._config.udp.dtls_port is not None:
             log.warning("udp.dtls_port is set, but DTLS is not served yet: no DTLS port is opened")
+        notice = server_tfo_notice(TFO_SYSCTL_PATH)  # every listener asks for TFO (TRN-01)
+        if notice is not None:
+            log.info("%s", notice)
 
     def _add_listener(self, sock: socket.socket, tls: bool, index: int) -> None:
         self._listeners.append((sock, tls))
