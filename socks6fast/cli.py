@@ -309,7 +309,9 @@ _SERVE_EPILOG = f"""\
 configuration file (TOML; every key optional; examples/socks6fast.toml explains each one):
   default_action = "allow" | "deny"       decision when no [[rules]] entry matches
   [server]   listen, tls_listen, tls_certificate, tls_key, max_connections, timeouts,
-             relay_workers, log_level, limits on password checks
+             relay_workers, log_level, log_format ("text" or "json"), limits on password
+             checks, min_bind_port
+  [admin]    listen = "127.0.0.1:9180": Prometheus /metrics and /healthz (off unless set)
   [users]    NAME = "scrypt$..."          (socks6fast hash-password makes the hash)
   [sessions] SOCKS 6 sessions and idempotence tokens
   [[rules]]  action, users, clients, commands, destinations (first match decides)
