@@ -316,6 +316,7 @@ configuration file (TOML; every key optional; examples/socks6fast.toml explains 
   [sessions] SOCKS 6 sessions and idempotence tokens
   [[rules]]  action, users, clients, commands, destinations (first match decides)
   [udp]      UDP ASSOCIATE settings
+  [limits]   connections, connection rate and bandwidth per user and per client address
   Without --config the built-in default applies: listen on 127.0.0.1:1080, no users,
   every destination allowed.
 
