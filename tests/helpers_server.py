@@ -204,6 +204,11 @@ class SinkConnection:
     eof: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def _close_accepted(accept: asyncio.Future[tuple[socket.socket, Any]]) -> None:
+    if not accept.cancelled() and accept.exception() is None:
+        accept.result()[0].close()
+
+
 class Sink:
     """A loopback server standing in for the remote host.
 
@@ -266,7 +271,16 @@ class Sink:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, addr = await loop.sock_accept(self.sock)
+            # Cancelled between the accept and this task resuming, the accepted socket would
+            # be dropped unclosed (a ResourceWarning in some later test): the accept runs as
+            # its own future, and one cancelled too late closes what it accepted.
+            accept = asyncio.ensure_future(loop.sock_accept(self.sock))
+            try:
+                conn, addr = await asyncio.shield(accept)
+            except asyncio.CancelledError:
+                accept.add_done_callback(_close_accepted)
+                accept.cancel()
+                raise
             task = loop.create_task(self._serve(conn, (str(addr[0]), int(addr[1]))))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
