@@ -264,3 +264,9 @@ class UdpDrop(IntEnum):
     TOO_BIG = 15
     #: The association's destination or name table is full.
     TABLE_FULL = 16
+    #: A datagram from a DTLS channel that carried no valid application record: not whole
+    #: DTLS records (garbage, truncated), or a record OpenSSL discarded (bad MAC, replay).
+    RECORD = 17
+    #: To the client of an association whose channel (``UdpEngine.add_channel``) ended
+    #: before it (D25): the datagram has nowhere to go.
+    NO_CHANNEL = 18

@@ -25,12 +25,24 @@ from collections import deque
 from collections.abc import Sequence
 from types import TracebackType
 
+from OpenSSL import SSL
+
 from ..constants import AddressType, RelayEnd, ReplyCode, UdpDrop
 from ..errors import WireError
+from ..net import dtls as _dtls
 from ..proto.codec import decode_datagram_header, encode_datagram_header
 from ..proto.messages import DatagramHeader
 from ..proto.socks5 import Socks5UDPHeader, decode_udp_header, encode_udp_header
-from .udp_types import UdpAsk, UdpConfirmed, UdpEnded, UdpEvent, UdpResolve, icmp_error_code
+from .udp_types import (
+    DTLSLink,
+    UdpAsk,
+    UdpChannelEnded,
+    UdpConfirmed,
+    UdpEnded,
+    UdpEvent,
+    UdpResolve,
+    icmp_error_code,
+)
 
 __all__ = ["UdpEngine"]
 
@@ -64,7 +76,9 @@ _CONTROL_SPACE = 128
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 
 _ALLOW, _DENY, _PENDING = 1, 2, 3
-_UNMAPPED, _MAPPED_UDP, _MAPPED_TCP = 0, 1, 2
+_UNMAPPED, _MAPPED_UDP, _MAPPED_TCP, _MAPPED_CHANNEL = 0, 1, 2, 3
+#: Largest DTLS record body (RFC 6347 section 4.1: 2^14 + 2048).
+_MAX_RECORD = _dtls.RECORD_HEADER + _dtls.MAX_RECORD_BODY
 
 Key = tuple[int, bytes, int]  # (4 or 6, 4 or 16 address bytes, port)
 Held = tuple[int, str, int, bytes]  # (address type, address, port, payload) as the client named it
@@ -130,6 +144,40 @@ class _Port:
         self.wildcard = self.name is not None and self.name[1] == bytes(len(self.name[1]))
 
 
+class _Channel:
+    """A connected UDP socket towards one client 5-tuple (``add_channel``; issue 11)."""
+
+    __slots__ = (
+        "cid",
+        "sock",
+        "ssl",
+        "link",
+        "limit",
+        "peer",
+        "peer_key",
+        "assoc",
+        "datagrams_in",
+        "datagrams_out",
+        "drops",
+        "timer",
+        "live",
+    )
+
+    def __init__(self, cid: int, sock: socket.socket, link: DTLSLink | None, limit: int) -> None:
+        self.cid = cid
+        self.sock = sock
+        self.link = link  # keeps the Connection alive until the channel ends
+        self.ssl: SSL.Connection | None = None if link is None else link.connection  # type: ignore[assignment]
+        self.limit = limit  # largest message sent on it (DTLS: plaintext that fits the MTU)
+        peer = sock.getpeername()
+        self.peer: tuple[str, int] = (peer[0], peer[1])
+        self.peer_key = _key_of(peer)
+        self.assoc: _Assoc | None = None
+        self.datagrams_in = self.datagrams_out = self.drops = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.live = True
+
+
 class _Assoc:
     """One association (the fields of the native engine's Assoc struct)."""
 
@@ -147,6 +195,7 @@ class _Assoc:
         self.client: tuple[object, ...] = ()
         self.client_key: Key | None = None
         self.local: bytes | None = None  # the proxy's address of the mapping (wildcard ports)
+        self.channel: _Channel | None = None  # _MAPPED_CHANNEL: the channel (it may have ended, D25)
         self.local_ifindex = 0
         self.want: tuple[int, bytes] | None = None
         self.want_port = 0
@@ -204,6 +253,8 @@ class UdpEngine:
         self._drops = dict.fromkeys(sorted(UdpDrop, key=int), 0)
         self._assocs: dict[bytes, _Assoc] = {}
         self._ports: list[_Port] = []
+        self._channels: dict[int, _Channel] = {}
+        self._last_channel = 0  # channel ids count up and are never reused
         self._closed = False
         self._signalled = False
         self._wake_r: socket.socket | None = None
@@ -274,6 +325,40 @@ class UdpEngine:
         for port in ports:
             self._ports.append(port)
             self._loop.add_reader(port.sock.fileno(), self._on_client, port, None)
+
+    def add_channel(self, fd: int, dtls: DTLSLink | None = None) -> int:
+        """A client's own channel (a DTLS connection's 5-tuple; the contract in
+        ``dataplane/udp.py``): the engine owns ``fd`` from the call on and returns the
+        channel's id (a counter, never reused)."""
+        self._check_open()
+        fd = int(fd)
+        limit = _MAX_MESSAGE
+        if dtls is not None:
+            if not isinstance(dtls, DTLSLink) or not isinstance(dtls.connection, SSL.Connection):
+                raise ValueError("dtls must be a DTLSLink of an OpenSSL.SSL.Connection")
+            limit = _dtls_limit(dtls)
+        sock = self._dgram(fd)
+        try:
+            sock.setblocking(False)
+            channel = _Channel(self._last_channel + 1, sock, dtls, limit)
+        except OSError as exc:
+            sock.detach()  # the caller still owns it
+            raise ValueError(f"fd {fd} is not a connected UDP socket ({exc.strerror or exc})") from None
+        except BaseException:
+            sock.detach()
+            raise
+        self._last_channel = channel.cid
+        self._channels[channel.cid] = channel
+        self._loop.add_reader(sock.fileno(), self._on_channel, channel)
+        if self._first > 0:
+            channel.timer = self._loop.call_later(self._first, self._channel_expire, channel)
+        return channel.cid
+
+    def remove_channel(self, channel: int) -> None:
+        """End a channel now (``UdpChannelEnded`` "removed"); unknown or ended ids are ignored."""
+        ch = self._channels.get(int(channel))
+        if ch is not None and not self._closed:
+            self._end_channel(ch, "removed", notify=True)
 
     def add(
         self,
@@ -409,6 +494,8 @@ class UdpEngine:
     def close(self) -> None:
         if self._closed:
             return
+        for ch in list(self._channels.values()):
+            self._end_channel(ch, "removed", notify=True)
         for a in list(self._assocs.values()):
             self._end(a, RelayEnd.SHUTDOWN, "")
         for port in self._ports:
@@ -469,6 +556,8 @@ class UdpEngine:
                     self._loop.remove_writer(sock.fileno())
             sock.close()
         a.tcp = None
+        if a.channel is not None and a.channel.live:
+            self._end_channel(a.channel, "association ended", notify=True)
         self._event(
             UdpEnded(
                 a.aid,
@@ -483,6 +572,31 @@ class UdpEngine:
                 a.icmp_reported,
             )
         )
+
+    def _end_channel(self, ch: _Channel, cause: str, *, notify: bool) -> None:
+        """Close a channel and report it; ``notify``: tell a DTLS peer with a close_notify."""
+        if not ch.live:
+            return
+        ch.live = False
+        self._channels.pop(ch.cid, None)
+        if ch.timer is not None:
+            ch.timer.cancel()
+            ch.timer = None
+        if notify and ch.ssl is not None:
+            try:
+                ch.ssl.shutdown()
+            except SSL.Error:
+                pass
+            self._flush_records(ch)
+        if ch.sock.fileno() >= 0:
+            self._loop.remove_reader(ch.sock.fileno())
+        ch.sock.close()
+        self._event(UdpChannelEnded(ch.cid, cause, ch.datagrams_in, ch.datagrams_out, ch.drops))
+
+    def _channel_expire(self, ch: _Channel) -> None:
+        ch.timer = None
+        if ch.live and ch.assoc is None:
+            self._end_channel(ch, "unmapped", notify=True)
 
     def _expire(self, a: _Assoc) -> None:
         if a.live and a.state == _UNMAPPED:
@@ -588,7 +702,7 @@ class UdpEngine:
         if header.association_id != a.aid:
             self._drop(a, UdpDrop.UNKNOWN_ASSOCIATION)
             return
-        if a.state == _MAPPED_UDP:
+        if a.state in (_MAPPED_UDP, _MAPPED_CHANNEL):
             self._drop(a, UdpDrop.MAPPING)
             return
         payload = message[hlen:]
@@ -624,7 +738,8 @@ class UdpEngine:
         client = None
         if not over_tcp and a.client_key is not None:
             client = (_text(a.client_key[0], a.client_key[1]), a.client_key[2])
-        self._event(UdpConfirmed(a.aid, over_tcp, client, server_mode))
+        channel = a.channel.cid if a.channel is not None else -1
+        self._event(UdpConfirmed(a.aid, over_tcp, client, server_mode, channel))
         if not a.socks5:
             self._send_control(a, bytes((6, 2, 0, 12)) + a.aid)
 
@@ -840,6 +955,170 @@ class UdpEngine:
             for atyp, address, port, payload in self._take_held(a):
                 self._to_remote(a, atyp, address, port, payload)
 
+    # -- channels (add_channel: a DTLS connection's 5-tuple, issue 11) -------------------
+
+    def _on_channel(self, ch: _Channel) -> None:
+        for _ in range(_READS_PER_CALLBACK):
+            if not ch.live:
+                return
+            try:
+                data = ch.sock.recv(_MAX_RECORD if ch.ssl is not None else self._max + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # ECONNREFUSED of an earlier send (the client's port closed), once
+            if ch.ssl is None:
+                if len(data) > self._max:
+                    self._channel_drop(ch, None, UdpDrop.TOO_BIG)
+                    continue
+                ch.datagrams_in += 1
+                self._channel_datagram(ch, data)
+            else:
+                self._channel_records(ch, ch.ssl, data)
+
+    def _channel_records(self, ch: _Channel, ssl: SSL.Connection, data: bytes) -> None:
+        """One datagram of DTLS records: decrypt it, relay each plaintext, answer the rest.
+
+        Only whole records go to OpenSSL (a memory BIO is a byte stream: a cut record would
+        be joined to the next datagram's bytes). OpenSSL itself discards records that fail
+        their MAC or replay check (RFC 6347 section 4.1.2.7), which shows as fewer plaintexts
+        than application records: those are counted as ``RECORD`` drops.
+        """
+        types = _dtls.split_records(data)
+        if types is None:
+            self._channel_drop(ch, None, UdpDrop.RECORD)
+            return
+        ssl.bio_write(data)
+        application = types.count(_dtls.CT_APPLICATION_DATA)
+        delivered = 0
+        for _ in types:
+            try:
+                plaintext = ssl.recv(_MAX_MESSAGE)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._flush_records(ch)
+                self._end_channel(ch, "closed by peer", notify=False)
+                return
+            except SSL.Error as exc:
+                self._flush_records(ch)  # our alert, if OpenSSL wrote one
+                self._end_channel(ch, f"closed by peer ({_dtls._ssl_reason(exc)})", notify=False)
+                return
+            delivered += 1
+            ch.datagrams_in += 1
+            self._channel_datagram(ch, plaintext)
+            if not ch.live:
+                return
+        if delivered < application:
+            for _ in range(application - delivered):
+                self._channel_drop(ch, None, UdpDrop.RECORD)
+        if len(types) != application:
+            # A retransmitted final flight of the client (its Finished) makes OpenSSL write
+            # ours again: send what the read wrote (RFC 6347 section 4.2.4).
+            self._flush_records(ch)
+
+    def _flush_records(self, ch: _Channel) -> None:
+        """Send what OpenSSL wrote to the channel's outgoing BIO (records cut at the MTU)."""
+        if ch.ssl is None or ch.link is None:
+            return
+        stream = _dtls._drain(ch.ssl)
+        if not stream:
+            return
+        for datagram in _dtls.pack_records(stream, ch.link.mtu):
+            try:
+                ch.sock.send(datagram)
+            except OSError:
+                return
+
+    def _channel_drop(self, ch: _Channel, a: _Assoc | None, reason: UdpDrop) -> None:
+        ch.drops += 1
+        self._drop(a, reason)
+
+    def _channel_datagram(self, ch: _Channel, data: bytes) -> None:
+        """One SOCKS 6 UDP message from a channel: the UDP port's rules (UDP-03, UDP-05),
+        with the channel as the 5-tuple."""
+        try:
+            header, hlen = decode_datagram_header(data)
+        except WireError as exc:
+            if exc.reply_code == ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED:
+                reason = UdpDrop.ADDRESS_TYPE
+            elif "truncated" in str(exc):
+                reason = UdpDrop.TRUNCATED
+            else:
+                reason = UdpDrop.MALFORMED
+            self._channel_drop(ch, None, reason)
+            return
+        if header.message_length > len(data):
+            self._channel_drop(ch, None, UdpDrop.LENGTH)  # UDP-05
+            return
+        a = self._assocs.get(header.association_id)
+        if a is None or a.socks5:
+            self._channel_drop(ch, None, UdpDrop.UNKNOWN_ASSOCIATION)
+            return
+        first = a.state == _UNMAPPED
+        if first:
+            if ch.assoc is not None:
+                # UDP-03: a channel carries the one association it was mapped to.
+                self._channel_drop(ch, a, UdpDrop.MAPPING)
+                return
+            key = ch.peer_key
+            if key is None or (a.want is not None and (key[0], key[1]) != a.want):
+                self._channel_drop(ch, a, UdpDrop.SOURCE)
+                return
+            if a.want_port and key[2] != a.want_port:
+                self._channel_drop(ch, a, UdpDrop.SOURCE)
+                return
+            a.state = _MAPPED_CHANNEL
+            a.channel = ch
+            a.client = ch.peer
+            a.client_key = key
+            ch.assoc = a
+            if ch.timer is not None:
+                ch.timer.cancel()
+                ch.timer = None
+        elif a.channel is not ch:
+            self._channel_drop(ch, a, UdpDrop.MAPPING)
+            return
+        payload = data[hlen : header.message_length]
+        probe = _is_probe(header, payload)
+        if probe:
+            a.server_mode = True
+        if first:
+            self._confirm(a, False, probe)
+            if not a.live:
+                return
+        if not probe:
+            self._to_remote(a, header.address_type, header.address, header.port, payload)
+
+    def _channel_send(self, a: _Assoc, ch: _Channel, message: bytes) -> bool:
+        if len(message) > ch.limit:
+            self._channel_drop(ch, a, UdpDrop.TOO_BIG)  # would not fit the channel's MTU
+            return False
+        ssl = ch.ssl
+        if ssl is None:
+            try:
+                ch.sock.send(message)
+            except OSError:
+                self._channel_drop(ch, a, UdpDrop.SEND_FAILED)
+                return False
+            ch.datagrams_out += 1
+            return True
+        try:
+            ssl.send(message)
+        except SSL.Error as exc:
+            self._channel_drop(ch, a, UdpDrop.SEND_FAILED)
+            self._flush_records(ch)
+            self._end_channel(ch, f"DTLS write failed: {_dtls._ssl_reason(exc)}", notify=False)
+            return False
+        record = _dtls._drain(ssl)
+        try:
+            ch.sock.send(record)
+        except OSError:
+            self._channel_drop(ch, a, UdpDrop.SEND_FAILED)
+            return False
+        ch.datagrams_out += 1
+        return True
+
     # -- remote -> client ----------------------------------------------------------------
 
     def _on_remote(self, a: _Assoc, remote: _Remote) -> None:
@@ -854,7 +1133,7 @@ class UdpEngine:
                 return
             except OSError:
                 continue  # a pending ICMP error returned once (IP_RECVERR): read on
-            if a.state == _UNMAPPED or (a.state == _MAPPED_UDP and a.tx):
+            if a.state == _UNMAPPED or (a.state != _MAPPED_TCP and a.tx):
                 # UDP-04: nothing goes to the client before the Confirmation is out.
                 self._drop(a, UdpDrop.UNCONFIRMED)
                 continue
@@ -894,6 +1173,12 @@ class UdpEngine:
     def _to_client(self, a: _Assoc, message: bytes) -> bool:
         if a.state == _MAPPED_TCP:
             return self._send_message(a, message)
+        if a.state == _MAPPED_CHANNEL:
+            ch = a.channel
+            if ch is None or not ch.live:
+                self._drop(a, UdpDrop.NO_CHANNEL)  # D25: the channel ended before the association
+                return False
+            return self._channel_send(a, ch, message)
         port = a.map_port
         if port is None:
             return False
@@ -942,6 +1227,20 @@ class UdpEngine:
                     sent = self._to_client(a, message)
                 if sent:
                     a.icmp_reported += 1
+
+
+def _dtls_limit(link: DTLSLink) -> int:
+    """The largest message one record of ``link`` carries within its MTU (the record
+    header, explicit nonce and tag of the negotiated suite subtracted by OpenSSL)."""
+    if not 256 <= link.mtu <= _MAX_MESSAGE:
+        raise ValueError(f"DTLSLink.mtu must be in 256..{_MAX_MESSAGE}, got {link.mtu}")
+    ssl = link.connection
+    assert isinstance(ssl, SSL.Connection)
+    ssl.set_ciphertext_mtu(link.mtu)
+    limit = ssl.get_cleartext_mtu()
+    if limit <= 0:
+        raise ValueError("the DTLS connection is not established (no cipher suite yet)")
+    return min(limit, _dtls.MAX_PLAINTEXT)
 
 
 def _check_id(association_id: object) -> bytes:

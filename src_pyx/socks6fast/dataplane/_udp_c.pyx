@@ -276,7 +276,9 @@ cdef enum:
     D_FILTERED = 14
     D_TOO_BIG = 15
     D_TABLE_FULL = 16
-    NDROPS = 17
+    D_RECORD = 17
+    D_NO_CHANNEL = 18
+    NDROPS = 19
 
 cdef enum:
     EP_PORT = 1     # a SOCKS 6 client-facing port socket (shared by associations)
