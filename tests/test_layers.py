@@ -55,7 +55,9 @@ LAYERS: list[set[str]] = [
     {"proto.client_flow"},
     {"net.tfo"},
     {"net.url", "net.stackopts", "net.localaddr", "net", "config"},
-    {"dataplane._engine"},  # inline helpers both native engines cimport (a .pxd only)
+    # inline helpers both native engines cimport, and the OpenSSL function types of DTLS
+    # channels (each a .pxd only)
+    {"dataplane._engine", "dataplane._openssl"},
     # DTLS over memory BIOs (pyOpenSSL): sans-IO in shape, in net/ so that proto/ never imports
     # OpenSSL; above config (its limits come from the [udp] table).
     {"net.dtls"},

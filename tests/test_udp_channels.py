@@ -174,8 +174,9 @@ async def test_channel_ids_count_up_and_are_never_reused(ch_harness: ChannelHarn
 
 @pytest.mark.conformance("UDP-03")
 async def test_channel_drops_another_association_udp03(ch_harness: ChannelHarness) -> None:
-    """UDP-03: a channel mapped to A drops a datagram naming B (MAPPING; B stays unmapped
-    and maps later on its own 5-tuple) and one naming no association (UNKNOWN_ASSOCIATION)."""
+    """UDP-03: a channel mapped to A drops a datagram naming B or naming no association
+    (MAPPING; B stays unmapped and maps later on its own 5-tuple); on a channel nothing is
+    mapped to yet, an ID naming no association is UNKNOWN_ASSOCIATION."""
     h = ch_harness
     a = h.add()
     b = h.add()
@@ -184,7 +185,11 @@ async def test_channel_drops_another_association_udp03(ch_harness: ChannelHarnes
     ch.client.send(dgram(b.aid, *h.echo.address, b"b on a's channel"))
     await h.drops(UdpDrop.MAPPING, 1)
     ch.client.send(dgram(os.urandom(8), *h.echo.address, b"nobody"))
-    await h.drops(UdpDrop.UNKNOWN_ASSOCIATION, 1)
+    await h.drops(UdpDrop.MAPPING, 2)
+    fresh = h.add_channel()
+    for last in range(4):  # IDs of both workers of the native engine
+        fresh.client.send(dgram(os.urandom(7) + bytes([last]), *h.echo.address, b"nobody"))
+    await h.drops(UdpDrop.UNKNOWN_ASSOCIATION, 4)
     assert await silent(ch.client)
     assert not any(isinstance(e, UdpConfirmed) and e.association_id == b.aid for e in h.drain())
     assert await h.echo_through(b, b"b on the port") == b"b on the port"

@@ -334,9 +334,9 @@ class UdpEngine:
         fd = int(fd)
         limit = _MAX_MESSAGE
         if dtls is not None:
-            if not isinstance(dtls, DTLSLink) or not isinstance(dtls.connection, SSL.Connection):
-                raise ValueError("dtls must be a DTLSLink of an OpenSSL.SSL.Connection")
-            limit = _dtls_limit(dtls)
+            if not isinstance(dtls, DTLSLink):
+                raise ValueError("dtls must be a DTLSLink or None")
+            limit = _dtls.channel_limit(dtls.connection, dtls.mtu)
         sock = self._dgram(fd)
         try:
             sock.setblocking(False)
@@ -1051,16 +1051,17 @@ class UdpEngine:
         if header.message_length > len(data):
             self._channel_drop(ch, None, UdpDrop.LENGTH)  # UDP-05
             return
+        if ch.assoc is not None and header.association_id != ch.assoc.aid:
+            # UDP-03: a channel carries the one association it was mapped to (not looked up:
+            # the native engine cannot see other workers' associations).
+            self._channel_drop(ch, None, UdpDrop.MAPPING)
+            return
         a = self._assocs.get(header.association_id)
         if a is None or a.socks5:
             self._channel_drop(ch, None, UdpDrop.UNKNOWN_ASSOCIATION)
             return
         first = a.state == _UNMAPPED
         if first:
-            if ch.assoc is not None:
-                # UDP-03: a channel carries the one association it was mapped to.
-                self._channel_drop(ch, a, UdpDrop.MAPPING)
-                return
             key = ch.peer_key
             if key is None or (a.want is not None and (key[0], key[1]) != a.want):
                 self._channel_drop(ch, a, UdpDrop.SOURCE)
@@ -1227,20 +1228,6 @@ class UdpEngine:
                     sent = self._to_client(a, message)
                 if sent:
                     a.icmp_reported += 1
-
-
-def _dtls_limit(link: DTLSLink) -> int:
-    """The largest message one record of ``link`` carries within its MTU (the record
-    header, explicit nonce and tag of the negotiated suite subtracted by OpenSSL)."""
-    if not 256 <= link.mtu <= _MAX_MESSAGE:
-        raise ValueError(f"DTLSLink.mtu must be in 256..{_MAX_MESSAGE}, got {link.mtu}")
-    ssl = link.connection
-    assert isinstance(ssl, SSL.Connection)
-    ssl.set_ciphertext_mtu(link.mtu)
-    limit = ssl.get_cleartext_mtu()
-    if limit <= 0:
-        raise ValueError("the DTLS connection is not established (no cipher suite yet)")
-    return min(limit, _dtls.MAX_PLAINTEXT)
 
 
 def _check_id(association_id: object) -> bytes:

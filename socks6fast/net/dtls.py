@@ -842,3 +842,24 @@ def proxy_dtls_context(proxy_dtls: SSL.Context | bool | None) -> SSL.Context:
     if proxy_dtls is None or proxy_dtls is True:
         return dtls_client_context()
     return proxy_dtls
+
+
+def channel_limit(connection: object, mtu: int) -> int:
+    """The largest SOCKS 6 message one record of the established DTLS ``connection`` carries
+    in a datagram of at most ``mtu`` bytes (OpenSSL subtracts the record header, explicit
+    nonce and tag of the negotiated suite); sets the connection's ciphertext MTU. Both UDP
+    engines call it in ``add_channel`` (issue 11).
+
+    Raises:
+        ValueError: not a pyOpenSSL Connection, not established, or ``mtu`` outside
+            256..65535.
+    """
+    if not isinstance(connection, SSL.Connection):
+        raise ValueError("DTLSLink.connection must be an OpenSSL.SSL.Connection")
+    if not 256 <= mtu <= 65535:
+        raise ValueError(f"DTLSLink.mtu must be in 256..65535, got {mtu}")
+    connection.set_ciphertext_mtu(mtu)
+    limit = connection.get_cleartext_mtu()
+    if limit <= 0 or connection.get_cipher_name() is None:
+        raise ValueError("the DTLS connection is not established (no cipher suite yet)")
+    return min(limit, MAX_PLAINTEXT)

@@ -119,7 +119,7 @@ from libc.errno cimport (
     EPIPE,
     errno,
 )
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
@@ -129,6 +129,18 @@ from socks6fast.dataplane._engine cimport (
     open_worker_loop,
     start_worker_thread,
     wake_fd,
+)
+from socks6fast.dataplane._openssl cimport (
+    SSL_ERROR_WANT_READ,
+    SSL_ERROR_ZERO_RETURN,
+    OpenSSLApi,
+    bio_read_t,
+    bio_write_t,
+    err_clear_error_t,
+    ssl_get_error_t,
+    ssl_read_t,
+    ssl_shutdown_t,
+    ssl_write_t,
 )
 from socks6fast.includes.linux cimport (
     AF_INET,
@@ -213,6 +225,7 @@ from socks6fast.includes.linux cimport (
     recvmmsg,
     recvmsg,
     sendmmsg,
+    send,
     sendmsg,
     setsockopt,
     sock_extended_err,
@@ -241,7 +254,9 @@ from socks6fast.constants import RelayEnd, UdpDrop
 from socks6fast.dataplane.udp_types import (
     ICMP6_ERROR_CODES,
     ICMP_ERROR_CODES,
+    DTLSLink,
     UdpAsk,
+    UdpChannelEnded,
     UdpConfirmed,
     UdpEnded,
     UdpResolve,
@@ -276,7 +291,7 @@ cdef enum:
     D_FILTERED = 14
     D_TOO_BIG = 15
     D_TABLE_FULL = 16
-    D_RECORD = 17
+    D_RECORD = 17  # a channel's datagram with no valid DTLS application record
     D_NO_CHANNEL = 18
     NDROPS = 19
 
@@ -285,11 +300,13 @@ cdef enum:
     EP_S5 = 2       # a SOCKS 5 association's client-facing socket
     EP_REMOTE = 3   # a remote-facing socket
     EP_TCP = 4      # the association's TCP connection
+    EP_CHANNEL = 5  # a channel (add_channel): a socket connected to one client, maybe DTLS
 
 cdef enum:
     ST_UNMAPPED = 0
     ST_UDP = 1      # mapped to a UDP 5-tuple
     ST_TCP = 2      # mapped to the TCP connection (UDP over TCP)
+    ST_CHANNEL = 3  # mapped to a channel (a DTLS connection); it may have ended first (D25)
 
 cdef enum:
     V_ALLOW = 1
@@ -306,11 +323,13 @@ cdef enum:
     EV_ASK = 2
     EV_RESOLVE = 3
     EV_ENDED = 4
+    EV_CHANNEL_ENDED = 5
 
 cdef enum:
     CMD_VERDICT = 1
     CMD_RESOLVED = 2
     CMD_REMOVE = 3
+    CMD_REMOVE_CHANNEL = 4
 
 cdef enum:
     HEADROOM = 32           # largest Datagram Header the engine writes (IPv6 source)
@@ -346,9 +365,17 @@ cdef enum:
     ATYP_IPV4 = 1
     ATYP_DOMAIN = 3
     ATYP_IPV6 = 4
+    # DTLS records (RFC 6347 section 4.1): a 13-byte header; content types 20-25.
+    DTLS_HEADER = 13
+    DTLS_MAX_BODY = 18432   # 2^14 + 2048
+    CT_CHANGE_CIPHER_SPEC = 20
+    CT_APPLICATION_DATA = 23
+    CT_MAX = 25
+    DTLS_BUF = 65536        # records OpenSSL wrote (one flight, or one record per message)
 
 
 cdef struct Assoc  # forward declarations
+cdef struct Channel
 cdef struct Worker
 cdef struct Engine
 
@@ -359,7 +386,8 @@ cdef struct Endpoint:
     int family          # AF_INET or AF_INET6
     bint v6only         # AF_INET6 only: IPv4 destinations need an AF_INET socket
     bint wildcard       # bound to 0.0.0.0 / ::, so replies name their source with IP_PKTINFO
-    Assoc* assoc        # NULL for EP_PORT
+    Assoc* assoc        # NULL for EP_PORT and EP_CHANNEL
+    Channel* channel    # EP_CHANNEL only
 
 
 cdef struct Dest:
@@ -409,6 +437,7 @@ cdef struct Assoc:
     int nremote
     # The mapping (UDP-03): the channel, the client's address and the proxy's.
     Endpoint* map_ep
+    Channel* chan           # ST_CHANNEL: its channel, NULL once that ended (D25)
     sockaddr_storage client
     socklen_t client_len
     unsigned char client_family
@@ -457,8 +486,49 @@ cdef struct Assoc:
     Assoc* next             # inbox / teardown lists
 
 
+cdef struct Channel:
+    # A socket connected to one client 5-tuple (add_channel, issue 11): plaintext SOCKS 6
+    # messages, or DTLS records of an established connection whose SSL* this struct uses.
+    int id
+    Endpoint ep             # kind EP_CHANNEL
+    void* ssl               # SSL*, NULL for a plaintext channel
+    void* rbio              # the Connection's memory BIOs: records in,
+    void* wbio              # records out
+    int mtu                 # largest datagram of records sent
+    int limit               # largest message sent (DTLS: plaintext of one record within mtu)
+    unsigned char peer_family
+    unsigned char peer_addr[16]
+    unsigned int peer_port
+    sockaddr_storage peer
+    socklen_t peer_len
+    Assoc* assoc            # the association mapped to it (same worker), NULL before
+    uint64_t datagrams_in
+    uint64_t datagrams_out
+    uint64_t drops
+    bint ended
+    char cause[112]
+    # Under Engine.lock (Python and the workers): which worker houses it, whether that
+    # worker has adopted it, whether remove_channel asked for its end.
+    int owner
+    bint housed
+    bint remove_requested
+    # Worker-local: the worker's list of channels, and the unmapped ones by deadline.
+    bint listed
+    Channel* wprev
+    Channel* wnext
+    bint waiting
+    int64_t deadline_ms
+    Channel* cwprev
+    Channel* cwnext
+    Channel* next           # a worker's inbox
+    # A message handed over with the channel to its association's worker (migration).
+    unsigned char* pending
+    size_t pending_len
+
+
 cdef struct Cmd:
     int kind
+    int channel_id          # CMD_REMOVE_CHANNEL
     unsigned char aid[8]
     unsigned char family    # 4 or 6; 0 = a name that did not resolve
     unsigned char addr[16]
@@ -480,6 +550,8 @@ cdef struct Event:
     bint over_tcp
     bint server_mode
     Assoc* assoc            # EV_ENDED: the ended association, freed by drain()
+    Channel* channel        # EV_CHANNEL_ENDED: the ended channel, freed by drain()
+    int channel_id          # EV_CONFIRMED: the channel mapped to, -1 for none
     Event* next
 
 
@@ -500,6 +572,7 @@ cdef struct Worker:
     int wakefd
     pthread_mutex_t lock    # guards inbox, cmds, stop
     Assoc* inbox
+    Channel* chan_inbox     # channels added, or handed over by another worker
     Cmd* cmds
     bint stop
     # Everything below is touched by the worker thread only (and by teardown after join).
@@ -508,6 +581,11 @@ cdef struct Worker:
     unsigned int tcount
     Assoc* wait_head
     Assoc* wait_tail
+    Channel* chans          # the channels this worker houses
+    Channel* cwait_head     # the unmapped ones, by deadline
+    Channel* cwait_tail
+    unsigned char* dtlsout  # DTLS_BUF: records OpenSSL wrote, on their way out
+    unsigned char* dtlsin   # DTLS_BUF: plaintext read after a hand-over
     Event* ev_head
     Event* ev_tail
     int nended
@@ -595,6 +673,14 @@ if len(_DROP_MEMBERS) != NDROPS or [int(m) for m in _DROP_MEMBERS] != list(range
     raise ImportError("socks6fast.dataplane._udp_c: UdpDrop does not match the engine's drop reasons")
 if [int(m) for m in _END_MEMBERS] != [END_EOF, END_RESET, END_IDLE, END_ERROR, END_SHUTDOWN]:
     raise ImportError("socks6fast.dataplane._udp_c: RelayEnd does not match the engine's end reasons")
+
+
+cdef void strcpy_cause(char* out, const char* cause) noexcept nogil:
+    cdef int i = 0
+    while cause[i] != 0 and i < 111:
+        out[i] = cause[i]
+        i += 1
+    out[i] = 0
 
 
 cdef int icmp_lookup(bint v6, int icmp_type, int icmp_code) noexcept nogil:
@@ -1070,6 +1156,7 @@ cdef void confirm(Worker* w, Assoc* a, bint over_tcp, bint server_mode) noexcept
     if ev != NULL:
         ev.over_tcp = over_tcp
         ev.server_mode = server_mode
+        ev.channel_id = a.chan.id if a.chan != NULL else -1
         if not over_tcp:
             ev.family = a.client_family
             memcpy(ev.addr, a.client_addr, 16)
@@ -1109,6 +1196,8 @@ cdef void end_assoc(Worker* w, Assoc* a, int reason, const char* cause) noexcept
         a.cause[i] = 0
     table_remove(w, a)
     wait_remove(w, a)
+    if a.chan != NULL:
+        end_channel(w, a.chan, b"association ended", True)
     close_endpoint(w, &a.tcp)
     close_endpoint(w, &a.s5)
     for i in range(a.nremote):
@@ -1731,6 +1820,442 @@ cdef void client_readable(Worker* w, Endpoint* ep) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------
+# Channels (add_channel, issue 11): a socket connected to one client, maybe DTLS
+#
+# Thread-safety: a channel is housed by one worker at a time, and only that worker reads
+# its socket or calls OpenSSL on its SSL*. It starts in the worker of (id % workers); the
+# first message naming an association of another worker, while nothing is mapped to the
+# channel, hands the channel over to that worker (the message goes with it), so once
+# mapped, the channel, its SSL* and its association are all touched by one thread, and
+# the association's datagrams to the client are encrypted there (no lock per datagram).
+# OpenSSL's error queue is per thread: cleared after each call that failed.
+
+cdef OpenSSLApi SSLAPI
+cdef bint SSLAPI_READY = False
+cdef unsigned char NO_ID[8]  # the aid of an event that names no association (zeros)
+
+
+cdef void channel_list_remove(Worker* w, Channel* ch) noexcept nogil:
+    if ch.listed:
+        ch.listed = False
+        if ch.wprev != NULL:
+            ch.wprev.wnext = ch.wnext
+        else:
+            w.chans = ch.wnext
+        if ch.wnext != NULL:
+            ch.wnext.wprev = ch.wprev
+        ch.wprev = NULL
+        ch.wnext = NULL
+    if ch.waiting:
+        ch.waiting = False
+        if ch.cwprev != NULL:
+            ch.cwprev.cwnext = ch.cwnext
+        else:
+            w.cwait_head = ch.cwnext
+        if ch.cwnext != NULL:
+            ch.cwnext.cwprev = ch.cwprev
+        else:
+            w.cwait_tail = ch.cwprev
+        ch.cwprev = NULL
+        ch.cwnext = NULL
+
+
+cdef void channel_wait_insert(Worker* w, Channel* ch) noexcept nogil:
+    """Into the unmapped channels, ordered by deadline (from the tail: mostly O(1))."""
+    cdef Channel* at = w.cwait_tail
+    while at != NULL and at.deadline_ms > ch.deadline_ms:
+        at = at.cwprev
+    ch.waiting = True
+    ch.cwprev = at
+    if at != NULL:
+        ch.cwnext = at.cwnext
+        at.cwnext = ch
+    else:
+        ch.cwnext = w.cwait_head
+        w.cwait_head = ch
+    if ch.cwnext != NULL:
+        ch.cwnext.cwprev = ch
+    else:
+        w.cwait_tail = ch
+
+
+cdef void channel_send_raw(Channel* ch, const unsigned char* data, size_t n) noexcept nogil:
+    send(ch.ep.fd, data, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+
+
+cdef void flush_records(Worker* w, Channel* ch) noexcept nogil:
+    """Send what OpenSSL wrote to the outgoing BIO (a flight, an alert, a close_notify),
+    cut into datagrams at record boundaries, each at most the MTU where records allow."""
+    cdef int n
+    cdef int start
+    cdef int at
+    cdef int end
+    cdef const unsigned char* b = w.dtlsout
+    while True:
+        n = SSLAPI.BIO_read(ch.wbio, w.dtlsout, DTLS_BUF)
+        if n <= 0:
+            SSLAPI.ERR_clear_error()
+            return
+        start = 0
+        at = 0
+        while at + DTLS_HEADER <= n:
+            end = at + DTLS_HEADER + <int>get_u16(b + at + 11)
+            if end - start > ch.mtu and at > start:
+                channel_send_raw(ch, b + start, <size_t>(at - start))
+                start = at
+            at = end
+        if start < n:
+            channel_send_raw(ch, b + start, <size_t>(n - start))
+
+
+cdef void end_channel(Worker* w, Channel* ch, const char* cause, bint notify) noexcept nogil:
+    """Close the channel now (a close_notify first when ``notify``); report it at the end of
+    the turn. Its association, if any, lives on without it (D25)."""
+    cdef Event* ev
+    if ch.ended:
+        return
+    ch.ended = True
+    strcpy_cause(ch.cause, cause)
+    channel_list_remove(w, ch)
+    if notify and ch.ssl != NULL and ch.ep.fd >= 0:
+        if SSLAPI.SSL_shutdown(ch.ssl) < 0:
+            SSLAPI.ERR_clear_error()
+        flush_records(w, ch)
+    close_endpoint(w, &ch.ep)
+    if ch.assoc != NULL:
+        ch.assoc.chan = NULL
+        ch.assoc = NULL
+    free(ch.pending)
+    ch.pending = NULL
+    ev = new_event(w, EV_CHANNEL_ENDED, NO_ID)
+    if ev != NULL:
+        ev.channel = ch
+    # else: out of memory; the struct is leaked rather than freed under a live pointer.
+
+
+cdef bint channel_to_client(Worker* w, Assoc* a, const unsigned char* msg, size_t n) noexcept nogil:
+    """One message to the client of an association mapped to a channel (encrypted on a
+    DTLS channel). False, counted, when it could not go."""
+    cdef Channel* ch = a.chan
+    cdef int r
+    cdef int out
+    if ch == NULL:
+        count_drop(w, a, D_NO_CHANNEL)  # D25: the channel ended before the association
+        return False
+    if n > <size_t>ch.limit:
+        ch.drops += 1
+        count_drop(w, a, D_TOO_BIG)  # more than one record carries within the MTU
+        return False
+    if ch.ssl == NULL:
+        if send(ch.ep.fd, msg, n, MSG_DONTWAIT | MSG_NOSIGNAL) < 0:
+            ch.drops += 1
+            count_drop(w, a, D_SEND_FAILED)
+            return False
+        ch.datagrams_out += 1
+        return True
+    r = SSLAPI.SSL_write(ch.ssl, msg, <int>n)
+    if r <= 0:
+        SSLAPI.ERR_clear_error()
+        ch.drops += 1
+        count_drop(w, a, D_SEND_FAILED)
+        flush_records(w, ch)
+        end_channel(w, ch, b"DTLS write failed", False)
+        return False
+    out = SSLAPI.BIO_read(ch.wbio, w.dtlsout, DTLS_BUF)
+    if out <= 0:
+        SSLAPI.ERR_clear_error()
+        ch.drops += 1
+        count_drop(w, a, D_SEND_FAILED)
+        return False
+    if send(ch.ep.fd, w.dtlsout, <size_t>out, MSG_DONTWAIT | MSG_NOSIGNAL) < 0:
+        ch.drops += 1
+        count_drop(w, a, D_SEND_FAILED)
+        return False
+    ch.datagrams_out += 1
+    return True
+
+
+cdef int records_check(const unsigned char* p, size_t n, int* application) noexcept nogil:
+    """Whole, well-formed DTLS record headers only (as net.dtls.split_records): the number
+    of records, or -1 (garbage, a record cut short). ``application``: how many hold
+    application data."""
+    cdef size_t at = 0
+    cdef size_t length
+    cdef int count = 0
+    application[0] = 0
+    while at < n:
+        if n - at < DTLS_HEADER:
+            return -1
+        if p[at] < CT_CHANGE_CIPHER_SPEC or p[at] > CT_MAX or p[at + 1] != 0xFE:
+            return -1
+        length = get_u16(p + at + 11)
+        if length > DTLS_MAX_BODY or at + DTLS_HEADER + length > n:
+            return -1
+        if p[at] == CT_APPLICATION_DATA:
+            application[0] += 1
+        count += 1
+        at += DTLS_HEADER + length
+    return count if count else -1
+
+
+cdef void migrate_channel(Worker* w, Channel* ch, const unsigned char* msg, size_t n, int target) noexcept nogil:
+    """Hand an unmapped channel and its message over to the worker of the association the
+    message names (see the section comment). The caller must not touch ``ch`` afterwards."""
+    cdef Engine* e = w.engine
+    cdef Worker* t = &e.workers[target]
+    cdef bint removed
+    ch.pending = <unsigned char*>malloc(n if n else 1)
+    if ch.pending == NULL:
+        ch.drops += 1
+        count_drop(w, NULL, D_TABLE_FULL)
+        return
+    memcpy(ch.pending, msg, n)
+    ch.pending_len = n
+    epoll_ctl(w.epfd, EPOLL_CTL_DEL, ch.ep.fd, NULL)
+    channel_list_remove(w, ch)
+    pthread_mutex_lock(&e.lock)
+    removed = ch.remove_requested
+    if not removed:
+        ch.owner = target
+        ch.housed = False
+    pthread_mutex_unlock(&e.lock)
+    if removed:
+        end_channel(w, ch, b"removed", True)
+        return
+    pthread_mutex_lock(&t.lock)
+    if not t.stop:
+        ch.next = t.chan_inbox
+        t.chan_inbox = ch
+        pthread_mutex_unlock(&t.lock)
+        wake_fd(t.wakefd)
+        return
+    pthread_mutex_unlock(&t.lock)
+    # The engine is closing: end it here (its fd is still open).
+    pthread_mutex_lock(&e.lock)
+    ch.owner = w.index
+    pthread_mutex_unlock(&e.lock)
+    end_channel(w, ch, b"removed", True)
+
+
+cdef int channel_message(Worker* w, Channel* ch, const unsigned char* p, size_t length) noexcept nogil:
+    """One SOCKS 6 message from a channel: the UDP port's rules (UDP-03, UDP-05) with the
+    channel as the 5-tuple. 0, or 1 when the channel ended or moved to another worker."""
+    cdef DatagramHeaderView hv
+    cdef Py_ssize_t r
+    cdef Assoc* a
+    cdef size_t plen
+    cdef bint probe
+    cdef int owner
+    r = parse_datagram_header(p, <Py_ssize_t>length, &hv)
+    if r < 0:
+        ch.drops += 1
+        count_drop(w, NULL, parse_drop_reason(r))
+        return 0
+    if hv.message_length > length:
+        ch.drops += 1
+        count_drop(w, NULL, D_LENGTH)  # UDP-05
+        return 0
+    if ch.assoc != NULL and memcmp(hv.association_id, ch.assoc.aid, 8) != 0:
+        # UDP-03: a channel carries the one association it was mapped to (not looked up:
+        # it may belong to another worker).
+        ch.drops += 1
+        count_drop(w, NULL, D_MAPPING)
+        return 0
+    owner = hv.association_id[7] % w.engine.nworkers
+    if owner != w.index:
+        migrate_channel(w, ch, p, length, owner)  # unmapped here (a mapped one matched above)
+        return 1
+    a = table_find(w, id_key(hv.association_id))
+    if a == NULL or a.socks5:
+        ch.drops += 1
+        count_drop(w, NULL, D_UNKNOWN_ASSOCIATION)
+        return 0
+    plen = hv.message_length - <size_t>r
+    if a.state == ST_UNMAPPED:
+        if a.want_family != 0 and (ch.peer_family != a.want_family
+                                   or memcmp(ch.peer_addr, a.want_addr, 16) != 0):
+            ch.drops += 1
+            count_drop(w, a, D_SOURCE)
+            return 0
+        if a.want_port != 0 and ch.peer_port != a.want_port:
+            ch.drops += 1
+            count_drop(w, a, D_SOURCE)
+            return 0
+        a.state = ST_CHANNEL
+        a.chan = ch
+        a.client_family = ch.peer_family
+        memcpy(a.client_addr, ch.peer_addr, 16)
+        a.client_port = ch.peer_port
+        ch.assoc = a
+        channel_list_remove(w, ch)  # off the unmapped list (and the worker's list) ...
+        ch.listed = True            # ... back on the worker's list
+        ch.wprev = NULL
+        ch.wnext = w.chans
+        if w.chans != NULL:
+            w.chans.wprev = ch
+        w.chans = ch
+        probe = is_server_probe(&hv, plen)
+        if probe:
+            a.server_mode = True
+        confirm(w, a, False, probe)
+        if a.reason != END_LIVE:
+            return 1
+        if probe:
+            return 0
+    elif a.chan != ch:
+        ch.drops += 1
+        count_drop(w, a, D_MAPPING)  # mapped to the UDP port, the TCP connection or another channel
+        return 0
+    elif is_server_probe(&hv, plen):
+        a.server_mode = True
+        return 0
+    queue_remote(w, a, p + r, plen, hv.address_type, hv.address, hv.address_length, hv.port, NULL)
+    return 0
+
+
+cdef int channel_read_ssl(Worker* w, Channel* ch, unsigned char* buf, size_t cap,
+                          int application) noexcept nogil:
+    """Read every plaintext OpenSSL has for the channel into ``buf`` and handle each.
+    ``application``: application records in the datagram just written (-1: unknown), to
+    count the ones OpenSSL discarded (bad MAC, replay). 0, or 1 when the channel ended
+    or moved."""
+    cdef int r
+    cdef int err
+    cdef int delivered = 0
+    while True:
+        if delivered:
+            flush_remote(w)  # the queued payload points into buf, which the next read reuses
+        r = SSLAPI.SSL_read(ch.ssl, buf, <int>cap)
+        if r > 0:
+            delivered += 1
+            ch.datagrams_in += 1
+            if channel_message(w, ch, buf, <size_t>r):
+                return 1
+            continue
+        err = SSLAPI.SSL_get_error(ch.ssl, r)
+        SSLAPI.ERR_clear_error()
+        if err == SSL_ERROR_WANT_READ:
+            break
+        flush_records(w, ch)  # our alert, if OpenSSL wrote one
+        if err == SSL_ERROR_ZERO_RETURN:
+            end_channel(w, ch, b"closed by peer", False)
+        else:
+            end_channel(w, ch, b"closed by peer (a fatal alert or a broken record)", False)
+        return 1
+    while application > delivered:
+        ch.drops += 1
+        count_drop(w, ch.assoc, D_RECORD)
+        application -= 1
+    return 0
+
+
+cdef int channel_datagram(Worker* w, Channel* ch, int i) noexcept nogil:
+    """One datagram read from a channel. 0, or 1 when the channel ended or moved."""
+    cdef msghdr* m = &w.rx[i].msg_hdr
+    cdef size_t length = w.rx[i].msg_len
+    cdef unsigned char* p = w.slots[i].buf + HEADROOM
+    cdef int application
+    cdef int count
+    cdef int st
+    if ch.ssl == NULL:
+        if m.msg_flags & MSG_TRUNC:
+            ch.drops += 1
+            count_drop(w, NULL, D_TOO_BIG)
+            return 0
+        ch.datagrams_in += 1
+        return channel_message(w, ch, p, length)
+    count = -1 if m.msg_flags & MSG_TRUNC else records_check(p, length, &application)
+    if count < 0:
+        # Only whole records go to OpenSSL: a memory BIO is a byte stream, and the bytes of
+        # a cut record would be joined to the next datagram's.
+        ch.drops += 1
+        count_drop(w, ch.assoc, D_RECORD)
+        return 0
+    if SSLAPI.BIO_write(ch.rbio, p, <int>length) != <int>length:
+        SSLAPI.ERR_clear_error()
+        ch.drops += 1
+        count_drop(w, ch.assoc, D_RECORD)
+        return 0
+    # The plaintext goes where the ciphertext was (already copied into the BIO; never longer).
+    st = channel_read_ssl(w, ch, p, length, application)
+    if st == 0 and count != application:
+        # A retransmitted final flight of the client (its Finished) makes OpenSSL write ours
+        # again (RFC 6347 section 4.2.4): send what the read wrote.
+        flush_records(w, ch)
+    return st
+
+
+cdef void channel_readable(Worker* w, Channel* ch) noexcept nogil:
+    cdef int rounds
+    cdef int n
+    cdef int i
+    cdef int want
+    for rounds in range(PORT_ROUNDS):
+        # One datagram at a time while unmapped: a message may hand the channel over to
+        # another worker, and the rest of a batch would have to go with it.
+        want = w.engine.batch if ch.assoc != NULL else 1
+        setup_rx(w, 0, want, False)
+        n = recvmmsg(ch.ep.fd, w.rx, <unsigned int>want, MSG_DONTWAIT, NULL)
+        if n <= 0:
+            return
+        w.ntx = 0
+        for i in range(n):
+            if channel_datagram(w, ch, i):
+                flush_remote(w)
+                return  # ended or handed over: not ours to touch any more
+        flush_remote(w)
+        if n < want:
+            return
+
+
+cdef void adopt_channel(Worker* w, Channel* ch) noexcept nogil:
+    """A channel added by Python, or handed over by another worker with its message."""
+    cdef Engine* e = w.engine
+    cdef bint removed
+    ch.ep.channel = ch
+    ch.listed = True
+    ch.wprev = NULL
+    ch.wnext = w.chans
+    if w.chans != NULL:
+        w.chans.wprev = ch
+    w.chans = ch
+    pthread_mutex_lock(&e.lock)
+    ch.housed = True
+    removed = ch.remove_requested
+    pthread_mutex_unlock(&e.lock)
+    if removed:
+        end_channel(w, ch, b"removed", True)
+        return
+    if not register_fd(w, &ch.ep, EPOLLIN):
+        end_channel(w, ch, b"epoll_ctl failed", False)
+        return
+    if ch.assoc == NULL and e.first_ms > 0:
+        if ch.deadline_ms == 0:
+            ch.deadline_ms = w.now_ms + e.first_ms
+        channel_wait_insert(w, ch)
+    if ch.pending != NULL:
+        w.ntx = 0
+        if channel_message(w, ch, ch.pending, ch.pending_len) == 0 and ch.ssl != NULL:
+            # More records of the same datagram may wait inside OpenSSL.
+            flush_remote(w)
+            channel_read_ssl(w, ch, w.dtlsin, DTLS_BUF, -1)
+        flush_remote(w)
+        if ch.pending != NULL:
+            free(ch.pending)
+            ch.pending = NULL
+
+
+cdef void expire_channels(Worker* w) noexcept nogil:
+    while w.cwait_head != NULL and w.cwait_head.deadline_ms <= w.now_ms:
+        end_channel(w, w.cwait_head, b"unmapped", True)
+
+
+cdef void end_all_channels(Worker* w) noexcept nogil:
+    while w.chans != NULL:
+        end_channel(w, w.chans, b"removed", True)
+
+
+# ---------------------------------------------------------------------------
 # Remote -> client
 
 cdef void put_pktinfo(Assoc* a, msghdr* m, unsigned char* ctl) noexcept nogil:
@@ -1844,7 +2369,7 @@ cdef void remote_readable(Worker* w, Endpoint* ep) noexcept nogil:
             return
         if n == 0:
             return
-        if a.state == ST_UNMAPPED or (a.state == ST_UDP and a.tx_off < a.tx_len):
+        if a.state == ST_UNMAPPED or (a.state != ST_TCP and a.tx_off < a.tx_len):
             # UDP-04: nothing goes to the client before the Confirmation is out.
             for j in range(n):
                 count_drop(w, a, D_UNCONFIRMED)
@@ -1902,6 +2427,11 @@ cdef void remote_readable(Worker* w, Endpoint* ep) noexcept nogil:
                 w.txowner[k] = a
                 w.txpay[k] = <unsigned int>plen
                 w.ctx += 1
+            elif a.state == ST_CHANNEL:
+                # One at a time: each is one DTLS record (the slot stays free for the next).
+                if channel_to_client(w, a, hdr, <size_t>hlen + plen):
+                    a.r2c_dgrams += 1
+                    a.r2c_bytes += plen
             else:
                 # UDP over TCP: one iovec per message, all in one sendmsg below.
                 wv[ntcp] = s.iov
@@ -1936,7 +2466,7 @@ cdef int tcp_message(Worker* w, Assoc* a, const unsigned char* q, size_t mlen) n
     if memcmp(hv.association_id, a.aid, 8) != 0:
         count_drop(w, a, D_UNKNOWN_ASSOCIATION)
         return 0
-    if a.state == ST_UDP:
+    if a.state == ST_UDP or a.state == ST_CHANNEL:
         count_drop(w, a, D_MAPPING)
         return 0
     plen = mlen - <size_t>r
@@ -2074,6 +2604,10 @@ cdef void send_error_message(Worker* w, Assoc* a, const sockaddr_storage* orig,
             a.r2c_dgrams = before
             a.icmp_reported += 1
         return
+    if a.state == ST_CHANNEL:
+        if channel_to_client(w, a, out, <size_t>total):
+            a.icmp_reported += 1
+        return
     memset(&m, 0, sizeof(m))
     m.msg_name = &a.client
     m.msg_namelen = a.client_len
@@ -2191,9 +2725,19 @@ cdef void tcp_carried(Worker* w, Assoc* a) noexcept nogil:
 
 
 cdef void apply_command(Worker* w, Cmd* c) noexcept nogil:
-    cdef Assoc* a = table_find(w, id_key(c.aid))
+    cdef Assoc* a
     cdef Dest* d
     cdef Name* nm
+    cdef Channel* ch
+    if c.kind == CMD_REMOVE_CHANNEL:
+        # Housed here, or on its way here (then adopt_channel sees remove_requested).
+        ch = w.chans
+        while ch != NULL and ch.id != c.channel_id:
+            ch = ch.wnext
+        if ch != NULL:
+            end_channel(w, ch, b"removed", True)
+        return
+    a = table_find(w, id_key(c.aid))
     if a == NULL or a.reason != END_LIVE:
         return  # ended meanwhile: nothing to do
     if c.kind == CMD_REMOVE:
@@ -2229,11 +2773,16 @@ cdef bint take_control(Worker* w) noexcept nogil:
     cdef Cmd* c
     cdef Cmd* crev = NULL
     cdef Cmd* cnext
+    cdef Channel* chans
+    cdef Channel* chrev = NULL
+    cdef Channel* chnext
     cdef bint stop
     clear_fd(w.wakefd)
     pthread_mutex_lock(&w.lock)
     inbox = w.inbox
     w.inbox = NULL
+    chans = w.chan_inbox
+    w.chan_inbox = NULL
     cmds = w.cmds
     w.cmds = NULL
     stop = w.stop
@@ -2250,6 +2799,16 @@ cdef bint take_control(Worker* w) noexcept nogil:
         rev.next = NULL
         adopt(w, rev)
         rev = nxt
+    while chans != NULL:
+        chnext = chans.next
+        chans.next = chrev
+        chrev = chans
+        chans = chnext
+    while chrev != NULL:
+        chnext = chrev.next
+        chrev.next = NULL
+        adopt_channel(w, chrev)
+        chrev = chnext
     c = cmds
     while c != NULL:
         cnext = c.next
@@ -2291,9 +2850,16 @@ cdef void expire_waiting(Worker* w) noexcept nogil:
 
 cdef int wait_timeout(Worker* w) noexcept nogil:
     cdef int64_t left
-    if w.wait_head == NULL:
+    cdef int64_t deadline
+    if w.wait_head == NULL and w.cwait_head == NULL:
         return -1
-    left = w.wait_head.deadline_ms - monotonic_ms()
+    if w.wait_head == NULL:
+        deadline = w.cwait_head.deadline_ms
+    elif w.cwait_head == NULL or w.wait_head.deadline_ms < w.cwait_head.deadline_ms:
+        deadline = w.wait_head.deadline_ms
+    else:
+        deadline = w.cwait_head.deadline_ms
+    left = deadline - monotonic_ms()
     if left < 0:
         return 0
     # +1: the coarse clock may still read the old tick when we wake exactly on time.
@@ -2342,6 +2908,17 @@ cdef void* worker_main(void* arg) noexcept nogil:
             if ep.kind != EP_REMOTE and w.ctx:
                 # Client datagrams and TCP reads use the arena from slot 0: send the queue first.
                 flush_client(w)
+            if ep.kind == EP_CHANNEL:
+                if ep.channel.ended:
+                    continue  # ended earlier in this batch; the struct lives until drain()
+                if what & EPOLLERR:
+                    # ECONNREFUSED of an earlier send (the client's port is closed): clear it.
+                    err = 0
+                    errlen = sizeof(err)
+                    getsockopt(ep.fd, SOL_SOCKET, SO_ERROR, &err, &errlen)
+                if what & EPOLLIN:
+                    channel_readable(w, ep.channel)
+                continue
             if ep.kind != EP_PORT and ep.assoc.reason != END_LIVE:
                 continue  # ended earlier in this batch; the struct lives until the flush
             if ep.kind == EP_TCP:
@@ -2362,12 +2939,14 @@ cdef void* worker_main(void* arg) noexcept nogil:
                 client_readable(w, ep)
         flush_client(w)
         expire_waiting(w)
+        expire_channels(w)
         flush_events(w)
     # Stop (or a broken epoll set): refuse new work, adopt the inbox, end everything.
     pthread_mutex_lock(&w.lock)
     w.stop = True
     pthread_mutex_unlock(&w.lock)
     take_control(w)
+    end_all_channels(w)  # "removed" (engine close), before their associations end
     # Collect first: ending one shifts others around in the table.
     live = NULL
     for j in range(w.tcap):
@@ -2435,6 +3014,8 @@ cdef void release_workers(Engine* e) noexcept nogil:
     cdef Cmd* c
     cdef Cmd* cn
     cdef Event* ev
+    cdef Channel* ch
+    cdef Channel* chn
     for i in range(e.nworkers):
         for j in range(NDROPS):
             e.final_drops[j] += e.workers[i].drops[j]
@@ -2452,6 +3033,21 @@ cdef void release_workers(Engine* e) noexcept nogil:
                 ev.assoc = a
                 w.nended += 1
             a = nxt
+        ch = w.chan_inbox
+        w.chan_inbox = NULL
+        while ch != NULL:
+            chn = ch.next
+            if ch.ep.fd >= 0:
+                close(ch.ep.fd)
+                ch.ep.fd = -1
+            ch.ended = True
+            strcpy_cause(ch.cause, b"removed")
+            free(ch.pending)
+            ch.pending = NULL
+            ev = new_event(w, EV_CHANNEL_ENDED, NO_ID)
+            if ev != NULL:
+                ev.channel = ch
+            ch = chn
         flush_events(w)
         c = w.cmds
         w.cmds = NULL
@@ -2483,6 +3079,10 @@ cdef void release_workers(Engine* e) noexcept nogil:
         w.txpay = NULL
         free(w.tcpbuf)
         w.tcpbuf = NULL
+        free(w.dtlsout)
+        w.dtlsout = NULL
+        free(w.dtlsin)
+        w.dtlsin = NULL
         free(w.gtx)
         w.gtx = NULL
         free(w.giov)
@@ -2518,6 +3118,8 @@ cdef int alloc_worker(Engine* e, Worker* w) noexcept nogil:
     w.txowner = <Assoc**>calloc(<size_t>e.batch, sizeof(Assoc*))
     w.txpay = <unsigned int*>calloc(<size_t>e.batch, sizeof(unsigned int))
     w.tcpbuf = <unsigned char*>malloc(2 * TCP_CHUNK)
+    w.dtlsout = <unsigned char*>malloc(DTLS_BUF)
+    w.dtlsin = <unsigned char*>malloc(DTLS_BUF)
     w.gtx = <mmsghdr*>calloc(<size_t>e.batch, sizeof(mmsghdr))
     w.giov = <iovec*>calloc(<size_t>e.batch, sizeof(iovec))
     w.gfirst = <int*>calloc(<size_t>e.batch, sizeof(int))
@@ -2526,6 +3128,7 @@ cdef int alloc_worker(Engine* e, Worker* w) noexcept nogil:
     w.gso = e.gso
     if (w.slots == NULL or w.arena == NULL or w.rx == NULL or w.tx == NULL or w.txfd == NULL
             or w.txowner == NULL or w.txpay == NULL or w.tcpbuf == NULL or w.gtx == NULL
+            or w.dtlsout == NULL or w.dtlsin == NULL
             or w.giov == NULL or w.gfirst == NULL or w.gcount == NULL or w.gctl == NULL):
         return 12  # ENOMEM
     for i in range(e.batch):
@@ -2576,6 +3179,9 @@ cdef void free_events(Engine* e) noexcept nogil:
         nxt = ev.next
         if ev.assoc != NULL:
             free_assoc(ev.assoc)
+        if ev.channel != NULL:
+            free(ev.channel.pending)
+            free(ev.channel)
         free(ev)
         ev = nxt
     e.done_head = NULL
@@ -2663,6 +3269,46 @@ cdef bytes _check_id(object association_id):
     return association_id
 
 
+cdef int _load_openssl() except -1:
+    """Take OpenSSL's functions from the library pyOpenSSL uses, once (see _openssl.pxd)."""
+    global SSLAPI_READY
+    if SSLAPI_READY:
+        return 0
+    try:
+        from OpenSSL._util import ffi, lib
+
+        def address(function):
+            return int(ffi.cast("uintptr_t", ffi.cast("void*", function)))
+
+        SSLAPI.SSL_read = <ssl_read_t><uintptr_t>address(lib.SSL_read)
+        SSLAPI.SSL_write = <ssl_write_t><uintptr_t>address(lib.SSL_write)
+        SSLAPI.SSL_get_error = <ssl_get_error_t><uintptr_t>address(lib.SSL_get_error)
+        SSLAPI.SSL_shutdown = <ssl_shutdown_t><uintptr_t>address(lib.SSL_shutdown)
+        SSLAPI.BIO_write = <bio_write_t><uintptr_t>address(lib.BIO_write)
+        SSLAPI.BIO_read = <bio_read_t><uintptr_t>address(lib.BIO_read)
+        SSLAPI.ERR_clear_error = <err_clear_error_t><uintptr_t>address(lib.ERR_clear_error)
+    except Exception as exc:
+        raise ValueError(
+            "DTLS channels need the OpenSSL functions of pyOpenSSL's library "
+            f"(OpenSSL._util.lib), which this pyOpenSSL does not expose: {exc}"
+        ) from None
+    SSLAPI_READY = True
+    return 0
+
+
+def _connection_pointers(connection):
+    """(SSL*, read BIO*, write BIO*) of a pyOpenSSL Connection over memory BIOs, as ints."""
+    from OpenSSL._util import ffi
+
+    try:
+        ssl, into, out = connection._ssl, connection._into_ssl, connection._from_ssl
+    except AttributeError:
+        raise ValueError("the DTLS connection has no memory BIOs (made with a socket?)") from None
+    if into is None or out is None:
+        raise ValueError("the DTLS connection has no memory BIOs (made with a socket?)")
+    return tuple(int(ffi.cast("uintptr_t", p)) for p in (ssl, into, out))
+
+
 cdef bint _gso_supported() noexcept:
     """Whether the kernel takes UDP_SEGMENT (UDP GSO, Linux 4.18), probed on a scratch socket.
 
@@ -2705,11 +3351,17 @@ cdef class UdpEngine:
     cdef Engine* _eng
     cdef bint _closed
     cdef set _live  # IDs added and not yet reported ended by drain()
+    # Channels not yet reported ended by drain(): id -> (Channel* as an int, its DTLSLink or
+    # None). The link keeps the pyOpenSSL Connection (its SSL*) alive while a worker uses it.
+    cdef dict _channels
+    cdef int _last_channel
 
     def __cinit__(self) -> None:
         self._eng = NULL
         self._closed = True
         self._live = set()
+        self._channels = {}
+        self._last_channel = 0
 
     def __init__(self, int workers=0, *, int batch=16, int max_datagram=65535,
                  double first_datagram_timeout=0.0, int hold_datagrams=HOLD_DATAGRAMS,
@@ -3091,11 +3743,119 @@ cdef class UdpEngine:
             return
         self._command(self._new_command(CMD_REMOVE, aid))
 
+    def add_channel(self, int fd, dtls=None) -> int:
+        """A client's own channel (the contract in ``socks6fast.dataplane.udp``): ``fd`` a
+        UDP socket connected to the client, ``dtls`` a :class:`DTLSLink` or None. The engine
+        owns ``fd`` from a successful return on. Returns the channel's id (never reused).
+
+        Raises:
+            ValueError: not a connected UDP socket, not a DTLSLink of an established
+                pyOpenSSL Connection, OpenSSL's functions cannot be found, or the engine
+                is closed (the caller still owns ``fd``).
+        """
+        cdef Channel* ch
+        cdef Worker* w
+        cdef int kind
+        cdef int domain
+        cdef int limit = MAX_MESSAGE
+        cdef int mtu = 0
+        self._check_open()
+        if fd < 0:
+            raise ValueError(f"not an open fd: {fd}")
+        try:
+            kind = _sock_int(fd, SOL_SOCKET, SO_TYPE)
+            domain = _sock_int(fd, SOL_SOCKET, SO_DOMAIN)
+        except OSError as exc:
+            raise ValueError(f"fd {fd}: {exc.strerror}") from None
+        if kind != SOCK_DGRAM:
+            raise ValueError(f"fd {fd} is not a datagram socket")
+        if domain != AF_INET and domain != AF_INET6:
+            raise ValueError(f"fd {fd} is not an IPv4 or IPv6 socket")
+        probe = socket.socket(fileno=fd)
+        try:
+            peer = probe.getpeername()
+        except OSError as exc:
+            raise ValueError(f"fd {fd} is not a connected UDP socket ({exc.strerror})") from None
+        finally:
+            probe.detach()
+        family, packed = _pack_address(peer[0])
+        ssl_ptr = rbio_ptr = wbio_ptr = 0
+        if dtls is not None:
+            if not isinstance(dtls, DTLSLink):
+                raise ValueError("dtls must be a DTLSLink or None")
+            from socks6fast.net.dtls import channel_limit  # only DTLS channels need pyOpenSSL
+
+            limit = channel_limit(dtls.connection, dtls.mtu)
+            mtu = dtls.mtu
+            _load_openssl()
+            ssl_ptr, rbio_ptr, wbio_ptr = _connection_pointers(dtls.connection)
+        _nonblocking(fd)
+        ch = <Channel*>calloc(1, sizeof(Channel))
+        if ch == NULL:
+            raise MemoryError()
+        self._last_channel += 1
+        ch.id = self._last_channel
+        ch.ep.kind = EP_CHANNEL
+        ch.ep.fd = fd
+        ch.ep.family = domain
+        ch.ep.channel = ch
+        ch.ssl = <void*><uintptr_t>ssl_ptr
+        ch.rbio = <void*><uintptr_t>rbio_ptr
+        ch.wbio = <void*><uintptr_t>wbio_ptr
+        ch.mtu = mtu
+        ch.limit = limit
+        ch.peer_family = family
+        memcpy(ch.peer_addr, <const char*>packed, 16)
+        ch.peer_port = peer[1]
+        ch.owner = ch.id % self._eng.nworkers
+        w = &self._eng.workers[ch.owner]
+        pthread_mutex_lock(&w.lock)
+        if w.stop:
+            pthread_mutex_unlock(&w.lock)
+            free(ch)
+            raise OSError(5, "UDP worker stopped")  # EIO: the worker's epoll set failed
+        # Registered before the worker can end it (drain() pops it).
+        self._channels[ch.id] = (<uintptr_t>ch, dtls)
+        ch.next = w.chan_inbox
+        w.chan_inbox = ch
+        pthread_mutex_unlock(&w.lock)
+        wake_fd(w.wakefd)
+        return ch.id
+
+    def remove_channel(self, int channel) -> None:
+        """End a channel now (``UdpChannelEnded`` "removed", a close_notify to a DTLS
+        peer); its association lives on (D25). Unknown or ended ids are ignored."""
+        cdef Channel* ch
+        cdef Cmd* c
+        cdef Worker* w
+        cdef int owner
+        entry = self._channels.get(channel)
+        if self._closed or entry is None:
+            return
+        # The struct lives until drain() reports it ended, and it is in _channels until then.
+        ch = <Channel*><uintptr_t>entry[0]
+        pthread_mutex_lock(&self._eng.lock)
+        ch.remove_requested = True
+        owner = ch.owner
+        pthread_mutex_unlock(&self._eng.lock)
+        c = <Cmd*>calloc(1, sizeof(Cmd))
+        if c == NULL:
+            raise MemoryError()
+        c.kind = CMD_REMOVE_CHANNEL
+        c.channel_id = channel
+        w = &self._eng.workers[owner]
+        pthread_mutex_lock(&w.lock)
+        c.next = w.cmds
+        w.cmds = c
+        pthread_mutex_unlock(&w.lock)
+        wake_fd(w.wakefd)
+
     def drain(self) -> list:
         """Collect the events since the last call (works after :meth:`close` too)."""
         cdef Event* head
         cdef Event* ev
         cdef Assoc* a
+        cdef Channel* ch
         cdef list out = []
         if self._eng == NULL:
             return out
@@ -3114,7 +3874,16 @@ cdef class UdpEngine:
                 aid = (<const char*>ev.aid)[:8]
                 if ev.kind == EV_CONFIRMED:
                     client = None if ev.over_tcp else (_address_text(ev.family, ev.addr), ev.port)
-                    out.append(UdpConfirmed(aid, bool(ev.over_tcp), client, bool(ev.server_mode)))
+                    out.append(UdpConfirmed(aid, bool(ev.over_tcp), client, bool(ev.server_mode),
+                                            ev.channel_id))
+                elif ev.kind == EV_CHANNEL_ENDED:
+                    ch = ev.channel
+                    out.append(UdpChannelEnded(
+                        ch.id, ch.cause.decode("utf-8", "replace"), ch.datagrams_in, ch.datagrams_out,
+                        ch.drops,
+                    ))
+                    # The DTLSLink (and its Connection) may go now: no worker uses it any more.
+                    self._channels.pop(ch.id, None)
                 elif ev.kind == EV_ASK:
                     out.append(UdpAsk(aid, _address_text(ev.family, ev.addr), ev.port))
                 elif ev.kind == EV_RESOLVE:
@@ -3135,6 +3904,9 @@ cdef class UdpEngine:
                 ev = head.next
                 if head.assoc != NULL:
                     free_assoc(head.assoc)
+                if head.channel != NULL:
+                    free(head.channel.pending)
+                    free(head.channel)
                 free(head)
                 head = ev
         return out
