@@ -24,12 +24,10 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from types import TracebackType
-
-from OpenSSL import SSL
+from typing import TYPE_CHECKING, Any
 
 from ..constants import AddressType, RelayEnd, ReplyCode, UdpDrop
 from ..errors import WireError
-from ..net import dtls as _dtls
 from ..proto.codec import decode_datagram_header, encode_datagram_header
 from ..proto.messages import DatagramHeader
 from ..proto.socks5 import Socks5UDPHeader, decode_udp_header, encode_udp_header
@@ -43,6 +41,9 @@ from .udp_types import (
     UdpResolve,
     icmp_error_code,
 )
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 __all__ = ["UdpEngine"]
 
@@ -77,8 +78,24 @@ _V4_MAPPED = bytes(10) + b"\xff\xff"
 
 _ALLOW, _DENY, _PENDING = 1, 2, 3
 _UNMAPPED, _MAPPED_UDP, _MAPPED_TCP, _MAPPED_CHANNEL = 0, 1, 2, 3
-#: Largest DTLS record body (RFC 6347 section 4.1: 2^14 + 2048).
-_MAX_RECORD = _dtls.RECORD_HEADER + _dtls.MAX_RECORD_BODY
+#: Largest DTLS datagram read from a channel: one record of 13 header bytes and at most
+#: 2^14 + 2048 body bytes (RFC 6347 section 4.1).
+_MAX_RECORD = 13 + 2**14 + 2048
+#: socks6fast.net.dtls and OpenSSL.SSL, imported at the first DTLS channel: pyOpenSSL is
+#: loaded only where DTLS is used (tests/test_dtls.py checks the server does not import it).
+_dtls: Any = None
+_SSL: Any = None
+
+
+def _load_dtls() -> None:
+    global _dtls, _SSL
+    if _dtls is None:
+        from OpenSSL import SSL as ssl_module  # noqa: PLC0415 (see above)
+
+        from ..net import dtls as dtls_module  # noqa: PLC0415
+
+        _SSL, _dtls = ssl_module, dtls_module
+
 
 Key = tuple[int, bytes, int]  # (4 or 6, 4 or 16 address bytes, port)
 Held = tuple[int, str, int, bytes]  # (address type, address, port, payload) as the client named it
@@ -336,6 +353,7 @@ class UdpEngine:
         if dtls is not None:
             if not isinstance(dtls, DTLSLink):
                 raise ValueError("dtls must be a DTLSLink or None")
+            _load_dtls()
             limit = _dtls.channel_limit(dtls.connection, dtls.mtu)
         sock = self._dgram(fd)
         try:
@@ -585,7 +603,7 @@ class UdpEngine:
         if notify and ch.ssl is not None:
             try:
                 ch.ssl.shutdown()
-            except SSL.Error:
+            except _SSL.Error:
                 pass
             self._flush_records(ch)
         if ch.sock.fileno() >= 0:
@@ -994,13 +1012,13 @@ class UdpEngine:
         for _ in types:
             try:
                 plaintext = ssl.recv(_MAX_MESSAGE)
-            except SSL.WantReadError:
+            except _SSL.WantReadError:
                 break
-            except SSL.ZeroReturnError:
+            except _SSL.ZeroReturnError:
                 self._flush_records(ch)
                 self._end_channel(ch, "closed by peer", notify=False)
                 return
-            except SSL.Error as exc:
+            except _SSL.Error as exc:
                 self._flush_records(ch)  # our alert, if OpenSSL wrote one
                 self._end_channel(ch, f"closed by peer ({_dtls._ssl_reason(exc)})", notify=False)
                 return
@@ -1106,7 +1124,7 @@ class UdpEngine:
             return True
         try:
             ssl.send(message)
-        except SSL.Error as exc:
+        except _SSL.Error as exc:
             self._channel_drop(ch, a, UdpDrop.SEND_FAILED)
             self._flush_records(ch)
             self._end_channel(ch, f"DTLS write failed: {_dtls._ssl_reason(exc)}", notify=False)
