@@ -116,7 +116,30 @@ async def _serve(path: str, mode: str, flows: int, max_seconds: float, cert: str
         aids.append(aid.hex())
     loop.add_reader(engine.fileno(), engine.drain)
     dtls_port = 0
-    if mode == "dtls":
+    if mode == "channel":
+        # Plaintext channels: the same socket per client as DTLS, without the records (what
+        # the channel path costs apart from OpenSSL). A client's "hello" makes its channel.
+        hello = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        hello.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hello.bind(("127.0.0.1", 0))
+        hello.setblocking(False)
+        dtls_port = hello.getsockname()[1]
+
+        def greeted() -> None:
+            while True:
+                try:
+                    _data, peer = hello.recvfrom(64)
+                except BlockingIOError:
+                    break
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", dtls_port))
+                sock.connect(peer)
+                sock.send(b"ok")
+                engine.add_channel(sock.detach())
+
+        loop.add_reader(hello.fileno(), greeted)
+    elif mode == "dtls":
         listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))
@@ -225,8 +248,13 @@ def run(path: str, mode: str, size: int, args: argparse.Namespace, cert: str, ke
         target = echo.getsockname()
         for aid in info["aids"]:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.connect(("127.0.0.1", info["dtls_port"] if mode == "dtls" else info["port"]))
+            sock.connect(("127.0.0.1", info["dtls_port"] if mode != "plain" else info["port"]))
             conn = _handshake(sock, cert) if mode == "dtls" else None
+            if mode == "channel":
+                sock.send(b"hello")
+                sock.settimeout(5)
+                if sock.recv(64) != b"ok":
+                    raise SystemExit("the bench proxy did not open a channel")
             sock.setblocking(False)
             flows.append(Flow(sock, _message(bytes.fromhex(aid), target, b"x" * size), conn))
         by_fd = {flow.sock.fileno(): flow for flow in flows}
@@ -298,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--cert")
     serve.add_argument("--key")
     parser.add_argument("--paths", default="mmsg,python")
+    parser.add_argument(
+        "--modes",
+        default="plain,channel,dtls",
+        help="plain: the UDP port; channel: plaintext channels; dtls: DTLS channels",
+    )
     parser.add_argument("--sizes", default="64,1400")
     parser.add_argument("--flows", type=int, default=4)
     parser.add_argument("--inflight", type=int, default=4)
@@ -315,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for path in args.paths.split(","):
                 for size in (int(s) for s in args.sizes.split(",")):
-                    for mode in ("plain", "dtls"):
+                    for mode in args.modes.split(","):
                         got = run(path, mode, size, args, cert, key)
                         results.setdefault(f"{path} {mode} {size}", []).append(got)
                         print(
@@ -327,14 +360,22 @@ def main(argv: list[str] | None = None) -> int:
         name: {k: statistics.median(r[k] for r in runs) for k in ("proxy_us", "rate")}
         for name, runs in results.items()
     }
-    print(f"{'path':6} {'size':>5}  {'plain us':>9} {'dtls us':>8} {'ratio':>6}  {'dtls echoes/s':>13}")
+    modes = args.modes.split(",")
+    print(
+        f"{'path':6} {'size':>5}  " + " ".join(f"{m + ' us':>10}" for m in modes) + "  dtls/plain  echoes/s"
+    )
     for path in args.paths.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
-            plain = medians[f"{path} plain {size}"]["proxy_us"]
-            dtls = medians[f"{path} dtls {size}"]
+            row = [medians[f"{path} {m} {size}"] for m in modes]
+            ratio = ""
+            if "dtls" in modes and "plain" in modes:
+                plain = medians[f"{path} plain {size}"]["proxy_us"]
+                ratio = f"{medians[f'{path} dtls {size}']['proxy_us'] / plain:10.2f}"
             print(
-                f"{path:6} {size:5}  {plain:9.2f} {dtls['proxy_us']:8.2f} {dtls['proxy_us'] / plain:6.2f}  "
-                f"{dtls['rate']:13.0f}"
+                f"{path:6} {size:5}  "
+                + " ".join(f"{r['proxy_us']:10.2f}" for r in row)
+                + f"  {ratio:>10}  "
+                + "/".join(f"{r['rate']:.0f}" for r in row)
             )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "medians": medians}, indent=2))

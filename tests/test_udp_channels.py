@@ -605,6 +605,8 @@ async def test_dtls_bad_records_are_dropped_and_counted(
     h.engine.remove_channel(cid)
     ended = await h.channel_ended(cid)
     assert (ended.datagrams_in, ended.drops) == (2, 6)
+    a.tcp.close()
+    assert (await h.event(UdpEnded, a.aid)).drops == 6  # the mapped association's records
 
 
 @pytest.mark.conformance("TRN-03")

@@ -1004,7 +1004,7 @@ class UdpEngine:
         """
         types = _dtls.split_records(data)
         if types is None:
-            self._channel_drop(ch, None, UdpDrop.RECORD)
+            self._channel_drop(ch, ch.assoc, UdpDrop.RECORD)
             return
         ssl.bio_write(data)
         application = types.count(_dtls.CT_APPLICATION_DATA)
@@ -1029,7 +1029,7 @@ class UdpEngine:
                 return
         if delivered < application:
             for _ in range(application - delivered):
-                self._channel_drop(ch, None, UdpDrop.RECORD)
+                self._channel_drop(ch, ch.assoc, UdpDrop.RECORD)
         if len(types) != application:
             # A retransmitted final flight of the client (its Finished) makes OpenSSL write
             # ours again: send what the read wrote (RFC 6347 section 4.2.4).

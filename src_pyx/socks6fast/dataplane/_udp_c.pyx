@@ -2114,16 +2114,20 @@ cdef int channel_message(Worker* w, Channel* ch, const unsigned char* p, size_t 
 
 
 cdef int channel_read_ssl(Worker* w, Channel* ch, unsigned char* buf, size_t cap,
-                          int application) noexcept nogil:
+                          int application, bint only_application) noexcept nogil:
     """Read every plaintext OpenSSL has for the channel into ``buf`` and handle each.
     ``application``: application records in the datagram just written (-1: unknown), to
-    count the ones OpenSSL discarded (bad MAC, replay). 0, or 1 when the channel ended
-    or moved."""
+    count the ones OpenSSL discarded (bad MAC, replay); ``only_application``: the datagram
+    held nothing else, so once that many came out there is nothing more to read (this
+    saves the SSL_read that would only say WANT_READ, per datagram). 0, or 1 when the
+    channel ended or moved."""
     cdef int r
     cdef int err
     cdef int delivered = 0
     while True:
         if delivered:
+            if only_application and delivered == application:
+                return 0
             flush_remote(w)  # the queued payload points into buf, which the next read reuses
         r = SSLAPI.SSL_read(ch.ssl, buf, <int>cap)
         if r > 0:
@@ -2177,7 +2181,7 @@ cdef int channel_datagram(Worker* w, Channel* ch, int i) noexcept nogil:
         count_drop(w, ch.assoc, D_RECORD)
         return 0
     # The plaintext goes where the ciphertext was (already copied into the BIO; never longer).
-    st = channel_read_ssl(w, ch, p, length, application)
+    st = channel_read_ssl(w, ch, p, length, application, count == application)
     if st == 0 and count != application:
         # A retransmitted final flight of the client (its Finished) makes OpenSSL write ours
         # again (RFC 6347 section 4.2.4): send what the read wrote.
@@ -2238,7 +2242,7 @@ cdef void adopt_channel(Worker* w, Channel* ch) noexcept nogil:
         if channel_message(w, ch, ch.pending, ch.pending_len) == 0 and ch.ssl != NULL:
             # More records of the same datagram may wait inside OpenSSL.
             flush_remote(w)
-            channel_read_ssl(w, ch, w.dtlsin, DTLS_BUF, -1)
+            channel_read_ssl(w, ch, w.dtlsin, DTLS_BUF, -1, False)
         flush_remote(w)
         if ch.pending != NULL:
             free(ch.pending)
