@@ -135,7 +135,7 @@ async def ch_harness(engine: str) -> AsyncIterator[ChannelHarness]:
 # -- plaintext channels: the mapping rules ---------------------------------------------
 
 
-@pytest.mark.conformance("UDP-03")
+@pytest.mark.conformance("UDP-03", "UDP-04")
 async def test_channel_maps_on_first_datagram_and_relays_both_ways_udp03_udp04(
     ch_harness: ChannelHarness,
 ) -> None:
@@ -226,6 +226,7 @@ async def test_association_mapped_elsewhere_is_not_remapped_udp03(ch_harness: Ch
     assert await h.echo_on(ch, on_channel, b"still") == b"still"
 
 
+@pytest.mark.conformance("UDP-07")
 async def test_channel_ends_with_its_association(ch_harness: ChannelHarness) -> None:
     """UDP-07: the association ends with its TCP connection, and its channel with it."""
     h = ch_harness
@@ -542,8 +543,7 @@ async def dtls_echo(h: ChannelHarness, peer: DTLSPeer, a: Assoc, payload: bytes)
     return body
 
 
-@pytest.mark.conformance("UDP-02")
-@pytest.mark.conformance("TRN-03")
+@pytest.mark.conformance("UDP-02", "UDP-03", "TRN-03")
 async def test_dtls_channel_relays_many_datagrams_udp02_udp03_trn03(
     ch_harness: ChannelHarness, certs: Certificates
 ) -> None:

@@ -13,6 +13,9 @@ docstring describes them); the differences are only how the work is done:
   sockets (one per worker of the native engine) and reads them all.
 * The "wake" fd is an eventfd (Linux) or a socket pair, written when events are
   queued, so the control plane watches :meth:`UdpEngine.fileno` the same way.
+* DTLS channels (``add_channel(fd, DTLSLink)``) go through pyOpenSSL per datagram
+  (``bio_write`` + ``recv``, ``send`` + ``bio_read``); pyOpenSSL is imported at the
+  first one.
 """
 
 from __future__ import annotations

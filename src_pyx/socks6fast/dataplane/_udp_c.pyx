@@ -14,7 +14,9 @@ options, the remote-facing sockets, the random Association ID) and hands it to a
     engine.verdict(association_id, address, port, allow)   # answers a UdpAsk
     engine.resolved(association_id, name, address_or_None) # answers a UdpResolve (D20)
     engine.remove(association_id)                          # end it now (SHUTDOWN)
-    engine.drain() -> list[UdpConfirmed | UdpAsk | UdpResolve | UdpEnded]
+    engine.add_channel(fd, dtls=None) -> int               # a client's own socket, maybe DTLS
+    engine.remove_channel(channel)
+    engine.drain() -> list[UdpConfirmed | UdpAsk | UdpResolve | UdpEnded | UdpChannelEnded]
     engine.drops() -> dict[UdpDrop, int]                   # engine-wide, per reason
     engine.held() -> tuple[int, int]                       # datagrams, bytes awaiting a verdict
     engine.active -> int; engine.workers -> int
@@ -100,6 +102,16 @@ Strategy:
   ended association's sockets are closed at once; its struct and its report wait
   for the end of the worker's turn (later events of the same epoll batch may still
   name it), then move to the engine's event list, whose eventfd wakes the loop.
+* Channels (issue 11; the contract is in ``socks6fast.dataplane.udp``): a socket
+  connected to one client, its datagrams plaintext SOCKS 6 messages or DTLS records of
+  a connection the control plane established. The worker calls OpenSSL's record layer
+  through function pointers taken once from the library pyOpenSSL uses (see
+  ``_openssl.pxd``): ``BIO_write`` the datagram (whole records only) and ``SSL_read``
+  the plaintext into the receive slot, ``SSL_write`` + ``BIO_read`` each message to the
+  client; what OpenSSL writes after a read (a retransmitted Finished's answer, an
+  alert) is sent. One thread per SSL*: a channel starts in worker ``id % N`` and moves,
+  with its first message, to the worker that owns the association it names (see the
+  section "Channels" below).
 * Drops are counted per reason (``UdpDrop``) per worker and per association; no
   input can end a worker. Every epoll registration is level-triggered: a worker
   reads at most ``8 * batch`` datagrams from one socket per turn (fairness), and
