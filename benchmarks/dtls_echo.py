@@ -265,10 +265,21 @@ def run(path: str, mode: str, size: int, args: argparse.Namespace, cert: str, ke
 
         def pump(echoes: int, seconds: float) -> int:
             done = 0
-            deadline = time.monotonic() + seconds
+            start = time.monotonic()
+            deadline = start + seconds
+            waiting: list[Flow] = []  # --rate: replies whose next datagram waits for its turn
             while done < echoes and time.monotonic() < deadline:
-                events = poller.poll(0.1)
-                if not events:
+                timeout = 0.1
+                if waiting:
+                    # The schedule: at most args.rate echoes per second since the start.
+                    due = start + (done - len(waiting)) / args.rate
+                    while waiting and due <= time.monotonic():
+                        waiting.pop(0).send()
+                        due = start + (done - len(waiting)) / args.rate
+                    if waiting:
+                        timeout = max(0.0, due - time.monotonic())
+                events = poller.poll(timeout)
+                if not events and timeout == 0.1:
                     for flow in flows:  # a lost datagram: keep the window full
                         flow.send()
                 for fd, _ in events:
@@ -288,7 +299,10 @@ def run(path: str, mode: str, size: int, args: argparse.Namespace, cert: str, ke
                             break
                         for _ in range(flow.received(data)):
                             done += 1
-                            flow.send()
+                            if args.rate:
+                                waiting.append(flow)
+                            else:
+                                flow.send()
             return done
 
         for flow in flows:
@@ -337,6 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=20000, help="echoes per run")
     parser.add_argument("--seconds", type=float, default=8.0, help="time bound per run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="cap the echoes/s of every run (0: as fast as the client goes); the same rate for "
+        "every mode makes the proxy wake up about as often for each, so the difference is the "
+        "work per datagram",
+    )
     parser.add_argument("--json", help="write the medians here")
     args = parser.parse_args(argv)
     if args.command == "serve":

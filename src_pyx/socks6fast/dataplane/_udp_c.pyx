@@ -511,18 +511,15 @@ cdef struct Channel:
     unsigned char peer_family
     unsigned char peer_addr[16]
     unsigned int peer_port
-    sockaddr_storage peer
-    socklen_t peer_len
     Assoc* assoc            # the association mapped to it (same worker), NULL before
     uint64_t datagrams_in
     uint64_t datagrams_out
     uint64_t drops
     bint ended
     char cause[112]
-    # Under Engine.lock (Python and the workers): which worker houses it, whether that
-    # worker has adopted it, whether remove_channel asked for its end.
+    # Under Engine.lock (Python and the workers): which worker houses it (or is about to),
+    # whether remove_channel asked for its end.
     int owner
-    bint housed
     bint remove_requested
     # Worker-local: the worker's list of channels, and the unmapped ones by deadline.
     bint listed
@@ -2029,7 +2026,6 @@ cdef void migrate_channel(Worker* w, Channel* ch, const unsigned char* msg, size
     removed = ch.remove_requested
     if not removed:
         ch.owner = target
-        ch.housed = False
     pthread_mutex_unlock(&e.lock)
     if removed:
         end_channel(w, ch, b"removed", True)
@@ -2236,7 +2232,6 @@ cdef void adopt_channel(Worker* w, Channel* ch) noexcept nogil:
         w.chans.wprev = ch
     w.chans = ch
     pthread_mutex_lock(&e.lock)
-    ch.housed = True
     removed = ch.remove_requested
     pthread_mutex_unlock(&e.lock)
     if removed:
