@@ -656,3 +656,31 @@ async def test_dtls_retransmitted_finished_is_answered(
     assert await dtls_echo(h, peer, a, b"after the retransmit") == b"after the retransmit"
     assert h.engine.drops()[UdpDrop.RECORD] == 0
     h.engine.remove_channel(cid)
+
+
+async def test_remove_racing_the_hand_over_ends_each_channel_once(engine: str) -> None:
+    """Channels removed while their first datagram hands them to another worker (the native
+    engine moves an unmapped channel to its association's worker), and the rest by the
+    engine's close: every channel ends exactly once, and every fd is closed."""
+    before = fd_count()
+    h = ChannelHarness(make_engine(engine, workers=4))
+    h.open_port()
+    try:
+        pairs = []
+        for i in range(40):
+            a = h.add(aid=os.urandom(7) + bytes([i]))
+            ch = h.add_channel()
+            pairs.append((a, ch))
+        for i, (a, ch) in enumerate(pairs):
+            ch.client.send(dgram(a.aid, *h.echo.address, b"race"))
+            if i % 2:
+                h.engine.remove_channel(ch.cid)
+        await asyncio.sleep(0.2)
+        for _, ch in pairs[::4]:
+            h.engine.remove_channel(ch.cid)
+        h.engine.close()
+        ended = [e.channel for e in h.engine.drain() if isinstance(e, UdpChannelEnded)]
+        assert sorted(ended) == sorted(ch.cid for _, ch in pairs)
+    finally:
+        h.close()
+    assert fd_count() == before
