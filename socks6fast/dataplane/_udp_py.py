@@ -1021,9 +1021,11 @@ class UdpEngine:
                 self._flush_records(ch)
                 self._end_channel(ch, "closed by peer", notify=False)
                 return
-            except _SSL.Error as exc:
+            except _SSL.Error:
+                # A fatal alert (or a record OpenSSL cannot go on after): the contract's
+                # "closed by peer", in the same words as the native engine.
                 self._flush_records(ch)  # our alert, if OpenSSL wrote one
-                self._end_channel(ch, f"closed by peer ({_dtls._ssl_reason(exc)})", notify=False)
+                self._end_channel(ch, "closed by peer", notify=False)
                 return
             delivered += 1
             ch.datagrams_in += 1
@@ -1127,10 +1129,10 @@ class UdpEngine:
             return True
         try:
             ssl.send(message)
-        except _SSL.Error as exc:
+        except _SSL.Error:
             self._channel_drop(ch, a, UdpDrop.SEND_FAILED)
             self._flush_records(ch)
-            self._end_channel(ch, f"DTLS write failed: {_dtls._ssl_reason(exc)}", notify=False)
+            self._end_channel(ch, "DTLS write failed", notify=False)
             return False
         record = _dtls._drain(ssl)
         try:

@@ -144,7 +144,6 @@ from socks6fast.dataplane._engine cimport (
 )
 from socks6fast.dataplane._openssl cimport (
     SSL_ERROR_WANT_READ,
-    SSL_ERROR_ZERO_RETURN,
     OpenSSLApi,
     bio_read_t,
     bio_write_t,
@@ -2149,10 +2148,8 @@ cdef int channel_read_ssl(Worker* w, Channel* ch, unsigned char* buf, size_t cap
         if err == SSL_ERROR_WANT_READ:
             break
         flush_records(w, ch)  # our alert, if OpenSSL wrote one
-        if err == SSL_ERROR_ZERO_RETURN:
-            end_channel(w, ch, b"closed by peer", False)
-        else:
-            end_channel(w, ch, b"closed by peer (a fatal alert or a broken record)", False)
+        # close_notify (ZERO_RETURN) or a fatal alert: both "closed by peer" (the contract).
+        end_channel(w, ch, b"closed by peer", False)
         return 1
     while application > delivered:
         ch.drops += 1
