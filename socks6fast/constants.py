@@ -268,5 +268,5 @@ class UdpDrop(IntEnum):
     #: DTLS records (garbage, truncated), or a record OpenSSL discarded (bad MAC, replay).
     RECORD = 17
     #: To the client of an association whose channel (``UdpEngine.add_channel``) ended
-    #: before it (D26): the datagram has nowhere to go.
+    #: before it (D28): the datagram has nowhere to go.
     NO_CHANNEL = 18

@@ -261,8 +261,8 @@ async def test_unmapped_channel_ends_after_first_datagram_timeout(engine: str) -
         h.close()
 
 
-async def test_remove_channel_leaves_the_association_d26(ch_harness: ChannelHarness) -> None:
-    """D26: remove_channel ends the channel ("removed"); its association lives on until its
+async def test_remove_channel_leaves_the_association_d28(ch_harness: ChannelHarness) -> None:
+    """D28: remove_channel ends the channel ("removed"); its association lives on until its
     TCP connection ends, datagrams to the client are dropped (NO_CHANNEL) and counted, and
     the association is not re-mapped anywhere else. Unknown ids are ignored."""
     h = ch_harness
@@ -282,8 +282,8 @@ async def test_remove_channel_leaves_the_association_d26(ch_harness: ChannelHarn
     assert sum(1 for e in h.drain() if isinstance(e, UdpChannelEnded) and e.channel == ch.cid) == 1
 
 
-async def test_channel_gone_drops_answers_no_channel_d26(ch_harness: ChannelHarness) -> None:
-    """D26: an answer from the remote for an association whose channel ended is dropped
+async def test_channel_gone_drops_answers_no_channel_d28(ch_harness: ChannelHarness) -> None:
+    """D28: an answer from the remote for an association whose channel ended is dropped
     and counted as NO_CHANNEL."""
     h = ch_harness
     a = h.add()
@@ -610,11 +610,11 @@ async def test_dtls_bad_records_are_dropped_and_counted(
 
 
 @pytest.mark.conformance("TRN-03")
-async def test_dtls_close_notify_ends_the_channel_d26(
+async def test_dtls_close_notify_ends_the_channel_d28(
     ch_harness: ChannelHarness, certs: Certificates
 ) -> None:
     """The client's close_notify ends the channel ("closed by peer"); the association lives
-    on until its TCP connection ends (D26)."""
+    on until its TCP connection ends (D28)."""
     h = ch_harness
     a = h.add()
     cid, peer, _limit = await dtls_channel(h, certs)

@@ -215,7 +215,7 @@ class _Assoc:
         self.client: tuple[object, ...] = ()
         self.client_key: Key | None = None
         self.local: bytes | None = None  # the proxy's address of the mapping (wildcard ports)
-        self.channel: _Channel | None = None  # _MAPPED_CHANNEL: the channel (it may have ended, D26)
+        self.channel: _Channel | None = None  # _MAPPED_CHANNEL: the channel (it may have ended, D28)
         self.local_ifindex = 0
         self.want: tuple[int, bytes] | None = None
         self.want_port = 0
@@ -1200,7 +1200,7 @@ class UdpEngine:
         if a.state == _MAPPED_CHANNEL:
             ch = a.channel
             if ch is None or not ch.live:
-                self._drop(a, UdpDrop.NO_CHANNEL)  # D26: the channel ended before the association
+                self._drop(a, UdpDrop.NO_CHANNEL)  # D28: the channel ended before the association
                 return False
             return self._channel_send(a, ch, message)
         port = a.map_port

@@ -42,7 +42,7 @@ association mapped to a channel go out on it (D17). A channel ends (``UdpChannel
 socket closed) with its association, on ``remove_channel``, when nothing is mapped to it
 within ``first_datagram_timeout``, or on the peer's close_notify / a fatal alert.
 An association whose channel ended first lives on until its TCP connection ends; datagrams
-to its client are dropped (``UdpDrop.NO_CHANNEL``) and it is never re-mapped (D26). DTLS
+to its client are dropped (``UdpDrop.NO_CHANNEL``) and it is never re-mapped (D28). DTLS
 records that do not decrypt (garbage, truncated, bad MAC, replayed) are dropped as
 ``UdpDrop.RECORD``; a retransmitted client Finished is answered (the engine sends what
 OpenSSL writes after each read). A message larger than one record can carry within

@@ -317,7 +317,7 @@ cdef enum:
     ST_UNMAPPED = 0
     ST_UDP = 1      # mapped to a UDP 5-tuple
     ST_TCP = 2      # mapped to the TCP connection (UDP over TCP)
-    ST_CHANNEL = 3  # mapped to a channel (a DTLS connection); it may have ended first (D26)
+    ST_CHANNEL = 3  # mapped to a channel (a DTLS connection); it may have ended first (D28)
 
 cdef enum:
     V_ALLOW = 1
@@ -448,7 +448,7 @@ cdef struct Assoc:
     int nremote
     # The mapping (UDP-03): the channel, the client's address and the proxy's.
     Endpoint* map_ep
-    Channel* chan           # ST_CHANNEL: its channel, NULL once that ended (D26)
+    Channel* chan           # ST_CHANNEL: its channel, NULL once that ended (D28)
     sockaddr_storage client
     socklen_t client_len
     unsigned char client_family
@@ -1918,7 +1918,7 @@ cdef void flush_records(Worker* w, Channel* ch) noexcept nogil:
 
 cdef void end_channel(Worker* w, Channel* ch, const char* cause, bint notify) noexcept nogil:
     """Close the channel now (a close_notify first when ``notify``); report it at the end of
-    the turn. Its association, if any, lives on without it (D26)."""
+    the turn. Its association, if any, lives on without it (D28)."""
     cdef Event* ev
     if ch.ended:
         return
@@ -1948,7 +1948,7 @@ cdef bint channel_to_client(Worker* w, Assoc* a, const unsigned char* msg, size_
     cdef int r
     cdef int out
     if ch == NULL:
-        count_drop(w, a, D_NO_CHANNEL)  # D26: the channel ended before the association
+        count_drop(w, a, D_NO_CHANNEL)  # D28: the channel ended before the association
         return False
     if n > <size_t>ch.limit:
         ch.drops += 1
@@ -3832,7 +3832,7 @@ cdef class UdpEngine:
 
     def remove_channel(self, int channel) -> None:
         """End a channel now (``UdpChannelEnded`` "removed", a close_notify to a DTLS
-        peer); its association lives on (D26). Unknown or ended ids are ignored."""
+        peer); its association lives on (D28). Unknown or ended ids are ignored."""
         cdef Channel* ch
         cdef Cmd* c
         cdef Worker* w
