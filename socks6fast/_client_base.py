@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterable
-from typing import Any, Final, Generic, Protocol, Self, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, Self, TypedDict, TypeVar
 
 from .constants import Availability, Command, Parity, StackLeg
 from .net.url import ProxyURL, parse_proxy_url, proxy_ssl_context
@@ -32,6 +32,9 @@ from .proto.messages import (
     UDPErrorOption,
 )
 from .proto.states import AssociationState
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -83,11 +86,13 @@ class UDPAssociateOptions(RequestOptions, total=False):
     """Keyword arguments of ``udp_associate`` in both flavours (besides `RequestOptions`)."""
 
     transport: Transport
-    """``"udp"`` for ``socks6://``, ``"tcp"`` for ``socks6+tls://``. Where the datagrams
-    travel: ``"udp"``, plain UDP datagrams to the proxy's UDP port; ``"tcp"``, framed on the
-    TCP (or TLS) connection to the proxy (UDP-02). A TLS listener has no plain UDP port
-    beside it (D16 puts DTLS there, which this client does not speak), hence the TLS
-    default; ``transport="udp"`` with ``udp_port=`` names a plain one."""
+    """``"udp"`` for ``socks6://``, ``"dtls"`` for ``socks6+tls://`` (D27). Where the
+    datagrams travel (UDP-02): ``"udp"``, plain UDP datagrams to the proxy's UDP port;
+    ``"dtls"``, the same datagrams inside a DTLS 1.2 connection to the proxy's DTLS port
+    (D16: beside the TLS listener, same address and port number), its certificate and
+    host name verified (``proxy_dtls``); ``"tcp"``, framed on the TCP (or TLS) connection
+    to the proxy (for a proxy that serves no DTLS; datagrams then wait behind lost
+    segments). ``udp_port=`` names another UDP or DTLS port."""
     udp_error: bool
     """False. Ask for ICMP error reports (the UDP Error option, UDP-09): they are raised
     from ``recvfrom`` as `socks6fast.errors.ICMPError` subclasses."""
@@ -102,8 +107,14 @@ class UDPAssociateOptions(RequestOptions, total=False):
     first; ``udp_associate`` returns once the proxy confirmed. Over UDP the empty
     datagram is resent until then (UDP-10)."""
     udp_port: int | None
-    """None. The proxy's UDP port; None: the port of its TCP listener, on the address the
-    TCP connection reached (D16)."""
+    """None. The proxy's UDP port (``"dtls"``: its DTLS port); None: the port of its TCP
+    (TLS) listener, on the address the TCP connection reached (D16)."""
+    proxy_dtls: SSL.Context | bool | None
+    """None. ``transport="dtls"``: the DTLS context towards the proxy, the counterpart of
+    ``proxy_ssl`` (TRN-03): None (or True) verifies the proxy's certificate against the
+    system's CAs and its name against ``proxy_server_hostname`` (default: the URL's host);
+    pass ``socks6fast.net.dtls.dtls_client_context(cafile=...)`` for a private CA (or a
+    client certificate), or your own ``OpenSSL.SSL.Context``. False is refused."""
     resend_interval: float
     """0.25. Seconds before the first resend of the server-mode empty datagram over UDP;
     each further wait doubles."""
@@ -141,7 +152,8 @@ def new_association(kwargs: UDPAssociateOptions, *, tls: bool) -> ClientAssociat
     if udp_port is not None and (isinstance(udp_port, bool) or not 1 <= udp_port <= 65535):
         raise ValueError(f"udp_port must be a port 1-65535, got {udp_port!r}")
     return ClientAssociation(
-        transport=kwargs.get("transport", "tcp" if tls else "udp"),
+        # D27: over TLS the datagrams default to DTLS (datagram semantics, still encrypted).
+        transport=kwargs.get("transport", "dtls" if tls else "udp"),
         udp_error=kwargs.get("udp_error", False),
         resend_interval=kwargs.get("resend_interval", DEFAULT_RESEND_INTERVAL),
         resend_tries=kwargs.get("resend_tries", DEFAULT_RESEND_TRIES),
@@ -372,7 +384,7 @@ class AssociationBase(Generic[CC]):
 
     @property
     def transport(self) -> Transport:
-        """``"udp"`` or ``"tcp"``: where the datagrams travel."""
+        """``"udp"``, ``"dtls"`` or ``"tcp"``: where the datagrams travel."""
         return self.core.transport
 
     @property

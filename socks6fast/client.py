@@ -45,7 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import TypeVar, Unpack
+from typing import TYPE_CHECKING, TypeVar, Unpack
 
 from ._client_base import (
     DEFAULT_TIMEOUT,
@@ -77,6 +77,9 @@ from .proto.client_flow import (
 from .proto.client_udp import AssociationEnded, ClientAssociation, icmp_error
 from .proto.messages import Datagram, DatagramError, Option
 from .proto.states import NEED_DATA
+
+if TYPE_CHECKING:
+    from .net.dtls import DTLSClientConnection
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -389,6 +392,8 @@ class Proxy(ProxyBase):
         _Performer(deadline).run(association_init(channel, conn, core))
         association = UDPAssociation(channel, conn, core, kwargs.get("udp_port"))
         try:
+            if core.transport == "dtls":
+                association._start_dtls(kwargs.get("proxy_dtls"), self.server_hostname, deadline)
             if kwargs.get("server_mode", False):
                 association._confirm(deadline)
         except BaseException:
@@ -441,8 +446,11 @@ class UDPAssociation(AssociationBase[_Channel]):
         self._tcp = channel.sock
         self._tcp.settimeout(None)
         self._udp: socket.socket | None = None
-        if core.transport == "udp":
-            # D16: the proxy's UDP port has the TCP listener's address and port number.
+        self._dtls: DTLSClientConnection | None = None
+        """``transport="dtls"``: the DTLS connection over ``_udp`` (used under ``_lock`` only)."""
+        self._dtls_failed = False
+        if core.transport in ("udp", "dtls"):
+            # D16: the proxy's UDP (DTLS) port has the TCP (TLS) listener's address and port.
             peer = self._tcp.getpeername()
             target = (peer[0], peer[1] if udp_port is None else udp_port, *peer[2:])
             udp = socket.socket(self._tcp.family, socket.SOCK_DGRAM)
@@ -453,6 +461,59 @@ class UDPAssociation(AssociationBase[_Channel]):
                 self._channel.close()
                 raise
             self._udp = udp
+
+    def _start_dtls(self, proxy_dtls: object, server_hostname: str | None, deadline: _Deadline) -> None:
+        # The DTLS handshake with the proxy's DTLS port over the connected UDP socket, with
+        # OpenSSL's retransmissions (UDP-02, TRN-03). Imported here: pyOpenSSL is loaded only
+        # by a client that speaks DTLS.
+        from .net.dtls import DTLSClientConnection, DTLSError, proxy_dtls_context  # noqa: PLC0415
+
+        udp = self._udp
+        assert udp is not None
+        peer = udp.getpeername()
+        conn = DTLSClientConnection(proxy_dtls_context(proxy_dtls), server_hostname)  # type: ignore[arg-type]
+        conn.start(time.monotonic())
+        with self._lock:
+            self._dtls = conn
+        try:
+            while True:
+                for datagram in conn.datagrams_to_send():
+                    udp.send(datagram)
+                if conn.error is not None:
+                    raise conn.error
+                if conn.established:
+                    return
+                try:
+                    remaining = deadline.remaining()
+                except TimeoutError:
+                    raise DTLSError(
+                        f"DTLS handshake with the proxy's DTLS port {peer[0]}:{peer[1]}: no answer in time "
+                        "(transport='tcp' carries the datagrams on the TLS connection instead)"
+                    ) from None
+                wait = remaining
+                if conn.retransmit_at is not None:
+                    until = max(0.0, conn.retransmit_at - time.monotonic())
+                    wait = until if wait is None else min(wait, until)
+                if select.select([udp], [], [], wait)[0]:
+                    try:
+                        data = udp.recv(2**16)
+                    except OSError as exc:  # ICMP: nothing listens on the DTLS port
+                        raise DTLSError(f"DTLS proxy {peer[0]}:{peer[1]}: {exc.strerror or exc}") from None
+                    conn.datagram_received(data, time.monotonic())
+                elif conn.retransmit_at is not None and time.monotonic() >= conn.retransmit_at:
+                    conn.handle_timer(time.monotonic())
+        except BaseException:
+            self._finish(AssociationClosedError("the DTLS handshake failed"))
+            raise
+
+    def _send_datagram(self, message: bytes) -> None:
+        # Plain UDP, or one DTLS record (encrypted under the lock: one thread at a time uses
+        # an OpenSSL connection).
+        assert self._udp is not None
+        if self._dtls is not None:
+            with self._lock:
+                message = self._dtls.send(message)
+        self._udp.send(message)
 
     # -- sending
 
@@ -471,7 +532,7 @@ class UDPAssociation(AssociationBase[_Channel]):
             if self._udp is None:
                 self._tcp.sendall(message)  # under the lock: messages never interleave
                 return
-        self._udp.send(message)
+        self._send_datagram(message)
 
     def _confirm(self, deadline: _Deadline) -> None:
         # Server mode (UDP-06): the empty datagram, resent over UDP until confirmed (UDP-10).
@@ -480,7 +541,7 @@ class UDPAssociation(AssociationBase[_Channel]):
             if self._udp is None:
                 self._tcp.sendall(message)
         if self._udp is not None:
-            self._udp.send(message)
+            self._send_datagram(message)
         while not self.confirmed:
             if self._end is not None:
                 raise self._end
@@ -583,24 +644,50 @@ class UDPAssociation(AssociationBase[_Channel]):
                 with self._lock:
                     self._inbox.append(exc)
                 return
+            answer: list[bytes] = []
             with self._lock:
-                message = self.core.receive_datagram(data)
-                if message is not None:
-                    self._inbox.append(message)
+                if self._dtls is None:
+                    payloads: Iterable[bytes] = (data,)
+                else:
+                    # Decrypted datagrams (none for a handshake retransmission, which may
+                    # ask for an answer: sent below).
+                    self._dtls.datagram_received(data, time.monotonic())
+                    payloads = list(self._dtls.received)
+                    self._dtls.received.clear()
+                    answer = self._dtls.datagrams_to_send()
+                    if self._dtls.error is not None and not self._dtls_failed:
+                        self._dtls_failed = True
+                        # The proxy closed the DTLS connection, or it failed: the next
+                        # recvfrom says so; the association lives on with its TCP connection.
+                        self._inbox.append(self._dtls.error)
+                for payload in payloads:
+                    message = self.core.receive_datagram(payload)
+                    if message is not None:
+                        self._inbox.append(message)
+            for datagram in answer:
+                self._udp.send(datagram)
 
     def _run_timer(self) -> None:
         with self._lock:
             again = self.core.handle_timer(time.monotonic())
         if again is not None and self._udp is not None:
-            self._udp.send(again)
+            self._send_datagram(again)
 
     def _finish(self, exc: BaseException) -> None:
         with self._lock:
             if self._end is None:
                 self._end = exc
             self.core.close()
+            dtls, self._dtls = self._dtls, None
+            goodbye: list[bytes] = []
+            if dtls is not None and not dtls.closed:
+                dtls.close()
+                goodbye = dtls.datagrams_to_send()
         self._channel.close()
         if self._udp is not None:
+            for datagram in goodbye:  # close_notify: the proxy ends the channel at once
+                with contextlib.suppress(OSError):
+                    self._udp.send(datagram)
             self._udp.close()
 
     # -- the end

@@ -97,13 +97,16 @@ at start-up and on reload, ``check-config`` prints it).
 ``[udp]`` (UDP ASSOCIATE, SOCKS 6 and SOCKS 5; on by default)
     ``enabled``: false turns UDP ASSOCIATE off (Command Not Supported, no UDP socket).
     ``port``: the SOCKS 6 UDP port for plain datagrams, opened on each listener's address
-    (1-65535; absent = the same port number as each TCP listener, D16). ``dtls_port``: UDP
-    port for DTLS (1-65535; absent = off; needs ``server.tls_certificate`` and ``tls_key``;
-    DTLS is not served yet). ``dtls_handshakes_per_source`` (1-65535; 16) and
+    (1-65535; absent = the same port number as each TCP listener, D16). ``dtls``: false
+    turns the DTLS ports off (default true: SOCKS 6 datagrams over DTLS, issue 11, D16: a
+    DTLS port beside each TLS listener, on its address and port number, with its
+    certificate and key). ``dtls_port``: the DTLS port number instead (1-65535; on each TLS
+    listener's address, or each listener's address when there is no TLS listener; needs
+    ``server.tls_certificate`` and ``tls_key``). ``dtls_handshakes_per_source`` (1-65535; 16) and
     ``dtls_handshakes_total`` (1-1000000, at least the former; 1024): DTLS handshakes in
     progress after a valid cookie, from one source address and in all.
     ``dtls_cookie_interval``: seconds per DTLS cookie secret (> 0, at most 3600; 60); a
-    cookie is good for one to two intervals. (Validated; no DTLS listener uses them yet.)
+    cookie is good for one to two intervals.
     ``first_datagram_timeout``: seconds an association waits for its first datagram before
     its TCP connection is closed (UDP-07; default 30).
     ``max_associations_per_client`` / ``max_associations_per_user``: live associations one
@@ -335,7 +338,7 @@ class UDPConfig:
     port: int | None
     """The SOCKS 6 UDP port, or None: the same port number as each TCP listener (D16)."""
     dtls_port: int | None
-    """UDP port for DTLS, or None (off). Validated; DTLS is not served yet (issue 11)."""
+    """The DTLS port number, or None: the port number of each TLS listener (D16)."""
     enabled: bool = True
     """False: UDP ASSOCIATE is answered Command Not Supported and no UDP socket is opened."""
     first_datagram_timeout: float = 30.0
@@ -356,6 +359,18 @@ class UDPConfig:
     """DTLS handshakes in progress in all."""
     dtls_cookie_interval: float = 60.0
     """Seconds per DTLS cookie secret; a cookie is good for one to two intervals."""
+    dtls: bool = True
+    """DTLS ports on (issue 11): beside each TLS listener, or on ``dtls_port``."""
+
+    def dtls_served(self, server: ServerConfig) -> bool:
+        """Whether ``serve`` opens DTLS ports: UDP and DTLS on, and a TLS listener or a
+        ``dtls_port`` (with the certificate, which the config requires for both)."""
+        return (
+            self.enabled
+            and self.dtls
+            and server.tls_certificate is not None
+            and (bool(server.tls_listen) or self.dtls_port is not None)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -844,6 +859,7 @@ def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:
         {
             "enabled",
             "port",
+            "dtls",
             "dtls_port",
             "dtls_handshakes_per_source",
             "dtls_handshakes_total",
@@ -860,6 +876,9 @@ def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:
     if not isinstance(enabled, bool):
         raise ConfigError(f"udp.enabled: {_show(enabled)} is not true or false")
     port = _optional_int(table, "port", "udp", None, low=1, high=65535)
+    dtls = table.get("dtls", True)
+    if not isinstance(dtls, bool):
+        raise ConfigError(f"udp.dtls: {_show(dtls)} is not true or false")
     dtls_port = _optional_int(table, "dtls_port", "udp", None, low=1, high=65535)
     if dtls_port is not None and server.tls_certificate is None:
         raise ConfigError("udp.dtls_port: needs server.tls_certificate and server.tls_key")
@@ -890,6 +909,7 @@ def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:
         dtls_handshakes_per_source=per_source,
         dtls_handshakes_total=total,
         dtls_cookie_interval=interval,
+        dtls=dtls,
     )
 
 

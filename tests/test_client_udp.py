@@ -74,6 +74,7 @@ from socks6fast.errors import (
     RemoteProtocolError,
     TTLExpiredError,
 )
+from socks6fast.net.dtls import dtls_client_context
 from socks6fast.proto import client_udp as client_udp_module
 from socks6fast.proto import codec
 from socks6fast.proto.client import ClientConnection, build_request
@@ -992,8 +993,8 @@ async def test_scripted_datagrams_over_tls(flavour: str, tmp_path: Path) -> None
         async with udp_echo("127.0.0.1") as echo:
             url = proxy.url("socks6+tls")
             if flavour == "asyncio":
-                async with await aclient.udp_associate(url, proxy_ssl=client_ctx) as assoc:
-                    assert assoc.transport == "tcp"  # the default for socks6+tls
+                async with await aclient.udp_associate(url, proxy_ssl=client_ctx, transport="tcp") as assoc:
+                    assert assoc.transport == "tcp"  # asked for (the socks6+tls default is dtls, D27)
                     for n in range(3):
                         await assoc.sendto(b"tls %d" % n, echo)
                         assert await assoc.recvfrom(timeout=5) == (b"tls %d" % n, echo)
@@ -1226,21 +1227,25 @@ async def test_real_server_resolves_names(engine: str, flavour: str, transport: 
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-@pytest.mark.parametrize("transport", [None, "udp"], ids=["default", "udp"])
+@pytest.mark.parametrize("transport", [None, "tcp", "udp"], ids=["default", "tcp", "udp"])
 async def test_real_server_over_tls(engine: str, flavour: str, transport: str | None, tmp_path: Path) -> None:
-    """Through the real server's TLS listener: by default the datagrams ride the TLS connection
-    (``transport="tcp"``: the TLS listener has no plain UDP port, D16); with
-    ``transport="udp"`` and ``udp_port`` naming the plain listener's UDP port, the control
-    connection is TLS and the datagrams plain UDP."""
+    """Through the real server's TLS listener: by default the datagrams go over DTLS to the
+    DTLS port beside it (D16, D27; verified with ``proxy_dtls``); ``transport="tcp"`` puts
+    them on the TLS connection; with ``transport="udp"`` and ``udp_port`` naming the plain
+    listener's UDP port, the control connection is TLS and the datagrams plain UDP."""
     certs = make_certificates(tmp_path)
     client_ctx = ssl.create_default_context(cafile=str(certs.ca))
     tls = {"tls_listen": ["127.0.0.1:0"], "tls_certificate": str(certs.cert), "tls_key": str(certs.key)}
     async with real_server(server=tls) as server, udp_echo("127.0.0.1") as echo:
         url = real_url(server, "127.0.0.1", "socks6+tls")
         kwargs: dict[str, Any] = {}
-        if transport == "udp":
+        if transport is None:
+            kwargs = {"proxy_dtls": dtls_client_context(cafile=str(certs.ca))}
+        elif transport == "tcp":
+            kwargs = {"transport": "tcp"}
+        else:
             kwargs = {"transport": "udp", "udp_port": next(a for a in server.addresses if ":" not in a[0])[1]}
-        expected = transport or "tcp"
+        expected = transport or "dtls"
         if flavour == "asyncio":
             async with await aclient.udp_associate(url, proxy_ssl=client_ctx, **kwargs) as assoc:
                 assert assoc.transport == expected

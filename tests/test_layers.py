@@ -72,6 +72,8 @@ LAYERS: list[set[str]] = [
     {"asyncio.client"},
     {"asyncio.server.record", "asyncio.server.streams", "asyncio.server.dial", "asyncio.server.logs"},
     {"asyncio.server.bind", "asyncio.server.udp"},
+    # The proxy's DTLS ports: the DTLS endpoint on the loop, handing connections to the UDP engine.
+    {"asyncio.server.dtls"},
     # Issue 14: the Prometheus collector (reads the relayer, the UDP service, the sessions) and
     # the admin HTTP listener serving it.
     {"asyncio.server.metrics"},

@@ -58,7 +58,7 @@ import ssl as _ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any, Generic, Protocol, Self, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar, Unpack
 
 from .._client_base import (
     DEFAULT_TIMEOUT,
@@ -91,6 +91,9 @@ from ..proto.client_flow import (
 from ..proto.client_udp import AssociationEnded, ClientAssociation, icmp_error
 from ..proto.messages import AssociationConfirmation, Datagram, DatagramError, Option, StackOption
 from ..proto.states import NEED_DATA
+
+if TYPE_CHECKING:
+    from .dtls import DTLSClient
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -439,7 +442,12 @@ class Proxy(ProxyBase):
             await _Performer[_StreamChannel]().run(association_init(channel, conn, core))
             association = UDPAssociation(channel, conn, core, max_queue=kwargs.get("max_queue", 1024))
             try:
-                await association._start(kwargs.get("udp_port"))
+                await association._start(
+                    kwargs.get("udp_port"),
+                    proxy_dtls=kwargs.get("proxy_dtls"),
+                    server_hostname=self.server_hostname,
+                    timeout=kwargs.get("timeout", DEFAULT_TIMEOUT),
+                )
                 if kwargs.get("server_mode", False):
                     await association._confirm()
             except BaseException:
@@ -541,12 +549,22 @@ class UDPAssociation(AssociationBase[_StreamChannel]):
         self._confirmed_event = asyncio.Event()
         self._end: BaseException | None = None
         self._udp: asyncio.DatagramTransport | None = None
+        self._dtls: DTLSClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- set-up
 
-    async def _start(self, udp_port: int | None) -> None:
+    async def _start(
+        self,
+        udp_port: int | None,
+        *,
+        proxy_dtls: object = None,
+        server_hostname: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
         self._tasks.append(self._loop.create_task(self._read_tcp()))
+        if self.core.transport == "dtls":
+            await self._start_dtls(udp_port, proxy_dtls, server_hostname, timeout)
         if self.core.transport == "udp":
             # D16: the proxy's UDP port has the TCP listener's address and port number.
             peer = self._channel.writer.get_extra_info("peername")
@@ -560,6 +578,46 @@ class UDPAssociation(AssociationBase[_StreamChannel]):
             except BaseException:
                 udp.close()
                 raise
+
+    async def _start_dtls(
+        self, udp_port: int | None, proxy_dtls: object, server_hostname: str | None, timeout: float | None
+    ) -> None:
+        # Imported here: pyOpenSSL is loaded only by a client that speaks DTLS.
+        from ..net.dtls import DTLSError  # noqa: PLC0415
+        from .dtls import open_dtls_client  # noqa: PLC0415
+
+        # D16: the proxy's DTLS port has the TLS listener's address and port number.
+        peer = self._channel.writer.get_extra_info("peername")
+        port = peer[1] if udp_port is None else udp_port
+        # The handshake gets a little less than the request's whole timeout, so that its
+        # own error (which names DTLS) comes before the request's TimeoutError.
+        budget = None if timeout is None else max(0.05, timeout * 0.9)
+        try:
+            self._dtls = await open_dtls_client(
+                peer[0],
+                port,
+                proxy_dtls=proxy_dtls,  # type: ignore[arg-type]  # checked by proxy_dtls_context
+                proxy_server_hostname=server_hostname,
+                timeout=budget,
+            )
+        except TimeoutError:
+            raise DTLSError(
+                f"DTLS handshake with the proxy's DTLS port {peer[0]}:{port}: no answer within "
+                f"{budget} s (transport='tcp' carries the datagrams on the TLS connection instead)"
+            ) from None
+        self._tasks.append(self._loop.create_task(self._read_dtls()))
+
+    async def _read_dtls(self) -> None:
+        from ..net.dtls import DTLSError  # noqa: PLC0415
+
+        assert self._dtls is not None
+        try:
+            while True:
+                self._on_datagram(await self._dtls.recv())
+        except DTLSError as exc:
+            # The proxy closed the DTLS connection, or it failed: the next recvfrom says so;
+            # the association itself lives as long as its TCP connection (UDP-07).
+            self._push(exc)
 
     async def _confirm(self) -> None:
         # Server mode (UDP-06): the empty datagram, resent over UDP until confirmed (UDP-10).
@@ -575,9 +633,12 @@ class UDPAssociation(AssociationBase[_StreamChannel]):
             while (deadline := self.core.get_timer()) is not None:
                 await asyncio.sleep(max(0.0, deadline - self._loop.time()))
                 again = self.core.handle_timer(self._loop.time())
-                if again is not None and self._udp is not None:
-                    self._udp.sendto(again)
-        except TimeoutError as exc:
+                if again is not None:
+                    if self._udp is not None:
+                        self._udp.sendto(again)
+                    elif self._dtls is not None:
+                        self._dtls.send(again)
+        except (TimeoutError, OSError) as exc:  # the last try unanswered; DTLS closed (DTLSError)
             self._finish(exc)
 
     # -- receiving
@@ -632,6 +693,8 @@ class UDPAssociation(AssociationBase[_StreamChannel]):
         self._channel.close()
         if self._udp is not None:
             self._udp.close()
+        if self._dtls is not None:
+            self._dtls.close()  # a close_notify: the proxy ends the channel at once
 
     def _ended(self) -> BaseException:
         assert self._end is not None
@@ -692,6 +755,8 @@ class UDPAssociation(AssociationBase[_StreamChannel]):
     async def _send(self, message: bytes) -> None:
         if self._udp is not None:
             self._udp.sendto(message)
+        elif self._dtls is not None:
+            self._dtls.send(message)
         else:
             await self._channel.write(message)
 

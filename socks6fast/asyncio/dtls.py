@@ -6,15 +6,15 @@
 - `open_dtls_client`: a connected UDP socket to the proxy's DTLS port, the handshake with
   retransmissions and a timeout, then `DTLSClient.send` / `DTLSClient.recv`.
 
-Not wired into the proxy yet: the server does not open a DTLS listener for ``[udp]
-dtls_port``, and the SOCKS 6 client has no DTLS transport for UDP associations; this is the
-layer that wiring will use (UDP-02, UDP-03 need it).
+The proxy's DTLS ports (``socks6fast.asyncio.server.dtls``) and the SOCKS 6 client's
+``transport="dtls"`` (UDP-02, UDP-03) are built on this layer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from collections import deque
 from typing import Any
 
@@ -147,10 +147,13 @@ async def start_dtls_server(
     on_established: OnConnection | None = None,
     on_closed: OnClosed | None = None,
     limits: DTLSLimits | None = None,
+    sock: socket.socket | None = None,
 ) -> DTLSServer:
     """Open a DTLS port on ``host``:``port`` (0: any free port) with ``context`` (from
     `socks6fast.net.dtls.dtls_server_context`, unused). ``on_datagram(connection, payload)``
-    gets each decrypted datagram; answer with `DTLSServer.send`."""
+    gets each decrypted datagram; answer with `DTLSServer.send`. ``sock``: a UDP socket
+    bound already (``host`` and ``port`` are then ignored), e.g. with SO_REUSEADDR so that
+    connected sockets can share its port (the proxy's hand-off to the UDP engine)."""
     loop = asyncio.get_running_loop()
     server = DTLSServer(
         loop,
@@ -162,9 +165,12 @@ async def start_dtls_server(
             limits=limits,
         ),
     )
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: _ServerProtocol(server), local_addr=(host, port)
-    )
+    if sock is not None:
+        transport, _ = await loop.create_datagram_endpoint(lambda: _ServerProtocol(server), sock=sock)
+    else:
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _ServerProtocol(server), local_addr=(host, port)
+        )
     server._transport = transport
     return server
 

@@ -79,8 +79,11 @@ _COOKIE_LENGTH = 16
 _BIO_CHUNK = 65536
 
 
-class DTLSError(Exception):
-    """A DTLS handshake or connection failed; the message says why in one sentence."""
+class DTLSError(OSError):
+    """A DTLS handshake or connection failed; the message says why in one sentence.
+
+    An OSError, as ``ssl.SSLError`` is: code that handles network and TLS failures of the
+    SOCKS client (``except OSError``) handles the DTLS transport's too."""
 
 
 def peer_key(address: tuple[Any, ...]) -> Address:
@@ -215,6 +218,8 @@ class DTLSCounters:
     datagrams_sent: int = 0
     closed: int = 0
     expired: int = 0
+    released: int = 0
+    """Established connections handed off with `DTLSServerEndpoint.release`."""
 
 
 def _harden(context: SSL.Context) -> None:
@@ -456,7 +461,9 @@ class DTLSServerEndpoint:
         ssl.bio_write(data)
         if not conn.established:
             self._step_handshake(conn, now)
-            if not conn.established:
+            if not conn.established or self.connections.get(key) is not conn:
+                # Still handshaking, or ``on_established`` handed the connection off
+                # (`release`): its new owner (an engine thread) is then its only user.
                 return
         self._read(conn, types)
 
@@ -600,6 +607,23 @@ class DTLSServerEndpoint:
             pass
         self._queue(conn.ssl, conn.address)
         self._forget(conn, None)
+
+    def release(self, conn: DTLSConnection) -> SSL.Connection:
+        """Hand an established connection off: it is forgotten here (no close_notify, no
+        ``on_closed``) and its ``SSL.Connection`` returned for its new owner (the UDP engine's
+        DTLS channel, ``UdpEngine.add_channel``). Call it from ``on_established``: what the
+        handshake queued (the server's last flight) is still sent by `datagrams_to_send`,
+        and nothing here touches the connection after.
+
+        Raises:
+            DTLSError: ``conn`` is not an established connection of this endpoint.
+        """
+        if not conn.established or self.connections.get(conn.address) is not conn:
+            raise DTLSError(f"DTLS connection with {conn.address[0]}:{conn.address[1]} is not open")
+        self._end_handshake(conn)
+        del self.connections[conn.address]
+        self.counters.released += 1
+        return conn.ssl
 
     def _end_handshake(self, conn: DTLSConnection) -> None:
         if self._handshaking.pop(conn.address, None) is not None:

@@ -3,9 +3,11 @@
 Strategy (as `socks6fast.proto.client`): nothing here blocks, reads a clock or opens a
 socket. After the UDP ASSOCIATE Request's successful Operation Reply (a `ClientConnection`
 in ESTABLISHED), the TCP connection carries the association's control messages, and the
-datagrams travel either on that same TCP stream (``transport="tcp"``) or as plain UDP
+datagrams travel either on that same TCP stream (``transport="tcp"``), as plain UDP
 datagrams to the proxy's UDP port (``transport="udp"``; D16: by default the port number
-of the TCP listener, on the same address). The adapter does this::
+of the TCP listener, on the same address), or over a DTLS connection to the proxy's DTLS
+port (``transport="dtls"``, UDP-02: the adapter runs the DTLS layer; each decrypted
+datagram is handled here exactly as a plain UDP one). The adapter does this::
 
     assoc = ClientAssociation(transport="udp", udp_error=True)
     assoc.receive_data(trailing)                   # bytes read past the Operation Reply
@@ -75,8 +77,12 @@ __all__ = [
     "icmp_error",
 ]
 
-Transport: TypeAlias = Literal["tcp", "udp"]
-"""Where the association's datagrams travel: the TCP connection, or plain UDP (UDP-02)."""
+Transport: TypeAlias = Literal["tcp", "udp", "dtls"]
+"""Where the association's datagrams travel: the TCP connection, plain UDP, or UDP in a
+DTLS connection (UDP-02)."""
+
+#: The transports whose datagrams may be lost: the server-mode empty datagram is resent.
+_DATAGRAM_TRANSPORTS: Final = ("udp", "dtls")
 
 #: Message Length is a 16-bit field: header plus payload fit in 65535 bytes.
 MAX_MESSAGE_LENGTH: Final = 0xFFFF
@@ -113,8 +119,10 @@ class ClientAssociation:
     """The client side of one UDP association, sans-IO.
 
     Args:
-        transport: ``"tcp"`` (datagrams framed on the TCP connection) or ``"udp"``
-            (datagrams to the proxy's UDP port).
+        transport: ``"tcp"`` (datagrams framed on the TCP connection), ``"udp"``
+            (datagrams to the proxy's UDP port) or ``"dtls"`` (the same datagrams inside a
+            DTLS connection to the proxy's DTLS port; `receive_datagram` takes each
+            decrypted one).
         udp_error: the Request carried the UDP Error option asking for reports (UDP-09):
             Error messages are delivered, otherwise dropped.
         resend_interval: seconds before the first resend of the server-mode empty datagram
@@ -139,8 +147,8 @@ class ClientAssociation:
         resend_interval: float = DEFAULT_RESEND_INTERVAL,
         resend_tries: int = DEFAULT_RESEND_TRIES,
     ) -> None:
-        if transport not in ("tcp", "udp"):
-            raise ValueError(f"transport must be 'tcp' or 'udp', not {transport!r}")
+        if transport not in ("tcp", "udp", "dtls"):
+            raise ValueError(f"transport must be 'tcp', 'udp' or 'dtls', not {transport!r}")
         if resend_tries < 1 or not resend_interval > 0:
             raise ValueError("resend_tries must be at least 1 and resend_interval positive")
         self.transport: Transport = transport
@@ -272,7 +280,7 @@ class ClientAssociation:
             return self._error_message(message)
         return message
 
-    # -- plain UDP (transport="udp")
+    # -- plain UDP (transport="udp"), and decrypted DTLS datagrams (transport="dtls")
 
     def receive_datagram(self, data: bytes) -> Datagram | DatagramError | None:
         """Judge one UDP datagram from the proxy's UDP port.
@@ -385,7 +393,12 @@ class ClientAssociation:
             now: the current time (the resend timer's clock).
         """
         message = self.datagram(b"", _ZERO_ADDRESS, 0)
-        if self.transport == "udp" and self.state is AssociationState.OPEN and not self._mapped:
+        # UDP-10 "as over UDP": a DTLS record may be lost too (DTLS does not retransmit it).
+        if (
+            self.transport in _DATAGRAM_TRANSPORTS
+            and self.state is AssociationState.OPEN
+            and not self._mapped
+        ):
             self._confirm = message
             self._tries = 1
             self._deadline = now + self._resend_interval

@@ -664,7 +664,10 @@ class ConnectionHandler:
             record.udp_drops, record.icmp_errors = udp.drops, udp.icmp_reported
             confirmed = self.udp_confirmed
             if confirmed is not None:
-                record.udp_channel = "tcp" if confirmed.over_tcp else "udp"
+                # D17: the channel the association was mapped to (a channel id: DTLS).
+                record.udp_channel = (
+                    "tcp" if confirmed.over_tcp else "dtls" if confirmed.channel >= 0 else "udp"
+                )
                 record.udp_server_mode = confirmed.server_mode
             server_udp = self._server.udp
             record.relay_path = server_udp.path if server_udp is not None else "-"

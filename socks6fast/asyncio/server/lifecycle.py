@@ -39,7 +39,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...config import Config
 from ...dataplane import resources
@@ -65,6 +65,9 @@ from .logs import CONNECTION
 from .metrics import ServerMetrics
 from .record import ConnectionRecord, format_address
 from .udp import UdpService
+
+if TYPE_CHECKING:
+    from .dtls import DTLSPorts
 
 __all__ = ["Server", "serve"]
 
@@ -204,6 +207,8 @@ class Server:
         """The TLS listeners' context, or None without TLS listeners."""
         self.udp: UdpService | None = None
         """The UDP data plane (UDP ASSOCIATE), after `start` unless ``[udp] enabled = false``."""
+        self.dtls: DTLSPorts | None = None
+        """The DTLS ports (issue 11, D16), after `start` when `UDPConfig.dtls_served`."""
         self._relayer = relayer
         self._own_relayer = relayer is None
         self._use_engine = use_relay_engine
@@ -349,14 +354,25 @@ class Server:
             for index, (host, port) in enumerate(self._config.server.listen):
                 for sock in await self._bind_with_udp(host, port):
                     self._add_listener(sock, False, index)
+            if self.udp is not None and udp.dtls_served(self._config.server):
+                self.dtls = self._dtls_ports(loop, self.udp)
             for index, (host, port) in enumerate(self._config.server.tls_listen):
-                for sock in await self._bind_listeners(host, port):
+                for sock in await self._bind_with_dtls(host, port):
                     self._add_listener(sock, True, index)
+            if self.dtls is not None and not self._config.server.tls_listen:
+                # [udp] dtls_port without a TLS listener: on each listener's address.
+                assert udp.dtls_port is not None
+                for host, _ in self.addresses:
+                    await self.dtls.open_port(host, udp.dtls_port)
         except BaseException:
             for sock, _ in self._listeners:
                 sock.close()
             self._listeners.clear()
             self._listener_proxy.clear()
+            if self.dtls is not None:
+                self.dtls.close()
+                await self.dtls.wait_closed()
+                self.dtls = None
             if self.udp is not None:
                 self.udp.close()
                 self.udp = None
@@ -402,8 +418,9 @@ class Server:
                 )
         else:
             log.info("UDP ASSOCIATE is turned off ([udp] enabled = false)")
-        if self._config.udp.dtls_port is not None:
-            log.warning("udp.dtls_port is set, but DTLS is not served yet: no DTLS port is opened")
+        if self.dtls is not None:
+            for host, port in self.dtls.ports:
+                log.info("DTLS port %s (SOCKS 6 datagrams over DTLS 1.2)", format_address(host, port))
         notice = server_tfo_notice(TFO_SYSCTL_PATH)  # every listener asks for TFO (TRN-01)
         if notice is not None:
             log.info("%s", notice)
@@ -451,6 +468,10 @@ class Server:
             self.admin = None
             self.stop_accepting()
             self._listeners.clear()
+            if self.dtls is not None:
+                self.dtls.close()
+                await self.dtls.wait_closed()
+                self.dtls = None
             if self.udp is not None:
                 self.udp.close()
                 self.udp = None
@@ -462,6 +483,42 @@ class Server:
                 "admin.listen %s is not loopback: anyone who can reach it can read the metrics",
                 format_address(*self.admin.address),
             )
+
+    def _dtls_ports(self, loop: asyncio.AbstractEventLoop, udp: UdpService) -> DTLSPorts:
+        # Imported here: pyOpenSSL is loaded only by a server that serves DTLS.
+        from ...net.dtls import DTLSError  # noqa: PLC0415
+        from .dtls import DTLSPorts  # noqa: PLC0415
+
+        server = self._config.server
+        assert server.tls_certificate is not None and server.tls_key is not None
+        try:
+            return DTLSPorts(loop, udp, self._config.udp, server.tls_certificate, server.tls_key)
+        except DTLSError as exc:
+            raise OSError(errno.EINVAL, str(exc)) from None
+
+    async def _bind_with_dtls(self, host: str, port: int) -> list[socket.socket]:
+        """Bind one ``tls_listen`` entry and its DTLS ports (D16): by default the address
+        and port number of each TLS listener, else ``[udp] dtls_port`` on each listener
+        address. A port-0 entry whose number is taken for UDP is bound again elsewhere."""
+        dtls, dtls_port = self.dtls, self._config.udp.dtls_port
+        attempts = UDP_PAIR_ATTEMPTS if port == 0 and dtls_port is None else 1
+        for attempt in range(attempts):
+            socks = await self._bind_listeners(host, port)
+            if dtls is None:
+                return socks
+            try:
+                for sock in socks:
+                    bound_host, bound_port = _sockname(sock)
+                    if (bound_host, dtls_port or bound_port) not in dtls.ports:
+                        await dtls.open_port(bound_host, dtls_port or bound_port)
+            except OSError as exc:
+                for sock in socks:
+                    sock.close()
+                if exc.errno == errno.EADDRINUSE and attempt + 1 < attempts:
+                    continue
+                raise
+            return socks
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _apply_fd_plan(self, plan: DescriptorPlan) -> None:
         self._max_connections = plan.max_connections
@@ -669,7 +726,19 @@ class Server:
             log.warning("reload: [admin] and server.log_format take effect after a restart")
         if config.server.idle_timeout != old.server.idle_timeout:
             log.warning("reload: the relay idle timeout takes effect after a restart")
-        udp_keys = ("enabled", "port", "workers", "batch", "max_datagram", "first_datagram_timeout")
+        udp_keys = (
+            "enabled",
+            "port",
+            "workers",
+            "batch",
+            "max_datagram",
+            "first_datagram_timeout",
+            "dtls",
+            "dtls_port",
+            "dtls_handshakes_per_source",
+            "dtls_handshakes_total",
+            "dtls_cookie_interval",
+        )
         if any(getattr(config.udp, key) != getattr(old.udp, key) for key in udp_keys):
             log.warning("reload: [udp] %s take effect after a restart", ", ".join(udp_keys))
         self._configure(config, users)
@@ -745,6 +814,9 @@ class Server:
             # connection tasks a moment to take those results and log their lines before
             # the rest (handshakes still in progress) is cancelled.
             await self._relayer.close()
+        if self.dtls is not None:
+            self.dtls.close()  # handshakes in progress; the channels end with the engine
+            await self.dtls.wait_closed()
         if self.udp is not None:
             # Ends every association (RelayEnd.SHUTDOWN, counts kept for their log lines).
             self.udp.close()

@@ -18,8 +18,9 @@ Confirmation, UDP-07's "the association lives as long as the TCP connection"), s
 plain socket. A TLS client connection has none the engine could use: `TLSBridge` pumps the
 decrypted bytes between the TLS stream and one end of a socket pair whose other end the
 engine gets (a copy per message, on the event loop; the engine sees a clean byte stream and
-its EOF either way). A DTLS port (issue 11) would be one more kind of client-facing socket
-next to the SOCKS 6 ports; nothing here assumes there is none.
+its EOF either way). A DTLS port (issue 11, ``asyncio.server.dtls``) hands each established
+DTLS connection to the engine as a channel (``UdpEngine.add_channel``); its end comes back
+here as ``UdpChannelEnded`` and goes to `UdpService.on_channel_ended`.
 
 Nothing leaks: the sockets of an association belong to the handler until ``UdpEngine.add``
 succeeds and to the engine after; reserved counterpart ports belong to the core's
@@ -34,6 +35,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ...config import UDPConfig
@@ -375,6 +377,8 @@ class UdpService:
         self.path = UDP_PATH
         """``"mmsg"`` (the native engine) or ``"python"``."""
         self._closed = False
+        self.on_channel_ended: Callable[[UdpChannelEnded], None] | None = None
+        """Told of each ``UdpChannelEnded`` (the DTLS ports, ``asyncio.server.dtls``)."""
         loop.add_reader(self.engine.fileno(), self._on_events)
 
     def open_ports(self, addresses: list[tuple[str, int]]) -> None:
@@ -461,7 +465,10 @@ class UdpService:
     def _on_events(self) -> None:
         for event in self.engine.drain():
             if isinstance(event, UdpChannelEnded):
-                continue  # no channels are added yet (DTLS, issue 11)
+                # A DTLS connection's channel (issue 11): the DTLS ports drop the connection.
+                if self.on_channel_ended is not None:
+                    self.on_channel_ended(event)
+                continue
             live = self._live.get(event.association_id)
             if live is None:
                 continue

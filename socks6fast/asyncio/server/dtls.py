@@ -1,0 +1,249 @@
+"""The proxy's DTLS ports (issue 11): SOCKS 6 datagrams over DTLS, the draft's third UDP
+transport (section "UDP ASSOCIATE": "over an established DTLS session"; UDP-02, UDP-03,
+TRN-03; D16, D17, D26).
+
+Strategy: the handshake runs here, in the control plane (``socks6fast.net.dtls``: stateless
+cookies before any state, caps on handshakes in progress, retransmission timers), on one
+UDP socket per DTLS port. When a handshake completes, the connection is handed to the UDP
+engine and the control plane never touches it again:
+
+1. ``on_established`` runs while the server's last flight (ChangeCipherSpec, Finished) is
+   still queued, not sent. A new UDP socket is bound to the DTLS port's address and port
+   (SO_REUSEADDR: the listening socket sets it too) and connected to the client's address.
+   The kernel delivers a datagram to the socket whose binding matches it best, so from now
+   on the client's datagrams reach the connected socket, not the listening one. Under DTLS
+   1.2 (what ``net.dtls`` negotiates, D26) the client sends no application record before
+   it has our Finished, so none can reach the listening socket first (DTLS 1.3 would
+   change that: D26 keeps the ports at 1.2).
+2. ``engine.add_channel(fd, DTLSLink(connection, mtu))`` gives the socket and the
+   connection to the engine, and ``DTLSServerEndpoint.release`` forgets the connection here
+   (no close_notify); then the last flight is sent from the listening socket (same address
+   and port: the client cannot tell). If the engine refuses, the socket is closed and the
+   client gets a close_notify.
+3. The engine maps the association named by the first valid datagram (UDP-03) and relays
+   exactly as on the plain UDP port (same rules, same limits, Error messages on the mapped
+   channel, D17). A retransmitted client Finished reaches the engine's socket, which answers
+   it. ``UdpChannelEnded`` (association over, unmapped within the first-datagram timeout,
+   close_notify, a fatal alert) drops the connection here and logs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass
+
+from ...config import UDPConfig
+from ...dataplane.udp import DTLSLink, UdpChannelEnded
+from ...net.dtls import DEFAULT_MTU, DTLS1_2_VERSION, DTLSConnection, DTLSLimits, dtls_server_context
+from ..dtls import DTLSServer, start_dtls_server
+from .record import format_address
+from .udp import UdpService
+
+__all__ = ["DTLSPorts", "open_dtls_socket"]
+
+log = logging.getLogger("socks6fast.server")
+
+
+def open_dtls_socket(host: str, port: int) -> socket.socket:
+    """A UDP socket for a DTLS port on ``host``:``port``, with SO_REUSEADDR so that each
+    established connection's socket can be bound to the same address and port.
+
+    The port must be free of other sockets first: SO_REUSEADDR would let this socket share
+    a port another process (or another of our ports) holds, and the datagrams would go to
+    whichever bound last. A probe bind without the option fails instead (as for the SOCKS 6
+    UDP ports, D16).
+
+    Raises:
+        OSError: the port is taken or cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port != 0:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((host, port))
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # both families
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass(slots=True)
+class _Channel:
+    """A DTLS connection the engine holds (kept alive here for the log line)."""
+
+    peer: tuple[str, int]
+    port: tuple[str, int]
+    link: DTLSLink
+
+
+class DTLSPorts:
+    """The DTLS ports of one `Server`, handing each established connection to ``udp``'s
+    engine.
+
+    Args:
+        loop: the server's loop.
+        udp: the server's UDP data plane (its engine relays the datagrams).
+        config: the ``[udp]`` table (handshake caps, cookie interval).
+        certfile, keyfile: the TLS listener's certificate chain and key (D16).
+
+    Raises:
+        DTLSError: the certificate or key cannot be used (one sentence).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        udp: UdpService,
+        config: UDPConfig,
+        certfile: str,
+        keyfile: str,
+    ) -> None:
+        self._loop = loop
+        self._udp = udp
+        self._certfile = certfile
+        self._keyfile = keyfile
+        self._limits = DTLSLimits.from_config(config)
+        self.mtu = DEFAULT_MTU
+        """Largest DTLS datagram the engine sends on a channel (ciphertext)."""
+        self.servers: list[DTLSServer] = []
+        self.ports: list[tuple[str, int]] = []
+        """The DTLS ports, (host, port) each."""
+        self.channels: dict[int, _Channel] = {}
+        """Connections the engine holds, by channel id."""
+        self.handoffs = 0
+        """Connections handed to the engine."""
+        dtls_server_context(certfile, keyfile)  # fail now, in one sentence, not per port
+        udp.on_channel_ended = self._channel_ended
+
+    async def open_port(self, host: str, port: int) -> tuple[str, int]:
+        """Open a DTLS port on ``host``:``port`` (0: any free port).
+
+        Raises:
+            OSError: the port cannot be bound (naming it, with a hint).
+        """
+        try:
+            sock = open_dtls_socket(host, port)
+        except OSError as exc:
+            where = f"DTLS {format_address(host, port)}: {exc.strerror or exc}"
+            hint = " (the DTLS port: set [udp] dtls_port, or dtls = false)"
+            raise OSError(exc.errno, where + hint) from exc
+        bound = sock.getsockname()
+        name = (str(bound[0]), int(bound[1]))
+        holder: list[DTLSServer] = []
+
+        def established(conn: DTLSConnection) -> None:
+            self._hand_off(holder[0], sock, conn)
+
+        context = dtls_server_context(self._certfile, self._keyfile)
+        # D26: DTLS 1.2 only. The hand-off relies on the client sending no application record
+        # before it has the server's Finished; DTLS 1.3 lets it send right after its own
+        # Finished, which the listening socket could read before the connected socket exists.
+        # (The OpenSSL 4.0 under pyOpenSSL 26 offers no DTLS 1.3 anyway.)
+        context.set_max_proto_version(DTLS1_2_VERSION)
+        try:
+            server = await start_dtls_server(
+                name[0],
+                name[1],
+                context,
+                on_datagram=self._stray,
+                on_established=established,
+                on_closed=self._failed,
+                limits=self._limits,
+                sock=sock,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        holder.append(server)
+        self.servers.append(server)
+        self.ports.append(name)
+        return name
+
+    # -- the hand-off ------------------------------------------------------------------
+
+    def _hand_off(self, server: DTLSServer, listening: socket.socket, conn: DTLSConnection) -> None:
+        # Runs inside the endpoint, before the server's last flight is sent (module docstring).
+        peer = conn.address
+        port = listening.getsockname()
+        sock = socket.socket(listening.family, socket.SOCK_DGRAM)
+        try:
+            if listening.family == socket.AF_INET6:
+                sock.setsockopt(
+                    socket.IPPROTO_IPV6,
+                    socket.IPV6_V6ONLY,
+                    listening.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
+                )
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(port)
+            sock.connect(peer)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            log.warning(
+                "DTLS %s: cannot open a socket for the connection from %s: %s; closed",
+                format_address(str(port[0]), int(port[1])),
+                format_address(*peer),
+                exc.strerror or exc,
+            )
+            server.endpoint.close(conn)
+            return
+        link = DTLSLink(conn.ssl, self.mtu)
+        try:
+            channel = self._udp.engine.add_channel(sock.fileno(), link)
+        except Exception as exc:  # whatever the engine says, the socket must not leak
+            sock.close()
+            log.warning("DTLS connection from %s: the UDP engine refused it: %s", format_address(*peer), exc)
+            server.endpoint.close(conn)  # a close_notify after our Finished: the client knows
+            return
+        sock.detach()  # the engine owns it now
+        # Forget it here before anything else can touch it: from now on the engine (one of its
+        # threads) is the connection's only user.
+        server.endpoint.release(conn)
+        self.handoffs += 1
+        self.channels[channel] = _Channel(peer, (str(port[0]), int(port[1])), link)
+        log.debug("DTLS connection from %s: channel %d (via=dtls)", format_address(*peer), channel)
+
+    def _stray(self, conn: DTLSConnection, payload: bytes) -> None:
+        # A datagram decrypted on the listening socket: only possible before the hand-off,
+        # which happens as the handshake completes; nothing to relay it with.
+        log.debug("DTLS: datagram from %s before its hand-off dropped", format_address(*conn.address))
+
+    def _failed(self, conn: DTLSConnection, reason: str) -> None:
+        log.debug("DTLS handshake with %s: %s", format_address(*conn.address), reason)
+
+    def _channel_ended(self, event: UdpChannelEnded) -> None:
+        channel = self.channels.pop(event.channel, None)
+        if channel is None:
+            return
+        log.info(
+            "DTLS connection from %s via=dtls ended: %s (datagrams in %d, out %d, dropped %d)",
+            format_address(*channel.peer),
+            event.cause,
+            event.datagrams_in,
+            event.datagrams_out,
+            event.drops,
+        )
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the DTLS ports (handshakes in progress get a close_notify, if established);
+        the channels end with the engine (``UdpService.close``)."""
+        for server in self.servers:
+            server.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the ports' sockets are closed (after `close`)."""
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self.servers.clear()

@@ -1,0 +1,443 @@
+"""SOCKS 6 datagrams over DTLS end to end (issue 11): the proxy's DTLS ports
+(``socks6fast.asyncio.server.dtls``, the hand-off to the UDP engine) and both clients'
+``transport="dtls"``.
+
+Real parts only: the real `Server` with a TLS listener and the DTLS port beside it (D16), the
+UDP engine (both: the ``engine`` fixture), real DTLS 1.2 handshakes over loopback sockets, a
+UDP echo server on loopback as the remote host, and ``openssl s_client -dtls1_2`` as an
+independent DTLS peer. The ClientHello flood is loopback only (sent to the proxy's own
+127.0.0.1 port, bounded in count and time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers_server import Certificates, make_certificates, make_config, running_server
+from helpers_udp import has_ipv6_loopback
+
+from socks6fast import client as bclient
+from socks6fast._client_base import new_association
+from socks6fast.asyncio import client as aclient
+from socks6fast.asyncio.server import Server
+from socks6fast.asyncio.server.dtls import DTLSPorts
+from socks6fast.config import ConfigError, parse_config
+from socks6fast.net.dtls import DTLSClientConnection, DTLSError, dtls_client_context
+from socks6fast.proto.client_udp import ClientAssociation
+
+FLAVOURS = ["asyncio", "blocking"]
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("dtls-udp"))
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, on: Callable[[bytes, Any], None]) -> None:
+        self._on = on
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._on(data, addr)
+
+
+@contextlib.asynccontextmanager
+async def udp_echo(host: str = "127.0.0.1") -> AsyncIterator[tuple[str, int]]:
+    """A UDP echo server on loopback: the association's remote host."""
+    loop = asyncio.get_running_loop()
+    box: list[asyncio.DatagramTransport] = []
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _Datagrams(lambda data, addr: box[0].sendto(data, addr)), local_addr=(host, 0)
+    )
+    box.append(transport)
+    try:
+        yield transport.get_extra_info("sockname")[:2]
+    finally:
+        transport.close()
+
+
+@contextlib.asynccontextmanager
+async def dtls_server(certs: Certificates, ipv6: bool = False, **udp: Any) -> AsyncIterator[Server]:
+    """The real server with one TLS listener per family and, by default, a DTLS port beside
+    each (D16)."""
+    tls_listen = ["127.0.0.1:0"] + (["[::1]:0"] if ipv6 else [])
+    tls = {"tls_listen": tls_listen, "tls_certificate": str(certs.cert), "tls_key": str(certs.key)}
+    async with running_server(make_config(server=tls, udp=udp, ipv6=ipv6)) as server:
+        yield server
+
+
+def tls_url(server: Server, host: str = "127.0.0.1") -> str:
+    address, port = next(a for a in server.tls_addresses if (":" in a[0]) == (":" in host))[:2]
+    return f"socks6+tls://[{address}]:{port}" if ":" in address else f"socks6+tls://{address}:{port}"
+
+
+def ports(server: Server) -> DTLSPorts:
+    assert server.dtls is not None
+    return server.dtls
+
+
+async def in_flavour(
+    flavour: str, url: str, certs: Certificates, body: Callable[[Any], Awaitable[Any]], **kwargs: Any
+) -> Any:
+    """``body(assoc)`` inside an association of either client over DTLS, both verifying the
+    proxy with the test CA (blocking: in a thread, its methods awaitable alike)."""
+    kwargs.setdefault("proxy_dtls", dtls_client_context(cafile=str(certs.ca)))
+    proxy_ssl = ssl.create_default_context(cafile=str(certs.ca))
+    if flavour == "asyncio":
+        async with await aclient.udp_associate(url, proxy_ssl=proxy_ssl, **kwargs) as assoc:
+            return await body(assoc)
+
+    class Awaitable_:
+        def __init__(self, assoc: bclient.UDPAssociation) -> None:
+            self._assoc = assoc
+
+        def __getattr__(self, name: str) -> Any:
+            value = getattr(self._assoc, name)
+            if callable(value):
+
+                async def call(*args: Any, **kw: Any) -> Any:
+                    return await asyncio.to_thread(value, *args, **kw)
+
+                return call
+            return value
+
+    proxy = bclient.Proxy.from_url(url, proxy_ssl=proxy_ssl)
+    assoc = await asyncio.to_thread(proxy.udp_associate, **kwargs)
+    try:
+        return await body(Awaitable_(assoc))
+    finally:
+        assoc.close()
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+HOSTS = [
+    "127.0.0.1",
+    pytest.param("::1", marks=pytest.mark.skipif(not has_ipv6_loopback(), reason="no ::1")),
+]
+
+
+@pytest.mark.conformance("UDP-02", "UDP-03", "TRN-03")
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("host", HOSTS)
+async def test_echo_over_dtls(engine: str, flavour: str, host: str, certs: Certificates) -> None:
+    """UDP-02, UDP-03, TRN-03: both clients, ``socks6+tls://`` (whose datagrams default to
+    DTLS, D27), through the real server's DTLS port beside its TLS listener (D16): a
+    verified DTLS 1.2 handshake, the connection handed to the engine, the association
+    mapped to it by its first datagram; 64-byte and 1400-byte datagrams to a loopback echo
+    server come back naming it. The log says via=dtls; the channel ends with the
+    association and nothing leaks."""
+    async with dtls_server(certs, ipv6=host == "::1") as server, udp_echo(host) as echo:
+        before = fd_count()
+        dtls = ports(server)
+        assert [p for p in dtls.ports if (":" in p[0]) == (":" in host)][0][1] == next(
+            a for a in server.tls_addresses if (":" in a[0]) == (":" in host)
+        )[1]  # D16: the TLS listener's port number
+
+        async def body(assoc: Any) -> None:
+            assert assoc.transport == "dtls"
+            for size in (64, 1400, 64, 1400):
+                payload = os.urandom(size)
+                await assoc.sendto(payload, echo)
+                assert await assoc.recvfrom(timeout=5) == (payload, echo)
+            assert assoc.confirmed and assoc.dropped == 0
+            assert dtls.handoffs == 1 and len(dtls.channels) == 1
+
+        await in_flavour(
+            flavour, tls_url(server, host), certs, body, address="::" if ":" in host else "0.0.0.0"
+        )
+        await wait_for(lambda: not dtls.channels)  # UdpChannelEnded: the association ended
+        await asyncio.sleep(0.1)
+        assert fd_count() == before
+        (server_port,) = [s for s in dtls.servers if (":" in s.sockname()[0]) == (":" in host)]
+        assert server_port.connections == {} and server_port.counters.released == 1
+
+
+@pytest.mark.conformance("UDP-06", "UDP-10")
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_server_mode_over_dtls(engine: str, flavour: str, certs: Certificates) -> None:
+    """UDP-06 / UDP-10 over DTLS: the empty datagram confirms the association through the DTLS
+    channel; then a remote host sends first to the bound address and reaches the client."""
+    async with dtls_server(certs) as server:
+
+        async def body(assoc: Any) -> None:
+            assert assoc.confirmed and assoc.transport == "dtls"
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as remote:
+                remote.bind(("127.0.0.1", 0))
+                remote.sendto(b"knock", assoc.bound)
+                assert await assoc.recvfrom(timeout=5) == (b"knock", remote.getsockname())
+
+        await in_flavour(flavour, tls_url(server), certs, body, server_mode=True)
+
+
+@pytest.mark.conformance("UDP-03")
+async def test_association_id_on_another_dtls_connection_is_dropped(engine: str, certs: Certificates) -> None:
+    """UDP-03: two associations, each mapped to its own DTLS connection. A datagram naming B's
+    Association ID sent on A's DTLS connection is dropped (nothing reaches the remote host,
+    B gets nothing); both associations go on working on their own connections."""
+    proxy_ssl = ssl.create_default_context(cafile=str(certs.ca))
+    proxy_dtls = dtls_client_context(cafile=str(certs.ca))
+    async with dtls_server(certs) as server, udp_echo() as echo:
+        url = tls_url(server)
+        seen: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        sink, _ = await loop.create_datagram_endpoint(
+            lambda: _Datagrams(lambda data, addr: seen.append(data)), local_addr=("127.0.0.1", 0)
+        )
+        try:
+            target = sink.get_extra_info("sockname")[:2]
+            async with (
+                await aclient.udp_associate(url, proxy_ssl=proxy_ssl, proxy_dtls=proxy_dtls) as a,
+                await aclient.udp_associate(url, proxy_ssl=proxy_ssl, proxy_dtls=proxy_dtls) as b,
+            ):
+                for assoc in (a, b):
+                    await assoc.sendto(b"map me", echo)
+                    assert await assoc.recvfrom(timeout=5) == (b"map me", echo)
+                assert a.id != b.id and len(ports(server).channels) == 2
+                assert a._dtls is not None
+                a._dtls.send(b.core.datagram(b"smuggled", *target))  # B's ID on A's connection
+                await assoc_roundtrip(a, echo)
+                await assoc_roundtrip(b, echo)
+                await asyncio.sleep(0.2)
+                assert seen == []
+                with pytest.raises(TimeoutError):
+                    await b.recvfrom(timeout=0.2)
+        finally:
+            sink.close()
+
+
+async def assoc_roundtrip(assoc: Any, echo: tuple[str, int]) -> None:
+    await assoc.sendto(b"still here", echo)
+    assert await assoc.recvfrom(timeout=5) == (b"still here", echo)
+
+
+@pytest.mark.conformance("UDP-02")
+async def test_garbage_and_truncated_records_are_dropped(engine: str, certs: Certificates) -> None:
+    """Garbage and truncated records, on the DTLS port (no connection: dropped before
+    OpenSSL) and on an established connection (the engine's channel drops them), change
+    nothing: the association goes on, and the drops are counted."""
+    proxy_ssl = ssl.create_default_context(cafile=str(certs.ca))
+    proxy_dtls = dtls_client_context(cafile=str(certs.ca))
+    async with dtls_server(certs) as server, udp_echo() as echo:
+        dtls = ports(server)
+        (port,) = dtls.ports
+        endpoint = dtls.servers[0].endpoint
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+            for junk in (b"", b"\x00" * 40, os.urandom(200), bytes.fromhex("16fefd") + b"\x00" * 5):
+                stranger.sendto(junk, port)
+        await wait_for(lambda: endpoint.counters.records_dropped >= 3)
+        assert endpoint.connections == {}
+        async with await aclient.udp_associate(
+            tls_url(server), proxy_ssl=proxy_ssl, proxy_dtls=proxy_dtls
+        ) as a:
+            await assoc_roundtrip(a, echo)
+            assert a._dtls is not None and a._dtls._transport is not None
+            record = a._dtls.conn.send(a.core.datagram(b"x" * 64, *echo))
+            for junk in (os.urandom(100), record[:20], record[:-3], record[:11] + b"\xff\xff" + record[13:]):
+                a._dtls._transport.sendto(junk)
+            await assoc_roundtrip(a, echo)
+
+
+@pytest.mark.conformance("UDP-02")
+async def test_bad_cookie_is_refused_by_the_dtls_port(certs: Certificates) -> None:
+    """A ClientHello whose cookie is wrong gets a fresh HelloVerifyRequest and no state (the
+    server's DTLS port, over loopback)."""
+    async with dtls_server(certs) as server:
+        dtls = ports(server)
+        (port,) = dtls.ports
+        endpoint = dtls.servers[0].endpoint
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.connect(port)
+            client = DTLSClientConnection(dtls_client_context(cafile=str(certs.ca)), "127.0.0.1")
+            client.start(0.0)
+            (hello,) = client.datagrams_to_send()
+            sock.send(hello)
+            verify = await asyncio.to_thread(sock.recv, 2048)
+            assert verify[13] == 3  # HelloVerifyRequest
+            client.datagram_received(verify, 0.0)
+            (hello2,) = client.datagrams_to_send()
+            at = 13 + 12 + 2 + 32
+            at += 1 + hello2[at]
+            start = at + 1
+            forged = hello2[:start] + bytes([hello2[start] ^ 0x55]) + hello2[start + 1 :]
+            sock.send(forged)
+            again = await asyncio.to_thread(sock.recv, 2048)
+            assert again[13] == 3  # refused: a new HelloVerifyRequest, no ServerHello
+        assert endpoint.counters.cookies_bad == 1 and endpoint.connections == {}
+
+
+async def test_client_hello_flood_keeps_no_state(certs: Certificates) -> None:
+    """A ClientHello flood from many source ports on loopback (bounded: 300 sockets x 2 hellos,
+    10 s) gets HelloVerifyRequests and leaves no connection and no handshake behind; a real
+    client then still gets through."""
+    async with dtls_server(certs) as server, udp_echo() as echo:
+        dtls = ports(server)
+        (port,) = dtls.ports
+        endpoint = dtls.servers[0].endpoint
+        maker = DTLSClientConnection(dtls_client_context(cafile=str(certs.ca)), "127.0.0.1")
+        maker.start(0.0)
+        (hello,) = maker.datagrams_to_send()
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(300)]
+        try:
+            started = time.monotonic()
+            for _round in range(2):
+                for n, sock in enumerate(socks):
+                    sock.sendto(hello, port)
+                    if n % 25 == 24:
+                        await asyncio.sleep(0.002)  # let the proxy read: its socket buffer is finite
+            # Most are answered (the kernel may drop some when the socket buffer is full).
+            await wait_for(lambda: endpoint.counters.cookies_sent >= 300, timeout=10)
+            assert time.monotonic() - started < 10
+        finally:
+            for sock in socks:
+                sock.close()
+        assert endpoint.connections == {} and endpoint._handshaking == {} and endpoint._per_source == {}
+        proxy_ssl = ssl.create_default_context(cafile=str(certs.ca))
+        proxy_dtls = dtls_client_context(cafile=str(certs.ca))
+        async with await aclient.udp_associate(
+            tls_url(server), proxy_ssl=proxy_ssl, proxy_dtls=proxy_dtls
+        ) as a:
+            await assoc_roundtrip(a, echo)
+
+
+@pytest.mark.conformance("TRN-03")
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("case", ["unknown CA", "wrong name"])
+async def test_proxy_certificate_that_does_not_verify_fails_cleanly(
+    flavour: str, case: str, certs: Certificates, tmp_path: Path
+) -> None:
+    """TRN-03: verification is on by default: a DTLS proxy certificate from a CA the client
+    does not trust (the default context: the system's CAs), or naming another host, fails
+    the association with one DTLSError (an OSError) saying why; nothing leaks and the proxy
+    keeps no connection."""
+    kwargs: dict[str, Any] = {}
+    if case == "unknown CA":
+        kwargs["proxy_dtls"] = None
+        match = "certificate verify failed"
+    else:
+        kwargs["proxy_dtls"] = dtls_client_context(cafile=str(certs.ca))
+        match = "does not name"
+    async with dtls_server(certs) as server:
+        before = fd_count()
+        proxy_ssl = ssl.create_default_context(cafile=str(certs.ca))
+        url = tls_url(server)
+        if flavour == "asyncio":
+            proxy = aclient.Proxy.from_url(
+                url, proxy_ssl=proxy_ssl, proxy_server_hostname="127.0.0.1" if case == "unknown CA" else None
+            )
+            if case == "wrong name":
+                proxy.server_hostname = "other.test"
+                proxy.ssl_context.check_hostname = False  # type: ignore[union-attr]
+            with pytest.raises(DTLSError, match=match):
+                await proxy.udp_associate(**kwargs)
+        else:
+            bproxy = bclient.Proxy.from_url(url, proxy_ssl=proxy_ssl)
+            if case == "wrong name":
+                bproxy.server_hostname = "other.test"
+                assert bproxy.ssl_context is not None
+                bproxy.ssl_context.check_hostname = False
+            with pytest.raises(DTLSError, match=match):
+                await asyncio.to_thread(bproxy.udp_associate, **kwargs)
+        await asyncio.sleep(0.2)
+        assert fd_count() == before
+        assert ports(server).channels == {} and ports(server).servers[0].connections == {}
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_no_dtls_port_is_one_clear_error(flavour: str, certs: Certificates) -> None:
+    """A proxy that serves no DTLS (``[udp] dtls = false``): the association fails with one
+    DTLSError naming the DTLS port (the kernel's port unreachable), not a hang."""
+    async with dtls_server(certs, dtls=False) as server:
+        assert server.dtls is None
+        proxy_ssl = ssl.create_default_context(cafile=str(certs.ca))
+        proxy_dtls = dtls_client_context(cafile=str(certs.ca))
+        started = time.monotonic()
+        with pytest.raises(DTLSError, match="DTLS"):
+            if flavour == "asyncio":
+                await aclient.udp_associate(
+                    tls_url(server), proxy_ssl=proxy_ssl, proxy_dtls=proxy_dtls, timeout=3
+                )
+            else:
+                proxy = bclient.Proxy.from_url(tls_url(server), proxy_ssl=proxy_ssl)
+                await asyncio.to_thread(proxy.udp_associate, proxy_dtls=proxy_dtls, timeout=3)
+        assert time.monotonic() - started < 5
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs Debian's openssl (.ci/run installs it)")
+@pytest.mark.conformance("TRN-03", "UDP-02")
+async def test_openssl_s_client_against_the_proxy_dtls_port(certs: Certificates) -> None:
+    """An independent DTLS peer, ``openssl s_client -dtls1_2``, against the real server's DTLS
+    port: through the cookie exchange and the handshake (verifying the proxy's certificate),
+    and the connection is handed to the UDP engine; the line it sends is no SOCKS 6
+    datagram, so the channel drops it, and the channel ends when no association maps to it."""
+    async with dtls_server(certs, first_datagram_timeout=1.0) as server:
+        dtls = ports(server)
+        (port,) = dtls.ports
+        proc = await asyncio.create_subprocess_exec(
+            "openssl",
+            "s_client",
+            "-dtls1_2",
+            "-connect",
+            f"127.0.0.1:{port[1]}",
+            "-CAfile",
+            str(certs.ca),
+            "-verify_return_error",
+            "-verify_ip",
+            "127.0.0.1",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            await wait_for(lambda: dtls.handoffs == 1, timeout=10)
+            proc.stdin.write(b"not a socks 6 datagram\n")
+            await proc.stdin.drain()
+            await wait_for(lambda: not dtls.channels, timeout=10)  # unmapped: ended
+        finally:
+            proc.terminate()
+            out = await proc.stdout.read()
+            await proc.wait()
+        assert b"Verify return code: 0 (ok)" in out
+        endpoint = dtls.servers[0].endpoint
+        assert endpoint.counters.cookies_sent >= 1 and endpoint.counters.handshakes_done == 1
+
+
+def test_config_dtls_keys() -> None:
+    """``[udp] dtls`` is a boolean (one sentence otherwise); DTLS is served beside TLS
+    listeners by default, on ``dtls_port`` without one, and not at all with ``dtls = false``
+    or without a certificate."""
+    with pytest.raises(ConfigError, match='udp.dtls: "yes" is not true or false'):
+        parse_config({"udp": {"dtls": "yes"}})
+    plain = parse_config({})
+    assert plain.udp.dtls and not plain.udp.dtls_served(plain.server)
+
+
+def test_socks6_tls_datagrams_default_to_dtls() -> None:
+    """D27: ``socks6+tls://`` associations default to ``transport="dtls"``; ``socks6://`` ones
+    to plain UDP; the sans-IO association takes "dtls" and refuses other names."""
+    assert new_association({}, tls=True).transport == "dtls"
+    assert new_association({}, tls=False).transport == "udp"
+    with pytest.raises(ValueError, match="'tcp', 'udp' or 'dtls'"):
+        ClientAssociation(transport="quic")  # type: ignore[arg-type]
