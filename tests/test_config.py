@@ -489,7 +489,7 @@ CASES: list[tuple[str, str]] = [
     ("[udp]\nmax_datagram = 100", "udp.max_datagram: 100 is not an integer 512-65535"),
     (
         "[udp]\nports = 1",
-        "udp.ports: unknown key (allowed: batch, dtls_cookie_interval, dtls_handshakes_per_source, "
+        "udp.ports: unknown key (allowed: batch, dtls, dtls_cookie_interval, dtls_handshakes_per_source, "
         "dtls_handshakes_total, dtls_port, enabled, first_datagram_timeout, "
         "max_associations_per_client, max_associations_per_user, max_datagram, port, workers)",
     ),

@@ -287,7 +287,7 @@ async def test_bad_cookie_is_refused_by_the_dtls_port(certs: Certificates) -> No
         assert endpoint.counters.cookies_bad == 1 and endpoint.connections == {}
 
 
-async def test_client_hello_flood_keeps_no_state(certs: Certificates) -> None:
+async def test_client_hello_flood_keeps_no_state(engine: str, certs: Certificates) -> None:
     """A ClientHello flood from many source ports on loopback (bounded: 300 sockets x 2 hellos,
     10 s) gets HelloVerifyRequests and leaves no connection and no handshake behind; a real
     client then still gets through."""
@@ -386,7 +386,7 @@ async def test_no_dtls_port_is_one_clear_error(flavour: str, certs: Certificates
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs Debian's openssl (.ci/run installs it)")
 @pytest.mark.conformance("TRN-03", "UDP-02")
-async def test_openssl_s_client_against_the_proxy_dtls_port(certs: Certificates) -> None:
+async def test_openssl_s_client_against_the_proxy_dtls_port(engine: str, certs: Certificates) -> None:
     """An independent DTLS peer, ``openssl s_client -dtls1_2``, against the real server's DTLS
     port: through the cookie exchange and the handshake (verifying the proxy's certificate),
     and the connection is handed to the UDP engine; the line it sends is no SOCKS 6
@@ -416,7 +416,8 @@ async def test_openssl_s_client_against_the_proxy_dtls_port(certs: Certificates)
             await proc.stdin.drain()
             await wait_for(lambda: not dtls.channels, timeout=10)  # unmapped: ended
         finally:
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
             out = await proc.stdout.read()
             await proc.wait()
         assert b"Verify return code: 0 (ok)" in out

@@ -37,14 +37,24 @@ from dataclasses import dataclass
 
 from ...config import UDPConfig
 from ...dataplane.udp import DTLSLink, UdpChannelEnded
-from ...net.dtls import DEFAULT_MTU, DTLS1_2_VERSION, DTLSConnection, DTLSLimits, dtls_server_context
+from ...net.dtls import (
+    DTLS1_2_VERSION,
+    MAX_PLAINTEXT,
+    DTLSConnection,
+    DTLSLimits,
+    dtls_server_context,
+)
 from ..dtls import DTLSServer, start_dtls_server
 from .record import format_address
 from .udp import UdpService
 
-__all__ = ["DTLSPorts", "open_dtls_socket"]
+__all__ = ["CHANNEL_MTU", "DTLSPorts", "open_dtls_socket"]
 
 log = logging.getLogger("socks6fast.server")
+
+#: ``DTLSLink.mtu`` of the channels: large enough that one record carries 2^14 bytes of
+#: plaintext, the most a DTLS record may (RFC 6347 section 4.1.1) (D26).
+CHANNEL_MTU = MAX_PLAINTEXT + 256
 
 
 def open_dtls_socket(host: str, port: int) -> socket.socket:
@@ -112,7 +122,11 @@ class DTLSPorts:
         self._certfile = certfile
         self._keyfile = keyfile
         self._limits = DTLSLimits.from_config(config)
-        self.mtu = DEFAULT_MTU
+        # D26: a datagram is relayed in one record whatever its size, as on the plain UDP port
+        # (the kernel fragments what the path cannot carry): the only bound is a record's,
+        # 2^14 bytes of plaintext (RFC 6347 section 4.1.1). Handshake flights keep the
+        # endpoint's 1400-byte MTU.
+        self.mtu = CHANNEL_MTU
         """Largest DTLS datagram the engine sends on a channel (ciphertext)."""
         self.servers: list[DTLSServer] = []
         self.ports: list[tuple[str, int]] = []
