@@ -336,3 +336,55 @@ def test_cpu_between_snapshots_is_never_negative() -> None:
     assert _procs.cpu_seconds_between(before, {parent: (110, 600)}) == pytest.approx(110 * tick)
     # The child ended unwaited: only the parent's growth, not -490 ticks; a new process counts whole.
     assert _procs.cpu_seconds_between(before, {parent: (110, 0), newer: (7, 0)}) == pytest.approx(17 * tick)
+
+
+DTLS_TARGET = "UDP socks6fast-s6dtls proxy CPU per 64-B echo / socks6fast-s6py"
+
+
+def test_bench_dtls_rows_smoke(tmp_path: Path) -> None:
+    """Issue 11's bench row: `socks6fast bench --smoke --tests udp --systems s6dtls` starts a
+    socks6fast with a TLS listener and the DTLS port beside it (a throw-away CA), and the
+    Python generator's associations over DTLS (``socks6fast-s6dtls``) and over plain UDP
+    (``socks6fast-s6py``, the reference at a like rate) echo 64 and 1400 bytes with the proxy's
+    CPU measured; the DTLS handshake rate and its proxy CPU; the 3 x target is evaluated."""
+    status, log = _socks6fast(
+        tmp_path, "bench", "--smoke", "--systems", "s6dtls", "--tests", "udp", timeout=140
+    )
+    assert status == 0, log
+    res = json.loads((tmp_path / "run" / "socks6fast-bench.json").read_text())
+    udp = res["udp"]
+    for system in ("socks6fast-s6dtls", "socks6fast-s6py"):
+        for size in ("64", "1400"):
+            row = udp["echo"][size][system]
+            assert row["echoes_per_s"] > 0 and row["proxy_us_per_echo"] > 0, (system, size, log)
+        assert udp["pps"][system]["pps"] > 0, (system, log)
+    hs = udp["dtls_handshakes"]["socks6fast-s6dtls"]
+    assert hs["handshakes_per_s"] > 0 and hs["proxy_us_per_handshake"] > 0, log
+    targets = {t["target"]: t for t in res["targets"]}
+    assert targets[DTLS_TARGET]["issue"] == 11 and targets[DTLS_TARGET]["value"] is not None, log
+    assert "| socks6fast-s6dtls | SOCKS 6, DTLS (Python client)" in log, log
+    assert "DTLS handshakes with the proxy's DTLS port" in log, log
+
+
+def test_dtls_target_and_handshake_table() -> None:
+    """Issue 11's target: proxy CPU per 64-B DTLS echo at most 3 x the plain-UDP figure of the
+    same Python client (met at 2.5 x, missed at 3.5 x); the handshake table shows its rows."""
+    res = _udp_results(5.0, 5.5, 60_000.0)
+    for name, kind in (("socks6fast-s6py", "s6py"), ("socks6fast-s6dtls", "s6dtls")):
+        res["measured_systems"].append(name)
+        res["systems"][name] = {"available": True, "reason": "", "udp": kind}
+    for dtls_cpu, ok in ((25.0, True), (35.0, False)):
+        for size in ("64", "1400"):
+            res["udp"]["echo"][size]["socks6fast-s6py"] = {"echoes_per_s": 9000.0, "proxy_us_per_echo": 10.0}
+            res["udp"]["echo"][size]["socks6fast-s6dtls"] = {
+                "echoes_per_s": 8000.0,
+                "proxy_us_per_echo": dtls_cpu,
+            }
+        target = {t["target"]: t for t in _report.targets(res)}[DTLS_TARGET]
+        assert (target["value"], target["ok"], target["issue"]) == (pytest.approx(dtls_cpu / 10), ok, 11)
+    res["udp"]["dtls_handshakes"] = {
+        "socks6fast-s6dtls": {"handshakes_per_s": 600.0, "proxy_us_per_handshake": 700.0}
+    }
+    text = "\n".join(_report.udp_tables(res))
+    assert "| socks6fast-s6dtls | 600          | 700                |" in text
+    assert "| socks6fast-s6dtls | SOCKS 6, DTLS (Python client)" in text

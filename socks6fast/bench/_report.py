@@ -17,12 +17,19 @@ UDP_TRANSPORT = {
     "s6udp": "SOCKS 6, plain UDP",
     "s6tcp": "SOCKS 6, datagrams on TCP",
     "s5": "SOCKS 5 UDP",
+    "s6py": "SOCKS 6, plain UDP (Python client)",
+    "s6dtls": "SOCKS 6, DTLS (Python client)",
 }
 #: The issue 10 targets for SOCKS 6 over plain UDP (issue 10, "Speed").
 UDP_CPU_US = 6.0
 UDP_VS_DANTE = 3.0
 UDP_VS_DIRECT = 0.5
 UDP_LARGE_OVER_SMALL = 1.15
+#: Issue 11's target: proxy CPU per 64-B DTLS echo at most this many times the plain-UDP
+#: figure. Compared with ``socks6fast-s6py`` (plain UDP, the same Python client at a like
+#: rate); udpgen.c's ``socks6fast-s6`` offers several times the rate, and a proxy's CPU per
+#: datagram falls as its batches fill.
+DTLS_OVER_UDP = 3.0
 README_BEGIN = "<!-- bench:results:begin -->"
 README_END = "<!-- bench:results:end -->"
 #: The UDP rows get a block of their own, so a `--tests udp` run does not replace the TCP tables.
@@ -135,6 +142,20 @@ def targets(res: Results) -> list[dict[str, Any]]:
                 "x",
                 10,
             )
+    dtls = "socks6fast-s6dtls"
+    if echo and dtls in res.get("measured_systems", []):
+        small = min(echo, key=int)
+        add(
+            f"UDP {dtls} proxy CPU per {small}-B echo / socks6fast-s6py",
+            _ratio(
+                _get(echo, small, dtls, "proxy_us_per_echo"),
+                _get(echo, small, "socks6fast-s6py", "proxy_us_per_echo"),
+            ),
+            "<=",
+            DTLS_OVER_UDP,
+            "x",
+            11,
+        )
     ttfb = res.get("ttfb", {})
     if ttfb:
         s5 = _get(ttfb, "socks5", "socks6fast-s5", "ms")
@@ -297,7 +318,9 @@ def markdown_tables(res: Results, part: str = "all") -> str:
     tg = res.get("targets", [])
     if tg:
         issues = sorted({t.get("issue", 4) for t in tg})
-        title = {(4,): "issue #4", (10,): "issue #10, UDP"}.get(tuple(issues), "issue #4; UDP: issue #10")
+        title = {(4,): "issue #4", (10,): "issue #10, UDP", (10, 11): "UDP: issue #10; DTLS: issue #11"}.get(
+            tuple(issues), "issue #4; UDP: issues #10, #11"
+        )
         lines += [f"Targets ({title}):", ""]
         lines += _md_table(
             ["target", "measured", "goal", "met"],
@@ -394,6 +417,21 @@ def udp_tables(res: Results) -> list[str]:
                 ]
                 for s in systems
                 if s in pps
+            ],
+        )
+        lines.append("")
+    hs = udp.get("dtls_handshakes", {})
+    if hs:
+        lines += [
+            "DTLS handshakes with the proxy's DTLS port (cookie exchange, handshake, hand-off to the "
+            "UDP engine, close; the Python client):",
+            "",
+        ]
+        lines += _md_table(
+            ["system", "handshakes/s", "proxy us/handshake"],
+            [
+                [s, _f(_get(hs, s, "handshakes_per_s"), 0), _f(_get(hs, s, "proxy_us_per_handshake"), 0)]
+                for s in hs
             ],
         )
         lines.append("")

@@ -33,6 +33,8 @@ ALL_SYSTEMS = (
     "socks6fast-s6",
     "socks6fast-s6tcp",
     "socks6fast-s6metrics",
+    "socks6fast-s6py",
+    "socks6fast-s6dtls",
     "dante",
     "microsocks",
 )
@@ -41,15 +43,22 @@ ALL_SYSTEMS = (
 #: ``socks6fast-s6`` (``--systems s6,s6metrics --tests conn``).
 OPT_IN = frozenset({"socks6fast-s6metrics"})
 #: Systems that only the UDP test measures: SOCKS 6 with the datagrams framed on the TCP
-#: connection is a transport of UDP ASSOCIATE, not a way to relay TCP.
-UDP_ONLY = frozenset({"socks6fast-s6tcp"})
+#: connection, or over DTLS, is a transport of UDP ASSOCIATE, not a way to relay TCP.
+#: ``socks6fast-s6dtls`` (issue 11) and its reference ``socks6fast-s6py`` (plain UDP) are
+#: driven by the Python generator ``_dtlsgen`` (udpgen.c has no DTLS), through a second
+#: ``socks6fast serve`` with a TLS listener and the DTLS port beside it.
+UDP_ONLY = frozenset({"socks6fast-s6tcp", "socks6fast-s6py", "socks6fast-s6dtls"})
+#: The systems of the second, TLS-and-DTLS socks6fast process.
+DTLS_SYSTEMS = ("socks6fast-s6py", "socks6fast-s6dtls")
 ALIASES = {
     "s5": "socks6fast-s5",
     "s6": "socks6fast-s6",
     "s6udp": "socks6fast-s6",
     "s6tcp": "socks6fast-s6tcp",
     "s6metrics": "socks6fast-s6metrics",
-    "socks6fast": "socks6fast-s5,socks6fast-s6,socks6fast-s6tcp",
+    "s6py": "socks6fast-s6py",
+    "s6dtls": "socks6fast-s6dtls,socks6fast-s6py",
+    "socks6fast": "socks6fast-s5,socks6fast-s6,socks6fast-s6tcp,socks6fast-s6py,socks6fast-s6dtls",
     "danted": "dante",
     "all": ",".join(n for n in ALL_SYSTEMS if n not in OPT_IN),
 }
@@ -88,7 +97,10 @@ class System:
     relay: str = ""
     """socks6fast only: the relay path its startup log names (splice engine or asyncio, and why)."""
     udp: str = ""
-    """How the UDP test's client speaks to it (udpgen.c --proto: none, s6udp, s6tcp, s5), or ""."""
+    """How the UDP test's client speaks to it (udpgen.c --proto: none, s6udp, s6tcp, s5; or
+    _dtlsgen's s6dtls and s6py), or ""."""
+    ca: str = ""
+    """The CA file the proxy's certificate verifies against (the DTLS systems)."""
     udp_reason: str = ""
     """Why the UDP test skips it, when ``udp`` is ""."""
 
@@ -219,11 +231,14 @@ def start_systems(
     out: dict[str, System] = {}
     if "direct" in names:
         out["direct"] = System("direct", "none", version="kernel loopback", udp="none")
-    fast = [n for n in names if n.startswith("socks6fast") and n not in OPT_IN]
+    fast = [n for n in names if n.startswith("socks6fast") and n not in OPT_IN and n not in DTLS_SYSTEMS]
     if fast:
         out.update(_start_socks6fast(fast, procs, want_auth, socks6fast_cmd))
     if "socks6fast-s6metrics" in names:
         out["socks6fast-s6metrics"] = _start_socks6fast_metrics(procs, workdir, socks6fast_cmd)
+    dtls = [n for n in names if n in DTLS_SYSTEMS]
+    if dtls:
+        out.update(_start_socks6fast_dtls(dtls, procs, workdir, socks6fast_cmd))
     if "dante" in names:
         out["dante"] = _start_dante(procs, workdir)
     if "microsocks" in names:
@@ -303,6 +318,100 @@ def _start_socks6fast_metrics(procs: Processes, workdir: Path, socks6fast_cmd: s
     s.version = f"socks6fast from {root}, [admin] metrics on" if root else "socks6fast, [admin] metrics on"
     s.relay = relay_path_in_log(child.log)
     return s
+
+
+def _write_certificate(workdir: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    import datetime  # noqa: PLC0415  (only the DTLS systems need these)
+
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "socks6fast bench CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    import ipaddress  # noqa: PLC0415
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (workdir / "bench-ca.pem", workdir / "bench-proxy.pem", workdir / "bench-proxy.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+def _start_socks6fast_dtls(
+    names: list[str], procs: Processes, workdir: Path, socks6fast_cmd: str | None
+) -> dict[str, System]:
+    """A second ``socks6fast serve``: a plain listener (``socks6fast-s6py``: plain UDP) and a TLS
+    listener with the DTLS port beside it (``socks6fast-s6dtls``), both driven by ``_dtlsgen``."""
+    systems = {n: System(n, "6", udp="s6dtls" if n.endswith("dtls") else "s6py") for n in names}
+    root = socks6fast_location()
+    if root is None and not socks6fast_cmd:
+        for s in systems.values():
+            s.available, s.reason = False, "the socks6fast package is not importable"
+        return systems
+    try:
+        ca, cert, key = _write_certificate(workdir)
+    except ImportError as exc:
+        for s in systems.values():
+            s.available, s.reason = False, f"cannot make a certificate: {exc}"
+        return systems
+    plain, tls = free_port(), free_port()
+    config = workdir / "socks6fast-dtls.toml"
+    config.write_text(
+        "[server]\n"
+        f'listen = ["127.0.0.1:{plain}"]\n'
+        f'tls_listen = ["127.0.0.1:{tls}"]\n'
+        f'tls_certificate = "{cert}"\n'
+        f'tls_key = "{key}"\n'
+    )
+    argv, env = socks6fast_command(plain, False)
+    if socks6fast_cmd:
+        argv, env = socks6fast_cmd.split() + ["serve"], dict(os.environ)
+    argv = [a for a in argv if a not in ("--listen", f"127.0.0.1:{plain}")] + ["--config", str(config)]
+    try:
+        child = _start_and_wait(procs, "socks6fast-dtls", argv, tls, env)
+    except BenchError as exc:
+        for s in systems.values():
+            s.available, s.reason = False, f"`socks6fast serve` with DTLS did not start: {exc}"
+        return systems
+    version = f"socks6fast from {root}" if root else "socks6fast"
+    for s in systems.values():
+        s.port = tls if s.udp == "s6dtls" else plain
+        s.pids, s.version, s.ca = [child.pid], version, str(ca)
+        s.relay = relay_path_in_log(child.log)
+    return systems
 
 
 def _start_dante(procs: Processes, workdir: Path) -> System:

@@ -16,6 +16,7 @@ time (``--max-seconds``) and the client in count (``--flows``).
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,12 @@ PPS_SIZE = 64
 
 
 def _client_argv(gen: Path, system: System, mode: str, target: int, flows: int) -> list[str]:
+    if system.udp in ("s6dtls", "s6py"):
+        # The Python generator (udpgen.c has no DTLS), same options and output lines.
+        proto = "s6dtls" if system.udp == "s6dtls" else "s6udp"
+        argv = [sys.executable, "-P", "-m", "socks6fast.bench._dtlsgen", "client", "--mode", mode]
+        argv += ["--proto", proto, "--target", str(target), "--proxy", str(system.port), "--ca", system.ca]
+        return argv + ["--flows", str(flows)]
     argv = [str(gen), "client", "--mode", mode, "--proto", system.udp, "--target", str(target)]
     if system.udp != "none":
         argv += ["--proxy", str(system.port)]
@@ -99,6 +106,36 @@ def echo(
         "p50_us": p50 / 1e3,
         "p99_us": p99 / 1e3,
         "echoes": echoes,
+    }
+
+
+def handshakes(
+    procs: Processes, system: System, tasks: int, warmup: float, seconds: float
+) -> dict[str, float | None]:
+    """DTLS handshakes with ``system``'s DTLS port (the ``s6dtls`` systems), ``tasks`` at a time,
+    each connection closed at once: handshakes_per_s and proxy_us_per_handshake (the proxy's
+    process tree: the cookie exchange, the handshake, the hand-off to the engine, the close)."""
+    argv = _client_argv(Path(), system, "handshakes", 0, tasks)
+    argv += ["--warmup", str(warmup), "--seconds", str(seconds), "--max-seconds", str(warmup + seconds + 30)]
+    client = procs.start("dtls-handshakes", argv)
+    try:
+        client.expect("ready", 15.0)
+        client.expect("start", warmup + 10.0)
+        c0 = tree_cpu_snapshot(system.pids)
+        t0 = time.monotonic()
+        done = client.expect("done", seconds + 20.0)
+        c1 = tree_cpu_snapshot(system.pids)
+        t1 = time.monotonic()
+    finally:
+        procs.stop(client)
+    count, elapsed_ns = (int(x) for x in done)
+    if count == 0:
+        raise BenchError(f"no DTLS handshake completed{client.log_tail()}")
+    in_window = count / (elapsed_ns / 1e9) * (t1 - t0)
+    return {
+        "handshakes_per_s": count / (elapsed_ns / 1e9),
+        "proxy_us_per_handshake": cpu_seconds_between(c0, c1) / in_window * 1e6,
+        "handshakes": count,
     }
 
 

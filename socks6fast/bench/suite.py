@@ -496,6 +496,23 @@ class Run:
         samples = self._rounds(f"udp one-way {_udp.PPS_SIZE} B", systems, oneway, show_pps)
         pps_keys = ["pps", "sent_per_s", "loss", "proxy_us_per_packet", "machine_us_per_packet"]
         out["pps"] = {n: _report.summarize(v, pps_keys) for n, v in samples.items() if v}
+
+        # The DTLS handshake rate (issue 11): the s6dtls system only.
+        dtls = [s for s in systems if s.udp == "s6dtls"]
+        if dtls:
+
+            def handshake(s: System) -> dict[str, Any]:
+                return _udp.handshakes(procs, s, a.udp_flows, a.warmup, a.duration)
+
+            def show_handshakes(d: dict[str, Any]) -> str:
+                return (
+                    f"{d['handshakes_per_s']:.0f} handshakes/s, "
+                    f"proxy {d['proxy_us_per_handshake']:.0f} us/handshake"
+                )
+
+            samples = self._rounds("dtls handshakes", dtls, handshake, show_handshakes)
+            hs_keys = ["handshakes_per_s", "proxy_us_per_handshake"]
+            out["dtls_handshakes"] = {n: _report.summarize(v, hs_keys) for n, v in samples.items() if v}
         procs.stop(echo)
 
     def ttfb(self, lg: Path, procs: Processes, rr_port: int) -> None:
