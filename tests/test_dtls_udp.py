@@ -140,13 +140,16 @@ HOSTS = [
 @pytest.mark.conformance("UDP-02", "UDP-03", "TRN-03")
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("host", HOSTS)
-async def test_echo_over_dtls(engine: str, flavour: str, host: str, certs: Certificates) -> None:
+async def test_echo_over_dtls(
+    engine: str, flavour: str, host: str, certs: Certificates, caplog: pytest.LogCaptureFixture
+) -> None:
     """UDP-02, UDP-03, TRN-03: both clients, ``socks6+tls://`` (whose datagrams default to
     DTLS, D27), through the real server's DTLS port beside its TLS listener (D16): a
     verified DTLS 1.2 handshake, the connection handed to the engine, the association
     mapped to it by its first datagram; 64-byte and 1400-byte datagrams to a loopback echo
     server come back naming it. The log says via=dtls; the channel ends with the
     association and nothing leaks."""
+    caplog.set_level("INFO", logger="socks6fast.server")
     async with dtls_server(certs, ipv6=host == "::1") as server, udp_echo(host) as echo:
         before = fd_count()
         dtls = ports(server)
@@ -167,6 +170,8 @@ async def test_echo_over_dtls(engine: str, flavour: str, host: str, certs: Certi
             flavour, tls_url(server, host), certs, body, address="::" if ":" in host else "0.0.0.0"
         )
         await wait_for(lambda: not dtls.channels)  # UdpChannelEnded: the association ended
+        await wait_for(lambda: "cmd=UDP_ASSOCIATE" in caplog.text)
+        assert " via=dtls " in caplog.text and "DTLS connection from" in caplog.text
         await asyncio.sleep(0.1)
         assert fd_count() == before
         (server_port,) = [s for s in dtls.servers if (":" in s.sockname()[0]) == (":" in host)]
@@ -442,3 +447,45 @@ def test_socks6_tls_datagrams_default_to_dtls() -> None:
     assert new_association({}, tls=False).transport == "udp"
     with pytest.raises(ValueError, match="'tcp', 'udp' or 'dtls'"):
         ClientAssociation(transport="quic")  # type: ignore[arg-type]
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.conformance("UDP-02")
+async def test_dtls_port_without_a_tls_listener(engine: str, certs: Certificates) -> None:
+    """``[udp] dtls_port`` with no TLS listener opens the DTLS port on the plain listener's
+    address; a ``socks6://`` client reaches it with ``transport="dtls"`` and ``udp_port``."""
+    port = _free_udp_port()
+    tls = {"tls_certificate": str(certs.cert), "tls_key": str(certs.key)}
+    config = make_config(server=tls, udp={"dtls_port": port})
+    async with running_server(config) as server, udp_echo() as echo:
+        assert ports(server).ports == [("127.0.0.1", port)] and server.tls_addresses == []
+        host, tcp_port = server.addresses[0][:2]
+        proxy_dtls = dtls_client_context(cafile=str(certs.ca))
+        url = f"socks6://{host}:{tcp_port}"
+        async with await aclient.udp_associate(
+            url, transport="dtls", udp_port=port, proxy_dtls=proxy_dtls
+        ) as a:
+            assert a.transport == "dtls"
+            await assoc_roundtrip(a, echo)
+
+
+async def test_a_taken_dtls_port_stops_start_up(certs: Certificates) -> None:
+    """A DTLS port that cannot be bound stops the server with one sentence naming it and the
+    keys to change; nothing stays open."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        tls = {"tls_listen": ["127.0.0.1:0"], "tls_certificate": str(certs.cert), "tls_key": str(certs.key)}
+        before = fd_count()
+        server = Server(make_config(server=tls, udp={"dtls_port": port}))
+        with pytest.raises(
+            OSError, match=rf"DTLS 127\.0\.0\.1:{port}: .*set \[udp\] dtls_port, or dtls = false"
+        ):
+            await server.start()
+        await server.close(drain_timeout=0)
+        assert fd_count() <= before
