@@ -39,7 +39,8 @@ it: ``VersionMismatchError`` after a lone byte 6 (REQ-02), else ``RemoteProtocol
 with the ``ConnectionResetError`` as ``__cause__`` (`socks6fast.proto.client.raise_reset`).
 
 UDP ASSOCIATE: `udp_associate` returns a `UDPAssociation` (``sendto``, ``recvfrom``); the
-datagrams travel as plain UDP to the proxy's UDP port or framed on the TCP (TLS) connection;
+datagrams travel as plain UDP to the proxy's UDP port, over DTLS to its DTLS port (the
+``socks6+tls`` default, D28) or framed on the TCP (TLS) connection;
 ICMP error reports (``udp_error=True``) are raised as `socks6fast.errors.ICMPError`
 subclasses; ``server_mode=True`` lets remote hosts send first (see `udp_associate`).
 
@@ -528,7 +529,8 @@ class UDPAssociation(AssociationBase[_StreamChannel]):
 
     One task reads the TCP connection (Association Confirmation, and with
     ``transport="tcp"`` the datagrams and Error messages); with ``transport="udp"`` a
-    connected UDP socket talks to the proxy's UDP port. Received datagrams wait in a
+    connected UDP socket talks to the proxy's UDP port; with ``transport="dtls"`` a DTLS
+    connection (``socks6fast.asyncio.dtls``) to its DTLS port, and a second task reads it. Received datagrams wait in a
     queue of ``max_queue``. The association ends when the TCP connection does.
     """
 
