@@ -530,8 +530,9 @@ class UDPAssociation(AssociationBase[_StreamChannel]):
     One task reads the TCP connection (Association Confirmation, and with
     ``transport="tcp"`` the datagrams and Error messages); with ``transport="udp"`` a
     connected UDP socket talks to the proxy's UDP port; with ``transport="dtls"`` a DTLS
-    connection (``socks6fast.asyncio.dtls``) to its DTLS port, and a second task reads it. Received datagrams wait in a
-    queue of ``max_queue``. The association ends when the TCP connection does.
+    connection (``socks6fast.asyncio.dtls``) to its DTLS port, and a second task reads it.
+    Received datagrams wait in a queue of ``max_queue``. The association ends when the TCP
+    connection does.
     """
 
     def __init__(
