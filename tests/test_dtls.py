@@ -1,7 +1,7 @@
 """The DTLS layer for SOCKS 6 datagrams (issue 11, first half): socks6fast.net.dtls and
-socks6fast.asyncio.dtls, on their own. Not wired into the proxy or the SOCKS client yet, so
-no test here claims a CONFORMANCE ID: UDP-02, UDP-03 and the DTLS half of TRN-03 are for the
-tests of that wiring.
+socks6fast.asyncio.dtls, on their own, so no test here claims a CONFORMANCE ID: the proxy's
+DTLS ports and the SOCKS client's DTLS transport (UDP-02, UDP-03, the DTLS half of TRN-03) are
+tested end to end in tests/test_dtls_udp.py.
 
 Real handshakes on 127.0.0.1 and ::1 with the test CA of helpers_server: our client against
 our server endpoint, and ``openssl s_client -dtls1_2`` (an independent DTLS peer) against
