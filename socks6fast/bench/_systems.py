@@ -395,6 +395,9 @@ def _start_socks6fast_dtls(
         f'tls_listen = ["127.0.0.1:{tls}"]\n'
         f'tls_certificate = "{cert}"\n'
         f'tls_key = "{key}"\n'
+        # The Python generator cannot pick a source address (udpgen.c's --source), and the
+        # idle rows of s6py and s6dtls hold their associations at once from 127.0.0.1.
+        "[udp]\nmax_associations_per_client = 0\n"
     )
     argv, env = socks6fast_command(plain, False)
     if socks6fast_cmd:
