@@ -86,7 +86,7 @@ class UDPAssociateOptions(RequestOptions, total=False):
     """Keyword arguments of ``udp_associate`` in both flavours (besides `RequestOptions`)."""
 
     transport: Transport
-    """``"udp"`` for ``socks6://``, ``"dtls"`` for ``socks6+tls://`` (D28). Where the
+    """``"udp"`` for ``socks6://``, ``"dtls"`` for ``socks6+tls://`` (D30). Where the
     datagrams travel (UDP-02): ``"udp"``, plain UDP datagrams to the proxy's UDP port;
     ``"dtls"``, the same datagrams inside a DTLS 1.2 connection to the proxy's DTLS port
     (D16: beside the TLS listener, same address and port number), its certificate and
@@ -152,7 +152,7 @@ def new_association(kwargs: UDPAssociateOptions, *, tls: bool) -> ClientAssociat
     if udp_port is not None and (isinstance(udp_port, bool) or not 1 <= udp_port <= 65535):
         raise ValueError(f"udp_port must be a port 1-65535, got {udp_port!r}")
     return ClientAssociation(
-        # D28: over TLS the datagrams default to DTLS (datagram semantics, still encrypted).
+        # D30: over TLS the datagrams default to DTLS (datagram semantics, still encrypted).
         transport=kwargs.get("transport", "dtls" if tls else "udp"),
         udp_error=kwargs.get("udp_error", False),
         resend_interval=kwargs.get("resend_interval", DEFAULT_RESEND_INTERVAL),

@@ -430,7 +430,7 @@ class UDPAssociation(AssociationBase[_Channel]):
     The TCP connection (TLS for ``socks6+tls``) carries the control messages, and with
     ``transport="tcp"`` the datagrams; with ``transport="udp"`` a connected UDP socket
     talks to the proxy's UDP port, with ``transport="dtls"`` (the ``socks6+tls`` default,
-    D28) the same socket carries a DTLS connection to the proxy's DTLS port. Nothing runs
+    D30) the same socket carries a DTLS connection to the proxy's DTLS port. Nothing runs
     in the background: `recvfrom` reads both and sends the server-mode resends when due.
     One thread may send while another receives; TCP writes are serialised, and every use
     of the TLS (DTLS) object is, since one OpenSSL connection must not be used by two

@@ -994,7 +994,7 @@ async def test_scripted_datagrams_over_tls(flavour: str, tmp_path: Path) -> None
             url = proxy.url("socks6+tls")
             if flavour == "asyncio":
                 async with await aclient.udp_associate(url, proxy_ssl=client_ctx, transport="tcp") as assoc:
-                    assert assoc.transport == "tcp"  # asked for (the socks6+tls default is dtls, D28)
+                    assert assoc.transport == "tcp"  # asked for (the socks6+tls default is dtls, D30)
                     for n in range(3):
                         await assoc.sendto(b"tls %d" % n, echo)
                         assert await assoc.recvfrom(timeout=5) == (b"tls %d" % n, echo)
@@ -1230,7 +1230,7 @@ async def test_real_server_resolves_names(engine: str, flavour: str, transport: 
 @pytest.mark.parametrize("transport", [None, "tcp", "udp"], ids=["default", "tcp", "udp"])
 async def test_real_server_over_tls(engine: str, flavour: str, transport: str | None, tmp_path: Path) -> None:
     """Through the real server's TLS listener: by default the datagrams go over DTLS to the
-    DTLS port beside it (D16, D28; verified with ``proxy_dtls``); ``transport="tcp"`` puts
+    DTLS port beside it (D16, D30; verified with ``proxy_dtls``); ``transport="tcp"`` puts
     them on the TLS connection; with ``transport="udp"`` and ``udp_port`` naming the plain
     listener's UDP port, the control connection is TLS and the datagrams plain UDP."""
     certs = make_certificates(tmp_path)

@@ -144,7 +144,7 @@ async def test_echo_over_dtls(
     engine: str, flavour: str, host: str, certs: Certificates, caplog: pytest.LogCaptureFixture
 ) -> None:
     """UDP-02, UDP-03, TRN-03: both clients, ``socks6+tls://`` (whose datagrams default to
-    DTLS, D28), through the real server's DTLS port beside its TLS listener (D16): a
+    DTLS, D30), through the real server's DTLS port beside its TLS listener (D16): a
     verified DTLS 1.2 handshake, the connection handed to the engine, the association
     mapped to it by its first datagram; 64-byte and 1400-byte datagrams to a loopback echo
     server come back naming it. The log says via=dtls; the channel ends with the
@@ -441,7 +441,7 @@ def test_config_dtls_keys() -> None:
 
 
 def test_socks6_tls_datagrams_default_to_dtls() -> None:
-    """D28: ``socks6+tls://`` associations default to ``transport="dtls"``; ``socks6://`` ones
+    """D30: ``socks6+tls://`` associations default to ``transport="dtls"``; ``socks6://`` ones
     to plain UDP; the sans-IO association takes "dtls" and refuses other names."""
     assert new_association({}, tls=True).transport == "dtls"
     assert new_association({}, tls=False).transport == "udp"

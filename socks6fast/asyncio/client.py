@@ -40,7 +40,7 @@ with the ``ConnectionResetError`` as ``__cause__`` (`socks6fast.proto.client.rai
 
 UDP ASSOCIATE: `udp_associate` returns a `UDPAssociation` (``sendto``, ``recvfrom``); the
 datagrams travel as plain UDP to the proxy's UDP port, over DTLS to its DTLS port (the
-``socks6+tls`` default, D28) or framed on the TCP (TLS) connection;
+``socks6+tls`` default, D30) or framed on the TCP (TLS) connection;
 ICMP error reports (``udp_error=True``) are raised as `socks6fast.errors.ICMPError`
 subclasses; ``server_mode=True`` lets remote hosts send first (see `udp_associate`).
 

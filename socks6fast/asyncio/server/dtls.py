@@ -1,6 +1,6 @@
 """The proxy's DTLS ports (issue 11): SOCKS 6 datagrams over DTLS, the draft's third UDP
 transport (section "UDP ASSOCIATE": "over an established DTLS session"; UDP-02, UDP-03,
-TRN-03; D16, D17, D27).
+TRN-03; D16, D17, D29).
 
 Strategy: the handshake runs here, in the control plane (``socks6fast.net.dtls``: stateless
 cookies before any state, caps on handshakes in progress, retransmission timers), on one
@@ -12,9 +12,9 @@ engine and the control plane never touches it again:
    (SO_REUSEADDR: the listening socket sets it too) and connected to the client's address.
    The kernel delivers a datagram to the socket whose binding matches it best, so from now
    on the client's datagrams reach the connected socket, not the listening one. Under DTLS
-   1.2 (what ``net.dtls`` negotiates, D27) the client sends no application record before
+   1.2 (what ``net.dtls`` negotiates, D29) the client sends no application record before
    it has our Finished, so none can reach the listening socket first (DTLS 1.3 would
-   change that: D27 keeps the ports at 1.2).
+   change that: D29 keeps the ports at 1.2).
 2. ``engine.add_channel(fd, DTLSLink(connection, mtu))`` gives the socket and the
    connection to the engine, and ``DTLSServerEndpoint.release`` forgets the connection here
    (no close_notify); then the last flight is sent from the listening socket (same address
@@ -53,7 +53,7 @@ __all__ = ["CHANNEL_MTU", "DTLSPorts", "open_dtls_socket"]
 log = logging.getLogger("socks6fast.server")
 
 #: ``DTLSLink.mtu`` of the channels: large enough that one record carries 2^14 bytes of
-#: plaintext, the most a DTLS record may (RFC 6347 section 4.1.1) (D27).
+#: plaintext, the most a DTLS record may (RFC 6347 section 4.1.1) (D29).
 CHANNEL_MTU = MAX_PLAINTEXT + 256
 
 
@@ -122,7 +122,7 @@ class DTLSPorts:
         self._certfile = certfile
         self._keyfile = keyfile
         self._limits = DTLSLimits.from_config(config)
-        # D27: a datagram is relayed in one record whatever its size, as on the plain UDP port
+        # D29: a datagram is relayed in one record whatever its size, as on the plain UDP port
         # (the kernel fragments what the path cannot carry): the only bound is a record's,
         # 2^14 bytes of plaintext (RFC 6347 section 4.1.1). Handshake flights keep the
         # endpoint's 1400-byte MTU.
@@ -158,7 +158,7 @@ class DTLSPorts:
             self._hand_off(holder[0], sock, conn)
 
         context = dtls_server_context(self._certfile, self._keyfile)
-        # D27: DTLS 1.2 only. The hand-off relies on the client sending no application record
+        # D29: DTLS 1.2 only. The hand-off relies on the client sending no application record
         # before it has the server's Finished; DTLS 1.3 lets it send right after its own
         # Finished, which the listening socket could read before the connected socket exists.
         # (The OpenSSL 4.0 under pyOpenSSL 26 offers no DTLS 1.3 anyway.)
