@@ -831,9 +831,30 @@ def _limit_values(table: Mapping[str, Any], where: str, prefix: str, base: Limit
 _BANDWIDTH_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
+#: The largest bandwidth limit (100 TB/s): the engines' token buckets keep their rates in
+#: doubles and refuse 1e15 bytes/s and more, so a larger value must fail here, in one
+#: sentence, rather than at the first connection (an operator trial found "1000000G"
+#: passing check-config and then failing every connection).
+MAX_BANDWIDTH = 10**14
+
+
 def _bandwidth(table: Mapping[str, Any], key: str, where: str, default: int) -> int:
     """Bytes per second: an integer >= 0, or a string with a unit ("2MB", "512KiB", "10M")."""
     value = table.get(key, default)
+    rate = _bandwidth_value(value)
+    if rate is None:
+        raise ConfigError(
+            f"{where}.{key}: {_show(value)} is not a rate in bytes per second "
+            '(an integer, or e.g. "2MB", "512KiB")'
+        )
+    if rate > MAX_BANDWIDTH:
+        raise ConfigError(
+            f"{where}.{key}: {_show(value)} is above the largest limit, 100 TB/s (0 = no limit)"
+        )
+    return rate
+
+
+def _bandwidth_value(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str):
@@ -845,11 +866,9 @@ def _bandwidth(table: Mapping[str, Any], key: str, where: str, default: int) -> 
         except ValueError:
             amount = -1.0
         if unit in _BANDWIDTH_UNITS and math.isfinite(amount) and amount >= 0:
-            return round(amount * _BANDWIDTH_UNITS[unit])
-    raise ConfigError(
-        f"{where}.{key}: {_show(value)} is not a rate in bytes per second "
-        '(an integer, or e.g. "2MB", "512KiB")'
-    )
+            total = amount * _BANDWIDTH_UNITS[unit]
+            return round(total) if math.isfinite(total) else MAX_BANDWIDTH + 1
+    return None
 
 
 def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:

@@ -524,6 +524,7 @@ def test_config_limits_parse_units_and_overrides() -> None:
     # Keys left out of [limits.users.bob] keep the [limits] user_* values.
     assert cfg.limits.users["bob"] == Limits(connections=3, upload=2_000_000, download=1_000_000)
     assert config({}).limits.user == Limits() and not Limits().any
+    assert config({"user_upload": "100000G"}).limits.user.upload == 10**14  # the largest limit
 
 
 @pytest.mark.parametrize(
@@ -531,6 +532,11 @@ def test_config_limits_parse_units_and_overrides() -> None:
     [
         ({"user_upload": "fast"}, 'limits.user_upload: "fast" is not a rate in bytes per second'),
         ({"user_upload": -1}, "limits.user_upload: -1 is not a rate in bytes per second"),
+        # Operator trial: the engines' buckets refuse 1e15 bytes/s and more, which passed
+        # check-config and then failed every connection with 0x01.
+        ({"client_download": "1000000G"}, 'limits.client_download: "1000000G" is above the largest limit'),
+        ({"user_upload": 2**63 - 1}, "limits.user_upload: 9223372036854775807 is above the largest limit"),
+        ({"user_upload": "1e20k"}, 'limits.user_upload: "1e20k" is above the largest limit'),
         ({"client_connections": -1}, "limits.client_connections: -1 is not an integer >= 0"),
         ({"user_connection_rate": "x"}, "limits.user_connection_rate"),
         (

@@ -47,9 +47,9 @@ class PyTokenBucket:
 
     def _set(self, rate: float, burst: float) -> None:
         if not 0.0 < rate < 1e15:
-            raise ValueError(f"rate must be > 0 bytes/s, got {rate}")
+            raise ValueError(f"rate must be above 0 and below 1e15 bytes/s, got {rate}")
         if not 0.0 <= burst < 1e15:
-            raise ValueError(f"burst must be >= 0 bytes, got {burst}")
+            raise ValueError(f"burst must be at least 0 and below 1e15 bytes, got {burst}")
         self._rate = float(rate)
         self._burst = float(burst) if burst > 0 else default_burst(rate)
 

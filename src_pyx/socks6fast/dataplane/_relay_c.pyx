@@ -1610,9 +1610,9 @@ cdef class TokenBucket:
     def __cinit__(self, double rate, double burst=0.0) -> None:
         self._b = NULL
         if not (rate > 0.0 and rate < 1e15):
-            raise ValueError(f"rate must be > 0 bytes/s, got {rate}")
+            raise ValueError(f"rate must be above 0 and below 1e15 bytes/s, got {rate}")
         if not (burst >= 0.0 and burst < 1e15):
-            raise ValueError(f"burst must be >= 0 bytes, got {burst}")
+            raise ValueError(f"burst must be at least 0 and below 1e15 bytes, got {burst}")
         self._b = <Bucket*>calloc(1, sizeof(Bucket))
         if self._b == NULL:
             raise MemoryError()
@@ -1630,9 +1630,9 @@ cdef class TokenBucket:
     def configure(self, double rate, double burst=0.0) -> None:
         """New rate and burst, for every relay drawing from this bucket from now on."""
         if not (rate > 0.0 and rate < 1e15):
-            raise ValueError(f"rate must be > 0 bytes/s, got {rate}")
+            raise ValueError(f"rate must be above 0 and below 1e15 bytes/s, got {rate}")
         if not (burst >= 0.0 and burst < 1e15):
-            raise ValueError(f"burst must be >= 0 bytes, got {burst}")
+            raise ValueError(f"burst must be at least 0 and below 1e15 bytes, got {burst}")
         pthread_mutex_lock(&self._b.lock)
         bucket_refill(self._b, monotonic_ns())
         bucket_set(self._b, rate, burst)
