@@ -50,6 +50,7 @@ from socks6fast.net.dtls import (
     is_client_hello,
     pack_records,
     proxy_dtls_context,
+    source_key,
     split_records,
 )
 
@@ -311,6 +312,35 @@ def test_handshake_caps_per_source_and_total(certs: Certificates) -> None:
     assert {reason for _, reason in pair.closed} == {"handshake timed out"}
     pair.handshake(pair.client(), ("127.0.0.1", 3), now=6.0)  # room again
     assert pair.server.counters.handshakes_done == 1
+
+
+def test_handshake_cap_per_source_counts_an_ipv6_64_as_one_source(certs: Certificates) -> None:
+    """Probe 19 F8: the per-source cap counts an IPv6 source per /64 (one host or LAN holds a
+    whole /64 and can give itself as many addresses as it likes), IPv4 per address, and an
+    IPv4-mapped IPv6 source as its IPv4 address."""
+    assert source_key("2001:db8:1:2::1") == source_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
+    assert source_key("fe80::1%lo") == "fe80::/64"
+    assert source_key("192.0.2.7") == source_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert source_key("192.0.2.8") != source_key("192.0.2.7")
+    limits = DTLSLimits(handshakes_per_source=2, handshakes_total=100, handshake_timeout=5.0)
+    pair = Pair(certs, limits=limits)
+
+    def stalled(address: tuple[str, int]) -> None:
+        client = pair.client()
+        client.start(0.0)
+        pair.to_server(client, address, 0.0)
+        pair.to_client(client, address, 0.0)  # the HelloVerifyRequest
+        pair.to_server(client, address, 0.0)  # ClientHello + cookie
+        pair.server.datagrams_to_send()
+
+    for n in range(1, 5):  # four addresses of one /64
+        stalled((f"2001:db8:1:2::{n}", 1000))
+    assert pair.server.counters.handshakes_refused == 2
+    stalled(("2001:db8:1:3::1", 1000))  # another /64: its own count
+    assert pair.server.counters.handshakes_refused == 2 and len(pair.server._handshaking) == 3
+    pair.server.handle_timer(5.0)
+    assert pair.server._per_source == {} and pair.server._handshaking == {}
 
 
 def test_connection_cap_and_limits_from_config(certs: Certificates) -> None:

@@ -91,6 +91,22 @@ def peer_key(address: tuple[Any, ...]) -> Address:
     return (address[0], address[1])
 
 
+def source_key(host: str) -> str:
+    """The key the per-source caps count under (F8 of probe 19): an IPv4 address itself, an
+    IPv6 address's /64 (one host or one LAN holds a whole /64, so counting per /128 would let
+    one IPv6 host open the per-source cap once per address it assigns itself); an
+    IPv4-mapped IPv6 address (a dual-stack port) counts as its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def split_records(datagram: bytes) -> list[int] | None:
     """The content type of each DTLS record in ``datagram``, or None when it is not a
     sequence of whole, well-formed record headers (garbage or a truncated record)."""
@@ -173,7 +189,8 @@ class DTLSLimits:
     """Caps and timers of a `DTLSServerEndpoint` (config ``[udp]`` keys in parentheses)."""
 
     handshakes_per_source: int = 16
-    """Handshakes in progress from one source address (``dtls_handshakes_per_source``)."""
+    """Handshakes in progress from one source address, IPv6 per /64 (`source_key`)
+    (``dtls_handshakes_per_source``)."""
     handshakes_total: int = 1024
     """Handshakes in progress in all (``dtls_handshakes_total``)."""
     cookie_interval: float = 60.0
@@ -491,7 +508,7 @@ class DTLSServerEndpoint:
         # The cookie verified: the client owns its address. Keep state only within the caps.
         if replacing is not None:
             self._forget(replacing, "the peer started a new connection")
-        host = key[0]
+        host = source_key(key[0])  # F8: IPv6 per /64
         per_source = self._per_source.get(host, 0)
         if (
             len(self._handshaking) >= self.limits.handshakes_total
@@ -627,7 +644,7 @@ class DTLSServerEndpoint:
 
     def _end_handshake(self, conn: DTLSConnection) -> None:
         if self._handshaking.pop(conn.address, None) is not None:
-            host = conn.address[0]
+            host = source_key(conn.address[0])
             left = self._per_source[host] - 1
             if left:
                 self._per_source[host] = left
