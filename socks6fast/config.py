@@ -104,7 +104,10 @@ at start-up and on reload, ``check-config`` prints it).
     listener's address, or each listener's address when there is no TLS listener; needs
     ``server.tls_certificate`` and ``tls_key``). ``dtls_handshakes_per_source`` (1-65535; 16) and
     ``dtls_handshakes_total`` (1-1000000, at least the former; 1024): DTLS handshakes in
-    progress after a valid cookie, from one source address and in all.
+    progress after a valid cookie, from one source address (IPv6: per /64) and in all; the
+    same caps count, separately, DTLS connections that finished their handshake but carry
+    no association yet (probe 19 F4). ``dtls_unmapped_timeout``: seconds such a connection
+    may wait for its first valid datagram before it is closed (> 0, at most 300; 5).
     ``dtls_cookie_interval``: seconds per DTLS cookie secret (> 0, at most 3600; 60); a
     cookie is good for one to two intervals.
     ``first_datagram_timeout``: seconds an association waits for its first datagram before
@@ -359,6 +362,9 @@ class UDPConfig:
     """DTLS handshakes in progress in all."""
     dtls_cookie_interval: float = 60.0
     """Seconds per DTLS cookie secret; a cookie is good for one to two intervals."""
+    dtls_unmapped_timeout: float = 5.0
+    """Seconds a finished DTLS connection may carry no association before it is closed
+    (probe 19 F4: such connections hold a descriptor each and cost a client nothing)."""
     dtls: bool = True
     """DTLS ports on (issue 11): beside each TLS listener, or on ``dtls_port``."""
 
@@ -883,6 +889,7 @@ def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:
             "dtls_handshakes_per_source",
             "dtls_handshakes_total",
             "dtls_cookie_interval",
+            "dtls_unmapped_timeout",
             "first_datagram_timeout",
             "max_associations_per_client",
             "max_associations_per_user",
@@ -915,6 +922,10 @@ def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:
     if interval > 3600:
         # A cookie lives up to two intervals: longer lets a recorded cookie be replayed longer.
         raise ConfigError(f"udp.dtls_cookie_interval: {_show(interval)} is more than 3600 seconds")
+    unmapped = _seconds(table, "dtls_unmapped_timeout", "udp", 5.0)
+    if unmapped > 300:
+        # Each such connection holds a descriptor for this long, unauthenticated (F4).
+        raise ConfigError(f"udp.dtls_unmapped_timeout: {_show(unmapped)} is more than 300 seconds")
     return UDPConfig(
         port=port,
         dtls_port=dtls_port,
@@ -928,6 +939,7 @@ def _udp(table: Mapping[str, Any], server: ServerConfig) -> UDPConfig:
         dtls_handshakes_per_source=per_source,
         dtls_handshakes_total=total,
         dtls_cookie_interval=interval,
+        dtls_unmapped_timeout=unmapped,
         dtls=dtls,
     )
 

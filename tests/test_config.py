@@ -70,6 +70,7 @@ def test_defaults_values() -> None:
     assert config.udp.port is None and config.udp.dtls_port is None
     assert (config.udp.dtls_handshakes_per_source, config.udp.dtls_handshakes_total) == (16, 1024)
     assert config.udp.dtls_cookie_interval == 60.0
+    assert config.udp.dtls_unmapped_timeout == 5.0
 
 
 def test_empty_document_equals_embedded_default() -> None:
@@ -229,6 +230,7 @@ dtls_port = 1081
 dtls_handshakes_per_source = 4
 dtls_handshakes_total = 100
 dtls_cookie_interval = 30
+dtls_unmapped_timeout = 2.5
 """
     )
     config = load_config(path)
@@ -264,6 +266,7 @@ dtls_cookie_interval = 30
         100,
         30.0,
     )
+    assert udp.dtls_unmapped_timeout == 2.5
     policy = config.policy()
     assert policy.check("10.1.1.1", "bob", Command.CONNECT, AddressType.DOMAIN_NAME, "www.example.com", 8080)
     assert not policy.check(
@@ -490,7 +493,7 @@ CASES: list[tuple[str, str]] = [
     (
         "[udp]\nports = 1",
         "udp.ports: unknown key (allowed: batch, dtls, dtls_cookie_interval, dtls_handshakes_per_source, "
-        "dtls_handshakes_total, dtls_port, enabled, first_datagram_timeout, "
+        "dtls_handshakes_total, dtls_port, dtls_unmapped_timeout, enabled, first_datagram_timeout, "
         "max_associations_per_client, max_associations_per_user, max_datagram, port, workers)",
     ),
     ("[udp]\ndtls_handshakes_per_source = 0", "udp.dtls_handshakes_per_source: 0 is not an integer 1-65535"),
@@ -501,6 +504,9 @@ CASES: list[tuple[str, str]] = [
     ),
     ("[udp]\ndtls_cookie_interval = 0", "udp.dtls_cookie_interval: 0 is not a number of seconds > 0"),
     ("[udp]\ndtls_cookie_interval = 7200", "udp.dtls_cookie_interval: 7200.0 is more than 3600 seconds"),
+    # Probe 19 F4: how long a finished DTLS connection may stay without an association.
+    ("[udp]\ndtls_unmapped_timeout = 0", "udp.dtls_unmapped_timeout: 0 is not a number of seconds > 0"),
+    ("[udp]\ndtls_unmapped_timeout = 301", "udp.dtls_unmapped_timeout: 301.0 is more than 300 seconds"),
 ]
 
 

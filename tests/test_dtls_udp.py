@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import json
+import math
 import os
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -489,3 +494,90 @@ async def test_a_taken_dtls_port_stops_start_up(certs: Certificates) -> None:
             await server.start()
         await server.close(drain_timeout=0)
         assert fd_count() <= before
+
+
+IN_NETNS = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
+
+
+@pytest.mark.conformance("UDP-02", "UDP-07")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs unshare -n")
+def test_finished_handshakes_without_an_association_are_capped(certs: Certificates) -> None:
+    """Probe 19 F4: 40 full DTLS handshakes from one source address that never send a
+    datagram (bounded: 40, 30 s; inside a network namespace of its own) hold at most
+    ``dtls_handshakes_per_source`` (4) channels and descriptors; the rest get a close_notify
+    at the hand-off; the channels end after ``dtls_unmapped_timeout`` (1 s), not after the
+    first-datagram timeout (30 s); a real association maps afterwards."""
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("unshare -n is not permitted here")
+    helper = Path(__file__).with_name("helpers_dtls_unmapped.py")
+    result = subprocess.run(
+        [*IN_NETNS, sys.executable, str(helper), str(certs.cert), str(certs.key), str(certs.ca)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["handshakes"] + report["failed"] == 40 and report["seconds"] < 30, report
+    assert report["most_unmapped"] <= 4 and report["most_channels"] <= 4, report
+    # Each finished handshake was admitted or refused; at most 4 are admitted per unmapped
+    # timeout (1 s) that passed during the loop.
+    assert report["refused"] >= 40 - 4 * (1 + math.ceil(report["seconds"])), report
+    assert report["most_server_fds"] <= 4 + 4, report  # one socket per channel, a little slack
+    assert report["left_channels"] == 0 and report["left_unmapped"] == 0, report
+    assert report["left_server_fds"] <= 2, report
+    assert report["association_after"], report
+    assert "refused: too many DTLS connections without an association yet" in result.stderr
+    assert result.stderr.count("refused: too many DTLS") == 1  # rate-limited: one line per 10 s
+
+
+async def test_no_descriptor_at_the_hand_off_closes_the_connection_cleanly(
+    certs: Certificates, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe 19 F5: when the connection's socket cannot be created at the hand-off (EMFILE),
+    the proxy logs one warning and closes the DTLS connection (close_notify); nothing raises
+    into the event loop, nothing is left in the endpoint, and the next client gets through."""
+    real_socket = socket.socket
+
+    class NoDescriptor(real_socket):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if sys._getframe(1).f_code.co_name == "_hand_off":  # only the hand-off's socket
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            super().__init__(*args, **kwargs)
+
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        async with dtls_server(certs) as server, udp_echo() as echo:
+            dtls = ports(server)
+            (port,) = dtls.ports
+            endpoint = dtls.servers[0].endpoint
+            context = dtls_client_context(cafile=str(certs.ca))
+            monkeypatch.setattr(socket, "socket", NoDescriptor)
+            with caplog.at_level("WARNING", logger="socks6fast.server"):
+                for _ in range(3):
+                    with contextlib.suppress(DTLSError):
+                        client = await aclient_open_dtls(port, context)
+                        await asyncio.sleep(0.05)
+                        client.close()
+                await asyncio.sleep(0.1)
+            monkeypatch.undo()
+            assert unhandled == []
+            assert endpoint.connections == {} and dtls.channels == {} and dtls.refused == 3
+            lines = [r.getMessage() for r in caplog.records if "cannot open a socket" in r.getMessage()]
+            assert len(lines) == 1 and "Too many open files" in lines[0]  # rate-limited
+            proxy_ssl = ssl.create_default_context(cafile=str(certs.ca))
+            async with await aclient.udp_associate(
+                tls_url(server), proxy_ssl=proxy_ssl, proxy_dtls=context
+            ) as assoc:
+                await assoc_roundtrip(assoc, echo)
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def aclient_open_dtls(port: tuple[str, int], context: Any) -> Any:
+    from socks6fast.asyncio.dtls import open_dtls_client  # noqa: PLC0415
+
+    return await open_dtls_client(port[0], port[1], proxy_dtls=context, timeout=5)

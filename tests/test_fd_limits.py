@@ -786,3 +786,17 @@ def test_pipe_size_recovers_after_the_kernel_refused_it() -> None:
     report = json.loads(done.stdout)
     assert min(report["during"]) < max_size, report  # the kernel did refuse during the burst
     assert report["after"] == [max_size], report
+
+
+def test_descriptor_plan_keeps_the_dtls_channels_out_of_the_connections_share() -> None:
+    """Probe 19 F4: DTLS connections without an association yet hold a socket each; their cap
+    (``DTLSPorts.unmapped_total``) is kept in the reserve, so max_connections is lowered by
+    what they may hold instead of the two sharing the same descriptors."""
+    from socks6fast.dataplane.resources import plan_descriptors  # noqa: PLC0415
+
+    without = plan_descriptors(10_000, 1024, 1024, in_use=30, splice=False)
+    with_dtls = plan_descriptors(10_000, 1024, 1024, in_use=30, splice=False, dtls_channels=200)
+    assert with_dtls.reserved == without.reserved + 200
+    assert with_dtls.max_connections == (1024 - with_dtls.reserved) // 2 < without.max_connections
+    # What the plan hands out never exceeds the limit.
+    assert with_dtls.reserved + 2 * with_dtls.max_connections <= 1024

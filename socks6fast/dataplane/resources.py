@@ -132,7 +132,9 @@ class DescriptorPlan:
         )
 
 
-def plan_descriptors(requested: int, limit: int, hard: int, *, in_use: int, splice: bool) -> DescriptorPlan:
+def plan_descriptors(
+    requested: int, limit: int, hard: int, *, in_use: int, splice: bool, dtls_channels: int = 0
+) -> DescriptorPlan:
     """Share out ``limit`` descriptors (see the module docstring).
 
     Args:
@@ -141,13 +143,15 @@ def plan_descriptors(requested: int, limit: int, hard: int, *, in_use: int, spli
         hard: the hard limit.
         in_use: descriptors open at start-up (listeners, loop, relay engine included).
         splice: True when the splice engine relays (pipes are budgeted).
+        dtls_channels: DTLS connections that may hold a socket each before an association is
+            mapped to them (probe 19 F4: ``DTLSPorts.unmapped_total``); kept in the reserve.
 
     Returns:
         The plan; ``max_connections`` is at least 1.
     """
     if limit == resource.RLIM_INFINITY:
         limit = 1 << 30
-    reserved = in_use + REFUSAL_SLOTS + DESCRIPTOR_MARGIN
+    reserved = in_use + REFUSAL_SLOTS + DESCRIPTOR_MARGIN + dtls_channels
     per_connection = SOCKETS_PER_CONNECTION + (PIPE_FDS_PER_CONNECTION if splice else 0)
     fits = max(1, (limit - reserved) // per_connection)
     max_connections = min(requested, fits)

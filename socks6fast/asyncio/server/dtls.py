@@ -25,6 +25,16 @@ engine and the control plane never touches it again:
    channel, D17). A retransmitted client Finished reaches the engine's socket, which answers
    it. ``UdpChannelEnded`` (association over, unmapped within the first-datagram timeout,
    close_notify, a fatal alert) drops the connection here and logs it.
+
+Unmapped connections (probe 19 F4): a finished handshake costs a client with a real address
+nothing but holds a descriptor and ~90 kB here until an association is mapped to it. From
+the hand-off until ``UdpConfirmed(channel=...)`` (``UdpService.on_channel_mapped``) or
+``UdpChannelEnded`` such a connection is counted per source (IPv6 per /64,
+``net.dtls.source_key``) and in all, against ``[udp] dtls_handshakes_per_source`` and
+``unmapped_total`` (``dtls_handshakes_total``, at most the descriptors the start-up plan
+leaves it, ``dataplane.resources.plan_descriptors``); beyond them the connection gets a
+close_notify at the hand-off. One that stays unmapped for ``[udp] dtls_unmapped_timeout``
+is removed from the engine (``remove_channel``).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from ...net.dtls import (
     DTLSConnection,
     DTLSLimits,
     dtls_server_context,
+    source_key,
 )
 from ..dtls import DTLSServer, start_dtls_server
 from .record import format_address
@@ -55,6 +66,9 @@ log = logging.getLogger("socks6fast.server")
 #: ``DTLSLink.mtu`` of the channels: large enough that one record carries 2^14 bytes of
 #: plaintext, the most a DTLS record may (RFC 6347 section 4.1.1) (D29).
 CHANNEL_MTU = MAX_PLAINTEXT + 256
+
+#: Seconds between two "refused at the hand-off" log lines (a flood logs once per interval).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 def open_dtls_socket(host: str, port: int) -> socket.socket:
@@ -93,6 +107,8 @@ class _Channel:
     peer: tuple[str, int]
     port: tuple[str, int]
     link: DTLSLink
+    unmapped: asyncio.TimerHandle | None = None
+    """Until an association is mapped to it: the ``dtls_unmapped_timeout`` timer (F4)."""
 
 
 class DTLSPorts:
@@ -135,8 +151,21 @@ class DTLSPorts:
         """Connections the engine holds, by channel id."""
         self.handoffs = 0
         """Connections handed to the engine."""
+        self.unmapped_timeout = config.dtls_unmapped_timeout
+        self.unmapped_per_source = config.dtls_handshakes_per_source
+        self.unmapped_total = config.dtls_handshakes_total
+        """Caps on channels no association is mapped to yet (F4); the server lowers the total
+        to what its descriptor plan leaves (`budget_descriptors`)."""
+        self.unmapped = 0
+        """Channels no association is mapped to yet."""
+        self._unmapped_by_source: dict[str, int] = {}
+        self.refused = 0
+        """Finished handshakes refused at the hand-off (unmapped caps, no descriptor, engine)."""
+        self._refusal_logged_at: float | None = None
+        self._refusals_unlogged = 0
         dtls_server_context(certfile, keyfile)  # fail now, in one sentence, not per port
         udp.on_channel_ended = self._channel_ended
+        udp.on_channel_mapped = self._channel_mapped
 
     async def open_port(self, host: str, port: int) -> tuple[str, int]:
         """Open a DTLS port on ``host``:``port`` (0: any free port).
@@ -188,8 +217,18 @@ class DTLSPorts:
         # Runs inside the endpoint, before the server's last flight is sent (module docstring).
         peer = conn.address
         port = listening.getsockname()
-        sock = socket.socket(listening.family, socket.SOCK_DGRAM)
+        source = source_key(peer[0])
+        if self.unmapped >= self.unmapped_total or (
+            self._unmapped_by_source.get(source, 0) >= self.unmapped_per_source
+        ):
+            # F4: a close_notify after our Finished (the client knows), no descriptor spent.
+            self._refuse(server, conn, "too many DTLS connections without an association yet")
+            return
+        sock: socket.socket | None = None
         try:
+            # F5: socket() inside the try: EMFILE is one warning and a closed connection, not
+            # an exception through the endpoint into the event loop.
+            sock = socket.socket(listening.family, socket.SOCK_DGRAM)
             if listening.family == socket.AF_INET6:
                 sock.setsockopt(
                     socket.IPPROTO_IPV6,
@@ -201,30 +240,76 @@ class DTLSPorts:
             sock.connect(peer)
             sock.setblocking(False)
         except OSError as exc:
-            sock.close()
-            log.warning(
-                "DTLS %s: cannot open a socket for the connection from %s: %s; closed",
-                format_address(str(port[0]), int(port[1])),
-                format_address(*peer),
-                exc.strerror or exc,
-            )
-            server.endpoint.close(conn)
+            if sock is not None:
+                sock.close()
+            where = format_address(str(port[0]), int(port[1]))
+            self._refuse(server, conn, f"DTLS {where}: cannot open a socket: {exc.strerror or exc}")
             return
         link = DTLSLink(conn.ssl, self.mtu)
         try:
             channel = self._udp.engine.add_channel(sock.fileno(), link)
         except Exception as exc:  # whatever the engine says, the socket must not leak
             sock.close()
-            log.warning("DTLS connection from %s: the UDP engine refused it: %s", format_address(*peer), exc)
-            server.endpoint.close(conn)  # a close_notify after our Finished: the client knows
+            self._refuse(server, conn, f"the UDP engine refused it: {exc}")
             return
         sock.detach()  # the engine owns it now
         # Forget it here before anything else can touch it: from now on the engine (one of its
         # threads) is the connection's only user.
         server.endpoint.release(conn)
         self.handoffs += 1
-        self.channels[channel] = _Channel(peer, (str(port[0]), int(port[1])), link)
+        timer = self._loop.call_later(self.unmapped_timeout, self._unmapped_expired, channel)
+        self.channels[channel] = _Channel(peer, (str(port[0]), int(port[1])), link, timer)
+        self.unmapped += 1
+        self._unmapped_by_source[source] = self._unmapped_by_source.get(source, 0) + 1
         log.debug("DTLS connection from %s: channel %d (via=dtls)", format_address(*peer), channel)
+
+    def _refuse(self, server: DTLSServer, conn: DTLSConnection, why: str) -> None:
+        """Close a finished connection at the hand-off (close_notify) and log it, at most once
+        per `REFUSAL_LOG_INTERVAL` (a flood must not flood the log)."""
+        server.endpoint.close(conn)
+        self.refused += 1
+        now = self._loop.time()
+        if self._refusal_logged_at is not None and now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
+            self._refusals_unlogged += 1
+            return
+        more = ""
+        if self._refusals_unlogged:
+            more = f" ({self._refusals_unlogged} more refused since the last such line)"
+        log.warning("DTLS connection from %s refused: %s; closed%s", format_address(*conn.address), why, more)
+        self._refusal_logged_at = now
+        self._refusals_unlogged = 0
+
+    def _mapped(self, channel: _Channel) -> None:
+        """Stop counting ``channel`` as unmapped (an association was mapped, or it ended)."""
+        if channel.unmapped is None:
+            return
+        channel.unmapped.cancel()
+        channel.unmapped = None
+        self._uncount(channel)
+
+    def _channel_mapped(self, channel_id: int) -> None:
+        channel = self.channels.get(channel_id)
+        if channel is not None:
+            self._mapped(channel)
+
+    def _unmapped_expired(self, channel_id: int) -> None:
+        channel = self.channels.get(channel_id)
+        if channel is None or channel.unmapped is None:
+            return
+        channel.unmapped = None  # fired; `_mapped` must not cancel it again
+        self._uncount(channel)
+        # Its UdpChannelEnded ("removed") comes back through the engine's events and logs it.
+        with contextlib.suppress(Exception):
+            self._udp.engine.remove_channel(channel_id)
+
+    def _uncount(self, channel: _Channel) -> None:
+        self.unmapped -= 1
+        source = source_key(channel.peer[0])
+        left = self._unmapped_by_source[source] - 1
+        if left:
+            self._unmapped_by_source[source] = left
+        else:
+            del self._unmapped_by_source[source]
 
     def _stray(self, conn: DTLSConnection, payload: bytes) -> None:
         # A datagram decrypted on the listening socket: only possible before the hand-off,
@@ -238,6 +323,7 @@ class DTLSPorts:
         channel = self.channels.pop(event.channel, None)
         if channel is None:
             return
+        self._mapped(channel)
         log.info(
             "DTLS connection from %s via=dtls ended: %s (datagrams in %d, out %d, dropped %d)",
             format_address(*channel.peer),

@@ -36,6 +36,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import socket
 import ssl
 from collections.abc import Callable
@@ -381,12 +382,21 @@ class Server:
         await self._start_admin()
         with contextlib.suppress(OSError):
             self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        in_use = resources.open_descriptors()
+        dtls_channels = 0
+        if self.dtls is not None:
+            # F4: finished-but-unmapped DTLS connections hold a socket each; they get at most
+            # a quarter of what the limit leaves, and that share stays out of the connections'.
+            room = limit if limit != resource.RLIM_INFINITY else 1 << 30
+            dtls_channels = min(self.dtls.unmapped_total, max(1, (room - in_use) // 4))
+            self.dtls.unmapped_total = dtls_channels
         self._fd_plan = resources.plan_descriptors(
             self._config.server.max_connections,
             limit,
             hard,
-            in_use=resources.open_descriptors(),
+            in_use=in_use,
             splice=self._relayer.path == PATH_SPLICE,
+            dtls_channels=dtls_channels,
         )
         self._apply_fd_plan(self._fd_plan)
         self._accepting = True

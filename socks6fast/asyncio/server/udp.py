@@ -379,6 +379,9 @@ class UdpService:
         self._closed = False
         self.on_channel_ended: Callable[[UdpChannelEnded], None] | None = None
         """Told of each ``UdpChannelEnded`` (the DTLS ports, ``asyncio.server.dtls``)."""
+        self.on_channel_mapped: Callable[[int], None] | None = None
+        """Told of each channel an association was mapped to (``UdpConfirmed.channel``): the
+        DTLS ports stop counting it as unmapped (probe 19 F4)."""
         loop.add_reader(self.engine.fileno(), self._on_events)
 
     def open_ports(self, addresses: list[tuple[str, int]]) -> None:
@@ -469,6 +472,8 @@ class UdpService:
                 if self.on_channel_ended is not None:
                     self.on_channel_ended(event)
                 continue
+            if isinstance(event, UdpConfirmed) and event.channel >= 0 and self.on_channel_mapped is not None:
+                self.on_channel_mapped(event.channel)
             live = self._live.get(event.association_id)
             if live is None:
                 continue
