@@ -488,6 +488,26 @@ def test_proxy_dtls_argument_is_checked() -> None:
     assert context.get_verify_mode() & SSL.VERIFY_PEER  # verification on by default
 
 
+@pytest.mark.conformance("TRN-03")
+def test_own_context_that_does_not_verify_is_refused(certs: Certificates) -> None:
+    """Probe 19 F3 (TRN-03): pyOpenSSL contexts start with VERIFY_NONE, so an own context that
+    loaded a CA but never called set_verify would check neither certificate nor name: it is
+    refused with a ValueError that says so; one that verifies is used as it is, and
+    ``dtls_client_context(verify=False)`` is the explicit opt-out."""
+    bare = SSL.Context(SSL.DTLS_CLIENT_METHOD)
+    with pytest.raises(ValueError, match=r"does not verify .*set_verify\(SSL.VERIFY_PEER\)"):
+        proxy_dtls_context(bare)
+    loaded = SSL.Context(SSL.DTLS_CLIENT_METHOD)
+    loaded.load_verify_locations(str(certs.ca))  # the CA loaded, set_verify forgotten
+    with pytest.raises(ValueError, match="verify=False"):
+        proxy_dtls_context(loaded)
+    loaded.set_verify(SSL.VERIFY_PEER)
+    assert proxy_dtls_context(loaded) is loaded
+    opted_out = dtls_client_context(verify=False)
+    assert proxy_dtls_context(opted_out) is opted_out
+    assert not opted_out.get_verify_mode() & SSL.VERIFY_PEER
+
+
 # --- real sockets ---
 
 

@@ -581,3 +581,25 @@ async def aclient_open_dtls(port: tuple[str, int], context: Any) -> Any:
     from socks6fast.asyncio.dtls import open_dtls_client  # noqa: PLC0415
 
     return await open_dtls_client(port[0], port[1], proxy_dtls=context, timeout=5)
+
+
+@pytest.mark.conformance("TRN-03")
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_own_dtls_context_without_verification_is_refused_by_the_clients(
+    flavour: str, certs: Certificates
+) -> None:
+    """Probe 19 F3: ``proxy_dtls=`` an own OpenSSL context without VERIFY_PEER (the CA loaded,
+    set_verify forgotten) is a ValueError in both clients, not a silent unverified session;
+    ``dtls_client_context(verify=False)``, the explicit opt-out, connects without a CA."""
+    from OpenSSL import SSL  # noqa: PLC0415
+
+    forgotten = SSL.Context(SSL.DTLS_CLIENT_METHOD)
+    forgotten.load_verify_locations(str(certs.ca))
+    async with dtls_server(certs) as server, udp_echo() as echo:
+
+        async def body(assoc: Any) -> None:
+            await assoc_roundtrip(assoc, echo)
+
+        with pytest.raises(ValueError, match="does not verify the proxy's certificate"):
+            await in_flavour(flavour, tls_url(server), certs, body, proxy_dtls=forgotten)
+        await in_flavour(flavour, tls_url(server), certs, body, proxy_dtls=dtls_client_context(verify=False))

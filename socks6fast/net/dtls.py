@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -277,12 +278,25 @@ def dtls_server_context(certfile: str, keyfile: str, *, client_cafile: str | Non
     return context
 
 
+#: Client contexts made with ``dtls_client_context(verify=False)``: the explicit opt-out
+#: `proxy_dtls_context` accepts (probe 19 F3; a weak set, the contexts are the caller's).
+_UNVERIFIED: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
+
+
 def dtls_client_context(
-    *, cafile: str | None = None, certfile: str | None = None, keyfile: str | None = None
+    *,
+    cafile: str | None = None,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    verify: bool = True,
 ) -> SSL.Context:
     """A verifying DTLS client context, what ``proxy_dtls=None`` uses (TRN-03): the system's
     CAs, or ``cafile``'s (a private CA), and optionally a client certificate. The DTLS
     counterpart of ``ssl.create_default_context(cafile=...)`` for the TLS ``proxy_ssl``.
+
+    ``verify=False`` checks neither the proxy's certificate nor its name: the counterpart of
+    ``ssl.CERT_NONE`` with ``check_hostname = False``, and the only way to give the clients
+    a context that does not verify (`proxy_dtls_context` refuses one otherwise).
 
     Raises:
         DTLSError: a file cannot be read.
@@ -299,7 +313,11 @@ def dtls_client_context(
             context.use_privatekey_file(keyfile if keyfile is not None else certfile)
     except (OSError, SSL.Error) as exc:
         raise DTLSError(f"DTLS client context: {_ssl_reason(exc)}") from None
-    context.set_verify(SSL.VERIFY_PEER)
+    if verify:
+        context.set_verify(SSL.VERIFY_PEER)
+    else:
+        context.set_verify(SSL.VERIFY_NONE)
+        _UNVERIFIED.add(context)
     return context
 
 
@@ -872,16 +890,27 @@ def _is_ip(host: str) -> bool:
 
 def proxy_dtls_context(proxy_dtls: SSL.Context | bool | None) -> SSL.Context:
     """The DTLS context towards the proxy, as `socks6fast.net.url.proxy_ssl_context` is for
-    TLS: verifying by default (TRN-03); a context you built is used as it is.
+    TLS: verifying by default (TRN-03); a context you built is used as it is, if it verifies.
+
+    pyOpenSSL contexts start with ``VERIFY_NONE`` (unlike ``ssl.create_default_context``), so
+    a context that loaded a CA but never called ``set_verify(SSL.VERIFY_PEER)`` would check
+    neither the certificate nor the host name, silently (probe 19 F3): refused, unless it
+    came from ``dtls_client_context(verify=False)``, the explicit opt-out.
 
     Raises:
         ValueError: ``proxy_dtls=False`` (DTLS without a context is not a choice; plain UDP is
-            the plaintext transport).
+            the plaintext transport), or a context of your own that does not verify.
     """
     if proxy_dtls is False:
         raise ValueError("proxy_dtls=False: use the plain UDP transport for datagrams without DTLS")
     if proxy_dtls is None or proxy_dtls is True:
         return dtls_client_context()
+    if not proxy_dtls.get_verify_mode() & SSL.VERIFY_PEER and proxy_dtls not in _UNVERIFIED:
+        raise ValueError(
+            "proxy_dtls: this OpenSSL.SSL.Context does not verify the proxy's certificate (its "
+            "verify mode lacks SSL.VERIFY_PEER): call context.set_verify(SSL.VERIFY_PEER), or pass "
+            "dtls_client_context(verify=False) to turn verification off on purpose"
+        )
     return proxy_dtls
 
 
