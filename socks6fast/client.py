@@ -477,6 +477,8 @@ class UDPAssociation(AssociationBase[_Channel]):
         conn.start(time.monotonic())
         with self._lock:
             self._dtls = conn
+        tls = isinstance(self._tcp, _ssl.SSLSocket)
+        hint = f"transport='tcp' carries the datagrams on the {'TLS' if tls else 'TCP'} connection instead"
         try:
             while True:
                 for datagram in conn.datagrams_to_send():
@@ -490,13 +492,24 @@ class UDPAssociation(AssociationBase[_Channel]):
                 except TimeoutError:
                     raise DTLSError(
                         f"DTLS handshake with the proxy's DTLS port {peer[0]}:{peer[1]}: no answer in time "
-                        "(transport='tcp' carries the datagrams on the TLS connection instead)"
+                        f"({hint})"
                     ) from None
                 wait = remaining
                 if conn.retransmit_at is not None:
                     until = max(0.0, conn.retransmit_at - time.monotonic())
                     wait = until if wait is None else min(wait, until)
-                if select.select([udp], [], [], wait)[0]:
+                ready = select.select([udp, self._tcp], [], [], wait)[0]
+                if self._tcp in ready:
+                    # Probe 19 F7: the association's TCP connection ended (the proxy closes
+                    # it when no datagram comes, UDP-07): the handshake has no purpose left.
+                    try:
+                        self._read_tcp()
+                    except (Socks6Error, OSError):
+                        raise DTLSError(
+                            f"DTLS handshake with the proxy's DTLS port {peer[0]}:{peer[1]}: the proxy "
+                            f"closed the association's {'TLS' if tls else 'TCP'} connection first ({hint})"
+                        ) from None
+                if udp in ready:
                     try:
                         data = udp.recv(2**16)
                     except OSError as exc:  # ICMP: nothing listens on the DTLS port

@@ -603,3 +603,28 @@ async def test_own_dtls_context_without_verification_is_refused_by_the_clients(
         with pytest.raises(ValueError, match="does not verify the proxy's certificate"):
             await in_flavour(flavour, tls_url(server), certs, body, proxy_dtls=forgotten)
         await in_flavour(flavour, tls_url(server), certs, body, proxy_dtls=dtls_client_context(verify=False))
+
+
+@pytest.mark.conformance("UDP-07")
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_dtls_handshake_ends_when_the_proxy_closes_the_association(flavour: str) -> None:
+    """Probe 19 F7: ``transport="dtls"`` towards a port that does not speak DTLS (the plain
+    SOCKS 6 UDP port here): the proxy closes the association's TCP connection after its
+    first-datagram timeout (UDP-07, 1 s), and the client's handshake ends then with a DTLSError
+    saying so, not after its own 30 s; on a ``socks6://`` URL the hint names the TCP
+    connection, not TLS."""
+    async with running_server(make_config(udp={"first_datagram_timeout": 1})) as server:
+        host, port = server.addresses[0][:2]
+        udp_port = server.udp.ports[0][1] if server.udp is not None else 0
+        url = f"socks6://{host}:{port}"
+        kwargs: dict[str, Any] = {"transport": "dtls", "udp_port": udp_port, "timeout": 30}
+        started = time.monotonic()
+        with pytest.raises(DTLSError) as info:
+            if flavour == "asyncio":
+                await aclient.udp_associate(url, **kwargs)
+            else:
+                await asyncio.to_thread(bclient.Proxy.from_url(url).udp_associate, **kwargs)
+        assert time.monotonic() - started < 10
+        message = str(info.value)
+        assert "closed the association's TCP connection first" in message, message
+        assert "TLS connection" not in message, message

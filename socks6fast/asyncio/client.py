@@ -595,18 +595,39 @@ class UDPAssociation(AssociationBase[_StreamChannel]):
         # The handshake gets a little less than the request's whole timeout, so that its
         # own error (which names DTLS) comes before the request's TimeoutError.
         budget = None if timeout is None else max(0.05, timeout * 0.9)
-        try:
-            self._dtls = await open_dtls_client(
+        tls = self._channel.writer.get_extra_info("ssl_object") is not None
+        hint = f"transport='tcp' carries the datagrams on the {'TLS' if tls else 'TCP'} connection instead"
+        handshake = self._loop.create_task(
+            open_dtls_client(
                 peer[0],
                 port,
                 proxy_dtls=proxy_dtls,  # type: ignore[arg-type]  # checked by proxy_dtls_context
                 proxy_server_hostname=server_hostname,
                 timeout=budget,
             )
+        )
+        # Probe 19 F7: the association's TCP connection may end first (the proxy closes it
+        # when no datagram comes, UDP-07, e.g. when nothing speaks DTLS on that port): then
+        # the handshake has no purpose left and must not run on to its own timeout.
+        tcp_reader = self._tasks[0]
+        try:
+            await asyncio.wait((handshake, tcp_reader), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not handshake.done():
+                handshake.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await handshake
+        if handshake.cancelled():
+            raise DTLSError(
+                f"DTLS handshake with the proxy's DTLS port {peer[0]}:{port}: the proxy closed the "
+                f"association's {'TLS' if tls else 'TCP'} connection first ({hint})"
+            )
+        try:
+            self._dtls = handshake.result()
         except TimeoutError:
             raise DTLSError(
                 f"DTLS handshake with the proxy's DTLS port {peer[0]}:{port}: no answer within "
-                f"{budget} s (transport='tcp' carries the datagrams on the TLS connection instead)"
+                f"{budget} s ({hint})"
             ) from None
         self._tasks.append(self._loop.create_task(self._read_dtls()))
 
