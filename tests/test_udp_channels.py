@@ -174,8 +174,9 @@ async def test_channel_ids_count_up_and_are_never_reused(ch_harness: ChannelHarn
 
 @pytest.mark.conformance("UDP-03")
 async def test_channel_drops_another_association_udp03(ch_harness: ChannelHarness) -> None:
-    """UDP-03: a channel mapped to A drops a datagram naming B or naming no association
-    (MAPPING; B stays unmapped and maps later on its own 5-tuple); on a channel nothing is
+    """A channel mapped to A drops a datagram naming B or naming no association (MAPPING;
+    B stays unmapped and maps later on its own 5-tuple): one association per channel, D31,
+    a deviation (the draft's mapping text would map B there too); on a channel nothing is
     mapped to yet, an ID naming no association is UNKNOWN_ASSOCIATION."""
     h = ch_harness
     a = h.add()
