@@ -338,6 +338,8 @@ class DTLSPorts:
     def close(self) -> None:
         """Close the DTLS ports (handshakes in progress get a close_notify, if established);
         the channels end with the engine (``UdpService.close``)."""
+        for channel in self.channels.values():
+            self._mapped(channel)  # the engine ends them; no unmapped timer may outlive the ports
         for server in self.servers:
             server.close()
 
