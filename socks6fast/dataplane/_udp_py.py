@@ -1075,8 +1075,9 @@ class UdpEngine:
             self._channel_drop(ch, None, UdpDrop.LENGTH)  # UDP-05
             return
         if ch.assoc is not None and header.association_id != ch.assoc.aid:
-            # UDP-03: a channel carries the one association it was mapped to (not looked up:
-            # the native engine cannot see other workers' associations).
+            # D31 (a deviation from UDP-03's mapping text): a channel carries the one association
+            # it was mapped to (not looked up: the native engine cannot see other workers'
+            # associations).
             self._channel_drop(ch, None, UdpDrop.MAPPING)
             return
         a = self._assocs.get(header.association_id)

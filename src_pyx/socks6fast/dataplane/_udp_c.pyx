@@ -2063,8 +2063,8 @@ cdef int channel_message(Worker* w, Channel* ch, const unsigned char* p, size_t 
         count_drop(w, NULL, D_LENGTH)  # UDP-05
         return 0
     if ch.assoc != NULL and memcmp(hv.association_id, ch.assoc.aid, 8) != 0:
-        # UDP-03: a channel carries the one association it was mapped to (not looked up:
-        # it may belong to another worker).
+        # D31 (a deviation from UDP-03's mapping text): a channel carries the one association
+        # it was mapped to (not looked up: it may belong to another worker).
         ch.drops += 1
         count_drop(w, NULL, D_MAPPING)
         return 0
