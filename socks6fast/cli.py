@@ -167,13 +167,13 @@ def _setup_logging(level: str, log_format: str = "text") -> None:
 async def _serve(args: argparse.Namespace, config: Config) -> int:
     loop = asyncio.get_running_loop()
     server = Server(config)
-    try:
-        await server.start()
-    except OSError as exc:
-        raise _Fail(f"cannot listen: {exc.strerror or exc}") from None
     stop = asyncio.Event()
+    started = False
 
     def reload() -> None:
+        if not started:
+            log.info("SIGHUP during start-up: ignored")
+            return
         if not args.config:
             log.info("SIGHUP: no --config file to reload")
             return
@@ -189,9 +189,16 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
         (signal.SIGINT, stop.set),
         (signal.SIGHUP, reload),
     ]
+    # Installed before start(): "listening on" is logged inside it, and a SIGTERM that a
+    # supervisor (or a test) sends on seeing that line must drain, not kill the process.
     for signum, handler in handlers:
         loop.add_signal_handler(signum, handler)
     try:
+        try:
+            await server.start()
+        except OSError as exc:
+            raise _Fail(f"cannot listen: {exc.strerror or exc}") from None
+        started = True
         await stop.wait()
         server.stop_accepting()
         log.info("stopping: no new connections; draining for at most %.1fs", args.drain_timeout)
