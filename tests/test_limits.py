@@ -393,7 +393,7 @@ async def test_client_address_limits_count_each_address() -> None:
         refused, rep = await asyncio.to_thread(socks5_connect, proxy, sink.address)
         assert rep == 0x02
         refused.close()
-        await logged(server, "limit: client 127.0.0.1 has 1 connections")
+        await logged(server, "limit: client 127.0.0.1 has 1 connection, the most allowed")
         other, rep = await asyncio.to_thread(socks5_connect, proxy, sink.address, None, "127.0.0.2")
         assert rep == 0
         other.close()

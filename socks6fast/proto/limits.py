@@ -162,7 +162,8 @@ class ConnectionLimiter:
             if entry is None:
                 entry = _Entry(limits.burst, now)
             if limits.connections and entry.count >= limits.connections:
-                return f"limit: {who} has {entry.count} connections, the most allowed"
+                plural = "" if entry.count == 1 else "s"
+                return f"limit: {who} has {entry.count} connection{plural}, the most allowed"
             if limits.connection_rate:
                 entry.refill(limits, now)
                 if entry.tokens < 1.0:
