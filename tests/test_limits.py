@@ -254,6 +254,15 @@ async def test_bandwidth_limit_holds_both_directions(path: str, peers: list[Bulk
         down = await asyncio.to_thread(
             run_clients, server.addresses[0], peer, ["alice"], send=True, count=True
         )
+        # "A slowed stream, and a log line": the server logs what `throttled` says every
+        # few seconds (the housekeeping loop); the buckets counted the waits.
+        limiter = server.context.limits
+        assert limiter is not None
+        await asyncio.sleep(0.2)  # the relay's end reaches the limiter
+        lines = limiter.throttled()
+        assert f"limit: user 'alice' upload held to {RATE} bytes/s" in " ".join(lines), lines
+        assert f"limit: user 'alice' download held to {RATE} bytes/s" in " ".join(lines), lines
+        assert limiter.throttled() == []  # reported once
     up_rate, down_rate = peer.meters[0].rate(), down[0].rate()
     assert within(up_rate), f"upload {up_rate:.0f} B/s, limit {RATE}"
     assert within(down_rate), f"download {down_rate:.0f} B/s, limit {RATE}"
@@ -634,3 +643,27 @@ def test_token_bucket_twins(bucket_class: Any) -> None:
     assert bucket.rate == 2_000_000.0 and bucket.burst == 1000.0
     with pytest.raises(ValueError):
         bucket_class(0.0)
+
+
+@pytest.mark.parametrize("bucket_class", [PyTokenBucket, TokenBucket])
+def test_throttled_reports_each_waiting_bucket_once(bucket_class: Any) -> None:
+    """Issue 14 item 4, "a slowed stream, and a log line": `throttled` names each user or
+    client address whose bucket made a relay wait since the last call, once, also when its
+    last connection ended before the report; a bucket that never ran dry is not named."""
+    limiter = ConnectionLimiter(bucket_class)
+    limiter.configure(Limits(download=1_000_000), Limits(upload=2_000_000))
+    alice = limiter.admit("127.0.0.1", "alice", 0.0)
+    bob = limiter.admit("127.0.0.2", "bob", 0.0)
+    assert isinstance(alice, Admission) and isinstance(bob, Admission)
+    assert limiter.throttled() == []
+    alice.down[0].take(5_000_000)  # far beyond the burst: the relay must wait
+    assert limiter.throttled() == [
+        "limit: user 'alice' download held to 1000000 bytes/s (1 waits for tokens)"
+    ]
+    assert limiter.throttled() == []
+    bob.up[0].take(5_000_000)  # bob's client address bucket runs dry, then bob leaves
+    limiter.release(bob)
+    assert limiter.throttled() == [
+        "limit: client 127.0.0.2 upload held to 2000000 bytes/s (1 waits for tokens)"
+    ]
+    assert limiter.throttled() == []

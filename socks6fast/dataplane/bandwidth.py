@@ -35,7 +35,7 @@ def default_burst(rate: float) -> float:
 class PyTokenBucket:
     """The pure-Python twin of ``_relay_c.TokenBucket`` (same arguments and answers)."""
 
-    __slots__ = ("_burst", "_last", "_lock", "_rate", "_tokens")
+    __slots__ = ("_burst", "_last", "_lock", "_rate", "_tokens", "_waits")
 
     def __init__(self, rate: float, burst: float = 0.0) -> None:
         self._lock = threading.Lock()  # the asyncio loop is one thread; kept for parity with C
@@ -44,6 +44,7 @@ class PyTokenBucket:
         self._set(rate, burst)
         self._tokens = self._burst
         self._last = time.monotonic()
+        self._waits = 0
 
     def _set(self, rate: float, burst: float) -> None:
         if not 0.0 < rate < 1e15:
@@ -71,6 +72,8 @@ class PyTokenBucket:
             self._refill(time.monotonic())
             self._tokens -= n
             debt = -self._tokens
+            if debt > 0:
+                self._waits += 1
         return debt / self._rate if debt > 0 else 0.0
 
     @property
@@ -80,6 +83,11 @@ class PyTokenBucket:
     @property
     def burst(self) -> float:
         return self._burst
+
+    @property
+    def waits(self) -> int:
+        """Times a relay had to wait for this bucket's tokens since it was made."""
+        return self._waits
 
     @property
     def tokens(self) -> float:

@@ -70,6 +70,12 @@ class BandwidthBucket(Protocol):
 
     def take(self, n: int) -> float: ...
 
+    @property
+    def rate(self) -> float: ...
+
+    @property
+    def waits(self) -> int: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Admission:
@@ -86,7 +92,7 @@ NO_LIMITS = Admission()
 
 
 class _Entry:
-    __slots__ = ("count", "down", "stamp", "tokens", "up")
+    __slots__ = ("count", "down", "seen_down", "seen_up", "stamp", "tokens", "up")
 
     def __init__(self, burst: float, now: float) -> None:
         self.count = 0
@@ -94,6 +100,8 @@ class _Entry:
         self.stamp = now
         self.up: BandwidthBucket | None = None
         self.down: BandwidthBucket | None = None
+        self.seen_up = 0  # the buckets' waits already reported (`throttled`)
+        self.seen_down = 0
 
     def refill(self, limits: Limits, now: float) -> None:
         if now > self.stamp:
@@ -109,7 +117,7 @@ class ConnectionLimiter:
             are not enforced (the sans-IO tests).
     """
 
-    __slots__ = ("_bandwidth", "_client", "_entries", "_user", "_users")
+    __slots__ = ("_bandwidth", "_client", "_entries", "_unreported", "_user", "_users")
 
     def __init__(self, bandwidth: Callable[[float], BandwidthBucket] | None = None) -> None:
         self._bandwidth = bandwidth
@@ -117,6 +125,38 @@ class ConnectionLimiter:
         self._client = Limits()
         self._users: Mapping[str, Limits] = {}
         self._entries: dict[tuple[str, str], _Entry] = {}
+        # Waits of buckets dropped (their last connection ended) before `throttled` saw
+        # them: (kind, name, direction) -> (waits, rate). Bounded by the entries dropped
+        # between two reports.
+        self._unreported: dict[tuple[str, str, str], tuple[int, float]] = {}
+
+    def throttled(self) -> list[str]:
+        """One sentence per user or client address whose bandwidth limit made a relay wait
+        since the last call (issue 14: "a slowed stream, and a log line"); the server logs
+        them every few seconds, so a throttled user costs a line per interval, not per wait.
+        """
+        found = dict(self._unreported)
+        self._unreported.clear()
+        for (kind, name), entry in self._entries.items():
+            for direction in ("up", "down"):
+                bucket = entry.up if direction == "up" else entry.down
+                if bucket is None:
+                    continue
+                waits = bucket.waits
+                seen = entry.seen_up if direction == "up" else entry.seen_down
+                if waits > seen:
+                    before, _ = found.get((kind, name, direction), (0, 0.0))
+                    found[(kind, name, direction)] = (before + waits - seen, bucket.rate)
+                    if direction == "up":
+                        entry.seen_up = waits
+                    else:
+                        entry.seen_down = waits
+        lines = []
+        for (kind, name, direction), (waits, rate) in sorted(found.items()):
+            who = f"user {name!r}" if kind == "user" else f"client {name}"
+            way = "upload" if direction == "up" else "download"
+            lines.append(f"limit: {who} {way} held to {rate:.0f} bytes/s ({waits} waits for tokens)")
+        return lines
 
     @property
     def enabled(self) -> bool:
@@ -198,6 +238,14 @@ class ConnectionLimiter:
             entry.count -= 1
             if entry.count <= 0:
                 entry.count = 0
+                for direction, bucket, seen in (
+                    ("up", entry.up, entry.seen_up),
+                    ("down", entry.down, entry.seen_down),
+                ):
+                    if bucket is not None and bucket.waits > seen:
+                        before, _ = self._unreported.get((*key, direction), (0, 0.0))
+                        self._unreported[(*key, direction)] = (before + bucket.waits - seen, bucket.rate)
+                entry.seen_up = entry.seen_down = 0
                 # A later connection starts a fresh bucket (full): no live relay shares it.
                 entry.up = entry.down = None
                 limits = self._limits(*key)

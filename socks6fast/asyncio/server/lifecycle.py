@@ -718,6 +718,10 @@ class Server:
                 for session in store.expire(loop.time()):
                     close_session_listeners(session)
             self._poll_pipe_stats()
+            limits = self.context.limits
+            if limits is not None:
+                for line in limits.throttled():  # bandwidth limits that slowed a relay
+                    log.info("%s", line)
 
     def reload(self, config: Config) -> None:
         """Apply a new configuration (SIGHUP): users, rules, limits and sessions settings.

@@ -259,6 +259,7 @@ cdef struct Bucket:
     double tokens   # may dip below 0 when two workers read at once: later reads wait longer
     int64_t last_ns # CLOCK_MONOTONIC of the last refill
     int refs        # the Python TokenBucket + every Pair holding it (atomic)
+    uint64_t waits  # times a relay had to wait for tokens (the control plane logs them)
 
 
 cdef struct PipeBuf:
@@ -493,8 +494,10 @@ cdef bint limit_allows(Worker* w, Pair* p, int d, size_t* limit) noexcept nogil:
         pthread_mutex_lock(&b.lock)
         bucket_refill(b, now)
         t = b.tokens
-        if t < b.low and (b.low - t) * 1000.0 / b.rate > wait_ms:
-            wait_ms = (b.low - t) * 1000.0 / b.rate
+        if t < b.low:
+            b.waits += 1
+            if (b.low - t) * 1000.0 / b.rate > wait_ms:
+                wait_ms = (b.low - t) * 1000.0 / b.rate
         pthread_mutex_unlock(&b.lock)
         if t < avail:
             avail = t
@@ -1646,6 +1649,8 @@ cdef class TokenBucket:
         bucket_refill(self._b, monotonic_ns())
         self._b.tokens -= <double>n
         debt = -self._b.tokens
+        if debt > 0.0:
+            self._b.waits += 1
         pthread_mutex_unlock(&self._b.lock)
         return debt / self._b.rate if debt > 0.0 else 0.0
 
@@ -1656,6 +1661,15 @@ cdef class TokenBucket:
     @property
     def burst(self) -> float:
         return self._b.burst
+
+    @property
+    def waits(self) -> int:
+        """Times a relay had to wait for this bucket's tokens since it was made."""
+        cdef uint64_t n
+        pthread_mutex_lock(&self._b.lock)
+        n = self._b.waits
+        pthread_mutex_unlock(&self._b.lock)
+        return n
 
     @property
     def tokens(self) -> float:
