@@ -366,17 +366,7 @@ class Server:
                 for host, _ in self.addresses:
                     await self.dtls.open_port(host, udp.dtls_port)
         except BaseException:
-            for sock, _ in self._listeners:
-                sock.close()
-            self._listeners.clear()
-            self._listener_proxy.clear()
-            if self.dtls is not None:
-                self.dtls.close()
-                await self.dtls.wait_closed()
-                self.dtls = None
-            if self.udp is not None:
-                self.udp.close()
-                self.udp = None
+            await self._undo_start()
             raise
         self.context.own_listeners = OwnListeners(self.addresses + self.tls_addresses, self._local)
         await self._start_admin()
@@ -465,6 +455,20 @@ class Server:
             return socks
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _undo_start(self) -> None:
+        """A start that failed part-way: close what it opened (listeners, DTLS ports, UDP)."""
+        for sock, _ in self._listeners:
+            sock.close()
+        self._listeners.clear()
+        self._listener_proxy.clear()
+        if self.dtls is not None:
+            self.dtls.close()
+            await self.dtls.wait_closed()
+            self.dtls = None
+        if self.udp is not None:
+            self.udp.close()
+            self.udp = None
+
     async def _start_admin(self) -> None:
         """The admin listener and the metrics it serves (issue 14), when configured."""
         listen = self._config.admin.listen
@@ -477,14 +481,7 @@ class Server:
         except OSError as exc:
             self.admin = None
             self.stop_accepting()
-            self._listeners.clear()
-            if self.dtls is not None:
-                self.dtls.close()
-                await self.dtls.wait_closed()
-                self.dtls = None
-            if self.udp is not None:
-                self.udp.close()
-                self.udp = None
+            await self._undo_start()
             where = format_address(*listen)
             raise OSError(exc.errno, f"admin.listen {where}: {exc.strerror or exc}") from exc
         log.info("admin listener on %s: /metrics, /healthz", format_address(*self.admin.address))
