@@ -195,6 +195,7 @@ def _check_tfo_rows(res: dict[str, Any], log: str) -> None:
     assert len(best) == 2 and all(x["value"] is not None for x in best), log
 
 
+@pytest.mark.skipif(NO_EXT, reason="bench harness: run in the compiled run only (CI time)")
 @pytest.mark.timeout(90)
 def test_bench_ceiling_runs(tmp_path: Path) -> None:
     """`socks6fast bench ceiling` (the engine beside loadgen's minimal splice relay; the README's

@@ -13,6 +13,7 @@ Loopback only; every process is bounded in time.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -46,6 +47,17 @@ UDP_TARGETS = (
 )
 
 
+#: The bench's harness does not depend on the codec: in the SOCKS6FAST_NO_EXTENSIONS=1 run the
+#: smoke runs below would spend ~50 s measuring nothing new (the pure-Python UDP engine and DTLS
+#: path are proven by tests/test_udp_*.py and tests/test_dtls*.py in that run, and
+#: tests/test_bench_smoke.py runs the suite once on the pure-Python relay).
+ONCE = pytest.mark.skipif(
+    bool(os.environ.get("SOCKS6FAST_NO_EXTENSIONS")),
+    reason="bench harness: run in the compiled run only (CI time); the engines are tested in both",
+)
+
+
+@ONCE
 @pytest.mark.timeout(150)
 def test_bench_udp_smoke(tmp_path: Path) -> None:
     """`socks6fast bench --smoke --tests udp`: every UDP row has figures for direct, the three
@@ -341,6 +353,7 @@ def test_cpu_between_snapshots_is_never_negative() -> None:
 DTLS_TARGET = "UDP socks6fast-s6dtls proxy CPU per 64-B echo / socks6fast-s6py"
 
 
+@ONCE
 def test_bench_dtls_rows_smoke(tmp_path: Path) -> None:
     """Issue 11's bench row: `socks6fast bench --smoke --tests udp --systems s6dtls` starts a
     socks6fast with a TLS listener and the DTLS port beside it (a throw-away CA), and the
