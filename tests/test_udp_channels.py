@@ -172,31 +172,60 @@ async def test_channel_ids_count_up_and_are_never_reused(ch_harness: ChannelHarn
     assert (await h.channel_ended(second.cid)).cause == "removed"
 
 
-@pytest.mark.conformance("UDP-03")
-async def test_channel_drops_another_association_udp03(ch_harness: ChannelHarness) -> None:
-    """A channel mapped to A drops a datagram naming B or naming no association (MAPPING;
-    B stays unmapped and maps later on its own 5-tuple): one association per channel, D31,
-    a deviation (the draft's mapping text would map B there too); on a channel nothing is
-    mapped to yet, an ID naming no association is UNKNOWN_ASSOCIATION."""
-    h = ch_harness
-    a = h.add()
-    b = h.add()
+def worker_id(worker: int, workers: int = 2) -> bytes:
+    """A random Association ID the engines house in ``worker`` (``ID[7] % workers``, D32)."""
+    return os.urandom(7) + bytes([worker + workers * (os.urandom(1)[0] % (256 // workers))])
+
+
+@pytest.fixture
+async def two_workers(engine: str) -> AsyncIterator[ChannelHarness]:
+    """Both engines with 2 workers (the twin applies the native engine's worker rule, D32)."""
+    h = ChannelHarness(make_engine(engine, workers=2))
+    h.open_port()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.mark.conformance("UDP-03", "UDP-04")
+async def test_channel_carries_several_associations_udp03(two_workers: ChannelHarness) -> None:
+    """UDP-03 (probe 19 F2): the first datagram of each association maps that association to
+    the channel it came on, also when the channel already carries others (the mapping is per
+    Association ID); each relays both ways and gets its Confirmation. An ID of another engine
+    worker cannot join a mapped channel (MAPPING, D32; the proxy draws one client's IDs for
+    one worker) and maps on its own channel; an unknown ID is UNKNOWN_ASSOCIATION. The
+    channel ends with the last association mapped to it, not the first (D28)."""
+    h = two_workers
+    trio = [h.add(aid=worker_id(0)) for _ in range(3)]
+    other = h.add(aid=worker_id(1))
     ch = h.add_channel()
-    assert await h.echo_on(ch, a, b"a") == b"a"
-    ch.client.send(dgram(b.aid, *h.echo.address, b"b on a's channel"))
+    for round_ in range(2):
+        for i, a in enumerate(trio):
+            payload = b"%d:%d" % (i, round_)
+            assert await h.echo_on(ch, a, payload) == payload
+    for a in trio:
+        confirmed = await h.event(UdpConfirmed, a.aid)
+        assert (confirmed.channel, confirmed.over_tcp) == (ch.cid, False)
+        assert isinstance(await read_message(a.tcp), AssociationConfirmation)
+    ch.client.send(dgram(other.aid, *h.echo.address, b"other worker"))
     await h.drops(UdpDrop.MAPPING, 1)
-    ch.client.send(dgram(os.urandom(8), *h.echo.address, b"nobody"))
-    await h.drops(UdpDrop.MAPPING, 2)
-    fresh = h.add_channel()
-    for last in range(4):  # IDs of both workers of the native engine
-        fresh.client.send(dgram(os.urandom(7) + bytes([last]), *h.echo.address, b"nobody"))
-    await h.drops(UdpDrop.UNKNOWN_ASSOCIATION, 4)
-    assert await silent(ch.client)
-    assert not any(isinstance(e, UdpConfirmed) and e.association_id == b.aid for e in h.drain())
-    assert await h.echo_through(b, b"b on the port") == b"b on the port"
-    h.engine.remove_channel(ch.cid)
+    ch.client.send(dgram(worker_id(0), *h.echo.address, b"nobody"))
+    await h.drops(UdpDrop.UNKNOWN_ASSOCIATION, 1)
+    own = h.add_channel()
+    assert await h.echo_on(own, other, b"own channel") == b"own channel"
+    trio[0].tcp.close()
+    await h.event(UdpEnded, trio[0].aid)
+    trio[1].tcp.close()
+    await h.event(UdpEnded, trio[1].aid)
+    assert not any(isinstance(e, UdpChannelEnded) and e.channel == ch.cid for e in h.drain())
+    assert await h.echo_on(ch, trio[2], b"last one") == b"last one"
+    ch.client.send(dgram(trio[0].aid, *h.echo.address, b"ended"))
+    await h.drops(UdpDrop.UNKNOWN_ASSOCIATION, 2)
+    trio[2].tcp.close()
     ended = await h.channel_ended(ch.cid)
-    assert (ended.datagrams_in, ended.datagrams_out, ended.drops) == (3, 1, 2)
+    assert ended.cause == "association ended"
+    assert (ended.datagrams_in, ended.datagrams_out, ended.drops) == (10, 7, 3)
 
 
 @pytest.mark.conformance("UDP-03")
@@ -577,6 +606,44 @@ async def test_dtls_channel_relays_many_datagrams_udp02_udp03_trn03(
     with pytest.raises(TimeoutError):
         await peer.recv(2.0)
     assert peer.conn.closed and peer.conn.error is not None and "closed" in str(peer.conn.error)
+
+
+@pytest.mark.conformance("UDP-02", "UDP-03", "TRN-03")
+async def test_dtls_connection_carries_several_associations_udp02_udp03_trn03(
+    two_workers: ChannelHarness, certs: Certificates
+) -> None:
+    """UDP-03 over DTLS (probe 19 F2): three associations map to one DTLS connection by
+    their first datagrams and relay both ways through it (64 B and 1400 B); an ID mapped to
+    that connection is dropped on a second one (MAPPING), where a fourth association maps;
+    the first connection lives until its last association ends, then sends a close_notify."""
+    h = two_workers
+    trio = [h.add(aid=worker_id(0)) for _ in range(3)]
+    fourth = h.add(aid=worker_id(0))
+    cid, peer, _limit = await dtls_channel(h, certs)
+    for size in (64, 1400):
+        for i, a in enumerate(trio):
+            payload = bytes([i]) * size
+            assert await dtls_echo(h, peer, a, payload) == payload
+    for a in trio:
+        assert (await h.event(UdpConfirmed, a.aid)).channel == cid
+    cid2, peer2, _limit = await dtls_channel(h, certs)
+    peer2.send(dgram(trio[0].aid, *h.echo.address, b"mapped to the first connection"))
+    await h.drops(UdpDrop.MAPPING, 1)
+    assert await dtls_echo(h, peer2, fourth, b"fourth") == b"fourth"
+    assert (await h.event(UdpConfirmed, fourth.aid)).channel == cid2
+    for a in trio[:2]:
+        a.tcp.close()
+        await h.event(UdpEnded, a.aid)
+    assert await dtls_echo(h, peer, trio[2], b"still carried") == b"still carried"
+    assert not any(isinstance(e, UdpChannelEnded) and e.channel == cid for e in h.drain())
+    trio[2].tcp.close()
+    ended = await h.channel_ended(cid)
+    assert ended.cause == "association ended"
+    assert (ended.datagrams_in, ended.datagrams_out, ended.drops) == (7, 7, 0)
+    with pytest.raises(TimeoutError):
+        await peer.recv(1.0)
+    assert peer.conn.closed  # the close_notify
+    assert await dtls_echo(h, peer2, fourth, b"other connection") == b"other connection"
 
 
 @pytest.mark.conformance("UDP-02")

@@ -175,7 +175,7 @@ class _Channel:
         "limit",
         "peer",
         "peer_key",
-        "assoc",
+        "assocs",
         "datagrams_in",
         "datagrams_out",
         "drops",
@@ -192,7 +192,9 @@ class _Channel:
         peer = sock.getpeername()
         self.peer: tuple[str, int] = (peer[0], peer[1])
         self.peer_key = _key_of(peer)
-        self.assoc: _Assoc | None = None
+        #: The associations mapped to it, first mapped first (UDP-03 maps IDs to the
+        #: connection; all of one engine worker, D32).
+        self.assocs: list[_Assoc] = []
         self.datagrams_in = self.datagrams_out = self.drops = 0
         self.timer: asyncio.TimerHandle | None = None
         self.live = True
@@ -577,8 +579,12 @@ class UdpEngine:
                     self._loop.remove_writer(sock.fileno())
             sock.close()
         a.tcp = None
-        if a.channel is not None and a.channel.live:
-            self._end_channel(a.channel, "association ended", notify=True)
+        ch = a.channel
+        if ch is not None and ch.live:
+            # D28 "the reverse holds": the channel ends with the last association it carries (D32).
+            ch.assocs.remove(a)
+            if not ch.assocs:
+                self._end_channel(ch, "association ended", notify=True)
         self._event(
             UdpEnded(
                 a.aid,
@@ -616,7 +622,7 @@ class UdpEngine:
 
     def _channel_expire(self, ch: _Channel) -> None:
         ch.timer = None
-        if ch.live and ch.assoc is None:
+        if ch.live and not ch.assocs:
             self._end_channel(ch, "unmapped", notify=True)
 
     def _expire(self, a: _Assoc) -> None:
@@ -1007,7 +1013,7 @@ class UdpEngine:
         """
         types = _dtls.split_records(data)
         if types is None:
-            self._channel_drop(ch, ch.assoc, UdpDrop.RECORD)
+            self._channel_drop(ch, _sole(ch), UdpDrop.RECORD)
             return
         ssl.bio_write(data)
         application = types.count(_dtls.CT_APPLICATION_DATA)
@@ -1034,7 +1040,7 @@ class UdpEngine:
                 return
         if delivered < application:
             for _ in range(application - delivered):
-                self._channel_drop(ch, ch.assoc, UdpDrop.RECORD)
+                self._channel_drop(ch, _sole(ch), UdpDrop.RECORD)
         if len(types) != application:
             # A retransmitted final flight of the client (its Finished) makes OpenSSL write
             # ours again: send what the read wrote (RFC 6347 section 4.2.4).
@@ -1074,10 +1080,9 @@ class UdpEngine:
         if header.message_length > len(data):
             self._channel_drop(ch, None, UdpDrop.LENGTH)  # UDP-05
             return
-        if ch.assoc is not None and header.association_id != ch.assoc.aid:
-            # D31 (a deviation from UDP-03's mapping text): a channel carries the one association
-            # it was mapped to (not looked up: the native engine cannot see other workers'
-            # associations).
+        if ch.assocs and header.association_id[7] % self._workers != ch.assocs[0].aid[7] % self._workers:
+            # D32, as the native engine: a mapped channel lives in the worker of its
+            # associations (ID[7] % workers); another worker's association cannot share it.
             self._channel_drop(ch, None, UdpDrop.MAPPING)
             return
         a = self._assocs.get(header.association_id)
@@ -1097,7 +1102,7 @@ class UdpEngine:
             a.channel = ch
             a.client = ch.peer
             a.client_key = key
-            ch.assoc = a
+            ch.assocs.append(a)  # UDP-03: one more ID mapped to this connection (D32)
             if ch.timer is not None:
                 ch.timer.cancel()
                 ch.timer = None
@@ -1258,6 +1263,11 @@ def _check_id(association_id: object) -> bytes:
     if not isinstance(association_id, bytes) or len(association_id) != 8:
         raise ValueError("association_id must be 8 bytes")
     return association_id
+
+
+def _sole(ch: _Channel) -> _Assoc | None:
+    """The association a channel's record drops are counted against: its only one, else none."""
+    return ch.assocs[0] if len(ch.assocs) == 1 else None
 
 
 def _is_probe(header: DatagramHeader, payload: bytes) -> bool:

@@ -35,12 +35,16 @@ from the call on; ``dtls`` a :class:`DTLSLink` (established connection, whose re
 engine decrypts and encrypts) or None (plaintext SOCKS 6 datagrams, for tests). Each
 datagram read from it is one SOCKS 6 UDP message as on the UDP port; the first valid one
 naming a live association that is not mapped yet maps that association to this channel
-(UDP-03, ``UdpConfirmed(channel=...)``, Confirmation on the TCP connection as usual);
-later datagrams naming another association, or an association mapped elsewhere, are
-dropped (``UdpDrop.MAPPING``). Datagrams and Error messages to the client of an
+(UDP-03, ``UdpConfirmed(channel=...)``, Confirmation on the TCP connection as usual),
+also when the channel already carries others (D31). A channel carries the associations
+of one worker (``association_id[7] % workers``, the worker of the first one mapped to
+it; the control plane draws one client's IDs for one worker, D32): a datagram naming an
+association of another worker on a mapped channel, or an association mapped elsewhere,
+is dropped (``UdpDrop.MAPPING``). Datagrams and Error messages to the client of an
 association mapped to a channel go out on it (D17). A channel ends (``UdpChannelEnded``,
-socket closed) with its association, on ``remove_channel``, when nothing is mapped to it
-within ``first_datagram_timeout``, or on the peer's close_notify / a fatal alert.
+socket closed) with the last association mapped to it, on ``remove_channel``, when
+nothing is mapped to it within ``first_datagram_timeout``, or on the peer's
+close_notify / a fatal alert.
 An association whose channel ended first lives on until its TCP connection ends; datagrams
 to its client are dropped (``UdpDrop.NO_CHANNEL``) and it is never re-mapped (D28). DTLS
 records that do not decrypt (garbage, truncated, bad MAC, replayed) are dropped as

@@ -110,7 +110,8 @@ Strategy:
   the plaintext into the receive slot, ``SSL_write`` + ``BIO_read`` each message to the
   client; what OpenSSL writes after a read (a retransmitted Finished's answer, an
   alert) is sent. One thread per SSL*: a channel starts in worker ``id % N`` and moves,
-  with its first message, to the worker that owns the association it names (see the
+  with its first message, to the worker that owns the association it names, and carries
+  every association of that worker whose first datagram arrives on it (D31, D32; see the
   section "Channels" below).
 * Drops are counted per reason (``UdpDrop``) per worker and per association; no
   input can end a worker. Every epoll registration is level-triggered: a worker
@@ -449,6 +450,8 @@ cdef struct Assoc:
     # The mapping (UDP-03): the channel, the client's address and the proxy's.
     Endpoint* map_ep
     Channel* chan           # ST_CHANNEL: its channel, NULL once that ended (D28)
+    Assoc* chan_prev        # the other associations the channel carries (D32)
+    Assoc* chan_next
     sockaddr_storage client
     socklen_t client_len
     unsigned char client_family
@@ -510,7 +513,8 @@ cdef struct Channel:
     unsigned char peer_family
     unsigned char peer_addr[16]
     unsigned int peer_port
-    Assoc* assoc            # the association mapped to it (same worker), NULL before
+    Assoc* assocs           # the associations mapped to it (all of this worker, D32), NULL before
+    int nassocs
     uint64_t datagrams_in
     uint64_t datagrams_out
     uint64_t drops
@@ -1193,6 +1197,7 @@ cdef void end_assoc(Worker* w, Assoc* a, int reason, const char* cause) noexcept
     """Close every socket of the association now; report it at the end of the turn."""
     cdef int i
     cdef Event* ev
+    cdef Channel* ch
     if a.reason != END_LIVE:
         return
     a.reason = reason
@@ -1205,7 +1210,11 @@ cdef void end_assoc(Worker* w, Assoc* a, int reason, const char* cause) noexcept
     table_remove(w, a)
     wait_remove(w, a)
     if a.chan != NULL:
-        end_channel(w, a.chan, b"association ended", True)
+        # D28 "the reverse holds": the channel ends with the last association it carries (D32).
+        ch = a.chan
+        channel_unlink(ch, a)
+        if ch.assocs == NULL:
+            end_channel(w, ch, b"association ended", True)
     close_endpoint(w, &a.tcp)
     close_endpoint(w, &a.s5)
     for i in range(a.nremote):
@@ -1834,8 +1843,13 @@ cdef void client_readable(Worker* w, Endpoint* ep) noexcept nogil:
 # its socket or calls OpenSSL on its SSL*. It starts in the worker of (id % workers); the
 # first message naming an association of another worker, while nothing is mapped to the
 # channel, hands the channel over to that worker (the message goes with it), so once
-# mapped, the channel, its SSL* and its association are all touched by one thread, and
-# the association's datagrams to the client are encrypted there (no lock per datagram).
+# mapped, the channel, its SSL* and its associations are all touched by one thread, and
+# the associations' datagrams to the client are encrypted there (no lock per datagram).
+# A channel carries every association of its worker whose first datagram arrives on it
+# (UDP-03: the mapping is per Association ID); the first message of an association of
+# another worker on a mapped channel is dropped (MAPPING): D32, the control plane draws
+# the IDs of one client address so that they share a worker. The channel ends with the
+# last association mapped to it.
 # OpenSSL's error queue is per thread: cleared after each call that failed.
 
 cdef OpenSSLApi SSLAPI
@@ -1887,6 +1901,36 @@ cdef void channel_wait_insert(Worker* w, Channel* ch) noexcept nogil:
         w.cwait_tail = ch
 
 
+cdef void channel_link(Channel* ch, Assoc* a) noexcept nogil:
+    """Map ``a`` to ``ch`` (same worker)."""
+    a.chan = ch
+    a.chan_prev = NULL
+    a.chan_next = ch.assocs
+    if ch.assocs != NULL:
+        ch.assocs.chan_prev = a
+    ch.assocs = a
+    ch.nassocs += 1
+
+
+cdef void channel_unlink(Channel* ch, Assoc* a) noexcept nogil:
+    """``a`` no longer uses ``ch`` (it ended, or the channel did: D28)."""
+    if a.chan_prev != NULL:
+        a.chan_prev.chan_next = a.chan_next
+    else:
+        ch.assocs = a.chan_next
+    if a.chan_next != NULL:
+        a.chan_next.chan_prev = a.chan_prev
+    a.chan_prev = NULL
+    a.chan_next = NULL
+    a.chan = NULL
+    ch.nassocs -= 1
+
+
+cdef inline Assoc* channel_sole(Channel* ch) noexcept nogil:
+    """The association a channel's record drops are counted against: its only one, else none."""
+    return ch.assocs if ch.nassocs == 1 else NULL
+
+
 cdef void channel_send_raw(Channel* ch, const unsigned char* data, size_t n) noexcept nogil:
     send(ch.ep.fd, data, n, MSG_DONTWAIT | MSG_NOSIGNAL)
 
@@ -1918,7 +1962,7 @@ cdef void flush_records(Worker* w, Channel* ch) noexcept nogil:
 
 cdef void end_channel(Worker* w, Channel* ch, const char* cause, bint notify) noexcept nogil:
     """Close the channel now (a close_notify first when ``notify``); report it at the end of
-    the turn. Its association, if any, lives on without it (D28)."""
+    the turn. Its associations, if any, live on without it (D28)."""
     cdef Event* ev
     if ch.ended:
         return
@@ -1930,9 +1974,8 @@ cdef void end_channel(Worker* w, Channel* ch, const char* cause, bint notify) no
             SSLAPI.ERR_clear_error()
         flush_records(w, ch)
     close_endpoint(w, &ch.ep)
-    if ch.assoc != NULL:
-        ch.assoc.chan = NULL
-        ch.assoc = NULL
+    while ch.assocs != NULL:
+        channel_unlink(ch, ch.assocs)
     free(ch.pending)
     ch.pending = NULL
     ev = new_event(w, EV_CHANNEL_ENDED, NO_ID)
@@ -2062,16 +2105,16 @@ cdef int channel_message(Worker* w, Channel* ch, const unsigned char* p, size_t 
         ch.drops += 1
         count_drop(w, NULL, D_LENGTH)  # UDP-05
         return 0
-    if ch.assoc != NULL and memcmp(hv.association_id, ch.assoc.aid, 8) != 0:
-        # D31 (a deviation from UDP-03's mapping text): a channel carries the one association
-        # it was mapped to (not looked up: it may belong to another worker).
+    owner = hv.association_id[7] % w.engine.nworkers
+    if owner != w.index:
+        if ch.assocs == NULL:
+            migrate_channel(w, ch, p, length, owner)
+            return 1
+        # D32: a mapped channel stays with its worker; another worker's association (not
+        # looked up: its table is that worker's) cannot share it.
         ch.drops += 1
         count_drop(w, NULL, D_MAPPING)
         return 0
-    owner = hv.association_id[7] % w.engine.nworkers
-    if owner != w.index:
-        migrate_channel(w, ch, p, length, owner)  # unmapped here (a mapped one matched above)
-        return 1
     a = table_find(w, id_key(hv.association_id))
     if a == NULL or a.socks5:
         ch.drops += 1
@@ -2089,18 +2132,18 @@ cdef int channel_message(Worker* w, Channel* ch, const unsigned char* p, size_t 
             count_drop(w, a, D_SOURCE)
             return 0
         a.state = ST_CHANNEL
-        a.chan = ch
         a.client_family = ch.peer_family
         memcpy(a.client_addr, ch.peer_addr, 16)
         a.client_port = ch.peer_port
-        ch.assoc = a
-        channel_list_remove(w, ch)  # off the unmapped list (and the worker's list) ...
-        ch.listed = True            # ... back on the worker's list
-        ch.wprev = NULL
-        ch.wnext = w.chans
-        if w.chans != NULL:
-            w.chans.wprev = ch
-        w.chans = ch
+        if ch.assocs == NULL:
+            channel_list_remove(w, ch)  # off the unmapped list (and the worker's list) ...
+            ch.listed = True            # ... back on the worker's list
+            ch.wprev = NULL
+            ch.wnext = w.chans
+            if w.chans != NULL:
+                w.chans.wprev = ch
+            w.chans = ch
+        channel_link(ch, a)  # UDP-03: one more ID mapped to this connection (D32)
         probe = is_server_probe(&hv, plen)
         if probe:
             a.server_mode = True
@@ -2153,7 +2196,7 @@ cdef int channel_read_ssl(Worker* w, Channel* ch, unsigned char* buf, size_t cap
         return 1
     while application > delivered:
         ch.drops += 1
-        count_drop(w, ch.assoc, D_RECORD)
+        count_drop(w, channel_sole(ch), D_RECORD)
         application -= 1
     return 0
 
@@ -2178,12 +2221,12 @@ cdef int channel_datagram(Worker* w, Channel* ch, int i) noexcept nogil:
         # Only whole records go to OpenSSL: a memory BIO is a byte stream, and the bytes of
         # a cut record would be joined to the next datagram's.
         ch.drops += 1
-        count_drop(w, ch.assoc, D_RECORD)
+        count_drop(w, channel_sole(ch), D_RECORD)
         return 0
     if SSLAPI.BIO_write(ch.rbio, p, <int>length) != <int>length:
         SSLAPI.ERR_clear_error()
         ch.drops += 1
-        count_drop(w, ch.assoc, D_RECORD)
+        count_drop(w, channel_sole(ch), D_RECORD)
         return 0
     # The plaintext goes where the ciphertext was (already copied into the BIO; never longer).
     st = channel_read_ssl(w, ch, p, length, application, count == application)
@@ -2202,7 +2245,7 @@ cdef void channel_readable(Worker* w, Channel* ch) noexcept nogil:
     for rounds in range(PORT_ROUNDS):
         # One datagram at a time while unmapped: a message may hand the channel over to
         # another worker, and the rest of a batch would have to go with it.
-        want = w.engine.batch if ch.assoc != NULL else 1
+        want = w.engine.batch if ch.assocs != NULL else 1
         setup_rx(w, 0, want, False)
         n = recvmmsg(ch.ep.fd, w.rx, <unsigned int>want, MSG_DONTWAIT, NULL)
         if n <= 0:
@@ -2237,7 +2280,7 @@ cdef void adopt_channel(Worker* w, Channel* ch) noexcept nogil:
     if not register_fd(w, &ch.ep, EPOLLIN):
         end_channel(w, ch, b"epoll_ctl failed", False)
         return
-    if ch.assoc == NULL and e.first_ms > 0:
+    if ch.assocs == NULL and e.first_ms > 0:
         if ch.deadline_ms == 0:
             ch.deadline_ms = w.now_ms + e.first_ms
         channel_wait_insert(w, ch)
