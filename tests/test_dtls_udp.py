@@ -39,6 +39,7 @@ from socks6fast.asyncio.server.dtls import DTLSPorts
 from socks6fast.config import ConfigError, parse_config
 from socks6fast.net.dtls import DTLSClientConnection, DTLSError, dtls_client_context
 from socks6fast.proto.client_udp import ClientAssociation
+from socks6fast.proto.codec import decode_datagram_header
 
 FLAVOURS = ["asyncio", "blocking"]
 
@@ -234,6 +235,50 @@ async def test_association_id_on_another_dtls_connection_is_dropped(engine: str,
                     await b.recvfrom(timeout=0.2)
         finally:
             sink.close()
+
+
+@pytest.mark.conformance("UDP-02", "UDP-03", "TRN-03")
+async def test_several_associations_over_one_dtls_connection(engine: str, certs: Certificates) -> None:
+    """UDP-03 (probe 19 F2, issue 11 "same mapping rules"): three UDP ASSOCIATE of one
+    client (socks6fast's client, datagrams not sent on TLS so nothing is mapped yet) and one
+    DTLS connection to the proxy's DTLS port carrying the datagrams of all three: each
+    association maps to it by its first datagram and relays both ways. The proxy's two UDP
+    engine workers house all three (their IDs share ``ID[7] % 2``, D32). The connection
+    ends only with the last association (a close_notify)."""
+    proxy_ssl = ssl.create_default_context(cafile=str(certs.ca))
+    context = dtls_client_context(cafile=str(certs.ca))
+    async with dtls_server(certs, workers=2) as server, udp_echo() as echo:
+        url = tls_url(server)
+        assert server.udp is not None and server.udp.engine.workers == 2
+        assocs = [await aclient.udp_associate(url, proxy_ssl=proxy_ssl, transport="tcp") for _ in range(3)]
+        try:
+            assert len({assoc.id[7] % 2 for assoc in assocs}) == 1  # D32
+            (port,) = ports(server).ports
+            dtls = await aclient_open_dtls(port, context)
+            for round_ in range(2):
+                for i, assoc in enumerate(assocs):
+                    payload = b"%d/%d" % (i, round_) * (1 + 100 * round_)
+                    dtls.send(assoc.core.datagram(payload, *echo))
+                    reply = await asyncio.wait_for(dtls.recv(), 5)
+                    header, hlen = decode_datagram_header(reply)
+                    assert header.association_id == assoc.id
+                    assert reply[hlen : header.message_length] == payload
+            assert len(ports(server).channels) == 1
+            for assoc in assocs[:2]:
+                await assoc.aclose()
+            await asyncio.sleep(0.1)
+            assert len(ports(server).channels) == 1
+            dtls.send(assocs[2].core.datagram(b"last", *echo))
+            reply = await asyncio.wait_for(dtls.recv(), 5)
+            assert reply.endswith(b"last")
+            await assocs[2].aclose()
+            with pytest.raises(DTLSError):
+                await asyncio.wait_for(dtls.recv(), 5)  # the close_notify
+            await wait_for(lambda: not ports(server).channels)
+            dtls.close()
+        finally:
+            for assoc in assocs:
+                await assoc.aclose()
 
 
 async def assoc_roundtrip(assoc: Any, echo: tuple[str, int]) -> None:

@@ -9,6 +9,13 @@ from ``secrets`` (D18: a cryptographic source), drawn again in the unlikely case
 live association (UDP-01: IDs are unique among live associations; the data plane keys its
 table by them).
 
+Worker steering (D32): the UDP engine houses an association in worker ``ID[7] % workers``,
+and a DTLS channel lives in one worker, so the associations one DTLS connection carries
+must share a worker. With ``workers`` above 1 the last ID byte is drawn among the values
+whose residue is the client address's shard (a keyed hash of the address, IPv6 per /64),
+so every association of one client address lands on one worker; the other 7 bytes and
+the quotient stay uniformly random.
+
 Port Parity (STK-08): an association that asked for a parity with "reserve" keeps the
 counterpart port bound (the adapter's handle: a bound UDP socket) until it ends, or until a
 later UDP ASSOCIATE names that port explicitly; when the original association is part of a
@@ -20,6 +27,8 @@ Pure: standard library only; no I/O.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import secrets
 from collections import Counter
 from dataclasses import dataclass
@@ -53,11 +62,23 @@ class AssociationTable:
         max_per_user: live associations one authenticated user may hold (0: no limit).
     """
 
-    __slots__ = ("_by_client", "_by_user", "_live", "_reservations", "max_per_client", "max_per_user")
+    __slots__ = (
+        "_by_client",
+        "_by_user",
+        "_live",
+        "_reservations",
+        "_shard_key",
+        "max_per_client",
+        "max_per_user",
+        "workers",
+    )
 
-    def __init__(self, max_per_client: int = 0, max_per_user: int = 0) -> None:
+    def __init__(self, max_per_client: int = 0, max_per_user: int = 0, workers: int = 1) -> None:
         self.max_per_client = max_per_client
         self.max_per_user = max_per_user
+        self.workers = workers
+        """The UDP engine's workers (``UdpEngine.workers``): IDs are steered among them (D32)."""
+        self._shard_key = secrets.token_bytes(16)
         self._live: dict[bytes, tuple[str, str | None]] = {}
         self._by_client: Counter[str] = Counter()
         self._by_user: Counter[str] = Counter()
@@ -79,11 +100,42 @@ class AssociationTable:
             return f"user {user!r} holds {limit} UDP associations (udp.max_associations_per_user)"
         return None
 
+    def shard(self, client_ip: str) -> int:
+        """The engine worker (0..workers-1) that houses this client address's associations (D32)."""
+        workers = self.workers
+        if workers <= 1:
+            return 0
+        try:
+            address = ipaddress.ip_address(client_ip.partition("%")[0])
+        except ValueError:
+            key = client_ip.encode()
+        else:
+            if isinstance(address, ipaddress.IPv6Address):
+                mapped = address.ipv4_mapped
+                # One host per /64 (a client's temporary addresses change inside it).
+                key = mapped.packed if mapped is not None else address.packed[:8]
+            else:
+                key = address.packed
+        # Keyed: which addresses share a worker is not predictable from outside.
+        digest = hashlib.blake2b(key, digest_size=8, key=self._shard_key).digest()
+        return int.from_bytes(digest, "big") % workers
+
+    def new_id(self, client_ip: str) -> bytes:
+        """A fresh ID from ``secrets`` (D18) whose last byte is the client's shard modulo
+        ``workers`` (D32): uniform among the byte values with that residue."""
+        workers = self.workers
+        if workers <= 1:
+            return secrets.token_bytes(8)
+        shard = self.shard(client_ip)
+        choices = (256 - shard + workers - 1) // workers  # shard, shard + workers, ... below 256
+        return secrets.token_bytes(7) + bytes((shard + workers * secrets.randbelow(choices),))
+
     def open(self, client_ip: str, user: str | None) -> bytes:
-        """Take a slot: a fresh random 8-byte ID, unique among live associations (D18)."""
-        association_id = secrets.token_bytes(8)
-        while association_id in self._live:  # pragma: no cover - 2**-64 per live association
-            association_id = secrets.token_bytes(8)
+        """Take a slot: a fresh random 8-byte ID, unique among live associations (D18),
+        steered to the client's engine worker (D32)."""
+        association_id = self.new_id(client_ip)
+        while association_id in self._live:  # pragma: no cover - at most 2**-58 per live association
+            association_id = self.new_id(client_ip)
         self._live[association_id] = (client_ip, user)
         self._by_client[client_ip] += 1
         if user is not None:

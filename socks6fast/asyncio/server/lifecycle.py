@@ -351,6 +351,10 @@ class Server:
         udp = self._config.udp
         if udp.enabled:
             self.udp = UdpService(loop, udp, self.context, self.resolver)
+            if self.context.associations is not None:
+                # D32: one client address's associations share an engine worker, so one DTLS
+                # connection can carry several of them.
+                self.context.associations.workers = max(1, self.udp.engine.workers)
         try:
             for index, (host, port) in enumerate(self._config.server.listen):
                 for sock in await self._bind_with_udp(host, port):
