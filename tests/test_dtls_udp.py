@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 from helpers_server import Certificates, make_certificates, make_config, running_server
 from helpers_udp import has_ipv6_loopback
+from test_udp_engine import recv
 
 from socks6fast import client as bclient
 from socks6fast._client_base import new_association
@@ -279,6 +280,95 @@ async def test_several_associations_over_one_dtls_connection(engine: str, certs:
         finally:
             for assoc in assocs:
                 await assoc.aclose()
+
+
+async def handshake_on(sock: socket.socket, context: Any, timeout: float = 5.0) -> DTLSClientConnection:
+    """A DTLS handshake with the proxy over ``sock`` (non-blocking, connected to the port)."""
+    conn = DTLSClientConnection(context, "127.0.0.1")
+    conn.start(time.monotonic())
+    deadline = time.monotonic() + timeout
+    while not conn.established:
+        for datagram in conn.datagrams_to_send():
+            sock.send(datagram)
+        if conn.error is not None:
+            raise conn.error
+        now = time.monotonic()
+        assert now < deadline, "the DTLS handshake got no answer"
+        wait = min(deadline, conn.retransmit_at or deadline) - now
+        try:
+            data, _ = await recv(sock, max(0.01, wait))
+        except TimeoutError:
+            conn.handle_timer(time.monotonic())
+            continue
+        conn.datagram_received(data, time.monotonic())
+    return conn
+
+
+async def dtls_roundtrip(
+    sock: socket.socket, conn: DTLSClientConnection, message: bytes, timeout: float = 5.0
+) -> bytes:
+    """Send one SOCKS 6 message on ``conn``; the next datagram it decrypts."""
+    sock.send(conn.send(message))
+    deadline = time.monotonic() + timeout
+    while not conn.received:
+        if conn.closed:
+            raise DTLSError("closed")
+        data, _ = await recv(sock, max(0.01, deadline - time.monotonic()))
+        conn.datagram_received(data, time.monotonic())
+    return conn.received.popleft()
+
+
+@pytest.mark.conformance("TRN-03", "UDP-03")
+async def test_client_restarting_dtls_from_the_same_port_gets_a_new_connection(
+    engine: str, certs: Certificates, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 6347 section 4.2.8 (probe 19 F6, D31): a client that loses its DTLS state while its
+    channel lives and starts a new handshake from the same address and port gets the cookie
+    exchange and a new connection, which replaces the old channel only once the cookie came
+    back (a bare ClientHello gets a HelloVerifyRequest and changes nothing); an association mapped to
+    the old connection is not re-mapped to the new one (D28, UDP-03), a new association maps
+    there and relays."""
+    proxy_ssl = ssl.create_default_context(cafile=str(certs.ca))
+    context = dtls_client_context(cafile=str(certs.ca))
+    async with dtls_server(certs) as server, udp_echo() as echo:
+        url = tls_url(server)
+        dtls = ports(server)
+        (port,) = dtls.ports
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.connect(port)
+        sock.setblocking(False)
+        first = await aclient.udp_associate(url, proxy_ssl=proxy_ssl, transport="tcp")
+        second = await aclient.udp_associate(url, proxy_ssl=proxy_ssl, transport="tcp")
+        try:
+            old = await handshake_on(sock, context)
+            assert (await dtls_roundtrip(sock, old, first.core.datagram(b"one", *echo))).endswith(b"one")
+            (old_channel,) = dtls.channels
+            # A ClientHello alone proves nothing (it could be spoofed): a HelloVerifyRequest
+            # from the same address and port, and the old connection stays (the RFC's MUST NOT).
+            probe = DTLSClientConnection(context, "127.0.0.1")
+            probe.start(time.monotonic())
+            (hello,) = probe.datagrams_to_send()
+            sock.send(hello)
+            answer, _ = await recv(sock, 5.0)
+            assert answer[0] == 22 and answer[13] == 3  # handshake record: HelloVerifyRequest
+            assert (await dtls_roundtrip(sock, old, first.core.datagram(b"kept", *echo))).endswith(b"kept")
+            assert dtls.restarts == 0 and list(dtls.channels) == [old_channel]
+            with caplog.at_level("INFO", logger="socks6fast.server"):
+                new = await handshake_on(sock, context)  # same socket: same 5-tuple, old state lost
+                await wait_for(lambda: list(dtls.channels) not in ([], [old_channel]))
+            assert dtls.restarts == 1
+            assert any(
+                "started a new connection from the same port" in r.getMessage() for r in caplog.records
+            )
+            with pytest.raises(TimeoutError):  # D28: mapped to the old connection, not re-mapped
+                await dtls_roundtrip(sock, new, first.core.datagram(b"stale", *echo), timeout=0.3)
+            assert (await dtls_roundtrip(sock, new, second.core.datagram(b"two", *echo))).endswith(b"two")
+            assert len(dtls.channels) == 1
+        finally:
+            sock.close()
+            await first.aclose()
+            await second.aclose()
 
 
 async def assoc_roundtrip(assoc: Any, echo: tuple[str, int]) -> None:

@@ -47,7 +47,7 @@ from test_udp_engine import (
 
 import socks6fast
 from socks6fast.constants import DatagramErrorCode, UdpDrop
-from socks6fast.dataplane.udp import DTLSLink, UdpChannelEnded, UdpConfirmed, UdpEnded
+from socks6fast.dataplane.udp import DTLSLink, UdpChannelEnded, UdpChannelHello, UdpConfirmed, UdpEnded
 from socks6fast.net.dtls import (
     DTLSClientConnection,
     DTLSConnection,
@@ -724,6 +724,28 @@ async def test_dtls_retransmitted_finished_is_answered(
     assert await dtls_echo(h, peer, a, b"after the retransmit") == b"after the retransmit"
     assert h.engine.drops()[UdpDrop.RECORD] == 0
     h.engine.remove_channel(cid)
+
+
+@pytest.mark.conformance("TRN-03")
+async def test_client_hello_on_a_dtls_channel_is_passed_on(
+    ch_harness: ChannelHarness, certs: Certificates
+) -> None:
+    """RFC 6347 section 4.2.8 (D31): a new ClientHello (epoch 0) from the channel's 5-tuple
+    is not fed to the established connection (which would discard it) but reported as
+    ``UdpChannelHello`` with its bytes, for the control plane's cookie exchange; the channel
+    goes on relaying and nothing is dropped."""
+    h = ch_harness
+    a = h.add()
+    cid, peer, _limit = await dtls_channel(h, certs)
+    assert await dtls_echo(h, peer, a, b"before") == b"before"
+    fresh = DTLSClientConnection(dtls_client_context(cafile=str(certs.ca)), "127.0.0.1")
+    fresh.start(time.monotonic())
+    (hello,) = fresh.datagrams_to_send()
+    peer.sock.send(hello)
+    found = await h.event(UdpChannelHello, None)
+    assert (found.channel, found.datagram) == (cid, hello)
+    assert await dtls_echo(h, peer, a, b"after") == b"after"
+    assert sum(h.engine.drops().values()) == 0
 
 
 async def test_remove_racing_the_hand_over_ends_each_channel_once(engine: str) -> None:

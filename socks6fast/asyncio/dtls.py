@@ -83,6 +83,11 @@ class DTLSServer:
         if endpoint.outgoing or endpoint.timer_changed:
             self._flush()
 
+    def flush(self) -> None:
+        """Send what the endpoint queued and re-arm its timer (after feeding
+        ``endpoint.datagram_received`` a datagram another socket read: ``server.dtls``)."""
+        self._flush()
+
     def _flush(self) -> None:
         transport = self._transport
         out = self.endpoint.datagrams_to_send()

@@ -38,6 +38,7 @@ from .udp_types import (
     DTLSLink,
     UdpAsk,
     UdpChannelEnded,
+    UdpChannelHello,
     UdpConfirmed,
     UdpEnded,
     UdpEvent,
@@ -84,6 +85,9 @@ _UNMAPPED, _MAPPED_UDP, _MAPPED_TCP, _MAPPED_CHANNEL = 0, 1, 2, 3
 #: Largest DTLS datagram read from a channel: one record of 13 header bytes and at most
 #: 2^14 + 2048 body bytes (RFC 6347 section 4.1).
 _MAX_RECORD = 13 + 2**14 + 2048
+#: Largest ClientHello datagram on a channel passed on as ``UdpChannelHello`` (D31; the
+#: native engine's MAX_HELLO); a larger one goes to the connection, which discards it.
+_MAX_HELLO = 4096
 #: socks6fast.net.dtls and OpenSSL.SSL, imported at the first DTLS channel: pyOpenSSL is
 #: loaded only where DTLS is used (tests/test_dtls.py checks the server does not import it).
 _dtls: Any = None
@@ -1014,6 +1018,12 @@ class UdpEngine:
         types = _dtls.split_records(data)
         if types is None:
             self._channel_drop(ch, _sole(ch), UdpDrop.RECORD)
+            return
+        if len(data) <= _MAX_HELLO and _dtls.is_client_hello(data):
+            # The client starts a new handshake from the same 5-tuple (RFC 6347 section
+            # 4.2.8, D31): the control plane's cookie exchange answers it, not this connection
+            # (OpenSSL would discard a record of epoch 0).
+            self._event(UdpChannelHello(ch.cid, data))
             return
         ssl.bio_write(data)
         application = types.count(_dtls.CT_APPLICATION_DATA)

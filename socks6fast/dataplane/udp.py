@@ -44,7 +44,10 @@ is dropped (``UdpDrop.MAPPING``). Datagrams and Error messages to the client of 
 association mapped to a channel go out on it (D17). A channel ends (``UdpChannelEnded``,
 socket closed) with the last association mapped to it, on ``remove_channel``, when
 nothing is mapped to it within ``first_datagram_timeout``, or on the peer's
-close_notify / a fatal alert.
+close_notify / a fatal alert. A datagram on a DTLS channel that starts with an epoch-0
+ClientHello (its client restarting DTLS from the same 5-tuple, RFC 6347 section 4.2.8) is
+not given to the connection but reported as ``UdpChannelHello(channel, datagram)`` for the
+control plane's cookie exchange (D31).
 An association whose channel ended first lives on until its TCP connection ends; datagrams
 to its client are dropped (``UdpDrop.NO_CHANNEL``) and it is never re-mapped (D28). DTLS
 records that do not decrypt (garbage, truncated, bad MAC, replayed) are dropped as
@@ -64,7 +67,16 @@ from typing import TYPE_CHECKING, Literal
 
 from .._extensions import NO_EXTENSIONS
 from ._udp_py import UdpEngine as UdpEnginePy
-from .udp_types import DTLSLink, UdpAsk, UdpChannelEnded, UdpConfirmed, UdpEnded, UdpEvent, UdpResolve
+from .udp_types import (
+    DTLSLink,
+    UdpAsk,
+    UdpChannelEnded,
+    UdpChannelHello,
+    UdpConfirmed,
+    UdpEnded,
+    UdpEvent,
+    UdpResolve,
+)
 
 if TYPE_CHECKING:
     from ._udp_c import UdpEngine as _UdpEngineC
@@ -130,6 +142,7 @@ __all__ = [
     "DTLSLink",
     "UdpAsk",
     "UdpChannelEnded",
+    "UdpChannelHello",
     "UdpConfirmed",
     "UdpEnded",
     "UdpEngine",

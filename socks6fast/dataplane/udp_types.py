@@ -20,6 +20,7 @@ __all__ = [
     "DTLSLink",
     "UdpAsk",
     "UdpChannelEnded",
+    "UdpChannelHello",
     "UdpConfirmed",
     "UdpEnded",
     "UdpEvent",
@@ -148,7 +149,21 @@ class UdpChannelEnded:
     Datagram, another association than the mapped one...)."""
 
 
-UdpEvent = UdpConfirmed | UdpAsk | UdpResolve | UdpEnded | UdpChannelEnded
+@dataclass(frozen=True, slots=True)
+class UdpChannelHello:
+    """A DTLS channel's client started a new handshake from the same address and port: a
+    datagram whose first record is an epoch-0 handshake record holding a ClientHello
+    (``net.dtls.is_client_hello``) arrived on the channel's socket. The engine passes it on
+    instead of giving it to the established connection (which would discard it), so that the
+    control plane can answer it with its cookie exchange (RFC 6347 section 4.2.8, D31);
+    the channel itself goes on as before.
+    """
+
+    channel: int
+    datagram: bytes
+
+
+UdpEvent = UdpConfirmed | UdpAsk | UdpResolve | UdpEnded | UdpChannelEnded | UdpChannelHello
 
 #: ICMPv4 (type, code) -> Datagram Error code (section "Reporting ICMP Errors"; the
 #: design card's table). Destination Unreachable: net 0, net unknown 6, net for TOS 11;

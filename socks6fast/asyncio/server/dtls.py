@@ -35,6 +35,17 @@ the hand-off until ``UdpConfirmed(channel=...)`` (``UdpService.on_channel_mapped
 leaves it, ``dataplane.resources.plan_descriptors``); beyond them the connection gets a
 close_notify at the hand-off. One that stays unmapped for ``[udp] dtls_unmapped_timeout``
 is removed from the engine (``remove_channel``).
+
+A client that restarts DTLS from the same address and port (RFC 6347 section 4.2.8, D31):
+its ClientHello reaches the channel's connected socket, and the engine passes it back
+(``UdpChannelHello``) instead of giving it to the established connection. It goes to the
+port's cookie endpoint as if the listening socket had read it, and the answers leave from
+the listening socket (same address and port). Only once a ClientHello carries a valid
+cookie (the client has shown it owns the address: the RFC's "MUST NOT destroy the existing
+association until ...") is the old channel removed, before the ServerHello flight is sent,
+so that the client's next flight reaches the listening socket; the new handshake then
+completes and is handed off like any other. The old channel's associations stay mapped to
+it (D28: never re-mapped) until their TCP connections end.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ import socket
 from dataclasses import dataclass
 
 from ...config import UDPConfig
-from ...dataplane.udp import DTLSLink, UdpChannelEnded
+from ...dataplane.udp import DTLSLink, UdpChannelEnded, UdpChannelHello
 from ...net.dtls import (
     DTLS1_2_VERSION,
     MAX_PLAINTEXT,
@@ -109,6 +120,8 @@ class _Channel:
     link: DTLSLink
     unmapped: asyncio.TimerHandle | None = None
     """Until an association is mapped to it: the ``dtls_unmapped_timeout`` timer (F4)."""
+    replaced: bool = False
+    """Its client started a new connection from the same 5-tuple (D31): being removed."""
 
 
 class DTLSPorts:
@@ -166,6 +179,9 @@ class DTLSPorts:
         dtls_server_context(certfile, keyfile)  # fail now, in one sentence, not per port
         udp.on_channel_ended = self._channel_ended
         udp.on_channel_mapped = self._channel_mapped
+        udp.on_channel_hello = self._channel_hello
+        self.restarts = 0
+        """Channels replaced by a new handshake from the same 5-tuple (RFC 6347 4.2.8, D31)."""
 
     async def open_port(self, host: str, port: int) -> tuple[str, int]:
         """Open a DTLS port on ``host``:``port`` (0: any free port).
@@ -301,6 +317,34 @@ class DTLSPorts:
         # Its UdpChannelEnded ("removed") comes back through the engine's events and logs it.
         with contextlib.suppress(Exception):
             self._udp.engine.remove_channel(channel_id)
+
+    def _channel_hello(self, event: UdpChannelHello) -> None:
+        """A ClientHello on a channel's 5-tuple (RFC 6347 section 4.2.8, D31; module docstring)."""
+        channel = self.channels.get(event.channel)
+        if channel is None or channel.replaced:
+            return
+        server = next(
+            (s for s, name in zip(self.servers, self.ports, strict=True) if name == channel.port), None
+        )
+        if server is None:
+            return
+        endpoint = server.endpoint
+        endpoint.datagram_received(event.datagram, channel.peer, self._loop.time())
+        if channel.peer in endpoint.connections:
+            # The cookie verified and a handshake began: the old channel ends now, before the
+            # ServerHello flight leaves, so the client's next flight finds no connected socket
+            # for its 5-tuple and reaches the listening one.
+            channel.replaced = True
+            self.restarts += 1
+            self._mapped(channel)  # no longer counted against the unmapped caps (F4)
+            log.info(
+                "DTLS client %s started a new connection from the same port: channel %d ends",
+                format_address(*channel.peer),
+                event.channel,
+            )
+            with contextlib.suppress(Exception):
+                self._udp.engine.remove_channel(event.channel)
+        server.flush()  # the HelloVerifyRequest, or the ServerHello flight
 
     def _uncount(self, channel: _Channel) -> None:
         self.unmapped -= 1

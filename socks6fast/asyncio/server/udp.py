@@ -44,6 +44,7 @@ from ...dataplane.udp import (
     UDP_PATH,
     UdpAsk,
     UdpChannelEnded,
+    UdpChannelHello,
     UdpConfirmed,
     UdpEnded,
     UdpEngine,
@@ -379,6 +380,8 @@ class UdpService:
         self._closed = False
         self.on_channel_ended: Callable[[UdpChannelEnded], None] | None = None
         """Told of each ``UdpChannelEnded`` (the DTLS ports, ``asyncio.server.dtls``)."""
+        self.on_channel_hello: Callable[[UdpChannelHello], None] | None = None
+        """Told of each ``UdpChannelHello`` (a new DTLS handshake on a channel's 5-tuple)."""
         self.on_channel_mapped: Callable[[int], None] | None = None
         """Told of each channel an association was mapped to (``UdpConfirmed.channel``): the
         DTLS ports stop counting it as unmapped (probe 19 F4)."""
@@ -471,6 +474,11 @@ class UdpService:
                 # A DTLS connection's channel (issue 11): the DTLS ports drop the connection.
                 if self.on_channel_ended is not None:
                     self.on_channel_ended(event)
+                continue
+            if isinstance(event, UdpChannelHello):
+                # Its client restarts DTLS from the same 5-tuple (D31, RFC 6347 4.2.8).
+                if self.on_channel_hello is not None:
+                    self.on_channel_hello(event)
                 continue
             if isinstance(event, UdpConfirmed) and event.channel >= 0 and self.on_channel_mapped is not None:
                 self.on_channel_mapped(event.channel)

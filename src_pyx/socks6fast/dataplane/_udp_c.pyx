@@ -16,7 +16,8 @@ options, the remote-facing sockets, the random Association ID) and hands it to a
     engine.remove(association_id)                          # end it now (SHUTDOWN)
     engine.add_channel(fd, dtls=None) -> int               # a client's own socket, maybe DTLS
     engine.remove_channel(channel)
-    engine.drain() -> list[UdpConfirmed | UdpAsk | UdpResolve | UdpEnded | UdpChannelEnded]
+    engine.drain() -> list[UdpConfirmed | UdpAsk | UdpResolve | UdpEnded | UdpChannelEnded
+                           | UdpChannelHello]
     engine.drops() -> dict[UdpDrop, int]                   # engine-wide, per reason
     engine.held() -> tuple[int, int]                       # datagrams, bytes awaiting a verdict
     engine.active -> int; engine.workers -> int
@@ -269,6 +270,7 @@ from socks6fast.dataplane.udp_types import (
     DTLSLink,
     UdpAsk,
     UdpChannelEnded,
+    UdpChannelHello,
     UdpConfirmed,
     UdpEnded,
     UdpResolve,
@@ -336,6 +338,7 @@ cdef enum:
     EV_RESOLVE = 3
     EV_ENDED = 4
     EV_CHANNEL_ENDED = 5
+    EV_CHANNEL_HELLO = 6
 
 cdef enum:
     CMD_VERDICT = 1
@@ -381,7 +384,10 @@ cdef enum:
     DTLS_HEADER = 13
     DTLS_MAX_BODY = 18432   # 2^14 + 2048
     CT_CHANGE_CIPHER_SPEC = 20
+    CT_HANDSHAKE = 22
     CT_APPLICATION_DATA = 23
+    HS_CLIENT_HELLO = 1
+    MAX_HELLO = 4096        # a ClientHello datagram passed on to the control plane (D31)
     CT_MAX = 25
     DTLS_BUF = 65536        # records OpenSSL wrote (one flight, or one record per message)
 
@@ -563,7 +569,9 @@ cdef struct Event:
     bint server_mode
     Assoc* assoc            # EV_ENDED: the ended association, freed by drain()
     Channel* channel        # EV_CHANNEL_ENDED: the ended channel, freed by drain()
-    int channel_id          # EV_CONFIRMED: the channel mapped to, -1 for none
+    int channel_id          # EV_CONFIRMED: the channel mapped to, -1 for none; EV_CHANNEL_HELLO
+    unsigned char* data     # EV_CHANNEL_HELLO: a copy of the datagram (freed with the event)
+    size_t data_len
     Event* next
 
 
@@ -2201,6 +2209,31 @@ cdef int channel_read_ssl(Worker* w, Channel* ch, unsigned char* buf, size_t cap
     return 0
 
 
+cdef inline bint is_client_hello(const unsigned char* p, size_t n) noexcept nogil:
+    """An epoch-0 handshake record holding a ClientHello first (as net.dtls.is_client_hello)."""
+    return (n > DTLS_HEADER + 12 and p[0] == CT_HANDSHAKE and p[1] == 0xFE and p[3] == 0
+            and p[4] == 0 and p[DTLS_HEADER] == HS_CLIENT_HELLO)
+
+
+cdef void report_hello(Worker* w, Channel* ch, const unsigned char* p, size_t n) noexcept nogil:
+    """Pass a new handshake from the channel's 5-tuple to the control plane (RFC 6347
+    section 4.2.8, D31): its cookie exchange answers it; the channel goes on meanwhile."""
+    cdef Event* ev
+    cdef unsigned char* copy = <unsigned char*>malloc(n)
+    if copy == NULL:
+        ch.drops += 1
+        count_drop(w, NULL, D_RECORD)
+        return
+    memcpy(copy, p, n)
+    ev = new_event(w, EV_CHANNEL_HELLO, NO_ID)
+    if ev == NULL:
+        free(copy)
+        return
+    ev.channel_id = ch.id
+    ev.data = copy
+    ev.data_len = n
+
+
 cdef int channel_datagram(Worker* w, Channel* ch, int i) noexcept nogil:
     """One datagram read from a channel. 0, or 1 when the channel ended or moved."""
     cdef msghdr* m = &w.rx[i].msg_hdr
@@ -2222,6 +2255,10 @@ cdef int channel_datagram(Worker* w, Channel* ch, int i) noexcept nogil:
         # a cut record would be joined to the next datagram's.
         ch.drops += 1
         count_drop(w, channel_sole(ch), D_RECORD)
+        return 0
+    if length <= MAX_HELLO and is_client_hello(p, length):
+        # Not for the established connection (OpenSSL would discard a record of epoch 0).
+        report_hello(w, ch, p, length)
         return 0
     if SSLAPI.BIO_write(ch.rbio, p, <int>length) != <int>length:
         SSLAPI.ERR_clear_error()
@@ -3233,6 +3270,7 @@ cdef void free_events(Engine* e) noexcept nogil:
         if ev.channel != NULL:
             free(ev.channel.pending)
             free(ev.channel)
+        free(ev.data)
         free(ev)
         ev = nxt
     e.done_head = NULL
@@ -3937,6 +3975,8 @@ cdef class UdpEngine:
                     self._channels.pop(ch.id, None)
                 elif ev.kind == EV_ASK:
                     out.append(UdpAsk(aid, _address_text(ev.family, ev.addr), ev.port))
+                elif ev.kind == EV_CHANNEL_HELLO:
+                    out.append(UdpChannelHello(ev.channel_id, (<const char*>ev.data)[:ev.data_len]))
                 elif ev.kind == EV_RESOLVE:
                     name = (<const char*>ev.name)[:ev.name_len].decode("utf-8", "replace")
                     out.append(UdpResolve(aid, name, ev.port))
@@ -3958,6 +3998,7 @@ cdef class UdpEngine:
                 if head.channel != NULL:
                     free(head.channel.pending)
                     free(head.channel)
+                free(head.data)
                 free(head)
                 head = ev
         return out
