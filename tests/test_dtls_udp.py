@@ -282,14 +282,19 @@ async def test_several_associations_over_one_dtls_connection(engine: str, certs:
                 await assoc.aclose()
 
 
-async def handshake_on(sock: socket.socket, context: Any, timeout: float = 5.0) -> DTLSClientConnection:
-    """A DTLS handshake with the proxy over ``sock`` (non-blocking, connected to the port)."""
+async def handshake_on(
+    sock: socket.socket, context: Any, timeout: float = 5.0, sent: list[bytes] | None = None
+) -> DTLSClientConnection:
+    """A DTLS handshake with the proxy over ``sock`` (non-blocking, connected to the port);
+    ``sent`` collects the client's datagrams."""
     conn = DTLSClientConnection(context, "127.0.0.1")
     conn.start(time.monotonic())
     deadline = time.monotonic() + timeout
     while not conn.established:
         for datagram in conn.datagrams_to_send():
             sock.send(datagram)
+            if sent is not None:
+                sent.append(datagram)
         if conn.error is not None:
             raise conn.error
         now = time.monotonic()
@@ -341,7 +346,8 @@ async def test_client_restarting_dtls_from_the_same_port_gets_a_new_connection(
         first = await aclient.udp_associate(url, proxy_ssl=proxy_ssl, transport="tcp")
         second = await aclient.udp_associate(url, proxy_ssl=proxy_ssl, transport="tcp")
         try:
-            old = await handshake_on(sock, context)
+            flights: list[bytes] = []
+            old = await handshake_on(sock, context, sent=flights)
             assert (await dtls_roundtrip(sock, old, first.core.datagram(b"one", *echo))).endswith(b"one")
             (old_channel,) = dtls.channels
             # A ClientHello alone proves nothing (it could be spoofed): a HelloVerifyRequest
@@ -353,6 +359,11 @@ async def test_client_restarting_dtls_from_the_same_port_gets_a_new_connection(
             answer, _ = await recv(sock, 5.0)
             assert answer[0] == 22 and answer[13] == 3  # handshake record: HelloVerifyRequest
             assert (await dtls_roundtrip(sock, old, first.core.datagram(b"kept", *echo))).endswith(b"kept")
+            assert dtls.restarts == 0 and list(dtls.channels) == [old_channel]
+            # A late copy of the ClientHello (with its cookie) that made the old connection is
+            # no restart (same client random).
+            sock.send(flights[1])
+            assert (await dtls_roundtrip(sock, old, first.core.datagram(b"late", *echo))).endswith(b"late")
             assert dtls.restarts == 0 and list(dtls.channels) == [old_channel]
             with caplog.at_level("INFO", logger="socks6fast.server"):
                 new = await handshake_on(sock, context)  # same socket: same 5-tuple, old state lost

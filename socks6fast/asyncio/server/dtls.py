@@ -74,6 +74,10 @@ __all__ = ["CHANNEL_MTU", "DTLSPorts", "open_dtls_socket"]
 
 log = logging.getLogger("socks6fast.server")
 
+#: Where a ClientHello's random starts in its datagram: the record header (13 bytes), the
+#: DTLS handshake header (12) and client_version (2) (RFC 6347 sections 4.1, 4.2.2).
+_HELLO_RANDOM = 13 + 12 + 2
+
 #: ``DTLSLink.mtu`` of the channels: large enough that one record carries 2^14 bytes of
 #: plaintext, the most a DTLS record may (RFC 6347 section 4.1.1) (D29).
 CHANNEL_MTU = MAX_PLAINTEXT + 256
@@ -122,6 +126,8 @@ class _Channel:
     """Until an association is mapped to it: the ``dtls_unmapped_timeout`` timer (F4)."""
     replaced: bool = False
     """Its client started a new connection from the same 5-tuple (D31): being removed."""
+    client_random: bytes = b""
+    """The ClientHello random of its handshake: a late copy of that ClientHello is no restart."""
 
 
 class DTLSPorts:
@@ -262,6 +268,7 @@ class DTLSPorts:
             self._refuse(server, conn, f"DTLS {where}: cannot open a socket: {exc.strerror or exc}")
             return
         link = DTLSLink(conn.ssl, self.mtu)
+        client_random = conn.ssl.client_random() or b""  # read before the engine owns it
         try:
             channel = self._udp.engine.add_channel(sock.fileno(), link)
         except Exception as exc:  # whatever the engine says, the socket must not leak
@@ -274,7 +281,9 @@ class DTLSPorts:
         server.endpoint.release(conn)
         self.handoffs += 1
         timer = self._loop.call_later(self.unmapped_timeout, self._unmapped_expired, channel)
-        self.channels[channel] = _Channel(peer, (str(port[0]), int(port[1])), link, timer)
+        self.channels[channel] = _Channel(
+            peer, (str(port[0]), int(port[1])), link, timer, False, client_random
+        )
         self.unmapped += 1
         self._unmapped_by_source[source] = self._unmapped_by_source.get(source, 0) + 1
         log.debug("DTLS connection from %s: channel %d (via=dtls)", format_address(*peer), channel)
@@ -327,6 +336,10 @@ class DTLSPorts:
             (s for s, name in zip(self.servers, self.ports, strict=True) if name == channel.port), None
         )
         if server is None:
+            return
+        if event.datagram[_HELLO_RANDOM : _HELLO_RANDOM + 32] == channel.client_random:
+            # A duplicated or late ClientHello of the handshake that made this connection (the
+            # client sends the same random again with the cookie): not a restart.
             return
         endpoint = server.endpoint
         endpoint.datagram_received(event.datagram, channel.peer, self._loop.time())
