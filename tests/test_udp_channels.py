@@ -733,7 +733,7 @@ async def test_client_hello_on_a_dtls_channel_is_passed_on(
     """RFC 6347 section 4.2.8 (D31): a new ClientHello (epoch 0) from the channel's 5-tuple
     is not fed to the established connection (which would discard it) but reported as
     ``UdpChannelHello`` with its bytes, for the control plane's cookie exchange; the channel
-    goes on relaying and nothing is dropped."""
+    goes on relaying and nothing is dropped. At most 256 wait for the control plane."""
     h = ch_harness
     a = h.add()
     cid, peer, _limit = await dtls_channel(h, certs)
@@ -746,6 +746,25 @@ async def test_client_hello_on_a_dtls_channel_is_passed_on(
     assert (found.channel, found.datagram) == (cid, hello)
     assert await dtls_echo(h, peer, a, b"after") == b"after"
     assert sum(h.engine.drops().values()) == 0
+    # Bounded (a flood spoofing the client's 5-tuple): at most 256 wait for drain(), the
+    # rest are dropped as RECORD; the channel still relays.
+    h.drain()
+    for i in range(300):
+        peer.sock.send(hello)
+        if i % 25 == 24:
+            await asyncio.sleep(0.005)  # the twin reads on this loop: no socket buffer overflow
+    await h.drops(UdpDrop.RECORD, 300 - 256)  # all 300 read (the drops come after the 256th)
+    hellos: list[UdpChannelHello] = []
+
+    def collected() -> bool:  # the native workers hand their events over at the end of a turn
+        hellos.extend(e for e in h.engine.drain() if isinstance(e, UdpChannelHello))
+        return len(hellos) >= 256
+
+    await until(collected, "256 UdpChannelHello")
+    await asyncio.sleep(0.05)
+    assert collected() and len(hellos) == 256
+    assert h.engine.drops()[UdpDrop.RECORD] == 300 - 256
+    assert await dtls_echo(h, peer, a, b"after the flood") == b"after the flood"
 
 
 async def test_remove_racing_the_hand_over_ends_each_channel_once(engine: str) -> None:

@@ -88,6 +88,8 @@ _MAX_RECORD = 13 + 2**14 + 2048
 #: Largest ClientHello datagram on a channel passed on as ``UdpChannelHello`` (D31; the
 #: native engine's MAX_HELLO); a larger one goes to the connection, which discards it.
 _MAX_HELLO = 4096
+#: At most this many ``UdpChannelHello`` wait for ``drain()``; beyond, dropped as RECORD.
+_MAX_HELLOS = 256
 #: socks6fast.net.dtls and OpenSSL.SSL, imported at the first DTLS channel: pyOpenSSL is
 #: loaded only where DTLS is used (tests/test_dtls.py checks the server does not import it).
 _dtls: Any = None
@@ -276,6 +278,7 @@ class UdpEngine:
         self._max = max_datagram
         self._first = first_datagram_timeout
         self._events: list[UdpEvent] = []
+        self._hellos = 0  # UdpChannelHello in _events
         self._drops = dict.fromkeys(sorted(UdpDrop, key=int), 0)
         self._assocs: dict[bytes, _Assoc] = {}
         self._ports: list[_Port] = []
@@ -509,6 +512,7 @@ class UdpEngine:
             except (BlockingIOError, InterruptedError):
                 pass
         self._signalled = False
+        self._hellos = 0
         events, self._events = self._events, []
         return events
 
@@ -1022,7 +1026,11 @@ class UdpEngine:
         if len(data) <= _MAX_HELLO and _dtls.is_client_hello(data):
             # The client starts a new handshake from the same 5-tuple (RFC 6347 section
             # 4.2.8, D31): the control plane's cookie exchange answers it, not this connection
-            # (OpenSSL would discard a record of epoch 0).
+            # (OpenSSL would discard a record of epoch 0). Bounded, as the native engine.
+            if self._hellos >= _MAX_HELLOS:
+                self._channel_drop(ch, None, UdpDrop.RECORD)
+                return
+            self._hellos += 1
             self._event(UdpChannelHello(ch.cid, data))
             return
         ssl.bio_write(data)

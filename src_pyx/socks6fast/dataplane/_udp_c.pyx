@@ -388,6 +388,7 @@ cdef enum:
     CT_APPLICATION_DATA = 23
     HS_CLIENT_HELLO = 1
     MAX_HELLO = 4096        # a ClientHello datagram passed on to the control plane (D31)
+    MAX_HELLOS = 256        # ... at most this many waiting for drain(); beyond: dropped (RECORD)
     CT_MAX = 25
     DTLS_BUF = 65536        # records OpenSSL wrote (one flight, or one record per message)
 
@@ -654,6 +655,7 @@ cdef struct Engine:
     Event* done_head
     Event* done_tail
     int active
+    int hellos              # EV_CHANNEL_HELLO events not drained yet (at most MAX_HELLOS)
     uint64_t final_drops[NDROPS]  # the workers' counters, summed when they are released
 
 
@@ -2219,8 +2221,25 @@ cdef void report_hello(Worker* w, Channel* ch, const unsigned char* p, size_t n)
     """Pass a new handshake from the channel's 5-tuple to the control plane (RFC 6347
     section 4.2.8, D31): its cookie exchange answers it; the channel goes on meanwhile."""
     cdef Event* ev
-    cdef unsigned char* copy = <unsigned char*>malloc(n)
+    cdef Engine* e = w.engine
+    cdef bint full
+    cdef unsigned char* copy
+    # Bounded: a flood (its source spoofed as the channel's client) must not grow memory
+    # faster than the control plane drains; the listening socket's buffer bounds it there.
+    pthread_mutex_lock(&e.lock)
+    full = e.hellos >= MAX_HELLOS
+    if not full:
+        e.hellos += 1
+    pthread_mutex_unlock(&e.lock)
+    if full:
+        ch.drops += 1
+        count_drop(w, NULL, D_RECORD)
+        return
+    copy = <unsigned char*>malloc(n)
     if copy == NULL:
+        pthread_mutex_lock(&e.lock)
+        e.hellos -= 1
+        pthread_mutex_unlock(&e.lock)
         ch.drops += 1
         count_drop(w, NULL, D_RECORD)
         return
@@ -2228,6 +2247,9 @@ cdef void report_hello(Worker* w, Channel* ch, const unsigned char* p, size_t n)
     ev = new_event(w, EV_CHANNEL_HELLO, NO_ID)
     if ev == NULL:
         free(copy)
+        pthread_mutex_lock(&e.lock)
+        e.hellos -= 1
+        pthread_mutex_unlock(&e.lock)
         return
     ev.channel_id = ch.id
     ev.data = copy
@@ -3956,6 +3978,7 @@ cdef class UdpEngine:
         head = self._eng.done_head
         self._eng.done_head = NULL
         self._eng.done_tail = NULL
+        self._eng.hellos = 0  # those taken now (a worker's current turn may add a few more)
         pthread_mutex_unlock(&self._eng.lock)
         try:
             ev = head
