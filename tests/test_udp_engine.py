@@ -355,6 +355,25 @@ def test_icmp_table() -> None:
     assert icmp_error_code(True, 2, 0) is DatagramErrorCode.DATAGRAM_TOO_BIG
 
 
+async def test_default_workers_are_half_the_cores(path: str) -> None:
+    """D32: ``workers=0`` means half the cores the process may run on, at least one (one per
+    core oversubscribed a 2-core machine: more proxy CPU per echo, no more echoes/s)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    expected = {1: 1, 2: 1, 3: 1, 4: 2}
+    saved = set(cpus)
+    try:
+        for count in sorted(n for n in expected if n <= len(cpus)):
+            # Only this thread's mask changes (the engine's threads inherit it); restored below.
+            os.sched_setaffinity(0, cpus[:count])
+            engine = udp.UdpEngineC() if path == "mmsg" and udp.UdpEngineC is not None else UdpEnginePy()
+            try:
+                assert engine.workers == expected[count], f"{count} usable cores"
+            finally:
+                engine.close()
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
 # -- relaying and the mapping ------------------------------------------------------------
 
 

@@ -43,6 +43,7 @@ from .udp_types import (
     UdpEnded,
     UdpEvent,
     UdpResolve,
+    default_workers,
     icmp_error_code,
 )
 
@@ -274,7 +275,7 @@ class UdpEngine:
         self._hold_bytes = hold_bytes
         self._held = self._held_bytes = 0
         self._loop = loop if loop is not None else asyncio.get_running_loop()
-        self._workers = workers or max(1, min(64, len(os.sched_getaffinity(0))))
+        self._workers = workers or default_workers()  # D32: as the native engine
         self._max = max_datagram
         self._first = first_datagram_timeout
         self._events: list[UdpEvent] = []

@@ -9,6 +9,7 @@ neither asyncio nor socket.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Final
 
@@ -25,8 +26,24 @@ __all__ = [
     "UdpEnded",
     "UdpEvent",
     "UdpResolve",
+    "default_workers",
     "icmp_error_code",
 ]
+
+#: At most this many worker threads per engine (both engines check ``workers`` against it).
+MAX_WORKERS: Final = 64
+
+
+def default_workers() -> int:
+    """Worker threads of an engine made with ``workers=0``: half the cores this process may
+    run on, at least one (D32).
+
+    A relayed datagram costs about as much kernel work outside the worker as inside it
+    (the softirq that delivers what a worker sends, the client and the remote host that
+    receive it): one worker per core oversubscribed the 2-core bench machine, with more
+    proxy CPU per echo and no more echoes per second (benchmarks/RESULTS.md).
+    """
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) // 2))
 
 
 @dataclass(frozen=True, slots=True)
