@@ -30,7 +30,7 @@ __all__ = [
     "icmp_error_code",
 ]
 
-#: At most this many worker threads per engine (both engines check ``workers`` against it).
+#: The most worker threads ``workers=0`` starts (the native engine's limit, MAX_WORKERS).
 MAX_WORKERS: Final = 64
 
 
@@ -40,8 +40,9 @@ def default_workers() -> int:
 
     A relayed datagram costs about as much kernel work outside the worker as inside it
     (the softirq that delivers what a worker sends, the client and the remote host that
-    receive it): one worker per core oversubscribed the 2-core bench machine, with more
-    proxy CPU per echo and no more echoes per second (benchmarks/RESULTS.md).
+    receive it): one worker per core oversubscribed the 2-core bench machine, with 15-20 %
+    more proxy CPU per echo; with every core busy with other work, one worker relays fewer
+    echoes per second than two (benchmarks/RESULTS.md).
     """
     return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) // 2))
 
