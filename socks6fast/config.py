@@ -114,7 +114,7 @@ at start-up and on reload, ``check-config`` prints it).
     its TCP connection is closed (UDP-07; default 30).
     ``max_associations_per_client`` / ``max_associations_per_user``: live associations one
     client address / one user may hold (0 = no limit; over it: General Failure).
-    ``workers``: UDP engine threads (0 = half the usable cores, at least one: D32); ``batch``:
+    ``workers``: UDP engine threads (0 = half the usable cores, at least one: D33); ``batch``:
     datagrams per recvmmsg/sendmmsg (1-256); ``max_datagram``: largest datagram relayed, bytes (512-65535).
 
 ``[limits]`` (issue 14 item 4; every value 0 = no limit, the default; see `socks6fast.proto.limits`)
@@ -351,7 +351,7 @@ class UDPConfig:
     max_associations_per_user: int = 1024
     """Live associations per authenticated user (0: no limit)."""
     workers: int = 0
-    """UDP engine worker threads (0: half the usable cores, at least one: D32)."""
+    """UDP engine worker threads (0: half the usable cores, at least one: D33)."""
     batch: int = 16
     """Datagrams per recvmmsg/sendmmsg call."""
     max_datagram: int = 65535

@@ -356,7 +356,7 @@ def test_icmp_table() -> None:
 
 
 async def test_default_workers_are_half_the_cores(path: str) -> None:
-    """D32: ``workers=0`` means half the cores the process may run on, at least one (one per
+    """D33: ``workers=0`` means half the cores the process may run on, at least one (one per
     core oversubscribed a 2-core machine: more proxy CPU per echo, no more echoes/s)."""
     cpus = sorted(os.sched_getaffinity(0))
     expected = {1: 1, 2: 1, 3: 1, 4: 2}

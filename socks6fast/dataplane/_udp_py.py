@@ -275,7 +275,7 @@ class UdpEngine:
         self._hold_bytes = hold_bytes
         self._held = self._held_bytes = 0
         self._loop = loop if loop is not None else asyncio.get_running_loop()
-        self._workers = workers or default_workers()  # D32: as the native engine
+        self._workers = workers or default_workers()  # D33: as the native engine
         self._max = max_datagram
         self._first = first_datagram_timeout
         self._events: list[UdpEvent] = []

@@ -36,7 +36,7 @@ MAX_WORKERS: Final = 64
 
 def default_workers() -> int:
     """Worker threads of an engine made with ``workers=0``: half the cores this process may
-    run on, at least one (D32).
+    run on, at least one (D33).
 
     A relayed datagram costs about as much kernel work outside the worker as inside it
     (the softirq that delivers what a worker sends, the client and the remote host that

@@ -28,7 +28,7 @@ with the Python twin ``_udp_py``).
 
 Strategy:
 
-* N worker threads (default: half the usable cores, at least one, D32), each with its own epoll set,
+* N worker threads (default: half the usable cores, at least one, D33), each with its own epoll set,
   its wake eventfd and a preallocated arena: ``batch`` slots of ``32 + max_datagram``
   bytes with their ``mmsghdr``, ``iovec``, ``sockaddr`` and control-message space.
   Nothing is allocated per datagram.
@@ -3494,7 +3494,7 @@ cdef class UdpEngine:
             raise ValueError(f"hold_datagrams must be in 0..{MAX_HOLD_DATAGRAMS}, got {hold_datagrams}")
         if hold_bytes < 0 or hold_bytes > MAX_HOLD_BYTES:
             raise ValueError(f"hold_bytes must be in 0..{MAX_HOLD_BYTES}, got {hold_bytes}")
-        nworkers = workers or default_workers()  # half the usable cores, at least one (D32)
+        nworkers = workers or default_workers()  # half the usable cores, at least one (D33)
         # calloc: lists empty, counters zero.
         self._eng = <Engine*>calloc(1, sizeof(Engine))
         if self._eng == NULL:
