@@ -38,16 +38,19 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 # Absolute: the package's __init__ ("" in tests/test_layers.py), not a module named __version__.
 from socks6fast import __version__
 
 from .asyncio.server import Server
-from .asyncio.server.logs import JsonFormatter
+from .asyncio.server.logs import WORKER, JsonFormatter
 from .config import Config, ConfigError, default_config, load_config, parse_user_option
-from .constants import MAX_USERPASS_LENGTH
+from .constants import MAX_USERPASS_LENGTH, MAX_WORKER_PROCESSES
+from .net.reuseport import WorkerSockets
 from .proto.auth import hash_password
+from .supervisor import Supervisor, per_worker_config, resolve_workers
 
 try:  # uvloop is a dependency on POSIX; the proxy still runs without it
     import uvloop
@@ -148,7 +151,7 @@ def _password_from_file(path: str) -> str:
     return password
 
 
-def _setup_logging(level: str, log_format: str = "text") -> None:
+def _setup_logging(level: str, log_format: str = "text", worker: int | None = None) -> None:
     # The one log line per finished connection is on the per-connection hot path: skip the
     # record attributes our format does not use, above all the caller lookup that walks
     # the stack (logging HOWTO, "Optimization").
@@ -157,16 +160,30 @@ def _setup_logging(level: str, log_format: str = "text") -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
+    tag = ""
+    if worker is not None:
+        # D32: every line of a worker process says which one (JSON: "worker": N).
+        def tag_record(record: logging.LogRecord) -> bool:
+            setattr(record, WORKER, worker)
+            return True
+
+        handler.addFilter(tag_record)
+        tag = f"[worker {worker}] "
     if log_format == "json":
         handler.setFormatter(JsonFormatter())  # issue 14: one JSON object per line
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s: {tag}%(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
 
 
-async def _serve(args: argparse.Namespace, config: Config) -> int:
+async def _serve(
+    args: argparse.Namespace,
+    config: Config,
+    worker: WorkerSockets | None = None,
+    ready: Callable[[], None] | None = None,
+) -> int:
     loop = asyncio.get_running_loop()
-    server = Server(config)
+    server = Server(config, worker=worker)
     stop = asyncio.Event()
     started = False
 
@@ -178,7 +195,10 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
             log.info("SIGHUP: no --config file to reload")
             return
         try:
-            server.reload(_load(args))
+            new = _load(args)
+            if worker is not None:  # the same per-worker shares as at start (D32)
+                new = per_worker_config(new, worker.count, worker.index)
+            server.reload(new)
         except _Fail as exc:
             log.error("SIGHUP: configuration not reloaded: %s", exc)
         except (OSError, ssl.SSLError, ValueError) as exc:  # e.g. an unreadable new certificate
@@ -199,6 +219,8 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
         except OSError as exc:
             raise _Fail(f"cannot listen: {exc.strerror or exc}") from None
         started = True
+        if ready is not None:
+            ready()
         await stop.wait()
         server.stop_accepting()
         log.info("stopping: no new connections; draining for at most %.1fs", args.drain_timeout)
@@ -214,10 +236,76 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     args.drain_timeout = _seconds("--drain-timeout", args.drain_timeout)
     args.users = _gather_users(args)
     config = _load(args)
+    workers = config.server.workers
+    if args.workers is not None:
+        workers = _count("--workers", args.workers, 0, MAX_WORKER_PROCESSES)
+    workers = resolve_workers(workers)
     _setup_logging(args.log_level or config.server.log_level, config.server.log_format)
+    if workers == 1:
+        # Today's single process: no supervisor, nothing forked (D32).
+        return _run_loop(_serve(args, config))
+    return _supervise(args, config, workers)
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
     factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(_serve(args, config))
+        return runner.run(main)
+
+
+def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
+    """``serve --workers N`` with N > 1: this process supervises N forked workers (D32)."""
+    if config.udp.dtls_served(config.server):
+        raise _Fail(
+            f"--workers {workers}: DTLS ports ([udp] dtls with a TLS listener or dtls_port) are "
+            "served by one process only; set workers = 1 or [udp] dtls = false"
+        )
+    per_worker = per_worker_config(config, workers, 0)
+    if per_worker.udp.enabled and workers * per_worker.udp.workers > 256:
+        raise _Fail(
+            f"--workers {workers} x [udp] workers {per_worker.udp.workers} is over 256 UDP sockets "
+            "per port (one Association ID byte steers them); lower one of them"
+        )
+
+    def reload() -> Config:
+        try:
+            return _load(args)
+        except _Fail as exc:
+            raise ValueError(str(exc)) from None
+
+    def run_worker(worker_config: Config, sockets: WorkerSockets, ready: Callable[[], None]) -> int:
+        level = args.log_level or worker_config.server.log_level
+        _setup_logging(level, worker_config.server.log_format, worker=sockets.index)
+        try:
+            return _run_loop(_serve(args, worker_config, sockets, ready))
+        except _Fail as exc:
+            print(f"socks6fast: error: [worker {sockets.index}] {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            sockets.close()
+
+    supervisor = Supervisor(config, workers, run_worker, reload, args.drain_timeout)
+    try:
+        supervisor.bind()
+    except OSError as exc:
+        raise _Fail(f"cannot listen: {exc.strerror or exc}") from None
+    status = supervisor.run()
+    if status != 0:
+        raise _Fail(f"a worker could not start (its error is above); {workers} workers not started")
+    return status
+
+
+def _count(flag: str, text: str, low: int, high: int) -> int:
+    """An integer in low..high; one sentence otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise _Fail(f"{flag}: {text!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise _Fail(f"{flag}: {value} is not in {low}..{high}")
+    return value
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -316,7 +404,7 @@ _SERVE_EPILOG = f"""\
 configuration file (TOML; every key optional; examples/socks6fast.toml explains each one):
   default_action = "allow" | "deny"       decision when no [[rules]] entry matches
   [server]   listen, tls_listen, tls_certificate, tls_key, max_connections, timeouts,
-             relay_workers, log_level, log_format ("text" or "json"), limits on password
+             workers, relay_workers, log_level, log_format ("text" or "json"), limits on password
              checks, min_bind_port
   [admin]    listen = "127.0.0.1:9180": Prometheus /metrics and /healthz (off unless set)
   [users]    NAME = "scrypt$..."          (socks6fast hash-password makes the hash)
@@ -336,6 +424,8 @@ signals:
                    --drain-timeout seconds, then exit 0
   SIGHUP           re-read --config (users, rules, limits, sessions); established
                    connections stay; a broken file is logged and the old one stays
+  With --workers N > 1 the serve process is a supervisor: it sends SIGHUP (after checking
+  the file once) and SIGTERM to every worker and starts a worker that dies again.
 
 start-up: the soft open-file limit is raised to the hard limit; max_connections is lowered,
   with a warning, when it cannot fit (each connection: 2 sockets + 2 pipe descriptors on the
@@ -392,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         default=str(DEFAULT_DRAIN_TIMEOUT),
         help=f"on SIGTERM/SIGINT, wait this long for relayed connections (default {DEFAULT_DRAIN_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="worker processes sharing the listeners (default: [server] workers, 1; 0 = one per "
+        "core); N > 1 runs a supervisor that restarts a worker that dies (README: Workers)",
     )
     serve.add_argument(
         "--log-level",

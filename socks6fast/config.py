@@ -44,7 +44,11 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     let clients take a service port such as 22 or 53 (docs/decisions.md D25). Port 0
     ("any port") is always allowed; 1 turns the check off.
     ``relay_workers``: relay worker count, 0 = one per CPU core (0-256; 0). The limit is
-    ``constants.MAX_RELAY_WORKERS``, the very one the relay engine enforces.
+    ``constants.MAX_RELAY_WORKERS``, the very one the relay engine enforces. With
+    ``workers`` > 1 the count is per worker process, and 0 means cores / workers (at least 1).
+    ``workers``: proxy processes sharing the listeners (issue 13 item 1, D32), 0 = one per
+    CPU core (0-256; 1). 1 is a single process; more start a supervisor and N workers (the
+    ``serve --workers`` flag overrides it).
     ``auth_failure_burst``: failed username/password checks a client address may make in a
     row (a token bucket refilled one token per ``auth_failure_interval``); past it the
     address's checks run only when a check slot is free at once, never queued
@@ -149,7 +153,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .constants import MAX_OPTIONS_LENGTH, MAX_RELAY_WORKERS, MAX_USERPASS_LENGTH, MAX_WINDOW_SIZE, Command
+from .constants import (
+    MAX_OPTIONS_LENGTH,
+    MAX_RELAY_WORKERS,
+    MAX_USERPASS_LENGTH,
+    MAX_WINDOW_SIZE,
+    MAX_WORKER_PROCESSES,
+    Command,
+)
 from .errors import ConfigError
 from .proto.auth import ScryptHash, UserStore, new_hash, parse_hash
 from .proto.limits import Limits
@@ -202,6 +213,7 @@ idle_timeout = 300.0
 max_options_length = 16384
 min_bind_port = 1024
 relay_workers = 0
+workers = 1
 auth_failure_burst = 10
 auth_failure_interval = 5.0
 auth_user_failure_burst = 10
@@ -279,6 +291,8 @@ class ServerConfig:
     """Lower-case logging level name."""
     log_format: str = "text"
     """``"text"`` or ``"json"`` (issue 14)."""
+    workers: int = 1
+    """Worker processes (issue 13 item 1, D32); 0 = one per CPU core; 1 = one process."""
 
     listen_proxy_protocol: tuple[tuple[IPNetwork, ...] | None, ...] = ()
     """Per ``listen`` entry, in the same order: the trusted load balancers' networks when the
@@ -617,6 +631,7 @@ _SERVER_KEYS = {
     "dns_resolver",
     "min_bind_port",
     "relay_workers",
+    "workers",
     "auth_failure_burst",
     "auth_failure_interval",
     "auth_user_failure_burst",
@@ -684,6 +699,7 @@ def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
         auth_checks_per_second=_rate(table, "auth_checks_per_second", "server", 10.0),
         log_level=level.lower(),
         log_format=log_format,
+        workers=_int(table, "workers", "server", 1, low=0, high=MAX_WORKER_PROCESSES),
         listen_proxy_protocol=listen_proxy if any(p is not None for p in listen_proxy) else (),
         tls_listen_proxy_protocol=tls_proxy if any(p is not None for p in tls_proxy) else (),
     )

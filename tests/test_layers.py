@@ -54,7 +54,7 @@ LAYERS: list[set[str]] = [
     {"proto.server", "proto.client", "proto.client_udp", "proto"},
     {"proto.client_flow"},
     {"net.tfo"},
-    {"net.url", "net.stackopts", "net.localaddr", "net", "config"},
+    {"net.url", "net.stackopts", "net.localaddr", "net.reuseport", "net", "config"},
     # inline helpers both native engines cimport, and the OpenSSL function types of DTLS
     # channels (each a .pxd only)
     {"dataplane._engine", "dataplane._openssl"},
@@ -83,6 +83,8 @@ LAYERS: list[set[str]] = [
     {"asyncio.server", "asyncio"},
     # "" is the package's __init__ (public names only). The bench (socks6fast bench) sits beside
     # the CLI: it runs the proxy as a child process and imports nothing of the layers below.
+    # serve --workers N (D32): binds the groups and forks the workers; the CLI runs it.
+    {"supervisor"},
     {"cli", "__main__", ""}
     | {f"bench{m}" for m in ("", ".__main__", ".cli", ".suite", ".ceiling")}
     | {f"bench._{m}" for m in ("chart", "measure", "procs", "report", "systems", "ttfb", "udp")}
@@ -98,7 +100,9 @@ IO_MODULES = frozenset({"socket", "_socket", "ssl", "asyncio", "select", "select
 IO_CIMPORTS = ("posix.socket", "socks6fast.includes.linux", "libc.sys.socket")
 #: The only places allowed to touch sockets (a top-level folder or module name).
 #: bench/ (socks6fast bench) is a load harness: it dials the proxies under test itself.
-SOCKET_HOMES = frozenset({"net", "dataplane", "asyncio", "_client_base", "client", "cli", "bench"})
+SOCKET_HOMES = frozenset(
+    {"net", "dataplane", "asyncio", "_client_base", "client", "cli", "supervisor", "bench"}
+)
 
 
 def _module_name(path: Path, root: Path) -> str:

@@ -331,7 +331,8 @@ class UdpEngine:
             raise
         return probe
 
-    def add_port(self, fds: Sequence[int]) -> None:
+    def add_port(self, fds: Sequence[int], *, steer: bool = True) -> None:
+        # ``steer`` is for the native engine's BPF program; this one reads every socket itself.
         self._check_open()
         fds = [int(fd) for fd in fds]
         if len(fds) != self._workers:

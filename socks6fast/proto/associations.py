@@ -31,6 +31,7 @@ import hashlib
 import ipaddress
 import secrets
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .sessions import Session
@@ -68,6 +69,7 @@ class AssociationTable:
         "_live",
         "_reservations",
         "_shard_key",
+        "id_last_byte",
         "max_per_client",
         "max_per_user",
         "workers",
@@ -83,6 +85,9 @@ class AssociationTable:
         self._by_client: Counter[str] = Counter()
         self._by_user: Counter[str] = Counter()
         self._reservations: dict[tuple[int, int], Reservation] = {}
+        self.id_last_byte: Callable[[int], int] | None = None
+        """With ``serve --workers N`` (D32): maps a random byte to the last byte of a new ID so
+        that the UDP port's BPF steering brings its datagrams to this worker process."""
 
     def __len__(self) -> int:
         return len(self._live)
@@ -132,14 +137,24 @@ class AssociationTable:
 
     def open(self, client_ip: str, user: str | None) -> bytes:
         """Take a slot: a fresh random 8-byte ID, unique among live associations (D18),
-        steered to the client's engine worker (D32)."""
-        association_id = self.new_id(client_ip)
+        steered to the client's engine worker (D32) and, under ``serve --workers``, to this
+        worker process's sockets (D34)."""
+        association_id = self._new_id(client_ip)
         while association_id in self._live:  # pragma: no cover - at most 2**-58 per live association
-            association_id = self.new_id(client_ip)
+            association_id = self._new_id(client_ip)
         self._live[association_id] = (client_ip, user)
         self._by_client[client_ip] += 1
         if user is not None:
             self._by_user[user] += 1
+        return association_id
+
+    def _new_id(self, client_ip: str) -> bytes:
+        association_id = self.new_id(client_ip)
+        if self.id_last_byte is not None:
+            # 7 random bytes and one chosen among 256 / (workers * threads) values: still
+            # unguessable (D18), the owner picks it only to route the datagrams (D34). It keeps
+            # the byte's residue modulo the engine threads, so the D32 shard holds as well.
+            association_id = association_id[:7] + bytes((self.id_last_byte(association_id[7]),))
         return association_id
 
     def close(self, association_id: bytes) -> list[Reservation]:

@@ -49,6 +49,7 @@ from ...dataplane.engine import ENGINE_AVAILABLE, NO_EXTENSIONS, PATH_SPLICE
 from ...dataplane.relayer import Relayer
 from ...dataplane.resources import DescriptorPlan
 from ...net.localaddr import read_local_addresses
+from ...net.reuseport import WorkerSockets
 from ...net.stackopts import enable_tfo_listener
 from ...net.tfo import TFO_SYSCTL, server_tfo_notice
 from ...proto.associations import AssociationTable
@@ -168,6 +169,8 @@ class Server:
         resolver: resolves a destination domain name: ``await resolver(host, port)`` returns
             ``(family, sockaddr)`` pairs in preference order, or raises `socket.gaierror`.
             None (default): ``loop.getaddrinfo``. Tests pass a local fake here.
+        worker: in a worker process of ``serve --workers N`` (D32): the listening sockets
+            and UDP port sockets the supervisor bound, used instead of binding.
 
     Use::
 
@@ -185,8 +188,10 @@ class Server:
         relayer: Relayer | None = None,
         use_relay_engine: bool | None = None,
         resolver: Resolver | None = None,
+        worker: WorkerSockets | None = None,
     ) -> None:
         self._config = config
+        self._worker = worker
         self.resolver = resolver
         """Resolves CONNECT destination names (None: ``loop.getaddrinfo``)."""
         self.context = ServerContext(sessions=config.session_store())
@@ -355,6 +360,9 @@ class Server:
                 # D32: one client address's associations share an engine worker, so one DTLS
                 # connection can carry several of them.
                 self.context.associations.workers = max(1, self.udp.engine.workers)
+            if self._worker is not None and self.context.associations is not None:
+                # D32: this worker's Association IDs steer their datagrams to its sockets.
+                self.context.associations.id_last_byte = self._worker.id_last_byte
         try:
             for index, (host, port) in enumerate(self._config.server.listen):
                 for sock in await self._bind_with_udp(host, port):
@@ -449,7 +457,12 @@ class Server:
             try:
                 for sock in socks:
                     bound_host, bound_port = _sockname(sock)
-                    service.open_ports([(bound_host, udp.port if udp.port is not None else bound_port)])
+                    where = (bound_host, udp.port if udp.port is not None else bound_port)
+                    fds = self._worker.udp.pop(where, None) if self._worker is not None else None
+                    if fds is not None:
+                        service.adopt_port(fds)  # D32: the supervisor's group, steered already
+                    else:
+                        service.open_ports([where])
             except OSError as exc:
                 for sock in socks:
                     sock.close()
@@ -551,6 +564,12 @@ class Server:
         return "asyncio (the splice engine needs Linux and the compiled extension)"
 
     async def _bind_listeners(self, host: str, port: int) -> list[socket.socket]:
+        inherited = self._worker.tcp.pop((host, port), None) if self._worker is not None else None
+        if inherited is not None:
+            # D32: this worker's member of the supervisor's SO_REUSEPORT groups, listening.
+            for sock in inherited:
+                sock.setblocking(False)
+            return inherited
         try:
             return await self._bind_listeners_at(host, port)
         except OSError as exc:

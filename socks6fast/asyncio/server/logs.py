@@ -13,10 +13,13 @@ import datetime
 import json
 import logging
 
-__all__ = ["CONNECTION", "JsonFormatter", "rfc3339"]
+__all__ = ["CONNECTION", "WORKER", "JsonFormatter", "rfc3339"]
 
 #: The ``extra`` key under which `Server` passes a finished connection's fields.
 CONNECTION = "socks6fast_connection"
+#: The record attribute naming the worker process of ``serve --workers N`` (D32): ``"worker"``
+#: in a JSON line, ``[worker N]`` in a text one (``cli._setup_logging``).
+WORKER = "socks6fast_worker"
 
 
 def rfc3339(timestamp: float) -> str:
@@ -34,6 +37,9 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
+        worker = getattr(record, WORKER, None)
+        if worker is not None:
+            out["worker"] = worker
         fields = getattr(record, CONNECTION, None)
         if isinstance(fields, dict):
             out["event"] = "connection"

@@ -416,6 +416,24 @@ class UdpService:
                 name.detach()
             self.ports.append((str(bound[0]), int(bound[1])))
 
+    def adopt_port(self, fds: list[int]) -> None:
+        """Serve a SOCKS 6 UDP port bound by the supervisor of ``serve --workers N`` (D32):
+        this worker's share of the port's SO_REUSEPORT group, one socket per engine thread.
+        The supervisor attached the group's BPF program; the engine must not replace it.
+        The engine owns ``fds`` from here on (closed here when it refuses them)."""
+        try:
+            self.engine.add_port(fds, steer=False)
+        except BaseException:
+            for fd in fds:
+                socket.close(fd)
+            raise
+        name = socket.socket(fileno=fds[0])
+        try:
+            bound = name.getsockname()
+        finally:
+            name.detach()
+        self.ports.append((str(bound[0]), int(bound[1])))
+
     def add(
         self,
         action: Associate,

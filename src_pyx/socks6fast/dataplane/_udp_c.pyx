@@ -3576,14 +3576,16 @@ cdef class UdpEngine:
         pthread_mutex_unlock(&self._eng.lock)
         return n
 
-    def add_port(self, fds) -> None:
+    def add_port(self, fds, *, bint steer=True) -> None:
         """Serve a client-facing SOCKS 6 UDP port (D16): one socket per worker.
 
         ``fds[i]`` goes to worker i. With several workers they must form one
         SO_REUSEPORT group, bound in this order (``socks6fast.dataplane.udp.open_udp_port``
         makes one); the engine attaches the BPF program that steers each datagram to the
-        worker owning its association. The engine owns the sockets from a successful
-        return on and closes them in :meth:`close`.
+        worker owning its association. ``steer=False``: the group is larger than this
+        engine (``serve --workers N``, D32) and its owner attached the program already.
+        The engine owns the sockets from a successful return on and closes them in
+        :meth:`close`.
 
         Raises:
             ValueError: not one UDP socket per worker, or the engine is closed.
@@ -3620,7 +3622,7 @@ cdef class UdpEngine:
                         _set_int(fds[i], IPPROTO_IP, IP_PKTINFO, 1)
                     else:
                         _set_int(fds[i], IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
-            if e.nworkers > 1:
+            if e.nworkers > 1 and steer:
                 # A = payload[11] (the Association ID's last byte); A %= N; return A.
                 code[0].code = BPF_LD | BPF_B | BPF_ABS
                 code[0].jt = 0
