@@ -22,9 +22,10 @@ a signal handler):
   (each stops accepting and drains for at most --drain-timeout), waits for all of them
   (SIGKILL after `KILL_GRACE` more seconds) and exits 0.
 
-Per worker: ``max_connections`` is the server's divided by N (rounded up); the relay engine threads (``relay_workers``) and UDP engine threads
-(``[udp] workers``), when 0 (one per core), become cores / N (at least 1), so N workers
-together run about one thread per core of each kind, not N per core. The admin listener
+Per worker: ``max_connections`` is the server's divided by N (rounded up); the relay
+engine threads (``relay_workers``) and UDP engine threads (``[udp] workers``), when 0 (one
+per core), become cores / N (at least 1), so N workers together run about one thread per
+core of each kind, not N per core. The admin listener
 (``[admin] listen``, port P) is served by every worker on port P + i (port 0: each its own),
 each with its own metrics: Prometheus scrapes them all and ``sum()`` aggregates.
 """
@@ -32,6 +33,8 @@ each with its own metrics: Prometheus scrapes them all and ``sum()`` aggregates.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import errno
 import logging
@@ -72,6 +75,18 @@ LISTEN_BACKLOG = 1024
 UDP_PAIR_ATTEMPTS = 16
 
 _SIGNALS = {signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+#: linux/prctl.h
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker gets SIGTERM (and drains) when the supervisor dies, even by SIGKILL: no
+    worker is left serving alone, holding the ports."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _cores() -> int:
@@ -302,8 +317,7 @@ class Supervisor:
                     self._stop_all()
                     return 2
             log.info(
-                "%d workers (pids %s); connections from one client address go to "
-                "one worker: %s",
+                "%d workers (pids %s); connections from one client address go to one worker: %s",
                 self._workers,
                 ", ".join(str(slot.pid) for slot in self._slots),
                 "yes (SO_ATTACH_REUSEPORT_CBPF)" if self._steer else "no (kernel hash)",
@@ -330,11 +344,12 @@ class Supervisor:
             return 1.0  # reap now and then even if a SIGCHLD was merged with another
         return max(0.0, min(1.0, min(pending) - time.monotonic()))
 
-    def _spawn(self, slot: _Slot, old_mask: set[signal.Signals], *, wait_ready: bool) -> bool:
+    def _spawn(self, slot: _Slot, old_mask: set[int], *, wait_ready: bool) -> bool:
         """Fork worker ``slot``; with ``wait_ready``, True once it accepts (False: it failed)."""
         config = per_worker_config(self._config, self._workers, slot.index)
         share = self._shares[slot.index]
         read_fd, write_fd = os.pipe() if wait_ready else (-1, -1)
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             status = 1
@@ -342,6 +357,7 @@ class Supervisor:
                 if read_fd >= 0:
                     os.close(read_fd)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _die_with_parent(parent)  # SIGTERM stays blocked until the mask is restored
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 status = self._child(config, share, write_fd)
             finally:
@@ -392,7 +408,7 @@ class Supervisor:
             if ready_fd >= 0:
                 os.close(ready_fd)
 
-    def _reap(self, old_mask: set[signal.Signals]) -> None:
+    def _reap(self, old_mask: set[int]) -> None:
         """Collect dead workers, schedule their restarts, start those that are due."""
         while True:
             try:
@@ -442,7 +458,9 @@ class Supervisor:
             tls_listen_proxy_protocol=self._config.server.tls_listen_proxy_protocol,
             relay_workers=self._config.server.relay_workers,
         )
-        self._config = dataclasses.replace(config, server=server, udp=self._config.udp, admin=self._config.admin)
+        self._config = dataclasses.replace(
+            config, server=server, udp=self._config.udp, admin=self._config.admin
+        )
         live = [slot for slot in self._slots if slot.pid]
         for slot in live:
             with contextlib.suppress(ProcessLookupError):

@@ -311,7 +311,8 @@ CASES: list[tuple[str, str]] = [
         "auth_failure_interval, auth_user_failure_burst, auth_user_failure_interval, "
         "connect_timeout, dns_resolver, "
         "handshake_timeout, idle_timeout, listen, log_format, log_level, max_connections, "
-        "max_options_length, min_bind_port, relay_workers, tls_certificate, tls_key, tls_listen)",
+        "max_options_length, min_bind_port, relay_workers, tls_certificate, tls_key, tls_listen, "
+        "workers)",
     ),
     ('[server]\nlisten = "127.0.0.1:1080"', "server.listen: must be an array, not a string"),
     (
@@ -504,6 +505,8 @@ CASES: list[tuple[str, str]] = [
     ),
     ("[udp]\ndtls_cookie_interval = 0", "udp.dtls_cookie_interval: 0 is not a number of seconds > 0"),
     ("[udp]\ndtls_cookie_interval = 7200", "udp.dtls_cookie_interval: 7200.0 is more than 3600 seconds"),
+    ("[server]\nworkers = -1", "server.workers: -1 is not an integer 0-256"),
+    ("[server]\nworkers = 257", "server.workers: 257 is not an integer 0-256"),
     # Probe 19 F4: how long a finished DTLS connection may stay without an association.
     ("[udp]\ndtls_unmapped_timeout = 0", "udp.dtls_unmapped_timeout: 0 is not a number of seconds > 0"),
     ("[udp]\ndtls_unmapped_timeout = 301", "udp.dtls_unmapped_timeout: 301.0 is more than 300 seconds"),
