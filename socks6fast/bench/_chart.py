@@ -26,6 +26,7 @@ SYSTEM_COLORS: dict[str, str] = {
     "socks6fast-s6": "#1ea05a",
     "socks6fast-s6tcp": "#78c896",
     "socks6fast-s6metrics": "#0f6e3c",
+    "socks6fast-s6w2": "#7fd6a4",
     "dante": "#e68c1e",
     "microsocks": "#8c50aa",
 }

@@ -136,6 +136,8 @@ def connections(
     Returns conn_per_s, proxy_us_per_conn, machine_us_per_conn, p50_ms, p99_ms, failed.
     """
     argv = [str(lg), "rr", *_client_args(system, rr_port), "--concurrency", str(concurrency)]
+    if system.sources > 1:
+        argv += ["--sources", str(system.sources)]
     argv += ["--count", str(max_count), "--max-seconds", str(seconds)]
     c0, m0 = tree_cpu_seconds(system.pids), machine_cpu_seconds()
     client = procs.start("rr", argv)

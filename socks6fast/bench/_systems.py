@@ -33,6 +33,7 @@ ALL_SYSTEMS = (
     "socks6fast-s6",
     "socks6fast-s6tcp",
     "socks6fast-s6metrics",
+    "socks6fast-s6w2",
     "socks6fast-s6py",
     "socks6fast-s6dtls",
     "dante",
@@ -41,7 +42,13 @@ ALL_SYSTEMS = (
 #: Systems run only when named: ``socks6fast-s6metrics`` is a second ``socks6fast serve``
 #: with ``[admin] listen`` set (metrics counted), for the issue-14 overhead A/B against
 #: ``socks6fast-s6`` (``--systems s6,s6metrics --tests conn``).
-OPT_IN = frozenset({"socks6fast-s6metrics"})
+#: ``socks6fast-s6w2`` is ``socks6fast serve --workers 2`` (issue 13 item 1), for the 1-vs-2
+#: workers rows (``--systems s6,s6w2 --tests conn``); its connections come from
+#: `W2_SOURCES` loopback addresses, since the workers are chosen by client address.
+OPT_IN = frozenset({"socks6fast-s6metrics", "socks6fast-s6w2"})
+#: Source addresses (127.0.0.1 ..) the load generator spreads ``socks6fast-s6w2``'s
+#: connections over (``loadgen rr --sources``).
+W2_SOURCES = 16
 #: Systems that only the UDP test measures: SOCKS 6 with the datagrams framed on the TCP
 #: connection, or over DTLS, is a transport of UDP ASSOCIATE, not a way to relay TCP.
 #: ``socks6fast-s6dtls`` (issue 11) and its reference ``socks6fast-s6py`` (plain UDP) are
@@ -56,6 +63,7 @@ ALIASES = {
     "s6udp": "socks6fast-s6",
     "s6tcp": "socks6fast-s6tcp",
     "s6metrics": "socks6fast-s6metrics",
+    "s6w2": "socks6fast-s6w2",
     "s6py": "socks6fast-s6py",
     "s6dtls": "socks6fast-s6dtls,socks6fast-s6py",
     "socks6fast": "socks6fast-s5,socks6fast-s6,socks6fast-s6tcp,socks6fast-s6py,socks6fast-s6dtls",
@@ -103,6 +111,8 @@ class System:
     """The CA file the proxy's certificate verifies against (the DTLS systems)."""
     udp_reason: str = ""
     """Why the UDP test skips it, when ``udp`` is ""."""
+    sources: int = 1
+    """Loopback source addresses the connection test's load generator uses (``--sources``)."""
 
     def summary(self) -> dict[str, object]:
         """What the JSON results keep of this system."""
@@ -114,6 +124,7 @@ class System:
             "relay": self.relay,
             "udp": self.udp,
             "udp_reason": self.udp_reason,
+            "sources": self.sources,
         }
 
 
@@ -236,6 +247,8 @@ def start_systems(
         out.update(_start_socks6fast(fast, procs, want_auth, socks6fast_cmd))
     if "socks6fast-s6metrics" in names:
         out["socks6fast-s6metrics"] = _start_socks6fast_metrics(procs, workdir, socks6fast_cmd)
+    if "socks6fast-s6w2" in names:
+        out["socks6fast-s6w2"] = _start_socks6fast_workers(procs, socks6fast_cmd)
     dtls = [n for n in names if n in DTLS_SYSTEMS]
     if dtls:
         out.update(_start_socks6fast_dtls(dtls, procs, workdir, socks6fast_cmd))
@@ -316,6 +329,32 @@ def _start_socks6fast_metrics(procs: Processes, workdir: Path, socks6fast_cmd: s
         return s
     s.port, s.pids = port, [child.pid]
     s.version = f"socks6fast from {root}, [admin] metrics on" if root else "socks6fast, [admin] metrics on"
+    s.relay = relay_path_in_log(child.log)
+    return s
+
+
+def _start_socks6fast_workers(procs: Processes, socks6fast_cmd: str | None) -> System:
+    """``socks6fast-s6w2``: ``socks6fast serve --workers 2``; its pid is the supervisor's, so
+    the measured CPU is the whole tree (supervisor, both workers, all their threads)."""
+    s = System("socks6fast-s6w2", "6", udp="s6udp", sources=W2_SOURCES)
+    root = socks6fast_location()
+    if root is None and not socks6fast_cmd:
+        s.available, s.reason = False, "the socks6fast package is not importable"
+        return s
+    port = free_port()
+    if socks6fast_cmd:
+        argv = socks6fast_cmd.split() + ["serve", "--listen", f"127.0.0.1:{port}"]
+        env: dict[str, str] | None = dict(os.environ)
+    else:
+        argv, env = socks6fast_command(port, False)
+    argv += ["--workers", "2"]
+    try:
+        child = _start_and_wait(procs, "socks6fast-w2", argv, port, env)
+    except BenchError as exc:
+        s.available, s.reason = False, f"`socks6fast serve --workers 2` did not start: {exc}"
+        return s
+    s.port, s.pids = port, [child.pid]
+    s.version = f"socks6fast from {root}, 2 workers" if root else "socks6fast, 2 workers"
     s.relay = relay_path_in_log(child.log)
     return s
 

@@ -26,8 +26,9 @@
  *   bulk     --proxy PORT|0 --proto none|5|6 --target PORT --streams N --max-seconds S
  *            open N streams, print "connected", then sendfile(2) from a memfd
  *            until the sink closes or max-seconds; print "sent BYTES".
- *   rr       ... --concurrency C --count K --max-seconds S
- *            K connections, C at a time: handshake, 64 bytes out, 64 bytes back,
+ *   rr       ... --concurrency C --count K --max-seconds S [--sources N]
+ *            K connections, C at a time (from N loopback source addresses in turn,
+ *            127.0.0.1 .. 127.0.0.N; default 1): handshake, 64 bytes out, 64 bytes back,
  *            wait for the server's close. Prints
  *            "rr OK FAILED CUT_OFF ELAPSED_NS P50_NS P99_NS MEAN_NS" (CUT_OFF: still
  *            open when max-seconds ended the run).
@@ -100,6 +101,13 @@ static int opt_port = 0, opt_proxy = 0, opt_target = 0, opt_streams = 1, opt_con
 static int opt_concurrency = 1, opt_count = 1;
 static double opt_warmup = 0.3, opt_seconds = 1.0, opt_max_seconds = 30.0;
 static int opt_splice = 1, opt_handshake = 1, opt_stats = 0;
+/* rr --sources N: connections come from 127.0.0.1 .. 127.0.0.N in turn (serve --workers
+ * steers by client address, issue 13: one address would reach one worker only). */
+static int opt_sources = 1;
+static unsigned rr_source;
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
 static int listen_tfo = 0; /* listen_on: accept TCP Fast Open and keep each SYN's headers */
 static double opt_delay_us = 20000;
 static enum proto opt_proto = P_NONE;
@@ -600,6 +608,17 @@ static int rr_start(int ep, struct conn *c) {
     c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (c->fd < 0) return -1;
     set_nodelay(c->fd);
+    if (opt_sources > 1) {
+        /* The port is chosen at connect() (NO_PORT): the 4-tuple, not the source, must be unique. */
+        int one = 1;
+        struct sockaddr_in src = {.sin_family = AF_INET};
+        src.sin_addr.s_addr = htonl(0x7f000001u + rr_source++ % (unsigned)opt_sources);
+        setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        if (bind(c->fd, (struct sockaddr *)&src, sizeof src) < 0) {
+            close(c->fd);
+            return -1;
+        }
+    }
     struct sockaddr_in sa = loopback(proxy_or_target_port());
     if (connect(c->fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) {
         close(c->fd);
@@ -1021,6 +1040,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--streams")) opt_streams = atoi(v);
         else if (!strcmp(k, "--conns")) opt_conns = atoi(v);
         else if (!strcmp(k, "--concurrency")) opt_concurrency = atoi(v);
+        else if (!strcmp(k, "--sources")) opt_sources = atoi(v) > 0 && atoi(v) < 255 ? atoi(v) : 1;
         else if (!strcmp(k, "--count")) opt_count = atoi(v);
         else if (!strcmp(k, "--warmup")) opt_warmup = atof(v);
         else if (!strcmp(k, "--seconds")) opt_seconds = atof(v);

@@ -107,8 +107,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--systems",
         default="all",
         help=(
-            f"comma list of {', '.join(ALL_SYSTEMS)} (aliases s5, s6, s6metrics, socks6fast, all); "
-            "default all (every system but socks6fast-s6metrics, which runs only when named)"
+            f"comma list of {', '.join(ALL_SYSTEMS)} (aliases s5, s6, s6metrics, s6w2, socks6fast, all); "
+            "default all (every system but socks6fast-s6metrics and -s6w2, which run only when named)"
         ),
     )
     p.add_argument("--tests", default=",".join(TESTS), help=f"comma list of {', '.join(TESTS)}")
