@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,15 @@ from test_cli import ServeProcess, serve
 from test_server_e2e import connect, echo_roundtrip, option, request
 from test_udp_server import Association, Echo, datagram, parse
 
+from socks6fast.config import parse_config
 from socks6fast.constants import AddressType, AuthReplyType, Command, ReplyCode
 from socks6fast.dataplane.engine import NO_EXTENSIONS
+from socks6fast.net.reuseport import (
+    association_id_byte,
+    attach,
+    source_program,
+    steering_available,
+)
 from socks6fast.proto import codec
 from socks6fast.proto.messages import (
     AssociationConfirmation,
@@ -40,6 +48,7 @@ from socks6fast.proto.messages import (
     SessionInvalid,
     SessionRequest,
 )
+from socks6fast.supervisor import per_worker_config
 
 pytestmark = pytest.mark.timeout(90)
 #: For the tests of the process tree only (module docstring).
@@ -273,3 +282,79 @@ async def test_bad_worker_counts_are_one_sentence(tmp_path: Path) -> None:
             await proc.wait_for(
                 rf"socks6fast: error: cannot listen: 127\.0\.0\.1:{port}: Address already in use"
             )
+
+
+# --- the pieces, without processes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("workers", "threads"), [(2, 1), (2, 2), (3, 4), (4, 16), (16, 16)])
+def test_association_id_byte_selects_the_workers_sockets(workers: int, threads: int) -> None:
+    """D32: an ID made by worker w is steered (``byte % (workers * threads)``, the UDP port's
+    program) to one of w's sockets, the engine thread ``byte % threads`` unchanged, for every
+    random byte; and each worker still has several values to choose from (the byte stays random)."""
+    group = workers * threads
+    for worker in range(workers):
+        values = set()
+        for random_byte in range(256):
+            value = association_id_byte(random_byte, worker, workers, threads)
+            assert 0 <= value <= 255
+            assert (value % group) // threads == worker
+            assert value % threads == random_byte % threads
+            values.add(value)
+        assert len(values) >= 256 // group
+
+
+def test_steering_spreads_source_addresses() -> None:
+    """The TCP program sends every connection from one address to one socket, and spreads
+    addresses over both sockets of a 2-socket group (IPv4 here; the same program for IPv6
+    reads the 16 address bytes)."""
+    assert steering_available() is None
+    socks = []
+    try:
+        port = 0
+        for _ in range(2):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", port))
+            port = sock.getsockname()[1]
+            sock.listen(16)
+            sock.setblocking(False)
+        attach(socks[0], source_program(socket.AF_INET, 2))
+        owner: dict[str, set[int]] = {}
+        for source in SOURCES:
+            for _ in range(3):
+                with socket.socket() as client:
+                    client.bind((source, 0))
+                    client.connect(("127.0.0.1", port))
+                    for index, sock in enumerate(socks):
+                        try:
+                            accepted, _ = sock.accept()
+                        except BlockingIOError:
+                            continue
+                        accepted.close()
+                        owner.setdefault(source, set()).add(index)
+        assert all(len(indexes) == 1 for indexes in owner.values()), owner
+        assert set().union(*owner.values()) == {0, 1}, owner
+    finally:
+        for sock in socks:
+            sock.close()
+    with pytest.raises(ValueError, match="not an IP family"):
+        source_program(socket.AF_UNIX, 2)
+
+
+def test_per_worker_config_shares_threads_and_connections() -> None:
+    """Thread counts left at 0 (one per core) become cores / N per worker, explicit ones stay;
+    max_connections is the server's total; the admin port is offset by the worker index."""
+    config = parse_config(
+        tomllib.loads(
+            '[server]\nmax_connections = 101\n[admin]\nlisten = "127.0.0.1:9180"\n[udp]\nworkers = 3\n'
+        )
+    )
+    cores = len(os.sched_getaffinity(0))
+    second = per_worker_config(config, 2, 1)
+    assert second.server.relay_workers == max(1, cores // 2)
+    assert second.udp.workers == 3  # explicit: per worker
+    assert second.server.max_connections == 51
+    assert second.admin.listen == ("127.0.0.1", 9181)
+    assert per_worker_config(config, 2, 0).admin.listen == ("127.0.0.1", 9180)
