@@ -191,9 +191,9 @@ class Supervisor:
         try:
             server, udp = self._config.server, self._config.udp
             for host, port in server.listen:
-                self._bind_entry(host, port, udp_port=udp.port if udp.enabled else -1)
+                self._bind_entry(False, host, port, udp_port=udp.port if udp.enabled else -1)
             for host, port in server.tls_listen:
-                self._bind_entry(host, port, udp_port=-1)
+                self._bind_entry(True, host, port, udp_port=-1)
         except BaseException:
             self.close_held()
             for share in self._shares:
@@ -201,7 +201,7 @@ class Supervisor:
                 share.udp.clear()
             raise
 
-    def _bind_entry(self, host: str, port: int, udp_port: int | None) -> None:
+    def _bind_entry(self, tls: bool, host: str, port: int, udp_port: int | None) -> None:
         """One ``listen`` entry: a TCP group per address it resolves to, and the SOCKS 6
         UDP port group on each (``udp_port``: None = the TCP port number, -1 = none)."""
         attempts = UDP_PAIR_ATTEMPTS if port == 0 and udp_port is None else 1
@@ -219,10 +219,10 @@ class Supervisor:
                 if exc.errno == errno.EADDRINUSE and attempt + 1 < attempts:
                     continue
                 raise
+            for share in self._shares:
+                share.add_tcp(tls, host, port, [group[share.index] for group in groups])
             for group in groups:
                 self._held.extend(group)
-                for share, sock in zip(self._shares, group, strict=True):
-                    share.tcp.setdefault((host, port), []).append(sock)
             return
 
     def _bind_tcp(self, host: str, port: int) -> list[list[socket.socket]]:
@@ -373,12 +373,22 @@ class Supervisor:
             answer = os.read(read_fd, 1)  # b"" when the worker ended before it was ready
         finally:
             os.close(read_fd)
-        return answer == b"1"
+        if answer == b"1":
+            return True
+        _, status = os.waitpid(pid, 0)  # it printed why; reaped here, not signalled later
+        slot.pid = 0
+        log.error(
+            "worker %d (pid %d) did not start (exit status %d)",
+            slot.index,
+            pid,
+            os.waitstatus_to_exitcode(status),
+        )
+        return False
 
     def _child(self, config: Config, share: WorkerSockets, ready_fd: int) -> int:
         # Keep this worker's members only: a copy of another's socket here would keep it
         # open (and in its group) after that worker and the supervisor closed theirs.
-        mine = {id(sock) for socks in share.tcp.values() for sock in socks}
+        mine = {id(sock) for entries in share.tcp.values() for socks in entries for sock in socks}
         mine_fds = {fd for fds in share.udp.values() for fd in fds}
         for sock in self._held:
             if id(sock) not in mine:
@@ -391,7 +401,7 @@ class Supervisor:
             share.index,
             share.count,
             share.udp_threads,
-            {key: list(socks) for key, socks in share.tcp.items()},
+            {key: [list(socks) for socks in entries] for key, entries in share.tcp.items()},
             {key: list(fds) for key, fds in share.udp.items()},
         )
 

@@ -17,11 +17,12 @@ import os
 import re
 import signal
 import socket
+import ssl
 import tomllib
 from pathlib import Path
 
 import pytest
-from helpers_server import RawClient, Sink
+from helpers_server import RawClient, Sink, make_certificates
 from test_cli import ServeProcess, serve
 from test_server_e2e import connect, echo_roundtrip, option, request
 from test_udp_server import Association, Echo, datagram, parse
@@ -250,6 +251,36 @@ async def test_udp_associate_and_bind(tmp_path: Path) -> None:
             assert await peer_reader.readexactly(11) == b"from client"
             peer_writer.close()
             await client.close()
+
+
+@once
+@pytest.mark.conformance("TRN-03")
+async def test_tls_listener_with_workers(tmp_path: Path) -> None:
+    """TRN-03 through two workers: the TLS listener is a steered group too (both workers
+    answer TLS clients); a DTLS port with workers is refused in one sentence (not served yet)."""
+    certs = make_certificates(tmp_path)
+    tls = f'tls_listen = ["127.0.0.1:0"]\ntls_certificate = "{certs.cert}"\ntls_key = "{certs.key}"\n'
+    config = _config(tmp_path, tls + "[udp]\ndtls = false\n")
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    async with Sink() as sink, serve("--config", str(config)) as proc:
+        await _started(proc)
+        port = int((await proc.wait_for(r"listening on 127\.0\.0\.1:(\d+) \(SOCKS over TLS")).group(1))
+        served = set()
+        for source in SOURCES:
+            client = await RawClient.connect(
+                ("127.0.0.1", port), ssl=context, server_hostname="127.0.0.1", local_addr=(source, 0)
+            )
+            await client.send(connect(sink.address))
+            assert (await client.auth_reply()).type == AuthReplyType.SUCCESS
+            assert (await client.operation_reply()).reply_code == ReplyCode.SUCCESS
+            await echo_roundtrip(client)
+            await client.close()
+            served.add(await _worker_of(proc, client))
+        assert served == {0, 1}
+    config = _config(tmp_path, tls)  # DTLS on by default with a TLS listener
+    async with serve("--config", str(config)) as proc:
+        assert await asyncio.wait_for(proc.process.wait(), 10) == 2
+        await proc.wait_for(r"socks6fast: error: --workers 2: DTLS ports .* are served by one process only")
 
 
 @once

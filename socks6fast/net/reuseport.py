@@ -122,12 +122,22 @@ class WorkerSockets:
     """Workers in all (the groups' size for TCP)."""
     udp_threads: int
     """UDP engine threads per worker (a UDP port group holds ``count * udp_threads`` sockets)."""
-    tcp: dict[tuple[str, int], list[socket.socket]] = field(default_factory=dict)
-    """(host, port) as configured -> this worker's listening sockets, one per address the
-    host resolved to (a port-0 entry: the port the supervisor got)."""
+    tcp: dict[tuple[bool, str, int], list[list[socket.socket]]] = field(default_factory=dict)
+    """(TLS, host, port) as configured -> per entry of that kind with that value, in order,
+    this worker's listening sockets, one per address the host resolved to (a port-0 entry:
+    the port the supervisor got)."""
     udp: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     """(bound host, port) of a SOCKS 6 UDP port -> this worker's fds of it, one per UDP
     engine thread, in the group's order."""
+
+    def add_tcp(self, tls: bool, host: str, port: int, socks: list[socket.socket]) -> None:
+        """The sockets of the next ``listen`` (``tls_listen``) entry ``host:port``."""
+        self.tcp.setdefault((tls, host, port), []).append(socks)
+
+    def take_tcp(self, tls: bool, host: str, port: int) -> list[socket.socket] | None:
+        """The sockets of the first entry ``host:port`` not taken yet, or None."""
+        entries = self.tcp.get((tls, host, port))
+        return entries.pop(0) if entries else None
 
     def id_last_byte(self, random_byte: int) -> int:
         """`association_id_byte` for this worker (`AssociationTable.id_last_byte`)."""
@@ -135,9 +145,10 @@ class WorkerSockets:
 
     def close(self) -> None:
         """Close what was not taken (a worker that failed to start)."""
-        for socks in self.tcp.values():
-            for sock in socks:
-                sock.close()
+        for entries in self.tcp.values():
+            for socks in entries:
+                for sock in socks:
+                    sock.close()
         for fds in self.udp.values():
             for fd in fds:
                 socket.close(fd)

@@ -527,7 +527,7 @@ class Server:
         dtls, dtls_port = self.dtls, self._config.udp.dtls_port
         attempts = UDP_PAIR_ATTEMPTS if port == 0 and dtls_port is None else 1
         for attempt in range(attempts):
-            socks = await self._bind_listeners(host, port)
+            socks = await self._bind_listeners(host, port, tls=True)
             if dtls is None:
                 return socks
             try:
@@ -563,8 +563,8 @@ class Server:
             return "asyncio (SOCKS6FAST_NO_EXTENSIONS is set)"
         return "asyncio (the splice engine needs Linux and the compiled extension)"
 
-    async def _bind_listeners(self, host: str, port: int) -> list[socket.socket]:
-        inherited = self._worker.tcp.pop((host, port), None) if self._worker is not None else None
+    async def _bind_listeners(self, host: str, port: int, *, tls: bool = False) -> list[socket.socket]:
+        inherited = self._worker.take_tcp(tls, host, port) if self._worker is not None else None
         if inherited is not None:
             # D32: this worker's member of the supervisor's SO_REUSEPORT groups, listening.
             for sock in inherited:
