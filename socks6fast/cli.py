@@ -17,6 +17,11 @@ Signals: SIGTERM (and SIGINT) stop accepting, let relayed connections finish for
 rules, limits, sessions settings) and keeps every established connection; a broken file
 is reported and the running configuration stays.
 
+``--workers N`` (or ``[server] workers``; 0 = one per core) with N > 1 makes this process
+the supervisor of N forked workers sharing the ports (``socks6fast.supervisor``, D32): it
+checks a reloaded file once and passes SIGHUP on, drains every worker on SIGTERM, and starts
+a worker that died again. N = 1 is the single process above.
+
 ``socks6fast bench ...`` is the benchmark suite of ``socks6fast.bench``, which parses its
 own options (``socks6fast bench --help``).
 

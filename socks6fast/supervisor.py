@@ -45,6 +45,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .config import Config
 from .dataplane.udp import open_udp_port
@@ -124,6 +125,16 @@ def _probe_free(host: str, port: int) -> None:
         return
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind((host, port))
+
+
+def _probe_free_tcp(family: int, sockaddr: Any) -> None:
+    """EADDRINUSE when a TCP listener holds ``sockaddr`` already: a socket with SO_REUSEPORT
+    would otherwise join another process's group of the same user and share its clients."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(sockaddr)
 
 
 @dataclass(slots=True)
@@ -236,6 +247,8 @@ class Supervisor:
                 if sockaddr in seen:
                     continue
                 seen.add(sockaddr)
+                if port != 0:
+                    _probe_free_tcp(family, sockaddr)
                 group: list[socket.socket] = []
                 groups.append(group)
                 address = sockaddr

@@ -299,12 +299,16 @@ async def test_workers_one_is_one_process(tmp_path: Path) -> None:
 
 @once
 async def test_bad_worker_counts_are_one_sentence(tmp_path: Path) -> None:
-    """--workers that is not a count, and a port taken: one sentence, exit 2."""
+    """--workers that is not a count, and a port taken (even by a group it could join): one
+    sentence, exit 2."""
     for flag, words in (("x", "is not a whole number"), ("999", "is not in 0..256")):
         async with serve("--workers", flag, "--listen", "127.0.0.1:0") as proc:
             assert await asyncio.wait_for(proc.process.wait(), 10) == 2
             await proc.wait_for(rf"socks6fast: error: --workers: .*{words}")
+    # Taken by a listener with SO_REUSEPORT too (another `serve --workers` of this user): the
+    # supervisor must not join its group and share its clients.
     with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
