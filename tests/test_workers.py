@@ -13,6 +13,7 @@ both: a worker hands its share of the UDP port to the native engine or to its Py
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ from test_udp_server import Association, Echo, datagram, parse
 from socks6fast.config import parse_config
 from socks6fast.constants import AddressType, AuthReplyType, Command, ReplyCode
 from socks6fast.dataplane.engine import NO_EXTENSIONS
+from socks6fast.net import reuseport
 from socks6fast.net.reuseport import (
     association_id_byte,
     attach,
@@ -393,3 +395,14 @@ def test_per_worker_config_shares_threads_and_connections() -> None:
     assert second.server.max_connections == 51
     assert second.admin.listen == ("127.0.0.1", 9181)
     assert per_worker_config(config, 2, 0).admin.listen == ("127.0.0.1", 9180)
+
+
+def test_steering_unavailable_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that refuses the program (before 4.5, a seccomp filter) is detected with the
+    reason, which the supervisor logs at start (README: what holds without steering)."""
+
+    def refuse(sock: socket.socket, program: object) -> None:
+        raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+
+    monkeypatch.setattr(reuseport, "attach", refuse)
+    assert reuseport.steering_available() == "SO_ATTACH_REUSEPORT_CBPF refused: Protocol not available"
