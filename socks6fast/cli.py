@@ -18,7 +18,7 @@ rules, limits, sessions settings) and keeps every established connection; a brok
 is reported and the running configuration stays.
 
 ``--workers N`` (or ``[server] workers``; 0 = one per core) with N > 1 makes this process
-the supervisor of N forked workers sharing the ports (``socks6fast.supervisor``, D32): it
+the supervisor of N forked workers sharing the ports (``socks6fast.supervisor``, D34): it
 checks a reloaded file once and passes SIGHUP on, drains every worker on SIGTERM, and starts
 a worker that died again. N = 1 is the single process above.
 
@@ -167,7 +167,7 @@ def _setup_logging(level: str, log_format: str = "text", worker: int | None = No
     handler = logging.StreamHandler(sys.stderr)
     tag = ""
     if worker is not None:
-        # D32: every line of a worker process says which one (JSON: "worker": N).
+        # D34: every line of a worker process says which one (JSON: "worker": N).
         def tag_record(record: logging.LogRecord) -> bool:
             setattr(record, WORKER, worker)
             return True
@@ -201,7 +201,7 @@ async def _serve(
             return
         try:
             new = _load(args)
-            if worker is not None:  # the same per-worker shares as at start (D32)
+            if worker is not None:  # the same per-worker shares as at start (D34)
                 new = per_worker_config(new, worker.count, worker.index)
             server.reload(new)
         except _Fail as exc:
@@ -247,7 +247,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     workers = resolve_workers(workers)
     _setup_logging(args.log_level or config.server.log_level, config.server.log_format)
     if workers == 1:
-        # Today's single process: no supervisor, nothing forked (D32).
+        # Today's single process: no supervisor, nothing forked (D34).
         return _run_loop(_serve(args, config))
     return _supervise(args, config, workers)
 
@@ -259,7 +259,7 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
-    """``serve --workers N`` with N > 1: this process supervises N forked workers (D32)."""
+    """``serve --workers N`` with N > 1: this process supervises N forked workers (D34)."""
     if config.udp.dtls_served(config.server):
         raise _Fail(
             f"--workers {workers}: DTLS ports ([udp] dtls with a TLS listener or dtls_port) are "

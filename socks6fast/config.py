@@ -46,7 +46,7 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     ``relay_workers``: relay worker count, 0 = one per CPU core (0-256; 0). The limit is
     ``constants.MAX_RELAY_WORKERS``, the very one the relay engine enforces. With
     ``workers`` > 1 the count is per worker process, and 0 means cores / workers (at least 1).
-    ``workers``: proxy processes sharing the listeners (issue 13 item 1, D32), 0 = one per
+    ``workers``: proxy processes sharing the listeners (issue 13 item 1, D34), 0 = one per
     CPU core (0-256; 1). 1 is a single process; more start a supervisor and N workers (the
     ``serve --workers`` flag overrides it).
     ``auth_failure_burst``: failed username/password checks a client address may make in a
@@ -292,7 +292,7 @@ class ServerConfig:
     log_format: str = "text"
     """``"text"`` or ``"json"`` (issue 14)."""
     workers: int = 1
-    """Worker processes (issue 13 item 1, D32); 0 = one per CPU core; 1 = one process."""
+    """Worker processes (issue 13 item 1, D34); 0 = one per CPU core; 1 = one process."""
 
     listen_proxy_protocol: tuple[tuple[IPNetwork, ...] | None, ...] = ()
     """Per ``listen`` entry, in the same order: the trusted load balancers' networks when the

@@ -195,7 +195,7 @@ MAX_SOCKS5_METHODS = 255
 #: Most relay engine worker threads: ``server.relay_workers`` (config.py) and the engine
 #: (``_relay_c.RelayEngine``) check this one limit, so what check-config accepts, serve runs.
 MAX_RELAY_WORKERS = 256
-#: Most worker processes of ``serve --workers`` / ``[server] workers`` (D32): the SOCKS 6 UDP
+#: Most worker processes of ``serve --workers`` / ``[server] workers`` (D34): the SOCKS 6 UDP
 #: port's steering needs workers x UDP threads <= 256 (one Association ID byte chooses).
 MAX_WORKER_PROCESSES = 256
 

@@ -1,4 +1,4 @@
-"""``serve --workers N``: a supervisor process and N worker processes (issue 13 item 1, D32).
+"""``serve --workers N``: a supervisor process and N worker processes (issue 13 item 1, D34).
 
 The ``serve`` process becomes the supervisor. Before any event loop or thread exists it binds
 every listener as an SO_REUSEPORT group of N sockets (and each SOCKS 6 UDP port as a group of
@@ -293,7 +293,7 @@ class Supervisor:
             first = socket.socket(fileno=fds[0])
             try:
                 bound_port = int(first.getsockname()[1])
-                # D32: the Association ID's last byte picks worker and engine thread (NAT-proof).
+                # D34: the Association ID's last byte picks worker and engine thread (NAT-proof).
                 attach(first, association_program(self._workers * threads))
             finally:
                 first.detach()

@@ -83,7 +83,7 @@ LAYERS: list[set[str]] = [
     {"asyncio.server", "asyncio"},
     # "" is the package's __init__ (public names only). The bench (socks6fast bench) sits beside
     # the CLI: it runs the proxy as a child process and imports nothing of the layers below.
-    # serve --workers N (D32): binds the groups and forks the workers; the CLI runs it.
+    # serve --workers N (D34): binds the groups and forks the workers; the CLI runs it.
     {"supervisor"},
     {"cli", "__main__", ""}
     | {f"bench{m}" for m in ("", ".__main__", ".cli", ".suite", ".ceiling")}

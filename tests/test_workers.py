@@ -1,4 +1,4 @@
-"""``serve --workers 2`` (issue 13 item 1, D32), as real ``socks6fast serve`` subprocesses.
+"""``serve --workers 2`` (issue 13 item 1, D34), as real ``socks6fast serve`` subprocesses.
 
 A supervisor and two worker processes share each listener (SO_REUSEPORT). Clients come from
 several loopback source addresses (127.0.0.1 .. 127.0.0.8: all of 127/8 is local on Linux),
@@ -326,7 +326,7 @@ async def test_bad_worker_counts_are_one_sentence(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("workers", "threads"), [(2, 1), (2, 2), (3, 4), (4, 16), (16, 16)])
 def test_association_id_byte_selects_the_workers_sockets(workers: int, threads: int) -> None:
-    """D32: an ID made by worker w is steered (``byte % (workers * threads)``, the UDP port's
+    """D34: an ID made by worker w is steered (``byte % (workers * threads)``, the UDP port's
     program) to one of w's sockets, the engine thread ``byte % threads`` unchanged, for every
     random byte; and each worker still has several values to choose from (the byte stays random)."""
     group = workers * threads

@@ -1,4 +1,4 @@
-"""SO_REUSEPORT groups steered by classic BPF, for ``serve --workers N`` (issue 13 item 1, D32).
+"""SO_REUSEPORT groups steered by classic BPF, for ``serve --workers N`` (issue 13 item 1, D34).
 
 A listening port served by N worker processes is one SO_REUSEPORT group of N sockets, all
 bound and put in listen state by the supervisor in worker order and kept open by it, so the

@@ -86,7 +86,7 @@ class AssociationTable:
         self._by_user: Counter[str] = Counter()
         self._reservations: dict[tuple[int, int], Reservation] = {}
         self.id_last_byte: Callable[[int], int] | None = None
-        """With ``serve --workers N`` (D32): maps a random byte to the last byte of a new ID so
+        """With ``serve --workers N`` (D34): maps a random byte to the last byte of a new ID so
         that the UDP port's BPF steering brings its datagrams to this worker process."""
 
     def __len__(self) -> int:

@@ -169,7 +169,7 @@ class Server:
         resolver: resolves a destination domain name: ``await resolver(host, port)`` returns
             ``(family, sockaddr)`` pairs in preference order, or raises `socket.gaierror`.
             None (default): ``loop.getaddrinfo``. Tests pass a local fake here.
-        worker: in a worker process of ``serve --workers N`` (D32): the listening sockets
+        worker: in a worker process of ``serve --workers N`` (D34): the listening sockets
             and UDP port sockets the supervisor bound, used instead of binding.
 
     Use::
@@ -361,7 +361,7 @@ class Server:
                 # connection can carry several of them.
                 self.context.associations.workers = max(1, self.udp.engine.workers)
             if self._worker is not None and self.context.associations is not None:
-                # D32: this worker's Association IDs steer their datagrams to its sockets.
+                # D34: this worker's Association IDs steer their datagrams to its sockets.
                 self.context.associations.id_last_byte = self._worker.id_last_byte
         try:
             for index, (host, port) in enumerate(self._config.server.listen):
@@ -460,7 +460,7 @@ class Server:
                     where = (bound_host, udp.port if udp.port is not None else bound_port)
                     fds = self._worker.udp.pop(where, None) if self._worker is not None else None
                     if fds is not None:
-                        service.adopt_port(fds)  # D32: the supervisor's group, steered already
+                        service.adopt_port(fds)  # D34: the supervisor's group, steered already
                     else:
                         service.open_ports([where])
             except OSError as exc:
@@ -566,7 +566,7 @@ class Server:
     async def _bind_listeners(self, host: str, port: int, *, tls: bool = False) -> list[socket.socket]:
         inherited = self._worker.take_tcp(tls, host, port) if self._worker is not None else None
         if inherited is not None:
-            # D32: this worker's member of the supervisor's SO_REUSEPORT groups, listening.
+            # D34: this worker's member of the supervisor's SO_REUSEPORT groups, listening.
             for sock in inherited:
                 sock.setblocking(False)
             return inherited

@@ -17,7 +17,7 @@ __all__ = ["CONNECTION", "WORKER", "JsonFormatter", "rfc3339"]
 
 #: The ``extra`` key under which `Server` passes a finished connection's fields.
 CONNECTION = "socks6fast_connection"
-#: The record attribute naming the worker process of ``serve --workers N`` (D32): ``"worker"``
+#: The record attribute naming the worker process of ``serve --workers N`` (D34): ``"worker"``
 #: in a JSON line, ``[worker N]`` in a text one (``cli._setup_logging``).
 WORKER = "socks6fast_worker"
 

@@ -417,7 +417,7 @@ class UdpService:
             self.ports.append((str(bound[0]), int(bound[1])))
 
     def adopt_port(self, fds: list[int]) -> None:
-        """Serve a SOCKS 6 UDP port bound by the supervisor of ``serve --workers N`` (D32):
+        """Serve a SOCKS 6 UDP port bound by the supervisor of ``serve --workers N`` (D34):
         this worker's share of the port's SO_REUSEPORT group, one socket per engine thread.
         The supervisor attached the group's BPF program; the engine must not replace it.
         The engine owns ``fds`` from here on (closed here when it refuses them)."""

@@ -3583,7 +3583,7 @@ cdef class UdpEngine:
         SO_REUSEPORT group, bound in this order (``socks6fast.dataplane.udp.open_udp_port``
         makes one); the engine attaches the BPF program that steers each datagram to the
         worker owning its association. ``steer=False``: the group is larger than this
-        engine (``serve --workers N``, D32) and its owner attached the program already.
+        engine (``serve --workers N``, D34) and its owner attached the program already.
         The engine owns the sockets from a successful return on and closes them in
         :meth:`close`.
 
