@@ -49,6 +49,7 @@ from typing import Any
 
 from .config import Config
 from .dataplane.udp import open_udp_port
+from .dataplane.udp_types import default_workers
 from .net.reuseport import (
     WorkerSockets,
     association_program,
@@ -110,7 +111,9 @@ def per_worker_config(config: Config, workers: int, index: int) -> Config:
         # max_connections stays the whole server's: each worker takes its part.
         max_connections=-(-config.server.max_connections // workers),
     )
-    udp = dataclasses.replace(config.udp, workers=config.udp.workers or share)
+    # The UDP engine's own default is half the cores (D33): shared out the same way.
+    udp_share = max(1, default_workers() // workers)
+    udp = dataclasses.replace(config.udp, workers=config.udp.workers or udp_share)
     admin = config.admin
     if admin.listen is not None:
         host, port = admin.listen

@@ -392,6 +392,8 @@ def test_per_worker_config_shares_threads_and_connections() -> None:
     second = per_worker_config(config, 2, 1)
     assert second.server.relay_workers == max(1, cores // 2)
     assert second.udp.workers == 3  # explicit: per worker
+    default_udp = per_worker_config(parse_config({}), 2, 0).udp.workers
+    assert default_udp == max(1, max(1, cores // 2) // 2)  # the engine's half the cores (D33), shared
     assert second.server.max_connections == 51
     assert second.admin.listen == ("127.0.0.1", 9181)
     assert per_worker_config(config, 2, 0).admin.listen == ("127.0.0.1", 9180)
