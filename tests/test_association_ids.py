@@ -51,3 +51,21 @@ def test_steered_ids_keep_their_randomness() -> None:
     assert len(firsts) == 256
     single = AssociationTable()
     assert len({single.new_id("203.0.113.5")[7] for _ in range(4000)}) == 256
+
+
+@pytest.mark.parametrize(("processes", "threads"), [(2, 1), (2, 2), (3, 2), (4, 4)])
+def test_worker_process_steering_keeps_the_client_shard(processes: int, threads: int) -> None:
+    """`serve --workers N` (D34) and the per-client shard (D32) both live in ID[7]: worker
+    process w's IDs land on one of its own sockets of the UDP port's group
+    (``ID[7] % (N * threads) == w * threads + t``) and ``t`` is still the client's shard, so a
+    DTLS connection carries all of a client's associations inside one worker (UDP-03)."""
+    from socks6fast.net.reuseport import WorkerSockets  # noqa: PLC0415 - Linux-only module
+
+    for index in range(processes):
+        table = AssociationTable(workers=threads)
+        table.id_last_byte = WorkerSockets(index, processes, threads).id_last_byte
+        for client in ("127.0.0.1", "127.0.0.9", "::1", "10.1.2.3"):
+            shard = table.shard(client)
+            for _ in range(64):
+                last = table.open(client, None)[7]
+                assert last % (processes * threads) == index * threads + shard, (client, last)
