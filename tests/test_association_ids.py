@@ -53,6 +53,7 @@ def test_steered_ids_keep_their_randomness() -> None:
     assert len({single.new_id("203.0.113.5")[7] for _ in range(4000)}) == 256
 
 
+@pytest.mark.conformance("UDP-03")
 @pytest.mark.parametrize(("processes", "threads"), [(2, 1), (2, 2), (3, 2), (4, 4)])
 def test_worker_process_steering_keeps_the_client_shard(processes: int, threads: int) -> None:
     """`serve --workers N` (D34) and the per-client shard (D32) both live in ID[7]: worker
