@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import select
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -130,25 +129,31 @@ async def _attempt(
     try:
         # Set before connect() so that the SYN already carries them (STK-03, STK-05).
         applied = None if action.options.empty else apply_leg_options(sock, action.options)
-        with contextlib.suppress(OSError):
+        # try/except rather than contextlib.suppress here: this runs on every CONNECT, and a
+        # suppress() scope is three Python calls (issue 13 item 3).
+        try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         sent = 0
         tfo = bool(action.tfo_payload) and enable_tfo_connect(sock)
         # connect() by hand rather than loop.sock_connect(): the latter re-resolves the
         # address with the socket's protocol, which getaddrinfo refuses for MPTCP (262).
-        with contextlib.suppress(BlockingIOError, InterruptedError):
+        try:
             # With TCP_FASTOPEN_CONNECT and a cached cookie this sends nothing yet; without
             # a cookie it starts a normal handshake (EINPROGRESS).
             sock.connect(sockaddr)
+        except (BlockingIOError, InterruptedError):
+            pass
         if tfo:
             # CMD-02 / STK-06: only with a TFO option: the first send() rides in the SYN.
             with contextlib.suppress(BlockingIOError):
                 sent = sock.send(action.tfo_payload)
-        if not _ready_now(sock):
+        if not _connected_now(sock):
             await _wait_writable(loop, sock, deadline)
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise OSError(err, os.strerror(err))
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
         return Remote(
             sock=sock,
             address=(str(sockaddr[0]), int(sockaddr[1])),
@@ -232,22 +237,22 @@ async def _happy_eyeballs(loop: asyncio.AbstractEventLoop, attempts: list[_Attem
     raise errors[-1] if errors else OSError(errno.EHOSTUNREACH, "no address to connect to")
 
 
-_POLL = select.poll()
-
-
-def _ready_now(sock: socket.socket) -> bool:
-    """True when a connect in progress has already finished (or failed).
+def _connected_now(sock: socket.socket) -> bool:
+    """True when a connect in progress has already succeeded.
 
     On loopback and nearby hosts the handshake is often over by the time connect()
-    returns: one poll() then replaces a writer registered with the event loop and
-    removed again (several epoll_ctl calls on uvloop).
+    returns: one getpeername() then replaces a writer registered with the event loop and
+    removed again (several epoll_ctl calls on uvloop), and the poll() plus SO_ERROR read
+    that told the same before (issue 13 item 3: one syscall instead of two). Linux answers
+    getpeername() with ENOTCONN while the SYN is out (SYN_SENT) and after a failed connect
+    (CLOSE), so success means established, with no error pending; False sends the caller
+    to the wait and the SO_ERROR check, which report a failure (CMD-01) as before.
     """
-    fd = sock.fileno()
-    _POLL.register(fd, select.POLLOUT)
     try:
-        return bool(_POLL.poll(0))
-    finally:
-        _POLL.unregister(fd)
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
