@@ -629,9 +629,13 @@ class Server:
     def _on_acceptable(self, lsock: socket.socket, tls: bool, proxy: ProxyTrust | None) -> None:
         loop = self._loop
         assert loop is not None
+        # The listener's family as a plain int, read once per wake-up: socket.accept() reads
+        # .family and .type through IntEnum conversions and runs a timeout check on every
+        # client (issue 13 item 3); _accept() plus the constructor is the same minus those.
+        family = int(lsock.family)
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, addr = lsock.accept()
+                fd, addr = lsock._accept()  # type: ignore[attr-defined]  # CPython's, 3.x
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -646,6 +650,11 @@ class Server:
                     loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
                     return
                 log.debug("accept failed: %s", exc)  # ECONNABORTED and the like
+                continue
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            except OSError:
+                os.close(fd)
                 continue
             sock.setblocking(False)  # TCP_NODELAY comes from the listener (inherited)
             if len(self._tasks) >= self._max_connections:
