@@ -50,7 +50,7 @@ from typing import Any
 from socks6fast import __version__
 
 from .asyncio.server import Server
-from .asyncio.server.logs import WORKER, JsonFormatter
+from .asyncio.server.logs import WORKER, BatchingStreamHandler, JsonFormatter, TextFormatter
 from .config import Config, ConfigError, default_config, load_config, parse_user_option
 from .constants import MAX_USERPASS_LENGTH, MAX_WORKER_PROCESSES
 from .net.reuseport import WorkerSockets
@@ -164,7 +164,12 @@ def _setup_logging(level: str, log_format: str = "text", worker: int | None = No
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    # To stderr's descriptor, flushed once per event loop turn once `_serve` attaches the loop
+    # (issue 13 item 3: a write(2) per connection's line before).
+    try:
+        handler = BatchingStreamHandler.for_fd(sys.stderr.fileno())
+    except (OSError, ValueError):  # io.UnsupportedOperation: a stderr without a descriptor
+        handler = BatchingStreamHandler(sys.stderr)
     tag = ""
     if worker is not None:
         # D34: every line of a worker process says which one (JSON: "worker": N).
@@ -177,7 +182,7 @@ def _setup_logging(level: str, log_format: str = "text", worker: int | None = No
     if log_format == "json":
         handler.setFormatter(JsonFormatter())  # issue 14: one JSON object per line
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s: {tag}%(message)s"))
+        handler.setFormatter(TextFormatter(tag))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
 
 
@@ -188,6 +193,9 @@ async def _serve(
     ready: Callable[[], None] | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
+    batching = [h for h in logging.getLogger().handlers if isinstance(h, BatchingStreamHandler)]
+    for h in batching:
+        h.attach(loop)  # one flush per loop turn from here on
     server = Server(config, worker=worker)
     stop = asyncio.Event()
     started = False
@@ -233,6 +241,8 @@ async def _serve(
     finally:
         for signum, _ in handlers:
             loop.remove_signal_handler(signum)
+        for h in batching:
+            h.attach(None)  # flushes; every line from here on is written at once
     log.info("stopped")
     return 0
 
