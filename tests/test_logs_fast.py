@@ -108,7 +108,7 @@ def test_batching_handler_on_a_stream_without_descriptor() -> None:
 
 def test_connected_now() -> None:
     """Established: True at once. Still in progress or refused: False, so the dial waits and
-    reads SO_ERROR (CMD-01's reply codes come from there)."""
+    reads SO_ERROR (the failure reply's code comes from there)."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
