@@ -91,6 +91,9 @@ LAYERS: list[set[str]] = [
     # The Python UDP load generator for the DTLS rows runs as a child process; it drives
     # socks6fast's own client (issue 11).
     | {"bench._dtlsgen"},
+    # Issue 15: the httpx and aiohttp adapters (optional extras), on top of everything: they use
+    # the clients, and no module below may import them (the core never pulls in httpx/aiohttp).
+    {"contrib", "contrib.httpx", "contrib.aiohttp"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
@@ -103,6 +106,8 @@ IO_CIMPORTS = ("posix.socket", "socks6fast.includes.linux", "libc.sys.socket")
 SOCKET_HOMES = frozenset(
     {"net", "dataplane", "asyncio", "_client_base", "client", "cli", "supervisor", "bench"}
 )
+#: contrib/ (the httpx and aiohttp adapters) performs the clients' I/O for those libraries.
+SOCKET_HOMES = frozenset({"net", "dataplane", "asyncio", "_client_base", "client", "cli", "bench", "contrib"})
 
 
 def _module_name(path: Path, root: Path) -> str:
