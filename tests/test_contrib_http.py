@@ -328,3 +328,32 @@ def test_core_does_not_import_contrib() -> None:
     )
     done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+async def test_readme_example_runs(tmp_path: Path) -> None:
+    """examples/http_clients.py (quoted in the README) runs as written against the real proxy:
+    httpx async and sync and aiohttp, three requests each, one tunnel and one session each."""
+    example = ROOT / "examples" / "http_clients.py"
+    async with environment(tmp_path) as env:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(example),
+            env.url(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+        assert process.returncode == 0, err.decode()
+        lines = out.decode().splitlines()
+        assert lines[:4] == [f"httpx async: 200 hello /httpx-async/{i}" for i in range(3)] + [
+            "httpx async: SOCKS 6 session True"
+        ]
+        assert lines[4:] == [f"httpx sync: 200 hello /httpx-sync/{i}" for i in range(3)] + [
+            f"aiohttp: 200 hello /aiohttp/{i}" for i in range(3)
+        ]
+        for _ in range(200):  # records are written when both legs have closed
+            if len([r for r in env.server.records if r.command == "CONNECT"]) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert env.store.counters.created == 3  # one session per client
+        assert len([r for r in env.server.records if r.command == "CONNECT"]) == 3  # one tunnel each
