@@ -52,6 +52,17 @@ async def _echo(request: web.Request) -> web.Response:
     return web.Response(body=await request.read())
 
 
+async def _cut(request: web.Request) -> web.StreamResponse:
+    # The web server dies mid-response: 10 of 100000 announced bytes, then a reset.
+    response = web.StreamResponse(headers={"Content-Length": "100000"})
+    await response.prepare(request)
+    await response.write(b"0123456789")
+    await asyncio.sleep(0.05)
+    assert request.transport is not None
+    request.transport.abort()
+    return response
+
+
 @dataclass
 class Env:
     server: Server
@@ -99,6 +110,7 @@ def _free_port() -> int:
 async def environment(tmp_path: Path, rules: list[dict[str, Any]] | None = None) -> AsyncIterator[Env]:
     certs = make_certificates(tmp_path)
     app = web.Application()
+    app.router.add_get("/cut", _cut)
     app.router.add_get("/{tail:.*}", _hello)
     app.router.add_post("/echo", _echo)
     runner = web.AppRunner(app, access_log=None)
@@ -301,6 +313,43 @@ async def test_refused_by_rules_and_unreachable(tmp_path: Path) -> None:
             async with aiohttp.ClientSession(connector=ProxyConnector.from_url(down)) as http:
                 with pytest.raises(aiohttp.ClientProxyConnectionError):
                     await http.get(f"http://web.test:{env.http_port}/")
+        await asyncio.sleep(0.05)
+        assert _open_sockets() <= before
+
+
+@pytest.mark.conformance("IDM-05")
+async def test_more_concurrent_connections_than_tokens(tmp_path: Path) -> None:
+    """Token window exhausted: 6 tunnels opened at once with a window of 2 tokens. The first two
+    spend the window's tokens (smallest first, IDM-05), the other four go without one rather
+    than fail or wait; every request succeeds and the proxy rejected no token."""
+    async with environment(tmp_path) as env:
+        transport = AsyncProxyTransport.from_url(env.url(), tokens=2)
+        async with httpx.AsyncClient(transport=transport) as client:
+            assert (await client.get(f"http://web.test:{env.http_port}/warm")).status_code == 200
+            replies = await asyncio.gather(
+                *(client.get(f"http://web.test:{env.http_port}/c{i}") for i in range(6))
+            )
+            assert [r.text for r in replies] == [f"hello /c{i}" for i in range(6)]
+            assert env.store.counters.tokens_spent == 2 and env.store.counters.tokens_rejected == 0
+            assert env.store.counters.created == 1
+
+
+async def test_server_reset_mid_transfer(tmp_path: Path) -> None:
+    """The web server resets the connection in the middle of a response: httpx and aiohttp
+    each raise their usual error for a truncated body, the next request through the same
+    transport works, and no socket is left behind."""
+    async with environment(tmp_path) as env:
+        before = _open_sockets()
+        async with httpx.AsyncClient(transport=AsyncProxyTransport.from_url(env.url())) as client:
+            with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+                await client.get(f"http://web.test:{env.http_port}/cut")
+            assert (await client.get(f"http://web.test:{env.http_port}/after")).text == "hello /after"
+        async with aiohttp.ClientSession(connector=ProxyConnector.from_url(env.url())) as http:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with http.get(f"http://web.test:{env.http_port}/cut") as r:
+                    await r.read()
+            async with http.get(f"http://web.test:{env.http_port}/after") as r:
+                assert await r.text() == "hello /after"
         await asyncio.sleep(0.05)
         assert _open_sockets() <= before
 
