@@ -44,6 +44,7 @@ on asyncio (not trio).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import select
 import socket
@@ -52,7 +53,7 @@ import time
 import typing
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 try:
     import httpcore
@@ -76,6 +77,8 @@ __all__ = ["AsyncProxyTransport", "ProxyError", "SyncProxyTransport"]
 
 #: Default idempotence token window per transport (IDM-02; 0: no tokens).
 DEFAULT_TOKENS = 16
+
+T = TypeVar("T")
 
 SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
 
@@ -183,11 +186,167 @@ class _AsyncStream(httpcore.AsyncNetworkStream):
         if info == "is_readable":
             # httpcore asks before reusing an idle keep-alive connection: readable means the
             # server closed it (or sent something unasked), so it must not be reused.
-            return self._reader.at_eof() or self._reader.exception() is not None or self._closing()
+            return self.is_readable()
         return self._writer.get_extra_info(info)
 
-    def _closing(self) -> bool:
+    def is_readable(self) -> bool:
+        """EOF, an error or bytes waiting: an idle connection that must not be reused."""
+        reader = self._reader
+        return reader.at_eof() or reader.exception() is not None or self.closing()
+
+    def closing(self) -> bool:
+        """The transport is closed or closing."""
         return self._writer.transport.is_closing()
+
+
+def _client_hello(
+    ssl_context: ssl.SSLContext, server_hostname: str | None
+) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
+    """A TLS client over memory BIOs, started: (its object, incoming, outgoing, the ClientHello)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl_context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return tls, incoming, outgoing, outgoing.read()
+
+
+class _AsyncBIOTLSStream(httpcore.AsyncNetworkStream):
+    """TLS to the destination over memory BIOs on a tunnel whose ClientHello went already
+    (false start: as the CONNECT's initial data). Call `handshake` before use."""
+
+    _CHUNK = 65536
+
+    def __init__(
+        self, inner: _AsyncStream, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+    ) -> None:
+        self._inner = inner
+        self._tls = tls
+        self._incoming = incoming
+        self._outgoing = outgoing
+
+    async def _run(self, step: typing.Callable[[], T], timeout: float | None) -> T:
+        while True:
+            want_read = False
+            try:
+                result = step()
+            except ssl.SSLWantReadError:
+                want_read = True
+            pending = self._outgoing.read()
+            if pending:
+                await self._inner.write(pending, timeout)
+            if not want_read:
+                return result
+            data = await self._inner.read(self._CHUNK, timeout)
+            if data:
+                self._incoming.write(data)
+            else:
+                self._incoming.write_eof()
+
+    async def handshake(self, timeout: float | None) -> None:
+        try:
+            await self._run(self._tls.do_handshake, timeout)
+        except httpcore.ReadTimeout as exc:
+            await self.aclose()
+            raise httpcore.ConnectTimeout(str(exc)) from exc
+        except (httpcore.NetworkError, ssl.SSLError) as exc:
+            await self.aclose()
+            raise httpcore.ConnectError(str(exc)) from exc
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            return await self._run(functools.partial(self._tls.read, max_bytes), timeout)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""  # close_notify, or a server that closed without one: HTTP's framing judges
+        except ssl.SSLError as exc:
+            raise httpcore.ReadError(str(exc)) from exc
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        view = memoryview(buffer)
+        try:
+            while view:
+                written = await self._run(functools.partial(self._tls.write, view), timeout)
+                view = view[written:]
+        except ssl.SSLError as exc:
+            raise httpcore.WriteError(str(exc)) from exc
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(ssl.SSLError):
+            self._tls.unwrap()  # queues close_notify
+        pending = self._outgoing.read()
+        if pending and not self._inner.closing():
+            with contextlib.suppress(httpcore.NetworkError, httpcore.TimeoutException):
+                await self._inner.write(pending, 1.0)
+        await self._inner.aclose()
+
+    async def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("TLS inside TLS to the destination: not needed by httpx")
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "ssl_object":
+            return self._tls
+        if info == "is_readable":
+            return self._tls.pending() > 0 or self._inner.is_readable()
+        return self._inner.get_extra_info(info)
+
+
+class _LazyAsyncStream(httpcore.AsyncNetworkStream):
+    """A tunnel whose SOCKS 6 CONNECT waits for the first bytes, to carry them (false start).
+
+    httpcore writes the request only after ``connect_tcp`` returned; sending the CONNECT at
+    once would cost a round trip to the proxy before the request leaves. Deferred to the
+    first ``write`` (the request head), or to ``start_tls`` (the ClientHello, from a memory-BIO
+    TLS client), those bytes go as the CONNECT's initial data in the Request's flight
+    (section "False Starts", CMD-03). A ``read`` first (nothing to send) connects bare.
+    """
+
+    def __init__(self, backend: AsyncSocks6Backend, host: str, port: int, timeout: float | None) -> None:
+        self._backend = backend
+        self._host = host
+        self._port = port
+        self._timeout = timeout
+        self._stream: httpcore.AsyncNetworkStream | None = None
+        self._closed = False
+
+    async def _open(self, initial_data: bytes) -> _AsyncStream:
+        if self._closed:
+            raise httpcore.ConnectError("the connection was closed before it was used")
+        return await self._backend.open_tunnel(self._host, self._port, self._timeout, initial_data)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._stream is None:
+            self._stream = await self._open(b"")
+        return await self._stream.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if self._stream is None:
+            self._stream = await self._open(bytes(buffer))
+            return
+        await self._stream.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._stream is not None:
+            await self._stream.aclose()
+
+    async def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        if self._stream is not None:
+            return await self._stream.start_tls(ssl_context, server_hostname, timeout)
+        tls, incoming, outgoing, hello = _client_hello(ssl_context, server_hostname)
+        stream = _AsyncBIOTLSStream(await self._open(hello), tls, incoming, outgoing)
+        await stream.handshake(timeout)
+        self._stream = stream
+        return stream
+
+    def get_extra_info(self, info: str) -> Any:
+        if self._stream is None:
+            return False if info == "is_readable" else None
+        return self._stream.get_extra_info(info)
 
 
 class AsyncSocks6Backend(httpcore.AsyncNetworkBackend):
@@ -196,11 +355,28 @@ class AsyncSocks6Backend(httpcore.AsyncNetworkBackend):
     Args:
         session: the `socks6fast.asyncio.Session` every CONNECT joins.
         tfo: TCP Fast Open to the proxy where TRN-02 allows it.
+        false_start: defer each CONNECT to the first bytes and send them with it
+            (`_LazyAsyncStream`); False: CONNECT inside ``connect_tcp``.
     """
 
-    def __init__(self, session: AsyncSession, *, tfo: bool = False) -> None:
+    def __init__(self, session: AsyncSession, *, tfo: bool = False, false_start: bool = True) -> None:
         self.session = session
         self.tfo = tfo
+        self.false_start = false_start
+
+    async def open_tunnel(
+        self, host: str, port: int, timeout: float | None, initial_data: bytes
+    ) -> _AsyncStream:
+        """The SOCKS 6 CONNECT; its failures as the httpcore exceptions httpx maps."""
+        core = self.session.core
+        idempotent = _spend_token(core.state, core.available_token())
+        try:
+            reader, writer = await self.session.open_connection(
+                host, port, initial_data=initial_data, idempotent=idempotent, tfo=self.tfo, timeout=timeout
+            )
+        except (Socks6Error, OSError) as exc:
+            raise _connect_error(exc, host, port) from exc
+        return _AsyncStream(reader, writer)
 
     async def connect_tcp(
         self,
@@ -212,15 +388,9 @@ class AsyncSocks6Backend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         # local_address and socket_options concern the proxy's socket towards the destination,
         # which the client does not control: not supported (ignored).
-        core = self.session.core
-        idempotent = _spend_token(core.state, core.available_token())
-        try:
-            reader, writer = await self.session.open_connection(
-                host, port, idempotent=idempotent, tfo=self.tfo, timeout=timeout
-            )
-        except (Socks6Error, OSError) as exc:
-            raise _connect_error(exc, host, port) from exc
-        return _AsyncStream(reader, writer)
+        if self.false_start:
+            return _LazyAsyncStream(self, host, port, timeout)
+        return await self.open_tunnel(host, port, timeout, b"")
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[SocketOption] | None = None
@@ -247,6 +417,8 @@ class AsyncProxyTransport(httpx.AsyncHTTPTransport):
         proxy_server_hostname: name the proxy certificate is checked against.
         tokens: idempotence token window to ask the proxy for (0: none).
         tfo: TCP Fast Open to the proxy (TRN-02).
+        false_start: send each connection's first bytes (the request head, or the TLS
+            ClientHello) with its CONNECT, in one flight (CMD-03); False: CONNECT first.
         verify, cert, trust_env, http1, http2, limits, retries: as for
             ``httpx.AsyncHTTPTransport`` (``verify`` concerns the destination's certificate).
     """
@@ -259,6 +431,7 @@ class AsyncProxyTransport(httpx.AsyncHTTPTransport):
         proxy_server_hostname: str | None = None,
         tokens: int = DEFAULT_TOKENS,
         tfo: bool = False,
+        false_start: bool = True,
         verify: ssl.SSLContext | str | bool = True,
         cert: Any = None,
         trust_env: bool = True,
@@ -285,7 +458,7 @@ class AsyncProxyTransport(httpx.AsyncHTTPTransport):
             http1=http1,
             http2=http2,
             retries=retries,
-            network_backend=AsyncSocks6Backend(self.session, tfo=tfo),
+            network_backend=AsyncSocks6Backend(self.session, tfo=tfo, false_start=false_start),
         )
 
     @classmethod
@@ -346,20 +519,21 @@ class _SyncStream(httpcore.NetworkStream):
     def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.NetworkStream:
+        if isinstance(self._sock, ssl.SSLSocket):
+            # socks6+tls: the tunnel is TLS to the proxy already; the destination's TLS runs
+            # inside it, over memory BIOs.
+            tls, incoming, outgoing, hello = _client_hello(ssl_context, server_hostname)
+            return _SyncBIOTLSStream(self._sock, tls, incoming, outgoing, hello, timeout)
         try:
-            if isinstance(self._sock, ssl.SSLSocket):
-                # socks6+tls: the tunnel is TLS to the proxy already; the destination's TLS
-                # runs inside it, over memory BIOs.
-                return _TLSinTLSStream(self._sock, ssl_context, server_hostname, timeout)
             self._sock.settimeout(timeout)
-            tls = ssl_context.wrap_socket(self._sock, server_hostname=server_hostname)
+            wrapped = ssl_context.wrap_socket(self._sock, server_hostname=server_hostname)
         except TimeoutError as exc:
             self._sock.close()
             raise httpcore.ConnectTimeout(str(exc) or "TLS handshake timed out") from exc
         except OSError as exc:  # ssl.SSLError is an OSError
             self._sock.close()
             raise httpcore.ConnectError(str(exc)) from exc
-        return _SyncStream(tls)
+        return _SyncStream(wrapped)
 
     def get_extra_info(self, info: str) -> Any:
         if info == "ssl_object" and isinstance(self._sock, ssl.SSLSocket):
@@ -380,49 +554,55 @@ def _readable(sock: socket.socket) -> bool:
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     try:
-        return sock.fileno() < 0 or _poll_in(sock)
+        if sock.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
     except OSError:
         return True
 
 
-def _poll_in(sock: socket.socket) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-class _TLSinTLSStream(httpcore.NetworkStream):
-    """TLS to the destination over the TLS connection to the proxy (``ssl.MemoryBIO``)."""
+class _SyncBIOTLSStream(httpcore.NetworkStream):
+    """TLS to the destination over memory BIOs on a blocking socket: inside the TLS connection
+    to a ``socks6+tls`` proxy, or on a tunnel whose CONNECT carried the ClientHello (false
+    start). The handshake completes in the constructor; ``hello`` is sent first unless it
+    went already (b"")."""
 
     _CHUNK = 65536
 
     def __init__(
         self,
-        sock: ssl.SSLSocket,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None,
+        sock: socket.socket,
+        tls: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        hello: bytes,
         timeout: float | None,
     ) -> None:
         self._sock = sock
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = ssl_context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
-        self._sock.settimeout(timeout)
+        self._tls = tls
+        self._incoming = incoming
+        self._outgoing = outgoing
         try:
+            self._sock.settimeout(timeout)
+            if hello:
+                self._sock.sendall(hello)
             self._run(self._tls.do_handshake)
-        except BaseException:
+        except TimeoutError as exc:
             self._sock.close()
-            raise
+            raise httpcore.ConnectTimeout(str(exc) or "TLS handshake timed out") from exc
+        except OSError as exc:  # ssl.SSLError is an OSError
+            self._sock.close()
+            raise httpcore.ConnectError(str(exc)) from exc
 
-    def _run(self, step: typing.Callable[[], Any]) -> Any:
+    def _run(self, step: typing.Callable[[], T]) -> T:
         while True:
             want_read = False
             try:
                 result = step()
             except ssl.SSLWantReadError:
                 want_read = True
-            except ssl.SSLWantWriteError:  # pragma: no cover - memory BIOs never block writing
-                pass
             pending = self._outgoing.read()
             if pending:
                 self._sock.sendall(pending)
@@ -437,9 +617,9 @@ class _TLSinTLSStream(httpcore.NetworkStream):
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
             self._sock.settimeout(timeout)
-            return typing.cast(bytes, self._run(lambda: self._tls.read(max_bytes)))
-        except ssl.SSLZeroReturnError:
-            return b""
+            return self._run(functools.partial(self._tls.read, max_bytes))
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""  # close_notify, or a server that closed without one: HTTP's framing judges
         except TimeoutError as exc:
             raise httpcore.ReadTimeout(str(exc) or "read timed out") from exc
         except OSError as exc:
@@ -450,7 +630,7 @@ class _TLSinTLSStream(httpcore.NetworkStream):
             self._sock.settimeout(timeout)
             view = memoryview(buffer)
             while view:
-                written = typing.cast(int, self._run(functools.partial(self._tls.write, view)))
+                written = self._run(functools.partial(self._tls.write, view))
                 view = view[written:]
         except TimeoutError as exc:
             raise httpcore.WriteTimeout(str(exc) or "write timed out") from exc
@@ -463,7 +643,7 @@ class _TLSinTLSStream(httpcore.NetworkStream):
     def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.NetworkStream:
-        raise NotImplementedError("TLS in TLS in TLS: not needed by httpx")
+        raise httpcore.ConnectError("TLS inside TLS to the destination: not needed by httpx")
 
     def get_extra_info(self, info: str) -> Any:
         if info == "ssl_object":
@@ -475,16 +655,83 @@ class _TLSinTLSStream(httpcore.NetworkStream):
         if info == "socket":
             return self._sock
         if info == "is_readable":
-            return _readable(self._sock)
+            return self._tls.pending() > 0 or _readable(self._sock)
         return None
 
 
-class SyncSocks6Backend(httpcore.NetworkBackend):
-    """httpcore network backend (blocking) whose ``connect_tcp`` is a SOCKS 6 CONNECT in ``session``."""
+class _LazySyncStream(httpcore.NetworkStream):
+    """The blocking twin of `_LazyAsyncStream`: the CONNECT waits for the first bytes (the
+    request head, or the ClientHello) and carries them as initial data (CMD-03)."""
 
-    def __init__(self, session: SyncSession, *, tfo: bool = False) -> None:
+    def __init__(self, backend: SyncSocks6Backend, host: str, port: int, timeout: float | None) -> None:
+        self._backend = backend
+        self._host = host
+        self._port = port
+        self._timeout = timeout
+        self._stream: httpcore.NetworkStream | None = None
+        self._closed = False
+
+    def _open(self, initial_data: bytes) -> socket.socket:
+        if self._closed:
+            raise httpcore.ConnectError("the connection was closed before it was used")
+        return self._backend.open_tunnel(self._host, self._port, self._timeout, initial_data)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._stream is None:
+            self._stream = _SyncStream(self._open(b""))
+        return self._stream.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if self._stream is None:
+            self._stream = _SyncStream(self._open(bytes(buffer)))
+            return
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._stream is not None:
+            self._stream.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        if self._stream is not None:
+            return self._stream.start_tls(ssl_context, server_hostname, timeout)
+        tls, incoming, outgoing, hello = _client_hello(ssl_context, server_hostname)
+        self._stream = _SyncBIOTLSStream(self._open(hello), tls, incoming, outgoing, b"", timeout)
+        return self._stream
+
+    def get_extra_info(self, info: str) -> Any:
+        if self._stream is None:
+            return False if info == "is_readable" else None
+        return self._stream.get_extra_info(info)
+
+
+class SyncSocks6Backend(httpcore.NetworkBackend):
+    """httpcore network backend (blocking) whose ``connect_tcp`` is a SOCKS 6 CONNECT in ``session``;
+    arguments as for `AsyncSocks6Backend`."""
+
+    def __init__(self, session: SyncSession, *, tfo: bool = False, false_start: bool = True) -> None:
         self.session = session
         self.tfo = tfo
+        self.false_start = false_start
+
+    def open_tunnel(self, host: str, port: int, timeout: float | None, initial_data: bytes) -> socket.socket:
+        """The SOCKS 6 CONNECT; its failures as the httpcore exceptions httpx maps."""
+        core = self.session.core
+        idempotent = _spend_token(core.state, core.available_token())
+        options: dict[str, Any] = {"initial_data": initial_data, "tfo": self.tfo, "timeout": timeout}
+        try:
+            try:
+                return self.session.connect(host, port, idempotent=idempotent, **options)
+            except LocalProtocolError:
+                if not idempotent:
+                    raise
+                # Another thread spent the last known token between the look and the
+                # request: go without one.
+                return self.session.connect(host, port, **options)
+        except (Socks6Error, OSError) as exc:
+            raise _connect_error(exc, host, port) from exc
 
     def connect_tcp(
         self,
@@ -494,20 +741,9 @@ class SyncSocks6Backend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[SocketOption] | None = None,
     ) -> httpcore.NetworkStream:
-        core = self.session.core
-        idempotent = _spend_token(core.state, core.available_token())
-        try:
-            try:
-                sock = self.session.connect(host, port, idempotent=idempotent, tfo=self.tfo, timeout=timeout)
-            except LocalProtocolError:
-                if not idempotent:
-                    raise
-                # Another thread spent the last known token between the look and the
-                # request: go without one.
-                sock = self.session.connect(host, port, tfo=self.tfo, timeout=timeout)
-        except (Socks6Error, OSError) as exc:
-            raise _connect_error(exc, host, port) from exc
-        return _SyncStream(sock)
+        if self.false_start:
+            return _LazySyncStream(self, host, port, timeout)
+        return _SyncStream(self.open_tunnel(host, port, timeout, b""))
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[SocketOption] | None = None
@@ -538,6 +774,7 @@ class SyncProxyTransport(httpx.HTTPTransport):
         proxy_server_hostname: str | None = None,
         tokens: int = DEFAULT_TOKENS,
         tfo: bool = False,
+        false_start: bool = True,
         verify: ssl.SSLContext | str | bool = True,
         cert: Any = None,
         trust_env: bool = True,
@@ -562,7 +799,7 @@ class SyncProxyTransport(httpx.HTTPTransport):
             http1=http1,
             http2=http2,
             retries=retries,
-            network_backend=SyncSocks6Backend(self.session, tfo=tfo),
+            network_backend=SyncSocks6Backend(self.session, tfo=tfo, false_start=false_start),
         )
 
     @classmethod
