@@ -21,6 +21,11 @@ speaks HTTP/1.1 (keep-alive: one tunnel carries many requests) or, for ``https:/
 with httpx's verification *inside* the tunnel (``start_tls``; over ``socks6+tls://`` that
 is TLS in TLS).
 
+False start (``false_start=True``, the default): a new tunnel's CONNECT waits for its first
+bytes, the request head or the TLS ClientHello (a memory-BIO TLS client), and carries them as
+initial data in the Request's flight (CMD-03): the first byte costs one round trip to the
+proxy, not two. A refusal then surfaces at that first write, with the same exceptions.
+
 What is reused across requests: the pool's keep-alive connections (each a SOCKS 6 tunnel),
 and one `socks6fast.asyncio.Session` (`socks6fast.client.Session` for the sync transport)
 per transport. The first CONNECT carries the 0-RTT credentials and the Session Request
