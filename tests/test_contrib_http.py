@@ -153,16 +153,18 @@ async def _settle(env: Env, tunnels: int, port: int) -> None:
 
 
 @pytest.mark.conformance("SES-01", "SES-02", "SES-05", "IDM-05")
+@pytest.mark.parametrize("false_start", [True, False], ids=["false_start", "connect_first"])
 @pytest.mark.parametrize("scheme", ["socks6", "socks6+tls"])
-async def test_httpx_async_one_session_keepalive_https(tmp_path: Path, scheme: str) -> None:
+async def test_httpx_async_one_session_https(tmp_path: Path, scheme: str, false_start: bool) -> None:
     """httpx.AsyncClient on AsyncProxyTransport: HTTP and HTTPS (TLS with httpx's verify= inside
     the tunnel; over socks6+tls, TLS in TLS) through one SOCKS 6 session (SES-01/02: created
     once, later CONNECTs need no authentication), keep-alive reusing each tunnel (6 requests,
     2 tunnels), the second tunnel spending an idempotence token (IDM-05), and closing the
-    transport tears the session down (SES-05)."""
+    transport tears the session down (SES-05). With false start (the request head or the
+    ClientHello sent with the CONNECT, memory-BIO TLS) and without (asyncio's start_tls)."""
     async with environment(tmp_path) as env:
         transport = AsyncProxyTransport.from_url(
-            env.url(scheme), **env.proxy_tls(scheme), verify=env.ca_context
+            env.url(scheme), **env.proxy_tls(scheme), verify=env.ca_context, false_start=false_start
         )
         async with httpx.AsyncClient(transport=transport) as client:
             for i in range(3):
@@ -184,16 +186,17 @@ async def test_httpx_async_one_session_keepalive_https(tmp_path: Path, scheme: s
 
 
 @pytest.mark.conformance("SES-02")
+@pytest.mark.parametrize("false_start", [True, False], ids=["false_start", "connect_first"])
 @pytest.mark.parametrize("scheme", ["socks6", "socks6+tls"])
-async def test_httpx_sync_one_session_https(tmp_path: Path, scheme: str) -> None:
+async def test_httpx_sync_one_session_https(tmp_path: Path, scheme: str, false_start: bool) -> None:
     """httpx.Client on SyncProxyTransport (in a thread, the servers on the loop): HTTP and HTTPS
     through one session, the tunnels reused; over socks6+tls the destination's TLS runs inside
-    the proxy's TLS (memory BIOs)."""
+    the proxy's TLS (memory BIOs). With and without false start."""
     async with environment(tmp_path) as env:
 
         def run() -> list[tuple[int, bytes]]:
             transport = SyncProxyTransport.from_url(
-                env.url(scheme), **env.proxy_tls(scheme), verify=env.ca_context
+                env.url(scheme), **env.proxy_tls(scheme), verify=env.ca_context, false_start=false_start
             )
             out = []
             with httpx.Client(transport=transport) as client:
