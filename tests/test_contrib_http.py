@@ -7,7 +7,8 @@ its side: its connection records (one per tunnel: keep-alive reuse), its session
 counters (sessions created, tokens spent) and the live sessions (teardown on close).
 
 These tests drive the client library and the server through the same code as the other e2e
-tests; the codec is exercised by both codec runs, so they run in both (about 5 s each).
+tests (the codec, and the splice or asyncio relay), so they run in both codec runs (about 6 s
+each); the two import checks, which touch neither, run in the compiled run only.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from helpers_server import Certificates, fake_resolver, make_certificates, make_
 
 from socks6fast import ProxyError as Socks6ProxyError
 from socks6fast import ReplyCode
+from socks6fast._extensions import NO_EXTENSIONS
 from socks6fast.asyncio.server import Server
 from socks6fast.contrib.aiohttp import ProxyConnector
 from socks6fast.contrib.aiohttp import ProxyError as AiohttpProxyError
@@ -446,6 +448,11 @@ async def test_false_start_sends_the_request_with_the_connect(tmp_path: Path) ->
         assert [hello in f for f in tunnels] == [False, True, False, True, False, False]
 
 
+#: The import checks below do not touch the codec: they run in the compiled run only.
+only_compiled_run = pytest.mark.skipif(NO_EXTENSIONS, reason="codec-independent: the compiled run covers it")
+
+
+@only_compiled_run
 def test_import_without_the_extra_is_one_sentence() -> None:
     """Without httpx (or aiohttp) installed, importing the adapter raises one ImportError
     sentence naming the extra to install (checked in a fresh interpreter with the library
@@ -460,6 +467,7 @@ def test_import_without_the_extra_is_one_sentence() -> None:
         )
 
 
+@only_compiled_run
 def test_core_does_not_import_contrib() -> None:
     """The proxy and the client library never pull in httpx or aiohttp (fresh interpreter)."""
     code = (
