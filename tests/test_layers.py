@@ -103,11 +103,10 @@ IO_MODULES = frozenset({"socket", "_socket", "ssl", "asyncio", "select", "select
 IO_CIMPORTS = ("posix.socket", "socks6fast.includes.linux", "libc.sys.socket")
 #: The only places allowed to touch sockets (a top-level folder or module name).
 #: bench/ (socks6fast bench) is a load harness: it dials the proxies under test itself.
-SOCKET_HOMES = frozenset(
-    {"net", "dataplane", "asyncio", "_client_base", "client", "cli", "supervisor", "bench"}
-)
 #: contrib/ (the httpx and aiohttp adapters) performs the clients' I/O for those libraries.
-SOCKET_HOMES = frozenset({"net", "dataplane", "asyncio", "_client_base", "client", "cli", "bench", "contrib"})
+SOCKET_HOMES = frozenset(
+    {"net", "dataplane", "asyncio", "_client_base", "client", "cli", "supervisor", "bench", "contrib"}
+)
 
 
 def _module_name(path: Path, root: Path) -> str:
