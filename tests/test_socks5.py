@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from socks6fast.constants import (
@@ -542,6 +542,7 @@ _random_wire = st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(decode=st.sampled_from(STREAM_DECODERS), data=_random_wire)
+@example(decode=socks5.decode_userpass_request, data=b"\x01\x00\x00")  # ULEN 0, PLEN 0: found by hypothesis
 def test_random_bytes_only_wire_error(decode: Decoder, data: bytes) -> None:
     """Only WireError escapes; a decoded message re-encodes and decodes to itself; splits agree."""
     try:
@@ -557,10 +558,13 @@ def test_random_bytes_only_wire_error(decode: Decoder, data: bytes) -> None:
     assert decode(data[:count]) == (message, count)
     for k in range(count):
         assert decode(data[:k])[0] is None
-    if message in (Socks5Greeting(()),) or (
-        isinstance(message, Socks5Reply) and not isinstance(message.reply_code, ReplyCode)
+    if (
+        message in (Socks5Greeting(()),)
+        or (isinstance(message, Socks5Reply) and not isinstance(message.reply_code, ReplyCode))
+        or (isinstance(message, UserPassRequest) and not (message.username and message.password))
     ):
-        # Accepted on input, never sent: NMETHODS 0, unassigned REP.
+        # Accepted on input, never sent: NMETHODS 0, unassigned REP, an RFC 1929 ULEN or PLEN of
+        # 0 (the check then fails as any wrong password does; the encoder keeps RFC 1929's 1-255).
         with pytest.raises(LocalProtocolError):
             ENCODER_OF[decode](message)
         return
