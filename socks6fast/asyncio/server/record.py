@@ -23,6 +23,15 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def log_safe(text: str) -> str:
+    """``text`` with control characters, backslashes and non-ASCII escaped (``\\n``,
+    ``\\x1b``, ``\\u2028``): a destination name comes from the client, and a newline in it
+    would forge a log line of its own (CWE-117; the strict probe's L-1)."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # every name a resolver accepts
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def describe_error(exc: BaseException) -> str:
     """Why an operation failed, in words, for the access log; never empty.
 
@@ -158,7 +167,7 @@ class ConnectionRecord:
         text = (
             f"client={format_address(*self.client)}{self._proxied_by()} proto={self.protocol} "
             f"user={self.user or '-'} "
-            f"cmd={self.command} dst={self.destination} reply={code} up={self.bytes_up} "
+            f"cmd={self.command} dst={log_safe(self.destination)} reply={code} up={self.bytes_up} "
             f"down={self.bytes_down} dur={self.duration:.3f}s relay={self.relay_path} end={self.relay_end} "
             f"close={self.relay_close}"
         )
