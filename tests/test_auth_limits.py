@@ -39,6 +39,15 @@ class CountingStore(UserStore):
         return user
 
 
+class SlowStore(CountingStore):
+    """Checks that take 0.3 s (the test's cheap hash takes microseconds; the default scrypt
+    35-50 ms of CPU, more on a busy host): logins sent at once overlap their checks."""
+
+    def authenticate(self, username: bytes, password: bytes) -> str | None:
+        time.sleep(0.3)  # in the executor thread, like scrypt
+        return super().authenticate(username, password)
+
+
 def counting(server: Server, users: dict[str, str]) -> CountingStore:
     store = CountingStore(users)
     server.context.users = store
@@ -216,3 +225,26 @@ async def test_limits_come_from_the_configuration_and_reload() -> None:
         assert seen == tuple(keys.values())
         server.reload(make_config(server={"auth_checks_per_second": 0}))
         assert limiter.checks_per_second == 0.0 and limiter._users.burst == 10
+
+
+@pytest.mark.conformance("AUTH-05")
+async def test_a_cold_burst_of_correct_logins_is_one_check() -> None:
+    """The strict probe's M-1: 40 correct logins of one user at once, right after a start
+    (nothing cached), from 40 addresses under a user budget of 3 failures: every one gets in,
+    and scrypt runs once (the others share that running check). Before: each took a user
+    token before its check finished, and all past the third were refused as 'too many failed
+    logins for this user name' although none had failed. Identical wrong guesses at once
+    share one check too, and still count as one failure."""
+    config = make_config(server={"auth_user_failure_burst": 3, "auth_user_failure_interval": 60.0})
+    async with Sink() as sink, running_server(config) as server:
+        store = SlowStore({"alice": "wonderland"})  # a check as long as a real scrypt's, or longer
+        server.context.users = store
+        results = await asyncio.gather(
+            *(login(server, sink, "alice", "wonderland", source) for source in addresses(50, 40))
+        )
+        assert [ok for ok, _ in results] == [True] * 40, [error for ok, error in results if not ok]
+        assert [(name, ok) for _, name, ok in store.checks] == [("alice", True)]
+        guesses = await asyncio.gather(*(login(server, sink, "alice", "guess", s) for s in addresses(100, 5)))
+        assert [ok for ok, _ in guesses] == [False] * 5
+        assert [(name, ok) for _, name, ok in store.checks][1:] == [("alice", False)]
+        assert server.checks_in_flight == {}

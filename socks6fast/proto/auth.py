@@ -317,6 +317,11 @@ class UserStore:
         "Authentication Data options"), and a thread hop costs more than the lookup."""
         return self._lookup(self._cache_entry(username, password))
 
+    def check_key(self, username: bytes, password: bytes) -> bytes:
+        """A keyed hash naming these exact credentials (not reversible, not comparable across
+        stores): what an adapter uses to run one scrypt check for identical concurrent logins."""
+        return self._cache_entry(username, password)
+
     def _cache_entry(self, username: bytes, password: bytes) -> bytes:
         # hmac.digest: the one-shot C path (a few times faster than hmac.new().digest()).
         return hmac.digest(self._cache_key, len(username).to_bytes(2, "big") + username + password, "sha256")

@@ -445,20 +445,35 @@ class ConnectionHandler:
             return
         loop = self._loop
         name = credentials.username.decode("utf-8", "replace")
-        # AUTH-05, hardening issue 12 defect 5: the core's limiter decides whether scrypt runs.
-        admission = server.limiter.admit(self.client[0], name, loop.time())
-        if admission.refused is not None:
-            self.failed_user = name
-            conn.credentials_checked(None, admission.refused)  # failed without paying for scrypt
-            return
-        if admission.delay > 0:
-            await asyncio.sleep(admission.delay)  # a check slot (auth_checks_per_second)
-        # scrypt costs ~35-50 ms of CPU: keep it off the event loop.
         username, password = credentials.username, credentials.password
-        user = await loop.run_in_executor(None, users.authenticate, username, password)
-        if user is not None:
-            server.limiter.refund(admission)  # only failures count
+        key = users.check_key(username, password)
+        running = server.checks_in_flight.get(key)
+        if running is not None:
+            # The same credentials are being checked for another connection: share that
+            # check's answer (one scrypt run, no limiter tokens: a burst of correct logins
+            # after a start is not taken for a burst of failures).
+            user = await asyncio.shield(running)
         else:
+            # AUTH-05, hardening issue 12 defect 5: the core's limiter decides whether scrypt runs.
+            admission = server.limiter.admit(self.client[0], name, loop.time())
+            if admission.refused is not None:
+                self.failed_user = name
+                conn.credentials_checked(None, admission.refused)  # failed without paying for scrypt
+                return
+            check: asyncio.Future[str | None] = loop.create_future()
+            server.checks_in_flight[key] = check
+            user = None
+            try:
+                if admission.delay > 0:
+                    await asyncio.sleep(admission.delay)  # a check slot (auth_checks_per_second)
+                # scrypt costs ~35-50 ms of CPU: keep it off the event loop.
+                user = await loop.run_in_executor(None, users.authenticate, username, password)
+            finally:
+                del server.checks_in_flight[key]
+                check.set_result(user)  # waiters get a failure if this check was cut short
+            if user is not None:
+                server.limiter.refund(admission)  # only failures count
+        if user is None:
             self.failed_user = name  # issue 14: the attempted name goes to the log
         conn.credentials_checked(user)
 

@@ -209,6 +209,10 @@ class Server:
         )
         """Password checks: failures per client address and per user name, checks per second
         in all (AUTH-05, hardening issue 12 defect 5)."""
+        self.checks_in_flight: dict[bytes, asyncio.Future[str | None]] = {}
+        """Password checks running, by `UserStore.check_key`: a login with the same
+        credentials waits for that check instead of taking the limiter's tokens for another
+        (300 correct logins at once after a start were refused as 'too many failed logins')."""
         self.tls_context: ssl.SSLContext | None = self._tls_context(config)
         """The TLS listeners' context, or None without TLS listeners."""
         self.udp: UdpService | None = None
