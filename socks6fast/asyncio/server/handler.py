@@ -172,6 +172,7 @@ class ServerView(Protocol):
 
     context: ServerContext
     limiter: FailedAuthLimiter
+    checks_in_flight: dict[bytes, asyncio.Future[str | None]]
     resolver: Resolver | None
     tls_context: ssl.SSLContext | None
     udp: UdpService | None
