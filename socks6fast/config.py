@@ -28,6 +28,8 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     the log see (`socks6fast.proto.proxy_header`; docs/decisions.md D27).
     ``tls_certificate``, ``tls_key``: PEM files (relative paths are relative to the config
     file); both required when ``tls_listen`` or ``udp.dtls_port`` is set; must exist.
+    ``tls_client_ca``: a PEM CA file; when set, TLS listeners and DTLS ports require a client
+    certificate that verifies against it (a handshake without one fails; TRN-03).
     ``max_connections``: concurrent client connections at most (integer >= 1; 10000).
     ``serve`` lowers it, with a warning, when the descriptor limit cannot hold that many
     (`socks6fast.dataplane.resources.plan_descriptors`); past it newcomers get General Failure.
@@ -299,6 +301,9 @@ class ServerConfig:
     entry has ``proxy_protocol = true``, else None. Empty: no entry has it."""
     tls_listen_proxy_protocol: tuple[tuple[IPNetwork, ...] | None, ...] = ()
     """The same per ``tls_listen`` entry."""
+    tls_client_ca: str | None = None
+    """Absolute path of the PEM CA file client certificates must verify against (TLS
+    listeners and DTLS ports), or None: no client certificate asked for."""
 
     def proxy_protocol_from(self, tls: bool, index: int) -> tuple[IPNetwork, ...] | None:
         """The trusted balancers of ``listen[index]`` (``tls_listen`` when ``tls``), or None
@@ -623,6 +628,7 @@ _SERVER_KEYS = {
     "tls_listen",
     "tls_certificate",
     "tls_key",
+    "tls_client_ca",
     "max_connections",
     "handshake_timeout",
     "connect_timeout",
@@ -655,6 +661,9 @@ def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
         raise ConfigError("server.tls_certificate and server.tls_key must be set together")
     if tls_listen and certificate is None:
         raise ConfigError("server.tls_listen: needs server.tls_certificate and server.tls_key")
+    client_ca = _path(table, "tls_client_ca", base)
+    if client_ca is not None and certificate is None:
+        raise ConfigError("server.tls_client_ca: needs server.tls_certificate and server.tls_key")
     if not listen and not tls_listen:
         raise ConfigError("server.listen: must not be empty when server.tls_listen is empty")
     resolver_value = table.get("dns_resolver")
@@ -702,6 +711,7 @@ def _server(table: Mapping[str, Any], base: Path) -> ServerConfig:
         workers=_int(table, "workers", "server", 1, low=0, high=MAX_WORKER_PROCESSES),
         listen_proxy_protocol=listen_proxy if any(p is not None for p in listen_proxy) else (),
         tls_listen_proxy_protocol=tls_proxy if any(p is not None for p in tls_proxy) else (),
+        tls_client_ca=client_ca,
     )
 
 

@@ -774,3 +774,58 @@ async def test_dtls_handshake_ends_when_the_proxy_closes_the_association(flavour
         message = str(info.value)
         assert "closed the association's TCP connection first" in message, message
         assert "TLS connection" not in message, message
+
+
+@pytest.mark.conformance("TRN-03")
+async def test_client_certificates_on_the_tls_listener_and_the_dtls_port(
+    engine: str, certs: Certificates, tmp_path: Path
+) -> None:
+    """`[server] tls_client_ca`: the TLS listener and the DTLS port beside it both require a
+    client certificate from that CA. socks6fast's client presenting one relays over DTLS;
+    without one the TLS handshake fails, and over DTLS a certificate from another CA or none
+    fails the association with one DTLSError; the proxy keeps no DTLS connection and leaks no
+    descriptor."""
+    from test_dtls import _make_client_cert  # noqa: PLC0415 - the client CA builder lives there
+
+    (tmp_path / "good").mkdir()
+    (tmp_path / "other").mkdir()
+    good, other = _make_client_cert(tmp_path / "good"), _make_client_cert(tmp_path / "other")
+    tls = {
+        "tls_listen": ["127.0.0.1:0"],
+        "tls_certificate": str(certs.cert),
+        "tls_key": str(certs.key),
+        "tls_client_ca": str(good.ca),
+    }
+    async with udp_echo() as echo, running_server(make_config(server=tls)) as server:
+        url = tls_url(server)
+        before = fd_count()
+        with_cert = ssl.create_default_context(cafile=str(certs.ca))
+        with_cert.load_cert_chain(str(good.cert), str(good.key))
+        dtls_with_cert = dtls_client_context(
+            cafile=str(certs.ca), certfile=str(good.cert), keyfile=str(good.key)
+        )
+        async with await aclient.udp_associate(url, proxy_ssl=with_cert, proxy_dtls=dtls_with_cert) as assoc:
+            await assoc_roundtrip(assoc, echo)
+        # TLS 1.3: the server's refusal of a missing certificate reaches the client at its
+        # first read, as an SSL alert or a reset.
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await aclient.udp_associate(url, proxy_ssl=ssl.create_default_context(cafile=str(certs.ca)))
+        for dtls in (
+            dtls_client_context(cafile=str(certs.ca), certfile=str(other.cert), keyfile=str(other.key)),
+            dtls_client_context(cafile=str(certs.ca)),
+        ):
+            with pytest.raises(DTLSError):
+                await aclient.udp_associate(url, proxy_ssl=with_cert, proxy_dtls=dtls)
+        await wait_for(lambda: ports(server).channels == {} and ports(server).servers[0].connections == {})
+        await asyncio.sleep(0.2)
+        assert fd_count() == before
+
+
+def test_config_tls_client_ca(tmp_path: Path) -> None:
+    """`tls_client_ca` must name a file and needs the proxy's own certificate."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-")
+    with pytest.raises(ConfigError, match="server.tls_client_ca: needs server.tls_certificate"):
+        parse_config({"server": {"tls_client_ca": str(ca)}})
+    with pytest.raises(ConfigError, match="server.tls_client_ca: .* does not exist"):
+        parse_config({"server": {"tls_client_ca": str(tmp_path / "missing.pem")}})

@@ -151,11 +151,13 @@ class DTLSPorts:
         config: UDPConfig,
         certfile: str,
         keyfile: str,
+        client_cafile: str | None = None,
     ) -> None:
         self._loop = loop
         self._udp = udp
         self._certfile = certfile
         self._keyfile = keyfile
+        self._client_cafile = client_cafile  # [server] tls_client_ca: as on the TLS listener
         self._limits = DTLSLimits.from_config(config)
         # D29: a datagram is relayed in one record whatever its size, as on the plain UDP port
         # (the kernel fragments what the path cannot carry): the only bound is a record's,
@@ -182,7 +184,7 @@ class DTLSPorts:
         """Finished handshakes refused at the hand-off (unmapped caps, no descriptor, engine)."""
         self._refusal_logged_at: float | None = None
         self._refusals_unlogged = 0
-        dtls_server_context(certfile, keyfile)  # fail now, in one sentence, not per port
+        dtls_server_context(certfile, keyfile, client_cafile=client_cafile)  # fail now, in one sentence, not per port
         udp.on_channel_ended = self._channel_ended
         udp.on_channel_mapped = self._channel_mapped
         udp.on_channel_hello = self._channel_hello
@@ -208,7 +210,7 @@ class DTLSPorts:
         def established(conn: DTLSConnection) -> None:
             self._hand_off(holder[0], sock, conn)
 
-        context = dtls_server_context(self._certfile, self._keyfile)
+        context = dtls_server_context(self._certfile, self._keyfile, client_cafile=self._client_cafile)
         # D29: DTLS 1.2 only. The hand-off relies on the client sending no application record
         # before it has the server's Finished; DTLS 1.3 lets it send right after its own
         # Finished, which the listening socket could read before the connected socket exists.

@@ -259,6 +259,10 @@ class Server:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(server.tls_certificate, server.tls_key)
+        if server.tls_client_ca is not None:
+            # Client certificates: the draft lets the TLS layer authenticate the client ("SOCKS over TLS").
+            context.load_verify_locations(server.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
         return context
 
     def _configure(self, config: Config, users: UserStore) -> None:
@@ -520,7 +524,9 @@ class Server:
         server = self._config.server
         assert server.tls_certificate is not None and server.tls_key is not None
         try:
-            return DTLSPorts(loop, udp, self._config.udp, server.tls_certificate, server.tls_key)
+            return DTLSPorts(
+                loop, udp, self._config.udp, server.tls_certificate, server.tls_key, server.tls_client_ca
+            )
         except DTLSError as exc:
             raise OSError(errno.EINVAL, str(exc)) from None
 
