@@ -184,7 +184,9 @@ class DTLSPorts:
         """Finished handshakes refused at the hand-off (unmapped caps, no descriptor, engine)."""
         self._refusal_logged_at: float | None = None
         self._refusals_unlogged = 0
-        dtls_server_context(certfile, keyfile, client_cafile=client_cafile)  # fail now, in one sentence, not per port
+        dtls_server_context(
+            certfile, keyfile, client_cafile=client_cafile
+        )  # fail now, in one sentence, not per port
         udp.on_channel_ended = self._channel_ended
         udp.on_channel_mapped = self._channel_mapped
         udp.on_channel_hello = self._channel_hello
