@@ -311,8 +311,8 @@ CASES: list[tuple[str, str]] = [
         "auth_failure_interval, auth_user_failure_burst, auth_user_failure_interval, "
         "connect_timeout, dns_resolver, "
         "handshake_timeout, idle_timeout, listen, log_format, log_level, max_connections, "
-        "max_options_length, min_bind_port, relay_workers, tls_certificate, tls_client_ca, tls_key, tls_listen, "
-        "workers)",
+        "max_options_length, min_bind_port, relay_workers, tls_certificate, tls_client_ca, tls_key, "
+        "tls_listen, workers)",
     ),
     ('[server]\nlisten = "127.0.0.1:1080"', "server.listen: must be an array, not a string"),
     (
