@@ -82,7 +82,11 @@ Keys (every one optional; the defaults are in `DEFAULT_TOML`):
     session expires (> 0; 600). ``max_sessions``, ``max_per_client_ip``, ``max_per_user``:
     caps on live sessions in total, per client address and per authenticated user
     (integers >= 1; 100000, 100, 1000). ``max_token_window``: largest idempotence token
-    window issued, 0-2147483647, 0 = none (65536, docs/decisions.md D15).
+    window issued, 0-2147483647, 0 = none (65536, docs/decisions.md D15). ``store``:
+    ``"memory"`` (the default: this process's sessions) or a Redis URL that several workers
+    and hosts share (issue 13 item 2): ``"redis://HOST:PORT/DB"``, ``"rediss://..."`` (TLS),
+    ``"unix:///PATH?db=N"``; it needs the ``redis`` package (``socks6fast[redis]``).
+    ``store_timeout``: seconds to connect to Redis and to wait for each answer (> 0; 1.0).
 
 ``[[rules]]`` (any number, first match wins; see `socks6fast.proto.policy`)
     ``action``: ``"allow"`` or ``"deny"`` (required). Conditions, each an array that is
@@ -144,6 +148,7 @@ at start-up and on reload, ``check-config`` prints it).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import json
 import math
@@ -154,6 +159,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 from .constants import (
     MAX_OPTIONS_LENGTH,
@@ -233,6 +239,8 @@ max_sessions = 100000
 max_per_client_ip = 100
 max_per_user = 1000
 max_token_window = 65536
+store = "memory"
+store_timeout = 1.0
 
 [udp]
 enabled = true
@@ -341,6 +349,10 @@ class SessionsConfig:
     """Live sessions per authenticated user at most."""
     max_token_window: int
     """Largest token window issued; 0 = none."""
+    store: str = "memory"
+    """``"memory"`` or the URL of the Redis the sessions are shared through (issue 13 item 2)."""
+    store_timeout: float = 1.0
+    """Seconds to connect to that Redis and to wait for each answer."""
 
     def limits(self) -> SessionLimits:
         """The limits a session store enforces (built when the store is, and on reload)."""
@@ -481,8 +493,12 @@ class Config:
         return UserStore(self.user_hashes)
 
     def session_store(self) -> MemorySessionStore | None:
-        """Build an in-memory session store, or None when sessions are disabled."""
-        return MemorySessionStore(self.sessions.limits()) if self.sessions.enabled else None
+        """Build the in-memory session store; None when sessions are disabled or shared
+        through Redis (``sessions.store``; the server builds that store)."""
+        sessions = self.sessions
+        return (
+            MemorySessionStore(sessions.limits()) if sessions.enabled and sessions.store == "memory" else None
+        )
 
     def with_overrides(
         self,
@@ -811,7 +827,16 @@ def _sessions(table: Mapping[str, Any]) -> SessionsConfig:
     _check_keys(
         table,
         "sessions",
-        {"enabled", "idle_timeout", "max_sessions", "max_per_client_ip", "max_per_user", "max_token_window"},
+        {
+            "enabled",
+            "idle_timeout",
+            "max_sessions",
+            "max_per_client_ip",
+            "max_per_user",
+            "max_token_window",
+            "store",
+            "store_timeout",
+        },
     )
     enabled = table.get("enabled", True)
     if not isinstance(enabled, bool):
@@ -823,7 +848,46 @@ def _sessions(table: Mapping[str, Any]) -> SessionsConfig:
         max_per_client_ip=_int(table, "max_per_client_ip", "sessions", 100, low=1),
         max_per_user=_int(table, "max_per_user", "sessions", 1000, low=1),
         max_token_window=_int(table, "max_token_window", "sessions", 2**16, low=0, high=MAX_WINDOW_SIZE),
+        store=_session_store(table.get("store", "memory")),
+        store_timeout=_seconds(table, "store_timeout", "sessions", 1.0),
     )
+
+
+_STORE_FORMS = '"memory", "redis://HOST:PORT/DB", "rediss://HOST:PORT/DB" or "unix:///PATH?db=N"'
+
+
+def _session_store(value: object) -> str:
+    """Check ``sessions.store``: "memory" or a Redis URL in one of redis-py's forms, and the
+    ``redis`` package for the latter (issue 13 item 2)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"sessions.store: {_show(value)} is not a string ({_STORE_FORMS})")
+    if value == "memory":
+        return value
+    where = f"sessions.store: {_show(value)}"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not a valid URL ({exc})") from None
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            raise ConfigError(f"{where} names no host ({_STORE_FORMS})")
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise ConfigError(f"{where}: the database {db!r} is not a number")
+    elif parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{where} names no socket path ({_STORE_FORMS})")
+        for key, val in parse_qsl(parts.query):
+            if key == "db" and not val.isdigit():
+                raise ConfigError(f"{where}: the database {val!r} is not a number")
+    else:
+        raise ConfigError(f"{where} is not one of {_STORE_FORMS}")
+    if importlib.util.find_spec("redis") is None:
+        raise ConfigError(
+            f"{where} needs the redis package, which is not installed: pip install 'socks6fast[redis]'"
+        )
+    return value
 
 
 _LIMIT_KEYS = ("connections", "connection_rate", "connection_burst", "upload", "download")

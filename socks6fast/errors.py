@@ -82,6 +82,12 @@ class ConfigError(Socks6Error):
     """The configuration is invalid; the message is one sentence naming the offending key."""
 
 
+class SessionStoreError(Socks6Error):
+    """Proxy side: the shared session store (Redis) did not answer: unreachable, timed out or
+    refused the command. The message says which store and why, in one sentence; requests
+    that needed the store fail (docs/decisions.md D32)."""
+
+
 class AssociationClosedError(Socks6Error, ConnectionError):
     """Client side: the UDP association is over (its TCP connection ended or was closed).
 

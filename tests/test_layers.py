@@ -70,7 +70,14 @@ LAYERS: list[set[str]] = [
     # The DTLS endpoints on the loop: under both asyncio adapters, which will use them (issue 11).
     {"asyncio.dtls"},
     {"asyncio.client"},
-    {"asyncio.server.record", "asyncio.server.streams", "asyncio.server.dial", "asyncio.server.logs"},
+    {
+        "asyncio.server.record",
+        "asyncio.server.streams",
+        "asyncio.server.dial",
+        "asyncio.server.logs",
+        # issue 13 item 2: the shared session store (redis-py), asked by the handler
+        "asyncio.server.redis_sessions",
+    },
     {"asyncio.server.bind", "asyncio.server.udp"},
     # The proxy's DTLS ports: the DTLS endpoint on the loop, handing connections to the UDP engine.
     {"asyncio.server.dtls"},

@@ -15,6 +15,8 @@ reports how it ended through the matching *completion* method, then asks for the
 * `CheckCredentials`: verify RFC 1929 credentials (scrypt, off the event loop);
   ``credentials_checked(user, reason)``.
 * `EndSession`: close the BIND listeners an ended session kept.
+* `AskSessionStore`: only with a shared session store (Redis, issue 13 item 2): await the
+  store's answer to the query; ``session_answered(answer)`` or ``session_store_failed(message)``.
 * `Resolve`: resolve a domain name; ``resolved(targets)`` or ``resolve_failed(message)``.
 * `Dial`: connect to the first target that answers; ``dial_finished(Dialed)`` or
   ``dial_failed(code, message)``.
@@ -48,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..constants import AddressType
-from .sessions import Session
+from .sessions import Session, SessionQuery
 from .socks5 import UserPassRequest
 from .stack import AppliedLeg, LegOptions
 
@@ -59,6 +61,7 @@ __all__ = [
     "LINGER_CLOSE",
     "Action",
     "ApplyClientOptions",
+    "AskSessionStore",
     "Associate",
     "AwaitPeer",
     "CheckCredentials",
@@ -134,6 +137,15 @@ class EndSession:
 
     session: Session
     """The ended session; its ``listeners`` are the adapter's handles."""
+
+
+@dataclass(slots=True)
+class AskSessionStore:
+    """Ask the shared session store (`socks6fast.proto.sessions.SharedSessionStore`): one round
+    trip. Never emitted with the in-memory store, which the core consults itself."""
+
+    query: SessionQuery
+    """The question (lookup with window request and token spend, teardown, or create)."""
 
 
 @dataclass(slots=True)
@@ -345,6 +357,7 @@ Action = (
     | ApplyClientOptions
     | CheckCredentials
     | EndSession
+    | AskSessionStore
     | Resolve
     | Dial
     | Listen

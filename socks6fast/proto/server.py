@@ -70,6 +70,7 @@ from .actions import (
     HOLD_BACKLOG,
     LINGER_CLOSE,
     ApplyClientOptions,
+    AskSessionStore,
     Associate,
     Claim,
     Dial,
@@ -124,7 +125,7 @@ from .server_wire import (
     VersionMismatch,
     failure_reply,
 )
-from .sessions import Session, SessionStore
+from .sessions import Session, SessionAnswer, SessionOp, SessionQuery, SessionStore
 from .socks5 import (
     UserPassReply,
     UserPassRequest,
@@ -172,9 +173,13 @@ class ServerConnection(_ConnectionBase):
         "_new_session",
         "_options",
         "_payload",
+        "_pending_auth",
+        "_query",
         "_session",
         "_socks6",
+        "_store_answer",
         "request",
+        "store_followup",
     )
 
     def __init__(self, context: ServerContext, client_ip: str, now: float) -> None:
@@ -195,6 +200,13 @@ class ServerConnection(_ConnectionBase):
         self._client_eof = False
         self._dns = False
         self._listen_backlog = 0
+        self._query: SessionQuery | None = None
+        self._store_answer: SessionAnswer | str | None = None
+        self._pending_auth: tuple[str | None, tuple[Option, ...]] = (None, ())
+        self.store_followup: SessionQuery | None = None
+        """After ``connection_ended``, with a shared session store: a query for the adapter to
+        send without waiting (`SharedSessionStore.send`): TOUCH after a relay of the session,
+        or TEARDOWN of a session whose first request failed (D4)."""
 
     @property
     def session(self) -> Session | None:
@@ -230,7 +242,17 @@ class ServerConnection(_ConnectionBase):
     def _end_session(self, now: float) -> Session | None:
         self._step = _Step.DONE
         session, store = self._session, self._ctx.sessions
-        if session is None or store is None:
+        if session is None:
+            return None
+        if store is None:
+            if self._ctx.shared_sessions is None:
+                return None
+            # A shared store: the same two cases, sent by the adapter without waiting.
+            if self._new_session and self.reply_code != ReplyCode.SUCCESS:
+                self.store_followup = SessionQuery(SessionOp.TEARDOWN, session.session_id)  # D4
+                return session
+            if self._relayed:
+                self.store_followup = SessionQuery(SessionOp.TOUCH, session.session_id)
             return None
         if self._new_session and self.reply_code != ReplyCode.SUCCESS:
             # The request that would have started the session failed: no session (D4).
@@ -297,21 +319,38 @@ class ServerConnection(_ConnectionBase):
 
     def _authenticate(self, now: float) -> None:
         options = self._options
-        store = self._ctx.sessions
-        if store is not None and options.session_id is not None:
-            if options.session_teardown:
-                # SES-05: end the session; this request is treated as outside any session.
-                ended = store.teardown(options.session_id)
-                if ended is not None:
-                    self._actions.append(EndSession(ended))
-            else:
-                session = store.lookup(options.session_id, now)
-                if session is None:
-                    # SES-03: Type 1 + Session Invalid; no negotiation can follow.
-                    self._refuse(AuthReply(AuthReplyType.FAILURE, (SessionInvalid(),)), "invalid session")
+        session_id = options.session_id
+        if session_id is not None:
+            store = self._ctx.sessions
+            if store is not None:
+                if options.session_teardown:
+                    # SES-05: end the session; this request is treated as outside any session.
+                    ended = store.teardown(session_id)
+                    if ended is not None:
+                        self._actions.append(EndSession(ended))
+                else:
+                    session = store.lookup(session_id, now)
+                    if session is None:
+                        self._session_invalid()
+                        return
+                    self._in_session(session, store, now)
                     return
-                self._in_session(session, store, now)
+            elif self._ctx.shared_sessions is not None:
+                # A shared store answers through the adapter, in one round trip: the lookup,
+                # the window request and the token spend in one query (issue 13 item 2).
+                if options.session_teardown:
+                    query = SessionQuery(SessionOp.TEARDOWN, session_id)
+                else:
+                    query = SessionQuery(
+                        SessionOp.LOOKUP, session_id, token_request=options.token_request, token=options.token
+                    )
+                self._ask(query)
                 return
+        self._credentials(now)
+
+    def _credentials(self, now: float) -> None:
+        """Authentication outside any session (AUTH-*)."""
+        options = self._options
         if not self._ctx.users.required:
             # AUTH-07: authentication is not required: the advertisement is ignored.
             self._authenticated(None, (), now)
@@ -334,23 +373,89 @@ class ServerConnection(_ConnectionBase):
             )
             self._refuse(refusal, "authentication required")
 
+    def _session_invalid(self) -> None:
+        # SES-03: Type 1 + Session Invalid; no negotiation can follow.
+        self._refuse(AuthReply(AuthReplyType.FAILURE, (SessionInvalid(),)), "invalid session")
+
+    def _token_rejected(self) -> None:
+        # IDM-03: an ineligible token fails the request.
+        self._refuse(AuthReply(AuthReplyType.FAILURE, (IdempotenceRejected(),)), "idempotence token rejected")
+
     def _in_session(self, session: Session, store: SessionStore, now: float) -> None:
         # SES-02: inside a session no authentication is required; attempts are ignored.
         options = self._options
-        reply_options: tuple[Option, ...] = (SessionOK(),)
         if options.token_request is not None:
             store.request_window(session, options.token_request)  # IDM-02: at most one
-        if options.token is not None:
+        if options.token is not None and not store.spend(session, options.token):
             # IDM-03: spent before the request is honoured; an ineligible token fails it.
-            if not store.spend(session, options.token):
-                rejected = AuthReply(AuthReplyType.FAILURE, (IdempotenceRejected(),))
-                self._refuse(rejected, "idempotence token rejected")
-                return
+            self._token_rejected()
+            return
+        window = session.window.current if session.window is not None else None
+        self._session_ok(session, window, now)
+
+    def _session_ok(self, session: Session, window: tuple[int, int] | None, now: float) -> None:
+        reply_options: tuple[Option, ...] = (SessionOK(),)
+        if self._options.token is not None:
             reply_options += (IdempotenceAccepted(),)
-        if session.window is not None:
-            reply_options += (IdempotenceWindow(*session.window.current),)
+        if window is not None:
+            reply_options += (IdempotenceWindow(*window),)  # IDM-02
         self._session = session
         self._auth_succeeded(session.user, reply_options, now)
+
+    # -- a shared session store (issue 13 item 2) -----------------------------------------
+
+    def _ask(self, query: SessionQuery) -> None:
+        self._query = query
+        self._push_step(AskSessionStore(query), _Step.SESSION)
+
+    def session_answered(self, answer: SessionAnswer) -> None:
+        """The outcome of `AskSessionStore`: the store's answer."""
+        self._expect(_Step.SESSION)
+        self._store_answer = answer
+        self._resume = self._after_store
+
+    def session_store_failed(self, message: str) -> None:
+        """`AskSessionStore` got no answer (``message`` for the log: unreachable, timed out)."""
+        self._expect(_Step.SESSION)
+        self._store_answer = message
+        self._resume = self._after_store
+
+    def _after_store(self, now: float) -> None:
+        query, answer = self._query, self._store_answer
+        assert query is not None
+        self._store_answer = None
+        if query.op is SessionOp.CREATE:
+            user, reply_options = self._pending_auth
+            if isinstance(answer, SessionAnswer) and answer.session is not None:
+                self._session, self._new_session = answer.session, True
+                if answer.window is not None:
+                    reply_options += (IdempotenceWindow(*answer.window),)
+            # else: a cap, or the store did not answer: the Session Request is declined
+            # silently (section "Session initiation"); the request itself needs no session.
+            self._auth_succeeded(user, reply_options, now)
+            return
+        if not isinstance(answer, SessionAnswer):
+            # D32: the request needs the store and got no answer. Nothing is known about the
+            # session or the token, so neither Session Invalid (the session may be fine) nor
+            # Idempotence Rejected: General Failure, in the D14 form (its first 4 bytes read as
+            # an Authentication Reply of Type 1 without options: failed, no further negotiation).
+            self.error = f"session store: {answer}"
+            failure = codec.encode_operation_reply(failure_reply(ReplyCode.GENERAL_FAILURE))
+            self._push_send(failure, ReplyCode.GENERAL_FAILURE)
+            self._close(LINGER_CLOSE)
+            return
+        session = answer.session
+        if query.op is SessionOp.TEARDOWN:
+            # SES-05: ended everywhere; this request is treated as outside any session.
+            if session is not None:
+                self._actions.append(EndSession(session))
+            self._credentials(now)
+        elif session is None:
+            self._session_invalid()
+        elif query.token is not None and not answer.spent:
+            self._token_rejected()
+        else:
+            self._session_ok(session, answer.window, now)
 
     def _after_credentials(self, now: float) -> None:
         user, reason = self._checked
@@ -378,6 +483,15 @@ class ServerConnection(_ConnectionBase):
         """Authentication is done (or not needed): start a session if one was asked for."""
         options = self._options
         store = self._ctx.sessions
+        if options.session_request and options.session_id is None and self._ctx.shared_sessions is not None:
+            # SES-01 with a shared store: asked through the adapter (one round trip).
+            self._pending_auth = (user, reply_options)
+            self._ask(
+                SessionQuery(
+                    SessionOp.CREATE, user=user, client_ip=self.client_ip, token_request=options.token_request
+                )
+            )
+            return
         if options.session_request and options.session_id is None and store is not None:
             # SES-01: the session starts with this request; its ID goes into the successful
             # Operation Reply (D4). Hitting a cap declines silently (None).
@@ -689,7 +803,8 @@ class ServerConnection(_ConnectionBase):
                 # the request's address type need not match.
                 reservation = table.reservation(6 if family == 4 else 4, request.port)
             if reservation is not None:
-                if reservation.session is not None and reservation.session is not self._session:
+                owner, own = reservation.session, self._session
+                if owner is not None and (own is None or owner.session_id != own.session_id):
                     self._fail(
                         ReplyCode.GENERAL_FAILURE,
                         f"port {request.port} is reserved for an association of another session (STK-08)",

@@ -58,7 +58,7 @@ from .server_wire import (
     ServerWire,
     Socks5ServerWire,
 )
-from .sessions import Session, SessionStore
+from .sessions import Session, SessionStore, SharedSessionStore
 from .socks5 import (
     Socks5Request,
     UserPassRequest,
@@ -94,7 +94,10 @@ class ServerContext:
     Args:
         users: the configured users (authentication is required when there is one).
         policy: the rules.
-        sessions: the session store, or None when sessions are disabled.
+        sessions: the in-memory session store, or None when sessions are disabled or shared.
+        shared_sessions: a session store shared by processes and hosts (Redis, issue 13 item
+            2), asked through the adapter (`AskSessionStore`); None: none. At most one of
+            ``sessions`` and ``shared_sessions`` is set.
         max_options_length: cap on a Request's Options Length (D6).
         handshake_timeout: seconds a client has for its handshake messages (REQ-08), or None.
         connect_timeout: seconds to resolve and connect to a destination (CONNECTION_TIMED_OUT).
@@ -118,6 +121,7 @@ class ServerContext:
         "own_listeners",
         "policy",
         "sessions",
+        "shared_sessions",
         "users",
     )
 
@@ -127,6 +131,7 @@ class ServerContext:
         users: UserStore | None = None,
         policy: Policy | None = None,
         sessions: SessionStore | None = None,
+        shared_sessions: SharedSessionStore | None = None,
         max_options_length: int = MAX_OPTIONS_LENGTH,
         handshake_timeout: float | None = 10.0,
         connect_timeout: float = 10.0,
@@ -142,6 +147,7 @@ class ServerContext:
         self.users = users if users is not None else UserStore()
         self.policy = policy if policy is not None else Policy()
         self.sessions = sessions
+        self.shared_sessions = shared_sessions
         self.max_options_length = max_options_length
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
@@ -310,6 +316,7 @@ class _Step(Enum):
     READ = "a message from the client"
     CLIENT_OPTIONS = "client_options_applied"
     CREDENTIALS = "credentials_checked"
+    SESSION = "session_answered or session_store_failed"
     RESOLVE = "resolved or resolve_failed"
     DIAL = "dial_finished or dial_failed"
     LISTEN = "listening or listen_failed"

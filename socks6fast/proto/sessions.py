@@ -23,8 +23,13 @@ is the connection's job. Time enters as ``now: float`` arguments (a monotonic cl
 * A timer at ``store.next_deadline()`` calls ``store.expire(now)``; the returned sessions'
   ``listeners`` (BIND backlogs, CMD-05) are the server's to close.
 
-The store is a `typing.Protocol` so that a store shared by several worker processes or hosts
-can replace `MemorySessionStore` later without touching the server.
+The store is a `typing.Protocol`; `MemorySessionStore` is the one of a single process. A store
+shared by several processes or hosts (``socks6fast.asyncio.server.redis_sessions``, issue 13
+item 2) cannot answer without I/O, and the core does none: for such a `SharedSessionStore` the
+connection asks with one `SessionQuery` per request (the ``AskSessionStore`` action), the
+adapter awaits the store's `SessionAnswer` (one round trip: lookup, touch, window request and
+token spend together, atomic on the store's side) and feeds it back. The memory store keeps its
+synchronous path: no query objects, no awaits.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 from ..constants import MAX_WINDOW_SIZE
@@ -40,9 +46,13 @@ __all__ = [
     "SESSION_ID_LENGTH",
     "MemorySessionStore",
     "Session",
+    "SessionAnswer",
     "SessionCounters",
     "SessionLimits",
+    "SessionOp",
+    "SessionQuery",
     "SessionStore",
+    "SharedSessionStore",
     "TokenWindow",
     "token_lt",
 ]
@@ -286,6 +296,73 @@ class SessionCounters:
     """Tokens accepted (IDM-03)."""
     tokens_rejected: int = 0
     """Tokens refused: no window, outside it, or spent before (IDM-04)."""
+
+
+class SessionOp(Enum):
+    """What a `SessionQuery` asks of a shared store."""
+
+    LOOKUP = "lookup"
+    """A request with a Session ID: find the session, mark it used, issue a window if asked
+    (IDM-02), spend the token if one came (IDM-03); all at once."""
+    TEARDOWN = "teardown"
+    """Session Teardown (SES-05): end the session everywhere, now."""
+    CREATE = "create"
+    """Session Request (SES-01): start a session within the caps, with a window if asked."""
+    TOUCH = "touch"
+    """A connection of the session relayed until now: mark it used (no answer awaited)."""
+
+
+@dataclass(slots=True)
+class SessionQuery:
+    """One request's question to a shared session store (one round trip)."""
+
+    op: SessionOp
+    """What to do."""
+    session_id: bytes = b""
+    """The session (LOOKUP, TEARDOWN, TOUCH)."""
+    user: str | None = None
+    """CREATE: the authenticated user, None without authentication (SES-04)."""
+    client_ip: str = ""
+    """CREATE: the client's address (the per-address cap)."""
+    token_request: int | None = None
+    """LOOKUP, CREATE: the Token Request's window size, if the request carried one."""
+    token: int | None = None
+    """LOOKUP: the Idempotence Expenditure's token, if the request carried one."""
+
+
+@dataclass(slots=True)
+class SessionAnswer:
+    """A shared store's answer to a `SessionQuery`."""
+
+    session: Session | None
+    """LOOKUP: the live session (None: unknown or expired, SES-03). CREATE: the new session
+    (None: a cap was hit, the request is declined silently). TEARDOWN: the ended session, for
+    its BIND listeners in this process (None: it was unknown)."""
+    window: tuple[int, int] | None = None
+    """``(base, size)`` of the session's token window after the query, if it has one (IDM-02)."""
+    spent: bool = False
+    """LOOKUP with a token: the token was eligible and is now spent (IDM-03)."""
+
+
+class SharedSessionStore(Protocol):
+    """A session store several processes or hosts share (issue 13 item 2), asked through the
+    adapter: the core emits ``AskSessionStore(query)``, the adapter awaits `answer` and calls
+    ``ServerConnection.session_answered`` (or ``session_store_failed`` when `answer` raised
+    `socks6fast.errors.SessionStoreError`)."""
+
+    limits: SessionLimits
+    """The caps and timeouts (a reload assigns new ones)."""
+    counters: SessionCounters
+    """What this process's requests did with the store."""
+
+    async def answer(self, query: SessionQuery) -> SessionAnswer:
+        """Answer ``query`` in one round trip; raises SessionStoreError when it cannot."""
+        ...
+
+    def send(self, query: SessionQuery) -> None:
+        """Send ``query`` (TOUCH, or TEARDOWN of a session whose first request failed, D4)
+        without waiting for the answer; a failure is logged, never raised."""
+        ...
 
 
 class MemorySessionStore:

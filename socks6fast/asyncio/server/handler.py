@@ -25,11 +25,12 @@ from ...constants import AddressType, AuthMethod, Command, ReplyCode
 from ...dataplane.engine import RelayEnd, RelayResult
 from ...dataplane.relayer import Relayer
 from ...dataplane.udp import UdpConfirmed, UdpEnded
-from ...errors import LocalProtocolError, ProxyHeaderError, RemoteProtocolError
+from ...errors import LocalProtocolError, ProxyHeaderError, RemoteProtocolError, SessionStoreError
 from ...net.stackopts import apply_leg_options, mptcp_in_use, read_leg_options
 from ...proto import codec
 from ...proto.actions import (
     ApplyClientOptions,
+    AskSessionStore,
     Associate,
     AwaitPeer,
     CheckCredentials,
@@ -385,6 +386,8 @@ class ConnectionHandler:
                 return
             elif isinstance(action, CheckCredentials):
                 await self._check_credentials(conn, action.credentials)
+            elif isinstance(action, AskSessionStore):
+                await self._ask_session_store(conn, action)
             elif isinstance(action, ApplyClientOptions):
                 # STK-03 on the client leg (a TLS leg without a socket object: not applied).
                 applied = None if stream.sock is None else apply_leg_options(stream.sock, action.options)
@@ -477,6 +480,21 @@ class ConnectionHandler:
         if user is None:
             self.failed_user = name  # issue 14: the attempted name goes to the log
         conn.credentials_checked(user)
+
+    async def _ask_session_store(self, conn: _Conn, action: AskSessionStore) -> None:
+        # Issue 13 item 2: one round trip to the shared store (Redis); the store logs an
+        # outage once, the core answers the request that needed it (D32).
+        store = self._server.context.shared_sessions
+        assert isinstance(conn, ServerConnection)
+        if store is None:  # turned off by a reload while this request waited
+            conn.session_store_failed("the shared session store was turned off by a reload")
+            return
+        try:
+            answer = await store.answer(action.query)
+        except SessionStoreError as exc:
+            conn.session_store_failed(str(exc))
+        else:
+            conn.session_answered(answer)
 
     async def _resolve(self, conn: _Conn, action: Resolve) -> None:
         try:
@@ -635,6 +653,10 @@ class ConnectionHandler:
             ended = conn.connection_ended(self._loop.time())
             if ended is not None:
                 close_session_listeners(ended)
+            if isinstance(conn, ServerConnection) and conn.store_followup is not None:
+                shared = self._server.context.shared_sessions
+                if shared is not None:
+                    shared.send(conn.store_followup)  # touch or D4 teardown, not awaited
             for reservation in conn.released:
                 # STK-08: a port reserved "until the original association ends".
                 if isinstance(reservation.handle, socket.socket):

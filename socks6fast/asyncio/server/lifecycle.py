@@ -66,6 +66,7 @@ from .handler import REFUSAL_TIMEOUT, ConnectionHandler, refuse_client
 from .logs import CONNECTION
 from .metrics import ServerMetrics
 from .record import ConnectionRecord, format_address
+from .redis_sessions import RedisSessionStore
 from .udp import UdpService
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ class Server:
         self._worker = worker
         self.resolver = resolver
         """Resolves CONNECT destination names (None: ``loop.getaddrinfo``)."""
-        self.context = ServerContext(sessions=config.session_store())
+        self.context = ServerContext(sessions=config.session_store(), shared_sessions=_shared_store(config))
         """What the core connections consult: users, rules, sessions, limits (reload updates it)."""
         # Issue 14 item 4: per-user and per-address limits; the bandwidth buckets are the
         # ones the relay engine's C workers read (dataplane/bandwidth.py).
@@ -230,6 +231,7 @@ class Server:
         self._proxy_trusts: dict[tuple[bool, int], ProxyTrust] = {}
         self._accepting = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing_stores: set[asyncio.Task[None]] = set()
         self._refusals: set[asyncio.Task[None]] = set()
         self._spare_fd = -1  # given up to accept (and close) a client when out of descriptors
         self._fd_plan: DescriptorPlan | None = None
@@ -421,6 +423,9 @@ class Server:
             log.info("listening on %s (%s)", format_address(*_sockname(sock)), kind)
         self._warn_about_exposure(self._config)
         log.info("relay path: %s", self._describe_relay())
+        shared = self.context.shared_sessions
+        if isinstance(shared, RedisSessionStore):
+            log.info("sessions and idempotence tokens shared through %s", shared.name)
         plan = self._fd_plan
         log.info(
             "descriptors: limit %d (hard %d), max_connections %d, %s",
@@ -750,17 +755,51 @@ class Server:
         loop = asyncio.get_running_loop()
         while True:
             store = self.context.sessions
+            shared = self.context.shared_sessions
             deadline = store.next_deadline() if store is not None else None
+            if isinstance(shared, RedisSessionStore):
+                # Redis expires the sessions itself (TTL); this process only refreshes the
+                # gauge and closes BIND listeners of sessions that ended elsewhere.
+                swept = shared.next_deadline(loop.time())
+                deadline = swept if deadline is None else min(deadline, swept)
             delay = 5.0 if deadline is None else min(5.0, max(0.05, deadline - loop.time()))
             await asyncio.sleep(delay)
             if store is not None:
                 for session in store.expire(loop.time()):
+                    close_session_listeners(session)
+            if isinstance(shared, RedisSessionStore) and shared is self.context.shared_sessions:
+                for session in await shared.sweep():
                     close_session_listeners(session)
             self._poll_pipe_stats()
             limits = self.context.limits
             if limits is not None:
                 for line in limits.throttled():  # bandwidth limits that slowed a relay
                     log.info("%s", line)
+
+    def _reload_shared_store(self, config: Config, old: Config) -> None:
+        """A reload of ``[sessions] store``: a new URL or timeout makes a new client (the
+        sessions stay in Redis); new caps apply to the store in place."""
+        shared = self.context.shared_sessions
+        sessions = config.sessions
+        wanted = sessions.enabled and sessions.store != "memory"
+        if isinstance(shared, RedisSessionStore) and (
+            not wanted
+            or sessions.store != old.sessions.store
+            or sessions.store_timeout != old.sessions.store_timeout
+        ):
+            for session in shared.held_sessions():
+                close_session_listeners(session)
+            task = asyncio.get_running_loop().create_task(shared.close())
+            self._closing_stores.add(task)
+            task.add_done_callback(self._closing_stores.discard)
+            self.context.shared_sessions = shared = None
+        if not wanted:
+            self.context.shared_sessions = None
+        elif shared is None:
+            self.context.shared_sessions = _shared_store(config)
+            log.info("reload: sessions and idempotence tokens shared through %s", sessions.store)
+        else:
+            shared.limits = sessions.limits()
 
     def reload(self, config: Config) -> None:
         """Apply a new configuration (SIGHUP): users, rules, limits and sessions settings.
@@ -798,7 +837,7 @@ class Server:
         if tls is not None:
             self.tls_context = tls
         store = self.context.sessions
-        if not config.sessions.enabled:
+        if not config.sessions.enabled or config.sessions.store != "memory":
             if store is not None:
                 for session in store.expire(float("inf")):
                     close_session_listeners(session)
@@ -807,6 +846,7 @@ class Server:
             self.context.sessions = config.session_store()
         elif isinstance(store, MemorySessionStore):
             store.limits = config.sessions.limits()  # the live sessions stay
+        self._reload_shared_store(config, old)
         if self._fd_plan is not None and config.server.max_connections != old.server.max_connections:
             plan = self._fd_plan
             self._fd_plan = resources.plan_descriptors(
@@ -886,6 +926,13 @@ class Server:
         if self.context.sessions is not None:
             for session in self.context.sessions.expire(float("inf")):
                 close_session_listeners(session)
+        shared = self.context.shared_sessions
+        if isinstance(shared, RedisSessionStore):
+            for session in shared.held_sessions():
+                close_session_listeners(session)  # the sessions themselves live on in Redis
+            await shared.close()
+        if self._closing_stores:
+            await asyncio.wait(set(self._closing_stores), timeout=2.0)
         if self.context.associations is not None:
             for reservation in self.context.associations.clear():
                 if isinstance(reservation.handle, socket.socket):
@@ -935,3 +982,11 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None, drain_time
             await stop.wait()
     finally:
         await server.close(drain_timeout=drain_timeout)
+
+
+def _shared_store(config: Config) -> RedisSessionStore | None:
+    """The Redis session store ``[sessions] store`` names, or None (memory, or disabled)."""
+    sessions = config.sessions
+    if not sessions.enabled or sessions.store == "memory":
+        return None
+    return RedisSessionStore(sessions.store, sessions.limits(), timeout=sessions.store_timeout)

@@ -27,8 +27,9 @@ from ...constants import Command, UdpDrop
 from ...dataplane import resources
 from ...dataplane.relayer import Relayer
 from ...proto.server_common import ServerContext
-from ...proto.sessions import MemorySessionStore
+from ...proto.sessions import MemorySessionStore, SessionCounters
 from .record import ConnectionRecord
+from .redis_sessions import RedisSessionStore
 from .udp import UdpService
 
 __all__ = ["HANDSHAKE_BUCKETS", "MetricsSource", "ServerMetrics"]
@@ -208,12 +209,16 @@ class ServerMetrics(Collector):
 
     def _session_metrics(self, context: ServerContext) -> Iterator[Metric]:
         store = context.sessions
-        yield GaugeMetricFamily(
-            "socks6fast_sessions_active",
-            "Live SOCKS 6 sessions",
-            value=len(store) if store is not None else 0,
-        )
-        counters = store.counters if isinstance(store, MemorySessionStore) else None
+        shared = context.shared_sessions
+        counters: SessionCounters | None
+        if isinstance(shared, RedisSessionStore):
+            # Shared: the live sessions of every host (as of the last sweep, within 5 s); the
+            # counters are this process's requests.
+            active, counters = len(shared), shared.counters
+        else:
+            active = len(store) if store is not None else 0
+            counters = store.counters if isinstance(store, MemorySessionStore) else None
+        yield GaugeMetricFamily("socks6fast_sessions_active", "Live SOCKS 6 sessions", value=active)
         names = (
             ("socks6fast_sessions_created", "Sessions created", "created"),
             ("socks6fast_sessions_declined", "Session Requests declined at a cap", "declined"),

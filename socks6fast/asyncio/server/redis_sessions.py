@@ -1,0 +1,505 @@
+"""SOCKS 6 sessions and idempotence tokens shared by processes and hosts through Redis.
+
+Issue 13 item 2; draft-11 sections "Session options" and "Idempotence options"; docs/conformance.md
+SES-01..SES-05, IDM-01..IDM-04; docs/decisions.md D32, D33.
+
+Strategy: every request that needs the store costs exactly one Redis round trip: one Lua script
+(EVALSHA; redis-py loads it again after a Redis restart) does the lookup, the touch, the window
+request and the token spend together, atomically on the Redis server, so that a token is accepted
+at most once across every host sharing the Redis (IDM-03). The window logic is the one of
+`socks6fast.proto.sessions.TokenWindow`, in Lua (tests/test_redis_sessions.py runs both side by
+side). Keys, under the prefix ``socks6fast:``:
+
+* ``s:<session id, hex>``: a hash with the client address ``ip``, the user ``u`` (absent for a
+  session made without authentication) and the window ``b`` (base), ``s`` (size), ``a`` (how far
+  the base may still move, see `TokenWindow`) and ``t`` (spent tokens above the base, normally
+  none). Its TTL is the idle timeout, renewed by every use: expiry is Redis's job. Nothing else
+  crosses the wire: no password, no hash of one.
+* ``all``, ``ip:<address>``, ``u:<user>``: sorted sets of session ids scored by their expiry
+  time (Redis's own clock, ``TIME``), for the caps ``max_sessions``, ``max_per_client_ip``,
+  ``max_per_user``; expired members are dropped when a session is created.
+
+Session IDs are 16 bytes from `secrets` (128 bits), made here; the create script refuses one
+that exists. BIND backlog listeners (CMD-05) are sockets of one process: they stay in this
+process's table (``session.listeners``); a session ended elsewhere (teardown on another host,
+expiry) closes them at the next `sweep`, within a second.
+
+Failures (D32): an unreachable or hanging Redis (``socket_timeout``) raises
+`socks6fast.errors.SessionStoreError`; the core answers the request with General Failure and
+accepts no token. The first failure of an outage is logged (one warning), the first answer after
+it too (one line, with how many requests failed); redis-py reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ...errors import SessionStoreError
+from ...proto.sessions import (
+    SESSION_ID_LENGTH,
+    Session,
+    SessionAnswer,
+    SessionCounters,
+    SessionLimits,
+    SessionOp,
+    SessionQuery,
+)
+
+__all__ = ["KEY_PREFIX", "RedisSessionStore", "redacted_url"]
+
+log = logging.getLogger("socks6fast.server")
+
+#: Prefix of every key the store writes (one Redis database can serve other programs too).
+KEY_PREFIX = "socks6fast:"
+
+# The window arithmetic of TokenWindow.spend, in Lua 5.1 (numbers are doubles: exact far
+# beyond 2^32). Returns ok (1/0) and the base after the spend; writes the window back.
+_SPEND = """
+local M = 4294967296
+local MAX_TRACKED = 256
+local function spend(key, base, size, adv, spentstr, token)
+  local spent, n = {}, 0
+  for tok in string.gmatch(spentstr, '%d+') do spent[tonumber(tok)] = true; n = n + 1 end
+  local offset = (token - base) % M
+  if offset >= size or spent[token] then return 0, base end
+  local half = math.floor(size / 2)
+  local shift = 0
+  if offset > half then shift = offset - half end
+  if n >= MAX_TRACKED then
+    local lowest = nil
+    for tok, _ in pairs(spent) do
+      local o = (tok - base) % M
+      if lowest == nil or o < lowest then lowest = o end
+    end
+    shift = math.max(shift, math.min(lowest, offset) + 1)
+  end
+  spent[token] = true
+  n = n + 1
+  if shift > 0 then
+    local o = size - 1
+    while o >= 0 and spent[(base + o) % M] do o = o - 1 end
+    if o < 0 then o = size end
+    shift = math.min(shift, o)
+  end
+  while shift < size and spent[(base + shift) % M] do shift = shift + 1 end
+  shift = math.min(shift, adv)
+  if shift > 0 then
+    local kept, m = {}, 0
+    for tok, _ in pairs(spent) do
+      if (tok - base) % M >= shift then kept[tok] = true; m = m + 1 end
+    end
+    spent, n = kept, m
+    base = (base + shift) % M
+    adv = adv - shift
+  end
+  local ok = 1
+  if n > MAX_TRACKED then
+    spent[token] = nil
+    ok = 0
+  end
+  local out = {}
+  for tok, _ in pairs(spent) do out[#out + 1] = string.format('%.0f', tok) end
+  redis.call('HSET', key, 'b', string.format('%.0f', base), 'a', string.format('%.0f', adv),
+             't', table.concat(out, ' '))
+  return ok, base
+end
+"""
+
+_COMMON = (
+    """
+if redis.replicate_commands then redis.replicate_commands() end
+local function clock_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function touch(P, id, ip, user, expires, idle)
+  redis.call('ZADD', P .. 'all', expires, id)
+  redis.call('ZADD', P .. 'ip:' .. ip, expires, id)
+  redis.call('PEXPIRE', P .. 'ip:' .. ip, idle)
+  if user then
+    redis.call('ZADD', P .. 'u:' .. user, expires, id)
+    redis.call('PEXPIRE', P .. 'u:' .. user, idle)
+  end
+end
+"""
+    + _SPEND
+)
+
+# KEYS[1] session key; ARGV: prefix, id, idle ms, token request (-1: none), max window,
+# a random base, token (-1: none). Returns {0} when unknown, else
+# {1, ip, user, base, size, spent (1/0, -1: no token), window issued (1/0)}.
+_LOOKUP = (
+    _COMMON
+    + """
+local key, P, id = KEYS[1], ARGV[1], ARGV[2]
+local idle = tonumber(ARGV[3])
+local h = redis.call('HMGET', key, 'ip', 'u', 'b', 's', 'a', 't')
+if not h[1] then return {0} end
+redis.call('PEXPIRE', key, idle)
+touch(P, id, h[1], h[2], clock_ms() + idle, idle)
+local base, size, adv, spentstr = tonumber(h[3]), tonumber(h[4]), tonumber(h[5]), h[6] or ''
+local request, max_window = tonumber(ARGV[4]), tonumber(ARGV[5])
+local issued = 0
+if not base and request > 0 and max_window > 0 then
+  size = math.min(request, max_window)
+  base = tonumber(ARGV[6])
+  adv = 4294967296 - size
+  redis.call('HSET', key, 'b', string.format('%.0f', base), 's', size,
+             'a', string.format('%.0f', adv), 't', '')
+  issued = 1
+end
+local spent = -1
+local token = tonumber(ARGV[7])
+if token >= 0 then
+  if base then spent, base = spend(key, base, size, adv, spentstr, token) else spent = 0 end
+end
+return {1, h[1], h[2] or false, base or false, size or false, spent, issued}
+"""
+)
+
+# KEYS[1] session key; ARGV: prefix, id, idle ms, client address, user ('' none), caps
+# (-1: none) for all / per address / per user, token request (-1: none), max window, a random
+# base. Returns {-1} when the id exists, {0} when a cap is hit, else {1, base, size}.
+_CREATE = (
+    _COMMON
+    + """
+local key, P, id = KEYS[1], ARGV[1], ARGV[2]
+local idle, ip, user = tonumber(ARGV[3]), ARGV[4], ARGV[5]
+if redis.call('EXISTS', key) == 1 then return {-1} end
+if user == '' then user = false end
+local now = clock_ms()
+local sets = {{P .. 'all', tonumber(ARGV[6])}, {P .. 'ip:' .. ip, tonumber(ARGV[7])}}
+if user then sets[3] = {P .. 'u:' .. user, tonumber(ARGV[8])} end
+for _, set in ipairs(sets) do
+  redis.call('ZREMRANGEBYSCORE', set[1], '-inf', now)
+  if set[2] >= 0 and redis.call('ZCARD', set[1]) >= set[2] then return {0} end
+end
+redis.call('HSET', key, 'ip', ip)
+if user then redis.call('HSET', key, 'u', user) end
+redis.call('PEXPIRE', key, idle)
+touch(P, id, ip, user, now + idle, idle)
+local request, max_window = tonumber(ARGV[9]), tonumber(ARGV[10])
+if request > 0 and max_window > 0 then
+  local size = math.min(request, max_window)
+  local base = tonumber(ARGV[11])
+  redis.call('HSET', key, 'b', string.format('%.0f', base), 's', size,
+             'a', string.format('%.0f', 4294967296 - size), 't', '')
+  return {1, base, size}
+end
+return {1, false, false}
+"""
+)
+
+# KEYS[1] session key; ARGV: prefix, id. Returns 1 when the session existed (now ended).
+_TEARDOWN = """
+local key, P, id = KEYS[1], ARGV[1], ARGV[2]
+local h = redis.call('HMGET', key, 'ip', 'u')
+if not h[1] then return 0 end
+redis.call('DEL', key)
+redis.call('ZREM', P .. 'all', id)
+redis.call('ZREM', P .. 'ip:' .. h[1], id)
+if h[2] then redis.call('ZREM', P .. 'u:' .. h[2], id) end
+return 1
+"""
+
+# KEYS: session keys whose BIND listeners this process holds; ARGV: prefix. Returns the live
+# session count, then 1/0 per key (it still exists).
+_SWEEP = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all = ARGV[1] .. 'all'
+redis.call('ZREMRANGEBYSCORE', all, '-inf', now)
+local out = {redis.call('ZCARD', all)}
+for i, key in ipairs(KEYS) do out[i + 1] = redis.call('EXISTS', key) end
+return out
+"""
+
+_Listeners = dict[tuple[str, int], Any]
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without a password (for log lines and messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+class RedisSessionStore:
+    """A `socks6fast.proto.sessions.SharedSessionStore` on Redis (redis-py's asyncio API).
+
+    Args:
+        url: ``redis://host:port/db``, ``rediss://...`` (TLS) or ``unix:///path?db=N``.
+        limits: the caps and timeouts (the ``[sessions]`` table).
+        timeout: seconds to connect and to wait for each answer before the request fails.
+
+    Raises:
+        ImportError: the ``redis`` package is not installed (``socks6fast[redis]``).
+        ValueError: redis-py does not accept the URL.
+    """
+
+    def __init__(self, url: str, limits: SessionLimits, *, timeout: float = 1.0) -> None:
+        # redis is an optional extra (socks6fast[redis]): imported only when a store is made.
+        import redis.asyncio  # noqa: PLC0415
+        from redis.asyncio.retry import Retry  # noqa: PLC0415
+        from redis.backoff import NoBackoff  # noqa: PLC0415
+        from redis.exceptions import ConnectionError as RedisConnectionError  # noqa: PLC0415
+        from redis.exceptions import RedisError  # noqa: PLC0415
+
+        self.url = url
+        self.name = redacted_url(url)
+        """The URL for the log (no password)."""
+        self.limits = limits
+        self.counters = SessionCounters()
+        self.active = 0
+        """Live sessions in the whole Redis, as of the last `sweep` (the metrics gauge)."""
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError)
+        # One retry on a broken connection (a Redis restart leaves the pooled connection dead:
+        # redis-py reconnects on the retry); none on a timeout, which would double the wait. A
+        # retried spend is safe: if the first attempt ran, the token is spent and the retry
+        # sees it rejected, so nothing is ever accepted twice (IDM-03).
+        self._client: Any = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        self._lookup = self._client.register_script(_LOOKUP)
+        self._create = self._client.register_script(_CREATE)
+        self._teardown = self._client.register_script(_TEARDOWN)
+        self._sweep = self._client.register_script(_SWEEP)
+        self._local: dict[bytes, _Listeners] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._down_since: float | None = None
+        self._failed = 0
+
+    def __len__(self) -> int:
+        return self.active
+
+    # -- the request path ----------------------------------------------------------------
+
+    async def answer(self, query: SessionQuery) -> SessionAnswer:
+        """Answer one request's query in one round trip (the `AskSessionStore` action).
+
+        Raises:
+            SessionStoreError: Redis did not answer (D32).
+        """
+        op = query.op
+        try:
+            if op is SessionOp.LOOKUP or op is SessionOp.TOUCH:
+                answer = await self._answer_lookup(query)
+            elif op is SessionOp.CREATE:
+                answer = await self._answer_create(query)
+            else:
+                answer = await self._answer_teardown(query)
+        except self._errors as exc:
+            raise self._outage(exc) from exc
+        if self._down_since is not None:
+            self._recovered()
+        return answer
+
+    def send(self, query: SessionQuery) -> None:
+        """Send a TOUCH or a D4 TEARDOWN without waiting; a failure counts in the outage log."""
+        task = asyncio.get_running_loop().create_task(self._send(query))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, query: SessionQuery) -> None:
+        try:
+            await self.answer(query)
+        except SessionStoreError:
+            pass  # logged once per outage by `answer`
+
+    def _key(self, session_id: bytes) -> str:
+        return f"{KEY_PREFIX}s:{session_id.hex()}"
+
+    def _idle_ms(self) -> int:
+        return max(1, int(self.limits.idle_timeout * 1000))
+
+    def _listeners(self, session_id: bytes) -> _Listeners:
+        listeners = self._local.get(session_id)
+        if listeners is None:
+            listeners = self._local[session_id] = {}
+        return listeners
+
+    def _session(self, session_id: bytes, user: str | None, client_ip: str) -> Session:
+        now = time.monotonic()
+        return Session(session_id, user, client_ip, now, now, listeners=self._listeners(session_id))
+
+    async def _answer_lookup(self, query: SessionQuery) -> SessionAnswer:
+        session_id = query.session_id
+        touch = query.op is SessionOp.TOUCH
+        request = query.token_request if query.token_request is not None and not touch else -1
+        token = query.token if query.token is not None and not touch else -1
+        result = await self._lookup(
+            keys=[self._key(session_id)],
+            args=[
+                KEY_PREFIX,
+                session_id.hex(),
+                self._idle_ms(),
+                request,
+                self.limits.max_token_window,
+                secrets.randbits(32),
+                token,
+            ],
+        )
+        if int(result[0]) == 0:
+            return SessionAnswer(None)
+        _, ip, user, base, size, spent, issued = result
+        counters = self.counters
+        if int(issued):
+            counters.windows += 1
+        if token >= 0:
+            if int(spent) == 1:
+                counters.tokens_spent += 1
+            else:
+                counters.tokens_rejected += 1
+        window = (int(base), int(size)) if base is not None else None
+        session = self._session(session_id, _text(user), _text(ip) or "")
+        return SessionAnswer(session, window, int(spent) == 1)
+
+    async def _answer_create(self, query: SessionQuery) -> SessionAnswer:
+        limits = self.limits
+        caps = [
+            -1 if cap is None else cap
+            for cap in (limits.max_sessions, limits.max_per_client_ip, limits.max_per_user)
+        ]
+        request = query.token_request if query.token_request is not None else -1
+        for _ in range(3):  # a taken ID: 2^-128 per pair, but never reuse one
+            session_id = secrets.token_bytes(SESSION_ID_LENGTH)
+            result = await self._create(
+                keys=[self._key(session_id)],
+                args=[
+                    KEY_PREFIX,
+                    session_id.hex(),
+                    self._idle_ms(),
+                    query.client_ip,
+                    query.user or "",
+                    *caps,
+                    request,
+                    limits.max_token_window,
+                    secrets.randbits(32),
+                ],
+            )
+            status = int(result[0])
+            if status == -1:  # pragma: no cover - 2^-128
+                continue
+            if status == 0:
+                self.counters.declined += 1
+                return SessionAnswer(None)
+            self.counters.created += 1
+            base, size = result[1], result[2]
+            window = None
+            if base is not None:
+                self.counters.windows += 1
+                window = (int(base), int(size))
+            return SessionAnswer(self._session(session_id, query.user, query.client_ip), window)
+        raise SessionStoreError("no free session ID in three tries")  # pragma: no cover
+
+    async def _answer_teardown(self, query: SessionQuery) -> SessionAnswer:
+        session_id = query.session_id
+        existed = await self._teardown(keys=[self._key(session_id)], args=[KEY_PREFIX, session_id.hex()])
+        listeners = self._local.pop(session_id, None)
+        if not int(existed):
+            if listeners:
+                # Gone from Redis already (expired, or ended elsewhere): close ours anyway.
+                return SessionAnswer(Session(session_id, None, "", 0.0, 0.0, listeners=listeners))
+            return SessionAnswer(None)
+        session = Session(
+            session_id, None, "", 0.0, 0.0, listeners=listeners if listeners is not None else {}
+        )
+        return SessionAnswer(session)
+
+    # -- outages (D32) -------------------------------------------------------------------
+
+    def _outage(self, exc: BaseException) -> SessionStoreError:
+        self._failed += 1
+        cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                "session store %s does not answer (%s): requests that need a session fail with "
+                "General Failure, new sessions are declined, until it answers again (D32)",
+                self.name,
+                cause,
+            )
+        return SessionStoreError(f"{self.name} does not answer ({cause})")
+
+    def _recovered(self) -> None:
+        down_since = self._down_since
+        assert down_since is not None
+        log.warning(
+            "session store %s answers again after %.1fs; %d requests failed meanwhile",
+            self.name,
+            time.monotonic() - down_since,
+            self._failed,
+        )
+        self._down_since = None
+        self._failed = 0
+
+    @property
+    def down(self) -> bool:
+        """The last request to Redis failed (an outage is in progress)."""
+        return self._down_since is not None
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def next_deadline(self, now: float) -> float:
+        """When `sweep` should run next: within a second while this process holds BIND
+        listeners of sessions (another host may end them), else every 5 s (the gauge)."""
+        return now + (1.0 if any(self._local.values()) else 5.0)
+
+    async def sweep(self) -> list[Session]:
+        """Refresh the live-session count; return the sessions whose BIND listeners this
+        process holds and which ended (expired, or torn down on another host), to close them.
+        Never raises: an outage is logged once (D32)."""
+        for session_id in [sid for sid, listeners in self._local.items() if not listeners]:
+            del self._local[session_id]
+        held = list(self._local)
+        try:
+            result = await self._sweep(keys=[self._key(sid) for sid in held], args=[KEY_PREFIX])
+        except self._errors as exc:
+            self._outage(exc)
+            return []
+        if self._down_since is not None:
+            self._recovered()
+        self.active = int(result[0])
+        ended: list[Session] = []
+        for session_id, exists in zip(held, result[1:], strict=True):
+            if not int(exists):
+                listeners = self._local.pop(session_id, None)
+                if listeners:
+                    ended.append(Session(session_id, None, "", 0.0, 0.0, listeners=listeners))
+        return ended
+
+    def held_sessions(self) -> list[Session]:
+        """Every session this process holds BIND listeners for (closed at shutdown)."""
+        sessions = [Session(sid, None, "", 0.0, 0.0, listeners=ls) for sid, ls in self._local.items() if ls]
+        self._local.clear()
+        return sessions
+
+    async def close(self) -> None:
+        """Wait briefly for the queries sent without waiting, then close the connections."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=1.0)
+        for task in list(self._tasks):
+            task.cancel()
+        await self._client.aclose()
