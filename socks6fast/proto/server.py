@@ -151,6 +151,11 @@ __all__ = [
 
 _AUTH_SUCCESS: Final = AuthReply(AuthReplyType.SUCCESS)
 
+#: A shared session store is touched again when a connection of the session ends at least this
+#: many seconds after the store was asked (the answer touched it already): a short request
+#: costs one round trip, and a session may expire up to this much earlier than in memory.
+SHARED_TOUCH_AFTER: Final = 1.0
+
 #: Our half's states in which no reply has gone out yet (D14: only General Failure may go).
 _NOTHING_SENT: Final = frozenset({State.IDLE, State.SEND_AUTH_REPLY})
 
@@ -178,6 +183,7 @@ class ServerConnection(_ConnectionBase):
         "_session",
         "_socks6",
         "_store_answer",
+        "_store_time",
         "request",
         "store_followup",
     )
@@ -203,6 +209,7 @@ class ServerConnection(_ConnectionBase):
         self._query: SessionQuery | None = None
         self._store_answer: SessionAnswer | str | None = None
         self._pending_auth: tuple[str | None, tuple[Option, ...]] = (None, ())
+        self._store_time = 0.0
         self.store_followup: SessionQuery | None = None
         """After ``connection_ended``, with a shared session store: a query for the adapter to
         send without waiting (`SharedSessionStore.send`): TOUCH after a relay of the session,
@@ -251,7 +258,7 @@ class ServerConnection(_ConnectionBase):
             if self._new_session and self.reply_code != ReplyCode.SUCCESS:
                 self.store_followup = SessionQuery(SessionOp.TEARDOWN, session.session_id)  # D4
                 return session
-            if self._relayed:
+            if self._relayed and now - self._store_time >= SHARED_TOUCH_AFTER:
                 self.store_followup = SessionQuery(SessionOp.TOUCH, session.session_id)
             return None
         if self._new_session and self.reply_code != ReplyCode.SUCCESS:
@@ -424,6 +431,7 @@ class ServerConnection(_ConnectionBase):
         query, answer = self._query, self._store_answer
         assert query is not None
         self._store_answer = None
+        self._store_time = now
         if query.op is SessionOp.CREATE:
             user, reply_options = self._pending_auth
             if isinstance(answer, SessionAnswer) and answer.session is not None:
