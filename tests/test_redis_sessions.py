@@ -1,0 +1,503 @@
+"""Sessions and idempotence tokens shared through Redis (issue 13 item 2; SES-*, IDM-*, D32, D33).
+
+Two in-process proxies on two loopback addresses (127.0.0.1 and 127.0.0.2) share one real
+``redis-server`` (Debian's package; `.ci/run` installs it), started here on a free loopback port
+with no persistence and stopped after. They stand for two hosts behind a balancer: a session
+made on one is used on the other, a token spent on one is refused on the other, many clients
+spending one token at once through both get exactly one success, a teardown on one is seen on
+the other, Redis stopped or hung mid-test fails requests clearly and the proxies recover by
+themselves.
+
+The logic under test is the store's (Lua on the Redis server) and the core's, not the codec's:
+the module runs once, in the default run, not again with SOCKS6FAST_NO_EXTENSIONS=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers_server import RawClient, Sink, make_config, running_server
+from test_server_e2e import connect, credentials, echo_roundtrip, exchange, option
+
+import socks6fast.asyncio as s6
+from socks6fast._extensions import NO_EXTENSIONS
+from socks6fast.asyncio.client import Proxy
+from socks6fast.asyncio.server import Server
+from socks6fast.asyncio.server.redis_sessions import KEY_PREFIX, RedisSessionStore
+from socks6fast.config import ConfigError, parse_config
+from socks6fast.constants import AuthReplyType, ReplyCode
+from socks6fast.errors import SessionStoreError
+from socks6fast.proto.messages import (
+    IdempotenceAccepted,
+    IdempotenceExpenditure,
+    IdempotenceRejected,
+    IdempotenceRequest,
+    IdempotenceWindow,
+    SessionID,
+    SessionInvalid,
+    SessionOK,
+    SessionRequest,
+    SessionTeardown,
+)
+from socks6fast.proto.sessions import SessionLimits, SessionOp, SessionQuery, TokenWindow
+
+REDIS_SERVER = shutil.which("redis-server") or (
+    "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+)
+
+pytestmark = [
+    pytest.mark.skipif(
+        REDIS_SERVER is None, reason="redis-server is not installed (apt-get install redis-server)"
+    ),
+    pytest.mark.skipif(NO_EXTENSIONS, reason="store logic, not the codec's: runs in the default run only"),
+]
+
+USERS = {"alice": "wonderland"}
+HOST_B = "127.0.0.2"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisProcess:
+    """A redis-server of our own on 127.0.0.1:<free port>, no persistence (stopped after)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None
+        self.process = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.directory),
+                "--daemonize", "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if self.command("PING") == b"+PONG\r\n":
+                    return
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)  # in case a test left it stopped
+                process.terminate()
+            process.wait(timeout=10)
+
+    def pause(self, paused: bool) -> None:
+        """SIGSTOP / SIGCONT: Redis hangs (connections accepted, no answers), data kept."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
+
+    def command(self, *args: str) -> bytes:
+        """One command over a plain socket (RESP), the raw reply."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+            sock.sendall(payload.encode())
+            time.sleep(0.01)
+            return sock.recv(65536)
+
+    def evalsha_calls(self) -> int:
+        info = self.command("INFO", "commandstats").decode()
+        for line in info.splitlines():
+            if line.startswith("cmdstat_evalsha:"):
+                return int(line.split("calls=")[1].split(",")[0])
+        return 0
+
+
+@pytest.fixture(scope="module")
+def redis_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    redis = RedisProcess(tmp_path_factory.mktemp("redis"))
+    redis.start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+@pytest.fixture
+def redis(redis_process: RedisProcess) -> RedisProcess:
+    if redis_process.process is None:
+        redis_process.start()
+    redis_process.command("FLUSHALL")
+    return redis_process
+
+
+@contextlib.asynccontextmanager
+async def two_hosts(redis: RedisProcess, **sessions: Any) -> AsyncIterator[tuple[Server, Server]]:
+    """Two proxies, on 127.0.0.1 and 127.0.0.2, sharing ``redis``."""
+    table = {"store": redis.url, "store_timeout": 0.5, **sessions}
+    config_a = make_config(users=USERS, sessions=table)
+    config_b = make_config(users=USERS, sessions=table, server={"listen": [f"{HOST_B}:0"]})
+    async with running_server(config_a) as a, running_server(config_b) as b:
+        assert a.addresses[0][0] == "127.0.0.1" and b.addresses[0][0] == HOST_B
+        yield a, b
+
+
+async def new_session(
+    proxy: tuple[str, int], sink: Sink, window: int = 0
+) -> tuple[SessionID, IdempotenceWindow | None]:
+    extra = (IdempotenceRequest(window),) if window else ()
+    client, auth, reply = await exchange(
+        proxy, connect(sink.address, SessionRequest(), credentials(), *extra)
+    )
+    sid = option(reply, SessionID)
+    assert sid is not None, reply
+    await client.close()
+    return sid, option(auth, IdempotenceWindow)
+
+
+async def spend(proxy: tuple[str, int], sink: Sink, sid: SessionID, token: int) -> bool:
+    """One CONNECT spending ``token``; True when accepted (and relayed)."""
+    client = await RawClient.connect(proxy)
+    try:
+        await client.send(connect(sink.address, sid, IdempotenceExpenditure(token)))
+        auth = await client.auth_reply()
+        if auth.type != AuthReplyType.SUCCESS:
+            assert option(auth, IdempotenceRejected) is not None, auth
+            return False
+        assert option(auth, IdempotenceAccepted) is not None
+        assert (await client.operation_reply()).reply_code == ReplyCode.SUCCESS
+        await echo_roundtrip(client)
+        return True
+    finally:
+        await client.close()
+
+
+async def first_bytes(proxy: tuple[str, int], data: bytes) -> bytes:
+    client = await RawClient.connect(proxy)
+    try:
+        await client.send(data)
+        return await asyncio.wait_for(client.read_until_eof(), 5)
+    finally:
+        await client.close()
+
+
+# --- two hosts ---------------------------------------------------------------------------
+
+
+@pytest.mark.conformance("SES-01", "SES-02", "SES-04", "IDM-02", "IDM-03")
+async def test_session_made_on_one_host_is_used_on_the_other(redis: RedisProcess) -> None:
+    """SES-01/02/04 across hosts, with socks6fast's own client: the session (alice's, with a
+    token window) made through A serves requests through B without credentials, as alice, and
+    a token spent through B is accepted once (IDM-02, IDM-03)."""
+    async with Sink() as sink, two_hosts(redis) as (a, b):
+        host_a, host_b = a.addresses[0], b.addresses[0]
+        session = s6.Session(f"socks6://alice:wonderland@{host_a[0]}:{host_a[1]}", tokens=8)
+        reader, writer = await session.open_connection(*sink.address)
+        writer.write(b"one")
+        assert await reader.readexactly(3) == b"one"
+        writer.close()
+        session_id = session.session_id
+        assert session_id is not None and len(session_id) == 16
+        # The next connection lands on the other host (a balancer's choice): no credentials.
+        session.proxy = Proxy.from_url(f"socks6://{host_b[0]}:{host_b[1]}")
+        reader, writer = await session.open_connection(*sink.address, idempotent=True)
+        writer.write(b"two")
+        assert await reader.readexactly(3) == b"two"
+        writer.close()
+        assert session.session_id == session_id  # not replaced: B knew it
+        await asyncio.sleep(0.05)
+        users_b = [r.user for r in b.records if r.reply_code == ReplyCode.SUCCESS]
+        assert users_b == ["alice"]  # SES-04: the session's user, on the other host
+        # In Redis: the user and the address, never the password.
+        dump = redis.command("HGETALL", f"{KEY_PREFIX}s:{session_id.hex()}")
+        assert b"alice" in dump and b"127.0.0.1" in dump and b"wonderland" not in dump
+        await session.aclose()
+
+
+@pytest.mark.conformance("IDM-03", "SES-02")
+async def test_token_spent_on_one_host_is_refused_on_the_other(redis: RedisProcess) -> None:
+    """IDM-03 across hosts: the token spent through A gets Idempotence Rejected through B and
+    its request never runs; one request costs one Redis round trip (one EVALSHA)."""
+    async with Sink() as sink, two_hosts(redis) as (a, b):
+        sid, window = await new_session(a.addresses[0], sink, window=16)
+        assert window is not None and window.size == 16
+        before = redis.evalsha_calls()
+        assert await spend(a.addresses[0], sink, sid, window.base)
+        assert redis.evalsha_calls() - before == 1  # lookup + touch + spend: one script run
+        connections = len(sink.connections)
+        assert not await spend(b.addresses[0], sink, sid, window.base)
+        assert not await spend(a.addresses[0], sink, sid, window.base)
+        await asyncio.sleep(0.05)
+        assert len(sink.connections) == connections  # the replays never ran
+        # The window moved past the spent token, as both hosts see it (IDM-04).
+        client, auth, _ = await exchange(b.addresses[0], connect(sink.address, sid))
+        assert option(auth, SessionOK) is not None
+        assert option(auth, IdempotenceWindow) == IdempotenceWindow((window.base + 1) % 2**32, 16)
+        await client.close()
+
+
+@pytest.mark.conformance("IDM-03")
+async def test_one_token_spent_at_once_through_both_hosts_succeeds_once(redis: RedisProcess) -> None:
+    """IDM-03: 24 clients spend the same token at the same moment, half through each host:
+    exactly one is accepted and exactly one request reaches the destination."""
+    async with Sink() as sink, two_hosts(redis) as (a, b):
+        sid, window = await new_session(a.addresses[0], sink, window=8)
+        assert window is not None
+        connections = len(sink.connections)
+        proxies = [a.addresses[0], b.addresses[0]] * 12
+        results = await asyncio.gather(*(spend(p, sink, sid, window.base) for p in proxies))
+        assert sum(results) == 1, results
+        await asyncio.sleep(0.05)
+        assert len(sink.connections) == connections + 1
+
+
+@pytest.mark.conformance("SES-05", "SES-03")
+async def test_teardown_on_one_host_is_seen_on_the_other(redis: RedisProcess) -> None:
+    """SES-05: a Session Teardown through A ends the session everywhere at once: B answers the
+    next request of it with Type 1 and Session Invalid (SES-03); the tearing-down request
+    itself runs outside any session."""
+    async with Sink() as sink, two_hosts(redis) as (a, b):
+        sid, _ = await new_session(a.addresses[0], sink)
+        client, auth, reply = await exchange(b.addresses[0], connect(sink.address, sid))
+        assert option(auth, SessionOK) is not None
+        await client.close()
+        client, auth, reply = await exchange(
+            a.addresses[0], connect(sink.address, sid, SessionTeardown(), credentials())
+        )
+        assert option(auth, SessionOK) is None and reply.reply_code == ReplyCode.SUCCESS
+        await client.close()
+        client = await RawClient.connect(b.addresses[0])
+        await client.send(connect(sink.address, sid))
+        auth = await client.auth_reply()
+        assert auth.type == AuthReplyType.FAILURE and option(auth, SessionInvalid) is not None
+        await client.close()
+        assert redis.command("DBSIZE") in (b":0\r\n", b":1\r\n")  # at most the 'all' set is left
+
+
+@pytest.mark.conformance("SES-04")
+async def test_sessions_expire_by_redis_ttl(redis: RedisProcess) -> None:
+    """SES-04: a session unused for idle_timeout is gone on every host; the key carries the
+    idle timeout as its TTL (Redis expires it, no sweep needed), renewed by every use."""
+    async with Sink() as sink, two_hosts(redis, idle_timeout=0.4) as (a, b):
+        sid, _ = await new_session(a.addresses[0], sink)
+        key = f"{KEY_PREFIX}s:{sid.session_id.hex()}"
+        ttl = int(redis.command("PTTL", key)[1:-2])
+        assert 0 < ttl <= 400
+        await asyncio.sleep(0.25)
+        client, auth, _ = await exchange(b.addresses[0], connect(sink.address, sid))  # renews
+        await client.close()
+        await asyncio.sleep(0.25)  # 0.5 s after creation, 0.25 s after the last use: alive
+        client, auth, _ = await exchange(a.addresses[0], connect(sink.address, sid))
+        assert option(auth, SessionOK) is not None
+        await client.close()
+        await asyncio.sleep(0.6)
+        assert redis.command("EXISTS", key) == b":0\r\n"
+        client = await RawClient.connect(b.addresses[0])
+        await client.send(connect(sink.address, sid))
+        auth = await client.auth_reply()
+        assert option(auth, SessionInvalid) is not None
+        await client.close()
+
+
+@pytest.mark.conformance("SES-04")
+async def test_caps_count_sessions_of_every_host(redis: RedisProcess) -> None:
+    """SES-04: max_per_user counts alice's sessions on both hosts: the third Session Request
+    is declined silently (the request itself succeeds, without a Session ID)."""
+    async with Sink() as sink, two_hosts(redis, max_per_user=2) as (a, b):
+        await new_session(a.addresses[0], sink)
+        await new_session(b.addresses[0], sink)
+        client, _, reply = await exchange(
+            a.addresses[0], connect(sink.address, SessionRequest(), credentials())
+        )
+        assert reply.reply_code == ReplyCode.SUCCESS and option(reply, SessionID) is None
+        await client.close()
+
+
+# --- Redis down (D32) --------------------------------------------------------------------
+
+
+async def test_redis_stopped_mid_test_fails_clearly_and_recovers(
+    redis: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """D32, IDM-03: Redis stopped: a request in a session and a token spend get General
+    Failure (06 01 00 00: a failed Authentication Reply, no Session Invalid, no Idempotence
+    Accepted), nothing runs; requests outside sessions keep working; a Session Request is
+    declined silently; one warning for the whole outage. Redis back (empty: no persistence):
+    the proxies answer from it again by themselves, with one line saying so."""
+    caplog.set_level(logging.WARNING, logger="socks6fast.server")
+    async with Sink() as sink, two_hosts(redis) as (a, b):
+        sid, window = await new_session(a.addresses[0], sink, window=8)
+        assert window is not None
+        redis.stop()
+        connections = len(sink.connections)
+        for proxy in (a.addresses[0], b.addresses[0], a.addresses[0]):
+            data = await first_bytes(proxy, connect(sink.address, sid, IdempotenceExpenditure(window.base)))
+            assert data[:4] == bytes([6, ReplyCode.GENERAL_FAILURE, 0, 0]), data
+        await asyncio.sleep(0.05)
+        assert len(sink.connections) == connections  # nothing accepted unchecked
+        client, _, reply = await exchange(a.addresses[0], connect(sink.address, credentials()))
+        assert reply.reply_code == ReplyCode.SUCCESS  # no session needed: served
+        await echo_roundtrip(client)
+        await client.close()
+        client, _, reply = await exchange(
+            b.addresses[0], connect(sink.address, SessionRequest(), credentials())
+        )
+        assert reply.reply_code == ReplyCode.SUCCESS and option(reply, SessionID) is None  # declined
+        await client.close()
+        outage = [r for r in caplog.records if "does not answer" in r.getMessage()]
+        assert len(outage) == 2, [r.getMessage() for r in outage]  # one per proxy, not per request
+        records = [r for r in a.records if r.reply_code == ReplyCode.GENERAL_FAILURE]
+        assert records and all("session store" in r.error for r in records)
+        redis.start()
+        # Back: the old session died with Redis's memory; new ones work across hosts at once.
+        client = await RawClient.connect(b.addresses[0])
+        await client.send(connect(sink.address, sid))
+        assert option(await client.auth_reply(), SessionInvalid) is not None
+        await client.close()
+        sid2, window2 = await new_session(a.addresses[0], sink, window=8)
+        assert window2 is not None
+        assert await spend(b.addresses[0], sink, sid2, window2.base)
+        back = [r for r in caplog.records if "answers again after" in r.getMessage()]
+        assert len(back) == 2, [(r.name, r.getMessage()) for r in back]
+
+
+async def test_redis_hanging_times_out_and_keeps_every_token_once(redis: RedisProcess) -> None:
+    """D32, IDM-03: Redis hanging (SIGSTOP): requests in the session fail with General Failure
+    after store_timeout instead of waiting; once it answers again (SIGCONT, data kept) the same
+    session and window serve at once, and the token that was never checked is accepted
+    exactly once."""
+    async with Sink() as sink, two_hosts(redis) as (a, b):
+        sid, window = await new_session(a.addresses[0], sink, window=8)
+        assert window is not None
+        redis.pause(True)
+        try:
+            started = time.monotonic()
+            data = await first_bytes(
+                b.addresses[0], connect(sink.address, sid, IdempotenceExpenditure(window.base))
+            )
+            assert data[:4] == bytes([6, ReplyCode.GENERAL_FAILURE, 0, 0])
+            assert time.monotonic() - started < 3.0
+        finally:
+            redis.pause(False)
+        results = [await spend(p, sink, sid, window.base) for p in (a.addresses[0], b.addresses[0])]
+        assert results == [True, False]
+
+
+# --- the store itself ---------------------------------------------------------------------
+
+
+async def test_lua_window_matches_token_window(redis: RedisProcess) -> None:
+    """IDM-04: the Lua spend (on the Redis server) and `TokenWindow.spend` agree on every
+    answer and every window, for random spends in and around windows of several sizes,
+    across the 2^32 wrap, out of order and past the tracked-tokens cap."""
+    store = RedisSessionStore(redis.url, SessionLimits(max_token_window=2**20))
+    rng = random.Random(13)
+    try:
+        for size in (1, 2, 8, 1000, 2**20):
+            created = await store.answer(
+                SessionQuery(SessionOp.CREATE, client_ip="127.0.0.1", token_request=size)
+            )
+            assert created.session is not None and created.window is not None
+            base, got_size = created.window
+            reference = TokenWindow(base, got_size)
+            for step in range(300):
+                if size == 2**20 and step < 270:
+                    token = (
+                        reference.base + 1 + rng.randrange(size // 4)
+                    ) % 2**32  # out of order: > 256 kept
+                else:
+                    token = (reference.base + rng.randrange(-3, size + 3)) % 2**32
+                answer = await store.answer(
+                    SessionQuery(SessionOp.LOOKUP, created.session.session_id, token=token)
+                )
+                assert answer.spent == reference.spend(token), (size, step, token)
+                assert answer.window == reference.current, (size, step)
+        wrap = await store.answer(SessionQuery(SessionOp.CREATE, client_ip="127.0.0.1", token_request=4))
+        assert wrap.session is not None
+        key = f"{KEY_PREFIX}s:{wrap.session.session_id.hex()}"
+        redis.command("HSET", key, "b", str(2**32 - 2))
+        reference = TokenWindow(2**32 - 2, 4)
+        for token in (0, 2**32 - 2, 2**32 - 1, 1, 0, 2):
+            answer = await store.answer(SessionQuery(SessionOp.LOOKUP, wrap.session.session_id, token=token))
+            assert answer.spent == reference.spend(token) and answer.window == reference.current
+    finally:
+        await store.close()
+
+
+async def test_store_unreachable_raises_one_sentence() -> None:
+    """D32: nothing listening: `answer` raises SessionStoreError naming the store (with the
+    password masked), after one warning."""
+    store = RedisSessionStore(f"redis://:secret@127.0.0.1:{_free_port()}/0", SessionLimits(), timeout=0.3)
+    try:
+        with pytest.raises(SessionStoreError, match=r"redis://:\*\*\*@127\.0\.0\.1:\d+/0 does not answer"):
+            await store.answer(SessionQuery(SessionOp.LOOKUP, b"\x00" * 16))
+        assert store.down
+    finally:
+        await store.close()
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("redis://", "names no host"),
+        ("redis://127.0.0.1:6379/x", "the database 'x' is not a number"),
+        ("redis://127.0.0.1:99999/0", "is not a valid URL"),
+        ("unix://", "names no socket path"),
+        ("unix:///run/redis.sock?db=a", "the database 'a' is not a number"),
+        ("mysql://127.0.0.1/0", 'is not one of "memory"'),
+        (6379, "is not a string"),
+    ],
+)
+def test_config_rejects_bad_store(value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match="^sessions.store: .*" + message.replace("(", r"\(")):
+        parse_config({"sessions": {"store": value}})
+
+
+def test_config_accepts_redis_urls() -> None:
+    for url in ("redis://127.0.0.1:6379/0", "rediss://redis.internal:6380/2", "unix:///run/redis.sock?db=1"):
+        assert parse_config({"sessions": {"store": url}}).sessions.store == url
+    config = parse_config({"sessions": {"store": "redis://127.0.0.1/0"}})
+    assert config.session_store() is None  # the server builds the shared store
+    assert parse_config({}).sessions.store == "memory"
+
+
+def test_check_config_without_the_redis_package(tmp_path: Path) -> None:
+    """One sentence, exit 2, when the store is configured but redis-py is missing."""
+    path = tmp_path / "socks6fast.toml"
+    path.write_text('[server]\nlisten = ["127.0.0.1:1080"]\n[sessions]\nstore = "redis://127.0.0.1:6379/0"\n')
+    code = (
+        "import sys, importlib.util as u; real = u.find_spec;"
+        " u.find_spec = lambda n, *a: None if n == 'redis' else real(n, *a);"
+        " from socks6fast.cli import main; sys.exit(main(['check-config', sys.argv[1]]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert "needs the redis package" in done.stderr and "socks6fast[redis]" in done.stderr
+    assert "Traceback" not in done.stderr
