@@ -423,7 +423,7 @@ CASES: list[tuple[str, str]] = [
     (
         "[sessions]\ntoken_window = 1",
         "sessions.token_window: unknown key (allowed: enabled, idle_timeout, "
-        "max_per_client_ip, max_per_user, max_sessions, max_token_window)",
+        "max_per_client_ip, max_per_user, max_sessions, max_token_window, store, store_timeout)",
     ),
     ("rules = 5", "rules: must be an array of tables, written [[rules]]"),
     ("rules = [5]", "rules[0]: must be a table, written [[rules]]"),

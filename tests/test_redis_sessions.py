@@ -340,6 +340,7 @@ async def test_caps_count_sessions_of_every_host(redis: RedisProcess) -> None:
 # --- Redis down (D32) --------------------------------------------------------------------
 
 
+@pytest.mark.conformance("IDM-03")
 async def test_redis_stopped_mid_test_fails_clearly_and_recovers(
     redis: RedisProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -385,6 +386,7 @@ async def test_redis_stopped_mid_test_fails_clearly_and_recovers(
         assert len(back) == 2, [(r.name, r.getMessage()) for r in back]
 
 
+@pytest.mark.conformance("IDM-03")
 async def test_redis_hanging_times_out_and_keeps_every_token_once(redis: RedisProcess) -> None:
     """D32, IDM-03: Redis hanging (SIGSTOP): requests in the session fail with General Failure
     after store_timeout instead of waiting; once it answers again (SIGCONT, data kept) the same
@@ -410,6 +412,7 @@ async def test_redis_hanging_times_out_and_keeps_every_token_once(redis: RedisPr
 # --- the store itself ---------------------------------------------------------------------
 
 
+@pytest.mark.conformance("IDM-04")
 async def test_lua_window_matches_token_window(redis: RedisProcess) -> None:
     """IDM-04: the Lua spend (on the Redis server) and `TokenWindow.spend` agree on every
     answer and every window, for random spends in and around windows of several sizes,
