@@ -94,7 +94,7 @@ LAYERS: list[set[str]] = [
     {"supervisor"},
     {"cli", "__main__", ""}
     | {f"bench{m}" for m in ("", ".__main__", ".cli", ".suite", ".ceiling")}
-    | {f"bench._{m}" for m in ("chart", "measure", "procs", "report", "systems", "ttfb", "udp")}
+    | {f"bench._{m}" for m in ("chart", "measure", "procs", "report", "sessions", "systems", "ttfb", "udp")}
     # The Python UDP load generator for the DTLS rows runs as a child process; it drives
     # socks6fast's own client (issue 11).
     | {"bench._dtlsgen"},

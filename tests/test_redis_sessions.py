@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -31,7 +32,7 @@ from typing import Any
 
 import pytest
 from helpers_server import RawClient, Sink, make_config, running_server
-from test_server_e2e import connect, credentials, echo_roundtrip, exchange, option
+from test_server_e2e import connect, credentials, echo_roundtrip, exchange, option, request
 
 import socks6fast.asyncio as s6
 from socks6fast._extensions import NO_EXTENSIONS
@@ -39,7 +40,7 @@ from socks6fast.asyncio.client import Proxy
 from socks6fast.asyncio.server import Server
 from socks6fast.asyncio.server.redis_sessions import KEY_PREFIX, RedisSessionStore
 from socks6fast.config import ConfigError, parse_config
-from socks6fast.constants import AuthReplyType, ReplyCode
+from socks6fast.constants import AuthReplyType, Command, ReplyCode, StackLeg
 from socks6fast.errors import SessionStoreError
 from socks6fast.proto.messages import (
     IdempotenceAccepted,
@@ -47,6 +48,7 @@ from socks6fast.proto.messages import (
     IdempotenceRejected,
     IdempotenceRequest,
     IdempotenceWindow,
+    ListenBacklogOption,
     SessionID,
     SessionInvalid,
     SessionOK,
@@ -337,6 +339,36 @@ async def test_caps_count_sessions_of_every_host(redis: RedisProcess) -> None:
         await client.close()
 
 
+@pytest.mark.conformance("CMD-05", "SES-05")
+async def test_bind_backlog_with_redis_sessions(redis: RedisProcess) -> None:
+    """CMD-05 with sessions in Redis: the backlog listener stays on the host that opened it and
+    a further BIND of the session through that host claims it (each lookup makes a new Session
+    object, the listener is found by the session's ID); a teardown through the other host
+    closes it within the sweep's second (D33)."""
+    async with Sink() as sink, two_hosts(redis) as (a, b):
+        sid, _ = await new_session(a.addresses[0], sink)
+        backlog = ListenBacklogOption(StackLeg.PROXY_REMOTE, 2)
+        holder, _, first = await exchange(a.addresses[0], request(Command.BIND, "0.0.0.0", 0, sid, backlog))
+        assert option(first, ListenBacklogOption).backlog == 2
+        bound = (first.address, first.port)
+        peer_reader, peer_writer = await asyncio.open_connection(*bound)
+        claim, auth, reply1 = await exchange(a.addresses[0], request(Command.BIND, bound[0], bound[1], sid))
+        assert option(auth, SessionOK) is not None and (reply1.address, reply1.port) == bound
+        assert (await claim.operation_reply()).reply_code == ReplyCode.SUCCESS
+        peer_writer.write(b"peer")
+        assert await claim.read_exactly(4) == b"peer"
+        peer_writer.close()
+        await claim.close()
+        client, _, _ = await exchange(
+            b.addresses[0], connect(sink.address, sid, SessionTeardown(), credentials())
+        )
+        await client.close()
+        assert await asyncio.wait_for(holder.read_until_eof(), 5) == b""  # closed with its session
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(*bound)
+        await holder.close()
+
+
 # --- Redis down (D32) --------------------------------------------------------------------
 
 
@@ -504,3 +536,28 @@ def test_check_config_without_the_redis_package(tmp_path: Path) -> None:
     assert done.returncode == 2, done
     assert "needs the redis package" in done.stderr and "socks6fast[redis]" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- the bench ----------------------------------------------------------------------------
+
+
+def test_bench_sessions_smoke(tmp_path: Path) -> None:
+    """`socks6fast bench --smoke --tests sessions` (issue 13): its own redis-server and two
+    proxies (memory, Redis), every row measured, a token spend costs exactly one Redis round
+    trip (the issue's target), and everything it started is stopped."""
+    from test_bench_smoke import _socks6fast  # noqa: PLC0415 (the bench tests' runner)
+
+    status, log = _socks6fast(tmp_path, "bench", "--smoke", "--tests", "sessions", "--systems", "direct")
+    assert status == 0, log
+    results = json.loads((tmp_path / "run" / "socks6fast-bench.json").read_text())
+    sessions = results["sessions"]
+    for store in ("memory", "redis"):
+        for kind in ("none", "lookup", "spend"):
+            row = sessions[store][kind]
+            assert row["p50_us"] > 0 and row["proxy_us"] > 0, (store, kind, row)
+    assert sessions["redis"]["none"]["redis_calls"] == 0  # no session: Redis is never asked
+    assert sessions["redis"]["lookup"]["redis_calls"] == 1.0
+    assert sessions["redis"]["spend"]["redis_calls"] == 1.0
+    target = [t for t in results["targets"] if t.get("issue") == 13]
+    assert target and target[0]["ok"] is True
+    assert "| spend | redis |" in log and "Added by Redis" in log

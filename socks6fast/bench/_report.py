@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import _sessions
 from ._ttfb import MODES
 
 FAST = ("socks6fast-s6", "socks6fast-s5")
@@ -315,6 +316,7 @@ def markdown_tables(res: Results, part: str = "all") -> str:
         lines.append("")
         lines += _tfo_lines(res)
     lines += udp_tables(res)
+    lines += _sessions.tables(res)
     tg = res.get("targets", [])
     if tg:
         issues = sorted({t.get("issue", 4) for t in tg})

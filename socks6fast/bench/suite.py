@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _chart, _measure, _report, _udp
+from . import _chart, _measure, _report, _sessions, _udp
 from ._procs import (
     BenchError,
     Child,
@@ -75,7 +75,9 @@ from ._systems import (
 )
 from ._ttfb import TOKEN_MODES, Target, run_ttfb
 
-TESTS = ("idle", "ttfb", "conn", "bulk", "udp")
+TESTS = ("idle", "ttfb", "conn", "bulk", "udp", "sessions")
+#: What runs without --tests: ``sessions`` (issue 13, Redis) runs only when named.
+DEFAULT_TESTS = ("idle", "ttfb", "conn", "bulk", "udp")
 #: Where the results go unless --json says otherwise (the chart goes beside it, as .png).
 DEFAULT_JSON = "socks6fast-bench.json"
 #: TCP Fast Open switch (per network namespace): bit 1 lets clients send data in the SYN,
@@ -111,7 +113,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "default all (every system but socks6fast-s6metrics and -s6w2, which run only when named)"
         ),
     )
-    p.add_argument("--tests", default=",".join(TESTS), help=f"comma list of {', '.join(TESTS)}")
+    p.add_argument(
+        "--tests",
+        default=",".join(DEFAULT_TESTS),
+        help=f"comma list of {', '.join(TESTS)} (default: all but sessions, which starts a redis-server)",
+    )
     p.add_argument("--duration", type=float, help="seconds of each bulk measurement window")
     p.add_argument("--rounds", type=int, help="rounds over the systems (medians are quoted)")
     p.add_argument("--streams", help="bulk stream counts, e.g. 1,8,64")
@@ -302,7 +308,9 @@ class Run:
                 self.bulk(lg, procs, streams)
         if "udp" in args.test_list:
             self.udp(procs, workdir)
-        self.results["targets"] = _report.targets(self.results)
+        if "sessions" in args.test_list:
+            self.sessions(procs, workdir)
+        self.results["targets"] = _report.targets(self.results) + _sessions.targets(self.results)
         self.results["meta"]["elapsed_s"] = round(time.monotonic() - t_begin, 1)
         self.results["meta"]["loadavg_end"] = loadavg()
         return self.results
@@ -402,6 +410,14 @@ class Run:
         self.results["idle"] = {
             n: _report.summarize(v, ["kib_rss", "kib_pss"]) for n, v in samples.items() if v
         }
+
+    def sessions(self, procs: Processes, workdir: Path) -> None:
+        """Sessions in memory against sessions in Redis (issue 13 item 2, ``_sessions``)."""
+        a = self.args
+        out = _sessions.run_sessions(procs, workdir, a.socks6fast_cmd, a.profile, a.rounds, self.progress)
+        if "skipped" in out:
+            self.progress(f"[sessions] skipped: {out['skipped']}")
+        self.results["sessions"] = out
 
     def udp(self, procs: Processes, workdir: Path) -> None:
         """The UDP rows (``_udp``): idle memory first, then echo at each size, the round trip at

@@ -760,14 +760,21 @@ class Server:
             if isinstance(shared, RedisSessionStore):
                 # Redis expires the sessions itself (TTL); this process only refreshes the
                 # gauge and closes BIND listeners of sessions that ended elsewhere.
-                swept = shared.next_deadline(loop.time())
-                deadline = swept if deadline is None else min(deadline, swept)
+                swept = shared.next_deadline(loop.time(), gauge=self.metrics is not None)
+                if swept is not None:
+                    deadline = swept if deadline is None else min(deadline, swept)
             delay = 5.0 if deadline is None else min(5.0, max(0.05, deadline - loop.time()))
+            if isinstance(shared, RedisSessionStore):
+                delay = min(delay, 1.0)  # a BIND backlog listener may appear any time (D33)
             await asyncio.sleep(delay)
             if store is not None:
                 for session in store.expire(loop.time()):
                     close_session_listeners(session)
-            if isinstance(shared, RedisSessionStore) and shared is self.context.shared_sessions:
+            if (
+                isinstance(shared, RedisSessionStore)
+                and shared is self.context.shared_sessions
+                and shared.next_deadline(loop.time(), gauge=self.metrics is not None) is not None
+            ):
                 for session in await shared.sweep():
                     close_session_listeners(session)
             self._poll_pipe_stats()

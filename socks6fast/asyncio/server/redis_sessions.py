@@ -220,7 +220,30 @@ for i, key in ipairs(KEYS) do out[i + 1] = redis.call('EXISTS', key) end
 return out
 """
 
-_Listeners = dict[tuple[str, int], Any]
+
+class _Listeners(dict[tuple[str, int], Any]):
+    """``session.listeners`` of a session from Redis: put in the store's table of this process's
+    BIND listeners (CMD-05) when the first listener is added, so that a lookup, which makes a
+    new `Session`, finds them, and sessions without listeners cost no table entry."""
+
+    __slots__ = ("_session_id", "_table")
+
+    def __init__(self, table: dict[bytes, _Listeners], session_id: bytes) -> None:
+        super().__init__()
+        self._table = table
+        self._session_id = session_id
+
+    def __setitem__(self, key: tuple[str, int], value: Any) -> None:
+        super().__setitem__(key, value)
+        held = self._table.setdefault(self._session_id, self)
+        if held is not self:  # two requests of the session raced to their first listener
+            held[key] = value
+
+    def __delitem__(self, key: tuple[str, int]) -> None:
+        super().__delitem__(key)
+        held = self._table.get(self._session_id)
+        if held is not None and held is not self and held.get(key) is not None:
+            del held[key]
 
 
 def redacted_url(url: str) -> str:
@@ -336,9 +359,7 @@ class RedisSessionStore:
 
     def _listeners(self, session_id: bytes) -> _Listeners:
         listeners = self._local.get(session_id)
-        if listeners is None:
-            listeners = self._local[session_id] = {}
-        return listeners
+        return listeners if listeners is not None else _Listeners(self._local, session_id)
 
     def _session(self, session_id: bytes, user: str | None, client_ip: str) -> Session:
         now = time.monotonic()
@@ -423,10 +444,7 @@ class RedisSessionStore:
                 # Gone from Redis already (expired, or ended elsewhere): close ours anyway.
                 return SessionAnswer(Session(session_id, None, "", 0.0, 0.0, listeners=listeners))
             return SessionAnswer(None)
-        session = Session(
-            session_id, None, "", 0.0, 0.0, listeners=listeners if listeners is not None else {}
-        )
-        return SessionAnswer(session)
+        return SessionAnswer(Session(session_id, None, "", 0.0, 0.0, listeners=listeners or {}))
 
     # -- outages (D32) -------------------------------------------------------------------
 
@@ -462,18 +480,21 @@ class RedisSessionStore:
 
     # -- housekeeping --------------------------------------------------------------------
 
-    def next_deadline(self, now: float) -> float:
+    def next_deadline(self, now: float, gauge: bool) -> float | None:
         """When `sweep` should run next: within a second while this process holds BIND
-        listeners of sessions (another host may end them), else every 5 s (the gauge)."""
-        return now + (1.0 if any(self._local.values()) else 5.0)
+        listeners of sessions (another host may end them), else every 5 s when ``gauge`` (the
+        metrics are scraped), else never (no Redis traffic but the requests' own)."""
+        for session_id in [sid for sid, listeners in self._local.items() if not listeners]:
+            del self._local[session_id]  # their listeners were closed
+        if self._local:
+            return now + 1.0
+        return now + 5.0 if gauge else None
 
     async def sweep(self) -> list[Session]:
         """Refresh the live-session count; return the sessions whose BIND listeners this
         process holds and which ended (expired, or torn down on another host), to close them.
         Never raises: an outage is logged once (D32)."""
-        for session_id in [sid for sid, listeners in self._local.items() if not listeners]:
-            del self._local[session_id]
-        held = list(self._local)
+        held = [sid for sid, listeners in self._local.items() if listeners]
         try:
             result = await self._sweep(keys=[self._key(sid) for sid in held], args=[KEY_PREFIX])
         except self._errors as exc:
