@@ -41,7 +41,7 @@ from socks6fast.asyncio.server import Server
 from socks6fast.asyncio.server.redis_sessions import KEY_PREFIX, RedisSessionStore
 from socks6fast.config import ConfigError, parse_config
 from socks6fast.constants import AuthReplyType, Command, ReplyCode, StackLeg
-from socks6fast.errors import SessionStoreError
+from socks6fast.errors import AuthenticationError, SessionStoreError
 from socks6fast.proto.messages import (
     IdempotenceAccepted,
     IdempotenceExpenditure,
@@ -369,6 +369,28 @@ async def test_bind_backlog_with_redis_sessions(redis: RedisProcess) -> None:
         await holder.close()
 
 
+async def test_reload_moves_new_sessions_to_redis_and_back(redis: RedisProcess) -> None:
+    """SIGHUP's reload: memory -> Redis makes new sessions in Redis (the memory ones end);
+    Redis -> memory makes them local again."""
+    async with Sink() as sink, running_server(make_config(users=USERS)) as server:
+        proxy = server.addresses[0]
+        old, _ = await new_session(proxy, sink)
+        server.reload(make_config(users=USERS, sessions={"store": redis.url}))
+        assert server.context.sessions is None and isinstance(
+            server.context.shared_sessions, RedisSessionStore
+        )
+        sid, _ = await new_session(proxy, sink)
+        assert redis.command("EXISTS", f"{KEY_PREFIX}s:{sid.session_id.hex()}") == b":1\r\n"
+        client = await RawClient.connect(proxy)
+        await client.send(connect(sink.address, old))
+        assert option(await client.auth_reply(), SessionInvalid) is not None
+        await client.close()
+        server.reload(make_config(users=USERS))
+        assert server.context.shared_sessions is None and server.context.sessions is not None
+        local, _ = await new_session(proxy, sink)
+        assert redis.command("EXISTS", f"{KEY_PREFIX}s:{local.session_id.hex()}") == b":0\r\n"
+
+
 # --- Redis down (D32) --------------------------------------------------------------------
 
 
@@ -385,7 +407,14 @@ async def test_redis_stopped_mid_test_fails_clearly_and_recovers(
     async with Sink() as sink, two_hosts(redis) as (a, b):
         sid, window = await new_session(a.addresses[0], sink, window=8)
         assert window is not None
+        own = s6.Session(f"socks6://alice:wonderland@{a.addresses[0][0]}:{a.addresses[0][1]}", tokens=4)
+        (await own.open_connection(*sink.address))[1].close()
+        own_id = own.session_id
         redis.stop()
+        # socks6fast's own client: a clear error, and it keeps its session (no Session Invalid).
+        with pytest.raises(AuthenticationError, match="authentication failed"):
+            await own.open_connection(*sink.address, idempotent=True)
+        assert own.session_id == own_id and own_id is not None
         connections = len(sink.connections)
         for proxy in (a.addresses[0], b.addresses[0], a.addresses[0]):
             data = await first_bytes(proxy, connect(sink.address, sid, IdempotenceExpenditure(window.base)))
