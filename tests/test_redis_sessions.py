@@ -512,6 +512,49 @@ async def test_lua_window_matches_token_window(redis: RedisProcess) -> None:
         await store.close()
 
 
+async def test_store_over_a_unix_socket(tmp_path: Path) -> None:
+    """The ``unix:///PATH?db=N`` form: a redis-server on a Unix socket of its own (no TCP port),
+    database 3; a session made and spent through it."""
+    assert REDIS_SERVER is not None
+    path = tmp_path / "redis.sock"
+    process = subprocess.Popen(
+        [
+            REDIS_SERVER,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(path),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        store = RedisSessionStore(f"unix://{path}?db=3", SessionLimits())
+        try:
+            created = await store.answer(
+                SessionQuery(SessionOp.CREATE, user="alice", client_ip="127.0.0.1", token_request=4)
+            )
+            assert created.session is not None and created.window is not None
+            spent = await store.answer(
+                SessionQuery(SessionOp.LOOKUP, created.session.session_id, token=created.window[0])
+            )
+            assert spent.spent and spent.session is not None and spent.session.user == "alice"
+        finally:
+            await store.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 async def test_store_unreachable_raises_one_sentence() -> None:
     """D32: nothing listening: `answer` raises SessionStoreError naming the store (with the
     password masked), after one warning."""
