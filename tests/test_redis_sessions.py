@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_server import RawClient, Sink, make_config, running_server
+from helpers_server import RawClient, Sink, make_certificates, make_config, running_server
 from test_server_e2e import connect, credentials, echo_roundtrip, exchange, option, request
 
 import socks6fast.asyncio as s6
@@ -550,6 +550,54 @@ async def test_store_over_a_unix_socket(tmp_path: Path) -> None:
             assert spent.spent and spent.session is not None and spent.session.user == "alice"
         finally:
             await store.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def test_store_over_tls(tmp_path: Path) -> None:
+    """The ``rediss://`` form: redis-server on a TLS port only, with a throw-away CA that the
+    URL names (redis-py's ``ssl_ca_certs`` query argument); the certificate is verified."""
+    assert REDIS_SERVER is not None
+    certs = make_certificates(tmp_path)
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            REDIS_SERVER,
+            "--port", "0",
+            "--tls-port", str(port),
+            "--bind", "127.0.0.1",
+            "--tls-cert-file", str(certs.cert),
+            "--tls-key-file", str(certs.key),
+            "--tls-ca-cert-file", str(certs.ca),
+            "--tls-auth-clients", "no",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            await asyncio.sleep(0.02)
+        store = RedisSessionStore(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs.ca}", SessionLimits())
+        try:
+            created = await store.answer(SessionQuery(SessionOp.CREATE, client_ip="127.0.0.1"))
+            assert created.session is not None
+            found = await store.answer(SessionQuery(SessionOp.LOOKUP, created.session.session_id))
+            assert found.session is not None
+        finally:
+            await store.close()
+        untrusted = RedisSessionStore(f"rediss://127.0.0.1:{port}/0", SessionLimits(), timeout=2)
+        try:
+            with pytest.raises(SessionStoreError, match="does not answer"):
+                await untrusted.answer(SessionQuery(SessionOp.CREATE, client_ip="127.0.0.1"))
+        finally:
+            await untrusted.close()
     finally:
         process.terminate()
         process.wait(timeout=10)
