@@ -887,6 +887,13 @@ def _session_store(value: object) -> str:
         raise ConfigError(
             f"{where} needs the redis package, which is not installed: pip install 'socks6fast[redis]'"
         )
+    # redis-py's own reading of the URL (its query arguments too), without connecting.
+    from redis.asyncio.connection import parse_url  # noqa: PLC0415 (an optional extra)
+
+    try:
+        parse_url(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return value
 
 

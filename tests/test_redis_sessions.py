@@ -627,6 +627,7 @@ async def test_store_unreachable_raises_one_sentence() -> None:
         ("unix://", "names no socket path"),
         ("unix:///run/redis.sock?db=a", "the database 'a' is not a number"),
         ("mysql://127.0.0.1/0", 'is not one of "memory"'),
+        ("redis://127.0.0.1/0?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
         (6379, "is not a string"),
     ],
 )
