@@ -158,11 +158,14 @@ def redis(redis_process: RedisProcess) -> RedisProcess:
 
 
 @contextlib.asynccontextmanager
-async def two_hosts(redis: RedisProcess, **sessions: Any) -> AsyncIterator[tuple[Server, Server]]:
-    """Two proxies, on 127.0.0.1 and 127.0.0.2, sharing ``redis``."""
+async def two_hosts(
+    redis: RedisProcess, *, admin_b: bool = False, **sessions: Any
+) -> AsyncIterator[tuple[Server, Server]]:
+    """Two proxies, on 127.0.0.1 and 127.0.0.2, sharing ``redis`` (B with /metrics if asked)."""
     table = {"store": redis.url, "store_timeout": 0.5, **sessions}
     config_a = make_config(users=USERS, sessions=table)
-    config_b = make_config(users=USERS, sessions=table, server={"listen": [f"{HOST_B}:0"]})
+    admin = {"listen": "127.0.0.1:0"} if admin_b else None
+    config_b = make_config(users=USERS, sessions=table, server={"listen": [f"{HOST_B}:0"]}, admin=admin)
     async with running_server(config_a) as a, running_server(config_b) as b:
         assert a.addresses[0][0] == "127.0.0.1" and b.addresses[0][0] == HOST_B
         yield a, b
@@ -389,6 +392,27 @@ async def test_reload_moves_new_sessions_to_redis_and_back(redis: RedisProcess) 
         assert server.context.shared_sessions is None and server.context.sessions is not None
         local, _ = await new_session(proxy, sink)
         assert redis.command("EXISTS", f"{KEY_PREFIX}s:{local.session_id.hex()}") == b":0\r\n"
+
+
+async def test_metrics_with_the_redis_store(redis: RedisProcess) -> None:
+    """Issue 14's session metrics with a shared store: the gauge is the live sessions of every
+    host (refreshed by the sweep), the counters this process's requests."""
+    from test_metrics import fetch, value  # noqa: PLC0415 (its scraper)
+
+    async with Sink() as sink, two_hosts(redis, admin_b=True) as (a, b):
+        sid, window = await new_session(a.addresses[0], sink, window=4)
+        await new_session(a.addresses[0], sink)
+        assert window is not None
+        assert await spend(b.addresses[0], sink, sid, window.base)
+        assert not await spend(b.addresses[0], sink, sid, window.base)
+        shared = b.context.shared_sessions
+        assert isinstance(shared, RedisSessionStore)
+        await shared.sweep()
+        samples = await fetch(b)
+    assert value(samples, "socks6fast_sessions_active") == 2  # made on A, counted on B
+    assert value(samples, "socks6fast_sessions_created_total") == 0
+    assert value(samples, "socks6fast_tokens_spent_total") == 1
+    assert value(samples, "socks6fast_tokens_rejected_total") == 1
 
 
 # --- Redis down (D32) --------------------------------------------------------------------
