@@ -85,7 +85,7 @@ class ConfigError(Socks6Error):
 class SessionStoreError(Socks6Error):
     """Proxy side: the shared session store (Redis) did not answer: unreachable, timed out or
     refused the command. The message says which store and why, in one sentence; requests
-    that needed the store fail (docs/decisions.md D32)."""
+    that needed the store fail (docs/decisions.md D37)."""
 
 
 class AssociationClosedError(Socks6Error, ConnectionError):

@@ -1,4 +1,4 @@
-"""Sessions and idempotence tokens shared through Redis (issue 13 item 2; SES-*, IDM-*, D32, D33).
+"""Sessions and idempotence tokens shared through Redis (issue 13 item 2; SES-*, IDM-*, D37, D38).
 
 Two in-process proxies on two loopback addresses (127.0.0.1 and 127.0.0.2) share one real
 ``redis-server`` (Debian's package; `.ci/run` installs it), started here on a free loopback port
@@ -347,7 +347,7 @@ async def test_bind_backlog_with_redis_sessions(redis: RedisProcess) -> None:
     """CMD-05 with sessions in Redis: the backlog listener stays on the host that opened it and
     a further BIND of the session through that host claims it (each lookup makes a new Session
     object, the listener is found by the session's ID); a teardown through the other host
-    closes it within the sweep's second (D33)."""
+    closes it within the sweep's second (D38)."""
     async with Sink() as sink, two_hosts(redis) as (a, b):
         sid, _ = await new_session(a.addresses[0], sink)
         backlog = ListenBacklogOption(StackLeg.PROXY_REMOTE, 2)
@@ -415,14 +415,14 @@ async def test_metrics_with_the_redis_store(redis: RedisProcess) -> None:
     assert value(samples, "socks6fast_tokens_rejected_total") == 1
 
 
-# --- Redis down (D32) --------------------------------------------------------------------
+# --- Redis down (D37) --------------------------------------------------------------------
 
 
 @pytest.mark.conformance("IDM-03")
 async def test_redis_stopped_mid_test_fails_clearly_and_recovers(
     redis: RedisProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """D32, IDM-03: Redis stopped: a request in a session and a token spend get General
+    """D37, IDM-03: Redis stopped: a request in a session and a token spend get General
     Failure (06 01 00 00: a failed Authentication Reply, no Session Invalid, no Idempotence
     Accepted), nothing runs; requests outside sessions keep working; a Session Request is
     declined silently; one warning for the whole outage. Redis back (empty: no persistence):
@@ -473,7 +473,7 @@ async def test_redis_stopped_mid_test_fails_clearly_and_recovers(
 
 @pytest.mark.conformance("IDM-03")
 async def test_redis_hanging_times_out_and_keeps_every_token_once(redis: RedisProcess) -> None:
-    """D32, IDM-03: Redis hanging (SIGSTOP): requests in the session fail with General Failure
+    """D37, IDM-03: Redis hanging (SIGSTOP): requests in the session fail with General Failure
     after store_timeout instead of waiting; once it answers again (SIGCONT, data kept) the same
     session and window serve at once, and the token that was never checked is accepted
     exactly once."""
@@ -628,7 +628,7 @@ async def test_store_over_tls(tmp_path: Path) -> None:
 
 
 async def test_store_unreachable_raises_one_sentence() -> None:
-    """D32: nothing listening: `answer` raises SessionStoreError naming the store (with the
+    """D37: nothing listening: `answer` raises SessionStoreError naming the store (with the
     password masked), after one warning."""
     store = RedisSessionStore(f"redis://:secret@127.0.0.1:{_free_port()}/0", SessionLimits(), timeout=0.3)
     try:

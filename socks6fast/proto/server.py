@@ -443,7 +443,7 @@ class ServerConnection(_ConnectionBase):
             self._auth_succeeded(user, reply_options, now)
             return
         if not isinstance(answer, SessionAnswer):
-            # D32: the request needs the store and got no answer. Nothing is known about the
+            # D37: the request needs the store and got no answer. Nothing is known about the
             # session or the token, so neither Session Invalid (the session may be fine) nor
             # Idempotence Rejected: General Failure, in the D14 form (its first 4 bytes read as
             # an Authentication Reply of Type 1 without options: failed, no further negotiation).

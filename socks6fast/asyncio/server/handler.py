@@ -483,7 +483,7 @@ class ConnectionHandler:
 
     async def _ask_session_store(self, conn: _Conn, action: AskSessionStore) -> None:
         # Issue 13 item 2: one round trip to the shared store (Redis); the store logs an
-        # outage once, the core answers the request that needed it (D32).
+        # outage once, the core answers the request that needed it (D37).
         store = self._server.context.shared_sessions
         assert isinstance(conn, ServerConnection)
         if store is None:  # turned off by a reload while this request waited

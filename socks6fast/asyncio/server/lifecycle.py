@@ -765,7 +765,7 @@ class Server:
                     deadline = swept if deadline is None else min(deadline, swept)
             delay = 5.0 if deadline is None else min(5.0, max(0.05, deadline - loop.time()))
             if isinstance(shared, RedisSessionStore):
-                delay = min(delay, 1.0)  # a BIND backlog listener may appear any time (D33)
+                delay = min(delay, 1.0)  # a BIND backlog listener may appear any time (D38)
             await asyncio.sleep(delay)
             if store is not None:
                 for session in store.expire(loop.time()):

@@ -1,7 +1,7 @@
 """SOCKS 6 sessions and idempotence tokens shared by processes and hosts through Redis.
 
 Issue 13 item 2; draft-11 sections "Session options" and "Idempotence options"; docs/conformance.md
-SES-01..SES-05, IDM-01..IDM-04; docs/decisions.md D32, D33.
+SES-01..SES-05, IDM-01..IDM-04; docs/decisions.md D37, D38.
 
 Strategy: every request that needs the store costs exactly one Redis round trip: one Lua script
 (EVALSHA; redis-py loads it again after a Redis restart) does the lookup, the touch, the window
@@ -24,7 +24,7 @@ that exists. BIND backlog listeners (CMD-05) are sockets of one process: they st
 process's table (``session.listeners``); a session ended elsewhere (teardown on another host,
 expiry) closes them at the next `sweep`, within a second.
 
-Failures (D32): an unreachable or hanging Redis (``socket_timeout``) raises
+Failures (D37): an unreachable or hanging Redis (``socket_timeout``) raises
 `socks6fast.errors.SessionStoreError`; the core answers the request with General Failure and
 accepts no token. The first failure of an outage is logged (one warning), the first answer after
 it too (one line, with how many requests failed); redis-py reconnects by itself.
@@ -323,7 +323,7 @@ class RedisSessionStore:
         """Answer one request's query in one round trip (the `AskSessionStore` action).
 
         Raises:
-            SessionStoreError: Redis did not answer (D32).
+            SessionStoreError: Redis did not answer (D37).
         """
         op = query.op
         try:
@@ -446,7 +446,7 @@ class RedisSessionStore:
             return SessionAnswer(None)
         return SessionAnswer(Session(session_id, None, "", 0.0, 0.0, listeners=listeners or {}))
 
-    # -- outages (D32) -------------------------------------------------------------------
+    # -- outages (D37) -------------------------------------------------------------------
 
     def _outage(self, exc: BaseException) -> SessionStoreError:
         self._failed += 1
@@ -455,7 +455,7 @@ class RedisSessionStore:
             self._down_since = time.monotonic()
             log.warning(
                 "session store %s does not answer (%s): requests that need a session fail with "
-                "General Failure, new sessions are declined, until it answers again (D32)",
+                "General Failure, new sessions are declined, until it answers again (D37)",
                 self.name,
                 cause,
             )
@@ -493,7 +493,7 @@ class RedisSessionStore:
     async def sweep(self) -> list[Session]:
         """Refresh the live-session count; return the sessions whose BIND listeners this
         process holds and which ended (expired, or torn down on another host), to close them.
-        Never raises: an outage is logged once (D32)."""
+        Never raises: an outage is logged once (D37)."""
         held = [sid for sid, listeners in self._local.items() if listeners]
         try:
             result = await self._sweep(keys=[self._key(sid) for sid in held], args=[KEY_PREFIX])
