@@ -81,9 +81,11 @@ def _free_port() -> int:
 class RedisProcess:
     """A redis-server of our own on 127.0.0.1:<free port>, no persistence (stopped after)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, save: str = "") -> None:
         self.port = _free_port()
         self.directory = directory
+        self.save = save
+        """Redis's ``save`` points ("" = no snapshots; "3600 1" = snapshot persistence)."""
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
@@ -94,7 +96,7 @@ class RedisProcess:
                 REDIS_SERVER,
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
-                "--save", "",
+                "--save", self.save,
                 "--appendonly", "no",
                 "--dir", str(self.directory),
                 "--daemonize", "no",
@@ -117,6 +119,25 @@ class RedisProcess:
                 process.send_signal(signal.SIGCONT)  # in case a test left it stopped
                 process.terminate()
             process.wait(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no final snapshot), then wait for the process."""
+        process, self.process = self.process, None
+        assert process is not None
+        process.kill()
+        process.wait(timeout=10)
+
+    def snapshot(self) -> None:
+        """BGSAVE and wait for it to finish (a periodic ``save`` point)."""
+        assert self.command("BGSAVE").startswith(b"+")
+        deadline = time.monotonic() + 10
+        while True:  # nothing else writes meanwhile: done when no change is left unsaved
+            info = self.command("INFO", "persistence")
+            if b"rdb_bgsave_in_progress:0" in info and b"rdb_changes_since_last_save:0\r" in info:
+                break
+            assert time.monotonic() < deadline, "BGSAVE did not finish"
+            time.sleep(0.05)
+        assert b"rdb_last_bgsave_status:ok" in info
 
     def pause(self, paused: bool) -> None:
         """SIGSTOP / SIGCONT: Redis hangs (connections accepted, no answers), data kept."""
@@ -492,6 +513,43 @@ async def test_redis_hanging_times_out_and_keeps_every_token_once(redis: RedisPr
             redis.pause(False)
         results = [await spend(p, sink, sid, window.base) for p in (a.addresses[0], b.addresses[0])]
         assert results == [True, False]
+
+
+@pytest.mark.conformance("IDM-03", "SES-03")
+async def test_redis_restarted_from_a_stale_snapshot_never_accepts_a_token_twice(tmp_path: Path) -> None:
+    """IDM-03 whatever Redis's persistence (probe R-0, D38): Redis with snapshot persistence
+    (its default ``save`` points, AOF off): session + window, a snapshot, the token spent,
+    Redis killed (-9) and restarted from the snapshot, which still has the token unspent. The
+    replay must not run: the session is of an older epoch (another run_id), Session Invalid
+    on both hosts; a new session works at once (SES-03)."""
+    redis = RedisProcess(tmp_path, save="3600 1 300 100 60 10000")
+    redis.start()
+    try:
+        async with Sink() as sink, two_hosts(redis) as (a, b):
+            sid, window = await new_session(a.addresses[0], sink, window=16)
+            assert window is not None
+            redis.snapshot()
+            assert await spend(a.addresses[0], sink, sid, window.base)
+            redis.kill()
+            redis.start()  # loads dump.rdb: the window as it was before the spend
+            assert b"socks6fast:s:" + sid.session_id.hex().encode() in redis.command("KEYS", "*")
+            connections = len(sink.connections)
+            for proxy in (a.addresses[0], b.addresses[0]):
+                client = await RawClient.connect(proxy)
+                await client.send(connect(sink.address, sid, IdempotenceExpenditure(window.base)))
+                auth = await client.auth_reply()
+                assert auth.type != AuthReplyType.SUCCESS and option(auth, SessionInvalid) is not None, auth
+                assert option(auth, IdempotenceAccepted) is None
+                await client.close()
+            await asyncio.sleep(0.05)
+            assert len(sink.connections) == connections  # the replay never ran
+            assert b"socks6fast:s:" + sid.session_id.hex().encode() not in redis.command("KEYS", "*")
+            sid2, window2 = await new_session(b.addresses[0], sink, window=4)
+            assert window2 is not None
+            assert await spend(a.addresses[0], sink, sid2, window2.base)
+            assert not await spend(b.addresses[0], sink, sid2, window2.base)
+    finally:
+        redis.stop()
 
 
 # --- the store itself ---------------------------------------------------------------------

@@ -19,6 +19,10 @@ side). Keys, under the prefix ``socks6fast:``:
   time (Redis's own clock, ``TIME``), for the caps ``max_sessions``, ``max_per_client_ip``,
   ``max_per_user``; expired members are dropped when a session is created.
 
+Each session also records the store's epoch (field ``e``; key ``epoch``: Redis's run_id and
+replication ID): after a Redis restart or failover every older session is Session Invalid, so a
+window restored from a snapshot is never spent again (D38, probe R-0).
+
 Session IDs are 16 bytes from `secrets` (128 bits), made here; the create script refuses one
 that exists. BIND backlog listeners (CMD-05) are sockets of one process: they stay in this
 process's table (``session.listeners``); a session ended elsewhere (teardown on another host,
@@ -117,6 +121,28 @@ local function clock_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- D38 (probe R-0): the store's epoch is this Redis process's run_id and replication ID. Both
+-- change whenever the data may have gone back in time: a restart (from a snapshot or an AOF
+-- that missed the last writes) gives a new run_id, a replica promoted (or a primary made a
+-- replica and promoted back) a new master_replid. A session records the epoch it was made in;
+-- one from another epoch is Session Invalid, so no window restored from older data is spent
+-- again (IDM-03), whatever Redis's persistence or replication settings.
+local function epoch(P)
+  local info = redis.call('INFO', 'server', 'replication')
+  local now = string.match(info, 'run_id:(%x+)') .. ':' .. string.match(info, 'master_replid:(%x+)')
+  local key = P .. 'epoch'
+  if redis.call('GET', key) ~= now then
+    redis.call('SET', key, now)
+    redis.call('UNLINK', P .. 'all')  -- the sessions it counts are of the old epoch
+  end
+  return now
+end
+local function forget(P, key, id, ip, user)
+  redis.call('DEL', key)
+  redis.call('ZREM', P .. 'all', id)
+  if ip then redis.call('ZREM', P .. 'ip:' .. ip, id) end
+  if user then redis.call('ZREM', P .. 'u:' .. user, id) end
+end
 local function touch(P, id, ip, user, expires, idle)
   redis.call('ZADD', P .. 'all', expires, id)
   redis.call('ZADD', P .. 'ip:' .. ip, expires, id)
@@ -138,8 +164,12 @@ _LOOKUP = (
     + """
 local key, P, id = KEYS[1], ARGV[1], ARGV[2]
 local idle = tonumber(ARGV[3])
-local h = redis.call('HMGET', key, 'ip', 'u', 'b', 's', 'a', 't')
+local h = redis.call('HMGET', key, 'ip', 'u', 'b', 's', 'a', 't', 'e')
 if not h[1] then return {0} end
+if h[7] ~= epoch(P) then
+  forget(P, key, id, h[1], h[2])
+  return {0}
+end
 redis.call('PEXPIRE', key, idle)
 touch(P, id, h[1], h[2], clock_ms() + idle, idle)
 local base, size, adv, spentstr = tonumber(h[3]), tonumber(h[4]), tonumber(h[5]), h[6] or ''
@@ -172,14 +202,26 @@ local key, P, id = KEYS[1], ARGV[1], ARGV[2]
 local idle, ip, user = tonumber(ARGV[3]), ARGV[4], ARGV[5]
 if redis.call('EXISTS', key) == 1 then return {-1} end
 if user == '' then user = false end
+local ep = epoch(P)
 local now = clock_ms()
 local sets = {{P .. 'all', tonumber(ARGV[6])}, {P .. 'ip:' .. ip, tonumber(ARGV[7])}}
 if user then sets[3] = {P .. 'u:' .. user, tonumber(ARGV[8])} end
 for _, set in ipairs(sets) do
   redis.call('ZREMRANGEBYSCORE', set[1], '-inf', now)
-  if set[2] >= 0 and redis.call('ZCARD', set[1]) >= set[2] then return {0} end
+  if set[2] >= 0 and redis.call('ZCARD', set[1]) >= set[2] then
+    -- At the cap: drop the members of an older epoch (D38) before refusing; only here, so
+    -- the common case stays O(log n). ``all`` never holds any (emptied at the epoch change).
+    for _, member in ipairs(redis.call('ZRANGE', set[1], 0, -1)) do
+      local e = redis.call('HGET', P .. 's:' .. member, 'e')
+      if e ~= ep then
+        redis.call('ZREM', set[1], member)
+        if e then redis.call('DEL', P .. 's:' .. member) end
+      end
+    end
+    if redis.call('ZCARD', set[1]) >= set[2] then return {0} end
+  end
 end
-redis.call('HSET', key, 'ip', ip)
+redis.call('HSET', key, 'ip', ip, 'e', ep)
 if user then redis.call('HSET', key, 'u', user) end
 redis.call('PEXPIRE', key, idle)
 touch(P, id, ip, user, now + idle, idle)
@@ -208,17 +250,21 @@ return 1
 """
 
 # KEYS: session keys whose BIND listeners this process holds; ARGV: prefix. Returns the live
-# session count, then 1/0 per key (it still exists).
-_SWEEP = """
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local all = ARGV[1] .. 'all'
-redis.call('ZREMRANGEBYSCORE', all, '-inf', now)
+# session count, then 1/0 per key (it still exists, in the current epoch).
+_SWEEP = (
+    _COMMON
+    + """
+local P = ARGV[1]
+local ep = epoch(P)
+local all = P .. 'all'
+redis.call('ZREMRANGEBYSCORE', all, '-inf', clock_ms())
 local out = {redis.call('ZCARD', all)}
-for i, key in ipairs(KEYS) do out[i + 1] = redis.call('EXISTS', key) end
+for i, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'e') == ep then out[i + 1] = 1 else out[i + 1] = 0 end
+end
 return out
 """
+)
 
 
 class _Listeners(dict[tuple[str, int], Any]):
