@@ -492,6 +492,57 @@ async def test_redis_stopped_mid_test_fails_clearly_and_recovers(
         assert len(back) == 2, [(r.name, r.getMessage()) for r in back]
 
 
+@pytest.mark.conformance("SES-02")
+async def test_many_concurrent_session_requests_with_redis_healthy_all_succeed(
+    redis: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SES-02 under load (probe R-1): 300 requests of one session at once (NOOPs, bounded,
+    loopback) with Redis healthy all get Session OK: a full connection pool waits for a free
+    connection (at most store_timeout) instead of failing as an outage; this process holds at
+    most MAX_CONNECTIONS connections to Redis; no outage line."""
+    caplog.set_level(logging.WARNING, logger="socks6fast.server")
+    async with Sink() as sink, two_hosts(redis) as (a, _b):
+        sid, _ = await new_session(a.addresses[0], sink)
+        clients = redis.command("INFO", "clients")
+
+        async def one() -> bool:
+            client = await RawClient.connect(a.addresses[0])
+            try:
+                await client.send(request(Command.NOOP, "0.0.0.0", 0, sid))
+                auth = await asyncio.wait_for(client.auth_reply(), 10)
+                return auth.type == AuthReplyType.SUCCESS and option(auth, SessionOK) is not None
+            finally:
+                await client.close()
+
+        results = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(300))), 60)
+        assert results.count(True) == 300, results.count(False)
+        assert not [r for r in caplog.records if "does not answer" in r.getMessage()]
+        connected = int(redis.command("INFO", "clients").split(b"connected_clients:")[1].split(b"\r")[0])
+        assert connected <= RedisSessionStore.MAX_CONNECTIONS + 2, (connected, clients)  # + B's, ours
+
+
+async def test_a_flapping_store_logs_one_outage_line(
+    redis: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """D37 "one log line per outage" (probe R-1: 117-201 lines in 0.3 s): a store whose
+    requests fail and succeed by turns logs one warning and one recovery line per
+    OUTAGE_LOG_INTERVAL; the failures of the flaps in between are counted in the next line."""
+    caplog.set_level(logging.WARNING, logger="socks6fast.server")
+    store = RedisSessionStore(redis.url, SessionLimits())
+    try:
+        for _ in range(50):
+            store._outage(ConnectionError("Connection reset by peer"))  # a request failed
+            answer = await store.answer(SessionQuery(SessionOp.LOOKUP, bytes(16)))  # the next answered
+            assert answer.session is None and not store.down
+    finally:
+        await store.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if "does not answer" in m]) == 1, lines
+    back = [m for m in lines if "answers again after" in m]
+    assert len(back) == 1 and "1 requests failed" in back[0], lines
+    assert store._failed == 49  # reported by the next outage's recovery line
+
+
 @pytest.mark.conformance("IDM-03")
 async def test_redis_hanging_times_out_and_keeps_every_token_once(redis: RedisProcess) -> None:
     """D37, IDM-03: Redis hanging (SIGSTOP): requests in the session fail with General Failure

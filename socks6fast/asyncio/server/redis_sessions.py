@@ -325,6 +325,13 @@ class RedisSessionStore:
         ValueError: redis-py does not accept the URL.
     """
 
+    MAX_CONNECTIONS = 32
+    """Connections to Redis per process at most; more concurrent requests wait for one."""
+
+    OUTAGE_LOG_INTERVAL = 10.0
+    """Seconds between two "does not answer" warnings: a store that fails and answers by turns
+    logs one line per interval, not one per flap (probe R-1)."""
+
     def __init__(self, url: str, limits: SessionLimits, *, timeout: float = 1.0) -> None:
         # redis is an optional extra (socks6fast[redis]): imported only when a store is made.
         import redis.asyncio  # noqa: PLC0415
@@ -345,12 +352,19 @@ class RedisSessionStore:
         # redis-py reconnects on the retry); none on a timeout, which would double the wait. A
         # retried spend is safe: if the first attempt ran, the token is spent and the retry
         # sees it rejected, so nothing is ever accepted twice (IDM-03).
-        self._client: Any = redis.asyncio.Redis.from_url(
+        # A blocking pool (probe R-1): when all MAX_CONNECTIONS are busy a request waits for one
+        # (at most ``timeout``, then it fails like a Redis that does not answer) instead of
+        # failing at once with MaxConnectionsError while Redis is healthy. Redis runs the
+        # scripts one at a time anyway: more connections would not answer sooner.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
+            max_connections=self.MAX_CONNECTIONS,
+            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        self._client: Any = redis.asyncio.Redis.from_pool(pool)
         self._lookup = self._client.register_script(_LOOKUP)
         self._create = self._client.register_script(_CREATE)
         self._teardown = self._client.register_script(_TEARDOWN)
@@ -359,6 +373,10 @@ class RedisSessionStore:
         self._tasks: set[asyncio.Task[None]] = set()
         self._down_since: float | None = None
         self._failed = 0
+        self._warned_at: float | None = None
+        """When the last "does not answer" warning was logged (None: none since its recovery
+        line)."""
+        self._last_warning = -self.OUTAGE_LOG_INTERVAL
 
     def __len__(self) -> int:
         return self.active
@@ -498,25 +516,32 @@ class RedisSessionStore:
         self._failed += 1
         cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if self._down_since is None:
-            self._down_since = time.monotonic()
-            log.warning(
-                "session store %s does not answer (%s): requests that need a session fail with "
-                "General Failure, new sessions are declined, until it answers again (D37)",
-                self.name,
-                cause,
-            )
+            now = time.monotonic()
+            self._down_since = now
+            if self._warned_at is None and now - self._last_warning >= self.OUTAGE_LOG_INTERVAL:
+                self._warned_at = self._last_warning = now
+                log.warning(
+                    "session store %s does not answer (%s): requests that need a session fail "
+                    "with General Failure, new sessions are declined, until it answers again (D37)",
+                    self.name,
+                    cause,
+                )
         return SessionStoreError(f"{self.name} does not answer ({cause})")
 
     def _recovered(self) -> None:
-        down_since = self._down_since
-        assert down_since is not None
+        """An answer after failures. Logged once per warning: a store that flaps within
+        OUTAGE_LOG_INTERVAL keeps counting failures silently, reported by the next line."""
+        self._down_since = None
+        warned_at = self._warned_at
+        if warned_at is None:
+            return
         log.warning(
             "session store %s answers again after %.1fs; %d requests failed meanwhile",
             self.name,
-            time.monotonic() - down_since,
+            time.monotonic() - warned_at,
             self._failed,
         )
-        self._down_since = None
+        self._warned_at = None
         self._failed = 0
 
     @property
