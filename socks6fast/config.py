@@ -856,6 +856,35 @@ def _sessions(table: Mapping[str, Any]) -> SessionsConfig:
 _STORE_FORMS = '"memory", "redis://HOST:PORT/DB", "rediss://HOST:PORT/DB" or "unix:///PATH?db=N"'
 
 
+def _masked_url(url: str) -> str:
+    """``url`` with its password shown as ``***`` (probe R-2: check-config messages), also
+    when the URL does not parse: everything between the scheme's ``//`` and the last ``@``
+    before the path is credentials; only a user name before a ``:`` stays. A ``password=``
+    query argument (redis-py reads one) is masked too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc_end = len(rest)
+    for mark in "/?#":
+        found = rest.find(mark, rest.rfind("@") + 1 if "@" in rest else 0)
+        if found != -1:
+            netloc_end = min(netloc_end, found)
+    netloc, tail = rest[:netloc_end], rest[netloc_end:]
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    query_start = tail.find("?")
+    if query_start != -1:
+        head, query = tail[: query_start + 1], tail[query_start + 1 :]
+        query = "&".join(
+            f"{part.partition('=')[0]}=***" if part.partition("=")[0].lower() == "password" else part
+            for part in query.split("&")
+        )
+        tail = head + query
+    return f"{scheme}://{netloc}{tail}"
+
+
 def _session_store(value: object) -> str:
     """Check ``sessions.store``: "memory" or a Redis URL in one of redis-py's forms, and the
     ``redis`` package for the latter (issue 13 item 2)."""
@@ -863,7 +892,7 @@ def _session_store(value: object) -> str:
         raise ConfigError(f"sessions.store: {_show(value)} is not a string ({_STORE_FORMS})")
     if value == "memory":
         return value
-    where = f"sessions.store: {_show(value)}"
+    where = f"sessions.store: {_show(_masked_url(value))}"
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 (raises ValueError on a bad port)

@@ -792,6 +792,30 @@ def test_check_config_without_the_redis_package(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret-pw@127.0.0.1:99999/0",
+        "redis://alice:s3cret-pw@127.0.0.1/0?socket_timeout=abc",
+        "rediss://alice:s3cret-pw@127.0.0.1:6380/x",
+        "redis://alice:s3cret-pw@[::1:6379/0",
+        "mysql://alice:s3cret-pw@127.0.0.1/0",
+        "redis://s3cret-pw@127.0.0.1/0?socket_timeout=abc",
+        "unix:///run/redis.sock?db=a&password=s3cret-pw",
+    ],
+)
+def test_check_config_masks_the_store_password(tmp_path: Path, url: str) -> None:
+    """Probe R-2: a wrong store URL is one sentence, exit 2, and the password in it is shown as
+    ``***``, never in clear (check-config output ends up in terminals, CI logs, tickets)."""
+    path = tmp_path / "socks6fast.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:1080"]\n[sessions]\nstore = "{url}"\n')
+    code = "import sys; from socks6fast.cli import main; sys.exit(main(['check-config', sys.argv[1]]))"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert "sessions.store" in done.stderr and "***" in done.stderr, done.stderr
+    assert "s3cret" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+
+
 # --- the bench ----------------------------------------------------------------------------
 
 
