@@ -54,7 +54,7 @@ from .asyncio.server.logs import WORKER, BatchingStreamHandler, JsonFormatter, T
 from .config import Config, ConfigError, default_config, load_config, parse_user_option
 from .constants import MAX_USERPASS_LENGTH, MAX_WORKER_PROCESSES
 from .net.reuseport import WorkerSockets
-from .proto.auth import hash_password
+from .proto.auth import ScryptHash, hash_password
 from .supervisor import Supervisor, per_worker_config, resolve_workers
 
 try:  # uvloop is a dependency on POSIX; the proxy still runs without it
@@ -86,7 +86,13 @@ def _load(args: argparse.Namespace) -> Config:
     try:
         config = load_config(args.config) if args.config else default_config()
         users: dict[str, str] = args.users
-        return config.with_overrides(listen=args.listen or None, users=users or None)
+        # The --user hashes are made once: a reload reuses them, so an unchanged --user keeps
+        # the same hash and its sessions (a changed hash ends them, S-1).
+        hashed: dict[str, ScryptHash] | None = getattr(args, "user_hashes", None)
+        config = config.with_overrides(listen=args.listen or None, users=hashed or users or None)
+        if hashed is None:
+            args.user_hashes = {name: config.user_hashes[name] for name in users}
+        return config
     except ConfigError as exc:
         raise _Fail(str(exc)) from None
 

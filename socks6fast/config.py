@@ -504,7 +504,7 @@ class Config:
         self,
         *,
         listen: Sequence[str] | None = None,
-        users: Mapping[str, str] | None = None,
+        users: Mapping[str, str | ScryptHash] | None = None,
     ) -> Config:
         """Apply command-line flags.
 
@@ -514,7 +514,8 @@ class Config:
             users: ``--user NAME:PASSWORD`` values as name -> clear-text password; each is
                 hashed here, in memory only (the clear text is never stored or written),
                 and added to (or replaces the same name in) the configured users, which
-                turns authentication on.
+                turns authentication on. A `ScryptHash` value is used as it is (a reload
+                passes the hashes made at start: the same hash, so the users' sessions stay).
 
         Returns:
             A new Config.
@@ -532,9 +533,14 @@ class Config:
         hashes = dict(self.user_hashes)
         for name, password in (users or {}).items():
             _check_user_name(name, "--user")
-            if not 1 <= len(password.encode("utf-8")) <= MAX_USERPASS_LENGTH:
-                raise ConfigError(f"--user: the password of {name!r} must be 1-{MAX_USERPASS_LENGTH} bytes")
-            hashes[name] = new_hash(password)
+            if isinstance(password, ScryptHash):
+                hashes[name] = password
+            else:
+                if not 1 <= len(password.encode("utf-8")) <= MAX_USERPASS_LENGTH:
+                    raise ConfigError(
+                        f"--user: the password of {name!r} must be 1-{MAX_USERPASS_LENGTH} bytes"
+                    )
+                hashes[name] = new_hash(password)
             merged[name] = hashes[name].encode()
         return dataclasses.replace(
             self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -459,3 +460,16 @@ async def test_serve_warns_about_an_open_proxy() -> None:
     async with serve("--listen", "127.0.0.1:0") as proc:
         await proc.wait_for("relay path")  # logged after the warning would have been
         assert not any("open proxy" in line for line in proc.lines), proc.lines
+
+
+def test_reload_keeps_the_hash_of_a_user_flag(tmp_path: Path) -> None:
+    """S-1: a reload ends the sessions of users whose hash changed; a ``--user`` given at
+    start is hashed once, so a SIGHUP (which loads the configuration again) keeps its hash
+    and its sessions, while the configuration file's users are read again."""
+    from socks6fast.cli import _load  # noqa: PLC0415 (the CLI's own loader, as SIGHUP calls it)
+
+    path = tmp_path / "socks6fast.toml"
+    path.write_text('[server]\nlisten = ["127.0.0.1:1080"]\n')
+    args = argparse.Namespace(config=str(path), listen=[], users={"alice": "wonderland"})
+    first, again = _load(args), _load(args)
+    assert first.users["alice"] == again.users["alice"]

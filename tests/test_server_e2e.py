@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -30,6 +31,7 @@ from helpers_server import (
     FakeDNS,
     RawClient,
     Sink,
+    cheap_hash,
     curl,
     dns_query,
     enable_packet_options,
@@ -42,6 +44,7 @@ from helpers_server import (
 
 import socks6fast
 from socks6fast.asyncio import client as s6client
+from socks6fast.config import Config
 from socks6fast.constants import (
     AddressType,
     AuthMethod,
@@ -53,6 +56,7 @@ from socks6fast.constants import (
     UserPassStatus,
 )
 from socks6fast.proto import codec
+from socks6fast.proto.auth import parse_hash
 from socks6fast.proto.messages import (
     AuthData,
     AuthMethodAdvertisement,
@@ -1393,6 +1397,46 @@ async def test_client_library_through_the_server(tmp_path: Path) -> None:
             assert await reader.readexactly(6) == b" world"
             writer.close()
             await writer.wait_closed()
+
+
+def with_users(config: Config, users: dict[str, str]) -> Config:
+    """``config`` with ``users`` (name -> hash string) in place of its own."""
+    return dataclasses.replace(
+        config, users=users, user_hashes={name: parse_hash(hashed) for name, hashed in users.items()}
+    )
+
+
+@pytest.mark.conformance("SES-04", "SES-05")
+async def test_reload_ends_the_sessions_of_removed_or_changed_users() -> None:
+    """Probe S-1 (SES-04: requests in a session act as its user): a reload that removes bob
+    from [users] and changes carol's password ends their sessions (Session Invalid at the next
+    request, no credentials needed before); alice's, unchanged, stays."""
+    passwords = {"alice": "wonderland", "bob": "builder", "carol": "singer"}
+    config = make_config(users=passwords)
+    async with Sink() as sink, running_server(config) as server:
+        proxy = server.addresses[0]
+        sids = {}
+        for user, password in passwords.items():
+            client, _, reply = await exchange(
+                proxy, connect(sink.address, SessionRequest(), credentials(user, password))
+            )
+            sids[user] = option(reply, SessionID)
+            assert sids[user] is not None
+            await client.close()
+        store = server.context.sessions
+        assert isinstance(store, MemorySessionStore) and len(store) == 3
+        server.reload(with_users(config, {"alice": config.users["alice"], "carol": cheap_hash("other")}))
+        assert len(store) == 1
+        for user, valid in (("alice", True), ("bob", False), ("carol", False)):
+            client = await RawClient.connect(proxy)
+            await client.send(connect(sink.address, sids[user]))
+            auth = await client.auth_reply()
+            if valid:
+                assert auth.type == AuthReplyType.SUCCESS and option(auth, SessionOK) is not None, auth
+                await client.operation_reply()
+            else:
+                assert auth.type != AuthReplyType.SUCCESS and option(auth, SessionInvalid) is not None, auth
+            await client.close()
 
 
 async def test_reload_applies_every_limit_and_keeps_sessions() -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
+from collections.abc import Container
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -471,6 +472,18 @@ class MemorySessionStore:
         if session is not None:
             self._remove(session)
         return session
+
+    def end_users(self, users: Container[str]) -> list[Session]:
+        """End every session of these users (a reload removed them or changed their password:
+        their sessions must not outlive their credentials; probe S-1, SES-04).
+
+        Returns:
+            The ended sessions (their ``listeners`` are for the caller to close).
+        """
+        ended = [s for s in self._sessions.values() if s.user is not None and s.user in users]
+        for session in ended:
+            self._remove(session)
+        return ended
 
     def expire(self, now: float) -> list[Session]:
         """End every session idle for more than ``idle_timeout`` ("SHOULD feature a timeout").

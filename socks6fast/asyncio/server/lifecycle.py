@@ -853,6 +853,14 @@ class Server:
             self.context.sessions = config.session_store()
         elif isinstance(store, MemorySessionStore):
             store.limits = config.sessions.limits()  # the live sessions stay
+            # S-1: but not those of a user removed from [users] or whose password changed: a
+            # session must not outlive its credentials (SES-04: requests in it act as the user).
+            gone = {name for name, hashed in old.users.items() if config.users.get(name) != hashed}
+            ended = store.end_users(gone) if gone else []
+            for session in ended:
+                close_session_listeners(session)
+            if ended:
+                log.info("reload: %d sessions of removed or changed users ended", len(ended))
         self._reload_shared_store(config, old)
         if self._fd_plan is not None and config.server.max_connections != old.server.max_connections:
             plan = self._fd_plan
