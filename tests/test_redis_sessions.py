@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -434,6 +435,52 @@ async def test_metrics_with_the_redis_store(redis: RedisProcess) -> None:
     assert value(samples, "socks6fast_sessions_created_total") == 0
     assert value(samples, "socks6fast_tokens_spent_total") == 1
     assert value(samples, "socks6fast_tokens_rejected_total") == 1
+
+
+@pytest.mark.conformance("SES-04")
+async def test_a_session_of_a_user_this_host_no_longer_knows_is_invalid(redis: RedisProcess) -> None:
+    """Probe S-1 with the Redis store (SES-04: requests in a session act as its user): bob is
+    removed from B's [users] by a reload; his session (made on A) gets Session Invalid on B
+    at once, alice's still works there; A, not reloaded yet, still serves bob (the session is
+    not deleted: a rolling change), and after A's reload it refuses him too."""
+    passwords = {"alice": "wonderland", "bob": "builder"}
+    table = {"store": redis.url, "store_timeout": 0.5}
+    config_a = make_config(users=passwords, sessions=table)
+    server_b = dataclasses.replace(config_a.server, listen=((HOST_B, 0),))
+    config_b = dataclasses.replace(config_a, server=server_b)
+    only_alice = {"alice": config_a.users["alice"]}
+    hashes = {"alice": config_a.user_hashes["alice"]}
+
+    async def works(proxy: tuple[str, int], sid: SessionID) -> bool:
+        client = await RawClient.connect(proxy)
+        try:
+            await client.send(connect(sink.address, sid))
+            auth = await client.auth_reply()
+            if auth.type == AuthReplyType.SUCCESS:
+                assert option(auth, SessionOK) is not None
+                return True
+            assert option(auth, SessionInvalid) is not None, auth
+            return False
+        finally:
+            await client.close()
+
+    async with Sink() as sink, running_server(config_a) as a, running_server(config_b) as b:
+        proxy_a, proxy_b = a.addresses[0], b.addresses[0]
+        sids = {}
+        for user, password in passwords.items():
+            client, _, reply = await exchange(
+                proxy_a, connect(sink.address, SessionRequest(), credentials(user, password))
+            )
+            sids[user] = option(reply, SessionID)
+            await client.close()
+        assert await works(proxy_b, sids["bob"])
+        b.reload(dataclasses.replace(config_b, users=only_alice, user_hashes=hashes))
+        assert not await works(proxy_b, sids["bob"])
+        assert await works(proxy_b, sids["alice"])
+        assert await works(proxy_a, sids["bob"])
+        a.reload(dataclasses.replace(config_a, users=only_alice, user_hashes=hashes))
+        assert not await works(proxy_a, sids["bob"])
+        assert await works(proxy_a, sids["alice"])
 
 
 # --- Redis down (D37) --------------------------------------------------------------------

@@ -271,6 +271,8 @@ class Server:
         """Point the core's context at ``config`` (at start and on reload)."""
         context, server = self.context, config.server
         context.users = users
+        if isinstance(context.shared_sessions, RedisSessionStore):
+            context.shared_sessions.users = users  # S-1: sessions of unknown users are invalid
         # CMD-06: "@local" and the loop check need this host's addresses, read from the kernel
         # each time (interfaces may have changed since start-up).
         self._local, self._local_problem = read_local_addresses()
@@ -807,6 +809,8 @@ class Server:
             log.info("reload: sessions and idempotence tokens shared through %s", sessions.store)
         else:
             shared.limits = sessions.limits()
+        if isinstance(self.context.shared_sessions, RedisSessionStore):
+            self.context.shared_sessions.users = self.context.users  # S-1 (a new store too)
 
     def reload(self, config: Config) -> None:
         """Apply a new configuration (SIGHUP): users, rules, limits and sessions settings.

@@ -40,6 +40,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Container
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -369,6 +370,9 @@ class RedisSessionStore:
         self._create = self._client.register_script(_CREATE)
         self._teardown = self._client.register_script(_TEARDOWN)
         self._sweep = self._client.register_script(_SWEEP)
+        self.users: Container[str] | None = None
+        """This host's current users (the server sets it at start and on reload): a session
+        of a user not among them is Session Invalid here (probe S-1); None: not checked."""
         self._local: dict[bytes, _Listeners] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._down_since: float | None = None
@@ -449,6 +453,13 @@ class RedisSessionStore:
         if int(result[0]) == 0:
             return SessionAnswer(None)
         _, ip, user, base, size, spent, issued = result
+        name = _text(user)
+        if name is not None and self.users is not None and name not in self.users:
+            # S-1, SES-04: requests in a session act as its user, whom this host no longer
+            # knows (removed from [users]): Session Invalid. Not deleted from Redis: during a
+            # rolling change another host may still (or already) know the user. A token the
+            # script spent is lost to the client, never accepted (IDM-03).
+            return SessionAnswer(None)
         counters = self.counters
         if int(issued):
             counters.windows += 1
@@ -458,7 +469,7 @@ class RedisSessionStore:
             else:
                 counters.tokens_rejected += 1
         window = (int(base), int(size)) if base is not None else None
-        session = self._session(session_id, _text(user), _text(ip) or "")
+        session = self._session(session_id, name, _text(ip) or "")
         return SessionAnswer(session, window, int(spent) == 1)
 
     async def _answer_create(self, query: SessionQuery) -> SessionAnswer:
