@@ -82,9 +82,11 @@ def _free_port() -> int:
 class RedisProcess:
     """A redis-server of our own on 127.0.0.1:<free port>, no persistence (stopped after)."""
 
-    def __init__(self, directory: Path, *, save: str = "") -> None:
+    def __init__(self, directory: Path, *, save: str = "", extra: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.directory = directory
+        self.extra = extra
+        """More redis-server arguments (e.g. ``--replicaof``)."""
         self.save = save
         """Redis's ``save`` points ("" = no snapshots; "3600 1" = snapshot persistence)."""
         self.process: subprocess.Popen[bytes] | None = None
@@ -101,6 +103,7 @@ class RedisProcess:
                 "--appendonly", "no",
                 "--dir", str(self.directory),
                 "--daemonize", "no",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -648,6 +651,51 @@ async def test_redis_restarted_from_a_stale_snapshot_never_accepts_a_token_twice
             assert not await spend(b.addresses[0], sink, sid2, window2.base)
     finally:
         redis.stop()
+
+
+@pytest.mark.conformance("IDM-03", "SES-03")
+async def test_a_promoted_lagging_replica_never_accepts_a_token_twice(tmp_path: Path) -> None:
+    """IDM-03 across a failover (probe R-0, D38): host A uses the primary, host B its replica.
+    The replica is promoted (REPLICAOF NO ONE, a partition) with the session replicated, then
+    a token is spent on A, which never reaches it, and the old primary dies (-9). The replay
+    through B must not run: the session is of an older epoch (another replication ID)."""
+    primary = RedisProcess(tmp_path / "p")
+    replica = RedisProcess(tmp_path / "r", extra=("--replicaof", "127.0.0.1", str(primary.port)))
+    primary.directory.mkdir()
+    replica.directory.mkdir()
+    primary.start()
+    replica.start()
+    try:
+        table = {"store_timeout": 0.5}
+        config_a = make_config(users=USERS, sessions={**table, "store": primary.url})
+        config_b = make_config(
+            users=USERS, sessions={**table, "store": replica.url}, server={"listen": [f"{HOST_B}:0"]}
+        )
+        async with Sink() as sink, running_server(config_a) as a, running_server(config_b) as b:
+            sid, window = await new_session(a.addresses[0], sink, window=16)
+            assert window is not None
+            key = f"{KEY_PREFIX}s:{sid.session_id.hex()}"
+            deadline = time.monotonic() + 10
+            while replica.command("HGET", key, "b").startswith(b"$-1"):  # not replicated yet
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            # A partition: the replica is promoted (as Sentinel would) before the spend below
+            # reaches it; then the old primary dies.
+            assert replica.command("REPLICAOF", "NO", "ONE").startswith(b"+OK")
+            assert await spend(a.addresses[0], sink, sid, window.base)
+            primary.kill()
+            connections = len(sink.connections)
+            client = await RawClient.connect(b.addresses[0])
+            await client.send(connect(sink.address, sid, IdempotenceExpenditure(window.base)))
+            auth = await client.auth_reply()
+            await client.close()
+            assert auth.type != AuthReplyType.SUCCESS and option(auth, SessionInvalid) is not None, auth
+            await asyncio.sleep(0.05)
+            assert len(sink.connections) == connections  # the replay never ran
+    finally:
+        replica.stop()
+        if primary.process is not None:
+            primary.stop()
 
 
 # --- the store itself ---------------------------------------------------------------------
