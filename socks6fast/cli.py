@@ -202,6 +202,9 @@ async def _serve(
     batching = [h for h in logging.getLogger().handlers if isinstance(h, BatchingStreamHandler)]
     for h in batching:
         h.attach(loop)  # one flush per loop turn from here on
+    problem = _tls_problem(config)
+    if problem is not None:
+        raise _Fail(problem)
     server = Server(config, worker=worker)
     stop = asyncio.Event()
     started = False
@@ -274,19 +277,56 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
-    """``serve --workers N`` with N > 1: this process supervises N forked workers (D34)."""
+def _workers_problem(config: Config, workers: int) -> str | None:
+    """Why ``config`` cannot be served by ``workers`` processes (D34), or None."""
+    if workers <= 1:
+        return None
     if config.udp.dtls_served(config.server):
-        raise _Fail(
+        return (
             f"--workers {workers}: DTLS ports ([udp] dtls with a TLS listener or dtls_port) are "
             "served by one process only; set workers = 1 or [udp] dtls = false"
         )
     per_worker = per_worker_config(config, workers, 0)
     if per_worker.udp.enabled and workers * per_worker.udp.workers > 256:
-        raise _Fail(
+        return (
             f"--workers {workers} x [udp] workers {per_worker.udp.workers} is over 256 UDP sockets "
             "per port (one Association ID byte steers them); lower one of them"
         )
+    return None
+
+
+def _tls_problem(config: Config) -> str | None:
+    """Why the TLS certificate, key or client CA cannot be used (a file that exists but is
+    not PEM, a key that does not match), or None: the sentence check-config and serve print
+    instead of a traceback."""
+    server = config.server
+    if server.tls_certificate is None or server.tls_key is None:
+        return None
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(server.tls_certificate, server.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        return f"server.tls_certificate / server.tls_key: {server.tls_certificate}, {server.tls_key}: {exc}"
+    if server.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(server.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            return f"server.tls_client_ca: {server.tls_client_ca}: {exc}"
+    if config.udp.dtls_served(server):
+        from .net.dtls import dtls_server_context  # noqa: PLC0415 - pyOpenSSL only when DTLS is served
+
+        try:
+            dtls_server_context(server.tls_certificate, server.tls_key, client_cafile=server.tls_client_ca)
+        except OSError as exc:  # DTLSError: one sentence already
+            return str(exc)
+    return None
+
+
+def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
+    """``serve --workers N`` with N > 1: this process supervises N forked workers (D34)."""
+    problem = _workers_problem(config, workers)
+    if problem is not None:
+        raise _Fail(problem)
 
     def reload() -> Config:
         try:
@@ -345,6 +385,9 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         problem = _unassignable(admin[0])
         if problem:
             raise _Fail(f"{args.file}: admin.listen: {admin[0]} {problem}")
+    mistake = _tls_problem(config) or _workers_problem(config, resolve_workers(server.workers))
+    if mistake is not None:
+        raise _Fail(f"{args.file}: {mistake}")
     behind = sum(p is not None for p in server.listen_proxy_protocol + server.tls_listen_proxy_protocol)
     proxied = f", {behind} behind a load balancer (PROXY protocol)" if behind else ""
     print(

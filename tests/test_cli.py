@@ -473,3 +473,34 @@ def test_reload_keeps_the_hash_of_a_user_flag(tmp_path: Path) -> None:
     args = argparse.Namespace(config=str(path), listen=[], users={"alice": "wonderland"})
     first, again = _load(args), _load(args)
     assert first.users["alice"] == again.users["alice"]
+
+
+def test_check_config_and_serve_refuse_unusable_tls_files_in_one_sentence(tmp_path: Path) -> None:
+    """A certificate, key or client CA file that exists but cannot be used (the trial: a key
+    given as `tls_client_ca`, a certificate that is not PEM) is one sentence from check-config
+    and from serve, exit 2, no traceback (before: check-config said OK, serve raised
+    ssl.SSLError). workers = 2 with a DTLS port is check-config's sentence too, as serve's."""
+    from helpers_server import make_certificates  # noqa: PLC0415
+
+    certs = make_certificates(tmp_path)
+    base = f'[server]\nlisten = ["127.0.0.1:0"]\ntls_listen = ["127.0.0.1:0"]\ntls_key = "{certs.key}"\n'
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("not a certificate\n")
+    cases = [
+        (f'tls_certificate = "{certs.cert}"\ntls_client_ca = "{certs.key}"\n', "server.tls_client_ca: "),
+        (f'tls_certificate = "{not_pem}"\n', "server.tls_certificate / server.tls_key: "),
+    ]
+    for extra, sentence in cases:
+        config = tmp_path / "tls.toml"
+        config.write_text(base + extra)
+        for argv in (("check-config", str(config)), ("serve", "--config", str(config))):
+            done = run(*argv)
+            assert done.returncode == 2, (argv, done)
+            assert sentence in done.stderr and "Traceback" not in done.stderr, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    config = tmp_path / "workers.toml"
+    config.write_text(base + f'tls_certificate = "{certs.cert}"\nworkers = 2\n')
+    done = run("check-config", str(config))
+    assert (
+        done.returncode == 2 and "DTLS ports" in done.stderr and "served by one process only" in done.stderr
+    )

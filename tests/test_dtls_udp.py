@@ -820,6 +820,20 @@ async def test_client_certificates_on_the_tls_listener_and_the_dtls_port(
         await wait_for(lambda: ports(server).channels == {} and ports(server).servers[0].connections == {})
         await asyncio.sleep(0.2)
         assert fd_count() == before
+        # A reload that trusts another client CA (SIGHUP): the DTLS port follows the TLS
+        # listener for new handshakes (the trial: before, DTLS kept the old CA).
+        server.reload(make_config(server={**tls, "tls_client_ca": str(other.ca)}))
+        with_other = ssl.create_default_context(cafile=str(certs.ca))
+        with_other.load_cert_chain(str(other.cert), str(other.key))
+        with pytest.raises(DTLSError):
+            await aclient.udp_associate(url, proxy_ssl=with_other, proxy_dtls=dtls_with_cert)
+        dtls_with_other = dtls_client_context(
+            cafile=str(certs.ca), certfile=str(other.cert), keyfile=str(other.key)
+        )
+        async with await aclient.udp_associate(
+            url, proxy_ssl=with_other, proxy_dtls=dtls_with_other
+        ) as assoc:
+            await assoc_roundtrip(assoc, echo)
 
 
 def test_config_tls_client_ca(tmp_path: Path) -> None:

@@ -443,6 +443,13 @@ class DTLSServerEndpoint:
         self.timer_changed = False
         """Set when `next_timer` may have moved since it was last called (cheap to test per
         datagram; `next_timer` walks the handshakes in progress)."""
+        self._context = context
+        self.replace_context(context)
+
+    def replace_context(self, context: SSL.Context) -> None:
+        """Use ``context`` (unused, from `dtls_server_context`) for the handshakes that start
+        from now on (a configuration reload: a new certificate or client CA); established
+        connections and handshakes in progress keep theirs."""
         context.set_cookie_generate_callback(self._make_cookie)
         context.set_cookie_verify_callback(self._check_cookie)
         self._context = context

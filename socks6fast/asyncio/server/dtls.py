@@ -55,6 +55,7 @@ import contextlib
 import logging
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ...config import UDPConfig
 from ...dataplane.udp import DTLSLink, UdpChannelEnded, UdpChannelHello
@@ -62,6 +63,7 @@ from ...net.dtls import (
     DTLS1_2_VERSION,
     MAX_PLAINTEXT,
     DTLSConnection,
+    DTLSError,
     DTLSLimits,
     dtls_server_context,
     source_key,
@@ -69,6 +71,9 @@ from ...net.dtls import (
 from ..dtls import DTLSServer, start_dtls_server
 from .record import format_address
 from .udp import UdpService
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 __all__ = ["CHANNEL_MTU", "DTLSPorts", "open_dtls_socket"]
 
@@ -212,12 +217,7 @@ class DTLSPorts:
         def established(conn: DTLSConnection) -> None:
             self._hand_off(holder[0], sock, conn)
 
-        context = dtls_server_context(self._certfile, self._keyfile, client_cafile=self._client_cafile)
-        # D29: DTLS 1.2 only. The hand-off relies on the client sending no application record
-        # before it has the server's Finished; DTLS 1.3 lets it send right after its own
-        # Finished, which the listening socket could read before the connected socket exists.
-        # (The OpenSSL 4.0 under pyOpenSSL 26 offers no DTLS 1.3 anyway.)
-        context.set_max_proto_version(DTLS1_2_VERSION)
+        context = self._context()
         try:
             server = await start_dtls_server(
                 name[0],
@@ -236,6 +236,32 @@ class DTLSPorts:
         self.servers.append(server)
         self.ports.append(name)
         return name
+
+    def _context(self) -> SSL.Context:
+        context = dtls_server_context(self._certfile, self._keyfile, client_cafile=self._client_cafile)
+        # D29: DTLS 1.2 only. The hand-off relies on the client sending no application record
+        # before it has the server's Finished; DTLS 1.3 lets it send right after its own
+        # Finished, which the listening socket could read before the connected socket exists.
+        # (The OpenSSL 4.0 under pyOpenSSL 26 offers no DTLS 1.3 anyway.)
+        context.set_max_proto_version(DTLS1_2_VERSION)
+        return context
+
+    def reload(self, certfile: str, keyfile: str, client_cafile: str | None) -> None:
+        """A configuration reload: new handshakes use this certificate, key and client CA
+        (as the TLS listeners do); established DTLS connections keep theirs.
+
+        Raises:
+            DTLSError: the files cannot be read (the ports keep the old ones).
+        """
+        files = (self._certfile, self._keyfile, self._client_cafile)
+        self._certfile, self._keyfile, self._client_cafile = certfile, keyfile, client_cafile
+        try:
+            contexts = [self._context() for _ in self.servers]
+        except DTLSError:
+            self._certfile, self._keyfile, self._client_cafile = files
+            raise
+        for server, context in zip(self.servers, contexts, strict=True):
+            server.endpoint.replace_context(context)
 
     # -- the hand-off ------------------------------------------------------------------
 

@@ -254,6 +254,17 @@ class Server:
 
     # -- life cycle ------------------------------------------------------------------
 
+    def _reload_dtls(self, config: Config) -> None:
+        """The DTLS ports take the reloaded certificate, key and client CA for new handshakes,
+        as the TLS listeners do (a client CA removed on reload must stop DTLS logins too)."""
+        server, old = config.server, self._config.server
+        if self.dtls is None or server.tls_certificate is None or server.tls_key is None:
+            return
+        files = (server.tls_certificate, server.tls_key, server.tls_client_ca)
+        if files == (old.tls_certificate, old.tls_key, old.tls_client_ca):
+            return
+        self.dtls.reload(*files)
+
     @staticmethod
     def _tls_context(config: Config) -> ssl.SSLContext | None:
         server = config.server
@@ -820,6 +831,7 @@ class Server:
         """
         users = config.user_store()
         tls = self._tls_context(config) if self.tls_context is not None or config.server.tls_listen else None
+        self._reload_dtls(config)  # before any change: a bad file leaves everything as it was
         old = self._config
         if config.server.listen != old.server.listen or config.server.tls_listen != old.server.tls_listen:
             log.warning("reload: listener changes take effect after a restart")
