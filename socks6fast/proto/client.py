@@ -369,6 +369,15 @@ class ClientSession:
                 return token
         return None
 
+    @property
+    def tokens_left(self) -> int:
+        """Unspent tokens of the known window (0 without one): how soon a refill is due."""
+        if self.window is None:
+            return 0
+        base, size = self.window
+        spent = sum(1 for t in self._spent if (t - base) & _TOKEN_MASK < size)
+        return size - spent
+
     def spend_token(self) -> int:
         """Take the smallest unspent token and remember it as spent.
 
