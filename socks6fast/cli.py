@@ -1,4 +1,4 @@
-"""The ``socks6fast`` command: ``serve``, ``check-config``, ``hash-password``, ``bench``.
+"""The ``socks6fast`` command: ``serve``, ``gateway``, ``check-config``, ``hash-password``, ``bench``.
 
 ``socks6fast serve`` runs the proxy. Without flags it uses the embedded default
 (`socks6fast.config.DEFAULT_TOML`: 127.0.0.1:1080, no authentication, every destination
@@ -22,6 +22,9 @@ the supervisor of N forked workers sharing the ports (``socks6fast.supervisor``,
 checks a reloaded file once and passes SIGHUP on, drains every worker on SIGTERM, and starts
 a worker that died again. N = 1 is the single process above.
 
+``socks6fast gateway`` runs the local SOCKS 5 / HTTP proxy gateway to an upstream socks6fast
+(`socks6fast.asyncio.gateway`); its configuration is `socks6fast.gateway_config`.
+
 ``socks6fast bench ...`` is the benchmark suite of ``socks6fast.bench``, which parses its
 own options (``socks6fast bench --help``).
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import ipaddress
 import logging
@@ -43,16 +47,19 @@ import signal
 import socket
 import ssl
 import sys
+import tomllib
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 # Absolute: the package's __init__ ("" in tests/test_layers.py), not a module named __version__.
 from socks6fast import __version__
 
+from .asyncio.gateway import Gateway, upstream_ssl_context
 from .asyncio.server import Server
 from .asyncio.server.logs import WORKER, BatchingStreamHandler, JsonFormatter, TextFormatter
-from .config import Config, ConfigError, default_config, load_config, parse_user_option
+from .config import Config, ConfigError, default_config, load_config, parse_listen, parse_user_option
 from .constants import MAX_USERPASS_LENGTH, MAX_WORKER_PROCESSES
+from .gateway_config import GatewayConfig, load_gateway_config, parse_upstream
 from .net.reuseport import WorkerSockets
 from .proto.auth import ScryptHash, hash_password
 from .supervisor import Supervisor, per_worker_config, resolve_workers
@@ -369,7 +376,42 @@ def _count(flag: str, text: str, low: int, high: int) -> int:
     return value
 
 
+def _is_gateway_file(path: str) -> bool:
+    """Whether ``path`` is a gateway configuration (its top-level table is ``[gateway]``)."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False  # load_config reports it in its own words
+    return "gateway" in data
+
+
+def _check_gateway_config(path: str) -> int:
+    try:
+        config = load_gateway_config(path)
+    except ConfigError as exc:
+        raise _Fail(str(exc)) from None
+    for i, (host, _) in enumerate(config.listen):
+        problem = _unassignable(host)
+        if problem:
+            raise _Fail(f"{path}: gateway.listen[{i}]: {host} {problem}")
+    upstream = config.upstream
+    where = (
+        "no upstream (give --upstream)" if upstream is None else f"upstream {upstream.host}:{upstream.port}"
+    )
+    print(f"{path}: OK (gateway: {len(config.listen)} listeners, {where}, mode {config.mode})")
+    if upstream is not None and upstream.tls and not config.upstream_verify:
+        print(
+            f"socks6fast: warning: {path}: gateway.upstream_verify = false: the upstream's certificate "
+            "is not checked, so anyone on the path can pose as the proxy",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    if _is_gateway_file(args.file):
+        return _check_gateway_config(args.file)
     try:
         config = load_config(args.file)
     except ConfigError as exc:
@@ -423,6 +465,112 @@ def _unassignable(host: str) -> str:
     except OSError as exc:
         return f"cannot be listened on here ({exc.strerror or exc})"
     return ""
+
+
+def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    """The gateway's configuration: --config, then the flags, then the upstream password."""
+    try:
+        config = load_gateway_config(args.config) if args.config else GatewayConfig()
+        changes: dict[str, object] = {}
+        if args.listen:
+            try:
+                changes["listen"] = tuple(parse_listen(v) for v in args.listen)
+            except ValueError as exc:
+                raise ConfigError(f"--listen: {exc}") from None
+        if args.upstream:
+            try:
+                changes["upstream"] = parse_upstream(args.upstream)
+            except ConfigError as exc:
+                raise ConfigError(f"--{exc}") from None
+            if changes["upstream"].password:  # type: ignore[attr-defined]
+                print(
+                    "socks6fast: warning: a password in --upstream shows it to every user of this host "
+                    f"(ps); use --password-file FILE, ${PASSWORD_ENV} or the prompt",
+                    file=sys.stderr,
+                )
+        if args.upstream_ca:
+            changes["upstream_ca"] = args.upstream_ca
+        if args.insecure_upstream:
+            changes["upstream_verify"] = False
+        if args.mode:
+            changes["mode"] = args.mode
+        if args.first_data_wait_ms is not None:
+            wait = _seconds("--first-data-wait-ms", args.first_data_wait_ms)
+            if wait > 10_000:
+                raise _Fail("--first-data-wait-ms: at most 10000 ms")
+            changes["first_data_wait"] = wait / 1000
+        if args.tokens is not None:
+            if not 0 <= args.tokens < 2**31:
+                raise _Fail("--tokens: must be 0 to 2^31-1")
+            changes["tokens"] = args.tokens
+        if args.no_tfo:
+            changes["tfo"] = False
+        if args.password_file:
+            changes["password_file"] = args.password_file
+        config = config.replace(**changes)
+    except ConfigError as exc:
+        raise _Fail(str(exc)) from None
+    upstream = config.upstream
+    if upstream is None:
+        raise _Fail("gateway: no upstream: give --upstream socks6://[user@]host:port or [gateway] upstream")
+    if upstream.username is not None and not upstream.password:
+        name = upstream.username.decode("utf-8", "replace")
+        if config.password_file is not None:
+            password = _password_from_file(config.password_file)
+        elif os.environ.get(PASSWORD_ENV):
+            password = os.environ[PASSWORD_ENV]
+        elif sys.stdin.isatty():
+            try:
+                password = getpass.getpass(f"Password for {name} at {upstream.host}: ")
+            except EOFError:
+                raise _Fail("no password given (end of input at the prompt)") from None
+        else:
+            raise _Fail(
+                f"--upstream {name}@...: no password: give --password-file FILE, set ${PASSWORD_ENV}, "
+                "or run at a terminal to be asked"
+            )
+        if not 1 <= len(password.encode("utf-8")) <= MAX_USERPASS_LENGTH:
+            raise _Fail(f"the upstream password must be 1-{MAX_USERPASS_LENGTH} bytes (RFC 1929)")
+        config = config.replace(upstream=dataclasses.replace(upstream, password=password.encode("utf-8")))
+    if upstream.tls:
+        try:
+            upstream_ssl_context(config)
+        except (OSError, ssl.SSLError) as exc:
+            raise _Fail(f"--upstream-ca: cannot load {config.upstream_ca}: {exc}") from None
+    elif args.upstream_ca or args.insecure_upstream:
+        raise _Fail("--upstream-ca and --insecure-upstream need a socks6+tls:// upstream")
+    return config
+
+
+async def _run_gateway(config: GatewayConfig) -> int:
+    loop = asyncio.get_running_loop()
+    gateway = Gateway(config)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if not config.upstream_verify:
+            log.warning("gateway: the upstream's certificate is NOT verified (--insecure-upstream)")
+        try:
+            await gateway.start()
+        except OSError as exc:
+            raise _Fail(f"cannot listen: {exc.strerror or exc}") from None
+        await stop.wait()
+        log.info("gateway stopping")
+        await gateway.close()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    log.info("gateway stopped: %s", gateway.stats)
+    return 0
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    config = _gateway_config(args)
+    _setup_logging(args.log_level or config.log_level)
+    factory = uvloop.new_event_loop if uvloop is not None else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(_run_gateway(config))
 
 
 def _read_password(prompt: str = "Password: ") -> str:
@@ -494,6 +642,23 @@ signals:
 start-up: the soft open-file limit is raised to the hard limit; max_connections is lowered,
   with a warning, when it cannot fit (each connection: 2 sockets + 2 pipe descriptors on the
   splice path). See docs/tuning.md.
+"""
+
+
+_GATEWAY_EPILOG = f"""\
+modes:
+  optimistic  (default) the app's SOCKS 5 reply / "200 Connection established" comes at once, so
+              its first bytes ride with the SOCKS 6 Request; if the upstream then refuses, the
+              app's connection is closed and the log line names the reply code
+  strict      wait for the upstream's reply; a refusal becomes a SOCKS 5 reply code or an HTTP
+              status (403 not allowed by the rules, 504 timed out, 502 otherwise)
+
+password (when the upstream URL has user@ and no password): --password-file FILE (its first
+  line), else the environment variable {PASSWORD_ENV}, else a prompt at a terminal.
+
+configuration file: [gateway] with listen, upstream, upstream_ca, upstream_verify,
+  upstream_server_name, password_file, mode, first_data_wait_ms, tokens, keepalive, tfo,
+  connect_timeout, log_level (flags override it); socks6fast check-config FILE checks it.
 """
 
 
@@ -569,6 +734,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", metavar="FILE", help="the TOML configuration file")
     check.set_defaults(handler=_cmd_check_config, command_parser=check)
+
+    gateway = commands.add_parser(
+        "gateway",
+        help="SOCKS 5 / HTTP proxy in front, SOCKS 6 to an upstream socks6fast behind",
+        description="Accept SOCKS 5 (CONNECT) and HTTP proxy requests (CONNECT, GET http://...) on a "
+        "local\naddress and carry each over SOCKS 6 to the upstream: one warm session, 0-RTT, "
+        "idempotence\ntokens, TCP Fast Open, the app's first bytes with the Request. Logs go to stderr.",
+        epilog=_GATEWAY_EPILOG,
+        formatter_class=raw,
+    )
+    gateway.add_argument("--config", metavar="FILE", help="TOML file with a [gateway] table")
+    gateway.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        action="append",
+        help="listen here (repeatable; default 127.0.0.1:1080)",
+    )
+    gateway.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="socks6://[user@]host:port or socks6+tls://[user@]host:port (the password: see below)",
+    )
+    gateway.add_argument("--password-file", metavar="FILE", help="the upstream password: first line of FILE")
+    gateway.add_argument(
+        "--upstream-ca", metavar="FILE", help="CA file trusted for the upstream's certificate"
+    )
+    gateway.add_argument(
+        "--insecure-upstream",
+        action="store_true",
+        help="do not verify the upstream's TLS certificate (anyone on the path can pose as it)",
+    )
+    gateway.add_argument("--mode", choices=["optimistic", "strict"], help="when the app gets its answer")
+    gateway.add_argument(
+        "--first-data-wait-ms", metavar="MS", help="wait this long for the app's first bytes (default 5)"
+    )
+    gateway.add_argument(
+        "--tokens", type=int, metavar="N", help="idempotence token window (default 64; 0: none)"
+    )
+    gateway.add_argument("--no-tfo", action="store_true", help="no TCP Fast Open to the upstream")
+    gateway.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error", "critical"],
+        help="log level (default info)",
+    )
+    gateway.set_defaults(handler=_cmd_gateway, command_parser=gateway)
 
     hashing = commands.add_parser(
         "hash-password",

@@ -46,7 +46,7 @@ LAYERS: list[set[str]] = [
     },
     {"proto.proxy_header"},
     {"proto._wire_py"},
-    {"proto.socks5", "proto.stack", "proto._codec_py", "proto._codec_c"},
+    {"proto.socks5", "proto.stack", "proto._codec_py", "proto._codec_c", "proto.http_proxy"},
     {"proto.codec"},
     {"proto.server_wire", "proto.actions"},
     {"proto.server_common"},
@@ -55,6 +55,7 @@ LAYERS: list[set[str]] = [
     {"proto.client_flow"},
     {"net.tfo"},
     {"net.url", "net.stackopts", "net.localaddr", "net.reuseport", "net", "config"},
+    {"gateway_config"},
     # inline helpers both native engines cimport, and the OpenSSL function types of DTLS
     # channels (each a .pxd only)
     {"dataplane._engine", "dataplane._openssl"},
@@ -70,6 +71,8 @@ LAYERS: list[set[str]] = [
     # The DTLS endpoints on the loop: under both asyncio adapters, which will use them (issue 11).
     {"asyncio.dtls"},
     {"asyncio.client"},
+    # issue 15: the gateway drives the asyncio client and hands pairs to the relayer.
+    {"asyncio.gateway"},
     {
         "asyncio.server.record",
         "asyncio.server.streams",

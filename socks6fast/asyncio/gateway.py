@@ -1,0 +1,618 @@
+"""``socks6fast gateway``: SOCKS 5 and HTTP proxy apps in front, SOCKS 6 behind (issue 15 item 1).
+
+Strategy: apps that speak only SOCKS 5 (RFC 1928/1929) or HTTP proxy (CONNECT, and
+``GET http://...`` in absolute form) connect to a local listener; each request is carried
+over SOCKS 6 to one upstream socks6fast with everything draft-11 offers for round trips:
+
+* one `Session` kept warm (a NOOP every ``keepalive`` seconds inside it, SES-02), so a
+  request carries the Session ID instead of credentials; the first request (or the start-up
+  NOOP) carries the credentials 0-RTT (AUTH-01) with the Session Request;
+* an idempotence token window (IDM-02/IDM-05) asked for with the session and refreshed in
+  the background (a NOOP when fewer than a quarter of the tokens are left; a new session
+  when a refresh brings no unspent token: one window per session, IDM-02);
+* TCP Fast Open to the upstream (TRN-02: the Request with the app's first bytes in the SYN
+  when the request spends a token, the Request alone otherwise; over TLS the ClientHello);
+* the app's first bytes as initial data in the same flight as the Request (CMD-03).
+
+Modes. To have the app's first bytes at hand when the Request leaves, the gateway must
+answer the app's SOCKS 5 request (or its CONNECT with ``200 Connection established``)
+before the upstream answers: ``optimistic`` mode (the default). It then waits at most
+``first_data_wait`` (5 ms) for the app's first bytes and sends the Request with whatever
+came (a server-speaks-first protocol, e.g. SMTP, costs that wait and no more). When the
+upstream then refuses, the app sees its connection closed (a clean FIN, no data), and one
+log line names the reply code. ``strict`` mode waits for the upstream's Operation Reply
+before answering, and maps a refusal to a SOCKS 5 reply code (the same values 0x01-0x08;
+0x09 timed out becomes 0x04 host unreachable) or an HTTP status (403 for
+NOT_ALLOWED_BY_RULESET, 504 for timeouts, 502 otherwise). An absolute-form HTTP request
+needs no early answer: its request head is the initial data, and a refusal is an HTTP
+status in both modes.
+
+Recovery. Session Invalid: the client library starts a new session and retries the
+request once (the proxy did not act on it, section "Further SOCKS Requests"). A rejected
+token (IDM-03: rejected before the request is honoured): retried once without a token,
+and a window refresh is due. Upstream refused the TCP connection: retried once after
+50 ms (nothing reached the proxy). Nothing else is retried: once the Request may have
+reached the proxy, only a token could make a second try safe, and a new token is a new
+request.
+
+Data plane: once both legs are up, plain-TCP upstream pairs go to the relay engine
+(`Relayer.relay_sockets`: splice(2) worker threads when compiled), TLS upstream pairs are
+copied on the event loop.
+
+Local credentials: a SOCKS 5 app may offer no authentication or username/password; a
+username/password is accepted without being checked (the listener is loopback by default;
+the upstream credentials are the gateway's own). UDP ASSOCIATE and BIND are answered
+COMMAND_NOT_SUPPORTED (0x07).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ..constants import AddressType, AuthMethod, ReplyCode, Socks5Command, UserPassStatus
+from ..dataplane.relayer import Relayer
+from ..errors import AuthenticationError, ProxyError, Socks6Error, WireError
+from ..gateway_config import GatewayConfig
+from ..proto.client import SessionState
+from ..proto.http_proxy import HTTPRequestError, parse_request_head, status_line
+from ..proto.socks5 import (
+    Socks5MethodSelection,
+    Socks5Reply,
+    UserPassReply,
+    decode_greeting,
+    decode_request,
+    decode_userpass_request,
+    encode_method_selection,
+    encode_reply,
+    encode_userpass_reply,
+)
+from .client import Proxy, Session
+
+__all__ = ["Gateway", "GatewayStats", "upstream_ssl_context"]
+
+log = logging.getLogger("socks6fast.gateway")
+
+#: Bytes read per recv from the app during its handshake.
+_RECV: Final = 65536
+#: Largest initial data sent with a Request (the Authentication Method Advertisement's
+#: field is 16 bits; the proxy reads 2^14 at most, D6); the rest follows in the relay.
+MAX_INITIAL_DATA: Final = 16384
+#: Seconds an app has for its SOCKS 5 / HTTP handshake.
+HANDSHAKE_TIMEOUT: Final = 10.0
+#: Seconds before the one retry after the upstream refused the TCP connection.
+RETRY_DELAY: Final = 0.05
+
+
+@dataclass
+class GatewayStats:
+    """Counters (read by tests and the bench; logged on shutdown)."""
+
+    connections: int = 0
+    established: int = 0
+    refused: int = 0
+    failed: int = 0
+    tokens_spent: int = 0
+    token_retries: int = 0
+    sessions_started: int = 0
+    refreshes: int = 0
+    replies: dict[str, int] = field(default_factory=dict)
+
+
+def upstream_ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    """The TLS context towards a ``socks6+tls`` upstream: verifying unless opted out (TRN-03)."""
+    if config.upstream is None or not config.upstream.tls:
+        return None
+    context = ssl.create_default_context(cafile=config.upstream_ca)
+    if not config.upstream_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _socks5_code(code: ReplyCode | None) -> int:
+    if code is None:
+        return ReplyCode.GENERAL_FAILURE
+    if code == ReplyCode.CONNECTION_TIMED_OUT:
+        return ReplyCode.HOST_UNREACHABLE  # 0x09 is unassigned in SOCKS 5 (RFC 1928 section 6)
+    return int(code)
+
+
+def _http_status(exc: BaseException) -> int:
+    if isinstance(exc, TimeoutError):
+        return 504
+    code = getattr(exc, "reply_code", None)
+    if code == ReplyCode.NOT_ALLOWED_BY_RULESET:
+        return 403
+    if code in (ReplyCode.CONNECTION_TIMED_OUT, ReplyCode.TTL_EXPIRED):
+        return 504
+    return 502
+
+
+def _describe(exc: BaseException) -> str:
+    code = getattr(exc, "reply_code", None)
+    if code is not None:
+        return f"refused: {code.name} ({int(code):#04x})"
+    return f"failed: {type(exc).__name__}: {exc}"
+
+
+class _Upstream:
+    """An established upstream leg: a plain socket, or TLS streams."""
+
+    def __init__(
+        self,
+        sock: socket.socket | None = None,
+        streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+    ) -> None:
+        self.sock = sock
+        self.streams = streams
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        if self.streams is not None:
+            self.streams[1].close()
+
+
+class Gateway:
+    """The gateway: listeners, the upstream session, and one task per app connection.
+
+    Args:
+        config: the validated configuration; ``config.upstream`` holds the password.
+        relayer: the data plane (default: a new `Relayer`, closed with the gateway).
+    """
+
+    def __init__(self, config: GatewayConfig, *, relayer: Relayer | None = None) -> None:
+        if config.upstream is None:
+            raise ValueError("the gateway needs an upstream URL")
+        self.config = config
+        self.proxy = Proxy(
+            config.upstream,
+            proxy_ssl=upstream_ssl_context(config),
+            proxy_server_hostname=config.upstream_server_name,
+        )
+        self.session = self._new_session()
+        self.stats = GatewayStats()
+        self._relayer = relayer
+        self._own_relayer = relayer is None
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refresh = asyncio.Event()
+        self.addresses: list[tuple[str, int]] = []
+        """Where the listeners listen (the real port when 0 was asked for)."""
+
+    def _new_session(self) -> Session:
+        return Session(self.proxy, tokens=self.config.tokens)
+
+    # -- life
+
+    async def start(self) -> None:
+        """Listen, and start the session (a failed first NOOP is logged and retried)."""
+        loop = asyncio.get_running_loop()
+        if self._relayer is None:
+            self._relayer = Relayer(loop)
+        try:
+            for host, port in self.config.listen:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+                family, type_, proto, _, address = infos[0]
+                sock = socket.socket(family, type_, proto)
+                self._listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+                sock.listen(1024)
+                sock.setblocking(False)
+                bound = sock.getsockname()
+                self.addresses.append((bound[0], bound[1]))
+        except BaseException:
+            for sock in self._listeners:
+                sock.close()
+            self._listeners.clear()
+            raise
+        for sock in self._listeners:
+            self._spawn(self._accept_loop(sock))
+        self._spawn(self._keep_warm())
+        for host, port in self.addresses:
+            log.info(
+                "gateway listening on %s:%d (SOCKS 5, HTTP proxy), upstream %r, mode %s",
+                host,
+                port,
+                self.proxy,
+                self.config.mode,
+            )
+
+    async def close(self) -> None:
+        """Stop listening, cut every connection, tear the session down."""
+        for sock in self._listeners:
+            sock.close()
+        self._listeners.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(Socks6Error, OSError, TimeoutError):
+            await self.session.aclose(timeout=2.0)
+        if self._own_relayer and self._relayer is not None:
+            await self._relayer.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and the like: say so, do not spin
+                log.warning("gateway: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(self._handle(sock, peer))
+
+    # -- the session and its tokens
+
+    async def _keep_warm(self) -> None:
+        """Keep one session established with unspent tokens (SES-04 expiry, IDM-02 window)."""
+        delay = 0.0
+        while True:
+            try:
+                await self._refresh_session()
+                delay = 0.0
+            except (Socks6Error, OSError, TimeoutError) as exc:
+                # Proxy down or refusing: logged, retried with a growing pause (at most
+                # keepalive); requests meanwhile start the session themselves.
+                delay = min(max(delay * 2, 0.5), self.config.keepalive)
+                log.warning("gateway: upstream session: %s (retry in %.1fs)", _describe(exc), delay)
+            self._refresh.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._refresh.wait(), delay or self.config.keepalive)
+
+    async def _refresh_session(self) -> None:
+        session = self.session
+        before = session.core.state
+        await self.proxy.noop(session=session, timeout=self.config.connect_timeout)
+        self.stats.refreshes += 1
+        core = session.core
+        if before is not SessionState.ACTIVE and core.state is SessionState.ACTIVE:
+            self.stats.sessions_started += 1
+            log.info("gateway: upstream session established (window %s)", core.window)
+        if self.config.tokens and core.state is SessionState.ACTIVE and core.tokens_left == 0:
+            # One window per session (IDM-02): a window with nothing left needs a new session.
+            log.info("gateway: token window used up (%s): starting a new session", core.window)
+            self.session = self._new_session()
+            self._spawn(self._teardown(session))
+            await self.proxy.noop(session=self.session, timeout=self.config.connect_timeout)
+            self.stats.sessions_started += 1
+
+    async def _teardown(self, session: Session) -> None:
+        with contextlib.suppress(Socks6Error, OSError, TimeoutError):
+            await session.aclose(timeout=self.config.connect_timeout)
+
+    def _want_token(self) -> bool:
+        core = self.session.core
+        if not self.config.tokens or core.state is not SessionState.ACTIVE:
+            return False
+        left = core.tokens_left
+        if left * 4 < self.config.tokens:
+            self._refresh.set()  # refill in the background before the window runs dry
+        return left > 0
+
+    async def _connect_upstream(self, host: str, port: int, initial: bytes) -> tuple[_Upstream, bool]:
+        """One CONNECT upstream with the recoveries of the module docstring; (leg, token spent)."""
+        idempotent = self._want_token()
+        refused_once = False
+        while True:
+            session = self.session
+            timeout = self.config.connect_timeout
+            try:
+                if self.proxy.url.tls:
+                    streams = await session.open_connection(
+                        host,
+                        port,
+                        initial_data=initial,
+                        idempotent=idempotent,
+                        tfo=self.config.tfo,
+                        timeout=timeout,
+                    )
+                    leg = _Upstream(streams=streams)
+                else:
+                    sock = await session.connect(
+                        host,
+                        port,
+                        initial_data=initial,
+                        idempotent=idempotent,
+                        tfo=self.config.tfo,
+                        timeout=timeout,
+                    )
+                    leg = _Upstream(sock=sock)
+            except AuthenticationError as exc:
+                if idempotent and "idempotence token" in str(exc):
+                    # IDM-03: rejected before the request was honoured; safe to resend untokened.
+                    self.stats.token_retries += 1
+                    self._refresh.set()
+                    idempotent = False
+                    continue
+                raise
+            except ConnectionRefusedError:
+                if refused_once:
+                    raise
+                refused_once = True  # nothing reached the proxy: one more try
+                await asyncio.sleep(RETRY_DELAY)
+                continue
+            if session.core.state is SessionState.NEW or session.core.state is SessionState.PENDING:
+                self._refresh.set()
+            return leg, idempotent
+
+    # -- app connections
+
+    async def _handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        self.stats.connections += 1
+        started = time.monotonic()
+        what = "?"
+        outcome = "closed"
+        up = down = 0
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                first = await asyncio.get_running_loop().sock_recv(sock, _RECV)
+            if not first:
+                outcome = "closed before a request"
+                return
+            if first[0] == 5:
+                what, outcome, up, down = await self._socks5(sock, bytearray(first))
+            else:
+                what, outcome, up, down = await self._http(sock, bytearray(first))
+        except TimeoutError:
+            outcome = "handshake timed out"
+        except asyncio.CancelledError:
+            outcome = "cut: the gateway is closing"
+            raise
+        except (OSError, WireError) as exc:
+            outcome = f"app connection error: {exc}"
+        except Exception as exc:  # a bug: logged with its traceback, the gateway lives on
+            log.exception("gateway: connection from %s:%d failed", peer[0], peer[1])
+            outcome = f"internal error: {type(exc).__name__}"
+        finally:
+            with contextlib.suppress(OSError):
+                sock.close()  # a no-op when the relay took it (detached)
+            log.info(
+                "gateway %s:%d %s %s up=%d down=%d %.3fs",
+                peer[0],
+                peer[1],
+                what,
+                outcome,
+                up,
+                down,
+                time.monotonic() - started,
+            )
+
+    async def _recv_more(self, sock: socket.socket, buf: bytearray) -> None:
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            data = await asyncio.get_running_loop().sock_recv(sock, _RECV)
+        if not data:
+            raise ConnectionResetError("the app closed during its handshake")
+        buf += data
+
+    async def _first_bytes(self, sock: socket.socket, have: bytes) -> bytes:
+        """The app's first bytes, waiting at most ``first_data_wait`` when none came yet."""
+        if have:
+            return have
+        loop = asyncio.get_running_loop()
+        try:
+            return sock.recv(MAX_INITIAL_DATA)
+        except (BlockingIOError, InterruptedError):
+            pass
+        wait = self.config.first_data_wait
+        if wait <= 0:
+            return b""
+        # Wait for readability, then recv: a sock_recv cancelled by a timeout can lose the
+        # bytes it had already read (its result set, the task not yet resumed).
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(sock.fileno(), ready)
+        try:
+            await asyncio.wait({readable}, timeout=wait)
+        finally:
+            loop.remove_reader(sock.fileno())
+            readable.cancel()
+        try:
+            return sock.recv(MAX_INITIAL_DATA)
+        except (BlockingIOError, InterruptedError):
+            return b""
+
+    async def _socks5(self, sock: socket.socket, buf: bytearray) -> tuple[str, str, int, int]:
+        loop = asyncio.get_running_loop()
+        while True:
+            greeting, n = decode_greeting(buf)
+            if greeting is not None:
+                break
+            await self._recv_more(sock, buf)
+        del buf[:n]
+        if AuthMethod.NONE in greeting.methods:
+            method = AuthMethod.NONE
+        elif AuthMethod.USERNAME_PASSWORD in greeting.methods:
+            method = AuthMethod.USERNAME_PASSWORD
+        else:
+            await loop.sock_sendall(
+                sock, encode_method_selection(Socks5MethodSelection(AuthMethod.NO_ACCEPTABLE_METHODS))
+            )
+            return "socks5", "no acceptable method", 0, 0
+        await loop.sock_sendall(sock, encode_method_selection(Socks5MethodSelection(method)))
+        if method == AuthMethod.USERNAME_PASSWORD:
+            while True:
+                userpass, n = decode_userpass_request(buf)
+                if userpass is not None:
+                    break
+                await self._recv_more(sock, buf)
+            del buf[:n]
+            # Not checked: see the module docstring (local credentials).
+            await loop.sock_sendall(sock, encode_userpass_reply(UserPassReply(UserPassStatus.SUCCESS)))
+        while True:
+            request, n = decode_request(buf)
+            if request is not None:
+                break
+            await self._recv_more(sock, buf)
+        early = bytes(buf[n:])
+        what = f"socks5 {request.command.name} {request.address}:{request.port}"
+        if request.command != Socks5Command.CONNECT:
+            await loop.sock_sendall(sock, _socks5_reply(ReplyCode.COMMAND_NOT_SUPPORTED))
+            self.stats.refused += 1
+            return (
+                what,
+                "refused locally: COMMAND_NOT_SUPPORTED (0x07) (UDP ASSOCIATE and BIND not relayed)",
+                0,
+                0,
+            )
+
+        if self.config.mode == "optimistic":
+            await loop.sock_sendall(sock, _socks5_reply(ReplyCode.SUCCESS))
+            initial = await self._first_bytes(sock, early)
+            try:
+                leg, token = await self._connect_upstream(
+                    request.address, request.port, initial[:MAX_INITIAL_DATA]
+                )
+            except (Socks6Error, OSError, TimeoutError) as exc:
+                self._count_failure(exc)
+                return what, f"{_describe(exc)}; optimistic: the app's connection was closed", 0, 0
+            return await self._relay(sock, leg, initial[MAX_INITIAL_DATA:], what, token, len(initial))
+        try:
+            leg, token = await self._connect_upstream(request.address, request.port, early[:MAX_INITIAL_DATA])
+        except (Socks6Error, OSError, TimeoutError) as exc:
+            self._count_failure(exc)
+            code = _socks5_code(getattr(exc, "reply_code", None))
+            if isinstance(exc, TimeoutError):
+                code = ReplyCode.TTL_EXPIRED  # RFC 1928's nearest to "no answer in time"
+            await loop.sock_sendall(sock, _socks5_reply(code))
+            return what, f"{_describe(exc)}; strict: SOCKS 5 reply {code:#04x}", 0, 0
+        await loop.sock_sendall(sock, _socks5_reply(ReplyCode.SUCCESS))
+        return await self._relay(sock, leg, early[MAX_INITIAL_DATA:], what, token, len(early))
+
+    async def _http(self, sock: socket.socket, buf: bytearray) -> tuple[str, str, int, int]:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                request = parse_request_head(bytes(buf))
+                if request is not None:
+                    break
+                await self._recv_more(sock, buf)
+        except HTTPRequestError as exc:
+            await loop.sock_sendall(sock, status_line(exc.status))
+            return "http", f"bad request: {exc.status} {exc}", 0, 0
+        kind = "CONNECT" if request.connect else "forward"
+        what = f"http {kind} {request.host}:{request.port}"
+        if request.connect and self.config.mode == "optimistic":
+            await loop.sock_sendall(sock, status_line(200))
+            initial = await self._first_bytes(sock, request.forward)
+            try:
+                leg, token = await self._connect_upstream(
+                    request.host, request.port, initial[:MAX_INITIAL_DATA]
+                )
+            except (Socks6Error, OSError, TimeoutError) as exc:
+                self._count_failure(exc)
+                return what, f"{_describe(exc)}; optimistic: the app's connection was closed", 0, 0
+            return await self._relay(sock, leg, initial[MAX_INITIAL_DATA:], what, token, len(initial))
+        initial = request.forward
+        try:
+            leg, token = await self._connect_upstream(request.host, request.port, initial[:MAX_INITIAL_DATA])
+        except (Socks6Error, OSError, TimeoutError) as exc:
+            self._count_failure(exc)
+            status = _http_status(exc)
+            await loop.sock_sendall(sock, status_line(status))
+            return what, f"{_describe(exc)}; HTTP {status}", 0, 0
+        if request.connect:
+            await loop.sock_sendall(sock, status_line(200))
+        return await self._relay(sock, leg, initial[MAX_INITIAL_DATA:], what, token, len(initial))
+
+    def _count_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, ProxyError) and exc.reply_code is not None:
+            self.stats.refused += 1
+            name = exc.reply_code.name
+            self.stats.replies[name] = self.stats.replies.get(name, 0) + 1
+        else:
+            self.stats.failed += 1
+
+    async def _relay(
+        self, sock: socket.socket, leg: _Upstream, rest: bytes, what: str, token: bool, sent: int
+    ) -> tuple[str, str, int, int]:
+        self.stats.established += 1
+        self.stats.tokens_spent += token
+        tag = " token" if token else ""
+        if leg.sock is not None:
+            assert self._relayer is not None
+            result = await self._relayer.relay_sockets(sock, leg.sock, to_remote=rest)
+            return (
+                what,
+                f"ok{tag} ({result.end.name.lower()})",
+                result.bytes_client_to_remote + sent,
+                result.bytes_remote_to_client,
+            )
+        assert leg.streams is not None
+        up, down = await _copy_tls(sock, *leg.streams, rest)
+        return what, f"ok{tag}", up + sent, down
+
+
+def _socks5_reply(code: int) -> bytes:
+    return encode_reply(Socks5Reply(code, AddressType.IPV4, "0.0.0.0", 0))
+
+
+async def _copy_tls(
+    sock: socket.socket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rest: bytes
+) -> tuple[int, int]:
+    """Relay between the app's socket and a TLS upstream on the event loop."""
+    loop = asyncio.get_running_loop()
+    counts = [0, 0]
+
+    async def app_to_upstream() -> None:
+        if rest:
+            writer.write(rest)
+            counts[0] += len(rest)
+        while True:
+            data = await loop.sock_recv(sock, _RECV)
+            if not data:
+                break
+            writer.write(data)
+            counts[0] += len(data)
+            await writer.drain()
+        # TLS has no half-close: keep the upstream open for the answer; the other
+        # direction ends the pair.
+
+    async def upstream_to_app() -> None:
+        while True:
+            data = await reader.read(_RECV)
+            if not data:
+                break
+            await loop.sock_sendall(sock, data)
+            counts[1] += len(data)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+    tasks = [asyncio.ensure_future(app_to_upstream()), asyncio.ensure_future(upstream_to_app())]
+    try:
+        await tasks[1]
+    except (OSError, ssl.SSLError):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        writer.close()
+    return counts[0], counts[1]
