@@ -149,7 +149,7 @@ def test_bench_smoke_runs_installed_outside_the_checkout(tmp_path: Path) -> None
     assert ttfb["direct"]["direct"]["ms"] > 0, log
     for mode in ("socks5", "socks5-userpass"):
         assert ttfb[mode]["socks6fast-s5"]["ms"] > 0, log
-    for mode in ("socks6", "socks6-userpass", "socks6-session"):
+    for mode in ("socks6", "socks6-userpass", "socks6-session", *_ttfb.GATEWAY_MODES):
         assert ttfb[mode]["socks6fast-s6"]["ms"] > 0, log
     _check_tfo_rows(res, log)
     # Every target has a measured value in this configuration except those against Dante.

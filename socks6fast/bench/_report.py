@@ -200,6 +200,18 @@ def targets(res: Results) -> list[dict[str, Any]]:
                 0.4,
                 "x",
             )
+        # Issue 15 item 1: a SOCKS 5 app through the gateway, in round trips of the delayed
+        # gateway-proxy leg (SOCKS 5 straight to the proxy needs about 3, 4 with a password).
+        for mode, what in (("gateway-socks5", "no auth"), ("gateway-socks5-userpass", "username/password")):
+            if mode in ttfb:
+                add(
+                    f"TTFB SOCKS5 app via the gateway, {what}, round trips of the gateway-proxy leg",
+                    _get(ttfb, mode, "socks6fast-s6", "round_trips"),
+                    "<=",
+                    1.2,
+                    "RT",
+                    15,
+                )
     return out
 
 

@@ -30,6 +30,13 @@ token window are set up beforehand over a normal connection (untimed); every
 sample spends a fresh token, and each sample checks that the kernel's SYN carried
 its bytes (TCP_INFO ``TCPI_OPT_SYN_DATA``).
 
+Two gateway rows (issue 15 item 1): the same SOCKS5 client (no auth, and username/password)
+talks to a local ``socks6fast gateway`` without delay; the shim sits between the gateway and
+the proxy (the second row's proxy requires a password, which the gateway sends 0-RTT once
+and then its session stands for). The gateway answers the SOCKS 5 request at once
+(optimistic mode) and sends the Request, Session ID, an Idempotence Expenditure and the
+payload in the SYN (TFO), so the expected figure is 1 round trip of the delayed leg.
+
 Expected round trips with the handshake counted: direct 2, SOCKS5 no-auth 4,
 SOCKS5 username/password 5, SOCKS6 (no TFO, any of the three) 2, SOCKS6 TFO with
 the Request alone in the SYN 2, SOCKS6 TFO with a token and the payload in the
@@ -87,7 +94,12 @@ MODES = (
     ("socks6-tfo", "SOCKS6 TFO, request in SYN (no auth)"),
     ("socks6-tfo-token", "SOCKS6 TFO + idempotence token in a session (no auth)"),
     ("socks6-tfo-token-userpass", "SOCKS6 TFO + idempotence token in a session (username/password)"),
+    ("gateway-socks5", "SOCKS5 app via socks6fast gateway (delay on the gateway-proxy leg)"),
+    ("gateway-socks5-userpass", "SOCKS5 app, username/password, via gateway to a password proxy"),
 )
+#: Rows that speak SOCKS 5 to a local ``socks6fast gateway`` (no delay on that leg) whose
+#: upstream leg, gateway to proxy, goes through the delay shim (issue 15 item 1).
+GATEWAY_MODES = ("gateway-socks5", "gateway-socks5-userpass")
 #: The modes that connect with TCP Fast Open (they need net.ipv4.tcp_fastopen bits 1 and 2).
 TFO_MODES = ("socks6-tfo", "socks6-tfo-token", "socks6-tfo-token-userpass")
 #: The TFO modes that spend an idempotence token inside a session.
@@ -280,8 +292,8 @@ async def _sample(t: Target) -> float:
         w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if t.mode == "direct":
             w.write(PAYLOAD)
-        elif t.mode in ("socks5", "socks5-userpass"):
-            method = METHOD_USERPASS if t.mode == "socks5-userpass" else METHOD_NONE
+        elif t.mode in ("socks5", "socks5-userpass", *GATEWAY_MODES):
+            method = METHOD_USERPASS if t.mode.endswith("socks5-userpass") else METHOD_NONE
             w.write(bytes([SOCKS5_VERSION, 1, method]))
             choice = await r.readexactly(2)
             if choice != bytes([SOCKS5_VERSION, method]):

@@ -60,6 +60,7 @@ from ._procs import (
     BenchError,
     Child,
     Processes,
+    free_port,
     raise_nofile_limit,
     terminate_on_signals,
     time_wait_count,
@@ -70,10 +71,12 @@ from ._systems import (
     BENCH_USER,
     UDP_ONLY,
     System,
+    _start_and_wait,
     parse_systems,
+    socks6fast_command,
     start_systems,
 )
-from ._ttfb import TOKEN_MODES, Target, run_ttfb
+from ._ttfb import GATEWAY_MODES, TOKEN_MODES, Target, run_ttfb
 
 TESTS = ("idle", "ttfb", "conn", "bulk", "udp", "sessions")
 #: What runs without --tests: ``sessions`` (issue 13, Redis) runs only when named.
@@ -570,6 +573,22 @@ class Run:
                         modes += [("socks6-tfo-token-userpass", s.auth_port)]
             for mode, port in modes:
                 targets.append(Target(s.name, mode, port, rr_port, BENCH_USER, BENCH_PASSWORD))
+        # Gateway rows (issue 15): under the SOCKS 6 system's column; `port` is the proxy port
+        # the gateway's upstream shim leads to, until _start_gateways replaces it.
+        gateway_of = next((s for s in self.tcp_measured if s.name == "socks6fast-s6"), None)
+        if gateway_of is not None:
+            targets.append(Target(gateway_of.name, GATEWAY_MODES[0], gateway_of.port, rr_port))
+            if gateway_of.auth_port:
+                targets.append(
+                    Target(
+                        gateway_of.name,
+                        GATEWAY_MODES[1],
+                        gateway_of.auth_port,
+                        rr_port,
+                        BENCH_USER,
+                        BENCH_PASSWORD,
+                    )
+                )
         delay = ["--delay-us", str(a.delay_ms * 1000), "--handshake", "1", "--max-seconds", "3600"]
         # One delay shim (loadgen shim) in front of each distinct upstream port; each TFO row gets
         # its own shim and its own target, whose counters prove what crossed each leg.
@@ -578,6 +597,8 @@ class Run:
         started: list[Child] = []
         try:
             for t in targets:
+                if t.mode in GATEWAY_MODES:
+                    continue  # below, once the shims exist
                 if t.tfo:
                     argv = [str(lg), "rrserver", "--port", "0", "--stats", "1", "--max-seconds", "3600"]
                     target = procs.start("tfo-target", argv, stdin=True)
@@ -596,6 +617,9 @@ class Run:
                     started.append(shim)
                     shared[t.port] = int(shim.expect("port", 5)[0])
                 t.shim_port = shared[t.port]
+            for t in targets:
+                if t.mode in GATEWAY_MODES:
+                    self._start_gateway(lg, procs, t, delay, shared, started)
             asyncio.run(run_ttfb(targets, a.ttfb_samples, self.progress))
             verdicts = {id(t): self._tfo_check(t, *checks[id(t)]) for t in targets if id(t) in checks}
         finally:
@@ -620,6 +644,43 @@ class Run:
                 s = self.systems[t.system]
                 s.reason = f"{s.reason}; {note}" if s.reason else note
         self.results["ttfb"] = out
+
+    def _start_gateway(
+        self,
+        lg: Path,
+        procs: Processes,
+        t: Target,
+        delay: list[str],
+        shared: dict[int, int],
+        started: list[Child],
+    ) -> None:
+        """`socks6fast gateway` with its upstream behind the delay shim of ``t.port``; ``t`` then
+        points at the gateway itself (no shim on the app's leg)."""
+        if t.port not in shared:
+            shim = procs.start("shim", [str(lg), "shim", "--port", "0", "--target", str(t.port), *delay])
+            started.append(shim)
+            shared[t.port] = int(shim.expect("port", 5)[0])
+        user = f"{BENCH_USER}@" if t.user else ""
+        port = free_port()
+        argv, env = socks6fast_command(port, False)
+        if self.args.socks6fast_cmd:
+            argv, env = self.args.socks6fast_cmd.split() + ["serve"], dict(os.environ)
+        argv = argv[: argv.index("serve")] + [
+            "gateway",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--upstream",
+            f"socks6://{user}127.0.0.1:{shared[t.port]}",
+            "--log-level",
+            "warning",
+        ]
+        env["SOCKS6FAST_PASSWORD"] = BENCH_PASSWORD  # cli.PASSWORD_ENV: off the command line
+        try:
+            started.append(_start_and_wait(procs, "gateway", argv, port, env))
+        except BenchError as exc:
+            t.error = f"`socks6fast gateway` did not start: {exc}"
+            return
+        t.port = t.shim_port = port
 
     def _tfo_check(self, t: Target, shim: Child, target: Child) -> dict[str, Any]:
         """What crossed each leg of one TFO row, from the shim's and the target's counters.
