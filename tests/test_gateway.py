@@ -416,3 +416,43 @@ async def test_cli_gateway_and_check_config(tmp_path: Path) -> None:
             async with asyncio.timeout(10):
                 await proc.wait()
         assert proc.returncode == 0
+
+
+@e2e
+@needs_curl
+async def test_strict_success_local_refusals_and_no_first_data_wait() -> None:
+    """Strict mode relays once the upstream said yes (curl SOCKS 5 and HTTP CONNECT); UDP
+    ASSOCIATE is refused locally with 0x07; a malformed HTTP request gets 400; with
+    first_data_wait_ms = 0 the Request leaves without initial data and the app's bytes follow
+    through the relay."""
+    before = _fds()
+    async with Sink(mode="http", body=BODY) as http, Sink(mode="echo") as echo:
+        async with running_server(make_config(users=USERS)) as server:
+            url = f"http://localhost:{http.address[1]}/"
+            async with gateway(_url(server.addresses[0]), mode="strict") as gw:
+                code, out, err = await curl("--socks5-hostname", _proxy(gw), url)
+                assert code == 0 and out == BODY, err
+                code, out, err = await curl("-p", "-x", f"http://{_proxy(gw)}", url)
+                assert code == 0 and out == BODY, err
+                reader, writer = await asyncio.open_connection(*gw.addresses[0])
+                writer.write(b"\x05\x01\x00\x05\x03\x00\x01" + bytes(6))  # UDP ASSOCIATE
+                assert await reader.readexactly(2 + 10) == b"\x05\x00\x05\x07\x00\x01" + bytes(6)
+                assert await reader.read() == b""
+                writer.close()
+                reader, writer = await asyncio.open_connection(*gw.addresses[0])
+                writer.write(b"BREW coffee HTCPCP/1.0\r\n\r\n")
+                assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+                writer.close()
+            async with gateway(_url(server.addresses[0]), first_data_wait=0.0) as gw:
+                await _settle(gw)
+                reader, writer = await asyncio.open_connection(*gw.addresses[0])
+                writer.write(
+                    b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" + echo.address[1].to_bytes(2, "big")
+                )
+                await reader.readexactly(12)
+                await asyncio.sleep(0.05)  # the Request has left without initial data
+                writer.write(b"late bytes")
+                assert await asyncio.wait_for(reader.readexactly(10), 5) == b"late bytes"
+                writer.close()
+                await writer.wait_closed()
+    assert await _fd_settle(before) <= before

@@ -219,6 +219,11 @@ class Gateway:
         for sock in self._listeners:
             self._spawn(self._accept_loop(sock))
         self._spawn(self._keep_warm())
+        relayer = self._relayer
+        log.info(
+            "gateway relay path: %s",
+            f"splice engine, {relayer.workers} worker thread(s)" if relayer.path == "splice" else "asyncio",
+        )
         for host, port in self.addresses:
             log.info(
                 "gateway listening on %s:%d (SOCKS 5, HTTP proxy), upstream %r, mode %s",
