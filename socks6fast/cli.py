@@ -400,6 +400,12 @@ def _check_gateway_config(path: str) -> int:
         "no upstream (give --upstream)" if upstream is None else f"upstream {upstream.host}:{upstream.port}"
     )
     print(f"{path}: OK (gateway: {len(config.listen)} listeners, {where}, mode {config.mode})")
+    if any(not _is_loopback(host) for host, _ in config.listen):
+        print(
+            f"socks6fast: warning: {path}: gateway.listen reaches beyond loopback and the gateway does "
+            "not authenticate apps: anyone who can reach it uses the upstream with its credentials",
+            file=sys.stderr,
+        )
     if upstream is not None and upstream.tls and not config.upstream_verify:
         print(
             f"socks6fast: warning: {path}: gateway.upstream_verify = false: the upstream's certificate "
@@ -407,6 +413,13 @@ def _check_gateway_config(path: str) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

@@ -38,6 +38,8 @@ needs_curl = pytest.mark.skipif(not CURL, reason="needs /usr/bin/curl")
 e2e = pytest.mark.skipif(NO_EXTENSIONS, reason="gateway e2e runs once, in the extensions run")
 USERS = {"alice": "wonderland"}
 BODY = b"<h1>through the gateway</h1>\n"
+#: Method selection (no authentication) and a SOCKS 5 success reply with BND 0.0.0.0:0.
+SOCKS5_OK = b"\x05\x00\x05\x00\x00\x01" + bytes(6)
 
 
 def _fds() -> int:
@@ -220,6 +222,19 @@ async def test_curl_https_connect_over_tls_upstream(tmp_path: Path) -> None:
                 assert code == 0, err
                 assert out == BODY
                 assert gw.stats.established == 1
+                # The app closing its side ends the TLS pair (no half-close over TLS), even
+                # though the destination (an echo server) would stay open.
+                async with Sink(mode="echo") as echo:
+                    idle = len(gw._tasks)
+                    reader, writer = await asyncio.open_connection(*gw.addresses[0])
+                    port_bytes = echo.address[1].to_bytes(2, "big")
+                    writer.write(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" + port_bytes + b"ping")
+                    assert await asyncio.wait_for(reader.readexactly(12 + 4), 5) == SOCKS5_OK + b"ping"
+                    writer.close()
+                    await writer.wait_closed()
+                    async with asyncio.timeout(5):
+                        while len(gw._tasks) > idle:
+                            await asyncio.sleep(0.02)
             async with gateway(upstream) as gw:  # the system CAs do not know the test CA
                 code, out, _ = await curl(
                     "--cacert", str(certs.ca), "-x", f"http://{_proxy(gw)}", f"https://localhost:{port}/"

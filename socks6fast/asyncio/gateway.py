@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -219,6 +220,12 @@ class Gateway:
         for sock in self._listeners:
             self._spawn(self._accept_loop(sock))
         self._spawn(self._keep_warm())
+        if any(not _loopback(host) for host, _ in self.addresses):
+            log.warning(
+                "gateway: listening beyond loopback without local authentication: anyone who can "
+                "reach it uses the upstream with %s's credentials",
+                (self.proxy.url.username or b"-").decode("utf-8", "replace"),
+            )
         relayer = self._relayer
         log.info(
             "gateway relay path: %s",
@@ -572,6 +579,13 @@ class Gateway:
         return what, f"ok{tag}", up + sent, down
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _socks5_reply(code: int) -> bytes:
     return encode_reply(Socks5Reply(code, AddressType.IPV4, "0.0.0.0", 0))
 
@@ -594,8 +608,11 @@ async def _copy_tls(
             writer.write(data)
             counts[0] += len(data)
             await writer.drain()
-        # TLS has no half-close: keep the upstream open for the answer; the other
-        # direction ends the pair.
+        # TLS has no half-close: the app's EOF closes the upstream once what it sent is
+        # flushed, the proxy's own rule for a TLS leg (socks6fast.dataplane.relayer);
+        # the other direction then ends too.
+        await writer.drain()
+        writer.close()
 
     async def upstream_to_app() -> None:
         while True:
@@ -609,10 +626,12 @@ async def _copy_tls(
 
     tasks = [asyncio.ensure_future(app_to_upstream()), asyncio.ensure_future(upstream_to_app())]
     try:
-        await tasks[1]
-    except (OSError, ssl.SSLError):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        if any(not t.cancelled() and t.exception() is not None for t in done):
+            # A reset on either leg: the app's connection is reset too, so that a cut
+            # transfer does not look complete.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     finally:
         for task in tasks:
             task.cancel()
