@@ -395,6 +395,10 @@ def _check_gateway_config(path: str) -> int:
         problem = _unassignable(host)
         if problem:
             raise _Fail(f"{path}: gateway.listen[{i}]: {host} {problem}")
+    if config.admin_listen is not None:
+        problem = _unassignable(config.admin_listen[0])
+        if problem:
+            raise _Fail(f"{path}: gateway.admin_listen: {config.admin_listen[0]} {problem}")
     upstream = config.upstream
     where = (
         "no upstream (give --upstream)" if upstream is None else f"upstream {upstream.host}:{upstream.port}"
@@ -518,6 +522,11 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
             changes["tokens"] = args.tokens
         if args.no_tfo:
             changes["tfo"] = False
+        if args.admin_listen:
+            try:
+                changes["admin_listen"] = parse_listen(args.admin_listen)
+            except ValueError as exc:
+                raise ConfigError(f"--admin-listen: {exc}") from None
         if args.password_file:
             changes["password_file"] = args.password_file
         config = config.replace(**changes)
@@ -671,7 +680,8 @@ password (when the upstream URL has user@ and no password): --password-file FILE
 
 configuration file: [gateway] with listen, upstream, upstream_ca, upstream_verify,
   upstream_server_name, password_file, mode, first_data_wait_ms, tokens, keepalive, tfo,
-  connect_timeout, log_level (flags override it); socks6fast check-config FILE checks it.
+  connect_timeout, log_level, admin_listen (flags override it); socks6fast check-config FILE
+  checks it.
 """
 
 
@@ -786,6 +796,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens", type=int, metavar="N", help="idempotence token window (default 64; 0: none)"
     )
     gateway.add_argument("--no-tfo", action="store_true", help="no TCP Fast Open to the upstream")
+    gateway.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /healthz here (default: off)",
+    )
     gateway.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error", "critical"],

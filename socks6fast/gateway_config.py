@@ -20,6 +20,7 @@ Example::
     tfo = true                                      # TCP Fast Open to the upstream
     connect_timeout = 10
     log_level = "info"
+    admin_listen = "127.0.0.1:9181"                 # Prometheus /metrics, /healthz (off unless set)
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ _KEYS: Final = {
     "tfo",
     "connect_timeout",
     "log_level",
+    "admin_listen",
 }
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 
@@ -107,6 +109,8 @@ class GatewayConfig:
     """Seconds for connecting, TLS and the SOCKS 6 handshake to the upstream."""
     log_level: str = "info"
     """Log level."""
+    admin_listen: HostPort | None = None
+    """Where ``/metrics`` and ``/healthz`` are served (None: nowhere)."""
 
     def replace(self, **changes: Any) -> GatewayConfig:
         """A copy with ``changes`` (the command line's overrides)."""
@@ -192,6 +196,7 @@ def parse_gateway_config(
     level = table.get("log_level", "info")
     if level not in _LOG_LEVELS:
         raise ConfigError(f"gateway.log_level: {_show(level)} is not one of {', '.join(_LOG_LEVELS)}")
+    admin = table.get("admin_listen")
     server_name = table.get("upstream_server_name")
     if server_name is not None and (not isinstance(server_name, str) or not server_name):
         raise ConfigError(f"gateway.upstream_server_name: {_show(server_name)} is not a host name")
@@ -209,6 +214,7 @@ def parse_gateway_config(
         tfo=_bool(table, "tfo", True),
         connect_timeout=_seconds(table, "connect_timeout", "gateway", 10.0),
         log_level=level,
+        admin_listen=None if admin is None else _check_listen(admin, "gateway.admin_listen"),
     )
 
 

@@ -71,6 +71,13 @@ async def _settle(gw: Gateway, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
+async def _idle(gw: Gateway, timeout: float = 5.0) -> None:
+    """Wait until every app connection's handler has ended (its log line is written)."""
+    async with asyncio.timeout(timeout):
+        while len(gw._tasks) > len(gw._listeners) + 1:  # the accept loops and the keep-warm task
+            await asyncio.sleep(0.01)
+
+
 def _proxy(gw: Gateway) -> str:
     return "{}:{}".format(*gw.addresses[0])
 
@@ -161,7 +168,7 @@ async def test_curl_socks5_and_http_through_gateway(caplog: pytest.LogCaptureFix
     before = _fds()
     config = make_config(users=USERS, sessions={"max_token_window": 16})
     async with Sink(mode="http", body=BODY) as http, running_server(config) as server:
-        async with gateway(_url(server.addresses[0]), tokens=16) as gw:
+        async with gateway(_url(server.addresses[0]), tokens=16, admin_listen=("127.0.0.1", 0)) as gw:
             await _settle(gw)
             window = gw.session.core.window
             assert window is not None
@@ -179,6 +186,16 @@ async def test_curl_socks5_and_http_through_gateway(caplog: pytest.LogCaptureFix
             # The proxy moved the window past the three spent tokens (IDM-04).
             new = gw.session.core.window
             assert new is not None and new[0] == (window[0] + 3) % 2**32
+            assert gw.admin is not None
+            code, metrics, err = await curl("http://{}:{}/metrics".format(*gw.admin.address))
+            assert code == 0, err
+            for line in (
+                b'socks6fast_gateway_requests_total{outcome="established"} 3.0',
+                b"socks6fast_gateway_tokens_spent_total 3.0",
+                b"socks6fast_gateway_session_active 1.0",
+            ):
+                assert line in metrics, metrics
+            await _idle(gw)
             # The origin saw the rewritten request: origin form, Connection: close.
             forwarded = http.connections[-1].received
             assert forwarded.startswith(b"GET /page HTTP/1.1\r\n") and b"Connection: close" in forwarded

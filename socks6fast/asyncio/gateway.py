@@ -55,11 +55,16 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
 from ..constants import AddressType, AuthMethod, ReplyCode, Socks5Command, UserPassStatus
+from ..dataplane import resources
 from ..dataplane.relayer import Relayer
 from ..errors import AuthenticationError, ProxyError, Socks6Error, WireError
 from ..gateway_config import GatewayConfig
@@ -77,6 +82,7 @@ from ..proto.socks5 import (
     encode_userpass_reply,
 )
 from .client import Proxy, Session
+from .server.admin import AdminServer
 
 __all__ = ["Gateway", "GatewayStats", "upstream_ssl_context"]
 
@@ -106,6 +112,76 @@ class GatewayStats:
     sessions_started: int = 0
     refreshes: int = 0
     replies: dict[str, int] = field(default_factory=dict)
+
+
+class GatewayMetrics(Collector):
+    """The gateway's Prometheus metrics, read from its counters at scrape time."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self.registry = CollectorRegistry(auto_describe=False)
+        """What ``/metrics`` serves."""
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self._gateway
+        stats = gw.stats
+        ended = CounterMetricFamily(
+            "socks6fast_gateway_requests",
+            "App requests by outcome: established (relayed), refused (the proxy's reply code), failed",
+            labels=["outcome"],
+        )
+        ended.add_metric(["established"], stats.established)
+        ended.add_metric(["refused"], stats.refused)
+        ended.add_metric(["failed"], stats.failed)
+        yield ended
+        yield CounterMetricFamily(
+            "socks6fast_gateway_connections", "App connections accepted", value=stats.connections
+        )
+        refusals = CounterMetricFamily(
+            "socks6fast_gateway_refusals", "Upstream refusals by reply code", labels=["reply"]
+        )
+        for name, count in sorted(stats.replies.items()):
+            refusals.add_metric([name], count)
+        yield refusals
+        yield CounterMetricFamily(
+            "socks6fast_gateway_tokens_spent",
+            "Requests that spent an idempotence token",
+            value=stats.tokens_spent,
+        )
+        yield CounterMetricFamily(
+            "socks6fast_gateway_token_retries",
+            "Requests resent without a token after Idempotence Rejected",
+            value=stats.token_retries,
+        )
+        yield CounterMetricFamily(
+            "socks6fast_gateway_sessions_started",
+            "Upstream sessions established",
+            value=stats.sessions_started,
+        )
+        core = gw.session.core
+        yield GaugeMetricFamily(
+            "socks6fast_gateway_session_active",
+            "1 while the upstream session is established",
+            value=int(core.state is SessionState.ACTIVE),
+        )
+        yield GaugeMetricFamily(
+            "socks6fast_gateway_tokens_left", "Unspent tokens of the known window", value=core.tokens_left
+        )
+        relayer = gw._relayer
+        if relayer is not None:
+            up, down = relayer.bytes_relayed()
+            relayed = CounterMetricFamily(
+                "socks6fast_gateway_relayed_bytes",
+                "Bytes relayed on plain upstream pairs",
+                labels=["direction"],
+            )
+            relayed.add_metric(["app_to_upstream"], up)
+            relayed.add_metric(["upstream_to_app"], down)
+            yield relayed
+        yield GaugeMetricFamily(
+            "socks6fast_open_fds", "Descriptors the process has open", value=resources.open_descriptors()
+        )
 
 
 def upstream_ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
@@ -189,6 +265,10 @@ class Gateway:
         self._refresh = asyncio.Event()
         self.addresses: list[tuple[str, int]] = []
         """Where the listeners listen (the real port when 0 was asked for)."""
+        self.metrics = GatewayMetrics(self)
+        """Prometheus metrics (served when ``admin_listen`` is set)."""
+        self.admin: AdminServer | None = None
+        """The ``/metrics`` listener, once started."""
 
     def _new_session(self) -> Session:
         return Session(self.proxy, tokens=self.config.tokens)
@@ -217,6 +297,16 @@ class Gateway:
                 sock.close()
             self._listeners.clear()
             raise
+        if self.config.admin_listen is not None:
+            self.admin = AdminServer(self.metrics, lambda: bool(self._listeners))
+            try:
+                await self.admin.start(*self.config.admin_listen)
+            except BaseException:
+                for sock in self._listeners:
+                    sock.close()
+                self._listeners.clear()
+                raise
+            log.info("gateway metrics on http://%s:%d/metrics", *self.admin.address)
         for sock in self._listeners:
             self._spawn(self._accept_loop(sock))
         self._spawn(self._keep_warm())
@@ -245,6 +335,8 @@ class Gateway:
         for sock in self._listeners:
             sock.close()
         self._listeners.clear()
+        if self.admin is not None:
+            await self.admin.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -14,10 +14,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from .metrics import ServerMetrics
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 __all__ = ["MAX_CLIENTS", "AdminServer"]
 
@@ -31,15 +30,21 @@ REQUEST_TIMEOUT = 5.0
 MAX_HEAD = 8192
 
 
+class MetricsRegistry(Protocol):
+    """What the admin listener serves: a registry (`ServerMetrics`, or the gateway's metrics)."""
+
+    registry: CollectorRegistry
+
+
 class AdminServer:
-    """Serves ``/metrics`` and ``/healthz`` for one `Server`.
+    """Serves ``/metrics`` and ``/healthz`` for one `Server` (or one gateway, issue 15).
 
     Args:
         metrics: the server's metrics.
         healthy: returns True while the server accepts connections.
     """
 
-    def __init__(self, metrics: ServerMetrics, healthy: Callable[[], bool]) -> None:
+    def __init__(self, metrics: MetricsRegistry, healthy: Callable[[], bool]) -> None:
         self._metrics = metrics
         self._healthy = healthy
         self._server: asyncio.Server | None = None
