@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -453,8 +454,8 @@ async def test_cli_gateway_and_check_config(tmp_path: Path) -> None:
 @e2e
 @needs_curl
 async def test_strict_success_local_refusals_and_no_first_data_wait() -> None:
-    """Strict mode relays once the upstream said yes (curl SOCKS 5 and HTTP CONNECT); UDP
-    ASSOCIATE is refused locally with 0x07; a malformed HTTP request gets 400; with
+    """Strict mode relays once the upstream said yes (curl SOCKS 5 and HTTP CONNECT); BIND is
+    refused locally with 0x07; a malformed HTTP request gets 400; with
     first_data_wait_ms = 0 the Request leaves without initial data and the app's bytes follow
     through the relay."""
     before = _fds()
@@ -467,7 +468,7 @@ async def test_strict_success_local_refusals_and_no_first_data_wait() -> None:
                 code, out, err = await curl("-p", "-x", f"http://{_proxy(gw)}", url)
                 assert code == 0 and out == BODY, err
                 reader, writer = await asyncio.open_connection(*gw.addresses[0])
-                writer.write(b"\x05\x01\x00\x05\x03\x00\x01" + bytes(6))  # UDP ASSOCIATE
+                writer.write(b"\x05\x01\x00\x05\x02\x00\x01" + bytes(6))  # BIND
                 assert await reader.readexactly(2 + 10) == b"\x05\x00\x05\x07\x00\x01" + bytes(6)
                 assert await reader.read() == b""
                 writer.close()
@@ -487,4 +488,50 @@ async def test_strict_success_local_refusals_and_no_first_data_wait() -> None:
                 assert await asyncio.wait_for(reader.readexactly(10), 5) == b"late bytes"
                 writer.close()
                 await writer.wait_closed()
+    assert await _fd_settle(before) <= before
+
+
+@e2e
+@pytest.mark.conformance("UDP-01")
+async def test_socks5_udp_associate_over_socks6_association() -> None:
+    """A SOCKS 5 UDP ASSOCIATE (RFC 1928 section 7) through the gateway: the app's datagrams
+    go out in an upstream SOCKS 6 association (UDP-01: its Association ID), the echo comes
+    back with a SOCKS 5 header naming its source; the association ends with the app's TCP
+    connection, and nothing leaks."""
+    before = _fds()
+    loop = asyncio.get_running_loop()
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.transport.sendto(b"echo:" + data, addr)  # type: ignore[attr-defined]
+
+    echo_transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    echo_port = echo_transport.get_extra_info("sockname")[1]
+    try:
+        async with running_server(make_config(users=USERS)) as server:
+            async with gateway(_url(server.addresses[0])) as gw:
+                reader, writer = await asyncio.open_connection(*gw.addresses[0])
+                writer.write(b"\x05\x01\x00\x05\x03\x00\x01" + bytes(6))
+                head = await asyncio.wait_for(reader.readexactly(2 + 10), 5)
+                assert head[:4] == b"\x05\x00\x05\x00" and head[5] == 1
+                bound = (".".join(str(b) for b in head[6:10]), int.from_bytes(head[10:12], "big"))
+                app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                app.setblocking(False)
+                try:
+                    header = b"\x00\x00\x00\x01\x7f\x00\x00\x01" + echo_port.to_bytes(2, "big")
+                    for i in range(3):
+                        await loop.sock_sendto(app, header + b"ping%d" % i, bound)
+                        data = await asyncio.wait_for(loop.sock_recv(app, 65535), 5)
+                        assert data == header + b"echo:ping%d" % i
+                finally:
+                    app.close()
+                writer.close()
+                await writer.wait_closed()
+                await _idle(gw)
+                assert gw.stats.established == 1
+    finally:
+        echo_transport.close()
     assert await _fd_settle(before) <= before

@@ -41,8 +41,9 @@ copied on the event loop.
 
 Local credentials: a SOCKS 5 app may offer no authentication or username/password; a
 username/password is accepted without being checked (the listener is loopback by default;
-the upstream credentials are the gateway's own). UDP ASSOCIATE and BIND are answered
-COMMAND_NOT_SUPPORTED (0x07).
+the upstream credentials are the gateway's own). UDP ASSOCIATE is carried over an upstream
+SOCKS 6 UDP association (`Gateway._udp_associate`); BIND is answered COMMAND_NOT_SUPPORTED
+(0x07).
 """
 
 from __future__ import annotations
@@ -73,12 +74,15 @@ from ..proto.http_proxy import HTTPRequestError, parse_request_head, status_line
 from ..proto.socks5 import (
     Socks5MethodSelection,
     Socks5Reply,
+    Socks5UDPHeader,
     UserPassReply,
     decode_greeting,
     decode_request,
+    decode_udp_header,
     decode_userpass_request,
     encode_method_selection,
     encode_reply,
+    encode_udp_header,
     encode_userpass_reply,
 )
 from .client import Proxy, Session
@@ -574,15 +578,12 @@ class Gateway:
             await self._recv_more(sock, buf)
         early = bytes(buf[n:])
         what = f"socks5 {request.command.name} {request.address}:{request.port}"
+        if request.command == Socks5Command.UDP_ASSOCIATE:
+            return await self._udp_associate(sock, what)
         if request.command != Socks5Command.CONNECT:
             await loop.sock_sendall(sock, _socks5_reply(ReplyCode.COMMAND_NOT_SUPPORTED))
             self.stats.refused += 1
-            return (
-                what,
-                "refused locally: COMMAND_NOT_SUPPORTED (0x07) (UDP ASSOCIATE and BIND not relayed)",
-                0,
-                0,
-            )
+            return what, "refused locally: COMMAND_NOT_SUPPORTED (0x07) (BIND is not relayed)", 0, 0
 
         if self.config.mode == "optimistic":
             await loop.sock_sendall(sock, _socks5_reply(ReplyCode.SUCCESS))
@@ -642,6 +643,97 @@ class Gateway:
         if request.connect:
             await loop.sock_sendall(sock, status_line(200))
         return await self._relay(sock, leg, initial[MAX_INITIAL_DATA:], what, token, len(initial))
+
+    async def _udp_associate(self, sock: socket.socket, what: str) -> tuple[str, str, int, int]:
+        """SOCKS 5 UDP ASSOCIATE (RFC 1928 section 7) over an upstream SOCKS 6 association.
+
+        The app's datagrams (SOCKS 5 UDP header + payload) arrive on a local UDP socket
+        beside the TCP listener's address; each goes upstream as a SOCKS 6 Datagram (over
+        UDP, or DTLS for socks6+tls, D30), and each datagram from the upstream comes back
+        with a SOCKS 5 header naming its source. Only the app's own IP may send; FRAG != 0
+        is dropped (no reassembly, as RFC 1928 allows). The association lives as long as
+        the app's TCP connection. Strict in both modes: the app's reply has to carry the
+        local UDP port, and nothing of the app's rides with the upstream Request anyway.
+        """
+        loop = asyncio.get_running_loop()
+        local_ip = sock.getsockname()[0]
+        app_ip = sock.getpeername()[0]
+        try:
+            assoc = await self.session.udp_associate(timeout=self.config.connect_timeout)
+        except (Socks6Error, OSError, TimeoutError) as exc:
+            self._count_failure(exc)
+            code = _socks5_code(getattr(exc, "reply_code", None))
+            await loop.sock_sendall(sock, _socks5_reply(code))
+            return what, f"{_describe(exc)}; SOCKS 5 reply {code:#04x}", 0, 0
+        counts = [0, 0]
+        app_address: list[Any] = []
+        queue: asyncio.Queue[tuple[bytes, Any]] = asyncio.Queue(maxsize=1024)
+
+        class _Local(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                if addr[0] == app_ip and not queue.full():
+                    queue.put_nowait((data, addr))
+
+        why = "ended"
+        try:
+            transport, _ = await loop.create_datagram_endpoint(_Local, local_addr=(local_ip, 0))
+        except BaseException:
+            await assoc.aclose()
+            raise
+        try:
+            bound = transport.get_extra_info("sockname")
+            family = AddressType.IPV6 if ":" in bound[0] else AddressType.IPV4
+            await loop.sock_sendall(
+                sock, encode_reply(Socks5Reply(ReplyCode.SUCCESS, family, bound[0], bound[1]))
+            )
+            self.stats.established += 1
+
+            async def app_to_upstream() -> None:
+                while True:
+                    data, addr = await queue.get()
+                    try:
+                        header, n = decode_udp_header(data)
+                    except WireError:
+                        continue  # RFC 1928 section 7: a datagram we cannot use is dropped
+                    if header.fragment:
+                        continue
+                    app_address[:] = [addr]
+                    await assoc.sendto(data[n:], (header.address, header.port))
+                    counts[0] += len(data) - n
+
+            async def upstream_to_app() -> None:
+                while True:
+                    payload, (host, port) = await assoc.recvfrom()
+                    if not app_address:
+                        continue
+                    kind = AddressType.IPV6 if ":" in host else AddressType.IPV4
+                    header = encode_udp_header(Socks5UDPHeader(kind, host, port))
+                    transport.sendto(header + payload, app_address[0])
+                    counts[1] += len(payload)
+
+            async def control() -> None:
+                while await loop.sock_recv(sock, _RECV):
+                    pass  # RFC 1928: the association ends with the TCP connection
+
+            tasks = [asyncio.ensure_future(c) for c in (app_to_upstream(), upstream_to_app(), control())]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                ended = next(iter(done))
+                error = None if ended.cancelled() else ended.exception()
+                if error is not None:
+                    why = f"ended: {type(error).__name__}: {error}"
+                elif ended is tasks[2]:
+                    why = "ok (the app closed its TCP connection)"
+            finally:
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(BaseException):
+                        await task
+        finally:
+            transport.close()
+            await assoc.aclose()
+        return what, why, counts[0], counts[1]
 
     def _count_failure(self, exc: BaseException) -> None:
         if isinstance(exc, ProxyError) and exc.reply_code is not None:
