@@ -237,6 +237,7 @@ class _Upstream:
         self.streams = streams
 
     def close(self) -> None:
+        """Close the leg (the app went away before the relay could take it)."""
         if self.sock is not None:
             self.sock.close()
         if self.streams is not None:
@@ -414,7 +415,9 @@ class Gateway:
         if not self.config.tokens or core.state is not SessionState.ACTIVE:
             return False
         left = core.tokens_left
-        if left * 4 < self.config.tokens:
+        # The window the proxy granted (it may cap what was asked for, IDM-02).
+        size = core.window[1] if core.window is not None else self.config.tokens
+        if left * 4 < size:
             self._refresh.set()  # refill in the background before the window runs dry
         return left > 0
 
@@ -605,7 +608,7 @@ class Gateway:
                 code = ReplyCode.TTL_EXPIRED  # RFC 1928's nearest to "no answer in time"
             await loop.sock_sendall(sock, _socks5_reply(code))
             return what, f"{_describe(exc)}; strict: SOCKS 5 reply {code:#04x}", 0, 0
-        await loop.sock_sendall(sock, _socks5_reply(ReplyCode.SUCCESS))
+        await _answer_or_close(sock, _socks5_reply(ReplyCode.SUCCESS), leg)
         return await self._relay(sock, leg, early[MAX_INITIAL_DATA:], what, token, len(early))
 
     async def _http(self, sock: socket.socket, buf: bytearray) -> tuple[str, str, int, int]:
@@ -641,7 +644,7 @@ class Gateway:
             await loop.sock_sendall(sock, status_line(status))
             return what, f"{_describe(exc)}; HTTP {status}", 0, 0
         if request.connect:
-            await loop.sock_sendall(sock, status_line(200))
+            await _answer_or_close(sock, status_line(200), leg)
         return await self._relay(sock, leg, initial[MAX_INITIAL_DATA:], what, token, len(initial))
 
     async def _udp_associate(self, sock: socket.socket, what: str) -> tuple[str, str, int, int]:
@@ -761,6 +764,15 @@ class Gateway:
         assert leg.streams is not None
         up, down = await _copy_tls(sock, *leg.streams, rest)
         return what, f"ok{tag}", up + sent, down
+
+
+async def _answer_or_close(sock: socket.socket, answer: bytes, leg: _Upstream) -> None:
+    """Send the app its answer (strict mode); if the app is gone, close the upstream leg."""
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, answer)
+    except BaseException:
+        leg.close()
+        raise
 
 
 def _loopback(host: str) -> bool:
