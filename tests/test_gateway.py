@@ -158,7 +158,7 @@ def test_gateway_config_checks() -> None:
 
 @e2e
 @needs_curl
-@pytest.mark.conformance("SES-02", "IDM-05", "CMD-03")
+@pytest.mark.conformance("SES-02", "IDM-04", "IDM-05", "CMD-03")
 async def test_curl_socks5_and_http_through_gateway(caplog: pytest.LogCaptureFixture) -> None:
     """curl --socks5-hostname (with and without a local username/password) and curl -x http://
     (absolute-form GET) fetch a page through the gateway and a password-protected proxy: the
