@@ -512,9 +512,14 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         if args.mode:
             changes["mode"] = args.mode
         if args.first_data_wait_ms is not None:
-            wait = _seconds("--first-data-wait-ms", args.first_data_wait_ms)
-            if wait > 10_000:
-                raise _Fail("--first-data-wait-ms: at most 10000 ms")
+            try:
+                wait = float(args.first_data_wait_ms)
+            except ValueError:
+                wait = -1.0
+            if not 0 <= wait <= 10_000:
+                raise _Fail(
+                    f"--first-data-wait-ms: {args.first_data_wait_ms!r} is not a number of ms 0-10000"
+                )
             changes["first_data_wait"] = wait / 1000
         if args.tokens is not None:
             if not 0 <= args.tokens < 2**31:
