@@ -27,11 +27,12 @@ import pytest
 from helpers_server import Sink, curl, make_certificates, make_config, running_server
 
 from socks6fast._extensions import NO_EXTENSIONS
+from socks6fast.asyncio import gateway as gateway_module
 from socks6fast.asyncio.gateway import Gateway
 from socks6fast.config import ConfigError
 from socks6fast.gateway_config import GatewayConfig, parse_gateway_config, parse_upstream
 from socks6fast.proto.client import SessionState
-from socks6fast.proto.http_proxy import HTTPRequestError, parse_request_head
+from socks6fast.proto.http_proxy import BodyFramer, HTTPRequestError, parse_request_head
 
 CURL = Path("/usr/bin/curl").exists()
 needs_curl = pytest.mark.skipif(not CURL, reason="needs /usr/bin/curl")
@@ -97,14 +98,16 @@ async def _fd_settle(before: int) -> int:
 def test_http_absolute_form_is_rewritten() -> None:
     """Absolute form becomes origin form; hop-by-hop headers go, Connection: close is added."""
     head = (
-        b"GET http://example.test:8080/a?b=1 HTTP/1.1\r\nHost: example.test:8080\r\n"
-        b"Proxy-Connection: keep-alive\r\nConnection: X-Hop\r\nX-Hop: 1\r\nAccept: */*\r\n\r\nBODY"
+        b"PUT http://example.test:8080/a?b=1 HTTP/1.1\r\nHost: example.test:8080\r\n"
+        b"Proxy-Connection: keep-alive\r\nConnection: X-Hop\r\nX-Hop: 1\r\nAccept: */*\r\n"
+        b"Content-Length: 4\r\n\r\nBODY"
     )
     request = parse_request_head(head)
     assert request is not None and not request.connect
     assert (request.host, request.port) == ("example.test", 8080)
     assert request.forward == (
-        b"GET /a?b=1 HTTP/1.1\r\nHost: example.test:8080\r\nAccept: */*\r\nConnection: close\r\n\r\nBODY"
+        b"PUT /a?b=1 HTTP/1.1\r\nHost: example.test:8080\r\nAccept: */*\r\nContent-Length: 4\r\n"
+        b"Connection: close\r\n\r\nBODY"
     )
     connect = parse_request_head(b"CONNECT [::1]:443 HTTP/1.1\r\nHost: x\r\n\r\nhello")
     assert connect is not None and connect.connect
@@ -112,9 +115,62 @@ def test_http_absolute_form_is_rewritten() -> None:
     assert parse_request_head(b"GET http://x/ HTTP/1.1\r\n") is None
 
 
+def test_http_absolute_form_host_is_the_target() -> None:
+    """RFC 9112 section 3.2.2 (probe G-1): a proxy MUST ignore the received Host of an
+    absolute-form request and write the target's authority (port only when not 80)."""
+    cases = [
+        (b"GET http://origin.test:8080/p?q=1 HTTP/1.1\r\nHost: evil.test\r\nX-Keep: yes\r\n\r\n",
+         b"GET /p?q=1 HTTP/1.1\r\nHost: origin.test:8080\r\nX-Keep: yes\r\nConnection: close\r\n\r\n"),
+        (b"GET http://origin.test HTTP/1.1\r\n\r\n",
+         b"GET / HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n"),
+        (b"GET http://[::1]:80/ HTTP/1.1\r\nhost: a\r\nHOST: b\r\n\r\n",
+         b"GET / HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n"),
+    ]  # fmt: skip
+    for head, forward in cases:
+        request = parse_request_head(head)
+        assert request is not None and request.forward == forward
+
+
+def test_http_body_framing_stops_at_the_first_request() -> None:
+    """Probe G-4: only the first request's body goes to its origin, framed by Content-Length
+    or chunked (RFC 9112 sections 6.3, 7.1); a pipelined request after it is not forwarded."""
+    second = b"GET http://two.test/ HTTP/1.1\r\nHost: two.test\r\n\r\n"
+    request = parse_request_head(b"GET http://one.test/ HTTP/1.1\r\nHost: one.test\r\n\r\n" + second)
+    assert request is not None and request.body is not None and request.body.done
+    assert request.forward.endswith(b"Connection: close\r\n\r\n")
+    assert request.body.feed(second) == b""
+    request = parse_request_head(b"POST http://one.test/ HTTP/1.1\r\nContent-Length: 6\r\n\r\nab")
+    assert request is not None and request.body is not None and not request.body.done
+    assert request.forward.endswith(b"\r\n\r\nab")
+    assert request.body.feed(b"cdef" + second) == b"cdef" and request.body.done
+    chunked = b"4;ext=1\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nTrailer: x\r\n\r\n"
+    for step in (1, 3, len(chunked) + len(second)):  # byte by byte, and in one piece
+        framer = BodyFramer(None)
+        data = chunked + second
+        taken = b"".join(framer.feed(data[i : i + step]) for i in range(0, len(data), step))
+        assert taken == chunked and framer.done
+    for bad in (b"zz\r\n", b"4\r\nWikiX\r\n", b"4\nWiki\r\n", b"1" * 20 + b"\r\n"):
+        with pytest.raises(HTTPRequestError) as info:
+            BodyFramer(None).feed(bad)
+        assert info.value.status == 400
+
+
 @pytest.mark.parametrize(
     ("head", "status"),
     [
+        # Probe G-3, RFC 9112 section 6.3 items 3 and 4.
+        (b"POST http://x/ HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST http://x/ HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+        (b"POST http://x/ HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+        (b"POST http://x/ HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n", 400),
+        (b"POST http://x/ HTTP/1.1\r\nContent-Length: -4\r\n\r\n", 400),
+        # Probe G-5, RFC 9112 section 3.2.3, RFC 9110 section 4.2.4.
+        (b"CONNECT a.test:80:90 HTTP/1.1\r\n\r\n", 400),
+        (b"CONNECT u:p@a.test:80 HTTP/1.1\r\n\r\n", 400),
+        (b"CONNECT ::1:7 HTTP/1.1\r\n\r\n", 400),
+        (b"CONNECT " + b"a" * 256 + b":80 HTTP/1.1\r\n\r\n", 400),
+        (b"CONNECT a\x1bb.test:80 HTTP/1.1\r\n\r\n", 400),
+        (b"GET http://a\x7fb.test/ HTTP/1.1\r\n\r\n", 400),
         (b"GET https://x/ HTTP/1.1\r\n\r\n", 501),
         (b"GET /relative HTTP/1.1\r\n\r\n", 400),
         (b"CONNECT x HTTP/1.1\r\n\r\n", 400),
@@ -532,6 +588,170 @@ async def test_socks5_udp_associate_over_socks6_association() -> None:
                 await writer.wait_closed()
                 await _idle(gw)
                 assert gw.stats.established == 1
+    finally:
+        echo_transport.close()
+    assert await _fd_settle(before) <= before
+
+
+# --- probe s20 findings (G-4, G-6, G-7, G-8, L-1) --------------------------------------------
+
+
+@e2e
+async def test_pipelined_second_request_does_not_reach_the_first_origin() -> None:
+    """Probe G-4: a second request pipelined behind an absolute-form request (for another
+    host) is not passed into the first host's tunnel: the origin reads the first request,
+    its Content-Length body and nothing more (RFC 9112 sections 3.2.2 and 6.3)."""
+    before = _fds()
+    received: list[bytes] = []
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):  # a lax origin reads on after the first request
+                while chunk := await reader.read(65536):
+                    data += chunk
+        received.append(data)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(origin, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    second = b"GET http://two.test/ HTTP/1.1\r\nHost: two.test\r\n\r\n"
+    try:
+        async with running_server(make_config(users=USERS)) as proxy:
+            async with gateway(_url(proxy.addresses[0])) as gw:
+                await _settle(gw)
+                for first, body in (
+                    (f"GET http://127.0.0.1:{port}/one HTTP/1.1\r\nHost: evil.test\r\n\r\n".encode(), b""),
+                    (
+                        f"POST http://127.0.0.1:{port}/one HTTP/1.1\r\nContent-Length: 5\r\n\r\n".encode(),
+                        b"hello",
+                    ),
+                ):
+                    reader, writer = await asyncio.open_connection(*gw.addresses[0])
+                    writer.write(first + body + second)
+                    answer = await asyncio.wait_for(reader.read(), 5)
+                    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"ok")
+                    writer.close()
+                    await writer.wait_closed()
+                    got = received.pop()
+                    assert got.startswith(
+                        first.split(b" ")[0] + b" /one HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port
+                    )
+                    assert got.endswith(b"Connection: close\r\n\r\n" + body), got
+                    assert b"two.test" not in got and b"evil.test" not in got
+                await _idle(gw)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert await _fd_settle(before) <= before
+
+
+@e2e
+async def test_socks5_unknown_command_and_address_type_get_rfc1928_replies(unused_tcp_port: int) -> None:
+    """Probe G-6: RFC 1928 section 6: an unknown command gets X'07', an unknown address
+    type X'08', then the connection closes (the proxy's own SOCKS 5 does the same)."""
+    async with gateway(f"socks6://127.0.0.1:{unused_tcp_port}") as gw:
+        for request, code in ((b"\x05\x09\x00\x01\x7f\x00\x00\x01\x00\x50", 7), (b"\x05\x01\x00\x05", 8)):
+            reader, writer = await asyncio.open_connection(*gw.addresses[0])
+            writer.write(b"\x05\x01\x00" + request)
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer == b"\x05\x00\x05" + bytes([code]) + b"\x00\x01" + bytes(6)
+            writer.close()
+        await _idle(gw)
+
+
+@e2e
+async def test_request_head_has_one_deadline(monkeypatch: pytest.MonkeyPatch, unused_tcp_port: int) -> None:
+    """Probe G-7: a request head trickled a byte at a time is closed at one deadline from the
+    accept (HANDSHAKE_TIMEOUT), not kept open while every read comes in time."""
+    monkeypatch.setattr(gateway_module, "HANDSHAKE_TIMEOUT", 0.6)
+    async with gateway(f"socks6://127.0.0.1:{unused_tcp_port}") as gw:
+        for head in (
+            b"GET http://origin.test/ HTTP/1.1\r\nX-Slow: " + b"y" * 100,
+            b"\x05\x01\x00\x05\x01\x00\x03\x40",
+        ):
+            reader, writer = await asyncio.open_connection(*gw.addresses[0])
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            closed = False
+            for byte in head:
+                writer.write(bytes([byte]))
+                with contextlib.suppress(TimeoutError):
+                    data = await asyncio.wait_for(reader.read(100), 0.1)
+                    if data in (b"", b"\x05\x00"):
+                        closed = data == b""
+                if closed or loop.time() - started > 3:
+                    break
+            assert closed, "still open"
+            assert loop.time() - started < 1.5
+            writer.close()
+        await _idle(gw)
+
+
+@e2e
+async def test_log_line_escapes_control_characters(
+    caplog: pytest.LogCaptureFixture, unused_tcp_port: int
+) -> None:
+    """Probe L-1 (CWE-117): a destination name with a newline or ESC does not forge a log line."""
+    name = b"evil.test\n2026-12-02 00:00:00,000 INFO socks6fast.gateway: FORGED\x1b[31m"
+    caplog.set_level(logging.INFO, logger="socks6fast")
+    async with gateway(f"socks6://127.0.0.1:{unused_tcp_port}", mode="strict") as gw:
+        reader, writer = await asyncio.open_connection(*gw.addresses[0])
+        writer.write(b"\x05\x01\x00\x05\x01\x00\x03" + bytes([len(name)]) + name + b"\x00\x50")
+        assert (await asyncio.wait_for(reader.read(), 5))[:3] == b"\x05\x00\x05"
+        writer.close()
+        await _idle(gw)
+    lines = [r.getMessage() for r in caplog.records if "evil.test" in r.getMessage()]
+    assert lines
+    assert not any("\n" in line or "\x1b" in line for line in lines)
+    assert any("'evil.test\\n2026" in line for line in lines)
+
+
+@e2e
+@pytest.mark.conformance("TRN-03")
+@pytest.mark.parametrize("trust", ["upstream_ca", "insecure"])
+async def test_socks5_udp_over_tls_upstream_uses_the_upstream_trust(trust: str, tmp_path: Path) -> None:
+    """Probe G-8: UDP ASSOCIATE over a ``socks6+tls`` upstream runs DTLS with the TLS leg's
+    trust: ``--upstream-ca`` (a throw-away CA) or ``--insecure-upstream`` (TRN-03)."""
+    certs = make_certificates(tmp_path)
+    before = _fds()
+    loop = asyncio.get_running_loop()
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.transport.sendto(b"echo:" + data, addr)  # type: ignore[attr-defined]
+
+    echo_transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    echo_port = echo_transport.get_extra_info("sockname")[1]
+    tls = {"tls_listen": ["127.0.0.1:0"], "tls_certificate": str(certs.cert), "tls_key": str(certs.key)}
+    changes: dict[str, Any] = (
+        {"upstream_ca": str(certs.ca)} if trust == "upstream_ca" else {"upstream_verify": False}
+    )
+    try:
+        async with running_server(make_config(users=USERS, server=tls)) as server:
+            async with gateway(_url(server.tls_addresses[0], tls=True), **changes) as gw:
+                reader, writer = await asyncio.open_connection(*gw.addresses[0])
+                writer.write(b"\x05\x01\x00\x05\x03\x00\x01" + bytes(6))
+                head = await asyncio.wait_for(reader.readexactly(2 + 10), 10)
+                assert head[:4] == b"\x05\x00\x05\x00", head
+                bound = (".".join(str(b) for b in head[6:10]), int.from_bytes(head[10:12], "big"))
+                app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                app.setblocking(False)
+                try:
+                    header = b"\x00\x00\x00\x01\x7f\x00\x00\x01" + echo_port.to_bytes(2, "big")
+                    await loop.sock_sendto(app, header + b"ping", bound)
+                    data = await asyncio.wait_for(loop.sock_recv(app, 65535), 5)
+                    assert data == header + b"echo:ping"
+                finally:
+                    app.close()
+                writer.close()
+                await writer.wait_closed()
+                await _idle(gw)
     finally:
         echo_transport.close()
     assert await _fd_settle(before) <= before

@@ -69,8 +69,9 @@ from ..dataplane import resources
 from ..dataplane.relayer import Relayer
 from ..errors import AuthenticationError, ProxyError, Socks6Error, WireError
 from ..gateway_config import GatewayConfig
+from ..net.dtls import dtls_client_context
 from ..proto.client import SessionState
-from ..proto.http_proxy import HTTPRequestError, parse_request_head, status_line
+from ..proto.http_proxy import BodyFramer, HTTPRequestError, parse_request_head, status_line
 from ..proto.socks5 import (
     Socks5MethodSelection,
     Socks5Reply,
@@ -274,6 +275,7 @@ class Gateway:
         """Prometheus metrics (served when ``admin_listen`` is set)."""
         self.admin: AdminServer | None = None
         """The ``/metrics`` listener, once started."""
+        self._dtls: Any = None
 
     def _new_session(self) -> Session:
         return Session(self.proxy, tokens=self.config.tokens)
@@ -475,18 +477,20 @@ class Gateway:
         what = "?"
         outcome = "closed"
         up = down = 0
+        # One deadline for the whole request head (SOCKS 5 negotiation or HTTP head), not
+        # one per read: a head trickled a byte at a time ends too (REQ-08's spirit).
+        deadline = asyncio.get_running_loop().time() + HANDSHAKE_TIMEOUT
         try:
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                first = await asyncio.get_running_loop().sock_recv(sock, _RECV)
-            if not first:
-                outcome = "closed before a request"
-                return
-            if first[0] == 5:
-                what, outcome, up, down = await self._socks5(sock, bytearray(first))
+            buf = bytearray()
+            await self._recv_more(sock, buf, deadline)
+            if buf[0] == 5:
+                what, outcome, up, down = await self._socks5(sock, buf, deadline)
             else:
-                what, outcome, up, down = await self._http(sock, bytearray(first))
+                what, outcome, up, down = await self._http(sock, buf, deadline)
         except TimeoutError:
             outcome = "handshake timed out"
+        except _ClosedEarly as exc:
+            outcome = str(exc)
         except asyncio.CancelledError:
             outcome = "cut: the gateway is closing"
             raise
@@ -509,11 +513,13 @@ class Gateway:
                 time.monotonic() - started,
             )
 
-    async def _recv_more(self, sock: socket.socket, buf: bytearray) -> None:
-        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+    async def _recv_more(self, sock: socket.socket, buf: bytearray, deadline: float) -> None:
+        async with asyncio.timeout_at(deadline):
             data = await asyncio.get_running_loop().sock_recv(sock, _RECV)
         if not data:
-            raise ConnectionResetError("the app closed during its handshake")
+            raise _ClosedEarly(
+                "closed before a request" if not buf else "the app closed during its handshake"
+            )
         buf += data
 
     async def _first_bytes(self, sock: socket.socket, have: bytes) -> bytes:
@@ -547,13 +553,15 @@ class Gateway:
         except (BlockingIOError, InterruptedError):
             return b""
 
-    async def _socks5(self, sock: socket.socket, buf: bytearray) -> tuple[str, str, int, int]:
+    async def _socks5(
+        self, sock: socket.socket, buf: bytearray, deadline: float
+    ) -> tuple[str, str, int, int]:
         loop = asyncio.get_running_loop()
         while True:
             greeting, n = decode_greeting(buf)
             if greeting is not None:
                 break
-            await self._recv_more(sock, buf)
+            await self._recv_more(sock, buf, deadline)
         del buf[:n]
         if AuthMethod.NONE in greeting.methods:
             method = AuthMethod.NONE
@@ -570,17 +578,25 @@ class Gateway:
                 userpass, n = decode_userpass_request(buf)
                 if userpass is not None:
                     break
-                await self._recv_more(sock, buf)
+                await self._recv_more(sock, buf, deadline)
             del buf[:n]
             # Not checked: see the module docstring (local credentials).
             await loop.sock_sendall(sock, encode_userpass_reply(UserPassReply(UserPassStatus.SUCCESS)))
         while True:
-            request, n = decode_request(buf)
+            try:
+                request, n = decode_request(buf)
+            except WireError as exc:
+                if exc.reply_code in (ReplyCode.COMMAND_NOT_SUPPORTED, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED):
+                    # RFC 1928 section 6: X'07' / X'08', then close (as the proxy's SOCKS 5 does).
+                    await loop.sock_sendall(sock, _socks5_reply(exc.reply_code))
+                    self.stats.refused += 1
+                    return "socks5", f"refused locally: {exc} ({int(exc.reply_code):#04x})", 0, 0
+                raise
             if request is not None:
                 break
-            await self._recv_more(sock, buf)
+            await self._recv_more(sock, buf, deadline)
         early = bytes(buf[n:])
-        what = f"socks5 {request.command.name} {request.address}:{request.port}"
+        what = f"socks5 {request.command.name} {_printable(request.address)}:{request.port}"
         if request.command == Socks5Command.UDP_ASSOCIATE:
             return await self._udp_associate(sock, what)
         if request.command != Socks5Command.CONNECT:
@@ -611,19 +627,19 @@ class Gateway:
         await _answer_or_close(sock, _socks5_reply(ReplyCode.SUCCESS), leg)
         return await self._relay(sock, leg, early[MAX_INITIAL_DATA:], what, token, len(early))
 
-    async def _http(self, sock: socket.socket, buf: bytearray) -> tuple[str, str, int, int]:
+    async def _http(self, sock: socket.socket, buf: bytearray, deadline: float) -> tuple[str, str, int, int]:
         loop = asyncio.get_running_loop()
         try:
             while True:
                 request = parse_request_head(bytes(buf))
                 if request is not None:
                     break
-                await self._recv_more(sock, buf)
+                await self._recv_more(sock, buf, deadline)
         except HTTPRequestError as exc:
             await loop.sock_sendall(sock, status_line(exc.status))
             return "http", f"bad request: {exc.status} {exc}", 0, 0
         kind = "CONNECT" if request.connect else "forward"
-        what = f"http {kind} {request.host}:{request.port}"
+        what = f"http {kind} {_printable(request.host)}:{request.port}"
         if request.connect and self.config.mode == "optimistic":
             await loop.sock_sendall(sock, status_line(200))
             initial = await self._first_bytes(sock, request.forward)
@@ -645,7 +661,11 @@ class Gateway:
             return what, f"{_describe(exc)}; HTTP {status}", 0, 0
         if request.connect:
             await _answer_or_close(sock, status_line(200), leg)
-        return await self._relay(sock, leg, initial[MAX_INITIAL_DATA:], what, token, len(initial))
+            return await self._relay(sock, leg, initial[MAX_INITIAL_DATA:], what, token, len(initial))
+        assert request.body is not None
+        return await self._forward(
+            sock, leg, initial[MAX_INITIAL_DATA:], request.body, what, token, len(initial)
+        )
 
     async def _udp_associate(self, sock: socket.socket, what: str) -> tuple[str, str, int, int]:
         """SOCKS 5 UDP ASSOCIATE (RFC 1928 section 7) over an upstream SOCKS 6 association.
@@ -662,7 +682,9 @@ class Gateway:
         local_ip = sock.getsockname()[0]
         app_ip = sock.getpeername()[0]
         try:
-            assoc = await self.session.udp_associate(timeout=self.config.connect_timeout)
+            assoc = await self.session.udp_associate(
+                timeout=self.config.connect_timeout, proxy_dtls=self._dtls_context()
+            )
         except (Socks6Error, OSError, TimeoutError) as exc:
             self._count_failure(exc)
             code = _socks5_code(getattr(exc, "reply_code", None))
@@ -738,6 +760,15 @@ class Gateway:
             await assoc.aclose()
         return what, why, counts[0], counts[1]
 
+    def _dtls_context(self) -> Any:
+        """The DTLS context of the UDP leg over ``socks6+tls``: the same trust as the TLS leg
+        (``--upstream-ca``, ``--insecure-upstream``; TRN-03); None over plain ``socks6``."""
+        if self._dtls is None and self.proxy.url.tls:
+            self._dtls = dtls_client_context(
+                cafile=self.config.upstream_ca, verify=self.config.upstream_verify
+            )
+        return self._dtls
+
     def _count_failure(self, exc: BaseException) -> None:
         if isinstance(exc, ProxyError) and exc.reply_code is not None:
             self.stats.refused += 1
@@ -764,6 +795,97 @@ class Gateway:
         assert leg.streams is not None
         up, down = await _copy_tls(sock, *leg.streams, rest)
         return what, f"ok{tag}", up + sent, down
+
+    async def _forward(
+        self,
+        sock: socket.socket,
+        leg: _Upstream,
+        rest: bytes,
+        body: BodyFramer,
+        what: str,
+        token: bool,
+        sent: int,
+    ) -> tuple[str, str, int, int]:
+        """An absolute-form request: the rest of its framed body goes upstream, then nothing
+        more of the app's (G-4: a pipelined next request, maybe for another host, must not
+        reach this origin; it is read and dropped); the response comes back until the
+        origin closes. On the event loop, not the splice relay: the relay has no way to stop
+        one direction at a byte count."""
+        self.stats.established += 1
+        self.stats.tokens_spent += token
+        loop = asyncio.get_running_loop()
+        counts = [sent, 0]
+        if leg.sock is not None:
+            leg.sock.setblocking(False)
+            up_sock = leg.sock
+
+            async def send(data: bytes) -> None:
+                await loop.sock_sendall(up_sock, data)
+
+            async def receive() -> bytes:
+                return await loop.sock_recv(up_sock, _RECV)
+        else:
+            assert leg.streams is not None
+            reader, writer = leg.streams
+
+            async def send(data: bytes) -> None:
+                writer.write(data)
+                await writer.drain()
+
+            async def receive() -> bytes:
+                return await reader.read(_RECV)
+
+        async def app_to_upstream() -> None:
+            if rest:
+                await send(rest)
+                counts[0] += len(rest)
+            while data := await loop.sock_recv(sock, _RECV):
+                part = body.feed(data)
+                if part:
+                    await send(part)
+                    counts[0] += len(part)
+                # after the body: dropped (read, not left unread: closing with unread bytes
+                # would reset the app's connection and could cut the response)
+
+        async def upstream_to_app() -> None:
+            while data := await receive():
+                await loop.sock_sendall(sock, data)
+                counts[1] += len(data)
+
+        reading = asyncio.ensure_future(app_to_upstream())
+        answering = asyncio.ensure_future(upstream_to_app())
+        outcome = f"ok{' token' if token else ''}"
+        try:
+            # The exchange ends when the origin has answered (and closed), or on an error.
+            await asyncio.wait({answering, reading}, return_when=asyncio.FIRST_COMPLETED)
+            if not answering.done() and reading.exception() is None:
+                await asyncio.wait({answering})  # the app's EOF: its answer may still be on the way
+            for task in (reading, answering):
+                error = task.exception() if task.done() and not task.cancelled() else None
+                if isinstance(error, HTTPRequestError):
+                    outcome = f"bad request body: {error.status} {error}"
+                    break
+                if error is not None:
+                    outcome = f"ended: {type(error).__name__}: {error}"
+                    break
+        finally:
+            for task in (reading, answering):
+                task.cancel()
+            for task in (reading, answering):
+                with contextlib.suppress(BaseException):
+                    await task
+            leg.close()
+        return what, outcome, counts[0], counts[1]
+
+
+class _ClosedEarly(Exception):
+    """The app closed before its request was complete (logged as the outcome)."""
+
+
+def _printable(name: str) -> str:
+    """A destination name for a log line: quoted and escaped when it holds control or other
+    non-printable characters (L-1, CWE-117: a name must not forge a log line)."""
+    return name if name.isprintable() else repr(name)
 
 
 async def _answer_or_close(sock: socket.socket, answer: bytes, leg: _Upstream) -> None:
