@@ -69,7 +69,6 @@ from ..dataplane import resources
 from ..dataplane.relayer import Relayer
 from ..errors import AuthenticationError, ProxyError, Socks6Error, WireError
 from ..gateway_config import GatewayConfig
-from ..net.dtls import dtls_client_context
 from ..proto.client import SessionState
 from ..proto.http_proxy import BodyFramer, HTTPRequestError, parse_request_head, status_line
 from ..proto.socks5 import (
@@ -764,6 +763,9 @@ class Gateway:
         """The DTLS context of the UDP leg over ``socks6+tls``: the same trust as the TLS leg
         (``--upstream-ca``, ``--insecure-upstream``; TRN-03); None over plain ``socks6``."""
         if self._dtls is None and self.proxy.url.tls:
+            # pyOpenSSL only when a DTLS leg is used (tests/test_dtls.py: the CLI does not load it).
+            from ..net.dtls import dtls_client_context  # noqa: PLC0415
+
             self._dtls = dtls_client_context(
                 cafile=self.config.upstream_ca, verify=self.config.upstream_verify
             )
