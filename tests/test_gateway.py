@@ -628,6 +628,10 @@ async def test_pipelined_second_request_does_not_reach_the_first_origin() -> Non
                         f"POST http://127.0.0.1:{port}/one HTTP/1.1\r\nContent-Length: 5\r\n\r\n".encode(),
                         b"hello",
                     ),
+                    (
+                        b"POST http://127.0.0.1:%d/one HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" % port,
+                        b"5\r\nhello\r\n0\r\n\r\n",
+                    ),
                 ):
                     reader, writer = await asyncio.open_connection(*gw.addresses[0])
                     writer.write(first + body + second)
