@@ -710,7 +710,7 @@ async def test_log_line_escapes_control_characters(
     lines = [r.getMessage() for r in caplog.records if "evil.test" in r.getMessage()]
     assert lines
     assert not any("\n" in line or "\x1b" in line for line in lines)
-    assert any("'evil.test\\n2026" in line for line in lines)
+    assert any("evil.test\\n2026" in line and "FORGED\\x1b[31m" in line for line in lines)
 
 
 @e2e

@@ -87,6 +87,7 @@ from ..proto.socks5 import (
 )
 from .client import Proxy, Session
 from .server.admin import AdminServer
+from .server.record import log_safe
 
 __all__ = ["Gateway", "GatewayStats", "upstream_ssl_context"]
 
@@ -595,7 +596,7 @@ class Gateway:
                 break
             await self._recv_more(sock, buf, deadline)
         early = bytes(buf[n:])
-        what = f"socks5 {request.command.name} {_printable(request.address)}:{request.port}"
+        what = f"socks5 {request.command.name} {log_safe(request.address)}:{request.port}"
         if request.command == Socks5Command.UDP_ASSOCIATE:
             return await self._udp_associate(sock, what)
         if request.command != Socks5Command.CONNECT:
@@ -638,7 +639,7 @@ class Gateway:
             await loop.sock_sendall(sock, status_line(exc.status))
             return "http", f"bad request: {exc.status} {exc}", 0, 0
         kind = "CONNECT" if request.connect else "forward"
-        what = f"http {kind} {_printable(request.host)}:{request.port}"
+        what = f"http {kind} {log_safe(request.host)}:{request.port}"
         if request.connect and self.config.mode == "optimistic":
             await loop.sock_sendall(sock, status_line(200))
             initial = await self._first_bytes(sock, request.forward)
@@ -882,12 +883,6 @@ class Gateway:
 
 class _ClosedEarly(Exception):
     """The app closed before its request was complete (logged as the outcome)."""
-
-
-def _printable(name: str) -> str:
-    """A destination name for a log line: quoted and escaped when it holds control or other
-    non-printable characters (L-1, CWE-117: a name must not forge a log line)."""
-    return name if name.isprintable() else repr(name)
 
 
 async def _answer_or_close(sock: socket.socket, answer: bytes, leg: _Upstream) -> None:
