@@ -1,10 +1,10 @@
 """httpx and aiohttp through a SOCKS 6 proxy with socks6fast's adapters (socks6fast.contrib).
 
-Needs the extras (``pip install 'socks6fast[httpx,aiohttp]'``). Run a proxy first
-(``socks6fast serve``: 127.0.0.1:1080, no authentication), then::
+Needs both extras (in the checkout: ``.venv/bin/pip install '.[httpx,aiohttp]'``). Run a
+proxy first (``.venv/bin/socks6fast serve``: 127.0.0.1:1080, no authentication), then::
 
-    python examples/http_clients.py                     # socks6://127.0.0.1:1080
-    python examples/http_clients.py socks6://alice:s3cret@127.0.0.1:1080
+    .venv/bin/python examples/http_clients.py           # socks6://127.0.0.1:1080
+    .venv/bin/python examples/http_clients.py socks6://alice:s3cret@127.0.0.1:1080
 
 A small HTTP/1.1 server is started here, on 127.0.0.1; nothing leaves the machine. Each
 client sends three requests: they share one SOCKS 6 session and one keep-alive tunnel.
