@@ -642,7 +642,7 @@ examples/socks6fast.toml of the source and in README.md).
 _SERVE_EPILOG = f"""\
 configuration file (TOML; every key optional; examples/socks6fast.toml explains each one):
   default_action = "allow" | "deny"       decision when no [[rules]] entry matches
-  [server]   listen, tls_listen, tls_certificate, tls_key, max_connections, timeouts,
+  [server]   listen, tls_listen, tls_certificate, tls_key, tls_client_ca, max_connections, timeouts,
              workers, relay_workers, log_level, log_format ("text" or "json"), limits on password
              checks, min_bind_port
   [admin]    listen = "127.0.0.1:9180": Prometheus /metrics and /healthz (off unless set)
@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         metavar="N",
         help="worker processes sharing the listeners (default: [server] workers, 1; 0 = one per "
-        "core); N > 1 runs a supervisor that restarts a worker that dies (README: Workers)",
+        "core); N > 1 runs a supervisor that restarts a worker that dies (README: Worker processes)",
     )
     serve.add_argument(
         "--log-level",
