@@ -996,17 +996,28 @@ async def _icmp_scenarios() -> dict[str, Any]:
                 await association.client.send(message)
             assert await association.message() == AssociationConfirmation(association.aid)
             got["reported"] = None
-            try:
-                if over == "udp":
-                    error, _ = codec.decode_association_message(
-                        await association.recv_udp(3.0 if opt_in else 1.0)
-                    )
-                else:
-                    error = await association.message(3.0)
+            # An ICMP error is a datagram too: one in a full-suite CI run never arrived (or was
+            # rate-limited by the kernel) although 35 runs alone all passed; an opted-in
+            # client gets up to three sends, each answered within 2 s. Without the opt-in one
+            # send and a 1 s wait: nothing may come.
+            for attempt in range(3 if opt_in else 1):
+                if attempt:
+                    if over == "udp":
+                        await association.send_udp(message)
+                    else:
+                        await association.client.send(message)
+                try:
+                    if over == "udp":
+                        error, _ = codec.decode_association_message(
+                            await association.recv_udp(2.0 if opt_in else 1.0)
+                        )
+                    else:
+                        error = await association.message(2.0)
+                except TimeoutError:
+                    continue
                 assert isinstance(error, DatagramError)
                 got["reported"] = [error.address, error.port, error.reporter_address, int(error.error_code)]
-            except TimeoutError:
-                pass
+                break
             await association.close()
             record = await record_of(server, association)
             got["icmp"] = record.icmp_errors
