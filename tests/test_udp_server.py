@@ -997,7 +997,7 @@ async def _icmp_scenarios() -> dict[str, Any]:
             assert await association.message() == AssociationConfirmation(association.aid)
             got["reported"] = None
             # An ICMP error is a datagram too: one in a full-suite CI run never arrived (or was
-            # rate-limited by the kernel) although 35 runs alone all passed; an opted-in
+            # rate-limited by the kernel) although 20 runs alone all passed; an opted-in
             # client gets up to three sends, each answered within 2 s. Without the opt-in one
             # send and a 1 s wait: nothing may come.
             for attempt in range(3 if opt_in else 1):
