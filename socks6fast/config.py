@@ -589,6 +589,15 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         ConfigError: the file cannot be read, is not TOML, or a key is invalid; the message
             starts with the file name.
     """
+    return load_toml(path, parse_config)
+
+
+_Parsed = TypeVar("_Parsed")
+
+
+def load_toml(path: str | os.PathLike[str], parse: Callable[..., _Parsed]) -> _Parsed:
+    """``parse(data, base_dir=the file's directory)`` of a TOML file, every mistake one
+    `ConfigError` starting with the file name (the serve and gateway files alike)."""
     file = Path(path)
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
@@ -599,7 +608,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: is not valid TOML ({exc})") from None
     try:
-        return parse_config(data, base_dir=file.parent)
+        return parse(data, base_dir=file.parent)
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from .config import (
     _int,
     _seconds,
     _show,
+    load_toml,
 )
 from .constants import MAX_USERPASS_LENGTH
 from .net.url import ProxyURL, parse_proxy_url
@@ -225,16 +225,4 @@ def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
         ConfigError: the file cannot be read, is not TOML, or a key is invalid; the message
             starts with the file name.
     """
-    file = Path(path)
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot be read ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{file}: is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: is not valid TOML ({exc})") from None
-    try:
-        return parse_gateway_config(data, base_dir=file.parent)
-    except ConfigError as exc:
-        raise ConfigError(f"{file}: {exc}") from None
+    return load_toml(path, parse_gateway_config)
