@@ -230,7 +230,7 @@ async def _serve(
             server.reload(new)
         except _Fail as exc:
             log.error("SIGHUP: configuration not reloaded: %s", exc)
-        except (OSError, ssl.SSLError, ValueError) as exc:  # e.g. an unreadable new certificate
+        except (ConfigError, OSError, ssl.SSLError, ValueError) as exc:  # e.g. an unusable new certificate
             log.error("SIGHUP: configuration not reloaded: %s", exc)
 
     handlers: list[tuple[signal.Signals, Callable[[], None]]] = [
@@ -307,18 +307,12 @@ def _tls_problem(config: Config) -> str | None:
     not PEM, a key that does not match), or None: the sentence check-config and serve print
     instead of a traceback."""
     server = config.server
-    if server.tls_certificate is None or server.tls_key is None:
-        return None
     try:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(server.tls_certificate, server.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        return f"server.tls_certificate / server.tls_key: {server.tls_certificate}, {server.tls_key}: {exc}"
-    if server.tls_client_ca is not None:
-        try:
-            context.load_verify_locations(server.tls_client_ca)
-        except (OSError, ssl.SSLError) as exc:
-            return f"server.tls_client_ca: {server.tls_client_ca}: {exc}"
+        if Server.make_tls_context(config) is None:
+            return None
+    except ConfigError as exc:
+        return str(exc)
+    assert server.tls_certificate is not None and server.tls_key is not None
     if config.udp.dtls_served(server):
         from .net.dtls import dtls_server_context  # noqa: PLC0415 - pyOpenSSL only when DTLS is served
 

@@ -42,7 +42,7 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ...config import Config
+from ...config import Config, ConfigError
 from ...dataplane import resources
 from ...dataplane.bandwidth import TokenBucket
 from ...dataplane.engine import ENGINE_AVAILABLE, NO_EXTENSIONS, PATH_SPLICE
@@ -214,7 +214,7 @@ class Server:
         """Password checks running, by `UserStore.check_key`: a login with the same
         credentials waits for that check instead of taking the limiter's tokens for another
         (300 correct logins at once after a start were refused as 'too many failed logins')."""
-        self.tls_context: ssl.SSLContext | None = self._tls_context(config)
+        self.tls_context: ssl.SSLContext | None = self.make_tls_context(config)
         """The TLS listeners' context, or None without TLS listeners."""
         self.udp: UdpService | None = None
         """The UDP data plane (UDP ASSOCIATE), after `start` unless ``[udp] enabled = false``."""
@@ -266,15 +266,28 @@ class Server:
         self.dtls.reload(*files)
 
     @staticmethod
-    def _tls_context(config: Config) -> ssl.SSLContext | None:
+    def make_tls_context(config: Config) -> ssl.SSLContext | None:
+        """The TLS listeners' context, or None without a certificate.
+
+        Raises:
+            ConfigError: a certificate, key or client CA file that exists but cannot be used
+                (not PEM, a key that does not match): one sentence naming the key.
+        """
         server = config.server
         if server.tls_certificate is None or server.tls_key is None:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(server.tls_certificate, server.tls_key)
+        try:
+            context.load_cert_chain(server.tls_certificate, server.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            where = f"{server.tls_certificate}, {server.tls_key}"
+            raise ConfigError(f"server.tls_certificate / server.tls_key: {where}: {exc}") from None
         if server.tls_client_ca is not None:
             # Client certificates: the draft lets the TLS layer authenticate the client ("SOCKS over TLS").
-            context.load_verify_locations(server.tls_client_ca)
+            try:
+                context.load_verify_locations(server.tls_client_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"server.tls_client_ca: {server.tls_client_ca}: {exc}") from None
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
@@ -830,7 +843,8 @@ class Server:
         need a restart (a warning says so when they differ).
         """
         users = config.user_store()
-        tls = self._tls_context(config) if self.tls_context is not None or config.server.tls_listen else None
+        tls_wanted = self.tls_context is not None or config.server.tls_listen
+        tls = self.make_tls_context(config) if tls_wanted else None
         self._reload_dtls(config)  # before any change: a bad file leaves everything as it was
         old = self._config
         if config.server.listen != old.server.listen or config.server.tls_listen != old.server.tls_listen:
